@@ -1,0 +1,273 @@
+"""The `fdec` command line: compile, run, report, passes, targets. Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import sys
+from typing import Any
+
+import click
+
+from fdec.errors import EXIT_FAILURE, EXIT_USAGE, FdecError
+
+__all__ = ["cli", "main"]
+
+logger = logging.getLogger("fdec")
+
+
+class _Context:
+    def __init__(self, quiet: bool, as_json: bool):
+        self.quiet = quiet
+        self.as_json = as_json
+
+    def progress(self, message: str) -> None:
+        if not self.quiet and not self.as_json:
+            click.echo(f"[fdec] {message}", err=True)
+
+
+def _quiet_libraries(quiet: bool) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        if quiet:
+            transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="fdec")
+def cli(verbose: int) -> None:
+    """fdec: compile Hugging Face models into verified ONNX Runtime / TensorRT builds."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command("compile")
+@click.argument("model")
+@click.option("--target", "-t", default="cpu", show_default=True, help="Target name or .toml file.")
+@click.option(
+    "-o", "--out", required=True, type=click.Path(path_type=pathlib.Path), help="Build folder."
+)
+@click.option(
+    "--passes", default=None, help="Comma-separated passes ('default' = the default pipeline)."
+)
+@click.option("--verify-each", is_flag=True, help="Check structure and numerics after every pass.")
+@click.option(
+    "--dump-dir", type=click.Path(path_type=pathlib.Path), help="Save the IR after each pass."
+)
+@click.option(
+    "--trust-pickle", is_flag=True, help="Allow .bin (pickle) weights, loaded weights-only."
+)
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder.")
+@click.option(
+    "--cache-dir", type=click.Path(path_type=pathlib.Path), help="Cache (default ~/.cache/fdec)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def compile_command(model: str, target: str, out: pathlib.Path, passes: str | None, verify_each: bool,
+                    dump_dir: pathlib.Path | None, trust_pickle: bool, trust_remote_code: bool,
+                    cache_dir: pathlib.Path | None, as_json: bool, quiet: bool) -> None:  # fmt: skip
+    """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out."""
+    ctx = _Context(quiet, as_json)
+    _quiet_libraries(quiet or as_json)
+    from fdec.compile import CompileOptions, compile_model
+    from fdec.report import render_report
+
+    options = CompileOptions(
+        model=model, out=out, target=target, passes=passes, verify_each=verify_each,
+        dump_dir=dump_dir, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+        cache_dir=cache_dir,
+    )  # fmt: skip
+    try:
+        result = compile_model(options, ctx.progress)
+    except FdecError as err:
+        _fail(err, as_json)
+    if as_json:
+        click.echo(json.dumps(_summary(result.report, result.out, ok=True), sort_keys=True))
+    elif not quiet:
+        click.echo(render_report(result.report))
+        click.echo(f"build written to {result.out}")
+
+
+def _summary(report: dict[str, Any], out: pathlib.Path, *, ok: bool) -> dict[str, Any]:
+    verification = report.get("verification", {})
+    return {
+        "ok": ok,
+        "out": str(out),
+        "target": report.get("target", {}).get("name"),
+        "source": report.get("source", {}).get("given"),
+        "passes": [
+            {"name": r["name"], "modified": r["modified"], "stats": r["stats"]}
+            for r in report.get("passes", [])
+        ],
+        "verification": {
+            "ok": verification.get("ok"),
+            **{
+                k: verification.get("numeric", {}).get(k)
+                for k in (
+                    "max_abs_error",
+                    "top1_agreement",
+                    "perplexity_source",
+                    "perplexity_build",
+                )
+            },
+            "greedy_identical": (verification.get("greedy") or {}).get("identical"),
+        },
+        "bytes": sum(item["bytes"] for item in (report.get("outputs") or {}).values()),
+    }
+
+
+def _fail(err: FdecError, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": err.one_line(), "exit_code": err.exit_code}))
+    click.echo(f"error: {err.one_line()}", err=True)
+    sys.exit(err.exit_code)
+
+
+@cli.command("run")
+@click.argument("build", type=click.Path(path_type=pathlib.Path))
+@click.option("--prompt", "-p", required=True, help="Prompt text.")
+@click.option(
+    "--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(1, 100000)
+)
+@click.option(
+    "--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0), help="0 = greedy."
+)
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--no-chat-template", is_flag=True, help="Feed the prompt as raw text.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the result as JSON instead of streaming."
+)
+def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperature: float,
+                top_k: int, top_p: float, seed: int, no_chat_template: bool, as_json: bool) -> None:  # fmt: skip
+    """Generate text with a build, streaming tokens to the terminal."""
+    _quiet_libraries(True)
+    from fdec.runner import load_build, run_prompt
+
+    try:
+        loaded = load_build(build)
+        result = run_prompt(
+            loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, chat_template=not no_chat_template,
+            stream=None if as_json else lambda text: click.echo(text, nl=False),
+        )  # fmt: skip
+    except FdecError as err:
+        _fail(err, as_json)
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+    else:
+        click.echo("")
+        click.echo(
+            f"[{result['new_tokens']} tokens, {result['decode_tokens_per_s']:.1f} tok/s decode, "
+            f"providers: {', '.join(result['providers'])}]",
+            err=True,
+        )
+
+
+@cli.command("report")
+@click.argument("build", type=click.Path(path_type=pathlib.Path))
+@click.option("--json", "as_json", is_flag=True, help="Print report.json.")
+def report_command(build: pathlib.Path, as_json: bool) -> None:
+    """Print a build's pass table and verification results."""
+    from fdec.report import load_report, render_report
+
+    try:
+        report = load_report(build)
+    except FdecError as err:
+        _fail(err, as_json)
+    click.echo(json.dumps(report, indent=2) if as_json else render_report(report))
+
+
+@cli.command("passes")
+@click.option("--json", "as_json", is_flag=True)
+def passes_command(as_json: bool) -> None:
+    """List the registered passes: name, family and purpose."""
+    from fdec.passes import DEFAULT_PIPELINE, REGISTRY
+
+    rows = [
+        {
+            "name": name,
+            "family": cls.family,
+            "summary": cls.summary,
+            "default": name in DEFAULT_PIPELINE,
+        }
+        for name, cls in sorted(REGISTRY.items(), key=lambda item: (item[1].family, item[0]))
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        mark = "*" if row["default"] else " "
+        click.echo(f"{mark} {row['name'].ljust(width)}  {row['family']:<8}  {row['summary']}")
+    click.echo("\n* = in the default pipeline (" + ", ".join(DEFAULT_PIPELINE) + ")")
+
+
+@cli.command("targets")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def targets_command(name: str | None, as_json: bool) -> None:
+    """List target GPUs (or show one: fdec targets h100 --json)."""
+    from fdec.targets import list_targets, load_target
+
+    try:
+        targets = [load_target(name)] if name else list_targets()
+    except FdecError as err:
+        _fail(err, as_json)
+    if as_json:
+        data = [t.to_dict() for t in targets]
+        click.echo(json.dumps(data[0] if name else data, indent=2, sort_keys=True))
+        return
+    header = ("name", "gpu", "cc", "memory", "bandwidth", "precisions", "backend")
+    rows = [header] + [
+        (
+            t.name,
+            t.display_name,
+            ".".join(map(str, t.compute_capability)) if t.compute_capability else "-",
+            f"{t.memory_gb:g} GB" if t.memory_gb else "host",
+            f"{t.memory_bandwidth_gbs:g} GB/s",
+            ",".join(sorted(p.value for p in t.precisions)),
+            t.default_backend,
+        )
+        for t in targets
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted; any previous build is unchanged", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted; any previous build is unchanged", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(EXIT_USAGE if err.exit_code == 2 else err.exit_code)
+    except FdecError as err:  # raised outside a command's own handler
+        click.echo(f"error: {err.one_line()}", err=True)
+        sys.exit(err.exit_code)
+    except SystemExit:
+        raise
+    except Exception as err:
+        if logger.isEnabledFor(logging.DEBUG):
+            raise
+        click.echo(f"error: internal error {type(err).__name__}: {err} (rerun with -vv)", err=True)
+        sys.exit(EXIT_FAILURE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Errors fdec reports to users: one line naming the problem and the fix, with an exit code."""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_DOES_NOT_FIT",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "CompileError",
+    "FdecError",
+    "InputError",
+    "UsageError",
+    "VerificationError",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # compile or verification failure
+EXIT_USAGE = 2  # bad input or options: nothing was built
+EXIT_DOES_NOT_FIT = 3  # the build would not fit the target's memory
+
+
+class FdecError(Exception):
+    """An error meant for the user: `problem` says what is wrong, `fix` what to do about it."""
+
+    exit_code: int = EXIT_FAILURE
+
+    def __init__(self, problem: str, fix: str | None = None, *, exit_code: int | None = None):
+        self.problem = problem
+        self.fix = fix
+        if exit_code is not None:
+            self.exit_code = exit_code
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        return f"{self.problem}; {self.fix}" if self.fix else self.problem
+
+
+class UsageError(FdecError):
+    """Wrong options or an unknown name on the command line."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(FdecError):
+    """The model, target or data given cannot be used as it is."""
+
+    exit_code = EXIT_USAGE
+
+
+class CompileError(FdecError):
+    """A pass or lowering step failed on valid input."""
+
+    exit_code = EXIT_FAILURE
+
+
+class VerificationError(FdecError):
+    """The build does not match the source model within the declared tolerance."""
+
+    exit_code = EXIT_FAILURE

@@ -1,0 +1,281 @@
+"""Load an HF model with PyTorch and export it to ONNX (dynamo exporter, KV cache) as FdecModel."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import warnings
+from typing import Any
+
+import onnx_ir as ir
+
+from fdec.errors import CompileError, InputError
+from fdec.frontend.families import build_spec
+from fdec.frontend.source import ModelSource
+from fdec.ir import FdecModel
+
+__all__ = ["ImportedModel", "export_model", "import_model", "load_hf_model", "load_tokenizer"]
+
+logger = logging.getLogger(__name__)
+
+# Example sizes used while tracing. All > 1 and distinct so no dimension is specialised.
+_TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 5
+_WRAPPED = "hf."  # prefix the wrapper module adds to parameter names; stripped after export
+
+
+@dataclasses.dataclass
+class ImportedModel:
+    """The result of import: the graph IR plus what verification needs from the source."""
+
+    fdec_model: FdecModel
+    hf_model: Any  # torch.nn.Module, kept as the numeric reference
+    tokenizer: Any | None
+    source: ModelSource
+
+
+def load_hf_model(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
+    """The source model in fp32 on the CPU, in eval mode."""
+    import torch
+    import transformers
+
+    auto = (
+        transformers.AutoModelForCausalLM
+        if source.family.kind == "decoder"
+        else transformers.AutoModel
+    )
+    try:
+        model, info = auto.from_pretrained(
+            source.folder,
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=not source.pickle_weights,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise InputError(
+            f"cannot load the model in {source.folder}: {first}",
+            "check that config.json matches the weights",
+        ) from None
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = info.get("mismatched_keys") or []
+    if missing or mismatched:
+        what = f"missing {missing[0]!r}" if missing else f"mismatched {mismatched[0]}"
+        raise InputError(
+            f"the weights in {source.folder} do not match config.json ({what}, "
+            f"{len(missing) + len(mismatched)} in all)",
+            "use the config.json that came with these weights",
+        )
+    model.eval()
+    return model
+
+
+def load_tokenizer(folder: Any) -> Any | None:
+    """The folder's tokenizer, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as err:
+        logger.warning("no usable tokenizer in %s: %s", folder, err)
+        return None
+
+
+def _parameter_aliases(model: Any) -> dict[str, list[str]]:
+    """Each parameter name with every other name sharing its storage (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(parameter), []).append(name)
+    return {name: [n for n in names if n != name] for names in by_id.values() for name in names}
+
+
+def _decoder_wrapper(model: Any) -> Any:
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    num_layers = model.config.num_hidden_layers
+
+    class DecoderWithCache(torch.nn.Module):
+        """Flat tensors in and out, so the ONNX graph has one input per KV-cache tensor."""
+
+        def __init__(self, hf: Any):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, input_ids, attention_mask, position_ids, past):
+            cache = DynamicCache(config=self.hf.config)
+            for layer in range(num_layers):
+                cache.update(past[2 * layer], past[2 * layer + 1], layer)
+            out = self.hf(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return DecoderWithCache(model)
+
+
+def _encoder_wrapper(model: Any, with_token_types: bool, with_pooler: bool) -> Any:
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, hf: Any):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            out = self.hf(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            )
+            if with_pooler:
+                return out.last_hidden_state, out.pooler_output
+            return (out.last_hidden_state,)
+
+    return Encoder(model)
+
+
+def _decoder_example(model: Any):
+    import torch
+
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    batch, seq, past = _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator)
+    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    cache = tuple(
+        torch.randn(batch, kv_heads, past, head_dim, generator=generator)
+        for _ in range(2 * config.num_hidden_layers)
+    )
+    dim = torch.export.Dim
+    b, s, p, t = dim("batch"), dim("sequence"), dim("past_sequence"), dim("total_sequence")
+    dynamic = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: t},
+        "position_ids": {0: b, 1: s},
+        "past": tuple({0: b, 2: p} for _ in cache),
+    }
+    layers = range(config.num_hidden_layers)
+    inputs = ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")
+    ]
+    outputs = ["logits"] + [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
+    return (input_ids, attention_mask, position_ids, cache), dynamic, inputs, outputs
+
+
+def _encoder_example(model: Any, with_token_types: bool, with_pooler: bool):
+    import torch
+
+    batch, seq = _TRACE_BATCH, _TRACE_SEQ
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator)
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    b, s = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dynamic: dict[str, Any] = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}}
+    args: tuple = (input_ids, mask)
+    inputs = ["input_ids", "attention_mask"]
+    if with_token_types:
+        args += (torch.zeros(batch, seq, dtype=torch.int64),)
+        dynamic["token_type_ids"] = {0: b, 1: s}
+        inputs.append("token_type_ids")
+    outputs = ["last_hidden_state"] + (["pooler_output"] if with_pooler else [])
+    return args, dynamic, inputs, outputs
+
+
+def _rename_io(model: ir.Model, inputs: list[str], outputs: list[str]) -> None:
+    graph = model.graph
+    if len(graph.inputs) != len(inputs) or len(graph.outputs) != len(outputs):
+        raise CompileError(
+            f"export produced {len(graph.inputs)} inputs/{len(graph.outputs)} outputs, "
+            f"expected {len(inputs)}/{len(outputs)}",
+            "report this model to the fdec developers",
+        )
+    for value, name in zip(graph.inputs, inputs):
+        value.name = name
+    for value, name in zip(graph.outputs, outputs):
+        value.name = name
+    for name, value in list(graph.initializers.items()):
+        if name.startswith(_WRAPPED):
+            value.name = name[len(_WRAPPED) :]
+
+
+def export_model(hf_model: Any, family_kind: str) -> tuple[ir.Model, list[str], list[str]]:
+    """Trace `hf_model` with torch.onnx's dynamo exporter; returns the IR and its I/O names."""
+    import torch
+
+    if family_kind == "decoder":
+        wrapper = _decoder_wrapper(hf_model)
+        args, dynamic, inputs, outputs = _decoder_example(hf_model)
+    else:
+        with_types = getattr(hf_model.config, "type_vocab_size", 0) > 0
+        with_pooler = getattr(hf_model, "pooler", None) is not None
+        wrapper = _encoder_wrapper(hf_model, with_types, with_pooler)
+        args, dynamic, inputs, outputs = _encoder_example(hf_model, with_types, with_pooler)
+    # The exporter prints progress lines and warnings of its own: fdec shows its own progress.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                wrapper,
+                args,
+                dynamic_shapes=dynamic,
+                dynamo=True,
+                optimize=False,
+                verbose=False,
+            )
+        except Exception as err:
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else repr(err)
+            raise CompileError(
+                f"ONNX export failed: {first}", "report the model to the fdec developers"
+            ) from err
+    model = program.model
+    _rename_io(model, inputs, outputs)
+    model.producer_name = "fdec"
+    return model, inputs, outputs
+
+
+def import_model(
+    source: ModelSource, *, trust_remote_code: bool = False, hf_model: Any = None
+) -> ImportedModel:
+    """Load, export and describe `source`: the front of every compile."""
+    hf_model = (
+        hf_model
+        if hf_model is not None
+        else load_hf_model(source, trust_remote_code=trust_remote_code)
+    )
+    _check_config_matches_weights(hf_model, source)
+    model, inputs, outputs = export_model(hf_model, source.family.kind)
+    spec = build_spec(
+        source.family,
+        hf_model.config,
+        _parameter_aliases(hf_model),
+        set(model.graph.initializers),
+        inputs,
+        outputs,
+    )
+    tokenizer = load_tokenizer(source.folder) if source.has_tokenizer else None
+    return ImportedModel(FdecModel(model, spec), hf_model, tokenizer, source)
+
+
+def _check_config_matches_weights(hf_model: Any, source: ModelSource) -> None:
+    """transformers warns and re-initialises mismatched weights; fdec refuses instead."""
+    import torch
+
+    for name, parameter in hf_model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise InputError(
+                f"weight {name!r} in {source.folder} holds NaN or Inf values",
+                "the checkpoint is damaged; re-download or re-save it",
+            )

@@ -1,0 +1,143 @@
+"""Model families fdec imports: how to read their HF config and which weight plays which role."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from fdec.errors import InputError
+from fdec.ir.spec import ModelSpec
+
+__all__ = ["FAMILIES", "Family", "build_spec", "family_for_config", "supported_model_types"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A family of HF architectures that share one export path and one weight layout."""
+
+    name: str
+    kind: str  # "decoder" | "encoder"
+    model_types: tuple[str, ...]
+    weight_patterns: tuple[tuple[str, str], ...]  # (regex over HF parameter names, role)
+
+    def role_of(self, parameter: str) -> str | None:
+        for pattern, role in self.weight_patterns:
+            match = re.fullmatch(pattern, parameter)
+            if match:
+                return role.format(*match.groups())
+        return None
+
+
+_LLAMA = Family(
+    name="llama",
+    kind="decoder",
+    model_types=("llama", "mistral", "qwen2"),
+    weight_patterns=(
+        (r"model\.embed_tokens\.weight", "embed"),
+        (r"lm_head\.weight", "lm_head"),
+        (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", "layers.{0}.{1}"),
+        (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "layers.{0}.{1}"),
+    ),
+)
+_GPT2 = Family(
+    name="gpt2",
+    kind="decoder",
+    model_types=("gpt2",),
+    weight_patterns=(
+        (r"transformer\.wte\.weight", "embed"),
+        (r"lm_head\.weight", "lm_head"),
+        (r"transformer\.h\.(\d+)\.attn\.c_attn\.weight", "layers.{0}.qkv"),
+        (r"transformer\.h\.(\d+)\.attn\.c_proj\.weight", "layers.{0}.o"),
+        (r"transformer\.h\.(\d+)\.mlp\.c_fc\.weight", "layers.{0}.fc_in"),
+        (r"transformer\.h\.(\d+)\.mlp\.c_proj\.weight", "layers.{0}.fc_out"),
+    ),
+)
+_BERT = Family(
+    name="bert",
+    kind="encoder",
+    model_types=("bert", "roberta"),
+    weight_patterns=(
+        (r"embeddings\.word_embeddings\.weight", "embed"),
+        (r"encoder\.layer\.(\d+)\.attention\.self\.query\.weight", "layers.{0}.q"),
+        (r"encoder\.layer\.(\d+)\.attention\.self\.key\.weight", "layers.{0}.k"),
+        (r"encoder\.layer\.(\d+)\.attention\.self\.value\.weight", "layers.{0}.v"),
+        (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.weight", "layers.{0}.o"),
+        (r"encoder\.layer\.(\d+)\.intermediate\.dense\.weight", "layers.{0}.fc_in"),
+        (r"encoder\.layer\.(\d+)\.output\.dense\.weight", "layers.{0}.fc_out"),
+    ),
+)
+
+FAMILIES: tuple[Family, ...] = (_LLAMA, _GPT2, _BERT)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for family in FAMILIES for t in family.model_types)
+
+
+def family_for_config(config: dict[str, Any], where: str) -> Family:
+    """The family of an HF config.json, or an InputError naming the supported ones."""
+    model_type = config.get("model_type")
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    architectures = ", ".join(config.get("architectures") or []) or "no architectures listed"
+    raise InputError(
+        f"unsupported architecture in {where}: model_type {model_type!r} ({architectures})",
+        f"fdec imports these model types: {', '.join(supported_model_types())}",
+    )
+
+
+def _get(config: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def build_spec(
+    family: Family,
+    hf_config: Any,
+    parameter_aliases: dict[str, list[str]],
+    initializer_names: set[str],
+    inputs: list[str],
+    outputs: list[str],
+) -> ModelSpec:
+    """ModelSpec from a loaded HF config and the exported graph's initializer names.
+
+    `parameter_aliases` maps each HF parameter name to all names sharing its storage (tied
+    weights), so a role is found whichever alias the exporter kept.
+    """
+    hidden = _get(hf_config, "hidden_size", "n_embd")
+    heads = _get(hf_config, "num_attention_heads", "n_head")
+    kv_heads = _get(hf_config, "num_key_value_heads", default=heads)
+    head_dim = _get(hf_config, "head_dim", default=hidden // heads)
+    intermediate = _get(hf_config, "intermediate_size", "n_inner", default=4 * hidden)
+    weights: dict[str, str] = {}
+    for parameter, aliases in parameter_aliases.items():
+        role = family.role_of(parameter)
+        if role is None:
+            continue
+        present = [name for name in [parameter, *aliases] if name in initializer_names]
+        if present:
+            weights[role] = present[0]
+    tied = weights.get("embed") is not None and weights.get("embed") == weights.get("lm_head")
+    return ModelSpec(
+        family=family.name,
+        architecture=(_get(hf_config, "architectures", default=[None]) or [None])[0]
+        or type(hf_config).__name__,
+        kind=family.kind,
+        num_layers=_get(hf_config, "num_hidden_layers", "n_layer"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        vocab_size=hf_config.vocab_size,
+        max_positions=_get(hf_config, "max_position_embeddings", "n_positions", default=0),
+        tie_word_embeddings=tied,
+        weights=weights,
+        inputs=list(inputs),
+        outputs=list(outputs),
+    )

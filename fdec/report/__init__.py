@@ -1,0 +1,117 @@
+"""Build reports: the report.json schema, environment capture and terminal rendering."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import pathlib
+import platform
+from typing import Any
+
+from fdec.errors import InputError
+
+__all__ = ["REPORT_FILE", "SCHEMA_VERSION", "environment", "load_report", "render_report"]
+
+REPORT_FILE = "report.json"
+SCHEMA_VERSION = 1
+_PACKAGES = (
+    "fdec", "torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime",
+    "onnxruntime-gpu", "optimum", "numpy", "tensorrt", "tensorrt-rtx-cu12",
+)  # fmt: skip
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "packages": versions,
+    }
+
+
+def load_report(build: pathlib.Path) -> dict[str, Any]:
+    path = pathlib.Path(build) / REPORT_FILE
+    if not path.is_file():
+        raise InputError(f"{build} has no {REPORT_FILE}", "give a folder written by fdec compile")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not valid JSON ({err})", "rebuild with fdec compile") from None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _stats_text(stats: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in stats.items() if v not in (0, None, ""))
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """The report as a plain-text table (passes, then verification)."""
+    source = report.get("source", {})
+    target = report.get("target", {})
+    lines = [
+        f"fdec build of {source.get('given')} ({source.get('architecture')}) "
+        f"for {target.get('name')}",
+        "",
+    ]
+    header = ("#", "pass", "mod", "nodes", "params", "bytes", "time", "stats")
+    rows = [header]
+    for record in report.get("passes", []):
+        before, after = record.get("before") or {}, record.get("after") or {}
+        rows.append(
+            (
+                str(record["index"]),
+                record["name"],
+                "yes" if record["modified"] else "no",
+                f"{before.get('nodes', '?')}→{after.get('nodes', '?')}",
+                f"{after.get('parameters', 0):,}",
+                _human_bytes(after.get("bytes", 0)),
+                f"{record.get('wall_s', 0):.2f}s",
+                _stats_text(record.get("stats", {})),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    verification = report.get("verification") or {}
+    if verification:
+        lines.append("")
+        numeric = verification.get("numeric", {})
+        status = "PASS" if verification.get("ok") else "FAIL"
+        lines.append(
+            f"verification {status}: max abs error {numeric.get('max_abs_error', 0):.3g} "
+            f"(limit {verification.get('tolerance', {}).get('max_abs_error', '?')}), "
+            f"top-1 agreement {numeric.get('top1_agreement', 0):.3f}"
+        )
+        if "perplexity_source" in numeric:
+            lines.append(
+                f"perplexity: source {numeric['perplexity_source']:.3f}, "
+                f"build {numeric['perplexity_build']:.3f} on {numeric['tokens_scored']} held tokens"
+            )
+        greedy = verification.get("greedy")
+        if greedy:
+            same = (
+                "identical" if greedy["identical"] else f"diverge at {greedy['first_divergence']}"
+            )
+            lines.append(f"greedy tokens ({greedy['steps']} steps): {same}")
+        providers = verification.get("providers")
+        if providers:
+            lines.append(f"ONNX Runtime providers used: {', '.join(providers)}")
+    outputs = report.get("outputs") or {}
+    if outputs:
+        total = sum(item["bytes"] for item in outputs.values())
+        lines.append(f"build size: {_human_bytes(total)} in {len(outputs)} files")
+    return "\n".join(lines)

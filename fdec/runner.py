@@ -1,0 +1,122 @@
+"""Loading a build folder and running a prompt through it (what `fdec run` does)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fdec.errors import InputError
+from fdec.lower import MODEL_FILE, RUNTIME_CONFIG
+from fdec.runtime import OrtModel, Sampling, generate, open_session
+
+__all__ = ["LoadedBuild", "load_build", "run_prompt"]
+
+
+@dataclasses.dataclass
+class LoadedBuild:
+    folder: pathlib.Path
+    config: dict[str, Any]
+    model: OrtModel
+    tokenizer: Any
+
+
+def load_build(folder: pathlib.Path) -> LoadedBuild:
+    folder = pathlib.Path(folder)
+    config_path = folder / RUNTIME_CONFIG
+    if not config_path.is_file() or not (folder / MODEL_FILE).is_file():
+        raise InputError(
+            f"{folder} is not an fdec build (no {RUNTIME_CONFIG})", "run fdec compile first"
+        )
+    config = json.loads(config_path.read_text())
+    session = open_session(
+        folder / config.get("model", MODEL_FILE), providers=config.get("providers")
+    )
+    tokenizer = None
+    if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return LoadedBuild(folder, config, OrtModel(session), tokenizer)
+
+
+def run_prompt(
+    build: LoadedBuild,
+    prompt: str,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat_template: bool = True,
+    stream: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    tokenizer = build.tokenizer
+    if tokenizer is None:
+        raise InputError(f"{build.folder} has no tokenizer", "compile from a model folder with one")
+    if not build.model.is_decoder:
+        encoded = tokenizer(prompt, return_tensors="np")
+        outputs = build.model.encode(encoded["input_ids"], encoded["attention_mask"])
+        hidden = outputs["last_hidden_state"]
+        embedding = hidden.mean(axis=1)[0]
+        if stream:
+            stream(
+                f"embedding: {embedding.shape[0]} dims, norm {float(np.linalg.norm(embedding)):.4f}"
+            )
+        return {
+            "kind": "encoder",
+            "embedding": embedding.tolist(),
+            "new_tokens": 0,
+            "decode_tokens_per_s": 0.0,
+            "providers": build.model.providers,
+        }
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    stop = set(build.config.get("eos_token_ids") or [])
+    if tokenizer.eos_token_id is not None:
+        stop.add(tokenizer.eos_token_id)
+    streamed: list[int] = []
+    printed = ""
+
+    def on_token(token: int) -> None:
+        nonlocal printed
+        if token in stop:
+            return
+        streamed.append(token)
+        text = tokenizer.decode(streamed, skip_special_tokens=True)
+        if stream and text.startswith(printed) and not text.endswith("\ufffd"):
+            stream(text[len(printed) :])
+            printed = text
+
+    result = generate(
+        build.model,
+        list(ids),
+        max_new_tokens=max_new_tokens,
+        sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+        stop_tokens=sorted(stop),
+        on_token=on_token,
+    )
+    text = tokenizer.decode(streamed, skip_special_tokens=True)
+    if stream and len(text) > len(printed) and text.startswith(printed):
+        stream(text[len(printed) :])
+    return {
+        "kind": "decoder",
+        "prompt_tokens": result.prompt_tokens,
+        "new_tokens": len(result.tokens),
+        "text": text,
+        "tokens": result.tokens,
+        "prefill_s": round(result.prefill_s, 4),
+        "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+        "providers": build.model.providers,
+    }

@@ -1,0 +1,152 @@
+"""Numeric verification: the build against the source model on held text (logits, top-1, perplexity, greedy tokens)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import logging
+from typing import Any
+
+import numpy as np
+
+from fdec.runtime.generate import generate
+from fdec.runtime.session import OrtModel
+
+__all__ = ["Reference", "held_text", "held_token_ids", "perplexity"]
+
+logger = logging.getLogger(__name__)
+
+HELD_TOKENS = 128  # tokens of held text scored
+GREEDY_PROMPT = 16  # tokens of held text used as the greedy prompt
+GREEDY_STEPS = 32
+
+
+def held_text() -> str:
+    return importlib.resources.files("fdec").joinpath("data/held.txt").read_text()
+
+
+def held_token_ids(tokenizer: Any, vocab_size: int, limit: int = HELD_TOKENS) -> np.ndarray:
+    """Token ids of the held text; without a tokenizer, a fixed pseudo-random sequence."""
+    if tokenizer is not None:
+        ids = tokenizer(held_text(), add_special_tokens=False)["input_ids"][:limit]
+        ids = [i for i in ids if i < vocab_size]
+        if len(ids) >= 8:
+            return np.asarray([ids], dtype=np.int64)
+    rng = np.random.default_rng(1234)
+    return rng.integers(0, vocab_size, size=(1, limit), dtype=np.int64)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
+    """Perplexity of ids[1:] under logits[:-1] (one sequence)."""
+    logp = _log_softmax(logits[0, :-1])
+    nll = -logp[np.arange(ids.shape[1] - 1), ids[0, 1:]]
+    return float(np.exp(nll.mean()))
+
+
+@dataclasses.dataclass
+class Reference:
+    """The source model's outputs on held input, computed once with PyTorch."""
+
+    kind: str
+    ids: np.ndarray
+    outputs: dict[str, np.ndarray]
+    greedy_tokens: list[int] = dataclasses.field(default_factory=list)
+    greedy_margins: list[float] = dataclasses.field(default_factory=list)
+    used_tokenizer: bool = True
+
+    @classmethod
+    def from_hf(cls, hf_model: Any, kind: str, tokenizer: Any, vocab_size: int) -> Reference:
+        import torch
+
+        ids = held_token_ids(tokenizer, vocab_size)
+        with torch.no_grad():
+            if kind == "encoder":
+                out = hf_model(
+                    input_ids=torch.from_numpy(ids),
+                    attention_mask=torch.ones_like(torch.from_numpy(ids)),
+                )
+                outputs = {"last_hidden_state": out.last_hidden_state.numpy()}
+                if getattr(out, "pooler_output", None) is not None:
+                    outputs["pooler_output"] = out.pooler_output.numpy()
+                return cls(kind, ids, outputs, used_tokenizer=tokenizer is not None)
+            logits = hf_model(input_ids=torch.from_numpy(ids)).logits.numpy()
+            tokens, margins = _torch_greedy(hf_model, ids[:, :GREEDY_PROMPT], GREEDY_STEPS)
+        return cls(kind, ids, {"logits": logits}, tokens, margins, tokenizer is not None)
+
+    def compare(self, model: OrtModel) -> dict[str, Any]:
+        """Figures of `model` against this reference; `ok` is judged by the caller."""
+        if self.kind == "encoder":
+            got = model.encode(self.ids)
+            errors = {
+                name: float(np.abs(got[name] - want).max()) for name, want in self.outputs.items()
+            }
+            worst = max(errors, key=errors.get)
+            return {
+                "max_abs_error": errors[worst],
+                "worst_output": worst,
+                "errors": errors,
+                "top1_agreement": 1.0,
+            }
+        logits, _ = model.decode(self.ids, model.empty_past(1), 0)
+        want = self.outputs["logits"]
+        diff = np.abs(logits - want)
+        worst_position = int(np.unravel_index(diff.argmax(), diff.shape)[1])
+        agreement = float((logits.argmax(-1) == want.argmax(-1)).mean())
+        return {
+            "max_abs_error": float(diff.max()),
+            "worst_output": f"logits at position {worst_position}",
+            "top1_agreement": agreement,
+            "kl_divergence": _mean_kl(want, logits),
+            "perplexity_source": perplexity(want, self.ids),
+            "perplexity_build": perplexity(logits, self.ids),
+            "tokens_scored": int(self.ids.shape[1]),
+        }
+
+    def compare_greedy(self, model: OrtModel) -> dict[str, Any]:
+        """Greedy decoding through the KV cache must give the source model's tokens."""
+        result = generate(model, self.ids[0, :GREEDY_PROMPT].tolist(), max_new_tokens=GREEDY_STEPS)
+        got = result.tokens
+        first_diff = next(
+            (i for i, (a, b) in enumerate(zip(got, self.greedy_tokens)) if a != b), None
+        )
+        figures: dict[str, Any] = {
+            "steps": len(self.greedy_tokens),
+            "identical": first_diff is None,
+            "first_divergence": first_diff,
+        }
+        if first_diff is not None:
+            # A divergence where the source's top two logits were within float noise is a tie,
+            # not an error; report it as such.
+            figures["source_margin_at_divergence"] = self.greedy_margins[first_diff]
+        return figures
+
+
+def _mean_kl(want: np.ndarray, got: np.ndarray) -> float:
+    p_log = _log_softmax(want)
+    q_log = _log_softmax(got)
+    return float((np.exp(p_log) * (p_log - q_log)).sum(-1).mean())
+
+
+def _torch_greedy(hf_model: Any, prompt: np.ndarray, steps: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and the top-1/top-2 logit margin of each step, with the HF KV cache."""
+    import torch
+
+    ids = torch.from_numpy(prompt)
+    out = hf_model(input_ids=ids, use_cache=True)
+    tokens: list[int] = []
+    margins: list[float] = []
+    for _ in range(steps):
+        last = out.logits[0, -1]
+        top = torch.topk(last, 2).values
+        token = int(last.argmax())
+        tokens.append(token)
+        margins.append(float(top[0] - top[1]))
+        out = hf_model(
+            input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
+        )
+    return tokens, margins

@@ -1,0 +1,66 @@
+"""fdec's passes (installed as fdec.passes): an explicit registry of pass families.
+
+Every pass is a `fdec.pipeline.Pass`; the invariants each keeps are listed at the top of
+fdec/pipeline.py. Register new passes in `REGISTRY` below: no import-time magic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fdec.errors import UsageError
+from fdec.passes.cleanup import (
+    EliminateCommonSubexpressionsPass,
+    FoldConstantsPass,
+    InferShapesPass,
+    RemoveDeadNodesPass,
+    UntieEmbeddingsPass,
+)
+from fdec.pipeline import Pass
+
+__all__ = ["DEFAULT_PIPELINE", "REGISTRY", "make_pass", "make_pipeline", "parse_pass_list"]
+
+REGISTRY: dict[str, type[Pass]] = {
+    cls.name: cls
+    for cls in (
+        FoldConstantsPass,
+        RemoveDeadNodesPass,
+        EliminateCommonSubexpressionsPass,
+        InferShapesPass,
+        UntieEmbeddingsPass,
+    )
+}
+
+DEFAULT_PIPELINE: tuple[str, ...] = ("fold-constants", "cse", "remove-dead-nodes", "infer-shapes")
+
+
+def make_pass(name: str, **options: Any) -> Pass:
+    try:
+        cls = REGISTRY[name]
+    except KeyError:
+        raise UsageError(
+            f"unknown pass {name!r}", f"known passes: {', '.join(sorted(REGISTRY))} (fdec passes)"
+        ) from None
+    try:
+        return cls(**options)
+    except TypeError as err:
+        raise UsageError(f"bad options for pass {name!r}: {err}", "see `fdec passes`") from None
+
+
+def parse_pass_list(text: str | None) -> list[str]:
+    """`--passes` value: comma-separated names; "default" expands to the default pipeline."""
+    if text is None:
+        return list(DEFAULT_PIPELINE)
+    names: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item or item == "none":
+            continue
+        names.extend(DEFAULT_PIPELINE if item == "default" else [item])
+    for name in names:
+        if name not in REGISTRY:
+            make_pass(name)  # raises the UsageError naming the known passes
+    return names
+
+
+def make_pipeline(names: list[str]) -> list[Pass]:
+    return [make_pass(name) for name in names]

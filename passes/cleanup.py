@@ -1,0 +1,200 @@
+"""Cleanup passes: constant folding, dead-node removal, common subexpressions, shapes, untying embeddings."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_common
+from onnxscript import optimizer as onnxscript_optimizer
+
+from fdec.ir import FdecModel
+from fdec.pipeline import Pass, PassResult
+
+__all__ = [
+    "EliminateCommonSubexpressionsPass",
+    "FoldConstantsPass",
+    "InferShapesPass",
+    "RemoveDeadNodesPass",
+    "UntieEmbeddingsPass",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _node_count(model: FdecModel) -> int:
+    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def _is_lone_weight_transpose(node: ir.Node) -> bool:
+    """A Transpose of an initializer nothing else reads: folding it only re-lays the weight."""
+    if node.op_type != "Transpose" or node.domain != "" or not node.inputs:
+        return False
+    source = node.inputs[0]
+    return source is not None and source.is_initializer() and len(source.uses()) == 1
+
+
+@dataclasses.dataclass
+class FoldConstantsPass(Pass):
+    """Evaluate subgraphs whose inputs are all constant, and store their results as initializers.
+
+    Transposes of weights read by nothing else are always folded (so MatMuls read weights in
+    [in, out] layout, as quantizers expect); the folded weight keeps the original name, so
+    the ModelSpec stays true.
+    """
+
+    name = "fold-constants"
+    family = "cleanup"
+    summary = "fold constant subgraphs (and weight transposes) into initializers"
+
+    input_size_limit: int = dataclasses.field(default=8192, kw_only=True)
+    output_size_limit: int = dataclasses.field(default=1 << 20, kw_only=True)
+
+    def call(self, model: FdecModel) -> PassResult:
+        graph = model.graph
+        before_nodes = _node_count(model)
+        initializers_before = set(graph.initializers)
+        result = onnxscript_optimizer.fold_constants(
+            model.model,
+            input_size_limit=self.input_size_limit,
+            output_size_limit=self.output_size_limit,
+            should_fold=lambda node: True if _is_lone_weight_transpose(node) else None,
+        )
+        # Nodes whose outputs were replaced by constants are dead now; drop them.
+        ir_common.RemoveUnusedNodesPass()(model.model)
+        renamed = 0
+        for value in list(graph.initializers.values()):
+            sources = value.meta.get(onnxscript_optimizer.FOLDED_FROM_KEY) or set()
+            if len(sources) != 1:
+                continue
+            (source,) = sources
+            if source in initializers_before and source not in graph.initializers:
+                value.name = source  # same weight, new layout: keep the name people know
+                renamed += 1
+        folded = before_nodes - _node_count(model)
+        return PassResult(
+            model,
+            modified=bool(result.modified) or folded > 0,
+            stats={"nodes_folded": folded, "weights_relaid": renamed},
+        )
+
+
+@dataclasses.dataclass
+class RemoveDeadNodesPass(Pass):
+    """Remove nodes and initializers that no graph output depends on."""
+
+    name = "remove-dead-nodes"
+    family = "cleanup"
+    summary = "remove nodes and initializers no output depends on"
+
+    def call(self, model: FdecModel) -> PassResult:
+        nodes, initializers = _node_count(model), len(model.graph.initializers)
+        ir_common.RemoveUnusedNodesPass()(model.model)
+        removed_nodes = nodes - _node_count(model)
+        removed_initializers = initializers - len(model.graph.initializers)
+        return PassResult(
+            model,
+            modified=removed_nodes + removed_initializers > 0,
+            stats={"nodes_removed": removed_nodes, "initializers_removed": removed_initializers},
+        )
+
+
+@dataclasses.dataclass
+class EliminateCommonSubexpressionsPass(Pass):
+    """Merge nodes that compute the same op on the same inputs with the same attributes."""
+
+    name = "cse"
+    family = "cleanup"
+    summary = "merge duplicate computations (common-subexpression elimination)"
+
+    size_limit: int = dataclasses.field(default=10, kw_only=True)
+
+    def call(self, model: FdecModel) -> PassResult:
+        nodes = _node_count(model)
+        ir_common.CommonSubexpressionEliminationPass(size_limit=self.size_limit)(model.model)
+        ir_common.RemoveUnusedNodesPass()(model.model)
+        merged = nodes - _node_count(model)
+        return PassResult(model, modified=merged > 0, stats={"nodes_merged": merged})
+
+
+@dataclasses.dataclass
+class InferShapesPass(Pass):
+    """Run ONNX shape inference so every value carries its dtype and (symbolic) shape."""
+
+    name = "infer-shapes"
+    family = "cleanup"
+    summary = "infer dtypes and symbolic shapes of every value"
+
+    def call(self, model: FdecModel) -> PassResult:
+        values = [
+            value
+            for node in ir.traversal.RecursiveGraphIterator(model.graph)
+            for value in node.outputs
+        ]
+        unknown_before = sum(1 for value in values if value.shape is None or value.type is None)
+        ir_common.ShapeInferencePass(strict_mode=False)(model.model)
+        values = [
+            value
+            for node in ir.traversal.RecursiveGraphIterator(model.graph)
+            for value in node.outputs
+        ]
+        unknown_after = sum(1 for value in values if value.shape is None or value.type is None)
+        inferred = unknown_before - unknown_after
+        return PassResult(
+            model,
+            modified=inferred > 0,
+            stats={"values_inferred": inferred, "values_unknown": unknown_after},
+        )
+
+
+@dataclasses.dataclass
+class UntieEmbeddingsPass(Pass):
+    """Give the lm_head its own weight when it shares the token embedding.
+
+    Exporters tie them as one initializer read by Gather (embedding) and Transpose/MatMul
+    (lm_head); quantizers then skip the lm_head, which dominates decode reads in small models.
+    After this pass the lm_head reads its own [hidden, vocab] weight named `lm_head.weight`.
+    """
+
+    name = "untie-embeddings"
+    family = "cleanup"
+    summary = "give a tied lm_head its own weight so later passes can quantize it"
+
+    def call(self, model: FdecModel) -> PassResult:
+        spec = model.spec
+        if not spec.tie_word_embeddings or "embed" not in spec.weights:
+            return PassResult(model, modified=False, stats={"untied": 0})
+        graph = model.graph
+        shared = graph.initializers[spec.weights["embed"]]
+        readers = [use.node for use in shared.uses() if use.node.op_type != "Gather"]
+        if not readers:
+            return PassResult(model, modified=False, stats={"untied": 0})
+        tensor = shared.const_value
+        assert tensor is not None
+        name = "lm_head.weight"
+        while name in graph.initializers:
+            name = "_" + name
+        array = tensor.numpy()
+        transposed = [n for n in readers if n.op_type == "Transpose" and len(n.outputs) == 1]
+        if transposed and len(transposed) == len(readers):
+            # Fold the transpose into the new weight: MatMul(x, W^T) reads [hidden, vocab].
+            head = ir.Value(name=name, const_value=ir.tensor(array.T.copy(), name=name))
+            graph.register_initializer(head)
+            for node in transposed:
+                ir.convenience.replace_all_uses_with(node.outputs[0], head)
+                graph.remove(node, safe=True)
+        else:
+            head = ir.Value(name=name, const_value=ir.tensor(array.copy(), name=name))
+            graph.register_initializer(head)
+            for node in readers:
+                for index, value in enumerate(node.inputs):
+                    if value is shared:
+                        node.replace_input_with(index, head)
+        spec.weights["lm_head"] = name
+        spec.tie_word_embeddings = False
+        return PassResult(
+            model,
+            modified=True,
+            stats={"untied": 1, "bytes_added": int(array.nbytes), "lm_head": name},
+        )

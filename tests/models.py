@@ -1,0 +1,91 @@
+"""Tiny random HF models written to a folder from a config, with a real trained tokenizer."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+__all__ = ["FAMILY_CONFIGS", "TOKENIZER_VOCAB", "make_tiny_model"]
+
+TOKENIZER_VOCAB = 320
+_TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog while the lighthouse keeper climbs the stairs.",
+    "def add(a, b):\n    return a + b  # numbers 0123456789 and symbols +-*/=<>",
+    "User: how are you today?\nAssistant: I am well, thank you for asking!",
+    "Ships relied on the slow sweep of light to find the channel between the rocks.",
+]
+
+FAMILY_CONFIGS = {
+    "llama": {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-5,
+    },
+    "qwen2": {
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": False,
+    },
+    "mistral": {
+        "model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "max_position_embeddings": 256, "tie_word_embeddings": False,
+        "sliding_window": None,
+    },
+    "gpt2": {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2,
+        "n_head": 4, "n_positions": 256,
+    },
+    "bert": {
+        "model_type": "bert", "architectures": ["BertModel"], "hidden_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+        "max_position_embeddings": 256,
+    },
+}  # fmt: skip
+
+
+def _write_tokenizer(folder: pathlib.Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_TRAINING_TEXT, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+
+
+def make_tiny_model(
+    folder: pathlib.Path, family: str, *, seed: int = 0, tokenizer: bool = True, **overrides
+) -> pathlib.Path:
+    """Write a random `family` model (config.json + model.safetensors [+ tokenizer]) to folder."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = dict(FAMILY_CONFIGS[family], vocab_size=TOKENIZER_VOCAB, **overrides)
+    data.update(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = AutoConfig.for_model(**data)
+    torch.manual_seed(seed)
+    auto = AutoModel if family == "bert" else AutoModelForCausalLM
+    model = auto.from_config(config).eval()
+    # Random init gives near-uniform logits; widen them so greedy decoding has clear winners.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(4.0)
+    model.save_pretrained(folder)
+    if tokenizer:
+        _write_tokenizer(folder)
+    # Keep the config as the user wrote it, so tests see a realistic folder.
+    json.loads((folder / "config.json").read_text())
+    return folder
