@@ -7,6 +7,7 @@ import logging
 import os
 import pathlib
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -30,12 +31,15 @@ class _Context:
 
 def _quiet_libraries(quiet: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Deprecation notices from torch/transformers are for fdec's developers, not its users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         import transformers
 
         transformers.logging.set_verbosity_error()
-        if quiet:
-            transformers.logging.disable_progress_bar()
+        # fdec reports its own progress, one line per step; library bars would interleave.
+        transformers.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
 
@@ -166,6 +170,7 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
         click.echo(json.dumps(result, sort_keys=True))
     else:
         click.echo("")
+        sys.stdout.flush()
         click.echo(
             f"[{result['new_tokens']} tokens, {result['decode_tokens_per_s']:.1f} tok/s decode, "
             f"providers: {', '.join(result['providers'])}]",

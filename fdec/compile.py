@@ -81,6 +81,7 @@ def compile_model(
         options.model,
         trust_pickle=options.trust_pickle,
         cache_dir=options.cache_dir or default_cache_dir(),
+        progress=progress,
     )
     progress(f"loading {source.given} ({source.family.name}, {source.kind})")
     hf_model = load_hf_model(source, trust_remote_code=options.trust_remote_code)

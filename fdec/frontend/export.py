@@ -52,6 +52,8 @@ def load_hf_model(source: ModelSource, *, trust_remote_code: bool = False) -> An
             trust_remote_code=trust_remote_code,
             use_safetensors=not source.pickle_weights,
             output_loading_info=True,
+            # Load past shape mismatches so they can be named below, then refuse them.
+            ignore_mismatched_sizes=True,
         )
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
@@ -60,9 +62,18 @@ def load_hf_model(source: ModelSource, *, trust_remote_code: bool = False) -> An
             "check that config.json matches the weights",
         ) from None
     missing = sorted(info.get("missing_keys") or [])
-    mismatched = info.get("mismatched_keys") or []
+    mismatched = sorted(info.get("mismatched_keys") or [], key=str)
     if missing or mismatched:
-        what = f"missing {missing[0]!r}" if missing else f"mismatched {mismatched[0]}"
+        if missing:
+            what = f"missing {missing[0]!r}"
+        else:
+            first = mismatched[0]
+            if isinstance(first, (tuple, list)) and len(first) == 3:
+                what = (
+                    f"{first[0]!r} is {list(first[1])} in the weights, {list(first[2])} by config"
+                )
+            else:
+                what = f"{first} has another shape in the weights"
         raise InputError(
             f"the weights in {source.folder} do not match config.json ({what}, "
             f"{len(missing) + len(mismatched)} in all)",

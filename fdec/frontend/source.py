@@ -13,6 +13,7 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 
 from fdec.errors import InputError
 from fdec.frontend.families import Family, family_for_config
@@ -170,7 +171,9 @@ def _file_digest(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def _gguf_to_folder(gguf: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
+def _gguf_to_folder(
+    gguf: pathlib.Path, cache_dir: pathlib.Path, progress: Callable[[str], None]
+) -> pathlib.Path:
     """Convert a .gguf file once into a safetensors model folder in the cache; return it.
 
     transformers de-quantizes GGUF weights to fp32 on load (~30 s for SmolLM2), so the folder
@@ -187,7 +190,7 @@ def _gguf_to_folder(gguf: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path
         raise InputError(
             f"loading {gguf.name} needs {err.name}", "pip install 'fdec[gguf]'"
         ) from None
-    logger.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)
+    progress(f"converting {gguf.name} to safetensors (once; cached in {target})")
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -255,20 +258,24 @@ def _from_hub(repo_id: str, cache_dir: pathlib.Path) -> pathlib.Path:
 
 
 def resolve_source(
-    given: str, *, trust_pickle: bool = False, cache_dir: pathlib.Path | None = None
+    given: str,
+    *,
+    trust_pickle: bool = False,
+    cache_dir: pathlib.Path | None = None,
+    progress: Callable[[str], None] = lambda message: None,
 ) -> ModelSource:
     """Turn what the user typed into a checked local model folder."""
     cache_dir = cache_dir or default_cache_dir()
     name = _BUNDLED_ALIASES.get(given.lower(), given.lower())
     path = pathlib.Path(given).expanduser()
     if name in BUNDLED_MODELS and not path.exists():
-        folder = _gguf_to_folder(_bundled_gguf(name), cache_dir)
+        folder = _gguf_to_folder(_bundled_gguf(name), cache_dir, progress)
         return _check_folder(given, "bundled", folder, trust_pickle=False)
     if path.is_dir():
         return _check_folder(given, "folder", path.resolve(), trust_pickle=trust_pickle)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            folder = _gguf_to_folder(path.resolve(), cache_dir)
+            folder = _gguf_to_folder(path.resolve(), cache_dir, progress)
             return _check_folder(given, "gguf", folder, trust_pickle=False)
         raise InputError(
             f"{given} is a file, not a model",

@@ -1,0 +1,206 @@
+"""End to end: tiny random Llama / GPT-2 / BERT models compile, verify, run and report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from fdec.cli import cli
+
+
+def _compile(cli_runner, model, out, *args):
+    result = cli_runner.invoke(cli, ["compile", str(model), "-o", str(out), "--json", *args])
+    assert result.exit_code == 0, result.output + result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["ok"] is True
+    return summary
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_decoder_compiles_verifies_and_runs_in_plain_onnxruntime(
+    family, tiny_models, tmp_path, cli_runner
+):
+    out = tmp_path / "build"
+    summary = _compile(cli_runner, tiny_models(family), out)
+    verification = summary["verification"]
+    assert verification["max_abs_error"] <= 1e-3
+    assert verification["top1_agreement"] == 1.0
+    assert verification["greedy_identical"] is True
+    assert verification["perplexity_build"] == pytest.approx(
+        verification["perplexity_source"], rel=1e-4
+    )
+    for name in ("model.onnx", "model.onnx.data", "report.json", "fdec-build.json",
+                 "fdec-runtime.json", "tokenizer.json", "config.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    # The build runs with plain onnxruntime and ecosystem I/O names, empty past first.
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    outputs = [o.name for o in session.get_outputs()]
+    assert outputs[:3] == ["logits", "present.0.key", "present.0.value"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema_version"] == 1
+    assert report["verification"]["providers"] == ["CPUExecutionProvider"]
+    assert [p["name"] for p in report["passes"]] == report["pipeline"]
+    assert report["passes"][0]["after"]["nodes"] < report["passes"][0]["before"]["nodes"]
+    manifest = json.loads((out / "fdec-build.json").read_text())
+    assert manifest["outputs"]["model.onnx"]["bytes"] == (out / "model.onnx").stat().st_size
+
+
+def test_run_matches_transformers_greedy_generate(tiny_models, tmp_path, cli_runner):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tiny_models("llama")
+    out = tmp_path / "build"
+    _compile(cli_runner, model_dir, out)
+    result = cli_runner.invoke(
+        cli, ["run", str(out), "--prompt", "The lighthouse keeper", "-n", "20", "--json"]
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    ran = json.loads(result.stdout)
+    assert ran["providers"] == ["CPUExecutionProvider"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tokenizer("The lighthouse keeper", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(
+            ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, ids.shape[1] :].tolist()
+    stop = tokenizer.eos_token_id
+    expected = expected[: expected.index(stop) + 1] if stop in expected else expected
+    assert ran["tokens"] == expected
+    # Streaming mode prints the same text.
+    streamed = cli_runner.invoke(
+        cli, ["run", str(out), "--prompt", "The lighthouse keeper", "-n", "20"]
+    )
+    assert streamed.exit_code == 0
+    assert ran["text"] in streamed.stdout
+
+
+def test_sampling_options_change_tokens_reproducibly(tiny_models, tmp_path, cli_runner):
+    out = tmp_path / "build"
+    _compile(cli_runner, tiny_models("llama"), out)
+    args = [
+        "run",
+        str(out),
+        "-p",
+        "Ships",
+        "-n",
+        "12",
+        "--json",
+        "--temperature",
+        "5",
+        "--top-k",
+        "50",
+    ]
+    first = json.loads(cli_runner.invoke(cli, [*args, "--seed", "1"]).stdout)["tokens"]
+    again = json.loads(cli_runner.invoke(cli, [*args, "--seed", "1"]).stdout)["tokens"]
+    other = json.loads(cli_runner.invoke(cli, [*args, "--seed", "2"]).stdout)["tokens"]
+    greedy = json.loads(
+        cli_runner.invoke(cli, ["run", str(out), "-p", "Ships", "-n", "12", "--json"]).stdout
+    )["tokens"]
+    assert first == again
+    assert first != other or first != greedy
+
+
+def test_encoder_compiles_and_verifies_both_outputs(tiny_models, tmp_path, cli_runner):
+    out = tmp_path / "bert"
+    summary = _compile(cli_runner, tiny_models("bert"), out)
+    assert summary["verification"]["max_abs_error"] <= 1e-3
+    report = json.loads((out / "report.json").read_text())
+    errors = report["verification"]["numeric"]["errors"]
+    assert set(errors) == {"last_hidden_state", "pooler_output"}
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "pooler_output"]
+    assert [i.name for i in session.get_inputs()] == [
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+    ]
+    ran = cli_runner.invoke(cli, ["run", str(out), "-p", "hello there", "--json"])
+    assert ran.exit_code == 0, ran.output
+    assert len(json.loads(ran.stdout)["embedding"]) == 64
+
+
+def test_verify_each_dump_dir_and_untie(tiny_models, tmp_path, cli_runner):
+    out, dumps = tmp_path / "build", tmp_path / "dumps"
+    _compile(
+        cli_runner, tiny_models("llama"), out, "--verify-each", "--dump-dir", str(dumps),
+        "--passes", "untie-embeddings,default",
+    )  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    names = [p["name"] for p in report["passes"]]
+    assert names == [
+        "untie-embeddings",
+        "fold-constants",
+        "cse",
+        "remove-dead-nodes",
+        "infer-shapes",
+    ]
+    for record in report["passes"]:
+        assert record["checks"]["numeric"]["ok"] is True
+        assert record["checks"]["numeric"]["max_abs_error"] <= 1e-3
+        assert record["checks"]["structure"]["ok"] is True
+    assert report["passes"][0]["stats"]["untied"] == 1
+    assert report["spec"]["tie_word_embeddings"] is False
+    assert report["spec"]["weights"]["lm_head"] != report["spec"]["weights"]["embed"]
+    dumped = sorted(p.name for p in dumps.glob("*.onnx"))
+    assert dumped == ["001_UntieEmbeddingsPass.onnx", "002_FoldConstantsPass.onnx",
+                      "003_EliminateCommonSubexpressionsPass.onnx", "004_RemoveDeadNodesPass.onnx",
+                      "005_InferShapesPass.onnx"]  # fmt: skip
+    # The untied lm_head is its own [hidden, vocab] weight in the build.
+    import onnx
+
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    assert shapes[report["spec"]["weights"]["lm_head"]] == [64, 320]
+
+
+def test_report_command_prints_pass_table(tiny_models, tmp_path, cli_runner):
+    out = tmp_path / "build"
+    _compile(cli_runner, tiny_models("gpt2"), out)
+    result = cli_runner.invoke(cli, ["report", str(out)])
+    assert result.exit_code == 0
+    for name in ("fold-constants", "cse", "remove-dead-nodes", "infer-shapes", "verification PASS"):
+        assert name in result.stdout
+    as_json = json.loads(cli_runner.invoke(cli, ["report", str(out), "--json"]).stdout)
+    assert as_json["source"]["family"] == "gpt2"
+
+
+def test_no_passes_still_verifies(tiny_models, tmp_path, cli_runner):
+    summary = _compile(cli_runner, tiny_models("llama"), tmp_path / "b", "--passes", "none")
+    assert summary["passes"] == []
+    assert summary["verification"]["greedy_identical"] is True
+
+
+def test_logits_of_build_match_pytorch_at_every_position(tiny_models, tmp_path, cli_runner):
+    """Independent of fdec's own verifier: compare the build with transformers directly."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_models("qwen2")
+    out = tmp_path / "build"
+    _compile(cli_runner, model_dir, out)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(0, 320, size=(2, 9))
+    past = {
+        i.name: np.zeros((2, 2, 0, 16), np.float32)
+        for i in session.get_inputs()
+        if i.name.startswith("past_key_values")
+    }
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "position_ids": np.tile(np.arange(9), (2, 1)),
+        **past,
+    }
+    logits = session.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(logits - expected).max() < 1e-3
