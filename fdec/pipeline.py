@@ -262,7 +262,8 @@ class PassManager:
             if self.on_pass:
                 self.on_pass(index, len(self.passes), pass_)
             record = PassRecord(index, pass_.name, pass_.family, _jsonable(pass_.options()))
-            for instrument in self.instruments:
+            # Reversed, so timing (first in the list) starts last and stops first.
+            for instrument in reversed(self.instruments):
                 instrument.before(pass_, model, record)
             try:
                 result = pass_(model)
@@ -287,6 +288,8 @@ class PassManager:
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
+        if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+            value = value.item()  # numpy scalars
         if isinstance(value, (str, int, float, bool)) or value is None:
             out[key] = value
         elif isinstance(value, (list, tuple)):

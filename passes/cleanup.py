@@ -27,12 +27,34 @@ def _node_count(model: FdecModel) -> int:
     return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
 
 
-def _is_lone_weight_transpose(node: ir.Node) -> bool:
-    """A Transpose of an initializer nothing else reads: folding it only re-lays the weight."""
+def _live_node_count(model: FdecModel) -> int:
+    """Nodes some graph output depends on (dead nodes counted by a pass are not its work)."""
+    graph = model.graph
+    seen: set[int] = set()
+    stack = [value.producer() for value in graph.outputs if value.producer() is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for value in node.inputs:
+            if value is not None and value.producer() is not None:
+                stack.append(value.producer())
+    return len(seen)
+
+
+def _weight_transpose_rule(node: ir.Node) -> bool | None:
+    """Always fold a Transpose of a weight nothing else reads; never copy a shared weight.
+
+    Folding the first only re-lays the weight ([out, in] → [in, out], as quantizers expect);
+    folding a Transpose of a shared weight (tied embeddings) would store it twice.
+    """
     if node.op_type != "Transpose" or node.domain != "" or not node.inputs:
-        return False
+        return None
     source = node.inputs[0]
-    return source is not None and source.is_initializer() and len(source.uses()) == 1
+    if source is None or not source.is_initializer():
+        return None
+    return len(source.uses()) == 1
 
 
 @dataclasses.dataclass
@@ -53,26 +75,30 @@ class FoldConstantsPass(Pass):
 
     def call(self, model: FdecModel) -> PassResult:
         graph = model.graph
-        before_nodes = _node_count(model)
         initializers_before = set(graph.initializers)
+        live_before = _live_node_count(model)
         result = onnxscript_optimizer.fold_constants(
             model.model,
             input_size_limit=self.input_size_limit,
             output_size_limit=self.output_size_limit,
-            should_fold=lambda node: True if _is_lone_weight_transpose(node) else None,
+            should_fold=_weight_transpose_rule,
         )
-        # Nodes whose outputs were replaced by constants are dead now; drop them.
+        # Nodes whose outputs were replaced by constants are dead now: drop them. Nodes that
+        # were dead before are dropped too, but not counted as folded.
         ir_common.RemoveUnusedNodesPass()(model.model)
+        folded = live_before - _live_node_count(model)
         renamed = 0
         for value in list(graph.initializers.values()):
             sources = value.meta.get(onnxscript_optimizer.FOLDED_FROM_KEY) or set()
-            if len(sources) != 1:
+            # A weight folded through a chain (Cast → Transpose) lists every step's value;
+            # only the original initializer's name matters.
+            originals = set(sources) & initializers_before
+            if len(originals) != 1 or value.name in initializers_before:
                 continue
-            (source,) = sources
-            if source in initializers_before and source not in graph.initializers:
+            (source,) = originals
+            if source not in graph.initializers:
                 value.name = source  # same weight, new layout: keep the name people know
                 renamed += 1
-        folded = before_nodes - _node_count(model)
         return PassResult(
             model,
             modified=bool(result.modified) or folded > 0,

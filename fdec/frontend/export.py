@@ -276,8 +276,27 @@ def import_model(
         inputs,
         outputs,
     )
+    spec.task = _infer_task(hf_model, source.family.kind)
     tokenizer = load_tokenizer(source.folder) if source.has_tokenizer else None
     return ImportedModel(FdecModel(model, spec), hf_model, tokenizer, source)
+
+
+def _infer_task(hf_model: Any, kind: str) -> str:
+    """The HF task of the loaded model, from optimum's TasksManager (class → task tables)."""
+    fallback = "text-generation" if kind == "decoder" else "feature-extraction"
+    try:
+        from optimum.exporters.tasks import TasksManager
+
+        task = TasksManager.infer_task_from_model(hf_model)
+    except Exception as err:
+        logger.info("optimum could not name the task (%s); using %s", err, fallback)
+        return fallback
+    if (task == "text-generation") != (kind == "decoder"):
+        raise CompileError(
+            f"optimum says this model's task is {task!r}, but fdec imported it as a {kind}",
+            "report the model to the fdec developers",
+        )
+    return task
 
 
 def _check_config_matches_weights(hf_model: Any, source: ModelSource) -> None:

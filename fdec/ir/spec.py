@@ -36,6 +36,7 @@ class ModelSpec:
     max_positions: int
     tie_word_embeddings: bool
     weights: dict[str, str] = dataclasses.field(default_factory=dict)
+    task: str = ""  # HF task, as optimum's TasksManager names it ("text-generation", ...)
     inputs: list[str] = dataclasses.field(default_factory=list)
     outputs: list[str] = dataclasses.field(default_factory=list)
 

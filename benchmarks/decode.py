@@ -1,0 +1,143 @@
+"""Decode speed and perplexity: PyTorch eager `generate` against an fdec build, in one run.
+
+    python benchmarks/decode.py                      # SmolLM2-135M, compiles build/smollm2 if missing
+    python benchmarks/decode.py --model DIR --build build/x --rounds 5
+
+Both sides use the same prompt, thread count and greedy decoding; rounds are interleaved and
+medians reported. Decode tok/s excludes the prefill: PyTorch's is (N-1) / (t(N) - t(1)) from
+`generate` with N and 1 new tokens; fdec's is timed inside its own loop after the first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+
+
+def _pytorch_decode(model, ids, new_tokens: int) -> float:
+    import torch
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - start
+
+    one = timed(1)
+    full = timed(new_tokens)
+    return (new_tokens - 1) / max(full - one, 1e-9)
+
+
+def _fdec_decode(build, prompt: list[int], new_tokens: int) -> float:
+    from fdec.runtime import generate
+
+    result = generate(build.model, prompt, max_new_tokens=new_tokens)
+    return result.decode_tokens_per_s
+
+
+def _size_mb(folder: pathlib.Path) -> float:
+    return sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--build", type=pathlib.Path, default=pathlib.Path("build/smollm2"))
+    parser.add_argument("--prompt-tokens", type=int, default=40)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+
+    import torch
+    import transformers
+
+    from fdec.compile import CompileOptions, compile_model
+    from fdec.frontend.export import load_hf_model, load_tokenizer
+    from fdec.frontend.source import resolve_source
+    from fdec.runner import load_build
+    from fdec.runtime import OrtModel, open_session
+    from fdec.verify import held_text, perplexity
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    if not (args.build / "model.onnx").exists():
+        print(f"compiling {args.model} into {args.build} ...", file=sys.stderr)
+        compile_model(CompileOptions(model=args.model, out=args.build))
+    source = resolve_source(args.model)
+    model = load_hf_model(source)
+    tokenizer = load_tokenizer(source.folder)
+    build = load_build(args.build)
+    build.model = OrtModel(open_session(args.build / "model.onnx", threads=args.threads))
+
+    text_ids = tokenizer(held_text(), add_special_tokens=False)["input_ids"]
+    prompt = (text_ids * 4)[: args.prompt_tokens]
+    ids = torch.tensor([prompt])
+    torch_rates, fdec_rates = [], []
+    _fdec_decode(build, prompt, 4)  # warm-up both
+    _pytorch_decode(model, ids, 4)
+    for _ in range(args.rounds):
+        torch_rates.append(_pytorch_decode(model, ids, args.new_tokens))
+        fdec_rates.append(_fdec_decode(build, prompt, args.new_tokens))
+
+    scored = np.asarray([text_ids], dtype=np.int64)
+    with torch.no_grad():
+        torch_logits = model(torch.from_numpy(scored)).logits.numpy()
+    fdec_logits, _ = build.model.decode(scored, build.model.empty_past(1), 0)
+    torch_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    rows = {
+        "pytorch_eager": {
+            "decode_tok_s": statistics.median(torch_rates),
+            "perplexity": perplexity(torch_logits, scored),
+            "mb": torch_mb,
+        },
+        "fdec_build": {
+            "decode_tok_s": statistics.median(fdec_rates),
+            "perplexity": perplexity(fdec_logits, scored),
+            "mb": _size_mb(args.build),
+            "providers": build.model.providers,
+        },
+    }
+    ratio = rows["fdec_build"]["decode_tok_s"] / rows["pytorch_eager"]["decode_tok_s"]
+    result = {
+        "model": args.model,
+        "build": str(args.build),
+        "threads": args.threads,
+        "prompt_tokens": len(prompt),
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "perplexity_tokens": len(text_ids),
+        "rows": rows,
+        "speedup_vs_pytorch": ratio,
+        "torch_rounds": torch_rates,
+        "fdec_rounds": fdec_rates,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(
+        f"{args.model}: {len(prompt)}-token prompt, {args.new_tokens} greedy tokens, "
+        f"{args.threads} threads, median of {args.rounds} interleaved rounds"
+    )
+    print(f"{'variant':<16} {'MB':>8} {'decode tok/s':>13} {'perplexity':>11}")
+    for name, row in rows.items():
+        print(
+            f"{name:<16} {row['mb']:>8.1f} {row['decode_tok_s']:>13.1f} {row['perplexity']:>11.3f}"
+        )
+    print(f"fdec / PyTorch eager decode speed: {ratio:.2f}x")
+    print(f"providers used by the fdec build: {', '.join(rows['fdec_build']['providers'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
