@@ -7,6 +7,7 @@ import logging
 import os
 import pathlib
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -23,10 +24,13 @@ class _Context:
     def __init__(self, quiet: bool, as_json: bool):
         self.quiet = quiet
         self.as_json = as_json
+        self.started = time.perf_counter()
 
     def progress(self, message: str) -> None:
+        """One line per step on stderr, with the seconds since the command started."""
         if not self.quiet and not self.as_json:
-            click.echo(f"[fdec] {message}", err=True)
+            elapsed = time.perf_counter() - self.started
+            click.echo(f"[fdec {elapsed:6.1f}s] {message}", err=True)
 
 
 def _quiet_libraries(quiet: bool) -> None:

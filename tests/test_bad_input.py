@@ -18,7 +18,7 @@ def _expect_error(cli_runner, args, *, words, out, code=2):
     lines = [
         line
         for line in result.stderr.splitlines()
-        if line.strip() and not line.startswith("[fdec]")
+        if line.strip() and not line.startswith("[fdec ")
     ]
     assert len(lines) == 1, result.stderr  # one line, no traceback
     assert lines[0].startswith("error: ")
