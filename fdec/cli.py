@@ -163,6 +163,9 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
 
     try:
         loaded = load_build(build)
+        fallback = loaded.provider_fallback()
+        if fallback:
+            click.echo(f"warning: {fallback}", err=True)
         result = run_prompt(
             loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, chat_template=not no_chat_template,
@@ -170,6 +173,7 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
         )  # fmt: skip
     except FdecError as err:
         _fail(err, as_json)
+    result["provider_fallback"] = fallback
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
     else:

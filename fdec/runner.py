@@ -24,6 +24,23 @@ class LoadedBuild:
     model: OrtModel
     tokenizer: Any
 
+    @property
+    def requested_providers(self) -> list[str]:
+        return [p if isinstance(p, str) else p[0] for p in self.config.get("providers") or []]
+
+    def provider_fallback(self) -> str | None:
+        """A loud line when the session did not get the accelerator the build asked for
+        (onnxruntime-gpu falls back to the CPU silently)."""
+        got = self.model.providers
+        wanted = [p for p in self.requested_providers if p != "CPUExecutionProvider"]
+        if wanted and not any(p in got for p in wanted):
+            return (
+                f"this build asks for {', '.join(wanted)} but the session runs on "
+                f"{', '.join(got)}: install onnxruntime-gpu (pip install 'fdec[gpu]' in an "
+                "environment without onnxruntime) on a machine with an NVIDIA GPU"
+            )
+        return None
+
 
 def load_build(folder: pathlib.Path) -> LoadedBuild:
     folder = pathlib.Path(folder)

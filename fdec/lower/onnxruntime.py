@@ -31,11 +31,30 @@ _SIDE_FILES = (
 )
 
 
-def providers_for(target: Any) -> list[str]:
-    """ONNX Runtime execution providers to ask for on `target`, best first."""
+ORT_TRT_CACHE = "engines/ort-tensorrt-cache"
+
+
+def providers_for(target: Any) -> list[list[Any]]:
+    """ONNX Runtime execution providers (name, options) to ask for on `target`, best first.
+
+    On GPUs: the TensorRT EP (engines cached inside the build, so the second start is fast),
+    then CUDA, then the CPU. Paths in options are relative to the build folder.
+    """
     if target is not None and getattr(target, "is_gpu", False):
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+        return [
+            [
+                "TensorrtExecutionProvider",
+                {
+                    "trt_engine_cache_enable": "True",
+                    "trt_engine_cache_path": ORT_TRT_CACHE,
+                    "trt_timing_cache_enable": "True",
+                    "trt_timing_cache_path": ORT_TRT_CACHE,
+                },
+            ],
+            ["CUDAExecutionProvider", {}],
+            ["CPUExecutionProvider", {}],
+        ]
+    return [["CPUExecutionProvider", {}]]
 
 
 def lower_onnxruntime(

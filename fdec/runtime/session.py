@@ -17,14 +17,48 @@ logger = logging.getLogger(__name__)
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
+def resolve_providers(
+    requested: list[Any] | None, base: pathlib.Path | None = None
+) -> tuple[list[str], list[dict[str, str]], list[str]]:
+    """Split (name, options) pairs into ORT's two lists, keeping only providers this
+    onnxruntime has; option values ending in `_path` are resolved against `base`.
+    Returns (names, options, missing)."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    names: list[str] = []
+    options: list[dict[str, str]] = []
+    missing: list[str] = []
+    for item in requested or ["CPUExecutionProvider"]:
+        name, opts = (item, {}) if isinstance(item, str) else (item[0], dict(item[1]))
+        if name not in available:
+            missing.append(name)
+            continue
+        if base is not None:
+            for key, value in opts.items():
+                if key.endswith("_path") and not os.path.isabs(value):
+                    opts[key] = str(base / value)
+        names.append(name)
+        options.append({k: str(v) for k, v in opts.items()})
+    if "CPUExecutionProvider" not in names:
+        names.append("CPUExecutionProvider")
+        options.append({})
+    return names, options, missing
+
+
 def open_session(
     path: str | os.PathLike,
     *,
-    providers: list[str] | None = None,
+    providers: list[Any] | None = None,
     optimization: str = "all",
     threads: int = 0,
 ) -> Any:
+    """An InferenceSession; `providers` are names or (name, options) pairs, best first."""
     import onnxruntime as ort
+
+    names, provider_options, missing = resolve_providers(providers, pathlib.Path(path).parent)
+    if missing:
+        logger.info("providers not in this onnxruntime: %s", ", ".join(missing))
 
     options = ort.SessionOptions()
     options.graph_optimization_level = {
@@ -36,7 +70,7 @@ def open_session(
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     return ort.InferenceSession(
-        str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+        str(path), sess_options=options, providers=names, provider_options=provider_options
     )
 
 

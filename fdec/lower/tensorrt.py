@@ -1,0 +1,726 @@
+"""Lowering to TensorRT: an engine plan (profiles, precision flags, exact command) now, the engine where a GPU is.
+
+A compile writes `engines/tensorrt/plan.json` and `engines/tensorrt/build.sh` beside model.onnx.
+Where TensorRT and an NVIDIA GPU exist, `build_planned_engine` builds `model.engine` from that
+plan with TensorRT's Python API; elsewhere the plan stays "deferred" and says how to finish it
+(`fdec build-engine BUILD` on a GPU machine, or the script, which runs `trtexec`).
+
+The plan is the single source of truth for both paths: the Python build and the `trtexec`
+command use the same profiles, precision flags, optimization level and timing cache file, so a
+rebuild on the same GPU with the same TensorRT repeats the same tactic choices.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shlex
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from fdec.build import sha256_file
+from fdec.errors import CompileError, InputError, UsageError
+from fdec.ir import ModelSpec
+from fdec.lower.profiles import Profile, ShapeLimits, profiles_for
+from fdec.targets import Precision, Target
+
+__all__ = [
+    "ENGINE_DIR",
+    "PLAN_FILE",
+    "SCHEMA_VERSION",
+    "EnginePlan",
+    "build_planned_engine",
+    "check_standard_ops",
+    "engine_report",
+    "plan_engine",
+    "read_plan",
+    "tensorrt_available",
+    "visible_gpus",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ENGINE_DIR = "engines/tensorrt"  # relative to the build folder
+PLAN_FILE = "plan.json"
+BUILD_SCRIPT = "build.sh"
+_MODEL = "model.onnx"
+
+NOT_INSTALLED = (
+    "tensorrt is not installed (needs NVIDIA's package index: "
+    "pip install 'fdec[tensorrt]' --extra-index-url https://pypi.nvidia.com)"
+)
+NO_GPU = "no CUDA GPU visible"
+
+# Domains TensorRT's ONNX parser imports: the standard operator set only.
+_STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+# Precision → (trtexec flag, polygraphy flag, tensorrt.BuilderFlag name), in canonical order.
+_PRECISION_FLAGS: dict[Precision, tuple[str, str, str]] = {
+    Precision.FP16: ("--fp16", "--fp16", "FP16"),
+    Precision.BF16: ("--bf16", "--bf16", "BF16"),
+    Precision.FP8_E4M3: ("--fp8", "--fp8", "FP8"),
+    Precision.INT8: ("--int8", "--int8", "INT8"),
+}
+# Always on in TensorRT (FP32; TF32 by default from compute capability 8.0): no flag to add.
+_IMPLICIT = frozenset({Precision.FP32, Precision.TF32})
+_STATUSES = ("deferred", "built", "failed")
+_MIN_TENSORRT_MAJOR = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# What this machine has
+
+
+def visible_gpus() -> list[dict[str, Any]]:
+    """The CUDA GPUs this process can see (index, name, compute capability), via libcuda.
+
+    Empty when there is no NVIDIA driver or no GPU; never raises.
+    """
+    lib = _load_first(("libcuda.so.1", "libcuda.so", "nvcuda.dll"))
+    if lib is None:
+        logger.debug("no CUDA driver library found")
+        return []
+    try:
+        if lib.cuInit(0) != 0:
+            logger.debug("cuInit failed: no usable CUDA device")
+            return []
+        count = ctypes.c_int()
+        if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return []
+        gpus = []
+        for index in range(count.value):
+            device = ctypes.c_int()
+            if lib.cuDeviceGet(ctypes.byref(device), index) != 0:
+                continue
+            name = ctypes.create_string_buffer(256)
+            lib.cuDeviceGetName(name, len(name), device)
+            major, minor = ctypes.c_int(), ctypes.c_int()
+            lib.cuDeviceGetAttribute(ctypes.byref(major), 75, device)  # COMPUTE_CAPABILITY_MAJOR
+            lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)  # COMPUTE_CAPABILITY_MINOR
+            gpus.append(
+                {
+                    "index": index,
+                    "name": name.value.decode("utf-8", "replace"),
+                    "compute_capability": f"{major.value}.{minor.value}",
+                }
+            )
+        return gpus
+    except (AttributeError, OSError) as error:  # a driver library without these entry points
+        logger.debug("could not query the CUDA driver: %s", error)
+        return []
+
+
+def tensorrt_available() -> str | None:
+    """None when TensorRT (10 or newer) imports and a CUDA GPU is visible; else the reason."""
+    try:
+        import tensorrt
+    except ImportError:
+        return NOT_INSTALLED
+    except OSError as error:  # the wheel is there but its CUDA libraries do not load
+        return f"tensorrt is installed but does not load ({error})"
+    version = str(getattr(tensorrt, "__version__", "0"))
+    major = version.split(".", 1)[0]
+    if major.isdigit() and int(major) < _MIN_TENSORRT_MAJOR:
+        return f"tensorrt {version} is too old: fdec builds engines with TensorRT 10 or newer"
+    if not visible_gpus():
+        return NO_GPU
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph
+
+
+def check_standard_ops(onnx_path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Nodes TensorRT's ONNX parser will not take: those in non-standard domains (com.microsoft…).
+
+    Looks inside subgraphs (If/Loop/Scan bodies) and model-local functions; a call of a local
+    function is fine when the function's own nodes are. Each entry has name, op and domain.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    functions = {(f.domain, f.name): f for f in model.functions}
+    found: list[dict[str, str]] = []
+    seen_functions: set[tuple[str, str]] = set()
+
+    def visit(nodes: Iterable[Any], where: str) -> None:
+        for index, node in enumerate(nodes):
+            key = (node.domain, node.op_type)
+            if key in functions:
+                if key not in seen_functions:
+                    seen_functions.add(key)
+                    visit(functions[key].node, f"function {node.domain}.{node.op_type}/")
+            elif node.domain not in _STANDARD_DOMAINS:
+                found.append(
+                    {
+                        "name": where + (node.name or f"#{index}"),
+                        "op": node.op_type,
+                        "domain": node.domain,
+                    }
+                )
+            for attribute in node.attribute:
+                label = f"{where}{node.name or f'#{index}'}.{attribute.name}/"
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    visit(attribute.g.node, label)
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    for graph in attribute.graphs:
+                        visit(graph.node, label)
+
+    visit(model.graph.node, "")
+    return found
+
+
+def _graph_inputs(onnx_path: pathlib.Path) -> tuple[dict[str, list[int | None]], bool]:
+    """Graph inputs (not initializers) with their dims (None = dynamic), and whether Q/DQ is used."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    inputs: dict[str, list[int | None]] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        inputs[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    has_qdq = any(
+        node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node
+    )
+    return inputs, has_qdq
+
+
+def _check_profiles(profiles: list[Profile], inputs: dict[str, list[int | None]]) -> None:
+    """Every dynamic input has a shape in every profile, of its rank, agreeing on static dims."""
+    dynamic = [name for name, dims in inputs.items() if any(d is None for d in dims)]
+    fix = "this is a bug in fdec's shape profiles; report it with the model"
+    for profile in profiles:
+        missing = [name for name in dynamic if name not in profile.shapes]
+        if missing:
+            raise CompileError(
+                f"shape profile {profile.name!r} gives no shape for dynamic input(s) "
+                f"{', '.join(missing)}",
+                fix,
+            )
+        for name, (low, opt, high) in profile.shapes.items():
+            if name not in inputs:
+                raise CompileError(
+                    f"shape profile {profile.name!r} names {name!r}, which is not a graph input",
+                    fix,
+                )
+            dims = inputs[name]
+            for label, shape in (("min", low), ("opt", opt), ("max", high)):
+                if len(shape) != len(dims):
+                    raise CompileError(
+                        f"shape profile {profile.name!r}: {label} shape {list(shape)} of {name!r} "
+                        f"has rank {len(shape)}, the graph input has rank {len(dims)}",
+                        fix,
+                    )
+                for axis, (given, static) in enumerate(zip(shape, dims)):
+                    if static is not None and static > 0 and given != static:
+                        raise CompileError(
+                            f"shape profile {profile.name!r}: {label} shape of {name!r} has "
+                            f"{given} on axis {axis}, where the graph fixes {static}",
+                            fix,
+                        )
+            if not all(0 <= a <= b <= c for a, b, c in zip(low, opt, high)):
+                raise CompileError(
+                    f"shape profile {profile.name!r}: {name!r} needs min <= opt <= max on every "
+                    f"axis, got {list(low)} / {list(opt)} / {list(high)}",
+                    fix,
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclasses.dataclass(kw_only=True)
+class EnginePlan:
+    """Everything needed to build the TensorRT engine later; stored as engines/tensorrt/plan.json.
+
+    Paths (onnx, engine, timing_cache) are relative to the plan's own folder.
+    """
+
+    target: str
+    compute_capability: str
+    profiles: list[dict[str, Any]]
+    precisions: list[str] = dataclasses.field(default_factory=list)
+    sparse_weights: bool = False
+    builder_optimization_level: int = 3
+    trtexec: list[str] = dataclasses.field(default_factory=list)
+    trtexec_shell: str = ""
+    polygraphy: list[str] = dataclasses.field(default_factory=list)
+    polygraphy_shell: str = ""
+    status: str = "deferred"  # "deferred" | "built" | "failed"
+    reason: str = ""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    onnx: str = "../../" + _MODEL
+    engine: str = "model.engine"
+    timing_cache: str = "timing.cache"
+    schema_version: int = SCHEMA_VERSION
+    # Filled in by a successful build.
+    built_on: dict[str, Any] | None = None
+    wall_s: float | None = None
+    engine_bytes: int | None = None
+    sha256: str | None = None
+    timing_cache_reused: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EnginePlan:
+        if not isinstance(data, dict):
+            raise InputError("a TensorRT plan must be a JSON object", _REPLAN_FIX)
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise InputError(
+                f"TensorRT plan schema_version is {version!r}; this fdec reads {SCHEMA_VERSION}",
+                _REPLAN_FIX,
+            )
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            logger.warning("ignoring unknown keys in the TensorRT plan: %s", ", ".join(unknown))
+        try:
+            plan = cls(**{key: value for key, value in data.items() if key in names})
+        except TypeError as error:
+            raise InputError(f"the TensorRT plan is incomplete: {error}", _REPLAN_FIX) from None
+        if plan.status not in _STATUSES:
+            raise InputError(f"unknown TensorRT plan status {plan.status!r}", _REPLAN_FIX)
+        return plan
+
+
+_REPLAN_FIX = "compile the model again with --backend tensorrt to write a new plan"
+
+
+def _build_fix(build_dir: str | os.PathLike[str] | None = None) -> str:
+    folder = "BUILD" if build_dir is None else shlex.quote(str(build_dir))
+    return (
+        f"run `fdec build-engine {folder}` on a machine with an NVIDIA GPU and TensorRT, "
+        f"or run {ENGINE_DIR}/{BUILD_SCRIPT} there"
+    )
+
+
+def _precision_flags(target: Target, precisions: Iterable[str | Precision]) -> list[str]:
+    """The builder precisions asked for, checked against the target, as names in canonical order."""
+    if isinstance(precisions, (str, Precision)):
+        precisions = [precisions]
+    wanted: set[Precision] = set()
+    for name in precisions:
+        precision = target.require(name)  # InputError naming the need and the alternatives
+        if precision in _IMPLICIT:
+            continue
+        if precision not in _PRECISION_FLAGS:
+            raise UsageError(
+                f"fdec does not plan TensorRT engines in {precision.label} yet",
+                "use fp16, bf16, fp8 or int8 with --backend tensorrt, or --backend "
+                "hf-checkpoint for 4-bit weights",
+            )
+        wanted.add(precision)
+    if {Precision.FP8_E4M3, Precision.INT8} <= wanted:
+        raise UsageError(
+            "TensorRT does not build with FP8 and INT8 enabled together", "choose fp8 or int8"
+        )
+    return [p.value for p in _PRECISION_FLAGS if p in wanted]
+
+
+def _commands(
+    plan: EnginePlan, profiles: list[Profile]
+) -> tuple[list[str], list[str]]:
+    """The trtexec and polygraphy commands for `plan`, run from the plan's folder."""
+    trtexec = [
+        "trtexec",
+        f"--onnx={plan.onnx}",
+        f"--saveEngine={plan.engine}",
+        f"--timingCacheFile={plan.timing_cache}",
+        f"--builderOptimizationLevel={plan.builder_optimization_level}",
+        "--skipInference",
+    ]
+    polygraphy = ["polygraphy", "convert", plan.onnx, "--convert-to", "trt", "-o", plan.engine]
+    for index, profile in enumerate(profiles):
+        # trtexec reads --minShapes/--optShapes/--maxShapes right after --profile=N as profile N.
+        trtexec += [f"--profile={index}", *profile.trtexec_args()]
+        polygraphy += profile.polygraphy_args()
+    for name in plan.precisions:
+        trtexec_flag, polygraphy_flag, _ = _PRECISION_FLAGS[Precision.parse(name)]
+        trtexec.append(trtexec_flag)
+        polygraphy.append(polygraphy_flag)
+    if plan.sparse_weights:
+        trtexec.append("--sparsity=enable")
+        polygraphy.append("--sparse-weights")
+    polygraphy += [
+        "--builder-optimization-level",
+        str(plan.builder_optimization_level),
+        "--load-timing-cache",
+        plan.timing_cache,
+        "--save-timing-cache",
+        plan.timing_cache,
+    ]
+    return trtexec, polygraphy
+
+
+def _script(plan: EnginePlan) -> str:
+    return "\n".join(
+        [
+            "#!/bin/sh",
+            f"# Build the TensorRT engine planned by fdec for {plan.target} "
+            f"(compute capability {plan.compute_capability}).",
+            "# Run it on a machine with that GPU and TensorRT's trtexec on PATH; it writes",
+            f"# {plan.engine} and keeps tactic timings in {plan.timing_cache}, so rebuilds repeat.",
+            "# `fdec build-engine BUILD` does the same with TensorRT's Python API and records it",
+            "# in plan.json; this script does not update plan.json.",
+            "set -eu",
+            'cd "$(dirname "$0")"',
+            "if ! command -v trtexec >/dev/null 2>&1; then",
+            '    echo "trtexec not found: install TensorRT and put its bin folder on PATH" >&2',
+            "    exit 127",
+            "fi",
+            f"exec {plan.trtexec_shell}",
+            "",
+        ]
+    )
+
+
+def _write_atomic(path: pathlib.Path, data: bytes | memoryview | str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_plan(folder: pathlib.Path, plan: EnginePlan) -> pathlib.Path:
+    path = folder / PLAN_FILE
+    _write_atomic(path, json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def plan_engine(
+    build_dir: str | os.PathLike[str],
+    *,
+    spec: ModelSpec,
+    target: Target,
+    limits: ShapeLimits,
+    precisions: Iterable[str | Precision] = (),
+    sparse_weights: bool = False,
+    builder_optimization_level: int = 3,
+) -> EnginePlan:
+    """Write engines/tensorrt/plan.json and build.sh for build_dir/model.onnx; return the plan.
+
+    The plan is "deferred": `build_planned_engine` (or build.sh) builds the engine. Refuses a
+    non-GPU target, precisions or sparsity the target lacks, and graphs with non-standard ops.
+    """
+    build_dir = pathlib.Path(build_dir)
+    if not target.is_gpu or target.vendor.lower() != "nvidia":
+        raise UsageError(
+            f"the tensorrt backend builds engines for NVIDIA GPUs; {target.name} "
+            f"({target.display_name}) is not one",
+            "pass an NVIDIA GPU target such as --target h100, or use --backend onnxruntime "
+            "for the CPU",
+        )
+    if sparse_weights and not target.sparse_tensor_cores:
+        raise UsageError(
+            f"sparse weights need 2:4 sparse tensor cores, which {target.name} "
+            f"({target.display_name}) does not have",
+            "drop the sparse-weights option for this target, or pick a target with sparse "
+            "tensor cores (compute capability 8.0 or newer)",
+        )
+    flags = _precision_flags(target, precisions)
+    if not 0 <= builder_optimization_level <= 5:
+        raise UsageError(
+            f"TensorRT builder optimization level must be 0..5, got {builder_optimization_level}",
+            "use 3 (TensorRT's default) unless you need faster builds (lower) or more search",
+        )
+    onnx_path = build_dir / _MODEL
+    if not onnx_path.is_file():
+        raise InputError(
+            f"{onnx_path} does not exist",
+            "write the ONNX model first (the onnxruntime lowering writes model.onnx), then plan",
+        )
+    foreign = check_standard_ops(onnx_path)
+    if foreign:
+        listed = ", ".join(f"{n['name']} ({n['domain']}.{n['op']})" for n in foreign[:8])
+        more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
+        raise InputError(
+            f"{len(foreign)} node(s) use ops TensorRT's ONNX parser does not take: {listed}{more}",
+            "TensorRT takes standard ONNX ops only: compile without the ONNX Runtime fusion "
+            "passes (they emit com.microsoft ops) for --backend tensorrt, or use --backend "
+            "onnxruntime",
+        )
+    profiles = profiles_for(spec, limits)
+    inputs, has_qdq = _graph_inputs(onnx_path)
+    _check_profiles(profiles, inputs)
+
+    notes = []
+    for name in flags:
+        if name in ("fp8", "int8") and not has_qdq:
+            notes.append(
+                f"{name} is enabled but the graph has no QuantizeLinear/DequantizeLinear nodes: "
+                f"TensorRT computes in {name} only where the graph is explicitly quantized, so "
+                f"quantize the model to {name} first"
+            )
+            logger.warning("%s", notes[-1])
+
+    cc = target.compute_capability
+    assert cc is not None
+    plan = EnginePlan(
+        target=target.name,
+        compute_capability=f"{cc[0]}.{cc[1]}",
+        profiles=[profile.to_dict() for profile in profiles],
+        precisions=flags,
+        sparse_weights=sparse_weights,
+        builder_optimization_level=builder_optimization_level,
+        notes=notes,
+    )
+    plan.trtexec, plan.polygraphy = _commands(plan, profiles)
+    plan.trtexec_shell = shlex.join(plan.trtexec)
+    plan.polygraphy_shell = shlex.join(plan.polygraphy)
+    plan.reason = tensorrt_available() or "not built yet"
+
+    folder = build_dir / ENGINE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / plan.engine).unlink(missing_ok=True)  # an engine of an earlier graph is stale
+    _write_plan(folder, plan)
+    script = folder / BUILD_SCRIPT
+    _write_atomic(script, _script(plan))
+    script.chmod(0o755)
+    logger.info("planned TensorRT engine for %s: %s", target.name, plan.trtexec_shell)
+    return plan
+
+
+def read_plan(build_dir: str | os.PathLike[str]) -> EnginePlan:
+    """The plan stored in build_dir/engines/tensorrt/plan.json."""
+    path = pathlib.Path(build_dir) / ENGINE_DIR / PLAN_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(
+            f"{path} does not exist: {build_dir} has no TensorRT plan",
+            "compile with --backend tensorrt (or a target whose default backend is tensorrt) "
+            "first",
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"cannot read {path}: {error}", _REPLAN_FIX) from None
+    return EnginePlan.from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the engine
+
+
+class _BuildFailed(Exception):
+    """TensorRT refused the network or the build; the message says why."""
+
+
+def build_planned_engine(
+    build_dir: str | os.PathLike[str], progress: Callable[[str], None] = lambda message: None
+) -> EnginePlan:
+    """Build engines/tensorrt/model.engine from the stored plan with TensorRT's Python API.
+
+    Updates plan.json (status "built", built_on, wall_s, engine_bytes, sha256) and returns the
+    plan. Raises CompileError (plan left as it was) where TensorRT or a GPU is missing, or where
+    the GPU is not the target's compute capability; a build TensorRT refuses is recorded as
+    "failed" in plan.json and raised as CompileError.
+    """
+    build_dir = pathlib.Path(build_dir)
+    plan = read_plan(build_dir)
+    folder = build_dir / ENGINE_DIR
+    onnx_path = (folder / plan.onnx).resolve()
+    if not onnx_path.is_file():
+        raise InputError(f"{onnx_path} (named by the TensorRT plan) does not exist", _REPLAN_FIX)
+    reason = tensorrt_available()
+    if reason is not None:
+        raise CompileError(f"cannot build the TensorRT engine here: {reason}", _build_fix(build_dir))
+    gpu = visible_gpus()[0]
+    if gpu["compute_capability"] != plan.compute_capability:
+        raise CompileError(
+            f"the plan is for {plan.target} (compute capability {plan.compute_capability}) but "
+            f"this GPU is {gpu['name']} ({gpu['compute_capability']}); a TensorRT engine runs "
+            f"only on the compute capability it was built on",
+            f"{_build_fix(build_dir)} on a {plan.target}, or compile again with the --target "
+            f"of this GPU",
+        )
+
+    progress(f"building the TensorRT engine for {plan.target} on {gpu['name']}")
+    start = time.perf_counter()
+    try:
+        version, reused = _build_engine(folder, onnx_path, plan, progress)
+    except _BuildFailed as error:
+        plan.status, plan.reason = "failed", str(error)
+        _write_plan(folder, plan)
+        raise CompileError(
+            f"TensorRT could not build the engine: {error}",
+            "check that the graph uses ops TensorRT supports and that the profiles fit the "
+            "GPU's memory (lower --max-batch or --max-seq-len)",
+        ) from None
+    engine = folder / plan.engine
+    plan.status, plan.reason = "built", ""
+    plan.wall_s = round(time.perf_counter() - start, 3)
+    plan.engine_bytes = engine.stat().st_size
+    plan.sha256 = sha256_file(engine)
+    plan.timing_cache_reused = reused
+    plan.built_on = {
+        "gpu": gpu["name"],
+        "compute_capability": gpu["compute_capability"],
+        "driver": _driver_version(),
+        "tensorrt": version,
+    }
+    _write_plan(folder, plan)
+    progress(f"wrote {engine} ({plan.engine_bytes / 1e6:.1f} MB) in {plan.wall_s:.1f} s")
+    return plan
+
+
+def _build_engine(
+    folder: pathlib.Path,
+    onnx_path: pathlib.Path,
+    plan: EnginePlan,
+    progress: Callable[[str], None],
+) -> tuple[str, bool]:
+    """Parse, configure and build with TensorRT; writes the engine and timing cache.
+
+    Returns (TensorRT version, whether an existing timing cache was loaded).
+    """
+    import tensorrt as trt
+
+    trt_logger = _make_logger(trt)
+    builder = trt.Builder(trt_logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, trt_logger)
+    progress(f"parsing {onnx_path.name}")
+    # From the file, not from bytes, so the parser finds model.onnx.data beside it.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise _BuildFailed("the ONNX parser refused model.onnx: " + "; ".join(errors[:5]))
+
+    config = builder.create_builder_config()
+    config.builder_optimization_level = plan.builder_optimization_level
+    for name in plan.precisions:
+        config.set_flag(getattr(trt.BuilderFlag, _PRECISION_FLAGS[Precision.parse(name)][2]))
+    if plan.sparse_weights:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    for entry in plan.profiles:
+        profile = builder.create_optimization_profile()
+        for name, dims in entry["shapes"].items():
+            profile.set_shape(name, tuple(dims["min"]), tuple(dims["opt"]), tuple(dims["max"]))
+        if config.add_optimization_profile(profile) < 0:
+            raise _BuildFailed(f"TensorRT refused shape profile {entry['name']!r}")
+
+    cache_path = folder / plan.timing_cache
+    old = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(old)
+    reused = bool(old)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        logger.warning("%s was made by another GPU or TensorRT; starting a new one", cache_path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        reused = False
+
+    progress(f"building ({len(plan.profiles)} profiles, precisions: fp32 {' '.join(plan.precisions)})")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        detail = "; ".join(trt_logger.errors[-5:]) or "no error message from TensorRT"
+        raise _BuildFailed(detail)
+    _write_atomic(folder / plan.engine, memoryview(serialized))
+    _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
+    return str(trt.__version__), reused
+
+
+def _make_logger(trt: Any) -> Any:
+    """A TensorRT logger that forwards to this module's logger and keeps the errors."""
+    severity = trt.ILogger.Severity
+    levels = {
+        severity.INTERNAL_ERROR: logging.ERROR,
+        severity.ERROR: logging.ERROR,
+        severity.WARNING: logging.WARNING,
+        severity.INFO: logging.DEBUG,
+        severity.VERBOSE: logging.DEBUG,
+    }
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, level: Any, message: str) -> None:
+            python_level = levels.get(level, logging.DEBUG)
+            if python_level >= logging.ERROR:
+                self.errors.append(message)
+            logger.log(python_level, "TensorRT: %s", message)
+
+    return _Logger()
+
+
+def _driver_version() -> str:
+    """The NVIDIA driver version ("550.54.15") from NVML, else the CUDA driver API version."""
+    nvml = _load_first(("libnvidia-ml.so.1", "nvml.dll"))
+    if nvml is not None:
+        try:
+            if nvml.nvmlInit_v2() == 0:
+                buffer = ctypes.create_string_buffer(96)
+                ok = nvml.nvmlSystemGetDriverVersion(buffer, len(buffer)) == 0
+                nvml.nvmlShutdown()
+                if ok:
+                    return buffer.value.decode("ascii", "replace")
+        except (AttributeError, OSError):
+            pass
+    cuda = _load_first(("libcuda.so.1", "libcuda.so", "nvcuda.dll"))
+    if cuda is not None:
+        version = ctypes.c_int()
+        try:
+            if cuda.cuDriverGetVersion(ctypes.byref(version)) == 0:
+                return f"CUDA {version.value // 1000}.{version.value % 1000 // 10}"
+        except (AttributeError, OSError):
+            pass
+    return "unknown"
+
+
+def _load_first(names: Iterable[str]) -> Any:
+    for name in names:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def engine_report(plan: EnginePlan) -> dict[str, Any]:
+    """What the build report says about the TensorRT engine: status, why, files, command."""
+    files = [f"{ENGINE_DIR}/{PLAN_FILE}", f"{ENGINE_DIR}/{BUILD_SCRIPT}"]
+    report: dict[str, Any] = {
+        "backend": "tensorrt",
+        "status": plan.status,
+        "reason": plan.reason,
+        "target": plan.target,
+        "compute_capability": plan.compute_capability,
+        "precisions": ["fp32", *plan.precisions],
+        "sparse_weights": plan.sparse_weights,
+        "profiles": [profile["name"] for profile in plan.profiles],
+        "files": files,
+        "command": plan.trtexec_shell,
+        "polygraphy_command": plan.polygraphy_shell,
+        "notes": list(plan.notes),
+    }
+    if plan.status == "built":
+        files += [f"{ENGINE_DIR}/{plan.engine}", f"{ENGINE_DIR}/{plan.timing_cache}"]
+        report.update(
+            built_on=plan.built_on,
+            wall_s=plan.wall_s,
+            engine_bytes=plan.engine_bytes,
+            sha256=plan.sha256,
+            timing_cache_reused=plan.timing_cache_reused,
+        )
+    else:
+        report["fix"] = _build_fix()
+    return report
