@@ -77,11 +77,27 @@ def cli(verbose: int) -> None:
 @click.option(
     "--cache-dir", type=click.Path(path_type=pathlib.Path), help="Cache (default ~/.cache/fdec)."
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]),
+    help="Engine backend (default: the target's).",
+)
+@click.option(
+    "--max-batch", default=1, show_default=True, type=int, help="Largest batch engines serve."
+)
+@click.option(
+    "--max-seq-len",
+    default=2048,
+    show_default=True,
+    type=int,
+    help="Longest context (prompt + generated) engines serve.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_command(model: str, target: str, out: pathlib.Path, passes: str | None, verify_each: bool,
                     dump_dir: pathlib.Path | None, trust_pickle: bool, trust_remote_code: bool,
-                    cache_dir: pathlib.Path | None, as_json: bool, quiet: bool) -> None:  # fmt: skip
+                    cache_dir: pathlib.Path | None, backend: str | None, max_batch: int,
+                    max_seq_len: int, as_json: bool, quiet: bool) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out."""
     ctx = _Context(quiet, as_json)
     _quiet_libraries(quiet or as_json)
@@ -91,7 +107,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
     options = CompileOptions(
         model=model, out=out, target=target, passes=passes, verify_each=verify_each,
         dump_dir=dump_dir, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
-        cache_dir=cache_dir,
+        cache_dir=cache_dir, backend=backend, max_batch=max_batch, max_seq_len=max_seq_len,
     )  # fmt: skip
     try:
         result = compile_model(options, ctx.progress)
@@ -129,6 +145,11 @@ def _summary(report: dict[str, Any], out: pathlib.Path, *, ok: bool) -> dict[str
             "greedy_identical": (verification.get("greedy") or {}).get("identical"),
         },
         "bytes": sum(item["bytes"] for item in (report.get("outputs") or {}).values()),
+        "backend": report.get("backend"),
+        "engines": [
+            {k: e.get(k) for k in ("backend", "status", "purpose", "engine", "reason")}
+            for e in report.get("engines") or []
+        ],
     }
 
 
@@ -198,6 +219,22 @@ def report_command(build: pathlib.Path, as_json: bool) -> None:
     except FdecError as err:
         _fail(err, as_json)
     click.echo(json.dumps(report, indent=2) if as_json else render_report(report))
+
+
+@cli.command("build-engine")
+@click.argument("build", type=click.Path(path_type=pathlib.Path))
+@click.option("--json", "as_json", is_flag=True)
+def build_engine_command(build: pathlib.Path, as_json: bool) -> None:
+    """Build a build's deferred TensorRT engine (on a machine with TensorRT and a GPU)."""
+    from fdec.lower.tensorrt import build_planned_engine
+
+    ctx = _Context(False, as_json)
+    try:
+        plan = build_planned_engine(build, progress=ctx.progress)
+    except FdecError as err:
+        _fail(err, as_json)
+    data = plan.to_dict()
+    click.echo(json.dumps(data, indent=2) if as_json else f"engine {data['status']}: {build}")
 
 
 @cli.command("passes")

@@ -13,10 +13,12 @@ from typing import Any
 
 from fdec import passes as fdec_passes
 from fdec.build import AtomicBuild, check_output_path, write_manifest
-from fdec.errors import VerificationError
+from fdec.errors import UsageError, VerificationError
 from fdec.frontend.export import import_model, load_hf_model
 from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.lower import MODEL_FILE, lower_onnxruntime
+from fdec.lower.engines import build_engines
+from fdec.lower.profiles import ShapeLimits
 from fdec.pipeline import (
     DumpInstrument,
     NumericCheckInstrument,
@@ -25,6 +27,7 @@ from fdec.pipeline import (
     Tolerance,
 )
 from fdec.report import REPORT_FILE, SCHEMA_VERSION, environment
+from fdec.report.roofline import estimate
 from fdec.runtime import OrtModel, open_session, session_for_model
 from fdec.targets import load_target
 from fdec.verify import Reference
@@ -48,6 +51,9 @@ class CompileOptions:
     trust_pickle: bool = False
     trust_remote_code: bool = False
     cache_dir: pathlib.Path | None = None
+    backend: str | None = None  # None = the target's default backend
+    max_batch: int = 1
+    max_seq_len: int = 2048
 
 
 @dataclasses.dataclass
@@ -73,6 +79,8 @@ def compile_model(
     out = pathlib.Path(options.out)
     # Everything that can be checked without loading the model is checked first.
     target = load_target(options.target)
+    backend = _choose_backend(options.backend, target)
+    limits = ShapeLimits(max_batch=options.max_batch, max_seq_len=options.max_seq_len)
     check_output_path(out)
     pass_names = fdec_passes.parse_pass_list(options.passes)
     pipeline = fdec_passes.make_pipeline(pass_names)
@@ -91,6 +99,8 @@ def compile_model(
     export_s = time.perf_counter() - export_started
     fdec_model = imported.fdec_model
     spec = fdec_model.spec
+    if target.is_gpu and backend != "onnxruntime":
+        limits.check_against(spec)
     progress("computing the reference outputs with PyTorch")
     reference = Reference.from_hf(hf_model, spec.kind, imported.tokenizer, spec.vocab_size)
 
@@ -116,6 +126,12 @@ def compile_model(
         progress("verifying the build against the source model")
         session = OrtModel(open_session(staging / MODEL_FILE))
         verification = _verify(reference, session, FP32_TOLERANCE)
+        if not verification["ok"]:
+            raise VerificationError(verification["failure"], _verification_fix(verification))
+        engines = build_engines(
+            staging, spec=spec, target=target, backend=backend, limits=limits, progress=progress
+        )
+        counts = fdec_model.counts()
         report = {
             "schema_version": SCHEMA_VERSION,
             "source": {
@@ -127,13 +143,22 @@ def compile_model(
                 "config_sha256": _config_digest(source.folder),
             },
             "target": target.to_dict(),
-            "backend": "onnxruntime",
+            "backend": backend,
+            "limits": dataclasses.asdict(limits),
             "spec": spec.to_dict(),
             "environment": environment(),
             "pipeline": pass_names,
             "export": {"exporter": "torch.onnx (dynamo)", "wall_s": round(export_s, 2)},
             "passes": [record.to_dict() for record in records],
             "verification": verification,
+            "engines": engines,
+            "estimate": estimate(
+                spec,
+                target,
+                weight_bytes=counts.bytes,
+                parameters=counts.parameters,
+                gathered_bytes=_gathered_bytes(fdec_model),
+            ),
             "wall_s": round(time.perf_counter() - started, 2),
         }
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -144,14 +169,41 @@ def compile_model(
                 "inputs": {"model": source.given, "config_sha256": _config_digest(source.folder)},
                 "target": target.name,
                 "pipeline": pass_names,
-                "options": {"verify_each": options.verify_each},
+                "options": {
+                    "verify_each": options.verify_each,
+                    "backend": backend,
+                    "limits": dataclasses.asdict(limits),
+                },
                 "packages": report["environment"]["packages"],
             },
         )
         report["outputs"] = json.loads(manifest.read_text())["outputs"]
-        if not verification["ok"]:
-            raise VerificationError(verification["failure"], _verification_fix(verification))
     return CompileResult(out, report)
+
+
+_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
+
+
+def _choose_backend(asked: str | None, target: Any) -> str:
+    backend = asked or target.default_backend
+    if backend not in _BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}", f"use one of: {', '.join(_BACKENDS)}")
+    if backend != "onnxruntime" and not target.is_gpu:
+        raise UsageError(
+            f"backend {backend} needs a GPU target; {target.name} is a CPU",
+            "pass --target with a GPU (fdec targets lists them) or --backend onnxruntime",
+        )
+    return backend
+
+
+def _gathered_bytes(model: Any) -> int:
+    """Bytes of an untied embedding table: read a row per token, not whole."""
+    spec = model.spec
+    name = spec.weights.get("embed")
+    if not name or spec.weights.get("lm_head") == name or name not in model.graph.initializers:
+        return 0
+    tensor = model.graph.initializers[name].const_value
+    return int(tensor.nbytes) if tensor is not None else 0
 
 
 def _verification_fix(verification: dict[str, Any]) -> str:

@@ -330,9 +330,7 @@ def _precision_flags(target: Target, precisions: Iterable[str | Precision]) -> l
     return [p.value for p in _PRECISION_FLAGS if p in wanted]
 
 
-def _commands(
-    plan: EnginePlan, profiles: list[Profile]
-) -> tuple[list[str], list[str]]:
+def _commands(plan: EnginePlan, profiles: list[Profile]) -> tuple[list[str], list[str]]:
     """The trtexec and polygraphy commands for `plan`, run from the plan's folder."""
     trtexec = [
         "trtexec",
@@ -387,7 +385,8 @@ def _script(plan: EnginePlan) -> str:
     )
 
 
-def _write_atomic(path: pathlib.Path, data: bytes | memoryview | str) -> None:
+def _write_atomic(path: pathlib.Path, data: Any) -> None:
+    """Write `data` (text, or anything with the buffer protocol) to `path` via a temp file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as handle:
@@ -504,8 +503,7 @@ def read_plan(build_dir: str | os.PathLike[str]) -> EnginePlan:
     except FileNotFoundError:
         raise InputError(
             f"{path} does not exist: {build_dir} has no TensorRT plan",
-            "compile with --backend tensorrt (or a target whose default backend is tensorrt) "
-            "first",
+            "compile with --backend tensorrt (or a target whose default backend is tensorrt) first",
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"cannot read {path}: {error}", _REPLAN_FIX) from None
@@ -538,7 +536,9 @@ def build_planned_engine(
         raise InputError(f"{onnx_path} (named by the TensorRT plan) does not exist", _REPLAN_FIX)
     reason = tensorrt_available()
     if reason is not None:
-        raise CompileError(f"cannot build the TensorRT engine here: {reason}", _build_fix(build_dir))
+        raise CompileError(
+            f"cannot build the TensorRT engine here: {reason}", _build_fix(build_dir)
+        )
     gpu = visible_gpus()[0]
     if gpu["compute_capability"] != plan.compute_capability:
         raise CompileError(
@@ -623,25 +623,26 @@ def _build_engine(
         config.set_timing_cache(cache, ignore_mismatch=False)
         reused = False
 
-    progress(f"building ({len(plan.profiles)} profiles, precisions: fp32 {' '.join(plan.precisions)})")
+    progress(
+        f"building ({len(plan.profiles)} profiles, precisions: fp32 {' '.join(plan.precisions)})"
+    )
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         detail = "; ".join(trt_logger.errors[-5:]) or "no error message from TensorRT"
         raise _BuildFailed(detail)
-    _write_atomic(folder / plan.engine, memoryview(serialized))
-    _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
+    _write_atomic(folder / plan.engine, serialized)  # IHostMemory is a buffer: no copy
+    _write_atomic(cache_path, config.get_timing_cache().serialize())
     return str(trt.__version__), reused
 
 
 def _make_logger(trt: Any) -> Any:
     """A TensorRT logger that forwards to this module's logger and keeps the errors."""
-    severity = trt.ILogger.Severity
     levels = {
-        severity.INTERNAL_ERROR: logging.ERROR,
-        severity.ERROR: logging.ERROR,
-        severity.WARNING: logging.WARNING,
-        severity.INFO: logging.DEBUG,
-        severity.VERBOSE: logging.DEBUG,
+        trt.Logger.INTERNAL_ERROR: logging.ERROR,
+        trt.Logger.ERROR: logging.ERROR,
+        trt.Logger.WARNING: logging.WARNING,
+        trt.Logger.INFO: logging.DEBUG,
+        trt.Logger.VERBOSE: logging.DEBUG,
     }
 
     class _Logger(trt.ILogger):
@@ -649,11 +650,15 @@ def _make_logger(trt: Any) -> Any:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
 
-        def log(self, level: Any, message: str) -> None:
-            python_level = levels.get(level, logging.DEBUG)
-            if python_level >= logging.ERROR:
-                self.errors.append(message)
-            logger.log(python_level, "TensorRT: %s", message)
+        def log(self, severity: Any, message: str) -> None:
+            # TensorRT calls this from C++ and it must not raise.
+            try:
+                level = levels.get(severity, logging.DEBUG)
+                if level >= logging.ERROR:
+                    self.errors.append(message)
+                logger.log(level, "TensorRT: %s", message)
+            except Exception:  # pragma: no cover - logging itself failed
+                pass
 
     return _Logger()
 

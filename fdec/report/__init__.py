@@ -110,6 +110,26 @@ def render_report(report: dict[str, Any]) -> str:
         providers = verification.get("providers")
         if providers:
             lines.append(f"ONNX Runtime providers used: {', '.join(providers)}")
+    for engine in report.get("engines") or []:
+        what = engine.get("purpose") or "engine"
+        line = f"{engine['backend']} {what}: {engine['status']}"
+        if engine.get("compute_capability"):
+            line += f" (sm {engine['compute_capability']})"
+        if engine.get("engine"):
+            line += f" → {engine['engine']}"
+        if engine.get("reason"):
+            line += f" — {engine['reason']}"
+        lines.append(line)
+    guess = report.get("estimate") or {}
+    if guess.get("decode_tokens_per_s"):
+        text = (
+            f"estimate for {guess['target']} (roofline, not measured): "
+            f"~{guess['decode_tokens_per_s']:g} decode tok/s at batch 1, "
+            f"{guess['context_tokens']}-token context, {guess['decode_bound']}-bound"
+        )
+        if guess.get("prefill_ms") is not None:
+            text += f"; prefill of {guess['prompt_tokens']} tokens ~{guess['prefill_ms']:g} ms"
+        lines.append(text)
     outputs = report.get("outputs") or {}
     if outputs:
         total = sum(item["bytes"] for item in outputs.values())
