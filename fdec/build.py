@@ -13,7 +13,14 @@ from typing import Any
 
 from fdec.errors import InputError
 
-__all__ = ["MANIFEST", "AtomicBuild", "check_output_path", "sha256_file", "write_manifest"]
+__all__ = [
+    "MANIFEST",
+    "AtomicBuild",
+    "check_output_path",
+    "refresh_manifest",
+    "sha256_file",
+    "write_manifest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,3 +125,11 @@ def write_manifest(folder: pathlib.Path, data: dict[str, Any]) -> pathlib.Path:
     path = folder / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def refresh_manifest(folder: pathlib.Path) -> pathlib.Path:
+    """Re-hash a build's files after a later step (an engine built on the GPU machine)."""
+    path = folder / MANIFEST
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.pop("outputs", None)
+    return write_manifest(folder, data)

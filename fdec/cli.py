@@ -226,6 +226,7 @@ def report_command(build: pathlib.Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def build_engine_command(build: pathlib.Path, as_json: bool) -> None:
     """Build a build's deferred TensorRT engine (on a machine with TensorRT and a GPU)."""
+    from fdec.build import refresh_manifest
     from fdec.lower.tensorrt import build_planned_engine
 
     ctx = _Context(False, as_json)
@@ -233,6 +234,7 @@ def build_engine_command(build: pathlib.Path, as_json: bool) -> None:
         plan = build_planned_engine(build, progress=ctx.progress)
     except FdecError as err:
         _fail(err, as_json)
+    refresh_manifest(build)
     data = plan.to_dict()
     click.echo(json.dumps(data, indent=2) if as_json else f"engine {data['status']}: {build}")
 

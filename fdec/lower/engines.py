@@ -76,8 +76,18 @@ def build_engines(
 
         plan = tensorrt.plan_engine(build_dir, spec=spec, target=target, limits=limits)
         if tensorrt.tensorrt_available() is None:
-            progress("building the TensorRT engine")
-            plan = tensorrt.build_planned_engine(build_dir, progress=progress)
+            wanted = tuple(target.compute_capability)
+            here = [
+                gpu for gpu in tensorrt.visible_gpus() if tuple(gpu["compute_capability"]) == wanted
+            ]
+            if here:
+                progress(f"building the TensorRT engine on {here[0]['name']}")
+                plan = tensorrt.build_planned_engine(build_dir, progress=progress)
+            else:
+                gpus = ", ".join(
+                    f"{g['name']} ({g['compute_capability']})" for g in tensorrt.visible_gpus()
+                )
+                plan.reason = f"the GPUs here ({gpus}) are not a {target.name}"
         records.append(tensorrt.engine_report(plan))
         with tempfile.TemporaryDirectory(prefix="fdec-rtx-check-") as scratch:
             records.append(

@@ -14,8 +14,10 @@ collected by a logger of ours and never printed; warnings and errors go to this 
 
 Measured with tensorrt-rtx-cu12 1.7.1 (see the tests): a 2-layer Llama builds in ~2 s and a
 2-layer BERT in <1 s on 2 cores; an engine is nearly the same size whatever compute capability
-it targets (kernels are finished on the GPU). FP32 matrix products cannot be built for Turing
-(7.5): the builder fails with "FP32 GEMM is not supported", so 7.5 needs an FP16 graph.
+it targets (kernels are finished on the GPU), and two builds of the same graph for the same
+target differ in their bytes, so hash an engine's inputs, not the engine. FP32 matrix products
+cannot be built for Turing (7.5): the builder fails with "FP32 GEMM is not supported", so 7.5
+needs an FP16 graph.
 """
 
 from __future__ import annotations

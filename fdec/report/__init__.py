@@ -109,7 +109,7 @@ def render_report(report: dict[str, Any]) -> str:
             lines.append(f"greedy tokens ({greedy['steps']} steps): {same}")
         providers = verification.get("providers")
         if providers:
-            lines.append(f"ONNX Runtime providers used: {', '.join(providers)}")
+            lines.append(f"verified with ONNX Runtime on: {', '.join(providers)}")
     for engine in report.get("engines") or []:
         what = engine.get("purpose") or "engine"
         line = f"{engine['backend']} {what}: {engine['status']}"
@@ -124,11 +124,11 @@ def render_report(report: dict[str, Any]) -> str:
     if guess.get("decode_tokens_per_s"):
         text = (
             f"estimate for {guess['target']} (roofline, not measured): "
-            f"~{guess['decode_tokens_per_s']:g} decode tok/s at batch 1, "
+            f"~{guess['decode_tokens_per_s']:,.0f} decode tok/s at batch 1, "
             f"{guess['context_tokens']}-token context, {guess['decode_bound']}-bound"
         )
         if guess.get("prefill_ms") is not None:
-            text += f"; prefill of {guess['prompt_tokens']} tokens ~{guess['prefill_ms']:g} ms"
+            text += f"; prefill of {guess['prompt_tokens']} tokens ~{guess['prefill_ms']:.3g} ms"
         lines.append(text)
     outputs = report.get("outputs") or {}
     if outputs:

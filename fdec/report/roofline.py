@@ -75,5 +75,5 @@ def estimate(
             spec.head_dim * prompt * prompt
         )
         prefill_s = max(prefill_flops / (peak * 1e12), weight_bytes / bandwidth)
-        result["prefill_ms"] = round(prefill_s * 1e3, 3)
+        result["prefill_ms"] = float(f"{prefill_s * 1e3:.4g}")
     return result
