@@ -92,12 +92,19 @@ def cli(verbose: int) -> None:
     type=int,
     help="Longest context (prompt + generated) engines serve.",
 )
+@click.option("--quantize", help="Precision plan: int4 (weight-only RTN), int8 (dynamic, cpu).")
+@click.option(
+    "--max-ppl-increase",
+    type=click.FloatRange(0.0),
+    help="Fail when perplexity grows more than this (0.2 = +20%%).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_command(model: str, target: str, out: pathlib.Path, passes: str | None, verify_each: bool,
                     dump_dir: pathlib.Path | None, trust_pickle: bool, trust_remote_code: bool,
                     cache_dir: pathlib.Path | None, backend: str | None, max_batch: int,
-                    max_seq_len: int, as_json: bool, quiet: bool) -> None:  # fmt: skip
+                    max_seq_len: int, quantize: str | None, max_ppl_increase: float | None,
+                    as_json: bool, quiet: bool) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out."""
     ctx = _Context(quiet, as_json)
     _quiet_libraries(quiet or as_json)
@@ -108,6 +115,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
         model=model, out=out, target=target, passes=passes, verify_each=verify_each,
         dump_dir=dump_dir, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
         cache_dir=cache_dir, backend=backend, max_batch=max_batch, max_seq_len=max_seq_len,
+        quantize=quantize, max_ppl_increase=max_ppl_increase,
     )  # fmt: skip
     try:
         result = compile_model(options, ctx.progress)

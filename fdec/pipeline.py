@@ -43,13 +43,40 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
-    """How far a pass may move the model's outputs from the source model's."""
+    """How far a pass (or a whole build) may move the model's outputs from the source model's.
+
+    `max_perplexity_increase` is relative (0.1 = perplexity may grow by 10 %); None: not checked.
+    `greedy_identical`: greedy tokens must match the source's (exact builds only).
+    """
 
     max_abs_error: float = 1e-3
     min_top1_agreement: float = 1.0
+    max_perplexity_increase: float | None = None
+    greedy_identical: bool = True
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def judge(self, figures: dict[str, Any]) -> str | None:
+        """Why `figures` (from verify.Reference.compare) break this tolerance, or None."""
+        if figures["max_abs_error"] > self.max_abs_error:
+            return (
+                f"{figures.get('worst_output', 'the outputs')} off by "
+                f"{figures['max_abs_error']:.3g} (limit {self.max_abs_error:g})"
+            )
+        if figures["top1_agreement"] < self.min_top1_agreement:
+            return (
+                f"top-1 tokens agree on {figures['top1_agreement']:.1%} of positions "
+                f"(needs {self.min_top1_agreement:.0%})"
+            )
+        if self.max_perplexity_increase is not None and "perplexity_build" in figures:
+            growth = figures["perplexity_build"] / figures["perplexity_source"] - 1.0
+            if growth > self.max_perplexity_increase:
+                return (
+                    f"perplexity grew {growth:.1%} ({figures['perplexity_source']:.2f} → "
+                    f"{figures['perplexity_build']:.2f}; limit {self.max_perplexity_increase:.0%})"
+                )
+        return None
 
 
 EXACT = Tolerance()
@@ -76,8 +103,17 @@ class Pass(abc.ABC):
     summary: ClassVar[str]
     tolerance: ClassVar[Tolerance] = EXACT
 
+    def check_target(self, target: Any) -> None:  # noqa: B027 - optional hook
+        """Raise an FdecError naming the fix when the pass cannot serve `target` at all.
+
+        Called for every pass before any work (before export), so a wrong plan fails fast.
+        """
+
     def requires(self, model: FdecModel, target: Any = None) -> None:  # noqa: B027 - optional hook
-        """Raise an FdecError naming the fix when the pass cannot run on `model` for `target`."""
+        """Raise an FdecError naming the fix when the pass cannot run on `model` for `target`.
+
+        Called just before the pass runs, on the model as the earlier passes left it.
+        """
 
     @abc.abstractmethod
     def call(self, model: FdecModel) -> PassResult:
@@ -196,17 +232,11 @@ class NumericCheckInstrument:
     def after(self, pass_: Pass, result: PassResult, record: PassRecord) -> None:
         figures = self.check(result.model)
         tolerance = pass_.tolerance
-        ok = (
-            figures["max_abs_error"] <= tolerance.max_abs_error
-            and figures["top1_agreement"] >= tolerance.min_top1_agreement
-        )
-        record.checks["numeric"] = {**figures, "tolerance": tolerance.to_dict(), "ok": ok}
-        if not ok:
+        broken = tolerance.judge(figures)
+        record.checks["numeric"] = {**figures, "tolerance": tolerance.to_dict(), "ok": not broken}
+        if broken:
             raise VerificationError(
-                f"pass {pass_.name} moved {figures.get('worst_output', 'the outputs')} beyond its "
-                f"tolerance: max error {figures['max_abs_error']:.3g} "
-                f"(allowed {tolerance.max_abs_error:g}), top-1 agreement "
-                f"{figures['top1_agreement']:.3f} (needs {tolerance.min_top1_agreement:g})",
+                f"pass {pass_.name} moved the outputs beyond its tolerance: {broken}",
                 "drop the pass with --passes, or loosen its options",
             )
 
@@ -239,9 +269,11 @@ class PassManager:
         passes: Sequence[Pass],
         instruments: Sequence[Instrument] = (),
         *,
+        target: Any = None,
         on_pass: Callable[[int, int, Pass], None] | None = None,
     ):
         self.passes = list(passes)
+        self.target = target
         self.instruments = [
             TimingInstrument(),
             CountsInstrument(),
@@ -251,16 +283,17 @@ class PassManager:
             self.instruments.append(StructureCheckInstrument())
         self.on_pass = on_pass
 
-    def check_requirements(self, model: FdecModel, target: Any = None) -> None:
-        """Run every pass's `requires` before any work, so bad plans fail fast."""
+    def check_requirements(self) -> None:
+        """Run every pass's `check_target` before any work, so bad plans fail fast."""
         for pass_ in self.passes:
-            pass_.requires(model, target)
+            pass_.check_target(self.target)
 
     def run(self, model: FdecModel) -> tuple[FdecModel, list[PassRecord]]:
         records: list[PassRecord] = []
         for index, pass_ in enumerate(self.passes, start=1):
             if self.on_pass:
                 self.on_pass(index, len(self.passes), pass_)
+            pass_.requires(model, self.target)
             record = PassRecord(index, pass_.name, pass_.family, _jsonable(pass_.options()))
             # Reversed, so timing (first in the list) starts last and stops first.
             for instrument in reversed(self.instruments):

@@ -16,6 +16,7 @@ from fdec.passes.cleanup import (
     RemoveDeadNodesPass,
     UntieEmbeddingsPass,
 )
+from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
 from fdec.pipeline import Pass
 
 __all__ = ["DEFAULT_PIPELINE", "REGISTRY", "make_pass", "make_pipeline", "parse_pass_list"]
@@ -28,6 +29,8 @@ REGISTRY: dict[str, type[Pass]] = {
         EliminateCommonSubexpressionsPass,
         InferShapesPass,
         UntieEmbeddingsPass,
+        QuantizeInt4Pass,
+        QuantizeInt8Pass,
     )
 }
 

@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from fdec.errors import UsageError
+from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
 from fdec.pipeline import Pass, PassResult, Tolerance
 
@@ -113,8 +113,10 @@ def _find_weight(graph: ir.Graph, name: str) -> _Weight:
     tensor = value.const_value if value is not None else None
     if value is None or tensor is None:
         raise ValueError("not an initializer with data")
-    if tensor.dtype not in _FLOAT_TYPES or len(tensor.shape) != 2:
-        raise ValueError("not a 2-D float32/float16 weight")
+    if tensor.dtype not in _FLOAT_TYPES:
+        raise ValueError("not a float weight")
+    if len(tensor.shape) != 2:
+        raise ValueError("not a 2-D weight")
     if value.is_graph_input() or value.is_graph_output():
         raise ValueError("a graph input or output")
     sites: list[_Site] = []
@@ -178,7 +180,10 @@ def _fresh_name(graph: ir.Graph, wanted: str, taken: set[str]) -> str:
 
 def _add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
     value = ir.Value(
-        name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
+        name=name,
+        shape=ir.Shape(tensor.shape),
+        type=ir.TensorType(tensor.dtype),
+        const_value=tensor,
     )
     graph.register_initializer(value)
     return value
@@ -203,10 +208,6 @@ def _retire(graph: ir.Graph, weight: _Weight) -> None:
     name = weight.value.name
     assert name is not None and not weight.value.uses()
     graph.initializers.pop(name)
-
-
-def _retarget_spec(model: FdecModel, old: str, new: str) -> None:
-    model.spec.rename_weight(old, new)
 
 
 # --- int4 -------------------------------------------------------------------------------------
@@ -266,18 +267,23 @@ def _quantize_int4(array: np.ndarray, block_size: int, symmetric: bool) -> _Int4
 
 
 def _raise_opset(model: FdecModel, version: int) -> bool:
-    """Make the default-domain opset at least `version`; True when it changed."""
+    """Make the default-domain opset at least `version`; True when it changed.
+
+    onnxscript's version converter upgrades every node whose meaning changed on the way (from
+    20 to 21 only GroupNormalization does, and it has an adapter; the rest widen types).
+    """
     current = model.model.opset_imports.get("", 1)
     if current >= version:
         return False
     from onnxscript import version_converter
 
-    # The converter upgrades every node with an adapter where semantics changed (from 20 to
-    # 21 no op this exporter emits changes meaning: 21 widens types, and GroupNormalization
-    # gains an adapter).
     version_converter.convert_version(model.model, target_version=version)
-    if model.model.opset_imports.get("", 1) < version:
-        model.model.opset_imports[""] = version
+    reached = model.model.opset_imports.get("", 1)
+    if reached < version:
+        raise CompileError(
+            f"could not raise the model's opset from {current} to {version} (reached {reached})",
+            "use quantize-int4 with backend=onnxruntime, or report the model",
+        )
     return True
 
 
@@ -303,11 +309,14 @@ class QuantizeInt4Pass(Pass):
     name = "quantize-int4"
     family = "quantize"
     summary = "weight-only 4-bit RTN block quantization of linear weights (MatMulNBits or QDQ)"
-    # int4 RTN is lossy. Measured on the tests' tiny random models (weights scaled ×4 so
-    # logits are wide: |logits| up to ~60): max logit error 0.6–2.9 and top-1 agreement
-    # 0.82–0.95 on 128 held tokens, across block 32/64, sym/asym, llama and gpt2. The bounds
-    # leave room for that spread; quality is gated by perplexity in the pipeline, not here.
-    tolerance = Tolerance(max_abs_error=5.0, min_top1_agreement=0.5)
+    # int4 RTN is lossy, and the max logit error grows with the model's logit range, so these
+    # bounds only catch a broken rewrite (wrong packing, overflow: errors in the hundreds,
+    # top-1 near 0). Measured against PyTorch on 128 held tokens:
+    #   tests' tiny random llama/gpt2: max error 0.47–0.78, top-1 0.62–0.77 (block 32/64/128,
+    #   sym/asym); SmolLM2-135M: max error 12.5 (block 32 sym), 16.9 (asym), 19.4 (block 128),
+    #   top-1 0.51–0.59, perplexity 54.0 → 70.9–77.8.
+    # Quality is gated on perplexity by the pipeline, not here.
+    tolerance = Tolerance(max_abs_error=25.0, min_top1_agreement=0.45)
 
     block_size: int = dataclasses.field(default=32, kw_only=True)
     symmetric: bool = dataclasses.field(default=True, kw_only=True)
@@ -339,6 +348,8 @@ class QuantizeInt4Pass(Pass):
                 "quantize-int4 cannot quantize the lm_head: it is tied to the token embedding",
                 "run untie-embeddings before quantize-int4, or set include_lm_head=False",
             )
+
+    def check_target(self, target: Any) -> None:
         if target is not None and hasattr(target, "require"):
             target.require("int4")
 
@@ -373,7 +384,7 @@ class QuantizeInt4Pass(Pass):
             stats["matmuls_quantized"] += len(weight.sites)
             stats["weights_quantized"] += 1
             _retire(graph, weight)
-            _retarget_spec(model, old_name, new_name)
+            model.spec.rename_weight(old_name, new_name)
         stats["skipped"] = dict(skipped)
         return PassResult(model, modified=True, stats=stats)
 
@@ -505,10 +516,12 @@ class QuantizeInt8Pass(Pass):
     name = "quantize-int8"
     family = "quantize"
     summary = "dynamic int8 (per-channel int8 weights, run-time uint8 activations) for the CPU"
-    # Dynamic int8 is lossy (activations are quantized per tensor). Measured on the tests'
-    # tiny random models: max logit error 0.3–1.1, top-1 agreement 0.91–0.98 (full range
-    # and reduce_range). Bounds leave room; quality is gated by perplexity in the pipeline.
-    tolerance = Tolerance(max_abs_error=5.0, min_top1_agreement=0.5)
+    # Dynamic int8 is lossy (activations are quantized per tensor at run time); as for int4
+    # the bounds only catch a broken rewrite (the AVX2 overflow gave perplexity 6×10⁷).
+    # Measured against PyTorch on 128 held tokens: tests' tiny llama/gpt2: max error
+    # 0.07–0.19, top-1 0.88–0.97 (full range and reduce_range); SmolLM2-135M: max error
+    # 16.1–17.0, top-1 0.56–0.59, perplexity 54.0 → 84.6–86.2 (as DESIGN.md measured).
+    tolerance = Tolerance(max_abs_error=25.0, min_top1_agreement=0.45)
 
     reduce_range: bool | None = dataclasses.field(default=None, kw_only=True)
     include_lm_head: bool = dataclasses.field(default=True, kw_only=True)
@@ -520,6 +533,8 @@ class QuantizeInt8Pass(Pass):
                 "quantize-int8 cannot quantize the lm_head: it is tied to the token embedding",
                 "run untie-embeddings before quantize-int8, or set include_lm_head=False",
             )
+
+    def check_target(self, target: Any) -> None:
         if target is not None and getattr(target, "is_gpu", False):
             raise UsageError(
                 f"quantize-int8 is dynamic int8 for the CPU; {target.name} is a GPU",
@@ -557,7 +572,9 @@ class QuantizeInt8Pass(Pass):
             old_name = weight.value.name
             assert old_name is not None
             codes, scales = _quantize_int8(weight.array, qmax)
-            b = _add_initializer(graph, _fresh_name(graph, f"{old_name}_Q8", taken), ir.tensor(codes))
+            b = _add_initializer(
+                graph, _fresh_name(graph, f"{old_name}_Q8", taken), ir.tensor(codes)
+            )
             w_scale = _add_initializer(
                 graph, _fresh_name(graph, f"{old_name}_scales", taken), ir.tensor(scales)
             )
@@ -568,9 +585,7 @@ class QuantizeInt8Pass(Pass):
                     quantizers[id(site.activation)] = quantizer
                 a_q, a_scale, a_zero = quantizer.outputs
                 prefix = site.node.name or old_name
-                matmul = ir.node(
-                    "MatMulInteger", [a_q, b, a_zero], name=f"{prefix}_MatMulInteger"
-                )
+                matmul = ir.node("MatMulInteger", [a_q, b, a_zero], name=f"{prefix}_MatMulInteger")
                 cast = ir.node(
                     "Cast", [matmul.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{prefix}_Cast"
                 )
@@ -578,14 +593,16 @@ class QuantizeInt8Pass(Pass):
                 output = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{prefix}_Mul")
                 nodes = [matmul, cast, scale, output]
                 if site.bias is not None:
-                    nodes.append(ir.node("Add", [output.outputs[0], site.bias], name=f"{prefix}_bias"))
+                    nodes.append(
+                        ir.node("Add", [output.outputs[0], site.bias], name=f"{prefix}_bias")
+                    )
                 _replace(graph, site, nodes)
             stats["bytes_before"] += weight.value.const_value.nbytes
             stats["bytes_after"] += int(codes.nbytes + scales.nbytes)
             stats["matmuls_quantized"] += len(weight.sites)
             stats["weights_quantized"] += 1
             _retire(graph, weight)
-            _retarget_spec(model, old_name, b.name)
+            model.spec.rename_weight(old_name, b.name)
         stats["activation_quantizers"] = len(quantizers)
         stats["skipped"] = dict(skipped)
         return PassResult(model, modified=stats["weights_quantized"] > 0, stats=stats)

@@ -234,7 +234,7 @@ class WrongResultPass(Pass):
 
 @dataclasses.dataclass
 class RequiringPass(Pass):
-    """Logs each `requires` call; refuses the target "too-small"."""
+    """Logs each `check_target` / `requires` call; refuses the target "too-small"."""
 
     name = "requiring"
     family = "test"
@@ -243,10 +243,13 @@ class RequiringPass(Pass):
     log: list = dataclasses.field(default_factory=list, kw_only=True, repr=False)
     called: list = dataclasses.field(default_factory=list, kw_only=True, repr=False)
 
-    def requires(self, model: FdecModel, target=None) -> None:
-        self.log.append((self, model, target))
+    def check_target(self, target) -> None:
+        self.log.append((self, None, target))
         if target == "too-small":
             raise UsageError("requiring needs a bigger target", "pick another --target")
+
+    def requires(self, model: FdecModel, target=None) -> None:
+        self.log.append((self, model, target))
 
     def call(self, model: FdecModel) -> PassResult:
         self.called.append(model)
@@ -414,7 +417,12 @@ def test_numeric_check_within_tolerance_is_recorded(model, feeds):
         "max_abs_error": 0.0,
         "top1_agreement": 1.0,
         "worst_output": "y",
-        "tolerance": {"max_abs_error": 1e-3, "min_top1_agreement": 1.0},
+        "tolerance": {
+            "max_abs_error": 1e-3,
+            "min_top1_agreement": 1.0,
+            "max_perplexity_increase": None,
+            "greedy_identical": True,
+        },
         "ok": True,
     }
 
@@ -424,8 +432,10 @@ def test_numeric_check_beyond_tolerance_names_the_pass(model, feeds):
     # Relu zeroes the negative logits: far beyond the default 1e-3.
     with pytest.raises(VerificationError) as caught:
         PassManager([NoOpPass(), WrapOutputPass(op_type="Relu")], [check]).run(model)
-    assert caught.value.problem.startswith("pass wrap-output moved y beyond its tolerance")
-    assert "(allowed 0.001)" in caught.value.problem
+    assert caught.value.problem.startswith(
+        "pass wrap-output moved the outputs beyond its tolerance"
+    )
+    assert "y off by" in caught.value.problem and "(limit 0.001)" in caught.value.problem
 
 
 def test_numeric_check_uses_the_pass_tolerance(model, feeds):
@@ -435,11 +445,18 @@ def test_numeric_check_uses_the_pass_tolerance(model, feeds):
     numeric = record.checks["numeric"]
     assert numeric["ok"] is True
     assert 1e-3 < numeric["max_abs_error"] <= 100.0
-    assert numeric["tolerance"] == {"max_abs_error": 100.0, "min_top1_agreement": 1.0}
+    assert numeric["tolerance"] == {
+        "max_abs_error": 100.0,
+        "min_top1_agreement": 1.0,
+        "max_perplexity_increase": None,
+        "greedy_identical": True,
+    }
 
     # Neg keeps |error| within 100 but flips the top-1 token.
     fresh = FdecModel(_ir_model(_MATMUL, {"w": _random(_HIDDEN, _VOCAB, seed=1)}), _spec())
-    with pytest.raises(VerificationError, match=r"top-1 agreement 0\.000 \(needs 1\)"):
+    with pytest.raises(
+        VerificationError, match=r"top-1 tokens agree on 0\.0% of positions \(needs 100%\)"
+    ):
         PassManager([LooseWrapOutputPass(op_type="Neg")], [check]).run(fresh)
 
 
@@ -476,14 +493,14 @@ def test_dumps_are_numbered_valid_onnx(model, feeds, tmp_path):
 # --- requirements -----------------------------------------------------------------------------
 
 
-def test_check_requirements_asks_every_pass(model):
+def test_check_requirements_asks_every_pass_about_the_target(model):
     log: list = []
     first, second = RequiringPass(log=log), RequiringPass(log=log)
-    manager = PassManager([first, second])
+    manager = PassManager([first, second], target="big")
 
-    manager.check_requirements(model, target="big")
+    manager.check_requirements()
 
-    assert log == [(first, model, "big"), (second, model, "big")]
+    assert log == [(first, None, "big"), (second, None, "big")]
     assert first.called == [] and second.called == []  # nothing ran yet
 
 
@@ -491,9 +508,18 @@ def test_check_requirements_fails_before_any_work(model):
     log: list = []
     passes = [RequiringPass(log=log), RequiringPass(log=log)]
     with pytest.raises(UsageError, match="requiring needs a bigger target"):
-        PassManager(passes).check_requirements(model, target="too-small")
+        PassManager(passes, target="too-small").check_requirements()
     assert len(log) == 1
     assert [p.called for p in passes] == [[], []]
+
+
+def test_requires_sees_the_model_earlier_passes_left(model):
+    """A precondition an earlier pass establishes (untie before quantize) is met at run time."""
+    log: list = []
+    first, second = RequiringPass(log=log), RequiringPass(log=log)
+    PassManager([first, second], target="big").run(model)
+    assert [(entry[0], entry[2]) for entry in log] == [(first, "big"), (second, "big")]
+    assert first.called and second.called
 
 
 # --- count_graph ------------------------------------------------------------------------------

@@ -1,0 +1,643 @@
+"""Tests of the quantization passes on tiny exported models (llama, gpt2) and small graphs.
+
+The tiny models are exported once per module, untied and cleaned; each test quantizes a fresh
+copy, checks the structure it left (op types, initializers, the ModelSpec, stats), unpacks the
+quantized weights with numpy following the operator specs, and runs the result with ONNX
+Runtime against the PyTorch reference within the pass's declared tolerance.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import math
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import fdec.passes.quantize as quantize
+from fdec.errors import UsageError
+from fdec.frontend.export import import_model
+from fdec.frontend.source import resolve_source
+from fdec.ir import FdecModel, ModelSpec
+from fdec.passes.cleanup import (
+    EliminateCommonSubexpressionsPass,
+    FoldConstantsPass,
+    RemoveDeadNodesPass,
+    UntieEmbeddingsPass,
+)
+from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
+from fdec.pipeline import Pass, PassManager, PassRecord, StructureCheckInstrument
+from fdec.runtime import session_for_model
+from fdec.verify import Reference
+
+_MS = "com.microsoft"
+_LAYER_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+_GPT2_ROLES = ("qkv", "o", "fc_in", "fc_out")
+
+
+@dataclasses.dataclass
+class _Tiny:
+    """A tiny exported model: as imported (tied), and untied + cleaned, plus its reference."""
+
+    tied_proto: bytes
+    tied_spec: ModelSpec
+    proto: bytes
+    spec: ModelSpec
+    reference: Reference
+
+    def tied(self) -> FdecModel:
+        return _load(self.tied_proto, self.tied_spec)
+
+    def cleaned(self) -> FdecModel:
+        return _load(self.proto, self.spec)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Role → the cleaned model's fp32 weight, as MatMul reads it ([K, N])."""
+        model = self.cleaned()
+        return {
+            role: model.graph.initializers[name].const_value.numpy().copy()
+            for role, name in model.spec.weights.items()
+            if role != "embed"
+        }
+
+
+def _load(data: bytes, spec: ModelSpec) -> FdecModel:
+    return FdecModel(ir.serde.deserialize_model(onnx.load_from_string(data)), copy.deepcopy(spec))
+
+
+def _dump(model: FdecModel) -> bytes:
+    return ir.serde.serialize_model(model.model).SerializeToString()
+
+
+def _export(tiny_models, tmp_path_factory, family: str) -> _Tiny:
+    cache = tmp_path_factory.mktemp(f"cache-{family}")
+    with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse fixture is not up
+        patch.setenv("FDEC_CACHE_DIR", str(cache / "fdec"))
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        imported = import_model(resolve_source(str(tiny_models(family))))
+        model = imported.fdec_model
+        reference = Reference.from_hf(
+            imported.hf_model, "decoder", imported.tokenizer, model.spec.vocab_size
+        )
+        tied_proto, tied_spec = _dump(model), copy.deepcopy(model.spec)
+        cleanup = [
+            UntieEmbeddingsPass(),
+            FoldConstantsPass(),
+            EliminateCommonSubexpressionsPass(),
+            RemoveDeadNodesPass(),
+        ]
+        model, _ = PassManager(cleanup).run(model)
+    return _Tiny(tied_proto, tied_spec, _dump(model), copy.deepcopy(model.spec), reference)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models, tmp_path_factory) -> _Tiny:
+    return _export(tiny_models, tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_models, tmp_path_factory) -> _Tiny:
+    return _export(tiny_models, tmp_path_factory, "gpt2")
+
+
+def _run_pass(pass_: Pass, model: FdecModel) -> tuple[FdecModel, PassRecord]:
+    """Run one pass under the PassManager with the full structure check (ONNX checker too)."""
+    model, (record,) = PassManager([pass_], [StructureCheckInstrument(full=True)]).run(model)
+    assert record.checks["structure"] == {"ok": True, "problems": []}
+    return model, record
+
+
+def _ops(model: FdecModel) -> collections.Counter:
+    return collections.Counter(
+        (node.domain or "", node.op_type)
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
+
+
+def _assert_within_tolerance(model: FdecModel, reference: Reference, pass_: Pass) -> dict:
+    figures = reference.compare(session_for_model(model))
+    tolerance = pass_.tolerance
+    assert figures["max_abs_error"] <= tolerance.max_abs_error, figures
+    assert figures["top1_agreement"] >= tolerance.min_top1_agreement, figures
+    assert figures["max_abs_error"] > 1e-3  # the weights really changed
+    # Weight-only rounding of a random model barely moves its perplexity.
+    ratio = figures["perplexity_build"] / figures["perplexity_source"]
+    assert 0.95 < ratio < 1.05, figures
+    return figures
+
+
+def _quantized_roles(spec: ModelSpec, layer_roles: tuple[str, ...]) -> list[str]:
+    layers = [f"layers.{i}.{role}" for i in range(spec.num_layers) for role in layer_roles]
+    return [*layers, "lm_head"]
+
+
+# --- numpy references of the packed formats ---------------------------------------------------
+
+
+def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    """Low nibble first, along the last axis; keep `count` values."""
+    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    return values[..., :count].astype(np.int32)
+
+
+def _blocks(w_kn: np.ndarray, block: int) -> np.ndarray:
+    """[K, N] → [N, k_blocks, block], zero-padded along K."""
+    k, n = w_kn.shape
+    k_blocks = -(-k // block)
+    padded = np.zeros((k_blocks * block, n), dtype=np.float64)
+    padded[:k] = w_kn
+    return padded.T.reshape(n, k_blocks, block)
+
+
+def _check_rtn(
+    w_kn: np.ndarray,
+    codes: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray,
+    block: int,
+    symmetric: bool,
+) -> None:
+    """codes [N, K] (0..15), scales and zero points [N, k_blocks] are W's 4-bit RTN.
+
+    Symmetric: the scale is (value of largest magnitude, sign kept) / -8, zero point 8.
+    Asymmetric: the range includes zero, scale (max - min) / 15, zero point round(-min/scale).
+    An all-zero block (the pad token's lm_head column) gets scale 0 (asymmetric: zero point 0).
+    Every dequantized value is the RTN of the original: within half a step, except values
+    clipped at the edge of the range (symmetric leaves +8·|scale| out), within one step.
+    """
+    k = w_kn.shape[0]
+    blocks = _blocks(w_kn, block)
+    empty = np.all(blocks == 0, axis=-1)  # [N, k_blocks]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if symmetric:
+            index = np.abs(blocks).argmax(axis=-1)[..., None]
+            want_scales = np.take_along_axis(blocks, index, axis=-1)[..., 0] / -8
+            want_zero = np.full(empty.shape, 8)
+        else:
+            low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+            want_scales = (high - low) / 15
+            want_zero = np.where(empty, 0, np.clip(np.rint(-low / want_scales), 0, 15))
+    np.testing.assert_array_equal(zero_points, want_zero)
+    np.testing.assert_allclose(scales, want_scales, rtol=1e-6)
+    step = np.repeat(scales, block, axis=1)[:, :k].astype(np.float64)  # [N, K]
+    zero = np.repeat(zero_points, block, axis=1)[:, :k]
+    dequantized = (codes - zero) * step
+    original = w_kn.T.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        unclipped = np.where(step != 0, np.rint(original / step), 0) + zero
+    np.testing.assert_array_equal(codes, np.clip(unclipped, 0, 15))
+    error = np.abs(dequantized - original)
+    clipped = (unclipped < 0) | (unclipped > 15)
+    assert np.all(error[~clipped] <= np.abs(step[~clipped]) / 2 * (1 + 1e-5))
+    assert np.all(error <= np.abs(step) * (1 + 1e-5))
+    assert empty.sum() < empty.size / 2  # the check saw real blocks
+
+
+def _check_nbits_weights(
+    model: FdecModel, before: dict[str, np.ndarray], *, block: int, symmetric: bool
+) -> int:
+    """Unpack every MatMulNBits weight and check it against the original; returns bytes."""
+    total = 0
+    for node in model.graph:
+        if node.op_type != "MatMulNBits":
+            continue
+        b, scales = node.inputs[1], node.inputs[2]
+        zero_points = node.inputs[3] if len(node.inputs) > 3 else None
+        (role,) = model.spec.roles_of(b.name)
+        w = before[role]
+        k, n = w.shape
+        k_blocks = -(-k // block)
+        attributes = {name: attr.value for name, attr in node.attributes.items()}
+        assert attributes["K"] == k and attributes["N"] == n
+        assert attributes["bits"] == 4 and attributes["block_size"] == block
+        packed = b.const_value.numpy()
+        assert packed.dtype == np.uint8 and packed.shape == (n, k_blocks, block // 2)
+        scale_array = scales.const_value.numpy()
+        assert scale_array.dtype == np.float32 and scale_array.shape == (n, k_blocks)
+        if symmetric:
+            assert zero_points is None
+            zero = np.full((n, k_blocks), 8)
+        else:
+            zp = zero_points.const_value.numpy()
+            assert zp.dtype == np.uint8 and zp.shape == (n, -(-k_blocks // 2))
+            zero = _unpack_nibbles(zp, k_blocks)
+            total += zp.nbytes
+        codes = _unpack_nibbles(packed.reshape(n, -1), k_blocks * block)  # [N, k_blocks·block]
+        _check_rtn(w, codes[:, :k], scale_array, zero, block, symmetric)
+        total += packed.nbytes + scale_array.nbytes
+    return total
+
+
+def _expected_int4_bytes(
+    before: dict[str, np.ndarray], roles: list[str], block: int, symmetric: bool
+) -> int:
+    total = 0
+    for role in roles:
+        k, n = before[role].shape
+        k_blocks = math.ceil(k / block)
+        total += n * k_blocks * (block // 2 + 4)  # packed codes + float32 scales
+        if not symmetric:
+            total += n * math.ceil(k_blocks / 2)  # zero points, two per byte
+    return total
+
+
+# --- quantize-int4 on llama -------------------------------------------------------------------
+
+
+def test_int4_turns_every_llama_linear_layer_and_the_lm_head_into_matmulnbits(llama):
+    before = llama.weights()
+    roles = _quantized_roles(llama.spec, _LAYER_ROLES)
+    assert len(roles) == 15
+    old_names = {llama.spec.weights[role] for role in roles}
+    pass_ = QuantizeInt4Pass()
+
+    model, record = _run_pass(pass_, llama.cleaned())
+
+    ops = _ops(model)
+    assert ops[(_MS, "MatMulNBits")] == 15
+    assert ops[("", "MatMul")] == 4  # attention scores and context: no weights
+    assert not old_names & set(model.graph.initializers)  # no fp32 copies left
+    assert model.spec_problems() == []
+    for role in roles:
+        value = model.graph.initializers[model.spec.weights[role]]
+        assert value.dtype == ir.DataType.UINT8
+        assert [use.node.op_type for use in value.uses()] == ["MatMulNBits"]
+    assert model.spec.weights["embed"] == llama.spec.weights["embed"]  # Gather stays fp32
+    assert model.model.opset_imports[_MS] == 1
+    bytes_before = sum(before[role].nbytes for role in roles)
+    bytes_after = _expected_int4_bytes(before, roles, 32, True)
+    # 94,208 weights: 4 bytes each before; per block of 32, 16 bytes of codes + a scale after.
+    assert (bytes_before, bytes_after) == (376_832, 58_880)
+    assert record.stats == {
+        "matmuls_quantized": 15,
+        "weights_quantized": 15,
+        "skipped": {},
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+    }
+    assert record.before.bytes - record.after.bytes == bytes_before - bytes_after
+    assert _check_nbits_weights(model, before, block=32, symmetric=True) == bytes_after
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+    again = QuantizeInt4Pass()(model)
+    assert again.modified is False
+    assert again.stats["skipped"] == {"not a float weight": 15}
+
+
+@pytest.mark.parametrize(
+    "block, symmetric", [(64, True), (32, False), (128, True)], ids=["b64", "asym", "b128-padded"]
+)
+def test_int4_variants_pack_correctly_and_verify(llama, block, symmetric):
+    before = llama.weights()
+    roles = _quantized_roles(llama.spec, _LAYER_ROLES)
+    pass_ = QuantizeInt4Pass(block_size=block, symmetric=symmetric)
+
+    model, record = _run_pass(pass_, llama.cleaned())
+
+    assert _ops(model)[(_MS, "MatMulNBits")] == 15
+    expected = _expected_int4_bytes(before, roles, block, symmetric)
+    assert record.stats["bytes_after"] == expected
+    assert _check_nbits_weights(model, before, block=block, symmetric=symmetric) == expected
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            assert len(node.inputs) == (3 if symmetric else 4)
+    assert model.spec_problems() == []
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_int4_tensorrt_backend_uses_standard_blocked_dequantize(llama):
+    before = llama.weights()
+    roles = _quantized_roles(llama.spec, _LAYER_ROLES)
+    pass_ = QuantizeInt4Pass(backend="tensorrt", accuracy_level=0)
+
+    model, record = _run_pass(pass_, llama.cleaned())
+
+    ops = _ops(model)
+    assert all(domain == "" for domain, _ in ops)
+    assert _MS not in model.model.opset_imports
+    assert model.model.opset_imports[""] >= 21
+    assert ops[("", "DequantizeLinear")] == 15
+    assert ops[("", "MatMul")] == 19
+    assert record.stats["opset_raised"] is True
+    assert record.stats["bytes_after"] == _expected_int4_bytes(before, roles, 32, True)
+    assert model.spec_problems() == []
+    for role in roles:
+        weight = model.graph.initializers[model.spec.weights[role]]
+        (use,) = weight.uses()
+        dequantize = use.node
+        assert dequantize.op_type == "DequantizeLinear" and use.idx == 0
+        assert dequantize.attributes["axis"].value == 0
+        assert dequantize.attributes["block_size"].value == 32
+        assert weight.dtype == ir.DataType.INT4
+        k, n = before[role].shape
+        assert weight.shape == ir.Shape([k, n])
+        scales = dequantize.inputs[1].const_value.numpy()
+        assert scales.shape == (k // 32, n)
+        codes = weight.const_value.numpy().astype(np.int32) + 8  # int4 -8..7 → codes 0..15
+        _check_rtn(before[role], codes.T, scales.T, np.full((n, k // 32), 8), 32, True)
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+    # The same quantized values as MatMulNBits: with fp32 compute in both (accuracy_level 0,
+    # no graph optimizations fusing DequantizeLinear into MatMulNBits), the logits agree.
+    nbits, _ = _run_pass(QuantizeInt4Pass(accuracy_level=0), llama.cleaned())
+    ids = llama.reference.ids
+    got = session_for_model(model, optimization="disable")
+    want = session_for_model(nbits, optimization="disable")
+    logits, _ = got.decode(ids, got.empty_past(1), 0)
+    expected, _ = want.decode(ids, want.empty_past(1), 0)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+
+
+def test_int4_tensorrt_backend_asymmetric_stores_uint4_zero_points(llama):
+    pass_ = QuantizeInt4Pass(backend="tensorrt", symmetric=False)
+
+    model, _ = _run_pass(pass_, llama.cleaned())
+
+    dequantizers = [node for node in model.graph if node.op_type == "DequantizeLinear"]
+    assert len(dequantizers) == 15
+    for node in dequantizers:
+        weight, scales, zero_points = node.inputs
+        assert weight.dtype == ir.DataType.UINT4 and zero_points.dtype == ir.DataType.UINT4
+        assert zero_points.shape == scales.shape
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_int4_requires_untied_embeddings(llama):
+    tied = llama.tied()
+    assert tied.spec.tie_word_embeddings
+
+    with pytest.raises(UsageError) as caught:
+        QuantizeInt4Pass().requires(tied)
+    assert "untie-embeddings" in caught.value.fix
+    with pytest.raises(UsageError, match="untie-embeddings"):
+        QuantizeInt8Pass().requires(tied)
+
+    QuantizeInt4Pass(include_lm_head=False).requires(tied)  # no lm_head, nothing to untie
+    QuantizeInt4Pass().requires(llama.cleaned())
+
+
+def test_int4_skips_a_tied_lm_head_when_called_without_requires(llama):
+    model = llama.tied()
+    embed = model.spec.weights["embed"]
+
+    result = QuantizeInt4Pass()(model)
+
+    assert result.stats["matmuls_quantized"] == 14
+    assert result.stats["skipped"] == {"shared with the embedding": 1}
+    assert model.spec.weights["lm_head"] == embed == model.spec.weights["embed"]
+    assert model.graph.initializers[embed].dtype == ir.DataType.FLOAT
+    assert model.spec_problems() == []
+    session_for_model(model)  # still runs
+
+
+def test_int4_can_leave_the_lm_head_alone(llama):
+    model, record = _run_pass(QuantizeInt4Pass(include_lm_head=False), llama.cleaned())
+
+    assert record.stats["matmuls_quantized"] == 14
+    head = model.graph.initializers[model.spec.weights["lm_head"]]
+    assert head.dtype == ir.DataType.FLOAT
+    assert [use.node.op_type for use in head.uses()] == ["MatMul"]
+
+
+def test_int4_options_are_checked_and_keyword_only():
+    with pytest.raises(UsageError, match="block_size 48"):
+        QuantizeInt4Pass(block_size=48)
+    with pytest.raises(UsageError, match="backend 'tvm'"):
+        QuantizeInt4Pass(backend="tvm")
+    with pytest.raises(UsageError, match="accuracy_level 7"):
+        QuantizeInt4Pass(accuracy_level=7)
+    with pytest.raises(TypeError):
+        QuantizeInt4Pass(64)
+    assert QuantizeInt4Pass().options() == {
+        "block_size": 32,
+        "symmetric": True,
+        "accuracy_level": 4,
+        "include_lm_head": True,
+        "backend": "onnxruntime",
+    }
+
+
+# --- gpt2: Conv1D weights ([in, out]) read by Gemm with a bias, fused qkv -----------------------
+
+
+def test_int4_quantizes_gpt2_gemms_with_their_bias(gpt2):
+    before = gpt2.weights()
+    roles = _quantized_roles(gpt2.spec, _GPT2_ROLES)
+    pass_ = QuantizeInt4Pass()
+
+    model, record = _run_pass(pass_, gpt2.cleaned())
+
+    ops = _ops(model)
+    assert ops[(_MS, "MatMulNBits")] == 9
+    assert ops[("", "Gemm")] == 0
+    with_bias = [n for n in model.graph if n.op_type == "MatMulNBits" and len(n.inputs) == 6]
+    assert len(with_bias) == 8  # every layer's Gemm; the lm_head has no bias
+    assert record.stats["bytes_after"] == _expected_int4_bytes(before, roles, 32, True)
+    assert before["layers.0.qkv"].shape == (64, 192)
+    _check_nbits_weights(model, before, block=32, symmetric=True)
+    assert model.spec_problems() == []
+    _assert_within_tolerance(model, gpt2.reference, pass_)
+
+
+def test_int8_quantizes_gpt2(gpt2):
+    pass_ = QuantizeInt8Pass()
+
+    model, record = _run_pass(pass_, gpt2.cleaned())
+
+    assert _ops(model)[("", "MatMulInteger")] == 9
+    assert _ops(model)[("", "Gemm")] == 0
+    assert record.stats["skipped"] == {}
+    assert model.spec_problems() == []
+    _assert_within_tolerance(model, gpt2.reference, pass_)
+
+
+# --- quantize-int8 ----------------------------------------------------------------------------
+
+_FLAGS_AVX2 = "flags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma bmi2"
+
+
+@pytest.mark.parametrize(
+    "text, has",
+    [
+        (_FLAGS_AVX2, False),
+        (_FLAGS_AVX2 + " avx512f avx512bw avx512_vnni", True),
+        (_FLAGS_AVX2 + " avx_vnni", True),
+        (_FLAGS_AVX2 + " avx512_vnnix avx512_vbmi", False),  # whole flags only
+        ("processor : 0\nflags : fpu avx2 AVX512_VNNI\n", True),
+        ("", False),
+    ],
+)
+def test_cpu_has_vnni_reads_flag_text(text, has):
+    assert quantize._cpu_has_vnni(text) is has
+
+
+@pytest.mark.parametrize(
+    "flags, reduced", [(_FLAGS_AVX2, True), (_FLAGS_AVX2 + " avx_vnni", False)]
+)
+def test_int8_on_llama_replaces_every_linear_layer(llama, monkeypatch, flags, reduced):
+    monkeypatch.setattr(quantize, "_host_cpu_flags", lambda: flags)
+    before = llama.weights()
+    roles = _quantized_roles(llama.spec, _LAYER_ROLES)
+    pass_ = QuantizeInt8Pass()
+
+    model, record = _run_pass(pass_, llama.cleaned())
+
+    ops = _ops(model)
+    assert ops[("", "MatMulInteger")] == 15
+    assert ops[("", "MatMul")] == 4
+    # One activation quantizer per distinct input: q/k/v share one, gate/up share one.
+    assert ops[("", "DynamicQuantizeLinear")] == 2 * 4 + 1
+    assert model.spec_problems() == []
+    qmax = 63 if reduced else 127
+    for role in roles:
+        weight = model.graph.initializers[model.spec.weights[role]]
+        codes = weight.const_value.numpy()
+        assert codes.dtype == np.int8 and codes.shape == before[role].shape
+        # Per output channel: the largest weight of each column maps to ±qmax (an all-zero
+        # column, the pad token's in the lm_head, stays 0).
+        peak = np.where(np.abs(before[role]).max(axis=0) > 0, qmax, 0)
+        np.testing.assert_array_equal(np.abs(codes.astype(np.int32)).max(axis=0), peak)
+        (use,) = weight.uses()
+        assert use.node.op_type == "MatMulInteger" and use.idx == 1
+    elements = sum(before[role].size for role in roles)
+    columns = sum(before[role].shape[1] for role in roles)
+    assert record.stats["bytes_before"] == 4 * elements
+    assert record.stats["bytes_after"] == elements + 4 * columns
+    assert record.stats["reduce_range"] is reduced
+    assert record.stats["reduce_range_reason"].startswith("auto")
+    assert ("no VNNI" in record.stats["reduce_range_reason"]) is reduced
+    assert record.stats["matmuls_quantized"] == 15
+    assert record.stats["activation_quantizers"] == 9
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_int8_reduce_range_option_wins_over_the_cpu(llama, monkeypatch):
+    monkeypatch.setattr(quantize, "_host_cpu_flags", lambda: _FLAGS_AVX2)
+
+    model, record = _run_pass(QuantizeInt8Pass(reduce_range=False), llama.cleaned())
+
+    assert record.stats["reduce_range"] is False
+    assert record.stats["reduce_range_reason"] == "option"
+    head = model.graph.initializers[model.spec.weights["lm_head"]].const_value.numpy()
+    assert np.abs(head.astype(np.int32)).max() == 127
+
+
+def test_int8_refuses_gpu_targets(llama):
+    from fdec.targets import load_target
+
+    with pytest.raises(UsageError, match="h100 is a GPU"):
+        QuantizeInt8Pass().check_target(load_target("h100"))
+    QuantizeInt8Pass().check_target(load_target("cpu"))
+    QuantizeInt4Pass().check_target(load_target("h100"))
+
+
+# --- small graphs: weights read through Transpose or Gemm(transB=1), and skips -----------------
+
+_TRANSPOSED = """
+<ir_version: 10, opset_import: ["" : 20]>
+g (float[2, 64] x) => (float[2, 16] y, float[2, 16] z, float[2, 16] r) {
+    wt = Transpose <perm = [1, 0]> (w)
+    y = MatMul (x, wt)
+    z = Gemm <transB = 1> (x, v, bias)
+    s = Add (x, u)
+    r = MatMul (s, u2)
+}
+"""
+
+
+def _small_model() -> tuple[FdecModel, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w": rng.standard_normal((16, 64)).astype(np.float32),  # [N, K] (torch Linear layout)
+        "v": rng.standard_normal((16, 64)).astype(np.float32),
+        "bias": rng.standard_normal(16).astype(np.float32),
+        "u": rng.standard_normal((2, 64)).astype(np.float32),
+        "u2": rng.standard_normal((64, 16)).astype(np.float32),
+    }
+    proto = onnx.parser.parse_model(_TRANSPOSED)
+    for name, array in arrays.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    onnx.checker.check_model(proto)
+    spec = ModelSpec(
+        family="llama",
+        architecture="LlamaForCausalLM",
+        kind="decoder",
+        num_layers=1,
+        num_heads=1,
+        num_kv_heads=1,
+        head_dim=64,
+        hidden_size=64,
+        intermediate_size=16,
+        vocab_size=16,
+        max_positions=16,
+        tie_word_embeddings=False,
+        # u is read by Add: not a linear layer's weight, so it is skipped with a reason.
+        weights={"layers.0.q": "w", "layers.0.k": "v", "layers.0.v": "u", "layers.0.o": "u2"},
+        inputs=["x"],
+        outputs=["y", "z", "r"],
+    )
+    return FdecModel(ir.serde.deserialize_model(proto), spec), arrays
+
+
+def _run_small(model: FdecModel, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    data = ir.serde.serialize_model(model.model).SerializeToString()
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_int4_follows_weights_through_transpose_and_gemm_trans_b(backend):
+    model, arrays = _small_model()
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}
+    before = _run_small(model, feeds)
+
+    model, record = _run_pass(QuantizeInt4Pass(backend=backend), model)
+
+    assert record.stats["matmuls_quantized"] == 3
+    assert record.stats["skipped"] == {"read by Add (input 1)": 1}
+    assert _ops(model)[("", "Transpose")] == 0
+    assert {"w", "v", "u2"}.isdisjoint(model.graph.initializers)
+    assert "u" in model.graph.initializers
+    assert model.spec_problems() == []
+    assert [v.name for v in model.graph.outputs] == ["y", "z", "r"]
+    after = _run_small(model, feeds)
+    for want, got in zip(before, after):
+        # 4-bit weights: an error of about step·sqrt(K/12) ≈ 0.7 per output here.
+        assert np.abs(got - want).max() < 4.0
+        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
+    if backend == "onnxruntime":
+        node = model.graph.initializers[model.spec.weights["layers.0.q"]].uses()[0].node
+        codes = _unpack_nibbles(node.inputs[1].const_value.numpy().reshape(16, -1), 64)
+        scales = node.inputs[2].const_value.numpy()
+        _check_rtn(arrays["w"].T, codes[:, :64], scales, np.full((16, 2), 8), 32, True)
+
+
+def test_int8_follows_weights_through_transpose_and_gemm_trans_b():
+    model, _ = _small_model()
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}
+    before = _run_small(model, feeds)
+
+    model, record = _run_pass(QuantizeInt8Pass(reduce_range=True), model)
+
+    assert record.stats["matmuls_quantized"] == 3
+    assert record.stats["activation_quantizers"] == 2  # x (shared by y and z) and s
+    assert record.stats["skipped"] == {"read by Add (input 1)": 1}
+    for want, got in zip(before, _run_small(model, feeds)):
+        assert np.abs(got - want).max() < 0.5
+    assert model.spec_problems() == []
+
+
+def test_int4_int4_tensors_round_trip_through_onnx():
+    """onnx-ir packs INT4 initializers two per byte, low nibble first, like ONNX."""
+    values = np.array([[-8, 7, 1], [0, -1, 3]], dtype=np.int8)
+    tensor = ir.Tensor(values.astype(ml_dtypes.int4), dtype=ir.DataType.INT4)
+    proto = ir.serde.serialize_tensor(tensor)
+    assert tensor.nbytes == 3 and len(proto.raw_data) == 3
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(proto).astype(np.int8), values)

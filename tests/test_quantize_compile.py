@@ -1,0 +1,125 @@
+"""`fdec compile --quantize`: the precision guard before any work, and verified lossy builds."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from fdec.cli import cli
+from fdec.lower.tensorrt_rtx import available as rtx_available
+from fdec.pipeline import Tolerance
+
+
+def _ops(path):
+    model = onnx.load(str(path), load_external_data=False)
+    return [(n.domain, n.op_type) for n in model.graph.node]
+
+
+def test_fp8_on_a100_fails_before_any_work(tiny_models, tmp_path, cli_runner):
+    out = tmp_path / "b"
+    result = cli_runner.invoke(
+        cli,
+        [
+            "compile",
+            str(tiny_models("llama")),
+            "--target",
+            "a100",
+            "--quantize",
+            "fp8",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 2
+    assert (
+        result.stderr.strip()
+        == "error: FP8 needs compute capability ≥ 8.9; a100 is 8.0; use int8 or int4"
+    )
+    assert not out.exists()
+
+
+def test_unknown_precision_and_method_are_usage_errors(tiny_models, tmp_path, cli_runner):
+    for value, words in (("fp9", "fp8"), ("int4-gptq", "methods for int4: rtn")):
+        result = cli_runner.invoke(
+            cli,
+            ["compile", str(tiny_models("llama")), "--quantize", value, "-o", str(tmp_path / "b")],
+        )
+        assert result.exit_code == 2, result.stderr
+        assert words in result.stderr
+        assert "[fdec" not in result.stderr  # refused before loading anything
+
+
+def test_int4_build_is_matmulnbits_smaller_and_verified(tiny_models, tmp_path, cli_runner):
+    fp32, int4 = tmp_path / "fp32", tmp_path / "int4"
+    model = tiny_models("llama")
+    assert cli_runner.invoke(cli, ["compile", str(model), "-o", str(fp32), "-q"]).exit_code == 0
+    result = cli_runner.invoke(
+        cli, ["compile", str(model), "-o", str(int4), "--quantize", "int4", "--json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    ops = _ops(int4 / "model.onnx")
+    assert ops.count(("com.microsoft", "MatMulNBits")) == 15  # 14 layer matmuls + lm_head
+    report = json.loads((int4 / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]][-2:] == ["untie-embeddings", "quantize-int4"]
+    verification = report["verification"]
+    assert verification["ok"] is True
+    assert verification["tolerance"]["greedy_identical"] is False
+    assert verification["tolerance"]["max_perplexity_increase"] == 1.0
+    numeric = verification["numeric"]
+    assert numeric["perplexity_build"] <= 2.0 * numeric["perplexity_source"]
+    stats = report["passes"][-1]["stats"]
+    assert stats["bytes_after"] * 6 < stats["bytes_before"]  # 4-bit codes + one scale per 32
+    size = lambda d: sum(p.stat().st_size for p in d.glob("model.onnx*"))  # noqa: E731
+    assert size(int4) < size(fp32) - (stats["bytes_before"] - stats["bytes_after"]) // 2
+    ran = cli_runner.invoke(cli, ["run", str(int4), "-p", "Ships", "-n", "8", "--json"])
+    assert ran.exit_code == 0 and json.loads(ran.stdout)["new_tokens"] >= 1
+
+
+def test_int8_is_cpu_only(tiny_models, tmp_path, cli_runner):
+    result = cli_runner.invoke(
+        cli,
+        [
+            "compile",
+            str(tiny_models("gpt2")),
+            "--target",
+            "l4",
+            "--quantize",
+            "int8",
+            "-o",
+            str(tmp_path / "b"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "quantize-int8 is dynamic int8 for the CPU; l4 is a GPU" in result.stderr
+    out = tmp_path / "cpu"
+    ok = cli_runner.invoke(
+        cli, ["compile", str(tiny_models("gpt2")), "--quantize", "int8", "-o", str(out), "-q"]
+    )
+    assert ok.exit_code == 0, ok.stderr
+    assert ("", "MatMulInteger") in _ops(out / "model.onnx")
+
+
+@pytest.mark.skipif(rtx_available() is not None, reason=str(rtx_available()))
+def test_int4_for_rtx_uses_standard_ops_and_builds_an_engine(tiny_models, tmp_path, cli_runner):
+    out = tmp_path / "rtx"
+    result = cli_runner.invoke(cli, [
+        "compile", str(tiny_models("llama")), "--target", "rtx4090", "--quantize", "int4",
+        "--max-seq-len", "256", "-o", str(out), "--json",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    ops = _ops(out / "model.onnx")
+    assert not any(domain == "com.microsoft" for domain, _ in ops)
+    assert ops.count(("", "DequantizeLinear")) >= 15
+    report = json.loads((out / "report.json").read_text())
+    assert report["engines"][0]["status"] == "built"
+
+
+def test_tolerance_judges_perplexity_growth():
+    gate = Tolerance(max_abs_error=10, min_top1_agreement=0.5, max_perplexity_increase=0.2)
+    figures = {"max_abs_error": 1.0, "top1_agreement": 0.9, "perplexity_source": 10.0}
+    assert gate.judge({**figures, "perplexity_build": 11.9}) is None
+    broken = gate.judge({**figures, "perplexity_build": 12.5})
+    assert broken == "perplexity grew 25.0% (10.00 → 12.50; limit 20%)"
+    assert "top-1" in gate.judge({**figures, "top1_agreement": 0.4, "perplexity_build": 10.0})
