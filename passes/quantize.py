@@ -287,6 +287,25 @@ def _raise_opset(model: FdecModel, version: int) -> bool:
     return True
 
 
+def _empty_stats() -> dict[str, Any]:
+    return {
+        "matmuls_quantized": 0,
+        "weights_quantized": 0,
+        "skipped": {},
+        "bytes_before": 0,
+        "bytes_after": 0,
+    }
+
+
+def _require_untied(pass_name: str, model: FdecModel, include_lm_head: bool) -> None:
+    spec = model.spec
+    if include_lm_head and spec.tie_word_embeddings and "lm_head" in spec.weights:
+        raise UsageError(
+            f"{pass_name} cannot quantize the lm_head: it is tied to the token embedding",
+            f"run untie-embeddings before {pass_name}, or set include_lm_head=False",
+        )
+
+
 @dataclasses.dataclass
 class QuantizeInt4Pass(Pass):
     """Weight-only 4-bit round-to-nearest quantization of the linear layers' weights.
@@ -342,12 +361,7 @@ class QuantizeInt4Pass(Pass):
             )
 
     def requires(self, model: FdecModel, target: Any = None) -> None:
-        spec = model.spec
-        if self.include_lm_head and spec.tie_word_embeddings and "lm_head" in spec.weights:
-            raise UsageError(
-                "quantize-int4 cannot quantize the lm_head: it is tied to the token embedding",
-                "run untie-embeddings before quantize-int4, or set include_lm_head=False",
-            )
+        _require_untied(self.name, model, self.include_lm_head)
 
     def check_target(self, target: Any) -> None:
         if target is not None and hasattr(target, "require"):
@@ -357,13 +371,7 @@ class QuantizeInt4Pass(Pass):
         graph = model.graph
         weights, skipped = _collect(model, self.include_lm_head)
         taken: set[str] = set()
-        stats: dict[str, Any] = {
-            "matmuls_quantized": 0,
-            "weights_quantized": 0,
-            "skipped": {},
-            "bytes_before": 0,
-            "bytes_after": 0,
-        }
+        stats = _empty_stats()
         if not weights:
             stats["skipped"] = dict(skipped)
             return PassResult(model, modified=False, stats=stats)
@@ -527,12 +535,7 @@ class QuantizeInt8Pass(Pass):
     include_lm_head: bool = dataclasses.field(default=True, kw_only=True)
 
     def requires(self, model: FdecModel, target: Any = None) -> None:
-        spec = model.spec
-        if self.include_lm_head and spec.tie_word_embeddings and "lm_head" in spec.weights:
-            raise UsageError(
-                "quantize-int8 cannot quantize the lm_head: it is tied to the token embedding",
-                "run untie-embeddings before quantize-int8, or set include_lm_head=False",
-            )
+        _require_untied(self.name, model, self.include_lm_head)
 
     def check_target(self, target: Any) -> None:
         if target is not None and getattr(target, "is_gpu", False):
@@ -553,12 +556,8 @@ class QuantizeInt8Pass(Pass):
         reduce_range, reason = self._choose_reduce_range()
         qmax = 63 if reduce_range else 127
         weights, skipped = _collect(model, self.include_lm_head)
-        stats: dict[str, Any] = {
-            "matmuls_quantized": 0,
-            "weights_quantized": 0,
-            "skipped": {},
-            "bytes_before": 0,
-            "bytes_after": 0,
+        stats = {
+            **_empty_stats(),
             "activation_quantizers": 0,
             "reduce_range": reduce_range,
             "reduce_range_reason": reason,

@@ -18,6 +18,9 @@ import onnx.numpy_helper
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from graphs import ir_model as _ir_model
+from graphs import random_array as _random
+from graphs import tiny_spec
 
 from fdec.errors import CompileError, UsageError, VerificationError
 from fdec.ir import FdecModel, GraphCounts, ModelSpec, count_graph
@@ -34,46 +37,18 @@ from fdec.pipeline import (
 
 _HIDDEN, _VOCAB = 4, 80  # the weight is 1280 bytes, so dumps put it in external data
 
+
+def _spec(**overrides) -> ModelSpec:
+    fields = {"hidden_size": _HIDDEN, "vocab_size": _VOCAB, "weights": {"lm_head": "w"}}
+    return tiny_spec(**{**fields, **overrides})
+
+
 _MATMUL = f"""
 <ir_version: 10, opset_import: ["" : 21]>
 g (float[2, {_HIDDEN}] x) => (float[2, {_VOCAB}] y) {{
     y = MatMul (x, w)
 }}
 """
-
-
-def _random(*shape: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def _spec(**overrides) -> ModelSpec:
-    fields = dict(
-        family="llama",
-        architecture="LlamaForCausalLM",
-        kind="decoder",
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=2,
-        hidden_size=_HIDDEN,
-        intermediate_size=8,
-        vocab_size=_VOCAB,
-        max_positions=16,
-        tie_word_embeddings=False,
-        weights={"lm_head": "w"},
-        inputs=["x"],
-        outputs=["y"],
-    )
-    fields.update(overrides)
-    return ModelSpec(**fields)
-
-
-def _ir_model(text: str, initializers: dict[str, np.ndarray]) -> ir.Model:
-    proto = onnx.parser.parse_model(text)
-    for name, array in initializers.items():
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
-    onnx.checker.check_model(proto)
-    return ir.serde.deserialize_model(proto)
 
 
 @pytest.fixture

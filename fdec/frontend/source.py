@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import logging
@@ -15,6 +14,7 @@ import struct
 import tempfile
 from collections.abc import Callable
 
+from fdec.build import sha256_file
 from fdec.errors import InputError
 from fdec.frontend.families import Family, family_for_config
 
@@ -163,14 +163,6 @@ def _check_folder(
     return ModelSource(given, kind, folder, family, config, weights, pickle_weights)
 
 
-def _file_digest(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _gguf_to_folder(
     gguf: pathlib.Path, cache_dir: pathlib.Path, progress: Callable[[str], None]
 ) -> pathlib.Path:
@@ -180,7 +172,7 @@ def _gguf_to_folder(
     is cached by the file's content hash. transformers refuses `save_pretrained` on a
     GGUF-loaded model, so the state dict is saved with safetensors and the config is cleaned.
     """
-    target = cache_dir / "gguf" / _file_digest(gguf)[:24]
+    target = cache_dir / "gguf" / sha256_file(gguf)[:24]
     if (target / "config.json").exists() and list(target.glob("*.safetensors")):
         return target
     try:

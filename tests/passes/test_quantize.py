@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
+from graphs import ir_model, run_ort, tiny_spec
 
 import fdec.passes.quantize as quantize
 from fdec.errors import UsageError
@@ -562,41 +562,24 @@ def _small_model() -> tuple[FdecModel, dict[str, np.ndarray]]:
         "u": rng.standard_normal((2, 64)).astype(np.float32),
         "u2": rng.standard_normal((64, 16)).astype(np.float32),
     }
-    proto = onnx.parser.parse_model(_TRANSPOSED)
-    for name, array in arrays.items():
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
-    onnx.checker.check_model(proto)
-    spec = ModelSpec(
-        family="llama",
-        architecture="LlamaForCausalLM",
-        kind="decoder",
-        num_layers=1,
+    spec = tiny_spec(
         num_heads=1,
-        num_kv_heads=1,
         head_dim=64,
         hidden_size=64,
         intermediate_size=16,
         vocab_size=16,
-        max_positions=16,
-        tie_word_embeddings=False,
         # u is read by Add: not a linear layer's weight, so it is skipped with a reason.
         weights={"layers.0.q": "w", "layers.0.k": "v", "layers.0.v": "u", "layers.0.o": "u2"},
-        inputs=["x"],
         outputs=["y", "z", "r"],
     )
-    return FdecModel(ir.serde.deserialize_model(proto), spec), arrays
-
-
-def _run_small(model: FdecModel, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    data = ir.serde.serialize_model(model.model).SerializeToString()
-    return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feeds)
+    return FdecModel(ir_model(_TRANSPOSED, arrays), spec), arrays
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
 def test_int4_follows_weights_through_transpose_and_gemm_trans_b(backend):
     model, arrays = _small_model()
     feeds = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}
-    before = _run_small(model, feeds)
+    before = run_ort(model.model, feeds)
 
     model, record = _run_pass(QuantizeInt4Pass(backend=backend), model)
 
@@ -607,7 +590,7 @@ def test_int4_follows_weights_through_transpose_and_gemm_trans_b(backend):
     assert "u" in model.graph.initializers
     assert model.spec_problems() == []
     assert [v.name for v in model.graph.outputs] == ["y", "z", "r"]
-    after = _run_small(model, feeds)
+    after = run_ort(model.model, feeds)
     for want, got in zip(before, after):
         # 4-bit weights: an error of about step·sqrt(K/12) ≈ 0.7 per output here.
         assert np.abs(got - want).max() < 4.0
@@ -622,14 +605,14 @@ def test_int4_follows_weights_through_transpose_and_gemm_trans_b(backend):
 def test_int8_follows_weights_through_transpose_and_gemm_trans_b():
     model, _ = _small_model()
     feeds = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}
-    before = _run_small(model, feeds)
+    before = run_ort(model.model, feeds)
 
     model, record = _run_pass(QuantizeInt8Pass(reduce_range=True), model)
 
     assert record.stats["matmuls_quantized"] == 3
     assert record.stats["activation_quantizers"] == 2  # x (shared by y and z) and s
     assert record.stats["skipped"] == {"read by Add (input 1)": 1}
-    for want, got in zip(before, _run_small(model, feeds)):
+    for want, got in zip(before, run_ort(model.model, feeds)):
         assert np.abs(got - want).max() < 0.5
     assert model.spec_problems() == []
 
