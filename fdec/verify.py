@@ -136,6 +136,9 @@ def _torch_greedy(hf_model: Any, prompt: np.ndarray, steps: int) -> tuple[list[i
     """Greedy tokens and the top-1/top-2 logit margin of each step, with the HF KV cache."""
     import torch
 
+    from fdec.frontend.export import cache_argument, output_cache
+
+    cache_kw = cache_argument(hf_model)
     ids = torch.from_numpy(prompt)
     out = hf_model(input_ids=ids, use_cache=True)
     tokens: list[int] = []
@@ -147,6 +150,6 @@ def _torch_greedy(hf_model: Any, prompt: np.ndarray, steps: int) -> tuple[list[i
         tokens.append(token)
         margins.append(float(top[0] - top[1]))
         out = hf_model(
-            input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
+            input_ids=torch.tensor([[token]]), use_cache=True, **{cache_kw: output_cache(out)}
         )
     return tokens, margins

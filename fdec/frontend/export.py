@@ -16,7 +16,15 @@ from fdec.frontend.families import build_spec
 from fdec.frontend.source import ModelSource
 from fdec.ir import FdecModel
 
-__all__ = ["ImportedModel", "export_model", "import_model", "load_hf_model", "load_tokenizer"]
+__all__ = [
+    "ImportedModel",
+    "cache_argument",
+    "export_model",
+    "import_model",
+    "load_hf_model",
+    "load_tokenizer",
+    "output_cache",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +102,19 @@ def load_tokenizer(folder: Any) -> Any | None:
         return None
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword a model's forward takes its KV cache by: `cache` from transformers 5.24,
+    `past_key_values` before (deprecated there, removed in 5.40)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either name."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 def _parameter_aliases(model: Any) -> dict[str, list[str]]:
     """Each parameter name with every other name sharing its storage (tied weights)."""
     by_id: dict[int, list[str]] = {}
@@ -107,6 +128,7 @@ def _decoder_wrapper(model: Any) -> Any:
     from transformers.cache_utils import DynamicCache
 
     num_layers = model.config.num_hidden_layers
+    cache_kw = cache_argument(model)
 
     class DecoderWithCache(torch.nn.Module):
         """Flat tensors in and out, so the ONNX graph has one input per KV-cache tensor."""
@@ -123,11 +145,11 @@ def _decoder_wrapper(model: Any) -> Any:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_kw: cache},
             )
             present = []
-            for layer in out.past_key_values.layers:
+            for layer in output_cache(out).layers:
                 present += [layer.keys, layer.values]
             return (out.logits, *present)
 

@@ -1,0 +1,409 @@
+"""Calibration for static quantization: a built-in text corpus, token batches, and activation statistics.
+
+Static quantization fixes each activation's range ahead of time, so it needs to see the model
+run on representative input. This module provides the three steps:
+
+1. `load_calibration_texts` — the built-in corpus (fdec/data/calib: prose, chat dialogue, code,
+   numbers) or the user's own `.txt` (paragraphs split on blank lines) or `.jsonl` (one
+   object with a "text" field per line).
+2. `calibration_batches` — the texts tokenized into `[1, seq_len]` int64 id arrays (fixed
+   pseudo-random ids when there is no tokenizer, as fdec.verify does for held text).
+3. `collect_activation_stats` — runs ONNX Runtime over the batches with the named
+   intermediate values exposed as extra outputs of a copy of the model, and accumulates
+   their absmax, per-channel absmax and 99.9th percentile, batch by batch.
+
+`matmul_activation_inputs` names the activation each linear weight (a ModelSpec role) is
+multiplied with, i.e. the tensors worth calibrating.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import logging
+import pathlib
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from fdec.errors import CompileError, InputError
+from fdec.ir import FdecModel
+
+__all__ = [
+    "CORPUS_DOMAINS",
+    "ActivationStats",
+    "calibration_batches",
+    "capture_activations",
+    "collect_activation_stats",
+    "load_calibration_texts",
+    "matmul_activation_inputs",
+]
+
+logger = logging.getLogger(__name__)
+
+# The built-in corpus: one file per domain under fdec/data/calib, read in this order.
+CORPUS_DOMAINS = ("prose", "dialogue", "code", "numbers")
+_SUFFIXES = (".txt", ".jsonl")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_SYNTHETIC_SEED = 4321  # not verify.py's 1234: calibration and held ids differ
+_PERCENTILE = 99.9
+_NP_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+# --- texts ------------------------------------------------------------------------------------
+
+
+def _corpus_folder() -> Any:
+    return importlib.resources.files("fdec").joinpath("data/calib")
+
+
+def _paragraphs(text: str) -> list[str]:
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return [part.strip("\n") for part in _PARAGRAPH_BREAK.split(text) if part.strip()]
+
+
+def load_calibration_texts(path: pathlib.Path | None = None) -> list[str]:
+    """Calibration texts: the built-in corpus (None) or a `.txt` / `.jsonl` file.
+
+    `.txt`: paragraphs separated by blank lines. `.jsonl`: one JSON object per line with a
+    string "text" field (blank lines are skipped). Raises InputError for a missing, empty,
+    binary or malformed file.
+    """
+    if path is None:
+        folder = _corpus_folder()
+        texts: list[str] = []
+        for domain in CORPUS_DOMAINS:
+            texts.extend(_paragraphs(folder.joinpath(f"{domain}.txt").read_text(encoding="utf-8")))
+        return texts
+    path = pathlib.Path(path)
+    label = str(path)
+    fix = "give a UTF-8 .txt file (paragraphs split by blank lines) or a .jsonl file with a 'text' field per line"
+    if path.suffix.lower() not in _SUFFIXES:
+        raise InputError(f"calibration file {label} is not .txt or .jsonl", fix)
+    try:
+        if path.is_dir():
+            raise InputError(f"calibration path {label} is a folder", fix)
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"calibration file {label} does not exist", "check the path") from None
+    except OSError as err:
+        raise InputError(
+            f"cannot read calibration file {label}: {err.strerror or err}",
+            "check the path and its permissions",
+        ) from None
+    if b"\0" in raw:
+        raise InputError(f"calibration file {label} is binary (it has NUL bytes)", fix)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"calibration file {label} is not UTF-8 text (bad byte at offset {err.start})", fix
+        ) from None
+    texts = _jsonl_texts(text, label) if path.suffix.lower() == ".jsonl" else _paragraphs(text)
+    if not texts:
+        raise InputError(f"calibration file {label} has no text", fix)
+    return texts
+
+
+def _jsonl_texts(text: str, label: str) -> list[str]:
+    fix = 'write one JSON object per line, such as {"text": "..."}'
+    texts: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{label}, line {number}: not JSON ({err.msg})", fix) from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InputError(f"{label}, line {number}: no string field 'text'", fix)
+        if record["text"].strip():
+            texts.append(record["text"])
+    return texts
+
+
+def calibration_batches(
+    texts: Sequence[str],
+    tokenizer: Any,
+    vocab_size: int,
+    *,
+    seq_len: int = 128,
+    max_samples: int = 16,
+) -> list[np.ndarray]:
+    """Token id batches (int64 [1, seq_len]) for calibration.
+
+    The texts are tokenized as one stream (joined by blank lines, ids ≥ `vocab_size`
+    dropped) and cut into `seq_len` pieces; when there are more than `max_samples`, evenly
+    spaced pieces are kept, so every part of the corpus (every domain of the built-in one) is
+    seen. A stream shorter than `seq_len` gives one shorter batch. Without a tokenizer (or
+    with too little text), fixed pseudo-random ids are used.
+    """
+    if seq_len < 1 or max_samples < 1:
+        raise InputError(
+            f"calibration needs seq_len ≥ 1 and max_samples ≥ 1 (got {seq_len}, {max_samples})",
+            "use positive values",
+        )
+    if tokenizer is not None and texts:
+        ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+        ids = np.asarray([i for i in ids if i < vocab_size], dtype=np.int64)
+        pieces = len(ids) // seq_len
+        if pieces:
+            chosen = np.unique(np.linspace(0, pieces - 1, num=min(pieces, max_samples)).round())
+            return [ids[int(k) * seq_len : (int(k) + 1) * seq_len][None, :] for k in chosen]
+        if len(ids) >= 8:
+            return [ids[None, :]]
+    rng = np.random.default_rng(_SYNTHETIC_SEED)
+    return [rng.integers(0, vocab_size, size=(1, seq_len), dtype=np.int64) for _ in range(max_samples)]
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ActivationStats:
+    """What calibration saw of one tensor.
+
+    `absmax`: the largest |x|. `channel_absmax`: the largest |x| per index of the last axis
+    (SmoothQuant's per-input-channel range). `percentile_99_9`: the 99.9th percentile of |x|,
+    per batch, averaged over batches weighted by their size (a range that ignores rare
+    outliers). `count`: how many vectors along the last axis were seen (tokens, for a
+    [batch, seq, hidden] activation).
+    """
+
+    absmax: float
+    channel_absmax: np.ndarray
+    percentile_99_9: float
+    count: int
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> ActivationStats:
+        """Statistics of one array (at least one element)."""
+        magnitude = np.abs(np.asarray(array, dtype=np.float32))
+        flat = magnitude.reshape(-1, magnitude.shape[-1]) if magnitude.ndim else magnitude[None, None]
+        return cls(
+            absmax=float(flat.max()),
+            channel_absmax=flat.max(axis=0),
+            percentile_99_9=float(np.percentile(flat, _PERCENTILE)),
+            count=int(flat.shape[0]),
+        )
+
+    def update(self, array: np.ndarray) -> None:
+        """Merge the statistics of another batch of the same tensor."""
+        other = ActivationStats.of(array)
+        if other.channel_absmax.shape != self.channel_absmax.shape:
+            raise CompileError(
+                f"calibration saw {other.channel_absmax.shape[0]} channels where it saw "
+                f"{self.channel_absmax.shape[0]} before",
+                "calibrate with batches of one shape per tensor's last axis",
+            )
+        total = self.count + other.count
+        self.percentile_99_9 = (
+            self.percentile_99_9 * self.count + other.percentile_99_9 * other.count
+        ) / total
+        self.absmax = max(self.absmax, other.absmax)
+        self.channel_absmax = np.maximum(self.channel_absmax, other.channel_absmax)
+        self.count = total
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly summary (the per-channel array as its size and largest entry)."""
+        return {
+            "absmax": self.absmax,
+            "percentile_99_9": self.percentile_99_9,
+            "channels": int(self.channel_absmax.size),
+            "count": self.count,
+        }
+
+
+class _Runner:
+    """An ORT session over a copy of `model` with `names` exposed as outputs.
+
+    The model is saved to a temporary folder (weights as external data), the saved proto is
+    reloaded without its weights, the outputs are appended to it and it is written back, so
+    neither the caller's model nor a second in-memory copy of the weights is involved.
+    Optimizations are disabled so the exposed names survive.
+    """
+
+    def __init__(self, model: FdecModel, names: Sequence[str]):
+        import onnx
+
+        from fdec.runtime.session import open_session
+
+        self.spec = model.spec
+        graph = model.graph
+        graph_inputs = {value.name: value for value in graph.inputs}
+        graph_outputs = {value.name for value in graph.outputs}
+        values = _values_by_name(graph)
+        self.from_feeds = [name for name in names if name in graph_inputs]
+        exposed: list[tuple[str, int]] = []
+        for name in names:
+            if name in graph_inputs:
+                continue
+            value = values.get(name)
+            if value is None:
+                raise CompileError(
+                    f"cannot calibrate {name!r}: the graph has no value of that name",
+                    "calibrate the model as it is right before quantization",
+                )
+            if value.dtype is None:
+                raise CompileError(
+                    f"cannot calibrate {name!r}: its type is unknown",
+                    "run the infer-shapes pass first",
+                )
+            if name not in graph_outputs:
+                exposed.append((name, int(value.dtype)))
+        self.names = list(names)
+        self._folder = tempfile.TemporaryDirectory(prefix="fdec-calib-")
+        path = pathlib.Path(self._folder.name) / "model.onnx"
+        model.save(path)
+        proto = onnx.load(str(path), load_external_data=False)
+        for name, elem_type in exposed:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+        onnx.save(proto, str(path))
+        self.session = open_session(path, optimization="disable")
+        self.outputs = [name for name in self.names if name not in self.from_feeds]
+
+    def close(self) -> None:
+        self.session = None
+        self._folder.cleanup()
+
+    def feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs for one forward pass over `ids` ([batch, seq]) with an empty KV cache."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 2:
+            raise CompileError(
+                f"calibration batches must be [batch, seq] token ids, got shape {ids.shape}",
+                "use fdec.calibrate.calibration_batches",
+            )
+        batch, seq = ids.shape
+        feeds: dict[str, np.ndarray] = {}
+        for info in self.session.get_inputs():
+            name = info.name
+            if name == "input_ids":
+                feeds[name] = ids
+            elif name == "attention_mask":
+                feeds[name] = np.ones((batch, seq), dtype=np.int64)
+            elif name == "position_ids":
+                feeds[name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+            elif name == "token_type_ids":
+                feeds[name] = np.zeros((batch, seq), dtype=np.int64)
+            elif name.startswith("past_key_values."):
+                feeds[name] = self._empty_past(info, batch)
+            else:
+                raise CompileError(
+                    f"cannot calibrate: the model has an input {name!r} fdec does not know how to feed",
+                    "calibrate with collect_activation_stats on a model with ecosystem input names",
+                )
+        return feeds
+
+    def _empty_past(self, info: Any, batch: int) -> np.ndarray:
+        fallback = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
+        shape = [d if isinstance(d, int) else fallback[i] for i, d in enumerate(info.shape)]
+        shape[0], shape[2] = batch, 0
+        return np.zeros(shape, dtype=_NP_TYPES.get(info.type, np.float32))
+
+    def run(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = self.feeds(ids)
+        got = dict(zip(self.outputs, self.session.run(self.outputs, feeds))) if self.outputs else {}
+        for name in self.from_feeds:
+            got[name] = feeds[name]
+        return got
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values: dict[str, ir.Value] = {}
+    for node in graph:
+        for value in node.outputs:
+            if value.name:
+                values[value.name] = value
+    return values
+
+
+def capture_activations(
+    model: FdecModel, ids: np.ndarray, names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The values of the named tensors when `model` runs on token ids `ids` ([batch, seq])."""
+    runner = _Runner(model, list(dict.fromkeys(names)))
+    try:
+        return runner.run(ids)
+    finally:
+        runner.close()
+
+
+def collect_activation_stats(
+    model: FdecModel, batches: Iterable[np.ndarray], tensor_names: Sequence[str]
+) -> dict[str, ActivationStats]:
+    """Statistics of the named tensors over `batches` (token id arrays, [batch, seq]).
+
+    Runs a CPU ONNX Runtime session on a copy of `model` (the caller's model is not touched)
+    with optimizations disabled, one batch at a time; decoders get an empty KV cache.
+    """
+    names = list(dict.fromkeys(tensor_names))
+    stats: dict[str, ActivationStats] = {}
+    if not names:
+        return stats
+    runner = _Runner(model, names)
+    try:
+        for index, ids in enumerate(batches):
+            for name, array in runner.run(ids).items():
+                if array.size == 0:
+                    continue
+                if name in stats:
+                    stats[name].update(array)
+                else:
+                    stats[name] = ActivationStats.of(array)
+            logger.debug("calibration batch %s done", index)
+    finally:
+        runner.close()
+    if not stats and names:
+        raise CompileError(
+            "calibration saw no data", "give at least one non-empty batch of token ids"
+        )
+    return stats
+
+
+# --- which tensors to calibrate ---------------------------------------------------------------
+
+
+def matmul_activation_inputs(
+    model: FdecModel, roles: Iterable[str] | None = None
+) -> dict[str, str]:
+    """Role → the name of the activation A in `A @ W` for each weight role read by MatMul/Gemm.
+
+    `roles` defaults to every linear layer role and the lm_head. Roles whose weight is not a
+    float matrix multiplied by exactly one activation (the embedding's Gather, an already
+    quantized weight, a weight read by two different activations) are left out.
+    """
+    from fdec.passes.quantize import _LAYER_ROLE, _LINEAR_ROLES, _find_weight
+
+    spec = model.spec
+    if roles is None:
+        roles = [
+            role
+            for role in spec.weights
+            if role == "lm_head"
+            or ((match := _LAYER_ROLE.match(role)) is not None and match.group(1) in _LINEAR_ROLES)
+        ]
+    found: dict[str, str] = {}
+    for role in roles:
+        name = spec.weights.get(role)
+        if name is None:
+            continue
+        try:
+            weight = _find_weight(model.graph, name)
+        except ValueError as reason:
+            logger.debug("no activation for %s: %s", role, reason)
+            continue
+        activations = {site.activation.name for site in weight.sites}
+        if len(activations) == 1 and None not in activations:
+            found[role] = activations.pop()
+    return found
