@@ -204,3 +204,14 @@ def test_logits_of_build_match_pytorch_at_every_position(tiny_models, tmp_path, 
     with torch.no_grad():
         expected = model(torch.from_numpy(ids)).logits.numpy()
     assert np.abs(logits - expected).max() < 1e-3
+
+
+def test_same_inputs_give_byte_identical_model_files(tiny_models, tmp_path, cli_runner):
+    first, second = tmp_path / "one", tmp_path / "two"
+    _compile(cli_runner, tiny_models("llama"), first)
+    _compile(cli_runner, tiny_models("llama"), second)
+    hashes = [
+        json.loads((out / "fdec-build.json").read_text())["outputs"] for out in (first, second)
+    ]
+    for name in ("model.onnx", "model.onnx.data", "fdec-runtime.json", "tokenizer.json"):
+        assert hashes[0][name]["sha256"] == hashes[1][name]["sha256"], name
