@@ -98,13 +98,19 @@ def cli(verbose: int) -> None:
     type=click.FloatRange(0.0),
     help="Fail when perplexity grows more than this (0.2 = +20%%).",
 )
+@click.option(
+    "--emit",
+    multiple=True,
+    type=click.Choice(["hf-checkpoint"]),
+    help="Extra outputs: hf-checkpoint (safetensors + quantization config for vLLM-style servers).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_command(model: str, target: str, out: pathlib.Path, passes: str | None, verify_each: bool,
                     dump_dir: pathlib.Path | None, trust_pickle: bool, trust_remote_code: bool,
                     cache_dir: pathlib.Path | None, backend: str | None, max_batch: int,
                     max_seq_len: int, quantize: str | None, max_ppl_increase: float | None,
-                    as_json: bool, quiet: bool) -> None:  # fmt: skip
+                    emit: tuple[str, ...], as_json: bool, quiet: bool) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out."""
     ctx = _Context(quiet, as_json)
     _quiet_libraries(quiet or as_json)
@@ -115,7 +121,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
         model=model, out=out, target=target, passes=passes, verify_each=verify_each,
         dump_dir=dump_dir, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
         cache_dir=cache_dir, backend=backend, max_batch=max_batch, max_seq_len=max_seq_len,
-        quantize=quantize, max_ppl_increase=max_ppl_increase,
+        quantize=quantize, max_ppl_increase=max_ppl_increase, emit=tuple(emit),
     )  # fmt: skip
     try:
         result = compile_model(options, ctx.progress)

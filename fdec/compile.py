@@ -18,6 +18,7 @@ from fdec.frontend.export import import_model, load_hf_model
 from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.lower import MODEL_FILE, lower_onnxruntime
 from fdec.lower.engines import build_engines
+from fdec.lower.hf_checkpoint import CHECKPOINT_DIR, check_quantize, write_hf_checkpoint
 from fdec.lower.profiles import ShapeLimits
 from fdec.pipeline import (
     EXACT,
@@ -57,6 +58,7 @@ class CompileOptions:
     max_seq_len: int = 2048
     quantize: str | None = None  # "int4", "int4-rtn", "int8" (precision[-method])
     max_ppl_increase: float | None = None  # quality gate for lossy builds (0.2 = +20 %)
+    emit: tuple[str, ...] = ()  # extra outputs: "hf-checkpoint"
 
 
 @dataclasses.dataclass
@@ -90,6 +92,7 @@ def compile_model(
         options.quantize, target, backend, pass_names
     )
     pass_names = [p.name for p in pipeline]
+    _check_emit(options.emit, options.quantize)
     tolerance = _build_tolerance(pipeline, options.max_ppl_increase)
     PassManager(pipeline, target=target).check_requirements()
 
@@ -140,6 +143,11 @@ def compile_model(
             staging, spec=spec, target=target, backend=backend, limits=limits, progress=progress
         )
         counts = fdec_model.counts()
+        checkpoint = None
+        if "hf-checkpoint" in options.emit:
+            progress("writing the serving checkpoint (safetensors + quantization config)")
+            checkpoint = write_hf_checkpoint(fdec_model, source.folder, staging / CHECKPOINT_DIR)
+            checkpoint["directory"] = CHECKPOINT_DIR  # relative: the build moves into place
         report = {
             "schema_version": SCHEMA_VERSION,
             "source": {
@@ -160,6 +168,7 @@ def compile_model(
             "passes": [record.to_dict() for record in records],
             "verification": verification,
             "engines": engines,
+            "checkpoint": checkpoint,
             "estimate": estimate(
                 spec,
                 target,
@@ -226,6 +235,17 @@ def _quantize_passes(asked: str | None, target: Any, backend: str, earlier: list
         pass_backend = "onnxruntime" if backend == "onnxruntime" else "tensorrt"
         return [*untie, fdec_passes.make_pass("quantize-int4", backend=pass_backend)]
     return [*untie, fdec_passes.make_pass("quantize-int8")]
+
+
+EMITS = ("hf-checkpoint",)
+
+
+def _check_emit(emit: tuple[str, ...], quantize: str | None) -> None:
+    for item in emit:
+        if item not in EMITS:
+            raise UsageError(f"unknown --emit {item!r}", f"use one of: {', '.join(EMITS)}")
+    if "hf-checkpoint" in emit:
+        check_quantize(quantize)
 
 
 def _build_tolerance(pipeline: list[Any], max_ppl_increase: float | None) -> Tolerance:

@@ -123,3 +123,27 @@ def test_tolerance_judges_perplexity_growth():
     broken = gate.judge({**figures, "perplexity_build": 12.5})
     assert broken == "perplexity grew 25.0% (10.00 → 12.50; limit 20%)"
     assert "top-1" in gate.judge({**figures, "top1_agreement": 0.4, "perplexity_build": 10.0})
+
+
+def test_emit_hf_checkpoint_loads_in_transformers(tiny_models, tmp_path, cli_runner):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "b"
+    result = cli_runner.invoke(
+        cli, ["compile", str(tiny_models("qwen2")), "-o", str(out), "--emit", "hf-checkpoint", "-q"]
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["checkpoint"]["directory"] == "hf-checkpoint"
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "hf-checkpoint").eval()
+    source = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2")).eval()
+    ids = torch.tensor([[5, 17, 42, 7]])
+    with torch.no_grad():
+        assert np.abs((reloaded(ids).logits - source(ids).logits).numpy()).max() < 1e-5
+    refused = cli_runner.invoke(cli, [
+        "compile", str(tiny_models("qwen2")), "-o", str(tmp_path / "c"), "--quantize", "int8",
+        "--emit", "hf-checkpoint",
+    ])  # fmt: skip
+    assert refused.exit_code == 2 and "cannot write a --quantize int8 build" in refused.stderr

@@ -9,8 +9,9 @@ checkpoint holds exactly the keys `from_pretrained` looks for. Linear weights re
 as [in, out] are transposed back to torch's [out, in]; Conv1D weights stay [in, out].
 
 Weight-only int4 (`quantize-int4`, either backend) is written in compressed-tensors'
-"pack-quantized" format, the layout vLLM (CompressedTensorsWNA16), TensorRT-LLM's compressed-
-tensors reader and transformers (with the `compressed-tensors` package) load:
+"pack-quantized" W4A16 format (what llm-compressor writes), which vLLM loads
+(CompressedTensorsWNA16: Marlin/Machete kernels, zero points too), as does transformers with
+the `compressed-tensors` package:
 
 - `<module>.weight_packed`: int32 [out, ceil(in / 8)]; value i of a row sits in bits 4i..4i+3
   of the little-endian words, stored as `q + 8` for the signed code q in [-8, 7];
@@ -202,7 +203,7 @@ def _float_tensor(value: ir.Value, parameter: _Parameter) -> np.ndarray:
     if array.ndim == 2 and parameter.kind in ("linear", "conv1d"):
         hf_layout = "nk" if parameter.kind == "linear" else "kn"
         layout = _read_layout(value)
-        if False:
+        if layout is not None and layout != hf_layout:
             array = array.T
         elif layout is None and array.shape != want and array.T.shape == want:
             array = array.T

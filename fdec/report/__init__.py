@@ -120,6 +120,12 @@ def render_report(report: dict[str, Any]) -> str:
         if engine.get("reason"):
             line += f" — {engine['reason']}"
         lines.append(line)
+    checkpoint = report.get("checkpoint")
+    if checkpoint:
+        lines.append(
+            f"serving checkpoint: {checkpoint['format']} in {checkpoint['directory']} "
+            f"({_human_bytes(checkpoint['bytes'])})"
+        )
     guess = report.get("estimate") or {}
     if guess.get("decode_tokens_per_s"):
         text = (

@@ -1,0 +1,390 @@
+"""Tests of `--emit hf-checkpoint`: the written folder loads in transformers with the right numbers.
+
+Tiny llama, gpt2 and bert are exported once per module and cleaned with the default pipeline.
+fp32 checkpoints must load with no missing or unexpected keys and give the source model's
+outputs. int4 checkpoints (both quantize-int4 backends) are checked three ways: the packed
+tensors' layout, compressed-tensors' own decompressor against the weights the ONNX graph
+computes (unpacked here with numpy from MatMulNBits / DequantizeLinear), and transformers +
+compressed-tensors loading the folder, whose logits must equal ONNX Runtime's on the graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from fdec.errors import CompileError, UsageError
+from fdec.frontend.export import import_model
+from fdec.frontend.source import resolve_source
+from fdec.ir import FdecModel, ModelSpec
+from fdec.lower import hf_checkpoint
+from fdec.lower.hf_checkpoint import SAFETENSORS_FILE, check_quantize, write_hf_checkpoint
+from fdec.passes import DEFAULT_PIPELINE, make_pass, make_pipeline
+from fdec.pipeline import PassManager
+from fdec.runtime import session_for_model
+
+_IDS = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+@dataclasses.dataclass
+class _Tiny:
+    """A tiny model as exported and cleaned by the default pipeline, and its PyTorch source."""
+
+    folder: pathlib.Path
+    proto: bytes
+    spec: ModelSpec
+    hf_model: Any
+
+    def cleaned(self) -> FdecModel:
+        graph = ir.serde.deserialize_model(onnx.load_from_string(self.proto))
+        return FdecModel(graph, copy.deepcopy(self.spec))
+
+    def quantized(self, **options: Any) -> FdecModel:
+        passes = [make_pass("untie-embeddings"), make_pass("quantize-int4", **options)]
+        model, _ = PassManager(passes).run(self.cleaned())
+        return model
+
+
+def _export(tiny_models, tmp_path_factory, family: str) -> _Tiny:
+    cache = tmp_path_factory.mktemp(f"cache-{family}")
+    with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse fixture is not up
+        patch.setenv("FDEC_CACHE_DIR", str(cache / "fdec"))
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        folder = tiny_models(family)
+        imported = import_model(resolve_source(str(folder)))
+        model, _ = PassManager(make_pipeline(list(DEFAULT_PIPELINE))).run(imported.fdec_model)
+    proto = ir.serde.serialize_model(model.model).SerializeToString()
+    return _Tiny(folder, proto, copy.deepcopy(model.spec), imported.hf_model)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models, tmp_path_factory):
+    made: dict[str, _Tiny] = {}
+
+    def get(family: str) -> _Tiny:
+        if family not in made:
+            made[family] = _export(tiny_models, tmp_path_factory, family)
+        return made[family]
+
+    return get
+
+
+def _load(out: pathlib.Path, kind: str, **kwargs: Any) -> Any:
+    """transformers' model of `out`, failing on any missing, unexpected or mismatched key."""
+    import transformers
+
+    auto = transformers.AutoModelForCausalLM if kind == "decoder" else transformers.AutoModel
+    model, info = auto.from_pretrained(out, dtype=torch.float32, output_loading_info=True, **kwargs)
+    assert {key: value for key, value in info.items() if value} == {}
+    return model.eval()
+
+
+def _hf_state_keys(model: Any) -> set[str]:
+    """The keys save_pretrained would write: the state dict without tied aliases."""
+    keys, seen = set(), set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) not in seen:
+            seen.add(id(parameter))
+            keys.add(name)
+    return keys
+
+
+# --- fp32 -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fp32_decoder_checkpoint_loads_with_source_logits(tiny, tmp_path, family):
+    source = tiny(family)
+    report = write_hf_checkpoint(source.cleaned(), source.folder, tmp_path)
+
+    assert report["format"] == "safetensors" and report["quantization"] is None
+    assert report["tied_aliases"] == ["lm_head.weight"] and report["dequantized"] == []
+    assert {"config.json", SAFETENSORS_FILE, "tokenizer.json"} <= set(report["files"])
+    assert report["bytes"] == sum((tmp_path / name).stat().st_size for name in report["files"])
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(
+        (source.folder / "config.json").read_text()
+    )
+    tensors = load_file(tmp_path / SAFETENSORS_FILE)
+    assert set(tensors) == _hf_state_keys(source.hf_model)
+    assert report["tensors"] == report["kept"] == len(tensors)
+    for name, parameter in source.hf_model.named_parameters():
+        np.testing.assert_array_equal(tensors[name], parameter.detach().numpy(), err_msg=name)
+
+    loaded = _load(tmp_path, "decoder")
+    with torch.no_grad():
+        want, got = source.hf_model(_IDS).logits, loaded(_IDS).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_fp32_encoder_checkpoint_loads_with_source_outputs(tiny, tmp_path):
+    source = tiny("bert")
+    report = write_hf_checkpoint(source.cleaned(), source.folder, tmp_path)
+
+    # The pooler's Linear weight is read by Gemm(transB=1) and the layers' by MatMul: both
+    # come back as torch's [out, in].
+    tensors = load_file(tmp_path / SAFETENSORS_FILE)
+    assert set(tensors) == _hf_state_keys(source.hf_model) and report["tied_aliases"] == []
+    loaded = _load(tmp_path, "encoder")
+    with torch.no_grad():
+        want, got = source.hf_model(_IDS), loaded(_IDS)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, rtol=0, atol=1e-5)
+
+
+def test_untied_lm_head_is_written_and_config_unties(tiny, tmp_path):
+    source = tiny("llama")
+    model, _ = PassManager([make_pass("untie-embeddings")]).run(source.cleaned())
+    report = write_hf_checkpoint(model, source.folder, tmp_path)
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and report["tied_aliases"] == []
+    assert report["config_changes"] == [
+        "tie_word_embeddings=false (the lm_head has its own weight)"
+    ]
+    tensors = load_file(tmp_path / SAFETENSORS_FILE)
+    embed = source.hf_model.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_array_equal(tensors["lm_head.weight"], embed)  # transposed back
+    loaded = _load(tmp_path, "decoder")
+    with torch.no_grad():
+        want, got = source.hf_model(_IDS).logits, loaded(_IDS).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_missing_parameter_is_a_compile_error(tiny, tmp_path):
+    source = tiny("llama")
+    model = source.cleaned()
+    norm = model.graph.initializers["model.norm.weight"]
+    norm.name = "renamed_by_some_pass"
+    with pytest.raises(CompileError, match=r"model\.norm\.weight"):
+        write_hf_checkpoint(model, source.folder, tmp_path)
+
+
+# --- int4 -----------------------------------------------------------------------------------------
+
+
+def _graph_weight(model: FdecModel, name: str) -> np.ndarray:
+    """The [out, in] float32 weight the graph computes from quantized initializer `name`."""
+    value = model.graph.initializers[name]
+    node = value.uses()[0].node
+    if node.op_type == "MatMulNBits":
+        attrs = {key: node.attributes[key].as_int() for key in ("K", "N", "block_size")}
+        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+        k_blocks = -(-k // block)
+        packed = value.const_value.numpy().reshape(n, -1)
+        codes = np.stack([packed & 15, packed >> 4], -1).reshape(n, -1)[:, :k].astype(np.int32)
+        scales = node.inputs[2].const_value.numpy().reshape(n, k_blocks)
+        zero = np.full((n, k_blocks), 8)
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            zp = node.inputs[3].const_value.numpy().reshape(n, -1)
+            zero = np.stack([zp & 15, zp >> 4], -1).reshape(n, -1)[:, :k_blocks]
+        step = np.repeat(scales, block, axis=1)[:, :k]
+        return (codes - np.repeat(zero, block, axis=1)[:, :k]).astype(np.float32) * step
+    assert node.op_type == "DequantizeLinear" and node.attributes["axis"].as_int() == 0
+    block = node.attributes["block_size"].as_int()
+    x = value.const_value.numpy().astype(np.int32)  # [K, N]
+    k = x.shape[0]
+    scales = node.inputs[1].const_value.numpy()
+    zero = np.zeros_like(scales, dtype=np.int32)
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        zero = node.inputs[2].const_value.numpy().astype(np.int32)
+    step = np.repeat(scales, block, axis=0)[:k]
+    return ((x - np.repeat(zero, block, axis=0)[:k]).astype(np.float32) * step).T
+
+
+def _module_of(parameter: str) -> str:
+    return parameter.rpartition(".")[0]
+
+
+_INT4_CASES = {
+    # MatMulNBits, symmetric, lm_head packed too.
+    "llama-nbits-sym": ("llama", dict(backend="onnxruntime", block_size=32), True),
+    # Blocked DequantizeLinear with UINT4 zero points; lm_head written dequantized.
+    "llama-qdq-asym": ("llama", dict(backend="tensorrt", symmetric=False, block_size=64), False),
+    # Blocks of 128 over inputs of 64: one padded block, written as one group of 64.
+    "llama-nbits-asym-128": (
+        "llama",
+        dict(backend="onnxruntime", symmetric=False, block_size=128),
+        False,
+    ),
+    # GPT-2's Conv1D layers cannot be packed: dequantized and ignored; its lm_head is packed.
+    "gpt2-qdq-sym": ("gpt2", dict(backend="tensorrt", block_size=32), True),
+}
+
+
+# Loading with CompressedTensorsConfig(dequantize=True) over the checkpoint's own config warns
+# that only the loading attributes are taken from it: that is the point.
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
+@pytest.mark.parametrize("case", list(_INT4_CASES))
+def test_int4_checkpoint_is_compressed_tensors_with_graph_numbers(tiny, tmp_path, case):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized import pack_to_int32, unpack_from_int32
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import CompressedTensorsConfig
+
+    family, options, pack_lm_head = _INT4_CASES[case]
+    source = tiny(family)
+    model = source.quantized(accuracy_level=0, **options)  # ORT runs the exact weights
+    report = write_hf_checkpoint(model, source.folder, tmp_path, pack_lm_head=pack_lm_head)
+
+    # Which HF weight is which graph initializer, and what the graph computes for it.
+    graph = {
+        role: _graph_weight(model, name)
+        for role, name in model.spec.weights.items()
+        if role != "embed"
+    }
+    patterns = {
+        "llama": {
+            "lm_head": "lm_head.weight",
+            **{
+                f"layers.{i}.{r}": f"model.layers.{i}.{'self_attn' if r in 'qkvo' else 'mlp'}."
+                f"{r}_proj.weight"
+                for i in range(2)
+                for r in ("q", "k", "v", "o", "gate", "up", "down")
+            },
+        },
+        "gpt2": {
+            "lm_head": "lm_head.weight",
+            **{
+                f"layers.{i}.{r}": f"transformer.h.{i}.{m}.weight"
+                for i in range(2)
+                for r, m in (
+                    ("qkv", "attn.c_attn"),
+                    ("o", "attn.c_proj"),
+                    ("fc_in", "mlp.c_fc"),
+                    ("fc_out", "mlp.c_proj"),
+                )
+            },
+        },
+    }[family]
+    weights = {patterns[role]: array for role, array in graph.items()}  # HF name → [out, in]
+
+    # The config: a valid compressed-tensors W4A16 group scheme.
+    config = json.loads((tmp_path / "config.json").read_text())
+    quant = config["quantization_config"]
+    parsed = QuantizationConfig.model_validate(quant)
+    scheme = parsed.config_groups["group_0"]
+    group = 64 if options["block_size"] == 128 else options["block_size"]
+    symmetric = options.get("symmetric", True)
+    assert (quant["quant_method"], quant["format"]) == ("compressed-tensors", "pack-quantized")
+    assert scheme.targets == ["Linear"]
+    assert (scheme.weights.num_bits, scheme.weights.type, scheme.weights.strategy) == (
+        4,
+        "int",
+        "group",
+    )
+    assert (scheme.weights.group_size, scheme.weights.symmetric) == (group, symmetric)
+    conv1d = [name for name in weights if family == "gpt2" and name != "lm_head.weight"]
+    head_ignored = [] if pack_lm_head else ["lm_head.weight"]
+    assert sorted(report["dequantized"]) == sorted(conv1d + head_ignored)
+    assert sorted(quant["ignore"]) == sorted(map(_module_of, conv1d + head_ignored))
+    assert config["tie_word_embeddings"] is False
+    assert report["quantization"]["group_size"] == group
+
+    # The tensors: pack-quantized layout, bit for bit what compressed-tensors writes.
+    tensors = load_file(tmp_path / SAFETENSORS_FILE)
+    packed = sorted(set(weights) - set(report["dequantized"]))
+    assert sorted(map(_module_of, packed)) == report["packed"]
+    for name in packed:
+        module, want = _module_of(name), weights[name]
+        n, k = want.shape
+        assert name not in tensors
+        assert tensors[f"{module}.weight_packed"].dtype == np.int32
+        assert tensors[f"{module}.weight_packed"].shape == (n, k // 8)
+        assert tensors[f"{module}.weight_scale"].shape == (n, k // group)
+        np.testing.assert_array_equal(tensors[f"{module}.weight_shape"], [n, k])
+        assert (f"{module}.weight_zero_point" in tensors) is not symmetric
+        state = {
+            key.rpartition(".")[2]: torch.from_numpy(value.copy())
+            for key, value in tensors.items()
+            if key.startswith(module + ".weight_")
+        }
+        decompressed = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+        np.testing.assert_allclose(decompressed.numpy(), want, rtol=0, atol=1e-6, err_msg=name)
+        # Re-quantizing the decompressed weight with the written scales gives the same bytes.
+        scale = state["weight_scale"].repeat_interleave(group, dim=1)
+        zero = torch.zeros_like(scale)
+        if not symmetric:
+            zp = unpack_from_int32(state["weight_zero_point"], 4, (n, k // group), packed_dim=0)
+            zero = zp.to(torch.float32).repeat_interleave(group, dim=1)
+            repacked_zp = pack_to_int32(zp, 4, packed_dim=0)
+            assert torch.equal(repacked_zp, state["weight_zero_point"])
+        q = torch.where(scale != 0, torch.round(decompressed / scale) + zero, zero)
+        assert torch.equal(pack_to_int32(q.to(torch.int8), 4), state["weight_packed"])
+    for name in report["dequantized"]:
+        want = weights[name].T if name in conv1d else weights[name]
+        np.testing.assert_array_equal(tensors[name], want)
+
+    # transformers + compressed-tensors load it; every weight is the graph's, logits ORT's.
+    loaded = _load(
+        tmp_path, "decoder", quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    parameters = dict(loaded.named_parameters())
+    for name, want in weights.items():
+        got = parameters[name].detach().numpy()
+        np.testing.assert_allclose(got.T if name in conv1d else got, want, atol=1e-6)
+    session = session_for_model(model, optimization="basic")
+    ort_logits, _ = session.decode(_IDS.numpy(), session.empty_past(2), 0)
+    with torch.no_grad():
+        logits = loaded(_IDS).logits.numpy()
+    np.testing.assert_allclose(logits, ort_logits, rtol=0, atol=1e-3)
+    if symmetric:  # the default (compressed) load path works for symmetric schemes
+        with torch.no_grad():
+            compressed = _load(tmp_path, "decoder")(_IDS).logits.numpy()
+        np.testing.assert_allclose(compressed, logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_blocks_regrouped_for_a_narrower_group_decompress_exactly(symmetric):
+    """Blocks of 128 over K=256 written as groups of 32 (another layer's K forces it)."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    rng = np.random.default_rng(0)
+    n, k, block, group = 24, 256, 128, 32
+    zero = np.full((n, k // block), 8) if symmetric else rng.integers(0, 16, (n, k // block))
+    weight = hf_checkpoint._Int4(
+        codes=rng.integers(0, 16, (n, k)).astype(np.uint8),
+        scales=rng.standard_normal((n, k // block)).astype(np.float32),
+        zero_points=zero.astype(np.uint8),
+        block_size=block,
+        operator="MatMulNBits",
+    )
+    tensors = hf_checkpoint._pack_weight("m", weight, group, symmetric)
+    assert tensors["m.weight_scale"].shape == (n, k // group)
+    assert ("m.weight_zero_point" in tensors) is not symmetric
+    scheme = preset_name_to_scheme("W4A16" if symmetric else "W4A16_ASYM", ["Linear"])
+    scheme.weights.group_size = group
+    state = {key[2:]: torch.from_numpy(value) for key, value in tensors.items()}
+    got = PackedQuantizationCompressor.decompress(state, scheme)["weight"].numpy()
+    np.testing.assert_array_equal(got, weight.dequantized())
+
+
+def test_int8_build_is_refused_naming_the_supported_values(tiny, tmp_path):
+    source = tiny("llama")
+    passes = [make_pass("untie-embeddings"), make_pass("quantize-int8")]
+    model, _ = PassManager(passes).run(source.cleaned())
+    with pytest.raises(UsageError, match="int8") as error:
+        write_hf_checkpoint(model, source.folder, tmp_path)
+    assert "--quantize int4" in error.value.fix
+    assert not (tmp_path / SAFETENSORS_FILE).exists()
+
+
+def test_check_quantize_refuses_before_any_work():
+    for ok in (None, "", "int4", "INT4-rtn", "fp32"):
+        check_quantize(ok)
+    with pytest.raises(UsageError, match="int8") as error:
+        check_quantize("int8")
+    assert "int4" in error.value.fix
