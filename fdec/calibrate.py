@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 # The built-in corpus: one file per domain under fdec/data/calib, read in this order.
 CORPUS_DOMAINS = ("prose", "dialogue", "code", "numbers")
 _SUFFIXES = (".txt", ".jsonl")
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")
 _SYNTHETIC_SEED = 4321  # not verify.py's 1234: calibration and held ids differ
 _PERCENTILE = 99.9
 _NP_TYPES = {
@@ -163,7 +163,9 @@ def calibration_batches(
         if len(ids) >= 8:
             return [ids[None, :]]
     rng = np.random.default_rng(_SYNTHETIC_SEED)
-    return [rng.integers(0, vocab_size, size=(1, seq_len), dtype=np.int64) for _ in range(max_samples)]
+    return [
+        rng.integers(0, vocab_size, size=(1, seq_len), dtype=np.int64) for _ in range(max_samples)
+    ]
 
 
 # --- statistics -------------------------------------------------------------------------------
@@ -189,7 +191,9 @@ class ActivationStats:
     def of(cls, array: np.ndarray) -> ActivationStats:
         """Statistics of one array (at least one element)."""
         magnitude = np.abs(np.asarray(array, dtype=np.float32))
-        flat = magnitude.reshape(-1, magnitude.shape[-1]) if magnitude.ndim else magnitude[None, None]
+        flat = (
+            magnitude.reshape(-1, magnitude.shape[-1]) if magnitude.ndim else magnitude[None, None]
+        )
         return cls(
             absmax=float(flat.max()),
             channel_absmax=flat.max(axis=0),
@@ -244,7 +248,7 @@ class _Runner:
         graph_outputs = {value.name for value in graph.outputs}
         values = _values_by_name(graph)
         self.from_feeds = [name for name in names if name in graph_inputs]
-        exposed: list[tuple[str, int]] = []
+        exposed: list[tuple[str, int | None]] = []
         for name in names:
             if name in graph_inputs:
                 continue
@@ -254,20 +258,18 @@ class _Runner:
                     f"cannot calibrate {name!r}: the graph has no value of that name",
                     "calibrate the model as it is right before quantization",
                 )
-            if value.dtype is None:
-                raise CompileError(
-                    f"cannot calibrate {name!r}: its type is unknown",
-                    "run the infer-shapes pass first",
-                )
             if name not in graph_outputs:
-                exposed.append((name, int(value.dtype)))
+                exposed.append((name, None if value.dtype is None else int(value.dtype)))
         self.names = list(names)
         self._folder = tempfile.TemporaryDirectory(prefix="fdec-calib-")
         path = pathlib.Path(self._folder.name) / "model.onnx"
         model.save(path)
         proto = onnx.load(str(path), load_external_data=False)
         for name, elem_type in exposed:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+            if elem_type is None:  # ORT infers the type of an untyped output
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+            else:
+                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
         onnx.save(proto, str(path))
         self.session = open_session(path, optimization="disable")
         self.outputs = [name for name in self.names if name not in self.from_feeds]

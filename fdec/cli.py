@@ -87,12 +87,21 @@ def cli(verbose: int) -> None:
 )
 @click.option(
     "--max-seq-len",
-    default=2048,
-    show_default=True,
     type=int,
-    help="Longest context (prompt + generated) engines serve.",
+    help="Longest context (prompt + generated) engines serve [default: 2048, or the model's "
+    "positions when fewer].",
 )
-@click.option("--quantize", help="Precision plan: int4 (weight-only RTN), int8 (dynamic, cpu).")
+@click.option(
+    "--quantize",
+    help="int4 (weight-only RTN), int8 (dynamic on cpu, SmoothQuant on GPUs), "
+    "int8-smoothquant, fp8 (static, GPUs with cc >= 8.9).",
+)
+@click.option(
+    "--calibration",
+    "--calib",
+    type=click.Path(path_type=pathlib.Path),
+    help="Calibration text (.txt or .jsonl) for static quantization; default: built-in corpus.",
+)
 @click.option(
     "--max-ppl-increase",
     type=click.FloatRange(0.0),
@@ -109,8 +118,9 @@ def cli(verbose: int) -> None:
 def compile_command(model: str, target: str, out: pathlib.Path, passes: str | None, verify_each: bool,
                     dump_dir: pathlib.Path | None, trust_pickle: bool, trust_remote_code: bool,
                     cache_dir: pathlib.Path | None, backend: str | None, max_batch: int,
-                    max_seq_len: int, quantize: str | None, max_ppl_increase: float | None,
-                    emit: tuple[str, ...], as_json: bool, quiet: bool) -> None:  # fmt: skip
+                    max_seq_len: int | None, quantize: str | None, max_ppl_increase: float | None,
+                    calibration: pathlib.Path | None, emit: tuple[str, ...], as_json: bool,
+                    quiet: bool) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out."""
     ctx = _Context(quiet, as_json)
     _quiet_libraries(quiet or as_json)
@@ -122,6 +132,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
         dump_dir=dump_dir, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
         cache_dir=cache_dir, backend=backend, max_batch=max_batch, max_seq_len=max_seq_len,
         quantize=quantize, max_ppl_increase=max_ppl_increase, emit=tuple(emit),
+        calibration=calibration,
     )  # fmt: skip
     try:
         result = compile_model(options, ctx.progress)

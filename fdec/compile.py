@@ -13,6 +13,7 @@ from typing import Any
 
 from fdec import passes as fdec_passes
 from fdec.build import AtomicBuild, check_output_path, write_manifest
+from fdec.calibrate import calibration_batches, load_calibration_texts
 from fdec.errors import UsageError, VerificationError
 from fdec.frontend.export import import_model, load_hf_model
 from fdec.frontend.source import default_cache_dir, resolve_source
@@ -55,10 +56,11 @@ class CompileOptions:
     cache_dir: pathlib.Path | None = None
     backend: str | None = None  # None = the target's default backend
     max_batch: int = 1
-    max_seq_len: int = 2048
+    max_seq_len: int | None = None  # None: 2048, or the model's positions when fewer
     quantize: str | None = None  # "int4", "int4-rtn", "int8" (precision[-method])
     max_ppl_increase: float | None = None  # quality gate for lossy builds (0.2 = +20 %)
     emit: tuple[str, ...] = ()  # extra outputs: "hf-checkpoint"
+    calibration: pathlib.Path | None = None  # .txt/.jsonl for static quantization; None = built-in
 
 
 @dataclasses.dataclass
@@ -85,7 +87,9 @@ def compile_model(
     # Everything that can be checked without loading the model is checked first.
     target = load_target(options.target)
     backend = _choose_backend(options.backend, target)
-    limits = ShapeLimits(max_batch=options.max_batch, max_seq_len=options.max_seq_len)
+    limits = ShapeLimits(
+        max_batch=options.max_batch, max_seq_len=options.max_seq_len or DEFAULT_MAX_SEQ_LEN
+    )
     check_output_path(out)
     pass_names = fdec_passes.parse_pass_list(options.passes)
     pipeline = fdec_passes.make_pipeline(pass_names) + _quantize_passes(
@@ -95,6 +99,11 @@ def compile_model(
     _check_emit(options.emit, options.quantize)
     tolerance = _build_tolerance(pipeline, options.max_ppl_increase)
     PassManager(pipeline, target=target).check_requirements()
+    calibrating = [i for i, p in enumerate(pipeline) if getattr(p, "needs_calibration", False)]
+    calibration_texts = load_calibration_texts(options.calibration) if calibrating else None
+    # ONNX Runtime runs FP8/INT8 QDQ graphs on the CPU only at optimization BASIC (DESIGN.md).
+    qdq = any(p.name in ("quantize-fp8", "quantize-int8-static") for p in pipeline)
+    optimization = "basic" if qdq else "all"
 
     source = resolve_source(
         options.model,
@@ -111,15 +120,26 @@ def compile_model(
     fdec_model = imported.fdec_model
     spec = fdec_model.spec
     if target.is_gpu and backend != "onnxruntime":
+        if options.max_seq_len is None and spec.max_positions:
+            limits = dataclasses.replace(
+                limits, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, spec.max_positions)
+            )
         limits.check_against(spec)
     progress("computing the reference outputs with PyTorch")
     reference = Reference.from_hf(hf_model, spec.kind, imported.tokenizer, spec.vocab_size)
+    if calibrating:
+        progress("tokenizing calibration text")
+        batches = tuple(calibration_batches(calibration_texts, imported.tokenizer, spec.vocab_size))
+        for index in calibrating:
+            pipeline[index] = dataclasses.replace(pipeline[index], batches=batches)
 
     instruments: list[Any] = []
     if options.verify_each:
         instruments.append(StructureCheckInstrument(full=True))
         instruments.append(
-            NumericCheckInstrument(lambda model: reference.compare(session_for_model(model)))
+            NumericCheckInstrument(
+                lambda model: reference.compare(session_for_model(model, optimization=optimization))
+            )
         )
     if options.dump_dir:
         instruments.append(DumpInstrument(options.dump_dir))
@@ -133,15 +153,22 @@ def compile_model(
 
     with AtomicBuild(out) as staging:
         progress(f"writing the ONNX Runtime build to {out}")
-        lower_onnxruntime(fdec_model, staging, source_folder=source.folder, target=target)
+        lower_onnxruntime(
+            fdec_model,
+            staging,
+            source_folder=source.folder,
+            target=target,
+            optimization=optimization,
+        )
         progress("verifying the build against the source model")
-        session = OrtModel(open_session(staging / MODEL_FILE))
+        session = OrtModel(open_session(staging / MODEL_FILE, optimization=optimization))
         verification = _verify(reference, session, tolerance)
         if not verification["ok"]:
             raise VerificationError(verification["failure"], _verification_fix(verification))
         engines = build_engines(
-            staging, spec=spec, target=target, backend=backend, limits=limits, progress=progress
-        )
+            staging, spec=spec, target=target, backend=backend, limits=limits,
+            precisions=_engine_precisions(pass_names), progress=progress,
+        )  # fmt: skip
         counts = fdec_model.counts()
         checkpoint = None
         if "hf-checkpoint" in options.emit:
@@ -201,7 +228,15 @@ def compile_model(
 _BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 # Methods each precision has today; precisions not listed are checked against the target and
 # then refused as not built yet.
-_QUANTIZE_METHODS = {"int4": ("rtn",), "int8": ("dynamic",), "fp32": ("none",)}
+_QUANTIZE_METHODS = {
+    "int4": ("rtn",),
+    "int8": ("dynamic", "smoothquant"),
+    "fp8": ("static",),
+    "fp32": ("none",),
+}
+# SmoothQuant migration strength fdec uses: on SmolLM2-135M, alpha 0.75-0.85 kept perplexity
+# within +1-4 % (54.0 -> 53.5-56.3) where the paper's 0.5 gave +25 % (67.7).
+SMOOTHQUANT_ALPHA = 0.8
 # Quality gate of a lossy build when the user sets none: catches broken quantization (DESIGN.md
 # measured +6e7 perplexity for an overflowing int8 kernel) while admitting the 25-70 % growth
 # weight-only 4-bit and dynamic int8 give a 135M model. Tighten with --max-ppl-increase.
@@ -234,10 +269,23 @@ def _quantize_passes(asked: str | None, target: Any, backend: str, earlier: list
     if precision.value == "int4":
         pass_backend = "onnxruntime" if backend == "onnxruntime" else "tensorrt"
         return [*untie, fdec_passes.make_pass("quantize-int4", backend=pass_backend)]
+    if precision.value == "fp8":
+        return [*untie, fdec_passes.make_pass("quantize-fp8")]
+    # int8: static SmoothQuant QDQ for GPUs (or when asked), dynamic on the CPU.
+    if method == "smoothquant" or (not method and target.is_gpu):
+        return [*untie, fdec_passes.make_pass("quantize-int8-static", alpha=SMOOTHQUANT_ALPHA)]
     return [*untie, fdec_passes.make_pass("quantize-int8")]
 
 
+DEFAULT_MAX_SEQ_LEN = 2048
 EMITS = ("hf-checkpoint",)
+# TensorRT builder flags for the Q/DQ precisions a pass put in the graph (weight-only int4 and
+# dynamic int8 need none: their math runs in the activations' precision).
+_QDQ_FLAGS = {"quantize-fp8": "fp8", "quantize-int8-static": "int8"}
+
+
+def _engine_precisions(pass_names: list[str]) -> tuple[str, ...]:
+    return tuple(_QDQ_FLAGS[name] for name in pass_names if name in _QDQ_FLAGS)
 
 
 def _check_emit(emit: tuple[str, ...], quantize: str | None) -> None:

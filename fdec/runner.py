@@ -13,6 +13,7 @@ import numpy as np
 from fdec.errors import InputError
 from fdec.lower import MODEL_FILE, RUNTIME_CONFIG
 from fdec.runtime import OrtModel, Sampling, generate, open_session
+from fdec.runtime.session import OPT_LEVELS
 
 __all__ = ["LoadedBuild", "load_build", "run_prompt"]
 
@@ -50,8 +51,11 @@ def load_build(folder: pathlib.Path) -> LoadedBuild:
             f"{folder} is not an fdec build (no {RUNTIME_CONFIG})", "run fdec compile first"
         )
     config = json.loads(config_path.read_text())
+    level = (config.get("session_options") or {}).get("graph_optimization_level", "all")
     session = open_session(
-        folder / config.get("model", MODEL_FILE), providers=config.get("providers")
+        folder / config.get("model", MODEL_FILE),
+        providers=config.get("providers"),
+        optimization=level if level in OPT_LEVELS else "all",
     )
     tokenizer = None
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():

@@ -17,6 +17,7 @@ from fdec.passes.cleanup import (
     UntieEmbeddingsPass,
 )
 from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
+from fdec.passes.quantize_static import QuantizeFp8Pass, QuantizeInt8StaticPass
 from fdec.pipeline import Pass
 
 __all__ = ["DEFAULT_PIPELINE", "REGISTRY", "make_pass", "make_pipeline", "parse_pass_list"]
@@ -31,6 +32,8 @@ REGISTRY: dict[str, type[Pass]] = {
         UntieEmbeddingsPass,
         QuantizeInt4Pass,
         QuantizeInt8Pass,
+        QuantizeFp8Pass,
+        QuantizeInt8StaticPass,
     )
 }
 

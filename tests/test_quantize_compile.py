@@ -77,7 +77,7 @@ def test_int4_build_is_matmulnbits_smaller_and_verified(tiny_models, tmp_path, c
     assert ran.exit_code == 0 and json.loads(ran.stdout)["new_tokens"] >= 1
 
 
-def test_int8_is_cpu_only(tiny_models, tmp_path, cli_runner):
+def test_dynamic_int8_is_cpu_only(tiny_models, tmp_path, cli_runner):
     result = cli_runner.invoke(
         cli,
         [
@@ -86,7 +86,7 @@ def test_int8_is_cpu_only(tiny_models, tmp_path, cli_runner):
             "--target",
             "l4",
             "--quantize",
-            "int8",
+            "int8-dynamic",
             "-o",
             str(tmp_path / "b"),
         ],
@@ -147,3 +147,55 @@ def test_emit_hf_checkpoint_loads_in_transformers(tiny_models, tmp_path, cli_run
         "--emit", "hf-checkpoint",
     ])  # fmt: skip
     assert refused.exit_code == 2 and "cannot write a --quantize int8 build" in refused.stderr
+
+
+def test_fp8_on_h100_is_qdq_verified_at_basic_and_flags_the_engine_plan(
+    tiny_models, tmp_path, cli_runner
+):
+    out = tmp_path / "fp8"
+    result = cli_runner.invoke(cli, [
+        "compile", str(tiny_models("llama")), "--target", "h100", "--quantize", "fp8",
+        "--max-seq-len", "256", "-o", str(out), "--json",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    fp8 = [
+        i for i in model.graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(i.dims) == 2
+    ]  # fmt: skip
+    assert len(fp8) == 15
+    runtime = json.loads((out / "fdec-runtime.json").read_text())
+    assert runtime["session_options"]["graph_optimization_level"] == "basic"
+    report = json.loads((out / "report.json").read_text())
+    assert (
+        report["verification"]["ok"] and report["verification"]["numeric"]["top1_agreement"] > 0.8
+    )
+    plan = json.loads((out / "engines" / "tensorrt" / "plan.json").read_text())
+    assert plan["precisions"] == ["fp8"] and "--fp8" in plan["trtexec_shell"]
+
+
+def test_int8_on_a_gpu_is_smoothquant_with_user_calibration(tiny_models, tmp_path, cli_runner):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text(
+        "\n".join(
+            json.dumps({"text": f"Ship {i} sails past the lighthouse at dusk."}) for i in range(40)
+        )
+    )
+    out = tmp_path / "int8"
+    result = cli_runner.invoke(cli, [
+        "compile", str(tiny_models("llama")), "--target", "l4", "--quantize", "int8",
+        "--calibration", str(calib), "--max-seq-len", "256", "-o", str(out), "--json",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    record = report["passes"][-1]
+    assert record["name"] == "quantize-int8-static"
+    assert record["stats"]["alpha"] == 0.8 and record["stats"]["smoothing_folded"] > 0
+    assert ("", "DequantizeLinear") in _ops(out / "model.onnx")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    bad = cli_runner.invoke(cli, [
+        "compile", str(tiny_models("llama")), "--target", "l4", "--quantize", "int8",
+        "--calibration", str(empty), "-o", str(tmp_path / "x"),
+    ])  # fmt: skip
+    assert bad.exit_code == 2 and "[fdec" not in bad.stderr

@@ -64,9 +64,13 @@ def build_engines(
     target: Any,
     backend: str,
     limits: ShapeLimits,
+    precisions: tuple[str, ...] = (),
     progress: Callable[[str], None] = lambda message: None,
 ) -> list[dict[str, Any]]:
-    """Engine records for the report; raises CompileError when a deployable engine fails."""
+    """Engine records for the report; raises CompileError when a deployable engine fails.
+
+    `precisions` are TensorRT builder flags for the Q/DQ precisions the graph carries.
+    """
     if not target.is_gpu or backend == "onnxruntime":
         return []
     onnx_path = build_dir / "model.onnx"
@@ -74,7 +78,9 @@ def build_engines(
     if backend == "tensorrt":
         from fdec.lower import tensorrt
 
-        plan = tensorrt.plan_engine(build_dir, spec=spec, target=target, limits=limits)
+        plan = tensorrt.plan_engine(
+            build_dir, spec=spec, target=target, limits=limits, precisions=list(precisions)
+        )
         if tensorrt.tensorrt_available() is None:
             wanted = tuple(target.compute_capability)
             here = [

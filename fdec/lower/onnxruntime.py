@@ -58,7 +58,12 @@ def providers_for(target: Any) -> list[list[Any]]:
 
 
 def lower_onnxruntime(
-    model: FdecModel, out: pathlib.Path, *, source_folder: pathlib.Path, target: Any
+    model: FdecModel,
+    out: pathlib.Path,
+    *,
+    source_folder: pathlib.Path,
+    target: Any,
+    optimization: str = "all",
 ) -> list[pathlib.Path]:
     """Write the ONNX Runtime build into `out`; returns the files written."""
     files = model.save(out / MODEL_FILE)
@@ -76,7 +81,7 @@ def lower_onnxruntime(
         "kind": spec.kind,
         "family": spec.family,
         "providers": providers_for(target),
-        "session_options": {"graph_optimization_level": "all", "intra_op_num_threads": 0},
+        "session_options": {"graph_optimization_level": optimization, "intra_op_num_threads": 0},
         "inputs": spec.inputs,
         "outputs": spec.outputs,
         "kv_cache": (

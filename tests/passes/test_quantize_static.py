@@ -1,0 +1,558 @@
+"""Tests of the static quantization passes (FP8 E4M3 and SmoothQuant INT8 QDQ).
+
+The tiny llama (and gpt2, for LayerNormalization) is exported once per module, untied and
+cleaned, and calibrated on the built-in corpus through its tiny tokenizer. Each test quantizes
+a fresh copy, checks the QDQ structure and the quantized values with numpy, and runs the
+result in ONNX Runtime on the CPU at graph optimization "basic" against the PyTorch reference
+within the pass's declared tolerance.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from graphs import ir_model, run_ort, tiny_spec
+
+from fdec.calibrate import (
+    ActivationStats,
+    calibration_batches,
+    capture_activations,
+    collect_activation_stats,
+    load_calibration_texts,
+    matmul_activation_inputs,
+)
+from fdec.errors import CompileError, InputError, UsageError
+from fdec.frontend.export import import_model
+from fdec.frontend.source import resolve_source
+from fdec.ir import FdecModel, ModelSpec
+from fdec.passes.cleanup import (
+    EliminateCommonSubexpressionsPass,
+    FoldConstantsPass,
+    RemoveDeadNodesPass,
+    UntieEmbeddingsPass,
+)
+from fdec.passes.quantize_static import QuantizeFp8Pass, QuantizeInt8StaticPass
+from fdec.pipeline import Pass, PassManager, PassRecord, StructureCheckInstrument
+from fdec.runtime import session_for_model
+from fdec.targets import load_target
+from fdec.verify import Reference
+
+_LAYER_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass
+class _Tiny:
+    """A tiny exported model, untied and cleaned, with its reference and calibration."""
+
+    proto: bytes
+    spec: ModelSpec
+    reference: Reference
+    batches: list[np.ndarray]
+    stats: dict[str, ActivationStats]
+
+    def cleaned(self) -> FdecModel:
+        model = ir.serde.deserialize_model(onnx.load_from_string(self.proto))
+        return FdecModel(model, copy.deepcopy(self.spec))
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Role → the cleaned model's fp32 weight as MatMul reads it ([K, N])."""
+        model = self.cleaned()
+        return {
+            role: model.graph.initializers[name].const_value.numpy().copy()
+            for role, name in model.spec.weights.items()
+            if role != "embed"
+        }
+
+    def initializer(self, name: str) -> np.ndarray:
+        return self.cleaned().graph.initializers[name].const_value.numpy().copy()
+
+
+def _export(tiny_models, tmp_path_factory, family: str) -> _Tiny:
+    cache = tmp_path_factory.mktemp(f"cache-static-{family}")
+    with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse fixture is not up
+        patch.setenv("FDEC_CACHE_DIR", str(cache / "fdec"))
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        imported = import_model(resolve_source(str(tiny_models(family))))
+        model = imported.fdec_model
+        reference = Reference.from_hf(
+            imported.hf_model, "decoder", imported.tokenizer, model.spec.vocab_size
+        )
+        cleanup = [
+            UntieEmbeddingsPass(),
+            FoldConstantsPass(),
+            EliminateCommonSubexpressionsPass(),
+            RemoveDeadNodesPass(),
+        ]
+        model, _ = PassManager(cleanup).run(model)
+        batches = calibration_batches(
+            load_calibration_texts(None), imported.tokenizer, model.spec.vocab_size
+        )
+        names = sorted(set(matmul_activation_inputs(model).values()))
+        stats = collect_activation_stats(model, batches, names)
+    proto = ir.serde.serialize_model(model.model).SerializeToString()
+    return _Tiny(proto, copy.deepcopy(model.spec), reference, batches, stats)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models, tmp_path_factory) -> _Tiny:
+    return _export(tiny_models, tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_models, tmp_path_factory) -> _Tiny:
+    return _export(tiny_models, tmp_path_factory, "gpt2")
+
+
+def _run_pass(pass_: Pass, model: FdecModel) -> tuple[FdecModel, PassRecord]:
+    """Run one pass under the PassManager with the full structure check (ONNX checker too)."""
+    model, (record,) = PassManager([pass_], [StructureCheckInstrument(full=True)]).run(model)
+    assert record.checks["structure"] == {"ok": True, "problems": []}
+    return model, record
+
+
+def _ops(model: FdecModel) -> collections.Counter:
+    return collections.Counter((node.domain or "", node.op_type) for node in model.graph)
+
+
+def _assert_within_tolerance(model: FdecModel, reference: Reference, pass_: Pass) -> dict:
+    """ORT CPU at "basic" (QDQ graphs run unfused there) against PyTorch on held text."""
+    figures = reference.compare(session_for_model(model, optimization="basic"))
+    tolerance = pass_.tolerance
+    assert figures["max_abs_error"] <= tolerance.max_abs_error, figures
+    assert figures["top1_agreement"] >= tolerance.min_top1_agreement, figures
+    assert figures["max_abs_error"] > 1e-3  # the weights really changed
+    # 8-bit weights and activations of a random model barely move its perplexity.
+    ratio = figures["perplexity_build"] / figures["perplexity_source"]
+    assert 0.97 < ratio < 1.03, figures
+    return figures
+
+
+def _roles(spec: ModelSpec) -> list[str]:
+    return [f"layers.{i}.{r}" for i in range(spec.num_layers) for r in _LAYER_ROLES] + ["lm_head"]
+
+
+def _weight_dequantizer(model: FdecModel, role: str) -> tuple[ir.Value, ir.Node]:
+    weight = model.graph.initializers[model.spec.weights[role]]
+    (use,) = weight.uses()
+    assert use.node.op_type == "DequantizeLinear" and use.idx == 0
+    assert use.node.attributes["axis"].value == 1
+    (matmul,) = [u.node for u in use.node.outputs[0].uses()]
+    assert matmul.op_type == "MatMul"
+    return weight, use.node
+
+
+def _activation_scale(matmul: ir.Node) -> tuple[float, ir.Node]:
+    """The static scale of the QDQ pair feeding a MatMul's activation input."""
+    dequantize = matmul.inputs[0].producer()
+    assert dequantize.op_type == "DequantizeLinear"
+    quantize = dequantize.inputs[0].producer()
+    assert quantize.op_type == "QuantizeLinear"
+    assert quantize.inputs[1] is dequantize.inputs[1]  # one scale for the pair
+    return float(quantize.inputs[1].const_value.numpy()), quantize
+
+
+# --- quantize-fp8 -----------------------------------------------------------------------------
+
+
+def test_fp8_writes_qdq_with_float8_weights_and_calibrated_activation_scales(llama):
+    before = llama.weights()
+    roles = _roles(llama.spec)
+    pass_ = QuantizeFp8Pass(stats=llama.stats)
+
+    model, record = _run_pass(pass_, llama.cleaned())
+
+    ops = _ops(model)
+    assert ops[("", "QuantizeLinear")] == 9  # one per activation: q/k/v and gate/up share
+    assert ops[("", "DequantizeLinear")] == 9 + 15
+    assert ops[("", "MatMul")] == 19 and ops[("", "Gemm")] == 0
+    assert model.spec_problems() == []
+    assert model.model.opset_imports[""] >= 19
+    for role in roles:
+        weight, dequantize = _weight_dequantizer(model, role)
+        assert weight.dtype == ir.DataType.FLOAT8E4M3FN
+        codes = weight.const_value.numpy().astype(np.float32)
+        w = before[role]
+        assert codes.shape == w.shape
+        scales = dequantize.inputs[1].const_value.numpy()
+        peak = np.abs(w).max(axis=0)
+        np.testing.assert_allclose(scales, np.where(peak > 0, peak / 448, 1), rtol=1e-7)
+        # Each column's largest weight is ±448; every value is FP8's nearest: within half a
+        # step (2⁻⁴ relative for normals, 2⁻¹⁰ of the scale for subnormals).
+        live = peak > 0
+        np.testing.assert_array_equal(np.abs(codes).max(axis=0)[live], 448)
+        error = np.abs(codes * scales - w)
+        bound = np.maximum(np.abs(w) * 2.0**-4, scales * 2.0**-10) * (1 + 1e-6)
+        assert np.all(error <= bound)
+        scale, quantize = _activation_scale(next(iter(dequantize.outputs[0].uses())).node)
+        name = quantize.inputs[0].name
+        assert scale == pytest.approx(llama.stats[name].absmax / 448, rel=1e-6)
+        assert quantize.inputs[2].dtype == ir.DataType.FLOAT8E4M3FN
+    elements = sum(before[role].size for role in roles)
+    columns = sum(before[role].shape[1] for role in roles)
+    assert record.stats == {
+        "matmuls_quantized": 15,
+        "weights_quantized": 15,
+        "activations_quantized": 9,
+        "skipped": {},
+        "bytes_before": 4 * elements,
+        "bytes_after": elements + 4 * columns,
+        "activation_range": "absmax",
+        "opset_raised": False,
+    }
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+    # At "all", onnxruntime 1.32's CPU provider runs this graph too: it fuses no FP8 QDQ (only
+    # attention's MatMul + Mul into FusedMatMul), so the logits are those of "basic".
+    basic = session_for_model(model, optimization="basic")
+    full = session_for_model(model, optimization="all")
+    ids = llama.reference.ids
+    want, _ = basic.decode(ids, basic.empty_past(1), 0)
+    got, _ = full.decode(ids, full.empty_past(1), 0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_fp8_percentile_range_and_calibrating_from_batches(llama):
+    pass_ = QuantizeFp8Pass(batches=llama.batches, activation_range="percentile")
+
+    model, record = _run_pass(pass_, llama.cleaned())
+
+    assert record.stats["activations_quantized"] == 9
+    assert record.options["batches"] == "16 batches, 2048 tokens"
+    assert record.options["stats"] is None
+    for node in model.graph:
+        if node.op_type == "QuantizeLinear":
+            stats = llama.stats[node.inputs[0].name]
+            assert stats.percentile_99_9 < stats.absmax
+            want = stats.percentile_99_9 / 448
+            assert float(node.inputs[1].const_value.numpy()) == pytest.approx(want, rel=1e-5)
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_fp8_is_refused_for_targets_without_fp8():
+    with pytest.raises(InputError) as caught:
+        QuantizeFp8Pass().check_target(load_target("a100"))
+    assert caught.value.problem == "FP8 needs compute capability ≥ 8.9; a100 is 8.0"
+    assert caught.value.fix == "use int8 or int4"
+    with pytest.raises(UsageError) as caught:
+        QuantizeFp8Pass().check_target(load_target("cpu"))
+    assert caught.value.problem == "quantize-fp8 writes static QDQ for GPU engines; cpu is a CPU"
+    assert "quantize-int8" in caught.value.fix
+    for name in ("h100", "l4", "rtx4090"):
+        QuantizeFp8Pass().check_target(load_target(name))
+
+
+def test_int8_static_is_refused_for_the_cpu_with_the_dynamic_pass_as_fix():
+    with pytest.raises(UsageError) as caught:
+        QuantizeInt8StaticPass().check_target(load_target("cpu"))
+    assert "cpu is a CPU" in caught.value.problem
+    assert caught.value.fix.startswith("use quantize-int8 (dynamic int8")
+    for name in ("t4", "a100", "h100"):
+        QuantizeInt8StaticPass().check_target(load_target(name))
+
+
+def test_options_are_checked_keyword_only_and_reported_as_counts(llama):
+    with pytest.raises(UsageError, match="needs calibration data") as caught:
+        QuantizeFp8Pass().requires(llama.cleaned())
+    assert "calibration_batches" in caught.value.fix
+    with pytest.raises(UsageError, match="untie-embeddings"):
+        tied = llama.cleaned()
+        tied.spec.tie_word_embeddings = True
+        QuantizeInt8StaticPass(stats=llama.stats).requires(tied)
+    QuantizeInt8StaticPass(stats=llama.stats).requires(llama.cleaned())
+    with pytest.raises(UsageError, match="activation_range 'minmax'"):
+        QuantizeFp8Pass(activation_range="minmax")
+    for alpha in (-0.1, 1.5, True, "0.5", float("nan")):
+        with pytest.raises(UsageError, match="alpha"):
+            QuantizeInt8StaticPass(alpha=alpha)
+    with pytest.raises(UsageError, match="batches"):
+        QuantizeInt8StaticPass(batches=[np.zeros(4, dtype=np.int64)])
+    with pytest.raises(TypeError):
+        QuantizeInt8StaticPass(0.5)
+    assert QuantizeInt8StaticPass(stats=llama.stats).options() == {
+        "include_lm_head": True,
+        "alpha": 0.5,
+        "stats": "9 tensors",
+        "batches": None,
+    }
+    assert QuantizeFp8Pass(batches=llama.batches[:2]).options() == {
+        "include_lm_head": True,
+        "activation_range": "absmax",
+        "stats": None,
+        "batches": "2 batches, 256 tokens",
+    }
+
+
+def test_missing_statistics_skip_weights_with_a_reason(llama):
+    name = matmul_activation_inputs(llama.cleaned(), ["layers.0.q"])["layers.0.q"]
+    partial = {k: v for k, v in llama.stats.items() if k != name}
+
+    model, record = _run_pass(QuantizeFp8Pass(stats=partial), llama.cleaned())
+
+    assert record.stats["skipped"] == {"no calibration statistics for its activation": 3}
+    assert record.stats["weights_quantized"] == 12
+    q = model.graph.initializers[model.spec.weights["layers.0.q"]]
+    assert q.dtype == ir.DataType.FLOAT
+    again = QuantizeFp8Pass(stats=llama.stats)(model)
+    assert again.stats["weights_quantized"] == 3  # the rest are FP8 now: not float weights
+    assert again.stats["skipped"] == {"not a float weight": 12}
+
+
+def test_statistics_of_another_graph_are_refused(llama):
+    """Stats keyed by names this graph lacks (calibrated before a renaming pass) fail loudly."""
+    renamed = {f"old/{name}": stats for name, stats in llama.stats.items()}
+    pass_ = QuantizeInt8StaticPass(stats=renamed)
+    assert not pass_.needs_calibration and QuantizeInt8StaticPass().needs_calibration
+
+    with pytest.raises(CompileError, match="none of the 9 activations") as caught:
+        pass_(llama.cleaned())
+    assert "batches=" in caught.value.fix
+
+
+# --- quantize-int8-static (SmoothQuant) -------------------------------------------------------
+
+
+def _smoothing(stats: ActivationStats, weights: list[np.ndarray], alpha: float) -> np.ndarray:
+    """SmoothQuant's s_j = max|X_j|^α / max|W_j|^(1-α), computed independently of the pass."""
+    x = stats.channel_absmax.astype(np.float64)
+    w = np.max([np.abs(a).max(axis=1) for a in weights], axis=0).astype(np.float64)
+    return (x**alpha / w ** (1 - alpha)).astype(np.float32)
+
+
+def test_int8_smoothquant_folds_into_the_rmsnorm_weights(llama):
+    before = llama.weights()
+    spec = llama.spec
+    pass_ = QuantizeInt8StaticPass(stats=llama.stats)
+    activations = matmul_activation_inputs(llama.cleaned())
+
+    model, record = _run_pass(pass_, llama.cleaned())
+
+    stats = record.stats
+    assert stats["smoothing_folded"] == 2 * spec.num_layers  # input and post-attention norms
+    assert stats["smoothing_inserted"] == 2 * spec.num_layers + 1  # o, down; the lm_head
+    assert (stats["matmuls_quantized"], stats["activations_quantized"]) == (15, 9)
+    assert stats["skipped"] == {} and stats["alpha"] == 0.5
+    assert model.spec_problems() == []
+    ops = _ops(model)
+    assert ops[("", "QuantizeLinear")] == 9 and ops[("", "DequantizeLinear")] == 24
+    assert sum(n.op_type == "Mul" and n.name.endswith("_SmoothQuant") for n in model.graph) == 5
+
+    groups = {
+        "input_layernorm": ("q", "k", "v"),
+        "post_attention_layernorm": ("gate", "up"),
+    }
+    for layer in range(spec.num_layers):
+        for norm, members in groups.items():
+            name = f"model.layers.{layer}.{norm}.weight"
+            roles = [f"layers.{layer}.{m}" for m in members]
+            x_stats = llama.stats[activations[roles[0]]]
+            s = _smoothing(x_stats, [before[r] for r in roles], 0.5)
+            assert s.max() / s.min() > 1.2  # per channel, not one factor for all
+            old = llama.initializer(name)
+            new = model.graph.initializers[name].const_value.numpy()
+            np.testing.assert_allclose(new, old / s, rtol=1e-6)
+            for role in roles:
+                weight, dequantize = _weight_dequantizer(model, role)
+                codes = weight.const_value.numpy()
+                assert weight.dtype == ir.DataType.INT8 and codes.shape == before[role].shape
+                scales = dequantize.inputs[1].const_value.numpy()
+                smoothed = before[role] * s[:, None]
+                np.testing.assert_allclose(scales, np.abs(smoothed).max(axis=0) / 127, rtol=1e-6)
+                np.testing.assert_array_equal(np.abs(codes.astype(int)).max(axis=0), 127)
+                error = np.abs(codes * scales - smoothed)
+                assert np.all(error <= scales / 2 * (1 + 1e-5))
+                matmul = next(iter(dequantize.outputs[0].uses())).node
+                scale, quantize = _activation_scale(matmul)
+                # The activation scale is the exact absmax of X / s over the calibration.
+                want = float(np.max(x_stats.channel_absmax / s)) / 127
+                assert scale == pytest.approx(want, rel=1e-6)
+                assert quantize.inputs[0].name == activations[roles[0]]  # folded: no Mul
+                assert quantize.inputs[2].dtype == ir.DataType.INT8
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_smoothing_keeps_the_float_product_unchanged(llama):
+    """X·W = (X/s)·(s·W) on real activations, before any quantization."""
+    model = llama.cleaned()
+    weights = llama.weights()
+    activations = matmul_activation_inputs(model)
+    names = [activations["layers.0.q"], activations["layers.1.down"]]
+    captured = capture_activations(model, llama.batches[5], names)
+    pass_ = QuantizeInt8StaticPass(alpha=0.5)
+    for name, roles in zip(names, (["layers.0.q", "layers.0.k", "layers.0.v"], ["layers.1.down"])):
+        x = captured[name][0].astype(np.float64)  # [seq, K]
+        s = pass_.smoothing_factors([weights[r] for r in roles], llama.stats[name].channel_absmax)
+        np.testing.assert_allclose(
+            s, _smoothing(llama.stats[name], [weights[r] for r in roles], 0.5)
+        )
+        smoothed_x = x / s
+        # Smoothing evens the activation's channels out: the ratio of its largest channel
+        # range to its median drops.
+        spread = lambda a: np.abs(a).max(0).max() / np.median(np.abs(a).max(0))  # noqa: E731
+        assert spread(smoothed_x) < spread(x)
+        for role in roles:
+            w = weights[role].astype(np.float64)
+            want = x @ w
+            got = smoothed_x @ (w * s[:, None].astype(np.float64))
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("alpha", [0.0, None], ids=["alpha0", "no-smoothing"])
+def test_int8_static_other_alphas_verify(llama, alpha):
+    before = llama.weights()
+    pass_ = QuantizeInt8StaticPass(stats=llama.stats, alpha=alpha)
+
+    model, record = _run_pass(pass_, llama.cleaned())
+
+    assert record.stats["matmuls_quantized"] == 15
+    folded, inserted = (4, 5) if alpha is not None else (0, 0)
+    assert (record.stats["smoothing_folded"], record.stats["smoothing_inserted"]) == (
+        folded,
+        inserted,
+    )
+    norm = "model.layers.0.input_layernorm.weight"
+    changed = not np.array_equal(
+        model.graph.initializers[norm].const_value.numpy(), llama.initializer(norm)
+    )
+    assert changed is (alpha is not None)
+    if alpha == 0.0:  # s = 1 / max|W_j|: every smoothed weight row has absmax 1
+        weight, dequantize = _weight_dequantizer(model, "layers.0.o")
+        codes = weight.const_value.numpy().astype(np.float32)
+        rows = np.abs(codes * dequantize.inputs[1].const_value.numpy()).max(axis=1)
+        np.testing.assert_allclose(rows, 1.0, atol=0.01)
+        assert np.all(np.abs(before["layers.0.o"]).max(axis=1) < 0.5)  # not so before
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_int8_static_from_batches_equals_from_stats(llama):
+    from_stats, _ = _run_pass(QuantizeInt8StaticPass(stats=llama.stats), llama.cleaned())
+    from_batches, record = _run_pass(QuantizeInt8StaticPass(batches=llama.batches), llama.cleaned())
+
+    assert record.stats["smoothing_folded"] == 4
+    for role in _roles(llama.spec):
+        a = from_stats.graph.initializers[from_stats.spec.weights[role]].const_value.numpy()
+        b = from_batches.graph.initializers[from_batches.spec.weights[role]].const_value.numpy()
+        np.testing.assert_array_equal(a, b)
+
+
+def test_int8_static_folds_into_gpt2_layernorm_scale_and_bias(gpt2):
+    before = gpt2.weights()
+    pass_ = QuantizeInt8StaticPass(stats=gpt2.stats)
+    activations = matmul_activation_inputs(gpt2.cleaned())
+
+    model, record = _run_pass(pass_, gpt2.cleaned())
+
+    # ln_1 → Reshape → qkv Gemm and ln_2 → Reshape → fc_in Gemm fold; o, fc_out, lm_head don't.
+    assert (record.stats["smoothing_folded"], record.stats["smoothing_inserted"]) == (4, 5)
+    assert record.stats["matmuls_quantized"] == 9
+    assert _ops(model)[("", "Gemm")] == 0
+    assert model.spec_problems() == []
+    s = _smoothing(gpt2.stats[activations["layers.1.qkv"]], [before["layers.1.qkv"]], 0.5)
+    for part in ("weight", "bias"):
+        name = f"transformer.h.1.ln_1.{part}"
+        new = model.graph.initializers[name].const_value.numpy()
+        np.testing.assert_allclose(new, gpt2.initializer(name) / s, rtol=1e-6)
+    _assert_within_tolerance(model, gpt2.reference, pass_)
+
+
+# --- small graphs: where smoothing folds, where it is inserted --------------------------------
+
+_SMALL = """
+<ir_version: 10, opset_import: ["" : 18]>
+g (float[3, 8] x) => (float[3, 4] y, float[3, 4] z, float[3, 4] r, float[3, 8] t, float[3, 4] u) {
+    n = Mul (x, g1)
+    y = MatMul (n, w1)
+    z = MatMul (n, w2)
+    m = Mul (g2, x)
+    r = MatMul (m, w3)
+    t = Mul (x, g2)
+    u = MatMul (x, w4)
+}
+"""
+
+
+def _small() -> tuple[FdecModel, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "g1": rng.uniform(0.5, 2.0, 8).astype(np.float32),
+        "g2": rng.uniform(0.5, 2.0, 8).astype(np.float32),
+        **{f"w{i}": rng.standard_normal((8, 4)).astype(np.float32) for i in range(1, 5)},
+    }
+    spec = tiny_spec(
+        hidden_size=8,
+        weights={
+            "layers.0.q": "w1",
+            "layers.0.k": "w2",
+            "layers.0.gate": "w3",
+            "layers.0.down": "w4",
+        },
+        outputs=["y", "z", "r", "t", "u"],
+    )
+    x = rng.standard_normal((3, 8)).astype(np.float32) * np.array([1, 1, 9, 1, 1, 1, 1, 0.1])
+    feeds = {"x": x.astype(np.float32)}
+    return FdecModel(ir_model(_SMALL, arrays), spec), arrays, feeds
+
+
+def test_smoothing_folds_into_a_private_copy_or_inserts_a_mul():
+    model, arrays, feeds = _small()
+    x = feeds["x"]
+    stats = {
+        "n": ActivationStats.of(x * arrays["g1"]),
+        "m": ActivationStats.of(x * arrays["g2"]),
+        "x": ActivationStats.of(x),
+    }
+    before = run_ort(model.model, feeds)
+
+    model, record = _run_pass(QuantizeInt8StaticPass(stats=stats), model)
+
+    assert (record.stats["smoothing_folded"], record.stats["smoothing_inserted"]) == (2, 1)
+    assert record.stats["opset_raised"] is False  # 18 ≥ 13: per-axis DequantizeLinear
+    graph = model.graph
+    # g1 feeds only the smoothed matmuls: changed in place. g2 is read by t's Mul too: the
+    # Mul feeding r got its own smoothed copy, g2 and t stay as they were.
+    s1 = _smoothing(stats["n"], [arrays["w1"], arrays["w2"]], 0.5)
+    np.testing.assert_allclose(
+        graph.initializers["g1"].const_value.numpy(), arrays["g1"] / s1, rtol=1e-6
+    )
+    np.testing.assert_array_equal(graph.initializers["g2"].const_value.numpy(), arrays["g2"])
+    (copy_of_g2,) = [name for name in graph.initializers if name.startswith("g2_smoothed")]
+    s3 = _smoothing(stats["m"], [arrays["w3"]], 0.5)
+    np.testing.assert_allclose(
+        graph.initializers[copy_of_g2].const_value.numpy(), arrays["g2"] / s3, rtol=1e-6
+    )
+    # x is a graph input (and read by t's Mul): an explicit Mul by 1/s, placed first.
+    (inserted,) = [n for n in graph if n.name.endswith("_SmoothQuant")]
+    assert inserted.inputs[0].name == "x"
+    s4 = _smoothing(stats["x"], [arrays["w4"]], 0.5)
+    np.testing.assert_allclose(inserted.inputs[1].const_value.numpy(), 1 / s4, rtol=1e-6)
+    after = run_ort(model.model, feeds)
+    np.testing.assert_array_equal(after[3], before[3])  # t: untouched
+    for i in (0, 1, 2, 4):
+        want = before[i]
+        assert np.abs(after[i] - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_fp8_raises_the_opset_to_19():
+    model, arrays, feeds = _small()
+    stats = {"n": ActivationStats.of(feeds["x"] * arrays["g1"])}
+    before = run_ort(model.model, feeds)
+
+    model, record = _run_pass(QuantizeFp8Pass(stats=stats), model)
+
+    assert record.stats["opset_raised"] is True
+    assert model.model.opset_imports[""] == 19
+    assert record.stats["weights_quantized"] == 2
+    assert record.stats["skipped"] == {"no calibration statistics for its activation": 2}
+    codes = model.graph.initializers[model.spec.weights["layers.0.q"]].const_value.numpy()
+    assert codes.dtype == ml_dtypes.float8_e4m3fn
+    after = run_ort(model.model, feeds)
+    for i in (0, 1):
+        assert np.abs(after[i] - before[i]).max() < 0.1 * np.abs(before[i]).max()
+    np.testing.assert_array_equal(after[2], before[2])  # r: not calibrated, left in fp32
