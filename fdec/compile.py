@@ -35,7 +35,15 @@ from fdec.runtime import OrtModel, open_session, session_for_model
 from fdec.targets import Precision, load_target
 from fdec.verify import Reference
 
-__all__ = ["FP32_TOLERANCE", "CompileOptions", "CompileResult", "compile_model"]
+__all__ = [
+    "FP32_TOLERANCE",
+    "CompileOptions",
+    "CompileResult",
+    "Plan",
+    "choose_backend",
+    "compile_model",
+    "plan_pipeline",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,24 +94,26 @@ def compile_model(
     out = pathlib.Path(options.out)
     # Everything that can be checked without loading the model is checked first.
     target = load_target(options.target)
-    backend = _choose_backend(options.backend, target)
+    backend = choose_backend(options.backend, target)
     limits = ShapeLimits(
         max_batch=options.max_batch, max_seq_len=options.max_seq_len or DEFAULT_MAX_SEQ_LEN
     )
     check_output_path(out)
-    pass_names = fdec_passes.parse_pass_list(options.passes)
-    pipeline = fdec_passes.make_pipeline(pass_names) + _quantize_passes(
-        options.quantize, target, backend, pass_names
+    plan = plan_pipeline(
+        target=target,
+        backend=backend,
+        passes=options.passes,
+        quantize=options.quantize,
+        max_ppl_increase=options.max_ppl_increase,
+        calibration=options.calibration,
     )
-    pass_names = [p.name for p in pipeline]
     _check_emit(options.emit, options.quantize)
-    tolerance = _build_tolerance(pipeline, options.max_ppl_increase)
-    PassManager(pipeline, target=target).check_requirements()
-    calibrating = [i for i, p in enumerate(pipeline) if getattr(p, "needs_calibration", False)]
-    calibration_texts = load_calibration_texts(options.calibration) if calibrating else None
-    # ONNX Runtime runs FP8/INT8 QDQ graphs on the CPU only at optimization BASIC (DESIGN.md).
-    qdq = any(p.name in ("quantize-fp8", "quantize-int8-static") for p in pipeline)
-    optimization = "basic" if qdq else "all"
+    pipeline, pass_names, tolerance, optimization = (
+        plan.pipeline,
+        plan.pass_names,
+        plan.tolerance,
+        plan.optimization,
+    )
 
     source = resolve_source(
         options.model,
@@ -127,11 +137,9 @@ def compile_model(
         limits.check_against(spec)
     progress("computing the reference outputs with PyTorch")
     reference = Reference.from_hf(hf_model, spec.kind, imported.tokenizer, spec.vocab_size)
-    if calibrating:
+    if plan.calibrating:
         progress("tokenizing calibration text")
-        batches = tuple(calibration_batches(calibration_texts, imported.tokenizer, spec.vocab_size))
-        for index in calibrating:
-            pipeline[index] = dataclasses.replace(pipeline[index], batches=batches)
+        plan.attach_calibration(imported.tokenizer, spec.vocab_size)
 
     instruments: list[Any] = []
     if options.verify_each:
@@ -314,7 +322,55 @@ def _build_tolerance(pipeline: list[Any], max_ppl_increase: float | None) -> Tol
     )
 
 
-def _choose_backend(asked: str | None, target: Any) -> str:
+@dataclasses.dataclass
+class Plan:
+    """The passes a compile runs, the gate its build must meet, and how ORT runs it."""
+
+    pipeline: list[Any]
+    tolerance: Tolerance
+    optimization: str  # ORT graph optimization the build is verified and run at
+    calibration_texts: list[str] | None
+
+    @property
+    def pass_names(self) -> list[str]:
+        return [p.name for p in self.pipeline]
+
+    @property
+    def calibrating(self) -> list[int]:
+        return [i for i, p in enumerate(self.pipeline) if getattr(p, "needs_calibration", False)]
+
+    def attach_calibration(self, tokenizer: Any, vocab_size: int) -> None:
+        """Give every calibrating pass the tokenized calibration batches."""
+        batches = tuple(calibration_batches(self.calibration_texts or [], tokenizer, vocab_size))
+        for index in self.calibrating:
+            self.pipeline[index] = dataclasses.replace(self.pipeline[index], batches=batches)
+
+
+def plan_pipeline(
+    *,
+    target: Any,
+    backend: str,
+    passes: str | None = None,
+    quantize: str | None = None,
+    max_ppl_increase: float | None = None,
+    calibration: pathlib.Path | None = None,
+) -> Plan:
+    """Everything about the pipeline that can be decided (and refused) before loading a model."""
+    names = fdec_passes.parse_pass_list(passes)
+    pipeline = fdec_passes.make_pipeline(names) + _quantize_passes(quantize, target, backend, names)
+    PassManager(pipeline, target=target).check_requirements()
+    needs = any(getattr(p, "needs_calibration", False) for p in pipeline)
+    # ONNX Runtime runs FP8/INT8 QDQ graphs on the CPU only at optimization BASIC (DESIGN.md).
+    qdq = any(p.name in ("quantize-fp8", "quantize-int8-static") for p in pipeline)
+    return Plan(
+        pipeline=pipeline,
+        tolerance=_build_tolerance(pipeline, max_ppl_increase),
+        optimization="basic" if qdq else "all",
+        calibration_texts=load_calibration_texts(calibration) if needs else None,
+    )
+
+
+def choose_backend(asked: str | None, target: Any) -> str:
     backend = asked or target.default_backend
     if backend not in _BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", f"use one of: {', '.join(_BACKENDS)}")
