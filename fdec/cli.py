@@ -48,6 +48,27 @@ def _quiet_libraries(quiet: bool) -> None:
         pass
 
 
+class _Fraction(click.ParamType):
+    """A non-negative fraction written as `3%` or `0.03`."""
+
+    name = "fraction"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a fraction; write 3% or 0.03", param, ctx)
+        if number < 0:
+            self.fail(f"{value!r} is negative", param, ctx)
+        return number
+
+
+_FRACTION = _Fraction()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="fdec")
@@ -104,8 +125,8 @@ def cli(verbose: int) -> None:
 )
 @click.option(
     "--max-ppl-increase",
-    type=click.FloatRange(0.0),
-    help="Fail when perplexity grows more than this (0.2 = +20%%).",
+    type=_FRACTION,
+    help="Fail when perplexity grows more than this: 3%% or 0.03.",
 )
 @click.option(
     "--emit",

@@ -199,3 +199,19 @@ def test_int8_on_a_gpu_is_smoothquant_with_user_calibration(tiny_models, tmp_pat
         "--calibration", str(empty), "-o", str(tmp_path / "x"),
     ])  # fmt: skip
     assert bad.exit_code == 2 and "[fdec" not in bad.stderr
+
+
+def test_max_ppl_increase_takes_percent_or_fraction(tiny_models, tmp_path, cli_runner):
+    for value, expected in (("3%", 0.03), ("0.5", 0.5)):
+        out = tmp_path / value.replace("%", "pc")
+        result = cli_runner.invoke(cli, [
+            "compile", str(tiny_models("gpt2")), "--quantize", "int4", "--max-ppl-increase", value,
+            "-o", str(out), "-q",
+        ])  # fmt: skip
+        report = json.loads((out / "report.json").read_text())
+        assert report["verification"]["tolerance"]["max_perplexity_increase"] == expected
+        assert result.exit_code == (0 if report["verification"]["ok"] else 1)
+    bad = cli_runner.invoke(
+        cli, ["compile", "x", "-o", str(tmp_path / "z"), "--max-ppl-increase", "-1%"]
+    )
+    assert bad.exit_code == 2 and "negative" in bad.stderr
