@@ -17,6 +17,7 @@ from fdec.passes.cleanup import (
     UntieEmbeddingsPass,
 )
 from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
+from fdec.passes.quantize_embedding import QuantizeEmbeddingPass
 from fdec.passes.quantize_static import QuantizeFp8Pass, QuantizeInt8StaticPass
 from fdec.pipeline import Pass
 
@@ -34,6 +35,7 @@ REGISTRY: dict[str, type[Pass]] = {
         QuantizeInt8Pass,
         QuantizeFp8Pass,
         QuantizeInt8StaticPass,
+        QuantizeEmbeddingPass,
     )
 }
 
