@@ -124,6 +124,12 @@ def cli(verbose: int) -> None:
     help="Calibration text (.txt or .jsonl) for static quantization; default: built-in corpus.",
 )
 @click.option(
+    "--keep-fp",
+    type=click.IntRange(min=0),
+    help="With --quantize int4/int8-dynamic: keep the N layers most sensitive (measured on "
+    "calibration text) in fp32.",
+)
+@click.option(
     "--max-ppl-increase",
     type=_FRACTION,
     help="Fail when perplexity grows more than this: 3%% or 0.03.",
@@ -139,7 +145,7 @@ def cli(verbose: int) -> None:
 def compile_command(model: str, target: str, out: pathlib.Path, passes: str | None, verify_each: bool,
                     dump_dir: pathlib.Path | None, trust_pickle: bool, trust_remote_code: bool,
                     cache_dir: pathlib.Path | None, backend: str | None, max_batch: int,
-                    max_seq_len: int | None, quantize: str | None, max_ppl_increase: float | None,
+                    max_seq_len: int | None, quantize: str | None, keep_fp: int | None, max_ppl_increase: float | None,
                     calibration: pathlib.Path | None, emit: tuple[str, ...], as_json: bool,
                     quiet: bool) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out."""
@@ -153,7 +159,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
         dump_dir=dump_dir, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
         cache_dir=cache_dir, backend=backend, max_batch=max_batch, max_seq_len=max_seq_len,
         quantize=quantize, max_ppl_increase=max_ppl_increase, emit=tuple(emit),
-        calibration=calibration,
+        calibration=calibration, keep_fp=keep_fp,
     )  # fmt: skip
     try:
         result = compile_model(options, ctx.progress)

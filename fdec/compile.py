@@ -69,6 +69,7 @@ class CompileOptions:
     max_ppl_increase: float | None = None  # quality gate for lossy builds (0.2 = +20 %)
     emit: tuple[str, ...] = ()  # extra outputs: "hf-checkpoint"
     calibration: pathlib.Path | None = None  # .txt/.jsonl for static quantization; None = built-in
+    keep_fp: int | None = None  # keep the N most sensitive layers (measured) in fp32
 
 
 @dataclasses.dataclass
@@ -107,6 +108,7 @@ def compile_model(
         max_ppl_increase=options.max_ppl_increase,
         calibration=options.calibration,
         emit=options.emit,
+        keep_fp=options.keep_fp,
     )
     _check_emit(options.emit, options.quantize)
     pipeline, pass_names, tolerance, optimization = (
@@ -253,10 +255,18 @@ DEFAULT_MAX_PPL_INCREASE = 1.0
 
 
 def _quantize_passes(
-    asked: str | None, target: Any, backend: str, earlier: list[str], *, embedding: bool = True
+    asked: str | None,
+    target: Any,
+    backend: str,
+    earlier: list[str],
+    *,
+    embedding: bool = True,
+    keep_fp: int | None = None,
 ) -> list[Any]:
     """Passes for `--quantize PRECISION[-METHOD]`, after checking the target has the precision."""
     if not asked:
+        if keep_fp is not None:
+            raise UsageError("--keep-fp needs --quantize", "add --quantize int4, or drop --keep-fp")
         return []
     precision_text, _, method = asked.lower().partition("-")
     precision = Precision.parse(precision_text)
@@ -281,7 +291,19 @@ def _quantize_passes(
     # The token embedding is the largest fp32 tensor left after weight quantization (113 MB of
     # SmolLM2's 202 MB int4 build); per-row int8 moved its perplexity by -0.1 % there.
     embedding = fdec_passes.make_pass("quantize-embedding", bits=8, backend=pass_backend)
-    if precision.value == "int4":
+    if keep_fp is not None and not (precision.value == "int4" or method == "dynamic"):
+        raise UsageError(
+            f"--keep-fp works with --quantize int4 or int8-dynamic, not {asked}",
+            "drop --keep-fp, or quantize weights only (int4)",
+        )
+    if keep_fp is not None:
+        weights = fdec_passes.make_pass(
+            "quantize-mixed",
+            method="int4" if precision.value == "int4" else "int8",
+            quantizer_options={"backend": pass_backend} if precision.value == "int4" else {},
+            keep_fp=keep_fp,
+        )
+    elif precision.value == "int4":
         weights = fdec_passes.make_pass("quantize-int4", backend=pass_backend)
     elif precision.value == "fp8":
         weights = fdec_passes.make_pass("quantize-fp8")
@@ -364,11 +386,12 @@ def plan_pipeline(
     max_ppl_increase: float | None = None,
     calibration: pathlib.Path | None = None,
     emit: tuple[str, ...] = (),
+    keep_fp: int | None = None,
 ) -> Plan:
     """Everything about the pipeline that can be decided (and refused) before loading a model."""
     names = fdec_passes.parse_pass_list(passes)
     pipeline = fdec_passes.make_pipeline(names) + _quantize_passes(
-        quantize, target, backend, names, embedding="hf-checkpoint" not in emit
+        quantize, target, backend, names, embedding="hf-checkpoint" not in emit, keep_fp=keep_fp
     )
     PassManager(pipeline, target=target).check_requirements()
     needs = any(getattr(p, "needs_calibration", False) for p in pipeline)

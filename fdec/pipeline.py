@@ -326,7 +326,7 @@ def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, (str, int, float, bool)) or value is None:
             out[key] = value
         elif isinstance(value, (list, tuple)):
-            out[key] = [v if isinstance(v, (str, int, float, bool)) else str(v) for v in value]
+            out[key] = [_jsonable({"v": v})["v"] for v in value]
         elif isinstance(value, dict):
             out[key] = _jsonable(value)
         else:

@@ -18,6 +18,7 @@ from fdec.passes.cleanup import (
 )
 from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
 from fdec.passes.quantize_embedding import QuantizeEmbeddingPass
+from fdec.passes.quantize_mixed import QuantizeMixedPass
 from fdec.passes.quantize_static import QuantizeFp8Pass, QuantizeInt8StaticPass
 from fdec.pipeline import Pass
 
@@ -36,6 +37,7 @@ REGISTRY: dict[str, type[Pass]] = {
         QuantizeFp8Pass,
         QuantizeInt8StaticPass,
         QuantizeEmbeddingPass,
+        QuantizeMixedPass,
     )
 }
 

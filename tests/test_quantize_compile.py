@@ -217,3 +217,21 @@ def test_max_ppl_increase_takes_percent_or_fraction(tiny_models, tmp_path, cli_r
         cli, ["compile", "x", "-o", str(tmp_path / "z"), "--max-ppl-increase", "-1%"]
     )
     assert bad.exit_code == 2 and "negative" in bad.stderr
+
+
+def test_keep_fp_keeps_the_most_sensitive_layer_in_fp32(tiny_models, tmp_path, cli_runner):
+    out = tmp_path / "mixed"
+    result = cli_runner.invoke(cli, [
+        "compile", str(tiny_models("llama")), "--quantize", "int4", "--keep-fp", "1", "-o", str(out), "--json",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    mixed = next(p for p in report["passes"] if p["name"] == "quantize-mixed")
+    sensitivity = mixed["stats"]["sensitivity"]
+    assert [row["unit"] for row in sensitivity][0] == mixed["stats"]["kept_fp32"][0]
+    assert len(sensitivity) == 3 and all(isinstance(row, dict) for row in sensitivity)
+    assert _ops(out / "model.onnx").count(("com.microsoft", "MatMulNBits")) < 15
+    refused = cli_runner.invoke(
+        cli, ["compile", str(tiny_models("llama")), "--keep-fp", "1", "-o", str(tmp_path / "x")]
+    )
+    assert refused.exit_code == 2 and "--keep-fp needs --quantize" in refused.stderr
