@@ -114,7 +114,7 @@ def cli(verbose: int) -> None:
 )
 @click.option(
     "--quantize",
-    help="int4 (weight-only RTN), int8 (dynamic on cpu, SmoothQuant on GPUs), "
+    help="int4 (weight-only RTN), int4-awq (activation-aware), int8 (dynamic on cpu, SmoothQuant on GPUs), "
     "int8-smoothquant, fp8 (static, GPUs with cc >= 8.9).",
 )
 @click.option(

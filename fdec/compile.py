@@ -240,7 +240,7 @@ _BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 # Methods each precision has today; precisions not listed are checked against the target and
 # then refused as not built yet.
 _QUANTIZE_METHODS = {
-    "int4": ("rtn",),
+    "int4": ("rtn", "awq"),
     "int8": ("dynamic", "smoothquant"),
     "fp8": ("static",),
     "fp32": ("none",),
@@ -299,12 +299,15 @@ def _quantize_passes(
     if keep_fp is not None:
         weights = fdec_passes.make_pass(
             "quantize-mixed",
-            method="int4" if precision.value == "int4" else "int8",
+            method=("int4-awq" if method == "awq" else "int4")
+            if precision.value == "int4"
+            else "int8",
             quantizer_options={"backend": pass_backend} if precision.value == "int4" else {},
             keep_fp=keep_fp,
         )
     elif precision.value == "int4":
-        weights = fdec_passes.make_pass("quantize-int4", backend=pass_backend)
+        name = "quantize-int4-awq" if method == "awq" else "quantize-int4"
+        weights = fdec_passes.make_pass(name, backend=pass_backend)
     elif precision.value == "fp8":
         weights = fdec_passes.make_pass("quantize-fp8")
     # int8: static SmoothQuant QDQ for GPUs (or when asked), dynamic on the CPU.

@@ -17,6 +17,7 @@ from fdec.passes.cleanup import (
     UntieEmbeddingsPass,
 )
 from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
+from fdec.passes.quantize_awq import QuantizeInt4AwqPass
 from fdec.passes.quantize_embedding import QuantizeEmbeddingPass
 from fdec.passes.quantize_mixed import QuantizeMixedPass
 from fdec.passes.quantize_static import QuantizeFp8Pass, QuantizeInt8StaticPass
@@ -33,6 +34,7 @@ REGISTRY: dict[str, type[Pass]] = {
         InferShapesPass,
         UntieEmbeddingsPass,
         QuantizeInt4Pass,
+        QuantizeInt4AwqPass,
         QuantizeInt8Pass,
         QuantizeFp8Pass,
         QuantizeInt8StaticPass,

@@ -346,17 +346,17 @@ class QuantizeInt4Pass(Pass):
     def __post_init__(self) -> None:
         if self.block_size not in _BLOCK_SIZES:
             raise UsageError(
-                f"quantize-int4 block_size {self.block_size} is not supported",
+                f"{self.name} block_size {self.block_size} is not supported",
                 f"use one of {', '.join(map(str, _BLOCK_SIZES))}",
             )
         if self.backend not in _INT4_BACKENDS:
             raise UsageError(
-                f"quantize-int4 backend {self.backend!r} is unknown",
+                f"{self.name} backend {self.backend!r} is unknown",
                 f"use one of {', '.join(_INT4_BACKENDS)}",
             )
         if self.accuracy_level not in range(5):
             raise UsageError(
-                f"quantize-int4 accuracy_level {self.accuracy_level} is not 0–4",
+                f"{self.name} accuracy_level {self.accuracy_level} is not 0–4",
                 "use 4 (int8 activations on the CPU) or 0 (unset)",
             )
 
@@ -368,8 +368,18 @@ class QuantizeInt4Pass(Pass):
             target.require("int4")
 
     def call(self, model: FdecModel) -> PassResult:
-        graph = model.graph
         weights, skipped = _collect(model, self.include_lm_head)
+        return self._quantize_weights(model, weights, skipped)
+
+    def _quantize_weights(
+        self, model: FdecModel, weights: list[_Weight], skipped: collections.Counter[str]
+    ) -> PassResult:
+        """Quantize `weights` (from `_collect`): each one's `array` is what gets quantized.
+
+        Subclasses that transform the fp32 arrays first (AWQ's scaling) call this to emit the
+        same MatMulNBits / DequantizeLinear form; `skipped` is reported as is.
+        """
+        graph = model.graph
         taken: set[str] = set()
         stats = _empty_stats()
         if not weights:

@@ -487,19 +487,8 @@ class QuantizeInt8StaticPass(_StaticQuantizePass):
             s = self.smoothing_factors([w.array for w in group.weights], found.channel_absmax)
             scale_rows = s
             peak = float(np.max(found.channel_absmax.astype(np.float64) / s))
-            if _fold(graph, group, s, taken):
-                stats["smoothing_folded"] += 1
-            else:
-                inverse = _add_initializer(
-                    graph,
-                    _fresh_name(graph, f"{source.name}_smooth", taken),
-                    ir.tensor((1.0 / s).astype(dtype.numpy())),
-                )
-                mul = ir.node("Mul", [source, inverse], name=f"{source.name}_SmoothQuant")
-                _insert_after_producer(graph, source, [mul])
-                source = mul.outputs[0]
-                source.name = _fresh_name(graph, f"{group.activation.name}_smoothed", taken)
-                stats["smoothing_inserted"] += 1
+            source, folded = _divide_activation(graph, group, s, taken)
+            stats["smoothing_folded" if folded else "smoothing_inserted"] += 1
         zero = _zero_point(graph, ir.DataType.INT8, taken)
         nodes, dequantized = self._activation_qdq(
             graph, source, peak / _INT8_MAX, zero, dtype, taken
@@ -576,6 +565,30 @@ def _fold_target(graph: ir.Graph, group: _Group, k: int) -> tuple[ir.Node, list[
             return None
         return node, present
     return None
+
+
+def _divide_activation(
+    graph: ir.Graph, group: _Group, s: np.ndarray, taken: set[str], *, label: str = "SmoothQuant"
+) -> tuple[ir.Value, bool]:
+    """Make the group's weights read X / s: (the value they must read now, folded or not).
+
+    Folded (`_fold`): the op producing X now computes X / s, and X itself is returned.
+    Otherwise a `Mul` by 1/s (named `<X>_<label>`) is inserted after X's producer and its
+    output returned; the caller points the group's sites at it.
+    """
+    if _fold(graph, group, s, taken):
+        return group.activation, True
+    source = group.activation
+    inverse = _add_initializer(
+        graph,
+        _fresh_name(graph, f"{source.name}_smooth", taken),
+        ir.tensor((1.0 / s).astype(group.dtype.numpy())),
+    )
+    mul = ir.node("Mul", [source, inverse], name=f"{source.name}_{label}")
+    _insert_after_producer(graph, source, [mul])
+    divided = mul.outputs[0]
+    divided.name = _fresh_name(graph, f"{source.name}_smoothed", taken)
+    return divided, False
 
 
 def _fold(graph: ir.Graph, group: _Group, s: np.ndarray, taken: set[str]) -> bool:

@@ -228,10 +228,24 @@ def test_keep_fp_keeps_the_most_sensitive_layer_in_fp32(tiny_models, tmp_path, c
     report = json.loads((out / "report.json").read_text())
     mixed = next(p for p in report["passes"] if p["name"] == "quantize-mixed")
     sensitivity = mixed["stats"]["sensitivity"]
-    assert [row["unit"] for row in sensitivity][0] == mixed["stats"]["kept_fp32"][0]
+    assert sensitivity[0]["unit"] == mixed["stats"]["kept_fp32"][0]
     assert len(sensitivity) == 3 and all(isinstance(row, dict) for row in sensitivity)
     assert _ops(out / "model.onnx").count(("com.microsoft", "MatMulNBits")) < 15
     refused = cli_runner.invoke(
         cli, ["compile", str(tiny_models("llama")), "--keep-fp", "1", "-o", str(tmp_path / "x")]
     )
     assert refused.exit_code == 2 and "--keep-fp needs --quantize" in refused.stderr
+
+
+def test_int4_awq_compiles_calibrated_and_verified(tiny_models, tmp_path, cli_runner):
+    out = tmp_path / "awq"
+    result = cli_runner.invoke(
+        cli,
+        ["compile", str(tiny_models("llama")), "--quantize", "int4-awq", "-o", str(out), "--json"],
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    awq = next(p for p in report["passes"] if p["name"] == "quantize-int4-awq")
+    assert awq["stats"]["groups_searched"] > 0 and awq["stats"]["mean_error_reduction"] > 0
+    assert _ops(out / "model.onnx").count(("com.microsoft", "MatMulNBits")) == 15
+    assert report["verification"]["ok"] is True

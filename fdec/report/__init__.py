@@ -54,7 +54,18 @@ def _human_bytes(n: float) -> str:
 
 
 def _stats_text(stats: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in stats.items() if v not in (0, None, ""))
+    """Scalar stats inline; tables (per-layer figures) as a count: they are in report.json."""
+    parts = []
+    for key, value in stats.items():
+        if value in (0, None, "") or value == {} or value == []:
+            continue
+        if isinstance(value, (dict, list)):
+            parts.append(f"{key}=[{len(value)} rows]")
+        elif isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        else:
+            parts.append(f"{key}={value}")
+    return ", ".join(parts)
 
 
 def render_report(report: dict[str, Any]) -> str:

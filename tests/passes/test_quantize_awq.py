@@ -1,0 +1,346 @@
+"""Tests of quantize-int4-awq: AWQ's activation-aware scales before weight-only int4 RTN.
+
+A small hand-written graph with one outlier input channel shows what AWQ is for: the search
+picks α > 0, the norm weight takes 1/s exactly, and the output error on held inputs drops well
+below RTN's. The tiny llama (exported once per module, untied, cleaned, calibrated on the
+built-in corpus through its tiny tokenizer) checks the emitted MatMulNBits, the tolerance
+against PyTorch, and each linear layer's output error on held text against RTN's.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from graphs import ir_model, run_ort, tiny_spec
+
+from fdec.calibrate import (
+    calibration_batches,
+    capture_activations,
+    load_calibration_texts,
+    matmul_activation_inputs,
+)
+from fdec.errors import CompileError, UsageError
+from fdec.frontend.export import import_model
+from fdec.frontend.source import resolve_source
+from fdec.ir import FdecModel, ModelSpec
+from fdec.passes.cleanup import (
+    EliminateCommonSubexpressionsPass,
+    FoldConstantsPass,
+    RemoveDeadNodesPass,
+    UntieEmbeddingsPass,
+)
+from fdec.passes.quantize import QuantizeInt4Pass
+from fdec.passes.quantize_awq import QuantizeInt4AwqPass
+from fdec.pipeline import Pass, PassManager, PassRecord, StructureCheckInstrument
+from fdec.runtime import session_for_model
+from fdec.verify import Reference
+
+_MS = "com.microsoft"
+_LAYER_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _run_pass(pass_: Pass, model: FdecModel) -> tuple[FdecModel, PassRecord]:
+    """Run one pass under the PassManager with the full structure check (ONNX checker too)."""
+    model, (record,) = PassManager([pass_], [StructureCheckInstrument(full=True)]).run(model)
+    assert record.checks["structure"] == {"ok": True, "problems": []}
+    return model, record
+
+
+def _ops(model: FdecModel) -> collections.Counter:
+    return collections.Counter((node.domain or "", node.op_type) for node in model.graph)
+
+
+def _nbits_weight(node: ir.Node) -> np.ndarray:
+    """The [K, N] float64 values a symmetric MatMulNBits node multiplies by."""
+    k, n = node.attributes["K"].value, node.attributes["N"].value
+    packed = node.inputs[1].const_value.numpy()  # [N, k_blocks, block / 2]
+    scales = node.inputs[2].const_value.numpy().astype(np.float64)  # [N, k_blocks]
+    assert len(node.inputs) == 3  # symmetric: zero point 8
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, scales.shape[1], -1)
+    values = (codes.astype(np.float64) - 8) * scales[..., None]
+    return values.reshape(n, -1)[:, :k].T
+
+
+# --- a crafted graph: one outlier channel -----------------------------------------------------
+
+_OUTLIER = """
+<ir_version: 10, opset_import: ["" : 18]>
+g (float[R, 64] x) => (float[R, 16] y, float[R, 16] z) {
+    n = Mul (x, g1)
+    y = MatMul (n, w1)
+    z = MatMul (x, w2)
+}
+"""
+_K, _N, _HOT = 64, 16, 5  # channel 5 of x is 50× the others
+
+
+def _outlier_inputs(seed: int, rows: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((rows, _K)).astype(np.float32)
+    x[:, _HOT] *= 50
+    return x
+
+
+def _outlier_model() -> tuple[FdecModel, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "g1": rng.uniform(0.5, 1.5, _K).astype(np.float32),
+        "w1": rng.standard_normal((_K, _N)).astype(np.float32),
+        "w2": rng.standard_normal((_K, _N)).astype(np.float32),
+    }
+    spec = tiny_spec(
+        hidden_size=_K,
+        weights={"layers.0.q": "w1", "layers.0.down": "w2"},
+        outputs=["y", "z"],
+    )
+    return FdecModel(ir_model(_OUTLIER, arrays), spec), arrays
+
+
+def _calibration(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    x = _outlier_inputs(1, 256)
+    return {"n": x * arrays["g1"], "x": x}
+
+
+def _awq_scales(x: np.ndarray, alpha: float) -> np.ndarray:
+    """AWQ's s = mean|x|^α normalised by sqrt(max·min), computed independently of the pass."""
+    s = np.maximum(np.abs(x.astype(np.float64)).mean(axis=0) ** alpha, 1e-4)
+    return s / np.sqrt(s.max() * s.min())
+
+
+def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.square(got - want).sum() / np.square(want).sum())
+
+
+@pytest.mark.parametrize("clip", [True, False], ids=["clip", "no-clip"])
+def test_awq_protects_an_outlier_channel_and_folds_one_over_s_into_the_norm(clip):
+    model, arrays = _outlier_model()
+    calibration = _calibration(arrays)
+    held = {"x": _outlier_inputs(2, 512)}
+    want = run_ort(model.model, held)
+    rtn, _ = _run_pass(QuantizeInt4Pass(accuracy_level=0), _outlier_model()[0])
+    rtn_out = run_ort(rtn.model, held)
+
+    model, record = _run_pass(
+        QuantizeInt4AwqPass(activations=calibration, clip=clip, accuracy_level=0), model
+    )
+
+    stats = record.stats
+    assert _ops(model)[(_MS, "MatMulNBits")] == 2 and _ops(model)[("", "MatMul")] == 0
+    assert model.spec_problems() == []
+    assert (stats["groups_searched"], stats["groups_scaled"]) == (2, 2)
+    assert (stats["scales_folded"], stats["scales_inserted"]) == (1, 1)
+    assert (stats["weights_clipped"] > 0) is clip
+    assert stats["weights_quantized"] == 2 and stats["rtn_only"] == {}
+    graph = model.graph
+    for name, output in (("n", 0), ("x", 1)):
+        group = stats["groups"][name]
+        alpha = group["alpha"]
+        assert 0 < alpha <= 1
+        assert group["error_awq"] < group["error_rtn"] and group["reduction"] > 0.3
+        s = _awq_scales(calibration[name], alpha)
+        assert s[_HOT] == s.max() and s.max() / np.median(s) > 3  # the outlier is protected
+        weight = arrays["w1" if name == "n" else "w2"].astype(np.float64)
+        x = held["x"].astype(np.float64) * (arrays["g1"] if name == "n" else 1)
+        # Before quantization the rewrite is exact: X·W = (X/s)·(s·W).
+        np.testing.assert_allclose((x / s) @ (weight * s[:, None]), x @ weight, rtol=1e-5)
+        if name == "n":  # folded: g1 ← g1 / s, and no Mul was added
+            g1 = graph.initializers["g1"].const_value.numpy()
+            np.testing.assert_allclose(g1, arrays["g1"] / s, rtol=1e-6)
+            np.testing.assert_allclose(
+                (held["x"] * g1) @ (weight * s[:, None]), x @ weight, rtol=1e-5, atol=1e-3
+            )
+        else:  # x is a graph input: an inserted Mul by 1/s feeds the MatMulNBits
+            (inserted,) = [node for node in graph if node.name == "x_AWQ"]
+            assert inserted.op_type == "Mul" and inserted.inputs[0].name == "x"
+            np.testing.assert_allclose(inserted.inputs[1].const_value.numpy(), 1 / s, rtol=1e-6)
+            (reader,) = [use.node for use in inserted.outputs[0].uses()]
+            assert reader.op_type == "MatMulNBits"
+        # On held inputs with the same outlier, AWQ's output error is well below RTN's.
+        got = run_ort(model.model, held)[output]
+        awq_error = _relative_error(got, want[output])
+        rtn_error = _relative_error(rtn_out[output], want[output])
+        assert awq_error <= 0.7 * rtn_error, (name, awq_error, rtn_error)
+
+
+def test_awq_tensorrt_backend_writes_blocked_dequantize_after_the_scales():
+    model, arrays = _outlier_model()
+    calibration = _calibration(arrays)
+    held = {"x": _outlier_inputs(2, 64)}
+    want = run_ort(model.model, held)
+
+    model, record = _run_pass(
+        QuantizeInt4AwqPass(activations=calibration, backend="tensorrt", accuracy_level=0), model
+    )
+
+    ops = _ops(model)
+    assert ops[("", "DequantizeLinear")] == 2 and ops[("", "MatMul")] == 2
+    assert all(domain == "" for domain, _ in ops)
+    assert record.stats["opset_raised"] is True and model.model.opset_imports[""] == 21
+    got = run_ort(model.model, held)
+    for output in (0, 1):
+        assert _relative_error(got[output], want[output]) < 0.01
+
+
+def test_awq_options_are_checked_and_calibration_is_required():
+    model, arrays = _outlier_model()
+    with pytest.raises(UsageError, match="needs calibration data") as caught:
+        QuantizeInt4AwqPass().requires(model)
+    assert "calibration_batches" in caught.value.fix
+    assert QuantizeInt4AwqPass().needs_calibration
+    assert not QuantizeInt4AwqPass(activations={}).needs_calibration
+    for option, value in (("grid", 0), ("max_rows", -1), ("grid", True), ("grid", 2.5)):
+        with pytest.raises(UsageError, match=option):
+            QuantizeInt4AwqPass(**{option: value})
+    with pytest.raises(UsageError, match="quantize-int4-awq block_size 16"):
+        QuantizeInt4AwqPass(block_size=16)
+    with pytest.raises(UsageError, match="batches"):
+        QuantizeInt4AwqPass(batches=[np.zeros(4, dtype=np.int64)])
+    with pytest.raises(TypeError):
+        QuantizeInt4AwqPass(64)
+    batches = [np.zeros((1, 8), dtype=np.int64)] * 3
+    assert QuantizeInt4AwqPass(batches=batches).options() == {
+        "block_size": 32,
+        "symmetric": True,
+        "accuracy_level": 4,
+        "include_lm_head": True,
+        "backend": "onnxruntime",
+        "grid": 20,
+        "max_rows": 512,
+        "clip": True,
+        "activations": None,
+        "batches": "3 batches, 24 tokens",
+    }
+    assert QuantizeInt4AwqPass(activations=_calibration(arrays)).options()["activations"] == (
+        "2 tensors"
+    )
+
+
+def test_weights_without_calibration_rows_get_plain_rtn():
+    model, arrays = _outlier_model()
+    partial = {"n": _calibration(arrays)["n"]}
+
+    model, record = _run_pass(QuantizeInt4AwqPass(activations=partial), model)
+
+    assert record.stats["weights_quantized"] == 2  # both int4: x's weight as plain RTN
+    assert record.stats["groups_searched"] == 1
+    assert record.stats["rtn_only"] == {"no calibration activations": 1}
+    assert not any(node.name.endswith("_AWQ") for node in model.graph)
+    with pytest.raises(CompileError, match="none of the 2 activations"):
+        QuantizeInt4AwqPass(activations={"old/n": partial["n"]})(_outlier_model()[0])
+
+
+# --- the tiny llama ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Tiny:
+    """The tiny llama, untied and cleaned, with its reference and calibration batches."""
+
+    proto: bytes
+    spec: ModelSpec
+    reference: Reference
+    batches: list[np.ndarray]
+
+    def cleaned(self) -> FdecModel:
+        model = ir.serde.deserialize_model(onnx.load_from_string(self.proto))
+        return FdecModel(model, copy.deepcopy(self.spec))
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models, tmp_path_factory) -> _Tiny:
+    cache = tmp_path_factory.mktemp("cache-awq-llama")
+    with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse fixture is not up
+        patch.setenv("FDEC_CACHE_DIR", str(cache / "fdec"))
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        imported = import_model(resolve_source(str(tiny_models("llama"))))
+        model = imported.fdec_model
+        reference = Reference.from_hf(
+            imported.hf_model, "decoder", imported.tokenizer, model.spec.vocab_size
+        )
+        cleanup = [
+            UntieEmbeddingsPass(),
+            FoldConstantsPass(),
+            EliminateCommonSubexpressionsPass(),
+            RemoveDeadNodesPass(),
+        ]
+        model, _ = PassManager(cleanup).run(model)
+        batches = calibration_batches(
+            load_calibration_texts(None), imported.tokenizer, model.spec.vocab_size
+        )
+    proto = ir.serde.serialize_model(model.model).SerializeToString()
+    return _Tiny(proto, copy.deepcopy(model.spec), reference, batches)
+
+
+def _layer_errors(quantized: FdecModel, source: FdecModel, ids: np.ndarray) -> dict[str, float]:
+    """Role → ‖X·W − X̂·Ŵ‖² / ‖X·W‖² of each int4 layer on fp32 activations X of held text.
+
+    Ŵ is unpacked from the MatMulNBits node; X̂ is X times whatever 1/s the quantized graph
+    applies to it: an inserted `<X>_AWQ` Mul's constant, or the change of the per-channel
+    weight of the Mul producing X (a folded RMSNorm weight).
+    """
+    activations = matmul_activation_inputs(source)
+    captured = capture_activations(source, ids, sorted(set(activations.values())))
+    old = source.graph.initializers
+    errors: dict[str, float] = {}
+    for node in quantized.graph:
+        if node.op_type != "MatMulNBits":
+            continue
+        (role,) = quantized.spec.roles_of(node.inputs[1].name)
+        x = captured[activations[role]].reshape(-1, node.attributes["K"].value)
+        x = x.astype(np.float64)
+        factor = np.ones(x.shape[1])
+        producer = node.inputs[0].producer()
+        if producer is not None and producer.name.endswith("_AWQ"):
+            factor = producer.inputs[1].const_value.numpy().astype(np.float64)
+        elif producer is not None and producer.op_type == "Mul":
+            for value in producer.inputs:
+                if value.const_value is not None and value.name in old:
+                    factor = value.const_value.numpy() / old[value.name].const_value.numpy()
+        w = old[source.spec.weights[role]].const_value.numpy().astype(np.float64)
+        errors[role] = _relative_error((x * factor) @ _nbits_weight(node), x @ w)
+    return errors
+
+
+def test_awq_on_the_tiny_llama_lowers_every_layers_output_error(llama):
+    roles = [f"layers.{i}.{r}" for i in range(llama.spec.num_layers) for r in _LAYER_ROLES]
+    roles.append("lm_head")
+    pass_ = QuantizeInt4AwqPass(batches=llama.batches)
+
+    model, record = _run_pass(pass_, llama.cleaned())
+    rtn, _ = _run_pass(QuantizeInt4Pass(), llama.cleaned())
+
+    stats = record.stats
+    assert _ops(model)[(_MS, "MatMulNBits")] == 15
+    assert _ops(model)[("", "MatMul")] == 4  # attention scores and context
+    assert model.spec_problems() == []
+    assert record.options["batches"] == "16 batches, 2048 tokens"
+    assert (stats["matmuls_quantized"], stats["weights_quantized"]) == (15, 15)
+    assert stats["skipped"] == {} and stats["rtn_only"] == {}
+    assert stats["groups_searched"] == 9  # qkv, o, gate/up, down per layer; the lm_head
+    assert stats["bytes_after"] == 58_880  # exactly quantize-int4's layout
+    inserted = [node for node in model.graph if node.name.endswith("_AWQ")]
+    assert len(inserted) == stats["scales_inserted"]
+    assert stats["scales_folded"] + stats["scales_inserted"] == stats["groups_scaled"] > 0
+    for group in stats["groups"].values():
+        assert group["error_awq"] <= group["error_scaled"] <= group["error_rtn"]
+    assert stats["mean_error_reduction"] > 0.1
+    figures = session_for_model(model)
+    figures = llama.reference.compare(figures)
+    assert figures["max_abs_error"] <= pass_.tolerance.max_abs_error, figures
+    assert figures["top1_agreement"] >= pass_.tolerance.min_top1_agreement, figures
+    assert 0.95 < figures["perplexity_build"] / figures["perplexity_source"] < 1.05, figures
+
+    # Out of sample (the held text, not the calibration corpus), layer by layer.
+    source = llama.cleaned()
+    awq_errors = _layer_errors(model, source, llama.reference.ids)
+    rtn_errors = _layer_errors(rtn, source, llama.reference.ids)
+    assert sorted(awq_errors) == sorted(rtn_errors) == sorted(roles)
+    awq_mean = np.mean(list(awq_errors.values()))
+    rtn_mean = np.mean(list(rtn_errors.values()))
+    assert awq_mean <= 0.9 * rtn_mean, (awq_mean, rtn_mean)
