@@ -8,8 +8,6 @@ Runtime against the PyTorch reference within the pass's declared tolerance.
 
 from __future__ import annotations
 
-import collections
-import copy
 import dataclasses
 import math
 
@@ -19,21 +17,14 @@ import onnx
 import onnx.numpy_helper
 import onnx_ir as ir
 import pytest
+from exported import export_tiny, load, op_counts, run_pass
 from graphs import ir_model, run_ort, tiny_spec
 
 import fdec.passes.quantize as quantize
 from fdec.errors import UsageError
-from fdec.frontend.export import import_model
-from fdec.frontend.source import resolve_source
 from fdec.ir import FdecModel, ModelSpec
-from fdec.passes.cleanup import (
-    EliminateCommonSubexpressionsPass,
-    FoldConstantsPass,
-    RemoveDeadNodesPass,
-    UntieEmbeddingsPass,
-)
 from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
-from fdec.pipeline import Pass, PassManager, PassRecord, StructureCheckInstrument
+from fdec.pipeline import Pass
 from fdec.runtime import session_for_model
 from fdec.verify import Reference
 
@@ -53,10 +44,10 @@ class _Tiny:
     reference: Reference
 
     def tied(self) -> FdecModel:
-        return _load(self.tied_proto, self.tied_spec)
+        return load(self.tied_proto, self.tied_spec)
 
     def cleaned(self) -> FdecModel:
-        return _load(self.proto, self.spec)
+        return load(self.proto, self.spec)
 
     def weights(self) -> dict[str, np.ndarray]:
         """Role → the cleaned model's fp32 weight, as MatMul reads it ([K, N])."""
@@ -68,34 +59,9 @@ class _Tiny:
         }
 
 
-def _load(data: bytes, spec: ModelSpec) -> FdecModel:
-    return FdecModel(ir.serde.deserialize_model(onnx.load_from_string(data)), copy.deepcopy(spec))
-
-
-def _dump(model: FdecModel) -> bytes:
-    return ir.serde.serialize_model(model.model).SerializeToString()
-
-
 def _export(tiny_models, tmp_path_factory, family: str) -> _Tiny:
-    cache = tmp_path_factory.mktemp(f"cache-{family}")
-    with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse fixture is not up
-        patch.setenv("FDEC_CACHE_DIR", str(cache / "fdec"))
-        patch.setenv("XDG_CACHE_HOME", str(cache))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        imported = import_model(resolve_source(str(tiny_models(family))))
-        model = imported.fdec_model
-        reference = Reference.from_hf(
-            imported.hf_model, "decoder", imported.tokenizer, model.spec.vocab_size
-        )
-        tied_proto, tied_spec = _dump(model), copy.deepcopy(model.spec)
-        cleanup = [
-            UntieEmbeddingsPass(),
-            FoldConstantsPass(),
-            EliminateCommonSubexpressionsPass(),
-            RemoveDeadNodesPass(),
-        ]
-        model, _ = PassManager(cleanup).run(model)
-    return _Tiny(tied_proto, tied_spec, _dump(model), copy.deepcopy(model.spec), reference)
+    tiny = export_tiny(tiny_models, tmp_path_factory, family)
+    return _Tiny(tiny.tied_proto, tiny.tied_spec, tiny.proto, tiny.spec, tiny.reference)
 
 
 @pytest.fixture(scope="module")
@@ -106,20 +72,6 @@ def llama(tiny_models, tmp_path_factory) -> _Tiny:
 @pytest.fixture(scope="module")
 def gpt2(tiny_models, tmp_path_factory) -> _Tiny:
     return _export(tiny_models, tmp_path_factory, "gpt2")
-
-
-def _run_pass(pass_: Pass, model: FdecModel) -> tuple[FdecModel, PassRecord]:
-    """Run one pass under the PassManager with the full structure check (ONNX checker too)."""
-    model, (record,) = PassManager([pass_], [StructureCheckInstrument(full=True)]).run(model)
-    assert record.checks["structure"] == {"ok": True, "problems": []}
-    return model, record
-
-
-def _ops(model: FdecModel) -> collections.Counter:
-    return collections.Counter(
-        (node.domain or "", node.op_type)
-        for node in ir.traversal.RecursiveGraphIterator(model.graph)
-    )
 
 
 def _assert_within_tolerance(model: FdecModel, reference: Reference, pass_: Pass) -> dict:
@@ -259,9 +211,9 @@ def test_int4_turns_every_llama_linear_layer_and_the_lm_head_into_matmulnbits(ll
     old_names = {llama.spec.weights[role] for role in roles}
     pass_ = QuantizeInt4Pass()
 
-    model, record = _run_pass(pass_, llama.cleaned())
+    model, record = run_pass(pass_, llama.cleaned())
 
-    ops = _ops(model)
+    ops = op_counts(model)
     assert ops[(_MS, "MatMulNBits")] == 15
     assert ops[("", "MatMul")] == 4  # attention scores and context: no weights
     assert not old_names & set(model.graph.initializers)  # no fp32 copies left
@@ -300,9 +252,9 @@ def test_int4_variants_pack_correctly_and_verify(llama, block, symmetric):
     roles = _quantized_roles(llama.spec, _LAYER_ROLES)
     pass_ = QuantizeInt4Pass(block_size=block, symmetric=symmetric)
 
-    model, record = _run_pass(pass_, llama.cleaned())
+    model, record = run_pass(pass_, llama.cleaned())
 
-    assert _ops(model)[(_MS, "MatMulNBits")] == 15
+    assert op_counts(model)[(_MS, "MatMulNBits")] == 15
     expected = _expected_int4_bytes(before, roles, block, symmetric)
     assert record.stats["bytes_after"] == expected
     assert _check_nbits_weights(model, before, block=block, symmetric=symmetric) == expected
@@ -318,9 +270,9 @@ def test_int4_tensorrt_backend_uses_standard_blocked_dequantize(llama):
     roles = _quantized_roles(llama.spec, _LAYER_ROLES)
     pass_ = QuantizeInt4Pass(backend="tensorrt", accuracy_level=0)
 
-    model, record = _run_pass(pass_, llama.cleaned())
+    model, record = run_pass(pass_, llama.cleaned())
 
-    ops = _ops(model)
+    ops = op_counts(model)
     assert all(domain == "" for domain, _ in ops)
     assert _MS not in model.model.opset_imports
     assert model.model.opset_imports[""] >= 21
@@ -347,7 +299,7 @@ def test_int4_tensorrt_backend_uses_standard_blocked_dequantize(llama):
 
     # The same quantized values as MatMulNBits: with fp32 compute in both (accuracy_level 0,
     # no graph optimizations fusing DequantizeLinear into MatMulNBits), the logits agree.
-    nbits, _ = _run_pass(QuantizeInt4Pass(accuracy_level=0), llama.cleaned())
+    nbits, _ = run_pass(QuantizeInt4Pass(accuracy_level=0), llama.cleaned())
     ids = llama.reference.ids
     got = session_for_model(model, optimization="disable")
     want = session_for_model(nbits, optimization="disable")
@@ -359,7 +311,7 @@ def test_int4_tensorrt_backend_uses_standard_blocked_dequantize(llama):
 def test_int4_tensorrt_backend_asymmetric_stores_uint4_zero_points(llama):
     pass_ = QuantizeInt4Pass(backend="tensorrt", symmetric=False)
 
-    model, _ = _run_pass(pass_, llama.cleaned())
+    model, _ = run_pass(pass_, llama.cleaned())
 
     dequantizers = [node for node in model.graph if node.op_type == "DequantizeLinear"]
     assert len(dequantizers) == 15
@@ -399,7 +351,7 @@ def test_int4_skips_a_tied_lm_head_when_called_without_requires(llama):
 
 
 def test_int4_can_leave_the_lm_head_alone(llama):
-    model, record = _run_pass(QuantizeInt4Pass(include_lm_head=False), llama.cleaned())
+    model, record = run_pass(QuantizeInt4Pass(include_lm_head=False), llama.cleaned())
 
     assert record.stats["matmuls_quantized"] == 14
     head = model.graph.initializers[model.spec.weights["lm_head"]]
@@ -433,9 +385,9 @@ def test_int4_quantizes_gpt2_gemms_with_their_bias(gpt2):
     roles = _quantized_roles(gpt2.spec, _GPT2_ROLES)
     pass_ = QuantizeInt4Pass()
 
-    model, record = _run_pass(pass_, gpt2.cleaned())
+    model, record = run_pass(pass_, gpt2.cleaned())
 
-    ops = _ops(model)
+    ops = op_counts(model)
     assert ops[(_MS, "MatMulNBits")] == 9
     assert ops[("", "Gemm")] == 0
     with_bias = [n for n in model.graph if n.op_type == "MatMulNBits" and len(n.inputs) == 6]
@@ -450,10 +402,10 @@ def test_int4_quantizes_gpt2_gemms_with_their_bias(gpt2):
 def test_int8_quantizes_gpt2(gpt2):
     pass_ = QuantizeInt8Pass()
 
-    model, record = _run_pass(pass_, gpt2.cleaned())
+    model, record = run_pass(pass_, gpt2.cleaned())
 
-    assert _ops(model)[("", "MatMulInteger")] == 9
-    assert _ops(model)[("", "Gemm")] == 0
+    assert op_counts(model)[("", "MatMulInteger")] == 9
+    assert op_counts(model)[("", "Gemm")] == 0
     assert record.stats["skipped"] == {}
     assert model.spec_problems() == []
     _assert_within_tolerance(model, gpt2.reference, pass_)
@@ -488,9 +440,9 @@ def test_int8_on_llama_replaces_every_linear_layer(llama, monkeypatch, flags, re
     roles = _quantized_roles(llama.spec, _LAYER_ROLES)
     pass_ = QuantizeInt8Pass()
 
-    model, record = _run_pass(pass_, llama.cleaned())
+    model, record = run_pass(pass_, llama.cleaned())
 
-    ops = _ops(model)
+    ops = op_counts(model)
     assert ops[("", "MatMulInteger")] == 15
     assert ops[("", "MatMul")] == 4
     # One activation quantizer per distinct input: q/k/v share one, gate/up share one.
@@ -522,7 +474,7 @@ def test_int8_on_llama_replaces_every_linear_layer(llama, monkeypatch, flags, re
 def test_int8_reduce_range_option_wins_over_the_cpu(llama, monkeypatch):
     monkeypatch.setattr(quantize, "_host_cpu_flags", lambda: _FLAGS_AVX2)
 
-    model, record = _run_pass(QuantizeInt8Pass(reduce_range=False), llama.cleaned())
+    model, record = run_pass(QuantizeInt8Pass(reduce_range=False), llama.cleaned())
 
     assert record.stats["reduce_range"] is False
     assert record.stats["reduce_range_reason"] == "option"
@@ -581,11 +533,11 @@ def test_int4_follows_weights_through_transpose_and_gemm_trans_b(backend):
     feeds = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}
     before = run_ort(model.model, feeds)
 
-    model, record = _run_pass(QuantizeInt4Pass(backend=backend), model)
+    model, record = run_pass(QuantizeInt4Pass(backend=backend), model)
 
     assert record.stats["matmuls_quantized"] == 3
     assert record.stats["skipped"] == {"read by Add (input 1)": 1}
-    assert _ops(model)[("", "Transpose")] == 0
+    assert op_counts(model)[("", "Transpose")] == 0
     assert {"w", "v", "u2"}.isdisjoint(model.graph.initializers)
     assert "u" in model.graph.initializers
     assert model.spec_problems() == []
@@ -607,7 +559,7 @@ def test_int8_follows_weights_through_transpose_and_gemm_trans_b():
     feeds = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}
     before = run_ort(model.model, feeds)
 
-    model, record = _run_pass(QuantizeInt8Pass(reduce_range=True), model)
+    model, record = run_pass(QuantizeInt8Pass(reduce_range=True), model)
 
     assert record.stats["matmuls_quantized"] == 3
     assert record.stats["activation_quantizers"] == 2  # x (shared by y and z) and s

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from exported import export_tiny, run_pass
 from graphs import ir_model, run_ort, tiny_spec
 
 from fdec.calibrate import (
@@ -26,30 +27,14 @@ from fdec.calibrate import (
     matmul_activation_inputs,
 )
 from fdec.errors import CompileError, UsageError
-from fdec.frontend.export import import_model
-from fdec.frontend.source import resolve_source
 from fdec.ir import FdecModel, ModelSpec
-from fdec.passes.cleanup import (
-    EliminateCommonSubexpressionsPass,
-    FoldConstantsPass,
-    RemoveDeadNodesPass,
-    UntieEmbeddingsPass,
-)
 from fdec.passes.quantize import QuantizeInt4Pass
 from fdec.passes.quantize_awq import QuantizeInt4AwqPass
-from fdec.pipeline import Pass, PassManager, PassRecord, StructureCheckInstrument
 from fdec.runtime import session_for_model
 from fdec.verify import Reference
 
 _MS = "com.microsoft"
 _LAYER_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-def _run_pass(pass_: Pass, model: FdecModel) -> tuple[FdecModel, PassRecord]:
-    """Run one pass under the PassManager with the full structure check (ONNX checker too)."""
-    model, (record,) = PassManager([pass_], [StructureCheckInstrument(full=True)]).run(model)
-    assert record.checks["structure"] == {"ok": True, "problems": []}
-    return model, record
 
 
 def _ops(model: FdecModel) -> collections.Counter:
@@ -122,10 +107,10 @@ def test_awq_protects_an_outlier_channel_and_folds_one_over_s_into_the_norm(clip
     calibration = _calibration(arrays)
     held = {"x": _outlier_inputs(2, 512)}
     want = run_ort(model.model, held)
-    rtn, _ = _run_pass(QuantizeInt4Pass(accuracy_level=0), _outlier_model()[0])
+    rtn, _ = run_pass(QuantizeInt4Pass(accuracy_level=0), _outlier_model()[0])
     rtn_out = run_ort(rtn.model, held)
 
-    model, record = _run_pass(
+    model, record = run_pass(
         QuantizeInt4AwqPass(activations=calibration, clip=clip, accuracy_level=0), model
     )
 
@@ -173,7 +158,7 @@ def test_awq_tensorrt_backend_writes_blocked_dequantize_after_the_scales():
     held = {"x": _outlier_inputs(2, 64)}
     want = run_ort(model.model, held)
 
-    model, record = _run_pass(
+    model, record = run_pass(
         QuantizeInt4AwqPass(activations=calibration, backend="tensorrt", accuracy_level=0), model
     )
 
@@ -224,7 +209,7 @@ def test_weights_without_calibration_rows_get_plain_rtn():
     model, arrays = _outlier_model()
     partial = {"n": _calibration(arrays)["n"]}
 
-    model, record = _run_pass(QuantizeInt4AwqPass(activations=partial), model)
+    model, record = run_pass(QuantizeInt4AwqPass(activations=partial), model)
 
     assert record.stats["weights_quantized"] == 2  # both int4: x's weight as plain RTN
     assert record.stats["groups_searched"] == 1
@@ -253,28 +238,11 @@ class _Tiny:
 
 @pytest.fixture(scope="module")
 def llama(tiny_models, tmp_path_factory) -> _Tiny:
-    cache = tmp_path_factory.mktemp("cache-awq-llama")
-    with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse fixture is not up
-        patch.setenv("FDEC_CACHE_DIR", str(cache / "fdec"))
-        patch.setenv("XDG_CACHE_HOME", str(cache))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        imported = import_model(resolve_source(str(tiny_models("llama"))))
-        model = imported.fdec_model
-        reference = Reference.from_hf(
-            imported.hf_model, "decoder", imported.tokenizer, model.spec.vocab_size
-        )
-        cleanup = [
-            UntieEmbeddingsPass(),
-            FoldConstantsPass(),
-            EliminateCommonSubexpressionsPass(),
-            RemoveDeadNodesPass(),
-        ]
-        model, _ = PassManager(cleanup).run(model)
-        batches = calibration_batches(
-            load_calibration_texts(None), imported.tokenizer, model.spec.vocab_size
-        )
-    proto = ir.serde.serialize_model(model.model).SerializeToString()
-    return _Tiny(proto, copy.deepcopy(model.spec), reference, batches)
+    tiny = export_tiny(tiny_models, tmp_path_factory, "llama")
+    batches = calibration_batches(
+        load_calibration_texts(None), tiny.tokenizer, tiny.spec.vocab_size
+    )
+    return _Tiny(tiny.proto, tiny.spec, tiny.reference, batches)
 
 
 def _layer_errors(quantized: FdecModel, source: FdecModel, ids: np.ndarray) -> dict[str, float]:
@@ -312,8 +280,8 @@ def test_awq_on_the_tiny_llama_lowers_every_layers_output_error(llama):
     roles.append("lm_head")
     pass_ = QuantizeInt4AwqPass(batches=llama.batches)
 
-    model, record = _run_pass(pass_, llama.cleaned())
-    rtn, _ = _run_pass(QuantizeInt4Pass(), llama.cleaned())
+    model, record = run_pass(pass_, llama.cleaned())
+    rtn, _ = run_pass(QuantizeInt4Pass(), llama.cleaned())
 
     stats = record.stats
     assert _ops(model)[(_MS, "MatMulNBits")] == 15

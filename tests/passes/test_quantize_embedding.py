@@ -10,29 +10,20 @@ against the PyTorch reference.
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
+from exported import export_tiny, load, run_pass
 from graphs import ir_model, tiny_spec
 from onnx import helper
 
 import fdec.passes.quantize_embedding as quantize_embedding
 from fdec.errors import UsageError
-from fdec.frontend.export import import_model
-from fdec.frontend.source import resolve_source
 from fdec.ir import FdecModel, ModelSpec
-from fdec.passes.cleanup import (
-    EliminateCommonSubexpressionsPass,
-    FoldConstantsPass,
-    RemoveDeadNodesPass,
-    UntieEmbeddingsPass,
-)
 from fdec.passes.quantize_embedding import QuantizeEmbeddingPass
-from fdec.pipeline import Pass, PassManager, PassRecord, StructureCheckInstrument
+from fdec.pipeline import Pass, PassManager
 from fdec.runtime import session_for_model
 from fdec.verify import Reference
 
@@ -53,57 +44,24 @@ class _Tiny:
     rows_name: str
 
     def tied(self) -> FdecModel:
-        return _load(self.tied_proto, self.tied_spec)
+        return load(self.tied_proto, self.tied_spec)
 
     def cleaned(self) -> FdecModel:
-        return _load(self.proto, self.spec)
+        return load(self.proto, self.spec)
 
     def table(self) -> np.ndarray:
         model = self.cleaned()
         return model.graph.initializers[model.spec.weights["embed"]].const_value.numpy().copy()
 
 
-def _load(data: bytes, spec: ModelSpec) -> FdecModel:
-    return FdecModel(ir.serde.deserialize_model(onnx.load_from_string(data)), copy.deepcopy(spec))
-
-
-def _dump(model: FdecModel) -> bytes:
-    return ir.serde.serialize_model(model.model).SerializeToString()
-
-
 @pytest.fixture(scope="module")
 def llama(tiny_models, tmp_path_factory) -> _Tiny:
-    cache = tmp_path_factory.mktemp("cache-llama")
-    with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse fixture is not up
-        patch.setenv("FDEC_CACHE_DIR", str(cache / "fdec"))
-        patch.setenv("XDG_CACHE_HOME", str(cache))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        imported = import_model(resolve_source(str(tiny_models("llama"))))
-        model = imported.fdec_model
-        reference = Reference.from_hf(
-            imported.hf_model, "decoder", imported.tokenizer, model.spec.vocab_size
-        )
-        tied_proto, tied_spec = _dump(model), copy.deepcopy(model.spec)
-        cleanup = [
-            UntieEmbeddingsPass(),
-            FoldConstantsPass(),
-            EliminateCommonSubexpressionsPass(),
-            RemoveDeadNodesPass(),
-        ]
-        model, _ = PassManager(cleanup).run(model)
+    tiny = export_tiny(tiny_models, tmp_path_factory, "llama")
+    model = tiny.cleaned()
     (use,) = model.graph.initializers[model.spec.weights["embed"]].uses()
     assert use.node.op_type == "Gather"
     rows_name = use.node.outputs[0].name
-    return _Tiny(
-        tied_proto, tied_spec, _dump(model), copy.deepcopy(model.spec), reference, rows_name
-    )
-
-
-def _run_pass(pass_: Pass, model: FdecModel) -> tuple[FdecModel, PassRecord]:
-    """Run one pass under the PassManager with the full structure check (ONNX checker too)."""
-    model, (record,) = PassManager([pass_], [StructureCheckInstrument(full=True)]).run(model)
-    assert record.checks["structure"] == {"ok": True, "problems": []}
-    return model, record
+    return _Tiny(tiny.tied_proto, tiny.tied_spec, tiny.proto, tiny.spec, tiny.reference, rows_name)
 
 
 def _ops(model: FdecModel) -> collections.Counter:
@@ -236,7 +194,7 @@ def test_int8_gathers_int8_rows_and_their_scales(llama):
     old_name = llama.spec.weights["embed"]
     pass_ = QuantizeEmbeddingPass()
 
-    model, record = _run_pass(pass_, llama.cleaned())
+    model, record = run_pass(pass_, llama.cleaned())
 
     assert old_name not in model.graph.initializers  # no fp32 table left
     assert model.spec_problems() == []
@@ -279,7 +237,7 @@ def test_int4_uses_gather_block_quantized(llama, block):
     table = llama.table()
     pass_ = QuantizeEmbeddingPass(bits=4, block_size=block)
 
-    model, record = _run_pass(pass_, llama.cleaned())
+    model, record = run_pass(pass_, llama.cleaned())
 
     blocks = -(-64 // block)
     assert model.spec_problems() == []
@@ -312,7 +270,7 @@ def test_int4_falls_back_to_8_bits_when_onnxruntime_cannot_gather_blocks(llama, 
     reason = "onnxruntime 1.0 cannot run GatherBlockQuantized: not implemented"
     monkeypatch.setattr(quantize_embedding, "_gather_block_quantized_problem", lambda b: reason)
 
-    model, record = _run_pass(QuantizeEmbeddingPass(bits=4), llama.cleaned())
+    model, record = run_pass(QuantizeEmbeddingPass(bits=4), llama.cleaned())
 
     assert record.stats["bits"] == 8
     assert record.stats["fallback"] == f"{reason}; stored in 8 bits instead"
@@ -334,7 +292,7 @@ def test_tensorrt_backend_dequantizes_the_table_then_gathers(llama, bits):
     table = llama.table()
     pass_ = QuantizeEmbeddingPass(bits=bits, backend="tensorrt")
 
-    model, record = _run_pass(pass_, llama.cleaned())
+    model, record = run_pass(pass_, llama.cleaned())
 
     assert all(domain == "" for domain, _ in _ops(model))
     assert _MS not in model.model.opset_imports
@@ -379,7 +337,7 @@ def test_both_backends_store_the_same_values(llama):
     for bits in (8, 4):
         rows = [
             _run_value(
-                _run_pass(QuantizeEmbeddingPass(bits=bits, backend=backend), llama.cleaned())[0],
+                run_pass(QuantizeEmbeddingPass(bits=bits, backend=backend), llama.cleaned())[0],
                 llama.rows_name,
                 {"input_ids": ids},
             )
@@ -465,7 +423,7 @@ def test_every_gather_of_the_table_is_rewritten(bits, backend):
     model, table = _two_gathers()
     feeds = {"a": np.array([5, 0, 15]), "b": np.array([[1, 5], [-1, 2]])}
 
-    model, record = _run_pass(
+    model, record = run_pass(
         QuantizeEmbeddingPass(bits=bits, backend=backend, block_size=64), model
     )
 
@@ -504,7 +462,7 @@ def test_a_float16_table_keeps_float16_scales_and_rows(bits, backend):
     spec = tiny_spec(vocab_size=16, hidden_size=96, weights={"embed": "emb"}, inputs=["a"])
     model = FdecModel(ir_model(_HALF_TABLE, {"emb": table}), spec)
 
-    model, record = _run_pass(QuantizeEmbeddingPass(bits=bits, backend=backend), model)
+    model, record = run_pass(QuantizeEmbeddingPass(bits=bits, backend=backend), model)
 
     scales = [
         value for value in model.graph.initializers.values() if value.dtype == ir.DataType.FLOAT16
@@ -541,7 +499,7 @@ def test_tensorrt_rtx_builds_the_tensorrt_form_only(tmp_path, bits, backend, bui
     from fdec.lower.tensorrt_rtx import build_engine
 
     model, _ = _two_gathers()
-    model, _ = _run_pass(QuantizeEmbeddingPass(bits=bits, backend=backend, block_size=64), model)
+    model, _ = run_pass(QuantizeEmbeddingPass(bits=bits, backend=backend, block_size=64), model)
     path = tmp_path / "model.onnx"
     model.save(path)
 

@@ -23,19 +23,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from exported import export_tiny
 
 from fdec.calibrate import calibration_batches, load_calibration_texts
 from fdec.errors import UsageError, VerificationError
-from fdec.frontend.export import import_model
-from fdec.frontend.source import resolve_source
 from fdec.ir import FdecModel, ModelSpec
 from fdec.passes import REGISTRY
-from fdec.passes.cleanup import (
-    EliminateCommonSubexpressionsPass,
-    FoldConstantsPass,
-    RemoveDeadNodesPass,
-    UntieEmbeddingsPass,
-)
 from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
 from fdec.passes.quantize_mixed import QuantizeMixedPass
 from fdec.pipeline import Pass, PassManager, PassRecord, StructureCheckInstrument
@@ -89,29 +82,13 @@ def _sample(hf_model, count: int, length: int, seed: int) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def llama(tiny_models, tmp_path_factory) -> _Tiny:
-    cache = tmp_path_factory.mktemp("cache-llama")
-    with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse fixture is not up
-        patch.setenv("FDEC_CACHE_DIR", str(cache / "fdec"))
-        patch.setenv("XDG_CACHE_HOME", str(cache))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        imported = import_model(resolve_source(str(tiny_models("llama"))))
-        model = imported.fdec_model
-        vocab = model.spec.vocab_size
-        reference = Reference.from_hf(imported.hf_model, "decoder", imported.tokenizer, vocab)
-        cleanup = [
-            UntieEmbeddingsPass(),
-            FoldConstantsPass(),
-            EliminateCommonSubexpressionsPass(),
-            RemoveDeadNodesPass(),
-        ]
-        model, _ = PassManager(cleanup).run(model)
-        texts = load_calibration_texts()
-        text_batches = calibration_batches(
-            texts, imported.tokenizer, vocab, seq_len=64, max_samples=4
-        )
-        sampled = _sample(imported.hf_model, count=4, length=64, seed=0)
-    proto = ir.serde.serialize_model(model.model).SerializeToString()
-    return _Tiny(proto, copy.deepcopy(model.spec), reference, text_batches, sampled)
+    tiny = export_tiny(tiny_models, tmp_path_factory, "llama")
+    vocab = tiny.spec.vocab_size
+    text_batches = calibration_batches(
+        load_calibration_texts(), tiny.tokenizer, vocab, seq_len=64, max_samples=4
+    )
+    sampled = _sample(tiny.hf_model, count=4, length=64, seed=0)
+    return _Tiny(tiny.proto, tiny.spec, tiny.reference, text_batches, sampled)
 
 
 def _hide_outliers(model: FdecModel, unit: str) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from exported import export_tiny, run_pass
 from graphs import ir_model, run_ort, tiny_spec
 
 from fdec.calibrate import (
@@ -29,17 +30,9 @@ from fdec.calibrate import (
     matmul_activation_inputs,
 )
 from fdec.errors import CompileError, InputError, UsageError
-from fdec.frontend.export import import_model
-from fdec.frontend.source import resolve_source
 from fdec.ir import FdecModel, ModelSpec
-from fdec.passes.cleanup import (
-    EliminateCommonSubexpressionsPass,
-    FoldConstantsPass,
-    RemoveDeadNodesPass,
-    UntieEmbeddingsPass,
-)
 from fdec.passes.quantize_static import QuantizeFp8Pass, QuantizeInt8StaticPass
-from fdec.pipeline import Pass, PassManager, PassRecord, StructureCheckInstrument
+from fdec.pipeline import Pass
 from fdec.runtime import session_for_model
 from fdec.targets import load_target
 from fdec.verify import Reference
@@ -75,30 +68,14 @@ class _Tiny:
 
 
 def _export(tiny_models, tmp_path_factory, family: str) -> _Tiny:
-    cache = tmp_path_factory.mktemp(f"cache-static-{family}")
-    with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse fixture is not up
-        patch.setenv("FDEC_CACHE_DIR", str(cache / "fdec"))
-        patch.setenv("XDG_CACHE_HOME", str(cache))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        imported = import_model(resolve_source(str(tiny_models(family))))
-        model = imported.fdec_model
-        reference = Reference.from_hf(
-            imported.hf_model, "decoder", imported.tokenizer, model.spec.vocab_size
-        )
-        cleanup = [
-            UntieEmbeddingsPass(),
-            FoldConstantsPass(),
-            EliminateCommonSubexpressionsPass(),
-            RemoveDeadNodesPass(),
-        ]
-        model, _ = PassManager(cleanup).run(model)
-        batches = calibration_batches(
-            load_calibration_texts(None), imported.tokenizer, model.spec.vocab_size
-        )
-        names = sorted(set(matmul_activation_inputs(model).values()))
-        stats = collect_activation_stats(model, batches, names)
-    proto = ir.serde.serialize_model(model.model).SerializeToString()
-    return _Tiny(proto, copy.deepcopy(model.spec), reference, batches, stats)
+    tiny = export_tiny(tiny_models, tmp_path_factory, family)
+    model = tiny.cleaned()
+    batches = calibration_batches(
+        load_calibration_texts(None), tiny.tokenizer, model.spec.vocab_size
+    )
+    names = sorted(set(matmul_activation_inputs(model).values()))
+    stats = collect_activation_stats(model, batches, names)
+    return _Tiny(tiny.proto, tiny.spec, tiny.reference, batches, stats)
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +86,6 @@ def llama(tiny_models, tmp_path_factory) -> _Tiny:
 @pytest.fixture(scope="module")
 def gpt2(tiny_models, tmp_path_factory) -> _Tiny:
     return _export(tiny_models, tmp_path_factory, "gpt2")
-
-
-def _run_pass(pass_: Pass, model: FdecModel) -> tuple[FdecModel, PassRecord]:
-    """Run one pass under the PassManager with the full structure check (ONNX checker too)."""
-    model, (record,) = PassManager([pass_], [StructureCheckInstrument(full=True)]).run(model)
-    assert record.checks["structure"] == {"ok": True, "problems": []}
-    return model, record
 
 
 def _ops(model: FdecModel) -> collections.Counter:
@@ -167,7 +137,7 @@ def test_fp8_writes_qdq_with_float8_weights_and_calibrated_activation_scales(lla
     roles = _roles(llama.spec)
     pass_ = QuantizeFp8Pass(stats=llama.stats)
 
-    model, record = _run_pass(pass_, llama.cleaned())
+    model, record = run_pass(pass_, llama.cleaned())
 
     ops = _ops(model)
     assert ops[("", "QuantizeLinear")] == 9  # one per activation: q/k/v and gate/up share
@@ -222,7 +192,7 @@ def test_fp8_writes_qdq_with_float8_weights_and_calibrated_activation_scales(lla
 def test_fp8_percentile_range_and_calibrating_from_batches(llama):
     pass_ = QuantizeFp8Pass(batches=llama.batches, activation_range="percentile")
 
-    model, record = _run_pass(pass_, llama.cleaned())
+    model, record = run_pass(pass_, llama.cleaned())
 
     assert record.stats["activations_quantized"] == 9
     assert record.options["batches"] == "16 batches, 2048 tokens"
@@ -294,7 +264,7 @@ def test_missing_statistics_skip_weights_with_a_reason(llama):
     name = matmul_activation_inputs(llama.cleaned(), ["layers.0.q"])["layers.0.q"]
     partial = {k: v for k, v in llama.stats.items() if k != name}
 
-    model, record = _run_pass(QuantizeFp8Pass(stats=partial), llama.cleaned())
+    model, record = run_pass(QuantizeFp8Pass(stats=partial), llama.cleaned())
 
     assert record.stats["skipped"] == {"no calibration statistics for its activation": 3}
     assert record.stats["weights_quantized"] == 12
@@ -332,7 +302,7 @@ def test_int8_smoothquant_folds_into_the_rmsnorm_weights(llama):
     pass_ = QuantizeInt8StaticPass(stats=llama.stats)
     activations = matmul_activation_inputs(llama.cleaned())
 
-    model, record = _run_pass(pass_, llama.cleaned())
+    model, record = run_pass(pass_, llama.cleaned())
 
     stats = record.stats
     assert stats["smoothing_folded"] == 2 * spec.num_layers  # input and post-attention norms
@@ -409,7 +379,7 @@ def test_int8_static_other_alphas_verify(llama, alpha):
     before = llama.weights()
     pass_ = QuantizeInt8StaticPass(stats=llama.stats, alpha=alpha)
 
-    model, record = _run_pass(pass_, llama.cleaned())
+    model, record = run_pass(pass_, llama.cleaned())
 
     assert record.stats["matmuls_quantized"] == 15
     folded, inserted = (4, 5) if alpha is not None else (0, 0)
@@ -432,8 +402,8 @@ def test_int8_static_other_alphas_verify(llama, alpha):
 
 
 def test_int8_static_from_batches_equals_from_stats(llama):
-    from_stats, _ = _run_pass(QuantizeInt8StaticPass(stats=llama.stats), llama.cleaned())
-    from_batches, record = _run_pass(QuantizeInt8StaticPass(batches=llama.batches), llama.cleaned())
+    from_stats, _ = run_pass(QuantizeInt8StaticPass(stats=llama.stats), llama.cleaned())
+    from_batches, record = run_pass(QuantizeInt8StaticPass(batches=llama.batches), llama.cleaned())
 
     assert record.stats["smoothing_folded"] == 4
     for role in _roles(llama.spec):
@@ -447,7 +417,7 @@ def test_int8_static_folds_into_gpt2_layernorm_scale_and_bias(gpt2):
     pass_ = QuantizeInt8StaticPass(stats=gpt2.stats)
     activations = matmul_activation_inputs(gpt2.cleaned())
 
-    model, record = _run_pass(pass_, gpt2.cleaned())
+    model, record = run_pass(pass_, gpt2.cleaned())
 
     # ln_1 → Reshape → qkv Gemm and ln_2 → Reshape → fc_in Gemm fold; o, fc_out, lm_head don't.
     assert (record.stats["smoothing_folded"], record.stats["smoothing_inserted"]) == (4, 5)
@@ -510,7 +480,7 @@ def test_smoothing_folds_into_a_private_copy_or_inserts_a_mul():
     }
     before = run_ort(model.model, feeds)
 
-    model, record = _run_pass(QuantizeInt8StaticPass(stats=stats), model)
+    model, record = run_pass(QuantizeInt8StaticPass(stats=stats), model)
 
     assert (record.stats["smoothing_folded"], record.stats["smoothing_inserted"]) == (2, 1)
     assert record.stats["opset_raised"] is False  # 18 ≥ 13: per-axis DequantizeLinear
@@ -544,7 +514,7 @@ def test_fp8_raises_the_opset_to_19():
     stats = {"n": ActivationStats.of(feeds["x"] * arrays["g1"])}
     before = run_ort(model.model, feeds)
 
-    model, record = _run_pass(QuantizeFp8Pass(stats=stats), model)
+    model, record = run_pass(QuantizeFp8Pass(stats=stats), model)
 
     assert record.stats["opset_raised"] is True
     assert model.model.opset_imports[""] == 19
