@@ -405,21 +405,29 @@ _TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=4
 _LINES = VALID.splitlines()
 
 
-def _load_text_from_file(text: str) -> None:
+def _load_text_from_file(text: str) -> Target | InputError:
+    """The loaded target, or the InputError it raised; any other exception escapes."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "fuzz.toml"
         path.write_text(text, encoding="utf-8")
         try:
-            load_target(str(path))
+            return load_target(str(path))
         except InputError as error:
-            assert str(error)
-            assert error.exit_code == EXIT_USAGE
+            return error
+
+
+def _assert_clean_outcome(outcome: Target | InputError) -> None:
+    if isinstance(outcome, InputError):
+        assert str(outcome) and "\n" not in str(outcome)
+        assert outcome.exit_code == EXIT_USAGE
+    else:
+        assert isinstance(outcome, Target)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_TEXT)
 def test_arbitrary_text_only_raises_input_error(text: str) -> None:
-    _load_text_from_file(text)
+    _assert_clean_outcome(_load_text_from_file(text))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -447,4 +455,4 @@ def test_mutated_valid_file_only_raises_input_error(line: int, suffix: str, nois
     lines = list(_LINES)
     key = lines[line].split("=")[0].strip()
     lines[line] = key + suffix if suffix.startswith(" ") else suffix or noise
-    _load_text_from_file("\n".join(lines) + "\n")
+    _assert_clean_outcome(_load_text_from_file("\n".join(lines) + "\n"))
