@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from fdec.errors import CompileError, InputError
+from fdec.errors import CompileError, InputError, UsageError
 from fdec.ir import FdecModel
 
 __all__ = [
@@ -39,12 +39,40 @@ __all__ = [
     "ActivationStats",
     "calibration_batches",
     "capture_activations",
+    "checked_batches",
     "collect_activation_stats",
+    "describe_batches",
     "load_calibration_texts",
     "matmul_activation_inputs",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def checked_batches(
+    pass_name: str, batches: Sequence[np.ndarray] | None, *, min_seq: int = 1
+) -> tuple[np.ndarray, ...] | None:
+    """A pass's `batches` option as int64 [batch, seq] arrays, or a UsageError naming the pass."""
+    if batches is None:
+        return None
+    arrays = tuple(np.asarray(ids, dtype=np.int64) for ids in batches)
+    if not arrays or any(
+        ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < min_seq for ids in arrays
+    ):
+        seq = "seq" if min_seq <= 1 else f"seq ≥ {min_seq}"
+        raise UsageError(
+            f"{pass_name} batches must be non-empty [batch, {seq}] token id arrays",
+            "make them with fdec.calibrate.calibration_batches",
+        )
+    return arrays
+
+
+def describe_batches(batches: Sequence[np.ndarray] | None) -> str | None:
+    """How a pass's `batches` option reads in a report: counts, not arrays."""
+    if batches is None:
+        return None
+    return f"{len(batches)} batches, {sum(int(ids.size) for ids in batches)} tokens"
+
 
 # The built-in corpus: one file per domain under fdec/data/calib, read in this order.
 CORPUS_DOMAINS = ("prose", "dialogue", "code", "numbers")

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fdec.calibrate import capture_activations
+from fdec.calibrate import capture_activations, checked_batches, describe_batches
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
 from fdec.passes.quantize import (
@@ -317,13 +317,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                     f"{self.name} {option} {value!r} is not a positive integer",
                     "use the default (grid=20, max_rows=512) or another whole number ≥ 1",
                 )
-        if self.batches is not None:
-            self.batches = tuple(np.asarray(ids, dtype=np.int64) for ids in self.batches)
-            if not self.batches or any(ids.ndim != 2 or ids.size == 0 for ids in self.batches):
-                raise UsageError(
-                    f"{self.name} batches must be non-empty [batch, seq] token id arrays",
-                    "make them with fdec.calibrate.calibration_batches",
-                )
+        self.batches = checked_batches(self.name, self.batches)
 
     def options(self) -> dict[str, Any]:
         options = {
@@ -334,11 +328,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         options["activations"] = (
             None if self.activations is None else f"{len(self.activations)} tensors"
         )
-        if self.batches is None:
-            options["batches"] = None
-        else:
-            tokens = sum(int(ids.size) for ids in self.batches)
-            options["batches"] = f"{len(self.batches)} batches, {tokens} tokens"
+        options["batches"] = describe_batches(self.batches)
         return options
 
     @property

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from fdec.calibrate import checked_batches, describe_batches
 from fdec.errors import EXIT_DOES_NOT_FIT, UsageError, VerificationError
 from fdec.ir import FdecModel
 from fdec.passes.quantize import _collect
@@ -247,20 +248,12 @@ class QuantizeMixedPass(Pass):
                 "use at least 2 tokens per batch (perplexity predicts token t from t-1)",
             )
         self.quantizer_options = dict(self.quantizer_options)
-        if self.batches is not None:
-            self.batches = tuple(np.asarray(ids, dtype=np.int64) for ids in self.batches)
-            if not self.batches or any(ids.ndim != 2 or ids.shape[1] < 2 for ids in self.batches):
-                raise UsageError(
-                    f"{self.name} batches must be non-empty [batch, seq ≥ 2] token id arrays",
-                    "make them with fdec.calibrate.calibration_batches",
-                )
+        self.batches = checked_batches(self.name, self.batches, min_seq=2)
         self.quantizer()  # an unknown method or bad quantizer options fail now
 
     def options(self) -> dict[str, Any]:
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if self.batches is not None:
-            tokens = sum(int(ids.size) for ids in self.batches)
-            options["batches"] = f"{len(self.batches)} batches, {tokens} tokens"
+        options["batches"] = describe_batches(self.batches)
         return options
 
     @property

@@ -35,7 +35,12 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from fdec.calibrate import ActivationStats, collect_activation_stats
+from fdec.calibrate import (
+    ActivationStats,
+    checked_batches,
+    collect_activation_stats,
+    describe_batches,
+)
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
 from fdec.passes.quantize import (
@@ -166,13 +171,7 @@ class _StaticQuantizePass(Pass):
     _opset: ClassVar[int]
 
     def __post_init__(self) -> None:
-        if self.batches is not None:
-            self.batches = tuple(np.asarray(ids, dtype=np.int64) for ids in self.batches)
-            if not self.batches or any(ids.ndim != 2 or ids.size == 0 for ids in self.batches):
-                raise UsageError(
-                    f"{self.name} batches must be non-empty [batch, seq] token id arrays",
-                    "make them with fdec.calibrate.calibration_batches",
-                )
+        self.batches = checked_batches(self.name, self.batches)
 
     def options(self) -> dict[str, Any]:
         options = {
@@ -181,11 +180,7 @@ class _StaticQuantizePass(Pass):
             if f.name not in ("stats", "batches")
         }
         options["stats"] = None if self.stats is None else f"{len(self.stats)} tensors"
-        if self.batches is None:
-            options["batches"] = None
-        else:
-            tokens = sum(int(ids.size) for ids in self.batches)
-            options["batches"] = f"{len(self.batches)} batches, {tokens} tokens"
+        options["batches"] = describe_batches(self.batches)
         return options
 
     def check_target(self, target: Any) -> None:
