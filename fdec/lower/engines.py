@@ -82,18 +82,15 @@ def build_engines(
             build_dir, spec=spec, target=target, limits=limits, precisions=list(precisions)
         )
         if tensorrt.tensorrt_available() is None:
-            wanted = tuple(target.compute_capability)
-            here = [
-                gpu for gpu in tensorrt.visible_gpus() if tuple(gpu["compute_capability"]) == wanted
-            ]
+            wanted = ".".join(map(str, target.compute_capability))  # visible_gpus: "9.0"
+            gpus = tensorrt.visible_gpus()
+            here = [gpu for gpu in gpus if gpu["compute_capability"] == wanted]
             if here:
                 progress(f"building the TensorRT engine on {here[0]['name']}")
                 plan = tensorrt.build_planned_engine(build_dir, progress=progress)
             else:
-                gpus = ", ".join(
-                    f"{g['name']} ({g['compute_capability']})" for g in tensorrt.visible_gpus()
-                )
-                plan.reason = f"the GPUs here ({gpus}) are not a {target.name}"
+                names = ", ".join(f"{g['name']} ({g['compute_capability']})" for g in gpus)
+                plan.reason = f"the GPUs here ({names}) are not a {target.name}"
         records.append(tensorrt.engine_report(plan))
         with tempfile.TemporaryDirectory(prefix="fdec-rtx-check-") as scratch:
             records.append(
