@@ -180,7 +180,7 @@ def compile_model(
             staging, spec=spec, target=target, backend=backend, limits=limits,
             precisions=_engine_precisions(pass_names), progress=progress,
         )  # fmt: skip
-        counts = fdec_model.counts()
+        counts = records[-1].after if records else fdec_model.counts()
         checkpoint = None
         if "hf-checkpoint" in options.emit:
             progress("writing the serving checkpoint (safetensors + quantization config)")
