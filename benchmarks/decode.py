@@ -35,10 +35,10 @@ def _pytorch_decode(model, ids, new_tokens: int) -> float:
     return (new_tokens - 1) / max(full - one, 1e-9)
 
 
-def _fdec_decode(build, prompt: list[int], new_tokens: int) -> float:
+def _fdec_decode(session, prompt: list[int], new_tokens: int) -> float:
     from fdec.runtime import generate
 
-    result = generate(build.model, prompt, max_new_tokens=new_tokens)
+    result = generate(session, prompt, max_new_tokens=new_tokens)
     return result.decode_tokens_per_s
 
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from fdec.compile import CompileOptions, compile_model
     from fdec.frontend.export import load_hf_model, load_tokenizer
     from fdec.frontend.source import resolve_source
-    from fdec.runner import load_build
+    from fdec.lower import MODEL_FILE, RUNTIME_CONFIG
     from fdec.runtime import OrtModel, open_session
     from fdec.verify import held_text, perplexity
 
@@ -77,23 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     source = resolve_source(args.model)
     model = load_hf_model(source)
     tokenizer = load_tokenizer(source.folder)
-    build = load_build(args.build)
-    build.model = OrtModel(open_session(args.build / "model.onnx", threads=args.threads))
+    runtime = json.loads((args.build / RUNTIME_CONFIG).read_text())
+    level = runtime["session_options"]["graph_optimization_level"]  # basic for Q/DQ builds
+    session = OrtModel(
+        open_session(args.build / MODEL_FILE, threads=args.threads, optimization=level)
+    )
 
     text_ids = tokenizer(held_text(), add_special_tokens=False)["input_ids"]
     prompt = (text_ids * 4)[: args.prompt_tokens]
     ids = torch.tensor([prompt])
     torch_rates, fdec_rates = [], []
-    _fdec_decode(build, prompt, 4)  # warm-up both
+    _fdec_decode(session, prompt, 4)  # warm-up both
     _pytorch_decode(model, ids, 4)
     for _ in range(args.rounds):
         torch_rates.append(_pytorch_decode(model, ids, args.new_tokens))
-        fdec_rates.append(_fdec_decode(build, prompt, args.new_tokens))
+        fdec_rates.append(_fdec_decode(session, prompt, args.new_tokens))
 
     scored = np.asarray([text_ids], dtype=np.int64)
     with torch.no_grad():
         torch_logits = model(torch.from_numpy(scored)).logits.numpy()
-    fdec_logits, _ = build.model.decode(scored, build.model.empty_past(1), 0)
+    fdec_logits, _ = session.decode(scored, session.empty_past(1), 0)
     torch_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
     rows = {
         "pytorch_eager": {
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             "decode_tok_s": statistics.median(fdec_rates),
             "perplexity": perplexity(fdec_logits, scored),
             "mb": _size_mb(args.build),
-            "providers": build.model.providers,
+            "providers": session.providers,
         },
     }
     ratio = rows["fdec_build"]["decode_tok_s"] / rows["pytorch_eager"]["decode_tok_s"]
