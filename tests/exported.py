@@ -23,7 +23,15 @@ from fdec.passes.cleanup import (
 from fdec.pipeline import Pass, PassManager, PassRecord, StructureCheckInstrument
 from fdec.verify import Reference
 
-__all__ = ["TinyExport", "dump", "export_tiny", "load", "op_counts", "run_pass"]
+__all__ = [
+    "TinyExport",
+    "dump",
+    "export_tiny",
+    "load",
+    "matmul_weights",
+    "op_counts",
+    "run_pass",
+]
 
 
 def load(data: bytes, spec: ModelSpec) -> FdecModel:
@@ -32,6 +40,15 @@ def load(data: bytes, spec: ModelSpec) -> FdecModel:
 
 def dump(model: FdecModel) -> bytes:
     return ir.serde.serialize_model(model.model).SerializeToString()
+
+
+def matmul_weights(model: FdecModel) -> dict[str, Any]:
+    """Role → a copy of the model's fp32 weight as MatMul reads it ([K, N]), embedding aside."""
+    return {
+        role: model.graph.initializers[name].const_value.numpy().copy()
+        for role, name in model.spec.weights.items()
+        if role != "embed"
+    }
 
 
 @dataclasses.dataclass
@@ -51,6 +68,9 @@ class TinyExport:
 
     def cleaned(self) -> FdecModel:
         return load(self.proto, self.spec)
+
+    def weights(self) -> dict[str, Any]:
+        return matmul_weights(self.cleaned())
 
 
 def export_tiny(tiny_models, tmp_path_factory, family: str) -> TinyExport:

@@ -17,7 +17,7 @@ import onnx
 import onnx.numpy_helper
 import onnx_ir as ir
 import pytest
-from exported import export_tiny, load, op_counts, run_pass
+from exported import export_tiny, load, matmul_weights, op_counts, run_pass
 from graphs import ir_model, run_ort, tiny_spec
 
 import fdec.passes.quantize as quantize
@@ -50,13 +50,7 @@ class _Tiny:
         return load(self.proto, self.spec)
 
     def weights(self) -> dict[str, np.ndarray]:
-        """Role → the cleaned model's fp32 weight, as MatMul reads it ([K, N])."""
-        model = self.cleaned()
-        return {
-            role: model.graph.initializers[name].const_value.numpy().copy()
-            for role, name in model.spec.weights.items()
-            if role != "embed"
-        }
+        return matmul_weights(self.cleaned())
 
 
 def _export(tiny_models, tmp_path_factory, family: str) -> _Tiny:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from exported import export_tiny, run_pass
+from exported import export_tiny, matmul_weights, run_pass
 from graphs import ir_model, run_ort, tiny_spec
 
 from fdec.calibrate import (
@@ -55,13 +55,7 @@ class _Tiny:
         return FdecModel(model, copy.deepcopy(self.spec))
 
     def weights(self) -> dict[str, np.ndarray]:
-        """Role → the cleaned model's fp32 weight as MatMul reads it ([K, N])."""
-        model = self.cleaned()
-        return {
-            role: model.graph.initializers[name].const_value.numpy().copy()
-            for role, name in model.spec.weights.items()
-            if role != "embed"
-        }
+        return matmul_weights(self.cleaned())
 
     def initializer(self, name: str) -> np.ndarray:
         return self.cleaned().graph.initializers[name].const_value.numpy().copy()
