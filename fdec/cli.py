@@ -33,7 +33,7 @@ class _Context:
             click.echo(f"[fdec {elapsed:6.1f}s] {message}", err=True)
 
 
-def _quiet_libraries(quiet: bool) -> None:
+def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Deprecation notices from torch/transformers are for fdec's developers, not its users.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -150,7 +150,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
                     quiet: bool) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out."""
     ctx = _Context(quiet, as_json)
-    _quiet_libraries(quiet or as_json)
+    _quiet_libraries()
     from fdec.compile import CompileOptions, compile_model
     from fdec.report import render_report
 
@@ -231,7 +231,7 @@ def _fail(err: FdecError, as_json: bool) -> None:
 def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperature: float,
                 top_k: int, top_p: float, seed: int, no_chat_template: bool, as_json: bool) -> None:  # fmt: skip
     """Generate text with a build, streaming tokens to the terminal."""
-    _quiet_libraries(True)
+    _quiet_libraries()
     from fdec.runner import load_build, run_prompt
 
     try:

@@ -175,7 +175,7 @@ def compile_model(
         session = OrtModel(open_session(staging / MODEL_FILE, optimization=optimization))
         verification = _verify(reference, session, tolerance)
         if not verification["ok"]:
-            raise VerificationError(verification["failure"], _verification_fix(verification))
+            raise VerificationError(verification["failure"], _VERIFICATION_FIX)
         engines = build_engines(
             staging, spec=spec, target=target, backend=backend, limits=limits,
             precisions=_engine_precisions(pass_names), progress=progress,
@@ -320,6 +320,9 @@ def _quantize_passes(
 
 
 DEFAULT_MAX_SEQ_LEN = 2048
+_VERIFICATION_FIX = (
+    "the build was not written; rerun with --verify-each to find the pass that broke it"
+)
 EMITS = ("hf-checkpoint",)
 # TensorRT builder flags for the Q/DQ precisions a pass put in the graph (weight-only int4 and
 # dynamic int8 need none: their math runs in the activations' precision).
@@ -428,10 +431,6 @@ def _gathered_bytes(model: Any) -> int:
         return 0
     tensor = model.graph.initializers[name].const_value
     return int(tensor.nbytes) if tensor is not None else 0
-
-
-def _verification_fix(verification: dict[str, Any]) -> str:
-    return "the build was not written; rerun with --verify-each to find the pass that broke it"
 
 
 def _verify(reference: Reference, session: OrtModel, tolerance: Tolerance) -> dict[str, Any]:

@@ -54,15 +54,6 @@ class ModelSpec:
             for i in range(self.num_layers)
         ]
 
-    @property
-    def present_outputs(self) -> list[tuple[str, str]]:
-        if not self.is_decoder:
-            return []
-        return [(f"present.{i}.key", f"present.{i}.value") for i in range(self.num_layers)]
-
-    def layer_weight(self, layer: int, role: str) -> str | None:
-        return self.weights.get(f"layers.{layer}.{role}")
-
     def roles_of(self, initializer: str) -> list[str]:
         return [role for role, name in self.weights.items() if name == initializer]
 
