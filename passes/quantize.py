@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import pathlib
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_dtypes
@@ -34,6 +35,7 @@ _LINEAR_ROLES = frozenset({"q", "k", "v", "qkv", "o", "gate", "up", "down", "fc_
 _LAYER_ROLE = re.compile(r"^layers\.\d+\.(\w+)$")
 _MS_DOMAIN = "com.microsoft"
 _BLOCK_SIZES = (32, 64, 128)
+_NBITS = (4, 8)  # MatMulNBits bits quantize-int4 writes (8: the higher precision of a mix)
 _INT4_BACKENDS = ("onnxruntime", "tensorrt")
 _QDQ_OPSET = 21  # blocked DequantizeLinear (block_size attribute) and INT4/UINT4 tensors
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
@@ -61,6 +63,11 @@ class _Weight:
     dtype: ir.DataType  # the original dtype (scales keep it)
     sites: list[_Site]
     transposes: list[ir.Node]  # Transpose nodes between the weight and its sites
+    # Axis-0 Gathers of a tied token embedding ([N, K] rows), when the caller allowed them.
+    gathers: list[ir.Node] = dataclasses.field(default_factory=list)
+    # The [K] factors `array`'s rows were multiplied by (AWQ) where its sites' activation was
+    # divided by them; a gathered row must be divided by them again.
+    row_scales: np.ndarray | None = None
 
 
 def _candidate_names(model: FdecModel, include_lm_head: bool) -> list[str]:
@@ -107,8 +114,23 @@ def _matmul_site(node: ir.Node, index: int, *, through_transpose: bool) -> tuple
     return _Site(node, activation, bias), transposed
 
 
-def _find_weight(graph: ir.Graph, name: str) -> _Weight:
-    """The weight `name` with every site reading it; ValueError names why it cannot be."""
+def _is_row_gather(node: ir.Node, index: int) -> bool:
+    """Whether `node` reads its input `index` as the table of a top-level axis-0 Gather."""
+    axis = node.attributes.get("axis")
+    return (
+        node.op_type == "Gather"
+        and node.domain == ""
+        and index == 0
+        and (axis is None or axis.as_int() == 0)
+    )
+
+
+def _find_weight(graph: ir.Graph, name: str, *, gathers: bool = False) -> _Weight:
+    """The weight `name` with every site reading it; ValueError names why it cannot be.
+
+    With `gathers`, axis-0 Gathers of the [N, K] table (a tied embedding, whose lm_head reads
+    it transposed) are collected too instead of refused.
+    """
     value = graph.initializers.get(name)
     tensor = value.const_value if value is not None else None
     if value is None or tensor is None:
@@ -121,11 +143,15 @@ def _find_weight(graph: ir.Graph, name: str) -> _Weight:
         raise ValueError("a graph input or output")
     sites: list[_Site] = []
     transposes: list[ir.Node] = []
+    row_gathers: list[ir.Node] = []
     layouts: set[bool] = set()
     for use in value.uses():
         node = use.node
         if node.graph is not graph:
             raise ValueError("read inside a subgraph")
+        if gathers and _is_row_gather(node, use.idx):
+            row_gathers.append(node)
+            continue
         if node.op_type == "Transpose" and node.domain == "":
             perm = node.attributes.get("perm")
             if perm is not None and list(perm.as_ints()) != [1, 0]:
@@ -145,25 +171,32 @@ def _find_weight(graph: ir.Graph, name: str) -> _Weight:
         raise ValueError("read by no MatMul")
     if len(layouts) != 1:
         raise ValueError("read in two layouts")
+    transposed = layouts.pop()
+    if row_gathers and not transposed:
+        raise ValueError("gathered by rows but read by a MatMul untransposed")
     array = tensor.numpy().astype(np.float32)
-    if layouts.pop():
+    if transposed:
         array = array.T
-    return _Weight(value, np.ascontiguousarray(array), tensor.dtype, sites, transposes)
+    return _Weight(value, np.ascontiguousarray(array), tensor.dtype, sites, transposes, row_gathers)
 
 
 def _collect(
-    model: FdecModel, include_lm_head: bool
+    model: FdecModel, include_lm_head: bool, share_tied: bool = False
 ) -> tuple[list[_Weight], collections.Counter[str]]:
-    """The quantizable weights of `model`, and why the others were skipped (reason → count)."""
+    """The quantizable weights of `model`, and why the others were skipped (reason → count).
+
+    A weight shared with the token embedding (a tied lm_head) is skipped, unless `share_tied`:
+    then it is collected with the embedding's Gathers (`_Weight.gathers`).
+    """
     weights: list[_Weight] = []
     skipped: collections.Counter[str] = collections.Counter()
     embed = model.spec.weights.get("embed")
     for name in _candidate_names(model, include_lm_head):
-        if name == embed:
+        if name == embed and not share_tied:
             skipped["shared with the embedding"] += 1
             continue
         try:
-            weights.append(_find_weight(model.graph, name))
+            weights.append(_find_weight(model.graph, name, gathers=name == embed))
         except ValueError as reason:
             logger.info("not quantizing %s: %s", name, reason)
             skipped[str(reason)] += 1
@@ -217,53 +250,67 @@ def _retire(graph: ir.Graph, weight: _Weight) -> None:
 class _Int4Weight:
     """A [K, N] weight quantized in blocks of `block_size` along K, in MatMulNBits layout.
 
-    `codes` are the 4-bit values 0..15 as [N, K]; the dequantized weight is
-    `(codes - zero_points) * scales` block by block (symmetric: zero point 8).
+    `codes` are the `bits`-bit values (0..15 for 4 bits, 0..255 for 8) as [N, K]; the
+    dequantized weight is `(codes - zero_points) * scales` block by block (symmetric: zero
+    point 8 for 4 bits, 128 for 8).
     """
 
-    packed: np.ndarray  # uint8 [N, k_blocks, block_size // 2], low nibble first along K
+    packed: np.ndarray  # uint8 [N, k_blocks, block_size * bits // 8], low nibble first along K
     scales: np.ndarray  # float32 [N, k_blocks]
-    zero_points: np.ndarray | None  # uint8 [N, ceil(k_blocks / 2)], packed; None = symmetric
+    zero_points: np.ndarray | None  # uint8 [N, ceil(k_blocks·bits/8)], packed; None = symmetric
     k: int
     n: int
     block_size: int
+    bits: int = 4
 
     @property
     def k_blocks(self) -> int:
         return self.scales.shape[1]
 
+    def _unpack(self, packed: np.ndarray) -> np.ndarray:
+        if self.bits == 8:
+            return packed.reshape(self.n, -1)
+        return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(self.n, -1)
+
     def codes(self) -> np.ndarray:
-        """The 4-bit codes as uint8 [N, K] (the padding past K dropped)."""
-        low, high = self.packed & 0x0F, self.packed >> 4
-        codes = np.stack([low, high], axis=-1).reshape(self.n, -1)
-        return codes[:, : self.k]
+        """The codes as uint8 [N, K] (the padding past K dropped)."""
+        return self._unpack(self.packed)[:, : self.k]
 
     def unpacked_zero_points(self) -> np.ndarray:
-        """Zero points as uint8 [N, k_blocks] (8 everywhere when symmetric)."""
+        """Zero points as uint8 [N, k_blocks] (8 or 128 everywhere when symmetric)."""
         if self.zero_points is None:
-            return np.full((self.n, self.k_blocks), 8, dtype=np.uint8)
-        low, high = self.zero_points & 0x0F, self.zero_points >> 4
-        return np.stack([low, high], axis=-1).reshape(self.n, -1)[:, : self.k_blocks]
+            return np.full((self.n, self.k_blocks), 1 << (self.bits - 1), dtype=np.uint8)
+        return self._unpack(self.zero_points)[:, : self.k_blocks]
+
+    def dequantized(self) -> np.ndarray:
+        """The float32 [N, K] values this weight stands for: (code - zero point) · scale."""
+        codes = self._unpack(self.packed).reshape(self.n, self.k_blocks, -1)
+        zero = self.unpacked_zero_points().astype(np.float32)[..., None]
+        values = (codes.astype(np.float32) - zero) * self.scales[..., None]
+        return values.reshape(self.n, -1)[:, : self.k]
 
 
-def _quantize_int4(array: np.ndarray, block_size: int, symmetric: bool) -> _Int4Weight:
-    """RTN 4-bit quantization of a [K, N] float32 array with ONNX Runtime's own kernel.
+def _quantize_int4(
+    array: np.ndarray, block_size: int, symmetric: bool, bits: int = 4
+) -> _Int4Weight:
+    """RTN 4-bit (or 8-bit) quantization of a [K, N] float32 array with ONNX Runtime's kernel.
 
     The kernel (the one `onnxruntime.quantization.matmul_nbits_quantizer` calls) writes into
     the arrays it is given, so they must be contiguous and of the exact dtypes. Symmetric
-    scales are max/-8 of the value with the largest magnitude (its sign kept); asymmetric
-    ranges include zero, scale (max - min)/15.
+    scales are max/-8 (8 bits: max/-128) of the value with the largest magnitude (its sign
+    kept); asymmetric ranges include zero, scale (max - min)/15 (8 bits: /255).
     """
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+    from onnxruntime.capi import _pybind_state
 
+    kernel = getattr(_pybind_state, f"quantize_matmul_{bits}bits")
     k, n = array.shape
     k_blocks = -(-k // block_size)
-    packed = np.zeros((n, k_blocks, block_size // 2), dtype=np.uint8)
+    packed = np.zeros((n, k_blocks, block_size * bits // 8), dtype=np.uint8)
     scales = np.zeros((n, k_blocks), dtype=np.float32)
-    zero_points = np.zeros((n, -(-k_blocks // 2)), dtype=np.uint8)
+    zero_points = np.zeros((n, -(-k_blocks * bits // 8)), dtype=np.uint8)
     weights = np.ascontiguousarray(array, dtype=np.float32)
-    quantize_matmul_4bits(packed, weights, scales, zero_points, block_size, n, k, symmetric)
-    return _Int4Weight(packed, scales, None if symmetric else zero_points, k, n, block_size)
+    kernel(packed, weights, scales, zero_points, block_size, n, k, symmetric)
+    return _Int4Weight(packed, scales, None if symmetric else zero_points, k, n, block_size, bits)
 
 
 def _raise_opset(model: FdecModel, version: int) -> bool:
@@ -321,8 +368,16 @@ class QuantizeInt4Pass(Pass):
       [K, N], scales [k_blocks, N], axis 0) feeding `MatMul`; the model's opset is raised
       to 21. Same quantized values as "onnxruntime".
 
-    A tied lm_head shares the embedding (read by Gather) and cannot be quantized here:
-    put `untie-embeddings` before this pass, or set `include_lm_head=False`.
+    `bits` 8 writes the same forms with 8-bit codes (MatMulNBits bits=8; INT8/UINT8 blocked
+    DequantizeLinear): the "higher precision" quantize-mixed keeps sensitive layers in.
+
+    A tied lm_head shares the embedding (read by Gather). By default it cannot be quantized
+    here: put `untie-embeddings` before this pass, or set `include_lm_head=False`. With
+    `share_tied_embedding` ("onnxruntime" only) the shared table is quantized once and both
+    readers use the same packed initializer: the lm_head's MatMulNBits reads it as B
+    [V, k_blocks, block·bits/8], and each embedding Gather becomes a com.microsoft
+    GatherBlockQuantized of it (quantize_axis 2, its scales reshaped to [V, k_blocks, 1]),
+    reshaped back to [..., hidden] — the table is stored once, as in the tied source model.
     """
 
     name = "quantize-int4"
@@ -342,8 +397,20 @@ class QuantizeInt4Pass(Pass):
     accuracy_level: int = dataclasses.field(default=4, kw_only=True)
     include_lm_head: bool = dataclasses.field(default=True, kw_only=True)
     backend: str = dataclasses.field(default="onnxruntime", kw_only=True)
+    bits: int = dataclasses.field(default=4, kw_only=True)
+    share_tied_embedding: bool = dataclasses.field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
+        if self.bits not in _NBITS:
+            raise UsageError(
+                f"{self.name} bits {self.bits!r} is not supported", "use bits=4 or bits=8"
+            )
+        if self.share_tied_embedding and self.backend != "onnxruntime":
+            raise UsageError(
+                f"{self.name} shares a tied embedding only for backend onnxruntime "
+                f"(GatherBlockQuantized), not {self.backend}",
+                "run untie-embeddings first and drop share_tied_embedding",
+            )
         if self.block_size not in _BLOCK_SIZES:
             raise UsageError(
                 f"{self.name} block_size {self.block_size} is not supported",
@@ -361,14 +428,15 @@ class QuantizeInt4Pass(Pass):
             )
 
     def requires(self, model: FdecModel, target: Any = None) -> None:
-        _require_untied(self.name, model, self.include_lm_head)
+        if not self.share_tied_embedding:
+            _require_untied(self.name, model, self.include_lm_head)
 
     def check_target(self, target: Any) -> None:
         if target is not None and hasattr(target, "require"):
-            target.require("int4")
+            target.require(f"int{self.bits}")
 
     def call(self, model: FdecModel) -> PassResult:
-        weights, skipped = _collect(model, self.include_lm_head)
+        weights, skipped = _collect(model, self.include_lm_head, self.share_tied_embedding)
         return self._quantize_weights(model, weights, skipped)
 
     def _quantize_weights(
@@ -392,7 +460,7 @@ class QuantizeInt4Pass(Pass):
         for weight in weights:
             old_name = weight.value.name
             assert old_name is not None
-            quantized = _quantize_int4(weight.array, self.block_size, self.symmetric)
+            quantized = _quantize_int4(weight.array, self.block_size, self.symmetric, self.bits)
             if self.backend == "tensorrt":
                 new_name, added = self._rewrite_qdq(graph, weight, quantized, taken)
             else:
@@ -401,6 +469,8 @@ class QuantizeInt4Pass(Pass):
             stats["bytes_after"] += added
             stats["matmuls_quantized"] += len(weight.sites)
             stats["weights_quantized"] += 1
+            if weight.gathers:
+                stats["gathers_shared"] = stats.get("gathers_shared", 0) + len(weight.gathers)
             _retire(graph, weight)
             model.spec.rename_weight(old_name, new_name)
         stats["skipped"] = dict(skipped)
@@ -410,7 +480,9 @@ class QuantizeInt4Pass(Pass):
         self, graph: ir.Graph, weight: _Weight, q: _Int4Weight, taken: set[str]
     ) -> tuple[str, int]:
         base = weight.value.name
-        b = _add_initializer(graph, _fresh_name(graph, f"{base}_Q4", taken), ir.tensor(q.packed))
+        b = _add_initializer(
+            graph, _fresh_name(graph, f"{base}_Q{q.bits}", taken), ir.tensor(q.packed)
+        )
         scales = _add_initializer(
             graph,
             _fresh_name(graph, f"{base}_scales", taken),
@@ -421,7 +493,7 @@ class QuantizeInt4Pass(Pass):
             zero_points = _add_initializer(
                 graph, _fresh_name(graph, f"{base}_zero_points", taken), ir.tensor(q.zero_points)
             )
-        attributes = {"K": q.k, "N": q.n, "bits": 4, "block_size": q.block_size}
+        attributes = {"K": q.k, "N": q.n, "bits": q.bits, "block_size": q.block_size}
         if self.accuracy_level:
             attributes["accuracy_level"] = self.accuracy_level
         for site in weight.sites:
@@ -435,30 +507,105 @@ class QuantizeInt4Pass(Pass):
                 inputs,
                 attributes,
                 domain=_MS_DOMAIN,
-                name=f"{site.node.name or base}_Q4",
+                name=f"{site.node.name or base}_Q{q.bits}",
             )
             _replace(graph, site, [node])
         added = sum(v.const_value.nbytes for v in (b, scales, zero_points) if v is not None)
+        if weight.gathers:
+            added += self._share_with_gathers(graph, weight, q, b, scales, taken)
         return b.name, added
+
+    def _share_with_gathers(
+        self,
+        graph: ir.Graph,
+        weight: _Weight,
+        q: _Int4Weight,
+        b: ir.Value,
+        scales: ir.Value,
+        taken: set[str],
+    ) -> int:
+        """Rewrite the tied embedding's Gathers to GatherBlockQuantized of the lm_head's B.
+
+        Returns the bytes added (the small shape constants and the 1/s of AWQ).
+        """
+        base = weight.value.name
+        if q.zero_points is not None or q.k % q.block_size:
+            raise CompileError(
+                f"{self.name}: the tied table {base!r} can be shared only when symmetric and "
+                f"its hidden size {q.k} is a multiple of block_size {q.block_size}",
+                "run untie-embeddings before this pass (the table is then stored twice)",
+            )
+
+        def constant(suffix: str, array: np.ndarray) -> ir.Value:
+            name = _fresh_name(graph, f"{base}_{suffix}", taken)
+            return _add_initializer(graph, name, ir.tensor(array, name=name))
+
+        blocks_shape = constant("scales_shape", np.array([q.n, q.k_blocks, 1], dtype=np.int64))
+        hidden = constant("hidden", np.array([q.k], dtype=np.int64))
+        added = blocks_shape.const_value.nbytes + hidden.const_value.nbytes
+        inverse = None
+        if weight.row_scales is not None:
+            inverse = constant("inv_s", (1.0 / weight.row_scales).astype(weight.dtype.numpy()))
+            added += inverse.const_value.nbytes
+        block_scales = ir.node("Reshape", [scales, blocks_shape], name=f"{base}_scales_3d")
+        graph.insert_before(graph.node(0), block_scales)  # reads initializers only
+        attributes = {
+            "gather_axis": 0,
+            "quantize_axis": 2,
+            "block_size": q.block_size,
+            "bits": q.bits,
+        }
+        for gather in weight.gathers:
+            ids = gather.inputs[1]
+            prefix = gather.name or base
+            rows = ir.node(
+                "GatherBlockQuantized",
+                [b, ids, block_scales.outputs[0]],
+                attributes,
+                domain=_MS_DOMAIN,
+                name=f"{prefix}_Q{q.bits}",
+            )
+            ids_shape = ir.node("Shape", [ids], name=f"{prefix}_ids_shape")
+            shape = ir.node(
+                "Concat", [ids_shape.outputs[0], hidden], {"axis": 0}, name=f"{prefix}_shape"
+            )
+            flat = ir.node("Reshape", [rows.outputs[0], shape.outputs[0]], name=f"{prefix}_rows")
+            nodes = [rows, ids_shape, shape, flat]
+            if inverse is not None:
+                nodes.append(ir.node("Mul", [flat.outputs[0], inverse], name=f"{prefix}_inv_s"))
+            ir.convenience.replace_nodes_and_values(
+                graph,
+                insertion_point=gather,
+                old_nodes=[gather],
+                new_nodes=nodes,
+                old_values=[gather.outputs[0]],
+                new_values=[nodes[-1].outputs[0]],
+            )
+        return added
 
     def _rewrite_qdq(
         self, graph: ir.Graph, weight: _Weight, q: _Int4Weight, taken: set[str]
     ) -> tuple[str, int]:
         base = weight.value.name
-        codes = q.codes().T  # [K, N], 0..15
+        codes = q.codes().T  # [K, N], 0..15 (8 bits: 0..255)
         zero_points = None
+        signed, unsigned = (
+            ((ml_dtypes.int4, ir.DataType.INT4), (ml_dtypes.uint4, ir.DataType.UINT4))
+            if q.bits == 4
+            else ((np.int8, ir.DataType.INT8), (np.uint8, ir.DataType.UINT8))
+        )
         if q.zero_points is None:
-            values = (codes.astype(np.int8) - 8).astype(ml_dtypes.int4)
-            tensor = ir.Tensor(values, dtype=ir.DataType.INT4)
+            values = (codes.astype(np.int16) - (1 << (q.bits - 1))).astype(signed[0])
+            tensor = ir.Tensor(values, dtype=signed[1])
         else:
-            tensor = ir.Tensor(codes.astype(ml_dtypes.uint4), dtype=ir.DataType.UINT4)
-            zp = q.unpacked_zero_points().T.astype(ml_dtypes.uint4)  # [k_blocks, N]
+            tensor = ir.Tensor(codes.astype(unsigned[0]), dtype=unsigned[1])
+            zp = q.unpacked_zero_points().T.astype(unsigned[0])  # [k_blocks, N]
             zero_points = _add_initializer(
                 graph,
                 _fresh_name(graph, f"{base}_zero_points", taken),
-                ir.Tensor(np.ascontiguousarray(zp), dtype=ir.DataType.UINT4),
+                ir.Tensor(np.ascontiguousarray(zp), dtype=unsigned[1]),
             )
-        b = _add_initializer(graph, _fresh_name(graph, f"{base}_Q4", taken), tensor)
+        b = _add_initializer(graph, _fresh_name(graph, f"{base}_Q{q.bits}", taken), tensor)
         scales = _add_initializer(
             graph,
             _fresh_name(graph, f"{base}_scales", taken),
@@ -471,10 +618,12 @@ class QuantizeInt4Pass(Pass):
                 "DequantizeLinear",
                 inputs,
                 {"axis": 0, "block_size": q.block_size},
-                name=f"{prefix}_DQ_Q4",
+                name=f"{prefix}_DQ_Q{q.bits}",
             )
             matmul = ir.node(
-                "MatMul", [site.activation, dequantize.outputs[0]], name=f"{prefix}_MatMul_Q4"
+                "MatMul",
+                [site.activation, dequantize.outputs[0]],
+                name=f"{prefix}_MatMul_Q{q.bits}",
             )
             nodes = [dequantize, matmul]
             if site.bias is not None:
@@ -517,23 +666,39 @@ def _quantize_int8(array: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray
     return codes, scales
 
 
-@dataclasses.dataclass
+_INT8_WEIGHT_TYPES = ("int8", "uint8")
+_UINT8_ZERO_POINT = 128  # uint8 weights are symmetric int8 codes shifted by 128
+
+
+@dataclasses.dataclass(eq=False)
 class QuantizeInt8Pass(Pass):
-    """Dynamic int8 for the CPU: int8 weights per output channel, activations at run time.
+    """Dynamic int8 for the CPU: 8-bit weights per output channel, activations at run time.
 
     Each `A @ W` becomes `DynamicQuantizeLinear(A)` (uint8, per tensor, once per activation
-    shared by several weights) → `MatMulInteger` with symmetric per-channel int8 W →
+    shared by several weights) → `MatMulInteger` with per-channel symmetric 8-bit W →
     `Cast` → `Mul` by (activation scale × weight scales), all standard ONNX; ONNX Runtime
     fuses the chain into its DynamicQuantizeMatMul / MatMulIntegerToFloat kernels.
 
-    `reduce_range` keeps weights in 7 bits (±63): x86 CPUs without VNNI add u8×s8 pairs in
-    int16, which overflows with full-range weights (DESIGN.md: perplexity 6×10⁷). None picks
-    it from this machine's CPU flags: reduce the range unless the CPU has VNNI.
+    Weight format. x86 CPUs without VNNI add u8×s8 pairs in int16 (vpmaddubsw), which
+    overflows with full-range int8 weights (DESIGN.md: perplexity 6×10⁷). Two ways out:
+    `reduce_range` (int8 weights in 7 bits, ±63) or `weight_type="uint8"` (codes + 128 with
+    zero point 128: ONNX Runtime's u8×u8 kernels widen to int16 before multiplying, so they
+    cannot overflow, and the weights keep 8 bits). `weight_type=None` and `reduce_range=None`
+    pick from this machine's CPU flags: full-range int8 where the CPU has VNNI, else uint8.
+
+    SmoothQuant. With `alpha` (0–1), each activation X is divided per channel by
+    s = max|X_j|^α / max|W_j|^(1-α) and W's rows multiplied by s, as in
+    fdec.passes.quantize_static's QuantizeInt8StaticPass (same factors, same folding of 1/s
+    into the preceding norm, or an inserted Mul). This moves LLM activation outlier channels
+    into the weights, so the per-tensor run-time activation scale stops being set by a few
+    channels. It needs calibration ranges: `stats` (fdec.calibrate.collect_activation_stats
+    on the model as this pass sees it) or `batches` (token id arrays); `alpha=None` (the
+    default) is plain dynamic int8 and needs neither.
     """
 
     name = "quantize-int8"
     family = "quantize"
-    summary = "dynamic int8 (per-channel int8 weights, run-time uint8 activations) for the CPU"
+    summary = "dynamic int8 (per-channel 8-bit weights, run-time uint8 activations) for the CPU"
     # Dynamic int8 is lossy (activations are quantized per tensor at run time); as for int4
     # the bounds only catch a broken rewrite (the AVX2 overflow gave perplexity 6×10⁷).
     # Measured against PyTorch on 128 held tokens: tests' tiny llama/gpt2: max error
@@ -542,10 +707,62 @@ class QuantizeInt8Pass(Pass):
     tolerance = Tolerance(max_abs_error=25.0, min_top1_agreement=0.45)
 
     reduce_range: bool | None = dataclasses.field(default=None, kw_only=True)
+    weight_type: str | None = dataclasses.field(default=None, kw_only=True)
+    alpha: float | None = dataclasses.field(default=None, kw_only=True)
+    stats: Mapping[str, Any] | None = dataclasses.field(default=None, kw_only=True)
+    batches: Sequence[np.ndarray] | None = dataclasses.field(default=None, kw_only=True)
     include_lm_head: bool = dataclasses.field(default=True, kw_only=True)
+
+    def __post_init__(self) -> None:
+        from fdec.calibrate import checked_batches
+
+        if self.weight_type is not None and self.weight_type not in _INT8_WEIGHT_TYPES:
+            raise UsageError(
+                f"{self.name} weight_type {self.weight_type!r} is unknown",
+                f"use one of {', '.join(_INT8_WEIGHT_TYPES)}, or None to pick from the CPU",
+            )
+        if self.weight_type == "uint8" and self.reduce_range:
+            raise UsageError(
+                f"{self.name}: reduce_range applies to int8 weights, not uint8",
+                "drop reduce_range (uint8 weights cannot overflow) or use weight_type='int8'",
+            )
+        alpha = self.alpha
+        if alpha is not None and (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not 0.0 <= alpha <= 1.0
+        ):
+            raise UsageError(
+                f"{self.name} alpha {alpha!r} is not a number from 0 to 1",
+                "use 0.8 (SmolLM2's best), or None for no smoothing",
+            )
+        self.batches = checked_batches(self.name, self.batches)
+
+    def options(self) -> dict[str, Any]:
+        from fdec.calibrate import describe_batches
+
+        options = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("stats", "batches")
+        }
+        options["stats"] = None if self.stats is None else f"{len(self.stats)} tensors"
+        options["batches"] = describe_batches(self.batches)
+        return options
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True while smoothing is asked for and neither `stats` nor `batches` is given."""
+        return self.alpha is not None and self.stats is None and self.batches is None
 
     def requires(self, model: FdecModel, target: Any = None) -> None:
         _require_untied(self.name, model, self.include_lm_head)
+        if self.needs_calibration:
+            raise UsageError(
+                f"{self.name} with alpha (SmoothQuant) needs calibration data and was given none",
+                "pass batches=fdec.calibrate.calibration_batches(...) (or stats=...), "
+                "or alpha=None",
+            )
 
     def check_target(self, target: Any) -> None:
         if target is not None and getattr(target, "is_gpu", False):
@@ -555,32 +772,62 @@ class QuantizeInt8Pass(Pass):
             )
 
     def _choose_reduce_range(self) -> tuple[bool, str]:
+        """(reduce_range, why) for int8 weights: the option, else reduce unless VNNI."""
         if self.reduce_range is not None:
             return self.reduce_range, "option"
         if _cpu_has_vnni(_host_cpu_flags()):
             return False, "auto: this CPU has VNNI"
         return True, "auto: no VNNI on this CPU (u8×s8 pairs would overflow int16)"
 
+    def _choose_weight_format(self) -> tuple[str, bool, str]:
+        """(weight type, reduce_range, why): the options, else what this CPU runs exactly."""
+        if self.weight_type == "uint8":
+            return "uint8", False, "option: uint8 weights (u8×u8 kernels cannot overflow)"
+        if self.weight_type == "int8" or self.reduce_range is not None:
+            reduce_range, why = self._choose_reduce_range()
+            return "int8", reduce_range, why
+        if _cpu_has_vnni(_host_cpu_flags()):
+            return "int8", False, "auto: this CPU has VNNI"
+        return "uint8", False, "auto: no VNNI on this CPU (u8×s8 pairs would overflow int16)"
+
     def call(self, model: FdecModel) -> PassResult:
         graph = model.graph
-        reduce_range, reason = self._choose_reduce_range()
+        weight_type, reduce_range, reason = self._choose_weight_format()
         qmax = 63 if reduce_range else 127
         weights, skipped = _collect(model, self.include_lm_head)
-        stats = {
+        stats: dict[str, Any] = {
             **_empty_stats(),
             "activation_quantizers": 0,
+            "weight_type": weight_type,
             "reduce_range": reduce_range,
             "reduce_range_reason": reason,
+            "alpha": self.alpha,
+            "smoothing_folded": 0,
+            "smoothing_inserted": 0,
         }
-        taken: set[str] = set()
-        quantizers: dict[int, ir.Node] = {}  # id(activation) → its DynamicQuantizeLinear
+        float32 = []
         for weight in weights:
             if any(site.activation.dtype not in (None, ir.DataType.FLOAT) for site in weight.sites):
                 skipped["activation is not float32"] += 1
-                continue
+            else:
+                float32.append(weight)
+        taken: set[str] = set()
+        if self.alpha is not None:
+            self._smooth(model, float32, taken, stats, skipped)
+        zero_point = None
+        if weight_type == "uint8":
+            zero_point = _add_initializer(
+                graph,
+                _fresh_name(graph, "fdec_uint8_weight_zero_point", taken),
+                ir.tensor(np.array(_UINT8_ZERO_POINT, dtype=np.uint8)),
+            )
+        quantizers: dict[int, ir.Node] = {}  # id(activation) → its DynamicQuantizeLinear
+        for weight in float32:
             old_name = weight.value.name
             assert old_name is not None
             codes, scales = _quantize_int8(weight.array, qmax)
+            if weight_type == "uint8":
+                codes = (codes.astype(np.int16) + _UINT8_ZERO_POINT).astype(np.uint8)
             b = _add_initializer(
                 graph, _fresh_name(graph, f"{old_name}_Q8", taken), ir.tensor(codes)
             )
@@ -594,7 +841,8 @@ class QuantizeInt8Pass(Pass):
                     quantizers[id(site.activation)] = quantizer
                 a_q, a_scale, a_zero = quantizer.outputs
                 prefix = site.node.name or old_name
-                matmul = ir.node("MatMulInteger", [a_q, b, a_zero], name=f"{prefix}_MatMulInteger")
+                inputs = [a_q, b, a_zero] if zero_point is None else [a_q, b, a_zero, zero_point]
+                matmul = ir.node("MatMulInteger", inputs, name=f"{prefix}_MatMulInteger")
                 cast = ir.node(
                     "Cast", [matmul.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{prefix}_Cast"
                 )
@@ -615,6 +863,51 @@ class QuantizeInt8Pass(Pass):
         stats["activation_quantizers"] = len(quantizers)
         stats["skipped"] = dict(skipped)
         return PassResult(model, modified=stats["weights_quantized"] > 0, stats=stats)
+
+    def _smooth(
+        self,
+        model: FdecModel,
+        weights: list[_Weight],
+        taken: set[str],
+        stats: dict[str, Any],
+        skipped: collections.Counter[str],
+    ) -> None:
+        """SmoothQuant: divide each activation by s (folded or a Mul), multiply W's rows by s.
+
+        Weights whose sites read more than one activation, or whose activation calibration
+        did not see, are left unsmoothed (still quantized) and counted in the stats.
+        """
+        from fdec.calibrate import collect_activation_stats
+        from fdec.passes.quantize_static import _divide_activation, _Group, _smoothing_factors
+
+        assert self.alpha is not None
+        groups: dict[int, _Group] = {}
+        for weight in weights:
+            activations = {id(site.activation): site.activation for site in weight.sites}
+            activation = next(iter(activations.values())) if len(activations) == 1 else None
+            if activation is None or not activation.name:
+                skipped["not smoothed: read by several or unnamed activations"] += 1
+                continue
+            groups.setdefault(id(activation), _Group(activation, [])).weights.append(weight)
+        if self.stats is not None:
+            calibration = self.stats
+        else:
+            assert self.batches is not None
+            names = [group.activation.name for group in groups.values()]
+            calibration = collect_activation_stats(model, self.batches, names)
+        for group in groups.values():
+            found = calibration.get(group.activation.name)
+            k = group.weights[0].array.shape[0]
+            if found is None or found.channel_absmax.shape != (k,) or found.absmax <= 0:
+                skipped["not smoothed: no usable calibration range"] += len(group.weights)
+                continue
+            s = _smoothing_factors(self.alpha, [w.array for w in group.weights], found.channel_absmax)
+            source, folded = _divide_activation(model.graph, group, s, taken)
+            stats["smoothing_folded" if folded else "smoothing_inserted"] += 1
+            for weight in group.weights:
+                weight.array = weight.array * s[:, None]
+                for site in weight.sites:
+                    site.activation = source
 
     @staticmethod
     def _activation_quantizer(graph: ir.Graph, site: _Site) -> ir.Node:

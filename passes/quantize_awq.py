@@ -60,10 +60,7 @@ _MIN_SCALE = 1e-4  # m^α is kept at least this (a channel never active is not z
 
 def _dequantized(q: _Int4Weight) -> np.ndarray:
     """The float32 [N, K] values a quantized weight stands for: (code - zero point) · scale."""
-    codes = np.stack([q.packed & 0x0F, q.packed >> 4], axis=-1).reshape(q.n, q.k_blocks, -1)
-    zero = q.unpacked_zero_points().astype(np.float32)[..., None]
-    values = (codes.astype(np.float32) - zero) * q.scales[..., None]
-    return values.reshape(q.n, -1)[:, : q.k]
+    return q.dequantized()
 
 
 def _quantized_output(
@@ -310,6 +307,11 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.bits != 4:
+            raise UsageError(
+                f"{self.name} searches 4-bit scales; bits {self.bits} is not supported",
+                "use quantize-int4 with bits=8 (8-bit RTN needs no activation-aware scales)",
+            )
         for option in ("grid", "max_rows"):
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -353,7 +355,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         return _capture(model, self.batches, names, self.max_rows)
 
     def call(self, model: FdecModel) -> PassResult:
-        weights, skipped = _collect(model, self.include_lm_head)
+        weights, skipped = _collect(model, self.include_lm_head, self.share_tied_embedding)
         rtn_only: collections.Counter[str] = collections.Counter()
         groups = _group_by_activation(weights, rtn_only)
         calibration = self._calibrate(model, groups) if groups else {}
@@ -428,6 +430,8 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                 site.activation = source
         for weight, array in zip(group.weights, found.arrays):
             weight.array = np.ascontiguousarray(array, dtype=np.float32)
+            if found.alpha:
+                weight.row_scales = found.s  # a tied embedding's Gather divides by s again
         counts["weights_clipped"] += sum(found.clipped)
         reduction = 1.0 - found.error / found.error_rtn if found.error_rtn > 0 else 0.0
         logger.info(

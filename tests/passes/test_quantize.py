@@ -570,3 +570,100 @@ def test_int4_int4_tensors_round_trip_through_onnx():
     proto = ir.serde.serialize_tensor(tensor)
     assert tensor.nbytes == 3 and len(proto.raw_data) == 3
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(proto).astype(np.int8), values)
+
+
+# --- a tied table shared by the lm_head and the embedding; 8-bit weights -----------------------
+
+
+def test_int4_shares_one_packed_table_between_a_tied_lm_head_and_the_embedding(llama):
+    model = llama.tied()
+    embed = model.spec.weights["embed"]
+    table = model.graph.initializers[embed].const_value.numpy().copy()  # [V, H]
+    vocab, hidden = table.shape
+    pass_ = QuantizeInt4Pass(share_tied_embedding=True)
+    pass_.requires(model)  # no untie-embeddings needed
+
+    model, record = run_pass(pass_, model)
+
+    shared = model.spec.weights["embed"]
+    assert shared == model.spec.weights["lm_head"] != embed
+    assert embed not in model.graph.initializers  # no float copy of the table is left
+    value = model.graph.initializers[shared]
+    assert value.const_value.numpy().shape == (vocab, hidden // 32, 16)
+    readers = sorted(use.node.op_type for use in value.uses())
+    assert readers == ["GatherBlockQuantized", "MatMulNBits"]
+    ops = op_counts(model)
+    assert ops[(_MS, "MatMulNBits")] == 15 and ops[(_MS, "GatherBlockQuantized")] == 1
+    assert record.stats["gathers_shared"] == 1 and record.stats["skipped"] == {}
+    # The table is counted once: codes and a float32 scale per block of 32, plus the two shape
+    # constants of the embedding's Reshapes (3 + 1 int64).
+    layers = _quantized_roles(llama.spec, _LAYER_ROLES)[:-1]
+    layer_bytes = _expected_int4_bytes(llama.weights(), layers, 32, True)
+    head_bytes = vocab * (hidden // 32) * (16 + 4)
+    assert record.stats["bytes_after"] == layer_bytes + head_bytes + 4 * 8
+    assert record.stats["bytes_before"] - record.stats["bytes_after"] == (
+        record.before.bytes - record.after.bytes
+    )
+    matmul = next(use.node for use in value.uses() if use.node.op_type == "MatMulNBits")
+    codes = _unpack_nibbles(value.const_value.numpy().reshape(vocab, -1), hidden)
+    scales = matmul.inputs[2].const_value.numpy()
+    _check_rtn(table.T, codes, scales, np.full(scales.shape, 8), 32, True)
+    figures = _assert_within_tolerance(model, llama.reference, pass_)
+
+    # The embedding reads exactly the lm_head's quantized values: the untied model with the
+    # same int4 lm_head and the dequantized table as its fp32 embedding gives the same logits.
+    dequantized = (codes - 8) * np.repeat(scales, 32, axis=1)
+    untied, _ = run_pass(QuantizeInt4Pass(), llama.cleaned())
+    table_value = untied.graph.initializers[untied.spec.weights["embed"]]
+    table_value.const_value = ir.tensor(dequantized.astype(np.float32), name=table_value.name)
+    same = llama.reference.compare(session_for_model(untied))
+    assert (
+        abs(same["perplexity_build"] - figures["perplexity_build"])
+        < 1e-3 * same["perplexity_build"]
+    )
+
+
+def test_int4_sharing_is_refused_for_tensorrt_and_needs_no_untie(llama):
+    with pytest.raises(UsageError, match="only for backend onnxruntime"):
+        QuantizeInt4Pass(share_tied_embedding=True, backend="tensorrt")
+    with pytest.raises(UsageError, match="bits 3"):
+        QuantizeInt4Pass(bits=3)
+    # An untied model has nothing to share: the option changes nothing.
+    plain, _ = run_pass(QuantizeInt4Pass(), llama.cleaned())
+    shared, record = run_pass(QuantizeInt4Pass(share_tied_embedding=True), llama.cleaned())
+    assert "gathers_shared" not in record.stats
+    assert op_counts(plain) == op_counts(shared)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_8_bit_weights_pack_one_code_a_byte_within_half_a_step(llama, backend):
+    before = llama.weights()
+    roles = _quantized_roles(llama.spec, _LAYER_ROLES)
+    pass_ = QuantizeInt4Pass(bits=8, backend=backend)
+
+    model, record = run_pass(pass_, llama.cleaned())
+
+    k_n = {role: before[role].shape for role in roles}
+    # 8-bit codes: a byte each, plus a float32 scale per block of 32.
+    assert record.stats["bytes_after"] == sum(n * (k // 32) * (32 + 4) for k, n in k_n.values())
+    for role in roles:
+        w = before[role]
+        k, n = w.shape
+        value = model.graph.initializers[model.spec.weights[role]]
+        node = value.uses()[0].node
+        if backend == "onnxruntime":
+            assert node.op_type == "MatMulNBits" and node.attributes["bits"].as_int() == 8
+            codes = value.const_value.numpy().astype(np.int32).reshape(n, k) - 128
+            scales = node.inputs[2].const_value.numpy()  # [N, k_blocks]
+        else:
+            assert node.op_type == "DequantizeLinear" and value.dtype == ir.DataType.INT8
+            codes = value.const_value.numpy().astype(np.int32).T  # [K, N] → [N, K]
+            scales = node.inputs[1].const_value.numpy().T
+        step = np.abs(np.repeat(scales, 32, axis=1))
+        error = np.abs(codes * np.repeat(scales, 32, axis=1) - w.T)
+        # Symmetric 8 bits (max/-128): within half a step, +max clipped by at most one step.
+        assert np.mean(error <= step / 2 * (1 + 1e-5)) > 0.99 and np.all(error <= step * 1.0001)
+    figures = _assert_within_tolerance(model, llama.reference, pass_)
+    int4_model, _ = run_pass(QuantizeInt4Pass(), llama.cleaned())
+    int4 = llama.reference.compare(session_for_model(int4_model))
+    assert figures["max_abs_error"] < int4["max_abs_error"] / 4  # 16× finer steps

@@ -230,10 +230,16 @@ class _Tiny:
     spec: ModelSpec
     reference: Reference
     batches: list[np.ndarray]
+    tied_proto: bytes
+    tied_spec: ModelSpec
 
     def cleaned(self) -> FdecModel:
         model = ir.serde.deserialize_model(onnx.load_from_string(self.proto))
         return FdecModel(model, copy.deepcopy(self.spec))
+
+    def tied(self) -> FdecModel:
+        model = ir.serde.deserialize_model(onnx.load_from_string(self.tied_proto))
+        return FdecModel(model, copy.deepcopy(self.tied_spec))
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +248,7 @@ def llama(tiny_models, tmp_path_factory) -> _Tiny:
     batches = calibration_batches(
         load_calibration_texts(None), tiny.tokenizer, tiny.spec.vocab_size
     )
-    return _Tiny(tiny.proto, tiny.spec, tiny.reference, batches)
+    return _Tiny(tiny.proto, tiny.spec, tiny.reference, batches, tiny.tied_proto, tiny.tied_spec)
 
 
 def _layer_errors(quantized: FdecModel, source: FdecModel, ids: np.ndarray) -> dict[str, float]:
@@ -312,3 +318,33 @@ def test_awq_on_the_tiny_llama_lowers_every_layers_output_error(llama):
     awq_mean = np.mean(list(awq_errors.values()))
     rtn_mean = np.mean(list(rtn_errors.values()))
     assert awq_mean <= 0.9 * rtn_mean, (awq_mean, rtn_mean)
+
+
+def test_awq_on_a_shared_tied_table_divides_the_gathered_rows_by_s_again(llama):
+    model = llama.tied()
+    table = model.graph.initializers[model.spec.weights["embed"]].const_value.numpy().copy()
+    pass_ = QuantizeInt4AwqPass(batches=llama.batches, share_tied_embedding=True)
+
+    model, record = run_pass(pass_, model)
+
+    stats = record.stats
+    assert stats["gathers_shared"] == 1 and stats["weights_quantized"] == 15
+    head_group = next(g for g in stats["groups"].values() if g["roles"] == ["embed", "lm_head"])
+    assert head_group["alpha"] > 0  # the lm_head's rows were scaled: the embedding undoes it
+    (undo,) = [node for node in model.graph if node.name.endswith("_inv_s")]
+    assert _ops(model)[(_MS, "GatherBlockQuantized")] == 1
+    # The embedding's rows are the table within the int4 error of s·table, divided by s: one
+    # step, or for values AWQ's clipping cut (ranges shrunk to ≥ 0.8), 0.2 · 8 steps more.
+    ids = llama.batches[0][:1, :32]
+    (rows,) = capture_activations(model, ids, [undo.outputs[0].name]).values()
+    want = table[ids]
+    s = 1.0 / undo.inputs[1].const_value.numpy()
+    step = np.abs(s * table).reshape(table.shape[0], -1, 32).max(-1) / 8  # [V, k_blocks]
+    step = np.repeat(step, 32, axis=1)[ids] / s  # one step of the scaled row, divided by s
+    error = np.abs(rows - want)
+    assert np.all(error <= 2.6001 * step)
+    assert np.mean(error <= step * 1.0001) > 0.9
+    assert np.abs(rows - want).max() > 0  # really quantized
+    figures = llama.reference.compare(session_for_model(model))
+    assert figures["top1_agreement"] >= pass_.tolerance.min_top1_agreement
+    assert 0.95 < figures["perplexity_build"] / figures["perplexity_source"] < 1.05
