@@ -29,6 +29,7 @@ from fdec.pipeline import (
     StructureCheckInstrument,
     Tolerance,
 )
+from fdec.plan import check_capacity
 from fdec.report import REPORT_FILE, SCHEMA_VERSION, environment
 from fdec.report.roofline import estimate
 from fdec.runtime import OrtModel, open_session, session_for_model
@@ -124,6 +125,18 @@ def compile_model(
         cache_dir=options.cache_dir or default_cache_dir(),
         progress=progress,
     )
+    # Capacity from config.json alone: a --max-batch × --max-seq-len that cannot fit the
+    # target's memory fails here (exit 3, CapacityError), before the model loads.
+    capacity = check_capacity(
+        source.config,
+        target,
+        model=source.given,
+        weights=options.quantize,
+        kv_dtype=getattr(options, "kv_dtype", None),
+        batch=limits.max_batch,
+        context=options.max_seq_len,
+        default_context=DEFAULT_MAX_SEQ_LEN,
+    )
     progress(f"loading {source.given} ({source.family.name}, {source.kind})")
     hf_model = load_hf_model(source, trust_remote_code=options.trust_remote_code)
     progress("exporting to ONNX (torch.onnx dynamo exporter)")
@@ -207,6 +220,7 @@ def compile_model(
             "verification": verification,
             "engines": engines,
             "checkpoint": checkpoint,
+            "capacity": capacity.to_dict(),
             "estimate": estimate(
                 spec,
                 target,

@@ -7,6 +7,7 @@ __all__ = [
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_USAGE",
+    "CapacityError",
     "CompileError",
     "FdecError",
     "InputError",
@@ -58,3 +59,9 @@ class VerificationError(FdecError):
     """The build does not match the source model within the declared tolerance."""
 
     exit_code = EXIT_FAILURE
+
+
+class CapacityError(FdecError):
+    """The asked batch × context (or the weights alone) cannot fit the target's memory."""
+
+    exit_code = EXIT_DOES_NOT_FIT
