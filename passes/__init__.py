@@ -16,6 +16,7 @@ from fdec.passes.cleanup import (
     RemoveDeadNodesPass,
     UntieEmbeddingsPass,
 )
+from fdec.passes.fusion import FuseAttentionPass
 from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
 from fdec.passes.quantize_awq import QuantizeInt4AwqPass
 from fdec.passes.quantize_embedding import QuantizeEmbeddingPass
@@ -40,6 +41,7 @@ REGISTRY: dict[str, type[Pass]] = {
         QuantizeInt8StaticPass,
         QuantizeEmbeddingPass,
         QuantizeMixedPass,
+        FuseAttentionPass,
     )
 }
 

@@ -10,7 +10,15 @@ from typing import Any
 
 from fdec.ir import FdecModel
 
-__all__ = ["MODEL_FILE", "RUNTIME_CONFIG", "lower_onnxruntime", "providers_for"]
+__all__ = [
+    "KV_BUFFER_METADATA",
+    "MODEL_FILE",
+    "RUNTIME_CONFIG",
+    "kv_cache_config",
+    "lower_onnxruntime",
+    "providers_for",
+    "shared_kv_layers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +40,63 @@ _SIDE_FILES = (
 
 
 ORT_TRT_CACHE = "engines/ort-tensorrt-cache"
+# model.onnx metadata key naming how the KV cache is passed ("shared" or "concat"), so a session
+# opened on the file alone (fdec.runtime.OrtModel) finds it without the runtime config.
+KV_BUFFER_METADATA = "fdec.kv_buffer"
+
+
+def shared_kv_layers(model: Any) -> list[int]:
+    """Layers whose KV cache past and present can share one preallocated buffer.
+
+    A layer qualifies when `present.{i}.key|value` are outputs 1 and 2 of one com.microsoft
+    GroupQueryAttention reading `past_key_values.{i}.key|value` (graph inputs) as inputs 3 and
+    4: ONNX Runtime's kernel then writes the new positions in place when past and present are
+    bound to the same memory (its past_present_share_buffer mode, chosen by pointer equality).
+    """
+    graph = model.graph
+    inputs = {value.name: value for value in graph.inputs}
+    layers = []
+    for value in graph.outputs:
+        name = value.name or ""
+        if not (name.startswith("present.") and name.endswith(".key")):
+            continue
+        index = name[len("present.") : -len(".key")]
+        node = value.producer()
+        if (
+            node is None
+            or node.op_type != "GroupQueryAttention"
+            or node.domain != "com.microsoft"
+            or len(node.outputs) < 3
+            or len(node.inputs) < 5
+            or node.outputs[1] is not value
+            or node.outputs[2].name != f"present.{index}.value"
+            or not node.outputs[2].is_graph_output()
+        ):
+            continue
+        past_key = inputs.get(f"past_key_values.{index}.key")
+        past_value = inputs.get(f"past_key_values.{index}.value")
+        if past_key is None or node.inputs[3] is not past_key or node.inputs[4] is not past_value:
+            continue
+        layers.append(int(index))
+    return sorted(layers)
+
+
+def kv_cache_config(model: Any, spec: Any) -> dict[str, Any] | None:
+    """The runtime config's `kv_cache` entry: shape, layout, dtype and how it is passed."""
+    if not spec.is_decoder:
+        return None
+    shared = len(shared_kv_layers(model)) == spec.num_layers > 0
+    return {
+        "layers": spec.num_layers,
+        "kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "layout": "BNSH",
+        "dtype": "float32",
+        # "shared": one [batch, kv_heads, max_length, head_dim] buffer per tensor, bound as
+        # both past and present (no per-step copy); "concat": present = past + new positions.
+        "buffer": "shared" if shared else "concat",
+        "max_length": spec.max_positions,
+    }
 
 
 def providers_for(target: Any) -> list[list[Any]]:
@@ -66,13 +131,16 @@ def lower_onnxruntime(
     optimization: str = "all",
 ) -> list[pathlib.Path]:
     """Write the ONNX Runtime build into `out`; returns the files written."""
+    spec = model.spec
+    kv_cache = kv_cache_config(model.model, spec)
+    if kv_cache is not None:
+        model.model.metadata_props[KV_BUFFER_METADATA] = kv_cache["buffer"]
     files = model.save(out / MODEL_FILE)
     for name in _SIDE_FILES:
         path = source_folder / name
         if path.is_file():
             shutil.copyfile(path, out / name)
             files.append(out / name)
-    spec = model.spec
     eos = _eos_tokens(source_folder)
     runtime = {
         "schema_version": 1,
@@ -84,17 +152,7 @@ def lower_onnxruntime(
         "session_options": {"graph_optimization_level": optimization, "intra_op_num_threads": 0},
         "inputs": spec.inputs,
         "outputs": spec.outputs,
-        "kv_cache": (
-            {
-                "layers": spec.num_layers,
-                "kv_heads": spec.num_kv_heads,
-                "head_dim": spec.head_dim,
-                "layout": "BNSH",
-                "dtype": "float32",
-            }
-            if spec.is_decoder
-            else None
-        ),
+        "kv_cache": kv_cache,
         "eos_token_ids": eos,
         "max_positions": spec.max_positions,
     }

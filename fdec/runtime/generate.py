@@ -61,13 +61,22 @@ def generate(
     sampling: Sampling = Sampling(),
     stop_tokens: Sequence[int] = (),
     on_token: Callable[[int], None] | None = None,
+    bound: bool = True,
 ) -> GenerationResult:
-    """Prefill the prompt once, then decode one token per step reusing the KV cache."""
+    """Prefill the prompt once, then decode one token per step reusing the KV cache.
+
+    `bound` (default) runs the steps through IOBinding (`OrtModel.bound_decoder`): the cache
+    stays in OrtValues, shared between past and present when the build allows it. False runs
+    the plain loop that passes the cache through numpy each step (the reference in tests).
+    """
     rng = np.random.default_rng(sampling.seed)
     ids = np.asarray([list(prompt)], dtype=np.int64)
-    past = model.empty_past(1)
     start = time.perf_counter()
-    logits, past = model.decode(ids, past, 0)
+    if bound:
+        decoder = model.bound_decoder(1, ids.shape[1] + max(max_new_tokens, 1))
+        logits = decoder.step(ids)
+    else:
+        logits, past = model.decode(ids, model.empty_past(1), 0)
     length = ids.shape[1]
     token = sampling.choose(logits[0, -1], rng)
     prefill_s = time.perf_counter() - start
@@ -76,7 +85,11 @@ def generate(
         on_token(token)
     start = time.perf_counter()
     while len(tokens) < max_new_tokens and token not in stop_tokens:
-        logits, past = model.decode(np.asarray([[token]], dtype=np.int64), past, length)
+        step = np.asarray([[token]], dtype=np.int64)
+        if bound:
+            logits = decoder.step(step)
+        else:
+            logits, past = model.decode(step, past, length)
         length += 1
         token = sampling.choose(logits[0, -1], rng)
         tokens.append(token)

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions over fdec builds: I/O discovered from the graph, the KV cache as numpy arrays."""
+"""ONNX Runtime sessions over fdec builds: I/O discovered from the graph, the KV cache in bound OrtValues."""
 
 from __future__ import annotations
 
@@ -10,11 +10,24 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OPT_LEVELS", "OrtModel", "open_session", "session_for_model"]
+__all__ = [
+    "KV_BUFFERS",
+    "OPT_LEVELS",
+    "BoundDecoder",
+    "OrtModel",
+    "open_session",
+    "session_for_model",
+]
 
 logger = logging.getLogger(__name__)
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
+# How a build takes its KV cache (fdec-runtime.json `kv_cache.buffer`, model metadata
+# `fdec.kv_buffer`): "shared" past and present are one preallocated max-length buffer;
+# "concat": present is past plus the new positions (a new tensor every step).
+KV_BUFFERS = ("shared", "concat")
+_KV_BUFFER_METADATA = "fdec.kv_buffer"  # fdec.lower.onnxruntime.KV_BUFFER_METADATA
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def resolve_providers(
@@ -86,10 +99,12 @@ class OrtModel:
     """A model in an ONNX Runtime session, with helpers for decoder KV-cache I/O.
 
     The layout of the cache (layers, KV heads, head dim, dtype) is read from the graph's
-    `past_key_values.{i}.key` inputs, so any build with ecosystem I/O names runs.
+    `past_key_values.{i}.key` inputs, so any build with ecosystem I/O names runs. `kv_buffer`
+    (one of KV_BUFFERS) says whether past and present may share one buffer; None reads it from
+    the model's metadata (written by fdec's lowering), "concat" when absent.
     """
 
-    def __init__(self, session: Any):
+    def __init__(self, session: Any, *, kv_buffer: str | None = None):
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
@@ -104,6 +119,21 @@ class OrtModel:
             self.kv_heads = past.shape[1] if isinstance(past.shape[1], int) else None
             self.head_dim = past.shape[3] if isinstance(past.shape[3], int) else None
             self.kv_dtype = _NP_TYPES.get(past.type, np.float32)
+        if kv_buffer is None:
+            metadata = session.get_modelmeta().custom_metadata_map or {}
+            kv_buffer = metadata.get(_KV_BUFFER_METADATA, "concat")
+        if kv_buffer not in KV_BUFFERS:
+            raise ValueError(f"kv_buffer {kv_buffer!r} is not one of {', '.join(KV_BUFFERS)}")
+        self.kv_buffer = kv_buffer if layers else "concat"
+
+    @property
+    def shares_kv_buffer(self) -> bool:
+        """Past and present can be bound to the same preallocated buffer (no per-step copy)."""
+        return self.kv_buffer == "shared"
+
+    def bound_decoder(self, batch: int, max_length: int) -> BoundDecoder:
+        """A decode loop over IOBinding for sequences of at most `max_length` positions."""
+        return BoundDecoder(self, batch, max_length)
 
     @property
     def providers(self) -> list[str]:
@@ -147,6 +177,128 @@ class OrtModel:
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros((batch, seq), dtype=np.int64)
         return dict(zip(self.output_names, self.session.run(None, feeds)))
+
+
+class BoundDecoder:
+    """Decoder steps through ONNX Runtime's IOBinding: the KV cache stays in OrtValues.
+
+    With a shared-buffer build, each KV tensor is one [batch, kv_heads, max_length, head_dim]
+    OrtValue bound as both past and present, so GroupQueryAttention appends in place and no
+    step copies the cache. Otherwise the present OrtValues of one step are bound as the next
+    step's past (the graph still concatenates, but nothing goes through numpy).
+    Input ids and positions of decode steps, and their logits, use reused OrtValues too.
+    """
+
+    def __init__(self, model: OrtModel, batch: int, max_length: int):
+        import onnxruntime as ort
+
+        if not model.num_layers:
+            raise ValueError("BoundDecoder needs a decoder with past_key_values inputs")
+        self.model = model
+        self.batch = batch
+        self.max_length = max_length
+        self.length = 0  # positions in the cache
+        self._ort = ort
+        self._binding = model.session.io_binding()
+        providers = model.providers
+        self._device = "cuda" if providers and providers[0] in _GPU_PROVIDERS else "cpu"
+        self._mask = np.ones((batch, max_length), dtype=np.int64)
+        self._step_ids: Any = None  # [batch, 1] OrtValues, created at the first decode step
+        self._step_positions: Any = None
+        self._step_logits: Any = None
+        self._past: list[Any]
+        self._output_index: dict[str, int] = {}
+        if model.shares_kv_buffer:
+            shape = (batch, model.kv_heads, max_length, model.head_dim)
+            zeros = np.zeros(shape, dtype=model.kv_dtype)
+            self._past = [
+                ort.OrtValue.ortvalue_from_numpy(zeros, self._device, 0)
+                for _ in range(2 * model.num_layers)
+            ]
+        else:
+            empty = model.empty_past(batch)
+            self._past = [ort.OrtValue.ortvalue_from_numpy(a, self._device, 0) for a in empty]
+        for index, name in enumerate(self._past_names()):
+            self._binding.bind_ortvalue_input(name, self._past[index])
+        self._bind_presents()
+
+    def _past_names(self) -> list[str]:
+        return [
+            f"past_key_values.{i}.{kv}"
+            for i in range(self.model.num_layers)
+            for kv in ("key", "value")
+        ]
+
+    def _present_names(self) -> list[str]:
+        return [
+            f"present.{i}.{kv}" for i in range(self.model.num_layers) for kv in ("key", "value")
+        ]
+
+    def _bind_presents(self) -> None:
+        for index, name in enumerate(self._present_names()):
+            if self.model.shares_kv_buffer:
+                self._binding.bind_ortvalue_output(name, self._past[index])
+            else:
+                self._binding.bind_output(name, self._device)
+            self._output_index.setdefault(name, len(self._output_index))
+
+    def _bind_logits(self, value: Any = None) -> None:
+        # IOBinding lists outputs in first-binding order; rebinding a name keeps its place.
+        if value is None:
+            self._binding.bind_output("logits", "cpu")
+        else:
+            self._binding.bind_ortvalue_output("logits", value)
+        self._output_index.setdefault("logits", len(self._output_index))
+
+    def step(self, input_ids: np.ndarray) -> np.ndarray:
+        """Logits [batch, seq, vocab] for `input_ids` [batch, seq] after the cached positions."""
+        ort, binding, model = self._ort, self._binding, self.model
+        batch, seq = input_ids.shape
+        end = self.length + seq
+        if end > self.max_length:
+            raise ValueError(f"sequence of {end} positions exceeds the buffer's {self.max_length}")
+        positions = np.arange(self.length, end, dtype=np.int64)
+        if seq == 1:
+            # Decode step: update reused [batch, 1] inputs in place, logits into one buffer.
+            if self._step_ids is None:
+                self._step_ids = ort.OrtValue.ortvalue_from_numpy(
+                    np.zeros((batch, 1), np.int64), self._device, 0
+                )
+                self._step_positions = ort.OrtValue.ortvalue_from_numpy(
+                    np.zeros((batch, 1), np.int64), self._device, 0
+                )
+                vocab = model.session.get_outputs()[model.output_names.index("logits")].shape[-1]
+                if isinstance(vocab, int):
+                    self._step_logits = ort.OrtValue.ortvalue_from_shape_and_type(
+                        (batch, 1, vocab), np.float32, "cpu", 0
+                    )
+            self._step_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
+            self._step_positions.update_inplace(np.broadcast_to(positions, (batch, 1)).copy())
+            binding.bind_ortvalue_input("input_ids", self._step_ids)
+            if "position_ids" in model._inputs:
+                binding.bind_ortvalue_input("position_ids", self._step_positions)
+            self._bind_logits(self._step_logits)
+        else:
+            binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+            if "position_ids" in model._inputs:
+                binding.bind_cpu_input(
+                    "position_ids", np.broadcast_to(positions, (batch, seq)).copy()
+                )
+            self._bind_logits()
+        if "attention_mask" in model._inputs:
+            binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self._mask[:, :end]))
+        model.session.run_with_iobinding(binding)
+        self.length = end
+        outputs = binding.get_outputs()
+        where = self._output_index
+        if not model.shares_kv_buffer:
+            # This step's presents are the next step's past: rebind without leaving ORT.
+            for index, name in enumerate(self._present_names()):
+                self._past[index] = outputs[where[name]]
+            for index, name in enumerate(self._past_names()):
+                binding.bind_ortvalue_input(name, self._past[index])
+            self._bind_presents()  # fresh outputs: a run fills bound outputs it allocated
+        return outputs[where["logits"]].numpy()
 
 
 def session_for_model(model: Any, *, optimization: str = "all") -> OrtModel:

@@ -1,0 +1,259 @@
+"""Attention fusion for ONNX Runtime: traced attention, rotary and RMSNorm → com.microsoft fused ops.
+
+Wraps onnxscript's `ort_fusions.optimize_for_ort` (GroupQueryAttention with the rotary folded
+in, SkipSimplifiedLayerNormalization, MultiHeadAttention, ...). One rule of fdec's own runs
+first: transformers ≥ 5 computes rotary angles as `position_ids[..., None] * inv_freq`, where
+onnxscript's cos/sin-cache rule expects the older `(inv_freq @ position_ids).transpose(1, 2)`;
+the rule rewrites the first into the second (same numbers), so the rest is onnxscript's.
+
+The fused graph keeps the build's I/O contract (input/output names, KV-cache layout BNSH) and
+the names of the MatMul weights ModelSpec roles point at. Only ONNX Runtime runs com.microsoft
+ops: the pass refuses other backends, where standard ONNX attention stays.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript import optimizer as onnxscript_optimizer
+from onnxscript.rewriter import RewriteRuleSet, _ir_utils, pattern
+
+from fdec.errors import UsageError
+from fdec.ir import FdecModel
+from fdec.lower.onnxruntime import shared_kv_layers
+from fdec.passes.cleanup import FoldConstantsPass
+from fdec.pipeline import EXACT, Pass, PassResult
+
+__all__ = ["FUSED_ATTENTION_OPS", "FuseAttentionPass"]
+
+logger = logging.getLogger(__name__)
+
+# Fused attention ops, by how much of the attention they take over.
+FUSED_ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
+_MS = "com.microsoft"
+
+
+class _RotaryAnglesAsMatMul(pattern.RewriteRuleClassBase):
+    """`Cast(Unsqueeze(position_ids, [-1])) * inv_freq` → `Transpose(inv_freq[1,E,1] @ pos[B,1,S])`.
+
+    The second form is what onnxscript's CosSinCacheFusion matches (transformers < 5).
+    """
+
+    def __init__(self) -> None:
+        super().__init__("RotaryAnglesAsMatMul", remove_nodes=True)
+
+    def pattern(self, op, position_ids, axes, inv_freq):
+        positions = op.Cast(op.Unsqueeze(position_ids, axes), to=ir.DataType.FLOAT)
+        return op.Mul(positions, inv_freq)
+
+    def check(self, context, position_ids, axes, inv_freq, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if not _ir_utils.has_rank(position_ids, 2):
+            return result.fail("position_ids is not 2-D", position_ids)
+        if not (_ir_utils.is_singleton_value(axes, 2) or _ir_utils.is_singleton_value(axes, -1)):
+            return result.fail("position_ids not unsqueezed on its last axis", axes)
+        tensor = inv_freq.const_value
+        if tensor is None or tensor.numpy().squeeze().ndim != 1:
+            return result.fail("inv_freq is not a constant vector", inv_freq)
+        return result
+
+    def rewrite(self, op, position_ids, inv_freq, **_):
+        values = inv_freq.const_value.numpy().astype(np.float32).reshape(1, -1, 1)
+        inv = op.Constant(value=ir.tensor(values))
+        positions = op.Unsqueeze(position_ids, op.Constant(value_ints=[1]))
+        positions = op.Cast(positions, to=ir.DataType.FLOAT)
+        return op.Transpose(op.MatMul(inv, positions), perm=[0, 2, 1])
+
+
+class _Conv1DAsMatMul(pattern.RewriteRuleClassBase):
+    """`Reshape(Gemm(Reshape(x, [-1, K]), W, b), [B, S, N])` → `MatMul(x, W) + b` on 3-D x.
+
+    GPT-2's Conv1D flattens to 2-D around a Gemm. onnxscript's MultiHeadAttention rule then
+    swallows the flattening Reshape and hands the Gemm a 3-D input, which ONNX Runtime refuses;
+    with a 3-D MatMul there is nothing to swallow. The weight keeps its name.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("Conv1DAsMatMul", remove_nodes=True)
+
+    def pattern(self, op, x, flat_shape, weight, out_shape):
+        flat = op.Reshape(x, flat_shape, _allow_other_attributes=True)
+        y = op.Gemm(
+            flat, weight, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["gemm"]
+        )
+        return op.Reshape(y, out_shape, _allow_other_attributes=True, _outputs=["out"])
+
+    def check(self, context, x, weight, gemm, out, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        attributes = gemm.producer().attributes
+        bias = _gemm_bias(gemm)
+        if (
+            attributes.get_int("transA", 0)
+            or attributes.get_int("transB", 0)
+            or attributes.get_float("alpha", 1.0) != 1.0
+            or attributes.get_float("beta", 1.0) != 1.0
+        ):
+            return result.fail("Gemm with transposes or scales", gemm)
+        if (
+            x.shape is None
+            or out.shape is None
+            or len(x.shape) not in (3, 4)
+            or len(out.shape) != 3
+        ):
+            return result.fail("not a 3-D (or 4-D head-split) input reshaped back to 3-D", x)
+        if weight.shape is None or len(weight.shape) != 2:
+            return result.fail("weight is not 2-D", weight)
+        if len(x.shape) == 4 and not (
+            isinstance(x.shape[2], int)
+            and isinstance(x.shape[3], int)
+            and x.shape[2] * x.shape[3] == weight.shape[0]
+        ):
+            return result.fail("4-D input whose heads do not merge into the weight's rows", x)
+        if bias is not None and (bias.shape is None or len(bias.shape) != 1):
+            return result.fail("bias is not 1-D", bias)
+        if list(x.shape)[:2] != list(out.shape)[:2] or out.shape[2] != weight.shape[1]:
+            return result.fail("output dims are not the input's leading dims", out)
+        return result
+
+    def rewrite(self, op, x, weight, gemm, **_):
+        if len(x.shape) == 4:  # [B, S, heads, head_dim] → [B, S, hidden]
+            x = op.Reshape(x, op.Constant(value_ints=[0, 0, -1]))
+        bias = _gemm_bias(gemm)
+        product = op.MatMul(x, weight)
+        return product if bias is None else op.Add(product, bias)
+
+
+def _gemm_bias(gemm: ir.Value) -> ir.Value | None:
+    inputs = gemm.producer().inputs
+    return inputs[2] if len(inputs) > 2 else None
+
+
+class _ExpandOnnxDomainRmsNorm(pattern.RewriteRuleClassBase):
+    """A `SimplifiedLayerNormalization` left in the ONNX domain → standard ops.
+
+    onnxscript leaves the norm that follows no residual add (the first layer's) as ONNX Runtime's
+    private ONNX-domain op, which the ONNX checker rejects; ORT fuses the standard form back at
+    session optimization, so the build stays valid ONNX at no cost.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("ExpandOnnxDomainRmsNorm", remove_nodes=True)
+
+    def pattern(self, op, x, scale):
+        return op.SimplifiedLayerNormalization(
+            x, scale, _allow_other_attributes=True, _outputs=["normalized"]
+        )
+
+    def check(self, context, x, normalized, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        node = normalized.producer()
+        axis = node.attributes.get_int("axis", -1)
+        rank = len(x.shape) if x.shape is not None else None
+        if axis != -1 and (rank is None or axis != rank - 1):
+            return result.fail("normalizes over an axis other than the last", x)
+        if x.dtype != ir.DataType.FLOAT:
+            return result.fail("input is not float32", x)
+        return result
+
+    def rewrite(self, op, x, scale, normalized, **_):
+        epsilon = normalized.producer().attributes.get_float("epsilon", 1e-5)
+        mean = op.ReduceMean(op.Mul(x, x), op.Constant(value_ints=[-1]), keepdims=1)
+        std = op.Sqrt(op.Add(mean, op.Constant(value=ir.tensor(np.float32(epsilon)))))
+        return op.Mul(op.Div(x, std), scale)
+
+
+_NORMALIZE_RULES = RewriteRuleSet([_RotaryAnglesAsMatMul.rule(), _Conv1DAsMatMul.rule()])
+_STANDARDIZE_RULES = RewriteRuleSet([_ExpandOnnxDomainRmsNorm.rule()])
+
+
+def _op_counts(model: FdecModel) -> collections.Counter[str]:
+    return collections.Counter(
+        node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
+
+
+@dataclasses.dataclass
+class FuseAttentionPass(Pass):
+    """Fuse attention (+ rotary), RMSNorm and residual adds into ONNX Runtime contrib ops.
+
+    Llama-style models (Llama, Qwen2, Mistral) get one com.microsoft GroupQueryAttention per
+    layer, reading the KV cache in BNSH layout straight from the graph inputs, which lets the
+    runtime share one max-length buffer between past and present. Where a family's attention
+    does not fuse, the pass still fuses what it can and says so in `stats["not_fused"]`.
+    Run it after quantization: weight quantizers and AWQ's norm folding see the plain graph.
+    """
+
+    name = "fuse-attention"
+    family = "fuse"
+    summary = "fuse attention (+rotary) and RMSNorm into ONNX Runtime ops (GroupQueryAttention)"
+    # Exact up to float rounding (fused kernels reorder sums): the fp32 contract holds.
+    tolerance = EXACT
+
+    backend: str = dataclasses.field(default="onnxruntime", kw_only=True)
+
+    def check_target(self, target: Any) -> None:
+        if self.backend != "onnxruntime":
+            raise UsageError(
+                f"fuse-attention emits com.microsoft ops, which the {self.backend} backend "
+                "cannot run",
+                "drop fuse-attention from --passes (TensorRT keeps standard ONNX attention), "
+                "or use --backend onnxruntime",
+            )
+
+    def call(self, model: FdecModel) -> PassResult:
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        before = _op_counts(model)
+        nodes_before = sum(before.values())
+        if not model.spec.is_decoder:
+            # Encoders (BERT-style) fuse to Attention/SkipLayerNormalization in onnxscript, but
+            # fdec has not verified those builds yet.
+            return PassResult(
+                model,
+                modified=False,
+                stats={"nodes_before": nodes_before, "not_fused": "encoder models: not yet"},
+            )
+        # fdec's folder first: it keeps weight names through folded transposes, so the
+        # folding inside onnxscript's optimizer finds no weight left to rename.
+        FoldConstantsPass()(model)
+        onnxscript_optimizer.optimize(model.model)
+        normalized = _NORMALIZE_RULES.apply_to_model(model.model)
+        fused_model, fusions = optimize_for_ort(model.model)
+        if fused_model is not model.model:
+            model.model = fused_model
+        expanded = _STANDARDIZE_RULES.apply_to_model(model.model)
+        after = _op_counts(model)
+        nodes_after = sum(after.values())
+        fused_ops = {
+            op.split("::", 1)[1]: count - before.get(op, 0)
+            for op, count in sorted(after.items())
+            if op.startswith(f"{_MS}::") and count > before.get(op, 0)
+        }
+        attention = {op: fused_ops[op] for op in FUSED_ATTENTION_OPS if fused_ops.get(op)}
+        stats: dict[str, Any] = {
+            "nodes_before": nodes_before,
+            "nodes_after": nodes_after,
+            "node_ratio": round(nodes_before / max(nodes_after, 1), 2),
+            "fused_ops": fused_ops,
+            "fusions": {k: v for k, v in sorted(fusions.items()) if v},
+            "rewritten_for_ort_fusions": normalized,
+            "rms_norms_kept_standard": expanded,
+            "attention": next(iter(attention), None),
+            "kv_layout": "BNSH",
+            "kv_shared_buffer_layers": len(shared_kv_layers(model.model)),
+        }
+        layers = model.spec.num_layers if model.spec.is_decoder else 0
+        fused_layers = sum(attention.values())
+        if layers and fused_layers < layers:
+            stats["not_fused"] = (
+                f"attention of {layers - fused_layers} of {layers} layers stayed as traced "
+                f"({model.spec.family}: onnxscript's ort_fusions found no fused form for it)"
+            )
+            logger.info("fuse-attention: %s", stats["not_fused"])
+        return PassResult(model, modified=nodes_after != nodes_before, stats=stats)
