@@ -614,7 +614,7 @@ def render_table(shape: ModelShape, rows: list[dict[str, Any]]) -> str:
         limit = row["max_positions"]
         shown = f"{max_ctx:,}"
         if limit and max_ctx > limit:
-            shown, capped = f"{limit:,}*", True
+            shown, capped = f"{max_ctx:,}*", True
         kv = "-" if not row["kv_bytes_per_token"] else row["kv_dtype"]
         table.append(
             (
@@ -641,6 +641,6 @@ def render_table(shape: ModelShape, rows: list[dict[str, Any]]) -> str:
         cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]
         lines.append("  ".join(cells).rstrip())
     if capped:
-        notes.append("* the model's position limit; memory alone allows more")
+        notes.append(f"* memory alone; beyond the model's {shape.max_positions:,} positions")
     lines.extend(f"note: {note}" for note in notes)
     return "\n".join(lines)

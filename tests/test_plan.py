@@ -178,6 +178,7 @@ def test_cli_table_lists_every_target(cli_runner, llama3_folder):
     assert cells[2] == "fp8" and cells[4] == "fp8"
     assert cells[5] == f"{65536 / 1e6:.4f}" and cells[6] == f"{65536 * 8192 / 1e9:.3f}"
     assert cells[-1] == "fits"
+    assert cells[9].endswith("*") and "beyond the model's 8,192 positions" in result.stdout
 
 
 def test_cli_json_is_one_object(cli_runner, llama3_folder):
