@@ -225,6 +225,9 @@ class QuantizeEmbeddingPass(Pass):
     bits: int = dataclasses.field(default=8, kw_only=True)
     backend: str = dataclasses.field(default="onnxruntime", kw_only=True)
     block_size: int = dataclasses.field(default=32, kw_only=True)
+    # A table still read by a tied lm_head (kept in float by a mixed-precision pass, or never
+    # quantized): False refuses it in `requires`; True leaves it as it is (the stats say why).
+    skip_shared: bool = dataclasses.field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.bits not in _BITS:
@@ -252,7 +255,7 @@ class QuantizeEmbeddingPass(Pass):
         if value is None:
             return  # nothing to quantize; call() says so in its stats
         others = _other_readers(model.graph, value)
-        if others:
+        if others and not self.skip_shared:
             tied = " (the lm_head is tied to it)" if model.spec.tie_word_embeddings else ""
             raise UsageError(
                 f"{self.name} can only rewrite Gather reads of the embedding {name!r}, and it "

@@ -1,4 +1,4 @@
-"""Mixed-precision weight quantization: measure each layer's sensitivity, keep the worst in fp32.
+"""Mixed-precision weight quantization: measure each layer's sensitivity, keep the worst in fp32 or 8 bits.
 
 `QuantizeMixedPass` wraps a weight quantizer of the registry (quantize-int4, quantize-int8,
 quantize-int4-awq, ...), looked up by name when the pass runs. It splits the quantizable
@@ -10,6 +10,9 @@ incoming fp32 model's (mean KL divergence, top-1 agreement, perplexity). Units a
 largest first. Then the real model is quantized except the most sensitive units, which stay in
 fp32: `keep_fp` of them, or, with `max_ppl_increase`, the fewest (in sensitivity order) such
 that the whole mixed model's perplexity on the calibration tokens grows at most that much.
+With `keep_bits=8` (int4 quantizers only) the kept units are not left in fp32 but stored as
+8-bit weight-only blocks (quantize-int4 bits=8: MatMulNBits bits=8), which costs 1.8× the bytes
+of int4 instead of 6.4× (block 32, float32 scales) and is close to lossless.
 
 Sensitivity is measured on calibration batches (`batches`, as the static quantizers take them),
 never on the held text the build is verified with, so the final verification stays independent.
@@ -58,6 +61,10 @@ _GRANULARITIES = ("layer", "matmul")
 _LAYER_ROLE = re.compile(r"^(layers\.\d+)\.\w+$")
 # Options through which a wrapped quantizer can be given calibration data already.
 _CALIBRATION_OPTIONS = ("batches", "stats", "activations")
+# Precisions kept units can have: None = the incoming fp32; 8 = quantize-int4 with bits=8.
+_KEEP_BITS = (None, 8)
+# Options of an int4 quantizer that the 8-bit quantizer of the kept units copies.
+_SHARED_INT4_OPTIONS = ("block_size", "backend", "accuracy_level", "include_lm_head")
 # ONNX Runtime runs every quantized form fdec writes (MatMulNBits, dynamic int8, and the QDQ of
 # the static quantizers, which the CPU runs only at "basic": DESIGN.md) at this level.
 _ORT_LEVEL = "basic"
@@ -202,6 +209,7 @@ class QuantizeMixedPass(Pass):
     keep_fp: int | None = dataclasses.field(default=None, kw_only=True)
     max_ppl_increase: float | None = dataclasses.field(default=None, kw_only=True)
     granularity: str = dataclasses.field(default="layer", kw_only=True)
+    keep_bits: int | None = dataclasses.field(default=None, kw_only=True)
     batches: Sequence[np.ndarray] | None = dataclasses.field(default=None, kw_only=True)
     max_batches: int = dataclasses.field(default=4, kw_only=True)
     max_tokens: int = dataclasses.field(default=128, kw_only=True)
@@ -250,6 +258,12 @@ class QuantizeMixedPass(Pass):
         self.quantizer_options = dict(self.quantizer_options)
         self.batches = checked_batches(self.name, self.batches, min_seq=2)
         self.quantizer()  # an unknown method or bad quantizer options fail now
+        if self.keep_bits not in _KEEP_BITS:
+            raise UsageError(
+                f"{self.name} keep_bits {self.keep_bits!r} is not supported",
+                "use keep_bits=8 (8-bit weight-only) or leave it unset (fp32)",
+            )
+        self.keeper()  # keep_bits with a quantizer that has no 8-bit form fails now
 
     def options(self) -> dict[str, Any]:
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -294,8 +308,29 @@ class QuantizeMixedPass(Pass):
             options["batches"] = self.batches
         return make_pass(self.quantizer_name(), **options)
 
+    def keeper(self) -> Pass | None:
+        """The quantizer of the kept units: None (they stay fp32), or quantize-int4 bits=8
+        with the wrapped int4 quantizer's block size, backend and tied-table sharing."""
+        if self.keep_bits is None:
+            return None
+        from fdec.passes import make_pass
+        from fdec.passes.quantize import QuantizeInt4Pass
+
+        quantizer = self.quantizer()
+        if not isinstance(quantizer, QuantizeInt4Pass):
+            raise UsageError(
+                f"{self.name} keep_bits {self.keep_bits} needs an int4 method, not {self.method!r}",
+                "use method int4 or int4-awq, or leave keep_bits unset (fp32)",
+            )
+        options = {name: getattr(quantizer, name) for name in _SHARED_INT4_OPTIONS}
+        options["share_tied_embedding"] = quantizer.share_tied_embedding
+        return make_pass("quantize-int4", bits=self.keep_bits, **options)
+
     def check_target(self, target: Any) -> None:
         self.quantizer().check_target(target)
+        keeper = self.keeper()
+        if keeper is not None:
+            keeper.check_target(target)
 
     def requires(self, model: FdecModel, target: Any = None) -> None:
         if self.needs_calibration:
@@ -321,20 +356,34 @@ class QuantizeMixedPass(Pass):
         return tuple(self.batches[int(i)][:, : self.max_tokens] for i in chosen)
 
     def units(self, model: FdecModel, quantizer: Pass) -> list[_Unit]:
-        """The units of `model` the wrapped quantizer would quantize, in spec order."""
-        weights, _ = _collect(model, bool(getattr(quantizer, "include_lm_head", True)))
+        """The units of `model` the wrapped quantizer would quantize, in spec order.
+
+        Roles naming one initializer (a tied embedding and lm_head) are one unit, named after
+        the first of them that is not the embedding.
+        """
+        weights, _ = _collect(
+            model,
+            bool(getattr(quantizer, "include_lm_head", True)),
+            bool(getattr(quantizer, "share_tied_embedding", False)),
+        )
         quantizable = {weight.value.name for weight in weights}
         units: dict[str, _Unit] = {}
-        for role, name in model.spec.weights.items():
+        unit_of_name: dict[str, str] = {}
+        roles = sorted(model.spec.weights.items(), key=lambda item: item[0] == "embed")
+        for role, name in roles:
             if name not in quantizable:
                 continue
             match = _LAYER_ROLE.match(role)
-            if self.granularity == "matmul" or match is None:
+            if name in unit_of_name:
+                key = unit_of_name[name]
+            elif self.granularity == "matmul" or match is None:
                 key = role
             else:
                 key = match.group(1)
+            unit_of_name.setdefault(name, key)
             units.setdefault(key, _Unit(key, [])).roles.append(role)
-        return list(units.values())
+        order = {role: index for index, role in enumerate(model.spec.weights)}
+        return sorted(units.values(), key=lambda unit: min(order[r] for r in unit.roles))
 
     def call(self, model: FdecModel) -> PassResult:
         started = time.perf_counter()
@@ -371,6 +420,13 @@ class QuantizeMixedPass(Pass):
             stats = dict(result.stats)
         else:
             stats = {"weights_quantized": 0, "matmuls_quantized": 0}
+        keeper = self.keeper()
+        if keeper is not None and kept:
+            kept_stats = self._quantize_only(model, keeper, units, set(kept)).stats
+            for key in ("weights_quantized", "matmuls_quantized", "bytes_before", "bytes_after"):
+                stats[key] = stats.get(key, 0) + kept_stats[key]
+            stats["kept_bytes_after"] = kept_stats["bytes_after"]
+            quantize = quantize | set(kept)  # scored below as the mixed model
         if mixed is None:
             mixed = reference.score(model) if quantize else {"ppl": reference.perplexity}
             evaluations += bool(quantize)
@@ -380,9 +436,11 @@ class QuantizeMixedPass(Pass):
             granularity=self.granularity,
             units=len(units),
             sensitivity=sensitivity,
-            kept_fp32=kept,
-            quantized_units=[unit for unit in ranked if unit in quantize],
-            kept_fp32_weights=len({model.spec.weights[role] for role in roles}),
+            kept=kept,
+            kept_precision="fp32" if keeper is None else f"int{self.keep_bits} weight-only",
+            kept_fp32=kept if keeper is None else [],
+            quantized_units=[unit for unit in ranked if unit in quantize and unit not in kept],
+            kept_fp32_weights=len({model.spec.weights[role] for role in roles}) * (keeper is None),
             tokens_measured=int(sum(ids.size for ids in batches)),
             ppl_fp32=reference.perplexity,
             ppl_mixed=mixed["ppl"],
@@ -434,6 +492,9 @@ class QuantizeMixedPass(Pass):
         for keep in range(len(ranked)):
             trial = _copy(model)
             self._quantize_only(trial, quantizer, units, set(ranked[keep:]))
+            keeper = self.keeper()
+            if keeper is not None and keep:
+                self._quantize_only(trial, keeper, units, set(ranked[:keep]))
             figures = reference.score(trial)
             growth = figures["ppl"] / reference.perplexity - 1.0
             logger.info("keeping %s units in fp32: perplexity %+.2f%%", keep, 100 * growth)

@@ -49,10 +49,16 @@ class _Tiny:
     reference: Reference
     text_batches: list[np.ndarray]  # the built-in calibration corpus, 4 × 64 tokens
     sampled_batches: list[np.ndarray]  # 4 × 64 tokens sampled from the fp32 model itself
+    tied_proto: bytes
+    tied_spec: ModelSpec
 
     def cleaned(self) -> FdecModel:
         proto = onnx.load_from_string(self.proto)
         return FdecModel(ir.serde.deserialize_model(proto), copy.deepcopy(self.spec))
+
+    def tied(self) -> FdecModel:
+        proto = onnx.load_from_string(self.tied_proto)
+        return FdecModel(ir.serde.deserialize_model(proto), copy.deepcopy(self.tied_spec))
 
     def harmful(self, *units: str) -> FdecModel:
         """The model with an int4-destroying outlier hidden in each of `units` (same fp32 output)."""
@@ -88,7 +94,15 @@ def llama(tiny_models, tmp_path_factory) -> _Tiny:
         load_calibration_texts(), tiny.tokenizer, vocab, seq_len=64, max_samples=4
     )
     sampled = _sample(tiny.hf_model, count=4, length=64, seed=0)
-    return _Tiny(tiny.proto, tiny.spec, tiny.reference, text_batches, sampled)
+    return _Tiny(
+        tiny.proto,
+        tiny.spec,
+        tiny.reference,
+        text_batches,
+        sampled,
+        tiny.tied_proto,
+        tiny.tied_spec,
+    )
 
 
 def _hide_outliers(model: FdecModel, unit: str) -> None:
@@ -399,3 +413,77 @@ def test_options_are_checked_and_calibration_is_required(llama):
     assert QuantizeMixedPass().tolerance == QuantizeInt4Pass.tolerance
     assert QuantizeMixedPass(method="int8").tolerance == QuantizeInt8Pass.tolerance
     assert QuantizeMixedPass.tolerance == QuantizeInt4Pass.tolerance
+
+
+# --- kept units in 8 bits; a tied table shared by the lm_head and the embedding ----------------
+
+
+def _bits(model: FdecModel, role: str) -> set[int]:
+    value = model.graph.initializers[model.spec.weights[role]]
+    return {use.node.attributes["bits"].as_int() for use in value.uses()}
+
+
+def test_keep_bits_8_stores_the_destroyed_layer_in_8_bits_and_restores_the_logits(llama):
+    model, stats = _mixed(
+        llama.harmful("layers.1"), keep_fp=1, keep_bits=8, batches=llama.text_batches
+    )
+
+    assert stats["sensitivity"][0]["unit"] == "layers.1"
+    assert stats["kept"] == ["layers.1"] and stats["kept_fp32"] == []
+    assert stats["kept_precision"] == "int8 weight-only" and stats["kept_fp32_weights"] == 0
+    assert stats["weights_quantized"] == _ops(model)["MatMulNBits"] == 15  # nothing left fp32
+    for role in model.spec.weights:
+        if role != "embed":
+            assert _bits(model, role) == ({8} if role.startswith("layers.1.") else {4}), role
+    # 8-bit codes: one byte per weight (+ a float32 scale per 32) instead of half a byte.
+    kept = sum(
+        model.graph.initializers[model.spec.weights[f"layers.1.{r}"]].const_value.nbytes
+        for r in _LAYER_ROLES
+    )
+    layer_weights = sum(
+        np.prod(llama.cleaned().graph.initializers[llama.spec.weights[f"layers.1.{r}"]].shape)
+        for r in _LAYER_ROLES
+    )
+    assert kept == layer_weights
+    assert stats["kept_bytes_after"] == layer_weights * (1 + 4 / 32)
+    # Numbers, on the model without the outlier (1000× defeats 8 bits' 127 steps too): the
+    # most sensitive layer in 8 bits brings the whole model closer to fp32 than all-int4.
+    mixed_model, mixed_stats = _mixed(
+        llama.cleaned(), keep_fp=1, keep_bits=8, batches=llama.text_batches
+    )
+    assert (
+        mixed_stats["ppl_mixed"]
+        < _mixed(llama.cleaned(), keep_fp=0, batches=llama.text_batches)[1]["ppl_mixed"]
+    )
+    plain = QuantizeInt4Pass()(llama.cleaned()).model
+    mixed = llama.reference.compare(session_for_model(mixed_model))
+    rtn = llama.reference.compare(session_for_model(plain))
+    assert mixed["kl_divergence"] < rtn["kl_divergence"]
+    assert mixed["top1_agreement"] >= QuantizeMixedPass.tolerance.min_top1_agreement
+
+
+def test_a_shared_tied_table_is_one_unit_and_can_be_kept_in_8_bits(llama):
+    options = {"share_tied_embedding": True}
+    pass_ = QuantizeMixedPass(
+        keep_fp=3, keep_bits=8, quantizer_options=options, batches=llama.text_batches
+    )
+    model = llama.tied()
+    units = pass_.units(model, pass_.quantizer())
+    assert ("lm_head", ["embed", "lm_head"]) in [(u.name, sorted(u.roles)) for u in units]
+    assert {u.name for u in units} == _UNITS
+
+    model, stats = _run(pass_, model)
+
+    assert sorted(stats["kept"]) == sorted(_UNITS) and stats["quantized_units"] == []
+    assert model.spec.weights["embed"] == model.spec.weights["lm_head"]
+    assert _bits(model, "lm_head") == {8}  # MatMulNBits and GatherBlockQuantized, 8 bits
+    assert _ops(model)["GatherBlockQuantized"] == 1
+    figures = llama.reference.compare(session_for_model(model))
+    assert figures["top1_agreement"] > 0.9  # 8 bits everywhere: nearly the fp32 model
+
+
+def test_keep_bits_is_checked(llama):
+    with pytest.raises(UsageError, match="keep_bits 4"):
+        QuantizeMixedPass(keep_bits=4, batches=llama.text_batches)
+    with pytest.raises(UsageError, match="needs an int4 method"):
+        QuantizeMixedPass(method="int8", keep_bits=8, batches=llama.text_batches)
