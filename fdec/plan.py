@@ -34,6 +34,7 @@ import json
 import math
 import os
 import pathlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -301,6 +302,26 @@ def _read_config(path: pathlib.Path) -> dict[str, Any]:
     return config
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_config(repo_id: str, cache_dir: pathlib.Path) -> pathlib.Path:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:  # pragma: no cover
+        raise InputError(
+            "reading a hub id needs huggingface_hub", "pip install huggingface_hub"
+        ) from None
+    try:
+        return pathlib.Path(hf_hub_download(repo_id, "config.json", cache_dir=str(cache_dir)))
+    except Exception as err:
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise InputError(
+            f"cannot fetch config.json of {repo_id!r} from the Hugging Face Hub ({reason})",
+            "check the id and the network, or pass a local config.json",
+        ) from None
+
+
 def load_shape(
     model: str,
     *,
@@ -308,7 +329,8 @@ def load_shape(
     progress: Callable[[str], None] = lambda message: None,
 ) -> ModelShape:
     """The shape of MODEL: a folder holding config.json (weights not needed), a config.json
-    path, or a bundled name / .gguf file (converted once by resolve_source)."""
+    path, a hub id (its config.json alone is fetched), or a bundled name / .gguf file
+    (converted once by resolve_source, the same cached folder compile uses)."""
     path = pathlib.Path(model).expanduser()
     if path.is_dir():
         config_path = path / "config.json"
@@ -321,7 +343,11 @@ def load_shape(
         return shape_from_config(_read_config(config_path), model, str(config_path))
     if path.is_file() and path.suffix.lower() == ".json":
         return shape_from_config(_read_config(path), model, str(path))
-    from fdec.frontend.source import resolve_source
+    from fdec.frontend.source import default_cache_dir, resolve_source
+
+    if not path.exists() and _HUB_ID.match(model):  # only config.json, never the weights
+        config_path = _hub_config(model, (cache_dir or default_cache_dir()) / "hub")
+        return shape_from_config(_read_config(config_path), model, f"{model}/config.json")
 
     source = resolve_source(model, cache_dir=cache_dir, progress=progress)
     return shape_from_config(source.config, model, str(source.folder / "config.json"))

@@ -229,6 +229,9 @@ def test_bad_model_exits_2_with_one_line(cli_runner, tmp_path):
     broken.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     result = cli_runner.invoke(cli, ["plan", str(broken)])
     assert result.exit_code == 2 and "num_attention_heads" in _one_error_line(result)
+    # A hub id fetches config.json alone (offline here: HF_HUB_OFFLINE=1 from conftest).
+    result = cli_runner.invoke(cli, ["plan", "no-such-org/no-such-model"])
+    assert result.exit_code == 2 and "cannot fetch config.json" in _one_error_line(result)
 
 
 def test_compile_that_cannot_fit_exits_3_before_export(cli_runner, tiny_models, tmp_path):
