@@ -10,7 +10,9 @@ run on representative input. This module provides the three steps:
    pseudo-random ids when there is no tokenizer, as fdec.verify does for held text).
 3. `collect_activation_stats` — runs ONNX Runtime over the batches with the named
    intermediate values exposed as extra outputs of a copy of the model, and accumulates
-   their absmax, per-channel absmax and 99.9th percentile, batch by batch.
+   their absmax, per-channel absmax and 99.9th percentile, batch by batch. Inside
+   `calibration_cache(folder)` the statistics are cached, keyed by a digest of the model
+   graph, the token batches and the tensor names, so a rebuild reuses them.
 
 `matmul_activation_inputs` names the activation each linear weight (a ModelSpec role) is
 multiplied with, i.e. the tensors worth calibrating.
@@ -18,14 +20,19 @@ multiplied with, i.e. the tensors worth calibrating.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import hashlib
 import importlib.resources
+import io
 import json
 import logging
+import os
 import pathlib
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,13 +44,16 @@ from fdec.ir import FdecModel
 __all__ = [
     "CORPUS_DOMAINS",
     "ActivationStats",
+    "StatsCache",
     "calibration_batches",
+    "calibration_cache",
     "capture_activations",
     "checked_batches",
     "collect_activation_stats",
     "describe_batches",
     "load_calibration_texts",
     "matmul_activation_inputs",
+    "model_digest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -375,12 +385,28 @@ def collect_activation_stats(
     """Statistics of the named tensors over `batches` (token id arrays, [batch, seq]).
 
     Runs a CPU ONNX Runtime session on a copy of `model` (the caller's model is not touched)
-    with optimizations disabled, one batch at a time; decoders get an empty KV cache.
+    with optimizations disabled, one batch at a time; decoders get an empty KV cache. Inside
+    `calibration_cache(...)`, a cached result for the same graph, batches and names is used.
     """
     names = list(dict.fromkeys(tensor_names))
-    stats: dict[str, ActivationStats] = {}
     if not names:
-        return stats
+        return {}
+    cache = _ACTIVE_CACHE.get()
+    if cache is None:
+        return _collect(model, batches, names)
+    batches = list(batches)
+    key = cache.key(model, batches, names)
+    stats = cache.load(key)
+    if stats is None:
+        stats = _collect(model, batches, names)
+        cache.store(key, stats)
+    return stats
+
+
+def _collect(
+    model: FdecModel, batches: Iterable[np.ndarray], names: list[str]
+) -> dict[str, ActivationStats]:
+    stats: dict[str, ActivationStats] = {}
     runner = _Runner(model, names)
     try:
         for index, ids in enumerate(batches):
@@ -399,6 +425,134 @@ def collect_activation_stats(
             "calibration saw no data", "give at least one non-empty batch of token ids"
         )
     return stats
+
+
+# --- the statistics cache ------------------------------------------------------------------------
+
+
+def model_digest(model: ir.Model) -> str:
+    """sha256 of what a model computes: every node (op, attributes, value names), the graph's
+    inputs and outputs, and every initializer's name, type, shape and bytes."""
+    digest = hashlib.sha256()
+    graph = model.graph
+    for value in [*graph.inputs, *graph.outputs]:
+        digest.update(f"io|{value.name}|{value.dtype}|{value.shape}\n".encode())
+    for node in graph:
+        digest.update(ir.serde.serialize_node(node).SerializeToString(deterministic=True))
+    for name in sorted(graph.initializers):
+        tensor = graph.initializers[name].const_value
+        if tensor is None:
+            digest.update(f"init|{name}|none\n".encode())
+            continue
+        digest.update(f"init|{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.tobytes())
+    return digest.hexdigest()
+
+
+# Bump when ActivationStats or the way they are collected changes: old entries are then unused.
+_STATS_FORMAT = 1
+
+
+class StatsCache:
+    """Activation statistics on disk, one `.npz` per key plus its own sha256 (`.sha256`): an
+    entry whose bytes do not match is reported, deleted and recomputed, never used. Entries are
+    written to a temporary name and renamed, so concurrent compiles never read half a file."""
+
+    def __init__(self, folder: pathlib.Path):
+        self.folder = pathlib.Path(folder)
+        self.hits = self.misses = self.corrupt = 0
+
+    def key(self, model: FdecModel, batches: Sequence[np.ndarray], names: Sequence[str]) -> str:
+        digest = hashlib.sha256(f"stats-v{_STATS_FORMAT}|{model_digest(model.model)}".encode())
+        for ids in batches:
+            array = np.ascontiguousarray(ids, dtype=np.int64)
+            digest.update(f"|batch{array.shape}".encode())
+            digest.update(array.tobytes())
+        digest.update("|".join(names).encode())
+        return digest.hexdigest()
+
+    def _paths(self, key: str) -> tuple[pathlib.Path, pathlib.Path]:
+        return self.folder / f"{key}.npz", self.folder / f"{key}.sha256"
+
+    def load(self, key: str) -> dict[str, ActivationStats] | None:
+        data_path, sum_path = self._paths(key)
+        try:
+            data, want = data_path.read_bytes(), sum_path.read_text().strip()
+        except OSError:
+            self.misses += 1
+            return None
+        if hashlib.sha256(data).hexdigest() != want:
+            logger.warning("calibration cache entry %s is corrupt; recomputing it", data_path)
+            self.corrupt += 1
+            self.misses += 1
+            for path in (data_path, sum_path):
+                path.unlink(missing_ok=True)
+            return None
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            names = [str(n) for n in archive["names"]]
+            stats = {
+                name: ActivationStats(
+                    absmax=float(archive["absmax"][i]),
+                    channel_absmax=archive[f"channel_{i}"],
+                    percentile_99_9=float(archive["percentile"][i]),
+                    count=int(archive["count"][i]),
+                )
+                for i, name in enumerate(names)
+            }
+        self.hits += 1
+        return stats
+
+    def store(self, key: str, stats: dict[str, ActivationStats]) -> None:
+        names = list(stats)
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            names=np.asarray(names),
+            absmax=np.asarray([stats[n].absmax for n in names], dtype=np.float64),
+            percentile=np.asarray([stats[n].percentile_99_9 for n in names], dtype=np.float64),
+            count=np.asarray([stats[n].count for n in names], dtype=np.int64),
+            **{f"channel_{i}": stats[n].channel_absmax for i, n in enumerate(names)},
+        )
+        data = buffer.getvalue()
+        data_path, sum_path = self._paths(key)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for path, payload in (
+                (data_path, data),
+                (sum_path, (hashlib.sha256(data).hexdigest() + "\n").encode()),
+            ):
+                partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+                partial.write_bytes(payload)
+                os.replace(partial, path)
+        except OSError as err:  # a cache that cannot be written costs time, not the build
+            logger.warning("calibration cache not written (%s): %s", self.folder, err)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "folder": str(self.folder),
+            "hits": self.hits,
+            "misses": self.misses,
+            "corrupt": self.corrupt,
+        }
+
+
+_ACTIVE_CACHE: contextvars.ContextVar[StatsCache | None] = contextvars.ContextVar(
+    "fdec_calibration_cache", default=None
+)
+
+
+@contextlib.contextmanager
+def calibration_cache(folder: pathlib.Path | None) -> Iterator[StatsCache | None]:
+    """Cache activation statistics under `folder` while the block runs (None: no cache)."""
+    if folder is None:
+        yield None
+        return
+    cache = StatsCache(folder)
+    token = _ACTIVE_CACHE.set(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE_CACHE.reset(token)
 
 
 # --- which tensors to calibrate ---------------------------------------------------------------

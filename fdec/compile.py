@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import logging
 import pathlib
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 from fdec import passes as fdec_passes
 from fdec.build import AtomicBuild, check_output_path, write_manifest
-from fdec.calibrate import calibration_batches, load_calibration_texts
-from fdec.errors import UsageError, VerificationError
+from fdec.calibrate import calibration_batches, calibration_cache, load_calibration_texts
+from fdec.errors import QualityGateError, UsageError, VerificationError
 from fdec.frontend.export import import_model, load_hf_model
 from fdec.frontend.source import default_cache_dir, resolve_source
+from fdec.ir import FdecModel
 from fdec.lower import MODEL_FILE, lower_onnxruntime
 from fdec.lower.engines import build_engines
 from fdec.lower.hf_checkpoint import CHECKPOINT_DIR, check_quantize, write_hf_checkpoint
@@ -43,6 +46,7 @@ __all__ = [
     "Plan",
     "choose_backend",
     "compile_model",
+    "default_quantize",
     "plan_pipeline",
 ]
 
@@ -101,23 +105,30 @@ def compile_model(
         max_batch=options.max_batch, max_seq_len=options.max_seq_len or DEFAULT_MAX_SEQ_LEN
     )
     check_output_path(out)
-    plan = plan_pipeline(
-        target=target,
-        backend=backend,
-        passes=options.passes,
-        quantize=options.quantize,
-        max_ppl_increase=options.max_ppl_increase,
-        calibration=options.calibration,
-        emit=options.emit,
-        keep_fp=options.keep_fp,
+    # Without --quantize the target's default recipe applies; it depends on the model's kind
+    # (encoders quantize differently), known once the source resolves: plan for a decoder now
+    # so a bad combination fails before any work, and re-plan below if the model is an encoder.
+    # A serving checkpoint is written in full precision unless asked otherwise: its loaders
+    # take only some quantized formats (fdec.lower.hf_checkpoint.SUPPORTED_QUANTIZE).
+    recipe_default = not options.quantize and "hf-checkpoint" not in options.emit
+    quantize = options.quantize or (
+        default_quantize(target, "decoder") if recipe_default else "none"
     )
-    _check_emit(options.emit, options.quantize)
-    pipeline, pass_names, tolerance, optimization = (
-        plan.pipeline,
-        plan.pass_names,
-        plan.tolerance,
-        plan.optimization,
-    )
+
+    def make_plan(quantize: str) -> Plan:
+        _check_emit(options.emit, quantize)
+        return plan_pipeline(
+            target=target,
+            backend=backend,
+            passes=options.passes,
+            quantize=quantize,
+            max_ppl_increase=options.max_ppl_increase,
+            calibration=options.calibration,
+            emit=options.emit,
+            keep_fp=options.keep_fp,
+        )
+
+    plan = make_plan(quantize)
 
     source = resolve_source(
         options.model,
@@ -125,19 +136,33 @@ def compile_model(
         cache_dir=options.cache_dir or default_cache_dir(),
         progress=progress,
     )
+    if recipe_default and source.family.kind != "decoder":
+        quantize = default_quantize(target, source.family.kind)
+        plan = make_plan(quantize)
     # Capacity from config.json alone: a --max-batch × --max-seq-len that cannot fit the
     # target's memory fails here (exit 3, CapacityError), before the model loads.
     capacity = check_capacity(
         source.config,
         target,
         model=source.given,
-        weights=options.quantize,
+        weights=quantize,
         kv_dtype=getattr(options, "kv_dtype", None),
         batch=limits.max_batch,
         context=options.max_seq_len,
         default_context=DEFAULT_MAX_SEQ_LEN,
     )
     progress(f"loading {source.given} ({source.family.name}, {source.kind})")
+    pipeline, pass_names, tolerance, optimization = (
+        plan.pipeline,
+        plan.pass_names,
+        plan.tolerance,
+        plan.optimization,
+    )
+    recipe = {
+        "quantize": quantize,
+        "chosen_by": f"target {target.name} default" if recipe_default else "options",
+    }
+    progress(f"recipe: --quantize {quantize} ({recipe['chosen_by']})")
     hf_model = load_hf_model(source, trust_remote_code=options.trust_remote_code)
     progress("exporting to ONNX (torch.onnx dynamo exporter)")
     export_started = time.perf_counter()
@@ -167,13 +192,18 @@ def compile_model(
         )
     if options.dump_dir:
         instruments.append(DumpInstrument(options.dump_dir))
+    snapshot = _LossySnapshot()
+    if tolerance.max_perplexity_increase is not None and spec.kind == "decoder":
+        instruments.append(snapshot)
     manager = PassManager(
         pipeline,
         instruments,
         target=target,
         on_pass=lambda i, n, p: progress(f"pass {i}/{n}: {p.name}"),
     )
-    fdec_model, records = manager.run(fdec_model)
+    cache_dir = options.cache_dir or default_cache_dir()
+    with calibration_cache(cache_dir / "calibration") as stats_cache:
+        fdec_model, records = manager.run(fdec_model)
 
     with AtomicBuild(out) as staging:
         progress(f"writing the ONNX Runtime build to {out}")
@@ -187,8 +217,13 @@ def compile_model(
         progress("verifying the build against the source model")
         session = OrtModel(open_session(staging / MODEL_FILE, optimization=optimization))
         verification = _verify(reference, session, tolerance)
+        if verification.get("gate"):
+            raise _quality_gate_error(
+                verification, tolerance, records, snapshot, plan, imported, progress
+            )
         if not verification["ok"]:
             raise VerificationError(verification["failure"], _VERIFICATION_FIX)
+        snapshot.close()
         engines = build_engines(
             staging, spec=spec, target=target, backend=backend, limits=limits,
             precisions=_engine_precisions(pass_names), progress=progress,
@@ -215,6 +250,10 @@ def compile_model(
             "spec": spec.to_dict(),
             "environment": environment(),
             "pipeline": pass_names,
+            "recipe": recipe,
+            "calibration_cache": stats_cache.to_dict()
+            if stats_cache.hits + stats_cache.misses
+            else None,
             "export": {"exporter": "torch.onnx (dynamo)", "wall_s": round(export_s, 2)},
             "passes": [record.to_dict() for record in records],
             "verification": verification,
@@ -241,6 +280,7 @@ def compile_model(
                 "options": {
                     "verify_each": options.verify_each,
                     "backend": backend,
+                    "quantize": quantize,
                     "limits": dataclasses.asdict(limits),
                 },
                 "packages": report["environment"]["packages"],
@@ -254,11 +294,13 @@ _BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 # Methods each precision has today; precisions not listed are checked against the target and
 # then refused as not built yet.
 _QUANTIZE_METHODS = {
-    "int4": ("rtn", "awq"),
+    "int4": ("rtn", "awq", "awq-mixed"),
     "int8": ("dynamic", "smoothquant"),
     "fp8": ("static",),
     "fp32": ("none",),
 }
+# Layers --quantize int4-awq-mixed keeps in 8 bits (the most sensitive, measured per build).
+INT4_MIXED_KEEP = 8
 # SmoothQuant migration strength fdec uses: on SmolLM2-135M, alpha 0.75-0.85 kept perplexity
 # within +1-4 % (54.0 -> 53.5-56.3) where the paper's 0.5 gave +25 % (67.7).
 SMOOTHQUANT_ALPHA = 0.8
@@ -266,6 +308,20 @@ SMOOTHQUANT_ALPHA = 0.8
 # measured +6e7 perplexity for an overflowing int8 kernel) while admitting the 25-70 % growth
 # weight-only 4-bit and dynamic int8 give a 135M model. Tighten with --max-ppl-increase.
 DEFAULT_MAX_PPL_INCREASE = 1.0
+
+
+# --quantize values that mean "no quantization" (weights stay in the exported fp32).
+_NO_QUANTIZATION = ("none", "fp32", "fp32-none")
+
+
+def default_quantize(target: Any, kind: str) -> str:
+    """The `--quantize` value a compile uses when none is given: the target's
+    `[default_recipe]` weights (its `encoder_weights` for encoders); "none" for float weights,
+    which fdec keeps in the exported fp32 (fp16/bf16 conversion is the engine builder's)."""
+    recipe = target.default_recipe
+    weights = recipe.get("encoder_weights", recipe["weights"]) if kind == "encoder" else None
+    weights = weights or recipe["weights"]
+    return "none" if weights.split("-", 1)[0] in ("fp32", "fp16", "bf16", "tf32") else weights
 
 
 def _quantize_passes(
@@ -278,9 +334,11 @@ def _quantize_passes(
     keep_fp: int | None = None,
 ) -> list[Any]:
     """Passes for `--quantize PRECISION[-METHOD]`, after checking the target has the precision."""
-    if not asked:
+    if not asked or asked.lower() in _NO_QUANTIZATION:
         if keep_fp is not None:
-            raise UsageError("--keep-fp needs --quantize", "add --quantize int4, or drop --keep-fp")
+            raise UsageError(
+                "--keep-fp needs a quantized build", "add --quantize int4, or drop --keep-fp"
+            )
         return []
     precision_text, _, method = asked.lower().partition("-")
     precision = Precision.parse(precision_text)
@@ -300,28 +358,43 @@ def _quantize_passes(
         )
     if precision.value == "fp32":
         return []
-    untie = [] if "untie-embeddings" in earlier else [fdec_passes.make_pass("untie-embeddings")]
     pass_backend = "onnxruntime" if backend == "onnxruntime" else "tensorrt"
+    # int4 for ONNX Runtime keeps a tied embedding tied: the lm_head's MatMulNBits and the
+    # embedding's GatherBlockQuantized read one packed int4 table (SmolLM2: 84 MB instead of
+    # 113 MB with an untied int4 lm_head and an int8 embedding).
+    share = precision.value == "int4" and pass_backend == "onnxruntime" and embedding
+    untie = (
+        []
+        if share or "untie-embeddings" in earlier
+        else [fdec_passes.make_pass("untie-embeddings")]
+    )
     # The token embedding is the largest fp32 tensor left after weight quantization (113 MB of
-    # SmolLM2's 202 MB int4 build); per-row int8 moved its perplexity by -0.1 % there.
-    embedding = fdec_passes.make_pass("quantize-embedding", bits=8, backend=pass_backend)
+    # SmolLM2's 202 MB int4 build); per-row int8 moved its perplexity by -0.1 % there. A table
+    # the int4 pass shared (or a tied one quantize-mixed kept in float) is left as it is.
+    embed_pass = fdec_passes.make_pass(
+        "quantize-embedding", bits=8, backend=pass_backend, skip_shared=share
+    )
+    int4_options = {"backend": pass_backend, "share_tied_embedding": share}
     if keep_fp is not None and not (precision.value == "int4" or method == "dynamic"):
         raise UsageError(
             f"--keep-fp works with --quantize int4 or int8-dynamic, not {asked}",
             "drop --keep-fp, or quantize weights only (int4)",
         )
-    if keep_fp is not None:
+    if precision.value == "int4" and (keep_fp is not None or method == "awq-mixed"):
+        # awq-mixed: the most sensitive layers (measured) in 8-bit weight-only, the rest AWQ
+        # int4; --keep-fp N alone keeps N layers in fp32 instead.
         weights = fdec_passes.make_pass(
             "quantize-mixed",
-            method=("int4-awq" if method == "awq" else "int4")
-            if precision.value == "int4"
-            else "int8",
-            quantizer_options={"backend": pass_backend} if precision.value == "int4" else {},
-            keep_fp=keep_fp,
+            method="int4-awq" if method.startswith("awq") else "int4",
+            quantizer_options=int4_options,
+            keep_fp=INT4_MIXED_KEEP if keep_fp is None else keep_fp,
+            keep_bits=8 if method == "awq-mixed" else None,
         )
+    elif keep_fp is not None:
+        weights = fdec_passes.make_pass("quantize-mixed", method="int8", keep_fp=keep_fp)
     elif precision.value == "int4":
         name = "quantize-int4-awq" if method == "awq" else "quantize-int4"
-        weights = fdec_passes.make_pass(name, backend=pass_backend)
+        weights = fdec_passes.make_pass(name, **int4_options)
     elif precision.value == "fp8":
         weights = fdec_passes.make_pass("quantize-fp8")
     # int8: static SmoothQuant QDQ for GPUs (or when asked), dynamic on the CPU.
@@ -330,7 +403,7 @@ def _quantize_passes(
     else:
         weights = fdec_passes.make_pass("quantize-int8")
     # A serving checkpoint keeps the embedding in float: its loaders quantize Linear layers only.
-    return [*untie, weights, embedding] if embedding else [*untie, weights]
+    return [*untie, weights, embed_pass] if embedding else [*untie, weights]
 
 
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -476,6 +549,11 @@ def _verify(reference: Reference, session: OrtModel, tolerance: Tolerance) -> di
     }
     broken = tolerance.judge(numeric)
     failure = f"build differs from the source model: {broken}" if broken else None
+    if (
+        broken
+        and dataclasses.replace(tolerance, max_perplexity_increase=None).judge(numeric) is None
+    ):
+        result["gate"] = "max_perplexity_increase"  # only the quality gate failed: exit 3
     if reference.kind == "decoder":
         greedy = reference.compare_greedy(session)
         result["greedy"] = greedy
@@ -492,3 +570,110 @@ def _verify(reference: Reference, session: OrtModel, tolerance: Tolerance) -> di
     if failure:
         result["failure"] = failure
     return result
+
+
+class _LossySnapshot:
+    """An instrument that saves the model as it enters the first lossy pass (to a temporary
+    folder), so that a failed quality gate can measure which layers that pass hurt most. It is
+    read only then; `close` deletes it."""
+
+    def __init__(self) -> None:
+        self.pass_: Any = None
+        self.spec: Any = None
+        self._folder: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def path(self) -> pathlib.Path | None:
+        return pathlib.Path(self._folder.name) / "model.onnx" if self._folder else None
+
+    def before(self, pass_: Any, model: FdecModel, record: Any) -> None:
+        if self.pass_ is None and pass_.tolerance != EXACT:
+            self._folder = tempfile.TemporaryDirectory(prefix="fdec-snapshot-")
+            model.save(self.path)
+            self.pass_, self.spec = pass_, copy.deepcopy(model.spec)
+
+    def after(self, pass_: Any, result: Any, record: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
+
+
+# Options through which a weight quantizer holds calibration data (not re-used when measuring).
+_DATA_OPTIONS = ("batches", "stats", "activations")
+# How many of the most sensitive layers a failed gate names.
+_WORST_SHOWN = 3
+
+
+def _sensitivity(
+    records: list[Any], snapshot: _LossySnapshot, plan: Plan, imported: Any, progress: Any
+) -> list[dict[str, Any]]:
+    """Per-layer sensitivity (largest KL first) of the build's weight quantizer: the table a
+    quantize-mixed pass recorded, else measured now on the snapshot taken before that pass."""
+    for record in records:
+        if record.name == "quantize-mixed" and record.stats.get("sensitivity"):
+            return list(record.stats["sensitivity"])
+    quantizer = snapshot.pass_
+    if snapshot.path is None or quantizer is None or quantizer.family != "quantize":
+        return []
+    import onnx_ir as ir
+
+    options = {
+        field.name: getattr(quantizer, field.name)
+        for field in dataclasses.fields(quantizer)
+        if field.init and field.name not in _DATA_OPTIONS
+    }
+    batches = getattr(quantizer, "batches", None) or tuple(
+        calibration_batches(
+            plan.calibration_texts or load_calibration_texts(None),
+            imported.tokenizer,
+            imported.fdec_model.spec.vocab_size,
+        )
+    )
+    mixed = fdec_passes.make_pass(
+        "quantize-mixed", method=quantizer.name, quantizer_options=options, batches=batches,
+        max_batches=2,
+    )  # fmt: skip
+    progress("quality gate failed: measuring each layer's sensitivity to name the worst")
+    model = FdecModel(ir.external_data.load_to_model(ir.load(snapshot.path)), snapshot.spec)
+    return list(mixed(model).stats.get("sensitivity", []))
+
+
+def _quality_gate_error(
+    verification: dict[str, Any],
+    tolerance: Tolerance,
+    records: list[Any],
+    snapshot: _LossySnapshot,
+    plan: Plan,
+    imported: Any,
+    progress: Any,
+) -> QualityGateError:
+    numeric = verification["numeric"]
+    source, build = numeric["perplexity_source"], numeric["perplexity_build"]
+    limit = tolerance.max_perplexity_increase
+    try:
+        sensitivity = _sensitivity(records, snapshot, plan, imported, progress)
+    finally:
+        snapshot.close()
+    worst = sensitivity[:_WORST_SHOWN]
+    named = ", ".join(f"{row['unit']} (KL {row['kl']:.3g})" for row in worst)
+    problem = (
+        f"quality gate failed: perplexity on held text grew {build / source - 1:.1%} "
+        f"({source:.2f} → {build:.2f}; --max-ppl-increase {limit:.1%})"
+        + (f"; most sensitive layers: {named}" if named else "")
+    )
+    fix = (
+        f"keep them in fp32 with --keep-fp {len(worst)} (int4, int8 dynamic), " if worst else ""
+    ) + "choose a gentler --quantize (int4-awq, int8), or raise --max-ppl-increase"
+    details = {
+        "gate": "max_ppl_increase",
+        "limit": limit,
+        "perplexity_source": source,
+        "perplexity_build": build,
+        "increase": build / source - 1,
+        "worst_layers": worst,
+        "sensitivity_measured_on": "calibration text (KL against the model before quantization)",
+    }
+    return QualityGateError(problem, fix, details=details)

@@ -7,7 +7,7 @@ __all__ = [
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_USAGE",
-    "CapacityError",
+    "BusyError",
     "CompileError",
     "FdecError",
     "InputError",
@@ -61,7 +61,27 @@ class VerificationError(FdecError):
     exit_code = EXIT_FAILURE
 
 
+class BusyError(FdecError):
+    """Another fdec process holds what this one needs (the build folder) and we may not wait."""
+
+    exit_code = EXIT_FAILURE
+
+
 class CapacityError(FdecError):
     """The asked batch × context (or the weights alone) cannot fit the target's memory."""
 
     exit_code = EXIT_DOES_NOT_FIT
+
+
+class QualityGateError(FdecError):
+    """A lossy build missed its quality gate (--max-ppl-increase): exit code 3.
+
+    `details` is what CI needs to act on it (the gate, the figures, the most sensitive layers);
+    `fdec compile --json` prints it as the outcome's "gate" object.
+    """
+
+    exit_code = EXIT_DOES_NOT_FIT
+
+    def __init__(self, problem: str, fix: str | None = None, *, details: dict | None = None):
+        super().__init__(problem, fix)
+        self.details = details or {}

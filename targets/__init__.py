@@ -22,7 +22,8 @@ key                         meaning                                             
 ``default_backend``         ``onnxruntime``, ``tensorrt``, ``tensorrt-rtx`` or         yes
                             ``hf-checkpoint``
 ``[default_recipe]``        ``weights``, ``activations``, ``kv_cache``: a precision    yes
-                            name, optionally with a method suffix (``"int4-awq"``)
+                            name, optionally with a method suffix (``"int4-awq"``);
+                            optional ``encoder_weights`` for encoder models (BERT)
 ``sparse_tensor_cores``     2:4 structured sparsity in hardware (needs cc >= 8.0)      yes
 ``sources``                 where each figure comes from (title and URL)               no
 ==========================  ========================================================  ========
@@ -396,6 +397,7 @@ _REQUIRED = (
 )
 _KEYS = (*_REQUIRED, "compute_capability", "sources")
 _RECIPE_KEYS = ("weights", "activations", "kv_cache")
+_RECIPE_OPTIONAL = ("encoder_weights",)  # an encoder's weights, where they differ (cpu: int8)
 _GPU_ONLY_BACKENDS = frozenset({"tensorrt", "tensorrt-rtx"})
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _CC_RE = re.compile(r"(\d{1,2})\.(\d)")
@@ -635,14 +637,14 @@ def _recipe_table(table: Any, label: str) -> dict[str, str]:
             f"{label}: default_recipe must be a table, got {_describe(table)}",
             f"write a [default_recipe] section, {example}",
         )
-    _check_keys(table, _RECIPE_KEYS, label, where="default_recipe.")
+    _check_keys(table, _RECIPE_KEYS + _RECIPE_OPTIONAL, label, where="default_recipe.")
     missing = [key for key in _RECIPE_KEYS if key not in table]
     if missing:
         raise InputError(
             f"{label}: default_recipe is missing {', '.join(missing)}", f"add it, {example}"
         )
     recipe: dict[str, str] = {}
-    for key in _RECIPE_KEYS:
+    for key in (*_RECIPE_KEYS, *(k for k in _RECIPE_OPTIONAL if k in table)):
         value = table[key]
         if not isinstance(value, str) or not _RECIPE_RE.fullmatch(value):
             raise InputError(

@@ -282,3 +282,56 @@ def test_q_proj_input_stats_match_pytorch(llama):
     assert 0 < stats.percentile_99_9 < stats.absmax
     captured = capture_activations(model, batches[0], [name])[name]
     np.testing.assert_allclose(captured, seen[0], rtol=1e-4, atol=1e-5)
+
+
+# --- the statistics cache ---------------------------------------------------------------------
+
+
+def _same(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(
+        a[n].absmax == b[n].absmax
+        and a[n].count == b[n].count
+        and a[n].percentile_99_9 == b[n].percentile_99_9
+        and np.array_equal(a[n].channel_absmax, b[n].channel_absmax)
+        for n in a
+    )
+
+
+def test_cached_stats_are_reused_exactly_and_keyed_by_model_and_batches(tmp_path):
+    from fdec.calibrate import calibration_cache
+
+    model, arrays = _hand_written()
+    batches = [np.array([[1, 4, 4, 9]]), np.array([[0, 19, 3, 3, 7, 2]])]
+    fresh = collect_activation_stats(model, batches, ["h", "y"])
+    with calibration_cache(tmp_path / "c") as cache:
+        first = collect_activation_stats(model, batches, ["h", "y"])
+        second = collect_activation_stats(model, batches, ["h", "y"])
+        assert (cache.hits, cache.misses) == (1, 1)
+        assert _same(first, fresh) and _same(second, fresh)
+        # Other batches, other names, or other weights: other entries.
+        collect_activation_stats(model, batches[:1], ["h", "y"])
+        collect_activation_stats(model, batches, ["h"])
+        model.graph.initializers["gain"].const_value = ir.tensor(arrays["gain"] * 2)
+        doubled = collect_activation_stats(model, batches, ["h", "y"])
+        assert (cache.hits, cache.misses) == (1, 4)
+        assert doubled["h"].absmax == pytest.approx(2 * fresh["h"].absmax)
+    assert len(list((tmp_path / "c").glob("*.npz"))) == 4
+
+
+def test_a_corrupt_cache_entry_is_detected_and_recomputed(tmp_path):
+    from fdec.calibrate import calibration_cache
+
+    model, _ = _hand_written()
+    batches = [np.array([[1, 4, 4, 9]])]
+    with calibration_cache(tmp_path) as cache:
+        fresh = collect_activation_stats(model, batches, ["h"])
+    (entry,) = tmp_path.glob("*.npz")
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    with calibration_cache(tmp_path) as cache:
+        again = collect_activation_stats(model, batches, ["h"])
+        assert (cache.hits, cache.misses, cache.corrupt) == (0, 1, 1)
+        assert _same(again, fresh)
+        assert _same(collect_activation_stats(model, batches, ["h"]), fresh)
+        assert cache.hits == 1  # rewritten whole

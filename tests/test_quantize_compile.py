@@ -54,7 +54,8 @@ def test_unknown_precision_and_method_are_usage_errors(tiny_models, tmp_path, cl
 def test_int4_build_is_matmulnbits_smaller_and_verified(tiny_models, tmp_path, cli_runner):
     fp32, int4 = tmp_path / "fp32", tmp_path / "int4"
     model = tiny_models("llama")
-    assert cli_runner.invoke(cli, ["compile", str(model), "-o", str(fp32), "-q"]).exit_code == 0
+    fp32_compile = ["compile", str(model), "-o", str(fp32), "-q", "--quantize", "none"]
+    assert cli_runner.invoke(cli, fp32_compile).exit_code == 0
     result = cli_runner.invoke(
         cli, ["compile", str(model), "-o", str(int4), "--quantize", "int4", "--json"]
     )
@@ -232,9 +233,12 @@ def test_keep_fp_keeps_the_most_sensitive_layer_in_fp32(tiny_models, tmp_path, c
     assert len(sensitivity) == 3 and all(isinstance(row, dict) for row in sensitivity)
     assert _ops(out / "model.onnx").count(("com.microsoft", "MatMulNBits")) < 15
     refused = cli_runner.invoke(
-        cli, ["compile", str(tiny_models("llama")), "--keep-fp", "1", "-o", str(tmp_path / "x")]
-    )
-    assert refused.exit_code == 2 and "--keep-fp needs --quantize" in refused.stderr
+        cli, [
+            "compile", str(tiny_models("llama")), "--quantize", "none", "--keep-fp", "1",
+            "-o", str(tmp_path / "x"),
+        ],
+    )  # fmt: skip
+    assert refused.exit_code == 2 and "--keep-fp needs a quantized build" in refused.stderr
 
 
 def test_int4_awq_compiles_calibrated_and_verified(tiny_models, tmp_path, cli_runner):

@@ -91,13 +91,13 @@ _PACK_FORMAT = "pack-quantized"
 
 def check_quantize(asked: str | None) -> None:
     """Refuse, before any work, a `--quantize` value whose build this lowering cannot write."""
-    if not asked or asked.lower() in ("fp32", "fp32-none", *SUPPORTED_QUANTIZE):
+    if not asked or asked.lower() in ("none", "fp32", "fp32-none", *SUPPORTED_QUANTIZE):
         return
     raise UsageError(
         f"--emit hf-checkpoint cannot write a --quantize {asked} build: serving engines load "
         "no checkpoint format with its numerics",
         f"use --quantize {' or '.join(SUPPORTED_QUANTIZE)} (compressed-tensors pack-quantized), "
-        "or no --quantize for a full-precision checkpoint",
+        "or --quantize none for a full-precision checkpoint",
     )
 
 
@@ -350,7 +350,7 @@ def _int4_of(value: ir.Value) -> _Int4 | None:
                 f"{node.op_type}): serving engines load no checkpoint format with dynamic int8's "
                 "per-tensor run-time activations",
                 f"use --quantize {' or '.join(SUPPORTED_QUANTIZE)} (compressed-tensors "
-                "pack-quantized), or no --quantize for a full-precision checkpoint",
+                "pack-quantized), or --quantize none for a full-precision checkpoint",
             )
     ops = ", ".join(sorted({node.op_type for node, _ in readers})) or "nothing"
     raise CompileError(

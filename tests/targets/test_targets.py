@@ -79,7 +79,10 @@ def test_every_bundled_target_is_listed_and_loads() -> None:
         assert target.sources, f"{target.name} cites no sources"
         assert target.display_name and target.vendor
         assert target.memory_bandwidth_gbs > 0
-        assert set(target.default_recipe) == {"weights", "activations", "kv_cache"}
+        assert {"weights", "activations", "kv_cache"} <= set(target.default_recipe)
+        assert set(target.default_recipe) - {"weights", "activations", "kv_cache"} <= {
+            "encoder_weights"
+        }
         for value in target.default_recipe.values():
             assert target.supports(value.split("-")[0]), (target.name, value)
         assert set(target.peak_tflops) <= target.precisions
@@ -122,8 +125,19 @@ def test_default_backends_and_recipes() -> None:
         "activations": "fp8",
         "kv_cache": "fp8",
     }
-    assert load_target("cpu").default_recipe["weights"] == "fp32"
-    assert load_target("a100").default_recipe["weights"] in {"int8", "int4-awq"}
+
+
+def test_default_quantize_follows_each_targets_plan() -> None:
+    """The issue's plan: cpu int4-awq (int8 for encoders); Ampere/Turing int8 or int4-awq;
+    FP8-capable GPUs fp8."""
+    from fdec.compile import default_quantize
+
+    assert default_quantize(load_target("cpu"), "decoder") == "int4-awq"
+    assert default_quantize(load_target("cpu"), "encoder") == "int8"
+    for name in ("a100", "a10g", "t4"):
+        assert default_quantize(load_target(name), "decoder") in {"int8", "int4-awq"}
+    for name in ("h100", "h200", "l4", "l40s", "rtx4090", "b200", "rtx5090"):
+        assert default_quantize(load_target(name), "decoder") == "fp8", name
 
 
 # Derived precisions ---------------------------------------------------------------------------
