@@ -13,7 +13,7 @@ import numpy as np
 from fdec.errors import InputError
 from fdec.lower import MODEL_FILE, RUNTIME_CONFIG
 from fdec.runtime import OrtModel, Sampling, generate, open_session
-from fdec.runtime.session import OPT_LEVELS
+from fdec.runtime.session import KV_BUFFERS, OPT_LEVELS
 
 __all__ = ["LoadedBuild", "load_build", "run_prompt"]
 
@@ -62,7 +62,10 @@ def load_build(folder: pathlib.Path) -> LoadedBuild:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    return LoadedBuild(folder, config, OrtModel(session), tokenizer)
+    # How the build takes its KV cache ("shared": one buffer bound as past and present).
+    kv_buffer = (config.get("kv_cache") or {}).get("buffer")
+    model = OrtModel(session, kv_buffer=kv_buffer if kv_buffer in KV_BUFFERS else None)
+    return LoadedBuild(folder, config, model, tokenizer)
 
 
 def run_prompt(

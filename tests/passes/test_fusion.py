@@ -1,0 +1,177 @@
+"""Tests of fuse-attention: tiny real exports fused into ONNX Runtime ops, checked against the unfused graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from exported import export_tiny, op_counts, run_pass
+
+from fdec.calibrate import calibration_batches, load_calibration_texts
+from fdec.compile import plan_pipeline
+from fdec.errors import UsageError
+from fdec.ir import FdecModel
+from fdec.passes import make_pass
+from fdec.passes.fusion import FuseAttentionPass
+from fdec.runtime import generate, session_for_model
+from fdec.targets import load_target
+
+_MS = "com.microsoft"
+_GQA_FAMILIES = ("llama", "qwen2", "mistral")
+_PROMPT = [5, 17, 99, 3, 250, 7, 8, 41, 120, 64, 2, 300]
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_models, tmp_path_factory):
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            made[family] = export_tiny(tiny_models, tmp_path_factory, family)
+        return made[family]
+
+    return get
+
+
+def _logits(model: FdecModel) -> np.ndarray:
+    session = session_for_model(model)
+    logits, _ = session.decode(np.asarray([_PROMPT]), session.empty_past(1), 0)
+    return logits
+
+
+def _assert_within_quantization_noise(got, want, fp32) -> None:
+    moved = np.abs(got - want).max()
+    assert moved < 0.1 * np.abs(want - fp32).max(), moved
+    assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.9
+
+
+def _io(model: FdecModel) -> tuple[list[str], list[str]]:
+    return [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
+
+
+@pytest.mark.parametrize("family", _GQA_FAMILIES)
+def test_llama_style_attention_fuses_to_group_query_attention_and_stays_exact(exports, family):
+    tiny = exports(family)
+    plain = tiny.cleaned()
+    fused, record = run_pass(FuseAttentionPass(), tiny.cleaned())  # checker + ModelSpec check
+    layers = tiny.spec.num_layers
+    ops = op_counts(fused)
+    assert ops[(_MS, "GroupQueryAttention")] == layers
+    assert ops[(_MS, "SkipSimplifiedLayerNormalization")] == 2 * layers
+    assert ops[("", "Softmax")] == 0 and ops[("", "Concat")] == 0  # traced attention is gone
+    stats = record.stats
+    assert stats["attention"] == "GroupQueryAttention" and "not_fused" not in stats
+    assert stats["fused_ops"]["GroupQueryAttention"] == layers
+    assert stats["nodes_after"] * 4 < stats["nodes_before"] == sum(op_counts(plain).values())
+    assert stats["kv_shared_buffer_layers"] == layers
+    assert _io(fused) == _io(plain)
+    # The weights roles point at are still the MatMul weights, same values, same names.
+    for role, name in tiny.spec.weights.items():
+        assert fused.spec.weights[role] == name
+        np.testing.assert_array_equal(
+            fused.graph.initializers[name].const_value.numpy(),
+            plain.graph.initializers[name].const_value.numpy(),
+        )
+    np.testing.assert_allclose(_logits(fused), _logits(plain), atol=1e-4, rtol=0)
+
+
+def test_fused_greedy_tokens_match_unfused_for_64_steps(exports):
+    tiny = exports("llama")
+    plain = session_for_model(tiny.cleaned())
+    fused = session_for_model(run_pass(FuseAttentionPass(), tiny.cleaned())[0])
+    want = generate(plain, _PROMPT, max_new_tokens=64, bound=False).tokens
+    got = generate(fused, _PROMPT, max_new_tokens=64, bound=False).tokens
+    assert len(want) == 64 and got == want
+    # Against PyTorch as well: the compile gate's own greedy check.
+    assert tiny.reference.compare_greedy(fused)["identical"]
+
+
+def test_gpt2_attention_fuses_to_multi_head_attention(exports):
+    tiny = exports("gpt2")
+    plain = tiny.cleaned()
+    fused, record = run_pass(FuseAttentionPass(), tiny.cleaned())
+    ops = op_counts(fused)
+    assert ops[(_MS, "MultiHeadAttention")] == tiny.spec.num_layers
+    assert ops[("", "Gemm")] == 0  # Conv1D Gemms became 3-D MatMuls the MHA rule cannot break
+    assert record.stats["attention"] == "MultiHeadAttention"
+    # MultiHeadAttention concatenates its cache: no shared buffer, and the stats say so.
+    assert record.stats["kv_shared_buffer_layers"] == 0
+    assert _io(fused) == _io(plain)
+    np.testing.assert_allclose(_logits(fused), _logits(plain), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("order", ["fuse-last", "fuse-first"])
+def test_int4_and_fusion_build_and_run_in_either_order(exports, order):
+    tiny = exports("llama")
+    quantize = [make_pass("quantize-int4"), make_pass("quantize-embedding", bits=8)]
+    unfused = tiny.cleaned()
+    for pass_ in quantize:
+        unfused, _ = run_pass(pass_, unfused)
+    steps = [*quantize, FuseAttentionPass()]
+    if order == "fuse-first":
+        steps = [FuseAttentionPass(), *quantize]
+    model = tiny.cleaned()
+    for pass_ in steps:
+        model, _ = run_pass(pass_, model)
+    ops = op_counts(model)
+    assert ops[(_MS, "GroupQueryAttention")] == tiny.spec.num_layers
+    assert ops[(_MS, "MatMulNBits")] == op_counts(unfused)[(_MS, "MatMulNBits")] > 0
+    # On top of int4, fusion moves logits by float rounding that MatMulNBits' int8 activation
+    # quantization (accuracy_level 4) amplifies: far below what int4 itself moves them.
+    _assert_within_quantization_noise(_logits(model), _logits(unfused), _logits(tiny.cleaned()))
+    session = session_for_model(model)
+    assert len(generate(session, _PROMPT, max_new_tokens=16).tokens) == 16
+
+
+def test_awq_folded_norm_scales_survive_fusion(exports):
+    tiny = exports("llama")
+    batches = tuple(
+        calibration_batches(
+            load_calibration_texts(), tiny.tokenizer, tiny.spec.vocab_size, seq_len=64,
+            max_samples=4,
+        )
+    )  # fmt: skip
+    awq, record = run_pass(make_pass("quantize-int4-awq", batches=batches), tiny.cleaned())
+    assert record.stats["scales_folded"] > 0  # 1/s went into RMSNorm weights
+    want = _logits(awq)
+    fused, _ = run_pass(FuseAttentionPass(), awq)
+    ops = op_counts(fused)
+    assert ops[(_MS, "GroupQueryAttention")] == tiny.spec.num_layers
+    assert ops[(_MS, "SkipSimplifiedLayerNormalization")] == 2 * tiny.spec.num_layers
+    _assert_within_quantization_noise(_logits(fused), want, _logits(tiny.cleaned()))
+
+
+def test_fusion_is_refused_for_tensorrt_and_planned_last_for_onnxruntime():
+    with pytest.raises(UsageError, match=r"com\.microsoft") as caught:
+        FuseAttentionPass(backend="tensorrt").check_target(None)
+    assert "--passes" in caught.value.fix
+    gpu = load_target("h100")
+    with pytest.raises(UsageError, match="tensorrt backend"):
+        plan_pipeline(target=gpu, backend="tensorrt", passes="default,fuse-attention")
+    assert "fuse-attention" not in plan_pipeline(target=gpu, backend="tensorrt").pass_names
+    cpu = load_target("cpu")
+    for quantize in (None, "int4", "int4-awq"):
+        names = plan_pipeline(target=cpu, backend="onnxruntime", quantize=quantize).pass_names
+        assert names[-1] == "fuse-attention", (quantize, names)
+    assert (
+        "fuse-attention"
+        not in plan_pipeline(target=cpu, backend="onnxruntime", quantize="int8").pass_names
+    )
+    # An explicit --passes list is the user's: no fusion added, and the pass keeps its place.
+    assert plan_pipeline(target=cpu, backend="onnxruntime", passes="default").pass_names[-1] != (
+        "fuse-attention"
+    )
+    names = plan_pipeline(
+        target=cpu, backend="onnxruntime", passes="fuse-attention", quantize="int4"
+    ).pass_names
+    assert names[0] == "fuse-attention"
+
+
+def test_encoders_are_left_alone_and_say_so(exports, tiny_models, tmp_path_factory):
+    from fdec.frontend.export import import_model
+    from fdec.frontend.source import resolve_source
+
+    model = import_model(resolve_source(str(tiny_models("bert")))).fdec_model
+    nodes = sum(op_counts(model).values())
+    result = FuseAttentionPass()(model)
+    assert not result.modified and "encoder" in result.stats["not_fused"]
+    assert sum(op_counts(result.model).values()) == nodes
