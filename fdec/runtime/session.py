@@ -210,9 +210,11 @@ class BoundDecoder:
         self._output_index: dict[str, int] = {}
         if model.shares_kv_buffer:
             shape = (batch, model.kv_heads, max_length, model.head_dim)
-            zeros = np.zeros(shape, dtype=model.kv_dtype)
+            # One array each: on the CPU an OrtValue wraps the numpy memory it is given.
             self._past = [
-                ort.OrtValue.ortvalue_from_numpy(zeros, self._device, 0)
+                ort.OrtValue.ortvalue_from_numpy(
+                    np.zeros(shape, dtype=model.kv_dtype), self._device, 0
+                )
                 for _ in range(2 * model.num_layers)
             ]
         else:
