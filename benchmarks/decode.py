@@ -55,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--fusion", action="store_true", help="plain traced vs fused + shared-KV builds (issue 5)"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.fusion:
+        return _fusion_comparison(args)
 
     import torch
     import transformers
@@ -140,6 +145,127 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fdec / PyTorch eager decode speed: {ratio:.2f}x")
     print(f"providers used by the fdec build: {', '.join(rows['fdec_build']['providers'])}")
     return 0
+
+
+# --- issue 5: plain traced build vs fused + shared-KV-buffer build -------------------------------
+
+
+def _fusion_comparison(args) -> int:
+    """fp32 and int4, each plain (cleanup passes, numpy KV loop) and fused (fuse-attention,
+    shared KV buffer through IOBinding), plus onnxruntime-genai's int4 build when installed:
+    node counts and decode tok/s, rounds interleaved, medians and ratios."""
+    import onnx
+
+    from fdec.compile import CompileOptions, compile_model
+    from fdec.frontend.export import load_tokenizer
+    from fdec.frontend.source import resolve_source
+    from fdec.lower import MODEL_FILE
+    from fdec.runtime import OrtModel, generate, open_session
+    from fdec.verify import held_text
+
+    source = resolve_source(args.model)
+    tokenizer = load_tokenizer(source.folder)
+    text_ids = tokenizer(held_text(), add_special_tokens=False)["input_ids"]
+    prompt = (text_ids * 4)[: args.prompt_tokens]
+    root = pathlib.Path("build")
+    rows: dict[str, dict] = {}
+    runners = {}
+    for precision in ("fp32", "int4"):
+        for variant, passes in (("plain", "default"), ("fused", None)):
+            folder = root / f"smollm2-{precision}-{variant}"
+            if not (folder / MODEL_FILE).exists():
+                print(f"compiling {folder} ...", file=sys.stderr)
+                compile_model(
+                    CompileOptions(model=args.model, out=folder, quantize=precision, passes=passes)
+                )
+            graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph
+            session = OrtModel(open_session(folder / MODEL_FILE, threads=args.threads))
+            bound = variant == "fused"
+            name = f"{precision} {variant}"
+            rows[name] = {
+                "nodes": len(graph.node),
+                "mb": _size_mb(folder),
+                "kv_buffer": session.kv_buffer if bound else "numpy loop",
+            }
+            runners[name] = lambda n, s=session, b=bound: generate(
+                s, prompt, max_new_tokens=n, bound=b
+            ).decode_tokens_per_s
+    genai = _genai_runner(root / "genai-int4", source.folder, prompt, args.threads)
+    if genai is not None:
+        runners["genai int4"] = genai
+        peer = root / "genai-int4"
+        rows["genai int4"] = {
+            "nodes": len(onnx.load(str(peer / "model.onnx"), load_external_data=False).graph.node),
+            "mb": sum(p.stat().st_size for p in peer.glob("model.onnx*")) / 1e6,
+            "kv_buffer": "genai native",
+        }
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for run in runners.values():
+        run(4)  # warm-up
+    for _ in range(args.rounds):
+        for name, run in runners.items():
+            rates[name].append(run(args.new_tokens))
+    for name, row in rows.items():
+        row["decode_tok_s"] = statistics.median(rates[name])
+        row["rounds"] = rates[name]
+    print(
+        f"{args.model}: {len(prompt)}-token prompt, {args.new_tokens} greedy tokens, "
+        f"{args.threads} threads, median of {args.rounds} interleaved rounds"
+    )
+    print(f"{'variant':<12} {'nodes':>7} {'MB':>7} {'decode tok/s':>13}  KV cache")
+    for name, row in rows.items():
+        print(
+            f"{name:<12} {row['nodes']:>7} {row['mb']:>7.1f} {row['decode_tok_s']:>13.1f}  "
+            f"{row['kv_buffer']}"
+        )
+    for precision in ("fp32", "int4"):
+        plain, fused = rows[f"{precision} plain"], rows[f"{precision} fused"]
+        print(
+            f"{precision}: nodes {plain['nodes'] / fused['nodes']:.1f}x fewer, decode "
+            f"{fused['decode_tok_s'] / plain['decode_tok_s']:.2f}x faster (fused / plain)"
+        )
+    if genai is not None:
+        ratio = rows["int4 fused"]["decode_tok_s"] / rows["genai int4"]["decode_tok_s"]
+        print(f"int4 fused / onnxruntime-genai int4 decode: {ratio:.2f}x (goal 1.25x)")
+    else:
+        print("onnxruntime-genai not installed: its int4 peer was skipped")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+def _genai_runner(folder: pathlib.Path, hf_folder: pathlib.Path, prompt: list[int], threads: int):
+    """onnxruntime-genai's own int4 build and native generator, or None when not installed."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return None
+    import subprocess
+
+    if not (folder / "model.onnx").exists():
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder)]
+        command += ["-o", str(folder), "-p", "int4", "-e", "cpu", "-c", str(folder) + "-cache"]
+        subprocess.run(command, check=True, capture_output=True)
+    config = og.Config(str(folder))
+    config.clear_providers()
+    model = og.Model(config)
+
+    def run(new_tokens: int) -> float:
+        params = og.GeneratorParams(model)
+        params.set_search_options(
+            max_length=len(prompt) + new_tokens, do_sample=False, min_length=len(prompt) + new_tokens
+        )
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt)  # prefill, first token
+        generator.generate_next_token()
+        start = time.perf_counter()
+        steps = 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            steps += 1
+        return steps / (time.perf_counter() - start)
+
+    return run
 
 
 if __name__ == "__main__":
