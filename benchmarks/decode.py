@@ -2,6 +2,10 @@
 
     python benchmarks/decode.py                      # SmolLM2-135M, compiles build/smollm2 if missing
     python benchmarks/decode.py --model DIR --build build/x --rounds 5
+    python benchmarks/decode.py --build build/fp32=none --build build/int4=int4-awq-mixed
+
+Each `--build DIR[=RECIPE]` is one row; a missing DIR is compiled first with
+`--quantize RECIPE` (without one: the target's default recipe, int4-awq on the CPU).
 
 Both sides use the same prompt, thread count and greedy decoding; rounds are interleaved and
 medians reported. Decode tok/s excludes the prefill: PyTorch's is (N-1) / (t(N) - t(1)) from
@@ -49,7 +53,9 @@ def _size_mb(folder: pathlib.Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--build", type=pathlib.Path, default=pathlib.Path("build/smollm2"))
+    parser.add_argument(
+        "--build", action="append", help="DIR[=RECIPE], repeatable (default: build/smollm2)"
+    )
     parser.add_argument("--prompt-tokens", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
@@ -76,32 +82,40 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
-    if not (args.build / "model.onnx").exists():
-        print(f"compiling {args.model} into {args.build} ...", file=sys.stderr)
-        compile_model(CompileOptions(model=args.model, out=args.build))
+    builds: dict[str, tuple[pathlib.Path, str | None]] = {}
+    for given in args.build or ["build/smollm2"]:
+        folder, _, recipe = given.partition("=")
+        builds[folder] = (pathlib.Path(folder), recipe or None)
+    sessions = {}
+    for name, (folder, recipe) in builds.items():
+        if not (folder / "model.onnx").exists():
+            print(f"compiling {args.model} into {folder} ({recipe}) ...", file=sys.stderr)
+            compile_model(CompileOptions(model=args.model, out=folder, quantize=recipe))
+        runtime = json.loads((folder / RUNTIME_CONFIG).read_text())
+        level = runtime["session_options"]["graph_optimization_level"]  # basic for Q/DQ
+        sessions[name] = OrtModel(
+            open_session(folder / MODEL_FILE, threads=args.threads, optimization=level)
+        )
     source = resolve_source(args.model)
     model = load_hf_model(source)
     tokenizer = load_tokenizer(source.folder)
-    runtime = json.loads((args.build / RUNTIME_CONFIG).read_text())
-    level = runtime["session_options"]["graph_optimization_level"]  # basic for Q/DQ builds
-    session = OrtModel(
-        open_session(args.build / MODEL_FILE, threads=args.threads, optimization=level)
-    )
 
     text_ids = tokenizer(held_text(), add_special_tokens=False)["input_ids"]
     prompt = (text_ids * 4)[: args.prompt_tokens]
     ids = torch.tensor([prompt])
-    torch_rates, fdec_rates = [], []
-    _fdec_decode(session, prompt, 4)  # warm-up both
-    _pytorch_decode(model, ids, 4)
+    torch_rates: list[float] = []
+    fdec_rates: dict[str, list[float]] = {name: [] for name in sessions}
+    _pytorch_decode(model, ids, 4)  # warm-up every side
+    for session in sessions.values():
+        _fdec_decode(session, prompt, 4)
     for _ in range(args.rounds):
         torch_rates.append(_pytorch_decode(model, ids, args.new_tokens))
-        fdec_rates.append(_fdec_decode(session, prompt, args.new_tokens))
+        for name, session in sessions.items():
+            fdec_rates[name].append(_fdec_decode(session, prompt, args.new_tokens))
 
     scored = np.asarray([text_ids], dtype=np.int64)
     with torch.no_grad():
         torch_logits = model(torch.from_numpy(scored)).logits.numpy()
-    fdec_logits, _ = session.decode(scored, session.empty_past(1), 0)
     torch_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
     rows = {
         "pytorch_eager": {
@@ -109,17 +123,20 @@ def main(argv: list[str] | None = None) -> int:
             "perplexity": perplexity(torch_logits, scored),
             "mb": torch_mb,
         },
-        "fdec_build": {
-            "decode_tok_s": statistics.median(fdec_rates),
-            "perplexity": perplexity(fdec_logits, scored),
-            "mb": _size_mb(args.build),
-            "providers": session.providers,
-        },
     }
-    ratio = rows["fdec_build"]["decode_tok_s"] / rows["pytorch_eager"]["decode_tok_s"]
+    for name, session in sessions.items():
+        fdec_logits, _ = session.decode(scored, session.empty_past(1), 0)
+        rows[name] = {
+            "decode_tok_s": statistics.median(fdec_rates[name]),
+            "perplexity": perplexity(fdec_logits, scored),
+            "mb": _size_mb(builds[name][0]),
+            "providers": session.providers,
+        }
+    first = next(iter(sessions))
+    ratio = rows[first]["decode_tok_s"] / rows["pytorch_eager"]["decode_tok_s"]
     result = {
         "model": args.model,
-        "build": str(args.build),
+        "build": list(sessions),
         "threads": args.threads,
         "prompt_tokens": len(prompt),
         "new_tokens": args.new_tokens,
@@ -137,13 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.model}: {len(prompt)}-token prompt, {args.new_tokens} greedy tokens, "
         f"{args.threads} threads, median of {args.rounds} interleaved rounds"
     )
-    print(f"{'variant':<16} {'MB':>8} {'decode tok/s':>13} {'perplexity':>11}")
+    print(f"{'variant':<24} {'MB':>8} {'decode tok/s':>13} {'perplexity':>11} {'vs eager':>9}")
+    eager = rows["pytorch_eager"]["decode_tok_s"]
     for name, row in rows.items():
         print(
-            f"{name:<16} {row['mb']:>8.1f} {row['decode_tok_s']:>13.1f} {row['perplexity']:>11.3f}"
+            f"{name:<24} {row['mb']:>8.1f} {row['decode_tok_s']:>13.1f} "
+            f"{row['perplexity']:>11.3f} {row['decode_tok_s'] / eager:>8.2f}x"
         )
-    print(f"fdec / PyTorch eager decode speed: {ratio:.2f}x")
-    print(f"providers used by the fdec build: {', '.join(rows['fdec_build']['providers'])}")
+    print(f"providers used by the fdec builds: {', '.join(rows[first]['providers'])}")
     return 0
 
 

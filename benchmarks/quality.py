@@ -27,7 +27,10 @@ def _weights_bytes(folder: pathlib.Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--recipes", default="none,int8-dynamic,int8-smoothquant,fp8,int4")
+    parser.add_argument(
+        "--recipes",
+        default="none,int8-dynamic,int8-smoothquant,fp8,int4-rtn,int4-awq,int4-awq-mixed",
+    )
     parser.add_argument(
         "--target", default=None, help="default: cpu for cpu-only recipes, h100 for fp8/static"
     )
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             "perplexity": figures["perplexity_build"], "top1": figures["top1_agreement"],
             "kl": figures["kl_divergence"], "max_abs_error": figures["max_abs_error"],
             "passes": [r.name for r in records],
+            "kept": next((r.stats.get("kept") for r in records if r.name == "quantize-mixed"), None),
         })  # fmt: skip
         print(f"{recipe}: done in {seconds:.0f} s", file=sys.stderr)
 
@@ -102,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['recipe']:<18} {r['target']:<6} {r['bytes'] / 1e6:>7.1f} {r['size_vs_fp32']:>8.2f}x "
             f"{r['perplexity']:>8.2f} {r['ppl_increase']:>+7.1%} {r['top1']:>6.3f} {r['kl']:>7.4f}"
         )
+    for r in rows:
+        if r["kept"]:
+            print(f"{r['recipe']}: most sensitive, kept in higher precision: {', '.join(r['kept'])}")
     return 0
 
 

@@ -389,6 +389,7 @@ def _quantize_passes(
             quantizer_options=int4_options,
             keep_fp=INT4_MIXED_KEEP if keep_fp is None else keep_fp,
             keep_bits=8 if method == "awq-mixed" else None,
+            sensitivity_method="int4" if method == "awq-mixed" else None,
         )
     elif keep_fp is not None:
         weights = fdec_passes.make_pass("quantize-mixed", method="int8", keep_fp=keep_fp)

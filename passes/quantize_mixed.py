@@ -210,6 +210,10 @@ class QuantizeMixedPass(Pass):
     max_ppl_increase: float | None = dataclasses.field(default=None, kw_only=True)
     granularity: str = dataclasses.field(default="layer", kw_only=True)
     keep_bits: int | None = dataclasses.field(default=None, kw_only=True)
+    # The quantizer each unit's sensitivity is measured with (a `method` name); None: `method`.
+    # "int4" ranks by plain RTN, which costs one rounding per unit where AWQ costs a
+    # calibration run and a search per unit.
+    sensitivity_method: str | None = dataclasses.field(default=None, kw_only=True)
     batches: Sequence[np.ndarray] | None = dataclasses.field(default=None, kw_only=True)
     max_batches: int = dataclasses.field(default=4, kw_only=True)
     max_tokens: int = dataclasses.field(default=128, kw_only=True)
@@ -396,9 +400,18 @@ class QuantizeMixedPass(Pass):
         reference = _Reference.of(model, batches)
         evaluations = 1
         sensitivity: list[dict[str, Any]] = []
+        measurer = quantizer
+        if self.sensitivity_method is not None:
+            from fdec.passes import make_pass
+
+            name = _METHODS.get(self.sensitivity_method, self.sensitivity_method)
+            options = dict(self.quantizer_options)
+            if name == "quantize-int4":
+                options = {k: v for k, v in options.items() if k not in _CALIBRATION_OPTIONS}
+            measurer = make_pass(name, **options)
         for unit in units:
             trial = _copy(model)
-            self._quantize_only(trial, quantizer, units, {unit.name})
+            self._quantize_only(trial, measurer, units, {unit.name})
             figures = reference.score(trial)
             evaluations += 1
             logger.info("sensitivity of %s: %s", unit.name, figures)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import onnx
@@ -63,16 +64,19 @@ def test_int4_build_is_matmulnbits_smaller_and_verified(tiny_models, tmp_path, c
     ops = _ops(int4 / "model.onnx")
     assert ops.count(("com.microsoft", "MatMulNBits")) == 15  # 14 layer matmuls + lm_head
     report = json.loads((int4 / "report.json").read_text())
-    assert [p["name"] for p in report["passes"]][-3:] == [
-        "untie-embeddings", "quantize-int4", "quantize-embedding",
-    ]  # fmt: skip
+    # The tied table stays tied: the lm_head's MatMulNBits and the embedding's
+    # GatherBlockQuantized read one packed int4 table (quantize-embedding has nothing left).
+    names = [p["name"] for p in report["passes"]]
+    assert names[names.index("quantize-int4") + 1] == "quantize-embedding"
+    assert "untie-embeddings" not in names
+    assert ops.count(("com.microsoft", "GatherBlockQuantized")) == 1
     verification = report["verification"]
     assert verification["ok"] is True
     assert verification["tolerance"]["greedy_identical"] is False
     assert verification["tolerance"]["max_perplexity_increase"] == 1.0
     numeric = verification["numeric"]
     assert numeric["perplexity_build"] <= 2.0 * numeric["perplexity_source"]
-    stats = report["passes"][-2]["stats"]
+    stats = report["passes"][names.index("quantize-int4")]["stats"]
     assert stats["bytes_after"] * 6 < stats["bytes_before"]  # 4-bit codes + one scale per 32
     size = lambda d: sum(p.stat().st_size for p in d.glob("model.onnx*"))  # noqa: E731
     assert size(int4) < size(fp32) - (stats["bytes_before"] - stats["bytes_after"]) // 2
@@ -252,4 +256,32 @@ def test_int4_awq_compiles_calibrated_and_verified(tiny_models, tmp_path, cli_ru
     awq = next(p for p in report["passes"] if p["name"] == "quantize-int4-awq")
     assert awq["stats"]["groups_searched"] > 0 and awq["stats"]["mean_error_reduction"] > 0
     assert _ops(out / "model.onnx").count(("com.microsoft", "MatMulNBits")) == 15
+    assert report["verification"]["ok"] is True
+
+
+def test_int4_awq_mixed_keeps_the_most_sensitive_layers_in_8_bits(
+    tiny_models, tmp_path, cli_runner
+):
+    out = tmp_path / "awq-mixed"
+    result = cli_runner.invoke(cli, [
+        "compile", str(tiny_models("llama")), "--quantize", "int4-awq-mixed", "--keep-fp", "1",
+        "-o", str(out), "--json",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    mixed = next(p for p in report["passes"] if p["name"] == "quantize-mixed")
+    stats = mixed["stats"]
+    assert (
+        stats["quantizer"] == "quantize-int4-awq" and stats["kept_precision"] == "int8 weight-only"
+    )
+    assert stats["kept"] == [stats["sensitivity"][0]["unit"]] and stats["kept_fp32"] == []
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    bits = collections.Counter(
+        next(a.i for a in node.attribute if a.name == "bits")
+        for node in model.graph.node
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    )
+    # 16 readers: 14 layer MatMulNBits, the lm_head's and the embedding's of the tied table.
+    kept = 2 if stats["kept"] == ["lm_head"] else 7
+    assert bits[8] == kept and bits[4] == 16 - kept
     assert report["verification"]["ok"] is True
