@@ -34,6 +34,7 @@ from fdec.pipeline import (
 )
 from fdec.plan import check_capacity
 from fdec.report import REPORT_FILE, SCHEMA_VERSION, environment
+from fdec.report.html import HTML_FILE, render_html
 from fdec.report.roofline import estimate
 from fdec.runtime import OrtModel, open_session, session_for_model
 from fdec.targets import Precision, load_target
@@ -270,6 +271,7 @@ def compile_model(
             "wall_s": round(time.perf_counter() - started, 2),
         }
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        (staging / HTML_FILE).write_text(render_html(report))  # hashed in the manifest below
         manifest = write_manifest(
             staging,
             {
