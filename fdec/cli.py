@@ -262,15 +262,63 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
 @cli.command("report")
 @click.argument("build", type=click.Path(path_type=pathlib.Path))
 @click.option("--json", "as_json", is_flag=True, help="Print report.json.")
-def report_command(build: pathlib.Path, as_json: bool) -> None:
-    """Print a build's pass table and verification results."""
-    from fdec.report import load_report, render_report
+@click.option("--html", "html", is_flag=True, help="Print the path of the build's report.html.")
+@click.option(
+    "--html-out",
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    help="Write report.html, rendered again from report.json, to this file.",
+)
+def report_command(build: pathlib.Path, as_json: bool, html: bool,
+                   html_out: pathlib.Path | None) -> None:  # fmt: skip
+    """Print a build's pass table and verification results (colored on a terminal)."""
+    from fdec.errors import InputError
+    from fdec.report import render_report
+    from fdec.report.diff import load_build
+    from fdec.report.html import HTML_FILE, render_html
 
     try:
-        report = load_report(build)
+        report = load_build(build)
+        if html_out:
+            try:
+                html_out.write_text(render_html(report))
+            except OSError as err:
+                raise InputError(f"cannot write {html_out}: {err.strerror or err}",
+                                 "give --html-out a file you can write") from None  # fmt: skip
+            click.echo(str(html_out))
+            return
+        if html:
+            page = build / HTML_FILE
+            if not page.is_file():
+                raise InputError(f"{build} has no {HTML_FILE} (built by an older fdec)",
+                                 f"render one: fdec report {build} --html-out report.html")  # fmt: skip
+            click.echo(str(page))
+            return
     except FdecError as err:
         _fail(err, as_json)
-    click.echo(json.dumps(report, indent=2) if as_json else render_report(report))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(render_report(report, style=sys.stdout.isatty()))
+
+
+@cli.command("diff")
+@click.argument("build_a", type=click.Path(path_type=pathlib.Path))
+@click.argument("build_b", type=click.Path(path_type=pathlib.Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the differences as one JSON object.")
+def diff_command(build_a: pathlib.Path, build_b: pathlib.Path, as_json: bool) -> None:
+    """What changed from BUILD_A to BUILD_B: pipeline, options, versions, per-pass figures,
+    size and accuracy deltas. Exits 0 whenever both are builds (a diff is information)."""
+    from fdec.report import _paint
+    from fdec.report.diff import diff_builds, render_diff
+
+    try:
+        diff = diff_builds(build_a, build_b)
+    except FdecError as err:
+        _fail(err, as_json)
+    if as_json:
+        click.echo(json.dumps(diff, indent=2, sort_keys=True))
+    else:
+        click.echo(render_diff(diff, style=_paint if sys.stdout.isatty() else None))
 
 
 @cli.command("build-engine")

@@ -68,8 +68,27 @@ def _stats_text(stats: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def render_report(report: dict[str, Any]) -> str:
-    """The report as a plain-text table (passes, then verification)."""
+def _paint(text: str, kind: str) -> str:
+    """Terminal styling (click): bold headings, green for ok, red for failures, yellow warnings."""
+    import click
+
+    styles = {"head": {"bold": True}, "ok": {"fg": "green", "bold": True},
+              "bad": {"fg": "red", "bold": True}, "warn": {"fg": "yellow"},
+              "add": {"fg": "green"}, "del": {"fg": "red"}}  # fmt: skip
+    return click.style(text, **styles[kind]) if kind in styles else text
+
+
+def _checks_text(checks: dict[str, Any]) -> str:
+    marks = []
+    for name, result in checks.items():
+        ok = not (isinstance(result, dict) and result.get("ok") is False)
+        marks.append(f"{name} {'ok' if ok else 'FAIL'}")
+    return ", ".join(marks) or "-"
+
+
+def render_report(report: dict[str, Any], *, style: bool = False) -> str:
+    """The report as a text table (passes, then verification); `style` adds terminal colors."""
+    paint = _paint if style else (lambda text, kind: text)
     source = report.get("source", {})
     target = report.get("target", {})
     lines = [
@@ -77,7 +96,7 @@ def render_report(report: dict[str, Any]) -> str:
         f"for {target.get('name')}",
         "",
     ]
-    header = ("#", "pass", "mod", "nodes", "params", "bytes", "time", "stats")
+    header = ("#", "pass", "mod", "nodes", "params", "bytes", "time", "checks", "stats")
     rows = [header]
     for record in report.get("passes", []):
         before, after = record.get("before") or {}, record.get("after") or {}
@@ -90,18 +109,26 @@ def render_report(report: dict[str, Any]) -> str:
                 f"{after.get('parameters', 0):,}",
                 _human_bytes(after.get("bytes", 0)),
                 f"{record.get('wall_s', 0):.2f}s",
+                _checks_text(record.get("checks") or {}),
                 _stats_text(record.get("stats", {})),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    for row in rows:
+    for number, row in enumerate(rows):
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
+        if number == 0:
+            cells = [paint(cell, "head") for cell in cells]
+        else:  # padded first, so color codes do not shift the columns
+            checks = cells[-1]
+            cells[-1] = paint(checks, "bad" if "FAIL" in checks else "ok")
+        lines.append(
+            "  ".join([*cells, paint(row[-1], "head") if number == 0 else row[-1]]).rstrip()
+        )
     verification = report.get("verification") or {}
     if verification:
         lines.append("")
         numeric = verification.get("numeric", {})
-        status = "PASS" if verification.get("ok") else "FAIL"
+        status = paint("PASS", "ok") if verification.get("ok") else paint("FAIL", "bad")
         lines.append(
             f"verification {status}: max abs error {numeric.get('max_abs_error', 0):.3g} "
             f"(limit {verification.get('tolerance', {}).get('max_abs_error', '?')}), "
@@ -123,7 +150,8 @@ def render_report(report: dict[str, Any]) -> str:
             lines.append(f"verified with ONNX Runtime on: {', '.join(providers)}")
     for engine in report.get("engines") or []:
         what = engine.get("purpose") or "engine"
-        line = f"{engine['backend']} {what}: {engine['status']}"
+        status = engine["status"]
+        line = f"{engine['backend']} {what}: {paint(status, 'ok' if status == 'built' else 'warn')}"
         if engine.get("compute_capability"):
             line += f" (sm {engine['compute_capability']})"
         if engine.get("engine"):
