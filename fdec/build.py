@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -9,14 +11,19 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
 
-from fdec.errors import InputError
+from fdec.errors import BusyError, CompileError, InputError
 
 __all__ = [
     "MANIFEST",
     "AtomicBuild",
+    "FileLock",
+    "build_lock",
     "check_output_path",
+    "pid_alive",
     "refresh_manifest",
     "sha256_file",
     "write_manifest",
@@ -27,6 +34,11 @@ logger = logging.getLogger(__name__)
 MANIFEST = "fdec-build.json"
 _TMP_MARK = ".fdec-tmp-"
 _OLD_MARK = ".fdec-old-"
+_LOCK_MARK = ".fdec-lock"
+# Write failures that say "this place cannot hold the build", not "fdec is broken".
+_NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file size limit was hit",
+            errno.EDQUOT: "the disk quota is used up", errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied"}  # fmt: skip
 
 
 def sha256_file(path: pathlib.Path) -> str:
@@ -51,9 +63,128 @@ def check_output_path(out: pathlib.Path) -> None:
         raise InputError(f"cannot create {out}: {existing} is a file", "choose another -o path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"cannot write to {existing}", "choose an -o path you can write to")
+    # os.access says yes to root everywhere and knows nothing of sysfs or full disks: try.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fdec-probe-", dir=existing))
+    except OSError as err:
+        raise InputError(
+            f"cannot write to {existing}: {err.strerror or err}",
+            "choose an -o path you can write to",
+        ) from None
 
 
-def _pid_alive(pid: int) -> bool:
+class FileLock:
+    """An exclusive `fcntl.flock` on `path`, taken in this process at most once (re-entrant).
+
+    Waiting polls, so the first wait can be reported and Ctrl-C ends it. The lock file holds the
+    owner's pid (for the waiting message) and is removed on release; a lock on a file another
+    process already removed is retaken on the new file. The kernel drops the lock of a killed
+    process, so a stale file never blocks anyone.
+    """
+
+    _held: ClassVar[dict[str, list[Any]]] = {}  # path -> [fd, depth], per process
+
+    def __init__(
+        self,
+        path: pathlib.Path,
+        *,
+        wait: bool = True,
+        what: str = "this file",
+        progress: Callable[[str], None] | None = None,
+        poll_s: float = 0.2,
+    ):
+        self.path = pathlib.Path(path).absolute()
+        self.wait = wait
+        self.what = what
+        self.progress = progress or (lambda message: None)
+        self.poll_s = poll_s
+
+    def __enter__(self) -> FileLock:
+        key = str(self.path)
+        if key in self._held:
+            self._held[key][1] += 1
+            return self
+        reported = False
+        while True:
+            fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read_pid(fd)
+                os.close(fd)
+                if not self.wait:
+                    raise BusyError(
+                        f"another compile{_pid_text(owner)} is writing {self.what}",
+                        "wait for it to finish, or drop --no-wait to queue behind it",
+                    ) from None
+                if not reported:
+                    self.progress(
+                        f"waiting for another compile{_pid_text(owner)} writing {self.what}"
+                    )
+                    reported = True
+                time.sleep(self.poll_s)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            # The holder may have removed the file between our open and our flock.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(key).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._held[key] = [fd, 1]
+            return self
+
+    def __exit__(self, *exc: Any) -> None:
+        key = str(self.path)
+        entry = self._held[key]
+        entry[1] -= 1
+        if entry[1]:
+            return
+        del self._held[key]
+        try:
+            os.unlink(key)  # while still locked: a waiter then retakes the lock on a new file
+        except FileNotFoundError:
+            pass
+        os.close(entry[0])
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _pid_text(pid: int | None) -> str:
+    return f" (pid {pid})" if pid else ""
+
+
+def build_lock(
+    out: pathlib.Path,
+    *,
+    wait: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> FileLock:
+    """The lock two compiles into the same `out` share: `.<name>.fdec-lock` beside `out`.
+
+    Checks `out` can be written first and creates its parent folder (the lock lives there).
+    """
+    out = pathlib.Path(out).absolute()
+    check_output_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(
+        out.parent / f".{out.name}{_LOCK_MARK}", wait=wait, what=str(out), progress=progress
+    )
+
+
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,25 +198,51 @@ class AtomicBuild:
     """Context manager giving a temporary folder that replaces `out` only on success.
 
     On error (or Ctrl-C) the temporary folder is removed and any previous build at `out` is
-    left as it was. Leftovers of killed runs (their pid gone) are cleaned on entry.
+    left as it was. Leftovers of killed runs (their pid gone) are cleaned on entry. The build's
+    lock (`build_lock`) is held from entry to the swap, so two compiles never mix their files;
+    a write that fails for want of room or permission becomes a one-line CompileError.
     """
 
-    def __init__(self, out: pathlib.Path):
+    def __init__(
+        self,
+        out: pathlib.Path,
+        *,
+        wait: bool = True,
+        progress: Callable[[str], None] | None = None,
+    ):
         self.out = pathlib.Path(out).absolute()
         self.tmp: pathlib.Path | None = None
+        self.wait = wait
+        self.progress = progress
 
     def __enter__(self) -> pathlib.Path:
-        check_output_path(self.out)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._clean_leftovers()
-        prefix = f".{self.out.name}{_TMP_MARK}{os.getpid()}-"
-        self.tmp = pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=self.out.parent))
+        self._lock = build_lock(self.out, wait=self.wait, progress=self.progress)
+        self._lock.__enter__()
+        try:
+            self._clean_leftovers()
+            prefix = f".{self.out.name}{_TMP_MARK}{os.getpid()}-"
+            self.tmp = pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=self.out.parent))
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._finish(exc_type, exc)
+        finally:
+            self._lock.__exit__(None, None, None)
+
+    def _finish(self, exc_type, exc) -> None:
         assert self.tmp is not None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+                raise CompileError(
+                    f"cannot write the build to {self.out}: {_NO_ROOM[exc.errno]} "
+                    f"({exc.strerror or exc})",
+                    "free space or choose another -o; any previous build there is unchanged",
+                ) from None
             return
         old = None
         if self.out.exists():
@@ -105,7 +262,7 @@ class AtomicBuild:
         for mark in (_TMP_MARK, _OLD_MARK):
             for path in self.out.parent.glob(f".{self.out.name}{mark}*"):
                 pid_text = path.name.split(mark, 1)[1].split("-", 1)[0]
-                if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                if pid_text.isdigit() and not pid_alive(int(pid_text)):
                     if mark == _OLD_MARK and not self.out.exists():
                         os.replace(path, self.out)  # a killed swap: put the old build back
                         continue

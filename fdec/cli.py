@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pathlib
 import sys
@@ -63,6 +64,8 @@ class _Fraction(click.ParamType):
             self.fail(f"{value!r} is not a fraction; write 3% or 0.03", param, ctx)
         if number < 0:
             self.fail(f"{value!r} is negative", param, ctx)
+        if not math.isfinite(number):  # nan would make every comparison pass: no gate at all
+            self.fail(f"{value!r} is not a finite number; write 3% or 0.03", param, ctx)
         return number
 
 
@@ -140,6 +143,11 @@ def cli(verbose: int) -> None:
     type=click.Choice(["hf-checkpoint"]),
     help="Extra outputs: hf-checkpoint (safetensors + quantization config for vLLM-style servers).",
 )
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Fail at once when another compile is writing the same -o (default: wait for it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_command(model: str, target: str, out: pathlib.Path, passes: str | None, verify_each: bool,
@@ -147,7 +155,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
                     cache_dir: pathlib.Path | None, backend: str | None, max_batch: int,
                     max_seq_len: int | None, quantize: str | None, keep_fp: int | None, max_ppl_increase: float | None,
                     calibration: pathlib.Path | None, emit: tuple[str, ...], as_json: bool,
-                    quiet: bool) -> None:  # fmt: skip
+                    quiet: bool, no_wait: bool = False) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out."""
     ctx = _Context(quiet, as_json)
     _quiet_libraries()
@@ -161,8 +169,12 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
         quantize=quantize, max_ppl_increase=max_ppl_increase, emit=tuple(emit),
         calibration=calibration, keep_fp=keep_fp,
     )  # fmt: skip
+    from fdec.build import build_lock
+
     try:
-        result = compile_model(options, ctx.progress)
+        # One compile at a time per -o, held from the start: never two builds mixed (fdec.build).
+        with build_lock(out, wait=not no_wait, progress=ctx.progress):
+            result = compile_model(options, ctx.progress)
     except FdecError as err:
         _fail(err, as_json)
     if as_json:
@@ -206,6 +218,8 @@ def _summary(report: dict[str, Any], out: pathlib.Path, *, ok: bool) -> dict[str
 
 
 def _fail(err: FdecError, as_json: bool) -> None:
+    if _SIGNALLED:  # an interrupt that a library turned into an error fdec then reported
+        _exit_signalled(_SIGNALLED[-1] == "terminated")
     if as_json:
         click.echo(json.dumps({"ok": False, "error": err.one_line(), "exit_code": err.exit_code}))
     click.echo(f"error: {err.one_line()}", err=True)
@@ -444,24 +458,53 @@ def plan_command(model: str, target: str, quantize: str | None, kv_dtype: str | 
         click.echo(render_table(shape, rows))
 
 
+# Signals received by `main` ("interrupted" for SIGINT, "terminated" for SIGTERM): a
+# KeyboardInterrupt that lands inside a C extension's import can surface as another exception
+# (ImportError "initialization failed"); the exit still reports the interruption.
+_SIGNALLED: list[str] = []
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same cleanup runs (the build folder's staging)."""
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    import signal
+
+    terminated = signum == signal.SIGTERM
+    _SIGNALLED.append("terminated" if terminated else "interrupted")
+    raise _Terminated if terminated else KeyboardInterrupt
+
+
+def _exit_signalled(terminated: bool) -> None:
+    click.echo(
+        f"{'terminated' if terminated else 'interrupted'}; any previous build is unchanged",
+        err=True,
+    )
+    sys.exit(143 if terminated else 130)
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted; any previous build is unchanged", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted; any previous build is unchanged", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt) as err:
+        terminated = isinstance(err, _Terminated) or isinstance(err.__cause__, _Terminated)
+        _exit_signalled(terminated)
     except click.ClickException as err:
         err.show()
         sys.exit(EXIT_USAGE if err.exit_code == 2 else err.exit_code)
-    except FdecError as err:  # raised outside a command's own handler
-        click.echo(f"error: {err.one_line()}", err=True)
-        sys.exit(err.exit_code)
     except SystemExit:
         raise
     except Exception as err:
+        if _SIGNALLED:  # the interrupt surfaced as another error
+            _exit_signalled(_SIGNALLED[-1] == "terminated")
+        if isinstance(err, FdecError):  # raised outside a command's own handler
+            click.echo(f"error: {err.one_line()}", err=True)
+            sys.exit(err.exit_code)
         if logger.isEnabledFor(logging.DEBUG):
             raise
         click.echo(f"error: internal error {type(err).__name__}: {err} (rerun with -vv)", err=True)

@@ -16,7 +16,7 @@ import struct
 import tempfile
 from collections.abc import Callable
 
-from fdec.build import sha256_file
+from fdec.build import FileLock, pid_alive, sha256_file
 from fdec.errors import InputError
 from fdec.frontend.families import Family, family_for_config
 
@@ -134,6 +134,15 @@ def _read_config(folder: pathlib.Path) -> dict:
         ) from None
     if not isinstance(config, dict):
         raise InputError(f"{config_path} is not a JSON object", "fix or re-download it")
+    if not isinstance(config.get("model_type", ""), str):
+        raise InputError(f"{config_path}: model_type is not a string", "fix or re-download it")
+    architectures = config.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    ):
+        raise InputError(
+            f"{config_path}: architectures is not a list of names", "fix or re-download it"
+        )
     return config
 
 
@@ -165,6 +174,43 @@ def _check_folder(
     return ModelSource(given, kind, folder, family, config, weights, pickle_weights)
 
 
+_CACHE_MANIFEST = "fdec-cache.json"
+
+
+def _cache_entry_ok(folder: pathlib.Path) -> bool:
+    """A cache entry is whole when every file its manifest lists has the recorded sha256."""
+    try:
+        recorded = json.loads((folder / _CACHE_MANIFEST).read_text())["files"]
+        present = {p.name for p in folder.iterdir() if p.name != _CACHE_MANIFEST}
+        if not recorded or set(recorded) != present:
+            return False
+        for name, info in recorded.items():
+            path = folder / name
+            if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def _write_cache_manifest(folder: pathlib.Path) -> None:
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    }
+    (folder / _CACHE_MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def _clean_stale_staging(parent: pathlib.Path) -> None:
+    """Remove conversion folders of killed runs (`.gguf-<pid>-*`, `.bad-*`, pid gone)."""
+    for path in parent.glob(".*-*"):
+        parts = path.name.split("-")
+        if path.name.startswith((".gguf-", ".bad-")) and len(parts) > 1 and parts[1].isdigit():
+            if not pid_alive(int(parts[1])):
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def _gguf_to_folder(
     gguf: pathlib.Path, cache_dir: pathlib.Path, progress: Callable[[str], None]
 ) -> pathlib.Path:
@@ -173,10 +219,41 @@ def _gguf_to_folder(
     transformers de-quantizes GGUF weights to fp32 on load (~30 s for SmolLM2), so the folder
     is cached by the file's content hash. transformers refuses `save_pretrained` on a
     GGUF-loaded model, so the state dict is saved with safetensors and the config is cleaned.
+
+    Compiles may share the cache: the entry is written in a staging folder and renamed into
+    place under a per-entry lock (a second compile waits, then reuses it), and an entry whose
+    files do not match its manifest's sha256 (a damaged disk, a hand edit) is rebuilt.
     """
-    target = cache_dir / "gguf" / sha256_file(gguf)[:24]
-    if (target / "config.json").exists() and list(target.glob("*.safetensors")):
+    key = sha256_file(gguf)[:24]
+    target = cache_dir / "gguf" / key
+    if _cache_entry_ok(target):
         return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(
+            f"cannot create the cache folder {target.parent}: {err.strerror or err}",
+            "pass --cache-dir with a folder you can write to, or set FDEC_CACHE_DIR",
+        ) from None
+    lock = FileLock(
+        target.parent / f"{key}.lock", what=f"the cache entry for {gguf.name}", progress=progress
+    )
+    with lock:
+        if _cache_entry_ok(target):  # another compile made it while this one waited
+            return target
+        _clean_stale_staging(target.parent)
+        if target.exists():
+            progress(f"cache entry {target} is damaged or incomplete; converting again")
+            bad = target.parent / f".bad-{os.getpid()}-{key}"
+            os.replace(target, bad)
+            shutil.rmtree(bad, ignore_errors=True)
+        _convert_gguf(gguf, target, progress)
+    return target
+
+
+def _convert_gguf(
+    gguf: pathlib.Path, target: pathlib.Path, progress: Callable[[str], None]
+) -> None:
     try:
         import safetensors.torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -194,8 +271,7 @@ def _gguf_to_folder(
         raise InputError(
             f"cannot read GGUF file {gguf}: {err}", "check the file is a complete GGUF model"
         ) from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".gguf-{os.getpid()}-", dir=target.parent))
     try:
         safetensors.torch.save_model(model, str(staging / "model.safetensors"))
         config = model.config.to_dict()
@@ -205,12 +281,15 @@ def _gguf_to_folder(
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
+        _write_cache_manifest(staging)  # last: an entry without it is incomplete
         os.replace(staging, target)
+    except OSError as err:
+        raise InputError(
+            f"cannot write the converted model to the cache {target.parent}: {err.strerror or err}",
+            "free disk space, or pass --cache-dir with a folder that has room",
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _bundled_gguf(name: str) -> pathlib.Path:
@@ -268,8 +347,20 @@ def resolve_source(
         folder = _gguf_to_folder(_bundled_gguf(name), cache_dir, progress)
         return _check_folder(given, "bundled", folder, trust_pickle=False)
     if path.is_dir():
-        return _check_folder(given, "folder", path.resolve(), trust_pickle=trust_pickle)
+        source = _check_folder(given, "folder", path.resolve(), trust_pickle=trust_pickle)
+        if not source.has_tokenizer:
+            # Documented fallback: verification and calibration use fixed pseudo-random ids.
+            progress(
+                f"{given} has no tokenizer (tokenizer.json / vocab.txt): verifying on synthetic "
+                "token ids; `fdec run` needs a tokenizer in the build"
+            )
+        return source
     if path.is_file():
+        if path.suffix.lower() == ".onnx":
+            raise InputError(
+                f"{given} is an ONNX file; fdec compiles Hugging Face models, not ONNX graphs",
+                "give the model folder (config.json + *.safetensors) or .gguf file it came from",
+            )
         if path.suffix.lower() == ".gguf":
             folder = _gguf_to_folder(path.resolve(), cache_dir, progress)
             return _check_folder(given, "gguf", folder, trust_pickle=False)

@@ -1,0 +1,258 @@
+"""Peak memory of `fdec compile` against the model's fp32 size: a ~1B Llama made from a config, and SmolLM2.
+
+    python benchmarks/large_weights.py                     # ~1.1B (TinyLlama shape) + SmolLM2
+    python benchmarks/large_weights.py --models smollm2    # SmolLM2-135M only
+    python benchmarks/large_weights.py --layers 8          # a smaller Llama (same widths)
+
+The large model is written tensor by tensor (random normal weights, std 0.02, to a
+safetensors file whose header is written first), so the writer never holds more than one
+tensor. Each model is compiled fp32 for the cpu target (`--quantize none`) in a subprocess;
+its peak RSS comes from `os.wait4`'s rusage for that child alone and is printed next to the
+model's fp32 weight bytes. Goal (issue 9): peak RSS < 2 x fp32 size + a fixed overhead
+(the interpreter, torch, onnxruntime: measured here as the peak of compiling a tiny model).
+A watchdog kills a compile whose RSS passes --max-rss-gb, so the benchmark cannot take the
+machine down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+GIB = 1024**3
+
+# TinyLlama-1.1B's shape: 1.10e9 parameters, 4.4 GB in fp32.
+LLAMA_1B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def _llama_tensors(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """(HF name, shape, init) of every Llama parameter, in the order HF writes them."""
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    names = [("model.embed_tokens.weight", (v, h), "normal")]
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        names += [
+            (p + "input_layernorm.weight", (h,), "ones"),
+            (p + "self_attn.q_proj.weight", (h, h), "normal"),
+            (p + "self_attn.k_proj.weight", (kv, h), "normal"),
+            (p + "self_attn.v_proj.weight", (kv, h), "normal"),
+            (p + "self_attn.o_proj.weight", (h, h), "normal"),
+            (p + "post_attention_layernorm.weight", (h,), "ones"),
+            (p + "mlp.gate_proj.weight", (i, h), "normal"),
+            (p + "mlp.up_proj.weight", (i, h), "normal"),
+            (p + "mlp.down_proj.weight", (h, i), "normal"),
+        ]
+    names += [("model.norm.weight", (h,), "ones"), ("lm_head.weight", (v, h), "normal")]
+    return names
+
+
+def write_llama(folder: pathlib.Path, config: dict, *, seed: int = 0) -> int:
+    """config.json + model.safetensors with random weights; returns the parameter count."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = _llama_tensors(config)
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, _ in tensors:
+        size = 4 * int(np.prod(shape))
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
+    rng = np.random.default_rng(seed)
+    with (folder / "model.safetensors").open("wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        for _name, shape, init in tensors:
+            if init == "ones":
+                array = np.ones(shape, dtype=np.float32)
+            else:
+                array = rng.standard_normal(shape, dtype=np.float32)
+                array *= 0.02
+            handle.write(array.tobytes())
+            del array
+    return offset // 4
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def compile_peak(model: str, out: pathlib.Path, *, cap_bytes: int, extra: list[str]) -> dict:
+    """Run `fdec compile MODEL --target cpu --quantize none`; its exit code, peak RSS, time."""
+    command = [sys.executable, "-m", "fdec.cli", "compile", model, "--target", "cpu",
+               "--quantize", "none", "-o", str(out), "--json", *extra]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = threading.Event()
+    samples: list[tuple[float, int]] = []
+
+    def watch() -> None:
+        while proc.poll() is None:
+            rss = _rss_bytes(proc.pid)
+            samples.append((time.perf_counter() - started, rss))
+            if rss > cap_bytes:
+                killed.set()
+                os.kill(proc.pid, signal.SIGKILL)
+                return
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stdout_chunks: list[str] = []
+    reader = threading.Thread(target=lambda: stdout_chunks.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    reader.join()
+    watcher.join(2)
+    wall = time.perf_counter() - started
+    summary = {}
+    try:
+        summary = json.loads(stdout_chunks[0])
+    except (IndexError, ValueError):
+        pass
+    return {
+        "exit_code": proc.returncode,
+        "killed_at_cap": killed.is_set(),
+        "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
+        "wall_s": round(wall, 1),
+        "progress": [line for line in stderr.splitlines() if line.strip()][-3:],
+        "verified": (summary.get("verification") or {}).get("ok"),
+        # (seconds, RSS) every ~5 s: where in the compile the memory went
+        "rss_timeline": [(round(t), round(r / GIB, 2)) for t, r in samples[::10]],
+        "stderr_progress": [line for line in stderr.splitlines() if line.startswith("[fdec ")],
+    }
+
+
+def _row(name: str, fp32_bytes: int, result: dict, overhead: int) -> dict:
+    peak = result["peak_rss_bytes"]
+    return {
+        "model": name,
+        "fp32_gb": round(fp32_bytes / GIB, 2),
+        "peak_rss_gb": round(peak / GIB, 2),
+        "peak_over_fp32": round(peak / fp32_bytes, 2),
+        "goal_gb": round((2 * fp32_bytes + overhead) / GIB, 2),
+        "meets_goal": peak < 2 * fp32_bytes + overhead and result["exit_code"] == 0,
+        **{k: result[k] for k in ("exit_code", "killed_at_cap", "verified", "wall_s")},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2,llama-1b", help="smollm2, llama-1b")
+    parser.add_argument("--layers", type=int, default=LLAMA_1B["num_hidden_layers"])
+    parser.add_argument("--max-rss-gb", type=float, default=18.0, help="watchdog: kill above")
+    parser.add_argument("--workdir", type=pathlib.Path, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+    from models import make_tiny_model
+
+    work = pathlib.Path(tempfile.mkdtemp(prefix="fdec-large-", dir=args.workdir))
+    cap = int(args.max_rss_gb * GIB)
+    rows, details = [], {}
+    try:
+        # The fixed overhead: interpreter + torch + transformers + onnxruntime, on a tiny model.
+        tiny = make_tiny_model(work / "tiny", "llama")
+        base = compile_peak(str(tiny), work / "tiny-build", cap_bytes=cap, extra=[])
+        overhead = base["peak_rss_bytes"]
+        print(f"fixed overhead (tiny model compile): {overhead / GIB:.2f} GiB", file=sys.stderr)
+        for name in args.models.split(","):
+            if name == "smollm2":
+                # Convert the bundled GGUF into the cache first, so its fp32 size is known and
+                # the conversion's memory is measured with the compile.
+                from fdec.frontend.source import resolve_source
+
+                source = resolve_source("smollm2-135m")
+                fp32 = sum(p.stat().st_size for p in source.weight_files)
+                model = "smollm2-135m"
+            elif name == "llama-1b":
+                config = dict(LLAMA_1B, num_hidden_layers=args.layers)
+                print(f"writing a {args.layers}-layer Llama to {work / 'llama'}", file=sys.stderr)
+                params = write_llama(work / "llama", config)
+                fp32 = 4 * params
+                model = str(work / "llama")
+                print(
+                    f"  {params / 1e9:.2f}e9 parameters, {fp32 / GIB:.2f} GiB fp32", file=sys.stderr
+                )
+            else:
+                parser.error(f"unknown model {name!r}")
+            print(f"compiling {name} (fp32, cpu)...", file=sys.stderr)
+            result = compile_peak(model, work / f"{name}-build", cap_bytes=cap, extra=[])
+            rows.append(_row(name, fp32, result, overhead))
+            details[name] = result
+            shutil.rmtree(work / f"{name}-build", ignore_errors=True)
+            shutil.rmtree(work / "llama", ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(
+            json.dumps(
+                {"overhead_gb": round(overhead / GIB, 2), "rows": rows, "details": details},
+                indent=2,
+            )
+        )
+        return 0
+    print(f"fixed overhead (tiny model): {overhead / GIB:.2f} GiB")
+    print(
+        f"{'model':<10} {'fp32 GiB':>9} {'peak RSS GiB':>13} {'x fp32':>7} {'goal GiB':>9} {'ok':>4} {'verified':>9} {'wall s':>7}"
+    )
+    for row in rows:
+        print(
+            f"{row['model']:<10} {row['fp32_gb']:>9.2f} {row['peak_rss_gb']:>13.2f} "
+            f"{row['peak_over_fp32']:>7.2f} {row['goal_gb']:>9.2f} "
+            f"{'yes' if row['meets_goal'] else 'NO':>4} {row['verified']!s:>9} {row['wall_s']:>7}"
+        )
+    for name, result in details.items():
+        print(
+            f"\n{name}: exit {result['exit_code']}, RSS timeline (s, GiB): {result['rss_timeline']}"
+        )
+        for line in result["stderr_progress"]:
+            print(f"  {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
