@@ -117,8 +117,9 @@ def cli(verbose: int) -> None:
 )
 @click.option(
     "--quantize",
-    help="int4 (weight-only RTN), int4-awq (activation-aware), int8 (dynamic on cpu, SmoothQuant on GPUs), "
-    "int8-smoothquant, fp8 (static, GPUs with cc >= 8.9).",
+    help="none (fp32), int4 (weight-only RTN), int4-awq (activation-aware), int8 (dynamic on cpu, "
+    "SmoothQuant on GPUs), int8-smoothquant, fp8 (static, GPUs with cc >= 8.9). Default: the "
+    "target's recipe (fdec targets): cpu int4-awq (int8 for encoders), h100/l4/rtx40xx fp8, ...",
 )
 @click.option(
     "--calibration",
@@ -191,6 +192,7 @@ def _summary(report: dict[str, Any], out: pathlib.Path, *, ok: bool) -> dict[str
         "out": str(out),
         "target": report.get("target", {}).get("name"),
         "source": report.get("source", {}).get("given"),
+        "recipe": report.get("recipe"),
         "passes": [
             {"name": r["name"], "modified": r["modified"], "stats": r["stats"]}
             for r in report.get("passes", [])
@@ -221,7 +223,10 @@ def _fail(err: FdecError, as_json: bool) -> None:
     if _SIGNALLED:  # an interrupt that a library turned into an error fdec then reported
         _exit_signalled(_SIGNALLED[-1] == "terminated")
     if as_json:
-        click.echo(json.dumps({"ok": False, "error": err.one_line(), "exit_code": err.exit_code}))
+        outcome = {"ok": False, "error": err.one_line(), "exit_code": err.exit_code}
+        if getattr(err, "details", None):
+            outcome["gate"] = err.details  # a failed quality gate: its figures, for CI
+        click.echo(json.dumps(outcome))
     click.echo(f"error: {err.one_line()}", err=True)
     sys.exit(err.exit_code)
 

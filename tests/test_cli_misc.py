@@ -63,8 +63,16 @@ def test_ci_build_step_example(tiny_models, tmp_path):
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "greedy identical: True" in proc.stdout
+    assert "with --quantize int4-awq: " in proc.stdout  # the cpu target's default recipe
     assert "verification PASS" in (out / "report.txt").read_text()
+    # A gate the build cannot meet fails the step with exit code 3.
+    gated = subprocess.run(
+        ["bash", str(ROOT / "examples" / "ci_build_step.sh"), str(tiny_models("llama")),
+         str(tmp_path / "gated"), "0%", "--quantize", "int4"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert gated.returncode == 3, gated.stderr[-2000:]
+    assert "quality gate failed" in gated.stderr
     # And a bad model makes the step fail with fdec's exit code.
     failed = subprocess.run(
         ["bash", str(ROOT / "examples" / "ci_build_step.sh"), str(tmp_path / "missing"), str(out)],
