@@ -26,6 +26,7 @@ __all__ = [
     "pid_alive",
     "refresh_manifest",
     "sha256_file",
+    "verify_build",
     "write_manifest",
 ]
 
@@ -282,6 +283,59 @@ def write_manifest(folder: pathlib.Path, data: dict[str, Any]) -> pathlib.Path:
     path = folder / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
+
+
+# Written into a build by ONNX Runtime's TensorRT provider when the build runs: not an output.
+_RUNTIME_WRITTEN = ("engines/ort-tensorrt-cache/",)
+
+
+def verify_build(folder: pathlib.Path) -> dict[str, Any]:
+    """Re-hash the outputs `fdec-build.json` lists. Returns {"ok", "checked", "problems"}: each
+    problem names a file and what is wrong with it (missing, changed, extra), in that order,
+    files sorted by name. A folder without a manifest is an InputError."""
+    folder = pathlib.Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{folder} has no {MANIFEST}", "give a folder written by fdec compile")
+    try:
+        outputs = json.loads(path.read_text())["outputs"]
+        listed = {
+            str(name): (int(info["bytes"]), str(info["sha256"])) for name, info in outputs.items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        problem = {"file": MANIFEST, "problem": "unreadable", "detail": "not a valid manifest"}
+        return {"ok": False, "checked": 0, "problems": [problem]}
+    root = folder.resolve()
+    problems: list[dict[str, str]] = []
+    for name, (size, digest) in sorted(listed.items()):
+        file = folder / name
+        if not file.resolve().is_relative_to(root):
+            problems.append(
+                {"file": name, "problem": "outside", "detail": "names a path outside the build"}
+            )
+        elif not file.is_file():
+            problems.append(
+                {
+                    "file": name,
+                    "problem": "missing",
+                    "detail": "listed in the manifest, not in the build",
+                }
+            )
+        elif file.stat().st_size != size or sha256_file(file) != digest:
+            problems.append(
+                {
+                    "file": name,
+                    "problem": "changed",
+                    "detail": "its sha256 differs from the manifest's",
+                }
+            )
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = file.relative_to(folder).as_posix()
+        if name != MANIFEST and name not in listed and not name.startswith(_RUNTIME_WRITTEN):
+            problems.append(
+                {"file": name, "problem": "extra", "detail": "not listed in the manifest"}
+            )
+    return {"ok": not problems, "checked": len(listed), "problems": problems}
 
 
 def refresh_manifest(folder: pathlib.Path) -> pathlib.Path:

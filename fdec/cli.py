@@ -149,6 +149,11 @@ def cli(verbose: int) -> None:
     is_flag=True,
     help="Fail at once when another compile is writing the same -o (default: wait for it).",
 )
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Neither read nor write fdec's cache (export, reference, pass results, calibration).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_command(model: str, target: str, out: pathlib.Path, passes: str | None, verify_each: bool,
@@ -156,7 +161,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
                     cache_dir: pathlib.Path | None, backend: str | None, max_batch: int,
                     max_seq_len: int | None, quantize: str | None, keep_fp: int | None, max_ppl_increase: float | None,
                     calibration: pathlib.Path | None, emit: tuple[str, ...], as_json: bool,
-                    quiet: bool, no_wait: bool = False) -> None:  # fmt: skip
+                    quiet: bool, no_wait: bool = False, no_cache: bool = False) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out."""
     ctx = _Context(quiet, as_json)
     _quiet_libraries()
@@ -168,7 +173,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
         dump_dir=dump_dir, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
         cache_dir=cache_dir, backend=backend, max_batch=max_batch, max_seq_len=max_seq_len,
         quantize=quantize, max_ppl_increase=max_ppl_increase, emit=tuple(emit),
-        calibration=calibration, keep_fp=keep_fp,
+        calibration=calibration, keep_fp=keep_fp, cache=not no_cache,
     )  # fmt: skip
     from fdec.build import build_lock
 
@@ -194,7 +199,12 @@ def _summary(report: dict[str, Any], out: pathlib.Path, *, ok: bool) -> dict[str
         "source": report.get("source", {}).get("given"),
         "recipe": report.get("recipe"),
         "passes": [
-            {"name": r["name"], "modified": r["modified"], "stats": r["stats"]}
+            {
+                "name": r["name"],
+                "modified": r["modified"],
+                "cached": r.get("cached", False),
+                "stats": r["stats"],
+            }
             for r in report.get("passes", [])
         ],
         "verification": {
@@ -338,6 +348,76 @@ def diff_command(build_a: pathlib.Path, build_b: pathlib.Path, as_json: bool) ->
         click.echo(json.dumps(diff, indent=2, sort_keys=True))
     else:
         click.echo(render_diff(diff, style=_paint if sys.stdout.isatty() else None))
+
+
+@cli.command("verify")
+@click.argument("build", type=click.Path(path_type=pathlib.Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
+def verify_command(build: pathlib.Path, as_json: bool) -> None:
+    """Re-hash BUILD's files against its fdec-build.json: exit 0 when all match, 1 naming the
+    first file that is missing, changed or extra."""
+    from fdec.build import verify_build
+
+    try:
+        outcome = verify_build(build)
+    except FdecError as err:
+        _fail(err, as_json)
+    first = outcome["problems"][0] if outcome["problems"] else None
+    if as_json:
+        click.echo(json.dumps({"build": str(build), **outcome}, sort_keys=True))
+    elif first is None:
+        click.echo(f"OK {build}: {outcome['checked']} files match fdec-build.json")
+    if first is not None:
+        more = len(outcome["problems"]) - 1
+        click.echo(
+            f"error: {build}: {first['file']} {first['problem']} ({first['detail']})"
+            + (f"; {more} more" if more else ""),
+            err=True,
+        )
+        sys.exit(EXIT_FAILURE)
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """fdec's cache of exports, references and pass results: info, clear."""
+
+
+@cache_group.command("info")
+@click.option("--cache-dir", type=click.Path(path_type=pathlib.Path), help="fdec's cache.")
+@click.option("--json", "as_json", is_flag=True)
+def cache_info_command(cache_dir: pathlib.Path | None, as_json: bool) -> None:
+    """What the cache holds, by kind, and its size cap (FDEC_CACHE_MAX_GB)."""
+    from fdec.cache import cache_info
+    from fdec.frontend.source import default_cache_dir
+
+    try:
+        info = cache_info(cache_dir or default_cache_dir())
+    except FdecError as err:
+        _fail(err, as_json)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    click.echo(f"cache {info['folder']}: {info['entry_bytes'] / 1e9:.2f} GB of entries "
+               f"(cap {info['max_bytes'] / 1e9:.1f} GB)")  # fmt: skip
+    for kind, row in sorted(info["entries"].items()):
+        click.echo(f"  {kind:<10} {row['entries']:>5} entries  {row['bytes'] / 1e6:>10.1f} MB")
+    for name, size in sorted(info["other_bytes"].items()):
+        click.echo(f"  {name:<10} {size / 1e6:>24.1f} MB")
+
+
+@cache_group.command("clear")
+@click.option("--cache-dir", type=click.Path(path_type=pathlib.Path), help="fdec's cache.")
+@click.option(
+    "--all", "everything", is_flag=True, help="Also converted GGUF models and hub downloads."
+)
+def cache_clear_command(cache_dir: pathlib.Path | None, everything: bool) -> None:
+    """Delete cached results (and with --all, converted and downloaded models too)."""
+    from fdec.cache import clear_cache
+    from fdec.frontend.source import default_cache_dir
+
+    folder = cache_dir or default_cache_dir()
+    freed = clear_cache(folder, everything=everything)
+    click.echo(f"cleared {folder}: {freed / 1e6:.1f} MB freed")
 
 
 @cli.command("build-engine")

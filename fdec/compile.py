@@ -15,11 +15,12 @@ from typing import Any
 
 from fdec import passes as fdec_passes
 from fdec.build import AtomicBuild, check_output_path, write_manifest
+from fdec.cache import Cache, digest_of, fingerprint, source_inputs, tool_versions
 from fdec.calibrate import calibration_batches, calibration_cache, load_calibration_texts
 from fdec.errors import QualityGateError, UsageError, VerificationError
-from fdec.frontend.export import import_model, load_hf_model
+from fdec.frontend.export import import_model, load_hf_model, load_tokenizer
 from fdec.frontend.source import default_cache_dir, resolve_source
-from fdec.ir import FdecModel
+from fdec.ir import FdecModel, GraphCounts, ModelSpec
 from fdec.lower import MODEL_FILE, lower_onnxruntime
 from fdec.lower.engines import build_engines
 from fdec.lower.hf_checkpoint import CHECKPOINT_DIR, check_quantize, write_hf_checkpoint
@@ -29,6 +30,7 @@ from fdec.pipeline import (
     DumpInstrument,
     NumericCheckInstrument,
     PassManager,
+    PassRecord,
     StructureCheckInstrument,
     Tolerance,
 )
@@ -76,6 +78,7 @@ class CompileOptions:
     emit: tuple[str, ...] = ()  # extra outputs: "hf-checkpoint"
     calibration: pathlib.Path | None = None  # .txt/.jsonl for static quantization; None = built-in
     keep_fp: int | None = None  # keep the N most sensitive layers (measured) in fp32
+    cache: bool = True  # False (--no-cache): nothing read from or written to fdec's cache
 
 
 @dataclasses.dataclass
@@ -152,7 +155,6 @@ def compile_model(
         context=options.max_seq_len,
         default_context=DEFAULT_MAX_SEQ_LEN,
     )
-    progress(f"loading {source.given} ({source.family.name}, {source.kind})")
     pipeline, pass_names, tolerance, optimization = (
         plan.pipeline,
         plan.pass_names,
@@ -164,12 +166,15 @@ def compile_model(
         "chosen_by": f"target {target.name} default" if recipe_default else "options",
     }
     progress(f"recipe: --quantize {quantize} ({recipe['chosen_by']})")
-    hf_model = load_hf_model(source, trust_remote_code=options.trust_remote_code)
-    progress("exporting to ONNX (torch.onnx dynamo exporter)")
-    export_started = time.perf_counter()
-    imported = import_model(source, hf_model=hf_model)
-    export_s = time.perf_counter() - export_started
-    fdec_model = imported.fdec_model
+    # The cache (fdec.cache) serves the export, the reference and the longest cached prefix
+    # of the pipeline; PyTorch loads the model only for what it must compute.
+    front = _CompileCache(options, source, plan, progress)
+    fdec_model, cached_records = front.resume()
+    if fdec_model is None:
+        progress(f"loading {source.given} ({source.family.name}, {source.kind})")
+        fdec_model = front.export()
+    else:
+        progress(f"passes 1-{front.resumed} of {len(pipeline)} taken from the cache")
     spec = fdec_model.spec
     if target.is_gpu and backend != "onnxruntime":
         if options.max_seq_len is None and spec.max_positions:
@@ -177,11 +182,12 @@ def compile_model(
                 limits, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, spec.max_positions)
             )
         limits.check_against(spec)
-    progress("computing the reference outputs with PyTorch")
-    reference = Reference.from_hf(hf_model, spec.kind, imported.tokenizer, spec.vocab_size)
-    if plan.calibrating:
+    reference = front.reference(spec)
+    to_run = pipeline[front.resumed :]
+    if any(index >= front.resumed for index in plan.calibrating):
         progress("tokenizing calibration text")
-        plan.attach_calibration(imported.tokenizer, spec.vocab_size)
+        plan.attach_calibration(front.tokenizer(), spec.vocab_size)
+        to_run = plan.pipeline[front.resumed :]
 
     instruments: list[Any] = []
     if options.verify_each:
@@ -196,15 +202,25 @@ def compile_model(
     snapshot = _LossySnapshot()
     if tolerance.max_perplexity_increase is not None and spec.kind == "decoder":
         instruments.append(snapshot)
+        lossy = [i for i, p in enumerate(pipeline[: front.resumed]) if p.tolerance != EXACT]
+        if lossy:  # the first lossy pass came from the cache: its input model is there too
+            snapshot.from_cache(pipeline[lossy[0]], front.input_model_of(lossy[0]))
+    store = front.instrument()
+    if store is not None:  # after the structure check: a broken model is never stored
+        instruments += [StructureCheckInstrument(), store]
     manager = PassManager(
-        pipeline,
+        to_run,
         instruments,
         target=target,
-        on_pass=lambda i, n, p: progress(f"pass {i}/{n}: {p.name}"),
+        on_pass=lambda i, n, p: progress(f"pass {front.resumed + i}/{len(pipeline)}: {p.name}"),
     )
     cache_dir = options.cache_dir or default_cache_dir()
-    with calibration_cache(cache_dir / "calibration") as stats_cache:
+    with calibration_cache(cache_dir / "calibration" if options.cache else None) as stats_cache:
         fdec_model, records = manager.run(fdec_model)
+    for record in records:
+        record.index += front.resumed
+    records = cached_records + records
+    front.cache.finish()
 
     with AtomicBuild(out) as staging:
         progress(f"writing the ONNX Runtime build to {out}")
@@ -220,7 +236,7 @@ def compile_model(
         verification = _verify(reference, session, tolerance)
         if verification.get("gate"):
             raise _quality_gate_error(
-                verification, tolerance, records, snapshot, plan, imported, progress
+                verification, tolerance, records, snapshot, plan, front, progress
             )
         if not verification["ok"]:
             raise VerificationError(verification["failure"], _VERIFICATION_FIX)
@@ -255,8 +271,9 @@ def compile_model(
             "calibration_cache": stats_cache.to_dict()
             if stats_cache.hits + stats_cache.misses
             else None,
-            "export": {"exporter": "torch.onnx (dynamo)", "wall_s": round(export_s, 2)},
-            "passes": [record.to_dict() for record in records],
+            "export": front.export_info,
+            "passes": _pass_rows(records, front.resumed),
+            "cache": front.to_dict(),
             "verification": verification,
             "engines": engines,
             "checkpoint": checkpoint,
@@ -276,16 +293,29 @@ def compile_model(
             staging,
             {
                 "schema_version": SCHEMA_VERSION,
-                "inputs": {"model": source.given, "config_sha256": _config_digest(source.folder)},
+                # Everything the build was made from: the same inputs, options and versions
+                # give the same model files (fdec verify re-hashes the outputs below).
+                "inputs": {
+                    "model": source.given,
+                    "config_sha256": _config_digest(source.folder),
+                    "files": front.inputs,
+                    "calibration": front.calibration,
+                },
                 "target": target.name,
                 "pipeline": pass_names,
+                "passes": [{"name": r.name, "options": r.options} for r in records],
                 "options": {
                     "verify_each": options.verify_each,
                     "backend": backend,
                     "quantize": quantize,
                     "limits": dataclasses.asdict(limits),
+                    "max_ppl_increase": options.max_ppl_increase,
+                    "keep_fp": options.keep_fp,
+                    "emit": list(options.emit),
                 },
                 "packages": report["environment"]["packages"],
+                "versions": front.versions,
+                "cache_keys": {"export": front.export_key, "passes": front.pass_keys},
             },
         )
         report["outputs"] = json.loads(manifest.read_text())["outputs"]
@@ -578,12 +608,27 @@ def _verify(reference: Reference, session: OrtModel, tolerance: Tolerance) -> di
 class _LossySnapshot:
     """An instrument that saves the model as it enters the first lossy pass (to a temporary
     folder), so that a failed quality gate can measure which layers that pass hurt most. It is
-    read only then; `close` deletes it."""
+    read only then; `close` deletes it. When that pass's result came from the cache, its input
+    model is loaded from the cache instead (`from_cache`)."""
 
     def __init__(self) -> None:
         self.pass_: Any = None
         self.spec: Any = None
         self._folder: tempfile.TemporaryDirectory[str] | None = None
+        self._loader: Callable[[], FdecModel | None] | None = None
+
+    def from_cache(self, pass_: Any, loader: Callable[[], FdecModel | None]) -> None:
+        self.pass_, self._loader = pass_, loader
+
+    def model(self) -> FdecModel | None:
+        """The model as it entered the first lossy pass (None when there was none)."""
+        if self._loader is not None:
+            return self._loader()
+        if self.path is None:
+            return None
+        import onnx_ir as ir
+
+        return FdecModel(ir.external_data.load_to_model(ir.load(self.path)), self.spec)
 
     @property
     def path(self) -> pathlib.Path | None:
@@ -611,7 +656,7 @@ _WORST_SHOWN = 3
 
 
 def _sensitivity(
-    records: list[Any], snapshot: _LossySnapshot, plan: Plan, imported: Any, progress: Any
+    records: list[Any], snapshot: _LossySnapshot, plan: Plan, front: Any, progress: Any
 ) -> list[dict[str, Any]]:
     """Per-layer sensitivity (largest KL first) of the build's weight quantizer: the table a
     quantize-mixed pass recorded, else measured now on the snapshot taken before that pass."""
@@ -619,10 +664,11 @@ def _sensitivity(
         if record.name == "quantize-mixed" and record.stats.get("sensitivity"):
             return list(record.stats["sensitivity"])
     quantizer = snapshot.pass_
-    if snapshot.path is None or quantizer is None or quantizer.family != "quantize":
+    if quantizer is None or quantizer.family != "quantize":
         return []
-    import onnx_ir as ir
-
+    model = snapshot.model()
+    if model is None:
+        return []
     options = {
         field.name: getattr(quantizer, field.name)
         for field in dataclasses.fields(quantizer)
@@ -631,8 +677,8 @@ def _sensitivity(
     batches = getattr(quantizer, "batches", None) or tuple(
         calibration_batches(
             plan.calibration_texts or load_calibration_texts(None),
-            imported.tokenizer,
-            imported.fdec_model.spec.vocab_size,
+            front.tokenizer(),
+            model.spec.vocab_size,
         )
     )
     mixed = fdec_passes.make_pass(
@@ -640,7 +686,6 @@ def _sensitivity(
         max_batches=2,
     )  # fmt: skip
     progress("quality gate failed: measuring each layer's sensitivity to name the worst")
-    model = FdecModel(ir.external_data.load_to_model(ir.load(snapshot.path)), snapshot.spec)
     return list(mixed(model).stats.get("sensitivity", []))
 
 
@@ -650,14 +695,14 @@ def _quality_gate_error(
     records: list[Any],
     snapshot: _LossySnapshot,
     plan: Plan,
-    imported: Any,
+    front: Any,
     progress: Any,
 ) -> QualityGateError:
     numeric = verification["numeric"]
     source, build = numeric["perplexity_source"], numeric["perplexity_build"]
     limit = tolerance.max_perplexity_increase
     try:
-        sensitivity = _sensitivity(records, snapshot, plan, imported, progress)
+        sensitivity = _sensitivity(records, snapshot, plan, front, progress)
     finally:
         snapshot.close()
     worst = sensitivity[:_WORST_SHOWN]
@@ -680,3 +725,239 @@ def _quality_gate_error(
         "sensitivity_measured_on": "calibration text (KL against the model before quantization)",
     }
     return QualityGateError(problem, fix, details=details)
+
+
+# --- the cached front of a compile: export, reference and pass results (fdec.cache) -----------
+
+
+def _pass_rows(records: list[PassRecord], cached: int) -> list[dict[str, Any]]:
+    """The report's pass table: the first `cached` passes came from the cache (no time spent
+    now; `cached_wall_s` is what they took when they ran)."""
+    rows = []
+    for number, record in enumerate(records):
+        row = {**record.to_dict(), "cached": number < cached}
+        if row["cached"]:
+            row["cached_wall_s"], row["wall_s"] = row["wall_s"], 0.0
+        rows.append(row)
+    return rows
+
+
+def _record_from_dict(data: dict[str, Any]) -> PassRecord:
+    data = dict(data)
+    for side in ("before", "after"):
+        if data.get(side) is not None:
+            data[side] = GraphCounts(**data[side])
+    return PassRecord(**data)
+
+
+class _CompileCache:
+    """Everything before lowering that fdec's cache can serve: the export (ONNX + ModelSpec),
+    the PyTorch reference outputs, and each pass's output model and record.
+
+    Pass keys form a chain: key_i = digest(key_{i-1}, pass name, options, calibration text
+    digest for calibrating passes, versions), key_0 the export's, so a compile resumes from the
+    longest cached prefix and a changed option re-runs that pass and the ones after it. A pass
+    that did not modify the model stores only its record, pointing at the previous model. The
+    PyTorch model is loaded only when the export or the reference must be computed.
+    """
+
+    def __init__(self, options: CompileOptions, source: Any, plan: Plan, progress: Any):
+        self.options, self.source, self.plan, self.progress = options, source, plan, progress
+        self.cache = Cache(
+            options.cache_dir or default_cache_dir(), enabled=options.cache, progress=progress
+        )
+        self.pass_caching = options.cache and not options.verify_each and not options.dump_dir
+        self.versions = tool_versions()
+        self.inputs = source_inputs(source, self.cache.index)
+        self.calibration = _calibration_inputs(options.calibration, plan.calibration_texts)
+        loading = {"trust_remote_code": options.trust_remote_code, "kind": source.family.kind}
+        self.export_key = digest_of(
+            "export", inputs=self.inputs, family=source.family.name, loading=loading,
+            versions=self.versions,
+        )  # fmt: skip
+        self.reference_key = digest_of(
+            "reference", inputs=self.inputs, loading=loading, versions=self.versions
+        )
+        self.pass_keys: list[str] = []
+        previous = self.export_key
+        for index, pass_ in enumerate(plan.pipeline):
+            previous = digest_of(
+                "pass",
+                previous=previous,
+                name=pass_.name,
+                cls=f"{type(pass_).__module__}.{type(pass_).__qualname__}",
+                options=fingerprint(pass_),
+                calibration=self.calibration["sha256"] if index in plan.calibrating else None,
+                versions=self.versions,
+            )
+            self.pass_keys.append(previous)
+        self._hf_model: Any = None
+        self._tokenizer: Any = _UNSET
+        self.export_info: dict[str, Any] = {"exporter": "torch.onnx (dynamo)"}
+        self.reference_cached = False
+        self.resumed = 0  # passes taken from the cache
+        self.model_key: str | None = None  # the model entry holding the current model
+
+    # --- lazily loaded source pieces ---
+
+    def hf_model(self) -> Any:
+        if self._hf_model is None:
+            self.progress(f"loading {self.source.given} with PyTorch")
+            self._hf_model = load_hf_model(
+                self.source, trust_remote_code=self.options.trust_remote_code
+            )
+        return self._hf_model
+
+    def tokenizer(self) -> Any:
+        if self._tokenizer is _UNSET:
+            self._tokenizer = (
+                load_tokenizer(self.source.folder) if self.source.has_tokenizer else None
+            )
+        return self._tokenizer
+
+    # --- model entries ---
+
+    def load_model(self, key: str | None) -> FdecModel | None:
+        """The model stored under `key` (checked, read into memory), or None."""
+        if key is None:
+            return None
+        entry = self.cache.get(key, "model")
+        if entry is None:
+            return None
+        import onnx_ir as ir
+
+        model = ir.load(entry.path / MODEL_FILE)
+        # In memory: the entry may be evicted by another compile while this one runs.
+        ir.external_data.load_to_model(model)
+        spec = ModelSpec.from_dict(json.loads((entry.path / _SPEC_FILE).read_text()))
+        return FdecModel(model, spec)
+
+    def store_model(self, key: str, model: FdecModel, meta: dict[str, Any] | None = None) -> bool:
+        def write(folder: pathlib.Path) -> None:
+            model.save(folder / MODEL_FILE)
+            (folder / _SPEC_FILE).write_text(json.dumps(model.spec.to_dict(), sort_keys=True))
+
+        return self.cache.put(key, "model", write, meta)
+
+    # --- the three cached steps ---
+
+    def export(self) -> FdecModel:
+        started = time.perf_counter()
+        model = self.load_model(self.export_key)
+        if model is not None:
+            self.export_info.update(cached=True, wall_s=round(time.perf_counter() - started, 2))
+            self.model_key = self.export_key
+            return model
+        hf_model = self.hf_model()
+        self.progress("exporting to ONNX (torch.onnx dynamo exporter)")
+        started = time.perf_counter()
+        imported = import_model(self.source, hf_model=hf_model)
+        self.export_info.update(cached=False, wall_s=round(time.perf_counter() - started, 2))
+        if self._tokenizer is _UNSET:
+            self._tokenizer = imported.tokenizer
+        if self.store_model(self.export_key, imported.fdec_model):
+            self.model_key = self.export_key
+        return imported.fdec_model
+
+    def reference(self, spec: Any) -> Reference:
+        entry = self.cache.get(self.reference_key, "reference")
+        if entry is not None:
+            self.reference_cached = True
+            return Reference.load(entry.path / _REFERENCE_FILE)
+        self.progress("computing the reference outputs with PyTorch")
+        reference = Reference.from_hf(self.hf_model(), spec.kind, self.tokenizer(), spec.vocab_size)
+        self.cache.put(
+            self.reference_key, "reference", lambda folder: reference.save(folder / _REFERENCE_FILE)
+        )
+        return reference
+
+    def resume(self) -> tuple[FdecModel | None, list[PassRecord]]:
+        """The model after the longest cached prefix of the pipeline and that prefix's records
+        (None, [] when no pass is cached)."""
+        if not self.pass_caching:
+            return None, []
+        present = 0
+        while present < len(self.pass_keys) and self.cache.exists(self.pass_keys[present]):
+            present += 1
+        while present > 0:
+            entries = []
+            for key in self.pass_keys[:present]:
+                entry = self.cache.get(key, "pass")
+                if entry is None:
+                    break
+                entries.append(entry)
+            if len(entries) < present:  # a damaged record: resume before it
+                present = len(entries)
+                continue
+            model = self.load_model(entries[-1].meta.get("model"))
+            if model is None:
+                present -= 1
+                continue
+            records = [
+                _record_from_dict(json.loads((e.path / _RECORD_FILE).read_text())) for e in entries
+            ]
+            self.resumed, self.model_key = present, entries[-1].meta["model"]
+            self.export_info.update(cached=True, wall_s=0.0)  # the chain starts from it
+            self._entries = entries
+            return model, records
+        return None, []
+
+    def input_model_of(self, index: int) -> Callable[[], FdecModel | None]:
+        """A loader of the model entering pass `index` (0-based) of a resumed prefix."""
+        key = self._entries[index - 1].meta.get("model") if index else self.export_key
+        return lambda: self.load_model(key)
+
+    def instrument(self) -> Any:
+        """An instrument storing each pass's output (when modified) and record as it runs."""
+        return _StoreInstrument(self) if self.pass_caching else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.cache.to_dict(),
+            "export": bool(self.export_info.get("cached")),
+            "reference": self.reference_cached,
+            "passes_cached": self.resumed,
+            "passes": len(self.pass_keys),
+            "pass_caching": self.pass_caching,
+        }
+
+
+class _StoreInstrument:
+    """Stores a pass's output model (only when it modified it) and its record in the cache."""
+
+    def __init__(self, front: _CompileCache):
+        self.front = front
+
+    def before(self, pass_: Any, model: FdecModel, record: PassRecord) -> None:
+        pass
+
+    def after(self, pass_: Any, result: Any, record: PassRecord) -> None:
+        front = self.front
+        key = front.pass_keys[front.resumed + record.index - 1]
+        if result.modified:
+            model_key = digest_of("model", pass_key=key)
+            front.model_key = model_key if front.store_model(model_key, result.model) else None
+        if front.model_key is None:
+            return  # nothing to resume from: the record alone would be of no use
+        data = {**record.to_dict(), "index": front.resumed + record.index}
+        front.cache.put(
+            key,
+            "pass",
+            lambda folder: (folder / _RECORD_FILE).write_text(json.dumps(data, sort_keys=True)),
+            {"model": front.model_key},
+        )
+
+
+def _calibration_inputs(path: pathlib.Path | None, texts: list[str] | None) -> dict[str, Any]:
+    """What the calibration data is, for keys and the manifest: the file (or the built-in
+    corpus) and a sha256 of the texts read from it (None when nothing calibrates)."""
+    if texts is None:
+        return {"source": None, "sha256": None}
+    digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
+    return {"source": str(path) if path else "built-in corpus", "sha256": digest}
+
+
+_UNSET = object()
+_SPEC_FILE = "spec.json"
+_RECORD_FILE = "record.json"
+_REFERENCE_FILE = "reference.npz"

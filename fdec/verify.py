@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import logging
+import pathlib
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,33 @@ class Reference:
             logits = hf_model(input_ids=torch.from_numpy(ids)).logits.numpy()
             tokens, margins = _torch_greedy(hf_model, ids[:, :GREEDY_PROMPT], GREEDY_STEPS)
         return cls(kind, ids, {"logits": logits}, tokens, margins, tokenizer is not None)
+
+    def save(self, path: pathlib.Path) -> None:
+        """Write the reference as one `.npz` (no pickles), for fdec's cache."""
+        np.savez(
+            path,
+            kind=np.asarray(self.kind),
+            ids=self.ids,
+            output_names=np.asarray(list(self.outputs)),
+            greedy_tokens=np.asarray(self.greedy_tokens, dtype=np.int64),
+            greedy_margins=np.asarray(self.greedy_margins, dtype=np.float64),
+            used_tokenizer=np.asarray(self.used_tokenizer),
+            **{f"output_{i}": array for i, array in enumerate(self.outputs.values())},
+        )
+
+    @classmethod
+    def load(cls, path: pathlib.Path) -> Reference:
+        """A reference written by `save`, equal to the one saved, array for array."""
+        with np.load(path, allow_pickle=False) as data:
+            names = [str(name) for name in data["output_names"]]
+            return cls(
+                kind=str(data["kind"]),
+                ids=data["ids"],
+                outputs={name: data[f"output_{i}"] for i, name in enumerate(names)},
+                greedy_tokens=[int(t) for t in data["greedy_tokens"]],
+                greedy_margins=[float(m) for m in data["greedy_margins"]],
+                used_tokenizer=bool(data["used_tokenizer"]),
+            )
 
     def compare(self, model: OrtModel) -> dict[str, Any]:
         """Figures of `model` against this reference; `ok` is judged by the caller."""
