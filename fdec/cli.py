@@ -290,7 +290,7 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
 
 @cli.command("report")
 @click.argument("build", type=click.Path(path_type=pathlib.Path))
-@click.option("--json", "as_json", is_flag=True, help="Print report.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json with the files of fdec-build.json.")
 @click.option("--html", "html", is_flag=True, help="Print the path of the build's report.html.")
 @click.option(
     "--html-out",
