@@ -32,6 +32,7 @@ import pathlib
 import platform
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -79,6 +80,7 @@ _SIDE_FILES = (
     "tokenizer.model",
 )
 _DIGEST_INDEX_LIMIT = 4096  # entries kept in digests.json (the most recent)
+_RACY_NS = 2 * 10**9
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -223,7 +225,9 @@ class DigestIndex:
             return known[4]
         digest = sha256_file(path)
         self.hashed += 1
-        if self.path is not None:
+        # A file modified within the last seconds may change again within the same mtime tick
+        # (git's "racy" files): hash it again next time rather than trust its stamp.
+        if self.path is not None and time.time_ns() - stat.st_mtime_ns > _RACY_NS:
             self._data.pop(str(path), None)
             self._data[str(path)] = [*stamp, digest]
             self._dirty = True

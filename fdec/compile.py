@@ -189,7 +189,9 @@ def compile_model(
         plan.attach_calibration(front.tokenizer(), spec.vocab_size)
         to_run = plan.pipeline[front.resumed :]
 
-    instruments: list[Any] = []
+    # Every pass starts from the graph's names as a saved and reloaded model has them, so a
+    # pass resumed on a cached model names new nodes exactly as it does in a cold compile.
+    instruments: list[Any] = [_FreshNames()]
     if options.verify_each:
         instruments.append(StructureCheckInstrument(full=True))
         instruments.append(
@@ -269,7 +271,7 @@ def compile_model(
             "pipeline": pass_names,
             "recipe": recipe,
             "calibration_cache": stats_cache.to_dict()
-            if stats_cache.hits + stats_cache.misses
+            if stats_cache is not None and stats_cache.hits + stats_cache.misses
             else None,
             "export": front.export_info,
             "passes": _pass_rows(records, front.resumed),
@@ -920,6 +922,32 @@ class _CompileCache:
             "passes": len(self.pass_keys),
             "pass_caching": self.pass_caching,
         }
+
+
+class _FreshNames:
+    """Resets the graph's name authority before each pass to what loading the saved model
+    gives (onnx-ir numbers new nodes and values from counters that remember every name the
+    graph ever had; a reloaded graph starts them at 0 and knows only its current names).
+    Without it a pass run on a model from the cache names its new nodes differently from the
+    same pass run on the in-memory model, and the build's bytes would depend on the cache."""
+
+    def before(self, pass_: Any, model: FdecModel, record: PassRecord) -> None:
+        from onnx_ir._name_authority import NameAuthority  # no public way to reset it
+
+        graph = model.graph
+        if not hasattr(graph, "_name_authority"):
+            return
+        authority = NameAuthority()
+        for value in [*graph.inputs, *graph.initializers.values()]:
+            authority.register_or_name_value(value)
+        for node in graph:
+            authority.register_or_name_node(node)
+            for value in node.outputs:
+                authority.register_or_name_value(value)
+        graph._name_authority = authority
+
+    def after(self, pass_: Any, result: Any, record: PassRecord) -> None:
+        pass
 
 
 class _StoreInstrument:
