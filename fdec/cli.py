@@ -13,6 +13,7 @@ import warnings
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from fdec.errors import EXIT_FAILURE, EXIT_USAGE, FdecError
 
@@ -82,10 +83,24 @@ def cli(verbose: int) -> None:
 
 
 @cli.command("compile")
-@click.argument("model")
-@click.option("--target", "-t", default="cpu", show_default=True, help="Target name or .toml file.")
+@click.argument("model", required=False)
 @click.option(
-    "-o", "--out", required=True, type=click.Path(path_type=pathlib.Path), help="Build folder."
+    "--target",
+    "-t",
+    default="cpu",
+    show_default=True,
+    help="Target name or .toml file; several (h100,a100,l4) build -o/<target> each.",
+)
+@click.option(
+    "-o", "--out", type=click.Path(path_type=pathlib.Path), help="Build folder (required here "
+    "or as `out` in the config file)."
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=pathlib.Path),
+    help="Config file (default: ./fdec.toml, else [tool.fdec] in ./pyproject.toml; "
+    "docs/config.md). Options given here override it.",
 )
 @click.option(
     "--passes", default=None, help="Comma-separated passes ('default' = the default pipeline)."
@@ -161,20 +176,40 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
                     cache_dir: pathlib.Path | None, backend: str | None, max_batch: int,
                     max_seq_len: int | None, quantize: str | None, keep_fp: int | None, max_ppl_increase: float | None,
                     calibration: pathlib.Path | None, emit: tuple[str, ...], as_json: bool,
-                    quiet: bool, no_wait: bool = False, no_cache: bool = False) -> None:  # fmt: skip
-    """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out."""
+                    quiet: bool, no_wait: bool = False, no_cache: bool = False,
+                    config_file: pathlib.Path | None = None) -> None:  # fmt: skip
+    """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out.
+
+    Settings come from the command line, then the config file, then the defaults shown."""
     ctx = _Context(quiet, as_json)
+    from fdec.api import resolve_settings
+    from fdec.config import discover_config, load_config
+
+    given = dict(
+        model=model, out=out, target=target, passes=passes, verify_each=verify_each,
+        trust_pickle=trust_pickle, trust_remote_code=trust_remote_code, cache_dir=cache_dir,
+        backend=backend, max_batch=max_batch, max_seq_len=max_seq_len, quantize=quantize,
+        max_ppl_increase=max_ppl_increase, emit=tuple(emit), calibration=calibration,
+        keep_fp=keep_fp,
+    )  # fmt: skip
+    source = click.get_current_context().get_parameter_source
+    typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
+    try:
+        config = load_config(config_file) if config_file else discover_config()
+        settings = resolve_settings(given, lambda name: source(name) in typed, config)
+    except FdecError as err:
+        _fail(err, as_json)
+    if config is not None:
+        ctx.progress(f"config: {config.describe()}")
+    targets, out = settings.pop("targets"), settings["out"]
     _quiet_libraries()
     from fdec.compile import CompileOptions, compile_model
     from fdec.report import render_report
 
-    options = CompileOptions(
-        model=model, out=out, target=target, passes=passes, verify_each=verify_each,
-        dump_dir=dump_dir, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
-        cache_dir=cache_dir, backend=backend, max_batch=max_batch, max_seq_len=max_seq_len,
-        quantize=quantize, max_ppl_increase=max_ppl_increase, emit=tuple(emit),
-        calibration=calibration, keep_fp=keep_fp, cache=not no_cache,
-    )  # fmt: skip
+    options = CompileOptions(**settings, target=targets[0], dump_dir=dump_dir, cache=not no_cache)
+    if len(targets) > 1:
+        _compile_targets(options, targets, ctx, wait=not no_wait)
+        return
     from fdec.build import build_lock
 
     try:
@@ -188,6 +223,44 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
     elif not quiet:
         click.echo(render_report(result.report))
         click.echo(f"build written to {result.out}")
+
+
+def _compile_targets(options: Any, targets: list[str], ctx: _Context, *, wait: bool) -> None:
+    """`fdec compile --target a,b`: one build per target under -o; exit code = the worst
+    outcome (fdec.api.worst_exit_code); --json prints one object with every target's."""
+    from fdec.api import compile_targets, worst_exit_code
+
+    try:
+        outcomes = compile_targets(options, targets, progress=ctx.progress, wait=wait)
+    except FdecError as err:
+        _fail(err, ctx.as_json)
+    if _SIGNALLED:
+        _exit_signalled(_SIGNALLED[-1] == "terminated")
+    code = worst_exit_code([o.exit_code for o in outcomes])
+    rows = []
+    for o in outcomes:
+        if o.error is None:
+            rows.append({**_summary(o.report or {}, o.out, ok=True), "exit_code": 0})
+        else:
+            row = {"ok": False, "target": o.target, "out": str(o.out),
+                   "error": o.error.one_line(), "exit_code": o.exit_code}  # fmt: skip
+            if getattr(o.error, "details", None):
+                row["gate"] = o.error.details
+            rows.append(row)
+    if ctx.as_json:
+        outcome = {"ok": code == 0, "exit_code": code, "out": str(options.out), "targets": rows}
+        click.echo(json.dumps(outcome, sort_keys=True))
+    for row in rows:
+        if row["ok"]:
+            if not ctx.as_json and not ctx.quiet:
+                size = row["bytes"] / 1e6
+                click.echo(f"{row['target']}: ok, {size:.1f} MB, --quantize "
+                           f"{(row['recipe'] or {}).get('quantize')} -> {row['out']}")  # fmt: skip
+        else:
+            click.echo(f"error: [{row['target']}] {row['error']} (exit {row['exit_code']})",
+                       err=True)  # fmt: skip
+    if code:
+        sys.exit(code)
 
 
 def _summary(report: dict[str, Any], out: pathlib.Path, *, ok: bool) -> dict[str, Any]:
