@@ -48,8 +48,13 @@ def test_quantize_none_and_checkpoints_stay_full_precision(tiny_models, tmp_path
 
 def test_calibration_statistics_are_cached_between_compiles(tiny_models, tmp_path, cli_runner):
     args = ("--target", "l4", "--quantize", "int8", "--max-seq-len", "256")
+    args += ("--cache-dir", str(tmp_path / "cache"))
     first = _compile(cli_runner, tiny_models("llama"), tmp_path / "a", *args)
-    second = _compile(cli_runner, tiny_models("llama"), tmp_path / "b", *args)
+    # Whole pass results are cached too (fdec.cache); --dump-dir runs every pass again, so what
+    # the second compile reuses is the statistics cache.
+    second = _compile(
+        cli_runner, tiny_models("llama"), tmp_path / "b", *args, "--dump-dir", str(tmp_path / "d")
+    )
     assert first["calibration_cache"]["hits"] + first["calibration_cache"]["misses"] >= 1
     assert second["calibration_cache"]["misses"] == 0 and second["calibration_cache"]["hits"] >= 1
     # Same statistics, so the same quantized model, byte for byte.
