@@ -88,3 +88,4 @@ def test_python_api_example(tiny_models, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "verified: max logit error" in proc.stdout
+    assert f"recipe: --quantize int4-awq, build in {tmp_path / 'b'}" in proc.stdout  # fdec.compile
