@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import pathlib
 import re
@@ -670,6 +671,10 @@ _INT8_WEIGHT_TYPES = ("int8", "uint8")
 _UINT8_ZERO_POINT = 128  # uint8 weights are symmetric int8 codes shifted by 128
 
 
+def _named_node(prefix: str, op: str, inputs: list, suffix: str, **attributes: Any) -> ir.Node:
+    return ir.node(op, inputs, attributes, name=f"{prefix}_{suffix}")
+
+
 @dataclasses.dataclass(eq=False)
 class QuantizeInt8Pass(Pass):
     """Dynamic int8 for the CPU: 8-bit weights per output channel, activations at run time.
@@ -694,6 +699,13 @@ class QuantizeInt8Pass(Pass):
     channels. It needs calibration ranges: `stats` (fdec.calibrate.collect_activation_stats
     on the model as this pass sees it) or `batches` (token id arrays); `alpha=None` (the
     default) is plain dynamic int8 and needs neither.
+
+    A tied lm_head shares the embedding (read by Gather). By default it cannot be quantized
+    here: put `untie-embeddings` before this pass, or set `include_lm_head=False`. With
+    `share_tied_embedding` the table is quantized once, as the lm_head's [H, V] MatMulInteger
+    weight, and each embedding Gather reads its columns: `Gather(axis=1)` → `Transpose` →
+    `Cast` (→ `Sub` 128 for uint8) → `Mul` by the gathered per-token scales (→ `Mul` by 1/s
+    where SmoothQuant scaled the table) — stored once, as in the tied source model.
     """
 
     name = "quantize-int8"
@@ -712,6 +724,7 @@ class QuantizeInt8Pass(Pass):
     stats: Mapping[str, Any] | None = dataclasses.field(default=None, kw_only=True)
     batches: Sequence[np.ndarray] | None = dataclasses.field(default=None, kw_only=True)
     include_lm_head: bool = dataclasses.field(default=True, kw_only=True)
+    share_tied_embedding: bool = dataclasses.field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         from fdec.calibrate import checked_batches
@@ -756,7 +769,8 @@ class QuantizeInt8Pass(Pass):
         return self.alpha is not None and self.stats is None and self.batches is None
 
     def requires(self, model: FdecModel, target: Any = None) -> None:
-        _require_untied(self.name, model, self.include_lm_head)
+        if not self.share_tied_embedding:
+            _require_untied(self.name, model, self.include_lm_head)
         if self.needs_calibration:
             raise UsageError(
                 f"{self.name} with alpha (SmoothQuant) needs calibration data and was given none",
@@ -794,7 +808,7 @@ class QuantizeInt8Pass(Pass):
         graph = model.graph
         weight_type, reduce_range, reason = self._choose_weight_format()
         qmax = 63 if reduce_range else 127
-        weights, skipped = _collect(model, self.include_lm_head)
+        weights, skipped = _collect(model, self.include_lm_head, self.share_tied_embedding)
         stats: dict[str, Any] = {
             **_empty_stats(),
             "activation_quantizers": 0,
@@ -804,6 +818,7 @@ class QuantizeInt8Pass(Pass):
             "alpha": self.alpha,
             "smoothing_folded": 0,
             "smoothing_inserted": 0,
+            "gathers_shared": 0,
         }
         float32 = []
         for weight in weights:
@@ -856,6 +871,11 @@ class QuantizeInt8Pass(Pass):
                 _replace(graph, site, nodes)
             stats["bytes_before"] += weight.value.const_value.nbytes
             stats["bytes_after"] += int(codes.nbytes + scales.nbytes)
+            if weight.gathers:
+                stats["bytes_after"] += self._share_with_gathers(
+                    graph, weight, b, w_scale, weight_type == "uint8", taken
+                )
+                stats["gathers_shared"] += len(weight.gathers)
             stats["matmuls_quantized"] += len(weight.sites)
             stats["weights_quantized"] += 1
             _retire(graph, weight)
@@ -901,13 +921,82 @@ class QuantizeInt8Pass(Pass):
             if found is None or found.channel_absmax.shape != (k,) or found.absmax <= 0:
                 skipped["not smoothed: no usable calibration range"] += len(group.weights)
                 continue
-            s = _smoothing_factors(self.alpha, [w.array for w in group.weights], found.channel_absmax)
+            s = _smoothing_factors(
+                self.alpha, [w.array for w in group.weights], found.channel_absmax
+            )
             source, folded = _divide_activation(model.graph, group, s, taken)
             stats["smoothing_folded" if folded else "smoothing_inserted"] += 1
             for weight in group.weights:
                 weight.array = weight.array * s[:, None]
+                if weight.gathers:  # a shared table's gathered rows are divided by s again
+                    previous = weight.row_scales
+                    weight.row_scales = s if previous is None else previous * s
                 for site in weight.sites:
                     site.activation = source
+
+    @staticmethod
+    def _share_with_gathers(
+        graph: ir.Graph,
+        weight: _Weight,
+        b: ir.Value,
+        w_scale: ir.Value,
+        unsigned: bool,
+        taken: set[str],
+    ) -> int:
+        """Rewrite the tied embedding's Gathers to read columns of the lm_head's [H, V] codes.
+
+        Returns the bytes added (shape constants, the uint8 offset and SmoothQuant's 1/s).
+        """
+        base = weight.value.name
+        hidden_size = weight.array.shape[0]
+
+        def constant(suffix: str, array: np.ndarray) -> ir.Value:
+            name = _fresh_name(graph, f"{base}_{suffix}", taken)
+            return _add_initializer(graph, name, ir.tensor(array, name=name))
+
+        flat = constant("flat", np.array([-1], dtype=np.int64))
+        hidden = constant("hidden", np.array([hidden_size], dtype=np.int64))
+        last = constant("last_axis", np.array([1], dtype=np.int64))
+        extra = [flat, hidden, last]
+        offset = (
+            constant("zero_point", np.array(_UINT8_ZERO_POINT, np.float32)) if unsigned else None
+        )
+        inverse = None
+        if weight.row_scales is not None:
+            inverse = constant("inv_s", (1.0 / weight.row_scales).astype(np.float32))
+        extra += [v for v in (offset, inverse) if v is not None]
+        for gather in weight.gathers:
+            ids = gather.inputs[1]
+            node = functools.partial(_named_node, gather.name or base)
+            ids_flat = node("Reshape", [ids, flat], "ids_flat")
+            columns = node("Gather", [b, ids_flat.outputs[0]], "Q8_columns", axis=1)  # [H, T]
+            rows = node("Transpose", [columns.outputs[0]], "Q8_rows", perm=[1, 0])  # [T, H]
+            values = node("Cast", [rows.outputs[0]], "Cast", to=ir.DataType.FLOAT)
+            nodes = [ids_flat, columns, rows, values]
+            if offset is not None:
+                nodes.append(node("Sub", [nodes[-1].outputs[0], offset], "zero_point"))
+            row_scale = node("Gather", [w_scale, ids_flat.outputs[0]], "scales", axis=0)
+            row_scale_2d = node("Unsqueeze", [row_scale.outputs[0], last], "scales_2d")
+            dequantized = node("Mul", [nodes[-1].outputs[0], row_scale_2d.outputs[0]], "dequantize")
+            nodes += [row_scale, row_scale_2d, dequantized]
+            if inverse is not None:
+                nodes.append(node("Mul", [nodes[-1].outputs[0], inverse], "inv_s"))
+            ids_shape = node("Shape", [ids], "ids_shape")
+            shape = node("Concat", [ids_shape.outputs[0], hidden], "shape", axis=0)
+            nodes += [
+                ids_shape,
+                shape,
+                node("Reshape", [nodes[-1].outputs[0], shape.outputs[0]], "rows"),
+            ]
+            ir.convenience.replace_nodes_and_values(
+                graph,
+                insertion_point=gather,
+                old_nodes=[gather],
+                new_nodes=nodes,
+                old_values=[gather.outputs[0]],
+                new_values=[nodes[-1].outputs[0]],
+            )
+        return int(sum(value.const_value.nbytes for value in extra))
 
     @staticmethod
     def _activation_quantizer(graph: ir.Graph, site: _Site) -> ir.Node:

@@ -462,15 +462,7 @@ class QuantizeInt8StaticPass(_StaticQuantizePass):
     def smoothing_factors(self, group_weights: Sequence[np.ndarray], channel_absmax: np.ndarray):
         """s [K] (float32) for activation channel ranges and the [K, N] weights sharing them."""
         assert self.alpha is not None
-        alpha = float(self.alpha)
-        x = np.asarray(channel_absmax, dtype=np.float64)
-        w = np.max([np.abs(array).max(axis=1) for array in group_weights], axis=0).astype(
-            np.float64
-        )
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s = np.power(x, alpha) / np.power(w, 1.0 - alpha)
-        s = np.where((x > 0) & (w > 0) & np.isfinite(s), s, 1.0)
-        return np.clip(s, _SMOOTH_MIN, _SMOOTH_MAX).astype(np.float32)
+        return _smoothing_factors(self.alpha, group_weights, channel_absmax)
 
     def _rewrite(self, model, group, found, taken, stats) -> None:
         graph = model.graph
@@ -501,6 +493,23 @@ class QuantizeInt8StaticPass(_StaticQuantizePass):
 
 
 # --- SmoothQuant folding ----------------------------------------------------------------------
+
+
+def _smoothing_factors(
+    alpha: float, group_weights: Sequence[np.ndarray], channel_absmax: np.ndarray
+) -> np.ndarray:
+    """SmoothQuant's s [K] (float32): max|X_j|^α / max|W_j|^(1-α) over the [K, N] weights.
+
+    s_j = 1 where either range is 0; clamped to [1e-5, 1e5]. Shared by the static QDQ pass and
+    the dynamic int8 pass (fdec.passes.quantize.QuantizeInt8Pass).
+    """
+    alpha = float(alpha)
+    x = np.asarray(channel_absmax, dtype=np.float64)
+    w = np.max([np.abs(array).max(axis=1) for array in group_weights], axis=0).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.power(x, alpha) / np.power(w, 1.0 - alpha)
+    s = np.where((x > 0) & (w > 0) & np.isfinite(s), s, 1.0)
+    return np.clip(s, _SMOOTH_MIN, _SMOOTH_MAX).astype(np.float32)
 
 
 def _per_channel_constant(value: ir.Value | None, k: int) -> bool:

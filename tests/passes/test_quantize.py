@@ -426,9 +426,10 @@ def test_cpu_has_vnni_reads_flag_text(text, has):
 
 
 @pytest.mark.parametrize(
-    "flags, reduced", [(_FLAGS_AVX2, True), (_FLAGS_AVX2 + " avx_vnni", False)]
+    "flags, weight_type", [(_FLAGS_AVX2, "uint8"), (_FLAGS_AVX2 + " avx_vnni", "int8")]
 )
-def test_int8_on_llama_replaces_every_linear_layer(llama, monkeypatch, flags, reduced):
+def test_int8_on_llama_replaces_every_linear_layer(llama, monkeypatch, flags, weight_type):
+    """Without VNNI the weights are uint8 (zero point 128: u8×u8 cannot overflow int16)."""
     monkeypatch.setattr(quantize, "_host_cpu_flags", lambda: flags)
     before = llama.weights()
     roles = _quantized_roles(llama.spec, _LAYER_ROLES)
@@ -442,11 +443,16 @@ def test_int8_on_llama_replaces_every_linear_layer(llama, monkeypatch, flags, re
     # One activation quantizer per distinct input: q/k/v share one, gate/up share one.
     assert ops[("", "DynamicQuantizeLinear")] == 2 * 4 + 1
     assert model.spec_problems() == []
-    qmax = 63 if reduced else 127
+    qmax = 127
     for role in roles:
         weight = model.graph.initializers[model.spec.weights[role]]
         codes = weight.const_value.numpy()
-        assert codes.dtype == np.int8 and codes.shape == before[role].shape
+        assert codes.dtype == np.dtype(weight_type) and codes.shape == before[role].shape
+        if weight_type == "uint8":
+            (use,) = weight.uses()
+            zero_point = use.node.inputs[3].const_value.numpy()
+            assert zero_point.dtype == np.uint8 and zero_point.tolist() == 128
+            codes = codes.astype(np.int32) - 128
         # Per output channel: the largest weight of each column maps to ±qmax (an all-zero
         # column, the pad token's in the lm_head, stays 0).
         peak = np.where(np.abs(before[role]).max(axis=0) > 0, qmax, 0)
@@ -457,9 +463,10 @@ def test_int8_on_llama_replaces_every_linear_layer(llama, monkeypatch, flags, re
     columns = sum(before[role].shape[1] for role in roles)
     assert record.stats["bytes_before"] == 4 * elements
     assert record.stats["bytes_after"] == elements + 4 * columns
-    assert record.stats["reduce_range"] is reduced
+    assert record.stats["weight_type"] == weight_type
+    assert record.stats["reduce_range"] is False
     assert record.stats["reduce_range_reason"].startswith("auto")
-    assert ("no VNNI" in record.stats["reduce_range_reason"]) is reduced
+    assert ("no VNNI" in record.stats["reduce_range_reason"]) is (weight_type == "uint8")
     assert record.stats["matmuls_quantized"] == 15
     assert record.stats["activation_quantizers"] == 9
     _assert_within_tolerance(model, llama.reference, pass_)
@@ -483,6 +490,118 @@ def test_int8_refuses_gpu_targets(llama):
         QuantizeInt8Pass().check_target(load_target("h100"))
     QuantizeInt8Pass().check_target(load_target("cpu"))
     QuantizeInt4Pass().check_target(load_target("h100"))
+
+
+def _synthetic_batches(spec: ModelSpec) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [rng.integers(1, spec.vocab_size, size=(1, 32), dtype=np.int64) for _ in range(4)]
+
+
+def test_int8_smoothquant_shares_a_tied_table_once(llama):
+    """SmoothQuant folded into the norms, and one uint8 [H, V] table for lm_head + embedding."""
+    tied = llama.tied()
+    table = tied.graph.initializers[tied.spec.weights["embed"]].const_value.numpy().copy()
+    layers = tied.spec.num_layers
+    pass_ = QuantizeInt8Pass(
+        alpha=0.5,
+        batches=_synthetic_batches(tied.spec),
+        weight_type="uint8",
+        share_tied_embedding=True,
+    )
+
+    model, record = run_pass(pass_, tied)
+
+    stats = record.stats
+    assert stats["gathers_shared"] == 1 and stats["weights_quantized"] == 7 * layers + 1
+    # One factor per activation: q/k/v and gate/up read norm outputs (folded there); o, down
+    # (and here the lm_head of the uncleaned graph) get a Mul.
+    assert stats["smoothing_folded"] + stats["smoothing_inserted"] == 4 * layers + 1
+    assert stats["smoothing_folded"] >= 2 * layers
+    spec = model.spec
+    assert spec.weights["embed"] == spec.weights["lm_head"]
+    shared = model.graph.initializers[spec.weights["lm_head"]]
+    codes = shared.const_value.numpy()
+    assert codes.dtype == np.uint8 and codes.shape == table.T.shape  # [H, V], stored once
+    assert not any(
+        v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT
+        and v.const_value.size >= table.size
+        for v in model.graph.initializers.values()
+    )  # fmt: skip
+    readers = sorted(use.node.op_type for use in shared.uses())
+    assert readers == ["Gather", "MatMulInteger"]
+    gather = next(use.node for use in shared.uses() if use.node.op_type == "Gather")
+    assert gather.attributes["axis"].as_int() == 1
+    # Gathered rows: (code - 128) · scale[v] / s[h] is the table within half a step.
+    matmul = next(use.node for use in shared.uses() if use.node.op_type == "MatMulInteger")
+    scales_mul = matmul.outputs[0].uses()[0].node.outputs[0].uses()[0].node
+    scale_node = scales_mul.inputs[1].producer()
+    w_scale = scale_node.inputs[1].const_value.numpy()
+    inverse = next(
+        v.const_value.numpy() for name, v in model.graph.initializers.items()
+        if name.endswith("_inv_s")
+    )  # fmt: skip
+    rows = (codes.astype(np.float64) - 128) * w_scale[None, :] * inverse[:, None]
+    step = w_scale[None, :] * inverse[:, None]
+    assert np.all(np.abs(rows - table.T) <= step / 2 * (1 + 1e-5) + 1e-7)
+    assert model.spec_problems() == []
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_int8_smoothquant_needs_calibration_and_checks_its_options():
+    with pytest.raises(UsageError, match="needs calibration"):
+        QuantizeInt8Pass(alpha=0.5).requires(_small_model()[0])
+    assert QuantizeInt8Pass(alpha=0.5).needs_calibration
+    assert not QuantizeInt8Pass().needs_calibration
+    with pytest.raises(UsageError, match="alpha"):
+        QuantizeInt8Pass(alpha=1.5)
+    with pytest.raises(UsageError, match="weight_type"):
+        QuantizeInt8Pass(weight_type="int4")
+    with pytest.raises(UsageError, match="reduce_range"):
+        QuantizeInt8Pass(weight_type="uint8", reduce_range=True)
+
+
+_WORST_CASE = """
+<ir_version: 10, opset_import: ["" : 20]>
+g (float[2, 64] x) => (float[2, 16] y) {
+    y = MatMul (x, w)
+}
+"""
+
+
+@pytest.mark.parametrize(
+    "options, overflows",
+    [
+        ({"weight_type": "uint8"}, False),
+        ({"weight_type": "int8", "reduce_range": True}, False),
+        ({"weight_type": "int8", "reduce_range": False}, None),  # only without VNNI
+        ({}, False),  # what this machine's CPU gets by default
+    ],
+)
+def test_int8_weight_formats_on_the_u8s8_worst_case(options, overflows):
+    """x = 1 quantizes to u8 255 and w = 1 to ±127: u8×s8 pairs (64,770) overflow int16.
+
+    ONNX Runtime's x86 kernels without VNNI saturate them (vpmaddubsw), halving y; uint8
+    weights and reduce_range (±63: 32,130) stay exact. On this machine's CPU the default
+    format is exact, whatever it has.
+    """
+    if overflows is None:
+        overflows = not quantize._cpu_has_vnni(quantize._host_cpu_flags())
+    arrays = {"w": np.ones((64, 16), dtype=np.float32)}
+    spec = tiny_spec(
+        num_heads=1, head_dim=64, hidden_size=64, intermediate_size=16, vocab_size=16,
+        weights={"layers.0.o": "w"}, outputs=["y"],
+    )  # fmt: skip
+    model = FdecModel(ir_model(_WORST_CASE, arrays), spec)
+    feeds = {"x": np.ones((2, 64), dtype=np.float32)}
+
+    model, record = run_pass(QuantizeInt8Pass(**options), model)
+
+    assert record.stats["weights_quantized"] == 1
+    (got,) = run_ort(model.model, feeds)
+    if overflows:
+        assert got.max() < 40.0  # 32 saturated pairs: 32,767 · 32 / (255 · 127) ≈ 32.4
+    else:
+        np.testing.assert_allclose(got, 64.0, rtol=1e-5)
 
 
 # --- small graphs: weights read through Transpose or Gemm(transB=1), and skips -----------------
