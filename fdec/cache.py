@@ -30,6 +30,7 @@ import math
 import os
 import pathlib
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -81,6 +82,7 @@ _SIDE_FILES = (
 )
 _DIGEST_INDEX_LIMIT = 4096  # entries kept in digests.json (the most recent)
 _RACY_NS = 2 * 10**9
+_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -324,7 +326,7 @@ class Cache:
         if not self.enabled:
             return None
         path = self.entries / key
-        if not path.is_dir():
+        if not _KEY.fullmatch(key) or not path.is_dir():  # a key read from a manifest included
             self.misses.append(kind)
             return None
         entry, problem = _check_entry(path, key)
@@ -359,7 +361,7 @@ class Cache:
         """Store an entry: `write(folder)` writes its files into a temporary folder, which is
         renamed into place once its manifest is written. Returns whether it was stored (a cache
         that cannot be written costs time, never the build)."""
-        if not self.enabled:
+        if not self.enabled or not _KEY.fullmatch(key):
             return False
         final = self.entries / key
         if (final / ENTRY_MANIFEST).is_file():

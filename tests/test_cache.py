@@ -244,17 +244,21 @@ def test_entries_are_checked_when_read(tmp_path):
     assert Cache(tmp_path).get(key, "other kind") is None
 
 
+_SHARED_KEY = "5" * 64
+
+
 def _put_same_key(folder: str, seed: int) -> bool:
-    return Cache(pathlib.Path(folder)).put("k" * 64, "blob", _write(200_000, seed=0))
+    return Cache(pathlib.Path(folder)).put(_SHARED_KEY, "blob", _write(200_000, seed=0))
 
 
 def test_concurrent_writers_of_one_key_are_harmless(tmp_path):
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         stored = pool.starmap(_put_same_key, [(str(tmp_path), n) for n in range(8)])
     assert all(stored)
-    entry = Cache(tmp_path).get("k" * 64, "blob")
+    entry = Cache(tmp_path).get(_SHARED_KEY, "blob")
     assert entry is not None
-    assert [p.name for p in (tmp_path / ENTRIES).iterdir()] == ["k" * 64]  # no leftovers
+    assert [p.name for p in (tmp_path / ENTRIES).iterdir()] == [_SHARED_KEY]  # no leftovers
+    assert Cache(tmp_path).get("../" + _SHARED_KEY[3:], "blob") is None  # keys are hex digests
 
 
 def test_least_recently_used_entries_go_first_under_the_size_cap(tmp_path):
