@@ -64,7 +64,13 @@ def load_build(folder: pathlib.Path) -> LoadedBuild:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     # How the build takes its KV cache ("shared": one buffer bound as past and present).
     kv_buffer = (config.get("kv_cache") or {}).get("buffer")
-    model = OrtModel(session, kv_buffer=kv_buffer if kv_buffer in KV_BUFFERS else None)
+    # The cache policy (--kv-window / --kv-sink) the build was made with: generation honours it.
+    kv_policy = (config.get("kv_cache") or {}).get("policy")
+    model = OrtModel(
+        session,
+        kv_buffer=kv_buffer if kv_buffer in KV_BUFFERS else None,
+        kv_policy=kv_policy if isinstance(kv_policy, dict) else None,
+    )
     return LoadedBuild(folder, config, model, tokenizer)
 
 
@@ -142,5 +148,6 @@ def run_prompt(
         "tokens": result.tokens,
         "prefill_s": round(result.prefill_s, 4),
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+        "max_cache_positions": result.max_past_length,
         "providers": build.model.providers,
     }

@@ -17,6 +17,8 @@ from fdec.passes.cleanup import (
     UntieEmbeddingsPass,
 )
 from fdec.passes.fusion import FuseAttentionPass
+from fdec.passes.pack import PackQkvPass
+from fdec.passes.kv_cache import KvPolicyPass, QuantizeKvCachePass
 from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
 from fdec.passes.quantize_awq import QuantizeInt4AwqPass
 from fdec.passes.quantize_embedding import QuantizeEmbeddingPass
@@ -42,6 +44,9 @@ REGISTRY: dict[str, type[Pass]] = {
         QuantizeEmbeddingPass,
         QuantizeMixedPass,
         FuseAttentionPass,
+        PackQkvPass,
+        QuantizeKvCachePass,
+        KvPolicyPass,
     )
 }
 

@@ -81,21 +81,52 @@ def shared_kv_layers(model: Any) -> list[int]:
     return sorted(layers)
 
 
+# The cache dtype as fdec-runtime.json names it, and its bytes per element.
+_KV_DTYPE_NAMES = {
+    "FLOAT": ("float32", 4),
+    "FLOAT16": ("float16", 2),
+    "BFLOAT16": ("bfloat16", 2),
+    "INT8": ("int8", 1),
+    "FLOAT8E4M3FN": ("float8_e4m3fn", 1),
+}
+KV_POLICY_METADATA = "fdec.kv_policy"  # fdec.passes.kv_cache.KV_POLICY_METADATA
+
+
 def kv_cache_config(model: Any, spec: Any) -> dict[str, Any] | None:
-    """The runtime config's `kv_cache` entry: shape, layout, dtype and how it is passed."""
+    """The runtime config's `kv_cache` entry: shape, layout, dtype, how it is passed, the
+    compression policy and the memory bound it gives."""
     if not spec.is_decoder:
         return None
     shared = len(shared_kv_layers(model)) == spec.num_layers > 0
+    past = next((v for v in model.graph.inputs if v.name == "past_key_values.0.key"), None)
+    dtype_name = past.dtype.name if past is not None and past.dtype is not None else "FLOAT"
+    dtype, item = _KV_DTYPE_NAMES.get(dtype_name, (dtype_name.lower(), 4))
+    per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * item
+    policy_text = model.metadata_props.get(KV_POLICY_METADATA)
+    policy = json.loads(policy_text) if policy_text else None
+    # Positions one sequence's cache may hold: sink + window when the runtime trims it; a
+    # native GroupQueryAttention window bounds attention, not the buffer.
+    trims = policy is not None and not policy.get("native_window")
+    max_tokens = policy["sink"] + policy["window"] if trims else spec.max_positions
     return {
         "layers": spec.num_layers,
         "kv_heads": spec.num_kv_heads,
         "head_dim": spec.head_dim,
         "layout": "BNSH",
-        "dtype": "float32",
+        "dtype": dtype,
+        # int8/fp8 caches (fdec.passes.kv_cache): static per-head scales inside model.onnx.
+        "scales": "per-head, in model.onnx" if item == 1 else None,
+        "bytes_per_token": per_token,
         # "shared": one [batch, kv_heads, max_length, head_dim] buffer per tensor, bound as
         # both past and present (no per-step copy); "concat": present = past + new positions.
         "buffer": "shared" if shared else "concat",
         "max_length": spec.max_positions,
+        "policy": policy,
+        "memory_bound": {
+            "max_cache_tokens": max_tokens,
+            "bytes_per_sequence": per_token * max_tokens if max_tokens else None,
+            "bounded_by": "policy" if trims else "max_positions",
+        },
     }
 
 

@@ -4,13 +4,57 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from fdec.runtime.session import OrtModel
 
-__all__ = ["GenerationResult", "Sampling", "generate"]
+__all__ = ["GenerationResult", "KvPolicy", "Sampling", "generate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KvPolicy:
+    """KV-cache compression: keep the first `sink` positions and the last `window` ones.
+
+    Before each step, a past longer than `sink + window` loses the positions between them;
+    positions keep counting, so every kept key (cached after RoPE) keeps its true position
+    (StreamingLLM instead re-indexes positions within the cache, which needs keys cached
+    before RoPE). `native_window`: the graph's GroupQueryAttention applies the window itself
+    (local_window_size), so nothing is dropped here.
+    """
+
+    sink: int = 0
+    window: int = 0
+    native_window: bool = False
+
+    @classmethod
+    def of(cls, value: KvPolicy | Mapping[str, Any] | None) -> KvPolicy | None:
+        if value is None or isinstance(value, KvPolicy):
+            return value
+        return cls(
+            int(value.get("sink", 0)),
+            int(value.get("window", 0)),
+            bool(value.get("native_window", False)),
+        )
+
+    @property
+    def trims(self) -> bool:
+        """Whether generation drops cache positions (not done by the graph)."""
+        return self.window > 0 and not self.native_window
+
+    @property
+    def max_cache_tokens(self) -> int:
+        return self.sink + self.window
+
+    def trim(self, past: list[np.ndarray]) -> list[np.ndarray]:
+        """The past with the middle positions dropped when it holds more than sink + window."""
+        length = past[0].shape[2] if past else 0
+        if not self.trims or length <= self.max_cache_tokens:
+            return past
+        keep = np.r_[0 : self.sink, length - self.window : length]
+        return [np.ascontiguousarray(tensor[:, :, keep]) for tensor in past]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +90,7 @@ class GenerationResult:
     prompt_tokens: int
     prefill_s: float
     decode_s: float
+    max_past_length: int = 0  # the longest past any step was given (bounded by a KvPolicy)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -62,13 +107,22 @@ def generate(
     stop_tokens: Sequence[int] = (),
     on_token: Callable[[int], None] | None = None,
     bound: bool = True,
+    policy: KvPolicy | Mapping[str, Any] | None = None,
 ) -> GenerationResult:
     """Prefill the prompt once, then decode one token per step reusing the KV cache.
 
     `bound` (default) runs the steps through IOBinding (`OrtModel.bound_decoder`): the cache
     stays in OrtValues, shared between past and present when the build allows it. False runs
     the plain loop that passes the cache through numpy each step (the reference in tests).
+    `policy` (default: the build's, `model.kv_policy`) bounds the cache; when generation has
+    to drop positions it runs the plain loop, and a prompt longer than sink + window is
+    prefilled in window-sized chunks so that no past exceeds sink + window.
     """
+    chosen = KvPolicy.of(policy if policy is not None else model.kv_policy)
+    if chosen is not None and chosen.trims:
+        return _generate_trimmed(
+            model, prompt, chosen, max_new_tokens, sampling, stop_tokens, on_token
+        )
     rng = np.random.default_rng(sampling.seed)
     ids = np.asarray([list(prompt)], dtype=np.int64)
     start = time.perf_counter()
@@ -95,4 +149,52 @@ def generate(
         tokens.append(token)
         if on_token:
             on_token(token)
-    return GenerationResult(tokens, len(prompt), prefill_s, time.perf_counter() - start)
+    longest = length - 1 if len(tokens) > 1 else 0
+    return GenerationResult(tokens, len(prompt), prefill_s, time.perf_counter() - start, longest)
+
+
+def _generate_trimmed(
+    model: OrtModel,
+    prompt: Sequence[int],
+    policy: KvPolicy,
+    max_new_tokens: int,
+    sampling: Sampling,
+    stop_tokens: Sequence[int],
+    on_token: Callable[[int], None] | None,
+) -> GenerationResult:
+    """The plain numpy loop with the policy applied to the past before every step."""
+    rng = np.random.default_rng(sampling.seed)
+    ids = list(prompt)
+    chunk = len(ids) if len(ids) <= policy.max_cache_tokens else policy.window
+    past = model.empty_past(1)
+    position = 0
+    longest = 0
+
+    def step(piece: list[int]) -> np.ndarray:
+        nonlocal past, position, longest
+        past = policy.trim(past)
+        cached = past[0].shape[2] if past else 0
+        longest = max(longest, cached)
+        logits, past = model.decode(
+            np.asarray([piece], dtype=np.int64), past, cached, position=position
+        )
+        position += len(piece)
+        return logits
+
+    start = time.perf_counter()
+    for offset in range(0, len(ids), chunk):
+        logits = step(ids[offset : offset + chunk])
+    token = sampling.choose(logits[0, -1], rng)
+    prefill_s = time.perf_counter() - start
+    tokens = [token]
+    if on_token:
+        on_token(token)
+    start = time.perf_counter()
+    while len(tokens) < max_new_tokens and token not in stop_tokens:
+        logits = step([token])
+        token = sampling.choose(logits[0, -1], rng)
+        tokens.append(token)
+        if on_token:
+            on_token(token)
+    decode_s = time.perf_counter() - start
+    return GenerationResult(tokens, len(prompt), prefill_s, decode_s, longest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -27,6 +28,7 @@ OPT_LEVELS = ("disable", "basic", "extended", "all")
 # "concat": present is past plus the new positions (a new tensor every step).
 KV_BUFFERS = ("shared", "concat")
 _KV_BUFFER_METADATA = "fdec.kv_buffer"  # fdec.lower.onnxruntime.KV_BUFFER_METADATA
+_KV_POLICY_METADATA = "fdec.kv_policy"  # fdec.passes.kv_cache.KV_POLICY_METADATA (JSON)
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
@@ -92,7 +94,12 @@ _NP_TYPES = {
     "tensor(float16)": np.float16,
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    # numpy has no fp8: an fp8 KV cache (fdec.passes.kv_cache) is held as its raw bytes and
+    # handed to ONNX Runtime as OrtValues typed FLOAT8E4M3FN (OrtModel.kv_ortvalue).
+    "tensor(float8e4m3fn)": np.uint8,
 }
+_ONNX_FP8_E4M3FN = 17  # onnx.TensorProto.FLOAT8E4M3FN
 
 
 class OrtModel:
@@ -101,10 +108,18 @@ class OrtModel:
     The layout of the cache (layers, KV heads, head dim, dtype) is read from the graph's
     `past_key_values.{i}.key` inputs, so any build with ecosystem I/O names runs. `kv_buffer`
     (one of KV_BUFFERS) says whether past and present may share one buffer; None reads it from
-    the model's metadata (written by fdec's lowering), "concat" when absent.
+    the model's metadata (written by fdec's lowering), "concat" when absent. `kv_policy`
+    ({"sink": K, "window": W, "native_window": bool}, fdec.passes.kv_cache.KvPolicyPass) is
+    the cache compression generation applies; None reads it from the metadata.
     """
 
-    def __init__(self, session: Any, *, kv_buffer: str | None = None):
+    def __init__(
+        self,
+        session: Any,
+        *,
+        kv_buffer: str | None = None,
+        kv_policy: dict[str, Any] | None = None,
+    ):
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
@@ -114,13 +129,19 @@ class OrtModel:
             layers += 1
         self.num_layers = layers
         self.is_decoder = "logits" in self.output_names
+        self.kv_onnx_type: int | None = None
         if layers:
             past = self._inputs["past_key_values.0.key"]
             self.kv_heads = past.shape[1] if isinstance(past.shape[1], int) else None
             self.head_dim = past.shape[3] if isinstance(past.shape[3], int) else None
             self.kv_dtype = _NP_TYPES.get(past.type, np.float32)
+            # Set when numpy cannot name the cache's type (fp8): the ONNX type of the bytes.
+            self.kv_onnx_type = _ONNX_FP8_E4M3FN if past.type == "tensor(float8e4m3fn)" else None
+        metadata = session.get_modelmeta().custom_metadata_map or {}
+        if kv_policy is None and metadata.get(_KV_POLICY_METADATA):
+            kv_policy = json.loads(metadata[_KV_POLICY_METADATA])
+        self.kv_policy = kv_policy if layers else None
         if kv_buffer is None:
-            metadata = session.get_modelmeta().custom_metadata_map or {}
             kv_buffer = metadata.get(_KV_BUFFER_METADATA, "concat")
         if kv_buffer not in KV_BUFFERS:
             raise ValueError(f"kv_buffer {kv_buffer!r} is not one of {', '.join(KV_BUFFERS)}")
@@ -144,22 +165,54 @@ class OrtModel:
         shape = (batch, self.kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=self.kv_dtype) for _ in range(2 * self.num_layers)]
 
+    def kv_ortvalue(self, array: np.ndarray, device: str = "cpu") -> Any:
+        """An OrtValue of a cache tensor in the graph's cache type (fp8 from its raw bytes)."""
+        import onnxruntime as ort
+
+        if self.kv_onnx_type is not None:
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(array).view(np.uint8), self.kv_onnx_type
+            )
+        return ort.OrtValue.ortvalue_from_numpy(array, device, 0)
+
     def decode(
-        self, input_ids: np.ndarray, past: list[np.ndarray], past_length: int
+        self,
+        input_ids: np.ndarray,
+        past: list[np.ndarray],
+        past_length: int,
+        *,
+        position: int | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One decoder step: logits for `input_ids` given `past_length` cached positions."""
+        """One decoder step: logits for `input_ids` given `past_length` cached positions.
+
+        `position` is the position of input_ids[:, 0] (default `past_length`); it differs when
+        a cache policy dropped positions (fdec.runtime.generate.KvPolicy).
+        """
         batch, seq = input_ids.shape
-        feeds: dict[str, np.ndarray] = {
+        start = past_length if position is None else position
+        feeds: dict[str, Any] = {
             "input_ids": input_ids.astype(np.int64, copy=False),
             "attention_mask": np.ones((batch, past_length + seq), dtype=np.int64),
         }
         if "position_ids" in self._inputs:
-            positions = np.arange(past_length, past_length + seq, dtype=np.int64)
+            positions = np.arange(start, start + seq, dtype=np.int64)
             feeds["position_ids"] = np.broadcast_to(positions, (batch, seq)).copy()
         for i in range(self.num_layers):
             feeds[f"past_key_values.{i}.key"] = past[2 * i]
             feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
-        outputs = self.session.run(None, feeds)
+        if self.kv_onnx_type is not None:
+            import onnxruntime as ort
+
+            values = {
+                name: self.kv_ortvalue(array)
+                if name.startswith("past_key_values.")
+                else ort.OrtValue.ortvalue_from_numpy(array)
+                for name, array in feeds.items()
+            }
+            ran = self.session.run_with_ort_values(None, values)
+            outputs = [value.numpy() for value in ran]
+        else:
+            outputs = self.session.run(None, feeds)
         named = dict(zip(self.output_names, outputs))
         present = [
             named[f"present.{i}.{kv}"] for i in range(self.num_layers) for kv in ("key", "value")
@@ -212,14 +265,12 @@ class BoundDecoder:
             shape = (batch, model.kv_heads, max_length, model.head_dim)
             # One array each: on the CPU an OrtValue wraps the numpy memory it is given.
             self._past = [
-                ort.OrtValue.ortvalue_from_numpy(
-                    np.zeros(shape, dtype=model.kv_dtype), self._device, 0
-                )
+                model.kv_ortvalue(np.zeros(shape, dtype=model.kv_dtype), self._device)
                 for _ in range(2 * model.num_layers)
             ]
         else:
             empty = model.empty_past(batch)
-            self._past = [ort.OrtValue.ortvalue_from_numpy(a, self._device, 0) for a in empty]
+            self._past = [model.kv_ortvalue(a, self._device) for a in empty]
         for index, name in enumerate(self._past_names()):
             self._binding.bind_ortvalue_input(name, self._past[index])
         self._bind_presents()
