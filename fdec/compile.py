@@ -555,6 +555,8 @@ def plan_pipeline(
         and not any(p.name in _UNFUSED_QUANTIZERS for p in pipeline)
     ):
         pipeline.append(fdec_passes.make_pass("fuse-attention", backend=backend))
+        # then q/k/v into one projection per layer (onnxruntime-genai's packed QKV)
+        pipeline.append(fdec_passes.make_pass("pack-qkv"))
     PassManager(pipeline, target=target).check_requirements()
     needs = any(getattr(p, "needs_calibration", False) for p in pipeline)
     # ONNX Runtime runs FP8/INT8 QDQ graphs on the CPU only at optimization BASIC (DESIGN.md).

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as onnx_ir_common
 from onnxscript import optimizer as onnxscript_optimizer
 from onnxscript.rewriter import RewriteRuleSet, _ir_utils, pattern
 
@@ -167,6 +168,91 @@ class _ExpandOnnxDomainRmsNorm(pattern.RewriteRuleClassBase):
         return op.Mul(op.Div(x, std), scale)
 
 
+def _range_from_zero(value: ir.Value) -> bool:
+    """`value` is `Range(0, n, 1)` as float, through Reshape/Cast/Unsqueeze (any n)."""
+    node = value.producer()
+    while node is not None and node.op_type in ("Reshape", "Cast", "Unsqueeze"):
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if node is None or node.op_type != "Range" or len(node.inputs) != 3:
+        return False
+    start, _, delta = node.inputs
+    return (
+        start is not None
+        and delta is not None
+        and _ir_utils.is_singleton_value(start, 0)
+        and _ir_utils.is_singleton_value(delta, 1)
+    )
+
+
+def _rotary_angles(cos: ir.Value, sin: ir.Value) -> np.ndarray | None:
+    """inv_freq [1, E] when cos, sin = Cos(x), Sin(x) of x = Range(0, n) ⊗ inv_freq."""
+    cos_node, sin_node = cos.producer(), sin.producer()
+    if cos_node is None or sin_node is None:
+        return None
+    if cos_node.op_type != "Cos" or sin_node.op_type != "Sin":
+        return None
+    angles = cos_node.inputs[0]
+    if angles is None or sin_node.inputs[0] is not angles:
+        return None
+    matmul = angles.producer()
+    if matmul is None or matmul.op_type != "MatMul":
+        return None
+    positions, inv_freq = matmul.inputs
+    if inv_freq is None or inv_freq.const_value is None or positions is None:
+        return None
+    values = inv_freq.const_value.numpy()
+    if values.ndim != 2 or values.shape[0] != 1 or not _range_from_zero(positions):
+        return None
+    return values
+
+
+def _constant_rotary_caches(model: FdecModel) -> int:
+    """Per-step cos/sin caches of GroupQueryAttention → constant [max_positions, E] tables.
+
+    onnxscript's fusion computes the caches every step for positions 0..max(position_ids)
+    (a cost that grows with the sequence); onnxruntime-genai stores them as initializers.
+    Angles are the same float32 products (position × inv_freq, one product each, as the
+    K=1 MatMul did); cos and sin are taken in float64 and rounded. Returns the tables made.
+    """
+    graph = model.graph
+    rows = model.spec.max_positions
+    made: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+    for node in list(graph):
+        if node.op_type != "GroupQueryAttention" or node.domain != _MS or len(node.inputs) < 9:
+            continue
+        cos, sin = node.inputs[7], node.inputs[8]
+        if cos is None or sin is None or cos.const_value is not None:
+            continue
+        key = (id(cos), id(sin))
+        if key not in made:
+            inv_freq = _rotary_angles(cos, sin)
+            if inv_freq is None or rows <= 0:
+                continue
+            positions = np.arange(rows, dtype=np.float32)[:, None]
+            angles = (positions * inv_freq.astype(np.float32)).astype(np.float64)
+            dtype = cos.dtype.numpy() if cos.dtype is not None else np.float32
+            tables = []
+            for which, function in (("cos", np.cos), ("sin", np.sin)):
+                name = f"rotary.{which}_cache"
+                while name in graph.initializers:
+                    name = "_" + name
+                tensor = ir.tensor(function(angles).astype(dtype), name=name)
+                value = ir.Value(
+                    name=name,
+                    shape=ir.Shape(tensor.shape),
+                    type=ir.TensorType(tensor.dtype),
+                    const_value=tensor,
+                )
+                graph.register_initializer(value)
+                tables.append(value)
+            made[key] = (tables[0], tables[1])
+        node.replace_input_with(7, made[key][0])
+        node.replace_input_with(8, made[key][1])
+    if made:
+        onnx_ir_common.RemoveUnusedNodesPass()(model.model)
+    return len(made)
+
+
 _NORMALIZE_RULES = RewriteRuleSet([_RotaryAnglesAsMatMul.rule(), _Conv1DAsMatMul.rule()])
 _STANDARDIZE_RULES = RewriteRuleSet([_ExpandOnnxDomainRmsNorm.rule()])
 
@@ -196,6 +282,9 @@ class FuseAttentionPass(Pass):
     tolerance = EXACT
 
     backend: str = dataclasses.field(default="onnxruntime", kw_only=True)
+    # cos/sin tables as initializers [max_positions, rotary_dim / 2] (as onnxruntime-genai)
+    # instead of computed every step from position_ids
+    rotary_cache: bool = dataclasses.field(default=True, kw_only=True)
 
     def check_target(self, target: Any) -> None:
         if self.backend != "onnxruntime":
@@ -228,6 +317,7 @@ class FuseAttentionPass(Pass):
         if fused_model is not model.model:
             model.model = fused_model
         expanded = _STANDARDIZE_RULES.apply_to_model(model.model)
+        rotary_caches = _constant_rotary_caches(model) if self.rotary_cache else 0
         after = _op_counts(model)
         nodes_after = sum(after.values())
         fused_ops = {
@@ -244,6 +334,7 @@ class FuseAttentionPass(Pass):
             "fusions": {k: v for k, v in sorted(fusions.items()) if v},
             "rewritten_for_ort_fusions": normalized,
             "rms_norms_kept_standard": expanded,
+            "constant_rotary_caches": rotary_caches,
             "attention": next(iter(attention), None),
             "kv_layout": "BNSH",
             "kv_shared_buffer_layers": len(shared_kv_layers(model.model)),

@@ -12,6 +12,7 @@ from fdec.errors import UsageError
 from fdec.ir import FdecModel
 from fdec.passes import make_pass
 from fdec.passes.fusion import FuseAttentionPass
+from fdec.passes.pack import PackQkvPass
 from fdec.runtime import generate, session_for_model
 from fdec.targets import load_target
 
@@ -151,7 +152,7 @@ def test_fusion_is_refused_for_tensorrt_and_planned_last_for_onnxruntime():
     cpu = load_target("cpu")
     for quantize in (None, "int4", "int4-awq"):
         names = plan_pipeline(target=cpu, backend="onnxruntime", quantize=quantize).pass_names
-        assert names[-1] == "fuse-attention", (quantize, names)
+        assert names[-2:] == ["fuse-attention", "pack-qkv"], (quantize, names)
     assert (
         "fuse-attention"
         not in plan_pipeline(target=cpu, backend="onnxruntime", quantize="int8").pass_names
@@ -175,3 +176,80 @@ def test_encoders_are_left_alone_and_say_so(exports, tiny_models, tmp_path_facto
     result = FuseAttentionPass()(model)
     assert not result.modified and "encoder" in result.stats["not_fused"]
     assert sum(op_counts(result.model).values()) == nodes
+
+
+def _greedy(model: FdecModel, steps: int = 64) -> list[int]:
+    return generate(session_for_model(model), _PROMPT, max_new_tokens=steps).tokens
+
+
+@pytest.mark.parametrize("family", _GQA_FAMILIES)
+def test_rotary_cos_sin_become_constant_tables_with_the_same_numbers(exports, family):
+    tiny = exports(family)
+    computed, _ = run_pass(FuseAttentionPass(rotary_cache=False), tiny.cleaned())
+    tables, record = run_pass(FuseAttentionPass(), tiny.cleaned())
+    assert op_counts(computed)[("", "Cos")] == 1  # one per-step table shared by the layers
+    assert record.stats["constant_rotary_caches"] == 1
+    ops = op_counts(tables)
+    assert ops[("", "Cos")] == ops[("", "Sin")] == ops[("", "Range")] == 0
+    spec = tiny.spec
+    for node in tables.graph:
+        if node.op_type == "GroupQueryAttention":
+            cos, sin = node.inputs[7], node.inputs[8]
+            assert cos.const_value is not None and sin.const_value is not None
+            assert cos.const_value.shape == (spec.max_positions, spec.head_dim // 2)
+    # Row p holds position p: the tables agree with what the graph computed every step.
+    np.testing.assert_allclose(_logits(tables), _logits(computed), atol=1e-5, rtol=0)
+    assert _greedy(tables) == _greedy(computed)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases packed too
+def test_pack_qkv_gives_one_projection_per_layer_and_the_same_tokens(exports, family):
+    tiny = exports(family)
+    fused, _ = run_pass(FuseAttentionPass(), tiny.cleaned())
+    before, logits, tokens = op_counts(fused), _logits(fused), _greedy(fused)
+    packed, record = run_pass(PackQkvPass(), fused)  # structure check: ModelSpec still true
+    layers = tiny.spec.num_layers
+    assert record.stats == {"packed_layers": layers}
+    assert op_counts(packed)[("", "MatMul")] == before[("", "MatMul")] - 2 * layers
+    for node in packed.graph:
+        if node.op_type == "GroupQueryAttention":
+            assert node.inputs[1] is None and node.inputs[2] is None
+    spec = tiny.spec
+    width = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+    for layer in range(layers):
+        weights = packed.spec.weights
+        assert not {f"layers.{layer}.{r}" for r in "qkv"} & set(weights)
+        w = packed.graph.initializers[weights[f"layers.{layer}.qkv"]].const_value.numpy()
+        assert w.shape == (spec.hidden_size, width)
+        # Columns are q, then k, then v: the unpacked weights, side by side.
+        parts = [tiny.spec.weights[f"layers.{layer}.{r}"] for r in "qkv"]
+        want = np.concatenate(
+            [tiny.cleaned().graph.initializers[n].const_value.numpy() for n in parts], axis=1
+        )
+        np.testing.assert_array_equal(w, want)
+    np.testing.assert_allclose(_logits(packed), logits, atol=1e-5, rtol=0)
+    assert _greedy(packed) == tokens
+    assert tiny.reference.compare_greedy(session_for_model(packed))["identical"]
+    assert PackQkvPass()(packed).modified is False  # already packed: nothing to do
+
+
+def test_pack_qkv_of_int4_concatenates_blocks_and_keeps_logits(exports):
+    tiny = exports("llama")
+    model = tiny.cleaned()
+    for pass_ in (make_pass("quantize-int4"), make_pass("quantize-embedding", bits=8)):
+        model, _ = run_pass(pass_, model)
+    fused, _ = run_pass(FuseAttentionPass(), model)
+    before, logits, tokens = op_counts(fused), _logits(fused), _greedy(fused, 32)
+    packed, record = run_pass(PackQkvPass(), fused)
+    layers = tiny.spec.num_layers
+    assert record.stats["packed_layers"] == layers
+    assert op_counts(packed)[(_MS, "MatMulNBits")] == before[(_MS, "MatMulNBits")] - 2 * layers
+    node = next(n for n in packed.graph if n.op_type == "MatMulNBits" and "qkv" in n.name)
+    spec = tiny.spec
+    assert node.attributes["N"].as_int() == (spec.num_heads + 2 * spec.num_kv_heads) * (
+        spec.head_dim
+    )
+    assert node.attributes["accuracy_level"].as_int() == 4
+    # Each output column is the same int4 dot product with the same int8 activations.
+    np.testing.assert_allclose(_logits(packed), logits, atol=1e-5, rtol=0)
+    assert _greedy(packed, 32) == tokens
