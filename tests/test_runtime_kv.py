@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from fdec.lower import MODEL_FILE, RUNTIME_CONFIG, lower_onnxruntime
 from fdec.passes.fusion import FuseAttentionPass
 from fdec.runner import load_build, run_prompt
 from fdec.runtime import OrtModel, Sampling, generate, open_session
+from fdec.runtime.session import auto_threads
 from fdec.targets import load_target
 
 _PROMPT = [5, 17, 99, 3, 250, 7, 8, 41, 120, 64, 2, 300]
@@ -89,3 +92,44 @@ def test_fdec_run_on_both_builds_gives_the_same_text(builds):
     fused = run_prompt(load_build(builds["fused"]), "the quick brown fox", max_new_tokens=24)
     plain = run_prompt(load_build(builds["plain"]), "the quick brown fox", max_new_tokens=24)
     assert fused["tokens"] == plain["tokens"] and fused["new_tokens"] > 0
+
+
+def test_session_threads_and_spinning_come_from_the_runtime_config(builds, tmp_path):
+    config = json.loads((builds["fused"] / RUNTIME_CONFIG).read_text())["session_options"]
+    assert config["intra_op_num_threads"] == 0 and config["allow_spinning"] is False
+    options = open_session(builds["fused"] / MODEL_FILE).get_session_options()
+    assert 1 <= options.intra_op_num_threads <= (os.cpu_count() or 1)  # 0: auto_threads()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    folder = tmp_path / "build"
+    shutil.copytree(builds["fused"], folder)
+    runtime = json.loads((folder / RUNTIME_CONFIG).read_text())
+    runtime["session_options"].update(intra_op_num_threads=1, allow_spinning=True)
+    (folder / RUNTIME_CONFIG).write_text(json.dumps(runtime))
+    options = open_session(folder / MODEL_FILE).get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    # Arguments win over the file.
+    options = open_session(folder / MODEL_FILE, threads=2, spinning=False).get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_auto_threads_leaves_out_cores_that_other_work_keeps_busy(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    idle = auto_threads()
+    assert idle >= 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0 + idle, 0.0, 0.0))  # all cores taken
+    assert auto_threads() == 1
+    if idle > 1:
+        monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 0.0, 0.0))  # one other busy job
+        assert auto_threads() == idle - 1
+
+
+def test_decode_logits_written_in_place_are_handed_out_as_copies(builds):
+    decoder = _open(builds["fused"]).bound_decoder(1, 32)
+    decoder.step(np.asarray([_PROMPT]))
+    first = decoder.step(np.asarray([[7]]))
+    kept = first.copy()
+    second = decoder.step(np.asarray([[9]]))
+    assert first is not second and not np.array_equal(first, second)
+    np.testing.assert_array_equal(first, kept)  # the next step did not overwrite it

@@ -180,7 +180,13 @@ def lower_onnxruntime(
         "kind": spec.kind,
         "family": spec.family,
         "providers": providers_for(target),
-        "session_options": {"graph_optimization_level": optimization, "intra_op_num_threads": 0},
+        # intra_op_num_threads 0: fdec.runtime.auto_threads() when the session opens (cores
+        # not kept busy by other work); no spinning (idle pool threads busy-wait otherwise).
+        "session_options": {
+            "graph_optimization_level": optimization,
+            "intra_op_num_threads": 0,
+            "allow_spinning": False,
+        },
         "inputs": spec.inputs,
         "outputs": spec.outputs,
         "kv_cache": kv_cache,

@@ -16,6 +16,7 @@ __all__ = [
     "OPT_LEVELS",
     "BoundDecoder",
     "OrtModel",
+    "auto_threads",
     "open_session",
     "session_for_model",
 ]
@@ -61,15 +62,60 @@ def resolve_providers(
     return names, options, missing
 
 
+def auto_threads() -> int:
+    """Intra-op threads for this machine now: its cores less those other work keeps busy.
+
+    Cores: physical cores when psutil knows them (ORT's own default), else the CPUs this
+    process may use. Busy: the 1-minute load average less one (this process itself), rounded.
+    At least 1. Measured on a 2-core machine shared by other jobs: a second thread that is not
+    free makes every op wait for it (decode 0.5-0.8x of one thread); onnxruntime-genai's
+    generator takes half of `hardware_concurrency` for the same reason.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    try:
+        import psutil
+
+        cores = min(cores or 1 << 16, psutil.cpu_count(logical=False) or 1 << 16)
+    except ImportError:
+        pass
+    cores = cores or os.cpu_count() or 1
+    try:
+        busy = max(0.0, os.getloadavg()[0] - 1.0)
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def _build_session_options(path: pathlib.Path) -> dict[str, Any]:
+    """`session_options` of the fdec-runtime.json beside a build's model, or {}."""
+    config = path.parent / "fdec-runtime.json"  # fdec.lower.onnxruntime.RUNTIME_CONFIG
+    try:
+        return dict(json.loads(config.read_text()).get("session_options") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def open_session(
     path: str | os.PathLike,
     *,
     providers: list[Any] | None = None,
     optimization: str = "all",
-    threads: int = 0,
+    threads: int | None = None,
+    spinning: bool | None = None,
 ) -> Any:
-    """An InferenceSession; `providers` are names or (name, options) pairs, best first."""
+    """An InferenceSession; `providers` are names or (name, options) pairs, best first.
+
+    `threads` (intra-op) and `spinning` (whether idle pool threads busy-wait) default to the
+    build's fdec-runtime.json `session_options` (`intra_op_num_threads`, `allow_spinning`),
+    then to 0 and no spinning; 0 threads means `auto_threads()`.
+    """
     import onnxruntime as ort
+
+    configured = _build_session_options(pathlib.Path(path))
+    if threads is None:
+        threads = int(configured.get("intra_op_num_threads") or 0)
+    if spinning is None:
+        spinning = bool(configured.get("allow_spinning", False))
 
     names, provider_options, missing = resolve_providers(providers, pathlib.Path(path).parent)
     if missing:
@@ -82,7 +128,9 @@ def open_session(
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads if threads > 0 else auto_threads()
+    # Spinning pool threads take cores other work (or this process's own loop) needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3
     return ort.InferenceSession(
         str(path), sess_options=options, providers=names, provider_options=provider_options
@@ -259,6 +307,7 @@ class BoundDecoder:
         self._step_ids: Any = None  # [batch, 1] OrtValues, created at the first decode step
         self._step_positions: Any = None
         self._step_logits: Any = None
+        self._step_array: np.ndarray | None = None  # the CPU memory of _step_logits
         self._past: list[Any]
         self._output_index: dict[str, int] = {}
         if model.shares_kv_buffer:
@@ -322,9 +371,9 @@ class BoundDecoder:
                 )
                 vocab = model.session.get_outputs()[model.output_names.index("logits")].shape[-1]
                 if isinstance(vocab, int):
-                    self._step_logits = ort.OrtValue.ortvalue_from_shape_and_type(
-                        (batch, 1, vocab), np.float32, "cpu", 0
-                    )
+                    # On the CPU the OrtValue writes into this array: no output to fetch.
+                    self._step_array = np.empty((batch, 1, vocab), np.float32)
+                    self._step_logits = ort.OrtValue.ortvalue_from_numpy(self._step_array)
             self._step_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
             self._step_positions.update_inplace(np.broadcast_to(positions, (batch, 1)).copy())
             binding.bind_ortvalue_input("input_ids", self._step_ids)
@@ -342,6 +391,9 @@ class BoundDecoder:
             binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self._mask[:, :end]))
         model.session.run_with_iobinding(binding)
         self.length = end
+        if seq == 1 and model.shares_kv_buffer and self._step_array is not None:
+            # Everything was written in place (cache and logits): nothing to collect.
+            return self._step_array.copy()
         outputs = binding.get_outputs()
         where = self._output_index
         if not model.shares_kv_buffer:
