@@ -154,6 +154,22 @@ def cli(verbose: int) -> None:
     help="Fail when perplexity grows more than this: 3%% or 0.03.",
 )
 @click.option(
+    "--kv-dtype",
+    type=click.Choice(["fp32", "fp16", "int8", "fp8"]),
+    help="KV-cache storage: int8/fp8 with per-head scales from calibration (fp8 needs a GPU "
+    "with fp8, or the cpu target), fp16, or fp32 (the graph's own; default).",
+)
+@click.option(
+    "--kv-window",
+    type=click.IntRange(min=1),
+    help="Bound the KV cache: keep the last W positions (sliding window) at run time.",
+)
+@click.option(
+    "--kv-sink",
+    type=click.IntRange(min=0),
+    help="With --kv-window: also keep the first K positions (attention sink).",
+)
+@click.option(
     "--emit",
     multiple=True,
     type=click.Choice(["hf-checkpoint"]),
@@ -177,6 +193,8 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
                     max_seq_len: int | None, quantize: str | None, keep_fp: int | None, max_ppl_increase: float | None,
                     calibration: pathlib.Path | None, emit: tuple[str, ...], as_json: bool,
                     quiet: bool, no_wait: bool = False, no_cache: bool = False,
+                    kv_dtype: str | None = None, kv_window: int | None = None,
+                    kv_sink: int | None = None,
                     config_file: pathlib.Path | None = None) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out.
 
@@ -190,7 +208,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
         trust_pickle=trust_pickle, trust_remote_code=trust_remote_code, cache_dir=cache_dir,
         backend=backend, max_batch=max_batch, max_seq_len=max_seq_len, quantize=quantize,
         max_ppl_increase=max_ppl_increase, emit=tuple(emit), calibration=calibration,
-        keep_fp=keep_fp,
+        keep_fp=keep_fp, kv_dtype=kv_dtype, kv_window=kv_window, kv_sink=kv_sink,
     )  # fmt: skip
     source = click.get_current_context().get_parameter_source
     typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)

@@ -21,7 +21,7 @@ from fdec.errors import QualityGateError, UsageError, VerificationError
 from fdec.frontend.export import import_model, load_hf_model, load_tokenizer
 from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.ir import FdecModel, GraphCounts, ModelSpec
-from fdec.lower import MODEL_FILE, lower_onnxruntime
+from fdec.lower import MODEL_FILE, RUNTIME_CONFIG, lower_onnxruntime
 from fdec.lower.engines import build_engines
 from fdec.lower.hf_checkpoint import CHECKPOINT_DIR, check_quantize, write_hf_checkpoint
 from fdec.lower.profiles import ShapeLimits
@@ -79,6 +79,9 @@ class CompileOptions:
     calibration: pathlib.Path | None = None  # .txt/.jsonl for static quantization; None = built-in
     keep_fp: int | None = None  # keep the N most sensitive layers (measured) in fp32
     cache: bool = True  # False (--no-cache): nothing read from or written to fdec's cache
+    kv_dtype: str | None = None  # KV cache: fp32/fp16 (float) or int8/fp8 (quantize-kv-cache)
+    kv_window: int | None = None  # keep the last W cache positions (kv-policy)
+    kv_sink: int | None = None  # ... plus the first K (attention sink)
 
 
 @dataclasses.dataclass
@@ -130,6 +133,9 @@ def compile_model(
             calibration=options.calibration,
             emit=options.emit,
             keep_fp=options.keep_fp,
+            kv_dtype=options.kv_dtype,
+            kv_window=options.kv_window,
+            kv_sink=options.kv_sink,
         )
 
     plan = make_plan(quantize)
@@ -280,6 +286,7 @@ def compile_model(
             "engines": engines,
             "checkpoint": checkpoint,
             "capacity": capacity.to_dict(),
+            "kv_cache": json.loads((staging / RUNTIME_CONFIG).read_text()).get("kv_cache"),
             "estimate": estimate(
                 spec,
                 target,
@@ -535,12 +542,16 @@ def plan_pipeline(
     calibration: pathlib.Path | None = None,
     emit: tuple[str, ...] = (),
     keep_fp: int | None = None,
+    kv_dtype: str | None = None,
+    kv_window: int | None = None,
+    kv_sink: int | None = None,
 ) -> Plan:
     """Everything about the pipeline that can be decided (and refused) before loading a model."""
     names = fdec_passes.parse_pass_list(passes)
     pipeline = fdec_passes.make_pipeline(names) + _quantize_passes(
         quantize, target, backend, names, embedding="hf-checkpoint" not in emit, keep_fp=keep_fp
     )
+    kv_passes = _kv_cache_passes(kv_dtype, kv_window, kv_sink)
     # fuse-attention runs last by default (after quantization: the quantizers and AWQ's norm
     # folding see the traced graph), for ONNX Runtime builds of fp32/int4 weights; a
     # --passes list places it where the user put it. The pass refuses other backends.
@@ -553,20 +564,47 @@ def plan_pipeline(
         and backend == "onnxruntime"
         and "hf-checkpoint" not in emit
         and not any(p.name in _UNFUSED_QUANTIZERS for p in pipeline)
+        and not kv_sink  # GroupQueryAttention has no attention sinks: keep the plain graph
     ):
         pipeline.append(fdec_passes.make_pass("fuse-attention", backend=backend))
         # then q/k/v into one projection per layer (onnxruntime-genai's packed QKV)
         pipeline.append(fdec_passes.make_pass("pack-qkv"))
+    # KV-cache passes go last: they rewrite the cache I/O of the final (possibly fused) graph.
+    pipeline += kv_passes
     PassManager(pipeline, target=target).check_requirements()
     needs = any(getattr(p, "needs_calibration", False) for p in pipeline)
     # ONNX Runtime runs FP8/INT8 QDQ graphs on the CPU only at optimization BASIC (DESIGN.md).
-    qdq = any(p.name in ("quantize-fp8", "quantize-int8-static") for p in pipeline)
+    qdq = any(p.name in ("quantize-fp8", "quantize-int8-static") for p in pipeline) or any(
+        p.name == "quantize-kv-cache" and p.dtype == "fp8" for p in pipeline
+    )
     return Plan(
         pipeline=pipeline,
         tolerance=_build_tolerance(pipeline, max_ppl_increase),
         optimization="basic" if qdq else "all",
         calibration_texts=load_calibration_texts(calibration) if needs else None,
     )
+
+
+_KV_DTYPES = ("fp32", "fp16", "int8", "fp8")
+
+
+def _kv_cache_passes(
+    kv_dtype: str | None, kv_window: int | None, kv_sink: int | None
+) -> list[Any]:
+    """quantize-kv-cache for --kv-dtype int8/fp8, kv-policy for --kv-window/--kv-sink."""
+    if kv_dtype is not None and kv_dtype not in _KV_DTYPES:
+        raise UsageError(
+            f"unknown --kv-dtype {kv_dtype!r}", f"use one of: {', '.join(_KV_DTYPES)}"
+        )
+    if kv_sink and not kv_window:
+        raise UsageError("--kv-sink needs --kv-window", "add --kv-window W (positions kept)")
+    passes = []
+    # fp16: a Cast at the cache I/O of the fp32 graph; fp32 (or none): the graph's own cache.
+    if kv_dtype in ("fp16", "int8", "fp8"):
+        passes.append(fdec_passes.make_pass("quantize-kv-cache", dtype=kv_dtype))
+    if kv_window:
+        passes.append(fdec_passes.make_pass("kv-policy", window=kv_window, sink=kv_sink or 0))
+    return passes
 
 
 def choose_backend(asked: str | None, target: Any) -> str:

@@ -129,6 +129,12 @@ SCHEMA: tuple[Key, ...] = (
         "static quantization.", '"calib.txt"'),
     Key("recipe.emit", "strs", "emit", "Extra outputs.", '["hf-checkpoint"]',
         choices=("hf-checkpoint",)),
+    Key("kv_cache.dtype", "str", "kv_dtype", "KV-cache storage (int8/fp8: per-head scales "
+        "from calibration).", '"int8"', choices=("fp32", "fp16", "int8", "fp8")),
+    Key("kv_cache.window", "int", "kv_window", "Keep the last W cache positions (sliding "
+        "window).", "1024", minimum=1),
+    Key("kv_cache.sink", "int", "kv_sink", "With a window: also keep the first K positions "
+        "(attention sink).", "4", minimum=0),
     Key("gates.max_ppl_increase", "fraction", "max_ppl_increase", "Fail (exit 3) when "
         "perplexity grows more than this against the source model.", '"5%"'),
 )  # fmt: skip

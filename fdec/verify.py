@@ -13,7 +13,14 @@ import numpy as np
 from fdec.runtime.generate import generate
 from fdec.runtime.session import OrtModel
 
-__all__ = ["Reference", "held_text", "held_token_ids", "perplexity"]
+__all__ = [
+    "Reference",
+    "held_text",
+    "held_token_ids",
+    "logits_through_cache",
+    "perplexity",
+    "perplexity_through_cache",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,48 @@ def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
     logp = _log_softmax(logits[0, :-1])
     nll = -logp[np.arange(ids.shape[1] - 1), ids[0, 1:]]
     return float(np.exp(nll.mean()))
+
+
+def logits_through_cache(
+    model: OrtModel, ids: np.ndarray, prefill: int, *, chunk: int = 1
+) -> np.ndarray:
+    """Logits [1, n, vocab] of `ids` [1, n]: the first `prefill` tokens in one pass, the rest
+    `chunk` tokens at a time through the KV cache the build stores (its dtype, its scales).
+
+    A single forward pass with an empty cache never reads the cache, so a quantized cache
+    (fdec.passes.kv_cache) only shows in positions computed from a stored past.
+    """
+    prefill = max(1, min(prefill, ids.shape[1]))
+    logits, past = model.decode(ids[:, :prefill], model.empty_past(ids.shape[0]), 0)
+    pieces = [logits]
+    for start in range(prefill, ids.shape[1], chunk):
+        piece = ids[:, start : start + chunk]
+        logits, past = model.decode(piece, past, start)
+        pieces.append(logits)
+    return np.concatenate(pieces, axis=1)
+
+
+def perplexity_through_cache(
+    model: OrtModel, ids: np.ndarray, prefill: int, *, chunk: int = 1
+) -> float:
+    """Perplexity of ids[prefill:] when every one of them is predicted from a cached past
+    (`logits_through_cache`): the figure a KV-cache dtype changes."""
+    logits = logits_through_cache(model, ids, prefill, chunk=chunk)
+    return perplexity(logits[:, prefill - 1 :], ids[:, prefill - 1 :])
+
+
+def _float_cache(model: OrtModel) -> bool:
+    return np.dtype(getattr(model, "kv_dtype", np.float32)) == np.float32
+
+
+def _policy_positions(model: OrtModel) -> int | None:
+    """Positions a build with a cache policy (--kv-window/--kv-sink) attends to exactly as the
+    source does (sink + window + the current one); None without a policy. Beyond them the
+    build attends to less on purpose, so verification compares only that many."""
+    policy = getattr(model, "kv_policy", None)
+    if not policy or not policy.get("window"):
+        return None
+    return int(policy.get("sink", 0)) + int(policy["window"]) + 1
 
 
 @dataclasses.dataclass
@@ -120,8 +169,18 @@ class Reference:
                 "errors": errors,
                 "top1_agreement": 1.0,
             }
-        logits, _ = model.decode(self.ids, model.empty_past(1), 0)
-        want = self.outputs["logits"]
+        ids, want = self.ids, self.outputs["logits"]
+        limit = _policy_positions(model)
+        if limit is not None and limit < ids.shape[1]:
+            ids, want = ids[:, :limit], want[:, :limit]
+        through_cache = None
+        if model.num_layers and not _float_cache(model) and ids.shape[1] >= 2:
+            # A quantized/fp16 cache: the second half of the tokens is computed one at a time
+            # from the stored past, so the figures below include the cache's error.
+            through_cache = ids.shape[1] // 2
+            logits = logits_through_cache(model, ids, through_cache)
+        else:
+            logits, _ = model.decode(ids, model.empty_past(1), 0)
         diff = np.abs(logits - want)
         worst_position = int(np.unravel_index(diff.argmax(), diff.shape)[1])
         agreement = float((logits.argmax(-1) == want.argmax(-1)).mean())
@@ -130,20 +189,45 @@ class Reference:
             "worst_output": f"logits at position {worst_position}",
             "top1_agreement": agreement,
             "kl_divergence": _mean_kl(want, logits),
-            "perplexity_source": perplexity(want, self.ids),
-            "perplexity_build": perplexity(logits, self.ids),
-            "tokens_scored": int(self.ids.shape[1]),
+            "perplexity_source": perplexity(want, ids),
+            "perplexity_build": perplexity(logits, ids),
+            "tokens_scored": int(ids.shape[1]),
+            **(
+                {
+                    "kv_cache": {
+                        "dtype": np.dtype(model.kv_dtype).name
+                        if model.kv_onnx_type is None
+                        else "float8_e4m3fn",
+                        "prefill_tokens": through_cache,
+                        "tokens_through_cache": int(ids.shape[1]) - through_cache,
+                        "perplexity_source": perplexity(
+                            want[:, through_cache - 1 :], ids[:, through_cache - 1 :]
+                        ),
+                        "perplexity_build": perplexity(
+                            logits[:, through_cache - 1 :], ids[:, through_cache - 1 :]
+                        ),
+                    }
+                }
+                if through_cache
+                else {}
+            ),
         }
 
     def compare_greedy(self, model: OrtModel) -> dict[str, Any]:
         """Greedy decoding through the KV cache must give the source model's tokens."""
-        result = generate(model, self.ids[0, :GREEDY_PROMPT].tolist(), max_new_tokens=GREEDY_STEPS)
+        steps = GREEDY_STEPS
+        limit = _policy_positions(model)
+        if limit is not None:  # only the steps the cache policy keeps exact
+            steps = max(0, min(steps, limit - GREEDY_PROMPT))
+        if steps == 0:
+            return {"steps": 0, "identical": True, "first_divergence": None, "policy": True}
+        result = generate(model, self.ids[0, :GREEDY_PROMPT].tolist(), max_new_tokens=steps)
         got = result.tokens
         first_diff = next(
             (i for i, (a, b) in enumerate(zip(got, self.greedy_tokens)) if a != b), None
         )
         figures: dict[str, Any] = {
-            "steps": len(self.greedy_tokens),
+            "steps": min(steps, len(self.greedy_tokens)),
             "identical": first_diff is None,
             "first_divergence": first_diff,
         }
