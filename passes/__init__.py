@@ -14,6 +14,7 @@ from fdec.passes.cleanup import (
     FoldConstantsPass,
     InferShapesPass,
     RemoveDeadNodesPass,
+    StripMetadataPass,
     UntieEmbeddingsPass,
 )
 from fdec.passes.fusion import FuseAttentionPass
@@ -35,6 +36,7 @@ REGISTRY: dict[str, type[Pass]] = {
         RemoveDeadNodesPass,
         EliminateCommonSubexpressionsPass,
         InferShapesPass,
+        StripMetadataPass,
         UntieEmbeddingsPass,
         QuantizeInt4Pass,
         QuantizeInt4AwqPass,
@@ -50,7 +52,13 @@ REGISTRY: dict[str, type[Pass]] = {
     )
 }
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("fold-constants", "cse", "remove-dead-nodes", "infer-shapes")
+DEFAULT_PIPELINE: tuple[str, ...] = (
+    "strip-metadata",
+    "fold-constants",
+    "cse",
+    "remove-dead-nodes",
+    "infer-shapes",
+)
 
 
 def make_pass(name: str, **options: Any) -> Pass:

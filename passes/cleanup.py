@@ -17,6 +17,7 @@ __all__ = [
     "FoldConstantsPass",
     "InferShapesPass",
     "RemoveDeadNodesPass",
+    "StripMetadataPass",
     "UntieEmbeddingsPass",
 ]
 
@@ -223,4 +224,54 @@ class UntieEmbeddingsPass(Pass):
             model,
             modified=True,
             stats={"untied": 1, "bytes_added": int(array.nbytes), "lm_head": name},
+        )
+
+
+@dataclasses.dataclass
+class StripMetadataPass(Pass):
+    """Drop exporter debug metadata: node/value `metadata_props` and doc strings.
+
+    torch.onnx stores a stack trace, the module namespace and class per node
+    (`pkg.torch.onnx.*` metadata_props) and doc strings; on SmolLM2-135M that is ~4.7 MB of
+    model.onnx which no engine reads. Model-level metadata (fdec's own) is kept.
+    """
+
+    name = "strip-metadata"
+    family = "cleanup"
+    summary = "drop exporter debug metadata (node metadata_props, doc strings)"
+
+    def call(self, model: FdecModel) -> PassResult:
+        props = docs = 0
+        graphs = [model.graph]
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            props += len(node.metadata_props)
+            node.metadata_props.clear()
+            if node.doc_string:
+                docs += 1
+                node.doc_string = None
+            for value in node.outputs:
+                props += len(value.metadata_props)
+                value.metadata_props.clear()
+                if value.doc_string:
+                    docs += 1
+                    value.doc_string = None
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    graphs.append(attr.as_graph())
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    graphs.extend(attr.as_graphs())
+        for graph in graphs:
+            for value in [*graph.inputs, *graph.initializers.values()]:
+                props += len(value.metadata_props)
+                value.metadata_props.clear()
+                if value.doc_string:
+                    docs += 1
+                    value.doc_string = None
+            if graph.doc_string:
+                docs += 1
+                graph.doc_string = None
+        return PassResult(
+            model,
+            modified=props + docs > 0,
+            stats={"metadata_props_removed": props, "doc_strings_removed": docs},
         )

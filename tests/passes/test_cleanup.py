@@ -30,6 +30,7 @@ from fdec.passes.cleanup import (
     FoldConstantsPass,
     InferShapesPass,
     RemoveDeadNodesPass,
+    StripMetadataPass,
     UntieEmbeddingsPass,
 )
 
@@ -445,6 +446,41 @@ def test_untie_embeddings_does_nothing_without_an_lm_head_reader():
     assert model.spec.tie_word_embeddings is True
 
 
+# --- strip-metadata ---------------------------------------------------------------------------
+
+
+def test_strip_metadata_drops_exporter_metadata_and_keeps_the_numbers(tmp_path):
+    initializers = {"a": _random(4, 3, seed=21), "b": _random(4, 3, seed=22)}
+    model = FdecModel(_model(_ADD_MATMUL, initializers), _spec())
+    trace = "File model.py, line 1, in forward\n" * 200  # as torch.onnx writes per node
+    for node in model.graph:
+        node.metadata_props["pkg.torch.onnx.stack_trace"] = trace
+        node.metadata_props["namespace"] = "model.layers.0: LlamaDecoderLayer"
+        node.doc_string = "exported by torch"
+        node.outputs[0].metadata_props["pkg.torch.onnx.fx_node"] = "%add"
+    model.graph.initializers["a"].metadata_props["source"] = "a.weight"
+    model.model.metadata_props["fdec.kept"] = "yes"  # model-level metadata is not the exporter's
+    feeds = {"x": _random(2, 4, seed=23)}
+    before = _run(model.model, feeds)
+    ir.save(model.model, tmp_path / "before.onnx")
+
+    result = StripMetadataPass()(model)
+
+    assert result.modified is True
+    assert result.stats == {"metadata_props_removed": 7, "doc_strings_removed": 2}
+    for node in model.graph:
+        assert node.metadata_props == {} and node.doc_string is None
+        assert node.outputs[0].metadata_props == {}
+    assert model.graph.initializers["a"].metadata_props == {}
+    assert model.model.metadata_props == {"fdec.kept": "yes"}
+    assert _op_types(model) == ["Add", "MatMul"]
+    ir.save(model.model, tmp_path / "after.onnx")
+    saved = (tmp_path / "before.onnx").stat().st_size - (tmp_path / "after.onnx").stat().st_size
+    assert saved > 2 * len(trace)
+    _assert_same_outputs(before, _run(model.model, feeds))
+    assert StripMetadataPass()(model).modified is False
+
+
 # --- registry ---------------------------------------------------------------------------------
 
 
@@ -455,6 +491,7 @@ def test_registry_holds_every_cleanup_pass_under_its_name():
         "remove-dead-nodes": RemoveDeadNodesPass,
         "cse": EliminateCommonSubexpressionsPass,
         "infer-shapes": InferShapesPass,
+        "strip-metadata": StripMetadataPass,
         "untie-embeddings": UntieEmbeddingsPass,
     }
     for name, cls in REGISTRY.items():
@@ -463,7 +500,7 @@ def test_registry_holds_every_cleanup_pass_under_its_name():
 
 
 def test_parse_pass_list_expands_default():
-    expected = ["fold-constants", "cse", "remove-dead-nodes", "infer-shapes"]
+    expected = ["strip-metadata", "fold-constants", "cse", "remove-dead-nodes", "infer-shapes"]
     assert list(DEFAULT_PIPELINE) == expected
     assert parse_pass_list("default") == expected
     assert parse_pass_list(None) == expected
@@ -497,6 +534,7 @@ def test_make_pass_sets_options_and_rejects_bad_ones():
 def test_make_pipeline_builds_passes_in_order():
     passes = make_pipeline(fdec.passes.parse_pass_list("default"))
     assert [type(p) for p in passes] == [
+        StripMetadataPass,
         FoldConstantsPass,
         EliminateCommonSubexpressionsPass,
         RemoveDeadNodesPass,
