@@ -587,6 +587,32 @@ def targets_command(name: str | None, as_json: bool) -> None:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
+@cli.command("bench")
+@click.argument("build", type=click.Path(path_type=pathlib.Path))
+@click.option("--batch", "batch_text", default="1,4,16", show_default=True,
+              help="Batch sizes, comma-separated.")  # fmt: skip
+@click.option("--prompt-len", default=40, show_default=True, type=int, help="Prompt tokens.")
+@click.option("--gen-len", default=64, show_default=True, type=int, help="Generated tokens.")
+@click.option("--rounds", default=3, show_default=True, type=int, help="Rounds (medians).")
+@click.option("--threads", default=0, show_default=True, type=int, help="0: ONNX Runtime's choice.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_command(build: pathlib.Path, batch_text: str, prompt_len: int, gen_len: int,
+                  rounds: int, threads: int, as_json: bool) -> None:  # fmt: skip
+    """Measure BUILD: prefill ms and decode tok/s per batch size, peak RSS, and the fraction
+    of this machine's memory-bandwidth bound; the results go into the build's report."""
+    _quiet_libraries()
+    from fdec.bench import parse_batches, render_bench, run_bench, write_bench
+
+    try:
+        batches = parse_batches(batch_text)
+        result = run_bench(build, batches=batches, prompt_len=prompt_len, gen_len=gen_len,
+                           rounds=rounds, threads=threads)  # fmt: skip
+        write_bench(build, result)
+    except FdecError as err:
+        _fail(err, as_json)
+    click.echo(json.dumps(result, indent=2) if as_json else render_bench(result))
+
+
 @cli.command("plan")
 @click.argument("model")
 @click.option(

@@ -1,0 +1,294 @@
+"""`fdec bench`: prefill latency, decode throughput per batch size, peak memory and the fraction
+of this machine's memory-bandwidth bound, measured on a build and written into its report.
+
+Bytes read per decode step = the weights (every initializer's bytes, less tables read one row
+per token by a Gather: an untied embedding) + the KV cache of every row at its mean length
+over the decode steps. The bandwidth is measured here by summing a large float32 array with
+one thread per core, best of several tries. fraction = bytes per step × steps per second ÷
+bandwidth; 1.0 is the roofline, a little above it can happen (caches, a noisy bandwidth try).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import pathlib
+import resource
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from fdec.errors import InputError, UsageError
+
+__all__ = [
+    "BENCH_KEY",
+    "measure_bandwidth",
+    "parse_batches",
+    "render_bench",
+    "run_bench",
+    "weight_bytes",
+    "write_bench",
+]
+
+logger = logging.getLogger(__name__)
+
+BENCH_KEY = "bench"  # report.json key
+_GATHER_OPS = ("Gather", "GatherBlockQuantized")
+# Bytes per element by ONNX TensorProto data type (4-bit types: half a byte).
+_ITEM_BYTES = {
+    1: 4,
+    2: 1,
+    3: 1,
+    5: 2,
+    6: 4,
+    7: 8,
+    9: 1,
+    10: 2,
+    11: 8,
+    16: 2,
+    17: 1,
+    21: 0.5,
+    22: 0.5,
+}
+
+
+def parse_batches(text: str) -> list[int]:
+    """`1,4,16` → [1, 4, 16]; anything else is a UsageError naming the bad value."""
+    values = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise UsageError(
+                f"--batch {text!r}: {part!r} is not a positive whole number",
+                "give batch sizes as a comma-separated list, e.g. --batch 1,4,16",
+            )
+        values.append(int(part))
+    return sorted(set(values))
+
+
+def weight_bytes(model_file: pathlib.Path) -> dict[str, int]:
+    """{"total", "gathered"}: bytes of every initializer, and of those only Gather-ed (read a
+    row per token: an embedding table not shared with lm_head)."""
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    uses: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            uses[name].append((node.op_type, index))
+    total = gathered = 0
+    for tensor in graph.initializer:
+        size = _tensor_bytes(tensor)
+        total += size
+        used = uses.get(tensor.name, [])
+        if used and all(op in _GATHER_OPS and index != 1 for op, index in used):
+            gathered += size
+    return {"total": total, "gathered": gathered}
+
+
+def _tensor_bytes(tensor: Any) -> int:
+    for entry in tensor.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    return int(count * _ITEM_BYTES.get(tensor.data_type, 4))
+
+
+def measure_bandwidth(
+    *, megabytes: int = 512, tries: int = 7, threads: int | None = None
+) -> dict[str, Any]:
+    """Memory read bandwidth of this machine in GB/s: sum a float32 array far larger than the
+    caches, split across `threads` threads (numpy releases the GIL), best of `tries`."""
+    threads = threads or os.cpu_count() or 1
+    array = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
+    parts = np.array_split(array, threads)
+    sink = [0.0] * threads
+
+    def work(index: int) -> None:
+        sink[index] = float(parts[index].sum())
+
+    best = 0.0
+    for _ in range(tries):
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = max(best, array.nbytes / (time.perf_counter() - start) / 1e9)
+    return {"gb_s": round(best, 2), "array_mb": megabytes, "tries": tries, "threads": threads}
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
+
+
+def run_bench(
+    folder: pathlib.Path,
+    *,
+    batches: list[int],
+    prompt_len: int = 40,
+    gen_len: int = 64,
+    rounds: int = 3,
+    threads: int = 0,
+    bandwidth: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Measure a build: per batch size, median prefill ms and decode tok/s over `rounds`
+    (batch sizes interleaved within each round), then the bandwidth fraction."""
+    from fdec.lower import MODEL_FILE
+    from fdec.runner import load_build
+    from fdec.runtime.batch import generate_batch
+    from fdec.runtime.session import OrtModel, open_session
+
+    folder = pathlib.Path(folder)
+    if prompt_len < 1 or gen_len < 2 or rounds < 1 or threads < 0:
+        raise UsageError(
+            f"--prompt-len {prompt_len}, --gen-len {gen_len}, --rounds {rounds}, --threads "
+            f"{threads}: need prompt >= 1, gen >= 2, rounds >= 1, threads >= 0",
+            "give positive lengths (decode speed needs at least 2 generated tokens)",
+        )
+    loaded = load_build(folder)
+    model = loaded.model
+    if not model.num_layers:
+        raise InputError(f"{folder} is not a decoder build", "fdec bench measures causal LMs")
+    if threads:
+        level = (loaded.config.get("session_options") or {}).get("graph_optimization_level")
+        session = open_session(folder / MODEL_FILE, optimization=level or "all", threads=threads)
+        model = OrtModel(session, kv_buffer=model.kv_buffer, kv_policy=model.kv_policy)
+    kv = loaded.config.get("kv_cache") or {}
+    limit = kv.get("max_length")
+    if limit and prompt_len + gen_len > limit:
+        raise UsageError(
+            f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds the build's "
+            f"{limit} positions",
+            f"keep prompt + generation within {limit} tokens",
+        )
+    vocab = _vocab_size(model)
+    rng = np.random.default_rng(0)
+    prompts = {b: rng.integers(1, vocab, size=(b, prompt_len)).tolist() for b in batches}
+    generate_batch(model, prompts[batches[0]][:1], max_new_tokens=4)  # warm-up
+    prefill: dict[int, list[float]] = {b: [] for b in batches}
+    decode: dict[int, list[float]] = {b: [] for b in batches}
+    for _ in range(rounds):
+        for b in batches:
+            result = generate_batch(model, prompts[b], max_new_tokens=gen_len)
+            prefill[b].append(result.prefill_s * 1e3)
+            decode[b].append(result.decode_tokens_per_s)
+    peak_rss = _peak_rss_mb()
+    bandwidth = bandwidth or measure_bandwidth()
+    weights = weight_bytes(folder / MODEL_FILE)
+    kv_per_token = int(
+        kv.get("bytes_per_token")
+        or 2
+        * model.num_layers
+        * model.kv_heads
+        * model.head_dim
+        * np.dtype(model.kv_dtype).itemsize
+    )
+    mean_length = prompt_len + (gen_len - 1) / 2  # past positions read, averaged over steps
+    streamed = weights["total"] - weights["gathered"]
+    rows = []
+    for b in batches:
+        tok_s = statistics.median(decode[b])
+        step_bytes = streamed + b * kv_per_token * mean_length
+        steps_per_s = tok_s / b
+        rows.append(
+            {
+                "batch": b,
+                "prefill_ms": round(statistics.median(prefill[b]), 2),
+                "decode_tok_s": round(tok_s, 2),
+                "decode_tok_s_per_row": round(steps_per_s, 2),
+                "bytes_per_step": int(step_bytes),
+                "bound_steps_s": round(bandwidth["gb_s"] * 1e9 / step_bytes, 1),
+                "bandwidth_fraction": round(
+                    step_bytes * steps_per_s / (bandwidth["gb_s"] * 1e9), 3
+                ),
+                "prefill_ms_rounds": [round(v, 2) for v in prefill[b]],
+                "decode_tok_s_rounds": [round(v, 2) for v in decode[b]],
+            }
+        )
+    return {
+        "build": str(folder),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "rounds": rounds,
+        "threads": threads or "onnxruntime default",
+        "providers": model.providers,
+        "kv_buffer": model.kv_buffer,
+        "peak_rss_mb": round(peak_rss, 1),
+        "bandwidth": bandwidth,
+        "weight_bytes": weights["total"],
+        "gathered_bytes": weights["gathered"],
+        "kv_bytes_per_token": kv_per_token,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
+        "rows": rows,
+    }
+
+
+def _vocab_size(model: Any) -> int:
+    logits = model.session.get_outputs()[model.output_names.index("logits")]
+    vocab = logits.shape[-1]
+    return vocab if isinstance(vocab, int) and vocab > 1 else 2
+
+
+def write_bench(folder: pathlib.Path, bench: dict[str, Any]) -> None:
+    """Store `bench` as report.json's "bench", re-render report.html when the build has one,
+    and re-hash the manifest so `fdec verify` still passes."""
+    from fdec.build import MANIFEST, refresh_manifest
+    from fdec.report import REPORT_FILE
+
+    folder = pathlib.Path(folder)
+    path = folder / REPORT_FILE
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    report[BENCH_KEY] = bench
+    _replace(path, json.dumps(report, indent=2) + "\n")
+    try:
+        from fdec.report.html import HTML_FILE, render_html
+    except ImportError:  # pragma: no cover
+        HTML_FILE = None
+    if HTML_FILE and (folder / HTML_FILE).is_file():
+        _replace(folder / HTML_FILE, render_html(report))
+    if (folder / MANIFEST).is_file():
+        refresh_manifest(folder)
+
+
+def _replace(path: pathlib.Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def render_bench(bench: dict[str, Any]) -> str:
+    """The terminal table."""
+    bw = bench["bandwidth"]
+    lines = [
+        f"{bench['build']}: {bench['prompt_len']}-token prompt, {bench['gen_len']} tokens, "
+        f"median of {bench['rounds']} rounds, threads {bench['threads']}",
+        f"{'batch':>5} {'prefill ms':>11} {'decode tok/s':>13} {'per row':>8} "
+        f"{'MB/step':>8} {'bound steps/s':>14} {'of bound':>9}",
+    ]
+    for row in bench["rows"]:
+        lines.append(
+            f"{row['batch']:>5} {row['prefill_ms']:>11.1f} {row['decode_tok_s']:>13.1f} "
+            f"{row['decode_tok_s_per_row']:>8.1f} {row['bytes_per_step'] / 1e6:>8.1f} "
+            f"{row['bound_steps_s']:>14.1f} {row['bandwidth_fraction']:>8.0%}"
+        )
+    load = bench.get("load_average")
+    lines.append(
+        f"peak RSS {bench['peak_rss_mb']:.0f} MB; bandwidth {bw['gb_s']:.1f} GB/s (sum of a "
+        f"{bw['array_mb']} MB array, {bw['threads']} threads, best of {bw['tries']}); weights "
+        f"{bench['weight_bytes'] / 1e6:.1f} MB ({bench['gathered_bytes'] / 1e6:.1f} MB gathered "
+        f"a row per token)" + (f"; load average {load[0]:.1f}" if load else "")
+    )
+    return "\n".join(lines)

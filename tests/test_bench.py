@@ -1,0 +1,106 @@
+"""`fdec bench` on a tiny build: every figure present and positive, written into the report,
+the build still verifying afterwards; bad options exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+import fdec
+from fdec.bench import measure_bandwidth, parse_batches, weight_bytes
+from fdec.cli import cli
+from fdec.errors import UsageError
+from fdec.report.html import render_html
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "b"
+    fdec.compile(tiny_models("llama"), target="cpu", out=out, quantize="none")
+    return out
+
+
+def test_bench_json_reports_every_field_and_lands_in_the_report(tiny_build, cli_runner):
+    before = json.loads((tiny_build / "report.json").read_text())
+    html_before = (tiny_build / "report.html").read_text()
+    result = cli_runner.invoke(
+        cli,
+        ["bench", str(tiny_build), "--batch", "2,1", "--prompt-len", "8", "--gen-len", "6",
+         "--rounds", "2", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.stdout)
+    assert [row["batch"] for row in bench["rows"]] == [1, 2]
+    assert bench["peak_rss_mb"] > 0 and bench["bandwidth"]["gb_s"] > 0
+    assert bench["weight_bytes"] > 0 and bench["kv_bytes_per_token"] > 0
+    for row in bench["rows"]:
+        assert row["prefill_ms"] > 0 and row["decode_tok_s"] > 0
+        assert len(row["decode_tok_s_rounds"]) == 2
+        assert 0 < row["bandwidth_fraction"] <= 1.5
+        # bytes per step: the streamed weights plus each row's KV cache at its mean length
+        kv = row["batch"] * bench["kv_bytes_per_token"] * (8 + (6 - 1) / 2)
+        assert row["bytes_per_step"] == int(bench["weight_bytes"] - bench["gathered_bytes"] + kv)
+    batch2 = bench["rows"][1]
+    assert batch2["decode_tok_s_per_row"] == pytest.approx(batch2["decode_tok_s"] / 2, abs=0.01)
+    report = json.loads((tiny_build / "report.json").read_text())
+    assert report["bench"] == bench
+    assert {k: v for k, v in report.items() if k != "bench"} == before
+    # report.html is rendered again from the new report.json (it is hashed in the manifest)
+    assert (tiny_build / "report.html").read_text() == render_html(report)
+    assert html_before
+    verify = cli_runner.invoke(cli, ["verify", str(tiny_build)])
+    assert verify.exit_code == 0, verify.output
+
+
+def test_bench_table_names_each_batch(tiny_build, cli_runner):
+    result = cli_runner.invoke(
+        cli, ["bench", str(tiny_build), "--batch", "1", "--gen-len", "4", "--rounds", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "decode tok/s" in lines[1] and lines[2].split()[0] == "1"
+    assert "peak RSS" in lines[-1] and "GB/s" in lines[-1]
+
+
+@pytest.mark.parametrize("bad", ["0", "1,x", "-4", "", "2,,3"])
+def test_bad_batch_values_exit_2_with_one_line(tiny_build, cli_runner, bad):
+    result = cli_runner.invoke(cli, ["bench", str(tiny_build), "--batch", bad])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --batch")
+
+
+def test_too_long_or_missing_build_exits_2(tiny_build, tmp_path, cli_runner):
+    long = cli_runner.invoke(cli, ["bench", str(tiny_build), "--prompt-len", "100000"])
+    assert long.exit_code == 2 and "positions" in long.stderr
+    missing = cli_runner.invoke(cli, ["bench", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "not an fdec build" in missing.stderr
+
+
+def test_parse_batches_sorts_and_dedups():
+    assert parse_batches("16,1, 4,1") == [1, 4, 16]
+    with pytest.raises(UsageError):
+        parse_batches("1.5")
+
+
+def test_weight_bytes_counts_an_untied_embedding_as_gathered(tiny_build):
+    weights = weight_bytes(tiny_build / "model.onnx")
+    graph = onnx.load(str(tiny_build / "model.onnx"), load_external_data=False).graph
+    size = (tiny_build / "model.onnx.data").stat().st_size
+    assert 0 < weights["total"] <= size + 4096 * len(graph.initializer)
+    gathers = [n for n in graph.node if n.op_type.startswith("Gather")]
+    tables = {n.input[0] for n in gathers} & {i.name for i in graph.initializer}
+    shared = any(
+        name in node.input and not node.op_type.startswith("Gather")
+        for name in tables
+        for node in graph.node
+    )
+    assert (weights["gathered"] > 0) == (bool(tables) and not shared)
+
+
+def test_measured_bandwidth_is_a_plausible_figure():
+    bw = measure_bandwidth(megabytes=64, tries=2, threads=2)
+    assert 0.1 < bw["gb_s"] < 2000 and bw["threads"] == 2
