@@ -893,7 +893,8 @@ class _CompileCache:
     def store_model(self, key: str, model: FdecModel, meta: dict[str, Any] | None = None) -> bool:
         def write(folder: pathlib.Path) -> None:
             model.save(folder / MODEL_FILE)
-            (folder / _SPEC_FILE).write_text(json.dumps(model.spec.to_dict(), sort_keys=True))
+            # Not sorted: passes walk the spec's roles in order, so the order is part of it.
+            (folder / _SPEC_FILE).write_text(json.dumps(model.spec.to_dict()))
 
         return self.cache.put(key, "model", write, meta)
 

@@ -99,6 +99,11 @@ def test_second_compile_takes_everything_from_the_cache_and_writes_the_same_byte
     assert _without_timings(cold) | {"outputs": None} == _without_timings(warm) | {"outputs": None}
     assert warm["verification"]["ok"] is True
     assert warm["verification"]["numeric"] == cold["verification"]["numeric"]
+    # The cached export keeps the spec as import made it, roles in their order (passes walk
+    # them in order; a sorted spec changed the calibration statistics' key).
+    keys = json.loads((warm_out / "fdec-build.json").read_text())["cache_keys"]
+    stored = json.loads((builds["cache"] / ENTRIES / keys["export"] / "spec.json").read_text())
+    assert list(stored["weights"]) == list(cold["spec"]["weights"])
     manifest = json.loads((warm_out / "fdec-build.json").read_text())
     assert set(manifest["inputs"]["files"]) >= {
         "config.json",
