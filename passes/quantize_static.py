@@ -44,6 +44,7 @@ from fdec.calibrate import (
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
 from fdec.passes.quantize import (
+    QuantizeInt8Pass,
     _add_initializer,
     _collect,
     _empty_stats,
@@ -68,6 +69,8 @@ _INT8_MAX = 127  # symmetric int8: ±127, zero point 0
 _FP8_OPSET = 19  # FLOAT8 types in QuantizeLinear / DequantizeLinear
 _INT8_OPSET = 13  # per-axis DequantizeLinear
 _ACTIVATION_RANGES = ("absmax", "percentile")
+_WEIGHT_ROUNDINGS = ("nearest", "gptq")
+_GPTQ_BLOCK = 128  # rows rounded between the lazy (matrix) updates of the rest
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 # SmoothQuant factors are kept within these bounds (never 0, never a huge multiplier).
 _SMOOTH_MIN, _SMOOTH_MAX = 1e-5, 1e5
@@ -156,6 +159,66 @@ def _quantize_fp8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scales
 
 
+def _hessians(
+    model: FdecModel, batches: Sequence[np.ndarray], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """XᵀX (float64 [K, K]) of each named activation over the calibration batches."""
+    from fdec.calibrate import _Runner
+
+    names = list(dict.fromkeys(names))
+    sums: dict[str, np.ndarray] = {}
+    runner = _Runner(model, names)
+    try:
+        for ids in batches:
+            for name, array in runner.run(np.asarray(ids)).items():
+                x = np.asarray(array, dtype=np.float64)
+                x = x.reshape(-1, x.shape[-1])
+                if name in sums:
+                    sums[name] += x.T @ x
+                else:
+                    sums[name] = x.T @ x
+    finally:
+        runner.close()
+    return sums
+
+
+def _gptq_fp8(
+    array: np.ndarray, hessian: np.ndarray, damping: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ rounding of a [K, N] weight to per-output-channel FP8: (float8 [K, N], scales [N]).
+
+    The scales are `_quantize_fp8`'s (absmax / 448); rows (input channels) are rounded in order
+    and each rounding error is spread over the rows not yet rounded through the inverse of
+    H = XᵀX (damped by `damping` × its mean diagonal), which minimises ‖X·W − X·Ŵ‖².
+    """
+    _, scales = _quantize_fp8(array)
+    w = array.astype(np.float64) / scales  # in code units
+    h = np.array(hessian, dtype=np.float64)
+    k = w.shape[0]
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[dead, :] = 0.0
+    h[np.diag_indices(k)] += damping * float(np.mean(np.diag(h)))
+    try:
+        upper = np.linalg.cholesky(np.linalg.inv(h)).T  # H⁻¹ = Uᵀ U
+    except np.linalg.LinAlgError:
+        return _quantize_fp8(array)
+    codes = np.empty(w.shape, dtype=ml_dtypes.float8_e4m3fn)
+    for start in range(0, k, _GPTQ_BLOCK):
+        stop = min(start + _GPTQ_BLOCK, k)
+        block = w[start:stop].copy()
+        errors = np.empty_like(block)
+        inverse = upper[start:stop, start:stop]
+        for i in range(stop - start):
+            q = np.clip(block[i], -_FP8_MAX, _FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+            codes[start + i] = q
+            error = (block[i] - q.astype(np.float64)) / inverse[i, i]
+            block[i + 1 :] -= np.outer(inverse[i, i + 1 :], error)
+            errors[i] = error
+        w[stop:] -= upper[start:stop, stop:].T @ errors
+    return codes, scales
+
+
 @dataclasses.dataclass(eq=False)
 class _StaticQuantizePass(Pass):
     """Shared machinery: calibration, activation Q/DQ, weight DQ, ModelSpec upkeep, stats."""
@@ -163,6 +226,9 @@ class _StaticQuantizePass(Pass):
     stats: Mapping[str, ActivationStats] | None = dataclasses.field(default=None, kw_only=True)
     batches: Sequence[np.ndarray] | None = dataclasses.field(default=None, kw_only=True)
     include_lm_head: bool = dataclasses.field(default=True, kw_only=True)
+    # A tied lm_head keeps sharing the embedding: its [H, V] codes are stored once and the
+    # embedding's Gathers read their columns (fdec.passes.quantize.QuantizeInt8Pass's way).
+    share_tied_embedding: bool = dataclasses.field(default=False, kw_only=True)
 
     # Set by subclasses: the precision the target must have, the fix offered to CPU targets,
     # and the lowest default-domain opset the rewritten graph needs.
@@ -199,7 +265,8 @@ class _StaticQuantizePass(Pass):
         return self.stats is None and self.batches is None
 
     def requires(self, model: FdecModel, target: Any = None) -> None:
-        _require_untied(self.name, model, self.include_lm_head)
+        if not self.share_tied_embedding:
+            _require_untied(self.name, model, self.include_lm_head)
         if self.needs_calibration:
             raise UsageError(
                 f"{self.name} needs calibration data and was given none",
@@ -214,8 +281,19 @@ class _StaticQuantizePass(Pass):
         return collect_activation_stats(model, self.batches, names)
 
     def call(self, model: FdecModel) -> PassResult:
-        weights, skipped = _collect(model, self.include_lm_head)
-        stats: dict[str, Any] = {**_empty_stats(), "activations_quantized": 0}
+        weights, skipped = _collect(model, self.include_lm_head, self.share_tied_embedding)
+        kept: list[_Weight] = []
+        for weight in weights:
+            if weight.gathers and weight.dtype != ir.DataType.FLOAT:
+                skipped["shared table is not float32"] += 1
+            else:
+                kept.append(weight)
+        weights = kept
+        stats: dict[str, Any] = {
+            **_empty_stats(),
+            "activations_quantized": 0,
+            "gathers_shared": sum(len(w.gathers) for w in weights),
+        }
         groups = _group_by_activation(weights, skipped)
         calibration = self._calibrate(model, groups) if groups else {}
         if groups and not any(group.activation.name in calibration for group in groups):
@@ -241,12 +319,13 @@ class _StaticQuantizePass(Pass):
             else:
                 ready.append((group, found))
         stats.update(self._extra_stats())
+        self._prepare(model, [group for group, _ in ready], stats)
         if ready:
             stats["opset_raised"] = _raise_opset(model, self._opset)
         taken: set[str] = set()
         for group, found in ready:
-            self._rewrite(model, group, found, taken, stats)
-            stats["activations_quantized"] += 1
+            if self._rewrite(model, group, found, taken, stats) is not False:
+                stats["activations_quantized"] += 1
         stats["skipped"] = dict(skipped)
         return PassResult(model, modified=stats["weights_quantized"] > 0, stats=stats)
 
@@ -254,6 +333,9 @@ class _StaticQuantizePass(Pass):
 
     def _extra_stats(self) -> dict[str, Any]:
         return {}
+
+    def _prepare(self, model: FdecModel, groups: list[_Group], stats: dict[str, Any]) -> None:
+        """Run once before the rewrites, on the incoming model (e.g. to collect Hessians)."""
 
     def _rewrite(
         self,
@@ -326,9 +408,12 @@ class _StaticQuantizePass(Pass):
             if site.bias is not None:
                 nodes.append(ir.node("Add", [matmul.outputs[0], site.bias], name=f"{prefix}_bias"))
             _replace(graph, site, nodes)
+        added = int(b.const_value.nbytes + w_scale.const_value.nbytes)
+        if weight.gathers:  # the tied embedding reads the same codes
+            added += QuantizeInt8Pass._share_with_gathers(graph, weight, b, w_scale, False, taken)
         _retire(graph, weight)
         model.spec.rename_weight(old_name, b.name)
-        return int(b.const_value.nbytes + w_scale.const_value.nbytes)
+        return added
 
 
 @dataclasses.dataclass(eq=False)
@@ -358,6 +443,12 @@ class QuantizeFp8Pass(_StaticQuantizePass):
     tolerance = Tolerance(max_abs_error=25.0, min_top1_agreement=0.45)
 
     activation_range: str = dataclasses.field(default="absmax", kw_only=True)
+    # "nearest": each weight rounds to its nearest FP8 value. "gptq": columns are rounded in
+    # order and each one's error is compensated in the weights not yet rounded, weighted by the
+    # calibration activations' second moments H = XᵀX (GPTQ, Frantar et al. 2022); needs
+    # `batches` (the activations are captured from the model as this pass receives it).
+    weight_rounding: str = dataclasses.field(default="nearest", kw_only=True)
+    gptq_damping: float = dataclasses.field(default=0.01, kw_only=True)
 
     _precision = Precision.FP8_E4M3
     _cpu_fix = "use quantize-int8 (dynamic int8) or quantize-int4 for the CPU"
@@ -370,13 +461,60 @@ class QuantizeFp8Pass(_StaticQuantizePass):
                 f"quantize-fp8 activation_range {self.activation_range!r} is unknown",
                 f"use one of {', '.join(_ACTIVATION_RANGES)}",
             )
+        if self.weight_rounding not in _WEIGHT_ROUNDINGS:
+            raise UsageError(
+                f"quantize-fp8 weight_rounding {self.weight_rounding!r} is unknown",
+                f"use one of {', '.join(_WEIGHT_ROUNDINGS)}",
+            )
+        self._hessians: dict[str, np.ndarray] = {}
+
+    def requires(self, model: FdecModel, target: Any = None) -> None:
+        super().requires(model, target)
+        if self.weight_rounding == "gptq" and self.batches is None:
+            raise UsageError(
+                "quantize-fp8 weight_rounding='gptq' needs calibration token batches",
+                "pass batches=fdec.calibrate.calibration_batches(...) (stats are not enough)",
+            )
 
     def _extra_stats(self) -> dict[str, Any]:
-        return {"activation_range": self.activation_range}
+        return {
+            "activation_range": self.activation_range,
+            "weight_rounding": self.weight_rounding,
+            "int8_weight_only": [],
+        }
 
-    def _rewrite(self, model, group, found, taken, stats) -> None:
+    def _prepare(self, model, groups, stats) -> None:
+        self._hessians = {}
+        if self.weight_rounding != "gptq" or not groups:
+            return
+        assert self.batches is not None
+        names = [group.activation.name for group in groups]
+        self._hessians = _hessians(model, self.batches, names)
+        stats["gptq_tokens"] = int(sum(np.asarray(b).size for b in self.batches))
+
+    def _codes(self, group: _Group, weight: _Weight) -> tuple[np.ndarray, np.ndarray]:
+        hessian = self._hessians.get(group.activation.name)
+        if hessian is None:
+            return _quantize_fp8(weight.array)
+        return _gptq_fp8(weight.array, hessian, self.gptq_damping)
+
+    def _rewrite(self, model, group, found, taken, stats) -> bool:
         graph = model.graph
         dtype = group.dtype
+        if any(weight.gathers for weight in group.weights):
+            # A shared tied table: ONNX Gather takes no FLOAT8 tensor, so the table is int8
+            # per vocabulary row (= per output channel of the lm_head), weight-only: the
+            # lm_head's activation stays float and its weight is dequantized (W8A16).
+            for weight in group.weights:
+                codes, scales = _quantize_int8(weight.array, _INT8_MAX)
+                stats["bytes_before"] += weight.value.const_value.nbytes
+                stats["matmuls_quantized"] += len(weight.sites)
+                stats["weights_quantized"] += 1
+                stats["int8_weight_only"].append(weight.value.name)
+                stats["bytes_after"] += self._quantized_weight(
+                    model, weight, ir.tensor(codes), scales, group.activation, taken, "Q8"
+                )
+            return False
         zero = _zero_point(graph, ir.DataType.FLOAT8E4M3FN, taken)
         peak = found.absmax if self.activation_range == "absmax" else found.percentile_99_9
         peak = peak if peak > 0 else found.absmax
@@ -385,7 +523,7 @@ class QuantizeFp8Pass(_StaticQuantizePass):
         )
         _insert_after_producer(graph, group.activation, nodes)
         for weight in group.weights:
-            codes, scales = _quantize_fp8(weight.array)
+            codes, scales = self._codes(group, weight)
             tensor = ir.Tensor(codes, dtype=ir.DataType.FLOAT8E4M3FN)
             stats["bytes_before"] += weight.value.const_value.nbytes
             stats["matmuls_quantized"] += len(weight.sites)
@@ -393,6 +531,7 @@ class QuantizeFp8Pass(_StaticQuantizePass):
             stats["bytes_after"] += self._quantized_weight(
                 model, weight, tensor, scales, dequantized, taken, "F8"
             )
+        return True
 
 
 @dataclasses.dataclass(eq=False)
@@ -483,6 +622,8 @@ class QuantizeInt8StaticPass(_StaticQuantizePass):
         _insert_after_producer(graph, source, nodes)
         for weight in group.weights:
             array = weight.array if scale_rows is None else weight.array * scale_rows[:, None]
+            if weight.gathers and scale_rows is not None:  # gathered rows are divided again
+                weight.row_scales = scale_rows
             codes, scales = _quantize_int8(array, _INT8_MAX)
             stats["bytes_before"] += weight.value.const_value.nbytes
             stats["matmuls_quantized"] += len(weight.sites)

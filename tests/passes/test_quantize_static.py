@@ -49,6 +49,13 @@ class _Tiny:
     reference: Reference
     batches: list[np.ndarray]
     stats: dict[str, ActivationStats]
+    tied_proto: bytes
+    tied_spec: ModelSpec
+
+    def tied(self) -> FdecModel:
+        """The imported model before untie/cleanup: lm_head and embedding share one table."""
+        model = ir.serde.deserialize_model(onnx.load_from_string(self.tied_proto))
+        return FdecModel(model, copy.deepcopy(self.tied_spec))
 
     def cleaned(self) -> FdecModel:
         model = ir.serde.deserialize_model(onnx.load_from_string(self.proto))
@@ -69,7 +76,9 @@ def _export(tiny_models, tmp_path_factory, family: str) -> _Tiny:
     )
     names = sorted(set(matmul_activation_inputs(model).values()))
     stats = collect_activation_stats(model, batches, names)
-    return _Tiny(tiny.proto, tiny.spec, tiny.reference, batches, stats)
+    return _Tiny(
+        tiny.proto, tiny.spec, tiny.reference, batches, stats, tiny.tied_proto, tiny.tied_spec
+    )
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +178,9 @@ def test_fp8_writes_qdq_with_float8_weights_and_calibrated_activation_scales(lla
         "bytes_before": 4 * elements,
         "bytes_after": elements + 4 * columns,
         "activation_range": "absmax",
+        "weight_rounding": "nearest",
+        "int8_weight_only": [],
+        "gathers_shared": 0,
         "opset_raised": False,
     }
     _assert_within_tolerance(model, llama.reference, pass_)
@@ -197,6 +209,90 @@ def test_fp8_percentile_range_and_calibrating_from_batches(llama):
             assert stats.percentile_99_9 < stats.absmax
             want = stats.percentile_99_9 / 448
             assert float(node.inputs[1].const_value.numpy()) == pytest.approx(want, rel=1e-5)
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_fp8_shares_a_tied_table_once(llama):
+    """One int8 [H, V] table (ONNX Gather takes no FLOAT8): lm_head DQ and embedding Gather."""
+    tied = llama.tied()
+    table = tied.graph.initializers[tied.spec.weights["embed"]].const_value.numpy().copy()
+    layers = tied.spec.num_layers
+    pass_ = QuantizeFp8Pass(batches=llama.batches, share_tied_embedding=True)
+    with pytest.raises(UsageError, match="untie"):
+        QuantizeFp8Pass(batches=llama.batches).requires(llama.tied())
+
+    model, record = run_pass(pass_, tied)
+
+    stats = record.stats
+    assert stats["gathers_shared"] == 1 and stats["weights_quantized"] == 7 * layers + 1
+    assert stats["activations_quantized"] == 4 * layers  # not the lm_head's: weight-only
+    spec = model.spec
+    assert stats["int8_weight_only"] == [spec.weights["lm_head"].removesuffix("_Q8")]
+    assert spec.weights["embed"] == spec.weights["lm_head"] and spec.tie_word_embeddings
+    shared = model.graph.initializers[spec.weights["lm_head"]]
+    assert shared.dtype == ir.DataType.INT8
+    codes = shared.const_value.numpy().astype(np.float32)
+    assert codes.shape == table.T.shape  # [H, V], stored once
+    assert not any(
+        v.const_value is not None and v.const_value.size >= table.size and v is not shared
+        for v in model.graph.initializers.values()
+    )
+    fp8 = [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT8E4M3FN]
+    assert len([v for v in fp8 if len(v.shape) == 2]) == 7 * layers
+    readers = {use.node.op_type: use.node for use in shared.uses()}
+    assert sorted(readers) == ["DequantizeLinear", "Gather"]
+    assert readers["Gather"].attributes["axis"].as_int() == 1
+    dequantize = readers["DequantizeLinear"]
+    assert dequantize.attributes["axis"].as_int() == 1
+    (matmul,) = [use.node for use in dequantize.outputs[0].uses()]
+    assert matmul.op_type == "MatMul"
+    assert matmul.inputs[0].producer().op_type != "DequantizeLinear"  # float activation
+    scales = dequantize.inputs[1].const_value.numpy()  # one per vocabulary row of the table
+    peak = np.abs(table).max(axis=1)
+    np.testing.assert_allclose(scales, np.where(peak > 0, peak / 127, 1), rtol=1e-6)
+    # The rows the embedding gathers are the table within half an int8 step.
+    assert np.all(np.abs(codes * scales[None, :] - table.T) <= scales / 2 * (1 + 1e-5) + 1e-8)
+    assert model.spec_problems() == []
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def _output_error(before: np.ndarray, codes: np.ndarray, scales: np.ndarray, h: np.ndarray):
+    """‖X·W − X·Ŵ‖² from H = XᵀX."""
+    delta = codes.astype(np.float64) * scales - before
+    return float(np.einsum("kn,kj,jn->", delta, h, delta))
+
+
+def test_fp8_gptq_rounding_lowers_the_layer_output_error(llama):
+    from fdec.passes.quantize_static import _hessians
+
+    before = llama.weights()
+    pass_ = QuantizeFp8Pass(batches=llama.batches, weight_rounding="gptq")
+    with pytest.raises(UsageError, match="batches"):
+        QuantizeFp8Pass(stats=llama.stats, weight_rounding="gptq").requires(llama.cleaned())
+    with pytest.raises(UsageError, match="weight_rounding"):
+        QuantizeFp8Pass(batches=llama.batches, weight_rounding="best")
+
+    nearest, _ = run_pass(QuantizeFp8Pass(batches=llama.batches), llama.cleaned())
+    model, record = run_pass(pass_, llama.cleaned())
+
+    assert record.stats["weight_rounding"] == "gptq" and record.stats["gptq_tokens"] == 2048
+    assert record.stats["weights_quantized"] == 15
+    activations = matmul_activation_inputs(llama.cleaned())
+    hessians = _hessians(llama.cleaned(), llama.batches, sorted(set(activations.values())))
+    totals = {"nearest": 0.0, "gptq": 0.0}
+    for role in _roles(llama.spec):
+        h = hessians[activations[role]]
+        for label, built in (("nearest", nearest), ("gptq", model)):
+            weight, dequantize = _weight_dequantizer(built, role)
+            assert weight.dtype == ir.DataType.FLOAT8E4M3FN
+            codes = weight.const_value.numpy().astype(np.float32)
+            scales = dequantize.inputs[1].const_value.numpy()
+            # same per-channel scales; GPTQ only chooses other FP8 codes on that grid
+            peak = np.abs(before[role]).max(axis=0)
+            np.testing.assert_allclose(scales, np.where(peak > 0, peak / 448, 1), rtol=1e-6)
+            assert np.all(np.abs(codes) <= 448)
+            totals[label] += _output_error(before[role], codes, scales, h)
+    assert totals["gptq"] < 0.8 * totals["nearest"], totals
     _assert_within_tolerance(model, llama.reference, pass_)
 
 
