@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -59,7 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for every side (default: --fusion lets each side choose as its "
+        "users get it: fdec's build config, i.e. auto_threads(), and onnxruntime-genai's own "
+        "default; otherwise 2)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--fusion", action="store_true", help="plain traced vs fused + shared-KV builds (issue 5)"
@@ -68,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     if args.fusion:
         return _fusion_comparison(args)
+    if args.threads is None:
+        args.threads = 2
 
     import torch
     import transformers
@@ -174,11 +184,12 @@ def _fusion_comparison(args) -> int:
     node counts and decode tok/s, rounds interleaved, medians and ratios."""
     import onnx
 
-    from fdec.compile import CompileOptions, compile_model
+    from fdec.compile import CompileOptions, compile_model, plan_pipeline
     from fdec.frontend.export import load_tokenizer
     from fdec.frontend.source import resolve_source
     from fdec.lower import MODEL_FILE
     from fdec.runtime import OrtModel, generate, open_session
+    from fdec.targets import load_target
     from fdec.verify import held_text
 
     source = resolve_source(args.model)
@@ -191,7 +202,12 @@ def _fusion_comparison(args) -> int:
     for precision in ("fp32", "int4"):
         for variant, passes in (("plain", "default"), ("fused", None)):
             folder = root / f"smollm2-{precision}-{variant}"
-            if not (folder / MODEL_FILE).exists():
+            planned = plan_pipeline(
+                target=load_target("cpu"), backend="onnxruntime", passes=passes, quantize=precision
+            ).pass_names
+            built = _built_pipeline(folder)
+            # Missing, or made before a fusion pass the plan now has (e.g. pack-qkv).
+            if built is None or {"fuse-attention", "pack-qkv"} & (set(planned) - set(built)):
                 print(f"compiling {folder} ...", file=sys.stderr)
                 compile_model(
                     CompileOptions(model=args.model, out=folder, quantize=precision, passes=passes)
@@ -203,18 +219,20 @@ def _fusion_comparison(args) -> int:
             rows[name] = {
                 "nodes": len(graph.node),
                 "mb": _size_mb(folder),
+                "threads": session.session.get_session_options().intra_op_num_threads,
                 "kv_buffer": session.kv_buffer if bound else "numpy loop",
             }
-            runners[name] = lambda n, s=session, b=bound: generate(
-                s, prompt, max_new_tokens=n, bound=b
-            ).decode_tokens_per_s
+            runners[name] = lambda n, s=session, b=bound: (
+                generate(s, prompt, max_new_tokens=n, bound=b).decode_tokens_per_s
+            )
     genai = _genai_runner(root / "genai-int4", source.folder, prompt, args.threads)
     if genai is not None:
-        runners["genai int4"] = genai
+        runners["genai int4"], genai_threads = genai
         peer = root / "genai-int4"
         rows["genai int4"] = {
             "nodes": len(onnx.load(str(peer / "model.onnx"), load_external_data=False).graph.node),
             "mb": sum(p.stat().st_size for p in peer.glob("model.onnx*")) / 1e6,
+            "threads": genai_threads,
             "kv_buffer": "genai native",
         }
     rates: dict[str, list[float]] = {name: [] for name in runners}
@@ -226,15 +244,17 @@ def _fusion_comparison(args) -> int:
     for name, row in rows.items():
         row["decode_tok_s"] = statistics.median(rates[name])
         row["rounds"] = rates[name]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{args.model}: {len(prompt)}-token prompt, {args.new_tokens} greedy tokens, "
-        f"{args.threads} threads, median of {args.rounds} interleaved rounds"
+        f"median of {args.rounds} interleaved rounds, load average {load:.1f} on "
+        f"{os.cpu_count()} CPUs"
     )
-    print(f"{'variant':<12} {'nodes':>7} {'MB':>7} {'decode tok/s':>13}  KV cache")
+    print(f"{'variant':<12} {'nodes':>7} {'MB':>7} {'threads':>7} {'decode tok/s':>13}  KV cache")
     for name, row in rows.items():
         print(
-            f"{name:<12} {row['nodes']:>7} {row['mb']:>7.1f} {row['decode_tok_s']:>13.1f}  "
-            f"{row['kv_buffer']}"
+            f"{name:<12} {row['nodes']:>7} {row['mb']:>7.1f} {row['threads']:>7} "
+            f"{row['decode_tok_s']:>13.1f}  {row['kv_buffer']}"
         )
     for precision in ("fp32", "int4"):
         plain, fused = rows[f"{precision} plain"], rows[f"{precision} fused"]
@@ -266,12 +286,20 @@ def _genai_runner(folder: pathlib.Path, hf_folder: pathlib.Path, prompt: list[in
         subprocess.run(command, check=True, capture_output=True)
     config = og.Config(str(folder))
     config.clear_providers()
+    # Its default: max(1, hardware_concurrency / 2) intra-op threads (model.cpp), 1 on 2 CPUs.
+    used = max(1, min(16, (os.cpu_count() or 2) // 2))
+    if threads:
+        options = {"intra_op_num_threads": threads}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        used = threads
     model = og.Model(config)
 
     def run(new_tokens: int) -> float:
         params = og.GeneratorParams(model)
         params.set_search_options(
-            max_length=len(prompt) + new_tokens, do_sample=False, min_length=len(prompt) + new_tokens
+            max_length=len(prompt) + new_tokens,
+            do_sample=False,
+            min_length=len(prompt) + new_tokens,
         )
         generator = og.Generator(model, params)
         generator.append_tokens(prompt)  # prefill, first token
@@ -283,7 +311,16 @@ def _genai_runner(folder: pathlib.Path, hf_folder: pathlib.Path, prompt: list[in
             steps += 1
         return steps / (time.perf_counter() - start)
 
-    return run
+    return run, used
+
+
+def _built_pipeline(folder: pathlib.Path) -> list[str] | None:
+    """The pass names a build was made with (fdec-build.json), None when there is no build."""
+    manifest = folder / "fdec-build.json"
+    if not (folder / "model.onnx").exists() or not manifest.exists():
+        return None
+    pipeline = json.loads(manifest.read_text()).get("pipeline") or []
+    return [p if isinstance(p, str) else p.get("name") for p in pipeline]
 
 
 if __name__ == "__main__":
