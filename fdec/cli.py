@@ -15,7 +15,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from fdec.errors import EXIT_FAILURE, EXIT_USAGE, FdecError
+from fdec.errors import EXIT_FAILURE, EXIT_USAGE, FdecError, UsageError
 
 __all__ = ["cli", "main"]
 
@@ -170,6 +170,14 @@ def cli(verbose: int) -> None:
     help="With --kv-window: also keep the first K positions (attention sink).",
 )
 @click.option(
+    "--pass-options",
+    "pass_option_items",
+    multiple=True,
+    metavar="PASS.OPTION=VALUE",
+    help="An option of a pass in the pipeline, e.g. quantize-int4-awq.block_size=64 (a TOML "
+    "value; repeatable). fdec passes lists the passes.",
+)
+@click.option(
     "--emit",
     multiple=True,
     type=click.Choice(["hf-checkpoint"]),
@@ -195,7 +203,8 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
                     quiet: bool, no_wait: bool = False, no_cache: bool = False,
                     kv_dtype: str | None = None, kv_window: int | None = None,
                     kv_sink: int | None = None,
-                    config_file: pathlib.Path | None = None) -> None:  # fmt: skip
+                    config_file: pathlib.Path | None = None,
+                    pass_option_items: tuple[str, ...] = ()) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out.
 
     Settings come from the command line, then the config file, then the defaults shown."""
@@ -211,6 +220,10 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
         keep_fp=keep_fp, kv_dtype=kv_dtype, kv_window=kv_window, kv_sink=kv_sink,
     )  # fmt: skip
     source = click.get_current_context().get_parameter_source
+    try:
+        given["pass_options"] = _parse_pass_options(pass_option_items)
+    except FdecError as err:
+        _fail(err, as_json)
     typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
     try:
         config = load_config(config_file) if config_file else discover_config()
@@ -279,6 +292,33 @@ def _compile_targets(options: Any, targets: list[str], ctx: _Context, *, wait: b
                        err=True)  # fmt: skip
     if code:
         sys.exit(code)
+
+
+def _parse_pass_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]] | None:
+    """`--pass-options PASS.OPTION=VALUE` items as {pass: {option: value}}, checked like the
+    config file's [pass_options]; VALUE is read as TOML (64, true, "text"), else as text."""
+    import tomllib
+
+    from fdec.config import SCHEMA, convert
+
+    if not items:
+        return None
+    table: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name_option, equals, text = item.partition("=")
+        name, dot, option = name_option.strip().rpartition(".")
+        if not equals or not dot or not name or not option:
+            raise UsageError(
+                f"--pass-options {item!r} is not PASS.OPTION=VALUE",
+                "write e.g. --pass-options quantize-int4-awq.block_size=64",
+            )
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        table.setdefault(name, {})[option] = value
+    key = next(key for key in SCHEMA if key.option == "pass_options")
+    return convert(key, table, pathlib.Path.cwd(), "--pass-options")
 
 
 def _summary(report: dict[str, Any], out: pathlib.Path, *, ok: bool) -> dict[str, Any]:

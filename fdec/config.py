@@ -93,6 +93,7 @@ class Key:
             "path": "a path (a string; relative to the config file)",
             "fraction": 'a fraction ("5%" or 0.05)',
             "strs": "a string or a list of strings",
+            "pass_options": "a table per pass name, of that pass's options",
         }[self.kind]
         if self.minimum is not None:
             text += f" >= {self.minimum}"
@@ -137,6 +138,10 @@ SCHEMA: tuple[Key, ...] = (
         "(attention sink).", "4", minimum=0),
     Key("gates.max_ppl_increase", "fraction", "max_ppl_increase", "Fail (exit 3) when "
         "perplexity grows more than this against the source model.", '"5%"'),
+    Key("pass_options", "pass_options", "pass_options", "Options of passes the pipeline runs, "
+        "one table per pass (`[pass_options.quantize-int4-awq]` block_size = 64); `fdec passes` "
+        "lists them. A pass the build does not run is an error.",
+        '{ "quantize-int4-awq" = { block_size = 64 } }'),
 )  # fmt: skip
 
 _BY_PATH = {key.path: key for key in SCHEMA}
@@ -187,6 +192,8 @@ def convert(key: Key, value: Any, base: pathlib.Path, where: str, label: str | N
             f"see docs/config.md, e.g. {key.path.rpartition('.')[2]} = {key.example}",
         )
 
+    if key.kind == "pass_options":
+        return _pass_options(value, where, wrong)
     if key.kind == "bool":
         if not isinstance(value, bool):
             raise wrong()
@@ -221,6 +228,41 @@ def convert(key: Key, value: Any, base: pathlib.Path, where: str, label: str | N
         path = pathlib.Path(value).expanduser()
         return path if path.is_absolute() else base / path
     return value
+
+
+def _pass_options(
+    value: Any, where: str, wrong: Callable[[], UsageError]
+) -> dict[str, dict[str, Any]]:
+    """{pass name: {option: value}}, names checked against fdec's pass registry and each
+    pass's options (the pass checks the values when the pipeline is planned)."""
+    from fdec.passes import REGISTRY
+
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise wrong()
+    checked: dict[str, dict[str, Any]] = {}
+    for name, options in value.items():
+        cls = REGISTRY.get(name)
+        if cls is None:
+            near = difflib.get_close_matches(name, sorted(REGISTRY), n=1)
+            raise UsageError(
+                f"{where}: pass_options names unknown pass {name!r}",
+                f"did you mean {near[0]!r}?" if near else "`fdec passes` lists the passes",
+            )
+        fields = (
+            sorted(f.name for f in dataclasses.fields(cls) if f.init)
+            if dataclasses.is_dataclass(cls)
+            else []
+        )
+        for option in options:
+            if option not in fields:
+                near = difflib.get_close_matches(option, fields, n=1)
+                raise UsageError(
+                    f"{where}: pass {name} has no option {option!r}",
+                    (f"did you mean {near[0]!r}? " if near else "")
+                    + f"its options: {', '.join(fields) or 'none'}",
+                )
+        checked[name] = dict(options)
+    return checked
 
 
 def parse_config(data: Mapping[str, Any], source: pathlib.Path) -> Config:

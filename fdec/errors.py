@@ -8,7 +8,6 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "BusyError",
-    "BusyError",
     "CompileError",
     "FdecError",
     "InputError",
@@ -86,9 +85,3 @@ class QualityGateError(FdecError):
     def __init__(self, problem: str, fix: str | None = None, *, details: dict | None = None):
         super().__init__(problem, fix)
         self.details = details or {}
-
-
-class BusyError(FdecError):
-    """Another fdec process holds what this one needs (the build folder) and we may not wait."""
-
-    exit_code = EXIT_FAILURE
