@@ -388,8 +388,19 @@ def _fail(err: FdecError, as_json: bool) -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the result as JSON instead of streaming."
 )
+@click.option(
+    "--speculative",
+    type=click.Choice(["prompt-lookup", "draft"]),
+    help="Speculative decoding (greedy, same tokens): prompt-lookup drafts from n-grams of the "
+    "context; the target verifies them in one step.",
+)
+@click.option(
+    "--k", "spec_k", default=4, show_default=True, type=click.IntRange(1, 64),
+    help="With --speculative: tokens drafted per target step.",
+)  # fmt: skip
 def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperature: float,
-                top_k: int, top_p: float, seed: int, no_chat_template: bool, as_json: bool) -> None:  # fmt: skip
+                top_k: int, top_p: float, seed: int, no_chat_template: bool, as_json: bool,
+                speculative: str | None, spec_k: int) -> None:  # fmt: skip
     """Generate text with a build, streaming tokens to the terminal."""
     _quiet_libraries()
     from fdec.runner import load_build, run_prompt
@@ -403,6 +414,7 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
             loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, chat_template=not no_chat_template,
             stream=None if as_json else lambda text: click.echo(text, nl=False),
+            speculative=speculative, k=spec_k,
         )  # fmt: skip
     except FdecError as err:
         _fail(err, as_json)
@@ -417,6 +429,14 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
             f"providers: {', '.join(result['providers'])}]",
             err=True,
         )
+        spec = result.get("speculative")
+        if spec:
+            click.echo(
+                f"[speculative {spec['method']}, k={spec['k']}: acceptance "
+                f"{spec['acceptance_rate']:.0%} ({spec['accepted']}/{spec['drafted']} drafted), "
+                f"{spec['tokens_per_step']:.2f} tokens per target step]",
+                err=True,
+            )
 
 
 @cli.command("report")

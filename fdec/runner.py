@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fdec.errors import InputError
+from fdec.errors import InputError, UsageError
 from fdec.lower import MODEL_FILE, RUNTIME_CONFIG
 from fdec.runtime import OrtModel, Sampling, generate, open_session
 from fdec.runtime.session import KV_BUFFERS, OPT_LEVELS
@@ -85,7 +85,21 @@ def run_prompt(
     seed: int = 0,
     chat_template: bool = True,
     stream: Callable[[str], None] | None = None,
+    speculative: str | None = None,
+    k: int = 4,
 ) -> dict[str, Any]:
+    """Generate from `prompt`; `speculative="prompt-lookup"` verifies up to `k` n-gram drafts
+    per target step (greedy only, same tokens; fdec.runtime.speculative)."""
+    if speculative not in (None, "prompt-lookup"):
+        raise UsageError(
+            f"speculative decoding with {speculative!r}: draft models are not built yet",
+            "use --speculative prompt-lookup",
+        )
+    if speculative and temperature > 0:
+        raise UsageError(
+            "speculative decoding is greedy only (--temperature must be 0)",
+            "drop --temperature or --speculative",
+        )
     tokenizer = build.tokenizer
     if tokenizer is None:
         raise InputError(f"{build.folder} has no tokenizer", "compile from a model folder with one")
@@ -129,25 +143,65 @@ def run_prompt(
             stream(text[len(printed) :])
             printed = text
 
-    result = generate(
-        build.model,
-        list(ids),
-        max_new_tokens=max_new_tokens,
-        sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-        stop_tokens=sorted(stop),
-        on_token=on_token,
-    )
+    if speculative:
+        result = _speculate(build, list(ids), max_new_tokens, k, sorted(stop), on_token)
+    else:
+        result = generate(
+            build.model,
+            list(ids),
+            max_new_tokens=max_new_tokens,
+            sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+            stop_tokens=sorted(stop),
+            on_token=on_token,
+        )
     text = tokenizer.decode(streamed, skip_special_tokens=True)
     if stream and len(text) > len(printed) and text.startswith(printed):
         stream(text[len(printed) :])
+    spec_figures = (
+        {
+            "method": speculative,
+            "k": k,
+            "steps": result.steps,
+            "drafted": result.drafted,
+            "accepted": result.accepted,
+            "acceptance_rate": round(result.acceptance_rate, 4),
+            "tokens_per_step": round(result.tokens_per_step, 3),
+        }
+        if speculative
+        else None
+    )
     return {
         "kind": "decoder",
+        "speculative": spec_figures,
         "prompt_tokens": result.prompt_tokens,
         "new_tokens": len(result.tokens),
         "text": text,
         "tokens": result.tokens,
         "prefill_s": round(result.prefill_s, 4),
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
-        "max_cache_positions": result.max_past_length,
+        # Speculative runs never drop positions: their cache is the whole context.
+        "max_cache_positions": getattr(
+            result, "max_past_length", result.prompt_tokens + len(result.tokens) - 1
+        ),
         "providers": build.model.providers,
     }
+
+
+def _speculate(
+    build: LoadedBuild,
+    ids: list[int],
+    max_new_tokens: int,
+    k: int,
+    stop: list[int],
+    on_token: Callable[[int], None],
+) -> Any:
+    from fdec.runtime.speculative import generate_speculative
+
+    try:
+        return generate_speculative(
+            build.model, ids, max_new_tokens=max_new_tokens, k=k, stop_tokens=stop,
+            on_token=on_token,
+        )  # fmt: skip
+    except ValueError as err:
+        raise UsageError(f"cannot decode {build.folder} speculatively: {err}",
+                         "run without --speculative") from None  # fmt: skip
