@@ -87,6 +87,11 @@ def test_second_compile_takes_everything_from_the_cache_and_writes_the_same_byte
     assert warm["export"]["cached"] is True and warm["cache"]["reference"] is True
     assert warm["cache"]["passes_cached"] == len(warm["pipeline"])
     assert all(p["wall_s"] == 0.0 and p["cached_wall_s"] >= 0 for p in warm["passes"])
+    # `fdec report` marks each pass taken from the cache; the cold build's passes ran.
+    from fdec.report import render_report
+
+    assert render_report(warm).count(" cached") == len(warm["pipeline"])
+    assert " cached" not in render_report(cold)
     # Nothing was exported or run with PyTorch the second time.
     steps = builds["warm_messages"]
     assert not any(m.startswith(("loading", "exporting", "computing", "pass ")) for m in steps)

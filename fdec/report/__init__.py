@@ -108,7 +108,10 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
                 f"{before.get('nodes', '?')}→{after.get('nodes', '?')}",
                 f"{after.get('parameters', 0):,}",
                 _human_bytes(after.get("bytes", 0)),
-                f"{record.get('wall_s', 0):.2f}s",
+                # a pass taken from the cache: the time it took when it ran, marked
+                f"{record.get('cached_wall_s', 0):.2f}s cached"
+                if record.get("cached")
+                else f"{record.get('wall_s', 0):.2f}s",
                 _checks_text(record.get("checks") or {}),
                 _stats_text(record.get("stats", {})),
             )
