@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     for r in rows:
         if r["kept"]:
-            print(f"{r['recipe']}: most sensitive, kept in higher precision: {', '.join(r['kept'])}")
+            print(
+                f"{r['recipe']}: most sensitive, kept in higher precision: {', '.join(r['kept'])}"
+            )
     return 0
 
 

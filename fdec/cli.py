@@ -92,8 +92,10 @@ def cli(verbose: int) -> None:
     help="Target name or .toml file; several (h100,a100,l4) build -o/<target> each.",
 )
 @click.option(
-    "-o", "--out", type=click.Path(path_type=pathlib.Path), help="Build folder (required here "
-    "or as `out` in the config file)."
+    "-o",
+    "--out",
+    type=click.Path(path_type=pathlib.Path),
+    help="Build folder (required here or as `out` in the config file).",
 )
 @click.option(
     "--config",
@@ -441,7 +443,9 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
 
 @cli.command("report")
 @click.argument("build", type=click.Path(path_type=pathlib.Path))
-@click.option("--json", "as_json", is_flag=True, help="Print report.json with the files of fdec-build.json.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print report.json with the files of fdec-build.json."
+)
 @click.option("--html", "html", is_flag=True, help="Print the path of the build's report.html.")
 @click.option(
     "--html-out",

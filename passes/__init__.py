@@ -18,8 +18,8 @@ from fdec.passes.cleanup import (
     UntieEmbeddingsPass,
 )
 from fdec.passes.fusion import FuseAttentionPass
-from fdec.passes.pack import PackQkvPass
 from fdec.passes.kv_cache import KvPolicyPass, QuantizeKvCachePass
+from fdec.passes.pack import PackQkvPass
 from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
 from fdec.passes.quantize_awq import QuantizeInt4AwqPass
 from fdec.passes.quantize_embedding import QuantizeEmbeddingPass

@@ -22,7 +22,9 @@ def _snapshot(folder: pathlib.Path) -> dict[str, bytes]:
 @pytest.fixture
 def previous_build(tiny_models, tmp_path, cli_runner):
     out = tmp_path / "build"
-    result = cli_runner.invoke(cli, ["compile", str(tiny_models("llama")), "-o", str(out), "-q", "--quantize", "none"])
+    result = cli_runner.invoke(
+        cli, ["compile", str(tiny_models("llama")), "-o", str(out), "-q", "--quantize", "none"]
+    )
     assert result.exit_code == 0, result.output + result.stderr
     return out
 
@@ -55,7 +57,16 @@ def test_failed_verification_keeps_previous_build(
     before = _snapshot(previous_build)
     monkeypatch.setattr(fdec.compile, "FP32_TOLERANCE", Tolerance(max_abs_error=0.0))
     result = cli_runner.invoke(
-        cli, ["compile", str(tiny_models("gpt2")), "-o", str(previous_build), "--json", "--quantize", "none"]
+        cli,
+        [
+            "compile",
+            str(tiny_models("gpt2")),
+            "-o",
+            str(previous_build),
+            "--json",
+            "--quantize",
+            "none",
+        ],
     )
     assert result.exit_code == 1
     error = json.loads(result.stdout)["error"]
@@ -73,7 +84,9 @@ def test_interrupt_keeps_previous_build(previous_build, tiny_models, monkeypatch
     monkeypatch.setattr(fdec.compile, "_verify", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fdec.compile.compile_model(
-            fdec.compile.CompileOptions(model=str(tiny_models("gpt2")), out=previous_build, quantize="none")
+            fdec.compile.CompileOptions(
+                model=str(tiny_models("gpt2")), out=previous_build, quantize="none"
+            )
         )
     assert _snapshot(previous_build) == before
     assert _leftovers(previous_build) == []
@@ -81,7 +94,16 @@ def test_interrupt_keeps_previous_build(previous_build, tiny_models, monkeypatch
 
 def test_successful_rebuild_replaces_previous(previous_build, tiny_models, cli_runner):
     result = cli_runner.invoke(
-        cli, ["compile", str(tiny_models("gpt2")), "-o", str(previous_build), "-q", "--quantize", "none"]
+        cli,
+        [
+            "compile",
+            str(tiny_models("gpt2")),
+            "-o",
+            str(previous_build),
+            "-q",
+            "--quantize",
+            "none",
+        ],
     )
     assert result.exit_code == 0
     report = json.loads((previous_build / "report.json").read_text())

@@ -115,7 +115,8 @@ def test_pickle_weights_need_trust_pickle(tiny_models, cli_runner, tmp_path):
                   words=["pickle", "pytorch_model.bin", "--trust-pickle"], out=out)  # fmt: skip
     # With the explicit flag it loads (weights-only) and verifies.
     result = cli_runner.invoke(
-        cli, ["compile", str(folder), "-o", str(out), "--trust-pickle", "--json", "--quantize", "none"]
+        cli,
+        ["compile", str(folder), "-o", str(out), "--trust-pickle", "--json", "--quantize", "none"],
     )
     assert result.exit_code == 0, result.output + result.stderr
     assert json.loads(result.stdout)["verification"]["greedy_identical"] is True

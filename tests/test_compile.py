@@ -12,7 +12,18 @@ from fdec.cli import cli
 
 
 def _compile(cli_runner, model, out, *args):
-    result = cli_runner.invoke(cli, ["compile", str(model), "-o", str(out), "--json", *(() if "--quantize" in args else ("--quantize", "none")), *args])
+    result = cli_runner.invoke(
+        cli,
+        [
+            "compile",
+            str(model),
+            "-o",
+            str(out),
+            "--json",
+            *(() if "--quantize" in args else ("--quantize", "none")),
+            *args,
+        ],
+    )
     assert result.exit_code == 0, result.output + result.stderr
     summary = json.loads(result.stdout)
     assert summary["ok"] is True

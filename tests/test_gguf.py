@@ -13,7 +13,9 @@ from fdec.cli import cli
 
 
 def _compile(cli_runner, model, out):
-    result = cli_runner.invoke(cli, ["compile", str(model), "-o", str(out), "--json", "--quantize", "none"])
+    result = cli_runner.invoke(
+        cli, ["compile", str(model), "-o", str(out), "--json", "--quantize", "none"]
+    )
     assert result.exit_code == 0, result.output + result.stderr
     summary = json.loads(result.stdout)
     assert summary["ok"] is True
@@ -54,7 +56,9 @@ def test_gguf_conversion_is_cached_and_build_matches_transformers(
     monkeypatch.setenv("FDEC_CACHE_DIR", str(cache))
     gguf_path = make_tiny_gguf(tmp_path / "model" / "tiny.gguf", seed=1)
 
-    first = cli_runner.invoke(cli, ["compile", str(gguf_path), "-o", str(tmp_path / "b1"), "--quantize", "none"])
+    first = cli_runner.invoke(
+        cli, ["compile", str(gguf_path), "-o", str(tmp_path / "b1"), "--quantize", "none"]
+    )
     assert first.exit_code == 0, first.output + first.stderr
     assert "converting tiny.gguf" in first.stderr
     entries = list((cache / "gguf").iterdir())
@@ -64,7 +68,9 @@ def test_gguf_conversion_is_cached_and_build_matches_transformers(
     assert "model.safetensors" in stamps and "config.json" in stamps
 
     out = tmp_path / "b2"
-    second = cli_runner.invoke(cli, ["compile", str(gguf_path), "-o", str(out), "--json", "--quantize", "none"])
+    second = cli_runner.invoke(
+        cli, ["compile", str(gguf_path), "-o", str(out), "--json", "--quantize", "none"]
+    )
     assert second.exit_code == 0, second.output + second.stderr
     assert json.loads(second.stdout)["ok"] is True
     assert "converting" not in second.stderr

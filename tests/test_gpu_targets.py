@@ -20,7 +20,18 @@ needs_rtx = pytest.mark.skipif(rtx_available() is not None, reason=str(rtx_avail
 
 def _compile(cli_runner, model, out, *args):
     result = cli_runner.invoke(
-        cli, ["compile", str(model), "-o", str(out), "--json", "--max-seq-len", "256", *(() if "--quantize" in args else ("--quantize", "none")), *args]
+        cli,
+        [
+            "compile",
+            str(model),
+            "-o",
+            str(out),
+            "--json",
+            "--max-seq-len",
+            "256",
+            *(() if "--quantize" in args else ("--quantize", "none")),
+            *args,
+        ],
     )
     assert result.exit_code == 0, result.output + result.stderr
     return json.loads(result.stdout), json.loads((out / "report.json").read_text())
