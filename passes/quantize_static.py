@@ -425,6 +425,14 @@ class QuantizeFp8Pass(_StaticQuantizePass):
     calibration, `activation_range` / 448 with the range the calibrated absmax ("absmax") or
     the 99.9th percentile of |x| ("percentile": rarer outliers are clipped at ±448). The
     model's opset is raised to 19 (FP8 Q/DQ) when lower.
+
+    `weight_rounding="gptq"` picks each weight's FP8 code (on the same per-channel scales) by
+    GPTQ's error compensation against the calibration activations. `share_tied_embedding`
+    keeps a tied embedding/lm_head table stored once; ONNX Gather takes no FLOAT8 tensor, so
+    that table is int8 per vocabulary row and the lm_head reads it weight-only (float
+    activation, int8 weight dequantized: W8A16) — every other linear layer is FP8 W8A8.
+    SmolLM2-135M (fp32 ppl 54.05, 128 held tokens): nearest + two tables +11.5 % at 0.31×;
+    nearest + shared table +8.0 %; GPTQ + shared table +2.0 % at 136 MB (0.25×).
     """
 
     name = "quantize-fp8"
