@@ -245,6 +245,17 @@ def compile_model(
             target=target,
             optimization=optimization,
         )
+        counts = records[-1].after if records else fdec_model.counts()
+        gathered_bytes = _gathered_bytes(fdec_model)
+        checkpoint = None
+        if "hf-checkpoint" in options.emit:
+            progress("writing the serving checkpoint (safetensors + quantization config)")
+            checkpoint = write_hf_checkpoint(fdec_model, source.folder, staging / CHECKPOINT_DIR)
+            checkpoint["directory"] = CHECKPOINT_DIR  # relative: the build moves into place
+        # What is verified is the build as written: drop the in-memory graph first, so the
+        # verifying session holds the only copy of the weights (peak RSS; issue 9).
+        fdec_model = None
+        gc.collect()
         progress("verifying the build against the source model")
         session = OrtModel(open_session(staging / MODEL_FILE, optimization=optimization))
         verification = _verify(reference, session, tolerance)
@@ -259,12 +270,6 @@ def compile_model(
             staging, spec=spec, target=target, backend=backend, limits=limits,
             precisions=_engine_precisions(pass_names), progress=progress,
         )  # fmt: skip
-        counts = records[-1].after if records else fdec_model.counts()
-        checkpoint = None
-        if "hf-checkpoint" in options.emit:
-            progress("writing the serving checkpoint (safetensors + quantization config)")
-            checkpoint = write_hf_checkpoint(fdec_model, source.folder, staging / CHECKPOINT_DIR)
-            checkpoint["directory"] = CHECKPOINT_DIR  # relative: the build moves into place
         report = {
             "schema_version": SCHEMA_VERSION,
             "source": {
@@ -298,7 +303,7 @@ def compile_model(
                 target,
                 weight_bytes=counts.bytes,
                 parameters=counts.parameters,
-                gathered_bytes=_gathered_bytes(fdec_model),
+                gathered_bytes=gathered_bytes,
             ),
             "wall_s": round(time.perf_counter() - started, 2),
         }

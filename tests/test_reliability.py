@@ -28,7 +28,8 @@ from fdec.cli import cli
 _PY = [sys.executable, "-m", "fdec.cli"]
 # fp32 builds with a short cleanup pipeline: the fastest compile, exact verification, and
 # independent of which passes the default pipeline holds (these tests are about the build folder).
-FP32 = ["--quantize", "none", "--passes", "fold-constants,cse,remove-dead-nodes"]
+# --no-cache: these tests wait for progress lines (export, passes) a cached rebuild skips.
+FP32 = ["--quantize", "none", "--passes", "fold-constants,cse,remove-dead-nodes", "--no-cache"]
 
 
 class _Fdec:
@@ -245,7 +246,7 @@ def test_kill_9_at_several_points_then_rerun(previous_build, tiny_models, tmp_pa
     points = [
         ("exporting to ONNX", FP32),
         ("pass 1/", FP32),
-        ("tokenizing calibration text", ["--quantize", "int4-awq"]),
+        ("tokenizing calibration text", ["--quantize", "int4-awq", "--no-cache"]),
         ("writing", FP32),  # the staging folder holds model.onnx
         ("verifying the build", FP32),
     ]
