@@ -743,6 +743,12 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 
 def _exit_signalled(terminated: bool) -> None:
+    import signal
+
+    # Once reported, further signals are ignored: a second interrupt arriving while the
+    # interpreter shuts down would otherwise end the process by the signal (exit -2), not 130.
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
     click.echo(
         f"{'terminated' if terminated else 'interrupted'}; any previous build is unchanged",
         err=True,

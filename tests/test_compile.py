@@ -149,6 +149,7 @@ def test_verify_each_dump_dir_and_untie(tiny_models, tmp_path, cli_runner):
     names = [p["name"] for p in report["passes"]]
     assert names == [
         "untie-embeddings",
+        "strip-metadata",
         "fold-constants",
         "cse",
         "remove-dead-nodes",
@@ -162,9 +163,9 @@ def test_verify_each_dump_dir_and_untie(tiny_models, tmp_path, cli_runner):
     assert report["spec"]["tie_word_embeddings"] is False
     assert report["spec"]["weights"]["lm_head"] != report["spec"]["weights"]["embed"]
     dumped = sorted(p.name for p in dumps.glob("*.onnx"))
-    assert dumped == ["001_UntieEmbeddingsPass.onnx", "002_FoldConstantsPass.onnx",
-                      "003_EliminateCommonSubexpressionsPass.onnx", "004_RemoveDeadNodesPass.onnx",
-                      "005_InferShapesPass.onnx"]  # fmt: skip
+    assert dumped == ["001_UntieEmbeddingsPass.onnx", "002_StripMetadataPass.onnx",
+                      "003_FoldConstantsPass.onnx", "004_EliminateCommonSubexpressionsPass.onnx",
+                      "005_RemoveDeadNodesPass.onnx", "006_InferShapesPass.onnx"]  # fmt: skip
     # The untied lm_head is its own [hidden, vocab] weight in the build.
     import onnx
 

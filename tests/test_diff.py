@@ -4,6 +4,7 @@ one line when a path is not a build."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -43,9 +44,14 @@ def test_diff_int8_int4_json_shows_passes_size_and_accuracy_deltas(pair, cli_run
     only_b = [n for n in rb["pipeline"] if n not in ra["pipeline"]]
     assert "quantize-int8" in pipeline["removed"] and "quantize-mixed" in pipeline["added"]
     assert set(pipeline["removed"]) == set(only_a) and set(pipeline["added"]) == set(only_b)
-    # quantize-embedding runs in both with a different option (it must leave a shared table).
-    changed = {(c["pass"], c["key"]) for c in pipeline["options_changed"]}
-    assert ("quantize-embedding", "skip_shared") in changed
+    # quantize-embedding runs in both with the same options: no change reported; a changed
+    # option of a pass both run is reported by pass and key.
+    assert not any(c["pass"] == "quantize-embedding" for c in pipeline["options_changed"])
+    altered = copy.deepcopy(ra)
+    record = next(p for p in altered["passes"] if p["name"] == "quantize-embedding")
+    record["options"]["skip_shared"] = not record["options"]["skip_shared"]
+    changed = diff_reports(ra, altered)["pipeline"]["options_changed"]
+    assert [(c["pass"], c["key"]) for c in changed] == [("quantize-embedding", "skip_shared")]
 
     assert {"key": "recipe.quantize", "a": "int8", "b": "int4"} in diff["options"]
     assert diff["versions"] == []  # same machine, same packages
@@ -69,7 +75,9 @@ def test_diff_int8_int4_json_shows_passes_size_and_accuracy_deltas(pair, cli_run
     rows = {(r["name"], r["in"]): r for r in pipeline["passes"]}
     assert ("quantize-int8", "a") in rows and ("quantize-mixed", "b") in rows
     shared = rows[("fold-constants", "both")]
-    first_a, first_b = ra["passes"][0], rb["passes"][0]
+    first_a, first_b = (
+        next(p for p in r["passes"] if p["name"] == "fold-constants") for r in (ra, rb)
+    )
     assert shared["nodes"] == {"a": first_a["after"]["nodes"], "b": first_b["after"]["nodes"],
                                "delta": 0, "ratio": 1.0}  # fmt: skip
     assert shared["wall_s"]["a"] == first_a["wall_s"]
@@ -83,7 +91,6 @@ def test_diff_text_names_the_differences(pair, cli_runner):
     assert "\x1b[" not in text  # not a terminal: plain
     assert "- quantize-int8 (only in a)" in text and "+ quantize-mixed (only in b)" in text
     assert "~ recipe.quantize: int8 → int4" in text
-    assert "~ quantize-embedding.skip_shared: False → True" in text
     assert "model_bytes" in text and "Δ" in text
     for key in ("perplexity_build", "top1_agreement", "kl_divergence", "max_abs_error"):
         assert key in text

@@ -315,12 +315,13 @@ def test_default_pipeline_records_keep_each_pass_stats():
     out, records = PassManager(make_pipeline(parse_pass_list("default"))).run(fm)
 
     assert {r.name: (r.modified, r.stats) for r in records} == {
+        "strip-metadata": (False, {"metadata_props_removed": 0, "doc_strings_removed": 0}),
         "fold-constants": (True, {"nodes_folded": 1, "weights_relaid": 0}),
         "cse": (True, {"nodes_merged": 1}),
         "remove-dead-nodes": (False, {"nodes_removed": 0, "initializers_removed": 0}),
         "infer-shapes": (True, {"values_inferred": 2, "values_unknown": 0}),
     }
-    assert [r.after.nodes for r in records] == [4, 3, 3, 3]
+    assert [r.after.nodes for r in records] == [5, 4, 3, 3, 3]
     assert [n.op_type for n in out.graph] == ["MatMul", "Relu", "Add"]
     np.testing.assert_allclose(_run(out, feeds)[0], before[0], rtol=0, atol=1e-6)
 

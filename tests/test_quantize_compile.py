@@ -62,7 +62,8 @@ def test_int4_build_is_matmulnbits_smaller_and_verified(tiny_models, tmp_path, c
     )
     assert result.exit_code == 0, result.stderr
     ops = _ops(int4 / "model.onnx")
-    assert ops.count(("com.microsoft", "MatMulNBits")) == 15  # 14 layer matmuls + lm_head
+    # 2 layers × (packed qkv, o, gate, up, down) + lm_head: pack-qkv merges q/k/v after fusion
+    assert ops.count(("com.microsoft", "MatMulNBits")) == 11
     report = json.loads((int4 / "report.json").read_text())
     # The tied table stays tied: the lm_head's MatMulNBits and the embedding's
     # GatherBlockQuantized read one packed int4 table (quantize-embedding has nothing left).
@@ -255,7 +256,7 @@ def test_int4_awq_compiles_calibrated_and_verified(tiny_models, tmp_path, cli_ru
     report = json.loads((out / "report.json").read_text())
     awq = next(p for p in report["passes"] if p["name"] == "quantize-int4-awq")
     assert awq["stats"]["groups_searched"] > 0 and awq["stats"]["mean_error_reduction"] > 0
-    assert _ops(out / "model.onnx").count(("com.microsoft", "MatMulNBits")) == 15
+    assert _ops(out / "model.onnx").count(("com.microsoft", "MatMulNBits")) == 11  # qkv packed
     assert report["verification"]["ok"] is True
 
 
@@ -281,7 +282,8 @@ def test_int4_awq_mixed_keeps_the_most_sensitive_layers_in_8_bits(
         for node in model.graph.node
         if node.op_type in ("MatMulNBits", "GatherBlockQuantized")
     )
-    # 16 readers: 14 layer MatMulNBits, the lm_head's and the embedding's of the tied table.
-    kept = 2 if stats["kept"] == ["lm_head"] else 7
-    assert bits[8] == kept and bits[4] == 16 - kept
+    # 12 readers: 10 layer MatMulNBits (q/k/v packed into one by pack-qkv), the lm_head's and
+    # the embedding's of the tied table.
+    kept = 2 if stats["kept"] == ["lm_head"] else 5
+    assert bits[8] == kept and bits[4] == 12 - kept
     assert report["verification"]["ok"] is True

@@ -368,6 +368,8 @@ def test_int4_options_are_checked_and_keyword_only():
         "accuracy_level": 4,
         "include_lm_head": True,
         "backend": "onnxruntime",
+        "bits": 4,
+        "share_tied_embedding": False,
     }
 
 

@@ -194,6 +194,8 @@ def test_awq_options_are_checked_and_calibration_is_required():
         "accuracy_level": 4,
         "include_lm_head": True,
         "backend": "onnxruntime",
+        "bits": 4,
+        "share_tied_embedding": False,
         "grid": 20,
         "max_rows": 512,
         "clip": True,

@@ -388,6 +388,7 @@ def test_options_are_checked_and_keyword_only():
         "bits": 8,
         "backend": "onnxruntime",
         "block_size": 32,
+        "skip_shared": False,
     }
 
 

@@ -403,6 +403,8 @@ def test_options_are_checked_and_calibration_is_required(llama):
     with pytest.raises(UsageError, match="batches"):
         QuantizeMixedPass(batches=[np.zeros((1, 1), dtype=np.int64)])
     with pytest.raises(UsageError, match="bad options for pass 'quantize-int4'"):
+        QuantizeMixedPass(quantizer_options={"nibbles": 3})
+    with pytest.raises(UsageError, match="bits 3 is not supported"):
         QuantizeMixedPass(quantizer_options={"bits": 3})
     # The wrapped quantizer's checks run too: a tied lm_head cannot be quantized.
     tied = llama.cleaned()

@@ -338,13 +338,17 @@ def test_options_are_checked_keyword_only_and_reported_as_counts(llama):
         QuantizeInt8StaticPass(0.5)
     assert QuantizeInt8StaticPass(stats=llama.stats).options() == {
         "include_lm_head": True,
+        "share_tied_embedding": False,
         "alpha": 0.5,
         "stats": "9 tensors",
         "batches": None,
     }
     assert QuantizeFp8Pass(batches=llama.batches[:2]).options() == {
         "include_lm_head": True,
+        "share_tied_embedding": False,
         "activation_range": "absmax",
+        "weight_rounding": "nearest",
+        "gptq_damping": 0.01,
         "stats": None,
         "batches": "2 batches, 256 tokens",
     }
