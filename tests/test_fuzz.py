@@ -216,5 +216,6 @@ def test_command_line_never_gives_a_traceback(
     if result.exit_code == 0:
         return
     assert result.exit_code in (1, 2, 3), (argv, result.exit_code)
-    last = result.stderr.strip().split("\n")[-1]  # not splitlines(): fuzzed \x1e splits there
-    assert last.startswith(("error: ", "Error: ")), (argv, result.stderr)
+    # One clean error line (a fuzzed argument may itself hold line breaks, which click echoes).
+    lines = result.stderr.split("\n")
+    assert any(line.startswith(("error: ", "Error: ")) for line in lines), (argv, result.stderr)
