@@ -123,34 +123,56 @@ def generate(
         return _generate_trimmed(
             model, prompt, chosen, max_new_tokens, sampling, stop_tokens, on_token
         )
-    rng = np.random.default_rng(sampling.seed)
     ids = np.asarray([list(prompt)], dtype=np.int64)
+    state: dict = {"length": ids.shape[1]}
+
+    def prefill() -> np.ndarray:
+        if bound:
+            state["decoder"] = model.bound_decoder(1, ids.shape[1] + max(max_new_tokens, 1))
+            return state["decoder"].step(ids)
+        logits, state["past"] = model.decode(ids, model.empty_past(1), 0)
+        return logits
+
+    def step(token: int) -> np.ndarray:
+        piece = np.asarray([[token]], dtype=np.int64)
+        if bound:
+            logits = state["decoder"].step(piece)
+        else:
+            logits, state["past"] = model.decode(piece, state["past"], state["length"])
+        state["length"] += 1
+        return logits
+
+    tokens, prefill_s, decode_s = _sample(
+        prefill, step, max_new_tokens, sampling, stop_tokens, on_token
+    )
+    longest = state["length"] - 1 if len(tokens) > 1 else 0
+    return GenerationResult(tokens, len(prompt), prefill_s, decode_s, longest)
+
+
+def _sample(
+    prefill: Callable[[], np.ndarray],
+    step: Callable[[int], np.ndarray],
+    max_new_tokens: int,
+    sampling: Sampling,
+    stop_tokens: Sequence[int],
+    on_token: Callable[[int], None] | None,
+) -> tuple[list[int], float, float]:
+    """The token loop every decoding path shares: prefill, then one step per token until
+    `max_new_tokens` or a stop token; returns the tokens and the prefill and decode seconds."""
+    rng = np.random.default_rng(sampling.seed)
     start = time.perf_counter()
-    if bound:
-        decoder = model.bound_decoder(1, ids.shape[1] + max(max_new_tokens, 1))
-        logits = decoder.step(ids)
-    else:
-        logits, past = model.decode(ids, model.empty_past(1), 0)
-    length = ids.shape[1]
-    token = sampling.choose(logits[0, -1], rng)
+    token = sampling.choose(prefill()[0, -1], rng)
     prefill_s = time.perf_counter() - start
     tokens = [token]
     if on_token:
         on_token(token)
     start = time.perf_counter()
     while len(tokens) < max_new_tokens and token not in stop_tokens:
-        step = np.asarray([[token]], dtype=np.int64)
-        if bound:
-            logits = decoder.step(step)
-        else:
-            logits, past = model.decode(step, past, length)
-        length += 1
-        token = sampling.choose(logits[0, -1], rng)
+        token = sampling.choose(step(token)[0, -1], rng)
         tokens.append(token)
         if on_token:
             on_token(token)
-    longest = length - 1 if len(tokens) > 1 else 0
-    return GenerationResult(tokens, len(prompt), prefill_s, time.perf_counter() - start, longest)
+    return tokens, prefill_s, time.perf_counter() - start
 
 
 def _generate_trimmed(
@@ -163,7 +185,6 @@ def _generate_trimmed(
     on_token: Callable[[int], None] | None,
 ) -> GenerationResult:
     """The plain numpy loop with the policy applied to the past before every step."""
-    rng = np.random.default_rng(sampling.seed)
     ids = list(prompt)
     chunk = len(ids) if len(ids) <= policy.max_cache_tokens else policy.window
     past = model.empty_past(1)
@@ -181,20 +202,12 @@ def _generate_trimmed(
         position += len(piece)
         return logits
 
-    start = time.perf_counter()
-    for offset in range(0, len(ids), chunk):
-        logits = step(ids[offset : offset + chunk])
-    token = sampling.choose(logits[0, -1], rng)
-    prefill_s = time.perf_counter() - start
-    tokens = [token]
-    if on_token:
-        on_token(token)
-    start = time.perf_counter()
-    while len(tokens) < max_new_tokens and token not in stop_tokens:
-        logits = step([token])
-        token = sampling.choose(logits[0, -1], rng)
-        tokens.append(token)
-        if on_token:
-            on_token(token)
-    decode_s = time.perf_counter() - start
+    def prefill() -> np.ndarray:
+        for offset in range(0, len(ids), chunk):
+            logits = step(ids[offset : offset + chunk])
+        return logits
+
+    tokens, prefill_s, decode_s = _sample(
+        prefill, lambda token: step([token]), max_new_tokens, sampling, stop_tokens, on_token
+    )
     return GenerationResult(tokens, len(prompt), prefill_s, decode_s, longest)
