@@ -39,6 +39,7 @@ from typing import Any
 
 from fdec.build import pid_alive, sha256_file
 from fdec.errors import UsageError
+from fdec.lower.onnxruntime import SIDE_FILES  # what a build copies = what it depends on
 
 __all__ = [
     "DEFAULT_MAX_GB",
@@ -67,19 +68,6 @@ KEYED_PACKAGES = ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onn
 _FORMAT = 1
 _TMP = ".tmp-"
 _BAD = ".bad-"
-# Files of a model folder besides its weights that a build depends on (config, tokenizer).
-_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
 _DIGEST_INDEX_LIMIT = 4096  # entries kept in digests.json (the most recent)
 _RACY_NS = 2 * 10**9
 _KEY = re.compile(r"[0-9a-f]{64}")
@@ -254,7 +242,7 @@ def source_inputs(source: Any, index: DigestIndex) -> dict[str, str]:
     the weight files, the tokenizer and generation config files."""
     folder = pathlib.Path(source.folder)
     files = {pathlib.Path(path) for path in source.weight_files}
-    files |= {folder / name for name in _SIDE_FILES if (folder / name).is_file()}
+    files |= {folder / name for name in SIDE_FILES if (folder / name).is_file()}
     return {
         str(path.relative_to(folder) if path.is_relative_to(folder) else path): index.sha256(path)
         for path in sorted(files)

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 RUNTIME_CONFIG = "fdec-runtime.json"
 # Files copied from the source folder so a build runs (and tokenizes) on its own.
-_SIDE_FILES = (
+SIDE_FILES = (
     "config.json",
     "generation_config.json",
     "tokenizer.json",
@@ -167,7 +167,7 @@ def lower_onnxruntime(
     if kv_cache is not None:
         model.model.metadata_props[KV_BUFFER_METADATA] = kv_cache["buffer"]
     files = model.save(out / MODEL_FILE)
-    for name in _SIDE_FILES:
+    for name in SIDE_FILES:
         path = source_folder / name
         if path.is_file():
             shutil.copyfile(path, out / name)
