@@ -207,26 +207,4 @@ def _run(
     past: list[Any],
 ) -> tuple[np.ndarray, list[Any]]:
     """One step with an explicit mask and positions; returns logits and the presents."""
-    feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
-    if "position_ids" in model.input_names:
-        feeds["position_ids"] = np.ascontiguousarray(positions, dtype=np.int64)
-    for i in range(model.num_layers):
-        feeds[f"past_key_values.{i}.key"] = past[2 * i]
-        feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
-    if model.kv_onnx_type is not None:
-        import onnxruntime as ort
-
-        values = {
-            name: model.kv_ortvalue(array)
-            if name.startswith("past_key_values.")
-            else ort.OrtValue.ortvalue_from_numpy(array)
-            for name, array in feeds.items()
-        }
-        outputs = [value.numpy() for value in model.session.run_with_ort_values(None, values)]
-    else:
-        outputs = model.session.run(None, feeds)
-    named = dict(zip(model.output_names, outputs))
-    present = [
-        named[f"present.{i}.{kv}"] for i in range(model.num_layers) for kv in ("key", "value")
-    ]
-    return named["logits"], present
+    return model.decode(input_ids, past, 0, attention_mask=mask, position_ids=positions)

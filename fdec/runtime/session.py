@@ -230,21 +230,28 @@ class OrtModel:
         past_length: int,
         *,
         position: int | None = None,
+        attention_mask: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder step: logits for `input_ids` given `past_length` cached positions.
 
         `position` is the position of input_ids[:, 0] (default `past_length`); it differs when
-        a cache policy dropped positions (fdec.runtime.generate.KvPolicy).
+        a cache policy dropped positions (fdec.runtime.generate.KvPolicy). Padded batches give
+        their own `attention_mask` ([batch, past + seq]) and `position_ids` ([batch, seq]).
         """
         batch, seq = input_ids.shape
         start = past_length if position is None else position
         feeds: dict[str, Any] = {
             "input_ids": input_ids.astype(np.int64, copy=False),
-            "attention_mask": np.ones((batch, past_length + seq), dtype=np.int64),
+            "attention_mask": attention_mask
+            if attention_mask is not None
+            else np.ones((batch, past_length + seq), dtype=np.int64),
         }
         if "position_ids" in self._inputs:
-            positions = np.arange(start, start + seq, dtype=np.int64)
-            feeds["position_ids"] = np.broadcast_to(positions, (batch, seq)).copy()
+            if position_ids is None:
+                positions = np.arange(start, start + seq, dtype=np.int64)
+                position_ids = np.broadcast_to(positions, (batch, seq))
+            feeds["position_ids"] = np.ascontiguousarray(position_ids, dtype=np.int64)
         for i in range(self.num_layers):
             feeds[f"past_key_values.{i}.key"] = past[2 * i]
             feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
