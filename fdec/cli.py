@@ -180,6 +180,26 @@ def cli(verbose: int) -> None:
     "value; repeatable). fdec passes lists the passes.",
 )
 @click.option(
+    "--sparsity",
+    type=click.Choice(["none", "2:4"]),
+    help="2:4: magnitude 2:4 semi-structured sparsity on the MLP weights (sparsify-2of4, before "
+    "quantization; lossy, see the report's perplexity) for targets with sparse tensor cores "
+    "(a100, h100, ...); TensorRT engines then build with sparse weights.",
+)
+@click.option(
+    "--prune",
+    metavar="heads=F,mlp=F,layers=N",
+    help="Structured pruning before the compile: remove that share of query heads (per KV "
+    "group) and MLP channels and N layers, chosen by importance on the calibration text. The "
+    "build carries the pruned model as a Hugging Face checkpoint in student/ (fdec distill).",
+)
+@click.option(
+    "--draft",
+    metavar="layers=1/4",
+    help="Also build a draft model (the source keeping that share, or N, of its layers) in "
+    "OUT/draft for fdec run --speculative draft.",
+)
+@click.option(
     "--emit",
     multiple=True,
     type=click.Choice(["hf-checkpoint"]),
@@ -204,7 +224,8 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
                     calibration: pathlib.Path | None, emit: tuple[str, ...], as_json: bool,
                     quiet: bool, no_wait: bool = False, no_cache: bool = False,
                     kv_dtype: str | None = None, kv_window: int | None = None,
-                    kv_sink: int | None = None,
+                    kv_sink: int | None = None, sparsity: str | None = None,
+                    prune: str | None = None, draft: str | None = None,
                     config_file: pathlib.Path | None = None,
                     pass_option_items: tuple[str, ...] = ()) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out.
@@ -220,6 +241,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
         backend=backend, max_batch=max_batch, max_seq_len=max_seq_len, quantize=quantize,
         max_ppl_increase=max_ppl_increase, emit=tuple(emit), calibration=calibration,
         keep_fp=keep_fp, kv_dtype=kv_dtype, kv_window=kv_window, kv_sink=kv_sink,
+        sparsity=sparsity, prune=prune, draft=draft,
     )  # fmt: skip
     source = click.get_current_context().get_parameter_source
     try:
@@ -394,15 +416,21 @@ def _fail(err: FdecError, as_json: bool) -> None:
     "--speculative",
     type=click.Choice(["prompt-lookup", "draft"]),
     help="Speculative decoding (greedy, same tokens): prompt-lookup drafts from n-grams of the "
-    "context; the target verifies them in one step.",
+    "context, draft from a draft build (fdec compile --draft); the target verifies them in one "
+    "step.",
 )
 @click.option(
     "--k", "spec_k", default=4, show_default=True, type=click.IntRange(1, 64),
     help="With --speculative: tokens drafted per target step.",
+)
+@click.option(
+    "--draft-build", type=click.Path(path_type=pathlib.Path),
+    help="With --speculative draft: the draft build [default: BUILD/draft].",
 )  # fmt: skip
 def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperature: float,
                 top_k: int, top_p: float, seed: int, no_chat_template: bool, as_json: bool,
-                speculative: str | None, spec_k: int) -> None:  # fmt: skip
+                speculative: str | None, spec_k: int,
+                draft_build: pathlib.Path | None) -> None:  # fmt: skip
     """Generate text with a build, streaming tokens to the terminal."""
     _quiet_libraries()
     from fdec.runner import load_build, run_prompt
@@ -416,7 +444,7 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
             loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, chat_template=not no_chat_template,
             stream=None if as_json else lambda text: click.echo(text, nl=False),
-            speculative=speculative, k=spec_k,
+            speculative=speculative, k=spec_k, draft_build=draft_build,
         )  # fmt: skip
     except FdecError as err:
         _fail(err, as_json)
@@ -436,7 +464,12 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
             click.echo(
                 f"[speculative {spec['method']}, k={spec['k']}: acceptance "
                 f"{spec['acceptance_rate']:.0%} ({spec['accepted']}/{spec['drafted']} drafted), "
-                f"{spec['tokens_per_step']:.2f} tokens per target step]",
+                f"{spec['tokens_per_step']:.2f} tokens per target step"
+                + (
+                    f"; draft {spec['draft_s']:.2f} s, target {spec['target_s']:.2f} s]"
+                    if spec.get("draft_build")
+                    else "]"
+                ),
                 err=True,
             )
 

@@ -15,7 +15,10 @@ from fdec.lower import MODEL_FILE, RUNTIME_CONFIG
 from fdec.runtime import OrtModel, Sampling, generate, open_session
 from fdec.runtime.session import KV_BUFFERS, OPT_LEVELS
 
-__all__ = ["LoadedBuild", "load_build", "run_prompt"]
+__all__ = ["DRAFT_FOLDER", "SPECULATIVE_METHODS", "LoadedBuild", "load_build", "run_prompt"]
+
+DRAFT_FOLDER = "draft"  # where `fdec compile --draft` writes the draft build, inside the build
+SPECULATIVE_METHODS = (None, "prompt-lookup", "draft")
 
 
 @dataclasses.dataclass
@@ -24,6 +27,8 @@ class LoadedBuild:
     config: dict[str, Any]
     model: OrtModel
     tokenizer: Any
+    # Draft builds opened for `--speculative draft`, by folder (kept for later runs).
+    drafts: dict[pathlib.Path, LoadedBuild] = dataclasses.field(default_factory=dict)
 
     @property
     def requested_providers(self) -> list[str]:
@@ -87,13 +92,19 @@ def run_prompt(
     stream: Callable[[str], None] | None = None,
     speculative: str | None = None,
     k: int = 4,
+    draft_build: pathlib.Path | str | None = None,
 ) -> dict[str, Any]:
-    """Generate from `prompt`; `speculative="prompt-lookup"` verifies up to `k` n-gram drafts
-    per target step (greedy only, same tokens; fdec.runtime.speculative)."""
-    if speculative not in (None, "prompt-lookup"):
+    """Generate from `prompt`. `speculative` verifies up to `k` drafts per target step (greedy
+    only, same tokens; fdec.runtime.speculative): "prompt-lookup" drafts n-grams of the
+    context, "draft" drafts with the build in `draft_build` (default: the build's draft/)."""
+    if speculative not in SPECULATIVE_METHODS:
         raise UsageError(
-            f"speculative decoding with {speculative!r}: draft models are not built yet",
-            "use --speculative prompt-lookup",
+            f"unknown speculative method {speculative!r}",
+            f"use one of {', '.join(m for m in SPECULATIVE_METHODS if m)}",
+        )
+    if draft_build is not None and speculative != "draft":
+        raise UsageError(
+            "a draft build is only used with --speculative draft", "add --speculative draft"
         )
     if speculative and temperature > 0:
         raise UsageError(
@@ -143,8 +154,9 @@ def run_prompt(
             stream(text[len(printed) :])
             printed = text
 
+    draft = _draft_for(build, draft_build) if speculative == "draft" else None
     if speculative:
-        result = _speculate(build, list(ids), max_new_tokens, k, sorted(stop), on_token)
+        result = _speculate(build, draft, list(ids), max_new_tokens, k, sorted(stop), on_token)
     else:
         result = generate(
             build.model,
@@ -166,6 +178,9 @@ def run_prompt(
             "accepted": result.accepted,
             "acceptance_rate": round(result.acceptance_rate, 4),
             "tokens_per_step": round(result.tokens_per_step, 3),
+            "draft_s": round(result.draft_s, 4),
+            "target_s": round(result.target_s, 4),
+            "draft_build": str(draft.folder) if draft else None,
         }
         if speculative
         else None
@@ -187,8 +202,35 @@ def run_prompt(
     }
 
 
+def _draft_for(build: LoadedBuild, folder: pathlib.Path | str | None) -> LoadedBuild:
+    """The draft build for `build` (default: its draft/ folder), checked to share its tokenizer."""
+    folder = pathlib.Path(folder) if folder is not None else build.folder / DRAFT_FOLDER
+    if folder in build.drafts:
+        return build.drafts[folder]
+    if not (folder / RUNTIME_CONFIG).is_file():
+        raise UsageError(
+            f"no draft build in {folder}",
+            "compile the model with a draft beside it (fdec compile MODEL -o BUILD "
+            "--draft layers=1/4) or pass --draft-build DIR",
+        )
+    draft = load_build(folder)
+    if not draft.model.is_decoder or not draft.model.num_layers:
+        raise UsageError(
+            f"{folder} is not a decoder build with a KV cache", "pass a draft decoder build"
+        )
+    theirs = draft.tokenizer.get_vocab() if draft.tokenizer is not None else None
+    if theirs is not None and theirs != build.tokenizer.get_vocab():
+        raise UsageError(
+            f"the draft build {folder} has another tokenizer than {build.folder}",
+            "compile the draft from the same model (fdec compile MODEL -o BUILD --draft ...)",
+        )
+    build.drafts[folder] = draft
+    return draft
+
+
 def _speculate(
     build: LoadedBuild,
+    draft: LoadedBuild | None,
     ids: list[int],
     max_new_tokens: int,
     k: int,
@@ -200,7 +242,7 @@ def _speculate(
     try:
         return generate_speculative(
             build.model, ids, max_new_tokens=max_new_tokens, k=k, stop_tokens=stop,
-            on_token=on_token,
+            on_token=on_token, draft=draft.model if draft else None,
         )  # fmt: skip
     except ValueError as err:
         raise UsageError(f"cannot decode {build.folder} speculatively: {err}",

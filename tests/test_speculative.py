@@ -1,15 +1,20 @@
-"""Speculative decoding with prompt-lookup drafts: exactly the plain greedy tokens, in fewer steps."""
+"""Speculative decoding with prompt-lookup and draft-model drafts: exactly the plain greedy tokens."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from fdec.cli import cli
 from fdec.runner import load_build
 from fdec.runtime import generate
-from fdec.runtime.speculative import generate_speculative, prompt_lookup_draft
+from fdec.runtime.speculative import (
+    DraftModelDrafter,
+    generate_speculative,
+    prompt_lookup_draft,
+)
 
 _PROMPTS = {
     "mixed": [5, 17, 99, 3, 250, 7, 8, 41, 120, 64, 2, 300],
@@ -19,17 +24,32 @@ _PROMPTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def builds(tiny_models, tmp_path_factory):
-    """A default-pipeline (fused attention, shared KV buffer) and a plain tiny llama build."""
+def _compile(source, folder, *extra) -> None:
     from click.testing import CliRunner
 
+    args = ["compile", str(source), "-o", str(folder), "-q", "--quantize", "none", *extra]
+    ran = CliRunner().invoke(cli, args)
+    assert ran.exit_code == 0, ran.output
+
+
+@pytest.fixture(scope="module")
+def builds(tiny_models, tmp_path_factory):
+    """Tiny llama builds: default pipeline (fused attention, shared KV buffer) and plain; and
+    drafts of the same vocabulary: another random llama with one layer (another seed), fused
+    and plain."""
+    from models import make_tiny_model
+
+    other = make_tiny_model(tmp_path_factory.mktemp("tiny-draft"), "llama", seed=1,
+                            num_hidden_layers=1)  # fmt: skip
     out = {}
-    for name, extra in (("fused", []), ("plain", ["--passes", "default"])):
+    for name, source, extra in (
+        ("fused", tiny_models("llama"), []),
+        ("plain", tiny_models("llama"), ["--passes", "default"]),
+        ("draft_fused", other, []),
+        ("draft_plain", other, ["--passes", "default"]),
+    ):
         folder = tmp_path_factory.mktemp("spec") / name
-        args = ["compile", str(tiny_models("llama")), "-o", str(folder), "-q", "--quantize", "none"]
-        ran = CliRunner().invoke(cli, [*args, *extra])
-        assert ran.exit_code == 0, ran.output
+        _compile(source, folder, *extra)
         out[name] = folder
     return out
 
@@ -91,9 +111,147 @@ def test_run_speculative_prompt_lookup_gives_the_same_text(builds, cli_runner):
     assert "acceptance" in streamed.stderr
 
 
-def test_run_speculative_draft_is_refused(builds, cli_runner):
+@pytest.mark.parametrize(("build", "draft"), [("fused", "draft_plain"), ("plain", "draft_fused")])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_draft_model_gives_the_plain_greedy_tokens(builds, build, draft, k):
+    """Another random model drafts (most drafts rejected): its cache is trimmed every step,
+    and the tokens are still the target's greedy ones."""
+    model = load_build(builds[build]).model
+    drafter_model = load_build(builds[draft]).model
+    assert drafter_model.num_layers == 1 and model.num_layers == 2
+    for name, prompt in _PROMPTS.items():
+        want = generate(model, prompt, max_new_tokens=40).tokens
+        got = generate_speculative(model, prompt, max_new_tokens=40, k=k, draft=drafter_model)
+        assert got.tokens == want, name
+        assert got.drafted > 0 and 0 <= got.accepted <= got.drafted
+        assert got.steps <= len(want) - 1 and got.draft_s > 0 and got.target_s > 0
+        # The draft's own greedy continuation is not the target's: some drafts are rejected.
+        if k > 1:
+            assert got.accepted < got.drafted
+
+
+class _Recording(DraftModelDrafter):
+    def __init__(self, model, **kwargs):
+        super().__init__(model, **kwargs)
+        self.proposals: list[tuple[list[int], list[int]]] = []
+
+    def propose(self, context, k):
+        proposal = super().propose(context, k)
+        self.proposals.append((list(context), proposal))
+        return proposal
+
+
+@pytest.mark.parametrize("draft", ["draft_fused", "draft_plain"])
+def test_draft_proposals_are_the_drafts_own_greedy_continuation(builds, draft):
+    """After rejections (its cache rewound, the target's correction fed), every proposal is
+    what the draft model alone generates greedily from the context."""
+    model = load_build(builds["fused"]).model
+    drafter_model = load_build(builds[draft]).model
+    drafter = _Recording(drafter_model)
+    assert drafter.bound == (draft == "draft_fused")
+    got = generate_speculative(model, _PROMPTS["mixed"], max_new_tokens=30, k=3, draft=drafter)
+    assert got.accepted < got.drafted and len(drafter.proposals) == got.steps
+    for context, proposal in drafter.proposals:
+        if not proposal:  # the last step: no room left to draft
+            continue
+        alone = generate(drafter_model, context, max_new_tokens=len(proposal), bound=False)
+        assert proposal == alone.tokens
+
+
+@pytest.mark.parametrize("build", ["fused", "plain"])
+@pytest.mark.parametrize("bound", [True, False])
+def test_target_as_its_own_draft_accepts_every_draft(builds, build, bound):
+    """A draft equal to the target proposes the target's tokens: 100 % acceptance, k + 1
+    tokens per target step. Fails if the draft's cache falls out of step with the context
+    (rewound too little or too much after the target's correction)."""
+    model = load_build(builds[build]).model
+    draft = load_build(builds[build]).model  # its own session and cache
+    k, n = 4, 41
+    for name, prompt in _PROMPTS.items():
+        want = generate(model, prompt, max_new_tokens=n).tokens
+        drafter = DraftModelDrafter(draft, bound=bound)
+        assert drafter.bound == (bound and build == "fused")
+        got = generate_speculative(model, prompt, max_new_tokens=n, k=k, draft=drafter)
+        assert got.tokens == want, name
+        assert got.steps == (n - 1) // (k + 1) and got.tokens_per_step == k + 1
+        assert got.accepted == got.drafted == got.steps * k and got.acceptance_rate == 1.0
+        # Prefill, then per step: the unseen tokens (the last draft + the target's token) and
+        # k - 1 single-token calls.
+        assert drafter.calls == 1 + got.steps * k
+
+
+@pytest.mark.parametrize("drafter", ["prompt-lookup", "draft"])
+def test_speculative_respects_stops_and_max_new_tokens(builds, drafter):
+    model = load_build(builds["fused"]).model
+    draft = load_build(builds["fused"]).model if drafter == "draft" else None
+    prompt = _PROMPTS["repetitive"]
+    plain = generate(model, prompt, max_new_tokens=30).tokens
+    stop = plain[9]
+    want = generate(model, prompt, max_new_tokens=30, stop_tokens=[stop]).tokens
+    assert want[-1] == stop and len(want) <= 10
+    got = generate_speculative(model, prompt, max_new_tokens=30, k=4, stop_tokens=[stop],
+                               draft=draft)  # fmt: skip
+    assert got.tokens == want
+    for n in (1, 2, 7):
+        got = generate_speculative(model, prompt, max_new_tokens=n, k=4, draft=draft)
+        assert got.tokens == plain[:n]
+
+
+@pytest.fixture(scope="module")
+def with_draft(builds, tmp_path_factory):
+    """The fused target build with the fused draft build in its draft/ folder."""
+    folder = tmp_path_factory.mktemp("with-draft") / "build"
+    shutil.copytree(builds["fused"], folder)
+    shutil.copytree(builds["draft_fused"], folder / "draft")
+    return folder
+
+
+def test_run_speculative_draft_gives_the_same_text(builds, with_draft, cli_runner):
+    prompt = "the quick brown fox jumps over the lazy dog"
+    base = ["run", str(with_draft), "-p", prompt, "-n", "30", "--json"]
+    plain = json.loads(cli_runner.invoke(cli, base).stdout)
+    for extra in ([], ["--draft-build", str(builds["draft_plain"])]):
+        ran = cli_runner.invoke(cli, [*base, "--speculative", "draft", "--k", "3", *extra])
+        assert ran.exit_code == 0, ran.output
+        spec = json.loads(ran.stdout)
+        assert spec["text"] == plain["text"] and spec["tokens"] == plain["tokens"]
+        figures = spec["speculative"]
+        assert figures["method"] == "draft" and figures["k"] == 3
+        want = extra[-1] if extra else str(with_draft / "draft")
+        assert figures["draft_build"] == want
+        assert figures["drafted"] > 0 and figures["draft_s"] > 0 and figures["target_s"] > 0
+    # The build itself as draft: every draft accepted.
+    ran = cli_runner.invoke(cli, [*base, "--speculative", "draft", "--draft-build",
+                                  str(builds["fused"])])  # fmt: skip
+    spec = json.loads(ran.stdout)
+    assert spec["tokens"] == plain["tokens"] and spec["speculative"]["acceptance_rate"] == 1.0
+    streamed = cli_runner.invoke(cli, [*base[:-1], "--speculative", "draft"])
+    assert streamed.exit_code == 0 and plain["text"] in streamed.stdout
+    assert "acceptance" in streamed.stderr and "draft" in streamed.stderr
+
+
+def test_run_speculative_draft_refusals(builds, with_draft, cli_runner, tmp_path):
+    # No draft beside the build: the fix is to compile one.
     ran = cli_runner.invoke(
         cli, ["run", str(builds["plain"]), "-p", "hi", "--speculative", "draft"]
     )
     assert ran.exit_code == 2
-    assert "draft models are not built yet" in ran.stderr and "prompt-lookup" in ran.stderr
+    assert "no draft build" in ran.stderr and "--draft layers=1/4" in ran.stderr
+    # A draft whose tokenizer numbers tokens differently.
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(builds["draft_fused"], other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    ran = cli_runner.invoke(cli, ["run", str(with_draft), "-p", "hi", "--speculative", "draft",
+                                  "--draft-build", str(other)])  # fmt: skip
+    assert ran.exit_code == 2 and "tokenizer" in ran.stderr, ran.output
+    # --draft-build without --speculative draft; sampling.
+    ran = cli_runner.invoke(cli, ["run", str(with_draft), "-p", "hi", "--draft-build",
+                                  str(builds["fused"])])  # fmt: skip
+    assert ran.exit_code == 2 and "--speculative draft" in ran.stderr
+    ran = cli_runner.invoke(cli, ["run", str(with_draft), "-p", "hi", "--speculative", "draft",
+                                  "--temperature", "0.7"])  # fmt: skip
+    assert ran.exit_code == 2 and "greedy only" in ran.stderr

@@ -1,12 +1,14 @@
-"""Speculative decoding with prompt-lookup (n-gram) drafting: greedy, no draft model.
+"""Speculative decoding, greedy: prompt-lookup (n-gram) drafts or a draft model's, verified k at a time.
 
-Each step drafts up to k tokens by copying what followed the most recent earlier occurrence
-of the last n-gram of prompt + generated tokens, runs the last accepted token and the draft
-through the target in one decode call, keeps the longest prefix the target's argmax agrees
-with plus the target's own next token, and slices the KV cache back to the accepted length.
-The cache goes through numpy (`OrtModel.decode`), so trimming is a slice along the sequence
-axis; a shared-buffer build is run the same way (its GroupQueryAttention concatenates when
-past and present are not one buffer).
+Each step a drafter proposes up to k tokens: prompt-lookup copies what followed the most
+recent earlier occurrence of the last n-gram of prompt + generated tokens; a draft model (a
+smaller build of the same vocabulary, `fdec compile ... --draft`) decodes them greedily with
+its own KV cache. The target runs the last accepted token and the draft in one decode call,
+keeps the longest prefix its argmax agrees with plus its own next token, and slices its KV
+cache back to the accepted length. The target's cache goes through numpy (`OrtModel.decode`),
+so trimming is a slice along the sequence axis; a shared-buffer build is run the same way (its
+GroupQueryAttention concatenates when past and present are not one buffer). Both drafters go
+through the same verification loop (`generate_speculative`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,21 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from fdec.runtime.session import OrtModel
 
-__all__ = ["SpeculativeResult", "generate_speculative", "prompt_lookup_draft"]
+__all__ = [
+    "DraftModelDrafter",
+    "Drafter",
+    "PromptLookupDrafter",
+    "SpeculativeResult",
+    "check_draft_model",
+    "generate_speculative",
+    "prompt_lookup_draft",
+]
 
 
 @dataclasses.dataclass
@@ -31,6 +42,8 @@ class SpeculativeResult:
     steps: int = 0  # target decode calls after the prefill
     drafted: int = 0  # draft tokens the target verified
     accepted: int = 0  # draft tokens the target agreed with
+    draft_s: float = 0.0  # seconds the drafter took (a draft model's prefill included)
+    target_s: float = 0.0  # seconds of target decode calls after the prefill
 
     @property
     def acceptance_rate(self) -> float:
@@ -46,6 +59,15 @@ class SpeculativeResult:
     def tokens_per_step(self) -> float:
         made = max(len(self.tokens) - 1, 0)
         return made / self.steps if self.steps else 0.0
+
+
+class Drafter(Protocol):
+    """What proposes draft tokens: `prefill(prompt)` once, then `propose(context, k)` each
+    step (`context` is prompt + every accepted token; at most k tokens back, [] for none)."""
+
+    def prefill(self, prompt: Sequence[int]) -> None: ...
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]: ...
 
 
 def prompt_lookup_draft(tokens: Sequence[int], k: int, ngram: int) -> list[int]:
@@ -68,6 +90,121 @@ def prompt_lookup_draft(tokens: Sequence[int], k: int, ngram: int) -> list[int]:
     return []
 
 
+class PromptLookupDrafter:
+    """Drafts copied from the context itself (`prompt_lookup_draft`); no model."""
+
+    def __init__(self, ngram: int = 3):
+        if ngram < 1:
+            raise ValueError("ngram must be at least 1")
+        self.ngram = ngram
+
+    def prefill(self, prompt: Sequence[int]) -> None:
+        pass
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        return prompt_lookup_draft(context, k, self.ngram)
+
+
+def _check_decoder(model: OrtModel, what: str) -> None:
+    if not model.num_layers:
+        raise ValueError(f"speculative decoding needs a {what} with a KV cache")
+    policy = model.kv_policy
+    if policy and policy.get("window") and not policy.get("native_window"):
+        raise ValueError(
+            f"speculative decoding does not run {what}s whose cache policy drops positions"
+        )
+
+
+def _vocab_size(model: OrtModel) -> int | None:
+    outputs = model.session.get_outputs()
+    size = outputs[model.output_names.index("logits")].shape[-1]
+    return size if isinstance(size, int) else None
+
+
+def check_draft_model(target: OrtModel, draft: OrtModel) -> None:
+    """ValueError unless `draft` can draft for `target`: a decoder with a KV cache whose logits
+    cover the same vocabulary (the tokenizers are the caller's to compare)."""
+    _check_decoder(draft, "draft model")
+    if not draft.is_decoder:
+        raise ValueError("the draft model has no logits output")
+    mine, theirs = _vocab_size(target), _vocab_size(draft)
+    if mine is not None and theirs is not None and mine != theirs:
+        raise ValueError(f"the draft model's vocabulary has {theirs} tokens, the target's {mine}")
+
+
+class DraftModelDrafter:
+    """Greedy drafts from a smaller model with its own KV cache.
+
+    The cache holds the draft's view of the context (`fed`). Each proposal first drops the
+    positions the target rejected (the longest common prefix of `fed` and the context is
+    kept), feeds what the draft has not seen (the target's correction, or the last accepted
+    draft), then decodes one token per call. A shared-buffer build (fused GroupQueryAttention)
+    runs through IOBinding and is trimmed by rewinding the buffer's length; other builds pass
+    their cache through numpy and are trimmed by slicing.
+    """
+
+    def __init__(self, model: OrtModel, *, stop_tokens: Sequence[int] = (), bound: bool = True):
+        _check_decoder(model, "draft model")
+        self.model = model
+        self.stops = set(stop_tokens)
+        self.bound = bound and model.shares_kv_buffer
+        self.fed: list[int] = []  # the tokens in the draft's cache, in order
+        self._past: list[np.ndarray] = []
+        self._decoder = None
+        self._max_length = 0
+        self.seconds = 0.0
+        self.calls = 0  # draft decode calls
+
+    def reserve(self, max_length: int) -> None:
+        """The longest context (prompt, generated tokens and a draft) a bound cache must hold."""
+        self._max_length = max_length
+
+    def prefill(self, prompt: Sequence[int]) -> None:
+        start = time.perf_counter()
+        self.fed = []
+        if self.bound:
+            self._decoder = self.model.bound_decoder(1, max(self._max_length, len(prompt) + 1))
+        else:
+            self._past = self.model.empty_past(1)
+        self._feed(list(prompt))
+        self.seconds += time.perf_counter() - start
+
+    def _rewind(self, keep: int) -> None:
+        if keep >= len(self.fed):
+            return
+        del self.fed[keep:]
+        if self._decoder is not None:
+            self._decoder.length = keep
+        else:
+            self._past = [np.ascontiguousarray(t[:, :, :keep]) for t in self._past]
+
+    def _feed(self, tokens: list[int]) -> int:
+        """Run `tokens` after the cache; the draft's greedy next token."""
+        ids = np.asarray([tokens], dtype=np.int64)
+        if self._decoder is not None:
+            logits = self._decoder.step(ids)
+        else:
+            logits, self._past = self.model.decode(ids, self._past, len(self.fed))
+        self.calls += 1
+        self.fed.extend(tokens)
+        return int(np.argmax(logits[0, -1]))
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        start = time.perf_counter()
+        seen = min(len(self.fed), len(context) - 1)  # the last token is always fed again
+        differs = np.flatnonzero(
+            np.asarray(self.fed[:seen], dtype=np.int64) != np.asarray(context[:seen], np.int64)
+        )
+        self._rewind(int(differs[0]) if differs.size else seen)
+        draft = [self._feed(list(context[len(self.fed) :]))]
+        while len(draft) < k and draft[-1] not in self.stops:
+            draft.append(self._feed([draft[-1]]))
+        self.seconds += time.perf_counter() - start
+        return draft
+
+
 def generate_speculative(
     model: OrtModel,
     prompt: Sequence[int],
@@ -75,29 +212,36 @@ def generate_speculative(
     max_new_tokens: int,
     k: int = 4,
     ngram: int = 3,
+    draft: OrtModel | Drafter | None = None,
     stop_tokens: Sequence[int] = (),
     on_token: Callable[[int], None] | None = None,
 ) -> SpeculativeResult:
-    """Greedy generation with prompt-lookup drafts verified k at a time; the tokens are those
-    of `generate(model, prompt, max_new_tokens=...)` with greedy sampling."""
-    if k < 1 or ngram < 1:
-        raise ValueError("k and ngram must be at least 1")
-    if not model.num_layers:
-        raise ValueError("speculative decoding needs a decoder with a KV cache")
-    if (
-        model.kv_policy
-        and model.kv_policy.get("window")
-        and not model.kv_policy.get("native_window")
-    ):
-        raise ValueError(
-            "speculative decoding does not run builds whose cache policy drops positions"
-        )
+    """Greedy generation with drafts verified k at a time; the tokens are those of
+    `generate(model, prompt, max_new_tokens=...)` with greedy sampling.
+
+    `draft`: None drafts by prompt lookup (n-grams up to `ngram`); an OrtModel (a draft build
+    of the same vocabulary) drafts with `DraftModelDrafter`; or any `Drafter`.
+    """
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    _check_decoder(model, "build")
     stops = set(stop_tokens)
+    if draft is None:
+        drafter: Drafter = PromptLookupDrafter(ngram)
+    elif isinstance(draft, OrtModel):
+        check_draft_model(model, draft)
+        drafter = DraftModelDrafter(draft, stop_tokens=sorted(stops))
+    else:
+        drafter = draft
+    if isinstance(drafter, DraftModelDrafter):
+        drafter.reserve(len(prompt) + max_new_tokens + k + 1)
+        drafted_before = drafter.seconds
     context = list(prompt)
     ids = np.asarray([context], dtype=np.int64)
     start = time.perf_counter()
     logits, past = model.decode(ids, model.empty_past(1), 0)
     token = int(np.argmax(logits[0, -1]))
+    drafter.prefill(context)
     prefill_s = time.perf_counter() - start
     result = SpeculativeResult([token], len(context), prefill_s, 0.0)
     context.append(token)
@@ -108,22 +252,26 @@ def generate_speculative(
     while len(result.tokens) < max_new_tokens and token not in stops:
         # Never draft past max_new_tokens: the step also adds the target's own token.
         room = max_new_tokens - len(result.tokens) - 1
-        draft = prompt_lookup_draft(context, min(k, room), ngram)
-        step = np.asarray([[token, *draft]], dtype=np.int64)
+        began = time.perf_counter()
+        proposal = drafter.propose(context, min(k, room))[: min(k, room)]
+        verify = time.perf_counter()
+        result.draft_s += verify - began
+        step = np.asarray([[token, *proposal]], dtype=np.int64)
         logits, present = model.decode(step, past, cached)
+        result.target_s += time.perf_counter() - verify
         result.steps += 1
         predicted = np.argmax(logits[0], axis=-1)
         accepted = 0
-        while accepted < len(draft) and int(predicted[accepted]) == draft[accepted]:
+        while accepted < len(proposal) and int(predicted[accepted]) == proposal[accepted]:
             accepted += 1
-        result.drafted += len(draft)
+        result.drafted += len(proposal)
         result.accepted += accepted
-        new = [*draft[:accepted], int(predicted[accepted])]
+        new = [*proposal[:accepted], int(predicted[accepted])]
         # Keep the last token and the accepted drafts; the target's own token is not cached.
         cached += 1 + accepted
         past = (
             present
-            if accepted == len(draft)
+            if accepted == len(proposal)
             else [np.ascontiguousarray(t[:, :, :cached]) for t in present]
         )
         for token in new:
@@ -134,4 +282,6 @@ def generate_speculative(
             if token in stops or len(result.tokens) >= max_new_tokens:
                 break
     result.decode_s = time.perf_counter() - start
+    if isinstance(drafter, DraftModelDrafter):
+        result.draft_s = drafter.seconds - drafted_before  # its prefill included
     return result
