@@ -73,9 +73,14 @@ class Build:
         seed: int = 0,
         chat_template: bool = True,
         stream: Callable[[str], None] | None = None,
+        speculative: str | None = None,
+        k: int = 4,
+        draft_build: pathlib.Path | str | None = None,
     ) -> dict[str, Any]:
         """Generate from `prompt` (what `fdec run --json` prints): text, tokens, timings. The
-        ONNX Runtime session is opened on the first call and kept."""
+        ONNX Runtime session is opened on the first call and kept. `speculative`
+        ("prompt-lookup" or "draft", greedy only) verifies up to `k` drafts per step; "draft"
+        drafts with `draft_build` (default: the build's draft/ folder)."""
         from fdec.runner import load_build, run_prompt
 
         if self._loaded is None:
@@ -83,6 +88,7 @@ class Build:
         return run_prompt(
             self._loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, seed=seed, chat_template=chat_template, stream=stream,
+            speculative=speculative, k=k, draft_build=draft_build,
         )  # fmt: skip
 
     def __repr__(self) -> str:

@@ -255,3 +255,15 @@ def test_run_speculative_draft_refusals(builds, with_draft, cli_runner, tmp_path
     ran = cli_runner.invoke(cli, ["run", str(with_draft), "-p", "hi", "--speculative", "draft",
                                   "--temperature", "0.7"])  # fmt: skip
     assert ran.exit_code == 2 and "greedy only" in ran.stderr
+
+
+def test_api_run_speculative_draft(with_draft):
+    import fdec
+
+    build = fdec.load(with_draft)
+    plain = build.run("the lighthouse keeper", max_new_tokens=20)
+    spec = build.run("the lighthouse keeper", max_new_tokens=20, speculative="draft", k=2)
+    assert spec["tokens"] == plain["tokens"]
+    assert spec["speculative"]["draft_build"] == str(with_draft / "draft")
+    again = build.run("the lighthouse keeper", max_new_tokens=20, speculative="draft", k=2)
+    assert again["tokens"] == plain["tokens"]  # the kept draft session starts a fresh cache
