@@ -1,14 +1,20 @@
-"""Speculative decoding with prompt-lookup drafts against plain greedy decoding, in one run.
+"""Speculative decoding (prompt-lookup and draft-model drafts) against plain greedy decoding, in one run.
 
     python benchmarks/speculative.py                 # build/smollm2-fp32-fused, compiled if missing
     python benchmarks/speculative.py --build build/x --quantize int4 --k 4 --k 8 --rounds 3
+    python benchmarks/speculative.py --build B --draft-build B/draft   # B/draft is the default
+    python benchmarks/speculative.py --draft-build self   # the target drafts for itself
 
 The task is input-grounded: the prompt holds a paragraph with typos and asks for it back
 corrected, so most of the answer is copied from the prompt and n-gram drafts get accepted.
 Every side runs the same prompt, threads and greedy decoding; rounds are interleaved and
 medians reported. The speculative tokens must equal the plain greedy ones (asserted).
 Rows: plain greedy over IOBinding (what `fdec run` does by default), plain greedy through
-numpy (the loop speculative decoding builds on), and prompt-lookup for each --k.
+numpy (the loop speculative decoding builds on), prompt-lookup for each --k, and a draft model
+for each --k when there is one: --draft-build DIR, else BUILD/draft (`fdec compile --draft`);
+"self" makes the target its own draft (acceptance 100 %: a check of the loop and the cost of
+drafting, never a speed-up). Draft rows also give the seconds spent in the draft and in the
+target's verifying calls.
 """
 
 from __future__ import annotations
@@ -39,11 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ngram", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--draft-build", help="draft build for the draft rows (default BUILD/draft; 'self')"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 
-    from fdec.runner import load_build
+    from fdec.runner import DRAFT_FOLDER, load_build, load_draft
     from fdec.runtime import generate
     from fdec.runtime.speculative import generate_speculative
 
@@ -55,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         compile_model(CompileOptions(model=args.model, out=folder, quantize=args.quantize))
     build = load_build(folder)
     model, tokenizer = build.model, build.tokenizer
+    draft_folder = args.draft_build
+    if draft_folder is None and (folder / DRAFT_FOLDER / "model.onnx").exists():
+        draft_folder = folder / DRAFT_FOLDER
+    if draft_folder == "self":
+        draft = load_build(folder)  # its own session and cache
+    else:
+        draft = load_draft(build, draft_folder) if draft_folder else None
     text = TASK + PARAGRAPH
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(
@@ -76,14 +92,22 @@ def main(argv: list[str] | None = None) -> int:
         sides[f"prompt_lookup_k{k}"] = lambda k=k: generate_speculative(
             model, prompt, max_new_tokens=n, k=k, ngram=args.ngram
         )
+    for k in ks if draft else []:
+        sides[f"draft_k{k}"] = lambda k=k: generate_speculative(
+            model, prompt, max_new_tokens=n, k=k, draft=draft.model
+        )
     reference = plain(True).tokens  # also the warm-up
     rates: dict[str, list[float]] = {name: [] for name in sides}
+    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
     last = {}
     for _ in range(args.rounds):
         for name, side in sides.items():
             result = side()
             assert result.tokens == reference, f"{name} tokens differ from plain greedy"
             rates[name].append(result.decode_tokens_per_s)
+            seconds[name].append(
+                (getattr(result, "draft_s", 0.0), getattr(result, "target_s", 0.0))
+            )
             last[name] = result
     base = statistics.median(rates["plain_bound"])
     rows = {}
@@ -102,9 +126,17 @@ def main(argv: list[str] | None = None) -> int:
                 acceptance_rate=round(result.acceptance_rate, 3),
                 tokens_per_step=round(result.tokens_per_step, 2),
             )
+        if name.startswith("draft_"):
+            rows[name].update(
+                draft_s=round(statistics.median(d for d, _ in seconds[name]), 3),
+                target_s=round(statistics.median(t for _, t in seconds[name]), 3),
+            )
     summary = {
         "build": str(folder),
         "kv_buffer": model.kv_buffer,
+        "draft_build": None if draft is None else str(draft_folder),
+        "draft_layers": None if draft is None else draft.model.num_layers,
+        "target_layers": model.num_layers,
         "prompt_tokens": len(prompt),
         "new_tokens": len(reference),
         "identical_tokens": True,
@@ -118,15 +150,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{folder} ({model.kv_buffer} KV), prompt {len(prompt)} tokens, {len(reference)} new "
         f"tokens, speculative tokens identical to plain greedy; medians of {args.rounds} rounds"
     )
+    if draft is not None:
+        print(
+            f"draft: {draft_folder} ({draft.model.num_layers} of {model.num_layers} layers"
+            + (", the target itself)" if draft_folder == "self" else ")")
+        )
     print(
         f"{'side':<20} {'tok/s':>8} {'vs bound':>9} {'vs numpy':>9} {'accept':>7} {'tok/step':>9}"
+        f" {'draft s':>8} {'target s':>9}"
     )
     for name, row in rows.items():
         accept = f"{row['acceptance_rate']:.0%}" if "acceptance_rate" in row else "-"
         per_step = f"{row['tokens_per_step']:.2f}" if "tokens_per_step" in row else "1.00"
+        times = f" {row['draft_s']:>8.2f} {row['target_s']:>9.2f}" if "draft_s" in row else ""
         print(
             f"{name:<20} {row['decode_tok_s']:>8.1f} {row['speedup_vs_plain_bound']:>8.2f}x "
-            f"{row['speedup_vs_plain_numpy']:>8.2f}x {accept:>7} {per_step:>9}"
+            f"{row['speedup_vs_plain_numpy']:>8.2f}x {accept:>7} {per_step:>9}{times}"
         )
     print(f"output: {summary['output'][:200]!r}")
     return 0

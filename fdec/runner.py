@@ -15,7 +15,14 @@ from fdec.lower import MODEL_FILE, RUNTIME_CONFIG
 from fdec.runtime import OrtModel, Sampling, generate, open_session
 from fdec.runtime.session import KV_BUFFERS, OPT_LEVELS
 
-__all__ = ["DRAFT_FOLDER", "SPECULATIVE_METHODS", "LoadedBuild", "load_build", "run_prompt"]
+__all__ = [
+    "DRAFT_FOLDER",
+    "SPECULATIVE_METHODS",
+    "LoadedBuild",
+    "load_build",
+    "load_draft",
+    "run_prompt",
+]
 
 DRAFT_FOLDER = "draft"  # where `fdec compile --draft` writes the draft build, inside the build
 SPECULATIVE_METHODS = (None, "prompt-lookup", "draft")
@@ -154,7 +161,7 @@ def run_prompt(
             stream(text[len(printed) :])
             printed = text
 
-    draft = _draft_for(build, draft_build) if speculative == "draft" else None
+    draft = load_draft(build, draft_build) if speculative == "draft" else None
     if speculative:
         result = _speculate(build, draft, list(ids), max_new_tokens, k, sorted(stop), on_token)
     else:
@@ -202,7 +209,7 @@ def run_prompt(
     }
 
 
-def _draft_for(build: LoadedBuild, folder: pathlib.Path | str | None) -> LoadedBuild:
+def load_draft(build: LoadedBuild, folder: pathlib.Path | str | None) -> LoadedBuild:
     """The draft build for `build` (default: its draft/ folder), checked to share its tokenizer."""
     folder = pathlib.Path(folder) if folder is not None else build.folder / DRAFT_FOLDER
     if folder in build.drafts:
