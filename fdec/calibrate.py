@@ -379,6 +379,18 @@ def capture_activations(
         runner.close()
 
 
+def activations_per_batch(
+    model: FdecModel, batches: Iterable[np.ndarray], names: Sequence[str]
+) -> Iterator[dict[str, np.ndarray]]:
+    """The named tensors' values for each batch in turn, from one ONNX Runtime session."""
+    runner = _Runner(model, list(dict.fromkeys(names)))
+    try:
+        for ids in batches:
+            yield runner.run(ids)
+    finally:
+        runner.close()
+
+
 def collect_activation_stats(
     model: FdecModel, batches: Iterable[np.ndarray], tensor_names: Sequence[str]
 ) -> dict[str, ActivationStats]:

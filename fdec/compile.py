@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import pathlib
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ from fdec.lower import MODEL_FILE, RUNTIME_CONFIG, lower_onnxruntime
 from fdec.lower.engines import build_engines
 from fdec.lower.hf_checkpoint import CHECKPOINT_DIR, check_quantize, write_hf_checkpoint
 from fdec.lower.profiles import ShapeLimits
+from fdec.passes.prune import parse_prune
 from fdec.pipeline import (
     EXACT,
     DumpInstrument,
@@ -41,6 +43,7 @@ from fdec.report import REPORT_FILE, SCHEMA_VERSION, environment
 from fdec.report.html import HTML_FILE, render_html
 from fdec.report.roofline import estimate
 from fdec.runtime import OrtModel, open_session, session_for_model
+from fdec.student import DRAFT_DIR, STUDENT_DIR, draft_prune, parse_draft, prune_source
 from fdec.targets import Precision, load_target
 from fdec.verify import Reference
 
@@ -86,6 +89,9 @@ class CompileOptions:
     kv_sink: int | None = None  # ... plus the first K (attention sink)
     # {pass name: {option: value}}: options of passes in the pipeline (config [pass_options])
     pass_options: dict[str, dict[str, Any]] | None = None
+    sparsity: str | None = None  # "2:4": sparsify-2of4 before quantization (sm >= 8.0 targets)
+    prune: str | None = None  # "heads=0.25,mlp=0.3,layers=4": build a pruned student (fdec.student)
+    draft: str | None = None  # "layers=1/4": also build a layer-pruned draft in OUT/draft
 
 
 @dataclasses.dataclass
@@ -104,9 +110,16 @@ def _config_digest(folder: pathlib.Path) -> str:
 
 
 def compile_model(
-    options: CompileOptions, progress: Callable[[str], None] = lambda message: None
+    options: CompileOptions,
+    progress: Callable[[str], None] = lambda message: None,
+    *,
+    _extras: tuple[Callable[[pathlib.Path, dict[str, Any]], None], ...] | list = (),
 ) -> CompileResult:
-    """Compile `options.model` into `options.out`; raises FdecError subclasses on failure."""
+    """Compile `options.model` into `options.out`; raises FdecError subclasses on failure.
+
+    With `prune`, the source is pruned first (fdec.student) and the pruned checkpoint is
+    compiled, the build carrying it in `student/`; with `draft`, a layer-pruned draft is
+    compiled into the build's `draft/` (for `fdec run --speculative draft`)."""
     started = time.perf_counter()
     out = pathlib.Path(options.out)
     # Everything that can be checked without loading the model is checked first.
@@ -141,9 +154,13 @@ def compile_model(
             kv_window=options.kv_window,
             kv_sink=options.kv_sink,
             pass_options=options.pass_options,
+            sparsity=options.sparsity,
         )
 
     plan = make_plan(quantize)
+    if options.prune:
+        parse_prune(options.prune)
+    parse_draft(options.draft)
 
     source = resolve_source(
         options.model,
@@ -154,6 +171,29 @@ def compile_model(
     if recipe_default and source.family.kind != "decoder":
         quantize = default_quantize(target, source.family.kind)
         plan = make_plan(quantize)
+    extras = list(_extras)  # steps adding files and report entries to the build
+    if options.draft:
+        extras.append(_draft_step(options, source, progress))
+    if options.prune:  # the compile proper builds the pruned checkpoint (fdec.student)
+        pruned = prune_source(options, source, target, progress, prune=options.prune)
+
+        def add_student(staging: pathlib.Path, report: dict[str, Any]) -> None:
+            shutil.copytree(pruned.folder, staging / STUDENT_DIR)
+            report["prune"] = {**pruned.report, "directory": STUDENT_DIR}
+            # The pruned checkpoint's temporary folder is gone once the build is written.
+            report["source"].update(
+                given=f"{source.given} --prune {options.prune}", folder=STUDENT_DIR,
+                pruned_from=source.given,
+            )  # fmt: skip
+
+        try:
+            return compile_model(
+                dataclasses.replace(options, model=str(pruned.folder), prune=None, draft=None),
+                progress,
+                _extras=[*extras, add_student],
+            )
+        finally:
+            pruned.cleanup()
     # Capacity from config.json alone: a --max-batch × --max-seq-len that cannot fit the
     # target's memory fails here (exit 3, CapacityError), before the model loads.
     capacity = check_capacity(
@@ -307,6 +347,8 @@ def compile_model(
             ),
             "wall_s": round(time.perf_counter() - started, 2),
         }
+        for extra in extras:
+            extra(staging, report)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         (staging / HTML_FILE).write_text(render_html(report))  # hashed in the manifest below
         manifest = write_manifest(
@@ -316,7 +358,7 @@ def compile_model(
                 # Everything the build was made from: the same inputs, options and versions
                 # give the same model files (fdec verify re-hashes the outputs below).
                 "inputs": {
-                    "model": source.given,
+                    "model": report["source"]["given"],
                     "config_sha256": _config_digest(source.folder),
                     "files": front.inputs,
                     "calibration": front.calibration,
@@ -332,6 +374,8 @@ def compile_model(
                     "max_ppl_increase": options.max_ppl_increase,
                     "keep_fp": options.keep_fp,
                     "emit": list(options.emit),
+                    "sparsity": options.sparsity,
+                    "draft": options.draft,
                 },
                 "packages": report["environment"]["packages"],
                 "versions": front.versions,
@@ -568,14 +612,20 @@ def plan_pipeline(
     kv_window: int | None = None,
     kv_sink: int | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
+    sparsity: str | None = None,
 ) -> Plan:
     """Everything about the pipeline that can be decided (and refused) before loading a model.
 
     `pass_options` ({pass name: {option: value}}, the config file's [pass_options.NAME]) set
     options of passes the pipeline has; naming a pass it does not have is an error."""
     names = fdec_passes.parse_pass_list(passes)
-    pipeline = fdec_passes.make_pipeline(names) + _quantize_passes(
-        quantize, target, backend, names, embedding="hf-checkpoint" not in emit, keep_fp=keep_fp
+    # --sparsity masks fp32 weights before any quantizer (symmetric codes keep the zeros).
+    pipeline = (
+        fdec_passes.make_pipeline(names)
+        + _sparsity_passes(sparsity, names)
+        + _quantize_passes(
+            quantize, target, backend, names, embedding="hf-checkpoint" not in emit, keep_fp=keep_fp
+        )
     )
     kv_passes = _kv_cache_passes(kv_dtype, kv_window, kv_sink)
     # fuse-attention runs last by default (after quantization: the quantizers and AWQ's norm
@@ -646,6 +696,18 @@ def _with_pass_options(
                 ) from None
         rebuilt.append(pass_)
     return rebuilt
+
+
+_SPARSITY = ("none", "2:4")
+
+
+def _sparsity_passes(sparsity: str | None, earlier: list[str]) -> list[Any]:
+    """sparsify-2of4 for --sparsity 2:4 (unless --passes already runs it)."""
+    if sparsity is None or sparsity == "none":
+        return []
+    if sparsity not in _SPARSITY:
+        raise UsageError(f"unknown --sparsity {sparsity!r}", "use 2:4 (or none)")
+    return [] if "sparsify-2of4" in earlier else [fdec_passes.make_pass("sparsify-2of4")]
 
 
 _KV_DTYPES = ("fp32", "fp16", "int8", "fp8")
@@ -1116,3 +1178,34 @@ _UNSET = object()
 _SPEC_FILE = "spec.json"
 _RECORD_FILE = "record.json"
 _REFERENCE_FILE = "reference.npz"
+
+
+def _draft_step(
+    options: CompileOptions, source: Any, progress: Callable[[str], None]
+) -> Callable[[pathlib.Path, dict[str, Any]], None]:
+    """The build step compiling `--draft`: the source with most layers pruned, into draft/."""
+    layers = _config_layers(source.config)
+    prune = draft_prune(options.draft, layers)
+
+    def build_draft(staging: pathlib.Path, report: dict[str, Any]) -> None:
+        progress(f"building the draft ({options.draft}: --prune {prune})")
+        draft = compile_model(
+            dataclasses.replace(
+                options, out=staging / DRAFT_DIR, prune=prune, draft=None, max_ppl_increase=None
+            ),
+            lambda message: progress(f"draft: {message}"),
+        )
+        report["draft"] = {
+            "directory": DRAFT_DIR,
+            "option": options.draft,
+            "prune": prune,
+            "layers": draft.report["spec"]["num_layers"],
+            "accuracy": draft.report["prune"]["accuracy"],
+            "verification_ok": draft.report["verification"]["ok"],
+        }
+
+    return build_draft
+
+
+def _config_layers(config: Mapping[str, Any]) -> int:
+    return int(config.get("num_hidden_layers") or config.get("n_layer") or 0)

@@ -49,7 +49,8 @@ class Tolerance:
     `greedy_identical`: greedy tokens must match the source's (exact builds only).
     """
 
-    max_abs_error: float = 1e-3
+    max_abs_error: float | None = 1e-3  # None: not checked (a pass that changes the model
+    # on purpose, e.g. pruning: its figures are reported, the build gate is --max-ppl-increase)
     min_top1_agreement: float = 1.0
     max_perplexity_increase: float | None = None
     greedy_identical: bool = True
@@ -59,7 +60,7 @@ class Tolerance:
 
     def judge(self, figures: dict[str, Any]) -> str | None:
         """Why `figures` (from verify.Reference.compare) break this tolerance, or None."""
-        if figures["max_abs_error"] > self.max_abs_error:
+        if self.max_abs_error is not None and figures["max_abs_error"] > self.max_abs_error:
             return (
                 f"{figures.get('worst_output', 'the outputs')} off by "
                 f"{figures['max_abs_error']:.3g} (limit {self.max_abs_error:g})"

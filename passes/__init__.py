@@ -20,11 +20,13 @@ from fdec.passes.cleanup import (
 from fdec.passes.fusion import FuseAttentionPass
 from fdec.passes.kv_cache import KvPolicyPass, QuantizeKvCachePass
 from fdec.passes.pack import PackQkvPass
+from fdec.passes.prune import PrunePass
 from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
 from fdec.passes.quantize_awq import QuantizeInt4AwqPass
 from fdec.passes.quantize_embedding import QuantizeEmbeddingPass
 from fdec.passes.quantize_mixed import QuantizeMixedPass
 from fdec.passes.quantize_static import QuantizeFp8Pass, QuantizeInt8StaticPass
+from fdec.passes.sparsity import Sparsify2of4Pass
 from fdec.pipeline import Pass
 
 __all__ = ["DEFAULT_PIPELINE", "REGISTRY", "make_pass", "make_pipeline", "parse_pass_list"]
@@ -49,6 +51,8 @@ REGISTRY: dict[str, type[Pass]] = {
         PackQkvPass,
         QuantizeKvCachePass,
         KvPolicyPass,
+        PrunePass,
+        Sparsify2of4Pass,
     )
 }
 

@@ -442,7 +442,42 @@ def _output_config(source: dict[str, Any], model: FdecModel) -> tuple[dict[str, 
     if untied and config.get("tie_word_embeddings", True):
         config["tie_word_embeddings"] = False
         changes.append("tie_word_embeddings=false (the lm_head has its own weight)")
+    changes += _pruned_sizes(config, spec)
     return config, changes
+
+
+# ModelSpec size → the config keys holding it (first one present wins; the first is written).
+_SIZE_KEYS = {
+    "num_layers": ("num_hidden_layers", "n_layer"),
+    "num_heads": ("num_attention_heads", "n_head"),
+    "num_kv_heads": ("num_key_value_heads",),
+    "intermediate_size": ("intermediate_size", "n_inner"),
+}
+
+
+def _pruned_sizes(config: dict[str, Any], spec: Any) -> list[str]:
+    """Write the sizes a structurally pruned model has (fewer layers, heads, MLP channels)."""
+    changes = []
+    heads_key = next((k for k in _SIZE_KEYS["num_heads"] if k in config), None)
+    if heads_key and config[heads_key] != spec.num_heads and "head_dim" not in config:
+        # head_dim defaults to hidden / heads: keep it what it was once heads are removed.
+        config["head_dim"] = spec.head_dim
+        changes.append(f"head_dim={spec.head_dim} (explicit: fewer heads than hidden / head_dim)")
+    for field, keys in _SIZE_KEYS.items():
+        key = next((k for k in keys if k in config), None)
+        value = getattr(spec, field)
+        if key is not None and config[key] is not None and config[key] != value:
+            changes.append(f"{key}={value} (was {config[key]}: pruned)")
+            config[key] = value
+    layer_types = config.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) != spec.num_layers:
+        if len(set(layer_types)) > 1:
+            raise CompileError(
+                "the pruned model's layers have different types in config.json layer_types",
+                "prune heads/mlp only for models mixing layer types",
+            )
+        config["layer_types"] = layer_types[: spec.num_layers]
+    return changes
 
 
 def _graph_value(model: FdecModel, parameter: _Parameter, family: Any) -> ir.Value | None:

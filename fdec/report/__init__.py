@@ -86,6 +86,34 @@ def _checks_text(checks: dict[str, Any]) -> str:
     return ", ".join(marks) or "-"
 
 
+def _pruning_lines(report: dict[str, Any]) -> list[str]:
+    """What --prune and --draft did: sizes, and accuracy against the unpruned source."""
+    lines = []
+    for key, label in (("prune", "pruned"), ("draft", "draft")):
+        entry = report.get(key)
+        if not entry:
+            continue
+        accuracy = entry.get("accuracy") or {}
+        stats = entry.get("stats") or {}
+        text = f"{label} ({entry.get('prune')})"
+        if stats:
+            text += (
+                f": {stats['heads']}, {stats['mlp']}, layers {stats['layers']}; parameters "
+                f"{stats['parameters_before']:,} → {stats['parameters_after']:,} "
+                f"({stats['parameters_ratio']:.2f}x)"
+            )
+        elif entry.get("layers"):
+            text += f": {entry['layers']} layers"
+        if accuracy.get("perplexity_source"):
+            text += (
+                f"; perplexity {accuracy['perplexity_source']:.2f} → "
+                f"{accuracy['perplexity_build']:.2f} ({accuracy['perplexity_increase']:+.1%}), "
+                f"top-1 {accuracy['top1_agreement']:.3f} against the unpruned model"
+            )
+        lines.append(text + f" — in {entry.get('directory')}/")
+    return lines
+
+
 def render_report(report: dict[str, Any], *, style: bool = False) -> str:
     """The report as a text table (passes, then verification); `style` adds terminal colors."""
     paint = _paint if style else (lambda text, kind: text)
@@ -162,6 +190,7 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
         if engine.get("reason"):
             line += f" — {engine['reason']}"
         lines.append(line)
+    lines += _pruning_lines(report)
     checkpoint = report.get("checkpoint")
     if checkpoint:
         lines.append(
