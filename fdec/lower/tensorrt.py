@@ -37,6 +37,7 @@ __all__ = [
     "build_planned_engine",
     "check_standard_ops",
     "engine_report",
+    "graph_sparsity",
     "plan_engine",
     "read_plan",
     "tensorrt_available",
@@ -57,6 +58,8 @@ NOT_INSTALLED = (
 )
 NO_GPU = "no CUDA GPU visible"
 
+# Model metadata where fdec.passes.sparsity records the 2:4 sparse weights (SPARSITY_METADATA).
+SPARSITY_METADATA = "fdec.sparsity"
 # Domains TensorRT's ONNX parser imports: the standard operator set only.
 _STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 # Precision → (trtexec flag, polygraphy flag, tensorrt.BuilderFlag name), in canonical order.
@@ -174,6 +177,23 @@ def check_standard_ops(onnx_path: str | os.PathLike[str]) -> list[dict[str, str]
 
     visit(model.graph.node, "")
     return found
+
+
+def graph_sparsity(onnx_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What sparsify-2of4 recorded in the model's metadata ({"pattern": "2:4", "weights": [...],
+    "roles": [...]}), or None for a dense graph. Read without the external weights."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == SPARSITY_METADATA:
+            try:
+                record = json.loads(prop.value)
+            except json.JSONDecodeError:
+                logger.warning("ignoring unreadable %s metadata in %s", prop.key, onnx_path)
+                return None
+            return record if isinstance(record, dict) and record.get("weights") else None
+    return None
 
 
 def _graph_inputs(onnx_path: pathlib.Path) -> tuple[dict[str, list[int | None]], bool]:
@@ -409,13 +429,15 @@ def plan_engine(
     target: Target,
     limits: ShapeLimits,
     precisions: Iterable[str | Precision] = (),
-    sparse_weights: bool = False,
+    sparse_weights: bool | None = None,
     builder_optimization_level: int = 3,
 ) -> EnginePlan:
     """Write engines/tensorrt/plan.json and build.sh for build_dir/model.onnx; return the plan.
 
     The plan is "deferred": `build_planned_engine` (or build.sh) builds the engine. Refuses a
     non-GPU target, precisions or sparsity the target lacks, and graphs with non-standard ops.
+    `sparse_weights` None: on when the graph carries sparsify-2of4's 2:4 weights
+    (`graph_sparsity`) and the target has sparse tensor cores.
     """
     build_dir = pathlib.Path(build_dir)
     if not target.is_gpu or target.vendor.lower() != "nvidia":
@@ -459,6 +481,21 @@ def plan_engine(
     _check_profiles(profiles, inputs)
 
     notes = []
+    sparsity = graph_sparsity(onnx_path)
+    if sparse_weights is None:
+        sparse_weights = sparsity is not None and target.sparse_tensor_cores
+        if sparsity is not None and not sparse_weights:
+            notes.append(
+                f"the graph has 2:4 sparse weights but {target.name} has no sparse tensor "
+                "cores: they run as dense weights"
+            )
+    if sparse_weights:
+        notes.append(
+            f"sparse weights on (--sparsity=enable): "
+            f"{len(sparsity['weights']) if sparsity else 'no'} weight(s) carry the 2:4 pattern "
+            "(fdec.sparsity metadata); TensorRT picks sparse kernels where they are faster, "
+            "in fp16/bf16/int8/fp8 (and tf32) layers"
+        )
     for name in flags:
         if name in ("fp8", "int8") and not has_qdq:
             notes.append(

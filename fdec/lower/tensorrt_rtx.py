@@ -88,6 +88,7 @@ class RtxBuildResult:
     unsupported: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     reason: str | None = None
     purpose: str = "deployable"  # "deployable" | "check"
+    sparse_weights: bool = False  # BuilderFlag.SPARSE_WEIGHTS set (2:4 weights, sm >= 8.0)
 
     def __post_init__(self) -> None:
         if self.status not in _STATUSES:
@@ -174,6 +175,10 @@ def build_engine(
     if not onnx_path.is_file():
         raise InputError(f"{onnx_path} does not exist", "lower the model to ONNX first")
     nodes = _graph_nodes(onnx_path)
+    # sparsify-2of4's 2:4 weights: let the builder use sparse tensor cores (sm 8.0 and newer).
+    from fdec.lower.tensorrt import graph_sparsity
+
+    result.sparse_weights = graph_sparsity(onnx_path) is not None and compute_capability >= (8, 0)
 
     with _trt_session() as (trt, messages):
         result.tensorrt_rtx_version = trt.__version__
@@ -233,6 +238,8 @@ def _build(
     if not config.set_compute_capability(member, 0):
         return "failed", _first_error(messages) or f"TensorRT-RTX refused compute capability {cc}"
     _apply_precision(trt, config, network)
+    if result.sparse_weights:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     for profile in profiles:
         trt_profile = builder.create_optimization_profile()
         for name, (low, opt, high) in profile.shapes.items():
