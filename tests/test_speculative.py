@@ -62,16 +62,17 @@ def test_prompt_lookup_draft_copies_what_followed_the_last_ngram():
     assert prompt_lookup_draft([4, 5, 4], k=1, ngram=2) == [5]
 
 
-@pytest.mark.parametrize("build", ["fused", "plain"])
+@pytest.mark.parametrize(("build", "bound"), [("fused", True), ("fused", False), ("plain", True)])
 @pytest.mark.parametrize("k", [1, 4])
-def test_speculative_gives_the_plain_greedy_tokens(builds, build, k):
+def test_speculative_gives_the_plain_greedy_tokens(builds, build, bound, k):
+    """Fused + bound: the shared buffer's length is rewound; otherwise numpy slices."""
     model = load_build(builds[build]).model
     if build == "fused":
         assert model.shares_kv_buffer  # the default pipeline's fused GQA build
     for name, prompt in _PROMPTS.items():
         want = generate(model, prompt, max_new_tokens=40).tokens
         assert want == generate(model, prompt, max_new_tokens=40, bound=False).tokens
-        got = generate_speculative(model, prompt, max_new_tokens=40, k=k)
+        got = generate_speculative(model, prompt, max_new_tokens=40, k=k, bound=bound)
         assert got.tokens == want, name
         assert got.steps + 1 <= len(got.tokens)
         assert 0 <= got.accepted <= got.drafted
@@ -267,3 +268,32 @@ def test_api_run_speculative_draft(with_draft):
     assert spec["speculative"]["draft_build"] == str(with_draft / "draft")
     again = build.run("the lighthouse keeper", max_new_tokens=20, speculative="draft", k=2)
     assert again["tokens"] == plain["tokens"]  # the kept draft session starts a fresh cache
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M (the bundled real model) in the cheapest build: fp32, no passes (~3-4 min
+    on 2 busy cores, mostly the export). It is also its own draft (its own session)."""
+    folder = tmp_path_factory.mktemp("smollm2") / "build"
+    _compile("smollm2-135m", folder, "--passes", "none")
+    return load_build(folder)
+
+
+def test_smollm2_speculative_gives_the_plain_greedy_tokens(smollm2):
+    from fdec.runner import run_prompt
+
+    text = (
+        "Repeat this sentence exactly: The keeper climbed the hundred and twelve steps to light "
+        "the lamp every night."
+    )
+    plain = run_prompt(smollm2, text, max_new_tokens=24)
+    assert plain["new_tokens"] >= 8 and "keeper" in plain["text"]
+    lookup = run_prompt(smollm2, text, max_new_tokens=24, speculative="prompt-lookup", k=4)
+    assert lookup["tokens"] == plain["tokens"]
+    # An input-grounded answer: copied n-grams are accepted.
+    assert lookup["speculative"]["accepted"] > 0
+    assert lookup["speculative"]["steps"] < len(plain["tokens"]) - 1
+    draft = run_prompt(smollm2, text, max_new_tokens=24, speculative="draft", k=3,
+                       draft_build=smollm2.folder)  # fmt: skip
+    assert draft["tokens"] == plain["tokens"]
+    assert draft["speculative"]["acceptance_rate"] == 1.0

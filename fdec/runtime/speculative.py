@@ -4,11 +4,11 @@ Each step a drafter proposes up to k tokens: prompt-lookup copies what followed 
 recent earlier occurrence of the last n-gram of prompt + generated tokens; a draft model (a
 smaller build of the same vocabulary, `fdec compile ... --draft`) decodes them greedily with
 its own KV cache. The target runs the last accepted token and the draft in one decode call,
-keeps the longest prefix its argmax agrees with plus its own next token, and slices its KV
-cache back to the accepted length. The target's cache goes through numpy (`OrtModel.decode`),
-so trimming is a slice along the sequence axis; a shared-buffer build is run the same way (its
-GroupQueryAttention concatenates when past and present are not one buffer). Both drafters go
-through the same verification loop (`generate_speculative`).
+keeps the longest prefix its argmax agrees with plus its own next token, and rewinds its KV
+cache to the accepted length (the draft's too): a shared-buffer build (fused GroupQueryAttention) runs through IOBinding and
+rewinds the buffer's length; other builds pass the cache through numpy (`OrtModel.decode`) and
+slice it along the sequence axis. Both drafters go through the same verification loop
+(`generate_speculative`).
 """
 
 from __future__ import annotations
@@ -132,6 +132,38 @@ def check_draft_model(target: OrtModel, draft: OrtModel) -> None:
         raise ValueError(f"the draft model's vocabulary has {theirs} tokens, the target's {mine}")
 
 
+class _Cache:
+    """A model's KV cache that can be rewound: IOBinding with the length rewound on a
+    shared-buffer build (fused GroupQueryAttention writes each step at the length the attention
+    mask gives, so rewound positions are overwritten), else numpy sliced along the sequence."""
+
+    def __init__(self, model: OrtModel, max_length: int, *, bound: bool):
+        self.model = model
+        self.length = 0
+        self._decoder = model.bound_decoder(1, max_length) if bound else None
+        self._past = [] if bound else model.empty_past(1)
+
+    def run(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits [1, len(tokens), vocab] of `tokens` after the cached positions."""
+        ids = np.asarray([tokens], dtype=np.int64)
+        if self._decoder is not None:
+            logits = self._decoder.step(ids)
+        else:
+            logits, self._past = self.model.decode(ids, self._past, self.length)
+        self.length += len(tokens)
+        return logits
+
+    def rewind(self, keep: int) -> None:
+        """Drop the positions from `keep` on."""
+        if keep >= self.length:
+            return
+        self.length = keep
+        if self._decoder is not None:
+            self._decoder.length = keep
+        else:
+            self._past = [np.ascontiguousarray(t[:, :, :keep]) for t in self._past]
+
+
 class DraftModelDrafter:
     """Greedy drafts from a smaller model with its own KV cache.
 
@@ -149,8 +181,7 @@ class DraftModelDrafter:
         self.stops = set(stop_tokens)
         self.bound = bound and model.shares_kv_buffer
         self.fed: list[int] = []  # the tokens in the draft's cache, in order
-        self._past: list[np.ndarray] = []
-        self._decoder = None
+        self._cache: _Cache | None = None
         self._max_length = 0
         self.seconds = 0.0
         self.calls = 0  # draft decode calls
@@ -162,29 +193,14 @@ class DraftModelDrafter:
     def prefill(self, prompt: Sequence[int]) -> None:
         start = time.perf_counter()
         self.fed = []
-        if self.bound:
-            self._decoder = self.model.bound_decoder(1, max(self._max_length, len(prompt) + 1))
-        else:
-            self._past = self.model.empty_past(1)
+        longest = max(self._max_length, len(prompt) + 1)
+        self._cache = _Cache(self.model, longest, bound=self.bound)
         self._feed(list(prompt))
         self.seconds += time.perf_counter() - start
 
-    def _rewind(self, keep: int) -> None:
-        if keep >= len(self.fed):
-            return
-        del self.fed[keep:]
-        if self._decoder is not None:
-            self._decoder.length = keep
-        else:
-            self._past = [np.ascontiguousarray(t[:, :, :keep]) for t in self._past]
-
     def _feed(self, tokens: list[int]) -> int:
         """Run `tokens` after the cache; the draft's greedy next token."""
-        ids = np.asarray([tokens], dtype=np.int64)
-        if self._decoder is not None:
-            logits = self._decoder.step(ids)
-        else:
-            logits, self._past = self.model.decode(ids, self._past, len(self.fed))
+        logits = self._cache.run(tokens)
         self.calls += 1
         self.fed.extend(tokens)
         return int(np.argmax(logits[0, -1]))
@@ -197,7 +213,9 @@ class DraftModelDrafter:
         differs = np.flatnonzero(
             np.asarray(self.fed[:seen], dtype=np.int64) != np.asarray(context[:seen], np.int64)
         )
-        self._rewind(int(differs[0]) if differs.size else seen)
+        keep = int(differs[0]) if differs.size else seen
+        del self.fed[keep:]
+        self._cache.rewind(keep)
         draft = [self._feed(list(context[len(self.fed) :]))]
         while len(draft) < k and draft[-1] not in self.stops:
             draft.append(self._feed([draft[-1]]))
@@ -215,12 +233,15 @@ def generate_speculative(
     draft: OrtModel | Drafter | None = None,
     stop_tokens: Sequence[int] = (),
     on_token: Callable[[int], None] | None = None,
+    bound: bool = True,
 ) -> SpeculativeResult:
     """Greedy generation with drafts verified k at a time; the tokens are those of
     `generate(model, prompt, max_new_tokens=...)` with greedy sampling.
 
     `draft`: None drafts by prompt lookup (n-grams up to `ngram`); an OrtModel (a draft build
-    of the same vocabulary) drafts with `DraftModelDrafter`; or any `Drafter`.
+    of the same vocabulary) drafts with `DraftModelDrafter`; or any `Drafter`. `bound` runs a
+    shared-buffer target (and draft) through IOBinding, rewinding the buffer's length after a
+    rejection; False (or another build) passes the cache through numpy and slices it.
     """
     if k < 1:
         raise ValueError("k must be at least 1")
@@ -230,24 +251,23 @@ def generate_speculative(
         drafter: Drafter = PromptLookupDrafter(ngram)
     elif isinstance(draft, OrtModel):
         check_draft_model(model, draft)
-        drafter = DraftModelDrafter(draft, stop_tokens=sorted(stops))
+        drafter = DraftModelDrafter(draft, stop_tokens=sorted(stops), bound=bound)
     else:
         drafter = draft
+    longest = len(prompt) + max_new_tokens + k + 1
     if isinstance(drafter, DraftModelDrafter):
-        drafter.reserve(len(prompt) + max_new_tokens + k + 1)
+        drafter.reserve(longest)
         drafted_before = drafter.seconds
     context = list(prompt)
-    ids = np.asarray([context], dtype=np.int64)
     start = time.perf_counter()
-    logits, past = model.decode(ids, model.empty_past(1), 0)
-    token = int(np.argmax(logits[0, -1]))
+    cache = _Cache(model, longest, bound=bound and model.shares_kv_buffer)
+    token = int(np.argmax(cache.run(context)[0, -1]))
     drafter.prefill(context)
     prefill_s = time.perf_counter() - start
     result = SpeculativeResult([token], len(context), prefill_s, 0.0)
     context.append(token)
     if on_token:
         on_token(token)
-    cached = len(prompt)  # positions in `past`: everything but the last token
     start = time.perf_counter()
     while len(result.tokens) < max_new_tokens and token not in stops:
         # Never draft past max_new_tokens: the step also adds the target's own token.
@@ -256,8 +276,8 @@ def generate_speculative(
         proposal = drafter.propose(context, min(k, room))[: min(k, room)]
         verify = time.perf_counter()
         result.draft_s += verify - began
-        step = np.asarray([[token, *proposal]], dtype=np.int64)
-        logits, present = model.decode(step, past, cached)
+        cached = cache.length  # everything but the last token
+        logits = cache.run([token, *proposal])
         result.target_s += time.perf_counter() - verify
         result.steps += 1
         predicted = np.argmax(logits[0], axis=-1)
@@ -268,12 +288,7 @@ def generate_speculative(
         result.accepted += accepted
         new = [*proposal[:accepted], int(predicted[accepted])]
         # Keep the last token and the accepted drafts; the target's own token is not cached.
-        cached += 1 + accepted
-        past = (
-            present
-            if accepted == len(proposal)
-            else [np.ascontiguousarray(t[:, :, :cached]) for t in present]
-        )
+        cache.rewind(cached + 1 + accepted)
         for token in new:
             result.tokens.append(token)
             context.append(token)
