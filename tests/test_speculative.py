@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from fdec.cli import cli
@@ -196,6 +197,28 @@ def test_speculative_respects_stops_and_max_new_tokens(builds, drafter):
     for n in (1, 2, 7):
         got = generate_speculative(model, prompt, max_new_tokens=n, k=4, draft=draft)
         assert got.tokens == plain[:n]
+
+
+def test_draft_min_probability_stops_at_unsure_tokens(builds):
+    """The draft proposes only while its own softmax is sure enough: never above 1, always at
+    0; in between, its greedy continuation cut at the first unsure token."""
+    model = load_build(builds["fused"]).model
+    drafter_model = load_build(builds["draft_fused"]).model
+    prompt = _PROMPTS["mixed"]
+    want = generate(model, prompt, max_new_tokens=30).tokens
+    never = DraftModelDrafter(drafter_model, min_probability=1.01)
+    got = generate_speculative(model, prompt, max_new_tokens=30, k=4, draft=never)
+    assert got.tokens == want and got.drafted == 0 and got.steps == len(want) - 1
+    # A threshold in the middle of the draft's own top probabilities on this context.
+    logits = drafter_model.decode(np.asarray([prompt]), drafter_model.empty_past(1), 0)[0][0]
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    threshold = float(np.median(1.0 / shifted.sum(axis=-1)))
+    gated = _Recording(drafter_model, min_probability=threshold)
+    got = generate_speculative(model, prompt, max_new_tokens=30, k=4, draft=gated)
+    assert got.tokens == want and 0 < got.drafted < 4 * got.steps
+    for context, proposal in gated.proposals[:-1]:
+        alone = generate(drafter_model, context, max_new_tokens=4, bound=False).tokens
+        assert proposal == alone[: len(proposal)]
 
 
 @pytest.fixture(scope="module")
