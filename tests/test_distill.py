@@ -213,3 +213,24 @@ def test_bad_inputs_exit_2_and_write_nothing(pair, tmp_path, cli_runner):
                   ["held-out evaluation text"])  # fmt: skip
     _expect_error(cli_runner, ["distill", str(student), "-o", str(student / "sub"), "--steps",
                                "1"], student / "sub", ["inside the student folder"])  # fmt: skip
+
+
+def test_student_without_tokenizer_takes_the_teachers(pair, tmp_path, cli_runner):
+    """The pruner may leave the tokenizer out: the teacher's is used and lands in the output.
+    A failed run before it left an existing output folder untouched."""
+    teacher, student = pair
+    bare = _copy_student(student, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous")
+    result = cli_runner.invoke(cli, ["distill", str(bare), "--steps", "0", "-o", str(out)])
+    assert result.exit_code == 2 and (out / "keep.txt").read_text() == "previous"
+    args = ["distill", str(bare), "--steps", "2", "-o", str(out), "--json"]
+    result = cli_runner.invoke(cli, args)
+    assert result.exit_code == 0, (result.output, result.stderr)
+    assert not (out / "keep.txt").exists()  # replaced whole
+    teacher_tokenizer = (teacher / "tokenizer.json").read_bytes()
+    assert (out / "tokenizer.json").read_bytes() == teacher_tokenizer
+    assert json.loads(result.stdout)["steps"] == 2
