@@ -182,9 +182,10 @@ def cli(verbose: int) -> None:
 @click.option(
     "--sparsity",
     type=click.Choice(["none", "2:4"]),
-    help="2:4: magnitude 2:4 semi-structured sparsity on the MLP weights (sparsify-2of4, before "
-    "quantization; lossy, see the report's perplexity) for targets with sparse tensor cores "
-    "(a100, h100, ...); TensorRT engines then build with sparse weights.",
+    help="2:4: semi-structured sparsity on the MLP weights (sparsify-2of4: of every 4 weights "
+    "along K the 2 with the largest |w| x activation norm on calibration text stay; before "
+    "quantization; lossy, the report gives the perplexity change) for targets with sparse "
+    "tensor cores (a100, h100, ...); TensorRT engines then build with sparse weights.",
 )
 @click.option(
     "--prune",

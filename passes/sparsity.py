@@ -25,11 +25,13 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from fdec.calibrate import activations_per_batch, checked_batches, describe_batches
 from fdec.errors import UsageError
 from fdec.ir import FdecModel
 from fdec.passes.quantize import _find_weight, _int_attr, _Weight
@@ -48,15 +50,39 @@ _LAYER_ROLE = re.compile(r"^layers\.(\d+)\.(\w+)$")
 _MLP_ROLES = ("gate", "up", "down", "fc_in", "fc_out")
 _ALL_ROLES = ("q", "k", "v", "qkv", "o", *_MLP_ROLES)
 _ROLE_SETS = {"mlp": _MLP_ROLES, "all": _ALL_ROLES}
+_SCORES = ("magnitude", "activation")
 
 
-def mask_2of4(array: np.ndarray) -> np.ndarray:
+def _activation_norms(
+    model: FdecModel, weights: dict[str, _Weight], batches: Sequence[np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Per weight: ‖X_k‖₂ over every calibration token of the activation its sites multiply
+    (float64 [K]), from one ONNX Runtime session. Weights read by two activations get none."""
+    activation_of: dict[str, str] = {}
+    for name, weight in weights.items():
+        names = {site.activation.name for site in weight.sites}
+        if len(names) == 1 and None not in names:
+            activation_of[name] = names.pop()  # type: ignore[assignment]
+    sums: dict[str, np.ndarray] = {}
+    for values in activations_per_batch(model, batches, sorted(set(activation_of.values()))):
+        for tensor, array in values.items():
+            x = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
+            squares = np.einsum("tk,tk->k", x, x)
+            sums[tensor] = sums[tensor] + squares if tensor in sums else squares
+    return {name: np.sqrt(sums[tensor]) for name, tensor in activation_of.items() if tensor in sums}
+
+
+def mask_2of4(array: np.ndarray, row_scale: np.ndarray | None = None) -> np.ndarray:
     """The boolean keep-mask of a [K, N] array (K divisible by 4): per column, the 2 largest
-    |w| of every 4 consecutive rows. Ties keep the earlier row."""
+    |w| (times `row_scale[k]`, when given) of every 4 consecutive rows. Ties keep the earlier
+    row."""
     k, n = array.shape
     if k % _GROUP:
         raise ValueError(f"K={k} is not divisible by {_GROUP}")
-    groups = np.abs(array.astype(np.float32)).reshape(k // _GROUP, _GROUP, n)
+    score = np.abs(array.astype(np.float64))
+    if row_scale is not None:
+        score *= np.asarray(row_scale, dtype=np.float64)[:, None]
+    groups = score.reshape(k // _GROUP, _GROUP, n)
     order = np.argsort(-groups, axis=1, kind="stable")[:, :_KEEP, :]
     keep = np.zeros(groups.shape, dtype=bool)
     np.put_along_axis(keep, order, True, axis=1)
@@ -114,7 +140,11 @@ class Sparsify2of4Pass(Pass):
 
     `roles`: "mlp" (gate/up/down, or fc_in/fc_out; the default), "all" (every per-layer
     linear: q/k/v/o and the MLP; never the lm_head or the embedding) or a comma-separated list
-    of roles. `skip_first` / `skip_last` leave that many layers at each end dense. A weight
+    of roles. `skip_first` / `skip_last` leave that many layers at each end dense.
+    `score`: "magnitude" (|w|, the default, no data) or "activation" (|w| · ‖x_k‖₂ over
+    calibration tokens, as Wanda (Sun et al., 2023) scores weights: an input channel that
+    carries large activations keeps its weights); "activation" needs `batches` (token id
+    arrays, fdec.calibrate.calibration_batches), which a compile attaches. A weight
     whose K (reduction size) is not a multiple of 4, or that is not a plain MatMul/Gemm weight,
     is left dense and named in the stats' `skipped`.
 
@@ -135,9 +165,17 @@ class Sparsify2of4Pass(Pass):
     roles: str = dataclasses.field(default="mlp", kw_only=True)
     skip_first: int = dataclasses.field(default=0, kw_only=True)
     skip_last: int = dataclasses.field(default=0, kw_only=True)
+    score: str = dataclasses.field(default="magnitude", kw_only=True)
+    batches: Sequence[np.ndarray] | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         self._roles = _parse_roles(self.roles)
+        if self.score not in _SCORES:
+            raise UsageError(
+                f"sparsify-2of4 score {self.score!r} is unknown",
+                "use magnitude (|w|) or activation (|w| · activation norm, calibrated)",
+            )
+        self.batches = checked_batches(self.name, self.batches)
         for option in ("skip_first", "skip_last"):
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -145,6 +183,24 @@ class Sparsify2of4Pass(Pass):
                     f"sparsify-2of4 {option} {value!r} is not a whole number ≥ 0",
                     f"use e.g. {option}=1 (layers left dense at that end) or 0",
                 )
+
+    def options(self) -> dict[str, Any]:
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        options["batches"] = describe_batches(self.batches)
+        return options
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True while score "activation" has no `batches` (a compile attaches them)."""
+        return self.score == "activation" and self.batches is None
+
+    def requires(self, model: FdecModel, target: Any = None) -> None:
+        if self.needs_calibration:
+            raise UsageError(
+                f"{self.name} score=activation needs calibration data and was given none",
+                "pass batches=fdec.calibrate.calibration_batches(...) to the pass, or use "
+                "score=magnitude",
+            )
 
     def check_target(self, target: Any) -> None:
         if target is None:
@@ -179,23 +235,32 @@ class Sparsify2of4Pass(Pass):
             chosen.setdefault(name, []).append(role)
 
         skipped: dict[str, str] = {}
+        found: dict[str, _Weight] = {}
+        for name in chosen:
+            try:
+                found[name] = _find_weight(graph, name)
+            except ValueError as reason:
+                skipped[name] = str(reason)
+        norms: dict[str, np.ndarray] = {}
+        if self.score == "activation" and found:
+            assert self.batches is not None
+            norms = _activation_norms(model, found, self.batches)
         masked_names: list[str] = []
         masked_roles: list[str] = []
         sites = elements = zeros = zeroed = dense_bytes = compressed_bytes = 0
         energy_kept = energy_total = 0.0
         by_role: collections.Counter[str] = collections.Counter()
-        for name, roles in chosen.items():
-            try:
-                weight = _find_weight(graph, name)
-            except ValueError as reason:
-                skipped[name] = str(reason)
-                continue
-            k, n = weight.array.shape
+        for name, weight in found.items():
+            roles = chosen[name]
+            k = weight.array.shape[0]
             if k % _GROUP:
                 skipped[name] = f"K={k} is not divisible by {_GROUP}"
                 logger.info("not sparsifying %s: K=%d", name, k)
                 continue
-            keep = mask_2of4(weight.array)
+            if self.score == "activation" and name not in norms:
+                skipped[name] = "read by more than one activation (no activation norm)"
+                continue
+            keep = mask_2of4(weight.array, norms.get(name))
             tensor = weight.value.const_value
             assert tensor is not None
             stored = tensor.numpy()
@@ -229,12 +294,15 @@ class Sparsify2of4Pass(Pass):
             "weights_masked": len(masked_names),
             "matmuls": sites,
             "by_role": dict(sorted(by_role.items())),
+            "score": self.score,
             "layers_dense": {"first": self.skip_first, "last": self.skip_last},
             "elements": elements,
             "zeros": zeros,
             "values_zeroed": zeroed,
             "zero_fraction": round(zeros / elements, 4) if elements else 0.0,
-            "magnitude_kept": round((energy_kept / energy_total) ** 0.5, 4) if energy_total else 1.0,
+            "magnitude_kept": round((energy_kept / energy_total) ** 0.5, 4)
+            if energy_total
+            else 1.0,
             "dense_bytes": dense_bytes,
             "bytes_saved_when_compressed": dense_bytes - compressed_bytes,
             "skipped": skipped,

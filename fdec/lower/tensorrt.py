@@ -493,8 +493,8 @@ def plan_engine(
         notes.append(
             f"sparse weights on (--sparsity=enable): "
             f"{len(sparsity['weights']) if sparsity else 'no'} weight(s) carry the 2:4 pattern "
-            "(fdec.sparsity metadata); TensorRT picks sparse kernels where they are faster, "
-            "in fp16/bf16/int8/fp8 (and tf32) layers"
+            "(fdec.sparsity metadata); TensorRT picks sparse kernels only where they time "
+            "faster (sparse tensor cores take TF32/FP16/BF16/INT8, and FP8 from sm 8.9)"
         )
     for name in flags:
         if name in ("fp8", "int8") and not has_qdq:

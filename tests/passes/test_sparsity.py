@@ -18,6 +18,7 @@ import pytest
 from exported import export_tiny, matmul_weights, run_pass
 from graphs import ir_model, run_ort, tiny_spec
 
+from fdec.calibrate import calibration_batches, capture_activations, load_calibration_texts
 from fdec.cli import cli
 from fdec.compile import plan_pipeline
 from fdec.errors import UsageError
@@ -25,7 +26,12 @@ from fdec.ir import FdecModel
 from fdec.lower.tensorrt import graph_sparsity
 from fdec.lower.tensorrt_rtx import available as rtx_available
 from fdec.passes.quantize import QuantizeInt4Pass
-from fdec.passes.sparsity import SPARSITY_METADATA, Sparsify2of4Pass, sparse_groups_ok
+from fdec.passes.sparsity import (
+    SPARSITY_METADATA,
+    Sparsify2of4Pass,
+    mask_2of4,
+    sparse_groups_ok,
+)
 from fdec.runtime import session_for_model
 from fdec.targets import load_target
 
@@ -110,7 +116,9 @@ def test_roles_all_and_dense_end_layers(tiny):
             _assert_2of4_of(before[role], after[role])
         else:  # the last layer and the lm_head stay dense
             np.testing.assert_array_equal(after[role], before[role])
-    assert record.stats["by_role"] == {r: layers - 1 for r in ("down", "gate", "k", "o", "q", "up", "v")}
+    assert record.stats["by_role"] == {
+        r: layers - 1 for r in ("down", "gate", "k", "o", "q", "up", "v")
+    }
 
     model, record = run_pass(Sparsify2of4Pass(roles="q, o", skip_first=1), tiny.cleaned())
     after = matmul_weights(model)
@@ -118,11 +126,54 @@ def test_roles_all_and_dense_end_layers(tiny):
     assert changed == {f"layers.{i}.{r}" for i in range(1, layers) for r in ("q", "o")}
 
 
+def test_activation_score_weighs_channels_by_calibration_norms(tiny):
+    batches = calibration_batches(
+        load_calibration_texts(), tiny.tokenizer, tiny.spec.vocab_size, max_samples=4
+    )
+    plain = tiny.cleaned()
+    pass_ = Sparsify2of4Pass(score="activation")
+    assert pass_.needs_calibration
+    with pytest.raises(UsageError, match="calibration"):
+        pass_.requires(plain)
+    before = tiny.weights()
+    model, record = run_pass(Sparsify2of4Pass(score="activation", batches=batches), plain)
+    assert record.stats["score"] == "activation" and record.stats["weights_masked"] == 6
+    assert record.options["batches"] == f"4 batches, {4 * batches[0].size} tokens"
+    after = matmul_weights(model)
+
+    # The activation each MLP weight multiplies, captured independently on the dense model.
+    reference = tiny.cleaned()
+    readers = {
+        node.inputs[1].name: node.inputs[0].name
+        for node in reference.graph
+        if node.op_type == "MatMul" and node.inputs[1].is_initializer()
+    }
+    differs = 0
+    for role, name in reference.spec.weights.items():
+        if _role(role) not in ("gate", "up", "down"):
+            continue
+        squares = sum(
+            np.square(capture_activations(reference, ids, [readers[name]])[readers[name]])
+            .reshape(-1, before[role].shape[0])
+            .sum(axis=0, dtype=np.float64)
+            for ids in batches
+        )
+        keep = mask_2of4(before[role], np.sqrt(squares))
+        np.testing.assert_array_equal(after[role], np.where(keep, before[role], 0.0))
+        assert sparse_groups_ok(after[role])
+        differs += int((keep != mask_2of4(before[role])).any())
+    assert differs == 6  # the norms changed which weights survive in every weight
+    figures = tiny.reference.compare(session_for_model(model))
+    assert Sparsify2of4Pass.tolerance.judge(figures) is None
+
+
 def test_bad_options_are_usage_errors():
     with pytest.raises(UsageError, match="unknown role 'attn'"):
         Sparsify2of4Pass(roles="attn")
     with pytest.raises(UsageError, match="skip_first"):
         Sparsify2of4Pass(skip_first=-1)
+    with pytest.raises(UsageError, match="score"):
+        Sparsify2of4Pass(score="wanda")
 
 
 _SMALL = """
@@ -206,6 +257,9 @@ def test_sparsity_option_puts_the_pass_before_quantization_once():
     )
     names = plan.pass_names
     assert names.count("sparsify-2of4") == 1
+    sparsify = plan.pipeline[names.index("sparsify-2of4")]
+    assert sparsify.score == "activation"  # calibrated: the compile attaches its text
+    assert names.index("sparsify-2of4") in plan.calibrating
     assert names.index("sparsify-2of4") < names.index("quantize-fp8")
     assert plan.tolerance.max_perplexity_increase is not None  # lossy: gated on perplexity
     plan = plan_pipeline(
@@ -258,6 +312,7 @@ def test_a100_plan_and_command_enable_sparse_weights(tiny_models, tmp_path, cli_
     report = _compile(cli_runner, tiny_models("llama"), out, "--target", "a100")
     (row,) = [p for p in report["passes"] if p["name"] == "sparsify-2of4"]
     assert row["stats"]["weights_masked"] == 6 and row["stats"]["zero_fraction"] == 0.5
+    assert row["stats"]["score"] == "activation" and row["options"]["batches"]
     assert report["verification"]["ok"] is True
     numeric = report["verification"]["numeric"]
     assert "perplexity_build" in numeric and numeric["max_abs_error"] > 0.05  # lossy, reported
