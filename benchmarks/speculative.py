@@ -48,13 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--draft-build", help="draft build for the draft rows (default BUILD/draft; 'self')"
     )
+    parser.add_argument(
+        "--draft-min-prob",
+        action="append",
+        type=float,
+        help="draft rows also with the draft stopping at tokens it gives less (repeatable)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 
     from fdec.runner import DRAFT_FOLDER, load_build, load_draft
     from fdec.runtime import generate
-    from fdec.runtime.speculative import generate_speculative
+    from fdec.runtime.speculative import DraftModelDrafter, generate_speculative
 
     folder = pathlib.Path(args.build)
     if not (folder / "model.onnx").exists():
@@ -93,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             model, prompt, max_new_tokens=n, k=k, ngram=args.ngram
         )
     for k in ks if draft else []:
-        sides[f"draft_k{k}"] = lambda k=k: generate_speculative(
-            model, prompt, max_new_tokens=n, k=k, draft=draft.model
-        )
+        for p in args.draft_min_prob or [0.0]:
+            name = f"draft_k{k}" + (f"_p{p:g}" if p else "")
+            sides[name] = lambda k=k, p=p: generate_speculative(
+                model, prompt, max_new_tokens=n, k=k,
+                draft=DraftModelDrafter(draft.model, min_probability=p),
+            )  # fmt: skip
     reference = plain(True).tokens  # also the warm-up
     rates: dict[str, list[float]] = {name: [] for name in sides}
     seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
