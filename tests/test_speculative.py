@@ -25,11 +25,17 @@ _PROMPTS = {
 }
 
 
-def _compile(source, folder, *extra) -> None:
+def _compile(source, folder, cache, *extra) -> None:
+    """Compile with fdec's and ORT's caches in `cache` (module fixtures run before the autouse
+    fixture that keeps them out of the home folder)."""
     from click.testing import CliRunner
 
     args = ["compile", str(source), "-o", str(folder), "-q", "--quantize", "none", *extra]
-    ran = CliRunner().invoke(cli, args)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FDEC_CACHE_DIR", str(cache / "fdec"))
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        ran = CliRunner().invoke(cli, args)
     assert ran.exit_code == 0, ran.output
 
 
@@ -50,7 +56,7 @@ def builds(tiny_models, tmp_path_factory):
         ("draft_plain", other, ["--passes", "default"]),
     ):
         folder = tmp_path_factory.mktemp("spec") / name
-        _compile(source, folder, *extra)
+        _compile(source, folder, tmp_path_factory.getbasetemp() / "cache", *extra)
         out[name] = folder
     return out
 
@@ -295,15 +301,18 @@ def test_api_run_speculative_draft(with_draft):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """SmolLM2-135M (the bundled real model) in the cheapest build: fp32, no passes (~3-4 min
-    on 2 busy cores, mostly the export). It is also its own draft (its own session)."""
+    """SmolLM2-135M (the bundled real model) in the cheapest build: fp32, no passes (~3 min on
+    2 busy cores with an empty cache: GGUF conversion and export). It is also its own draft
+    (its own session) until a test compiles `--draft` (a second export and pruning)."""
     folder = tmp_path_factory.mktemp("smollm2") / "build"
-    _compile("smollm2-135m", folder, "--passes", "none")
-    return load_build(folder)
+    _compile("smollm2-135m", folder, tmp_path_factory.getbasetemp() / "cache", "--passes", "none")
+    return folder
 
 
 def test_smollm2_speculative_gives_the_plain_greedy_tokens(smollm2):
     from fdec.runner import run_prompt
+
+    smollm2 = load_build(smollm2)
 
     text = (
         "Repeat this sentence exactly: The keeper climbed the hundred and twelve steps to light "
