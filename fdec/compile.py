@@ -635,6 +635,12 @@ def plan_pipeline(
         dataclasses.replace(p, backend=backend) if p.name == "fuse-attention" else p
         for p in pipeline
     ]
+    if any(p.name == "sparsify-2of4" for p in pipeline):
+        # GPTQ's error feedback refills masked zeros (tested): FP8 rounds to nearest after 2:4.
+        pipeline = [
+            dataclasses.replace(p, weight_rounding="nearest") if p.name == "quantize-fp8" else p
+            for p in pipeline
+        ]
     if (
         passes is None
         and backend == "onnxruntime"

@@ -179,21 +179,55 @@ def check_standard_ops(onnx_path: str | os.PathLike[str]) -> list[dict[str, str]
     return found
 
 
-def graph_sparsity(onnx_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+def graph_sparsity(
+    onnx_path: str | os.PathLike[str], spec: ModelSpec | None = None
+) -> dict[str, Any] | None:
     """What sparsify-2of4 recorded in the model's metadata ({"pattern": "2:4", "weights": [...],
-    "roles": [...]}), or None for a dense graph. Read without the external weights."""
+    "roles": [...]}), or None for a dense graph.
+
+    With `spec`, the weights each recorded role holds now (quantizers rename them) are read and
+    checked: `kept` lists the roles whose weight still has at most 2 nonzeros in every group
+    of 4 along an axis, `lost` those where a later pass refilled the zeros (GPTQ-style error
+    feedback does)."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
+    record = None
     for prop in model.metadata_props:
         if prop.key == SPARSITY_METADATA:
             try:
                 record = json.loads(prop.value)
             except json.JSONDecodeError:
                 logger.warning("ignoring unreadable %s metadata in %s", prop.key, onnx_path)
-                return None
-            return record if isinstance(record, dict) and record.get("weights") else None
-    return None
+            break
+    if not isinstance(record, dict) or not record.get("weights"):
+        return None
+    if spec is not None:
+        record["kept"], record["lost"] = _check_2of4(pathlib.Path(onnx_path), record, spec)
+    return record
+
+
+def _check_2of4(
+    onnx_path: pathlib.Path, record: dict[str, Any], spec: ModelSpec
+) -> tuple[list[str], list[str]]:
+    import numpy as np
+    import onnx_ir as ir
+
+    def holds(array: Any) -> bool:
+        k, n = array.shape
+        return k % 4 == 0 and bool(((array.reshape(k // 4, 4, n) != 0).sum(axis=1) <= 2).all())
+
+    graph = ir.load(str(onnx_path)).graph  # external weights are memory-mapped, read on use
+    kept, lost = [], []
+    for role in record.get("roles", []):
+        value = graph.initializers.get(spec.weights.get(role, ""))
+        tensor = value.const_value if value is not None else None
+        if tensor is None or len(tensor.shape) != 2:
+            lost.append(role)
+            continue
+        array = np.asarray(tensor.numpy()).astype(np.float32)
+        (kept if holds(array) or holds(array.T) else lost).append(role)
+    return kept, lost
 
 
 def _graph_inputs(onnx_path: pathlib.Path) -> tuple[dict[str, list[int | None]], bool]:
@@ -481,20 +515,27 @@ def plan_engine(
     _check_profiles(profiles, inputs)
 
     notes = []
-    sparsity = graph_sparsity(onnx_path)
+    sparsity = graph_sparsity(onnx_path, spec)
+    kept = len(sparsity["kept"]) if sparsity else 0
+    if sparsity and sparsity["lost"]:
+        notes.append(
+            f"{len(sparsity['lost'])} of {kept + len(sparsity['lost'])} weights sparsify-2of4 "
+            f"masked lost the 2:4 pattern in later passes (e.g. {sparsity['lost'][0]}): "
+            "TensorRT runs them dense"
+        )
+        logger.warning("%s", notes[-1])
     if sparse_weights is None:
-        sparse_weights = sparsity is not None and target.sparse_tensor_cores
-        if sparsity is not None and not sparse_weights:
+        sparse_weights = kept > 0 and target.sparse_tensor_cores
+        if kept and not sparse_weights:
             notes.append(
                 f"the graph has 2:4 sparse weights but {target.name} has no sparse tensor "
                 "cores: they run as dense weights"
             )
     if sparse_weights:
         notes.append(
-            f"sparse weights on (--sparsity=enable): "
-            f"{len(sparsity['weights']) if sparsity else 'no'} weight(s) carry the 2:4 pattern "
-            "(fdec.sparsity metadata); TensorRT picks sparse kernels only where they time "
-            "faster (sparse tensor cores take TF32/FP16/BF16/INT8, and FP8 from sm 8.9)"
+            f"sparse weights on (--sparsity=enable): {kept or 'no'} weight(s) carry the 2:4 "
+            "pattern (fdec.sparsity metadata, checked); TensorRT picks sparse kernels only where "
+            "they time faster (sparse tensor cores take TF32/FP16/BF16/INT8, and FP8 from sm 8.9)"
         )
     for name in flags:
         if name in ("fp8", "int8") and not has_qdq:

@@ -178,7 +178,8 @@ def build_engine(
     # sparsify-2of4's 2:4 weights: let the builder use sparse tensor cores (sm 8.0 and newer).
     from fdec.lower.tensorrt import graph_sparsity
 
-    result.sparse_weights = graph_sparsity(onnx_path) is not None and compute_capability >= (8, 0)
+    sparsity = graph_sparsity(onnx_path, spec) if compute_capability >= (8, 0) else None
+    result.sparse_weights = bool(sparsity and sparsity["kept"])
 
     with _trt_session() as (trt, messages):
         result.tensorrt_rtx_version = trt.__version__

@@ -23,7 +23,8 @@ from fdec.cli import cli
 from fdec.compile import plan_pipeline
 from fdec.errors import UsageError
 from fdec.ir import FdecModel
-from fdec.lower.tensorrt import graph_sparsity
+from fdec.lower.profiles import ShapeLimits
+from fdec.lower.tensorrt import graph_sparsity, plan_engine
 from fdec.lower.tensorrt_rtx import available as rtx_available
 from fdec.passes.quantize import QuantizeInt4Pass
 from fdec.passes.sparsity import (
@@ -238,6 +239,33 @@ def test_metadata_survives_saving_and_the_pattern_survives_int4_qdq(tiny, tmp_pa
     assert graph_sparsity(tmp_path / "dense.onnx") is None
 
 
+def test_plan_checks_the_pattern_is_still_there(tiny, tmp_path):
+    """A later pass that refills the zeros (GPTQ-style feedback) is caught and reported."""
+    model, _ = run_pass(Sparsify2of4Pass(), tiny.cleaned())
+    spec = model.spec
+    roles = [role for role in spec.weights if _role(role) in ("gate", "up", "down")]
+    dense = tiny.cleaned()
+    for role in roles[:2]:  # put two weights back to their dense values
+        name = spec.weights[role]
+        model.graph.initializers[name].const_value = dense.graph.initializers[name].const_value
+    build = tmp_path / "build"
+    build.mkdir()
+    model.save(build / "model.onnx")
+    record = graph_sparsity(build / "model.onnx", spec)
+    assert sorted(record["lost"]) == sorted(roles[:2])
+    assert sorted(record["kept"]) == sorted(roles[2:])
+    limits = ShapeLimits(max_batch=1, max_seq_len=128)
+    plan = plan_engine(build, spec=spec, target=load_target("a100"), limits=limits)
+    assert plan.sparse_weights is True  # four weights still qualify
+    assert any("2 of 6 weights" in note and "lost the 2:4 pattern" in note for note in plan.notes)
+    for role in roles[2:]:
+        name = spec.weights[role]
+        model.graph.initializers[name].const_value = dense.graph.initializers[name].const_value
+    model.save(build / "model.onnx")
+    plan = plan_engine(build, spec=spec, target=load_target("a100"), limits=limits)
+    assert plan.sparse_weights is False and "--sparsity=enable" not in plan.trtexec
+
+
 @pytest.mark.parametrize("name", ["t4", "cpu"])
 def test_targets_without_sparse_tensor_cores_are_refused(name):
     pass_ = Sparsify2of4Pass()
@@ -298,10 +326,11 @@ def test_cli_refuses_sparsity_without_sparse_tensor_cores(
 
 
 def _compile(cli_runner, model, out, *args):
+    quantize = () if "--quantize" in args else ("--quantize", "none")
     result = cli_runner.invoke(
         cli,
         ["compile", str(model), "-o", str(out), "--json", "--max-seq-len", "256",
-         "--quantize", "none", "--sparsity", "2:4", *args],
+         *quantize, "--sparsity", "2:4", *args],
     )  # fmt: skip
     assert result.exit_code == 0, result.output + result.stderr
     return json.loads((out / "report.json").read_text())
@@ -327,6 +356,27 @@ def test_a100_plan_and_command_enable_sparse_weights(tiny_models, tmp_path, cli_
     if rtx_available() is None:  # the TensorRT-RTX compile check for sm 8.0 sets the flag too
         rtx = next(e for e in report["engines"] if e["backend"] == "tensorrt-rtx")
         assert rtx["status"] == "built" and rtx["sparse_weights"] is True
+
+
+def test_fp8_after_2of4_keeps_the_pattern(tiny_models, tmp_path, cli_runner):
+    out = tmp_path / "h100"
+    report = _compile(
+        cli_runner, tiny_models("llama"), out, "--target", "h100", "--quantize", "fp8"
+    )
+    names = report["pipeline"]
+    assert names.index("sparsify-2of4") < names.index("quantize-fp8")
+    (fp8,) = [p for p in report["passes"] if p["name"] == "quantize-fp8"]
+    assert fp8["options"]["weight_rounding"] == "nearest"  # GPTQ feedback would refill zeros
+    spec = json.loads((out / "report.json").read_text())["spec"]
+    graph = ir.load(str(out / "model.onnx")).graph
+    for role, name in spec["weights"].items():
+        if _role(role) in ("gate", "up", "down"):
+            tensor = graph.initializers[name].const_value
+            assert tensor.dtype == ir.DataType.FLOAT8E4M3FN, role
+            assert sparse_groups_ok(tensor.numpy().astype(np.float32)), role
+    plan = json.loads((out / "engines/tensorrt/plan.json").read_text())
+    assert plan["precisions"] == ["fp8"] and plan["sparse_weights"] is True
+    assert not any("lost" in note for note in plan["notes"])
 
 
 @needs_rtx
