@@ -10,9 +10,11 @@ the weights stay dense tensors that happen to hold the pattern, which ONNX Runti
 before and TensorRT's builder (``BuilderFlag.SPARSE_WEIGHTS``) picks sparse kernels for.
 
 The pass records what it masked in the model's metadata (`SPARSITY_METADATA`, JSON with the
-pattern, the roles and the initializer names); the TensorRT lowerings read it and turn the
-sparse-weights flag on. Symmetric quantization after this pass keeps the zeros (zero maps to
-code zero), so the pattern survives quantize-fp8 / quantize-int8-static / quantize-int4.
+pattern, the roles and the initializer names); the TensorRT lowerings read it, check the
+weights still hold the pattern and turn the sparse-weights flag on. Round-to-nearest symmetric
+quantization after this pass keeps the zeros (zero maps to code zero: quantize-int4, -int4-awq,
+-int8-static, -fp8 nearest); GPTQ rounding (quantize-fp8 weight_rounding="gptq") refills them,
+so a compile with --sparsity rounds FP8 to nearest.
 
 Magnitude 2:4 without retraining is lossy: the pass's tolerance only catches a broken rewrite,
 the build's perplexity gate judges quality, and the report states the change.
