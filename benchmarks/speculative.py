@@ -13,8 +13,9 @@ Rows: plain greedy over IOBinding (what `fdec run` does by default), plain greed
 numpy (the loop speculative decoding builds on), prompt-lookup for each --k, and a draft model
 for each --k when there is one: --draft-build DIR, else BUILD/draft (`fdec compile --draft`);
 "self" makes the target its own draft (acceptance 100 %: a check of the loop and the cost of
-drafting, never a speed-up). Draft rows also give the seconds spent in the draft and in the
-target's verifying calls.
+drafting, never a speed-up). Draft rows also give the seconds spent in the draft (its prompt
+prefill included) and in the target's verifying calls; lookup+draft rows ask the draft model
+only where prompt lookup finds nothing.
 """
 
 from __future__ import annotations
@@ -60,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from fdec.runner import DRAFT_FOLDER, load_build, load_draft
     from fdec.runtime import generate
-    from fdec.runtime.speculative import DraftModelDrafter, generate_speculative
+    from fdec.runtime.speculative import (
+        DraftModelDrafter,
+        FirstDrafter,
+        PromptLookupDrafter,
+        generate_speculative,
+    )
 
     folder = pathlib.Path(args.build)
     if not (folder / "model.onnx").exists():
@@ -105,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                 model, prompt, max_new_tokens=n, k=k,
                 draft=DraftModelDrafter(draft.model, min_probability=p),
             )  # fmt: skip
+        sides[f"lookup+draft_k{k}"] = lambda k=k: generate_speculative(
+            model, prompt, max_new_tokens=n, k=k,
+            draft=FirstDrafter(PromptLookupDrafter(args.ngram), DraftModelDrafter(draft.model)),
+        )  # fmt: skip
     reference = plain(True).tokens  # also the warm-up
     rates: dict[str, list[float]] = {name: [] for name in sides}
     seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 acceptance_rate=round(result.acceptance_rate, 3),
                 tokens_per_step=round(result.tokens_per_step, 2),
             )
-        if name.startswith("draft_"):
+        if "draft" in name:
             rows[name].update(
                 draft_s=round(statistics.median(d for d, _ in seconds[name]), 3),
                 target_s=round(statistics.median(t for _, t in seconds[name]), 3),

@@ -13,6 +13,8 @@ from fdec.runner import load_build
 from fdec.runtime import generate
 from fdec.runtime.speculative import (
     DraftModelDrafter,
+    FirstDrafter,
+    PromptLookupDrafter,
     generate_speculative,
     prompt_lookup_draft,
 )
@@ -225,6 +227,25 @@ def test_draft_min_probability_stops_at_unsure_tokens(builds):
     for context, proposal in gated.proposals[:-1]:
         alone = generate(drafter_model, context, max_new_tokens=4, bound=False).tokens
         assert proposal == alone[: len(proposal)]
+
+
+def test_prompt_lookup_then_draft_model(builds):
+    """FirstDrafter: the draft model is asked only where prompt lookup finds nothing, and its
+    cache catches up on the tokens it skipped."""
+    model = load_build(builds["fused"]).model
+    drafter_model = load_build(builds["draft_fused"]).model
+    for name, prompt in _PROMPTS.items():
+        want = generate(model, prompt, max_new_tokens=40).tokens
+        second = _Recording(drafter_model)
+        both = FirstDrafter(PromptLookupDrafter(3), second)
+        got = generate_speculative(model, prompt, max_new_tokens=40, k=3, draft=both)
+        assert got.tokens == want, name
+        assert len(second.proposals) < got.steps  # prompt lookup answered some steps
+        for context, proposal in second.proposals:
+            if proposal:  # (not the last step, which has no room to draft)
+                assert prompt_lookup_draft(context, 3, 3) == []
+                alone = generate(drafter_model, context, max_new_tokens=len(proposal), bound=False)
+                assert proposal == alone.tokens
 
 
 @pytest.fixture(scope="module")

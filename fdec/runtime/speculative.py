@@ -25,6 +25,7 @@ from fdec.runtime.session import OrtModel
 __all__ = [
     "DraftModelDrafter",
     "Drafter",
+    "FirstDrafter",
     "PromptLookupDrafter",
     "SpeculativeResult",
     "check_draft_model",
@@ -62,10 +63,11 @@ class SpeculativeResult:
 
 
 class Drafter(Protocol):
-    """What proposes draft tokens: `prefill(prompt)` once, then `propose(context, k)` each
-    step (`context` is prompt + every accepted token; at most k tokens back, [] for none)."""
+    """What proposes draft tokens: `prefill(prompt, max_length)` once (`max_length`: the
+    longest context plus draft it will see), then `propose(context, k)` each step (`context`
+    is prompt + every accepted token; at most k tokens back, [] for none)."""
 
-    def prefill(self, prompt: Sequence[int]) -> None: ...
+    def prefill(self, prompt: Sequence[int], max_length: int) -> None: ...
 
     def propose(self, context: Sequence[int], k: int) -> list[int]: ...
 
@@ -98,7 +100,7 @@ class PromptLookupDrafter:
             raise ValueError("ngram must be at least 1")
         self.ngram = ngram
 
-    def prefill(self, prompt: Sequence[int]) -> None:
+    def prefill(self, prompt: Sequence[int], max_length: int) -> None:
         pass
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
@@ -193,19 +195,13 @@ class DraftModelDrafter:
         self.bound = bound and model.shares_kv_buffer
         self.fed: list[int] = []  # the tokens in the draft's cache, in order
         self._cache: _Cache | None = None
-        self._max_length = 0
         self.seconds = 0.0
         self.calls = 0  # draft decode calls
 
-    def reserve(self, max_length: int) -> None:
-        """The longest context (prompt, generated tokens and a draft) a bound cache must hold."""
-        self._max_length = max_length
-
-    def prefill(self, prompt: Sequence[int]) -> None:
+    def prefill(self, prompt: Sequence[int], max_length: int) -> None:
         start = time.perf_counter()
         self.fed = []
-        longest = max(self._max_length, len(prompt) + 1)
-        self._cache = _Cache(self.model, longest, bound=self.bound)
+        self._cache = _Cache(self.model, max(max_length, len(prompt) + 1), bound=self.bound)
         self._feed(list(prompt))
         self.seconds += time.perf_counter() - start
 
@@ -244,6 +240,26 @@ class DraftModelDrafter:
         return draft
 
 
+class FirstDrafter:
+    """The first non-empty proposal of several drafters, in order: e.g. prompt lookup, then a
+    draft model where the context has no match (the draft model catches up on the tokens it
+    skipped in one call when next asked)."""
+
+    def __init__(self, *drafters: Drafter):
+        self.drafters = drafters
+
+    def prefill(self, prompt: Sequence[int], max_length: int) -> None:
+        for drafter in self.drafters:
+            drafter.prefill(prompt, max_length)
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        for drafter in self.drafters:
+            proposal = drafter.propose(context, k)
+            if proposal:
+                return proposal
+        return []
+
+
 def generate_speculative(
     model: OrtModel,
     prompt: Sequence[int],
@@ -277,13 +293,12 @@ def generate_speculative(
         drafter = draft
     longest = len(prompt) + max_new_tokens + k + 1
     if isinstance(drafter, DraftModelDrafter):
-        drafter.reserve(longest)
         drafted_before = drafter.seconds
     context = list(prompt)
     start = time.perf_counter()
     cache = _Cache(model, longest, bound=bound and model.shares_kv_buffer)
     token = int(np.argmax(cache.run(context)[0, -1]))
-    drafter.prefill(context)
+    drafter.prefill(context, longest)
     prefill_s = time.perf_counter() - start
     result = SpeculativeResult([token], len(context), prefill_s, 0.0)
     context.append(token)
