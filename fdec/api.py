@@ -76,11 +76,13 @@ class Build:
         speculative: str | None = None,
         k: int = 4,
         draft_build: pathlib.Path | str | None = None,
+        draft_min_probability: float = 0.0,
     ) -> dict[str, Any]:
         """Generate from `prompt` (what `fdec run --json` prints): text, tokens, timings. The
         ONNX Runtime session is opened on the first call and kept. `speculative`
         ("prompt-lookup" or "draft", greedy only) verifies up to `k` drafts per step; "draft"
-        drafts with `draft_build` (default: the build's draft/ folder)."""
+        drafts with `draft_build` (default: the build's draft/ folder), stopping at a token it
+        gives less than `draft_min_probability`."""
         from fdec.runner import load_build, run_prompt
 
         if self._loaded is None:
@@ -89,6 +91,7 @@ class Build:
             self._loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, seed=seed, chat_template=chat_template, stream=stream,
             speculative=speculative, k=k, draft_build=draft_build,
+            draft_min_probability=draft_min_probability,
         )  # fmt: skip
 
     def __repr__(self) -> str:

@@ -100,18 +100,21 @@ def run_prompt(
     speculative: str | None = None,
     k: int = 4,
     draft_build: pathlib.Path | str | None = None,
+    draft_min_probability: float = 0.0,
 ) -> dict[str, Any]:
     """Generate from `prompt`. `speculative` verifies up to `k` drafts per target step (greedy
     only, same tokens; fdec.runtime.speculative): "prompt-lookup" drafts n-grams of the
-    context, "draft" drafts with the build in `draft_build` (default: the build's draft/)."""
+    context, "draft" drafts with the build in `draft_build` (default: the build's draft/),
+    stopping at a token it gives less than `draft_min_probability`."""
     if speculative not in SPECULATIVE_METHODS:
         raise UsageError(
             f"unknown speculative method {speculative!r}",
             f"use one of {', '.join(m for m in SPECULATIVE_METHODS if m)}",
         )
-    if draft_build is not None and speculative != "draft":
+    if (draft_build is not None or draft_min_probability) and speculative != "draft":
         raise UsageError(
-            "a draft build is only used with --speculative draft", "add --speculative draft"
+            "a draft build (--draft-build, --draft-min-prob) is only used with --speculative draft",
+            "add --speculative draft",
         )
     if speculative and temperature > 0:
         raise UsageError(
@@ -163,7 +166,10 @@ def run_prompt(
 
     draft = load_draft(build, draft_build) if speculative == "draft" else None
     if speculative:
-        result = _speculate(build, draft, list(ids), max_new_tokens, k, sorted(stop), on_token)
+        result = _speculate(
+            build, draft, draft_min_probability, list(ids), max_new_tokens, k, sorted(stop),
+            on_token,
+        )  # fmt: skip
     else:
         result = generate(
             build.model,
@@ -188,6 +194,7 @@ def run_prompt(
             "draft_s": round(result.draft_s, 4),
             "target_s": round(result.target_s, 4),
             "draft_build": str(draft.folder) if draft else None,
+            "draft_min_probability": draft_min_probability if draft else None,
         }
         if speculative
         else None
@@ -238,18 +245,24 @@ def load_draft(build: LoadedBuild, folder: pathlib.Path | str | None) -> LoadedB
 def _speculate(
     build: LoadedBuild,
     draft: LoadedBuild | None,
+    min_probability: float,
     ids: list[int],
     max_new_tokens: int,
     k: int,
     stop: list[int],
     on_token: Callable[[int], None],
 ) -> Any:
-    from fdec.runtime.speculative import generate_speculative
+    from fdec.runtime.speculative import DraftModelDrafter, check_draft_model, generate_speculative
 
     try:
+        drafter = None
+        if draft:
+            check_draft_model(build.model, draft.model)
+            drafter = DraftModelDrafter(draft.model, stop_tokens=stop,
+                                        min_probability=min_probability)  # fmt: skip
         return generate_speculative(
             build.model, ids, max_new_tokens=max_new_tokens, k=k, stop_tokens=stop,
-            on_token=on_token, draft=draft.model if draft else None,
+            on_token=on_token, draft=drafter,
         )  # fmt: skip
     except ValueError as err:
         raise UsageError(f"cannot decode {build.folder} speculatively: {err}",

@@ -276,6 +276,12 @@ def test_run_speculative_draft_gives_the_same_text(builds, with_draft, cli_runne
                                   str(builds["fused"])])  # fmt: skip
     spec = json.loads(ran.stdout)
     assert spec["tokens"] == plain["tokens"] and spec["speculative"]["acceptance_rate"] == 1.0
+    # A draft never sure enough drafts nothing: one target step per token, same tokens.
+    ran = cli_runner.invoke(cli, [*base, "--speculative", "draft", "--draft-min-prob", "1"])
+    spec = json.loads(ran.stdout)
+    assert spec["tokens"] == plain["tokens"] and spec["speculative"]["drafted"] == 0
+    assert spec["speculative"]["steps"] == len(plain["tokens"]) - 1
+    assert spec["speculative"]["draft_min_probability"] == 1.0
     streamed = cli_runner.invoke(cli, [*base[:-1], "--speculative", "draft"])
     assert streamed.exit_code == 0 and plain["text"] in streamed.stdout
     assert "acceptance" in streamed.stderr and "draft" in streamed.stderr
@@ -302,6 +308,9 @@ def test_run_speculative_draft_refusals(builds, with_draft, cli_runner, tmp_path
     # --draft-build without --speculative draft; sampling.
     ran = cli_runner.invoke(cli, ["run", str(with_draft), "-p", "hi", "--draft-build",
                                   str(builds["fused"])])  # fmt: skip
+    assert ran.exit_code == 2 and "--speculative draft" in ran.stderr
+    ran = cli_runner.invoke(cli, ["run", str(with_draft), "-p", "hi", "--speculative",
+                                  "prompt-lookup", "--draft-min-prob", "0.5"])  # fmt: skip
     assert ran.exit_code == 2 and "--speculative draft" in ran.stderr
     ran = cli_runner.invoke(cli, ["run", str(with_draft), "-p", "hi", "--speculative", "draft",
                                   "--temperature", "0.7"])  # fmt: skip
