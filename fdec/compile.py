@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import gc
 import hashlib
 import json
 import logging
@@ -23,7 +22,7 @@ from fdec.calibrate import calibration_batches, calibration_cache, load_calibrat
 from fdec.errors import QualityGateError, UsageError, VerificationError
 from fdec.frontend.export import import_model, load_hf_model, load_tokenizer
 from fdec.frontend.source import default_cache_dir, resolve_source
-from fdec.ir import FdecModel, GraphCounts, ModelSpec
+from fdec.ir import FdecModel, GraphCounts, ModelSpec, release_freed_memory
 from fdec.lower import MODEL_FILE, RUNTIME_CONFIG, lower_onnxruntime
 from fdec.lower.engines import build_engines
 from fdec.lower.hf_checkpoint import CHECKPOINT_DIR, check_quantize, write_hf_checkpoint
@@ -295,9 +294,13 @@ def compile_model(
         # What is verified is the build as written: drop the in-memory graph first, so the
         # verifying session holds the only copy of the weights (peak RSS; issue 9).
         fdec_model = None
-        gc.collect()
+        release_freed_memory()
         progress("verifying the build against the source model")
-        session = OrtModel(open_session(staging / MODEL_FILE, optimization=optimization))
+        # Without prepacking the verifying session reads the weights from the mapped file
+        # instead of holding a packed copy (peak RSS; issue 9).
+        session = OrtModel(
+            open_session(staging / MODEL_FILE, optimization=optimization, prepack=False)
+        )
         verification = _verify(reference, session, tolerance)
         if verification.get("gate"):
             raise _quality_gate_error(
@@ -1010,7 +1013,7 @@ class _CompileCache:
         1.1B-parameter model, the peak at that session's load)."""
         if self._hf_model is not None:
             self._hf_model = None
-            gc.collect()
+            release_freed_memory()
 
     def tokenizer(self) -> Any:
         if self._tokenizer is _UNSET:

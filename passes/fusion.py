@@ -253,6 +253,28 @@ def _constant_rotary_caches(model: FdecModel) -> int:
     return len(made)
 
 
+def _forget_matched_nodes() -> int:
+    """Drop the node each onnxscript pattern matcher remembers from its last match.
+
+    The rule sets are module globals, and `SimplePatternMatcher._current_node` keeps the last
+    node it looked at (and `_graph` the graph), so through them every weight of the model stays alive
+    after the pass (measured: 0.52 GiB, all of SmolLM2-135M's weights, still held when the
+    build's verifying session opened). Returns how many references were dropped.
+    """
+    import gc
+
+    from onnxscript.rewriter._matcher import SimplePatternMatcher
+
+    dropped = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for attribute in ("_current_node", "_match", "_graph"):
+                if getattr(obj, attribute, None) is not None:
+                    setattr(obj, attribute, None)
+                    dropped += 1
+    return dropped
+
+
 _NORMALIZE_RULES = RewriteRuleSet([_RotaryAnglesAsMatMul.rule(), _Conv1DAsMatMul.rule()])
 _STANDARDIZE_RULES = RewriteRuleSet([_ExpandOnnxDomainRmsNorm.rule()])
 
@@ -311,12 +333,15 @@ class FuseAttentionPass(Pass):
         # fdec's folder first: it keeps weight names through folded transposes, so the
         # folding inside onnxscript's optimizer finds no weight left to rename.
         FoldConstantsPass()(model)
-        onnxscript_optimizer.optimize(model.model)
-        normalized = _NORMALIZE_RULES.apply_to_model(model.model)
-        fused_model, fusions = optimize_for_ort(model.model)
-        if fused_model is not model.model:
-            model.model = fused_model
-        expanded = _STANDARDIZE_RULES.apply_to_model(model.model)
+        try:
+            onnxscript_optimizer.optimize(model.model)
+            normalized = _NORMALIZE_RULES.apply_to_model(model.model)
+            fused_model, fusions = optimize_for_ort(model.model)
+            if fused_model is not model.model:
+                model.model = fused_model
+            expanded = _STANDARDIZE_RULES.apply_to_model(model.model)
+        finally:
+            _forget_matched_nodes()
         rotary_caches = _constant_rotary_caches(model) if self.rotary_cache else 0
         after = _op_counts(model)
         nodes_after = sum(after.values())

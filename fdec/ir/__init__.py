@@ -1,6 +1,14 @@
 """The graph IR: onnx-ir models paired with the ModelSpec import derives from the HF config."""
 
-from fdec.ir.model import FdecModel, GraphCounts, count_graph, save_model
+from fdec.ir.model import FdecModel, GraphCounts, count_graph, release_freed_memory, save_model
 from fdec.ir.spec import WEIGHT_ROLES, ModelSpec
 
-__all__ = ["WEIGHT_ROLES", "FdecModel", "GraphCounts", "ModelSpec", "count_graph", "save_model"]
+__all__ = [
+    "WEIGHT_ROLES",
+    "FdecModel",
+    "GraphCounts",
+    "ModelSpec",
+    "count_graph",
+    "release_freed_memory",
+    "save_model",
+]

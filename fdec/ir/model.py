@@ -84,3 +84,19 @@ class FdecModel:
 
     def save(self, path: str | pathlib.Path) -> list[pathlib.Path]:
         return save_model(self.model, path)
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc `malloc_trim`).
+
+    Weights freed after a model is dropped otherwise stay in the process's heap arenas, so the
+    next large allocation (an ONNX Runtime session) adds to the peak RSS instead of reusing them.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
