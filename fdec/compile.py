@@ -42,7 +42,14 @@ from fdec.report import REPORT_FILE, SCHEMA_VERSION, environment
 from fdec.report.html import HTML_FILE, render_html
 from fdec.report.roofline import estimate
 from fdec.runtime import OrtModel, open_session, session_for_model
-from fdec.student import DRAFT_DIR, STUDENT_DIR, draft_prune, parse_draft, prune_source
+from fdec.student import (
+    DRAFT_DIR,
+    STUDENT_DIR,
+    distill_pruned,
+    draft_prune,
+    parse_draft,
+    prune_source,
+)
 from fdec.targets import Precision, load_target
 from fdec.verify import Reference
 
@@ -91,6 +98,7 @@ class CompileOptions:
     sparsity: str | None = None  # "2:4": sparsify-2of4 before quantization (sm >= 8.0 targets)
     prune: str | None = None  # "heads=0.25,mlp=0.3,layers=4": build a pruned student (fdec.student)
     draft: str | None = None  # "layers=1/4": also build a layer-pruned draft in OUT/draft
+    distill_steps: int = 0  # with prune: distill the pruned model this long before compiling it
 
 
 @dataclasses.dataclass
@@ -175,6 +183,8 @@ def compile_model(
         extras.append(_draft_step(options, source, progress))
     if options.prune:  # the compile proper builds the pruned checkpoint (fdec.student)
         pruned = prune_source(options, source, target, progress, prune=options.prune)
+        if options.distill_steps:
+            distill_pruned(pruned, options.distill_steps, options, progress)
 
         def add_student(staging: pathlib.Path, report: dict[str, Any]) -> None:
             shutil.copytree(pruned.folder, staging / STUDENT_DIR)
@@ -187,7 +197,9 @@ def compile_model(
 
         try:
             return compile_model(
-                dataclasses.replace(options, model=str(pruned.folder), prune=None, draft=None),
+                dataclasses.replace(
+                    options, model=str(pruned.folder), prune=None, draft=None, distill_steps=0
+                ),
                 progress,
                 _extras=[*extras, add_student],
             )
@@ -1204,13 +1216,20 @@ def _draft_step(
 ) -> Callable[[pathlib.Path, dict[str, Any]], None]:
     """The build step compiling `--draft`: the source with most layers pruned, into draft/."""
     layers = _config_layers(source.config)
-    prune = draft_prune(options.draft, layers)
+    plan = parse_draft(options.draft, layers)
+    prune = draft_prune(plan, layers)
 
     def build_draft(staging: pathlib.Path, report: dict[str, Any]) -> None:
         progress(f"building the draft ({options.draft}: --prune {prune})")
         draft = compile_model(
             dataclasses.replace(
-                options, out=staging / DRAFT_DIR, prune=prune, draft=None, max_ppl_increase=None
+                options,
+                out=staging / DRAFT_DIR,
+                prune=prune,
+                draft=None,
+                max_ppl_increase=None,
+                distill_steps=plan.distill,
+                quantize=plan.quantize or options.quantize,
             ),
             lambda message: progress(f"draft: {message}"),
         )
@@ -1220,6 +1239,8 @@ def _draft_step(
             "prune": prune,
             "layers": draft.report["spec"]["num_layers"],
             "accuracy": draft.report["prune"]["accuracy"],
+            "distill": draft.report["prune"].get("distill"),
+            "quantize": draft.report["recipe"]["quantize"],
             "verification_ok": draft.report["verification"]["ok"],
         }
 

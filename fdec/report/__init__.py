@@ -107,9 +107,13 @@ def _pruning_lines(report: dict[str, Any]) -> list[str]:
         if accuracy.get("perplexity_source"):
             text += (
                 f"; perplexity {accuracy['perplexity_source']:.2f} → "
-                f"{accuracy['perplexity_build']:.2f} ({accuracy['perplexity_increase']:+.1%}), "
-                f"top-1 {accuracy['top1_agreement']:.3f} against the unpruned model"
+                f"{accuracy['perplexity_build']:.2f} ({accuracy['perplexity_increase']:+.1%})"
             )
+            if "top1_agreement" in accuracy:
+                text += f", top-1 {accuracy['top1_agreement']:.3f}"
+            text += " against the unpruned model"
+        if entry.get("distill"):
+            text += f", after {entry['distill']['steps']} distillation steps"
         lines.append(text + f" — in {entry.get('directory')}/")
     return lines
 

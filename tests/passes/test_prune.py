@@ -148,7 +148,7 @@ def test_compile_prune_and_draft_end_to_end(tiny_models, tmp_path, cli_runner):
     out = tmp_path / "build"
     result = cli_runner.invoke(cli, [
         "compile", str(tiny_models("llama")), "--target", "cpu", "--quantize", "none",
-        "--prune", "heads=0.5,mlp=0.3,layers=1", "--draft", "layers=1/2", "-o", str(out),
+        "--prune", "heads=0.5,mlp=0.3,layers=1", "--draft", "layers=1/2,distill=3,quantize=int4", "-o", str(out),
         "--json",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -159,6 +159,10 @@ def test_compile_prune_and_draft_end_to_end(tiny_models, tmp_path, cli_runner):
     assert report["prune"]["accuracy"]["perplexity_build"] > 0
     assert report["verification"]["ok"]  # the build against the *pruned* model's PyTorch
     assert report["draft"]["layers"] == 1 and (out / "draft" / "model.onnx").is_file()
+    assert report["draft"]["distill"]["steps"] == 3 and report["draft"]["quantize"] == "int4"
+    draft_report = json.loads((out / "draft" / "report.json").read_text())
+    assert "quantize-int4" in draft_report["pipeline"]  # the main build stays fp32
+    assert not any(name.startswith("quantize") for name in report["pipeline"])
     recipe = json.loads((out / "student" / "distill.json").read_text())
     assert recipe["layer_map"] == {"0": 1 - report["prune"]["stats"]["layers_removed"][0]}
     # The student loads with transformers and computes what the build computes.
@@ -180,6 +184,8 @@ def test_compile_prune_and_draft_end_to_end(tiny_models, tmp_path, cli_runner):
         (["--prune", "depth=3"], "heads=, mlp= or layers="),
         (["--draft", "layers=5/4"], "share below 1"),
         (["--draft", "layers=9"], "fewer than"),
+        (["--draft", "layers=1/2,distill=x"], "number of steps"),
+        (["--draft", "distill=3"], "how many layers"),
     ],
 )
 def test_compile_refuses_bad_prune_options(tiny_models, tmp_path, cli_runner, args, words):
