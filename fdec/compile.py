@@ -187,7 +187,13 @@ def compile_model(
             distill_pruned(pruned, options.distill_steps, options, progress)
 
         def add_student(staging: pathlib.Path, report: dict[str, Any]) -> None:
-            shutil.copytree(pruned.folder, staging / STUDENT_DIR)
+            # file by file: a full disk raises the OSError (ENOSPC) AtomicBuild reports in one
+            # line, where copytree would gather it into a shutil.Error without an errno
+            for path in sorted(pruned.folder.rglob("*")):
+                copy = staging / STUDENT_DIR / path.relative_to(pruned.folder)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                if path.is_file():
+                    shutil.copyfile(path, copy)
             report["prune"] = {**pruned.report, "directory": STUDENT_DIR}
             # The pruned checkpoint's temporary folder is gone once the build is written.
             report["source"].update(
