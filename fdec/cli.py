@@ -203,8 +203,9 @@ def cli(verbose: int) -> None:
 @click.option(
     "--emit",
     multiple=True,
-    type=click.Choice(["hf-checkpoint"]),
-    help="Extra outputs: hf-checkpoint (safetensors + quantization config for vLLM-style servers).",
+    type=click.Choice(["hf-checkpoint", "genai"]),
+    help="Extra outputs: hf-checkpoint (safetensors + quantization config for vLLM-style "
+    "servers); genai (genai_config.json, for fdec run --engine genai / onnxruntime-genai).",
 )
 @click.option(
     "--no-wait",
@@ -414,6 +415,14 @@ def _fail(err: FdecError, as_json: bool) -> None:
     "--json", "as_json", is_flag=True, help="Print the result as JSON instead of streaming."
 )
 @click.option(
+    "--engine",
+    type=click.Choice(["fdec", "genai"]),
+    default="fdec",
+    show_default=True,
+    help="genai: greedy generation with onnxruntime-genai's generator (a build compiled with "
+    "--emit genai; pip install onnxruntime-genai).",
+)
+@click.option(
     "--speculative",
     type=click.Choice(["prompt-lookup", "draft"]),
     help="Speculative decoding (greedy, same tokens): prompt-lookup drafts from n-grams of the "
@@ -436,23 +445,35 @@ def _fail(err: FdecError, as_json: bool) -> None:
 def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperature: float,
                 top_k: int, top_p: float, seed: int, no_chat_template: bool, as_json: bool,
                 speculative: str | None, spec_k: int, draft_build: pathlib.Path | None,
-                draft_min_prob: float) -> None:  # fmt: skip
+                draft_min_prob: float, engine: str) -> None:  # fmt: skip
     """Generate text with a build, streaming tokens to the terminal."""
     _quiet_libraries()
-    from fdec.runner import load_build, run_prompt
+    from fdec.runner import load_build, run_prompt, run_prompt_genai
 
     try:
-        loaded = load_build(build)
-        fallback = loaded.provider_fallback()
-        if fallback:
-            click.echo(f"warning: {fallback}", err=True)
-        result = run_prompt(
-            loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, chat_template=not no_chat_template,
-            stream=None if as_json else lambda text: click.echo(text, nl=False),
-            speculative=speculative, k=spec_k, draft_build=draft_build,
-            draft_min_probability=draft_min_prob,
-        )  # fmt: skip
+        if engine == "genai":
+            if speculative or temperature > 0 or top_k or top_p < 1.0 or draft_build:
+                raise UsageError(
+                    "--engine genai runs greedy decoding only",
+                    "drop --temperature/--top-k/--top-p/--speculative or --engine genai",
+                )  # fmt: skip
+            result = run_prompt_genai(
+                build, prompt, max_new_tokens=max_new_tokens, chat_template=not no_chat_template,
+                stream=None if as_json else lambda text: click.echo(text, nl=False),
+            )  # fmt: skip
+            fallback = None
+        else:
+            loaded = load_build(build)
+            fallback = loaded.provider_fallback()
+            if fallback:
+                click.echo(f"warning: {fallback}", err=True)
+            result = run_prompt(
+                loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=seed, chat_template=not no_chat_template,
+                stream=None if as_json else lambda text: click.echo(text, nl=False),
+                speculative=speculative, k=spec_k, draft_build=draft_build,
+                draft_min_probability=draft_min_prob,
+            )  # fmt: skip
     except FdecError as err:
         _fail(err, as_json)
     result["provider_fallback"] = fallback
@@ -511,7 +532,11 @@ def report_command(build: pathlib.Path, as_json: bool, html: bool,
             click.echo(str(html_out))
             return
         if html:
+            from fdec.bench import BENCH_HTML
+
             page = build / HTML_FILE
+            if "bench" in report and (build / BENCH_HTML).is_file():
+                page = build / BENCH_HTML  # report.html with fdec bench's "Measured speed"
             if not page.is_file():
                 raise InputError(f"{build} has no {HTML_FILE} (built by an older fdec)",
                                  f"render one: fdec report {build} --html-out report.html")  # fmt: skip
@@ -703,7 +728,9 @@ def targets_command(name: str | None, as_json: bool) -> None:
 def bench_command(build: pathlib.Path, batch_text: str, prompt_len: int, gen_len: int,
                   rounds: int, threads: int, as_json: bool) -> None:  # fmt: skip
     """Measure BUILD: prefill ms and decode tok/s per batch size, peak RSS, and the fraction
-    of this machine's memory-bandwidth bound; the results go into the build's report."""
+    of this machine's memory-bandwidth bound. The results are written to BUILD/bench.json (and
+    BUILD/bench.html), which `fdec report` shows; they are not build outputs, so `fdec verify`
+    still passes."""
     _quiet_libraries()
     from fdec.bench import parse_batches, render_bench, run_bench, write_bench
 

@@ -25,6 +25,7 @@ from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.ir import FdecModel, GraphCounts, ModelSpec, release_freed_memory
 from fdec.lower import MODEL_FILE, RUNTIME_CONFIG, lower_onnxruntime
 from fdec.lower.engines import build_engines
+from fdec.lower.genai import write_genai_config
 from fdec.lower.hf_checkpoint import CHECKPOINT_DIR, check_quantize, write_hf_checkpoint
 from fdec.lower.profiles import ShapeLimits
 from fdec.passes.prune import parse_prune
@@ -175,6 +176,11 @@ def compile_model(
         cache_dir=options.cache_dir or default_cache_dir(),
         progress=progress,
     )
+    if "genai" in options.emit and source.family.kind != "decoder":
+        raise UsageError(
+            f"--emit genai is for decoder builds; {options.model} is an {source.family.kind}",
+            "drop --emit genai",
+        )
     if recipe_default and source.family.kind != "decoder":
         quantize = default_quantize(target, source.family.kind)
         plan = make_plan(quantize)
@@ -304,6 +310,8 @@ def compile_model(
         )
         counts = records[-1].after if records else fdec_model.counts()
         gathered_bytes = _gathered_bytes(fdec_model)
+        if "genai" in options.emit:  # onnxruntime-genai's generator config (fdec.lower.genai)
+            write_genai_config(staging, fdec_model.spec)
         checkpoint = None
         if "hf-checkpoint" in options.emit:
             progress("writing the serving checkpoint (safetensors + quantization config)")
@@ -555,7 +563,7 @@ DEFAULT_MAX_SEQ_LEN = 2048
 _VERIFICATION_FIX = (
     "the build was not written; rerun with --verify-each to find the pass that broke it"
 )
-EMITS = ("hf-checkpoint",)
+EMITS = ("hf-checkpoint", "genai")
 # TensorRT builder flags for the Q/DQ precisions a pass put in the graph (weight-only int4 and
 # dynamic int8 need none: their math runs in the activations' precision).
 _QDQ_FLAGS = {"quantize-fp8": "fp8", "quantize-int8-static": "int8"}

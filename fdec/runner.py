@@ -22,6 +22,7 @@ __all__ = [
     "load_build",
     "load_draft",
     "run_prompt",
+    "run_prompt_genai",
 ]
 
 DRAFT_FOLDER = "draft"  # where `fdec compile --draft` writes the draft build, inside the build
@@ -140,14 +141,7 @@ def run_prompt(
             "decode_tokens_per_s": 0.0,
             "providers": build.model.providers,
         }
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-    else:
-        ids = tokenizer(prompt)["input_ids"]
+    ids = _prompt_ids(tokenizer, prompt, chat_template)
     stop = set(build.config.get("eos_token_ids") or [])
     if tokenizer.eos_token_id is not None:
         stop.add(tokenizer.eos_token_id)
@@ -213,6 +207,80 @@ def run_prompt(
             result, "max_past_length", result.prompt_tokens + len(result.tokens) - 1
         ),
         "providers": build.model.providers,
+    }
+
+
+def _prompt_ids(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def run_prompt_genai(
+    folder: pathlib.Path | str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 128,
+    chat_template: bool = True,
+    stream: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Greedy generation with onnxruntime-genai's generator on a build compiled with
+    --emit genai (fdec.lower.genai); the prompt is tokenized as `run_prompt` does."""
+    from fdec.lower.genai import generate_genai
+
+    folder = pathlib.Path(folder)
+    config_path = folder / RUNTIME_CONFIG
+    if not config_path.is_file():
+        raise InputError(
+            f"{folder} is not an fdec build (no {RUNTIME_CONFIG})", "run fdec compile first"
+        )
+    config = json.loads(config_path.read_text())
+    if config.get("kind") != "decoder":
+        raise UsageError(
+            f"--engine genai generates text; {folder} is an encoder build", "drop --engine genai"
+        )
+    if not (folder / "tokenizer.json").is_file():
+        raise InputError(f"{folder} has no tokenizer", "compile from a model folder with one")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = _prompt_ids(tokenizer, prompt, chat_template)
+    stop = set(config.get("eos_token_ids") or [])
+    if tokenizer.eos_token_id is not None:
+        stop.add(tokenizer.eos_token_id)
+    streamed: list[int] = []
+    printed = ""
+
+    def on_token(token: int) -> None:
+        nonlocal printed
+        streamed.append(token)
+        text = tokenizer.decode(streamed, skip_special_tokens=True)
+        if stream and text.startswith(printed) and not text.endswith("\ufffd"):
+            stream(text[len(printed) :])
+            printed = text
+
+    result = generate_genai(
+        folder, ids, max_new_tokens=max_new_tokens, stop_tokens=sorted(stop), on_token=on_token
+    )
+    text = tokenizer.decode(result["tokens"], skip_special_tokens=True)
+    if stream and len(text) > len(printed) and text.startswith(printed):
+        stream(text[len(printed) :])
+    return {
+        "kind": "decoder",
+        "engine": "genai",
+        "speculative": None,
+        "prompt_tokens": result["prompt_tokens"],
+        "new_tokens": len(result["tokens"]),
+        "text": text,
+        "tokens": result["tokens"],
+        "prefill_s": round(result["prefill_s"], 4),
+        "decode_tokens_per_s": round(result["decode_tokens_per_s"], 2),
+        "providers": ["onnxruntime-genai (CPU)"],
     }
 
 

@@ -1,0 +1,195 @@
+"""onnxruntime-genai's genai_config.json for an fdec ONNX Runtime decoder build (issue 8).
+
+With it, onnxruntime-genai's native generator (`og.Model(build)`) drives the fdec model.onnx
+as it does its own builder's output: the config names the build's real inputs and outputs, the
+shape of its KV cache, its special tokens and greedy search defaults. `generate_genai` is what
+`fdec run BUILD --engine genai` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fdec.errors import InputError, UsageError
+
+__all__ = ["GENAI_CONFIG", "GENAI_INSTALL", "genai_config", "generate_genai", "write_genai_config"]
+
+GENAI_CONFIG = "genai_config.json"
+GENAI_INSTALL = "pip install onnxruntime-genai"
+
+
+def _special_ids(build_folder: pathlib.Path) -> dict[str, Any]:
+    """bos/eos/pad ids from the build's generation_config.json, then config.json."""
+    found: dict[str, Any] = {}
+    for name in ("generation_config.json", "config.json"):
+        path = build_folder / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if found.get(key) is None and data.get(key) is not None:
+                found[key] = data[key]
+    return found
+
+
+def genai_config(build_folder: pathlib.Path, spec: Any) -> dict[str, Any]:
+    """The genai_config.json content for the decoder build in `build_folder`."""
+    build_folder = pathlib.Path(build_folder)
+    if not spec.is_decoder:
+        raise UsageError(
+            f"--emit genai is for decoder builds; {spec.architecture or spec.family} is an encoder",
+            "drop --emit genai",
+        )
+    runtime_path = build_folder / "fdec-runtime.json"
+    runtime = json.loads(runtime_path.read_text()) if runtime_path.is_file() else {}
+    hf_path = build_folder / "config.json"
+    hf_config = json.loads(hf_path.read_text()) if hf_path.is_file() else {}
+    inputs = set(spec.inputs or runtime.get("inputs") or [])
+    outputs = set(spec.outputs or runtime.get("outputs") or [])
+    ids = _special_ids(build_folder)
+    eos = ids.get("eos_token_id")
+    if eos is None:
+        eos = runtime.get("eos_token_ids") or []
+    pad = ids.get("pad_token_id")
+    if pad is None:  # genai needs one; the first eos is what HF generate pads with
+        pad = eos[0] if isinstance(eos, list) and eos else eos
+    kv = runtime.get("kv_cache") or {}
+    context = int(runtime.get("max_positions") or spec.max_positions or 2048)
+    names_in: dict[str, str] = {"input_ids": "input_ids"}
+    for name in ("attention_mask", "position_ids"):
+        if name in inputs:
+            names_in[name] = name
+    names_in["past_key_names"] = "past_key_values.%d.key"
+    names_in["past_value_names"] = "past_key_values.%d.value"
+    names_out = {
+        "logits": "logits",
+        "present_key_names": "present.%d.key",
+        "present_value_names": "present.%d.value",
+    }
+    missing = [n for n in ("input_ids", "past_key_values.0.key") if inputs and n not in inputs]
+    missing += [n for n in ("logits", "present.0.key") if outputs and n not in outputs]
+    if missing:
+        raise UsageError(
+            f"this build has no {', '.join(missing)}: onnxruntime-genai cannot drive it",
+            "compile a decoder with a KV cache (the default) to use --emit genai",
+        )
+    return {
+        "model": {
+            "bos_token_id": ids.get("bos_token_id"),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": runtime.get("model", "model.onnx"),
+                "head_size": spec.head_dim,
+                "hidden_size": spec.hidden_size,
+                "inputs": names_in,
+                "outputs": names_out,
+                "num_attention_heads": spec.num_heads,
+                "num_hidden_layers": spec.num_layers,
+                "num_key_value_heads": spec.num_kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": hf_config.get("model_type") or spec.family,
+            "vocab_size": spec.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": context,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            # Only a fused build (GroupQueryAttention writing in place) takes one max-length
+            # buffer as both past and present; a traced graph concatenates.
+            "past_present_share_buffer": kv.get("buffer") == "shared",
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def write_genai_config(build_folder: pathlib.Path, spec: Any) -> pathlib.Path:
+    """Write genai_config.json into the (lowered) ONNX Runtime build; returns its path."""
+    build_folder = pathlib.Path(build_folder)
+    config = genai_config(build_folder, spec)
+    path = build_folder / GENAI_CONFIG
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def _import_genai() -> Any:
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise UsageError(
+            "--engine genai needs onnxruntime-genai, which is not installed",
+            f"{GENAI_INSTALL} (or run without --engine genai)",
+        ) from None
+    return og
+
+
+def generate_genai(
+    build_folder: pathlib.Path,
+    ids: list[int],
+    *,
+    max_new_tokens: int,
+    stop_tokens: list[int] = (),
+    on_token: Callable[[int], None] | None = None,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Greedy tokens after `ids` from onnxruntime-genai's generator on the build, with timings.
+
+    Stops at a stop token (not included), after `max_new_tokens`, or at the context length.
+    """
+    build_folder = pathlib.Path(build_folder)
+    og = _import_genai()
+    if not (build_folder / GENAI_CONFIG).is_file():
+        raise InputError(
+            f"{build_folder} has no {GENAI_CONFIG}",
+            "compile it with --emit genai (fdec compile MODEL -o BUILD --emit genai)",
+        )
+    config = og.Config(str(build_folder))
+    config.clear_providers()
+    if threads:
+        options = {"intra_op_num_threads": threads}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    context = json.loads((build_folder / GENAI_CONFIG).read_text())["model"]["context_length"]
+    params.set_search_options(max_length=min(len(ids) + max_new_tokens, context), do_sample=False)
+    generator = og.Generator(model, params)
+    stop = set(stop_tokens)
+    tokens: list[int] = []
+    start = time.perf_counter()
+    generator.append_tokens(list(ids))
+    prefill_s = 0.0
+    decode_start = start
+    while not generator.is_done() and len(tokens) < max_new_tokens:
+        generator.generate_next_token()
+        token = int(generator.get_next_tokens()[0])
+        if not tokens:
+            prefill_s = time.perf_counter() - start
+            decode_start = time.perf_counter()
+        if token in stop:
+            break
+        tokens.append(token)
+        if on_token:
+            on_token(token)
+    decode_s = time.perf_counter() - decode_start
+    steps = max(0, len(tokens) - 1)
+    return {
+        "tokens": tokens,
+        "prompt_tokens": len(ids),
+        "prefill_s": prefill_s,
+        "decode_tokens_per_s": steps / decode_s if steps and decode_s > 0 else 0.0,
+    }
