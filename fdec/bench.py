@@ -1,5 +1,6 @@
 """`fdec bench`: prefill latency, decode throughput per batch size, peak memory and the fraction
-of this machine's memory-bandwidth bound, measured on a build and written into its report.
+of this machine's memory-bandwidth bound, measured on a build and written to BUILD/bench.json,
+which `fdec report` shows (text, --json under "bench", html "Measured speed").
 
 Bytes read per decode step = the weights (every initializer's bytes, less tables read one row
 per token by a Gather: an untied embedding) + the KV cache of every row at its mean length
@@ -27,7 +28,10 @@ import numpy as np
 from fdec.errors import InputError, UsageError
 
 __all__ = [
+    "BENCH_FILE",
+    "BENCH_HTML",
     "BENCH_KEY",
+    "load_bench",
     "measure_bandwidth",
     "parse_batches",
     "render_bench",
@@ -38,7 +42,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BENCH_KEY = "bench"  # report.json key
+BENCH_KEY = "bench"  # the key `fdec report --json` shows bench.json under
+# Written after the build (not outputs: the manifest does not hash them, `fdec verify` allows them).
+BENCH_FILE = "bench.json"
+BENCH_HTML = "bench.html"  # report.html rendered again with the "Measured speed" section
 _GATHER_OPS = ("Gather", "GatherBlockQuantized")
 # Bytes per element by ONNX TensorProto data type (4-bit types: half a byte).
 _ITEM_BYTES = {
@@ -216,9 +223,12 @@ def run_bench(
                 "decode_tok_s_rounds": [round(v, 2) for v in decode[b]],
             }
         )
+    import platform
+
     return {
         "build": str(folder),
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "batches": list(batches),
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "rounds": rounds,
@@ -232,6 +242,11 @@ def run_bench(
         "kv_bytes_per_token": kv_per_token,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "cpu_count": os.cpu_count(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
         "rows": rows,
     }
 
@@ -242,29 +257,42 @@ def _vocab_size(model: Any) -> int:
     return vocab if isinstance(vocab, int) and vocab > 1 else 2
 
 
-def write_bench(folder: pathlib.Path, bench: dict[str, Any]) -> None:
-    """Store `bench` as report.json's "bench", re-render report.html when the build has one,
-    and re-hash the manifest so `fdec verify` still passes."""
-    from fdec.build import MANIFEST, refresh_manifest
-    from fdec.report import REPORT_FILE
+def write_bench(folder: pathlib.Path, bench: dict[str, Any]) -> pathlib.Path:
+    """Store `bench` as BUILD/bench.json (temp file + rename: the newest run replaces the old)
+    and, when the build has a report.json, BUILD/bench.html: the report rendered again with the
+    "Measured speed" section. The build's outputs (report.json, report.html, the manifest) are
+    left as they are, so `fdec verify` still checks what `fdec compile` wrote."""
+    from fdec.report import REPORT_FILE, load_report
 
     folder = pathlib.Path(folder)
-    path = folder / REPORT_FILE
-    report = json.loads(path.read_text()) if path.is_file() else {}
-    report[BENCH_KEY] = bench
-    _replace(path, json.dumps(report, indent=2) + "\n")
+    path = folder / BENCH_FILE
+    _replace(path, json.dumps(bench, indent=2) + "\n")
+    if (folder / REPORT_FILE).is_file():
+        from fdec.report.html import render_html
+
+        _replace(folder / BENCH_HTML, render_html(load_report(folder)))
+    return path
+
+
+def load_bench(folder: pathlib.Path) -> dict[str, Any] | None:
+    """BUILD/bench.json, or None when `fdec bench` has not run on the build."""
+    path = pathlib.Path(folder) / BENCH_FILE
+    if not path.is_file():
+        return None
     try:
-        from fdec.report.html import HTML_FILE, render_html
-    except ImportError:  # pragma: no cover
-        HTML_FILE = None
-    if HTML_FILE and (folder / HTML_FILE).is_file():
-        _replace(folder / HTML_FILE, render_html(report))
-    if (folder / MANIFEST).is_file():
-        refresh_manifest(folder)
+        bench = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"{path} is not readable JSON ({err})", f"run fdec bench {folder} again"
+        ) from None
+    if not isinstance(bench, dict) or not isinstance(bench.get("rows"), list):
+        raise InputError(f"{path} has no bench rows", f"run fdec bench {folder} again")
+    return bench
 
 
 def _replace(path: pathlib.Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
+    # the temp name starts with the file's own name: `fdec verify` allows it like the file
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
 

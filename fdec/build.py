@@ -275,6 +275,8 @@ def write_manifest(folder: pathlib.Path, data: dict[str, Any]) -> pathlib.Path:
     """fdec-build.json: inputs, pipeline, versions and the sha256 of every output file."""
     outputs = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        if path.relative_to(folder).as_posix().startswith(_AFTER_BUILD):
+            continue  # a bench run before refresh_manifest: still not an output
         outputs[str(path.relative_to(folder))] = {
             "bytes": path.stat().st_size,
             "sha256": sha256_file(path),
@@ -285,8 +287,10 @@ def write_manifest(folder: pathlib.Path, data: dict[str, Any]) -> pathlib.Path:
     return path
 
 
-# Written into a build by ONNX Runtime's TensorRT provider when the build runs: not an output.
-_RUNTIME_WRITTEN = ("engines/ort-tensorrt-cache/",)
+# Written into a build after it is built: not outputs. ONNX Runtime's TensorRT provider's cache,
+# and `fdec bench`'s results (bench.json, bench.html, and their temp files while written).
+_AFTER_BUILD = ("bench.json", "bench.html")
+_RUNTIME_WRITTEN = ("engines/ort-tensorrt-cache/", *_AFTER_BUILD)
 
 
 def verify_build(folder: pathlib.Path) -> dict[str, Any]:

@@ -40,9 +40,15 @@ def load_report(build: pathlib.Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{build} has no {REPORT_FILE}", "give a folder written by fdec compile")
     try:
-        return json.loads(path.read_text())
+        report = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"{path} is not valid JSON ({err})", "rebuild with fdec compile") from None
+    from fdec.bench import BENCH_KEY, load_bench
+
+    bench = load_bench(build)  # written by `fdec bench` after the build: shown, not hashed
+    if bench is not None:
+        report[BENCH_KEY] = bench
+    return report
 
 
 def _human_bytes(n: float) -> str:
@@ -215,4 +221,10 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
     if outputs:
         total = sum(item["bytes"] for item in outputs.values())
         lines.append(f"build size: {_human_bytes(total)} in {len(outputs)} files")
+    bench = report.get("bench")
+    if bench and bench.get("rows"):
+        from fdec.bench import render_bench
+
+        when = bench.get("measured_at", "?")
+        lines += ["", paint(f"measured speed (fdec bench, {when})", "head"), render_bench(bench)]
     return "\n".join(lines)

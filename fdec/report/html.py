@@ -397,6 +397,13 @@ def _summary(report: dict[str, Any]) -> str:
             )
         )
     measured = report.get("measured") or report.get("benchmark") or {}
+    bench_rows = (report.get("bench") or {}).get("rows") or []
+    if not measured and bench_rows and isinstance(bench_rows[0], dict):
+        first = bench_rows[0]
+        measured = {
+            "decode_tokens_per_s": first.get("decode_tok_s"),
+            "where": f"fdec bench, batch {first.get('batch')}",
+        }
     if _num(measured.get("decode_tokens_per_s")):
         cards.append(
             _card(
@@ -669,6 +676,66 @@ def _estimate_and_engines(report: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _measured(report: dict[str, Any]) -> str:
+    """`fdec bench`'s figures (BUILD/bench.json); nothing when it has not run on the build."""
+    bench = report.get("bench") or {}
+    rows = [row for row in bench.get("rows") or [] if isinstance(row, dict)]
+    if not rows:
+        return ""
+    bandwidth = bench.get("bandwidth") or {}
+    table = "".join(
+        f"<tr><td>{_e(row.get('batch'))}</td><td>{_e(_two(row.get('prefill_ms')))}</td>"
+        f"<td>{_e(_two(row.get('decode_tok_s')))}</td>"
+        f"<td>{_e(_two(row.get('decode_tok_s_per_row')))}</td>"
+        f"<td>{_e(_bytes(row.get('bytes_per_step')))}</td>"
+        f"<td>{_e(_pct(row.get('bandwidth_fraction')))}</td></tr>"
+        for row in rows
+    )
+    facts = [
+        ("measured at", bench.get("measured_at")),
+        ("peak memory (RSS)", f"{_two(bench.get('peak_rss_mb'))} MB"),
+        (
+            "memory bandwidth",
+            f"{_two(bandwidth.get('gb_s'))} GB/s (sum of a {bandwidth.get('array_mb')} MB array, "
+            f"{bandwidth.get('threads')} threads, best of {bandwidth.get('tries')})",
+        ),
+        (
+            "options",
+            f"--batch {','.join(str(row.get('batch')) for row in rows)} --prompt-len "
+            f"{bench.get('prompt_len')} --gen-len {bench.get('gen_len')} --rounds "
+            f"{bench.get('rounds')}; threads {bench.get('threads')}",
+        ),
+        ("providers", ", ".join(bench.get("providers") or []) or None),
+        (
+            "weights",
+            f"{_bytes(bench.get('weight_bytes'))} ({_bytes(bench.get('gathered_bytes'))} "
+            "read a row per token)",
+        ),
+        ("cpus, load average", f"{bench.get('cpu_count')}, {bench.get('load_average')}"),
+    ]
+    chart = bar_chart(
+        "decode tok/s by batch size",
+        [f"batch {row.get('batch')}" for row in rows],
+        [row.get("decode_tok_s") for row in rows],
+        x_label="tok/s (median of rounds)",
+    )
+    return (
+        '<h2 id="measured">Measured speed</h2>'
+        "<p class='sub'>fdec bench on this machine (bench.json). Fraction of bound = bytes read "
+        "per decode step × steps/s ÷ measured memory bandwidth.</p>"
+        "<div class='charts'><table><tr><th>batch</th><th>prefill ms</th><th>decode tok/s</th>"
+        "<th>tok/s per row</th><th>bytes/step</th><th>of bandwidth bound</th></tr>"
+        f"{table}</table>{chart}</div><table>"
+        + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts if v)
+        + "</table>"
+    )
+
+
+def _two(value: Any) -> str:
+    """bench.json's figures are rounded to 2 decimals: shown as written."""
+    return f"{value:,.2f}" if _num(value) else "–"
+
+
 def _environment(report: dict[str, Any]) -> str:
     env = report.get("environment") or {}
     verification = report.get("verification") or {}
@@ -736,6 +803,7 @@ def render_html(report: dict[str, Any]) -> str:
         _layer_charts(report),
         _capacity(report),
         _estimate_and_engines(report),
+        _measured(report),
         _environment(report),
         f"<footer>report schema {_e(report.get('schema_version', '?'))} · written by fdec; "
         "the same figures are in report.json</footer>",
