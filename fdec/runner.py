@@ -258,6 +258,8 @@ def run_prompt_genai(
 
     def on_token(token: int) -> None:
         nonlocal printed
+        if token in stop:
+            return
         streamed.append(token)
         text = tokenizer.decode(streamed, skip_special_tokens=True)
         if stream and text.startswith(printed) and not text.endswith("\ufffd"):
@@ -267,7 +269,7 @@ def run_prompt_genai(
     result = generate_genai(
         folder, ids, max_new_tokens=max_new_tokens, stop_tokens=sorted(stop), on_token=on_token
     )
-    text = tokenizer.decode(result["tokens"], skip_special_tokens=True)
+    text = tokenizer.decode(streamed, skip_special_tokens=True)
     if stream and len(text) > len(printed) and text.startswith(printed):
         stream(text[len(printed) :])
     return {

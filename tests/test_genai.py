@@ -73,6 +73,20 @@ def test_genai_greedy_tokens_equal_fdecs_generate(builds, build):
     assert theirs["tokens"] == list(ours.tokens)
 
 
+def test_a_stop_token_ends_both_generators_at_the_same_place(builds):
+    folder = builds["fused"]
+    free = generate(load_build(folder).model, PROMPT_IDS, max_new_tokens=48).tokens
+    stop = [t for t in free if t not in free[:3]][:1]  # a token first produced after step 3
+    assert stop, free
+    ours = generate(load_build(folder).model, PROMPT_IDS, max_new_tokens=48, stop_tokens=stop)
+    seen: list[int] = []
+    theirs = generate_genai(
+        folder, PROMPT_IDS, max_new_tokens=48, stop_tokens=stop, on_token=seen.append
+    )
+    assert ours.tokens[-1] == stop[0] and len(ours.tokens) < 48
+    assert theirs["tokens"] == seen == list(ours.tokens)
+
+
 def test_fdec_run_engine_genai_gives_fdecs_text(builds, cli_runner):
     args = ["run", str(builds["fused"]), "-p", "the quick brown fox", "-n", "24", "--json"]
     ours = cli_runner.invoke(cli, args)

@@ -149,7 +149,8 @@ def generate_genai(
 ) -> dict[str, Any]:
     """Greedy tokens after `ids` from onnxruntime-genai's generator on the build, with timings.
 
-    Stops at a stop token (not included), after `max_new_tokens`, or at the context length.
+    Stops after a stop token (kept last, as fdec.runtime.generate does), after
+    `max_new_tokens`, or at the context length.
     """
     build_folder = pathlib.Path(build_folder)
     og = _import_genai()
@@ -180,11 +181,11 @@ def generate_genai(
         if not tokens:
             prefill_s = time.perf_counter() - start
             decode_start = time.perf_counter()
-        if token in stop:
-            break
-        tokens.append(token)
+        tokens.append(token)  # a stop token is kept last, as fdec.runtime.generate does
         if on_token:
             on_token(token)
+        if token in stop:
+            break
     decode_s = time.perf_counter() - decode_start
     steps = max(0, len(tokens) - 1)
     return {
