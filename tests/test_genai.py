@@ -38,6 +38,7 @@ def builds(tiny_models, tmp_path_factory):
             runner, llama, root / "plain", "--quantize", "none", "--passes", PLAIN_PASSES
         ),
         "int4": _compile(runner, llama, root / "int4", "--quantize", "int4"),
+        "gpt2": _compile(runner, tiny_models("gpt2"), root / "gpt2", "--quantize", "none"),
     }
 
 
@@ -61,9 +62,12 @@ def test_config_names_the_builds_inputs_outputs_and_cache(builds, tiny_models):
     assert config["search"]["past_present_share_buffer"] is True
     plain = json.loads((builds["plain"] / GENAI_CONFIG).read_text())
     assert plain["search"]["past_present_share_buffer"] is False
+    # genai's own "gpt2" type wants a stacked past_%d per layer: its generic decoder drives ours.
+    gpt2 = json.loads((builds["gpt2"] / GENAI_CONFIG).read_text())
+    assert gpt2["model"]["type"] == "decoder"
 
 
-@pytest.mark.parametrize("build", ["fused", "plain", "int4"])
+@pytest.mark.parametrize("build", ["fused", "plain", "int4", "gpt2"])
 def test_genai_greedy_tokens_equal_fdecs_generate(builds, build):
     folder = builds[build]
     stop = json.loads((folder / "fdec-runtime.json").read_text())["eos_token_ids"]

@@ -20,6 +20,10 @@ __all__ = ["GENAI_CONFIG", "GENAI_INSTALL", "genai_config", "generate_genai", "w
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_INSTALL = "pip install onnxruntime-genai"
+# Model types onnxruntime-genai 0.18 drives through its generic decoder with the names given
+# in the config; anything else (gpt2: its "gpt2" type expects one stacked past_%d per layer)
+# is written as "decoder", its type for any decoder-only model with such names (measured).
+_NAMED_TYPES = ("llama", "mistral", "qwen2")
 
 
 def _special_ids(build_folder: pathlib.Path) -> dict[str, Any]:
@@ -58,6 +62,7 @@ def genai_config(build_folder: pathlib.Path, spec: Any) -> dict[str, Any]:
     if pad is None:  # genai needs one; the first eos is what HF generate pads with
         pad = eos[0] if isinstance(eos, list) and eos else eos
     kv = runtime.get("kv_cache") or {}
+    model_type = hf_config.get("model_type") or spec.family
     context = int(runtime.get("max_positions") or spec.max_positions or 2048)
     names_in: dict[str, str] = {"input_ids": "input_ids"}
     for name in ("attention_mask", "position_ids"):
@@ -94,7 +99,7 @@ def genai_config(build_folder: pathlib.Path, spec: Any) -> dict[str, Any]:
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
-            "type": hf_config.get("model_type") or spec.family,
+            "type": model_type if model_type in _NAMED_TYPES else "decoder",
             "vocab_size": spec.vocab_size,
         },
         "search": {
