@@ -111,6 +111,15 @@ def test_encoders_are_refused_before_any_work(tiny_models, tmp_path, cli_runner)
     assert not out.exists()
 
 
+def test_a_trimmed_kv_cache_is_refused_and_nothing_is_written(tiny_models, tmp_path, cli_runner):
+    out = tmp_path / "sink"
+    args = ["--quantize", "none", "--kv-window", "16", "--kv-sink", "4", "--emit", "genai"]
+    result = cli_runner.invoke(cli, ["compile", str(tiny_models("llama")), "-o", str(out), *args])
+    assert result.exit_code == 2, result.output + result.stderr
+    assert "trims its KV cache" in result.stderr
+    assert not out.exists()
+
+
 def test_run_refusals(builds, tmp_path, cli_runner, monkeypatch):
     # Sampling is not offered through genai: one line, exit 2.
     sampled = cli_runner.invoke(

@@ -63,6 +63,18 @@ def genai_config(build_folder: pathlib.Path, spec: Any) -> dict[str, Any]:
         pad = eos[0] if isinstance(eos, list) and eos else eos
     kv = runtime.get("kv_cache") or {}
     model_type = hf_config.get("model_type") or spec.family
+    policy = kv.get("policy")
+    if policy and not policy.get("native_window"):
+        raise UsageError(
+            "--emit genai: this build's runtime trims its KV cache (--kv-window/--kv-sink), "
+            "which onnxruntime-genai's generator does not",
+            "drop --emit genai or --kv-sink",
+        )
+    if kv.get("dtype") not in (None, "float32", "float16"):
+        raise UsageError(
+            f"--emit genai: onnxruntime-genai does not drive a {kv['dtype']} KV cache",
+            "drop --emit genai or --kv-dtype",
+        )
     context = int(runtime.get("max_positions") or spec.max_positions or 2048)
     names_in: dict[str, str] = {"input_ids": "input_ids"}
     for name in ("attention_mask", "position_ids"):
