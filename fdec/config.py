@@ -129,7 +129,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("recipe.calibration", "path", "calibration", "Calibration text (.txt or .jsonl) for "
         "static quantization.", '"calib.txt"'),
     Key("recipe.emit", "strs", "emit", "Extra outputs.", '["hf-checkpoint"]',
-        choices=("hf-checkpoint",)),
+        choices=("hf-checkpoint", "genai")),
     Key("kv_cache.dtype", "str", "kv_dtype", "KV-cache storage (int8/fp8: per-head scales "
         "from calibration).", '"int8"', choices=("fp32", "fp16", "int8", "fp8")),
     Key("kv_cache.window", "int", "kv_window", "Keep the last W cache positions (sliding "
