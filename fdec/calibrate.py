@@ -309,7 +309,8 @@ class _Runner:
             else:
                 proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
         onnx.save(proto, str(path))
-        self.session = open_session(path, optimization="disable")
+        # a few runs: no packed copy of the weights (they stay in the mapped file)
+        self.session = open_session(path, optimization="disable", prepack=False)
         self.outputs = [name for name in self.names if name not in self.from_feeds]
 
     def close(self) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fdec.calibrate import capture_activations, checked_batches, describe_batches
+from fdec.calibrate import activations_per_batch, checked_batches, describe_batches
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
 from fdec.passes.quantize import (
@@ -239,21 +239,44 @@ class _Calibration:
 def _capture(
     model: FdecModel, batches: Sequence[np.ndarray], names: Sequence[str], max_rows: int
 ) -> dict[str, _Calibration]:
-    """Each named tensor's calibration over all batches.
-
-    Batches of one shape are stacked into one run, so the model is saved and loaded once.
-    """
-    by_shape: dict[tuple[int, ...], list[np.ndarray]] = collections.defaultdict(list)
-    for ids in batches:
-        by_shape[ids.shape].append(ids)
-    parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-    for same in by_shape.values():
-        captured = capture_activations(model, np.concatenate(same, axis=0), names)
+    """Each named tensor's calibration over all batches: the same rows `_Calibration.of` picks
+    from all batches concatenated (evenly spaced over every calibration row), taken batch by
+    batch through one session so only the kept rows are held (stacking the batches into one
+    run held every exposed activation of every batch, and batch-16 logits, at once: peak RSS
+    3.3 GiB on SmolLM2-135M)."""
+    counts = [int(np.prod(np.shape(ids))) for ids in batches]  # rows of a [b, s, K] tensor
+    total = sum(counts)
+    chosen = (
+        np.unique(np.linspace(0, total - 1, num=max_rows).round().astype(np.int64))
+        if total > max_rows
+        else np.arange(total)
+    )
+    sums: dict[str, np.ndarray] = {}
+    kept: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    odd: dict[str, list[np.ndarray]] = collections.defaultdict(list)  # not one row per token
+    start = 0
+    for count, captured in zip(counts, activations_per_batch(model, batches, names)):
+        local = chosen[(chosen >= start) & (chosen < start + count)] - start
         for name, array in captured.items():
-            if array.ndim and array.size:
-                parts[name].append(array)
-        del captured
-    return {name: _Calibration.of(arrays, max_rows) for name, arrays in parts.items()}
+            if not (array.ndim and array.size):
+                continue
+            flat = array.reshape(-1, array.shape[-1])
+            if flat.shape[0] != count or name in odd:
+                odd[name].append(flat.copy())
+                continue
+            sums[name] = sums.get(name, 0.0) + np.abs(flat).sum(axis=0, dtype=np.float64)
+            kept[name].append(flat[local].copy())
+        start += count
+    found = {
+        name: _Calibration(
+            sums[name] / total, np.ascontiguousarray(np.concatenate(kept[name]), dtype=np.float32)
+        )
+        for name in sums
+        if name not in odd
+    }
+    for name, arrays in odd.items():
+        found[name] = _Calibration.of(arrays, max_rows)
+    return found
 
 
 def _of_activations(
