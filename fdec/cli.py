@@ -430,11 +430,16 @@ def _fail(err: FdecError, as_json: bool) -> None:
     "step.",
 )
 @click.option(
-    "--k", "spec_k", default=4, show_default=True, type=click.IntRange(1, 64),
+    "--k",
+    "spec_k",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 64),
     help="With --speculative: tokens drafted per target step.",
 )
 @click.option(
-    "--draft-build", type=click.Path(path_type=pathlib.Path),
+    "--draft-build",
+    type=click.Path(path_type=pathlib.Path),
     help="With --speculative draft: the draft build [default: BUILD/draft].",
 )
 @click.option(
