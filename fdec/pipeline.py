@@ -92,6 +92,10 @@ class PassResult:
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+# Pass fields holding calibration results (name → tensor): reported by their count.
+_TENSOR_DATA_FIELDS = ("stats", "activations", "absmax")
+
+
 class Pass(abc.ABC):
     """A transformation of an FdecModel.
 
@@ -121,9 +125,21 @@ class Pass(abc.ABC):
         """Run the pass; return the result with honest `modified` and `stats`."""
 
     def options(self) -> dict[str, Any]:
-        if dataclasses.is_dataclass(self):
-            return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {}
+        """The pass's fields as the report shows them: calibration data is described, not
+        listed (`batches` by fdec.calibrate.describe_batches, tensor mappings by their count)."""
+        if not dataclasses.is_dataclass(self):
+            return {}
+        from fdec.calibrate import describe_batches
+
+        options = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "batches":
+                value = describe_batches(value)
+            elif field.name in _TENSOR_DATA_FIELDS:
+                value = None if value is None else f"{len(value)} tensors"
+            options[field.name] = value
+        return options
 
     def __call__(self, model: FdecModel) -> PassResult:
         result = self.call(model)

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from fdec.calibrate import capture_activations, checked_batches, describe_batches
+from fdec.calibrate import capture_activations, checked_batches
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
 from fdec.passes.quantize import _add_initializer, _fresh_name, _raise_opset
@@ -118,13 +118,6 @@ class QuantizeKvCachePass(Pass):
                 "use --kv-dtype int8, fp8 or fp16 (fp32 keeps the graph's cache)",
             )
         self.batches = checked_batches(self.name, self.batches)
-
-    def options(self) -> dict[str, Any]:
-        return {
-            "dtype": self.dtype,
-            "absmax": None if self.absmax is None else f"{len(self.absmax)} tensors",
-            "batches": describe_batches(self.batches),
-        }
 
     @property
     def needs_calibration(self) -> bool:

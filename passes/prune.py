@@ -42,7 +42,7 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-from fdec.calibrate import activations_per_batch, checked_batches, describe_batches
+from fdec.calibrate import activations_per_batch, checked_batches
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
 from fdec.passes.cleanup import InferShapesPass, RemoveDeadNodesPass
@@ -251,11 +251,11 @@ def measure_importance(
     head_scores = np.zeros((layers, heads))
     channel_scores = np.zeros((layers, spec.intermediate_size))
     layer_scores = np.zeros(layers)
-    o_rows = [
-        np.linalg.norm(weights[f"layers.{i}.o"].array.reshape(heads, dim, -1), axis=2)
-        for i in range(layers)
-    ]  # [heads, dim]: the norm of each o row
     down_rows = [np.linalg.norm(weights[f"layers.{i}.down"].array, axis=1) for i in range(layers)]
+    o_heads = [  # [heads, dim, hidden]: what each head's output is multiplied by
+        weights[f"layers.{i}.o"].array.astype(np.float64).reshape(heads, dim, -1)
+        for i in range(layers)
+    ]
     tokens = 0
     for captured in activations_per_batch(model, batches, list(dict.fromkeys(names.values()))):
         count = None
@@ -263,8 +263,7 @@ def measure_importance(
             attn = captured[names[f"{layer}.o"]].astype(np.float64)
             attn = attn.reshape(-1, heads, dim)
             count = attn.shape[0]
-            o = weights[f"layers.{layer}.o"].array.astype(np.float64).reshape(heads, dim, -1)
-            written = np.einsum("thd,hdn->thn", attn, o)
+            written = np.einsum("thd,hdn->thn", attn, o_heads[layer])
             head_scores[layer] += np.linalg.norm(written, axis=2).sum(axis=0)
             act = captured[names[f"{layer}.down"]].astype(np.float64).reshape(count, -1)
             channel_scores[layer] += np.abs(act).sum(axis=0) * down_rows[layer]
@@ -275,7 +274,6 @@ def measure_importance(
             )
             layer_scores[layer] += (1.0 - cos).sum()
         tokens += count or 0
-    del o_rows
     if not tokens:
         raise CompileError("prune: calibration saw no tokens", "give non-empty calibration text")
     return Importance(head_scores / tokens, channel_scores / tokens, layer_scores / tokens, tokens)
@@ -330,13 +328,6 @@ class PrunePass(Pass):
                 "give how many layers to remove, e.g. layers=4",
             )
         self.batches = checked_batches(self.name, self.batches)
-
-    def options(self) -> dict[str, Any]:
-        options = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "batches"
-        }
-        options["batches"] = describe_batches(self.batches)
-        return options
 
     @property
     def explicit(self) -> bool:

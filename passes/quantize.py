@@ -752,18 +752,6 @@ class QuantizeInt8Pass(Pass):
             )
         self.batches = checked_batches(self.name, self.batches)
 
-    def options(self) -> dict[str, Any]:
-        from fdec.calibrate import describe_batches
-
-        options = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in ("stats", "batches")
-        }
-        options["stats"] = None if self.stats is None else f"{len(self.stats)} tensors"
-        options["batches"] = describe_batches(self.batches)
-        return options
-
     @property
     def needs_calibration(self) -> bool:
         """True while smoothing is asked for and neither `stats` nor `batches` is given."""

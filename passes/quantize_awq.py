@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fdec.calibrate import activations_per_batch, checked_batches, describe_batches
+from fdec.calibrate import activations_per_batch, checked_batches
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
 from fdec.passes.quantize import (
@@ -343,18 +343,6 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                     "use the default (grid=20, max_rows=512) or another whole number ≥ 1",
                 )
         self.batches = checked_batches(self.name, self.batches)
-
-    def options(self) -> dict[str, Any]:
-        options = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in ("activations", "batches")
-        }
-        options["activations"] = (
-            None if self.activations is None else f"{len(self.activations)} tensors"
-        )
-        options["batches"] = describe_batches(self.batches)
-        return options
 
     @property
     def needs_calibration(self) -> bool:

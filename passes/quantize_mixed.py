@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from fdec.calibrate import checked_batches, describe_batches
+from fdec.calibrate import checked_batches
 from fdec.errors import EXIT_DOES_NOT_FIT, UsageError, VerificationError
 from fdec.ir import FdecModel
 from fdec.passes.quantize import _collect
@@ -268,11 +268,6 @@ class QuantizeMixedPass(Pass):
                 "use keep_bits=8 (8-bit weight-only) or leave it unset (fp32)",
             )
         self.keeper()  # keep_bits with a quantizer that has no 8-bit form fails now
-
-    def options(self) -> dict[str, Any]:
-        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        options["batches"] = describe_batches(self.batches)
-        return options
 
     @property
     def needs_calibration(self) -> bool:

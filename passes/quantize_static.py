@@ -39,7 +39,6 @@ from fdec.calibrate import (
     ActivationStats,
     checked_batches,
     collect_activation_stats,
-    describe_batches,
 )
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
@@ -238,16 +237,6 @@ class _StaticQuantizePass(Pass):
 
     def __post_init__(self) -> None:
         self.batches = checked_batches(self.name, self.batches)
-
-    def options(self) -> dict[str, Any]:
-        options = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in ("stats", "batches")
-        }
-        options["stats"] = None if self.stats is None else f"{len(self.stats)} tensors"
-        options["batches"] = describe_batches(self.batches)
-        return options
 
     def check_target(self, target: Any) -> None:
         if target is None or not hasattr(target, "require"):

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from fdec.calibrate import activations_per_batch, checked_batches, describe_batches
+from fdec.calibrate import activations_per_batch, checked_batches
 from fdec.errors import UsageError
 from fdec.ir import FdecModel
 from fdec.passes.quantize import _find_weight, _int_attr, _Weight
@@ -185,11 +185,6 @@ class Sparsify2of4Pass(Pass):
                     f"sparsify-2of4 {option} {value!r} is not a whole number ≥ 0",
                     f"use e.g. {option}=1 (layers left dense at that end) or 0",
                 )
-
-    def options(self) -> dict[str, Any]:
-        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        options["batches"] = describe_batches(self.batches)
-        return options
 
     @property
     def needs_calibration(self) -> bool:
