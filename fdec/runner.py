@@ -142,27 +142,12 @@ def run_prompt(
             "providers": build.model.providers,
         }
     ids = _prompt_ids(tokenizer, prompt, chat_template)
-    stop = set(build.config.get("eos_token_ids") or [])
-    if tokenizer.eos_token_id is not None:
-        stop.add(tokenizer.eos_token_id)
-    streamed: list[int] = []
-    printed = ""
-
-    def on_token(token: int) -> None:
-        nonlocal printed
-        if token in stop:
-            return
-        streamed.append(token)
-        text = tokenizer.decode(streamed, skip_special_tokens=True)
-        if stream and text.startswith(printed) and not text.endswith("\ufffd"):
-            stream(text[len(printed) :])
-            printed = text
+    out = _TextStream(tokenizer, build.config, stream)
 
     draft = load_draft(build, draft_build) if speculative == "draft" else None
     if speculative:
         result = _speculate(
-            build, draft, draft_min_probability, list(ids), max_new_tokens, k, sorted(stop),
-            on_token,
+            build, draft, draft_min_probability, list(ids), max_new_tokens, k, out.stop, out.on_token,
         )  # fmt: skip
     else:
         result = generate(
@@ -170,12 +155,10 @@ def run_prompt(
             list(ids),
             max_new_tokens=max_new_tokens,
             sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-            stop_tokens=sorted(stop),
-            on_token=on_token,
+            stop_tokens=out.stop,
+            on_token=out.on_token,
         )
-    text = tokenizer.decode(streamed, skip_special_tokens=True)
-    if stream and len(text) > len(printed) and text.startswith(printed):
-        stream(text[len(printed) :])
+    text = out.finish()
     spec_figures = (
         {
             "method": speculative,
@@ -250,28 +233,12 @@ def run_prompt_genai(
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = _prompt_ids(tokenizer, prompt, chat_template)
-    stop = set(config.get("eos_token_ids") or [])
-    if tokenizer.eos_token_id is not None:
-        stop.add(tokenizer.eos_token_id)
-    streamed: list[int] = []
-    printed = ""
-
-    def on_token(token: int) -> None:
-        nonlocal printed
-        if token in stop:
-            return
-        streamed.append(token)
-        text = tokenizer.decode(streamed, skip_special_tokens=True)
-        if stream and text.startswith(printed) and not text.endswith("\ufffd"):
-            stream(text[len(printed) :])
-            printed = text
+    out = _TextStream(tokenizer, config, stream)
 
     result = generate_genai(
-        folder, ids, max_new_tokens=max_new_tokens, stop_tokens=sorted(stop), on_token=on_token
+        folder, ids, max_new_tokens=max_new_tokens, stop_tokens=out.stop, on_token=out.on_token
     )
-    text = tokenizer.decode(streamed, skip_special_tokens=True)
-    if stream and len(text) > len(printed) and text.startswith(printed):
-        stream(text[len(printed) :])
+    text = out.finish()
     return {
         "kind": "decoder",
         "engine": "genai",
@@ -284,6 +251,38 @@ def run_prompt_genai(
         "decode_tokens_per_s": round(result["decode_tokens_per_s"], 2),
         "providers": ["onnxruntime-genai (CPU)"],
     }
+
+
+class _TextStream:
+    """Stop tokens of a build and the text of the tokens generated so far, streamed as it
+    grows (never half a multi-byte character); stop tokens are not part of the text."""
+
+    def __init__(
+        self, tokenizer: Any, config: dict[str, Any], stream: Callable[[str], None] | None
+    ):
+        stop = set(config.get("eos_token_ids") or [])
+        if tokenizer.eos_token_id is not None:
+            stop.add(tokenizer.eos_token_id)
+        self.stop = sorted(stop)
+        self.tokenizer, self.stream = tokenizer, stream
+        self.tokens: list[int] = []
+        self.printed = ""
+
+    def on_token(self, token: int) -> None:
+        if token in self.stop:
+            return
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if self.stream and text.startswith(self.printed) and not text.endswith("\ufffd"):
+            self.stream(text[len(self.printed) :])
+            self.printed = text
+
+    def finish(self) -> str:
+        """The whole text; streams what is left of it."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if self.stream and len(text) > len(self.printed) and text.startswith(self.printed):
+            self.stream(text[len(self.printed) :])
+        return text
 
 
 def load_draft(build: LoadedBuild, folder: pathlib.Path | str | None) -> LoadedBuild:
