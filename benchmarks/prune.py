@@ -45,7 +45,8 @@ def _measure(folder: pathlib.Path, held: int, new_tokens: int, rounds: int) -> d
 
     build = load_build(folder)
     model, tokenizer = build.model, build.tokenizer
-    vocab = json.loads((folder / "report.json").read_text())["spec"]["vocab_size"]
+    report = json.loads((folder / "report.json").read_text())
+    vocab = report["spec"]["vocab_size"]
     ids = held_token_ids(tokenizer, vocab, limit=held)
     logits, _ = model.decode(ids, model.empty_past(1), 0)
     prompt = tokenizer("The history of the printing press", add_special_tokens=False)["input_ids"]
@@ -53,7 +54,6 @@ def _measure(folder: pathlib.Path, held: int, new_tokens: int, rounds: int) -> d
         generate(model, prompt, max_new_tokens=new_tokens).decode_tokens_per_s
         for _ in range(rounds)
     ]
-    report = json.loads((folder / "report.json").read_text())
     last = report["passes"][-1]["after"]
     weights = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
     return {
