@@ -862,7 +862,13 @@ def _exit_signalled(terminated: bool) -> None:
         f"{'terminated' if terminated else 'interrupted'}; any previous build is unchanged",
         err=True,
     )
-    sys.exit(143 if terminated else 130)
+    # The staging folder and the lock were released while the interrupt unwound. Leave now:
+    # CPython remembers a KeyboardInterrupt that ended any code it ran (a flag only the next
+    # run resets) and then kills itself with SIGINT at exit (-2), whatever sys.exit said
+    # (seen once in ~4 CI runs with Ctrl-C during the export).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(143 if terminated else 130)
 
 
 def main() -> None:
