@@ -2,6 +2,10 @@
 
     python benchmarks/quality.py                       # SmolLM2-135M (bundled)
     python benchmarks/quality.py --recipes none,int4,fp8 --target h100
+    python benchmarks/quality.py --recipes "none,int4-awq,int4-awq:quantize-int4-awq.rounding=gptq"
+
+A recipe may carry pass options after a colon, `;`-separated, as `--pass-options` takes them
+(`int4-awq:quantize-int4-awq.block_size=64;quantize-int4-awq.clip=false`).
 
 The model is imported once; each recipe runs the same pipeline `fdec compile --quantize R`
 runs (fdec.compile.plan_pipeline) on a fresh copy of the graph, is saved, opened in ONNX Runtime
@@ -43,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnx_ir as ir
     import transformers
 
+    from fdec.cli import _parse_pass_options
     from fdec.compile import choose_backend, plan_pipeline
     from fdec.frontend.export import import_model
     from fdec.frontend.source import resolve_source
@@ -63,11 +68,15 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for recipe in args.recipes.split(","):
-        quantize = None if recipe == "none" else recipe
-        needs_gpu = recipe.startswith(("fp8", "int8-smoothquant"))
+        name, _, options = recipe.partition(":")
+        quantize = None if name == "none" else name
+        needs_gpu = name.startswith(("fp8", "int8-smoothquant"))
         target = load_target(args.target or ("h100" if needs_gpu else "cpu"))
         plan = plan_pipeline(
-            target=target, backend=choose_backend("onnxruntime", target), quantize=quantize
+            target=target,
+            backend=choose_backend("onnxruntime", target),
+            quantize=quantize,
+            pass_options=_parse_pass_options(tuple(filter(None, options.split(";")))),
         )
         if plan.calibrating:
             plan.attach_calibration(imported.tokenizer, spec.vocab_size)
@@ -99,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"model": args.model, "rows": rows}, indent=2))
         return 0
     print(f"{args.model}: perplexity on {reference.ids.shape[1]} held tokens; fp32 build = none")
-    header = f"{'recipe':<18} {'target':<6} {'MB':>7} {'size/fp32':>9} {'ppl':>8} {'Δppl':>8} {'top-1':>6} {'KL':>7}"
+    header = f"{'recipe':<28} {'target':<6} {'MB':>7} {'size/fp32':>9} {'ppl':>8} {'Δppl':>8} {'top-1':>6} {'KL':>7}"
     print(header)
     for r in rows:
         print(
-            f"{r['recipe']:<18} {r['target']:<6} {r['bytes'] / 1e6:>7.1f} {r['size_vs_fp32']:>8.2f}x "
+            f"{r['recipe']:<28} {r['target']:<6} {r['bytes'] / 1e6:>7.1f} {r['size_vs_fp32']:>8.2f}x "
             f"{r['perplexity']:>8.2f} {r['ppl_increase']:>+7.1%} {r['top1']:>6.3f} {r['kl']:>7.4f}"
         )
     for r in rows:

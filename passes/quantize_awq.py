@@ -42,6 +42,7 @@ from fdec.passes.quantize import (
     _collect,
     _Int4Weight,
     _quantize_int4,
+    _Weight,
 )
 from fdec.passes.quantize_static import _divide_activation, _Group, _group_by_activation
 from fdec.pipeline import PassResult, Tolerance
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 # Clipping ratios tried per block (1.0: no clipping): AutoAWQ's auto_clip steps, down to 0.8.
 _CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
+_ROUNDINGS = ("nearest", "gptq")
+_GPTQ_HESSIANS = ("all", "searched")
 _MIN_SCALE = 1e-4  # m^α is kept at least this (a channel never active is not zeroed out)
 
 
@@ -207,6 +210,58 @@ def _awq_search(
     )
 
 
+_GPTQ_BLOCK = 128  # rows rounded between the lazy (matrix) updates of the rest
+
+
+def _gptq_int4(
+    array: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool, damping: float
+) -> _Int4Weight:
+    """GPTQ rounding (Frantar et al. 2022) of a [K, N] weight to block-wise int4 codes.
+
+    The scales and zero points are RTN's (`_quantize_int4` of the same array: AWQ's clipping
+    stays in them); only the codes change. Rows (input channels) are rounded in order and each
+    row's rounding error is spread over the rows not yet rounded through the inverse of
+    H = XᵀX (damped by `damping` × its mean diagonal), which minimises ‖X·W − X·Ŵ‖². With
+    H = I nothing spreads and the codes are RTN's.
+    """
+    nearest = _quantize_int4(array, block_size, symmetric)
+    k, n = array.shape
+    scales = nearest.scales.T.astype(np.float64)  # [kb, N]
+    zero = nearest.unpacked_zero_points().T.astype(np.float64)  # [kb, N]
+    safe = np.where(scales == 0, 1.0, scales)
+    w = array.astype(np.float64)
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[dead, :] = 0.0
+    h[np.diag_indices(k)] += damping * float(np.mean(np.diag(h)))
+    try:
+        upper = np.linalg.cholesky(np.linalg.inv(h)).T  # H⁻¹ = Uᵀ U
+    except np.linalg.LinAlgError:
+        return nearest
+    top = (1 << nearest.bits) - 1
+    codes = np.empty((k, n), dtype=np.uint8)
+    for start in range(0, k, _GPTQ_BLOCK):
+        stop = min(start + _GPTQ_BLOCK, k)
+        block = w[start:stop].copy()
+        errors = np.empty_like(block)
+        inverse = upper[start:stop, start:stop]
+        for i in range(stop - start):
+            g = (start + i) // block_size
+            code = np.clip(np.rint(block[i] / safe[g]) + zero[g], 0, top)
+            codes[start + i] = code
+            error = (block[i] - (code - zero[g]) * scales[g]) / inverse[i, i]
+            block[i + 1 :] -= np.outer(inverse[i, i + 1 :], error)
+            errors[i] = error
+        w[stop:] -= upper[start:stop, stop:].T @ errors
+    k_blocks = scales.shape[0]
+    padded = nearest._unpack(nearest.packed)  # [N, kb·B]: the kernel's padding kept
+    padded[:, :k] = codes.T
+    pairs = padded.reshape(n, k_blocks, block_size // 2, 2)
+    packed = np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4), dtype=np.uint8)
+    return dataclasses.replace(nearest, packed=packed)
+
+
 # --- calibration --------------------------------------------------------------------------------
 
 
@@ -224,6 +279,12 @@ class _Calibration:
 
     mean_abs: np.ndarray  # [K] float64, over every calibration row
     rows: np.ndarray  # [R, K] float32, R ≤ max_rows, evenly spaced over the calibration
+    gram: np.ndarray | None = None  # [K, K] float32 XᵀX over every calibration row (GPTQ)
+
+    def hessian(self, s: np.ndarray | None) -> np.ndarray:
+        """XᵀX of the activation the weights see: X/s once AWQ divided it by s."""
+        gram = self.gram if self.gram is not None else self.rows.T @ self.rows
+        return gram if s is None else gram / np.outer(s, s)
 
     @classmethod
     def of(cls, parts: Sequence[np.ndarray], max_rows: int) -> _Calibration:
@@ -237,7 +298,11 @@ class _Calibration:
 
 
 def _capture(
-    model: FdecModel, batches: Sequence[np.ndarray], names: Sequence[str], max_rows: int
+    model: FdecModel,
+    batches: Sequence[np.ndarray],
+    names: Sequence[str],
+    max_rows: int,
+    grams: bool = False,
 ) -> dict[str, _Calibration]:
     """Each named tensor's calibration over all batches: the same rows `_Calibration.of` picks
     from all batches concatenated (evenly spaced over every calibration row), taken batch by
@@ -252,6 +317,7 @@ def _capture(
         else np.arange(total)
     )
     sums: dict[str, np.ndarray] = {}
+    products: dict[str, np.ndarray] = {}
     kept: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     odd: dict[str, list[np.ndarray]] = collections.defaultdict(list)  # not one row per token
     start = 0
@@ -265,11 +331,16 @@ def _capture(
                 odd[name].append(flat.copy())
                 continue
             sums[name] = sums.get(name, 0.0) + np.abs(flat).sum(axis=0, dtype=np.float64)
+            if grams:
+                gram = flat.T @ flat
+                products[name] = products[name] + gram if name in products else gram
             kept[name].append(flat[local].copy())
         start += count
     found = {
         name: _Calibration(
-            sums[name] / total, np.ascontiguousarray(np.concatenate(kept[name]), dtype=np.float32)
+            sums[name] / total,
+            np.ascontiguousarray(np.concatenate(kept[name]), dtype=np.float32),
+            products.get(name),
         )
         for name in sums
         if name not in odd
@@ -325,6 +396,12 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
     grid: int = dataclasses.field(default=20, kw_only=True)
     max_rows: int = dataclasses.field(default=512, kw_only=True)
     clip: bool = dataclasses.field(default=True, kw_only=True)
+    # "nearest": RTN codes of the scaled (and clipped) weights. "gptq": the same scales, codes
+    # chosen by GPTQ's error feedback on the calibration activations' XᵀX (`gptq_hessian`
+    # "all": over every calibration token; "searched": over the max_rows searched rows).
+    rounding: str = dataclasses.field(default="nearest", kw_only=True)
+    gptq_hessian: str = dataclasses.field(default="all", kw_only=True)
+    gptq_damping: float = dataclasses.field(default=0.01, kw_only=True)
     activations: Mapping[str, np.ndarray] | None = dataclasses.field(default=None, kw_only=True)
     batches: Sequence[np.ndarray] | None = dataclasses.field(default=None, kw_only=True)
 
@@ -343,6 +420,17 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                     "use the default (grid=20, max_rows=512) or another whole number ≥ 1",
                 )
         self.batches = checked_batches(self.name, self.batches)
+        if self.rounding not in _ROUNDINGS:
+            raise UsageError(
+                f"{self.name} rounding {self.rounding!r} is unknown",
+                f"use one of: {', '.join(_ROUNDINGS)}",
+            )
+        if self.gptq_hessian not in _GPTQ_HESSIANS:
+            raise UsageError(
+                f"{self.name} gptq_hessian {self.gptq_hessian!r} is unknown",
+                f"use one of: {', '.join(_GPTQ_HESSIANS)}",
+            )
+        self._hessians: dict[str, tuple[_Calibration, np.ndarray | None]] = {}
 
     @property
     def needs_calibration(self) -> bool:
@@ -363,7 +451,8 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         if self.activations is not None:
             return _of_activations(self.activations, names, self.max_rows)
         assert self.batches is not None
-        return _capture(model, self.batches, names, self.max_rows)
+        grams = self.rounding == "gptq" and self.gptq_hessian == "all"
+        return _capture(model, self.batches, names, self.max_rows, grams=grams)
 
     def call(self, model: FdecModel) -> PassResult:
         weights, skipped = _collect(model, self.include_lm_head, self.share_tied_embedding)
@@ -382,7 +471,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         counts = collections.Counter()
         for group in groups:
             seen = calibration.get(group.activation.name)
-            reason = self._unusable(group, seen)
+            reason = self._unusable(group, seen) or self._not_searched(group)
             if reason:
                 rtn_only[reason] += len(group.weights)
                 continue
@@ -402,6 +491,25 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             "groups": report,
         }
         return PassResult(model, modified=result.modified, stats=stats)
+
+    def _round(self, weight: _Weight) -> _Int4Weight:
+        found = self._hessians.pop(weight.value.name, None)
+        if found is None:
+            return super()._round(weight)
+        seen, s = found
+        return _gptq_int4(
+            weight.array,
+            seen.hessian(s),
+            self._block_size_of(weight),
+            self.symmetric,
+            self.gptq_damping,
+        )
+
+    def _not_searched(self, group: _Group) -> str | None:
+        """Why AWQ leaves the group to plain rounding although it could search it, or None."""
+        if any(self._bits_of(weight) != 4 for weight in group.weights):
+            return "8-bit weights (lm_head_bits)"
+        return None
 
     @staticmethod
     def _unusable(group: _Group, seen: _Calibration | None) -> str | None:
@@ -429,7 +537,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             [w.array for w in group.weights],
             self.clip,
             grid=self.grid,
-            block_size=self.block_size,
+            block_size=min(self._block_size_of(w) for w in group.weights),
             symmetric=self.symmetric,
         )
         if found.alpha:
@@ -441,6 +549,9 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                 site.activation = source
         for weight, array in zip(group.weights, found.arrays):
             weight.array = np.ascontiguousarray(array, dtype=np.float32)
+            if self.rounding == "gptq" and not weight.gathers:
+                # A shared table's codes are also embedding rows: those want nearest rounding.
+                self._hessians[weight.value.name] = (seen, found.s if found.alpha else None)
             if found.alpha:
                 weight.row_scales = found.s  # a tied embedding's Gather divides by s again
         counts["weights_clipped"] += sum(found.clipped)

@@ -369,6 +369,7 @@ def test_int4_options_are_checked_and_keyword_only():
         "include_lm_head": True,
         "backend": "onnxruntime",
         "bits": 4,
+        "lm_head_bits": None,
         "share_tied_embedding": False,
     }
 

@@ -195,10 +195,14 @@ def test_awq_options_are_checked_and_calibration_is_required():
         "include_lm_head": True,
         "backend": "onnxruntime",
         "bits": 4,
+        "lm_head_bits": None,
         "share_tied_embedding": False,
         "grid": 20,
         "max_rows": 512,
         "clip": True,
+        "rounding": "nearest",
+        "gptq_hessian": "all",
+        "gptq_damping": 0.01,
         "activations": None,
         "batches": "3 batches, 24 tokens",
     }
@@ -350,3 +354,108 @@ def test_awq_on_a_shared_tied_table_divides_the_gathered_rows_by_s_again(llama):
     figures = llama.reference.compare(session_for_model(model))
     assert figures["top1_agreement"] >= pass_.tolerance.min_top1_agreement
     assert 0.95 < figures["perplexity_build"] / figures["perplexity_source"] < 1.05
+
+
+# --- GPTQ rounding ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("k", "block", "symmetric"), [(96, 32, True), (80, 64, True), (96, 32, False)]
+)
+def test_gptq_int4_is_rtn_without_correlation_and_beats_it_with(k, block, symmetric):
+    from fdec.passes.quantize import _quantize_int4
+    from fdec.passes.quantize_awq import _gptq_int4
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((k, 24)).astype(np.float32)
+    nearest = _quantize_int4(w, block, symmetric)
+    same = _gptq_int4(w, np.eye(k), block, symmetric, damping=0.0)
+    # H = I spreads no error: RTN's packed codes, padding past K (80 at block 64) included.
+    assert np.array_equal(same.packed, nearest.packed)
+    assert np.array_equal(same.scales, nearest.scales)
+
+    x = rng.standard_normal((4000, k))
+    x[:, 1:] += 0.9 * x[:, :-1]  # correlated input channels, as a layer's activations are
+    gptq = _gptq_int4(w, x.T @ x, block, symmetric, damping=0.01)
+    assert np.array_equal(gptq.scales, nearest.scales)  # only the codes change
+    assert not np.array_equal(gptq.packed, nearest.packed)
+    held = rng.standard_normal((1000, k))
+    held[:, 1:] += 0.9 * held[:, :-1]
+    error = {
+        name: _relative_error(held @ q.dequantized().T.astype(np.float64), held @ w)
+        for name, q in (("rtn", nearest), ("gptq", gptq))
+    }
+    assert error["gptq"] < 0.8 * error["rtn"], error
+
+
+@pytest.mark.parametrize("hessian", ["all", "searched"])
+def test_awq_with_gptq_rounding_lowers_held_output_error_below_awq_alone(llama, hessian):
+    awq, _ = run_pass(QuantizeInt4AwqPass(batches=llama.batches), llama.cleaned())
+    pass_ = QuantizeInt4AwqPass(batches=llama.batches, rounding="gptq", gptq_hessian=hessian)
+    gptq, record = run_pass(pass_, llama.cleaned())
+
+    assert record.options["rounding"] == "gptq"
+    assert record.stats["bytes_after"] == 58_880  # the same layout, other codes
+    source = llama.cleaned()
+    ids = llama.reference.ids
+    awq_errors = _layer_errors(awq, source, ids)
+    gptq_errors = _layer_errors(gptq, source, ids)
+    assert np.mean(list(gptq_errors.values())) < 0.9 * np.mean(list(awq_errors.values()))
+    figures = llama.reference.compare(session_for_model(gptq))
+    assert figures["top1_agreement"] >= pass_.tolerance.min_top1_agreement, figures
+
+
+def test_gptq_options_are_checked(llama):
+    with pytest.raises(UsageError, match="rounding 'best'"):
+        QuantizeInt4AwqPass(batches=llama.batches, rounding="best")
+    with pytest.raises(UsageError, match="gptq_hessian 'some'"):
+        QuantizeInt4AwqPass(batches=llama.batches, gptq_hessian="some")
+
+
+def test_a_shared_table_takes_the_largest_block_that_divides_the_hidden_size(llama):
+    # The tiny llama's hidden size is 64: at block 128 its layers' K are padded to one block,
+    # but the table the embedding gathers from must be whole blocks, so it is cut in 64s.
+    pass_ = QuantizeInt4AwqPass(batches=llama.batches, share_tied_embedding=True, block_size=128)
+    model, record = run_pass(pass_, llama.tied())
+
+    assert record.stats["shared_table_block_size"] == 64
+    (gather,) = [node for node in model.graph if node.op_type == "GatherBlockQuantized"]
+    assert gather.attributes["block_size"].value == 64
+    blocks = collections.defaultdict(set)
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            head = model.spec.roles_of(node.inputs[1].name) == ["embed", "lm_head"]
+            blocks["lm_head" if head else "layers"].add(node.attributes["block_size"].value)
+    assert blocks == {"lm_head": {64}, "layers": {128}}
+    figures = llama.reference.compare(session_for_model(model))
+    assert figures["top1_agreement"] >= pass_.tolerance.min_top1_agreement, figures
+
+
+def test_lm_head_bits_keeps_the_head_and_its_shared_table_at_8_bits(llama):
+    four, _ = run_pass(
+        QuantizeInt4AwqPass(batches=llama.batches, share_tied_embedding=True), llama.tied()
+    )
+    pass_ = QuantizeInt4AwqPass(batches=llama.batches, share_tied_embedding=True, lm_head_bits=8)
+    eight, record = run_pass(pass_, llama.tied())
+
+    bits = collections.defaultdict(set)
+    for node in eight.graph:
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            table = node.inputs[0 if node.op_type == "GatherBlockQuantized" else 1]
+            head = "lm_head" in eight.spec.roles_of(table.name)
+            bits[(node.op_type, head)].add(node.attributes["bits"].value)
+    assert bits == {
+        ("MatMulNBits", True): {8},
+        ("GatherBlockQuantized", True): {8},
+        ("MatMulNBits", False): {4},
+    }
+    # AWQ leaves the 8-bit head to rounding; the 4-bit layers are searched as before.
+    assert record.stats["rtn_only"] == {"8-bit weights (lm_head_bits)": 1}
+    assert record.stats["groups_searched"] == 8
+    scores = {
+        name: llama.reference.compare(session_for_model(model))
+        for name, model in (("int4", four), ("int8 head", eight))
+    }
+    assert scores["int8 head"]["kl_divergence"] < scores["int4"]["kl_divergence"], scores
+    with pytest.raises(UsageError, match="lm_head_bits 3"):
+        QuantizeInt4AwqPass(batches=llama.batches, lm_head_bits=3)
