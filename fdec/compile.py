@@ -429,6 +429,9 @@ _QUANTIZE_METHODS = {
 # 0.21x, -0.9 %; keep 4 (lm_head, layers 11, 29, 2) 106.2 MB 0.197x, +7.1 %; int4-awq alone
 # 87.2 MB 0.16x, +17.0 %. 4 is the most that keeps a tied-embedding model within 0.20x.
 INT4_MIXED_KEEP = 4
+# The lm_head (and a tied table shared with it) of int4 recipes in 8 bits: SmolLM2 int4-awq
+# +17.5 % → +7.3 % perplexity at 86.8 → 100.9 MB (benchmarks/quality.py; docs/design-notes.md).
+INT4_LM_HEAD_BITS = 8
 # SmoothQuant migration strength fdec uses: on SmolLM2-135M, alpha 0.75-0.85 kept perplexity
 # within +1-4 % (54.0 -> 53.5-56.3) where the paper's 0.5 gave +25 % (67.7).
 SMOOTHQUANT_ALPHA = 0.8
@@ -514,7 +517,7 @@ def _quantize_passes(
     embed_pass = fdec_passes.make_pass(
         "quantize-embedding", bits=8, backend=pass_backend, skip_shared=share
     )
-    int4_options = {"backend": pass_backend, "share_tied_embedding": share}
+    int4_options: dict[str, Any] = {"backend": pass_backend, "share_tied_embedding": share}
     if keep_fp is not None and not (precision.value == "int4" or method == "dynamic"):
         raise UsageError(
             f"--keep-fp works with --quantize int4 or int8-dynamic, not {asked}",
@@ -540,7 +543,9 @@ def _quantize_passes(
         )
     elif precision.value == "int4":
         name = "quantize-int4-awq" if method == "awq" else "quantize-int4"
-        weights = fdec_passes.make_pass(name, **int4_options)
+        # TensorRT(-RTX) takes blocked DequantizeLinear of INT4 only: its lm_head stays 4-bit.
+        head_bits = INT4_LM_HEAD_BITS if pass_backend == "onnxruntime" else None
+        weights = fdec_passes.make_pass(name, lm_head_bits=head_bits, **int4_options)
     elif precision.value == "fp8":
         # GPTQ rounding and one shared fp8 table (tied embedding = lm_head): SmolLM2 +11.5 %
         # at 0.31x with nearest rounding and two tables (docs/design-notes.md).

@@ -94,12 +94,24 @@ def test_fdec_run_on_both_builds_gives_the_same_text(builds):
     assert fused["tokens"] == plain["tokens"] and fused["new_tokens"] > 0
 
 
-def test_session_threads_and_spinning_come_from_the_runtime_config(builds, tmp_path):
+def test_session_threads_and_spinning_come_from_the_runtime_config(builds, tmp_path, monkeypatch):
     config = json.loads((builds["fused"] / RUNTIME_CONFIG).read_text())["session_options"]
-    assert config["intra_op_num_threads"] == 0 and config["allow_spinning"] is False
-    options = open_session(builds["fused"] / MODEL_FILE).get_session_options()
-    assert 1 <= options.intra_op_num_threads <= (os.cpu_count() or 1)  # 0: auto_threads()
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert config["intra_op_num_threads"] == 0 and config["allow_spinning"] == "auto"
+
+    def spinning(load: float, **kwargs) -> tuple[int, str]:
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+        options = open_session(builds["fused"] / MODEL_FILE, **kwargs).get_session_options()
+        return (
+            options.intra_op_num_threads,
+            options.get_session_config_entry("session.intra_op.allow_spinning"),
+        )
+
+    threads, spin = spinning(0.2)  # idle: every core, spinning when there are several
+    assert threads == auto_threads() >= 1
+    assert spin == ("1" if threads > 1 else "0")
+    assert spinning(0.2, threads=1) == (1, "0")  # one thread has no pool to spin
+    assert spinning(1.0 + 64, threads=2) == (2, "0")  # every core busy: no spinning
+    assert spinning(1.0 + 64) == (1, "0")
     folder = tmp_path / "build"
     shutil.copytree(builds["fused"], folder)
     runtime = json.loads((folder / RUNTIME_CONFIG).read_text())

@@ -181,11 +181,12 @@ def lower_onnxruntime(
         "family": spec.family,
         "providers": providers_for(target),
         # intra_op_num_threads 0: fdec.runtime.auto_threads() when the session opens (cores
-        # not kept busy by other work); no spinning (idle pool threads busy-wait otherwise).
+        # not kept busy by other work); allow_spinning "auto": spinning pool threads only
+        # while each has a free core (fdec.runtime.session.auto_spinning).
         "session_options": {
             "graph_optimization_level": optimization,
             "intra_op_num_threads": 0,
-            "allow_spinning": False,
+            "allow_spinning": "auto",
         },
         "inputs": spec.inputs,
         "outputs": spec.outputs,
