@@ -60,7 +60,7 @@ class _Weight:
     """A weight initializer, its [K, N] array and every site reading it."""
 
     value: ir.Value
-    array: np.ndarray  # [K, N], float32
+    array: np.ndarray  # [K, N], float32 (read-only: may be a view of the initializer)
     dtype: ir.DataType  # the original dtype (scales keep it)
     sites: list[_Site]
     transposes: list[ir.Node]  # Transpose nodes between the weight and its sites
@@ -70,6 +70,9 @@ class _Weight:
     # divided by them; a gathered row must be divided by them again.
     row_scales: np.ndarray | None = None
     head: bool = False  # the lm_head (ModelSpec role "lm_head")
+    # Codes already chosen (AWQ rounds each group as soon as it is searched, then drops the
+    # scaled float array); None: `_quantize_weights` rounds `array`.
+    quantized: _Int4Weight | None = None
 
 
 def _candidate_names(model: FdecModel, include_lm_head: bool) -> list[str]:
@@ -176,10 +179,12 @@ def _find_weight(graph: ir.Graph, name: str, *, gathers: bool = False) -> _Weigh
     transposed = layouts.pop()
     if row_gathers and not transposed:
         raise ValueError("gathered by rows but read by a MatMul untransposed")
-    array = tensor.numpy().astype(np.float32)
+    # A view where the tensor is already float32 (a [K, N] array, or the transposed view of an
+    # [N, K] one): holding a float copy of every weight at once doubled a pass's memory.
+    array = tensor.numpy().astype(np.float32, copy=False)
     if transposed:
         array = array.T
-    return _Weight(value, np.ascontiguousarray(array), tensor.dtype, sites, transposes, row_gathers)
+    return _Weight(value, array, tensor.dtype, sites, transposes, row_gathers)
 
 
 def _collect(
@@ -472,7 +477,7 @@ class QuantizeInt4Pass(Pass):
         for weight in weights:
             old_name = weight.value.name
             assert old_name is not None
-            quantized = self._round(weight)
+            quantized = weight.quantized or self._round(weight)
             if self.backend == "tensorrt":
                 new_name, added = self._rewrite_qdq(graph, weight, quantized, taken)
             else:

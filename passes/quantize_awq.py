@@ -554,6 +554,9 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                 self._hessians[weight.value.name] = (seen, found.s if found.alpha else None)
             if found.alpha:
                 weight.row_scales = found.s  # a tied embedding's Gather divides by s again
+            # Rounded now, so that the scaled float copies do not pile up over the groups.
+            weight.quantized = self._round(weight)
+            weight.array = weight.array[:0]  # the codes are final: keep no float copy
         counts["weights_clipped"] += sum(found.clipped)
         reduction = 1.0 - found.error / found.error_rtn if found.error_rtn > 0 else 0.0
         logger.info(
