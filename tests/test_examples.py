@@ -50,7 +50,11 @@ def test_github_workflow_compiles_gates_and_uploads(tiny_models, tmp_path):
     assert (tmp_path / "build" / "model" / "report.html").is_file()
     assert json.loads((tmp_path / "fdec-summary.json").read_text())["ok"] is True
     # The repository's fdec.toml applies in CI too: plain int4 RTN misses a 0 % gate.
-    (tmp_path / "fdec.toml").write_text('[recipe]\nquantize = "int4"\n')
+    (tmp_path / "fdec.toml").write_text(
+        '[recipe]\nquantize = "int4"\n'
+        # All 4-bit: with the default 8-bit head the tiny llama's perplexity falls.
+        "[pass_options.quantize-int4]\nlm_head_bits = 4\n"
+    )
     gated = run(tiny_models("llama"), "0%")
     assert gated.returncode == 3, gated.stderr[-2000:]  # the job fails on the gate
     outcome = json.loads((tmp_path / "fdec-summary.json").read_text())
