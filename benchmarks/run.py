@@ -7,7 +7,8 @@
 Variants: PyTorch eager (transformers `generate` with its KV cache), ONNX Runtime on a plain
 traced export (fdec compile --quantize none --passes default: no fusion), onnxruntime-genai's
 model builder int4 build with its native generator (when installed; built with
-benchmarks/decode.py's code), and fdec's fp32 / int8 / int4-awq cpu builds (default pipeline).
+benchmarks/decode.py's code; once at its own thread count, once pinned to --threads), and
+fdec's fp32 / int8 / int4-awq cpu builds (default pipeline).
 
 Each variant lives in its own worker subprocess (so peak RSS is its own), loaded once; rounds
 are interleaved: round r asks every worker for one measurement in turn. Reported: median
@@ -30,7 +31,10 @@ import warnings
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-PEERS = ("pytorch eager", "ort plain fp32", "genai int4")
+# onnxruntime-genai as its users get it (its own thread count: half the cores, 1 on 2 CPUs)
+# and pinned to --threads like every other variant.
+GENAI_PINNED = "genai int4 pinned"
+PEERS = ("pytorch eager", "ort plain fp32", "genai int4", GENAI_PINNED)
 # name -> (folder under --work, --quantize, --passes); None folder: not an fdec build
 FDEC_BUILDS = {
     "ort plain fp32": ("plain-fp32", "none", "default"),
@@ -38,12 +42,6 @@ FDEC_BUILDS = {
     "fdec int8": ("fdec-int8", "int8", None),
     "fdec int4": ("fdec-int4", "int4-awq", None),
 }
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _prompt_and_text(model_name: str, prompt_tokens: int) -> tuple[list[int], list[int], object]:
@@ -63,6 +61,8 @@ def _prompt_and_text(model_name: str, prompt_tokens: int) -> tuple[list[int], li
 def _worker(args) -> int:
     import numpy as np
 
+    from fdec.bench import peak_rss_mb
+
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # library chatter goes to stderr; answers go to `out`
     warnings.filterwarnings("ignore")
@@ -71,8 +71,9 @@ def _worker(args) -> int:
     name, work = args.worker, pathlib.Path(args.work)
     if name == "pytorch eager":
         measure, score = _torch_variant(source, prompt, scored, args.threads)
-    elif name == "genai int4":
-        measure, score = _genai_variant(work / "genai-int4", prompt, scored, args.threads)
+    elif name in ("genai int4", GENAI_PINNED):
+        pinned = args.threads if name == GENAI_PINNED else 0
+        measure, score = _genai_variant(work / "genai-int4", prompt, scored, args.threads, pinned)
     else:
         measure, score = _fdec_variant(work / FDEC_BUILDS[name][0], prompt, scored, args.threads)
     measure(4)  # warm-up
@@ -84,7 +85,7 @@ def _worker(args) -> int:
             answer = {
                 "prefill_ms": prefill_ms,
                 "decode_tok_s": tok_s,
-                "peak_rss_mb": _peak_rss_mb(),
+                "peak_rss_mb": peak_rss_mb(),
             }
         elif command == "ppl":
             try:
@@ -153,8 +154,9 @@ def _fdec_variant(folder: pathlib.Path, prompt, scored, threads):
     return measure, score
 
 
-def _genai_variant(folder: pathlib.Path, prompt, scored, threads):
-    """onnxruntime-genai's own generator on its build; perplexity through onnxruntime."""
+def _genai_variant(folder: pathlib.Path, prompt, scored, threads, pinned=0):
+    """onnxruntime-genai's own generator on its build (at `pinned` intra-op threads, 0: its
+    default); perplexity through onnxruntime."""
     import onnxruntime_genai as og
 
     from fdec.runtime import OrtModel, open_session
@@ -162,6 +164,9 @@ def _genai_variant(folder: pathlib.Path, prompt, scored, threads):
 
     config = og.Config(str(folder))
     config.clear_providers()
+    if pinned:
+        options = {"intra_op_num_threads": pinned}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
     model = og.Model(config)
 
     def measure(n: int) -> tuple[float, float]:
@@ -218,7 +223,7 @@ def _ensure_builds(args, source_folder: pathlib.Path, prompt: list[int]) -> list
         if not (work / "genai-int4" / "model.onnx").exists():
             print("building the onnxruntime-genai int4 peer ...", file=sys.stderr)
         _genai_runner(work / "genai-int4", source_folder, prompt, args.threads)
-        variants.insert(2, "genai int4")
+        variants[2:2] = ["genai int4", GENAI_PINNED]
     except ImportError:
         print("onnxruntime-genai not installed: its int4 peer is skipped", file=sys.stderr)
     return variants
@@ -228,7 +233,7 @@ def _size_mb(args, name: str) -> float | None:
     work = pathlib.Path(args.work)
     if name == "pytorch eager":
         return None  # filled from the fp32 build's parameters below
-    folder = work / ("genai-int4" if name == "genai int4" else FDEC_BUILDS[name][0])
+    folder = work / ("genai-int4" if name.startswith("genai") else FDEC_BUILDS[name][0])
     return sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6
 
 
@@ -337,11 +342,12 @@ def _render(result: dict) -> str:
             f"{row['peak_rss_mb']:.0f} | {f'{ppl:.2f}' if ppl else 'n/a'} |"
         )
     goals = []
-    if "genai int4" in rows and "fdec int4" in rows:
-        goals.append(
-            f"fdec int4 / genai int4 decode: "
-            f"{rows['fdec int4']['decode_tok_s'] / rows['genai int4']['decode_tok_s']:.2f}× (goal 1.25×)"
-        )
+    for peer in ("genai int4", GENAI_PINNED):
+        if peer in rows and "fdec int4" in rows:
+            goals.append(
+                f"fdec int4 / {peer} decode: "
+                f"{rows['fdec int4']['decode_tok_s'] / rows[peer]['decode_tok_s']:.2f}× (goal 1.25×)"
+            )
     if "fdec fp32" in rows:
         goals.append(
             f"fdec fp32 / PyTorch eager decode: "

@@ -134,7 +134,16 @@ def measure_bandwidth(
     return {"gb_s": round(best, 2), "array_mb": megabytes, "tries": tries, "threads": threads}
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident set in MB: Linux's VmHWM, which starts again at exec. (A
+    child's ru_maxrss keeps its parent's peak from before the exec: every worker of
+    benchmarks/run.py reported its parent's 1,714 MB.)"""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
 
@@ -190,7 +199,7 @@ def run_bench(
             result = generate_batch(model, prompts[b], max_new_tokens=gen_len)
             prefill[b].append(result.prefill_s * 1e3)
             decode[b].append(result.decode_tokens_per_s)
-    peak_rss = _peak_rss_mb()
+    peak_rss = peak_rss_mb()
     bandwidth = bandwidth or measure_bandwidth()
     weights = weight_bytes(folder / MODEL_FILE)
     kv_per_token = int(
