@@ -266,6 +266,25 @@ class ActivationStats:
         }
 
 
+_IN_MEMORY_MIN_BYTES = 1 << 20
+
+
+def _in_memory_weights(graph: Any) -> dict[str, np.ndarray]:
+    """The graph's float32 initializers of 1 MB or more whose arrays are already in memory and
+    contiguous (numpy views of the IR's tensors: no copy is made for the session)."""
+    found = {}
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < _IN_MEMORY_MIN_BYTES:
+            continue
+        if tensor.dtype != ir.DataType.FLOAT or isinstance(tensor, ir.ExternalTensor):
+            continue  # a conversion would copy; a mapped file is read as pages anyway
+        array = tensor.numpy()
+        if array.flags.c_contiguous:
+            found[name] = array
+    return found
+
+
 class _Runner:
     """An ORT session over a copy of `model` with `names` exposed as outputs.
 
@@ -309,8 +328,12 @@ class _Runner:
             else:
                 proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
         onnx.save(proto, str(path))
-        # a few runs: no packed copy of the weights (they stay in the mapped file)
-        self.session = open_session(path, optimization="disable", prepack=False)
+        # A few runs: no packed copy of the weights, and ORT reads the large float weights from
+        # the model's own arrays rather than from pages of the file (SmolLM2's 0.5 GB were a
+        # second copy in the compile's peak RSS).
+        self.session = open_session(
+            path, optimization="disable", prepack=False, initializers=_in_memory_weights(graph)
+        )
         self.outputs = [name for name in self.names if name not in self.from_feeds]
 
     def close(self) -> None:

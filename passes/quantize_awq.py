@@ -36,7 +36,7 @@ import numpy as np
 
 from fdec.calibrate import activations_per_batch, checked_batches
 from fdec.errors import CompileError, UsageError
-from fdec.ir import FdecModel
+from fdec.ir import FdecModel, release_freed_memory
 from fdec.passes.quantize import (
     QuantizeInt4Pass,
     _collect,
@@ -459,6 +459,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         rtn_only: collections.Counter[str] = collections.Counter()
         groups = _group_by_activation(weights, rtn_only)
         calibration = self._calibrate(model, groups) if groups else {}
+        release_freed_memory()  # the capture's activations and session are gone
         if groups and not any(group.activation.name in calibration for group in groups):
             raise CompileError(
                 f"{self.name}: none of the {len(groups)} activations to scale has calibration "
@@ -556,7 +557,8 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                 weight.row_scales = found.s  # a tied embedding's Gather divides by s again
             # Rounded now, so that the scaled float copies do not pile up over the groups.
             weight.quantized = self._round(weight)
-            weight.array = weight.array[:0]  # the codes are final: keep no float copy
+            # The codes are final: keep no float copy (an empty array, not a view of it).
+            weight.array = np.empty((0, weight.array.shape[1]), dtype=np.float32)
         counts["weights_clipped"] += sum(found.clipped)
         reduction = 1.0 - found.error / found.error_rtn if found.error_rtn > 0 else 0.0
         logger.info(

@@ -7,6 +7,7 @@ import logging
 import os
 import pathlib
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -115,12 +116,18 @@ def open_session(
     threads: int | None = None,
     spinning: bool | str | None = None,
     prepack: bool = True,
+    initializers: Mapping[str, Any] | None = None,
 ) -> Any:
     """An InferenceSession; `providers` are names or (name, options) pairs, best first.
 
+    `initializers` (name → contiguous numpy array or OrtValue) are used in place of the
+    model's initializers of those names, without a copy: the caller keeps them alive as long
+    as the session (a calibration session over weights already in memory reads no file pages).
+
     `prepack=False` keeps ONNX Runtime from copying MatMul weights into its packed layout:
     the weights stay in the memory-mapped external data file (SmolLM2-135M fp32: session RSS
-    0.28 GiB instead of 0.68 GiB), at some speed; for sessions that run a few passes.
+    0.28 GiB instead of 0.68 GiB), at some speed; for sessions that run a few passes. Such
+    sessions also run without ORT's memory arena, which keeps what each run allocated.
 
     `threads` (intra-op) and `spinning` (whether idle pool threads busy-wait) default to the
     build's fdec-runtime.json `session_options` (`intra_op_num_threads`, `allow_spinning`),
@@ -152,10 +159,22 @@ def open_session(
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
+        # Nor an arena that keeps every run's intermediates: a calibration session of
+        # SmolLM2's traced graph grew ~0.4 GB a run with it.
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+    pinned = {
+        name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
+        for name, value in (initializers or {}).items()
+    }
+    for name, value in pinned.items():
+        options.add_initializer(name, value)
     options.log_severity_level = 3
-    return ort.InferenceSession(
+    session = ort.InferenceSession(
         str(path), sess_options=options, providers=names, provider_options=provider_options
     )
+    session.fdec_initializers = pinned  # ORT reads their memory for the session's life
+    return session
 
 
 _NP_TYPES = {
