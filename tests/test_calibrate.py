@@ -335,3 +335,25 @@ def test_a_corrupt_cache_entry_is_detected_and_recomputed(tmp_path):
         assert _same(again, fresh)
         assert _same(collect_activation_stats(model, batches, ["h"]), fresh)
         assert cache.hits == 1  # rewritten whole
+
+
+def test_calibration_sessions_read_large_weights_from_the_models_own_arrays(monkeypatch):
+    import fdec.calibrate as calibrate
+
+    model, arrays = _hand_written()
+    # The IR holding numpy memory, as the exporter's tensors hold PyTorch's.
+    model.graph.initializers["w"].const_value = ir.Tensor(arrays["w"], name="w")
+    batches = [np.array([[1, 4, 4, 9]])]
+    # Every float weight counts as large here (SmolLM2's are 1 MB and more).
+    monkeypatch.setattr(calibrate, "_IN_MEMORY_MIN_BYTES", 0)
+    runner = calibrate._Runner(model, ["h", "y"])
+    try:
+        pinned = runner.session.fdec_initializers
+        assert set(pinned) == {"table", "gain", "w"}
+        # ORT computes with the IR's memory, not a copy read from the saved file.
+        assert pinned["w"].data_ptr() == arrays["w"].ctypes.data
+        got = runner.run(batches[0])
+    finally:
+        runner.close()
+    h = arrays["table"][batches[0][0]] * arrays["gain"]
+    np.testing.assert_allclose(got["y"][0], h @ arrays["w"], rtol=1e-6)
