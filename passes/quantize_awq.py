@@ -44,7 +44,12 @@ from fdec.passes.quantize import (
     _quantize_int4,
     _Weight,
 )
-from fdec.passes.quantize_static import _divide_activation, _Group, _group_by_activation
+from fdec.passes.quantize_static import (
+    _divide_activation,
+    _gptq,
+    _Group,
+    _group_by_activation,
+)
 from fdec.pipeline import PassResult, Tolerance
 
 __all__ = ["QuantizeInt4AwqPass"]
@@ -210,54 +215,33 @@ def _awq_search(
     )
 
 
-_GPTQ_BLOCK = 128  # rows rounded between the lazy (matrix) updates of the rest
-
-
 def _gptq_int4(
     array: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool, damping: float
 ) -> _Int4Weight:
-    """GPTQ rounding (Frantar et al. 2022) of a [K, N] weight to block-wise int4 codes.
+    """GPTQ rounding (`_gptq`) of a [K, N] weight to block-wise int4 codes.
 
     The scales and zero points are RTN's (`_quantize_int4` of the same array: AWQ's clipping
-    stays in them); only the codes change. Rows (input channels) are rounded in order and each
-    row's rounding error is spread over the rows not yet rounded through the inverse of
-    H = XᵀX (damped by `damping` × its mean diagonal), which minimises ‖X·W − X·Ŵ‖². With
-    H = I nothing spreads and the codes are RTN's.
+    stays in them); only the codes change. With H = I nothing spreads and the codes are RTN's.
     """
     nearest = _quantize_int4(array, block_size, symmetric)
     k, n = array.shape
     scales = nearest.scales.T.astype(np.float64)  # [kb, N]
     zero = nearest.unpacked_zero_points().T.astype(np.float64)  # [kb, N]
     safe = np.where(scales == 0, 1.0, scales)
-    w = array.astype(np.float64)
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    w[dead, :] = 0.0
-    h[np.diag_indices(k)] += damping * float(np.mean(np.diag(h)))
-    try:
-        upper = np.linalg.cholesky(np.linalg.inv(h)).T  # H⁻¹ = Uᵀ U
-    except np.linalg.LinAlgError:
-        return nearest
     top = (1 << nearest.bits) - 1
     codes = np.empty((k, n), dtype=np.uint8)
-    for start in range(0, k, _GPTQ_BLOCK):
-        stop = min(start + _GPTQ_BLOCK, k)
-        block = w[start:stop].copy()
-        errors = np.empty_like(block)
-        inverse = upper[start:stop, start:stop]
-        for i in range(stop - start):
-            g = (start + i) // block_size
-            code = np.clip(np.rint(block[i] / safe[g]) + zero[g], 0, top)
-            codes[start + i] = code
-            error = (block[i] - (code - zero[g]) * scales[g]) / inverse[i, i]
-            block[i + 1 :] -= np.outer(inverse[i, i + 1 :], error)
-            errors[i] = error
-        w[stop:] -= upper[start:stop, stop:].T @ errors
-    k_blocks = scales.shape[0]
+
+    def round_row(i: int, row: np.ndarray) -> np.ndarray:
+        g = i // block_size
+        code = np.clip(np.rint(row / safe[g]) + zero[g], 0, top)
+        codes[i] = code
+        return (code - zero[g]) * scales[g]
+
+    if not _gptq(array.astype(np.float64), hessian, damping, round_row):
+        return nearest
     padded = nearest._unpack(nearest.packed)  # [N, kb·B]: the kernel's padding kept
     padded[:, :k] = codes.T
-    pairs = padded.reshape(n, k_blocks, block_size // 2, 2)
+    pairs = padded.reshape(n, scales.shape[0], block_size // 2, 2)
     packed = np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4), dtype=np.uint8)
     return dataclasses.replace(nearest, packed=packed)
 

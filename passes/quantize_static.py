@@ -28,7 +28,7 @@ import collections
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import ml_dtypes
@@ -181,17 +181,18 @@ def _hessians(
     return sums
 
 
-def _gptq_fp8(
-    array: np.ndarray, hessian: np.ndarray, damping: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ rounding of a [K, N] weight to per-output-channel FP8: (float8 [K, N], scales [N]).
-
-    The scales are `_quantize_fp8`'s (absmax / 448); rows (input channels) are rounded in order
-    and each rounding error is spread over the rows not yet rounded through the inverse of
-    H = XᵀX (damped by `damping` × its mean diagonal), which minimises ‖X·W − X·Ŵ‖².
-    """
-    _, scales = _quantize_fp8(array)
-    w = array.astype(np.float64) / scales  # in code units
+def _gptq(
+    w: np.ndarray,
+    hessian: np.ndarray,
+    damping: float,
+    round_row: Callable[[int, np.ndarray], np.ndarray],
+) -> bool:
+    """GPTQ's error feedback (Frantar et al. 2022) over the rows of `w` ([K, N] float64, changed
+    in place): rows (input channels) are rounded in order by `round_row(i, row)`, which stores
+    row i's codes and returns the values they stand for, and each row's rounding error is spread
+    over the rows not yet rounded through the inverse of H = XᵀX (damped by `damping` × its
+    mean diagonal), which minimises ‖X·W − X·Ŵ‖². False, with nothing rounded, when H cannot
+    be inverted."""
     h = np.array(hessian, dtype=np.float64)
     k = w.shape[0]
     dead = np.diag(h) <= 0
@@ -201,20 +202,35 @@ def _gptq_fp8(
     try:
         upper = np.linalg.cholesky(np.linalg.inv(h)).T  # H⁻¹ = Uᵀ U
     except np.linalg.LinAlgError:
-        return _quantize_fp8(array)
-    codes = np.empty(w.shape, dtype=ml_dtypes.float8_e4m3fn)
+        return False
     for start in range(0, k, _GPTQ_BLOCK):
         stop = min(start + _GPTQ_BLOCK, k)
         block = w[start:stop].copy()
         errors = np.empty_like(block)
         inverse = upper[start:stop, start:stop]
         for i in range(stop - start):
-            q = np.clip(block[i], -_FP8_MAX, _FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
-            codes[start + i] = q
-            error = (block[i] - q.astype(np.float64)) / inverse[i, i]
+            error = (block[i] - round_row(start + i, block[i])) / inverse[i, i]
             block[i + 1 :] -= np.outer(inverse[i, i + 1 :], error)
             errors[i] = error
         w[stop:] -= upper[start:stop, stop:].T @ errors
+    return True
+
+
+def _gptq_fp8(
+    array: np.ndarray, hessian: np.ndarray, damping: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ rounding (`_gptq`) of a [K, N] weight to per-output-channel FP8: (float8 [K, N],
+    scales [N]). The scales are `_quantize_fp8`'s (absmax / 448)."""
+    _, scales = _quantize_fp8(array)
+    w = array.astype(np.float64) / scales  # in code units
+    codes = np.empty(w.shape, dtype=ml_dtypes.float8_e4m3fn)
+
+    def round_row(i: int, row: np.ndarray) -> np.ndarray:
+        codes[i] = np.clip(row, -_FP8_MAX, _FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+        return codes[i].astype(np.float64)
+
+    if not _gptq(w, hessian, damping, round_row):
+        return _quantize_fp8(array)
     return codes, scales
 
 
