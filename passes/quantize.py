@@ -506,7 +506,7 @@ class QuantizeInt4Pass(Pass):
         return self.block_size
 
     def _round(self, weight: _Weight) -> _Int4Weight:
-        """The codes and scales of one weight (round to nearest; AWQ may round by GPTQ)."""
+        """The codes and scales of one weight, rounded to nearest."""
         return _quantize_int4(
             weight.array, self._block_size_of(weight), self.symmetric, self._bits_of(weight)
         )

@@ -42,7 +42,6 @@ from fdec.passes.quantize import (
     _collect,
     _Int4Weight,
     _quantize_int4,
-    _Weight,
 )
 from fdec.passes.quantize_static import (
     _divide_activation,
@@ -414,7 +413,6 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                 f"{self.name} gptq_hessian {self.gptq_hessian!r} is unknown",
                 f"use one of: {', '.join(_GPTQ_HESSIANS)}",
             )
-        self._hessians: dict[str, tuple[_Calibration, np.ndarray | None]] = {}
 
     @property
     def needs_calibration(self) -> bool:
@@ -477,19 +475,6 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         }
         return PassResult(model, modified=result.modified, stats=stats)
 
-    def _round(self, weight: _Weight) -> _Int4Weight:
-        found = self._hessians.pop(weight.value.name, None)
-        if found is None:
-            return super()._round(weight)
-        seen, s = found
-        return _gptq_int4(
-            weight.array,
-            seen.hessian(s),
-            self._block_size_of(weight),
-            self.symmetric,
-            self.gptq_damping,
-        )
-
     def _not_searched(self, group: _Group) -> str | None:
         """Why AWQ leaves the group to plain rounding although it could search it, or None."""
         if any(self._bits_of(weight) != 4 for weight in group.weights):
@@ -534,13 +519,20 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                 site.activation = source
         for weight, array in zip(group.weights, found.arrays):
             weight.array = np.ascontiguousarray(array, dtype=np.float32)
-            if self.rounding == "gptq" and not weight.gathers:
-                # A shared table's codes are also embedding rows: those want nearest rounding.
-                self._hessians[weight.value.name] = (seen, found.s if found.alpha else None)
             if found.alpha:
                 weight.row_scales = found.s  # a tied embedding's Gather divides by s again
-            # Rounded now, so that the scaled float copies do not pile up over the groups.
-            weight.quantized = self._round(weight)
+            # Rounded now, so that the scaled float copies do not pile up over the groups. A
+            # shared table's codes are also embedding rows: those keep nearest rounding.
+            if self.rounding == "gptq" and not weight.gathers:
+                weight.quantized = _gptq_int4(
+                    weight.array,
+                    seen.hessian(found.s if found.alpha else None),
+                    self._block_size_of(weight),
+                    self.symmetric,
+                    self.gptq_damping,
+                )
+            else:
+                weight.quantized = self._round(weight)
             # The codes are final: keep no float copy (an empty array, not a view of it).
             weight.array = np.empty((0, weight.array.shape[1]), dtype=np.float32)
         counts["weights_clipped"] += sum(found.clipped)
