@@ -284,15 +284,11 @@ def _genai_runner(folder: pathlib.Path, hf_folder: pathlib.Path, prompt: list[in
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder)]
         command += ["-o", str(folder), "-p", "int4", "-e", "cpu", "-c", str(folder) + "-cache"]
         subprocess.run(command, check=True, capture_output=True)
-    config = og.Config(str(folder))
-    config.clear_providers()
+    from fdec.lower.genai import open_genai_model
+
+    model = open_genai_model(folder, threads)
     # Its default: max(1, hardware_concurrency / 2) intra-op threads (model.cpp), 1 on 2 CPUs.
-    used = max(1, min(16, (os.cpu_count() or 2) // 2))
-    if threads:
-        options = {"intra_op_num_threads": threads}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        used = threads
-    model = og.Model(config)
+    used = threads or max(1, min(16, (os.cpu_count() or 2) // 2))
 
     def run(new_tokens: int) -> float:
         params = og.GeneratorParams(model)

@@ -159,15 +159,11 @@ def _genai_variant(folder: pathlib.Path, prompt, scored, threads, pinned=0):
     default); perplexity through onnxruntime."""
     import onnxruntime_genai as og
 
+    from fdec.lower.genai import open_genai_model
     from fdec.runtime import OrtModel, open_session
     from fdec.verify import perplexity
 
-    config = og.Config(str(folder))
-    config.clear_providers()
-    if pinned:
-        options = {"intra_op_num_threads": pinned}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-    model = og.Model(config)
+    model = open_genai_model(folder, pinned)
 
     def measure(n: int) -> tuple[float, float]:
         params = og.GeneratorParams(model)

@@ -16,7 +16,14 @@ from typing import Any
 
 from fdec.errors import InputError, UsageError
 
-__all__ = ["GENAI_CONFIG", "GENAI_INSTALL", "genai_config", "generate_genai", "write_genai_config"]
+__all__ = [
+    "GENAI_CONFIG",
+    "GENAI_INSTALL",
+    "genai_config",
+    "generate_genai",
+    "open_genai_model",
+    "write_genai_config",
+]
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_INSTALL = "pip install onnxruntime-genai"
@@ -155,6 +162,18 @@ def _import_genai() -> Any:
     return og
 
 
+def open_genai_model(folder: pathlib.Path, threads: int = 0) -> Any:
+    """onnxruntime-genai's Model for the folder holding a genai_config.json, on the CPU;
+    `threads` > 0 pins its intra-op threads (0: its own default, half the cores)."""
+    og = _import_genai()
+    config = og.Config(str(folder))
+    config.clear_providers()
+    if threads:
+        options = {"intra_op_num_threads": threads}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    return og.Model(config)
+
+
 def generate_genai(
     build_folder: pathlib.Path,
     ids: list[int],
@@ -176,12 +195,7 @@ def generate_genai(
             f"{build_folder} has no {GENAI_CONFIG}",
             "compile it with --emit genai (fdec compile MODEL -o BUILD --emit genai)",
         )
-    config = og.Config(str(build_folder))
-    config.clear_providers()
-    if threads:
-        options = {"intra_op_num_threads": threads}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-    model = og.Model(config)
+    model = open_genai_model(build_folder, threads)
     params = og.GeneratorParams(model)
     context = json.loads((build_folder / GENAI_CONFIG).read_text())["model"]["context_length"]
     params.set_search_options(max_length=min(len(ids) + max_new_tokens, context), do_sample=False)
