@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pathlib
+import platform
 import resource
 import statistics
 import sys
@@ -232,8 +233,6 @@ def run_bench(
                 "decode_tok_s_rounds": [round(v, 2) for v in decode[b]],
             }
         )
-    import platform
-
     return {
         "build": str(folder),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

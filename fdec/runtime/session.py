@@ -87,16 +87,17 @@ def auto_threads() -> int:
     return max(1, min(cores, int(cores - busy + 0.5)))
 
 
-def auto_spinning(threads: int) -> bool:
+def auto_spinning(threads: int, available: int | None = None) -> bool:
     """Whether a session of `threads` intra-op threads should let idle pool threads spin.
 
     Spinning saves the wake-up of the pool before every op (SmolLM2 int4 decode on this idle
     2-core machine: 2 threads 149 tok/s spinning, 114 without, 98 on one thread), but a
     spinning thread that shares its core with other work makes every op wait (0.4-0.6x of
     one thread at load 6-11). So: only with more than one thread, and only while
-    `auto_threads()` still finds a free core for each of them.
+    `auto_threads()` (or `available`, its value when the caller has it) still finds a free
+    core for each of them.
     """
-    return threads > 1 and threads <= auto_threads()
+    return threads > 1 and threads <= (auto_threads() if available is None else available)
 
 
 def _build_session_options(path: pathlib.Path) -> dict[str, Any]:
@@ -153,9 +154,10 @@ def open_session(
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    options.intra_op_num_threads = threads if threads > 0 else auto_threads()
+    available = auto_threads() if threads <= 0 or spinning == "auto" else None
+    options.intra_op_num_threads = threads if threads > 0 else available
     if spinning == "auto":
-        spinning = auto_spinning(options.intra_op_num_threads)
+        spinning = auto_spinning(options.intra_op_num_threads, available)
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
