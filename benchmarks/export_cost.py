@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import time
 import warnings
 
@@ -84,8 +83,9 @@ def main() -> None:
             f"{len(onnx_model.graph)} nodes",
             flush=True,
         )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"peak RSS {peak:.2f} GiB")
+    from fdec.bench import peak_rss_mb
+
+    print(f"peak RSS {peak_rss_mb() / 1024:.2f} GiB")
 
 
 if __name__ == "__main__":
