@@ -35,7 +35,7 @@ class _CallableModule(types.ModuleType):
 
 
 class _Package(types.ModuleType):
-    # `fdec.compile` is both the API function and the submodule fdec/compile.py, which Python's
+    # `fdec.compile` is both the API function and the package fdec/compile/, which Python's
     # import system assigns to this attribute when it is first imported: the submodule is made
     # callable as the API instead, so `fdec.compile(...)`, `fdec.compile.compile_model` and
     # `monkeypatch.setattr(fdec.compile, ...)` all keep working.

@@ -27,6 +27,13 @@ from typing import Any
 import numpy as np
 
 from fdec.errors import InputError, UsageError
+from fdec.report.bench_results import (
+    BENCH_FILE,
+    BENCH_HTML,
+    BENCH_KEY,
+    load_bench,
+    render_bench,
+)
 
 __all__ = [
     "BENCH_FILE",
@@ -43,10 +50,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BENCH_KEY = "bench"  # the key `fdec report --json` shows bench.json under
-# Written after the build (not outputs: the manifest does not hash them, `fdec verify` allows them).
-BENCH_FILE = "bench.json"
-BENCH_HTML = "bench.html"  # report.html rendered again with the "Measured speed" section
 _GATHER_OPS = ("Gather", "GatherBlockQuantized")
 # Bytes per element by ONNX TensorProto data type (4-bit types: half a byte).
 _ITEM_BYTES = {
@@ -282,49 +285,8 @@ def write_bench(folder: pathlib.Path, bench: dict[str, Any]) -> pathlib.Path:
     return path
 
 
-def load_bench(folder: pathlib.Path) -> dict[str, Any] | None:
-    """BUILD/bench.json, or None when `fdec bench` has not run on the build."""
-    path = pathlib.Path(folder) / BENCH_FILE
-    if not path.is_file():
-        return None
-    try:
-        bench = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(
-            f"{path} is not readable JSON ({err})", f"run fdec bench {folder} again"
-        ) from None
-    if not isinstance(bench, dict) or not isinstance(bench.get("rows"), list):
-        raise InputError(f"{path} has no bench rows", f"run fdec bench {folder} again")
-    return bench
-
-
 def _replace(path: pathlib.Path, text: str) -> None:
     # the temp name starts with the file's own name: `fdec verify` allows it like the file
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
-
-
-def render_bench(bench: dict[str, Any]) -> str:
-    """The terminal table."""
-    bw = bench["bandwidth"]
-    lines = [
-        f"{bench['build']}: {bench['prompt_len']}-token prompt, {bench['gen_len']} tokens, "
-        f"median of {bench['rounds']} rounds, threads {bench['threads']}",
-        f"{'batch':>5} {'prefill ms':>11} {'decode tok/s':>13} {'per row':>8} "
-        f"{'MB/step':>8} {'bound steps/s':>14} {'of bound':>9}",
-    ]
-    for row in bench["rows"]:
-        lines.append(
-            f"{row['batch']:>5} {row['prefill_ms']:>11.1f} {row['decode_tok_s']:>13.1f} "
-            f"{row['decode_tok_s_per_row']:>8.1f} {row['bytes_per_step'] / 1e6:>8.1f} "
-            f"{row['bound_steps_s']:>14.1f} {row['bandwidth_fraction']:>8.0%}"
-        )
-    load = bench.get("load_average")
-    lines.append(
-        f"peak RSS {bench['peak_rss_mb']:.0f} MB; bandwidth {bw['gb_s']:.1f} GB/s (sum of a "
-        f"{bw['array_mb']} MB array, {bw['threads']} threads, best of {bw['tries']}); weights "
-        f"{bench['weight_bytes'] / 1e6:.1f} MB ({bench['gathered_bytes'] / 1e6:.1f} MB gathered "
-        f"a row per token)" + (f"; load average {load[0]:.1f}" if load else "")
-    )
-    return "\n".join(lines)

@@ -43,6 +43,7 @@ from fdec.ir import FdecModel
 
 __all__ = [
     "CORPUS_DOMAINS",
+    "ActivationRunner",
     "ActivationStats",
     "StatsCache",
     "calibration_batches",
@@ -285,7 +286,7 @@ def _in_memory_weights(graph: Any) -> dict[str, np.ndarray]:
     return found
 
 
-class _Runner:
+class ActivationRunner:
     """An ORT session over a copy of `model` with `names` exposed as outputs.
 
     The model is saved to a temporary folder (weights as external data), the saved proto is
@@ -396,7 +397,7 @@ def capture_activations(
     model: FdecModel, ids: np.ndarray, names: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """The values of the named tensors when `model` runs on token ids `ids` ([batch, seq])."""
-    runner = _Runner(model, list(dict.fromkeys(names)))
+    runner = ActivationRunner(model, list(dict.fromkeys(names)))
     try:
         return runner.run(ids)
     finally:
@@ -407,7 +408,7 @@ def activations_per_batch(
     model: FdecModel, batches: Iterable[np.ndarray], names: Sequence[str]
 ) -> Iterator[dict[str, np.ndarray]]:
     """The named tensors' values for each batch in turn, from one ONNX Runtime session."""
-    runner = _Runner(model, list(dict.fromkeys(names)))
+    runner = ActivationRunner(model, list(dict.fromkeys(names)))
     try:
         for ids in batches:
             yield runner.run(ids)
@@ -443,7 +444,7 @@ def _collect(
     model: FdecModel, batches: Iterable[np.ndarray], names: list[str]
 ) -> dict[str, ActivationStats]:
     stats: dict[str, ActivationStats] = {}
-    runner = _Runner(model, names)
+    runner = ActivationRunner(model, names)
     try:
         for index, ids in enumerate(batches):
             for name, array in runner.run(ids).items():
@@ -603,7 +604,7 @@ def matmul_activation_inputs(
     float matrix multiplied by exactly one activation (the embedding's Gather, an already
     quantized weight, a weight read by two different activations) are left out.
     """
-    from fdec.passes.quantize import _LAYER_ROLE, _LINEAR_ROLES, _find_weight
+    from fdec.passes.weights import LAYER_ROLE, LINEAR_ROLES, find_weight
 
     spec = model.spec
     if roles is None:
@@ -611,7 +612,7 @@ def matmul_activation_inputs(
             role
             for role in spec.weights
             if role == "lm_head"
-            or ((match := _LAYER_ROLE.match(role)) is not None and match.group(1) in _LINEAR_ROLES)
+            or ((match := LAYER_ROLE.match(role)) is not None and match.group(1) in LINEAR_ROLES)
         ]
     found: dict[str, str] = {}
     for role in roles:
@@ -619,7 +620,7 @@ def matmul_activation_inputs(
         if name is None:
             continue
         try:
-            weight = _find_weight(model.graph, name)
+            weight = find_weight(model.graph, name)
         except ValueError as reason:
             logger.debug("no activation for %s: %s", role, reason)
             continue

@@ -15,6 +15,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from fdec.backends import backend_names
 from fdec.errors import EXIT_FAILURE, EXIT_USAGE, FdecError, UsageError
 
 __all__ = ["cli", "main"]
@@ -120,7 +121,7 @@ def cli(verbose: int) -> None:
 )
 @click.option(
     "--backend",
-    type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]),
+    type=click.Choice(backend_names()),
     help="Engine backend (default: the target's).",
 )
 @click.option(
@@ -562,7 +563,7 @@ def report_command(build: pathlib.Path, as_json: bool, html: bool,
 def diff_command(build_a: pathlib.Path, build_b: pathlib.Path, as_json: bool) -> None:
     """What changed from BUILD_A to BUILD_B: pipeline, options, versions, per-pass figures,
     size and accuracy deltas. Exits 0 whenever both are builds (a diff is information)."""
-    from fdec.report import _paint
+    from fdec.report import paint
     from fdec.report.diff import diff_builds, render_diff
 
     try:
@@ -572,7 +573,7 @@ def diff_command(build_a: pathlib.Path, build_b: pathlib.Path, as_json: bool) ->
     if as_json:
         click.echo(json.dumps(diff, indent=2, sort_keys=True))
     else:
-        click.echo(render_diff(diff, style=_paint if sys.stdout.isatty() else None))
+        click.echo(render_diff(diff, style=paint if sys.stdout.isatty() else None))
 
 
 @cli.command("verify")

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from fdec.backends import backend_names
 from fdec.errors import InputError, UsageError
 
 if sys.version_info >= (3, 11):
@@ -108,7 +109,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("out", "path", "out", "Build folder (-o); with several targets, their parent.",
         '"build/smollm2"'),
     Key("backend", "str", "backend", "Engine backend (default: the target's).", '"onnxruntime"',
-        choices=("onnxruntime", "tensorrt", "tensorrt-rtx")),
+        choices=backend_names()),
     Key("max_batch", "int", "max_batch", "Largest batch engines serve.", "1", minimum=1),
     Key("max_seq_len", "int", "max_seq_len", "Longest context (prompt + generated) engines "
         "serve.", "2048", minimum=1),

@@ -18,7 +18,7 @@ import logging
 import pathlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 from fdec.errors import CompileError, VerificationError
 from fdec.ir import FdecModel, GraphCounts
@@ -107,6 +107,30 @@ class Pass(abc.ABC):
     family: ClassVar[str]
     summary: ClassVar[str]
     tolerance: ClassVar[Tolerance] = EXACT
+    #: The pass changes the model it is given and returns it (onnx_ir.passes.InPlacePass);
+    #: False: it returns a new model when it modifies anything (FunctionalPass).
+    in_place: ClassVar[bool] = True
+    #: Attention fusion may follow it by default (fuse-attention is not yet verified on the
+    #: graphs of some quantizers).
+    fusable: ClassVar[bool] = True
+    #: The Q/DQ precision it puts on weights and activations ("fp8", "int8"): a TensorRT
+    #: builder flag the engine needs. None for weight-only and float passes.
+    qdq_precision: ClassVar[str | None] = None
+    #: It zeroes weights (a sparsity mask) that later passes must keep zero.
+    masks_weights: ClassVar[bool] = False
+    #: Options it takes when it follows a pass that masks weights (error-compensating
+    #: rounding would refill the masked zeros).
+    options_after_masking: ClassVar[tuple[tuple[str, Any], ...]] = ()
+    #: Fields through which it holds calibration data (left out when it is measured again).
+    calibration_fields: ClassVar[tuple[str, ...]] = ("batches", "stats", "activations")
+    #: What to try when the build's quality gate fails after it (the gate's fix text).
+    gate_advice: ClassVar[str | None] = None
+
+    @property
+    def writes_qdq(self) -> bool:
+        """The graph gets QuantizeLinear/DequantizeLinear pairs, which ONNX Runtime runs on the
+        CPU only at graph optimization "basic" (DESIGN.md)."""
+        return self.qdq_precision is not None
 
     def check_target(self, target: Any) -> None:  # noqa: B027 - optional hook
         """Raise an FdecError naming the fix when the pass cannot serve `target` at all.
@@ -141,10 +165,34 @@ class Pass(abc.ABC):
             options[field.name] = value
         return options
 
-    def __call__(self, model: FdecModel) -> PassResult:
+    def ensures(self, model: FdecModel) -> None:  # noqa: B027 - optional hook
+        """Raise an FdecError when the pass left `model` (its result) broken; called after
+        `call` (onnx_ir.passes.PassBase's postcondition)."""
+
+    def __call__(self, model: FdecModel, target: Any = None) -> PassResult:
+        """requires → call → ensures, with the declared in-place contract checked (as
+        onnx_ir.passes.PassBase does); a direct call checks what PassManager.run checks."""
+        self.requires(model, target)
+        return self.apply(model)
+
+    def apply(self, model: FdecModel) -> PassResult:
+        """call → ensures and the in-place contract, for a model `requires` already accepted:
+        an `in_place` pass returns the model it was given; one that is not returns another
+        model whenever it reports `modified`."""
         result = self.call(model)
         if not isinstance(result, PassResult):
             raise CompileError(f"pass {self.name} returned {type(result).__name__}", "fix the pass")
+        if self.in_place and result.model is not model:
+            raise CompileError(
+                f"pass {self.name} is declared in place but returned another model",
+                "return the model it was given, or declare in_place = False",
+            )
+        if not self.in_place and result.modified and result.model is model:
+            raise CompileError(
+                f"pass {self.name} is declared not in place but returned its input modified",
+                "return a new model, or declare in_place = True",
+            )
+        self.ensures(result.model)
         return result
 
 
@@ -170,15 +218,20 @@ class PassRecord:
         return data
 
 
-class Instrument(Protocol):
-    """Runs around every pass; records what it sees into the pass's record."""
+class Instrument:
+    """Runs around every pass; records what it sees into the pass's record.
 
-    def before(self, pass_: Pass, model: FdecModel, record: PassRecord) -> None: ...
+    Both hooks do nothing by default (as TVM's PassInstrument): an instrument overrides the
+    ones it needs."""
 
-    def after(self, pass_: Pass, result: PassResult, record: PassRecord) -> None: ...
+    def before(self, pass_: Pass, model: FdecModel, record: PassRecord) -> None:
+        """Called with the model entering `pass_`."""
+
+    def after(self, pass_: Pass, result: PassResult, record: PassRecord) -> None:
+        """Called with what `pass_` returned."""
 
 
-class TimingInstrument:
+class TimingInstrument(Instrument):
     """Wall time of each pass."""
 
     def before(self, pass_: Pass, model: FdecModel, record: PassRecord) -> None:
@@ -188,7 +241,7 @@ class TimingInstrument:
         record.wall_s += time.perf_counter()
 
 
-class CountsInstrument:
+class CountsInstrument(Instrument):
     """Nodes, initializers, parameters and bytes before and after each pass."""
 
     def before(self, pass_: Pass, model: FdecModel, record: PassRecord) -> None:
@@ -198,14 +251,11 @@ class CountsInstrument:
         record.after = result.model.counts()
 
 
-class StructureCheckInstrument:
+class StructureCheckInstrument(Instrument):
     """The ModelSpec is still true, and (with `full`) the ONNX checker accepts the graph."""
 
     def __init__(self, *, full: bool = False):
         self.full = full
-
-    def before(self, pass_: Pass, model: FdecModel, record: PassRecord) -> None:
-        pass
 
     def after(self, pass_: Pass, result: PassResult, record: PassRecord) -> None:
         problems = result.model.spec_problems()
@@ -233,7 +283,7 @@ def _onnx_checker_problems(model: FdecModel) -> list[str]:
     return []
 
 
-class NumericCheckInstrument:
+class NumericCheckInstrument(Instrument):
     """Runs the model after each pass and compares it with the source model's outputs.
 
     `check` evaluates a model and returns a dict with at least `max_abs_error` and
@@ -242,9 +292,6 @@ class NumericCheckInstrument:
 
     def __init__(self, check: Callable[[FdecModel], dict[str, Any]]):
         self.check = check
-
-    def before(self, pass_: Pass, model: FdecModel, record: PassRecord) -> None:
-        pass
 
     def after(self, pass_: Pass, result: PassResult, record: PassRecord) -> None:
         figures = self.check(result.model)
@@ -258,14 +305,11 @@ class NumericCheckInstrument:
             )
 
 
-class DumpInstrument:
+class DumpInstrument(Instrument):
     """Saves the IR after each pass as `NNN_PassName.onnx` (+ external data) in a folder."""
 
     def __init__(self, folder: str | pathlib.Path):
         self.folder = pathlib.Path(folder)
-
-    def before(self, pass_: Pass, model: FdecModel, record: PassRecord) -> None:
-        pass
 
     def after(self, pass_: Pass, result: PassResult, record: PassRecord) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -316,7 +360,7 @@ class PassManager:
             for instrument in reversed(self.instruments):
                 instrument.before(pass_, model, record)
             try:
-                result = pass_(model)
+                result = pass_.apply(model)
             except (CompileError, VerificationError):
                 raise
             except Exception as err:

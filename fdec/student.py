@@ -1,14 +1,7 @@
-"""Pruned students and drafts: `--prune` and `--draft` turn the source model into a smaller one
-before the compile proper.
+"""Pruned students and drafts: the --draft syntax, the pruned checkpoint, its distillation.
 
-`prune_source` imports the source (export and PyTorch reference from the cache when there),
-runs the cleanup passes and the `prune` pass (fdec.passes.prune, scored on the calibration
-text) under the pass cache, measures what pruning did against the source (perplexity and
-top-1 on held text), and writes the pruned model as a Hugging Face checkpoint with a
-distillation recipe (`distill.json`: teacher, teacher→student layer map; see fdec.distill).
-The compile then builds that checkpoint like any other model, so every later pass is checked
-against the *pruned* model's own PyTorch reference, and the build carries the checkpoint
-(`student/`) for `fdec distill`.
+The compile's prune stage (fdec.compile.prune) writes the pruned model as a `Pruned`
+checkpoint; `distill_pruned` distills it in place; `parse_draft` reads `--draft`.
 """
 
 from __future__ import annotations
@@ -20,20 +13,16 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from fdec import passes as fdec_passes
-from fdec.calibrate import load_calibration_texts
 from fdec.errors import UsageError
-from fdec.passes.prune import parse_prune
 
 __all__ = [
     "DRAFT_DIR",
     "STUDENT_DIR",
-    "DraftPlan",
+    "DraftSpec",
     "Pruned",
     "distill_pruned",
     "draft_prune",
     "parse_draft",
-    "prune_source",
 ]
 
 STUDENT_DIR = "student"
@@ -54,7 +43,7 @@ class Pruned:
 
 
 @dataclasses.dataclass(frozen=True)
-class DraftPlan:
+class DraftSpec:
     """`--draft layers=1/4[,distill=N][,quantize=R]`: layers kept, distillation steps, recipe."""
 
     layers: int  # kept; -1 until the model's layer count is known
@@ -68,8 +57,8 @@ _DRAFT_FIX = (
 )
 
 
-def parse_draft(text: str | None, num_layers: int | None = None) -> DraftPlan | None:
-    """The --draft value as a DraftPlan (None: no draft); `num_layers` resolves a share."""
+def parse_draft(text: str | None, num_layers: int | None = None) -> DraftSpec | None:
+    """The --draft value as a DraftSpec (None: no draft); `num_layers` resolves a share."""
     if not text:
         return None
     items = dict.fromkeys(("layers", "distill", "quantize"))
@@ -101,12 +90,12 @@ def parse_draft(text: str | None, num_layers: int | None = None) -> DraftPlan | 
     steps = items["distill"] or "0"
     if not steps.isdigit():
         raise UsageError(f"--draft distill={steps} is not a number of steps", _DRAFT_FIX)
-    return DraftPlan(kept, int(steps), items["quantize"] or None)
+    return DraftSpec(kept, int(steps), items["quantize"] or None)
 
 
-def draft_prune(plan: DraftPlan, num_layers: int) -> str:
+def draft_prune(draft: DraftSpec, num_layers: int) -> str:
     """The --prune value that leaves the draft's layers."""
-    return f"layers={num_layers - plan.layers}"
+    return f"layers={num_layers - draft.layers}"
 
 
 def distill_pruned(
@@ -136,99 +125,3 @@ def distill_pruned(
     from fdec.frontend.source import resolve_source
 
     pruned.source = resolve_source(str(out), cache_dir=options.cache_dir)
-
-
-def prune_source(
-    options: Any,
-    source: Any,
-    target: Any,
-    progress: Callable[[str], None],
-    *,
-    prune: str,
-) -> Pruned:
-    """Prune `source` as `prune` (the --prune syntax) says; see the module docstring."""
-    from fdec.compile import Plan, _CompileCache, _FreshNames
-    from fdec.distill import write_recipe
-    from fdec.lower.hf_checkpoint import write_hf_checkpoint
-    from fdec.pipeline import PassManager, StructureCheckInstrument
-    from fdec.runtime import session_for_model
-
-    if source.family.kind != "decoder":
-        raise UsageError(
-            f"--prune/--draft prune decoder LLMs; {source.given} is an {source.family.kind}",
-            "drop --prune/--draft",
-        )
-    options = dataclasses.replace(options, verify_each=False, dump_dir=None)
-    prune_pass = fdec_passes.make_pass("prune", **parse_prune(prune))
-    pipeline = [*fdec_passes.make_pipeline(list(fdec_passes.DEFAULT_PIPELINE)), prune_pass]
-    plan = Plan(
-        pipeline=pipeline,
-        tolerance=prune_pass.tolerance,
-        optimization="all",
-        calibration_texts=load_calibration_texts(options.calibration)
-        if prune_pass.needs_calibration
-        else None,
-    )
-    front = _CompileCache(options, source, plan, progress)
-    model, records = front.resume()
-    if model is None:
-        progress(f"loading {source.given} to prune it")
-        model = front.export()
-    teacher_spec = dataclasses.replace(model.spec)
-    reference = front.reference(model.spec)
-    front.release_hf_model()
-    if any(index >= front.resumed for index in plan.calibrating):
-        progress("tokenizing calibration text for importance scores")
-        plan.attach_calibration(front.tokenizer(), model.spec.vocab_size)
-    instruments: list[Any] = [_FreshNames()]
-    store = front.instrument()
-    if store is not None:
-        instruments += [StructureCheckInstrument(), store]
-    manager = PassManager(
-        plan.pipeline[front.resumed :],
-        instruments,
-        target=target,
-        on_pass=lambda i, n, p: progress(
-            f"prune stage {front.resumed + i}/{len(pipeline)}: {p.name}"
-        ),
-    )
-    model, ran = manager.run(model)
-    front.cache.finish()
-    record = (records + ran)[-1]
-    progress("measuring the pruned model against the source")
-    figures = reference.compare(session_for_model(model))
-    kept_layers = [
-        i for i in range(teacher_spec.num_layers) if i not in record.stats.get("layers_removed", [])
-    ]
-    tmp = tempfile.TemporaryDirectory(prefix="fdec-student-")
-    folder = pathlib.Path(tmp.name) / STUDENT_DIR
-    progress("writing the pruned model as a Hugging Face checkpoint")
-    checkpoint = write_hf_checkpoint(model, source.folder, folder)
-    stats = {k: v for k, v in record.stats.items() if k != "importance"}
-    write_recipe(
-        folder,
-        teacher=str(source.given),
-        layer_map={new: old for new, old in enumerate(kept_layers)},
-        pruned={"prune": prune, **stats},
-    )
-    report = {
-        "prune": prune,
-        "teacher": str(source.given),
-        "stats": stats,
-        "importance": record.stats.get("importance"),
-        "accuracy": {
-            key: figures.get(key)
-            for key in ("perplexity_source", "perplexity_build", "top1_agreement", "max_abs_error")
-        },
-        "checkpoint_changes": checkpoint.get("config_changes", checkpoint.get("changes")),
-        "cached": front.resumed == len(pipeline),
-    }
-    if figures.get("perplexity_source"):
-        report["accuracy"]["perplexity_increase"] = round(
-            figures["perplexity_build"] / figures["perplexity_source"] - 1.0, 4
-        )
-    del model
-    from fdec.frontend.source import resolve_source
-
-    pruned_source = resolve_source(str(folder), cache_dir=options.cache_dir)
-    return Pruned(pruned_source, folder, report, tmp)

@@ -17,6 +17,7 @@ __all__ = [
     "Reference",
     "held_text",
     "held_token_ids",
+    "log_softmax",
     "logits_through_cache",
     "perplexity",
     "perplexity_through_cache",
@@ -44,14 +45,14 @@ def held_token_ids(tokenizer: Any, vocab_size: int, limit: int = HELD_TOKENS) ->
     return rng.integers(0, vocab_size, size=(1, limit), dtype=np.int64)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
     """Perplexity of ids[1:] under logits[:-1] (one sequence)."""
-    logp = _log_softmax(logits[0, :-1])
+    logp = log_softmax(logits[0, :-1])
     nll = -logp[np.arange(ids.shape[1] - 1), ids[0, 1:]]
     return float(np.exp(nll.mean()))
 
@@ -239,8 +240,8 @@ class Reference:
 
 
 def _mean_kl(want: np.ndarray, got: np.ndarray) -> float:
-    p_log = _log_softmax(want)
-    q_log = _log_softmax(got)
+    p_log = log_softmax(want)
+    q_log = log_softmax(got)
     return float((np.exp(p_log) * (p_log - q_log)).sum(-1).mean())
 
 

@@ -24,9 +24,9 @@ import onnx_ir.passes.common as onnx_ir_common
 from onnxscript import optimizer as onnxscript_optimizer
 from onnxscript.rewriter import RewriteRuleSet, _ir_utils, pattern
 
+from fdec.backends import backend_names, get_backend
 from fdec.errors import UsageError
-from fdec.ir import FdecModel
-from fdec.lower.onnxruntime import shared_kv_layers
+from fdec.ir import FdecModel, shared_kv_layers
 from fdec.passes.cleanup import FoldConstantsPass
 from fdec.pipeline import EXACT, Pass, PassResult
 
@@ -309,7 +309,8 @@ class FuseAttentionPass(Pass):
     rotary_cache: bool = dataclasses.field(default=True, kw_only=True)
 
     def check_target(self, target: Any) -> None:
-        if self.backend != "onnxruntime":
+        known = self.backend in backend_names()
+        if not known or "com.microsoft" not in get_backend(self.backend).op_domains:
             raise UsageError(
                 f"fuse-attention emits com.microsoft ops, which the {self.backend} backend "
                 "cannot run",

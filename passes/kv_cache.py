@@ -35,7 +35,7 @@ import onnx_ir as ir
 from fdec.calibrate import capture_activations, checked_batches
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
-from fdec.passes.quantize import _add_initializer, _fresh_name, _raise_opset
+from fdec.passes.weights import add_initializer, fresh_name, raise_opset
 from fdec.pipeline import Pass, PassResult, Tolerance
 from fdec.targets import Precision
 
@@ -123,6 +123,11 @@ class QuantizeKvCachePass(Pass):
     def needs_calibration(self) -> bool:
         return self.dtype != "fp16" and self.absmax is None and self.batches is None
 
+    @property
+    def writes_qdq(self) -> bool:
+        # FP8 Q/DQ at the cache I/O; the int8 cache has always run at "all" (tested)
+        return self.dtype == "fp8"
+
     def check_target(self, target: Any) -> None:
         # GPUs must compute in fp8; the cpu target runs the fp8 Q/DQ in ONNX Runtime (at
         # optimization "basic", DESIGN.md), which is how such a build is verified here.
@@ -187,7 +192,7 @@ class QuantizeKvCachePass(Pass):
             )
         code_type, _ = KV_DTYPES[self.dtype]
         float_type = next(v for v in graph.inputs if v.name == names[0][0]).dtype
-        opset_raised = _raise_opset(model, _OPSET[self.dtype])
+        opset_raised = raise_opset(model, _OPSET[self.dtype])
         taken: set[str] = set()
         ranges: list[dict[str, Any]] = []
         zero_points: dict[int, ir.Value] = {}
@@ -196,12 +201,12 @@ class QuantizeKvCachePass(Pass):
             heads = int(scales.shape[0])
             if heads not in zero_points:
                 zero = ir.Tensor(np.zeros(heads, dtype=code_type.numpy()), dtype=code_type)
-                zero_points[heads] = _add_initializer(
-                    graph, _fresh_name(graph, f"kv_{self.dtype}_zero_point_{heads}", taken), zero
+                zero_points[heads] = add_initializer(
+                    graph, fresh_name(graph, f"kv_{self.dtype}_zero_point_{heads}", taken), zero
                 )
-            scale = _add_initializer(
+            scale = add_initializer(
                 graph,
-                _fresh_name(graph, f"{present_name}_scale", taken),
+                fresh_name(graph, f"{present_name}_scale", taken),
                 ir.tensor(scales.astype(float_type.numpy())),
             )
             _quantize_io(graph, past_name, present_name, scale, zero_points[heads], code_type)

@@ -46,7 +46,7 @@ from fdec.calibrate import activations_per_batch, checked_batches
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
 from fdec.passes.cleanup import InferShapesPass, RemoveDeadNodesPass
-from fdec.passes.quantize import _find_weight
+from fdec.passes.weights import find_weight
 from fdec.pipeline import Pass, PassResult, Tolerance
 
 __all__ = [
@@ -112,7 +112,7 @@ def _sites(model: FdecModel) -> dict[str, Any]:
         if not match:
             continue
         try:
-            weight = _find_weight(model.graph, name)
+            weight = find_weight(model.graph, name)
         except ValueError as reason:
             raise CompileError(
                 f"prune: weight {role} ({name}) is not a plain float MatMul weight: {reason}",

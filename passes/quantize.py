@@ -14,8 +14,6 @@ import collections
 import dataclasses
 import functools
 import logging
-import pathlib
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,233 +21,40 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from fdec.backends import graph_forms
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
+from fdec.passes.smoothquant import ActivationGroup as _Group
+from fdec.passes.smoothquant import divide_activation as _divide_activation
+from fdec.passes.smoothquant import smoothing_factors as _smoothing_factors
+from fdec.passes.weights import Site as _Site
+from fdec.passes.weights import Weight as _Weight
+from fdec.passes.weights import add_initializer as _add_initializer
+from fdec.passes.weights import collect_weights as _collect
+from fdec.passes.weights import fresh_name as _fresh_name
+from fdec.passes.weights import raise_opset as _raise_opset
+from fdec.passes.weights import replace_site as _replace
+from fdec.passes.weights import retire_weight as _retire
 from fdec.pipeline import Pass, PassResult, Tolerance
+from fdec.targets.host import cpu_flags as _host_cpu_flags
+from fdec.targets.host import has_vnni as _cpu_has_vnni
 
-__all__ = ["QuantizeInt4Pass", "QuantizeInt8Pass"]
+__all__ = [
+    "Int4Weight",
+    "QuantizeInt4Pass",
+    "QuantizeInt8Pass",
+    "empty_stats",
+    "quantize_int4",
+    "quantize_int8",
+    "require_untied",
+]
 
 logger = logging.getLogger(__name__)
 
-# Per-layer roles whose weight is a linear layer's [K, N] matrix (the embedding is a Gather).
-_LINEAR_ROLES = frozenset({"q", "k", "v", "qkv", "o", "gate", "up", "down", "fc_in", "fc_out"})
-_LAYER_ROLE = re.compile(r"^layers\.\d+\.(\w+)$")
 _MS_DOMAIN = "com.microsoft"
 _BLOCK_SIZES = (32, 64, 128)
 _NBITS = (4, 8)  # MatMulNBits bits quantize-int4 writes (8: the higher precision of a mix)
-_INT4_BACKENDS = ("onnxruntime", "tensorrt")
 _QDQ_OPSET = 21  # blocked DequantizeLinear (block_size attribute) and INT4/UINT4 tensors
-_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
-
-
-# --- finding the weights and the nodes that read them -----------------------------------------
-
-
-@dataclasses.dataclass
-class _Site:
-    """One node computing `A @ W` (+ bias) with W a quantizable weight."""
-
-    node: ir.Node  # MatMul or Gemm
-    activation: ir.Value
-    bias: ir.Value | None = None
-
-
-@dataclasses.dataclass
-class _Weight:
-    """A weight initializer, its [K, N] array and every site reading it."""
-
-    value: ir.Value
-    array: np.ndarray  # [K, N], float32 (read-only: may be a view of the initializer)
-    dtype: ir.DataType  # the original dtype (scales keep it)
-    sites: list[_Site]
-    transposes: list[ir.Node]  # Transpose nodes between the weight and its sites
-    # Axis-0 Gathers of a tied token embedding ([N, K] rows), when the caller allowed them.
-    gathers: list[ir.Node] = dataclasses.field(default_factory=list)
-    # The [K] factors `array`'s rows were multiplied by (AWQ) where its sites' activation was
-    # divided by them; a gathered row must be divided by them again.
-    row_scales: np.ndarray | None = None
-    head: bool = False  # the lm_head (ModelSpec role "lm_head")
-    # Codes already chosen (AWQ rounds each group as soon as it is searched, then drops the
-    # scaled float array); None: `_quantize_weights` rounds `array`.
-    quantized: _Int4Weight | None = None
-
-
-def _candidate_names(model: FdecModel, include_lm_head: bool) -> list[str]:
-    """Initializer names (in spec order, no repeats) whose role is a quantizable linear layer."""
-    names: list[str] = []
-    for role, name in model.spec.weights.items():
-        match = _LAYER_ROLE.match(role)
-        wanted = (match is not None and match.group(1) in _LINEAR_ROLES) or (
-            role == "lm_head" and include_lm_head
-        )
-        if wanted and name not in names:
-            names.append(name)
-    return names
-
-
-def _int_attr(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
-
-
-def _float_attr(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_float()
-
-
-def _matmul_site(node: ir.Node, index: int, *, through_transpose: bool) -> tuple[_Site, bool]:
-    """A site for `node` reading the weight at input `index`; (site, reads W transposed).
-
-    Raises ValueError naming the reason when the node is not a plain `A @ W (+ bias)`.
-    """
-    if node.domain != "" or node.op_type not in ("MatMul", "Gemm") or index != 1:
-        raise ValueError(f"read by {node.op_type or 'a node'} (input {index})")
-    activation = node.inputs[0]
-    if activation is None:
-        raise ValueError(f"{node.op_type} without an activation")
-    if node.op_type == "MatMul":
-        return _Site(node, activation), through_transpose
-    if _int_attr(node, "transA", 0) or _float_attr(node, "alpha", 1.0) != 1.0:
-        raise ValueError("Gemm with transA or alpha")
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is not None and _float_attr(node, "beta", 1.0) != 1.0:
-        raise ValueError("Gemm with beta")
-    transposed = bool(_int_attr(node, "transB", 0)) != through_transpose
-    return _Site(node, activation, bias), transposed
-
-
-def _is_row_gather(node: ir.Node, index: int) -> bool:
-    """Whether `node` reads its input `index` as the table of a top-level axis-0 Gather."""
-    axis = node.attributes.get("axis")
-    return (
-        node.op_type == "Gather"
-        and node.domain == ""
-        and index == 0
-        and (axis is None or axis.as_int() == 0)
-    )
-
-
-def _find_weight(graph: ir.Graph, name: str, *, gathers: bool = False) -> _Weight:
-    """The weight `name` with every site reading it; ValueError names why it cannot be.
-
-    With `gathers`, axis-0 Gathers of the [N, K] table (a tied embedding, whose lm_head reads
-    it transposed) are collected too instead of refused.
-    """
-    value = graph.initializers.get(name)
-    tensor = value.const_value if value is not None else None
-    if value is None or tensor is None:
-        raise ValueError("not an initializer with data")
-    if tensor.dtype not in _FLOAT_TYPES:
-        raise ValueError("not a float weight")
-    if len(tensor.shape) != 2:
-        raise ValueError("not a 2-D weight")
-    if value.is_graph_input() or value.is_graph_output():
-        raise ValueError("a graph input or output")
-    sites: list[_Site] = []
-    transposes: list[ir.Node] = []
-    row_gathers: list[ir.Node] = []
-    layouts: set[bool] = set()
-    for use in value.uses():
-        node = use.node
-        if node.graph is not graph:
-            raise ValueError("read inside a subgraph")
-        if gathers and _is_row_gather(node, use.idx):
-            row_gathers.append(node)
-            continue
-        if node.op_type == "Transpose" and node.domain == "":
-            perm = node.attributes.get("perm")
-            if perm is not None and list(perm.as_ints()) != [1, 0]:
-                raise ValueError("read by a Transpose that is not [1, 0]")
-            if node.outputs[0].is_graph_output():
-                raise ValueError("transposed into a graph output")
-            transposes.append(node)
-            for inner in node.outputs[0].uses():
-                site, transposed = _matmul_site(inner.node, inner.idx, through_transpose=True)
-                sites.append(site)
-                layouts.add(transposed)
-            continue
-        site, transposed = _matmul_site(node, use.idx, through_transpose=False)
-        sites.append(site)
-        layouts.add(transposed)
-    if not sites:
-        raise ValueError("read by no MatMul")
-    if len(layouts) != 1:
-        raise ValueError("read in two layouts")
-    transposed = layouts.pop()
-    if row_gathers and not transposed:
-        raise ValueError("gathered by rows but read by a MatMul untransposed")
-    # A view where the tensor is already float32 (a [K, N] array, or the transposed view of an
-    # [N, K] one): holding a float copy of every weight at once doubled a pass's memory.
-    array = tensor.numpy().astype(np.float32, copy=False)
-    if transposed:
-        array = array.T
-    return _Weight(value, array, tensor.dtype, sites, transposes, row_gathers)
-
-
-def _collect(
-    model: FdecModel, include_lm_head: bool, share_tied: bool = False
-) -> tuple[list[_Weight], collections.Counter[str]]:
-    """The quantizable weights of `model`, and why the others were skipped (reason → count).
-
-    A weight shared with the token embedding (a tied lm_head) is skipped, unless `share_tied`:
-    then it is collected with the embedding's Gathers (`_Weight.gathers`).
-    """
-    weights: list[_Weight] = []
-    skipped: collections.Counter[str] = collections.Counter()
-    embed = model.spec.weights.get("embed")
-    head = model.spec.weights.get("lm_head")
-    for name in _candidate_names(model, include_lm_head):
-        if name == embed and not share_tied:
-            skipped["shared with the embedding"] += 1
-            continue
-        try:
-            weights.append(_find_weight(model.graph, name, gathers=name == embed))
-            weights[-1].head = name == head
-        except ValueError as reason:
-            logger.info("not quantizing %s: %s", name, reason)
-            skipped[str(reason)] += 1
-    return weights, skipped
-
-
-def _fresh_name(graph: ir.Graph, wanted: str, taken: set[str]) -> str:
-    name = wanted
-    while name in graph.initializers or name in taken:
-        name = "_" + name
-    taken.add(name)
-    return name
-
-
-def _add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(tensor.shape),
-        type=ir.TensorType(tensor.dtype),
-        const_value=tensor,
-    )
-    graph.register_initializer(value)
-    return value
-
-
-def _replace(graph: ir.Graph, site: _Site, new_nodes: list[ir.Node]) -> None:
-    """Put `new_nodes` where `site.node` was; the last one's output takes over its output."""
-    ir.convenience.replace_nodes_and_values(
-        graph,
-        insertion_point=site.node,
-        old_nodes=[site.node],
-        new_nodes=new_nodes,
-        old_values=[site.node.outputs[0]],
-        new_values=[new_nodes[-1].outputs[0]],
-    )
-
-
-def _retire(graph: ir.Graph, weight: _Weight) -> None:
-    """Remove the weight's Transposes and the weight itself (its sites are gone)."""
-    for node in weight.transposes:
-        graph.remove(node, safe=True)
-    name = weight.value.name
-    assert name is not None and not weight.value.uses()
-    graph.initializers.pop(name)
 
 
 # --- int4 -------------------------------------------------------------------------------------
@@ -320,27 +125,6 @@ def _quantize_int4(
     weights = np.ascontiguousarray(array, dtype=np.float32)
     kernel(packed, weights, scales, zero_points, block_size, n, k, symmetric)
     return _Int4Weight(packed, scales, None if symmetric else zero_points, k, n, block_size, bits)
-
-
-def _raise_opset(model: FdecModel, version: int) -> bool:
-    """Make the default-domain opset at least `version`; True when it changed.
-
-    onnxscript's version converter upgrades every node whose meaning changed on the way (from
-    20 to 21 only GroupNormalization does, and it has an adapter; the rest widen types).
-    """
-    current = model.model.opset_imports.get("", 1)
-    if current >= version:
-        return False
-    from onnxscript import version_converter
-
-    version_converter.convert_version(model.model, target_version=version)
-    reached = model.model.opset_imports.get("", 1)
-    if reached < version:
-        raise CompileError(
-            f"could not raise the model's opset from {current} to {version} (reached {reached})",
-            "use quantize-int4 with backend=onnxruntime, or report the model",
-        )
-    return True
 
 
 def _empty_stats() -> dict[str, Any]:
@@ -432,10 +216,10 @@ class QuantizeInt4Pass(Pass):
                 f"{self.name} block_size {self.block_size} is not supported",
                 f"use one of {', '.join(map(str, _BLOCK_SIZES))}",
             )
-        if self.backend not in _INT4_BACKENDS:
+        if self.backend not in graph_forms():
             raise UsageError(
                 f"{self.name} backend {self.backend!r} is unknown",
-                f"use one of {', '.join(_INT4_BACKENDS)}",
+                f"use one of {', '.join(graph_forms())}",
             )
         if self.accuracy_level not in range(5):
             raise UsageError(
@@ -674,28 +458,6 @@ class QuantizeInt4Pass(Pass):
 # --- int8 -------------------------------------------------------------------------------------
 
 
-def _cpu_has_vnni(flags: str) -> bool:
-    """Whether CPU flags text (a /proc/cpuinfo `flags` line, or all of /proc/cpuinfo) has VNNI.
-
-    VNNI (AVX512_VNNI, AVX_VNNI) multiplies u8×s8 into int32 directly; without it, ONNX
-    Runtime's x86 kernels add u8×s8 pairs in int16 (vpmaddubsw), which saturates for
-    full-range int8 weights.
-    """
-    return not _VNNI_FLAGS.isdisjoint(re.split(r"[\s:]+", flags.lower()))
-
-
-def _host_cpu_flags() -> str:
-    """The `flags` line of this machine's /proc/cpuinfo ("" where there is none)."""
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return line
-    return ""
-
-
 def _quantize_int8(array: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-output-channel symmetric int8 of a [K, N] array: (int8 [K, N], float32 scales [N])."""
     peak = np.abs(array).max(axis=0)
@@ -746,6 +508,7 @@ class QuantizeInt8Pass(Pass):
     """
 
     name = "quantize-int8"
+    fusable = False  # fuse-attention is not yet verified on its graphs
     family = "quantize"
     summary = "dynamic int8 (per-channel 8-bit weights, run-time uint8 activations) for the CPU"
     # Dynamic int8 is lossy (activations are quantized per tensor at run time); as for int4
@@ -924,7 +687,6 @@ class QuantizeInt8Pass(Pass):
         did not see, are left unsmoothed (still quantized) and counted in the stats.
         """
         from fdec.calibrate import collect_activation_stats
-        from fdec.passes.quantize_static import _divide_activation, _Group, _smoothing_factors
 
         assert self.alpha is not None
         groups: dict[int, _Group] = {}
@@ -1036,3 +798,13 @@ class QuantizeInt8Pass(Pass):
         else:  # a graph input or an initializer: available from the start
             graph.insert_before(graph.node(0), node)
         return node
+
+
+# What the other quantizers (quantize_awq, quantize_static, quantize_mixed) share from this
+# module: int4/int8 codes and the weight quantizers' stats. The graph-site library they share is
+# fdec.passes.weights.
+Int4Weight = _Int4Weight
+quantize_int4 = _quantize_int4
+quantize_int8 = _quantize_int8
+empty_stats = _empty_stats
+require_untied = _require_untied

@@ -37,18 +37,14 @@ import numpy as np
 from fdec.calibrate import activations_per_batch, checked_batches
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel, release_freed_memory
-from fdec.passes.quantize import (
-    QuantizeInt4Pass,
-    _collect,
-    _Int4Weight,
-    _quantize_int4,
-)
-from fdec.passes.quantize_static import (
-    _divide_activation,
-    _gptq,
-    _Group,
-    _group_by_activation,
-)
+from fdec.passes.quantize import Int4Weight as _Int4Weight
+from fdec.passes.quantize import QuantizeInt4Pass
+from fdec.passes.quantize import quantize_int4 as _quantize_int4
+from fdec.passes.quantize_static import gptq as _gptq
+from fdec.passes.smoothquant import ActivationGroup as _Group
+from fdec.passes.smoothquant import divide_activation as _divide_activation
+from fdec.passes.smoothquant import group_by_activation as _group_by_activation
+from fdec.passes.weights import collect_weights as _collect
 from fdec.pipeline import PassResult, Tolerance
 
 __all__ = ["QuantizeInt4AwqPass"]

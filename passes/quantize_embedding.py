@@ -36,9 +36,12 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from fdec.backends import graph_forms
 from fdec.errors import UsageError
 from fdec.ir import FdecModel
-from fdec.passes.quantize import _add_initializer, _fresh_name, _raise_opset
+from fdec.passes.weights import add_initializer as _add_initializer
+from fdec.passes.weights import fresh_name as _fresh_name
+from fdec.passes.weights import raise_opset as _raise_opset
 from fdec.pipeline import Pass, PassResult, Tolerance
 
 __all__ = ["QuantizeEmbeddingPass"]
@@ -46,7 +49,6 @@ __all__ = ["QuantizeEmbeddingPass"]
 logger = logging.getLogger(__name__)
 
 _BITS = (8, 4)
-_BACKENDS = ("onnxruntime", "tensorrt")
 _BLOCK_SIZES = (16, 32, 64, 128)  # GatherBlockQuantized: a power of 2, at least 16
 _MS_DOMAIN = "com.microsoft"
 _PER_AXIS_OPSET = 13  # DequantizeLinear with a per-axis (1-D) scale
@@ -234,10 +236,10 @@ class QuantizeEmbeddingPass(Pass):
             raise UsageError(
                 f"{self.name} bits {self.bits} is not supported", "use bits=8 or bits=4"
             )
-        if self.backend not in _BACKENDS:
+        if self.backend not in graph_forms():
             raise UsageError(
                 f"{self.name} backend {self.backend!r} is unknown",
-                f"use one of {', '.join(_BACKENDS)}",
+                f"use one of {', '.join(graph_forms())}",
             )
         if self.block_size not in _BLOCK_SIZES:
             raise UsageError(

@@ -40,10 +40,10 @@ import onnx_ir as ir
 from fdec.calibrate import checked_batches
 from fdec.errors import EXIT_DOES_NOT_FIT, UsageError, VerificationError
 from fdec.ir import FdecModel
-from fdec.passes.quantize import _collect
+from fdec.passes.weights import collect_weights as _collect
 from fdec.pipeline import Pass, PassResult, Tolerance
 from fdec.runtime.session import session_for_model
-from fdec.verify import _log_softmax
+from fdec.verify import log_softmax as _log_softmax
 
 __all__ = ["QuantizeMixedPass"]
 

@@ -24,7 +24,6 @@ tokenizer is at hand.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import math
@@ -42,24 +41,26 @@ from fdec.calibrate import (
 )
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
-from fdec.passes.quantize import (
-    QuantizeInt8Pass,
-    _add_initializer,
-    _collect,
-    _empty_stats,
-    _fresh_name,
-    _quantize_int8,
-    _raise_opset,
-    _replace,
-    _require_untied,
-    _retire,
-    _Site,
-    _Weight,
-)
+from fdec.passes.quantize import QuantizeInt8Pass
+from fdec.passes.quantize import empty_stats as _empty_stats
+from fdec.passes.quantize import quantize_int8 as _quantize_int8
+from fdec.passes.quantize import require_untied as _require_untied
+from fdec.passes.smoothquant import ActivationGroup as _Group
+from fdec.passes.smoothquant import divide_activation as _divide_activation
+from fdec.passes.smoothquant import group_by_activation as _group_by_activation
+from fdec.passes.smoothquant import insert_after_producer as _insert_after_producer
+from fdec.passes.smoothquant import smoothing_factors as _smoothing_factors
+from fdec.passes.weights import Weight as _Weight
+from fdec.passes.weights import add_initializer as _add_initializer
+from fdec.passes.weights import collect_weights as _collect
+from fdec.passes.weights import fresh_name as _fresh_name
+from fdec.passes.weights import raise_opset as _raise_opset
+from fdec.passes.weights import replace_site as _replace
+from fdec.passes.weights import retire_weight as _retire
 from fdec.pipeline import Pass, PassResult, Tolerance
 from fdec.targets import Precision
 
-__all__ = ["QuantizeFp8Pass", "QuantizeInt8StaticPass"]
+__all__ = ["QuantizeFp8Pass", "QuantizeInt8StaticPass", "gptq"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,64 +72,12 @@ _ACTIVATION_RANGES = ("absmax", "percentile")
 _WEIGHT_ROUNDINGS = ("nearest", "gptq")
 _GPTQ_BLOCK = 128  # rows rounded between the lazy (matrix) updates of the rest
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-# SmoothQuant factors are kept within these bounds (never 0, never a huge multiplier).
-_SMOOTH_MIN, _SMOOTH_MAX = 1e-5, 1e5
-# Ops whose output 0 is `normalize(x) * scale (+ bias)` over the last axis: (domain, op) →
-# the input indices of the per-channel scale and bias a smoothing factor can be folded into.
-_NORM_OPS: dict[tuple[str, str], tuple[int, ...]] = {
-    ("", "LayerNormalization"): (1, 2),
-    ("", "RMSNormalization"): (1,),
-    ("", "SimplifiedLayerNormalization"): (1,),
-    ("com.microsoft", "SimplifiedLayerNormalization"): (1,),
-    ("com.microsoft", "SkipSimplifiedLayerNormalization"): (2,),
-    ("com.microsoft", "SkipLayerNormalization"): (2, 3),
-}
-_FOLD_DEPTH = 4  # Reshapes walked through on the way back to the norm
-
-
-@dataclasses.dataclass
-class _Group:
-    """The weights multiplied by one activation, and the scale that activation will get."""
-
-    activation: ir.Value
-    weights: list[_Weight]
-
-    @property
-    def sites(self) -> list[_Site]:
-        return [site for weight in self.weights for site in weight.sites]
-
-    @property
-    def dtype(self) -> ir.DataType:
-        return self.activation.dtype or self.weights[0].dtype
-
-
-def _group_by_activation(weights: list[_Weight], skipped: collections.Counter[str]) -> list[_Group]:
-    groups: dict[int, _Group] = {}
-    for weight in weights:
-        activations = {id(site.activation): site.activation for site in weight.sites}
-        if len(activations) != 1:
-            skipped["read by more than one activation"] += 1
-            continue
-        (activation,) = activations.values()
-        if activation.dtype not in (None, *_FLOAT_TYPES) or not activation.name:
-            skipped["activation is not a named float tensor"] += 1
-            continue
-        groups.setdefault(id(activation), _Group(activation, [])).weights.append(weight)
-    return list(groups.values())
 
 
 def _scalar(
     graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType, taken: set[str]
 ) -> ir.Value:
     return _add_initializer(graph, _fresh_name(graph, name, taken), ir.Tensor(array, dtype=dtype))
-
-
-def _insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
-    producer = value.producer()
-    if producer is not None and producer.graph is graph:
-        graph.insert_after(producer, nodes)
-    else:  # a graph input: available from the start
-        graph.insert_before(graph.node(0), nodes)
 
 
 def _zero_point(graph: ir.Graph, dtype: ir.DataType, taken: set[str]) -> ir.Value:
@@ -162,7 +111,7 @@ def _hessians(
     model: FdecModel, batches: Sequence[np.ndarray], names: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """XᵀX (float64 [K, K]) of each named activation over the calibration batches."""
-    from fdec.calibrate import _Runner
+    from fdec.calibrate import ActivationRunner as _Runner
 
     names = list(dict.fromkeys(names))
     sums: dict[str, np.ndarray] = {}
@@ -441,6 +390,10 @@ class QuantizeFp8Pass(_StaticQuantizePass):
     """
 
     name = "quantize-fp8"
+    qdq_precision = "fp8"
+    # GPTQ's error feedback refills masked zeros (tested): FP8 rounds to nearest after 2:4.
+    options_after_masking = (("weight_rounding", "nearest"),)
+    fusable = False  # fuse-attention is not yet verified on its graphs
     family = "quantize"
     summary = "static FP8 E4M3 QDQ (per-channel weights, calibrated per-tensor activations)"
     # FP8 E4M3 keeps 3 mantissa bits (relative step 2⁻³), coarser than int8 near the top of
@@ -575,6 +528,8 @@ class QuantizeInt8StaticPass(_StaticQuantizePass):
     """
 
     name = "quantize-int8-static"
+    qdq_precision = "int8"
+    fusable = False  # fuse-attention is not yet verified on its graphs
     family = "quantize"
     summary = "static int8 QDQ with SmoothQuant (per-channel weights, calibrated activations)"
     # Measured against PyTorch on 128 held tokens, ORT CPU at "basic", calibrated on the
@@ -646,127 +601,5 @@ class QuantizeInt8StaticPass(_StaticQuantizePass):
             )
 
 
-# --- SmoothQuant folding ----------------------------------------------------------------------
-
-
-def _smoothing_factors(
-    alpha: float, group_weights: Sequence[np.ndarray], channel_absmax: np.ndarray
-) -> np.ndarray:
-    """SmoothQuant's s [K] (float32): max|X_j|^α / max|W_j|^(1-α) over the [K, N] weights.
-
-    s_j = 1 where either range is 0; clamped to [1e-5, 1e5]. Shared by the static QDQ pass and
-    the dynamic int8 pass (fdec.passes.quantize.QuantizeInt8Pass).
-    """
-    alpha = float(alpha)
-    x = np.asarray(channel_absmax, dtype=np.float64)
-    w = np.max([np.abs(array).max(axis=1) for array in group_weights], axis=0).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.power(x, alpha) / np.power(w, 1.0 - alpha)
-    s = np.where((x > 0) & (w > 0) & np.isfinite(s), s, 1.0)
-    return np.clip(s, _SMOOTH_MIN, _SMOOTH_MAX).astype(np.float32)
-
-
-def _per_channel_constant(value: ir.Value | None, k: int) -> bool:
-    """Whether `value` is a float initializer holding one value per channel of a last axis K."""
-    tensor = value.const_value if value is not None else None
-    if tensor is None or tensor.dtype not in _FLOAT_TYPES or value.is_graph_input():
-        return False
-    shape = list(tensor.shape)
-    return bool(shape) and shape[-1] == k and math.prod(shape) == k
-
-
-def _last_dim(value: ir.Value) -> int | None:
-    shape = value.shape
-    if shape is None or len(shape) == 0:
-        return None
-    last = shape[-1]
-    return last if isinstance(last, int) else None
-
-
-def _fold_target(graph: ir.Graph, group: _Group, k: int) -> tuple[ir.Node, list[int]] | None:
-    """(node, input indices of its per-channel constants) to fold 1/s into, or None.
-
-    Walks back from the activation through Reshapes that keep the last axis K; every value on
-    the way must be read only by the next node (the last by this group's sites only).
-    """
-    value = group.activation
-    readers = {id(site.node) for site in group.sites}
-    for _ in range(_FOLD_DEPTH + 1):
-        if value.is_graph_output() or value.is_graph_input():
-            return None
-        if any(id(use.node) not in readers for use in value.uses()):
-            return None
-        node = value.producer()
-        if node is None or node.graph is not graph:
-            return None
-        key = (node.domain or "", node.op_type)
-        if key == ("", "Reshape"):
-            source = node.inputs[0]
-            if source is None or _last_dim(value) != k or _last_dim(source) != k:
-                return None
-            value, readers = source, {id(node)}
-            continue
-        if key == ("", "Mul"):
-            constants = [i for i, v in enumerate(node.inputs) if _per_channel_constant(v, k)]
-            if len(constants) != 1 or node.inputs[1 - constants[0]].const_value is not None:
-                return None
-            return node, constants
-        indices = _NORM_OPS.get(key)
-        if indices is None or node.outputs[0] is not value:
-            return None
-        if key == ("", "LayerNormalization") or key == ("", "RMSNormalization"):
-            axis = node.attributes.get("axis")
-            if axis is not None and axis.as_int() != -1:
-                return None
-        present = [i for i in indices if i < len(node.inputs) and node.inputs[i] is not None]
-        if not present or not all(_per_channel_constant(node.inputs[i], k) for i in present):
-            return None
-        return node, present
-    return None
-
-
-def _divide_activation(
-    graph: ir.Graph, group: _Group, s: np.ndarray, taken: set[str], *, label: str = "SmoothQuant"
-) -> tuple[ir.Value, bool]:
-    """Make the group's weights read X / s: (the value they must read now, folded or not).
-
-    Folded (`_fold`): the op producing X now computes X / s, and X itself is returned.
-    Otherwise a `Mul` by 1/s (named `<X>_<label>`) is inserted after X's producer and its
-    output returned; the caller points the group's sites at it.
-    """
-    if _fold(graph, group, s, taken):
-        return group.activation, True
-    source = group.activation
-    inverse = _add_initializer(
-        graph,
-        _fresh_name(graph, f"{source.name}_smooth", taken),
-        ir.tensor((1.0 / s).astype(group.dtype.numpy())),
-    )
-    mul = ir.node("Mul", [source, inverse], name=f"{source.name}_{label}")
-    _insert_after_producer(graph, source, [mul])
-    divided = mul.outputs[0]
-    divided.name = _fresh_name(graph, f"{source.name}_smoothed", taken)
-    return divided, False
-
-
-def _fold(graph: ir.Graph, group: _Group, s: np.ndarray, taken: set[str]) -> bool:
-    """Divide the per-channel constants of the op producing the activation by s; True if done."""
-    found = _fold_target(graph, group, s.shape[0])
-    if found is None:
-        return False
-    node, indices = found
-    for index in indices:
-        value = node.inputs[index]
-        assert value is not None and value.const_value is not None
-        old = value.const_value.numpy()
-        new = (old.astype(np.float32) / s.reshape(old.shape)).astype(old.dtype)
-        if len(value.uses()) == 1 and not value.is_graph_output() and value.name:
-            value.const_value = ir.tensor(new, name=value.name)
-        else:  # shared with another reader: give this node its own copy
-            copy = _add_initializer(
-                graph,
-                _fresh_name(graph, f"{value.name or node.name}_smoothed", taken),
-                ir.tensor(new),
-            )
-            node.replace_input_with(index, copy)
-    return True
+# What quantize_awq shares from this module: GPTQ rounding.
+gptq = _gptq

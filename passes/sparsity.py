@@ -36,7 +36,7 @@ import onnx_ir as ir
 from fdec.calibrate import activations_per_batch, checked_batches
 from fdec.errors import UsageError
 from fdec.ir import FdecModel
-from fdec.passes.quantize import _find_weight, _int_attr, _Weight
+from fdec.passes.weights import Weight, find_weight, int_attr
 from fdec.pipeline import Pass, PassResult, Tolerance
 
 __all__ = ["SPARSITY_METADATA", "Sparsify2of4Pass", "mask_2of4", "sparse_groups_ok"]
@@ -56,7 +56,7 @@ _SCORES = ("magnitude", "activation")
 
 
 def _activation_norms(
-    model: FdecModel, weights: dict[str, _Weight], batches: Sequence[np.ndarray]
+    model: FdecModel, weights: dict[str, Weight], batches: Sequence[np.ndarray]
 ) -> dict[str, np.ndarray]:
     """Per weight: ‖X_k‖₂ over every calibration token of the activation its sites multiply
     (float64 [K]), from one ONNX Runtime session. Weights read by two activations get none."""
@@ -121,11 +121,11 @@ def _parse_roles(roles: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-def _stored_transposed(weight: _Weight) -> bool:
+def _stored_transposed(weight: Weight) -> bool:
     """Whether the initializer is stored [N, K] (its sites read it transposed)."""
     site = weight.sites[0]
     through_transpose = site.node.inputs[1] is not weight.value
-    trans_b = site.node.op_type == "Gemm" and bool(_int_attr(site.node, "transB", 0))
+    trans_b = site.node.op_type == "Gemm" and bool(int_attr(site.node, "transB", 0))
     return trans_b != through_transpose
 
 
@@ -155,6 +155,12 @@ class Sparsify2of4Pass(Pass):
     """
 
     name = "sparsify-2of4"
+    masks_weights = True
+    # 2:4 masks are lossy too (docs/design-notes.md): what a failed quality gate suggests.
+    gate_advice = (
+        "drop --sparsity, keep end layers dense (--pass-options sparsify-2of4.skip_first=2 "
+        "--pass-options sparsify-2of4.skip_last=2), or "
+    )
     family = "prune"
     summary = "magnitude 2:4 semi-structured sparsity on chosen linear weights (sm >= 8.0)"
     # Half of each masked weight becomes zero without retraining: the outputs move far. These
@@ -232,10 +238,10 @@ class Sparsify2of4Pass(Pass):
             chosen.setdefault(name, []).append(role)
 
         skipped: dict[str, str] = {}
-        found: dict[str, _Weight] = {}
+        found: dict[str, Weight] = {}
         for name in chosen:
             try:
-                found[name] = _find_weight(graph, name)
+                found[name] = find_weight(graph, name)
             except ValueError as reason:
                 skipped[name] = str(reason)
         norms: dict[str, np.ndarray] = {}

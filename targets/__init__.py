@@ -19,8 +19,8 @@ key                         meaning                                             
 ``[peak_tflops]``           dense (no sparsity) peak per precision: fp32, tf32, fp16,  yes
                             bf16, fp8, int8, int4, fp4 (TOPS for integers); leave an
                             entry out when the figure is unknown
-``default_backend``         ``onnxruntime``, ``tensorrt``, ``tensorrt-rtx`` or         yes
-                            ``hf-checkpoint``
+``default_backend``         a backend of fdec.backends: ``onnxruntime``,              yes
+                            ``tensorrt`` or ``tensorrt-rtx``
 ``[default_recipe]``        ``weights``, ``activations``, ``kv_cache``: a precision    yes
                             name, optionally with a method suffix (``"int4-awq"``);
                             optional ``encoder_weights`` for encoder models (BERT)
@@ -56,6 +56,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from fdec.backends import backend_names, gpu_only_backends
 from fdec.errors import InputError
 
 __all__ = [
@@ -69,8 +70,8 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-#: Backends a target may name as its default (one per lowering in fdec/lower).
-BACKENDS: tuple[str, ...] = ("onnxruntime", "tensorrt", "tensorrt-rtx", "hf-checkpoint")
+#: Backends a target may name as its default (the registry in fdec.backends).
+BACKENDS: tuple[str, ...] = backend_names()
 
 
 class Precision(enum.Enum):
@@ -398,7 +399,6 @@ _REQUIRED = (
 _KEYS = (*_REQUIRED, "compute_capability", "sources")
 _RECIPE_KEYS = ("weights", "activations", "kv_cache")
 _RECIPE_OPTIONAL = ("encoder_weights",)  # an encoder's weights, where they differ (cpu: int8)
-_GPU_ONLY_BACKENDS = frozenset({"tensorrt", "tensorrt-rtx"})
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _CC_RE = re.compile(r"(\d{1,2})\.(\d)")
 _CC_RANGE = ((3, 0), (16, 0))  # 3.0 up to 15.x
@@ -461,7 +461,7 @@ def _parse(text: str, label: str) -> Target:
             f"{label}: default_backend {_quote(backend)} is not a backend",
             f"{hint}use one of: {', '.join(BACKENDS)}",
         )
-    if backend in _GPU_ONLY_BACKENDS and not is_gpu:
+    if backend in gpu_only_backends() and not is_gpu:
         raise InputError(
             f"{label}: default_backend {_quote(backend)} needs a GPU, but compute_capability "
             "is not set",

@@ -42,7 +42,7 @@ def test_failure_while_writing_keeps_previous_build(
         (out / "model.onnx").write_bytes(b"half written")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(fdec.compile, "lower_onnxruntime", broken_lowering)
+    monkeypatch.setattr(fdec.compile.lower, "lower_onnxruntime", broken_lowering)
     result = cli_runner.invoke(
         cli, ["compile", str(tiny_models("gpt2")), "-o", str(previous_build), "--quantize", "none"]
     )
@@ -55,7 +55,7 @@ def test_failed_verification_keeps_previous_build(
     previous_build, tiny_models, cli_runner, monkeypatch
 ):
     before = _snapshot(previous_build)
-    monkeypatch.setattr(fdec.compile, "FP32_TOLERANCE", Tolerance(max_abs_error=0.0))
+    monkeypatch.setattr(fdec.compile.recipe, "FP32_TOLERANCE", Tolerance(max_abs_error=0.0))
     result = cli_runner.invoke(
         cli,
         [
@@ -81,7 +81,7 @@ def test_interrupt_keeps_previous_build(previous_build, tiny_models, monkeypatch
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fdec.compile, "_verify", interrupted)
+    monkeypatch.setattr(fdec.compile.gate, "verify_build", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fdec.compile.compile_model(
             fdec.compile.CompileOptions(

@@ -197,7 +197,7 @@ def stop_before_loading(monkeypatch):
     def stop(given, **kwargs):
         raise InputError("fuzz: stopped before loading the model")
 
-    monkeypatch.setattr(fdec.compile, "resolve_source", stop)
+    monkeypatch.setattr(fdec.compile.resolve, "resolve_source", stop)
 
 
 @_FUZZ

@@ -1,5 +1,6 @@
 """The graph IR: onnx-ir models paired with the ModelSpec import derives from the HF config."""
 
+from fdec.ir.kv import shared_kv_layers
 from fdec.ir.model import FdecModel, GraphCounts, count_graph, release_freed_memory, save_model
 from fdec.ir.spec import WEIGHT_ROLES, ModelSpec
 
@@ -11,4 +12,5 @@ __all__ = [
     "count_graph",
     "release_freed_memory",
     "save_model",
+    "shared_kv_layers",
 ]

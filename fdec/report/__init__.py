@@ -10,7 +10,7 @@ from typing import Any
 
 from fdec.errors import InputError
 
-__all__ = ["REPORT_FILE", "SCHEMA_VERSION", "environment", "load_report", "render_report"]
+__all__ = ["REPORT_FILE", "SCHEMA_VERSION", "environment", "load_report", "paint", "render_report"]
 
 REPORT_FILE = "report.json"
 SCHEMA_VERSION = 1
@@ -43,7 +43,7 @@ def load_report(build: pathlib.Path) -> dict[str, Any]:
         report = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"{path} is not valid JSON ({err})", "rebuild with fdec compile") from None
-    from fdec.bench import BENCH_KEY, load_bench
+    from fdec.report.bench_results import BENCH_KEY, load_bench
 
     bench = load_bench(build)  # written by `fdec bench` after the build: shown, not hashed
     if bench is not None:
@@ -74,7 +74,7 @@ def _stats_text(stats: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _paint(text: str, kind: str) -> str:
+def paint(text: str, kind: str) -> str:
     """Terminal styling (click): bold headings, green for ok, red for failures, yellow warnings."""
     import click
 
@@ -126,7 +126,7 @@ def _pruning_lines(report: dict[str, Any]) -> list[str]:
 
 def render_report(report: dict[str, Any], *, style: bool = False) -> str:
     """The report as a text table (passes, then verification); `style` adds terminal colors."""
-    paint = _paint if style else (lambda text, kind: text)
+    paint_ = paint if style else (lambda text, kind: text)
     source = report.get("source", {})
     target = report.get("target", {})
     lines = [
@@ -158,18 +158,18 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
     for number, row in enumerate(rows):
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
         if number == 0:
-            cells = [paint(cell, "head") for cell in cells]
+            cells = [paint_(cell, "head") for cell in cells]
         else:  # padded first, so color codes do not shift the columns
             checks = cells[-1]
-            cells[-1] = paint(checks, "bad" if "FAIL" in checks else "ok")
+            cells[-1] = paint_(checks, "bad" if "FAIL" in checks else "ok")
         lines.append(
-            "  ".join([*cells, paint(row[-1], "head") if number == 0 else row[-1]]).rstrip()
+            "  ".join([*cells, paint_(row[-1], "head") if number == 0 else row[-1]]).rstrip()
         )
     verification = report.get("verification") or {}
     if verification:
         lines.append("")
         numeric = verification.get("numeric", {})
-        status = paint("PASS", "ok") if verification.get("ok") else paint("FAIL", "bad")
+        status = paint_("PASS", "ok") if verification.get("ok") else paint_("FAIL", "bad")
         lines.append(
             f"verification {status}: max abs error {numeric.get('max_abs_error', 0):.3g} "
             f"(limit {verification.get('tolerance', {}).get('max_abs_error', '?')}), "
@@ -192,7 +192,9 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
     for engine in report.get("engines") or []:
         what = engine.get("purpose") or "engine"
         status = engine["status"]
-        line = f"{engine['backend']} {what}: {paint(status, 'ok' if status == 'built' else 'warn')}"
+        line = (
+            f"{engine['backend']} {what}: {paint_(status, 'ok' if status == 'built' else 'warn')}"
+        )
         if engine.get("compute_capability"):
             line += f" (sm {engine['compute_capability']})"
         if engine.get("engine"):
@@ -223,8 +225,8 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
         lines.append(f"build size: {_human_bytes(total)} in {len(outputs)} files")
     bench = report.get("bench")
     if bench and bench.get("rows"):
-        from fdec.bench import render_bench
+        from fdec.report.bench_results import render_bench
 
         when = bench.get("measured_at", "?")
-        lines += ["", paint(f"measured speed (fdec bench, {when})", "head"), render_bench(bench)]
+        lines += ["", paint_(f"measured speed (fdec bench, {when})", "head"), render_bench(bench)]
     return "\n".join(lines)

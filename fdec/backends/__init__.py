@@ -1,0 +1,125 @@
+"""Backends as objects: the one registry of what each backend takes, prepares, writes and verifies.
+
+A backend is what runs a build's graph: ONNX Runtime, TensorRT, TensorRT-RTX. Each is one
+module here holding one object that satisfies `Backend`; `REGISTRY` lists them. The CLI's
+`--backend` choices, the config schema, target files' `default_backend` check, the compile's
+backend choice and engine building all read this registry, so adding a backend is one module
+plus one line in `_MODULES`.
+
+Heavy imports (TensorRT, the lowering modules) happen inside the backend's methods, so this
+package imports only fdec.errors and may be imported by targets and passes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from fdec.errors import UsageError
+
+__all__ = [
+    "REGISTRY",
+    "Backend",
+    "backend_names",
+    "choose_backend",
+    "get_backend",
+    "gpu_only_backends",
+    "graph_forms",
+]
+
+
+class Backend(Protocol):
+    """What fdec knows about one backend (the object each backends/<name>.py module exports)."""
+
+    #: The --backend spelling.
+    name: str
+    #: Runs on GPUs only (refused for CPU targets).
+    gpu_only: bool
+    #: The graph form weight quantizers write for it: "onnxruntime" (com.microsoft contrib ops:
+    #: MatMulNBits, GatherBlockQuantized) or "tensorrt" (standard blocked Q/DQ).
+    graph_form: str
+    #: ONNX op domains its graphs may contain ("" is the default ONNX domain).
+    op_domains: tuple[str, ...]
+    #: ONNX Runtime execution providers that run its builds where they are deployed.
+    providers: tuple[str, ...]
+    #: Engines are built for fixed shape ranges: the limits are checked against the model.
+    fixed_shapes: bool
+    #: Folders (relative to a build) holding its files besides model.onnx.
+    files: tuple[str, ...]
+    #: How its build is verified on this machine (the report's wording).
+    verifies_here: str
+
+    def prepare_passes(self, context: Any) -> list[Any]:
+        """This backend's own graph preparation after the shared pipeline (fdec.compile.recipe
+        gives the context: the pipeline so far, whether --passes was given, emits, kv options)."""
+        ...
+
+    def build_engines(
+        self,
+        build_dir: pathlib.Path,
+        *,
+        spec: Any,
+        target: Any,
+        limits: Any,
+        precisions: tuple[str, ...],
+        progress: Callable[[str], None],
+    ) -> list[dict[str, Any]]:
+        """Engine records for the report (empty when the backend runs the ONNX model itself);
+        raises CompileError when a deployable engine fails."""
+        ...
+
+
+# One line per backend: name -> module under fdec.backends exporting BACKEND.
+_MODULES = {
+    "onnxruntime": "fdec.backends.onnxruntime",
+    "tensorrt": "fdec.backends.tensorrt",
+    "tensorrt-rtx": "fdec.backends.tensorrt_rtx",
+}
+
+
+class _Registry(dict):
+    """name -> Backend, each module imported on first use."""
+
+    def __missing__(self, name: str) -> Backend:
+        if name not in _MODULES:
+            raise KeyError(name)
+        backend = importlib.import_module(_MODULES[name]).BACKEND
+        self[name] = backend
+        return backend
+
+
+REGISTRY: dict[str, Backend] = _Registry()
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every backend's name, in registry order."""
+    return tuple(_MODULES)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called `name`; UsageError naming the choices for anything else."""
+    if name not in _MODULES:
+        raise UsageError(f"unknown backend {name!r}", f"use one of: {', '.join(_MODULES)}")
+    return REGISTRY[name]
+
+
+def gpu_only_backends() -> frozenset[str]:
+    return frozenset(name for name in _MODULES if REGISTRY[name].gpu_only)
+
+
+def graph_forms() -> tuple[str, ...]:
+    """The graph forms quantizers can write (each backend's `graph_form`, in registry order)."""
+    return tuple(dict.fromkeys(REGISTRY[name].graph_form for name in _MODULES))
+
+
+def choose_backend(asked: str | None, target: Any) -> Backend:
+    """The backend a compile uses: the one asked for, else the target's default."""
+    backend = get_backend(asked or target.default_backend)
+    if backend.gpu_only and not target.is_gpu:
+        raise UsageError(
+            f"backend {backend.name} needs a GPU target; {target.name} is a CPU",
+            "pass --target with a GPU (fdec targets lists them) or --backend onnxruntime",
+        )
+    return backend

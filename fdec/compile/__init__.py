@@ -1,0 +1,172 @@
+"""`fdec compile` as a Python API: resolve → front → optimize → lower → verify → engines → write.
+
+Each stage is a module of this package (docs/architecture.md has the picture):
+
+    resolve   options → Settings (target, backend, limits, recipe); nothing loaded yet
+    prune     --prune: the source pruned into a smaller checkpoint, which the build then compiles
+    front     the source → ONNX export, PyTorch reference, cached pass results (fdec.cache)
+    optimize  the recipe's passes (shared pipeline, then the backend's own preparation)
+    lower     the build's files (model.onnx, runtime config, --emit outputs)
+    gate      verification against the source and the quality gate
+    write     report.json, report.html, fdec-build.json (inside the atomic build)
+    draft     --draft: a second, layer-pruned build into draft/
+
+`recipe` composes the pipeline from what passes declare; backends (fdec.backends) prepare their
+graphs and build their engines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fdec.backends import choose_backend
+from fdec.build import AtomicBuild
+from fdec.compile.draft import Draft, plan_draft
+from fdec.compile.front import Front
+from fdec.compile.gate import verify_written
+from fdec.compile.lower import write_files
+from fdec.compile.optimize import run_passes
+from fdec.compile.options import CompileOptions, CompileResult
+from fdec.compile.prune import add_student, prune_model
+from fdec.compile.recipe import (
+    DEFAULT_MAX_PPL_INCREASE,
+    FP32_TOLERANCE,
+    INT8_DYNAMIC_ALPHA,
+    Recipe,
+    default_quantize,
+    engine_precisions,
+    plan_pipeline,
+)
+from fdec.compile.resolve import DEFAULT_MAX_SEQ_LEN, Settings, open_source, resolve_settings
+from fdec.compile.write import Addition, write_build
+from fdec.lower.engines import build_engines
+from fdec.plan import check_capacity
+from fdec.student import distill_pruned
+
+__all__ = [
+    "DEFAULT_MAX_PPL_INCREASE",
+    "FP32_TOLERANCE",
+    "INT8_DYNAMIC_ALPHA",
+    "CompileOptions",
+    "CompileResult",
+    "Recipe",
+    "choose_backend",
+    "compile_model",
+    "default_quantize",
+    "plan_pipeline",
+]
+
+
+def compile_model(
+    options: CompileOptions, progress: Callable[[str], None] = lambda message: None
+) -> CompileResult:
+    """Compile `options.model` into `options.out`; raises FdecError subclasses on failure.
+
+    With `prune`, the source is pruned first and the pruned checkpoint is compiled, the build
+    carrying it in `student/`; with `draft`, a layer-pruned draft is compiled into the build's
+    `draft/` (for `fdec run --speculative draft`)."""
+    return _compile(options, progress, draft=True)
+
+
+def _compile(
+    options: CompileOptions, progress: Callable[[str], None], *, draft: bool
+) -> CompileResult:
+    """resolve → [prune] → build; with `draft`, the build also carries --draft's model."""
+    started = time.perf_counter()
+    settings = resolve_settings(options)  # everything checkable without the model, checked first
+    source = open_source(options, progress)
+    settings = settings.for_source(source)
+    additions: list[Addition] = []
+    if draft and options.draft:
+        additions.append(
+            _draft_addition(options, plan_draft(options.draft, source.config), progress)
+        )
+    if not options.prune:
+        return _build(settings, source, additions, progress, started)
+    pruned = prune_model(options, source, settings.target, progress, prune=options.prune)
+    try:
+        if options.distill_steps:
+            distill_pruned(pruned, options.distill_steps, options, progress)
+        # The build proper compiles the pruned checkpoint like any other model.
+        student = dataclasses.replace(
+            options, model=str(pruned.folder), prune=None, draft=None, distill_steps=0
+        )
+        student_source = open_source(student, progress)
+        student_settings = resolve_settings(student).for_source(student_source)
+        additions.append(add_student(pruned, source, options.prune))
+        return _build(student_settings, student_source, additions, progress, time.perf_counter())
+    finally:
+        pruned.cleanup()
+
+
+def _build(
+    settings: Settings,
+    source: Any,
+    additions: Sequence[Addition],
+    progress: Callable[[str], None],
+    started: float,
+) -> CompileResult:
+    """front → optimize → lower → verify → engines → write, for one resolved source."""
+    options, target, recipe = settings.options, settings.target, settings.recipe
+    out = pathlib.Path(options.out)
+    # Capacity from config.json alone: a --max-batch × --max-seq-len that cannot fit the
+    # target's memory fails here (exit 3, CapacityError), before the model loads.
+    capacity = check_capacity(
+        source.config, target, model=source.given, weights=settings.quantize,
+        kv_dtype=options.kv_dtype, batch=settings.limits.max_batch, context=options.max_seq_len,
+        default_context=DEFAULT_MAX_SEQ_LEN,
+    )  # fmt: skip
+    progress(f"recipe: --quantize {settings.quantize} ({settings.chosen_by})")
+    # The cache serves the export, the reference and the longest cached prefix of the
+    # pipeline; PyTorch loads the model only for what it must compute.
+    front = Front(options, source, recipe, progress)
+    model, cached_records = front.resume()
+    if model is None:
+        progress(f"loading {source.given} ({source.family.name}, {source.kind})")
+        model = front.export()
+    else:
+        progress(f"passes 1-{front.resumed} of {len(recipe.pipeline)} taken from the cache")
+    spec = model.spec
+    settings.check_limits(spec)
+    reference = front.reference(spec)
+    front.release_hf_model()
+    optimized = run_passes(
+        options, recipe, front, model, cached_records, reference, target=target, progress=progress
+    )
+    del model  # optimized.model holds it until lowering drops it
+    with AtomicBuild(out) as staging:
+        lowered = write_files(
+            optimized, staging, out=out, source=source, target=target,
+            optimization=recipe.optimization, emit=options.emit, progress=progress,
+        )  # fmt: skip
+        verification = verify_written(staging, reference, recipe, optimized, front, progress)
+        engines = build_engines(
+            staging, spec=spec, target=target, backend=settings.backend.name,
+            limits=settings.limits, precisions=engine_precisions(recipe.pipeline),
+            progress=progress,
+        )  # fmt: skip
+        report = write_build(
+            staging, settings=settings, source=source, spec=spec, front=front,
+            optimized=optimized, lowered=lowered, verification=verification, engines=engines,
+            capacity=capacity, started=started, additions=additions,
+        )  # fmt: skip
+    return CompileResult(out, report)
+
+
+def _draft_addition(
+    options: CompileOptions, draft: Draft, progress: Callable[[str], None]
+) -> Addition:
+    """The build step compiling the draft into the main build's draft/ (no draft of its own)."""
+
+    def build_draft(staging: pathlib.Path, report: dict[str, Any]) -> None:
+        progress(f"building the draft ({draft.option}: --prune {draft.prune})")
+        built = _compile(
+            draft.options(options, staging), lambda m: progress(f"draft: {m}"), draft=False
+        )
+        report["draft"] = draft.record(built.report)
+
+    return build_draft

@@ -1,0 +1,214 @@
+"""Verify and gate: the written build against the source model, and a failed gate explained.
+
+`verify_build` compares the build's session with the PyTorch reference under the recipe's
+tolerance; when only the perplexity bound fails, `quality_gate_error` names the layers the
+lossy pass hurt most (measured on the model `LossySnapshot` kept from before that pass).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pathlib
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from fdec.calibrate import calibration_batches, load_calibration_texts
+from fdec.compile.recipe import sensitivity_pass
+from fdec.errors import QualityGateError, VerificationError
+from fdec.ir import FdecModel
+from fdec.lower import MODEL_FILE
+from fdec.pipeline import EXACT, Instrument, Tolerance
+from fdec.runtime import OrtModel, open_session
+from fdec.verify import Reference
+
+__all__ = [
+    "VERIFICATION_FIX",
+    "LossySnapshot",
+    "quality_gate_error",
+    "verify_build",
+    "verify_written",
+]
+
+VERIFICATION_FIX = (
+    "the build was not written; rerun with --verify-each to find the pass that broke it"
+)
+
+
+def verify_build(reference: Reference, session: OrtModel, tolerance: Tolerance) -> dict[str, Any]:
+    numeric = reference.compare(session)
+    result: dict[str, Any] = {
+        "numeric": numeric,
+        "tolerance": tolerance.to_dict(),
+        "providers": session.providers,
+        "reference": "PyTorch (transformers), fp32, CPU",
+        "held_text": "tokenizer" if reference.used_tokenizer else "synthetic token ids",
+    }
+    broken = tolerance.judge(numeric)
+    failure = f"build differs from the source model: {broken}" if broken else None
+    if (
+        broken
+        and dataclasses.replace(tolerance, max_perplexity_increase=None).judge(numeric) is None
+    ):
+        result["gate"] = "max_perplexity_increase"  # only the quality gate failed: exit 3
+    if reference.kind == "decoder":
+        greedy = reference.compare_greedy(session)
+        result["greedy"] = greedy
+        if failure is None and tolerance.greedy_identical and not greedy["identical"]:
+            margin = greedy.get("source_margin_at_divergence", 0.0)
+            if margin > tolerance.max_abs_error:
+                failure = (
+                    f"greedy tokens diverge from the source model at step "
+                    f"{greedy['first_divergence']} of {greedy['steps']}"
+                )
+            else:
+                greedy["near_tie"] = True  # source's top two logits within float noise
+    result["ok"] = failure is None
+    if failure:
+        result["failure"] = failure
+    return result
+
+
+class LossySnapshot(Instrument):
+    """An instrument that saves the model as it enters the first lossy pass (to a temporary
+    folder), so that a failed quality gate can measure which layers that pass hurt most. It is
+    read only then; `close` deletes it. When that pass's result came from the cache, its input
+    model is loaded from the cache instead (`from_cache`)."""
+
+    def __init__(self) -> None:
+        self.pass_: Any = None
+        self.spec: Any = None
+        self._folder: tempfile.TemporaryDirectory[str] | None = None
+        self._loader: Callable[[], FdecModel | None] | None = None
+
+    def from_cache(self, pass_: Any, loader: Callable[[], FdecModel | None]) -> None:
+        self.pass_, self._loader = pass_, loader
+
+    def model(self) -> FdecModel | None:
+        """The model as it entered the first lossy pass (None when there was none)."""
+        if self._loader is not None:
+            return self._loader()
+        if self.path is None:
+            return None
+        import onnx_ir as ir
+
+        return FdecModel(ir.external_data.load_to_model(ir.load(self.path)), self.spec)
+
+    @property
+    def path(self) -> pathlib.Path | None:
+        return pathlib.Path(self._folder.name) / "model.onnx" if self._folder else None
+
+    def before(self, pass_: Any, model: FdecModel, record: Any) -> None:
+        if self.pass_ is None and pass_.tolerance != EXACT:
+            self._folder = tempfile.TemporaryDirectory(prefix="fdec-snapshot-")
+            model.save(self.path)
+            self.pass_, self.spec = pass_, copy.deepcopy(model.spec)
+
+    def close(self) -> None:
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
+
+
+# How many of the most sensitive layers a failed gate names.
+_WORST_SHOWN = 3
+
+
+def _sensitivity(
+    records: list[Any], snapshot: LossySnapshot, recipe: Any, front: Any, progress: Any
+) -> list[dict[str, Any]]:
+    """Per-layer sensitivity (largest KL first) of the build's weight quantizer: the table a
+    quantize-mixed pass recorded, else measured now on the snapshot taken before that pass."""
+    for record in records:  # a mixed-precision pass measured it already
+        if record.stats.get("sensitivity"):
+            return list(record.stats["sensitivity"])
+    quantizer = snapshot.pass_
+    if quantizer is None or quantizer.family != "quantize":
+        return []
+    model = snapshot.model()
+    if model is None:
+        return []
+    options = {
+        field.name: getattr(quantizer, field.name)
+        for field in dataclasses.fields(quantizer)
+        if field.init and field.name not in quantizer.calibration_fields
+    }
+    batches = getattr(quantizer, "batches", None) or tuple(
+        calibration_batches(
+            recipe.calibration_texts or load_calibration_texts(None),
+            front.tokenizer(),
+            model.spec.vocab_size,
+        )
+    )
+    mixed = sensitivity_pass(quantizer.name, options, batches)
+    progress("quality gate failed: measuring each layer's sensitivity to name the worst")
+    return list(mixed(model).stats.get("sensitivity", []))
+
+
+def quality_gate_error(
+    verification: dict[str, Any],
+    tolerance: Tolerance,
+    records: list[Any],
+    snapshot: LossySnapshot,
+    recipe: Any,
+    front: Any,
+    progress: Any,
+) -> QualityGateError:
+    numeric = verification["numeric"]
+    source, build = numeric["perplexity_source"], numeric["perplexity_build"]
+    limit = tolerance.max_perplexity_increase
+    try:
+        sensitivity = _sensitivity(records, snapshot, recipe, front, progress)
+    finally:
+        snapshot.close()
+    worst = sensitivity[:_WORST_SHOWN]
+    named = ", ".join(f"{row['unit']} (KL {row['kl']:.3g})" for row in worst)
+    problem = (
+        f"quality gate failed: perplexity on held text grew {build / source - 1:.1%} "
+        f"({source:.2f} → {build:.2f}; --max-ppl-increase {limit:.1%})"
+        + (f"; most sensitive layers: {named}" if named else "")
+    )
+    fix = (
+        f"keep them in fp32 with --keep-fp {len(worst)} (int4, int8 dynamic), " if worst else ""
+    ) + "choose a gentler --quantize (int4-awq, int8), or raise --max-ppl-increase"
+    advice = [p.gate_advice for p in recipe.pipeline if p.gate_advice]
+    fix = "".join(advice) + fix
+    details = {
+        "gate": "max_ppl_increase",
+        "limit": limit,
+        "perplexity_source": source,
+        "perplexity_build": build,
+        "increase": build / source - 1,
+        "worst_layers": worst,
+        "sensitivity_measured_on": "calibration text (KL against the model before quantization)",
+    }
+    return QualityGateError(problem, fix, details=details)
+
+
+def verify_written(
+    staging: pathlib.Path,
+    reference: Reference,
+    recipe: Any,
+    optimized: Any,
+    front: Any,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Verify the build as written in `staging`; raise the quality gate's error (exit 3) or a
+    VerificationError when it fails. The verification record for the report."""
+    progress("verifying the build against the source model")
+    # Without prepacking the verifying session reads the weights from the mapped file
+    # instead of holding a packed copy (peak RSS; issue 9).
+    session = OrtModel(
+        open_session(staging / MODEL_FILE, optimization=recipe.optimization, prepack=False)
+    )
+    verification = verify_build(reference, session, recipe.tolerance)
+    if verification.get("gate"):
+        raise quality_gate_error(
+            verification, recipe.tolerance, optimized.records, optimized.snapshot, recipe, front,
+            progress,
+        )  # fmt: skip
+    if not verification["ok"]:
+        raise VerificationError(verification["failure"], VERIFICATION_FIX)
+    optimized.snapshot.close()
+    return verification

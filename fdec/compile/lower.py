@@ -1,0 +1,75 @@
+"""Lower: the optimized model written as the build's files (ONNX Runtime layout, emits).
+
+Every backend starts from the same files: model.onnx + external data, the runtime config, the
+tokenizer and HF config beside it; --emit adds onnxruntime-genai's config and a serving
+checkpoint. A backend's engines are built from model.onnx after verification
+(`Backend.build_engines`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+from fdec.compile.optimize import Optimized
+from fdec.ir import GraphCounts, release_freed_memory
+from fdec.lower import lower_onnxruntime
+from fdec.lower.genai import write_genai_config
+from fdec.lower.hf_checkpoint import CHECKPOINT_DIR, write_hf_checkpoint
+
+__all__ = ["Lowered", "write_files"]
+
+
+@dataclasses.dataclass
+class Lowered:
+    """What lowering measured before the in-memory graph was dropped."""
+
+    counts: GraphCounts
+    gathered_bytes: int  # bytes of an untied embedding table (read a row per token)
+    checkpoint: dict[str, Any] | None  # --emit hf-checkpoint's record
+
+
+def write_files(
+    optimized: Optimized,
+    staging: pathlib.Path,
+    *,
+    out: pathlib.Path,
+    source: Any,
+    target: Any,
+    optimization: str,
+    emit: tuple[str, ...],
+    progress: Callable[[str], None],
+) -> Lowered:
+    """Write the build's files into `staging`; drops `optimized.model` afterwards, so what is
+    verified next is the build as written, the verifying session holding the only copy of the
+    weights (peak RSS; issue 9)."""
+    model, optimized.model = optimized.model, None
+    progress(f"writing the ONNX Runtime build to {out}")
+    lower_onnxruntime(
+        model, staging, source_folder=source.folder, target=target, optimization=optimization
+    )
+    records = optimized.records
+    counts = records[-1].after if records else model.counts()
+    gathered = _gathered_bytes(model)
+    if "genai" in emit:  # onnxruntime-genai's generator config (fdec.lower.genai)
+        write_genai_config(staging, model.spec)
+    checkpoint = None
+    if "hf-checkpoint" in emit:
+        progress("writing the serving checkpoint (safetensors + quantization config)")
+        checkpoint = write_hf_checkpoint(model, source.folder, staging / CHECKPOINT_DIR)
+        checkpoint["directory"] = CHECKPOINT_DIR  # relative: the build moves into place
+    del model
+    release_freed_memory()
+    return Lowered(counts, gathered, checkpoint)
+
+
+def _gathered_bytes(model: Any) -> int:
+    """Bytes of an untied embedding table: read a row per token, not whole."""
+    spec = model.spec
+    name = spec.weights.get("embed")
+    if not name or spec.weights.get("lm_head") == name or name not in model.graph.initializers:
+        return 0
+    tensor = model.graph.initializers[name].const_value
+    return int(tensor.nbytes) if tensor is not None else 0

@@ -1,0 +1,102 @@
+"""Optimize: run the recipe's passes on the exported model, resuming from the cache.
+
+The pipeline runs under the instruments a compile asks for: fresh names before every pass (so
+a pass names new nodes the same whether its input came from the cache or from memory),
+--verify-each's structure and numeric checks, --dump-dir, the snapshot a failed quality gate
+measures on, and the cache store. Calibration statistics are shared through fdec's
+calibration cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from fdec.calibrate import calibration_cache
+from fdec.compile.front import FreshNamesInstrument, Front
+from fdec.compile.gate import LossySnapshot
+from fdec.compile.options import CompileOptions
+from fdec.compile.recipe import Recipe
+from fdec.frontend.source import default_cache_dir
+from fdec.ir import FdecModel
+from fdec.pipeline import (
+    EXACT,
+    DumpInstrument,
+    NumericCheckInstrument,
+    PassManager,
+    PassRecord,
+    StructureCheckInstrument,
+)
+from fdec.runtime import session_for_model
+from fdec.verify import Reference
+
+__all__ = ["Optimized", "run_passes"]
+
+
+@dataclasses.dataclass
+class Optimized:
+    """The model after the pipeline, every pass's record (cached ones first), the snapshot
+    taken before the first lossy pass, and the calibration cache's counts."""
+
+    model: FdecModel | None
+    records: list[PassRecord]
+    snapshot: LossySnapshot
+    calibration_cache: Any
+
+
+def run_passes(
+    options: CompileOptions,
+    recipe: Recipe,
+    front: Front,
+    model: FdecModel,
+    cached_records: list[PassRecord],
+    reference: Reference,
+    *,
+    target: Any,
+    progress: Callable[[str], None],
+) -> Optimized:
+    """Run the passes of `recipe` after the `front.resumed` that came from the cache."""
+    pipeline = recipe.pipeline
+    spec = model.spec
+    to_run = pipeline[front.resumed :]
+    if any(index >= front.resumed for index in recipe.calibrating):
+        progress("tokenizing calibration text")
+        recipe.attach_calibration(front.tokenizer(), spec.vocab_size)
+        to_run = recipe.pipeline[front.resumed :]
+
+    # Every pass starts from the graph's names as a saved and reloaded model has them, so a
+    # pass resumed on a cached model names new nodes exactly as it does in a cold compile.
+    instruments: list[Any] = [FreshNamesInstrument()]
+    if options.verify_each:
+        optimization = recipe.optimization
+        instruments.append(StructureCheckInstrument(full=True))
+        instruments.append(
+            NumericCheckInstrument(
+                lambda model: reference.compare(session_for_model(model, optimization=optimization))
+            )
+        )
+    if options.dump_dir:
+        instruments.append(DumpInstrument(options.dump_dir))
+    snapshot = LossySnapshot()
+    if recipe.tolerance.max_perplexity_increase is not None and spec.kind == "decoder":
+        instruments.append(snapshot)
+        lossy = [i for i, p in enumerate(pipeline[: front.resumed]) if p.tolerance != EXACT]
+        if lossy:  # the first lossy pass came from the cache: its input model is there too
+            snapshot.from_cache(pipeline[lossy[0]], front.input_model_of(lossy[0]))
+    store = front.instrument()
+    if store is not None:  # after the structure check: a broken model is never stored
+        instruments += [StructureCheckInstrument(), store]
+    manager = PassManager(
+        to_run,
+        instruments,
+        target=target,
+        on_pass=lambda i, n, p: progress(f"pass {front.resumed + i}/{len(pipeline)}: {p.name}"),
+    )
+    cache_dir = options.cache_dir or default_cache_dir()
+    with calibration_cache(cache_dir / "calibration" if options.cache else None) as stats_cache:
+        model, records = manager.run(model)
+    for record in records:
+        record.index += front.resumed
+    front.cache.finish()
+    return Optimized(model, cached_records + records, snapshot, stats_cache)

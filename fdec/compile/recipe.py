@@ -1,0 +1,441 @@
+"""The recipe: which passes a compile runs, composed from what the passes declare.
+
+`plan_recipe` turns the options (--passes, --quantize, --sparsity, --kv-*, pass options) into a
+`Recipe`: the shared target-independent pipeline (cleanup, sparsity, quantization), then the
+backend's own preparation (`Backend.prepare_passes`: attention fusion for ONNX Runtime), then the
+KV-cache passes; the build's tolerance; the ONNX Runtime optimization level the build runs at.
+Everything here is decided, and refused, before the model loads.
+
+What the planner needs to know about a pass it reads from the pass class (fdec.pipeline.Pass):
+`fusable`, `qdq_precision`/`writes_qdq`, `masks_weights`/`options_after_masking`,
+`needs_calibration`. Ordering is declared once, in `ORDER`, and checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+from fdec import passes as fdec_passes
+from fdec.backends import get_backend
+from fdec.calibrate import calibration_batches, load_calibration_texts
+from fdec.errors import UsageError
+from fdec.lower.hf_checkpoint import check_quantize
+from fdec.passes.prune import parse_prune
+from fdec.pipeline import EXACT, PassManager, Tolerance
+from fdec.targets import Precision
+
+__all__ = [
+    "DEFAULT_MAX_PPL_INCREASE",
+    "EMITS",
+    "FP8_WEIGHT_ROUNDING",
+    "FP32_TOLERANCE",
+    "INT4_LM_HEAD_BITS",
+    "INT4_MIXED_KEEP",
+    "INT8_DYNAMIC_ALPHA",
+    "ORDER",
+    "SMOOTHQUANT_ALPHA",
+    "Recipe",
+    "check_emit",
+    "default_quantize",
+    "engine_precisions",
+    "plan_pipeline",
+    "prune_recipe",
+    "sensitivity_pass",
+]
+
+# What an fp32 build must meet against the source model (the issue's contract).
+FP32_TOLERANCE = Tolerance(max_abs_error=1e-3, min_top1_agreement=1.0)
+EMITS = ("hf-checkpoint", "genai")
+
+# Methods each precision has today; precisions not listed are checked against the target and
+# then refused as not built yet.
+_QUANTIZE_METHODS = {
+    "int4": ("rtn", "awq", "awq-mixed"),
+    "int8": ("dynamic", "smoothquant"),
+    "fp8": ("static",),
+    "fp32": ("none",),
+}
+# Units --quantize int4-awq-mixed keeps in 8 bits (the most sensitive, measured per build).
+# SmolLM2-135M (quality.py, 128 held tokens, fp32 54.05): keep 8 (lm_head + 7 layers) 113.6 MB
+# 0.21x, -0.9 %; keep 4 (lm_head, layers 11, 29, 2) 106.2 MB 0.197x, +7.1 %; int4-awq alone
+# 87.2 MB 0.16x, +17.0 %. 4 is the most that keeps a tied-embedding model within 0.20x.
+INT4_MIXED_KEEP = 4
+# The lm_head (and a tied table shared with it) of int4 recipes in 8 bits: SmolLM2 int4-awq
+# +17.5 % → +7.3 % perplexity at 86.8 → 100.9 MB (benchmarks/quality.py; docs/design-notes.md).
+INT4_LM_HEAD_BITS = 8
+# SmoothQuant migration strength fdec uses: on SmolLM2-135M, alpha 0.75-0.85 kept perplexity
+# within +1-4 % (54.0 -> 53.5-56.3) where the paper's 0.5 gave +25 % (67.7).
+SMOOTHQUANT_ALPHA = 0.8
+# The same before dynamic int8 (CPU): SmolLM2-135M, tied table, 128 held tokens / 2,044 other
+# tokens: alpha 0.7 +5.3 % / +5.2 %, 0.75 +3.2 % / +3.7 %, 0.8 +4.6 % / +6.8 %; none +55.7 %.
+INT8_DYNAMIC_ALPHA = 0.75
+# FP8 weight rounding ("nearest" or "gptq": error-compensating, on calibration activations).
+FP8_WEIGHT_ROUNDING = "gptq"
+# Quality gate of a lossy build when the user sets none: catches broken quantization (DESIGN.md
+# measured +6e7 perplexity for an overflowing int8 kernel) while admitting the 25-70 % growth
+# weight-only 4-bit and dynamic int8 give a 135M model. Tighten with --max-ppl-increase.
+DEFAULT_MAX_PPL_INCREASE = 1.0
+
+
+# --quantize values that mean "no quantization" (weights stay in the exported fp32).
+_NO_QUANTIZATION = ("none", "fp32", "fp32-none")
+
+
+def default_quantize(target: Any, kind: str) -> str:
+    """The `--quantize` value a compile uses when none is given: the target's
+    `[default_recipe]` weights (its `encoder_weights` for encoders); "none" for float weights,
+    which fdec keeps in the exported fp32 (fp16/bf16 conversion is the engine builder's)."""
+    recipe = target.default_recipe
+    weights = recipe.get("encoder_weights", recipe["weights"]) if kind == "encoder" else None
+    weights = weights or recipe["weights"]
+    return "none" if weights.split("-", 1)[0] in ("fp32", "fp16", "bf16", "tf32") else weights
+
+
+def _quantize_passes(
+    asked: str | None,
+    target: Any,
+    backend: Any,
+    earlier: list[str],
+    *,
+    embedding: bool = True,
+    keep_fp: int | None = None,
+) -> list[Any]:
+    """Passes for `--quantize PRECISION[-METHOD]`, after checking the target has the precision."""
+    if not asked or asked.lower() in _NO_QUANTIZATION:
+        if keep_fp is not None:
+            raise UsageError(
+                "--keep-fp needs a quantized build", "add --quantize int4, or drop --keep-fp"
+            )
+        return []
+    precision_text, _, method = asked.lower().partition("-")
+    precision = Precision.parse(precision_text)
+    target.require(precision)  # e.g. FP8 on an a100: fails here, before any work
+    methods = _QUANTIZE_METHODS.get(precision.value)
+    if methods is None:
+        built = ", ".join(f"{p}-{m[0]}" for p, m in _QUANTIZE_METHODS.items() if p != "fp32")
+        raise UsageError(
+            f"--quantize {asked}: {target.name} supports {precision.label}, but fdec has no "
+            f"{precision.label} quantization pass yet",
+            f"use one of: {built}",
+        )
+    if method and method not in methods:
+        raise UsageError(
+            f"--quantize {asked}: unknown method {method!r} for {precision.value}",
+            f"methods for {precision.value}: {', '.join(methods)}",
+        )
+    if precision.value == "fp32":
+        return []
+    pass_backend = backend.graph_form
+    # int4 for ONNX Runtime keeps a tied embedding tied: the lm_head's MatMulNBits and the
+    # embedding's GatherBlockQuantized read one packed int4 table (SmolLM2: 84 MB instead of
+    # 113 MB with an untied int4 lm_head and an int8 embedding).
+    # Dynamic int8 (the CPU's int8) does the same with one int8 table (SmolLM2: 140 MB, 0.26x).
+    static_int8 = method == "smoothquant" or (not method and target.is_gpu)
+    dynamic_int8 = precision.value == "int8" and not static_int8 and keep_fp is None
+    share = (
+        (precision.value in ("int4", "fp8") or dynamic_int8)
+        and pass_backend == "onnxruntime"
+        and embedding
+    )
+    untie = (
+        []
+        if share or "untie-embeddings" in earlier
+        else [fdec_passes.make_pass("untie-embeddings")]
+    )
+    # The token embedding is the largest fp32 tensor left after weight quantization (113 MB of
+    # SmolLM2's 202 MB int4 build); per-row int8 moved its perplexity by -0.1 % there. A table
+    # the int4 pass shared (or a tied one quantize-mixed kept in float) is left as it is.
+    embed_pass = fdec_passes.make_pass(
+        "quantize-embedding", bits=8, backend=pass_backend, skip_shared=share
+    )
+    int4_options: dict[str, Any] = {"backend": pass_backend, "share_tied_embedding": share}
+    if keep_fp is not None and not (precision.value == "int4" or method == "dynamic"):
+        raise UsageError(
+            f"--keep-fp works with --quantize int4 or int8-dynamic, not {asked}",
+            "drop --keep-fp, or quantize weights only (int4)",
+        )
+    if precision.value == "int4" and (keep_fp is not None or method == "awq-mixed"):
+        # awq-mixed: the most sensitive layers (measured) in 8-bit weight-only, the rest AWQ
+        # int4; --keep-fp N alone keeps N layers in fp32 instead.
+        weights = fdec_passes.make_pass(
+            "quantize-mixed",
+            method="int4-awq" if method.startswith("awq") else "int4",
+            quantizer_options=int4_options,
+            keep_fp=INT4_MIXED_KEEP if keep_fp is None else keep_fp,
+            keep_bits=8 if method == "awq-mixed" else None,
+            sensitivity_method="int4" if method == "awq-mixed" else None,
+        )
+    elif keep_fp is not None:
+        weights = fdec_passes.make_pass(
+            "quantize-mixed",
+            method="int8",
+            quantizer_options={"alpha": INT8_DYNAMIC_ALPHA},
+            keep_fp=keep_fp,
+        )
+    elif precision.value == "int4":
+        name = "quantize-int4-awq" if method == "awq" else "quantize-int4"
+        # TensorRT(-RTX) takes blocked DequantizeLinear of INT4 only: its lm_head stays 4-bit.
+        head_bits = INT4_LM_HEAD_BITS if pass_backend == "onnxruntime" else None
+        weights = fdec_passes.make_pass(name, lm_head_bits=head_bits, **int4_options)
+    elif precision.value == "fp8":
+        # GPTQ rounding and one shared fp8 table (tied embedding = lm_head): SmolLM2 +11.5 %
+        # at 0.31x with nearest rounding and two tables (docs/design-notes.md).
+        weights = fdec_passes.make_pass(
+            "quantize-fp8", share_tied_embedding=share, weight_rounding=FP8_WEIGHT_ROUNDING
+        )
+    # int8: static SmoothQuant QDQ for GPUs (or when asked), dynamic on the CPU.
+    elif static_int8:
+        weights = fdec_passes.make_pass("quantize-int8-static", alpha=SMOOTHQUANT_ALPHA)
+    else:
+        # SmoothQuant before the run-time per-tensor activation scales (calibrated).
+        weights = fdec_passes.make_pass(
+            "quantize-int8", alpha=INT8_DYNAMIC_ALPHA, share_tied_embedding=share
+        )
+    # A serving checkpoint keeps the embedding in float: its loaders quantize Linear layers only.
+    return [*untie, weights, embed_pass] if embedding else [*untie, weights]
+
+
+def check_emit(emit: tuple[str, ...], quantize: str | None) -> None:
+    for item in emit:
+        if item not in EMITS:
+            raise UsageError(f"unknown --emit {item!r}", f"use one of: {', '.join(EMITS)}")
+    if "hf-checkpoint" in emit:
+        check_quantize(quantize)
+
+
+def _build_tolerance(pipeline: list[Any], max_ppl_increase: float | None) -> Tolerance:
+    """The whole build's gate: exact for fp32 pipelines, else the loosest pass tolerance plus a
+    perplexity bound, without requiring identical greedy tokens."""
+    lossy = [p.tolerance for p in pipeline if p.tolerance != EXACT]
+    if not lossy:
+        if max_ppl_increase is not None:
+            return dataclasses.replace(FP32_TOLERANCE, max_perplexity_increase=max_ppl_increase)
+        return FP32_TOLERANCE
+    return Tolerance(
+        max_abs_error=max(t.max_abs_error for t in lossy),
+        min_top1_agreement=min(t.min_top1_agreement for t in lossy),
+        max_perplexity_increase=(
+            DEFAULT_MAX_PPL_INCREASE if max_ppl_increase is None else max_ppl_increase
+        ),
+        greedy_identical=False,
+    )
+
+
+@dataclasses.dataclass
+class Recipe:
+    """The passes a compile runs, the gate its build must meet, and how ORT runs it."""
+
+    pipeline: list[Any]
+    tolerance: Tolerance
+    optimization: str  # ORT graph optimization the build is verified and run at
+    calibration_texts: list[str] | None
+
+    @property
+    def pass_names(self) -> list[str]:
+        return [p.name for p in self.pipeline]
+
+    @property
+    def calibrating(self) -> list[int]:
+        return [i for i, p in enumerate(self.pipeline) if getattr(p, "needs_calibration", False)]
+
+    def attach_calibration(self, tokenizer: Any, vocab_size: int) -> None:
+        """Give every calibrating pass the tokenized calibration batches."""
+        batches = tuple(calibration_batches(self.calibration_texts or [], tokenizer, vocab_size))
+        for index in self.calibrating:
+            self.pipeline[index] = dataclasses.replace(self.pipeline[index], batches=batches)
+
+
+def plan_pipeline(
+    *,
+    target: Any,
+    backend: str | Any,
+    passes: str | None = None,
+    quantize: str | None = None,
+    max_ppl_increase: float | None = None,
+    calibration: pathlib.Path | None = None,
+    emit: tuple[str, ...] = (),
+    keep_fp: int | None = None,
+    kv_dtype: str | None = None,
+    kv_window: int | None = None,
+    kv_sink: int | None = None,
+    pass_options: Mapping[str, Mapping[str, Any]] | None = None,
+    sparsity: str | None = None,
+) -> Recipe:
+    """Everything about the pipeline that can be decided (and refused) before loading a model.
+
+    `pass_options` ({pass name: {option: value}}, the config file's [pass_options.NAME]) set
+    options of passes the pipeline has; naming a pass it does not have is an error."""
+    backend = get_backend(backend) if isinstance(backend, str) else backend
+    names = fdec_passes.parse_pass_list(passes)
+    # --sparsity masks fp32 weights before any quantizer (symmetric codes keep the zeros).
+    pipeline = (
+        fdec_passes.make_pipeline(names)
+        + _sparsity_passes(sparsity, names)
+        + _quantize_passes(
+            quantize, target, backend, names, embedding="hf-checkpoint" not in emit, keep_fp=keep_fp
+        )
+    )
+    kv_passes = _kv_cache_passes(kv_dtype, kv_window, kv_sink)
+    # fuse-attention runs last by default (after quantization: the quantizers and AWQ's norm
+    # folding see the traced graph), for ONNX Runtime builds of fp32/int4 weights; a
+    # --passes list places it where the user put it. The pass refuses other backends.
+    pipeline = [
+        dataclasses.replace(p, backend=backend.name) if p.name == "fuse-attention" else p
+        for p in pipeline
+    ]
+    pipeline = _after_masking(pipeline)
+    # The backend's own graph preparation (ONNX Runtime: attention fusion and packed QKV).
+    pipeline += backend.prepare_passes(
+        pipeline=pipeline, custom=passes is not None, emit=emit, kv_sink=kv_sink
+    )
+    # KV-cache passes go last: they rewrite the cache I/O of the final (possibly fused) graph.
+    pipeline += kv_passes
+    pipeline = _with_pass_options(pipeline, pass_options or {})
+    check_order(pipeline, custom=passes is not None)
+    PassManager(pipeline, target=target).check_requirements()
+    needs = any(getattr(p, "needs_calibration", False) for p in pipeline)
+    # ONNX Runtime runs FP8/INT8 QDQ graphs on the CPU only at optimization BASIC (DESIGN.md).
+    qdq = any(p.writes_qdq for p in pipeline)
+    return Recipe(
+        pipeline=pipeline,
+        tolerance=_build_tolerance(pipeline, max_ppl_increase),
+        optimization="basic" if qdq else "all",
+        calibration_texts=load_calibration_texts(calibration) if needs else None,
+    )
+
+
+def _with_pass_options(
+    pipeline: list[Any], pass_options: Mapping[str, Mapping[str, Any]]
+) -> list[Any]:
+    """The pipeline with each named pass rebuilt with its extra options (checked again by the
+    pass's own __post_init__)."""
+    names = [p.name for p in pipeline]
+    for name in pass_options:
+        if name not in names:
+            near = difflib.get_close_matches(name, names, n=1)
+            raise UsageError(
+                f"pass_options names {name!r}, which this build's pipeline does not run",
+                (f"did you mean {near[0]!r}? " if near else "") + f"its passes: {', '.join(names)}",
+            )
+    rebuilt = []
+    for pass_ in pipeline:
+        options = dict(pass_options.get(pass_.name, {}))
+        if options:
+            fields = {f.name for f in dataclasses.fields(pass_) if f.init}
+            for option in options:
+                if option not in fields:
+                    near = difflib.get_close_matches(option, sorted(fields), n=1)
+                    raise UsageError(
+                        f"pass {pass_.name} has no option {option!r}",
+                        (f"did you mean {near[0]!r}? " if near else "")
+                        + f"its options: {', '.join(sorted(fields))} (fdec passes)",
+                    )
+            try:
+                pass_ = dataclasses.replace(pass_, **options)
+            except (TypeError, ValueError) as err:
+                raise UsageError(
+                    f"bad options for pass {pass_.name}: {err}", "see `fdec passes`"
+                ) from None
+        rebuilt.append(pass_)
+    return rebuilt
+
+
+_SPARSITY = ("none", "2:4")
+
+
+def _sparsity_passes(sparsity: str | None, earlier: list[str]) -> list[Any]:
+    """sparsify-2of4 for --sparsity 2:4 (unless --passes already runs it)."""
+    if sparsity is None or sparsity == "none":
+        return []
+    if sparsity not in _SPARSITY:
+        raise UsageError(f"unknown --sparsity {sparsity!r}", "use 2:4 (or none)")
+    if "sparsify-2of4" in earlier:
+        return []
+    # Scores |w| · ‖x_k‖ on the calibration text (Wanda): SmolLM2-135M (MLP, 128 held tokens,
+    # fp32 54.05) 165.1 (+205 %) where plain |w| gave 902.6; with skip_first=skip_last=2 98.9
+    # (+83 %) against 156.6 (docs/design-notes.md). score=magnitude needs no data.
+    return [fdec_passes.make_pass("sparsify-2of4", score="activation")]
+
+
+_KV_DTYPES = ("fp32", "fp16", "int8", "fp8")
+
+
+def _kv_cache_passes(kv_dtype: str | None, kv_window: int | None, kv_sink: int | None) -> list[Any]:
+    """quantize-kv-cache for --kv-dtype int8/fp8, kv-policy for --kv-window/--kv-sink."""
+    if kv_dtype is not None and kv_dtype not in _KV_DTYPES:
+        raise UsageError(f"unknown --kv-dtype {kv_dtype!r}", f"use one of: {', '.join(_KV_DTYPES)}")
+    if kv_sink and not kv_window:
+        raise UsageError("--kv-sink needs --kv-window", "add --kv-window W (positions kept)")
+    passes = []
+    # fp16: a Cast at the cache I/O of the fp32 graph; fp32 (or none): the graph's own cache.
+    if kv_dtype in ("fp16", "int8", "fp8"):
+        passes.append(fdec_passes.make_pass("quantize-kv-cache", dtype=kv_dtype))
+    if kv_window:
+        passes.append(fdec_passes.make_pass("kv-policy", window=kv_window, sink=kv_sink or 0))
+    return passes
+
+
+def engine_precisions(pipeline: list[Any]) -> tuple[str, ...]:
+    """TensorRT builder flags for the Q/DQ precisions the pipeline's passes put in the graph
+    (weight-only int4 and dynamic int8 need none: their math runs in the activations')."""
+    return tuple(p.qdq_precision for p in pipeline if p.qdq_precision is not None)
+
+
+def _after_masking(pipeline: list[Any]) -> list[Any]:
+    """Passes after one that masks weights take their `options_after_masking`."""
+    rebuilt, masked = [], False
+    for pass_ in pipeline:
+        if masked and pass_.options_after_masking:
+            pass_ = dataclasses.replace(pass_, **dict(pass_.options_after_masking))
+        masked = masked or pass_.masks_weights
+        rebuilt.append(pass_)
+    return rebuilt
+
+
+# Ordering constraints of the default composition, as (this family, before that family): the
+# model is torch.fx's this_before_that_pass_constraint. Checked for every default pipeline;
+# a --passes list is the user's order.
+ORDER = (
+    ("prune", "quantize"),  # masks before quantizers (symmetric codes keep the zeros)
+    ("quantize", "fuse"),  # quantizers and AWQ's norm folding see the traced graph
+    ("fuse", "kv_cache"),  # the cache passes rewrite the I/O of the final graph
+)
+
+
+def check_order(pipeline: list[Any], *, custom: bool = False) -> None:
+    """Raise when a composed pipeline breaks `ORDER` (a bug in the composition, not input)."""
+    if custom:
+        return
+    families = [p.family for p in pipeline]
+    for first, then in ORDER:
+        if first in families and then in families:
+            last_first = len(families) - 1 - families[::-1].index(first)
+            if last_first > families.index(then):
+                raise AssertionError(f"recipe puts a {first} pass after a {then} pass")
+
+
+def sensitivity_pass(method: str, options: Mapping[str, Any], batches: Any) -> Any:
+    """The pass measuring each layer's sensitivity to the weight quantizer `method` (with its
+    `options`) on two calibration batches: what a failed quality gate reports."""
+    return fdec_passes.make_pass(
+        "quantize-mixed", method=method, quantizer_options=dict(options), batches=batches,
+        max_batches=2,
+    )  # fmt: skip
+
+
+def prune_recipe(prune: str, calibration: pathlib.Path | None) -> Recipe:
+    """The prune stage's recipe: the cleanup passes, then `prune` as --prune says (scored on
+    the calibration text); judged by its own figures, run at optimization "all"."""
+    prune_pass = fdec_passes.make_pass("prune", **parse_prune(prune))
+    return Recipe(
+        pipeline=[*fdec_passes.make_pipeline(list(fdec_passes.DEFAULT_PIPELINE)), prune_pass],
+        tolerance=prune_pass.tolerance,
+        optimization="all",
+        calibration_texts=load_calibration_texts(calibration)
+        if prune_pass.needs_calibration
+        else None,
+    )

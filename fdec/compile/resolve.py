@@ -1,0 +1,123 @@
+"""Resolve: the options checked and turned into settings (target, backend, limits, recipe).
+
+Everything that can be checked without loading the model is checked here, first: the target
+and backend, the output path, the recipe (passes, quantization, emits), the --prune and
+--draft values. `for_source` finishes the settings once the source model is known (an
+encoder's default recipe differs; --emit genai needs a decoder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+from fdec.backends import Backend, choose_backend
+from fdec.build import check_output_path
+from fdec.compile.options import CompileOptions
+from fdec.compile.recipe import Recipe, check_emit, default_quantize, plan_pipeline
+from fdec.errors import UsageError
+from fdec.frontend.source import default_cache_dir, resolve_source
+from fdec.lower.profiles import ShapeLimits
+from fdec.passes.prune import parse_prune
+from fdec.student import parse_draft
+from fdec.targets import load_target
+
+__all__ = ["DEFAULT_MAX_SEQ_LEN", "Settings", "open_source", "resolve_settings"]
+
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+@dataclasses.dataclass
+class Settings:
+    """A compile's decisions before any model loads."""
+
+    options: CompileOptions
+    target: Any
+    backend: Backend
+    limits: ShapeLimits
+    quantize: str  # the --quantize value in force (the target's default recipe when not given)
+    recipe_default: bool  # quantize came from the target, not the options
+    recipe: Recipe
+
+    @property
+    def chosen_by(self) -> str:
+        return f"target {self.target.name} default" if self.recipe_default else "options"
+
+    def for_source(self, source: Any) -> Settings:
+        """The settings for `source`: an encoder takes the target's encoder recipe."""
+        options = self.options
+        if "genai" in options.emit and source.family.kind != "decoder":
+            raise UsageError(
+                f"--emit genai is for decoder builds; {options.model} is an {source.family.kind}",
+                "drop --emit genai",
+            )
+        if self.recipe_default and source.family.kind != "decoder":
+            quantize = default_quantize(self.target, source.family.kind)
+            recipe = _plan(options, self.target, self.backend, quantize)
+            return dataclasses.replace(self, quantize=quantize, recipe=recipe)
+        return self
+
+    def check_limits(self, spec: Any) -> None:
+        """Engines built for fixed shape ranges: the limits must fit the model (a default
+        --max-seq-len shrinks to the model's positions)."""
+        if not (self.target.is_gpu and self.backend.fixed_shapes):
+            return
+        if self.options.max_seq_len is None and spec.max_positions:
+            self.limits = dataclasses.replace(
+                self.limits, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, spec.max_positions)
+            )
+        self.limits.check_against(spec)
+
+
+def resolve_settings(options: CompileOptions) -> Settings:
+    """Check `options` and decide everything that needs no model; FdecError on bad input."""
+    target = load_target(options.target)
+    backend = choose_backend(options.backend, target)
+    limits = ShapeLimits(
+        max_batch=options.max_batch, max_seq_len=options.max_seq_len or DEFAULT_MAX_SEQ_LEN
+    )
+    check_output_path(pathlib.Path(options.out))
+    # Without --quantize the target's default recipe applies; it depends on the model's kind
+    # (encoders quantize differently), known once the source resolves: plan for a decoder now
+    # so a bad combination fails before any work, and re-plan if the model is an encoder.
+    # A serving checkpoint is written in full precision unless asked otherwise: its loaders
+    # take only some quantized formats (fdec.lower.hf_checkpoint.SUPPORTED_QUANTIZE).
+    recipe_default = not options.quantize and "hf-checkpoint" not in options.emit
+    quantize = options.quantize or (
+        default_quantize(target, "decoder") if recipe_default else "none"
+    )
+    recipe = _plan(options, target, backend, quantize)
+    if options.prune:
+        parse_prune(options.prune)
+    parse_draft(options.draft)
+    return Settings(options, target, backend, limits, quantize, recipe_default, recipe)
+
+
+def open_source(options: CompileOptions, progress: Any) -> Any:
+    """The source model (fdec.frontend.source.ModelSource): a folder, file, hub id or name."""
+    return resolve_source(
+        options.model,
+        trust_pickle=options.trust_pickle,
+        cache_dir=options.cache_dir or default_cache_dir(),
+        progress=progress,
+    )
+
+
+def _plan(options: CompileOptions, target: Any, backend: Backend, quantize: str) -> Recipe:
+    check_emit(options.emit, quantize)
+    return plan_pipeline(
+        target=target,
+        backend=backend,
+        passes=options.passes,
+        quantize=quantize,
+        max_ppl_increase=options.max_ppl_increase,
+        calibration=options.calibration,
+        emit=options.emit,
+        keep_fp=options.keep_fp,
+        kv_dtype=options.kv_dtype,
+        kv_window=options.kv_window,
+        kv_sink=options.kv_sink,
+        pass_options=options.pass_options,
+        sparsity=options.sparsity,
+    )

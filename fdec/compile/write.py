@@ -1,0 +1,140 @@
+"""Write: the build's report (report.json, report.html) and manifest (fdec-build.json).
+
+Called inside the build's AtomicBuild: the files land in the staging folder, which moves into
+place only when everything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fdec.build import write_manifest
+from fdec.lower import RUNTIME_CONFIG
+from fdec.pipeline import PassRecord
+from fdec.report import REPORT_FILE, SCHEMA_VERSION, environment
+from fdec.report.html import HTML_FILE, render_html
+from fdec.report.roofline import estimate
+
+__all__ = ["Addition", "write_build"]
+
+#: A step adding files and report entries to a build before its report is written (the pruned
+#: student's checkpoint, the draft build).
+Addition = Callable[[pathlib.Path, dict[str, Any]], None]
+
+
+def write_build(
+    staging: pathlib.Path,
+    *,
+    settings: Any,
+    source: Any,
+    spec: Any,
+    front: Any,
+    optimized: Any,
+    lowered: Any,
+    verification: dict[str, Any],
+    engines: list[dict[str, Any]],
+    capacity: Any,
+    started: float,
+    additions: Sequence[Addition] = (),
+) -> dict[str, Any]:
+    """Write report.json, report.html and fdec-build.json into `staging`; the report."""
+    options, target, recipe = settings.options, settings.target, settings.recipe
+    records, stats_cache = optimized.records, optimized.calibration_cache
+    counts = lowered.counts
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "source": {
+            "given": source.given,
+            "kind": source.kind,
+            "folder": str(source.folder),
+            "family": spec.family,
+            "architecture": spec.architecture,
+            "config_sha256": _config_digest(source.folder),
+        },
+        "target": target.to_dict(),
+        "backend": settings.backend.name,
+        "limits": dataclasses.asdict(settings.limits),
+        "spec": spec.to_dict(),
+        "environment": environment(),
+        "pipeline": recipe.pass_names,
+        "recipe": {"quantize": settings.quantize, "chosen_by": settings.chosen_by},
+        "calibration_cache": stats_cache.to_dict()
+        if stats_cache is not None and stats_cache.hits + stats_cache.misses
+        else None,
+        "export": front.export_info,
+        "passes": _pass_rows(records, front.resumed),
+        "cache": front.to_dict(),
+        "verification": verification,
+        "engines": engines,
+        "checkpoint": lowered.checkpoint,
+        "capacity": capacity.to_dict(),
+        "kv_cache": json.loads((staging / RUNTIME_CONFIG).read_text()).get("kv_cache"),
+        "estimate": estimate(
+            spec,
+            target,
+            weight_bytes=counts.bytes,
+            parameters=counts.parameters,
+            gathered_bytes=lowered.gathered_bytes,
+        ),
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    for addition in additions:
+        addition(staging, report)
+    (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (staging / HTML_FILE).write_text(render_html(report))  # hashed in the manifest below
+    manifest = write_manifest(
+        staging,
+        {
+            "schema_version": SCHEMA_VERSION,
+            # Everything the build was made from: the same inputs, options and versions
+            # give the same model files (fdec verify re-hashes the outputs below).
+            "inputs": {
+                "model": report["source"]["given"],
+                "config_sha256": _config_digest(source.folder),
+                "files": front.inputs,
+                "calibration": front.calibration,
+            },
+            "target": target.name,
+            "pipeline": recipe.pass_names,
+            "passes": [{"name": r.name, "options": r.options} for r in records],
+            "options": {
+                "verify_each": options.verify_each,
+                "backend": settings.backend.name,
+                "quantize": settings.quantize,
+                "limits": dataclasses.asdict(settings.limits),
+                "max_ppl_increase": options.max_ppl_increase,
+                "keep_fp": options.keep_fp,
+                "emit": list(options.emit),
+                "sparsity": options.sparsity,
+                "draft": options.draft,
+            },
+            "packages": report["environment"]["packages"],
+            "versions": front.versions,
+            "cache_keys": {"export": front.export_key, "passes": front.pass_keys},
+        },
+    )
+    report["outputs"] = json.loads(manifest.read_text())["outputs"]
+    return report
+
+
+def _config_digest(folder: pathlib.Path) -> str:
+    path = folder / "config.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+
+
+def _pass_rows(records: list[PassRecord], cached: int) -> list[dict[str, Any]]:
+    """The report's pass table: the first `cached` passes came from the cache (no time spent
+    now; `cached_wall_s` is what they took when they ran)."""
+    rows = []
+    for number, record in enumerate(records):
+        row = {**record.to_dict(), "cached": number < cached}
+        if row["cached"]:
+            row["cached_wall_s"], row["wall_s"] = row["wall_s"], 0.0
+        rows.append(row)
+    return rows
