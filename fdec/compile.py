@@ -100,6 +100,7 @@ class CompileOptions:
     prune: str | None = None  # "heads=0.25,mlp=0.3,layers=4": build a pruned student (fdec.student)
     draft: str | None = None  # "layers=1/4": also build a layer-pruned draft in OUT/draft
     distill_steps: int = 0  # with prune: distill the pruned model this long before compiling it
+    force: bool = False  # -o may replace a folder holding files fdec did not write (--force)
 
 
 @dataclasses.dataclass
@@ -136,7 +137,9 @@ def compile_model(
     limits = ShapeLimits(
         max_batch=options.max_batch, max_seq_len=options.max_seq_len or DEFAULT_MAX_SEQ_LEN
     )
-    check_output_path(out)
+    # Never replaced, even with --force: the model compiled and the cache (fdec.build).
+    keep = (pathlib.Path(options.model), options.cache_dir or default_cache_dir())
+    check_output_path(out, force=options.force, keep=keep)
     # Without --quantize the target's default recipe applies; it depends on the model's kind
     # (encoders quantize differently), known once the source resolves: plan for a decoder now
     # so a bad combination fails before any work, and re-plan below if the model is an encoder.
@@ -218,7 +221,7 @@ def compile_model(
         finally:
             pruned.cleanup()
     # Capacity from config.json alone: a --max-batch × --max-seq-len that cannot fit the
-    # target's memory fails here (exit 3, CapacityError), before the model loads.
+    # target's memory fails here (exit 4, CapacityError), before the model loads.
     capacity = check_capacity(
         source.config,
         target,
@@ -299,7 +302,7 @@ def compile_model(
     records = cached_records + records
     front.cache.finish()
 
-    with AtomicBuild(out) as staging:
+    with AtomicBuild(out, force=options.force, keep=keep) as staging:
         progress(f"writing the ONNX Runtime build to {out}")
         lower_onnxruntime(
             fdec_model,
