@@ -15,6 +15,7 @@ from fdec.errors import (
     EXIT_DOES_NOT_FIT,
     EXIT_FAILURE,
     EXIT_OK,
+    EXIT_QUALITY_GATE,
     EXIT_USAGE,
     CompileError,
     FdecError,
@@ -125,13 +126,14 @@ def split_targets(target: str | Sequence[str]) -> list[str]:
 
 
 # Which exit code a multi-target build returns when targets fail differently: a failure of
-# fdec or of the model (1) outranks a missed quality or capacity gate (3), which outranks an
-# option the target refuses (2, e.g. fp8 on an a100).
-_SEVERITY = {EXIT_OK: 0, EXIT_USAGE: 1, EXIT_DOES_NOT_FIT: 2, EXIT_FAILURE: 3}
+# fdec or of the model (1) outranks a missed quality gate (3), which outranks a model that does
+# not fit the target's memory (4), which outranks an option the target refuses (2, e.g. fp8 on
+# an a100).
+_SEVERITY = {EXIT_OK: 0, EXIT_USAGE: 1, EXIT_DOES_NOT_FIT: 2, EXIT_QUALITY_GATE: 3, EXIT_FAILURE: 4}
 
 
 def worst_exit_code(codes: Sequence[int]) -> int:
-    return max(codes, key=lambda code: _SEVERITY.get(code, 4), default=EXIT_OK)
+    return max(codes, key=lambda code: _SEVERITY.get(code, 5), default=EXIT_OK)
 
 
 @dataclasses.dataclass

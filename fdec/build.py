@@ -12,7 +12,7 @@ import pathlib
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 from fdec.errors import BusyError, CompileError, InputError
@@ -23,6 +23,7 @@ __all__ = [
     "FileLock",
     "build_lock",
     "check_output_path",
+    "check_replaceable",
     "pid_alive",
     "refresh_manifest",
     "sha256_file",
@@ -50,8 +51,24 @@ def sha256_file(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def check_output_path(out: pathlib.Path) -> None:
-    """Fail before any work when the build could not be written to `out`."""
+def check_output_path(
+    out: pathlib.Path,
+    *,
+    force: bool = False,
+    keep: Iterable[pathlib.Path] = (),
+) -> list[str]:
+    """Fail before any work when the build could not be written to `out`, or when writing it
+    would delete what fdec did not write (`check_replaceable`). Returns the files `--force`
+    will remove (empty without it)."""
+    out = pathlib.Path(out)
+    if out.is_symlink():
+        check_replaceable(out, force=force, keep=keep)  # names the link before what it points to
+    _check_writable(out)
+    return check_replaceable(out, force=force, keep=keep, announce=True)
+
+
+def _check_writable(out: pathlib.Path) -> None:
+    """Fail when no folder can be created at `out` (a file on the way, no permission)."""
     if out.exists() and not out.is_dir():
         raise InputError(
             f"output path {out} is a file", "pass -o a directory path (it will be created)"
@@ -72,6 +89,95 @@ def check_output_path(out: pathlib.Path) -> None:
             f"cannot write to {existing}: {err.strerror or err}",
             "choose an -o path you can write to",
         ) from None
+
+
+def check_replaceable(
+    out: pathlib.Path,
+    *,
+    force: bool = False,
+    keep: Iterable[pathlib.Path] = (),
+    announce: bool = False,
+) -> list[str]:
+    """May fdec replace `out` with a new build? Yes when it does not exist, is an empty folder or
+    a previous fdec output (a manifest, fdec-build.json, lists every file there). Anything else
+    is an InputError naming what is there, unless `force`: then the user's files that will be
+    removed are returned (sorted, relative) for the caller to print. Never, even with `force`:
+    a file, a symbolic link, a filesystem root or mount point, the home or current directory
+    (or a folder holding them), and the folders in `keep` (the source model, the cache) or a
+    folder holding one of them. With `announce`, what `force` removes is logged as a warning.
+    """
+    out = pathlib.Path(out)
+    if out.is_symlink():
+        raise InputError(
+            f"-o {out} is a symbolic link (to {os.path.realpath(out)}); fdec replaces the "
+            "folder it writes, so it would replace the link",
+            "give the folder path itself, or a new path",
+        )
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise InputError(
+            f"output path {out} is a file", "pass -o a directory path (it will be created)"
+        )
+    real = out.resolve()
+    never = [(pathlib.Path(real.anchor), "a filesystem root")]
+    if os.path.ismount(real):
+        never.append((real, "a mount point"))
+    home = os.environ.get("HOME")
+    if home:
+        never.append((pathlib.Path(home).resolve(), "your home directory"))
+    never.append((pathlib.Path.cwd().resolve(), "the current directory"))
+    for path in keep:
+        path = pathlib.Path(path).expanduser()
+        if path.exists():
+            path = path.resolve()
+            never.append((path if path.is_dir() else path.parent, f"where {path} lives"))
+    for path, what in never:
+        if real == path or real in path.parents:
+            inside = "" if real == path else f" (it holds {what.removeprefix('where ')})"
+            name = what if real == path else "a folder"
+            raise InputError(
+                f"-o {out} is {name}{inside}; fdec would replace the whole folder",
+                "give -o a new or empty folder, or a previous fdec build",
+            )
+    foreign = _foreign_files(real)
+    if not foreign:
+        return []
+    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    if not force:
+        raise InputError(
+            f"-o {out} holds files fdec did not write ({len(foreign)}: {shown})",
+            "give -o a new or empty folder or a previous fdec build, or pass --force to "
+            "replace this folder",
+        )
+    if announce:
+        logger.warning(
+            "--force: %s will be replaced; removing %d files fdec did not write: %s",
+            out, len(foreign), ", ".join(foreign),
+        )  # fmt: skip
+    return foreign
+
+
+def _foreign_files(folder: pathlib.Path) -> list[str]:
+    """The files and links in `folder` that no fdec manifest there lists (relative, sorted)."""
+    present = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_symlink() or not p.is_dir()
+    )
+    if not present:
+        return []
+    try:
+        listed = set(json.loads((folder / MANIFEST).read_text())["outputs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return present  # no manifest, or not one fdec wrote: nothing there is fdec's
+    return [
+        name
+        for name in present
+        if name not in listed
+        and pathlib.PurePosixPath(name).name != MANIFEST  # a nested build's (draft/)
+        and not name.startswith(_RUNTIME_WRITTEN)
+    ]
 
 
 class FileLock:
@@ -178,7 +284,7 @@ def build_lock(
     Checks `out` can be written first and creates its parent folder (the lock lives there).
     """
     out = pathlib.Path(out).absolute()
-    check_output_path(out)
+    _check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(
         out.parent / f".{out.name}{_LOCK_MARK}", wait=wait, what=str(out), progress=progress
@@ -201,7 +307,9 @@ class AtomicBuild:
     On error (or Ctrl-C) the temporary folder is removed and any previous build at `out` is
     left as it was. Leftovers of killed runs (their pid gone) are cleaned on entry. The build's
     lock (`build_lock`) is held from entry to the swap, so two compiles never mix their files;
-    a write that fails for want of room or permission becomes a one-line CompileError.
+    a write that fails for want of room or permission becomes a one-line CompileError. Right
+    before the swap `out` is checked again (`check_replaceable` with `force` and `keep`): a
+    folder that gained files fdec did not write meanwhile is never replaced.
     """
 
     def __init__(
@@ -210,11 +318,15 @@ class AtomicBuild:
         *,
         wait: bool = True,
         progress: Callable[[str], None] | None = None,
+        force: bool = False,
+        keep: Iterable[pathlib.Path] = (),
     ):
         self.out = pathlib.Path(out).absolute()
         self.tmp: pathlib.Path | None = None
         self.wait = wait
         self.progress = progress
+        self.force = force
+        self.keep = tuple(keep)
 
     def __enter__(self) -> pathlib.Path:
         self._lock = build_lock(self.out, wait=self.wait, progress=self.progress)
@@ -245,6 +357,11 @@ class AtomicBuild:
                     "free space or choose another -o; any previous build there is unchanged",
                 ) from None
             return
+        try:
+            check_replaceable(self.out, force=self.force, keep=self.keep)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         old = None
         if self.out.exists():
             old = self.out.parent / f".{self.out.name}{_OLD_MARK}{os.getpid()}"
@@ -335,7 +452,7 @@ def verify_build(folder: pathlib.Path) -> dict[str, Any]:
             )
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = file.relative_to(folder).as_posix()
-        if name != MANIFEST and name not in listed and not name.startswith(_RUNTIME_WRITTEN):
+        if file.name != MANIFEST and name not in listed and not name.startswith(_RUNTIME_WRITTEN):
             problems.append(
                 {"file": name, "problem": "extra", "detail": "not listed in the manifest"}
             )

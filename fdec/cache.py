@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from fdec.build import pid_alive, sha256_file
-from fdec.errors import UsageError
+from fdec.errors import InputError, UsageError
 from fdec.lower.onnxruntime import SIDE_FILES  # what a build copies = what it depends on
 
 __all__ = [
@@ -515,10 +515,37 @@ def cache_info(folder: pathlib.Path) -> dict[str, Any]:
     }
 
 
+# What fdec itself puts at the top of its cache folder; anything else is the user's.
+_CACHE_NAMES = (ENTRIES, "calibration", DIGEST_INDEX, "gguf", "hub")
+
+
+def _check_cache_folder(folder: pathlib.Path) -> None:
+    """Refuse to clear a folder that holds more than fdec's cache (a --cache-dir typo)."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise InputError(
+            f"cache folder {folder} is not a folder",
+            "give --cache-dir the folder fdec caches into",
+        )
+    if not folder.is_dir():
+        return
+    others = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name not in _CACHE_NAMES and not p.name.startswith(f".{DIGEST_INDEX}.")
+    )
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise InputError(
+            f"{folder} holds files that are not fdec's cache ({shown}); nothing was cleared",
+            "give --cache-dir the folder fdec caches into (fdec cache info shows it)",
+        )
+
+
 def clear_cache(folder: pathlib.Path, *, everything: bool = False) -> int:
     """Delete the cached results (entries, calibration statistics, the digest index); with
     `everything`, converted GGUF models and hub downloads too. Returns the bytes freed."""
     folder = pathlib.Path(folder)
+    _check_cache_folder(folder)
     names = [ENTRIES, "calibration", DIGEST_INDEX] + (["gguf", "hub"] if everything else [])
     freed = 0
     for name in names:

@@ -16,7 +16,7 @@ import click
 from click.core import ParameterSource
 
 from fdec.backends import backend_names
-from fdec.errors import EXIT_FAILURE, EXIT_USAGE, FdecError, UsageError
+from fdec.errors import EXIT_FAILURE, EXIT_USAGE, FdecError, InputError, UsageError
 
 __all__ = ["cli", "main"]
 
@@ -220,6 +220,11 @@ def cli(verbose: int) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Let -o replace a folder holding files fdec did not write (they are listed first).",
+)
 def compile_command(model: str, target: str, out: pathlib.Path, passes: str | None, verify_each: bool,
                     dump_dir: pathlib.Path | None, trust_pickle: bool, trust_remote_code: bool,
                     cache_dir: pathlib.Path | None, backend: str | None, max_batch: int,
@@ -230,7 +235,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
                     kv_sink: int | None = None, sparsity: str | None = None,
                     prune: str | None = None, draft: str | None = None,
                     config_file: pathlib.Path | None = None,
-                    pass_option_items: tuple[str, ...] = ()) -> None:  # fmt: skip
+                    pass_option_items: tuple[str, ...] = (), force: bool = False) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out.
 
     Settings come from the command line, then the config file, then the defaults shown."""
@@ -264,7 +269,8 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
     from fdec.compile import CompileOptions, compile_model
     from fdec.report import render_report
 
-    options = CompileOptions(**settings, target=targets[0], dump_dir=dump_dir, cache=not no_cache)
+    options = CompileOptions(**settings, target=targets[0], dump_dir=dump_dir, cache=not no_cache,
+                             force=force)  # fmt: skip
     if len(targets) > 1:
         _compile_targets(options, targets, ctx, wait=not no_wait)
         return
@@ -522,7 +528,6 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
 def report_command(build: pathlib.Path, as_json: bool, html: bool,
                    html_out: pathlib.Path | None) -> None:  # fmt: skip
     """Print a build's pass table and verification results (colored on a terminal)."""
-    from fdec.errors import InputError
     from fdec.report import render_report
     from fdec.report.diff import load_build
     from fdec.report.html import HTML_FILE, render_html
@@ -642,7 +647,10 @@ def cache_clear_command(cache_dir: pathlib.Path | None, everything: bool) -> Non
     from fdec.frontend.source import default_cache_dir
 
     folder = cache_dir or default_cache_dir()
-    freed = clear_cache(folder, everything=everything)
+    try:
+        freed = clear_cache(folder, everything=everything)
+    except FdecError as err:
+        _fail(err, False)
     click.echo(f"cleared {folder}: {freed / 1e6:.1f} MB freed")
 
 
@@ -651,11 +659,14 @@ def cache_clear_command(cache_dir: pathlib.Path | None, everything: bool) -> Non
 @click.option("--json", "as_json", is_flag=True)
 def build_engine_command(build: pathlib.Path, as_json: bool) -> None:
     """Build a build's deferred TensorRT engine (on a machine with TensorRT and a GPU)."""
-    from fdec.build import refresh_manifest
+    from fdec.build import MANIFEST, refresh_manifest
     from fdec.lower.tensorrt import build_planned_engine
 
     ctx = _Context(False, as_json)
     try:
+        if not (build / MANIFEST).is_file():  # it rewrites the manifest: fdec builds only
+            raise InputError(f"{build} is not an fdec build (no {MANIFEST})",
+                             "give the folder fdec compile wrote")  # fmt: skip
         plan = build_planned_engine(build, progress=ctx.progress)
     except FdecError as err:
         _fail(err, as_json)
@@ -762,9 +773,11 @@ def bench_command(build: pathlib.Path, batch_text: str, prompt_len: int, gen_len
 @click.option("--cache-dir", type=click.Path(path_type=pathlib.Path), help="fdec's cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("--force", is_flag=True,
+              help="Let -o replace a folder holding files fdec did not write.")  # fmt: skip
 def distill_command(student: str, teacher: str | None, data: pathlib.Path | None, steps: int,
                     out: pathlib.Path, lr: float | None, cache_dir: pathlib.Path | None,
-                    as_json: bool, quiet: bool) -> None:  # fmt: skip
+                    as_json: bool, quiet: bool, force: bool) -> None:  # fmt: skip
     """Distill STUDENT (a pruned model folder with distill.json) from its teacher with PyTorch
     and write an HF checkpoint to --out that `fdec compile` takes."""
     ctx = _Context(quiet, as_json)
@@ -773,7 +786,7 @@ def distill_command(student: str, teacher: str | None, data: pathlib.Path | None
 
     try:
         result = distill(student, teacher, data, steps=steps, out=out, lr=lr,
-                         cache_dir=cache_dir, progress=ctx.progress)  # fmt: skip
+                         cache_dir=cache_dir, progress=ctx.progress, force=force)  # fmt: skip
     except FdecError as err:
         _fail(err, as_json)
     if as_json:

@@ -472,17 +472,19 @@ def distill(
     threads: int | None = None,
     cache_dir: pathlib.Path | None = None,
     progress: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> DistillResult:
     """Train `student` against `teacher` for `steps` steps and write the checkpoint to `out`.
 
     `teacher` defaults to the recipe's (the student folder's distill.json); both resolve like
     `fdec compile` resolves models (folder, .gguf, hub id, bundled name). `data` is a .txt or
     .jsonl file (default: the built-in calibration corpus). Everything is checked before any
-    weight loads; `out` is written whole or not at all.
+    weight loads; `out` is written whole or not at all, and replaces only an empty folder or an
+    earlier fdec output (a manifest lists its files) unless `force` (fdec.build).
     """
-    from fdec.build import AtomicBuild, check_output_path
+    from fdec.build import AtomicBuild, check_output_path, write_manifest
     from fdec.calibrate import load_calibration_texts
-    from fdec.frontend.source import resolve_source
+    from fdec.frontend.source import default_cache_dir, resolve_source
 
     say = progress or (lambda message: None)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -492,7 +494,9 @@ def distill(
     if threads is not None and threads < 1:
         raise UsageError(f"threads is {threads!r}", "give 1 or more threads")
     out = pathlib.Path(out).absolute()
-    check_output_path(out)
+    keep = [pathlib.Path(student), cache_dir or default_cache_dir()]
+    keep += [pathlib.Path(teacher)] if teacher else []
+    check_output_path(out, force=force, keep=keep)
     s_source = resolve_source(str(student), cache_dir=cache_dir, progress=say)
     recipe = read_recipe(s_source.folder)
     if lr is not None:
@@ -581,7 +585,7 @@ def distill(
             seconds=time.perf_counter() - started,
             recipe=dataclasses.replace(recipe, teacher=_teacher_for_recipe(teacher_given)),
         )  # fmt: skip
-        with AtomicBuild(out, progress=say) as tmp:
+        with AtomicBuild(out, progress=say, force=force, keep=keep) as tmp:
             s_model.eval()
             s_model.save_pretrained(tmp)
             if not s_source.has_tokenizer:
@@ -592,6 +596,8 @@ def distill(
             )
             report = {k: v for k, v in result.to_dict().items() if k not in ("recipe", "out")}
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+            # lists the files: a later distill may replace this folder (fdec.build)
+            write_manifest(tmp, {"kind": "distilled-checkpoint"})
         say(f"distilled checkpoint written to {out}")
         return result
     finally:

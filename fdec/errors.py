@@ -6,6 +6,7 @@ __all__ = [
     "EXIT_DOES_NOT_FIT",
     "EXIT_FAILURE",
     "EXIT_OK",
+    "EXIT_QUALITY_GATE",
     "EXIT_USAGE",
     "BusyError",
     "CompileError",
@@ -18,7 +19,8 @@ __all__ = [
 EXIT_OK = 0
 EXIT_FAILURE = 1  # compile or verification failure
 EXIT_USAGE = 2  # bad input or options: nothing was built
-EXIT_DOES_NOT_FIT = 3  # the build would not fit the target's memory
+EXIT_QUALITY_GATE = 3  # a lossy build missed its quality gate: nothing was written
+EXIT_DOES_NOT_FIT = 4  # the model × batch × context would not fit the target's memory
 
 
 class FdecError(Exception):
@@ -80,7 +82,7 @@ class QualityGateError(FdecError):
     `fdec compile --json` prints it as the outcome's "gate" object.
     """
 
-    exit_code = EXIT_DOES_NOT_FIT
+    exit_code = EXIT_QUALITY_GATE
 
     def __init__(self, problem: str, fix: str | None = None, *, details: dict | None = None):
         super().__init__(problem, fix)

@@ -564,7 +564,7 @@ def check_capacity(
     default_context: int,
 ) -> CapacityPlan:
     """`fdec compile`'s early check: the plan for --max-batch × --max-seq-len, or a
-    CapacityError (exit 3) with the numbers when it cannot fit the target's memory."""
+    CapacityError (exit 4) with the numbers when it cannot fit the target's memory."""
     shape = shape_from_config(config, model)
     if context is None:
         context = min(default_context, shape.max_positions or default_context)

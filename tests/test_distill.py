@@ -227,7 +227,8 @@ def test_student_without_tokenizer_takes_the_teachers(pair, tmp_path, cli_runner
     (out / "keep.txt").write_text("previous")
     result = cli_runner.invoke(cli, ["distill", str(bare), "--steps", "0", "-o", str(out)])
     assert result.exit_code == 2 and (out / "keep.txt").read_text() == "previous"
-    args = ["distill", str(bare), "--steps", "2", "-o", str(out), "--json"]
+    # keep.txt is not fdec's: only --force replaces the folder (fdec.build.check_replaceable)
+    args = ["distill", str(bare), "--steps", "2", "-o", str(out), "--json", "--force"]
     result = cli_runner.invoke(cli, args)
     assert result.exit_code == 0, (result.output, result.stderr)
     assert not (out / "keep.txt").exists()  # replaced whole

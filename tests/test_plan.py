@@ -238,7 +238,7 @@ def test_compile_that_cannot_fit_exits_3_before_export(cli_runner, tiny_models, 
     out = tmp_path / "build"
     args = ["compile", str(tiny_models("llama")), "-o", str(out), "--max-batch", "100000000"]
     result = cli_runner.invoke(cli, args)
-    assert result.exit_code == EXIT_DOES_NOT_FIT == 3
+    assert result.exit_code == EXIT_DOES_NOT_FIT == 4
     line = _one_error_line(result)
     assert "does not fit cpu" in line and "GB available" in line and "--max-batch" in line
     needed = float(line.split("needs ")[1].split(" GB")[0].replace(",", ""))

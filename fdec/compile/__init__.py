@@ -114,7 +114,7 @@ def _build(
     options, target, recipe = settings.options, settings.target, settings.recipe
     out = pathlib.Path(options.out)
     # Capacity from config.json alone: a --max-batch × --max-seq-len that cannot fit the
-    # target's memory fails here (exit 3, CapacityError), before the model loads.
+    # target's memory fails here (exit 4, CapacityError), before the model loads.
     capacity = check_capacity(
         source.config, target, model=source.given, weights=settings.quantize,
         kv_dtype=options.kv_dtype, batch=settings.limits.max_batch, context=options.max_seq_len,
@@ -138,7 +138,7 @@ def _build(
         options, recipe, front, model, cached_records, reference, target=target, progress=progress
     )
     del model  # optimized.model holds it until lowering drops it
-    with AtomicBuild(out) as staging:
+    with AtomicBuild(out, force=options.force, keep=settings.keep) as staging:
         lowered = write_files(
             optimized, staging, out=out, source=source, target=target,
             optimization=recipe.optimization, emit=options.emit, progress=progress,

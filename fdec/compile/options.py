@@ -38,6 +38,7 @@ class CompileOptions:
     prune: str | None = None  # "heads=0.25,mlp=0.3,layers=4": build a pruned student (fdec.student)
     draft: str | None = None  # "layers=1/4": also build a layer-pruned draft in OUT/draft
     distill_steps: int = 0  # with prune: distill the pruned model this long before compiling it
+    force: bool = False  # -o may replace a folder holding files fdec did not write (--force)
 
 
 @dataclasses.dataclass

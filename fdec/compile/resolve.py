@@ -41,6 +41,11 @@ class Settings:
     recipe: Recipe
 
     @property
+    def keep(self) -> tuple[pathlib.Path, ...]:
+        """Never replaced by the build, even with --force (fdec.build)."""
+        return _kept(self.options)
+
+    @property
     def chosen_by(self) -> str:
         return f"target {self.target.name} default" if self.recipe_default else "options"
 
@@ -77,7 +82,7 @@ def resolve_settings(options: CompileOptions) -> Settings:
     limits = ShapeLimits(
         max_batch=options.max_batch, max_seq_len=options.max_seq_len or DEFAULT_MAX_SEQ_LEN
     )
-    check_output_path(pathlib.Path(options.out))
+    check_output_path(pathlib.Path(options.out), force=options.force, keep=_kept(options))
     # Without --quantize the target's default recipe applies; it depends on the model's kind
     # (encoders quantize differently), known once the source resolves: plan for a decoder now
     # so a bad combination fails before any work, and re-plan if the model is an encoder.
@@ -102,6 +107,11 @@ def open_source(options: CompileOptions, progress: Any) -> Any:
         cache_dir=options.cache_dir or default_cache_dir(),
         progress=progress,
     )
+
+
+def _kept(options: CompileOptions) -> tuple[pathlib.Path, ...]:
+    """The model compiled and the cache: never replaced by -o, even with --force."""
+    return (pathlib.Path(options.model), options.cache_dir or default_cache_dir())
 
 
 def _plan(options: CompileOptions, target: Any, backend: Backend, quantize: str) -> Recipe:

@@ -91,15 +91,19 @@ def load_hf_model(source: ModelSource, *, trust_remote_code: bool = False) -> An
     return model
 
 
-def load_tokenizer(folder: Any) -> Any | None:
-    """The folder's tokenizer, or None when it has none."""
+def load_tokenizer(folder: Any) -> Any:
+    """The folder's tokenizer (callers ask only where its files are). One that does not load
+    is an InputError: a build never ships tokenizer files that do not work."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as err:
-        logger.warning("no usable tokenizer in %s: %s", folder, err)
-        return None
+    except Exception as err:  # transformers raises many kinds for broken files
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise InputError(
+            f"the tokenizer in {folder} does not load ({reason})",
+            "fix or remove its tokenizer files (without them fdec verifies on synthetic ids)",
+        ) from None
 
 
 def cache_argument(model: Any) -> str:

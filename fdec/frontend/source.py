@@ -171,7 +171,27 @@ def _check_folder(
             f"{folder} has no weights (*.safetensors)",
             "add the model's safetensors files to the folder",
         )
+    _check_tokenizer_files(folder)
     return ModelSource(given, kind, folder, family, config, weights, pickle_weights)
+
+
+# The tokenizer files stored as JSON: checked before any work (loading them comes later).
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _check_tokenizer_files(folder: pathlib.Path) -> None:
+    for name in _TOKENIZER_JSON:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as err:
+            raise InputError(
+                f"{path} is not a readable JSON file ({str(err).splitlines()[0][:120]})",
+                "fix or remove the model's tokenizer files (without them fdec verifies on "
+                "synthetic ids)",
+            ) from None
 
 
 _CACHE_MANIFEST = "fdec-cache.json"
