@@ -552,3 +552,61 @@ def test_model_counts_match_count_graph(model):
     assert model.counts() == GraphCounts(
         nodes=1, initializers=1, parameters=_HIDDEN * _VOCAB, bytes=_HIDDEN * _VOCAB * 4, op_types=1
     )
+
+
+# --- the pass contract (requires → call → ensures, in place) -----------------------------------
+
+
+@dataclasses.dataclass
+class _NewModelPass(Pass):
+    """Returns a copy of the model: breaks the in-place contract unless declared not in place."""
+
+    name = "new-model"
+    family = "test"
+    summary = "return another model"
+
+    ensured: list = dataclasses.field(default_factory=list, kw_only=True, repr=False)
+
+    def call(self, model: FdecModel) -> PassResult:
+        return PassResult(FdecModel(model.model, model.spec), modified=True)
+
+    def ensures(self, model: FdecModel) -> None:
+        self.ensured.append(model)
+
+
+@dataclasses.dataclass
+class _FunctionalPass(_NewModelPass):
+    in_place = False
+
+
+def test_a_direct_call_runs_requires_before_the_pass(model):
+    log: list = []
+    pass_ = RequiringPass(log=log)
+    pass_(model, "a-target")
+    assert log == [(pass_, model, "a-target")] and pass_.called == [model]
+    pass_.apply(model)  # call → ensures only
+    assert len(log) == 1 and len(pass_.called) == 2
+
+
+def test_the_in_place_contract_is_checked_and_ensures_runs_on_the_result(model):
+    with pytest.raises(CompileError, match="declared in place but returned another model"):
+        _NewModelPass()(model)
+    functional = _FunctionalPass()
+    result = functional(model)
+    assert result.model is not model and functional.ensured == [result.model]
+    undeclared = dataclasses.dataclass(type("Undeclared", (WrapOutputPass,), {"in_place": False}))
+    with pytest.raises(CompileError, match="not in place but returned its input modified"):
+        undeclared()(model)  # WrapOutputPass modifies and returns the model it was given
+
+
+def test_instruments_override_only_what_they_need(model):
+    from fdec.pipeline import Instrument
+
+    class CountCalls(Instrument):
+        calls = 0
+
+        def after(self, pass_, result, record) -> None:
+            CountCalls.calls += 1
+
+    PassManager([NoOpPass(), NoOpPass()], [CountCalls()]).run(model)
+    assert CountCalls.calls == 2
