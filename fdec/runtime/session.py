@@ -12,13 +12,17 @@ from typing import Any
 
 import numpy as np
 
+from fdec.errors import UsageError
+
 __all__ = [
+    "INSTALL_LINES",
     "KV_BUFFERS",
     "OPT_LEVELS",
     "BoundDecoder",
     "OrtModel",
     "auto_threads",
     "open_session",
+    "require_onnxruntime",
     "session_for_model",
 ]
 
@@ -32,6 +36,20 @@ KV_BUFFERS = ("shared", "concat")
 _KV_BUFFER_METADATA = "fdec.kv_buffer"  # fdec.lower.onnxruntime.KV_BUFFER_METADATA
 _KV_POLICY_METADATA = "fdec.kv_policy"  # fdec.passes.kv_cache.KV_POLICY_METADATA (JSON)
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+# ONNX Runtime ships as two packages that install the same `onnxruntime` module and overwrite
+# each other; fdec depends on neither and names both (pyproject.toml extras `cpu` and `gpu`).
+INSTALL_LINES = "pip install 'fdec[cpu]' (CPU) or pip install 'fdec[gpu]' (NVIDIA GPU, CUDA 13)"
+
+
+def require_onnxruntime() -> Any:
+    """The `onnxruntime` module, or UsageError (exit 2) naming the two ways to install it."""
+    try:
+        import onnxruntime
+    except ModuleNotFoundError as err:
+        if err.name != "onnxruntime":
+            raise
+        raise UsageError("ONNX Runtime is not installed", f"install one: {INSTALL_LINES}") from None
+    return onnxruntime
 
 
 def resolve_providers(
@@ -40,7 +58,7 @@ def resolve_providers(
     """Split (name, options) pairs into ORT's two lists, keeping only providers this
     onnxruntime has; option values ending in `_path` are resolved against `base`.
     Returns (names, options, missing)."""
-    import onnxruntime as ort
+    ort = require_onnxruntime()
 
     available = set(ort.get_available_providers())
     names: list[str] = []
@@ -135,7 +153,7 @@ def open_session(
     then to 0 and "auto"; 0 threads means `auto_threads()`, "auto" spinning
     `auto_spinning(threads)`.
     """
-    import onnxruntime as ort
+    ort = require_onnxruntime()
 
     configured = _build_session_options(pathlib.Path(path))
     if threads is None:
@@ -257,7 +275,7 @@ class OrtModel:
 
     def kv_ortvalue(self, array: np.ndarray, device: str = "cpu") -> Any:
         """An OrtValue of a cache tensor in the graph's cache type (fp8 from its raw bytes)."""
-        import onnxruntime as ort
+        ort = require_onnxruntime()
 
         if self.kv_onnx_type is not None:
             return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
@@ -298,7 +316,7 @@ class OrtModel:
             feeds[f"past_key_values.{i}.key"] = past[2 * i]
             feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
         if self.kv_onnx_type is not None:
-            import onnxruntime as ort
+            ort = require_onnxruntime()
 
             values = {
                 name: self.kv_ortvalue(array)
@@ -340,7 +358,7 @@ class BoundDecoder:
     """
 
     def __init__(self, model: OrtModel, batch: int, max_length: int):
-        import onnxruntime as ort
+        ort = require_onnxruntime()
 
         if not model.num_layers:
             raise ValueError("BoundDecoder needs a decoder with past_key_values inputs")
