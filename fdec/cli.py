@@ -476,7 +476,7 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
         else:
             loaded = load_build(build)
             fallback = loaded.provider_fallback()
-            if fallback:
+            if fallback and not loaded.model.provider_fallback:  # else open_session warned
                 click.echo(f"warning: {fallback}", err=True)
             result = run_prompt(
                 loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature,

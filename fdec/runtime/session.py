@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -190,11 +191,39 @@ def open_session(
     for name, value in pinned.items():
         options.add_initializer(name, value)
     options.log_severity_level = 3
-    session = ort.InferenceSession(
-        str(path), sess_options=options, providers=names, provider_options=provider_options
-    )
+    fallback = None
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=options, providers=names, provider_options=provider_options
+        )
+    except Exception as err:  # onnxruntime's own error types (Fail, RuntimeException, ...)
+        # onnxruntime-gpu lists its GPU providers whether or not a GPU is usable; creating
+        # the CUDA provider without one raises "CUDA failure 100: no CUDA-capable device is
+        # detected". The CPU provider is in every package: run there, and say so once.
+        asked = [name for name in names if name in _GPU_PROVIDERS]
+        if not asked:
+            raise
+        fallback = (
+            f"{' and '.join(asked)} could not start ({_first_line(err)}); "
+            "running on CPUExecutionProvider"
+        )
+        logger.warning(fallback)
+        session = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
     session.fdec_initializers = pinned  # ORT reads their memory for the session's life
+    session.fdec_provider_fallback = fallback  # the warning above, or None
     return session
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    """ONNX Runtime's message without its '[ONNXRuntimeError] : 1 : FAIL : ' prefix and the
+    '; GPU=… ; hostname=… ; file=…' details: 'CUDA failure 100: no CUDA-capable device …'."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", text)
+    for marker in (" ; GPU=", " ; hostname="):
+        text = text.split(marker)[0]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 _NP_TYPES = {
@@ -268,6 +297,11 @@ class OrtModel:
     def providers(self) -> list[str]:
         """The providers the session really got (onnxruntime-gpu falls back silently)."""
         return list(self.session.get_providers())
+
+    @property
+    def provider_fallback(self) -> str | None:
+        """The warning `open_session` gave when a GPU provider failed to start, else None."""
+        return getattr(self.session, "fdec_provider_fallback", None)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.kv_heads, 0, self.head_dim)
