@@ -33,12 +33,14 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 _Real = ort.InferenceSession
-ort.get_available_providers = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+ort.get_available_providers = lambda: [
+    "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+]
 
 
 class _NoDevice(_Real):
     def __init__(self, path, sess_options=None, providers=None, provider_options=None, **kw):
-        if providers and "CUDAExecutionProvider" in providers:
+        if set(providers or ()) & {{"CUDAExecutionProvider", "TensorrtExecutionProvider"}}:
             raise Fail({_NO_DEVICE!r})
         super().__init__(path, sess_options=sess_options, providers=providers,
                          provider_options=provider_options, **kw)
@@ -117,3 +119,28 @@ def test_a_cpu_session_that_fails_is_not_masked(tmp_path):
     broken.write_bytes(b"not an onnx model")
     with pytest.raises(Exception, match=r"(?i)protobuf|parse|load"):
         open_session(broken, providers=["CPUExecutionProvider"])
+
+
+def test_tensorrt_and_cuda_failing_alike_make_one_line(gpu_build, tmp_path):
+    """A GPU-target build asks for TensorRT, then CUDA (fdec.lower.onnxruntime.providers_for):
+    both fail the same way without a GPU; one line names both, stdout stays JSON."""
+    from fdec.lower.onnxruntime import providers_for
+    from fdec.targets import load_target
+
+    build = tmp_path / "build"
+    shutil.copytree(gpu_build, build)
+    config = json.loads((build / "fdec-runtime.json").read_text())
+    config["providers"] = providers_for(load_target("h200"))
+    (build / "fdec-runtime.json").write_text(json.dumps(config))
+    result = subprocess.run(
+        [sys.executable, "-c", _INJECT, "run", str(build), "--prompt", "Hello", "--json",
+         "--max-new-tokens", "2"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "WARNING fdec.runtime.session: TensorrtExecutionProvider and CUDAExecutionProvider "
+        "could not start (CUDA failure 100: no CUDA-capable device is detected); running on "
+        "CPUExecutionProvider"
+    ]
+    assert json.loads(result.stdout)["providers"] == ["CPUExecutionProvider"]

@@ -191,26 +191,39 @@ def open_session(
     for name, value in pinned.items():
         options.add_initializer(name, value)
     options.log_severity_level = 3
+    # onnxruntime-gpu lists its GPU providers whether or not they can start: without a usable
+    # GPU the CUDA provider raises "CUDA failure 100: no CUDA-capable device is detected",
+    # without TensorRT's libraries the TensorRT provider fails to load. ONNX Runtime's own
+    # retry (enable_fallback) prints four lines to stdout and retries once; instead, drop the
+    # failing provider and try the rest, then say once what happened.
+    failed: dict[str, list[str]] = {}  # reason → providers that failed with it
+    while True:
+        try:
+            session = ort.InferenceSession(
+                str(path), sess_options=options, providers=names,
+                provider_options=provider_options, enable_fallback=0,
+            )  # fmt: skip
+            break
+        except Exception as err:  # onnxruntime's own error types (Fail, RuntimeException, ...)
+            gpu = next((name for name in names if name in _GPU_PROVIDERS), None)
+            if gpu is None:
+                raise
+            failed.setdefault(_first_line(err), []).append(gpu)
+            index = names.index(gpu)
+            names, provider_options = (
+                names[:index] + names[index + 1 :],
+                (provider_options[:index] + provider_options[index + 1 :]),
+            )
     fallback = None
-    try:
-        session = ort.InferenceSession(
-            str(path), sess_options=options, providers=names, provider_options=provider_options
-        )
-    except Exception as err:  # onnxruntime's own error types (Fail, RuntimeException, ...)
-        # onnxruntime-gpu lists its GPU providers whether or not a GPU is usable; creating
-        # the CUDA provider without one raises "CUDA failure 100: no CUDA-capable device is
-        # detected". The CPU provider is in every package: run there, and say so once.
-        asked = [name for name in names if name in _GPU_PROVIDERS]
-        if not asked:
-            raise
+    if failed:
         fallback = (
-            f"{' and '.join(asked)} could not start ({_first_line(err)}); "
-            "running on CPUExecutionProvider"
+            ", ".join(
+                f"{' and '.join(providers)} could not start ({reason})"
+                for reason, providers in failed.items()
+            )
+            + f"; running on {', '.join(session.get_providers())}"
         )
         logger.warning(fallback)
-        session = ort.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
     session.fdec_initializers = pinned  # ORT reads their memory for the session's life
     session.fdec_provider_fallback = fallback  # the warning above, or None
     return session
