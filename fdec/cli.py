@@ -271,6 +271,12 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
 
     options = CompileOptions(**settings, target=targets[0], dump_dir=dump_dir, cache=not no_cache,
                              force=force)  # fmt: skip
+    try:  # every build carries an ONNX Runtime model and is verified in it: fail before work
+        from fdec.runtime.session import require_onnxruntime
+
+        require_onnxruntime()
+    except FdecError as err:
+        _fail(err, as_json)
     if len(targets) > 1:
         _compile_targets(options, targets, ctx, wait=not no_wait)
         return
@@ -477,7 +483,7 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
         else:
             loaded = load_build(build)
             fallback = loaded.provider_fallback()
-            if fallback:
+            if fallback and not loaded.model.provider_fallback:  # else open_session warned
                 click.echo(f"warning: {fallback}", err=True)
             result = run_prompt(
                 loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -900,6 +906,14 @@ def main() -> None:
         sys.exit(EXIT_USAGE if err.exit_code == 2 else err.exit_code)
     except SystemExit:
         raise
+    except ModuleNotFoundError as err:
+        if err.name != "onnxruntime" and not (err.name or "").startswith("onnxruntime."):
+            raise
+        # onnxruntime is an extra (cpu or gpu), imported where a command first needs it
+        from fdec.runtime.session import INSTALL_LINES
+
+        click.echo(f"error: ONNX Runtime is not installed; install one: {INSTALL_LINES}", err=True)
+        sys.exit(EXIT_USAGE)
     except Exception as err:
         if _SIGNALLED:  # the interrupt surfaced as another error
             _exit_signalled(_SIGNALLED[-1] == "terminated")

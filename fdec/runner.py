@@ -45,6 +45,8 @@ class LoadedBuild:
     def provider_fallback(self) -> str | None:
         """A loud line when the session did not get the accelerator the build asked for
         (onnxruntime-gpu falls back to the CPU silently)."""
+        if self.model.provider_fallback:  # a GPU provider failed to start (open_session)
+            return self.model.provider_fallback
         got = self.model.providers
         wanted = [p for p in self.requested_providers if p != "CPUExecutionProvider"]
         if wanted and not any(p in got for p in wanted):

@@ -26,6 +26,9 @@ key                         meaning                                             
                             optional ``encoder_weights`` for encoder models (BERT)
 ``sparse_tensor_cores``     2:4 structured sparsity in hardware (needs cc >= 8.0)      yes
 ``sources``                 where each figure comes from (title and URL)               no
+``node_launch_us``          host cost per graph node of one decode step under ONNX     no
+                            Runtime's CUDA provider, in µs (the roofline's per-step
+                            floor); 0 or absent: no floor
 ==========================  ========================================================  ========
 
 Which precisions a target supports is derived from its compute capability, never listed per
@@ -197,6 +200,7 @@ class Target:
     sparse_tensor_cores: bool
     sources: tuple[str, ...] = ()
     path: str = ""
+    node_launch_us: float = 0.0  # per-node step cost (fdec.report.roofline's floor)
 
     def __post_init__(self) -> None:
         # Freeze the containers, so a Target built by hand (tests, dataclasses.replace) is as
@@ -261,6 +265,7 @@ class Target:
             "sparse_tensor_cores": self.sparse_tensor_cores,
             "sources": list(self.sources),
             "path": self.path,
+            "node_launch_us": self.node_launch_us,
         }
 
 
@@ -396,7 +401,7 @@ _REQUIRED = (
     "default_recipe",
     "sparse_tensor_cores",
 )
-_KEYS = (*_REQUIRED, "compute_capability", "sources")
+_KEYS = (*_REQUIRED, "compute_capability", "sources", "node_launch_us")
 _RECIPE_KEYS = ("weights", "activations", "kv_cache")
 _RECIPE_OPTIONAL = ("encoder_weights",)  # an encoder's weights, where they differ (cpu: int8)
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
@@ -499,6 +504,14 @@ def _parse(text: str, label: str) -> Target:
         sparse_tensor_cores=sparse,
         sources=_sources(data.get("sources", []), label),
         path=label,
+        node_launch_us=_number(
+            data.get("node_launch_us", 0.0),
+            label,
+            "node_launch_us",
+            allow_zero=True,
+            upper=10_000.0,
+            fix="give microseconds per graph node, e.g. node_launch_us = 4.0",
+        ),
     )
     for key, value in recipe.items():
         try:

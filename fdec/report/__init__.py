@@ -124,6 +124,18 @@ def _pruning_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _placement_line(placement: dict[str, Any], paint: Any) -> str:
+    """One line: which nodes of the model would leave the GPU under the CUDA provider."""
+    if placement.get("ok"):
+        return f"CUDA placement: {paint('every node has a CUDA kernel', 'ok')} (kernel table)"
+    groups = ", ".join(f"{g['count']}× {op}" for op, g in placement.get("by_op", {}).items())
+    return paint(
+        f"CUDA placement: {placement.get('cpu_nodes')} nodes have no CUDA kernel and would "
+        f"run on the CPU with Memcpy around them: {groups}",
+        "bad",
+    )
+
+
 def render_report(report: dict[str, Any], *, style: bool = False) -> str:
     """The report as a text table (passes, then verification); `style` adds terminal colors."""
     paint_ = paint if style else (lambda text, kind: text)
@@ -219,6 +231,11 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
         if guess.get("prefill_ms") is not None:
             text += f"; prefill of {guess['prompt_tokens']} tokens ~{guess['prefill_ms']:.3g} ms"
         lines.append(text)
+    # GPU placement (issue 16): fdec.lower.cuda_kernels.placement_summary of the ONNX Runtime
+    # model, stored under "cuda_placement" by the compile stage of GPU-target builds.
+    placement = report.get("cuda_placement") or {}
+    if placement:
+        lines.append(_placement_line(placement, paint))
     outputs = report.get("outputs") or {}
     if outputs:
         total = sum(item["bytes"] for item in outputs.values())

@@ -6,19 +6,24 @@ import json
 import logging
 import os
 import pathlib
+import re
 import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from fdec.errors import UsageError
+
 __all__ = [
+    "INSTALL_LINES",
     "KV_BUFFERS",
     "OPT_LEVELS",
     "BoundDecoder",
     "OrtModel",
     "auto_threads",
     "open_session",
+    "require_onnxruntime",
     "session_for_model",
 ]
 
@@ -32,6 +37,20 @@ KV_BUFFERS = ("shared", "concat")
 _KV_BUFFER_METADATA = "fdec.kv_buffer"  # fdec.lower.onnxruntime.KV_BUFFER_METADATA
 _KV_POLICY_METADATA = "fdec.kv_policy"  # fdec.passes.kv_cache.KV_POLICY_METADATA (JSON)
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+# ONNX Runtime ships as two packages that install the same `onnxruntime` module and overwrite
+# each other; fdec depends on neither and names both (pyproject.toml extras `cpu` and `gpu`).
+INSTALL_LINES = "pip install 'fdec[cpu]' (CPU) or pip install 'fdec[gpu]' (NVIDIA GPU, CUDA 13)"
+
+
+def require_onnxruntime() -> Any:
+    """The `onnxruntime` module, or UsageError (exit 2) naming the two ways to install it."""
+    try:
+        import onnxruntime
+    except ModuleNotFoundError as err:
+        if err.name != "onnxruntime":
+            raise
+        raise UsageError("ONNX Runtime is not installed", f"install one: {INSTALL_LINES}") from None
+    return onnxruntime
 
 
 def resolve_providers(
@@ -40,7 +59,7 @@ def resolve_providers(
     """Split (name, options) pairs into ORT's two lists, keeping only providers this
     onnxruntime has; option values ending in `_path` are resolved against `base`.
     Returns (names, options, missing)."""
-    import onnxruntime as ort
+    ort = require_onnxruntime()
 
     available = set(ort.get_available_providers())
     names: list[str] = []
@@ -135,7 +154,7 @@ def open_session(
     then to 0 and "auto"; 0 threads means `auto_threads()`, "auto" spinning
     `auto_spinning(threads)`.
     """
-    import onnxruntime as ort
+    ort = require_onnxruntime()
 
     configured = _build_session_options(pathlib.Path(path))
     if threads is None:
@@ -172,11 +191,52 @@ def open_session(
     for name, value in pinned.items():
         options.add_initializer(name, value)
     options.log_severity_level = 3
-    session = ort.InferenceSession(
-        str(path), sess_options=options, providers=names, provider_options=provider_options
-    )
+    # onnxruntime-gpu lists its GPU providers whether or not they can start: without a usable
+    # GPU the CUDA provider raises "CUDA failure 100: no CUDA-capable device is detected",
+    # without TensorRT's libraries the TensorRT provider fails to load. ONNX Runtime's own
+    # retry (enable_fallback) prints four lines to stdout and retries once; instead, drop the
+    # failing provider and try the rest, then say once what happened.
+    failed: dict[str, list[str]] = {}  # reason → providers that failed with it
+    while True:
+        try:
+            session = ort.InferenceSession(
+                str(path), sess_options=options, providers=names,
+                provider_options=provider_options, enable_fallback=0,
+            )  # fmt: skip
+            break
+        except Exception as err:  # onnxruntime's own error types (Fail, RuntimeException, ...)
+            gpu = next((name for name in names if name in _GPU_PROVIDERS), None)
+            if gpu is None:
+                raise
+            failed.setdefault(_first_line(err), []).append(gpu)
+            index = names.index(gpu)
+            names, provider_options = (
+                names[:index] + names[index + 1 :],
+                (provider_options[:index] + provider_options[index + 1 :]),
+            )
+    fallback = None
+    if failed:
+        fallback = (
+            ", ".join(
+                f"{' and '.join(providers)} could not start ({reason})"
+                for reason, providers in failed.items()
+            )
+            + f"; running on {', '.join(session.get_providers())}"
+        )
+        logger.warning(fallback)
     session.fdec_initializers = pinned  # ORT reads their memory for the session's life
+    session.fdec_provider_fallback = fallback  # the warning above, or None
     return session
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    """ONNX Runtime's message without its '[ONNXRuntimeError] : 1 : FAIL : ' prefix and the
+    '; GPU=… ; hostname=… ; file=…' details: 'CUDA failure 100: no CUDA-capable device …'."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", text)
+    for marker in (" ; GPU=", " ; hostname="):
+        text = text.split(marker)[0]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 _NP_TYPES = {
@@ -251,13 +311,18 @@ class OrtModel:
         """The providers the session really got (onnxruntime-gpu falls back silently)."""
         return list(self.session.get_providers())
 
+    @property
+    def provider_fallback(self) -> str | None:
+        """The warning `open_session` gave when a GPU provider failed to start, else None."""
+        return getattr(self.session, "fdec_provider_fallback", None)
+
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=self.kv_dtype) for _ in range(2 * self.num_layers)]
 
     def kv_ortvalue(self, array: np.ndarray, device: str = "cpu") -> Any:
         """An OrtValue of a cache tensor in the graph's cache type (fp8 from its raw bytes)."""
-        import onnxruntime as ort
+        ort = require_onnxruntime()
 
         if self.kv_onnx_type is not None:
             return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
@@ -298,7 +363,7 @@ class OrtModel:
             feeds[f"past_key_values.{i}.key"] = past[2 * i]
             feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
         if self.kv_onnx_type is not None:
-            import onnxruntime as ort
+            ort = require_onnxruntime()
 
             values = {
                 name: self.kv_ortvalue(array)
@@ -340,7 +405,7 @@ class BoundDecoder:
     """
 
     def __init__(self, model: OrtModel, batch: int, max_length: int):
-        import onnxruntime as ort
+        ort = require_onnxruntime()
 
         if not model.num_layers:
             raise ValueError("BoundDecoder needs a decoder with past_key_values inputs")

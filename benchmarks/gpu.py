@@ -1,0 +1,451 @@
+"""fdec's GPU builds against PyTorch and onnxruntime-genai on one GPU, in one run (issue 16).
+
+    python3 benchmarks/gpu.py --hf HF_FOLDER --build fp16=/tmp/b/fp16 --build int4=/tmp/b/int4 \\
+        --peer fp16 --peer int4 --batches 1,16 --gen 64 --json $OUT/gpu.json
+
+Rows, all greedy, the same prompt ids (HF_FOLDER's tokenizer), `--gen` new tokens, batch sizes
+`--batches`, median of `--rounds` timed calls after a warm-up, the device synchronised:
+- each `--build NAME=DIR`: an fdec build through fdec's runtime (IOBinding loop) on the
+  providers its fdec-runtime.json asks for; plus, per build, the placement check: predicted
+  (fdec.lower.cuda_kernels, the kernel table) and real (a profiled prefill and decode step:
+  nodes per provider, Memcpy nodes), and greedy tokens on the GPU against the CPU provider for
+  `--check-steps` steps;
+- PyTorch `generate`, bf16: eager and `cache_implementation="static"` (torch.compile);
+- each `--peer PRECISION` (fp16, int4): onnxruntime-genai's own build of HF_FOLDER
+  (`python -m onnxruntime_genai.models.builder -i HF_FOLDER -o PEER_DIR/PRECISION -p PRECISION
+  -e cuda`, made when missing), driven by onnxruntime_genai.
+tok/s is batch × new tokens ÷ wall time of the whole call (prefill included, as the issue's
+table measured); "decode" is fdec's own decode-only figure. Ratios are against PyTorch static
+and genai fp16 at the same batch. One JSON document (--json) and a table on stdout.
+`--device cpu` runs the same code on the CPU (tests; no speed meaning there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+PROMPT = (
+    "The railway reached the valley in the spring of that year, and within a decade the "
+    "town had doubled in size. Farmers sent their grain to the city by train, and"
+)
+TORCH_MODES = ("eager", "static")
+PEER_PRECISIONS = ("fp16", "int4", "fp32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _named_folder(text: str) -> tuple[str, pathlib.Path]:
+    name, equals, folder = text.partition("=")
+    if not equals or not name or not folder:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=DIR")
+    return name, pathlib.Path(folder)
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list like 1,16") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes are positive integers")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
+    )  # fmt: skip
+    parser.add_argument(
+        "--hf", type=pathlib.Path, help="Hugging Face folder (tokenizer, torch, peer)"
+    )
+    parser.add_argument(
+        "--build",
+        type=_named_folder,
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="an fdec build to measure (repeatable)",
+    )
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        choices=PEER_PRECISIONS,
+        help="an onnxruntime-genai build of --hf to make and measure",
+    )
+    parser.add_argument("--peer-dir", type=pathlib.Path, default=pathlib.Path("/tmp/peer"))
+    parser.add_argument(
+        "--torch", default="eager,static", help="PyTorch modes, from eager,static; 'none' to skip"
+    )
+    parser.add_argument("--batches", type=_batches, default=[1, 16])
+    parser.add_argument("--gen", type=int, default=64, help="new tokens per call")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--check-steps",
+        type=int,
+        default=32,
+        help="greedy steps compared between the GPU and the CPU provider",
+    )
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--json", type=pathlib.Path, help="write the whole result here")
+    parser.add_argument("--timeout", type=int, default=300,
+                        help="seconds for each peer build subprocess")  # fmt: skip
+    args = parser.parse_args(argv)
+    modes = [] if args.torch == "none" else [m.strip() for m in args.torch.split(",")]
+    unknown = [m for m in modes if m not in TORCH_MODES]
+    if unknown:
+        parser.error(f"--torch {args.torch!r}: unknown mode {unknown[0]!r} (eager, static, none)")
+    args.torch_modes = modes
+    if (modes or args.peer) and args.hf is None:
+        parser.error("--hf HF_FOLDER is needed for PyTorch and --peer rows (or --torch none)")
+    if args.gen < 2 or args.rounds < 1:
+        parser.error("--gen must be at least 2 and --rounds at least 1")
+    if not (args.build or modes or args.peer):
+        parser.error("nothing to measure: give --build, --peer or --torch")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+def _timed(call: Callable[[], Any], rounds: int, sync: Callable[[], None]) -> list[float]:
+    call()  # warm-up (and torch.compile's compilation)
+    sync()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _row(system: str, batch: int, gen: int, times: list[float], **extra: Any) -> dict[str, Any]:
+    wall = statistics.median(times)
+    return {"system": system, "batch": batch, "tok_s": round(batch * gen / wall, 1),
+            "wall_s": round(wall, 4), "wall_s_rounds": [round(t, 4) for t in times], **extra}  # fmt: skip
+
+
+def device_info(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "device": device,
+        "host": platform.node(),
+        "python": platform.python_version(),
+    }
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+        info["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        info["onnxruntime"] = None
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if device == "cuda" and torch.cuda.is_available():
+            info["name"] = torch.cuda.get_device_name()
+            info["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability())
+    except ImportError:
+        info["torch"] = None
+    if device == "cuda" and "name" not in info:
+        try:
+            info["name"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            info["name"] = None
+    info.setdefault("name", platform.processor() or platform.machine())
+    return info
+
+
+def _providers(device: str) -> list[Any]:
+    return (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if device == "cuda"
+        else ["CPUExecutionProvider"]
+    )
+
+
+def _open_build(folder: pathlib.Path, device: str, profile: str | None = None) -> Any:
+    """(OrtModel, kv_cache config) of the build on `device`'s providers: through fdec's
+    open_session (its provider fallback included), or, to profile into `profile`, a plain
+    session whose provider failures raise."""
+    import onnxruntime as ort
+
+    from fdec.runtime.session import OrtModel, open_session
+
+    config = json.loads((folder / "fdec-runtime.json").read_text())
+    path = folder / config.get("model", "model.onnx")
+    level = (config.get("session_options") or {}).get("graph_optimization_level", "all")
+    if profile:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        }.get(level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+        session = ort.InferenceSession(
+            str(path), options, providers=_providers(device), enable_fallback=0
+        )
+    else:
+        session = open_session(path, providers=_providers(device), optimization=level)
+    kv = config.get("kv_cache") or {}
+    return OrtModel(session, kv_buffer=kv.get("buffer")), kv
+
+
+def profiled_placement(folder: pathlib.Path, device: str, prompt: list[int]) -> dict[str, Any]:
+    """Where ONNX Runtime really ran each node: one prefill and one decode step through fdec's
+    bound decoder, profiled; per provider the node count, microseconds and op types."""
+    import numpy as np
+
+    prefix = str(pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"placement-{folder.name}")
+    model, kv = _open_build(folder, device, profile=prefix)
+    decoder = model.bound_decoder(1, int(kv.get("max_length") or len(prompt) + 8))
+    logits = decoder.step(np.asarray([prompt]))
+    decoder.step(logits[:, -1:].argmax(-1))
+    per: dict[str, dict[str, Any]] = {}
+    profile = pathlib.Path(model.session.end_profiling())
+    for event in json.loads(profile.read_text()):
+        args = event.get("args") or {}
+        if event.get("cat") != "Node" or "provider" not in args:
+            continue
+        if not event.get("name", "").endswith("_kernel_time"):
+            continue
+        entry = per.setdefault(args["provider"], {"nodes": 0, "us": 0, "ops": {}})
+        entry["nodes"] += 1
+        entry["us"] += event.get("dur", 0)
+        op = args.get("op_name", "?")
+        entry["ops"][op] = entry["ops"].get(op, 0) + 1
+    profile.unlink(missing_ok=True)
+    memcpy = sum(n for e in per.values() for op, n in e["ops"].items() if op.startswith("Memcpy"))
+    cpu = per.get("CPUExecutionProvider", {}).get("nodes", 0)
+    return {"session_providers": model.providers, "per_provider": per, "memcpy_nodes": memcpy,
+            "cpu_nodes": cpu, "steps_profiled": 2}  # fmt: skip
+
+
+def token_check(folder: pathlib.Path, device: str, prompt: list[int], steps: int) -> dict[str, Any]:
+    """Greedy tokens of the build on `device` against the same build on the CPU provider."""
+    from fdec.runtime import generate
+
+    got = generate(_open_build(folder, device)[0], prompt, max_new_tokens=steps).tokens
+    want = generate(_open_build(folder, "cpu")[0], prompt, max_new_tokens=steps).tokens
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    return {"steps": steps, "identical": got == want, "first_divergence": first}
+
+
+def measure_fdec(name: str, folder: pathlib.Path, args: argparse.Namespace, prompt: list[int],
+                 sync: Callable[[], None]) -> list[dict[str, Any]]:  # fmt: skip
+    from fdec.lower.cuda_kernels import placement_summary
+    from fdec.runtime.batch import generate_batch
+
+    model, _ = _open_build(folder, args.device)
+    checks: dict[str, Any] = {"predicted": placement_summary(folder / "model.onnx")}
+    for key, check in (("profiled", lambda: profiled_placement(folder, args.device, prompt)),
+                       ("tokens_vs_cpu", lambda: token_check(folder, args.device, prompt,
+                                                             args.check_steps))):  # fmt: skip
+        try:
+            checks[key] = check()
+        except Exception as err:  # reported in the table, the other rows still run
+            checks[key] = {"error": f"{type(err).__name__}: {err}"[:300]}
+    rows = []
+    for batch in args.batches:
+        prompts = [prompt] * batch
+        decode: list[float] = []
+
+        def call(prompts=prompts, decode=decode) -> None:
+            result = generate_batch(model, prompts, max_new_tokens=args.gen)
+            decode.append(result.decode_tokens_per_s)
+
+        times = _timed(call, args.rounds, sync)
+        rows.append(_row(f"fdec {name}", batch, args.gen, times, providers=model.providers,
+                         decode_tok_s=round(statistics.median(decode[1:]), 1),
+                         build=str(folder)))  # fmt: skip
+    rows[0]["checks"] = checks
+    return rows
+
+
+def measure_torch(
+    args: argparse.Namespace, ids: list[int], sync: Callable[[], None]
+) -> list[dict[str, Any]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=dtype).to(args.device).eval()
+    rows = []
+    for mode in args.torch_modes:
+        extra = {"cache_implementation": "static"} if mode == "static" else {}
+        for batch in args.batches:
+            x = torch.tensor([ids] * batch, device=args.device)
+            kwargs = dict(do_sample=False, max_new_tokens=args.gen, min_new_tokens=args.gen,
+                          attention_mask=torch.ones_like(x), pad_token_id=0, **extra)  # fmt: skip
+
+            def call(x=x, kwargs=kwargs) -> None:
+                with torch.no_grad():
+                    model.generate(x, **kwargs)
+
+            label = "pytorch static-cache (torch.compile)" if mode == "static" else "pytorch eager"
+            rows.append(_row(f"{label} {str(dtype).split('.')[-1]}", batch, args.gen,
+                             _timed(call, args.rounds, sync)))  # fmt: skip
+    return rows
+
+
+def build_peer(args: argparse.Namespace, precision: str) -> pathlib.Path:
+    """onnxruntime-genai's own build of --hf at `precision` for the device (made if missing)."""
+    out = args.peer_dir / f"{precision}-{args.device}"
+    if not (out / "genai_config.json").is_file():
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(args.hf),
+                   "-o", str(out), "-p", precision, "-e", args.device,
+                   "-c", str(args.peer_dir / "cache")]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-400:]}")
+    return out
+
+
+def measure_genai(precision: str, folder: pathlib.Path, args: argparse.Namespace,
+                  ids: list[int], sync: Callable[[], None]) -> list[dict[str, Any]]:  # fmt: skip
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    rows = []
+    for batch in args.batches:
+        length = len(ids) + args.gen
+
+        def call(batch=batch, length=length) -> None:
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=length, min_length=length, do_sample=False,
+                                      batch_size=batch)  # fmt: skip
+            generator = og.Generator(model, params)
+            generator.append_tokens(np.asarray([ids] * batch, dtype=np.int32))
+            while not generator.is_done():
+                generator.generate_next_token()
+
+        rows.append(_row(f"onnxruntime-genai {precision}", batch, args.gen,
+                         _timed(call, args.rounds, sync), build=str(folder)))  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _placement_text(checks: dict[str, Any] | None) -> str:
+    if not checks:
+        return ""
+    predicted = checks.get("predicted") or {}
+    parts = [f"predicted {predicted.get('cpu_nodes', '?')} CPU nodes"]
+    real = checks.get("profiled") or {}
+    if "error" in real:
+        parts.append(f"profile failed: {real['error'][:60]}")
+    elif real:
+        parts.append(f"ran {real['cpu_nodes']} CPU nodes, {real['memcpy_nodes']} Memcpy")
+    tokens = checks.get("tokens_vs_cpu") or {}
+    if "error" in tokens:
+        parts.append(f"token check failed: {tokens['error'][:60]}")
+    elif tokens:
+        same = "same" if tokens["identical"] else f"differ at {tokens['first_divergence']}"
+        parts.append(f"{tokens['steps']} tokens vs CPU {same}")
+    return "; ".join(parts)
+
+
+def render(result: dict[str, Any]) -> str:
+    """The table: one line per system and batch, with ratios to PyTorch static and genai fp16."""
+    device = result["device"]
+    lines = [
+        f"device: {device.get('name')} ({device['device']}"
+        + (f", cc {device['compute_capability']}" if device.get("compute_capability") else "")
+        + f"); onnxruntime {device.get('onnxruntime')}; torch {device.get('torch')}; "
+        f"{result['gen']} new tokens, median of {result['rounds']}",
+    ]
+    rows = result["rows"]
+    refs: dict[str, dict[int, float]] = {"torch static": {}, "genai fp16": {}}
+    for row in rows:
+        if row["system"].startswith("pytorch static-cache"):
+            refs["torch static"][row["batch"]] = row["tok_s"]
+        if row["system"] == "onnxruntime-genai fp16":
+            refs["genai fp16"][row["batch"]] = row["tok_s"]
+    header = ("system", "batch", "tok/s", "decode", "x torch static", "x genai fp16", "checks")
+    table = [header]
+    for row in rows:
+        ratios = []
+        for name in ("torch static", "genai fp16"):
+            ref = refs[name].get(row["batch"])
+            ratios.append(f"{row['tok_s'] / ref:.2f}x" if ref else "-")
+        table.append((row["system"], str(row["batch"]), f"{row['tok_s']:,.1f}",
+                      f"{row['decode_tok_s']:,.1f}" if row.get("decode_tok_s") else "-",
+                      *ratios, _placement_text(row.get("checks"))))  # fmt: skip
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    for r in table:
+        lines.append("  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip())
+    for error in result.get("errors", []):
+        lines.append(f"error: {error['part']}: {error['error']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sync = lambda: None  # noqa: E731
+    if args.device == "cuda":
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                sync = torch.cuda.synchronize
+        except ImportError:
+            pass
+    tokenizer_folder = args.hf or (args.build[0][1] if args.build else None)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tokenizer_folder)(PROMPT)["input_ids"]
+    result: dict[str, Any] = {"device": device_info(args.device), "gen": args.gen,
+                              "rounds": args.rounds, "batches": args.batches,
+                              "prompt_tokens": len(ids), "rows": [], "errors": []}  # fmt: skip
+
+    def part(label: str, run: Callable[[], list[dict[str, Any]]]) -> None:
+        started = time.perf_counter()
+        try:
+            result["rows"] += run()
+        except Exception as err:  # one failing part leaves the others measured
+            traceback.print_exc(file=sys.stderr)
+            result["errors"].append({"part": label, "error": f"{type(err).__name__}: {err}"[:400]})
+        print(
+            f"[gpu.py] {label}: {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True
+        )
+
+    if args.torch_modes:
+        part("pytorch", lambda: measure_torch(args, ids, sync))
+    for precision in args.peer:
+        part(f"genai {precision}",
+             lambda p=precision: measure_genai(p, build_peer(args, p), args, ids, sync))  # fmt: skip
+    for name, folder in args.build:
+        part(f"fdec {name}", lambda n=name, f=folder: measure_fdec(n, f, args, ids, sync))
+    text = render(result)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU machine's side of issue 16's measurements: compile fdec's GPU builds of SmolLM2, then
+# run benchmarks/gpu.py (fdec builds, PyTorch eager and static-cache, onnxruntime-genai's CUDA
+# builds, placement checks) and leave everything under $OUT.
+#
+# A session with a GPU machine (../shared/gpu/README.md has the why of each step):
+#   here, once (~4 min of CPU; the fdec wheel it packs is built from THIS checkout):
+#       bash ../shared/gpu/stage.sh
+#   then `run` tool calls, each within 30 s of the last (the machine goes back after 30 s idle):
+#     1. for N in 0 1 2 3 4 5 (as many as .gpu/parts holds):
+#          command  mkdir -p /tmp/og && cp .gpu/parts/pN /tmp/og/      carry [".gpu/parts/pN"]
+#     2. command  . .gpu/remote.sh && bash benchmarks/gpu_session.sh compile
+#          carry [".gpu/remote.sh", ".gpu/placement.py", ".gpu/torch_baseline.py"], timeout_s 590
+#     3. command  . .gpu/remote.sh && bash benchmarks/gpu_session.sh measure
+#          same carry, timeout_s 590; then give the machine back.
+#   `all` does 2 and 3 in one command where the device time allows one long command.
+# Device time is 15 minutes a session, start included: compile ~4-5 min (export, fusion and
+# verification on the machine's CPU), measure ~4-6 min (torch.compile compiles once per batch
+# size). Outputs: $OUT/compile-NAME.json, $OUT/gpu.json, $OUT/gpu.txt, $OUT/log.txt.
+#
+# Builds: FDEC_GPU_BUILDS="NAME=fdec compile options;..." (default below): fp32 is the H200's
+# default backend's ONNX Runtime model (unfused: the 103 tok/s build node_launch_us is
+# calibrated on), int4 the fused onnxruntime build that printed garbage (62 Memcpy nodes):
+# the placement check must flag it. Add the fp16 GPU graph here once it exists.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+BUILDS=${BUILDS:-/tmp/b}
+GGUF=${GGUF:-/tmp/smol.gguf}
+TARGET=${TARGET:-h200}
+SPEC=${FDEC_GPU_BUILDS:-"fp32=--quantize none;int4=--quantize int4 --backend onnxruntime"}
+FDEC=${FDEC:-/tmp/fdec}
+PEERS=${PEERS:-"fp16 int4"}   # onnxruntime-genai builds to make and measure
+GPU_PY_ARGS=${GPU_PY_ARGS:-}  # more benchmarks/gpu.py options (later ones win)
+mkdir -p "$OUT" "$BUILDS"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+here=$(cd "$(dirname "$0")" && pwd)
+
+compile() {
+    IFS=';' read -ra items <<< "$SPEC"
+    for item in "${items[@]}"; do
+        name=${item%%=*}; options=${item#*=}
+        [ -f "$BUILDS/$name/report.json" ] && { echo "== $name: built already"; continue; }
+        echo "== compile $name: $FDEC compile $GGUF --target $TARGET $options"
+        # shellcheck disable=SC2086 # options are words
+        timeout 400 "$FDEC" compile "$GGUF" --target "$TARGET" $options -o "$BUILDS/$name" \
+            --json > "$OUT/compile-$name.json" || echo "== compile $name failed ($?)"
+    done
+}
+
+measure() {
+    hf=${HF:-$(ls -d ~/.cache/fdec/gguf/*/ 2>/dev/null | head -1)}
+    [ -n "$hf" ] || { echo "no Hugging Face folder in ~/.cache/fdec/gguf: run compile first"; return 1; }
+    args=()
+    for peer in $PEERS; do args+=(--peer "$peer"); done
+    for folder in "$BUILDS"/*/; do
+        [ -f "$folder/report.json" ] && args+=(--build "$(basename "$folder")=$folder")
+    done
+    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
+    # shellcheck disable=SC2086 # GPU_PY_ARGS are words
+    timeout 560 python3 "$here/gpu.py" --hf "$hf" "${args[@]}" --batches 1,16 --gen 64 \
+        --rounds 2 --check-steps 32 --json "$OUT/gpu.json" $GPU_PY_ARGS | tee "$OUT/gpu.txt"
+}
+
+case "${1:-all}" in
+    compile) compile ;;
+    measure) measure ;;
+    all) compile && measure ;;
+    *) echo "usage: gpu_session.sh [compile|measure|all]" >&2; exit 2 ;;
+esac

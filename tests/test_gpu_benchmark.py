@@ -1,0 +1,109 @@
+"""benchmarks/gpu.py on the CPU: its arguments, its table, and one real run on tiny inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from fdec.cli import cli
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _gpu_module():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks/gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_and_import_need_no_gpu():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/gpu.py"), "--help"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    assert "--build NAME=DIR" in done.stdout and "onnxruntime_genai.models.builder" in done.stdout
+    assert (ROOT / "benchmarks/gpu_session.sh").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--build", "nodir"], "is not NAME=DIR"),
+        (["--build", "a=b", "--batches", "1,x"], "is not a list like 1,16"),
+        (["--build", "a=b", "--batches", "0"], "batch sizes are positive"),
+        (["--peer", "int4"], "--hf HF_FOLDER is needed"),
+        (["--torch", "none"], "nothing to measure"),
+        (["--hf", "x", "--torch", "eager,jit"], "unknown mode 'jit'"),
+        (["--build", "a=b", "--torch", "none", "--gen", "1"], "--gen must be at least 2"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_problem(argv, message, capsys):
+    gpu = _gpu_module()
+    with pytest.raises(SystemExit) as exit_info:
+        gpu.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_table_gives_ratios_to_torch_static_and_genai_fp16_at_the_same_batch():
+    gpu = _gpu_module()
+    result = {
+        "device": {"device": "cuda", "name": "NVIDIA H200", "compute_capability": "9.0",
+                   "onnxruntime": "1.31.1", "torch": "2.11"},
+        "gen": 64, "rounds": 3, "errors": [{"part": "genai int4", "error": "RuntimeError: x"}],
+        "rows": [
+            {"system": "pytorch static-cache (torch.compile) bfloat16", "batch": 1, "tok_s": 327.0},
+            {"system": "pytorch static-cache (torch.compile) bfloat16", "batch": 16, "tok_s": 3501.0},
+            {"system": "onnxruntime-genai fp16", "batch": 1, "tok_s": 400.0},
+            {"system": "fdec fp16", "batch": 1, "tok_s": 654.0, "decode_tok_s": 700.0,
+             "checks": {"predicted": {"cpu_nodes": 0},
+                        "profiled": {"cpu_nodes": 0, "memcpy_nodes": 0},
+                        "tokens_vs_cpu": {"steps": 32, "identical": True}}},
+            {"system": "fdec fp16", "batch": 16, "tok_s": 3501.0},
+        ],
+    }  # fmt: skip
+    lines = gpu.render(result).splitlines()
+    assert lines[0].startswith("device: NVIDIA H200 (cuda, cc 9.0); onnxruntime 1.31.1")
+    fdec_1 = next(line for line in lines if line.startswith("fdec fp16") and " 1 " in line)
+    assert "2.00x" in fdec_1 and "1.64x" in fdec_1  # 654/327 and 654/400
+    assert "predicted 0 CPU nodes; ran 0 CPU nodes, 0 Memcpy; 32 tokens vs CPU same" in fdec_1
+    fdec_16 = next(line for line in lines if line.startswith("fdec fp16") and " 16 " in line)
+    assert "1.00x" in fdec_16 and fdec_16.rstrip().endswith("-")  # no genai fp16 at batch 16
+    assert lines[-1] == "error: genai int4: RuntimeError: x"
+
+
+def test_one_run_on_the_cpu_with_tiny_inputs(tiny_models, tmp_path, cli_runner):
+    """Every part of the script runs for real (fdec build, PyTorch eager, onnxruntime-genai's
+    own builder and generator) on the CPU provider; no speed is asserted."""
+    hf = tiny_models("llama")
+    build = tmp_path / "build"
+    made = cli_runner.invoke(cli, ["compile", str(hf), "--quantize", "none", "-o", str(build)])
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/gpu.py"), "--device", "cpu", "--hf", str(hf),
+         "--build", f"fused={build}", "--peer", "fp32", "--peer-dir", str(tmp_path / "peer"),
+         "--torch", "eager", "--batches", "1,2", "--gen", "4", "--rounds", "1",
+         "--check-steps", "4", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    systems = [(row["system"], row["batch"]) for row in result["rows"]]
+    assert systems == [
+        ("pytorch eager float32", 1), ("pytorch eager float32", 2),
+        ("onnxruntime-genai fp32", 1), ("onnxruntime-genai fp32", 2),
+        ("fdec fused", 1), ("fdec fused", 2),
+    ]  # fmt: skip
+    assert all(row["tok_s"] > 0 for row in result["rows"])
+    checks = result["rows"][4]["checks"]
+    assert checks["predicted"]["cpu_nodes"] == 2  # fp32 GroupQueryAttention: no CUDA kernel
+    assert checks["profiled"]["session_providers"] == ["CPUExecutionProvider"]
+    assert checks["tokens_vs_cpu"] == {"steps": 4, "identical": True, "first_divergence": None}
+    assert "fdec fused" in done.stdout and result["errors"] == []
