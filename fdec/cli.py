@@ -574,7 +574,7 @@ def report_command(build: pathlib.Path, as_json: bool, html: bool,
 def diff_command(build_a: pathlib.Path, build_b: pathlib.Path, as_json: bool) -> None:
     """What changed from BUILD_A to BUILD_B: pipeline, options, versions, per-pass figures,
     size and accuracy deltas. Exits 0 whenever both are builds (a diff is information)."""
-    from fdec.report import paint
+    from fdec.report import colored
     from fdec.report.diff import diff_builds, render_diff
 
     try:
@@ -584,7 +584,7 @@ def diff_command(build_a: pathlib.Path, build_b: pathlib.Path, as_json: bool) ->
     if as_json:
         click.echo(json.dumps(diff, indent=2, sort_keys=True))
     else:
-        click.echo(render_diff(diff, style=paint if sys.stdout.isatty() else None))
+        click.echo(render_diff(diff, style=colored if sys.stdout.isatty() else None))
 
 
 @cli.command("verify")

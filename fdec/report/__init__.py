@@ -10,7 +10,14 @@ from typing import Any
 
 from fdec.errors import InputError
 
-__all__ = ["REPORT_FILE", "SCHEMA_VERSION", "environment", "load_report", "paint", "render_report"]
+__all__ = [
+    "REPORT_FILE",
+    "SCHEMA_VERSION",
+    "colored",
+    "environment",
+    "load_report",
+    "render_report",
+]
 
 REPORT_FILE = "report.json"
 SCHEMA_VERSION = 1
@@ -74,7 +81,7 @@ def _stats_text(stats: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def paint(text: str, kind: str) -> str:
+def colored(text: str, kind: str) -> str:
     """Terminal styling (click): bold headings, green for ok, red for failures, yellow warnings."""
     import click
 
@@ -138,7 +145,7 @@ def _placement_line(placement: dict[str, Any], paint: Any) -> str:
 
 def render_report(report: dict[str, Any], *, style: bool = False) -> str:
     """The report as a text table (passes, then verification); `style` adds terminal colors."""
-    paint_ = paint if style else (lambda text, kind: text)
+    paint = colored if style else (lambda text, kind: text)
     source = report.get("source", {})
     target = report.get("target", {})
     lines = [
@@ -170,18 +177,18 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
     for number, row in enumerate(rows):
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
         if number == 0:
-            cells = [paint_(cell, "head") for cell in cells]
+            cells = [paint(cell, "head") for cell in cells]
         else:  # padded first, so color codes do not shift the columns
             checks = cells[-1]
-            cells[-1] = paint_(checks, "bad" if "FAIL" in checks else "ok")
+            cells[-1] = paint(checks, "bad" if "FAIL" in checks else "ok")
         lines.append(
-            "  ".join([*cells, paint_(row[-1], "head") if number == 0 else row[-1]]).rstrip()
+            "  ".join([*cells, paint(row[-1], "head") if number == 0 else row[-1]]).rstrip()
         )
     verification = report.get("verification") or {}
     if verification:
         lines.append("")
         numeric = verification.get("numeric", {})
-        status = paint_("PASS", "ok") if verification.get("ok") else paint_("FAIL", "bad")
+        status = paint("PASS", "ok") if verification.get("ok") else paint("FAIL", "bad")
         lines.append(
             f"verification {status}: max abs error {numeric.get('max_abs_error', 0):.3g} "
             f"(limit {verification.get('tolerance', {}).get('max_abs_error', '?')}), "
@@ -204,9 +211,7 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
     for engine in report.get("engines") or []:
         what = engine.get("purpose") or "engine"
         status = engine["status"]
-        line = (
-            f"{engine['backend']} {what}: {paint_(status, 'ok' if status == 'built' else 'warn')}"
-        )
+        line = f"{engine['backend']} {what}: {paint(status, 'ok' if status == 'built' else 'warn')}"
         if engine.get("compute_capability"):
             line += f" (sm {engine['compute_capability']})"
         if engine.get("engine"):
@@ -245,5 +250,5 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
         from fdec.report.bench_results import render_bench
 
         when = bench.get("measured_at", "?")
-        lines += ["", paint_(f"measured speed (fdec bench, {when})", "head"), render_bench(bench)]
+        lines += ["", paint(f"measured speed (fdec bench, {when})", "head"), render_bench(bench)]
     return "\n".join(lines)
