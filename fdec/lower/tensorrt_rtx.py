@@ -139,13 +139,17 @@ def build_engine(
     onnx_path: pathlib.Path,
     out_dir: pathlib.Path,
     *,
-    spec: ModelSpec,
-    limits: ShapeLimits,
+    spec: ModelSpec | None,
+    limits: ShapeLimits | None,
     compute_capability: tuple[int, int],
     purpose: str = "deployable",
+    profiles: list[Profile] | None = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> RtxBuildResult:
     """Build `out_dir/model.engine` from `onnx_path` for one compute capability.
+
+    The optimization profiles are `profiles_for(spec, limits)`, or `profiles` as given (a
+    deferred build finished later from its recorded profiles; then `spec` may be None).
 
     Returns status "built", or "unsupported" (nodes the parser cannot take, listed), "deferred"
     (this toolchain cannot build for `compute_capability`, or is not installed) or "failed"
@@ -156,7 +160,11 @@ def build_engine(
     onnx_path, out_dir = pathlib.Path(onnx_path), pathlib.Path(out_dir)
     cc = f"{compute_capability[0]}.{compute_capability[1]}"
     start = time.perf_counter()
-    profiles = _engine_profiles(profiles_for(spec, limits))
+    if profiles is None:
+        if spec is None or limits is None:
+            raise ValueError("build_engine needs spec and limits, or profiles")
+        profiles = profiles_for(spec, limits)
+    profiles = _engine_profiles(profiles)
     result = RtxBuildResult(
         status="deferred",
         compute_capability=cc,
@@ -187,7 +195,11 @@ def build_engine(
     # sparsify-2of4's 2:4 weights: let the builder use sparse tensor cores (sm 8.0 and newer).
     from fdec.lower.tensorrt import graph_sparsity
 
-    sparsity = graph_sparsity(onnx_path, spec) if compute_capability >= (8, 0) else None
+    sparsity = (
+        graph_sparsity(onnx_path, spec)
+        if compute_capability >= (8, 0) and spec is not None
+        else None
+    )
     result.sparse_weights = bool(sparsity and sparsity["kept"])
 
     with _trt_session() as (trt, messages):
