@@ -572,6 +572,7 @@ _VERIFICATION_FIX = (
 )
 EMITS = ("hf-checkpoint", "genai")
 
+
 def _check_emit(emit: tuple[str, ...], quantize: str | None) -> None:
     for item in emit:
         if item not in EMITS:
