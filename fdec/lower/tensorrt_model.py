@@ -7,9 +7,10 @@ and blocked DequantizeLinear already in it for fp8, int8 SmoothQuant and int4 re
 
 `prepare_tensorrt_model` writes it and checks its numerics against the source model in ONNX
 Runtime on the CPU (optimization level basic, where ORT's CPU kernels take Q/DQ and fp16). ORT
-has no bf16 CPU kernels, so a bf16 graph is checked through `emulate_bfloat16`: every bf16
-tensor becomes an fp32 tensor rounded to bf16 (Cast to bf16 and back), which is what the
-engine stores; arithmetic inside an op runs in fp32, as TensorRT's accumulators do. bf16 is
+has no bf16 CPU kernels and skips fp16 rounding between fp16 nodes, so the graph is checked
+through `emulate_low_precision`: every fp16/bf16 tensor becomes an fp32 tensor rounded to its
+type (Cast to it and back), which is what the engine stores; arithmetic inside an op runs in
+fp32, as TensorRT's accumulators do. bf16 is
 chosen where the target computes it (compute capability 8.0+) and kept only when it holds the
 tolerance; otherwise the model is written in fp16 and the report says why.
 """
@@ -33,7 +34,7 @@ from fdec.pipeline import Tolerance
 __all__ = [
     "MODEL_DIR",
     "TYPED_MODEL",
-    "emulate_bfloat16",
+    "emulate_low_precision",
     "graph_precisions",
     "prepare_tensorrt_model",
     "typed_tolerance",
@@ -80,12 +81,16 @@ def graph_precisions(graph: ir.Graph) -> list[str]:
     return found
 
 
-def emulate_bfloat16(model: ir.Model) -> int:
-    """Rewrite a bf16 graph in place into an fp32 graph ONNX Runtime's CPU kernels run, with
-    every bf16 tensor rounded to bf16 (Cast to bf16, Cast back); returns the casts added."""
-    graph, bf16, fp32 = model.graph, ir.DataType.BFLOAT16, ir.DataType.FLOAT
+def emulate_low_precision(model: ir.Model) -> int:
+    """Rewrite an fp16/bf16 graph in place into an fp32 graph ONNX Runtime's CPU kernels run,
+    with every fp16/bf16 tensor rounded to its type (Cast to it and back); returns the casts
+    added. ORT has no bf16 CPU kernels, and it runs fp16 nodes by casting around them and
+    dropping the casts between them, so its fp16 run skips intermediate rounding (and overflow);
+    the emulated graph does not."""
+    graph, fp32 = model.graph, ir.DataType.FLOAT
+    low = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
     for value in graph.initializers.values():
-        if value.dtype == bf16 and value.const_value is not None:
+        if value.dtype in low and value.const_value is not None:
             array = value.const_value.numpy().astype(np.float32)
             value.const_value = ir.Tensor(array, name=value.name)
             value.dtype = fp32
@@ -93,14 +98,15 @@ def emulate_bfloat16(model: ir.Model) -> int:
     for node in list(graph):
         if node.op_type == "Constant" and "value" in node.attributes:
             tensor = node.attributes["value"].value
-            if tensor.dtype == bf16:
+            if tensor.dtype in low:
                 array = tensor.numpy().astype(np.float32)
                 node.attributes["value"] = ir.AttrTensor("value", ir.Tensor(array))
                 node.outputs[0].dtype = fp32
             continue
         for out in node.outputs:
-            if out.dtype != bf16:
+            if out.dtype not in low:
                 continue
+            dtype_low = out.dtype
             is_cast = node.op_type == "Cast"
             if not is_cast:
                 out.dtype = fp32
@@ -108,7 +114,7 @@ def emulate_bfloat16(model: ir.Model) -> int:
             outputs = [i for i, v in enumerate(graph.outputs) if v is out]
             chain = out
             anchor = node
-            steps = [fp32] if is_cast else [bf16, fp32]
+            steps = [fp32] if is_cast else [dtype_low, fp32]
             for dtype in steps:
                 step = ir.Value(name=f"{out.name}_emul_{dtype.name.lower()}", shape=out.shape,
                                 type=ir.TensorType(dtype))  # fmt: skip
@@ -132,16 +138,16 @@ def _check_numerics(
 
     path = typed
     with tempfile.TemporaryDirectory(prefix="fdec-typed-") as scratch:
-        if dtype == "bf16":
+        if True:  # fp16 too: see emulate_low_precision
             model = ir.load(str(typed))
-            emulate_bfloat16(model)
+            emulate_low_precision(model)
             path = pathlib.Path(scratch) / "emulated.onnx"
             ir.save(model, str(path), external_data="emulated.onnx.data")
             del model
         session = OrtModel(open_session(path, optimization="basic", prepack=False))
         figures = reference.compare(session)
         del session
-    figures["emulated"] = dtype == "bf16"
+    figures["emulated"] = True
     failure = tolerance.judge(figures)
     figures["ok"], figures["failure"] = failure is None, failure
     return figures
