@@ -375,7 +375,7 @@ def test_fp8_after_2of4_keeps_the_pattern(tiny_models, tmp_path, cli_runner):
             assert tensor.dtype == ir.DataType.FLOAT8E4M3FN, role
             assert sparse_groups_ok(tensor.numpy().astype(np.float32)), role
     plan = json.loads((out / "engines/tensorrt/plan.json").read_text())
-    assert plan["precisions"] == ["fp8"] and plan["sparse_weights"] is True
+    assert "fp8" in plan["precisions"] and plan["sparse_weights"] is True
     assert not any("lost" in note for note in plan["notes"])
 
 
