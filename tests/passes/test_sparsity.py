@@ -249,9 +249,10 @@ def test_plan_checks_the_pattern_is_still_there(tiny, tmp_path):
         name = spec.weights[role]
         model.graph.initializers[name].const_value = dense.graph.initializers[name].const_value
     build = tmp_path / "build"
-    build.mkdir()
-    model.save(build / "model.onnx")
-    record = graph_sparsity(build / "model.onnx", spec)
+    typed = build / "engines/tensorrt/model.onnx"  # the model TensorRT plans are made from
+    typed.parent.mkdir(parents=True)
+    model.save(typed)
+    record = graph_sparsity(typed, spec)
     assert sorted(record["lost"]) == sorted(roles[:2])
     assert sorted(record["kept"]) == sorted(roles[2:])
     limits = ShapeLimits(max_batch=1, max_seq_len=128)
@@ -261,7 +262,7 @@ def test_plan_checks_the_pattern_is_still_there(tiny, tmp_path):
     for role in roles[2:]:
         name = spec.weights[role]
         model.graph.initializers[name].const_value = dense.graph.initializers[name].const_value
-    model.save(build / "model.onnx")
+    model.save(typed)
     plan = plan_engine(build, spec=spec, target=load_target("a100"), limits=limits)
     assert plan.sparse_weights is False and "--sparsity=enable" not in plan.trtexec
 
