@@ -10,6 +10,8 @@ from its own inspector listing, not from the recipe.
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 
 import onnx
@@ -112,3 +114,29 @@ def test_the_fp32_graph_would_build_an_fp32_engine(source, tmp_path):
     )  # fmt: skip
     assert result.status == "built", result.reason
     assert result.engine_precision["precision"] == "fp32"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("FDEC_SLOW_TESTS") != "1",
+    reason="SmolLM2 builds take minutes: FDEC_SLOW_TESTS=1",
+)
+def test_smollm2_rtx4090_ships_an_fp8_engine_built_from_the_typed_model(tmp_path, cli_runner):
+    """The bundled SmolLM2-135M, default rtx4090 recipe (fp8): the engine is built from the
+    strongly typed model and its inspector says fp8; the typed model holds the tolerance."""
+    if available() is not None:
+        pytest.skip(f"TensorRT-RTX is not usable here: {available()}")
+    from fdec.cli import cli
+
+    out = tmp_path / "rtx4090"
+    result = cli_runner.invoke(
+        cli, ["compile", "smollm2-135m", "--target", "rtx4090", "-o", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    (engine,) = report["engines"]
+    assert engine["status"] == "built" and engine["model"] == TYPED_MODEL
+    assert engine["engine_precision"]["precision"] == "fp8"
+    typed = engine["typed_model"]
+    assert typed["numerics"]["ok"] and typed["untyped_tensors"] == 0
+    assert "fp8" in typed["precisions"]
