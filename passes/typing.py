@@ -273,7 +273,7 @@ class _Typer:
 
     def _decide(self) -> None:
         tainted = self._tainted()
-        producers_kept = self.kept
+        kept = self.kept
         for node in self.nodes:
             floats_out = [out for out in node.outputs if _is_float32(out)]
             if not floats_out and not any(_is_float32(v) for v in node.inputs):
@@ -281,61 +281,61 @@ class _Typer:
             if node.op_type == "Constant" and node.domain == "":
                 continue  # typed with the initializers, by their consumers
             if node.domain not in ("", "ai.onnx"):
-                producers_kept[id(node)] = "foreign op"
+                kept[id(node)] = "foreign op"
             elif any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                      for attr in node.attributes.values()):  # fmt: skip
-                producers_kept[id(node)] = "subgraph"
+                kept[id(node)] = "subgraph"
             elif node.op_type in _FIXED_TYPE_OPS:
-                producers_kept[id(node)] = "fixed output type"
+                kept[id(node)] = "fixed output type"
             elif node.op_type in self.keep_ops:
-                producers_kept[id(node)] = "op"
+                kept[id(node)] = "op"
             elif (
                 self.keep_tables
                 and floats_out
                 and not any(id(out) in tainted for out in node.outputs)
             ):
-                producers_kept[id(node)] = "table"
+                kept[id(node)] = "table"
         if self.keep_logits:
             for value in self.graph.outputs:
                 producer = value.producer()
                 if "logits" in (value.name or "") and producer is not None:
-                    producers_kept[id(producer)] = "logits"
+                    kept[id(producer)] = "logits"
         # The mask applied right before a softmax: a -3.4e38 fill must not meet fp16.
         for node in self.nodes:
-            if node.op_type in _SOFTMAX_OPS and id(node) in producers_kept:
+            if node.op_type in _SOFTMAX_OPS and id(node) in kept:
                 source = node.inputs[0].producer() if node.inputs and node.inputs[0] else None
                 if (
                     source is not None
                     and source.op_type in _MASK_OPS
-                    and id(source) not in producers_kept
+                    and id(source) not in kept
                     and any(
                         _is_float32(v) and id(v) not in tainted and not _is_constant(v)
                         for v in source.inputs
                     )
                 ):
-                    producers_kept[id(source)] = "mask"
+                    kept[id(source)] = "mask"
         # Elementwise ops fed only by fp32 results (and constants) stay fp32.
         for node in self.nodes:
-            if id(node) in producers_kept or node.op_type not in _FOLLOW_OPS:
+            if id(node) in kept or node.op_type not in _FOLLOW_OPS:
                 continue
             sources = [v for v in node.inputs if _is_float32(v) and not _is_constant(v)]
             if sources and all(
-                v.producer() is not None and id(v.producer()) in producers_kept for v in sources
+                v.producer() is not None and id(v.producer()) in kept for v in sources
             ):
-                producers_kept[id(node)] = "follows fp32"
+                kept[id(node)] = "follows fp32"
         # A kept node's quantized inputs: keep the DequantizeLinear (and the QuantizeLinear
         # feeding it), so the Q/DQ pair stays whole and TensorRT still fuses it.
         for node in self.nodes:
-            if producers_kept.get(id(node)) not in ("logits", "op", "mask"):
+            if kept.get(id(node)) not in ("logits", "op", "mask"):
                 continue
             for value in node.inputs:
                 dq = value.producer() if value is not None else None
-                if dq is None or dq.op_type != "DequantizeLinear" or id(dq) in producers_kept:
+                if dq is None or dq.op_type != "DequantizeLinear" or id(dq) in kept:
                     continue
-                producers_kept[id(dq)] = "q/dq of a kept node"
+                kept[id(dq)] = "q/dq of a kept node"
                 q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
                 if q is not None and q.op_type == "QuantizeLinear":
-                    producers_kept[id(q)] = "q/dq of a kept node"
+                    kept[id(q)] = "q/dq of a kept node"
 
     # -- rewriting ---------------------------------------------------------------------------
 

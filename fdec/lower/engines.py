@@ -23,6 +23,7 @@ from typing import Any
 from fdec.errors import CompileError, InputError
 from fdec.ir import ModelSpec
 from fdec.lower.profiles import ShapeLimits
+from fdec.lower.tensorrt_model import TYPED_MODEL, prepare_tensorrt_model
 
 __all__ = ["RTX_ENGINE_DIR", "build_engines", "finish_deferred_engines"]
 
@@ -56,16 +57,10 @@ def _rtx(
         onnx_path, out_dir, spec=spec, limits=limits,
         compute_capability=tuple(target.compute_capability), purpose=purpose, progress=progress,
     )  # fmt: skip
-    record = {"backend": "tensorrt-rtx", "model": _typed_model_name(), **result.to_dict()}
+    record = {"backend": "tensorrt-rtx", "model": TYPED_MODEL, **result.to_dict()}
     if purpose == "check":
         record["engine"] = None  # built to prove the graph compiles; not part of the build
     return record
-
-
-def _typed_model_name() -> str:
-    from fdec.lower.tensorrt_model import TYPED_MODEL
-
-    return TYPED_MODEL
 
 
 def build_engines(
@@ -92,8 +87,6 @@ def build_engines(
         raise CompileError(
             f"unknown backend {backend!r}", "use onnxruntime, tensorrt or tensorrt-rtx"
         )
-    from fdec.lower.tensorrt_model import TYPED_MODEL, prepare_tensorrt_model
-
     typed = prepare_tensorrt_model(
         build_dir, target=target, spec=spec, reference=reference, tolerance=tolerance,
         progress=progress,
@@ -156,7 +149,6 @@ def finish_deferred_engines(
     build has no deferred engine.
     """
     from fdec.lower import tensorrt
-    from fdec.lower.tensorrt_model import TYPED_MODEL
 
     build_dir = pathlib.Path(build_dir)
     report_path = build_dir / "report.json"
@@ -202,7 +194,6 @@ def _finish_rtx(
 ) -> dict[str, Any]:
     from fdec.lower import tensorrt_rtx
     from fdec.lower.profiles import Profile
-    from fdec.lower.tensorrt_model import TYPED_MODEL
 
     reason = tensorrt_rtx.available()
     if reason is not None:

@@ -130,20 +130,17 @@ def emulate_low_precision(model: ir.Model) -> int:
     return added
 
 
-def _check_numerics(
-    typed: pathlib.Path, dtype: str, reference: Any, tolerance: Tolerance
-) -> dict[str, Any]:
-    """Figures of the typed model against the source on ONNX Runtime's CPU (basic)."""
+def _check_numerics(typed: pathlib.Path, reference: Any, tolerance: Tolerance) -> dict[str, Any]:
+    """Figures of the typed model against the source on ONNX Runtime's CPU (basic), with its
+    fp16/bf16 storage emulated (`emulate_low_precision`)."""
     from fdec.runtime import OrtModel, open_session
 
-    path = typed
     with tempfile.TemporaryDirectory(prefix="fdec-typed-") as scratch:
-        if True:  # fp16 too: see emulate_low_precision
-            model = ir.load(str(typed))
-            emulate_low_precision(model)
-            path = pathlib.Path(scratch) / "emulated.onnx"
-            ir.save(model, str(path), external_data="emulated.onnx.data")
-            del model
+        model = ir.load(str(typed))
+        emulate_low_precision(model)
+        path = pathlib.Path(scratch) / "emulated.onnx"
+        ir.save(model, str(path), external_data="emulated.onnx.data")
+        del model
         session = OrtModel(open_session(path, optimization="basic", prepack=False))
         figures = reference.compare(session)
         del session
@@ -201,7 +198,7 @@ def prepare_tensorrt_model(
             return record
         gate = typed_tolerance(tolerance or Tolerance(), pass_.tolerance)
         progress(f"checking the {candidate} TensorRT model against the source model")
-        figures = _check_numerics(folder / "model.onnx", candidate, reference, gate)
+        figures = _check_numerics(folder / "model.onnx", reference, gate)
         record["numerics"] = figures
         record["tolerance"] = gate.to_dict()
         if figures["ok"]:
