@@ -117,6 +117,9 @@ TENSORRT_INTERFACE: dict[int, dict[str, Any]] = {
             "Python migration patterns for TensorRT 11.x: BuilderFlag.FP16, BuilderFlag.INT8 "
             "and all other precision-enabling builder flags removed — https://docs.nvidia.com/"
             "deeplearning/tensorrt/11.4.1/api/migration/tensorrt-10x-to-11x-python-api-patterns.html",
+            "NVIDIA/TensorRT strong-typing migration skill: on 11.x kSTRONGLY_TYPED is accepted "
+            "(ignored) and --stronglyTyped is a no-op — "
+            "https://www.skills.sh/nvidia/tensorrt/trt-strong-typing-migration",
             "Migrating from TensorRT 10.x to 11.x, \"Strongly Typed Networks Are Now Required\" "
             "— https://docs.nvidia.com/deeplearning/tensorrt/11.4.0/api/migration/"
             "tensorrt-10x-to-11x.html",
