@@ -338,9 +338,11 @@ def compile_model(
         if not verification["ok"]:
             raise VerificationError(verification["failure"], _VERIFICATION_FIX)
         snapshot.close()
+        # Engines build from their own strongly typed model (engines/tensorrt/model.onnx),
+        # checked against the same reference (fdec.lower.engines / tensorrt_model).
         engines = build_engines(
             staging, spec=spec, target=target, backend=backend, limits=limits,
-            precisions=_engine_precisions(pass_names), progress=progress,
+            reference=reference, tolerance=tolerance, progress=progress,
         )  # fmt: skip
         report = {
             "schema_version": SCHEMA_VERSION,
@@ -572,13 +574,6 @@ _VERIFICATION_FIX = (
     "the build was not written; rerun with --verify-each to find the pass that broke it"
 )
 EMITS = ("hf-checkpoint", "genai")
-# TensorRT builder flags for the Q/DQ precisions a pass put in the graph (weight-only int4 and
-# dynamic int8 need none: their math runs in the activations' precision).
-_QDQ_FLAGS = {"quantize-fp8": "fp8", "quantize-int8-static": "int8"}
-
-
-def _engine_precisions(pass_names: list[str]) -> tuple[str, ...]:
-    return tuple(_QDQ_FLAGS[name] for name in pass_names if name in _QDQ_FLAGS)
 
 
 def _check_emit(emit: tuple[str, ...], quantize: str | None) -> None:
