@@ -664,21 +664,21 @@ def cache_clear_command(cache_dir: pathlib.Path | None, everything: bool) -> Non
 @click.argument("build", type=click.Path(path_type=pathlib.Path))
 @click.option("--json", "as_json", is_flag=True)
 def build_engine_command(build: pathlib.Path, as_json: bool) -> None:
-    """Build a build's deferred TensorRT engine (on a machine with TensorRT and a GPU)."""
+    """Build a build's deferred TensorRT / TensorRT-RTX engines (TensorRT needs its GPU)."""
     from fdec.build import MANIFEST, refresh_manifest
-    from fdec.lower.tensorrt import build_planned_engine
+    from fdec.lower.engines import finish_deferred_engines
 
     ctx = _Context(False, as_json)
     try:
         if not (build / MANIFEST).is_file():  # it rewrites the manifest: fdec builds only
             raise InputError(f"{build} is not an fdec build (no {MANIFEST})",
                              "give the folder fdec compile wrote")  # fmt: skip
-        plan = build_planned_engine(build, progress=ctx.progress)
+        built = finish_deferred_engines(build, progress=ctx.progress)
     except FdecError as err:
         _fail(err, as_json)
     refresh_manifest(build)
-    data = plan.to_dict()
-    click.echo(json.dumps(data, indent=2) if as_json else f"engine {data['status']}: {build}")
+    lines = [f"{r['backend']} engine {r['status']}: {build}" for r in built]
+    click.echo(json.dumps(built, indent=2) if as_json else "\n".join(lines))
 
 
 @cli.command("passes")

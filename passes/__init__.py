@@ -27,6 +27,7 @@ from fdec.passes.quantize_embedding import QuantizeEmbeddingPass
 from fdec.passes.quantize_mixed import QuantizeMixedPass
 from fdec.passes.quantize_static import QuantizeFp8Pass, QuantizeInt8StaticPass
 from fdec.passes.sparsity import Sparsify2of4Pass
+from fdec.passes.typing import CastFloat16Pass
 from fdec.pipeline import Pass
 
 __all__ = ["DEFAULT_PIPELINE", "REGISTRY", "make_pass", "make_pipeline", "parse_pass_list"]
@@ -53,6 +54,7 @@ REGISTRY: dict[str, type[Pass]] = {
         KvPolicyPass,
         PrunePass,
         Sparsify2of4Pass,
+        CastFloat16Pass,
     )
 }
 

@@ -1,7 +1,9 @@
-"""The TensorRT backend: engine plans from a real exported tiny Llama, refusals, and the GPU build.
+"""The TensorRT backend: strongly typed engine plans from a real exported tiny Llama, refusals,
+the flags each TensorRT major version has, and the GPU build.
 
-Everything but the last test runs without TensorRT or a GPU; that one builds a real engine and
-runs only where `tensorrt_available()` says it can.
+Everything but `test_build_engine_with_tensorrt` runs without TensorRT or a GPU; that one builds
+a real engine and runs only where `tensorrt_available()` says it can. The fake TensorRT behaves
+like 11.x (no precision builder flags) unless a test asks for 10.x.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from fdec.errors import CompileError, InputError, UsageError
 from fdec.lower.profiles import ShapeLimits
 from fdec.lower.tensorrt import (
     NOT_INSTALLED,
+    SUPPORTED_TENSORRT,
+    TENSORRT_INTERFACE,
     EnginePlan,
     build_planned_engine,
     check_standard_ops,
@@ -32,6 +36,7 @@ from fdec.lower.tensorrt import (
     tensorrt_available,
     visible_gpus,
 )
+from fdec.lower.tensorrt_model import TYPED_MODEL, prepare_tensorrt_model
 from fdec.targets import load_target
 
 _UNAVAILABLE = tensorrt_available()
@@ -59,10 +64,11 @@ def exported(tmp_path_factory):
 
 @pytest.fixture
 def build(exported, tmp_path):
-    """A fresh build folder holding the exported model.onnx (+ .data)."""
-    folder, _ = exported
+    """A fresh build folder: the exported model.onnx (+ .data) and its fp16-typed TensorRT model."""
+    folder, spec = exported
     out = tmp_path / "build"
     shutil.copytree(folder, out)
+    prepare_tensorrt_model(out, target=load_target("t4"), spec=spec, dtype="fp16")
     return out
 
 
@@ -98,16 +104,17 @@ def test_plan_for_h100_writes_profiles_script_and_commands(build, spec):
     assert stored == plan.to_dict()
     assert EnginePlan.from_dict(stored) == plan
     assert read_plan(build) == plan
-    assert stored["schema_version"] == 1
+    assert stored["schema_version"] == 2
     assert stored["target"] == "h100"
     assert stored["compute_capability"] == "9.0"
     assert (stored["onnx"], stored["engine"], stored["timing_cache"]) == (
-        "../../model.onnx",
+        "model.onnx",
         "model.engine",
         "timing.cache",
     )
-    assert (folder / stored["onnx"]).resolve() == (build / "model.onnx").resolve()
-    assert stored["precisions"] == []
+    # The engine's own strongly typed model, not the ONNX Runtime model.
+    assert (folder / stored["onnx"]).resolve() == (build / TYPED_MODEL).resolve()
+    assert stored["precisions"] == ["fp16"] and stored["strongly_typed"] is True
     assert stored["sparse_weights"] is False
     assert stored["builder_optimization_level"] == 3
     assert stored["status"] == "deferred"
@@ -119,7 +126,8 @@ def test_plan_for_h100_writes_profiles_script_and_commands(build, spec):
         assert "tensorrt" in stored["reason"]
 
     # Profiles: every dynamic graph input, all KV-cache inputs, min <= opt <= max, static dims kept.
-    inputs = _graph_inputs(build / "model.onnx")
+    inputs = _graph_inputs(build / TYPED_MODEL)
+    assert inputs == _graph_inputs(build / "model.onnx")  # typing kept the I/O
     dynamic = {name for name, dims in inputs.items() if None in dims}
     past = {
         f"past_key_values.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")
@@ -149,12 +157,13 @@ def test_plan_for_h100_writes_profiles_script_and_commands(build, spec):
     assert command == plan.trtexec
     assert shlex.split(plan.trtexec_shell) == plan.trtexec
     assert shlex.split(plan.polygraphy_shell) == plan.polygraphy
-    assert "--onnx=../../model.onnx" in command
+    assert "--onnx=model.onnx" in command
+    assert "--stronglyTyped" in command
     assert "--saveEngine=model.engine" in command
     assert "--timingCacheFile=timing.cache" in command
     assert "--skipInference" in command
     assert "--builderOptimizationLevel=3" in command
-    assert not any(flag in command for flag in ("--fp16", "--bf16", "--fp8", "--int8"))
+    assert not any(flag in command for flag in ("--fp16", "--bf16", "--fp8", "--int8", "--best"))
     # Each profile: --profile=N then min, opt and max shapes naming every input, as planned.
     for index, profile in enumerate(stored["profiles"]):
         at = command.index(f"--profile={index}")
@@ -166,9 +175,11 @@ def test_plan_for_h100_writes_profiles_script_and_commands(build, spec):
             shapes = _parse_trtexec_shapes(arg[len(flag) :])
             assert shapes == {name: dims[key] for name, dims in profile["shapes"].items()}
     polygraphy = plan.polygraphy
-    assert polygraphy[:7] == [
-        "polygraphy", "convert", "../../model.onnx", "--convert-to", "trt", "-o", "model.engine"
+    assert polygraphy[:8] == [
+        "polygraphy", "convert", "model.onnx", "--convert-to", "trt", "-o", "model.engine",
+        "--strongly-typed",
     ]  # fmt: skip
+    assert not {"--fp16", "--bf16", "--fp8", "--int8"} & set(polygraphy)
     assert polygraphy.count("--trt-min-shapes") == 2
     assert polygraphy[polygraphy.index("--load-timing-cache") + 1] == "timing.cache"
     assert polygraphy[polygraphy.index("--save-timing-cache") + 1] == "timing.cache"
@@ -178,49 +189,82 @@ def test_plan_for_h100_writes_profiles_script_and_commands(build, spec):
     assert report["status"] == "deferred"
     assert report["reason"] == plan.reason
     assert report["command"] == plan.trtexec_shell
-    assert report["files"] == ["engines/tensorrt/plan.json", "engines/tensorrt/build.sh"]
+    assert report["files"] == [
+        "engines/tensorrt/plan.json", "engines/tensorrt/build.sh", "engines/tensorrt/model.onnx"
+    ]  # fmt: skip
+    assert report["precisions"] == ["fp16"] and report["strongly_typed"] is True
     assert "fdec build-engine" in report["fix"]
 
 
-def test_precision_flags_follow_the_target(build, spec):
-    h100 = load_target("h100")
-    plan = plan_engine(build, spec=spec, target=h100, limits=_LIMITS, precisions=["fp8"])
-    assert plan.precisions == ["fp8"]
-    assert "--fp8" in plan.trtexec and "--fp8" in plan.polygraphy
-    assert json.loads((build / "engines/tensorrt/plan.json").read_text())["precisions"] == ["fp8"]
-    # No Q/DQ nodes in this fp32 graph: the plan says fp8 will not be used until it is quantized.
-    assert any("QuantizeLinear" in note for note in plan.notes)
+def _flag_names(command: list[str]) -> list[str]:
+    return [arg.split("=", 1)[0] for arg in command if arg.startswith("--")]
 
+
+@pytest.mark.parametrize("target", ["h100", "a100", "l4", "t4", "b200"])
+@pytest.mark.parametrize("major", sorted(TENSORRT_INTERFACE))
+def test_every_trtexec_flag_exists_in_each_supported_tensorrt(build, spec, target, major):
+    """A flag fdec writes that a supported TensorRT removed fails here, not in a user's build."""
+    sparse = load_target(target).sparse_tensor_cores
     plan = plan_engine(
-        build, spec=spec, target=h100, limits=_LIMITS, precisions=["bf16", "fp32", "FP16", "fp16"]
+        build, spec=spec, target=load_target(target), limits=_LIMITS, sparse_weights=sparse
     )
-    assert plan.precisions == ["fp16", "bf16"]  # canonical order, fp32 implicit, no repeats
-    assert plan.notes == []
-    assert "--fp16" in plan.trtexec and "--bf16" in plan.trtexec
+    flags = _flag_names(plan.trtexec)
+    assert "--stronglyTyped" in flags and ("--sparsity" in flags) == sparse
+    missing = sorted(set(flags) - TENSORRT_INTERFACE[major]["trtexec"])
+    assert missing == [], f"TensorRT {major}.x has no {missing}"
+    script = (build / "engines/tensorrt/build.sh").read_text()
+    (line,) = [line for line in script.splitlines() if line.startswith("exec trtexec")]
+    assert _flag_names(shlex.split(line)) == flags
 
-    with pytest.raises(InputError) as refused:
-        plan_engine(
-            build, spec=spec, target=load_target("a100"), limits=_LIMITS, precisions=["fp8"]
-        )
-    assert "FP8 needs compute capability ≥ 8.9; a100 is 8.0" in str(refused.value)
-    assert refused.value.fix  # names the alternatives
 
+def test_flag_table_records_what_11_removed():
+    """The table's own facts (from NVIDIA's 10.x → 11.x migration guide, cited in it)."""
+    removed = {"--fp16", "--bf16", "--fp8", "--int8", "--int4", "--best", "--calib"}
+    assert removed <= TENSORRT_INTERFACE[10]["trtexec"]
+    assert not removed & TENSORRT_INTERFACE[11]["trtexec"]
+    precision = {"FP16", "BF16", "FP8", "INT8", "INT4"}
+    assert precision <= TENSORRT_INTERFACE[10]["builder_flags"]
+    assert not precision & TENSORRT_INTERFACE[11]["builder_flags"]
+    for major in (10, 11):
+        assert "STRONGLY_TYPED" in TENSORRT_INTERFACE[major]["network_flags"]
+        assert all("https://" in source for source in TENSORRT_INTERFACE[major]["sources"])
+    assert SUPPORTED_TENSORRT == ((10, 12), (12, 0))
+
+
+def test_graph_precision_is_checked_against_the_target(exported, tmp_path):
+    folder, spec = exported
+    build = tmp_path / "build"
+    shutil.copytree(folder, build)
+    record = prepare_tensorrt_model(build, target=load_target("h100"), spec=spec)
+    assert record["dtype"] == "bf16" and record["precisions"] == ["bf16"]
+    plan = plan_engine(build, spec=spec, target=load_target("h100"), limits=_LIMITS)
+    assert plan.precisions == ["bf16"] and plan.notes == []
     with pytest.raises(InputError, match=r"BF16 needs compute capability ≥ 8\.0; t4 is 7\.5"):
-        plan_engine(build, spec=spec, target=load_target("t4"), limits=_LIMITS, precisions=["bf16"])
-    with pytest.raises(InputError, match="unknown precision"):
-        plan_engine(build, spec=spec, target=h100, limits=_LIMITS, precisions=["fp12"])
-    with pytest.raises(UsageError, match="FP8 and INT8"):
-        plan_engine(build, spec=spec, target=h100, limits=_LIMITS, precisions=["fp8", "int8"])
-    with pytest.raises(UsageError, match="INT4"):
-        plan_engine(build, spec=spec, target=h100, limits=_LIMITS, precisions=["int4"])
+        plan_engine(build, spec=spec, target=load_target("t4"), limits=_LIMITS)
+    assert (build / "engines/tensorrt/plan.json").read_text().count('"bf16"') == 1  # h100's
 
 
-def test_refused_precision_writes_nothing(build, spec):
+def test_fp32_graph_is_planned_with_a_note(exported, tmp_path):
+    folder, spec = exported
+    build = tmp_path / "build"
+    shutil.copytree(folder, build)
+    (build / "engines/tensorrt").mkdir(parents=True)
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.copy(build / name, build / "engines/tensorrt" / name)
+    plan = plan_engine(build, spec=spec, target=load_target("h100"), limits=_LIMITS)
+    assert plan.precisions == []
+    assert any("fp32 throughout" in note for note in plan.notes)
+
+
+def test_refused_precision_writes_nothing(exported, tmp_path):
+    folder, spec = exported
+    build = tmp_path / "build"
+    shutil.copytree(folder, build)
+    prepare_tensorrt_model(build, target=load_target("a100"), spec=spec, dtype="bf16")
     with pytest.raises(InputError):
-        plan_engine(
-            build, spec=spec, target=load_target("a100"), limits=_LIMITS, precisions=["fp8"]
-        )
-    assert not (build / "engines").exists()
+        plan_engine(build, spec=spec, target=load_target("t4"), limits=_LIMITS)
+    assert not (build / "engines/tensorrt/plan.json").exists()
+    assert not (build / "engines/tensorrt/build.sh").exists()
 
 
 def test_sparse_weights_need_sparse_tensor_cores(build, spec):
@@ -228,7 +272,7 @@ def test_sparse_weights_need_sparse_tensor_cores(build, spec):
         plan_engine(build, spec=spec, target=load_target("t4"), limits=_LIMITS, sparse_weights=True)
     assert "t4" in refused.value.problem and "sparse" in refused.value.problem
     assert refused.value.fix
-    assert not (build / "engines").exists()
+    assert not (build / "engines/tensorrt/plan.json").exists()
 
     plan = plan_engine(
         build, spec=spec, target=load_target("a100"), limits=_LIMITS, sparse_weights=True
@@ -290,10 +334,10 @@ def _contrib_model(path: pathlib.Path) -> None:
 
 def test_contrib_ops_are_listed_and_refused(tmp_path, spec):
     build = tmp_path / "build"
-    build.mkdir()
-    _contrib_model(build / "model.onnx")
+    (build / "engines/tensorrt").mkdir(parents=True)
+    _contrib_model(build / TYPED_MODEL)
 
-    found = check_standard_ops(build / "model.onnx")
+    found = check_standard_ops(build / TYPED_MODEL)
     assert found == [
         {
             "name": "skip_norm_0",
@@ -309,11 +353,12 @@ def test_contrib_ops_are_listed_and_refused(tmp_path, spec):
     assert "skip_norm_0 (com.microsoft.SkipSimplifiedLayerNormalization)" in message
     assert "gelu_in_if" in message
     assert "standard ONNX ops" in refused.value.fix
-    assert not (build / "engines").exists()
+    assert not (build / "engines/tensorrt/plan.json").exists()
 
 
 def test_exported_graph_uses_standard_ops_only(build):
     assert check_standard_ops(build / "model.onnx") == []
+    assert check_standard_ops(build / TYPED_MODEL) == []
 
 
 def test_cpu_target_is_refused(build, spec):
@@ -321,7 +366,7 @@ def test_cpu_target_is_refused(build, spec):
         plan_engine(build, spec=spec, target=load_target("cpu"), limits=_LIMITS)
     assert "cpu" in refused.value.problem and "NVIDIA GPU" in refused.value.problem
     assert "--backend onnxruntime" in refused.value.fix
-    assert not (build / "engines").exists()
+    assert not (build / "engines/tensorrt/plan.json").exists()
 
 
 def test_profiles_that_disagree_with_the_graph_are_refused(build, spec):
@@ -429,14 +474,16 @@ class _FakeTensorRT:
     """Just enough of TensorRT's Python API to drive `build_planned_engine` without a GPU.
 
     It checks fdec's side of the build (what is asked of TensorRT, what is written and recorded),
-    not TensorRT itself; `test_build_engine_with_tensorrt` does that on a GPU machine.
+    not TensorRT itself; `test_build_engine_with_tensorrt` does that on a GPU machine. Its
+    `BuilderFlag` has exactly the members TENSORRT_INTERFACE lists for its major version, so
+    setting a flag that version removed raises AttributeError as the real module does.
     """
 
-    __version__ = "10.99.0"
-
-    def __init__(self, *, fail: bool = False):
+    def __init__(self, *, fail: bool = False, version: str = "11.4.0"):
+        self.__version__ = version
         self.fail = fail
         self.flags: list[str] = []
+        self.network_flags: list[int] = []
         self.profiles: list[dict[str, tuple]] = []
         self.loaded_caches: list[bytes] = []
         self.parsed: list[str] = []
@@ -449,8 +496,13 @@ class _FakeTensorRT:
             def __init__(self):
                 pass
 
-        class BuilderFlag:
-            FP16, BF16, FP8, INT8, SPARSE_WEIGHTS = "FP16", "BF16", "FP8", "INT8", "SPARSE"
+        major = int(version.split(".")[0])
+        interface = TENSORRT_INTERFACE.get(major, TENSORRT_INTERFACE[11])
+        BuilderFlag = type("BuilderFlag", (), {name: name for name in interface["builder_flags"]})
+        # The real enum: EXPLICIT_BATCH = 0 (deprecated), STRONGLY_TYPED = 1.
+        NetworkDefinitionCreationFlag = type(
+            "NetworkDefinitionCreationFlag", (), {"STRONGLY_TYPED": 1, "EXPLICIT_BATCH": 0}
+        )
 
         class Cache:
             def __init__(self, data: bytes):
@@ -493,7 +545,7 @@ class _FakeTensorRT:
                 self.logger = logger
 
             def create_network(self, flags):
-                assert flags == 0
+                fake.network_flags.append(flags)
                 return object()
 
             def create_builder_config(self):
@@ -520,6 +572,7 @@ class _FakeTensorRT:
                 return True
 
         self.Logger, self.ILogger, self.BuilderFlag = Logger, ILogger, BuilderFlag
+        self.NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag
         self.Builder, self.OnnxParser = Builder, OnnxParser
 
 
@@ -542,18 +595,18 @@ def fake_tensorrt(monkeypatch):
     return install
 
 
-def test_build_records_the_engine_and_reuses_the_timing_cache(build, spec, fake_tensorrt):
-    fake = fake_tensorrt()
+@pytest.mark.parametrize("version", ["11.4.0", "10.12.0"])
+def test_build_records_the_engine_and_reuses_the_timing_cache(build, spec, fake_tensorrt, version):
+    fake = fake_tensorrt(version=version)
     assert tensorrt_available() is None
-    planned = plan_engine(
-        build, spec=spec, target=load_target("h200"), limits=_LIMITS, precisions=["fp16"]
-    )
+    planned = plan_engine(build, spec=spec, target=load_target("h200"), limits=_LIMITS)
     assert planned.reason == "not built yet"
     folder = build / "engines/tensorrt"
 
     plan = build_planned_engine(build)
-    assert fake.parsed == [str((build / "model.onnx").resolve())]
-    assert fake.flags == ["FP16"]
+    assert fake.parsed == [str((build / TYPED_MODEL).resolve())]
+    assert fake.network_flags == [1 << 1]  # STRONGLY_TYPED
+    assert fake.flags == []  # precision is the graph's: no builder flag
     assert fake.config.builder_optimization_level == 3
     assert len(fake.profiles) == 2
     for given, planned_profile in zip(fake.profiles, plan.profiles):
@@ -570,7 +623,7 @@ def test_build_records_the_engine_and_reuses_the_timing_cache(build, spec, fake_
         "gpu": "NVIDIA H100 80GB HBM3",
         "compute_capability": "9.0",
         "driver": "550.54.15",
-        "tensorrt": "10.99.0",
+        "tensorrt": version,
     }
     assert plan.timing_cache_reused is False
     assert read_plan(build) == plan
@@ -580,6 +633,26 @@ def test_build_records_the_engine_and_reuses_the_timing_cache(build, spec, fake_
     assert fake.loaded_caches == [b"", b"+timings"]
     assert again.timing_cache_reused is True
     assert (folder / "timing.cache").read_bytes() == b"+timings+timings"
+
+
+def test_sparse_weights_set_only_flags_each_version_has(build, spec, fake_tensorrt):
+    fake = fake_tensorrt()  # 11.x: a removed flag would raise AttributeError here
+    plan_engine(build, spec=spec, target=load_target("a100"), limits=_LIMITS, sparse_weights=True)
+    fake_gpu = {"index": 0, "name": "NVIDIA A100", "compute_capability": "8.0"}
+    import fdec.lower.tensorrt as module
+
+    module.visible_gpus = lambda: [fake_gpu]  # restored by the fixture's monkeypatch
+    build_planned_engine(build)
+    assert fake.flags == ["SPARSE_WEIGHTS"]
+    assert set(fake.flags) <= TENSORRT_INTERFACE[11]["builder_flags"]
+
+
+@pytest.mark.parametrize("version", ["10.8.0", "9.3.0", "12.0.0"])
+def test_unsupported_tensorrt_versions_are_refused(fake_tensorrt, version):
+    fake_tensorrt(version=version)
+    reason = tensorrt_available()
+    assert reason is not None and f"tensorrt {version} is not supported" in reason
+    assert "10.12" in reason
 
 
 def test_failed_build_is_recorded(build, spec, fake_tensorrt):

@@ -237,3 +237,71 @@ def test_bert_encoder_builds(tmp_path_factory, tmp_path):
     assert profile["shapes"]["input_ids"]["max"] == [2, 256]
     assert result.bytes > 100_000
     _check_engine_file(tmp_path / ENGINE_FILE, result.bytes)
+
+
+def test_deferred_engine_is_finished_by_build_engine(llama, tmp_path, cli_runner):
+    """Compiled where tensorrt-rtx is missing: the engine is deferred with its profiles; later
+    `fdec build-engine` builds it from the same strongly typed model and updates the report."""
+    from fdec.cli import cli
+    from fdec.lower.engines import build_engines
+    from fdec.targets import load_target
+
+    path, spec = llama
+    build = tmp_path / "build"
+    build.mkdir()
+    for name in ("model.onnx", "model.onnx.data"):
+        (build / name).write_bytes((path.parent / name).read_bytes())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "tensorrt_rtx", None)
+        records = build_engines(
+            build, spec=spec, target=load_target("rtx4090"), backend="tensorrt-rtx", limits=LIMITS
+        )
+    (record,) = records
+    assert record["status"] == "deferred" and "not installed" in record["reason"]
+    assert record["model"] == "engines/tensorrt/model.onnx"
+    assert record["typed_model"]["dtype"] == "bf16"  # sm 8.9 has bf16
+    assert not (build / "engines/tensorrt-rtx" / ENGINE_FILE).exists()
+    (build / "report.json").write_text(json.dumps({"engines": records}))
+
+    result = cli_runner.invoke(cli, ["build-engine", str(build), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    (built,) = json.loads(result.stdout)
+    assert built["status"] == "built" and built["engine"] == "engines/tensorrt-rtx/model.engine"
+    assert built["engine_precision"]["precision"] == "bf16"
+    assert built["profiles"] == record["profiles"]
+    _check_engine_file(build / built["engine"], built["bytes"])
+    (stored,) = json.loads((build / "report.json").read_text())["engines"]
+    assert stored["status"] == "built" and stored["typed_model"] == record["typed_model"]
+
+    again = cli_runner.invoke(cli, ["build-engine", str(build)])
+    assert again.exit_code == 2 and "no deferred engine" in again.stderr
+
+
+def test_engine_precision_reads_the_inspector_listing():
+    listing = "\n".join(
+        [
+            "Layers:",
+            *[
+                f"Name: a{i}, LayerType: gemm, Inputs: [ {{ Name: x, Dimensions: [-1,64], "
+                "Datatype: FP8 }], Constants: [ { Name: w, Dimensions: [64,32], Datatype: FP8 }"
+                "], Outputs: [ ]"
+                for i in range(2)
+            ],
+            "Name: b, LayerType: runtime_fusion, Inputs: [ { Name: x, Dimensions: [-1,64], "
+            "Datatype: Half }], Constants: [ { Name: w, Dimensions: [64,32], Datatype: Int4 }, "
+            "{ Name: s, Dimensions: [2,32], Datatype: Half }], Outputs: [ ]",
+            "Name: c, LayerType: gemm, Inputs: [ { Name: q, Dimensions: [-1,-1,16], Datatype: "
+            "Half }, { Name: k, Dimensions: [-1,16,-1], Datatype: Half }], Constants: [ { Name: "
+            "alpha, Dimensions: [1], Datatype: Float }], Outputs: [ ]",
+            "Name: d, LayerType: kgen, Inputs: [ { Name: ids, Dimensions: [-1,-1], Datatype: "
+            "Int64 }], Constants: [ { Name: t, Dimensions: [320,64], Datatype: Int8 }], Outputs: [ ]",
+            "Name: e, LayerType: kgen, Inputs: [ { Name: x, Dimensions: [-1,64], Datatype: Half }]"
+            ", Constants: [], Outputs: [ ]",
+        ]
+    )
+    from fdec.lower.tensorrt_rtx import engine_precision
+
+    assert engine_precision(listing) == {
+        "gemms": {"fp16": 1, "fp16 (int4 weights)": 1, "fp8": 2},
+        "precision": "fp8",
+    }

@@ -181,7 +181,9 @@ def test_fp8_on_h100_is_qdq_verified_at_basic_and_flags_the_engine_plan(
         report["verification"]["ok"] and report["verification"]["numeric"]["top1_agreement"] > 0.8
     )
     plan = json.loads((out / "engines" / "tensorrt" / "plan.json").read_text())
-    assert plan["precisions"] == ["fp8"] and "--fp8" in plan["trtexec_shell"]
+    # Strongly typed: fp8 is in the TensorRT model's Q/DQ, no builder flag says so.
+    assert "fp8" in plan["precisions"] and "--fp8" not in plan["trtexec_shell"]
+    assert "--stronglyTyped" in plan["trtexec_shell"]
 
 
 def test_int8_on_a_gpu_is_smoothquant_with_user_calibration(tiny_models, tmp_path, cli_runner):

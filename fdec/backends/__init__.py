@@ -63,11 +63,14 @@ class Backend(Protocol):
         spec: Any,
         target: Any,
         limits: Any,
-        precisions: tuple[str, ...],
+        reference: Any,
+        tolerance: Any,
         progress: Callable[[str], None],
     ) -> list[dict[str, Any]]:
-        """Engine records for the report (empty when the backend runs the ONNX model itself);
-        raises CompileError when a deployable engine fails."""
+        """Engine records for the report (empty when the backend runs the ONNX model itself),
+        after the backend's own preparation of the written build (TensorRT: the strongly typed
+        model, checked against `reference` under `tolerance`); raises CompileError when a
+        deployable engine fails."""
         ...
 
 

@@ -44,7 +44,8 @@ class OnnxRuntimeBackend:
         spec: Any,
         target: Any,
         limits: Any,
-        precisions: tuple[str, ...] = (),
+        reference: Any = None,
+        tolerance: Any = None,
         progress: Callable[[str], None] = lambda message: None,
     ) -> list[dict[str, Any]]:
         return []  # ONNX Runtime runs model.onnx itself

@@ -1,9 +1,10 @@
-"""The TensorRT backend (datacenter GPUs): a complete engine build plan and command.
+"""The TensorRT backend (datacenter GPUs): a complete engine build plan and command, from the
+strongly typed TensorRT model (fdec.lower.tensorrt_model).
 
 The engine is built where TensorRT and a matching GPU exist, else marked deferred (`fdec
 build-engine BUILD` builds it later). Where TensorRT-RTX compiles for the target's compute
-capability, the same graph is also built with it as a check that it parses and compiles for
-that architecture (not shipped).
+capability, the same typed graph is also built with it as a check that it parses and compiles
+for that architecture (not shipped).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from fdec.backends.tensorrt_rtx import rtx_engine
+from fdec.backends.tensorrt_rtx import rtx_engine, typed_model
 
 __all__ = ["BACKEND", "TensorRtBackend"]
 
@@ -27,11 +28,14 @@ class TensorRtBackend:
     op_domains: tuple[str, ...] = ("",)
     providers: tuple[str, ...] = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
     fixed_shapes: bool = True
-    files: tuple[str, ...] = ("engines",)
-    verifies_here: str = "model.onnx in ONNX Runtime on this CPU; the engine where a GPU is"
+    files: tuple[str, ...] = ("engines/tensorrt",)
+    verifies_here: str = (
+        "model.onnx in ONNX Runtime on this CPU, the typed TensorRT model against the source; "
+        "the engine where TensorRT and the GPU are"
+    )
 
     def prepare_passes(self, **context: Any) -> list[Any]:
-        return []
+        return []  # its graph is typed from the verified build (typed_model)
 
     def build_engines(
         self,
@@ -40,14 +44,16 @@ class TensorRtBackend:
         spec: Any,
         target: Any,
         limits: Any,
-        precisions: tuple[str, ...] = (),
+        reference: Any = None,
+        tolerance: Any = None,
         progress: Callable[[str], None] = lambda message: None,
     ) -> list[dict[str, Any]]:
         from fdec.lower import tensorrt
+        from fdec.lower.tensorrt_model import TYPED_MODEL
 
-        plan = tensorrt.plan_engine(
-            build_dir, spec=spec, target=target, limits=limits, precisions=list(precisions)
-        )
+        typed = typed_model(build_dir, spec=spec, target=target, reference=reference,
+                            tolerance=tolerance, progress=progress)  # fmt: skip
+        plan = tensorrt.plan_engine(build_dir, spec=spec, target=target, limits=limits)
         if tensorrt.tensorrt_available() is None:
             wanted = ".".join(map(str, target.compute_capability))  # visible_gpus: "9.0"
             gpus = tensorrt.visible_gpus()
@@ -61,9 +67,10 @@ class TensorRtBackend:
         records = [tensorrt.engine_report(plan)]
         with tempfile.TemporaryDirectory(prefix="fdec-rtx-check-") as scratch:
             records.append(
-                rtx_engine(build_dir / "model.onnx", pathlib.Path(scratch), spec=spec,
+                rtx_engine(build_dir / TYPED_MODEL, pathlib.Path(scratch), spec=spec,
                            target=target, limits=limits, purpose="check", progress=progress)
             )  # fmt: skip
+        records[0]["typed_model"] = typed
         return records
 
 

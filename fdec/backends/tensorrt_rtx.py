@@ -1,4 +1,5 @@
-"""The TensorRT-RTX backend (GeForce RTX targets): a real engine built ahead of time on this CPU."""
+"""The TensorRT-RTX backend (GeForce RTX targets): a real engine built ahead of time on this CPU,
+from the strongly typed TensorRT model (fdec.lower.tensorrt_model)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,23 @@ from typing import Any
 
 from fdec.errors import CompileError
 
-__all__ = ["BACKEND", "ENGINE_DIR", "TensorRtRtxBackend", "rtx_engine"]
+__all__ = ["BACKEND", "ENGINE_DIR", "TensorRtRtxBackend", "rtx_engine", "typed_model"]
 
 ENGINE_DIR = "engines/tensorrt-rtx"
+
+
+def typed_model(
+    build_dir: pathlib.Path, *, spec: Any, target: Any, reference: Any, tolerance: Any,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
+    """The TensorRT backends' own graph preparation: the verified model typed in fp16/bf16
+    with its Q/DQ, written to engines/tensorrt/model.onnx and checked against the source."""
+    from fdec.lower.tensorrt_model import prepare_tensorrt_model
+
+    return prepare_tensorrt_model(
+        build_dir, target=target, spec=spec, reference=reference, tolerance=tolerance,
+        progress=progress,
+    )  # fmt: skip
 
 
 def rtx_engine(
@@ -25,25 +40,24 @@ def rtx_engine(
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     """Build a TensorRT-RTX engine for `target` ("deployable", or a "check" that the graph
-    parses and compiles for its architecture); its record for the report."""
+    parses and compiles for its architecture); its record for the report. Where tensorrt-rtx
+    is not installed, a "deferred" record that keeps the profiles (fdec build-engine)."""
     from fdec.lower import tensorrt_rtx
+    from fdec.lower.tensorrt_model import TYPED_MODEL
 
     cc = ".".join(map(str, target.compute_capability))
-    reason = tensorrt_rtx.available()
-    if reason is not None:
-        return {"backend": "tensorrt-rtx", "status": "deferred", "purpose": purpose,
-                "compute_capability": cc, "reason": reason}  # fmt: skip
     if tuple(target.compute_capability) not in tensorrt_rtx.RTX_COMPUTE_CAPABILITIES:
         supported = ", ".join(".".join(map(str, c)) for c in tensorrt_rtx.RTX_COMPUTE_CAPABILITIES)
         return {"backend": "tensorrt-rtx", "status": "not-applicable", "purpose": purpose,
                 "compute_capability": cc,
                 "reason": f"TensorRT-RTX compiles for {supported}; {target.name} is {cc}"}  # fmt: skip
-    progress(f"building a TensorRT-RTX engine for sm {cc} ({purpose})")
+    if tensorrt_rtx.available() is None:
+        progress(f"building a TensorRT-RTX engine for sm {cc} ({purpose})")
     result = tensorrt_rtx.build_engine(
         onnx_path, out_dir, spec=spec, limits=limits,
         compute_capability=tuple(target.compute_capability), purpose=purpose, progress=progress,
     )  # fmt: skip
-    record = {"backend": "tensorrt-rtx", **result.to_dict()}
+    record = {"backend": "tensorrt-rtx", "model": TYPED_MODEL, **result.to_dict()}
     if purpose == "check":
         record["engine"] = None  # built to prove the graph compiles; not part of the build
     return record
@@ -57,11 +71,14 @@ class TensorRtRtxBackend:
     op_domains: tuple[str, ...] = ("",)
     providers: tuple[str, ...] = ("NvTensorRTRTXExecutionProvider",)
     fixed_shapes: bool = True
-    files: tuple[str, ...] = (ENGINE_DIR,)
-    verifies_here: str = "model.onnx in ONNX Runtime on this CPU; the engine is built here"
+    files: tuple[str, ...] = ("engines/tensorrt", ENGINE_DIR)
+    verifies_here: str = (
+        "model.onnx in ONNX Runtime on this CPU, the typed TensorRT model against the source; "
+        "the engine is built here"
+    )
 
     def prepare_passes(self, **context: Any) -> list[Any]:
-        return []
+        return []  # its graph is typed from the verified build (typed_model)
 
     def build_engines(
         self,
@@ -70,12 +87,17 @@ class TensorRtRtxBackend:
         spec: Any,
         target: Any,
         limits: Any,
-        precisions: tuple[str, ...] = (),
+        reference: Any = None,
+        tolerance: Any = None,
         progress: Callable[[str], None] = lambda message: None,
     ) -> list[dict[str, Any]]:
+        from fdec.lower.tensorrt_model import TYPED_MODEL
+
+        typed = typed_model(build_dir, spec=spec, target=target, reference=reference,
+                            tolerance=tolerance, progress=progress)  # fmt: skip
         out_dir = build_dir / ENGINE_DIR
         out_dir.mkdir(parents=True, exist_ok=True)
-        record = rtx_engine(build_dir / "model.onnx", out_dir, spec=spec, target=target,
+        record = rtx_engine(build_dir / TYPED_MODEL, out_dir, spec=spec, target=target,
                             limits=limits, purpose="deployable", progress=progress)  # fmt: skip
         if record["status"] in ("failed", "unsupported"):
             raise CompileError(
@@ -84,7 +106,8 @@ class TensorRtRtxBackend:
                 "see the unsupported nodes in the message, or compile with --backend onnxruntime",
             )
         if record.get("engine"):
-            record["engine"] = str(pathlib.Path(ENGINE_DIR) / record["engine"])
+            record["engine"] = f"{ENGINE_DIR}/{record['engine']}"
+        record["typed_model"] = typed
         return [record]
 
 

@@ -38,7 +38,6 @@ from fdec.compile.recipe import (
     INT8_DYNAMIC_ALPHA,
     Recipe,
     default_quantize,
-    engine_precisions,
     plan_pipeline,
 )
 from fdec.compile.resolve import DEFAULT_MAX_SEQ_LEN, Settings, open_source, resolve_settings
@@ -144,9 +143,11 @@ def _build(
             optimization=recipe.optimization, emit=options.emit, progress=progress,
         )  # fmt: skip
         verification = verify_written(staging, reference, recipe, optimized, front, progress)
+        # Engines build from their backend's own typed model, checked against the same
+        # reference (fdec.backends, fdec.lower.tensorrt_model).
         engines = build_engines(
             staging, spec=spec, target=target, backend=settings.backend.name,
-            limits=settings.limits, precisions=engine_precisions(recipe.pipeline),
+            limits=settings.limits, reference=reference, tolerance=recipe.tolerance,
             progress=progress,
         )  # fmt: skip
         report = write_build(

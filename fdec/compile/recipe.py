@@ -41,7 +41,6 @@ __all__ = [
     "Recipe",
     "check_emit",
     "default_quantize",
-    "engine_precisions",
     "plan_pipeline",
     "prune_recipe",
     "sensitivity_pass",
@@ -377,12 +376,6 @@ def _kv_cache_passes(kv_dtype: str | None, kv_window: int | None, kv_sink: int |
     if kv_window:
         passes.append(fdec_passes.make_pass("kv-policy", window=kv_window, sink=kv_sink or 0))
     return passes
-
-
-def engine_precisions(pipeline: list[Any]) -> tuple[str, ...]:
-    """TensorRT builder flags for the Q/DQ precisions the pipeline's passes put in the graph
-    (weight-only int4 and dynamic int8 need none: their math runs in the activations')."""
-    return tuple(p.qdq_precision for p in pipeline if p.qdq_precision is not None)
 
 
 def _after_masking(pipeline: list[Any]) -> list[Any]:

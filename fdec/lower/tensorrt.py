@@ -1,13 +1,23 @@
-"""Lowering to TensorRT: an engine plan (profiles, precision flags, exact command) now, the engine where a GPU is.
+"""Lowering to TensorRT: a strongly typed engine plan (profiles, exact command) now, the engine where a GPU is.
 
-A compile writes `engines/tensorrt/plan.json` and `engines/tensorrt/build.sh` beside model.onnx.
-Where TensorRT and an NVIDIA GPU exist, `build_planned_engine` builds `model.engine` from that
-plan with TensorRT's Python API; elsewhere the plan stays "deferred" and says how to finish it
-(`fdec build-engine BUILD` on a GPU machine, or the script, which runs `trtexec`).
+A compile writes the strongly typed TensorRT model (`engines/tensorrt/model.onnx`, written by
+fdec.lower.tensorrt_model: fp16/bf16 types and Q/DQ carry all precision) and, beside it,
+`plan.json` and `build.sh`. Where TensorRT and an NVIDIA GPU exist, `build_planned_engine`
+builds `model.engine` from that plan with TensorRT's Python API; elsewhere the plan stays
+"deferred" and says how to finish it (`fdec build-engine BUILD` on a GPU machine, or the
+script, which runs `trtexec`).
+
+TensorRT 11 builds strongly typed networks only and removed the precision builder flags
+(FP16/BF16/FP8/INT8/INT4) and trtexec's --fp16/--bf16/--fp8/--int8/--int4/--best; 10.12+ builds
+the same graph when asked for a strongly typed network. So fdec writes no precision flag: the
+command says `--stronglyTyped` (required on 10.x, accepted on 11.x) and the Python path creates
+networks with NetworkDefinitionCreationFlag.STRONGLY_TYPED. `TENSORRT_INTERFACE` lists, per
+supported major version, the trtexec flags, builder flags and network flags that version has,
+with its source; tests check every flag fdec writes or sets against it.
 
 The plan is the single source of truth for both paths: the Python build and the `trtexec`
-command use the same profiles, precision flags, optimization level and timing cache file, so a
-rebuild on the same GPU with the same TensorRT repeats the same tactic choices.
+command use the same profiles, optimization level and timing cache file, so a rebuild on the
+same GPU with the same TensorRT repeats the same tactic choices.
 """
 
 from __future__ import annotations
@@ -27,12 +37,14 @@ from fdec.build import sha256_file
 from fdec.errors import CompileError, InputError, UsageError
 from fdec.ir import ModelSpec
 from fdec.lower.profiles import Profile, ShapeLimits, profiles_for
-from fdec.targets import Precision, Target
+from fdec.targets import Target
 
 __all__ = [
     "ENGINE_DIR",
     "PLAN_FILE",
     "SCHEMA_VERSION",
+    "SUPPORTED_TENSORRT",
+    "TENSORRT_INTERFACE",
     "EnginePlan",
     "build_planned_engine",
     "check_standard_ops",
@@ -46,11 +58,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: strongly typed, the typed model beside the plan, no precision flags
 ENGINE_DIR = "engines/tensorrt"  # relative to the build folder
 PLAN_FILE = "plan.json"
 BUILD_SCRIPT = "build.sh"
-_MODEL = "model.onnx"
+_MODEL = "model.onnx"  # the strongly typed model, in ENGINE_DIR
 
 NOT_INSTALLED = (
     "tensorrt is not installed (needs NVIDIA's package index: "
@@ -62,17 +74,59 @@ NO_GPU = "no CUDA GPU visible"
 SPARSITY_METADATA = "fdec.sparsity"
 # Domains TensorRT's ONNX parser imports: the standard operator set only.
 _STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
-# Precision → (trtexec flag, polygraphy flag, tensorrt.BuilderFlag name), in canonical order.
-_PRECISION_FLAGS: dict[Precision, tuple[str, str, str]] = {
-    Precision.FP16: ("--fp16", "--fp16", "FP16"),
-    Precision.BF16: ("--bf16", "--bf16", "BF16"),
-    Precision.FP8_E4M3: ("--fp8", "--fp8", "FP8"),
-    Precision.INT8: ("--int8", "--int8", "INT8"),
-}
-# Always on in TensorRT (FP32; TF32 by default from compute capability 8.0): no flag to add.
-_IMPLICIT = frozenset({Precision.FP32, Precision.TF32})
+#: TensorRT versions fdec supports: 10.12 (strongly typed networks for every precision fdec
+#: uses; weak typing deprecated) up to, not including, 12.
+SUPPORTED_TENSORRT = ((10, 12), (12, 0))
+
+#: What each supported TensorRT major version has, of what fdec writes or calls: trtexec flags,
+#: `tensorrt.BuilderFlag` members, `tensorrt.NetworkDefinitionCreationFlag` members. Precision
+#: flags are listed for 10.x only to show what 11.x removed; fdec uses none of them.
+TENSORRT_INTERFACE: dict[int, dict[str, Any]] = {
+    10: {
+        "trtexec": frozenset(
+            {"--onnx", "--saveEngine", "--timingCacheFile", "--builderOptimizationLevel",
+             "--skipInference", "--profile", "--minShapes", "--optShapes", "--maxShapes",
+             "--sparsity", "--stronglyTyped", "--fp16", "--bf16", "--fp8", "--int8", "--int4",
+             "--best", "--calib"}
+        ),
+        "builder_flags": frozenset(
+            {"FP16", "BF16", "FP8", "INT8", "INT4", "SPARSE_WEIGHTS", "TF32", "REFIT"}
+        ),
+        "network_flags": frozenset({"STRONGLY_TYPED"}),
+        "sources": (
+            "TensorRT 10.x trtexec reference (--stronglyTyped opts in to strong typing; "
+            "weak typing deprecated from 10.12) — https://docs.nvidia.com/deeplearning/"
+            "tensorrt/10.16.1/reference/command-line-programs.html",
+            "Strong typing migration (10.12-10.x opt in with kSTRONGLY_TYPED / --stronglyTyped) "
+            "— https://www.skills.sh/nvidia/tensorrt/trt-strong-typing-migration",
+        ),
+    },
+    11: {
+        "trtexec": frozenset(
+            {"--onnx", "--saveEngine", "--timingCacheFile", "--builderOptimizationLevel",
+             "--skipInference", "--profile", "--minShapes", "--optShapes", "--maxShapes",
+             "--sparsity", "--stronglyTyped"}
+        ),
+        "builder_flags": frozenset({"SPARSE_WEIGHTS", "TF32", "REFIT"}),
+        "network_flags": frozenset({"STRONGLY_TYPED"}),
+        "sources": (
+            "Migrating trtexec usage from TensorRT 10.x to 11.x: removed --fp16, --bf16, "
+            "--fp8, --int4, --best, --int8, --calib; --stronglyTyped always on — "
+            "https://docs.nvidia.com/deeplearning/tensorrt/11.4.1/api/migration/"
+            "tensorrt-10x-to-11x-trtexec.html",
+            "Python migration patterns for TensorRT 11.x: BuilderFlag.FP16, BuilderFlag.INT8 "
+            "and all other precision-enabling builder flags removed — https://docs.nvidia.com/"
+            "deeplearning/tensorrt/11.4.1/api/migration/tensorrt-10x-to-11x-python-api-patterns.html",
+            "NVIDIA/TensorRT strong-typing migration skill: on 11.x kSTRONGLY_TYPED is accepted "
+            "(ignored) and --stronglyTyped is a no-op — "
+            "https://www.skills.sh/nvidia/tensorrt/trt-strong-typing-migration",
+            "Migrating from TensorRT 10.x to 11.x, \"Strongly Typed Networks Are Now Required\" "
+            "— https://docs.nvidia.com/deeplearning/tensorrt/11.4.0/api/migration/"
+            "tensorrt-10x-to-11x.html",
+        ),
+    },
+}  # fmt: skip
 _STATUSES = ("deferred", "built", "failed")
-_MIN_TENSORRT_MAJOR = 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +173,8 @@ def visible_gpus() -> list[dict[str, Any]]:
 
 
 def tensorrt_available() -> str | None:
-    """None when TensorRT (10 or newer) imports and a CUDA GPU is visible; else the reason."""
+    """None when a supported TensorRT (10.12 up to 12) imports and a CUDA GPU is visible;
+    else the reason."""
     try:
         import tensorrt
     except ImportError:
@@ -127,9 +182,14 @@ def tensorrt_available() -> str | None:
     except OSError as error:  # the wheel is there but its CUDA libraries do not load
         return f"tensorrt is installed but does not load ({error})"
     version = str(getattr(tensorrt, "__version__", "0"))
-    major = version.split(".", 1)[0]
-    if major.isdigit() and int(major) < _MIN_TENSORRT_MAJOR:
-        return f"tensorrt {version} is too old: fdec builds engines with TensorRT 10 or newer"
+    parts = [int(p) if p.isdigit() else 0 for p in [*version.split("."), "0"][:2]]
+    low, high = SUPPORTED_TENSORRT
+    if not low <= tuple(parts) < high:
+        return (
+            f"tensorrt {version} is not supported: fdec builds strongly typed engines with "
+            f"TensorRT {low[0]}.{low[1]} up to (not including) {high[0]} "
+            "(pip install 'fdec[tensorrt]')"
+        )
     if not visible_gpus():
         return NO_GPU
     return None
@@ -303,7 +363,8 @@ class EnginePlan:
     target: str
     compute_capability: str
     profiles: list[dict[str, Any]]
-    precisions: list[str] = dataclasses.field(default_factory=list)
+    precisions: list[str] = dataclasses.field(default_factory=list)  # in the graph's types
+    strongly_typed: bool = True
     sparse_weights: bool = False
     builder_optimization_level: int = 3
     trtexec: list[str] = dataclasses.field(default_factory=list)
@@ -313,7 +374,7 @@ class EnginePlan:
     status: str = "deferred"  # "deferred" | "built" | "failed"
     reason: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)
-    onnx: str = "../../" + _MODEL
+    onnx: str = _MODEL
     engine: str = "model.engine"
     timing_cache: str = "timing.cache"
     schema_version: int = SCHEMA_VERSION
@@ -361,48 +422,23 @@ def _build_fix(build_dir: str | os.PathLike[str] | None = None) -> str:
     )
 
 
-def _precision_flags(target: Target, precisions: Iterable[str | Precision]) -> list[str]:
-    """The builder precisions asked for, checked against the target, as names in canonical order."""
-    if isinstance(precisions, (str, Precision)):
-        precisions = [precisions]
-    wanted: set[Precision] = set()
-    for name in precisions:
-        precision = target.require(name)  # InputError naming the need and the alternatives
-        if precision in _IMPLICIT:
-            continue
-        if precision not in _PRECISION_FLAGS:
-            raise UsageError(
-                f"fdec does not plan TensorRT engines in {precision.label} yet",
-                "use fp16, bf16, fp8 or int8 with --backend tensorrt, or --backend "
-                "hf-checkpoint for 4-bit weights",
-            )
-        wanted.add(precision)
-    if {Precision.FP8_E4M3, Precision.INT8} <= wanted:
-        raise UsageError(
-            "TensorRT does not build with FP8 and INT8 enabled together", "choose fp8 or int8"
-        )
-    return [p.value for p in _PRECISION_FLAGS if p in wanted]
-
-
 def _commands(plan: EnginePlan, profiles: list[Profile]) -> tuple[list[str], list[str]]:
     """The trtexec and polygraphy commands for `plan`, run from the plan's folder."""
     trtexec = [
         "trtexec",
         f"--onnx={plan.onnx}",
         f"--saveEngine={plan.engine}",
+        "--stronglyTyped",  # required on 10.x, always on (accepted) on 11.x
         f"--timingCacheFile={plan.timing_cache}",
         f"--builderOptimizationLevel={plan.builder_optimization_level}",
         "--skipInference",
     ]
-    polygraphy = ["polygraphy", "convert", plan.onnx, "--convert-to", "trt", "-o", plan.engine]
+    polygraphy = ["polygraphy", "convert", plan.onnx, "--convert-to", "trt", "-o", plan.engine,
+                  "--strongly-typed"]  # fmt: skip
     for index, profile in enumerate(profiles):
         # trtexec reads --minShapes/--optShapes/--maxShapes right after --profile=N as profile N.
         trtexec += [f"--profile={index}", *profile.trtexec_args()]
         polygraphy += profile.polygraphy_args()
-    for name in plan.precisions:
-        trtexec_flag, polygraphy_flag, _ = _PRECISION_FLAGS[Precision.parse(name)]
-        trtexec.append(trtexec_flag)
-        polygraphy.append(polygraphy_flag)
     if plan.sparse_weights:
         trtexec.append("--sparsity=enable")
         polygraphy.append("--sparse-weights")
@@ -462,14 +498,15 @@ def plan_engine(
     spec: ModelSpec,
     target: Target,
     limits: ShapeLimits,
-    precisions: Iterable[str | Precision] = (),
     sparse_weights: bool | None = None,
     builder_optimization_level: int = 3,
 ) -> EnginePlan:
-    """Write engines/tensorrt/plan.json and build.sh for build_dir/model.onnx; return the plan.
+    """Write engines/tensorrt/plan.json and build.sh for the strongly typed
+    engines/tensorrt/model.onnx (fdec.lower.tensorrt_model writes it); return the plan.
 
     The plan is "deferred": `build_planned_engine` (or build.sh) builds the engine. Refuses a
-    non-GPU target, precisions or sparsity the target lacks, and graphs with non-standard ops.
+    non-GPU target, a graph whose types or Q/DQ need precisions the target lacks, sparsity the
+    target lacks, and graphs with non-standard ops.
     `sparse_weights` None: on when the graph carries sparsify-2of4's 2:4 weights
     (`graph_sparsity`) and the target has sparse tensor cores.
     """
@@ -488,17 +525,17 @@ def plan_engine(
             "drop the sparse-weights option for this target, or pick a target with sparse "
             "tensor cores (compute capability 8.0 or newer)",
         )
-    flags = _precision_flags(target, precisions)
     if not 0 <= builder_optimization_level <= 5:
         raise UsageError(
             f"TensorRT builder optimization level must be 0..5, got {builder_optimization_level}",
             "use 3 (TensorRT's default) unless you need faster builds (lower) or more search",
         )
-    onnx_path = build_dir / _MODEL
+    onnx_path = build_dir / ENGINE_DIR / _MODEL
     if not onnx_path.is_file():
         raise InputError(
             f"{onnx_path} does not exist",
-            "write the ONNX model first (the onnxruntime lowering writes model.onnx), then plan",
+            "write the strongly typed TensorRT model first "
+            "(fdec.lower.tensorrt_model.prepare_tensorrt_model), then plan",
         )
     foreign = check_standard_ops(onnx_path)
     if foreign:
@@ -511,8 +548,9 @@ def plan_engine(
             "onnxruntime",
         )
     profiles = profiles_for(spec, limits)
-    inputs, has_qdq = _graph_inputs(onnx_path)
+    inputs, _ = _graph_inputs(onnx_path)
     _check_profiles(profiles, inputs)
+    precisions = _typed_precisions(onnx_path, target)
 
     notes = []
     sparsity = graph_sparsity(onnx_path, spec)
@@ -537,14 +575,11 @@ def plan_engine(
             "pattern (fdec.sparsity metadata, checked); TensorRT picks sparse kernels only where "
             "they time faster (sparse tensor cores take TF32/FP16/BF16/INT8, and FP8 from sm 8.9)"
         )
-    for name in flags:
-        if name in ("fp8", "int8") and not has_qdq:
-            notes.append(
-                f"{name} is enabled but the graph has no QuantizeLinear/DequantizeLinear nodes: "
-                f"TensorRT computes in {name} only where the graph is explicitly quantized, so "
-                f"quantize the model to {name} first"
-            )
-            logger.warning("%s", notes[-1])
+    if not precisions:
+        notes.append(
+            "the graph is fp32 throughout: a strongly typed TensorRT builds it in fp32 (TF32 "
+            "from compute capability 8.0); type it with cast-float16 for fp16/bf16 kernels"
+        )
 
     cc = target.compute_capability
     assert cc is not None
@@ -552,7 +587,7 @@ def plan_engine(
         target=target.name,
         compute_capability=f"{cc[0]}.{cc[1]}",
         profiles=[profile.to_dict() for profile in profiles],
-        precisions=flags,
+        precisions=precisions,
         sparse_weights=sparse_weights,
         builder_optimization_level=builder_optimization_level,
         notes=notes,
@@ -571,6 +606,18 @@ def plan_engine(
     script.chmod(0o755)
     logger.info("planned TensorRT engine for %s: %s", target.name, plan.trtexec_shell)
     return plan
+
+
+def _typed_precisions(onnx_path: pathlib.Path, target: Target) -> list[str]:
+    """The precisions the typed graph computes in, each checked against the target."""
+    import onnx_ir as ir
+
+    from fdec.lower.tensorrt_model import graph_precisions
+
+    precisions = graph_precisions(ir.load(str(onnx_path)).graph)
+    for name in precisions:
+        target.require(name)  # InputError: FP8 needs compute capability >= 8.9; a100 is 8.0
+    return precisions
 
 
 def read_plan(build_dir: str | os.PathLike[str]) -> EnginePlan:
@@ -670,7 +717,8 @@ def _build_engine(
 
     trt_logger = _make_logger(trt)
     builder = trt.Builder(trt_logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    # Strongly typed: precision is the graph's (required on 10.x for that, always so on 11.x).
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, trt_logger)
     progress(f"parsing {onnx_path.name}")
     # From the file, not from bytes, so the parser finds model.onnx.data beside it.
@@ -680,8 +728,6 @@ def _build_engine(
 
     config = builder.create_builder_config()
     config.builder_optimization_level = plan.builder_optimization_level
-    for name in plan.precisions:
-        config.set_flag(getattr(trt.BuilderFlag, _PRECISION_FLAGS[Precision.parse(name)][2]))
     if plan.sparse_weights:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     for entry in plan.profiles:
@@ -702,7 +748,8 @@ def _build_engine(
         reused = False
 
     progress(
-        f"building ({len(plan.profiles)} profiles, precisions: fp32 {' '.join(plan.precisions)})"
+        f"building ({len(plan.profiles)} profiles, strongly typed: "
+        f"{' + '.join(plan.precisions) or 'fp32'})"
     )
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -780,14 +827,16 @@ def _load_first(names: Iterable[str]) -> Any:
 
 def engine_report(plan: EnginePlan) -> dict[str, Any]:
     """What the build report says about the TensorRT engine: status, why, files, command."""
-    files = [f"{ENGINE_DIR}/{PLAN_FILE}", f"{ENGINE_DIR}/{BUILD_SCRIPT}"]
+    files = [f"{ENGINE_DIR}/{PLAN_FILE}", f"{ENGINE_DIR}/{BUILD_SCRIPT}", f"{ENGINE_DIR}/{_MODEL}"]
     report: dict[str, Any] = {
         "backend": "tensorrt",
         "status": plan.status,
         "reason": plan.reason,
         "target": plan.target,
         "compute_capability": plan.compute_capability,
-        "precisions": ["fp32", *plan.precisions],
+        "precisions": list(plan.precisions),
+        "strongly_typed": plan.strongly_typed,
+        "model": f"{ENGINE_DIR}/{_MODEL}",
         "sparse_weights": plan.sparse_weights,
         "profiles": [profile["name"] for profile in plan.profiles],
         "files": files,

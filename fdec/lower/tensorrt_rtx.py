@@ -8,6 +8,12 @@ API directly (imported inside the functions that need it, never at import time):
 - `build_engine` parses the graph, adds one optimization profile per `fdec.lower.profiles`
   profile, sets the target compute capability and writes `model.engine` atomically.
 
+TensorRT-RTX is strongly typed: precision is the graph's (fdec.lower.tensorrt_model writes the
+typed engines/tensorrt/model.onnx that both TensorRT and TensorRT-RTX build). What the engine
+computes in is read back from the engine itself: builds run with detailed profiling verbosity,
+so the builder logs the engine inspector's layer listing, and `engine_precision` counts each
+GEMM's input and weight types from it (an engine cannot be deserialized here without a GPU).
+
 Every outcome is a `RtxBuildResult`; an unsupported graph, an untargetable compute capability
 or a builder error is a status with a reason, not an exception. TensorRT's own messages are
 collected by a logger of ours and never printed; warnings and errors go to this module's logger.
@@ -42,6 +48,7 @@ __all__ = [
     "RtxBuildResult",
     "available",
     "build_engine",
+    "engine_precision",
     "unsupported_nodes",
 ]
 
@@ -89,6 +96,8 @@ class RtxBuildResult:
     reason: str | None = None
     purpose: str = "deployable"  # "deployable" | "check"
     sparse_weights: bool = False  # BuilderFlag.SPARSE_WEIGHTS set (2:4 weights, sm >= 8.0)
+    # What the built engine computes in, from its inspector listing (`engine_precision`).
+    engine_precision: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in _STATUSES:
@@ -130,13 +139,17 @@ def build_engine(
     onnx_path: pathlib.Path,
     out_dir: pathlib.Path,
     *,
-    spec: ModelSpec,
-    limits: ShapeLimits,
+    spec: ModelSpec | None,
+    limits: ShapeLimits | None,
     compute_capability: tuple[int, int],
     purpose: str = "deployable",
+    profiles: list[Profile] | None = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> RtxBuildResult:
     """Build `out_dir/model.engine` from `onnx_path` for one compute capability.
+
+    The optimization profiles are `profiles_for(spec, limits)`, or `profiles` as given (a
+    deferred build finished later from its recorded profiles; then `spec` may be None).
 
     Returns status "built", or "unsupported" (nodes the parser cannot take, listed), "deferred"
     (this toolchain cannot build for `compute_capability`, or is not installed) or "failed"
@@ -147,7 +160,11 @@ def build_engine(
     onnx_path, out_dir = pathlib.Path(onnx_path), pathlib.Path(out_dir)
     cc = f"{compute_capability[0]}.{compute_capability[1]}"
     start = time.perf_counter()
-    profiles = _engine_profiles(profiles_for(spec, limits))
+    if profiles is None:
+        if spec is None or limits is None:
+            raise ValueError("build_engine needs spec and limits, or profiles")
+        profiles = profiles_for(spec, limits)
+    profiles = _engine_profiles(profiles)
     result = RtxBuildResult(
         status="deferred",
         compute_capability=cc,
@@ -178,7 +195,11 @@ def build_engine(
     # sparsify-2of4's 2:4 weights: let the builder use sparse tensor cores (sm 8.0 and newer).
     from fdec.lower.tensorrt import graph_sparsity
 
-    sparsity = graph_sparsity(onnx_path, spec) if compute_capability >= (8, 0) else None
+    sparsity = (
+        graph_sparsity(onnx_path, spec)
+        if compute_capability >= (8, 0) and spec is not None
+        else None
+    )
     result.sparse_weights = bool(sparsity and sparsity["kept"])
 
     with _trt_session() as (trt, messages):
@@ -253,6 +274,8 @@ def _build(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         return "failed", _first_error(messages) or "the builder returned no engine"
+    listing = next((msg for _, msg in messages if msg.startswith(_LAYERS_HEADER)), None)
+    result.engine_precision = engine_precision(listing) if listing else None
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / ENGINE_FILE
     partial = out_dir / f".{ENGINE_FILE}.{os.getpid()}.partial"
@@ -283,15 +306,55 @@ def _engine_profiles(profiles: list[Profile]) -> list[Profile]:
 
 
 def _apply_precision(trt: Any, config: Any, network: Any) -> None:
-    """Where precision settings go once quantization exists; fp32 needs none.
-
-    TensorRT-RTX networks are strongly typed and `tensorrt_rtx.BuilderFlag` has no FP16, BF16,
-    INT8 or FP8 flags: precision comes from the graph's tensor types (Cast to fp16/bf16) and
-    its Q/DQ nodes (int8, fp8, int4, fp4). Quantization passes therefore change the ONNX graph;
-    this hook is for what the builder still needs then (checking the target can compute the
-    graph's precisions, weight streaming, tiling or optimization levels).
+    """Precision is the graph's: TensorRT-RTX networks are strongly typed and
+    `tensorrt_rtx.BuilderFlag` has no FP16, BF16, INT8 or FP8 flags. The build asks for the
+    detailed layer listing instead, so `engine_precision` can say what the engine computes in.
     """
-    del trt, config, network
+    del network
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+
+
+# The builder's VERBOSE message holding the engine inspector's one-line-per-layer listing.
+_LAYERS_HEADER = "Layers:"
+_DATATYPES = {"FP8": "fp8", "Int8": "int8", "Int4": "int4", "FP4": "fp4", "Half": "fp16",
+              "BFloat16": "bf16", "Float": "fp32"}  # fmt: skip
+_QUANTIZED = frozenset({"FP8", "Int8", "Int4", "FP4"})
+
+
+def engine_precision(listing: str) -> dict[str, Any]:
+    """What an engine's matrix products compute in, from the engine inspector's layer listing.
+
+    A matrix product is a `gemm` layer, or a fused layer holding a quantized 2-D weight (int4
+    weight-only GEMMs are `runtime_fusion` layers). Returns {"gemms": {label: count},
+    "precision": the most common label}; a label is the activations' type, with the weights'
+    type when it differs ("fp16 (int4 weights)"). Both optimization profiles are counted.
+    """
+    import re
+
+    tensor = re.compile(r"Dimensions: \[([^\]]*)\][^}]*?Datatype: (\w+)")
+    counts: dict[str, int] = {}
+    for line in listing.splitlines():
+        match = re.search(
+            r"LayerType: (\w+), Inputs: \[(.*?)\], Constants: \[(.*?)\], Outputs", line
+        )
+        if match is None:
+            continue
+        inputs = tensor.findall(match.group(2))
+        matrices = [dtype for dims, dtype in tensor.findall(match.group(3)) if dims.count(",") == 1]
+        quantized = any(dtype in _QUANTIZED for dtype in matrices)
+        if not inputs or inputs[0][1] not in _DATATYPES:  # a Gather of int ids, not a product
+            continue
+        if not (match.group(1) == "gemm" or quantized):
+            continue
+        activations = _DATATYPES.get(inputs[0][1], inputs[0][1])
+        weight_types = matrices[:1] or [dtype for _, dtype in inputs[1:2]]
+        weights = _DATATYPES.get(weight_types[0], weight_types[0]) if weight_types else None
+        label = (
+            activations if weights in (None, activations) else f"{activations} ({weights} weights)"
+        )
+        counts[label] = counts.get(label, 0) + 1
+    top = max(counts, key=lambda label: counts[label]) if counts else None
+    return {"gemms": dict(sorted(counts.items())), "precision": top}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,8 +390,9 @@ def _collector(trt: Any) -> Any:
                 self.messages: list[tuple[Any, str]] = []
 
             def log(self, severity: Any, msg: str) -> None:
-                # VERBOSE messages (one per layer and tactic) are dropped.
-                if severity == trt.ILogger.VERBOSE:
+                # VERBOSE messages (one per layer and tactic) are dropped, but for the
+                # engine's layer listing.
+                if severity == trt.ILogger.VERBOSE and not msg.startswith(_LAYERS_HEADER):
                     return
                 self.messages.append((severity, msg))
                 if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):

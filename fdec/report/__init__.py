@@ -216,9 +216,18 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
             line += f" (sm {engine['compute_capability']})"
         if engine.get("engine"):
             line += f" → {engine['engine']}"
+        if (engine.get("engine_precision") or {}).get("precision"):
+            line += f", computes in {engine['engine_precision']['precision']} (engine inspector)"
         if engine.get("reason"):
             line += f" — {engine['reason']}"
         lines.append(line)
+        typed = engine.get("typed_model")
+        if typed:
+            figures = typed.get("numerics") or {}
+            checked = f", top-1 {figures['top1_agreement']:.3f} vs source" if figures else ""
+            lines.append(
+                f"strongly typed model {typed['model']}: {' + '.join(typed['precisions'])}{checked}"
+            )
     lines += _pruning_lines(report)
     checkpoint = report.get("checkpoint")
     if checkpoint:

@@ -664,12 +664,14 @@ def _estimate_and_engines(report: dict[str, Any]) -> str:
         rows = "".join(
             f"<tr><td>{_e(e.get('backend'))}</td><td>{_e(e.get('purpose') or 'engine')}</td>"
             f"<td>{_e(e.get('status'))}</td><td>{_e(e.get('engine') or '')}</td>"
+            f"<td>{_e((e.get('engine_precision') or {}).get('precision') or '')}</td>"
             f"<td>{_e(e.get('reason') or '')}</td></tr>"
             for e in engines
         )
         parts.append(
             "<h3>Engines</h3><table><tr><th>backend</th><th>purpose</th><th>status</th>"
-            f"<th>file</th><th>reason</th></tr>{rows}</table>"
+            "<th>file</th><th>computes in (engine inspector)</th><th>reason</th></tr>"
+            f"{rows}</table>"
         )
     else:
         parts.append("<p class='none'>No engines: the ONNX Runtime build is the output.</p>")

@@ -249,9 +249,10 @@ def test_plan_checks_the_pattern_is_still_there(tiny, tmp_path):
         name = spec.weights[role]
         model.graph.initializers[name].const_value = dense.graph.initializers[name].const_value
     build = tmp_path / "build"
-    build.mkdir()
-    model.save(build / "model.onnx")
-    record = graph_sparsity(build / "model.onnx", spec)
+    typed = build / "engines/tensorrt/model.onnx"  # the model TensorRT plans are made from
+    typed.parent.mkdir(parents=True)
+    model.save(typed)
+    record = graph_sparsity(typed, spec)
     assert sorted(record["lost"]) == sorted(roles[:2])
     assert sorted(record["kept"]) == sorted(roles[2:])
     limits = ShapeLimits(max_batch=1, max_seq_len=128)
@@ -261,7 +262,7 @@ def test_plan_checks_the_pattern_is_still_there(tiny, tmp_path):
     for role in roles[2:]:
         name = spec.weights[role]
         model.graph.initializers[name].const_value = dense.graph.initializers[name].const_value
-    model.save(build / "model.onnx")
+    model.save(typed)
     plan = plan_engine(build, spec=spec, target=load_target("a100"), limits=limits)
     assert plan.sparse_weights is False and "--sparsity=enable" not in plan.trtexec
 
@@ -375,7 +376,7 @@ def test_fp8_after_2of4_keeps_the_pattern(tiny_models, tmp_path, cli_runner):
             assert tensor.dtype == ir.DataType.FLOAT8E4M3FN, role
             assert sparse_groups_ok(tensor.numpy().astype(np.float32)), role
     plan = json.loads((out / "engines/tensorrt/plan.json").read_text())
-    assert plan["precisions"] == ["fp8"] and plan["sparse_weights"] is True
+    assert "fp8" in plan["precisions"] and plan["sparse_weights"] is True
     assert not any("lost" in note for note in plan["notes"])
 
 

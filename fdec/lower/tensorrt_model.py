@@ -1,0 +1,212 @@
+"""The strongly typed model TensorRT and TensorRT-RTX build from: engines/tensorrt/model.onnx.
+
+TensorRT 11 and TensorRT-RTX take a network's precision from the ONNX graph alone (no FP16/FP8/
+INT8 builder flags), so engines need a model of their own: the verified build's graph (Q/DQ
+and blocked DequantizeLinear already in it for fp8, int8 SmoothQuant and int4 recipes) typed by
+`fdec.passes.typing.CastFloat16Pass` to fp16 or bf16, with its I/O types unchanged.
+
+`prepare_tensorrt_model` writes it and checks its numerics against the source model in ONNX
+Runtime on the CPU (optimization level basic, where ORT's CPU kernels take Q/DQ and fp16). ORT
+has no bf16 CPU kernels and skips fp16 rounding between fp16 nodes, so the graph is checked
+through `emulate_low_precision`: every fp16/bf16 tensor becomes an fp32 tensor rounded to its
+type (Cast to it and back), which is what the engine stores; arithmetic inside an op runs in
+fp32, as TensorRT's accumulators do. bf16 is
+chosen where the target computes it (compute capability 8.0+) and kept only when it holds the
+tolerance; otherwise the model is written in fp16 and the report says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from fdec.errors import CompileError
+from fdec.ir import FdecModel, ModelSpec, release_freed_memory
+from fdec.passes.typing import CastFloat16Pass, choose_float_dtype, float_types, untyped_values
+from fdec.pipeline import Tolerance
+
+__all__ = [
+    "MODEL_DIR",
+    "TYPED_MODEL",
+    "emulate_low_precision",
+    "graph_precisions",
+    "prepare_tensorrt_model",
+    "typed_tolerance",
+]
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIR = "engines/tensorrt"  # relative to the build folder
+TYPED_MODEL = f"{MODEL_DIR}/model.onnx"
+_DATA_FILE = "model.onnx.data"
+
+
+def typed_tolerance(recipe: Tolerance, typing: Tolerance) -> Tolerance:
+    """The gate of a typed graph against the source: the recipe's error plus the typing's."""
+
+    def add(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a + b
+
+    return Tolerance(
+        max_abs_error=add(recipe.max_abs_error, typing.max_abs_error),
+        min_top1_agreement=min(recipe.min_top1_agreement, typing.min_top1_agreement),
+        max_perplexity_increase=recipe.max_perplexity_increase,
+        greedy_identical=False,
+    )
+
+
+def graph_precisions(graph: ir.Graph) -> list[str]:
+    """The precisions the graph's own types and Q/DQ put in it, e.g. ["fp16", "fp8"]."""
+    names = {"FLOAT16": "fp16", "BFLOAT16": "bf16"}
+    found = [names[name] for name in ("FLOAT16", "BFLOAT16") if float_types(graph)[name]]
+    quantized = {
+        "FLOAT8E4M3FN": "fp8",
+        "INT8": "int8",
+        "UINT8": "int8",
+        "INT4": "int4",
+        "UINT4": "int4",
+    }
+    for node in graph:
+        if node.op_type == "DequantizeLinear" and node.inputs[0] is not None:
+            dtype = node.inputs[0].dtype
+            name = quantized.get(dtype.name if dtype is not None else "")
+            if name and name not in found:
+                found.append(name)
+    return found
+
+
+def emulate_low_precision(model: ir.Model) -> int:
+    """Rewrite an fp16/bf16 graph in place into an fp32 graph ONNX Runtime's CPU kernels run,
+    with every fp16/bf16 tensor rounded to its type (Cast to it and back); returns the casts
+    added. ORT has no bf16 CPU kernels, and it runs fp16 nodes by casting around them and
+    dropping the casts between them, so its fp16 run skips intermediate rounding (and overflow);
+    the emulated graph does not."""
+    graph, fp32 = model.graph, ir.DataType.FLOAT
+    low = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
+    for value in graph.initializers.values():
+        if value.dtype in low and value.const_value is not None:
+            array = value.const_value.numpy().astype(np.float32)
+            value.const_value = ir.Tensor(array, name=value.name)
+            value.dtype = fp32
+    added = 0
+    for node in list(graph):
+        if node.op_type == "Constant" and "value" in node.attributes:
+            tensor = node.attributes["value"].value
+            if tensor.dtype in low:
+                array = tensor.numpy().astype(np.float32)
+                node.attributes["value"] = ir.AttrTensor("value", ir.Tensor(array))
+                node.outputs[0].dtype = fp32
+            continue
+        for out in node.outputs:
+            if out.dtype not in low:
+                continue
+            dtype_low = out.dtype
+            is_cast = node.op_type == "Cast"
+            if not is_cast:
+                out.dtype = fp32
+            users = list(out.uses())
+            outputs = [i for i, v in enumerate(graph.outputs) if v is out]
+            chain = out
+            anchor = node
+            steps = [fp32] if is_cast else [dtype_low, fp32]
+            for dtype in steps:
+                step = ir.Value(name=f"{out.name}_emul_{dtype.name.lower()}", shape=out.shape,
+                                type=ir.TensorType(dtype))  # fmt: skip
+                cast = ir.Node("", "Cast", [chain], {"to": ir.AttrInt64("to", dtype)},
+                               outputs=[step])  # fmt: skip
+                graph.insert_after(anchor, cast)
+                anchor, chain = cast, step
+                added += 1
+            for use in users:
+                use.node.replace_input_with(use.idx, chain)
+            for index in outputs:
+                graph.outputs[index] = chain
+    return added
+
+
+def _check_numerics(typed: pathlib.Path, reference: Any, tolerance: Tolerance) -> dict[str, Any]:
+    """Figures of the typed model against the source on ONNX Runtime's CPU (basic), with its
+    fp16/bf16 storage emulated (`emulate_low_precision`)."""
+    from fdec.runtime import OrtModel, open_session
+
+    with tempfile.TemporaryDirectory(prefix="fdec-typed-") as scratch:
+        model = ir.load(str(typed))
+        emulate_low_precision(model)
+        path = pathlib.Path(scratch) / "emulated.onnx"
+        ir.save(model, str(path), external_data="emulated.onnx.data")
+        del model
+        session = OrtModel(open_session(path, optimization="basic", prepack=False))
+        figures = reference.compare(session)
+        del session
+    figures["emulated"] = True
+    failure = tolerance.judge(figures)
+    figures["ok"], figures["failure"] = failure is None, failure
+    return figures
+
+
+def prepare_tensorrt_model(
+    build_dir: str | pathlib.Path,
+    *,
+    target: Any,
+    spec: ModelSpec,
+    reference: Any = None,
+    tolerance: Tolerance | None = None,
+    dtype: str | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """Write build_dir/engines/tensorrt/model.onnx (+ .data), the strongly typed model.
+
+    `dtype` None picks by the target (`choose_float_dtype`); with a `reference` (fdec.verify)
+    the typed model is checked against the source within `tolerance` (the recipe's, widened
+    by the typing's) and a bf16 model that fails it is retyped in fp16. Returns the report
+    record: path, dtype, precisions in the graph, the pass's stats, numerics and, when bf16
+    was given up, why. Raises CompileError when no typing holds the tolerance.
+    """
+    build_dir = pathlib.Path(build_dir)
+    source = build_dir / "model.onnx"
+    folder = build_dir / MODEL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    candidates = [dtype] if dtype else [choose_float_dtype(target)]
+    if candidates[0] == "bf16" and not dtype:
+        candidates.append("fp16")
+    record: dict[str, Any] = {"model": TYPED_MODEL, "fallback": None}
+    for candidate in candidates:
+        progress(f"typing the TensorRT model in {candidate} (norms, softmax, logits in fp32)")
+        model = FdecModel(ir.load(str(source)), spec)
+        pass_ = CastFloat16Pass(dtype=candidate)
+        pass_.requires(model, target)
+        result = pass_(model)
+        missing = untyped_values(model.graph)
+        precisions = graph_precisions(model.graph)
+        (folder / _DATA_FILE).unlink(missing_ok=True)
+        ir.save(model.model, str(folder / "model.onnx"), external_data=_DATA_FILE)
+        del model, result.model
+        release_freed_memory()
+        record.update(
+            dtype=candidate,
+            precisions=precisions,
+            untyped_tensors=len(missing),
+            stats=result.stats,
+        )
+        if reference is None:
+            return record
+        gate = typed_tolerance(tolerance or Tolerance(), pass_.tolerance)
+        progress(f"checking the {candidate} TensorRT model against the source model")
+        figures = _check_numerics(folder / "model.onnx", reference, gate)
+        record["numerics"] = figures
+        record["tolerance"] = gate.to_dict()
+        if figures["ok"]:
+            return record
+        logger.warning("the %s TensorRT model fails its gate: %s", candidate, figures["failure"])
+        record["fallback"] = f"{candidate}: {figures['failure']}"
+    raise CompileError(
+        f"the strongly typed TensorRT model misses its tolerance: {record['fallback']}",
+        "compile with --backend onnxruntime, or report the model: the fp32 build was verified "
+        "but its fp16/bf16 typing was not",
+    )

@@ -1,0 +1,219 @@
+"""cast-float16: a hand-written attention block and a real tiny Llama typed in fp16 and bf16.
+
+Checks what stays fp32 and why (norm reductions, softmax and its mask, rotary tables, logits),
+that the graph's I/O keeps its types, that no tensor is left untyped, and the numbers: fp16
+graphs run in ONNX Runtime on the CPU, bf16 graphs through `emulate_low_precision` (ORT has no
+bf16 CPU kernels).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from exported import export_tiny
+from graphs import ir_model, random_array, run_ort, tiny_spec
+
+from fdec.errors import InputError, UsageError
+from fdec.ir import FdecModel
+from fdec.lower.tensorrt_model import emulate_low_precision
+from fdec.passes import REGISTRY, make_pass
+from fdec.passes.typing import CastFloat16Pass, choose_float_dtype, float_types, untyped_values
+from fdec.runtime import OrtModel
+from fdec.targets import load_target
+
+# x → RMSNorm → q/k MatMuls → scores + mask (a -3.4e38 fill chosen by a bool input) → Softmax
+# → MatMul with v → y. The mask is a "table": it depends on no activation.
+_BLOCK = """
+<ir_version: 10, opset_import: ["" : 21]>
+block (float[2, 4] x, bool[2, 2] keep) => (float[2, 4] y) {
+    two = Constant <value = float {2.0}> ()
+    eps = Constant <value = float {1e-5}> ()
+    axes = Constant <value = int64[1] {-1}> ()
+    zero = Constant <value = float {0.0}> ()
+    fill = Constant <value = float {-3.4028235e38}> ()
+    sq = Pow (x, two)
+    mean = ReduceMean (sq, axes)
+    var = Add (mean, eps)
+    std = Sqrt (var)
+    inv = Reciprocal (std)
+    normed = Mul (x, inv)
+    h = Mul (normed, gamma)
+    q = MatMul (h, wq)
+    k = MatMul (h, wk)
+    kt = Transpose <perm = [1, 0]> (k)
+    scores = MatMul (q, kt)
+    mask = Where (keep, zero, fill)
+    masked = Add (scores, mask)
+    probs = Softmax <axis = -1> (masked)
+    v = MatMul (h, wv)
+    y = MatMul (probs, v)
+}
+"""
+
+
+def _block() -> tuple[FdecModel, dict[str, np.ndarray]]:
+    weights = {
+        "gamma": np.abs(random_array(4, seed=1)) + 0.5,
+        "wq": random_array(4, 4, seed=2),
+        "wk": random_array(4, 4, seed=3),
+        "wv": random_array(4, 4, seed=4),
+    }
+    model = FdecModel(ir_model(_BLOCK, weights), tiny_spec())
+    feeds = {"x": random_array(2, 4, seed=5) * 300.0, "keep": np.array([[1, 0], [1, 1]], bool)}
+    return model, feeds
+
+
+def _kept(model: FdecModel) -> dict[str, str]:
+    """Output name → element type, for every node output."""
+    return {out.name: out.dtype.name for node in model.graph for out in node.outputs}
+
+
+def test_block_keeps_norm_softmax_and_mask_in_fp32():
+    model, feeds = _block()
+    before = run_ort(model.model, feeds)
+    result = CastFloat16Pass(dtype="fp16")(model)
+
+    assert result.model is model and result.modified
+    types = _kept(model)
+    # The RMSNorm reduction chain and the mask application + softmax stay fp32 ...
+    for name in ("sq", "mean", "var", "std", "inv", "mask", "masked", "probs"):
+        assert types[name] == "FLOAT", name
+    # ... the products and the normalize-multiply run in fp16.
+    for name in ("normed", "h", "q", "k", "kt", "scores", "v"):
+        assert types[name] == "FLOAT16", name
+    assert [v.dtype.name for v in model.graph.outputs] == ["FLOAT"]  # keep_io_types
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    assert all(v.dtype == ir.DataType.FLOAT16 for v in model.graph.initializers.values())
+    assert untyped_values(model.graph) == []
+    stats = result.stats
+    assert stats["dtype"] == "fp16"
+    assert stats["kept_by_reason"] == {
+        "follows fp32": 1, "mask": 1, "op": 5, "table": 1
+    }  # fmt: skip
+    assert stats["kept_ops"] == {
+        "Add": 2, "Pow": 1, "ReduceMean": 1, "Reciprocal": 1, "Softmax": 1, "Sqrt": 1, "Where": 1
+    }  # fmt: skip
+    assert stats["initializers_cast"] == 4
+    assert stats["bytes_before"] == 4 * (4 + 3 * 16) and stats["bytes_after"] == 2 * (4 + 3 * 16)
+    # x (an fp32 input) is read by Pow (fp32) and Mul (fp16): one cast in; y: one cast out.
+    assert stats["io_casts"] == 2
+    onnx.checker.check_model(ir.serde.serialize_model(model.model), full_check=True)
+
+    after = run_ort(model.model, feeds)
+    assert after[0].dtype == np.float32
+    # |x| up to ~900: x² overflows fp16 (65504) unless the reduction is fp32, as kept here.
+    assert np.isfinite(after[0]).all()
+    np.testing.assert_allclose(after[0], before[0], rtol=2e-2, atol=2e-2)
+
+
+def test_everything_fp16_overflows_where_the_kept_reduction_does_not():
+    """The reason for keeping norms: with no op kept, x² of |x| ≈ 900 overflows fp16."""
+    model, feeds = _block()
+    want = run_ort(model.model, feeds)[0]
+    CastFloat16Pass(dtype="fp16", keep_ops=(), keep_tables=False)(model)
+    assert _kept(model)["sq"] == "FLOAT16"
+    emulate_low_precision(model.model)  # ORT alone would skip the rounding between fp16 nodes
+    got = run_ort(model.model, feeds)[0]
+    # x² = inf, so rsqrt = 0 and every output is 0 (or NaN): nothing like the fp32 result.
+    assert not np.isfinite(got).all() or not np.abs(got).any()
+    assert np.abs(want).max() > 1
+
+    kept, _ = _block()
+    CastFloat16Pass(dtype="fp16")(kept)
+    emulate_low_precision(kept.model)
+    np.testing.assert_allclose(run_ort(kept.model, feeds)[0], want, rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_block_matches_through_emulation():
+    model, feeds = _block()
+    before = run_ort(model.model, feeds)
+    result = CastFloat16Pass(dtype="bf16")(model)
+    assert result.stats["dtype"] == "bf16"
+    assert _kept(model)["q"] == "BFLOAT16" and _kept(model)["probs"] == "FLOAT"
+    assert float_types(model.graph)["BFLOAT16"] > 0
+    added = emulate_low_precision(model.model)
+    assert added > 0 and float_types(model.graph)["BFLOAT16"] > 0  # the rounding casts
+    after = run_ort(model.model, feeds)
+    np.testing.assert_allclose(after[0], before[0], rtol=5e-2, atol=5e-2)
+
+
+def test_options_and_preconditions():
+    assert REGISTRY["cast-float16"] is CastFloat16Pass
+    with pytest.raises(UsageError, match="fp16 or bf16"):
+        CastFloat16Pass(dtype="fp8")
+    with pytest.raises(UsageError, match="bad options"):
+        make_pass("cast-float16", dtype_="fp16")
+    model, _ = _block()
+    CastFloat16Pass(dtype="fp16")(model)
+    with pytest.raises(UsageError, match="already typed"):
+        CastFloat16Pass(dtype="fp16").requires(model)
+    with pytest.raises(InputError, match=r"BF16 needs compute capability ≥ 8\.0; t4 is 7\.5"):
+        CastFloat16Pass(dtype="bf16").check_target(load_target("t4"))
+    # The dtype follows the target's compute capability (its data, never its name).
+    assert choose_float_dtype(load_target("t4")) == "fp16"
+    assert choose_float_dtype(load_target("a100")) == "bf16"
+    assert choose_float_dtype(load_target("rtx4090")) == "bf16"
+
+
+def test_huge_constants_are_clamped_to_the_fp16_range():
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[2] x) => (float[2] y) {
+        y = Add (x, big)
+    }
+    """
+    model = FdecModel(ir_model(text, {"big": np.array([1e6, -3e38], np.float32)}), tiny_spec())
+    result = CastFloat16Pass(dtype="fp16")(model)
+    assert result.stats["values_clamped"] == 2
+    array = model.graph.initializers["big"].const_value.numpy()
+    assert array.tolist() == [65504.0, -65504.0]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models, tmp_path_factory):
+    return export_tiny(tiny_models, tmp_path_factory, "llama")
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_tiny_llama_typed_stays_close_to_the_source(llama, dtype, tmp_path):
+    model = llama.cleaned()
+    inputs = {v.name: v.dtype for v in model.graph.inputs}
+    outputs = {v.name: v.dtype for v in model.graph.outputs}
+    result = CastFloat16Pass(dtype=dtype)(model)
+    stats = result.stats
+    low = "FLOAT16" if dtype == "fp16" else "BFLOAT16"
+
+    assert {v.name: v.dtype for v in model.graph.inputs} == inputs
+    assert {v.name: v.dtype for v in model.graph.outputs} == outputs
+    assert untyped_values(model.graph) == []
+    ops = collections.Counter(n.op_type for n in model.graph if n.outputs[0].dtype.name == low)
+    assert ops["MatMul"] >= 14  # q/k/v/o/gate/up/down × 2 layers compute low
+    layers = model.spec.num_layers
+    # RMSNorm (2 per layer + final): Pow, ReduceMean, Sqrt, Reciprocal kept; softmax per layer;
+    # the rotary table (Cos, Sin); the logits' MatMul.
+    kept = stats["kept_ops"]
+    norms = 2 * layers + 1
+    assert (kept["Pow"], kept["ReduceMean"], kept["Sqrt"], kept["Reciprocal"]) == (norms,) * 4
+    assert kept["Softmax"] == layers and kept["Cos"] == 1 and kept["Sin"] == 1
+    assert stats["kept_by_reason"]["logits"] == 1 and stats["kept_by_reason"]["mask"] == layers
+    logits = model.graph.outputs[0]
+    assert logits.name == "logits" and logits.producer().op_type == "MatMul"
+    assert logits.producer().outputs[0].dtype == ir.DataType.FLOAT  # computed fp32, no cast
+    assert stats["initializers_cast"] > 0 and stats["bytes_after"] * 2 == stats["bytes_before"]
+
+    path = tmp_path / "typed.onnx"
+    emulate_low_precision(model.model)
+    ir.save(model.model, str(path), external_data="typed.onnx.data")
+    onnx.checker.check_model(str(path), full_check=True)
+    from fdec.runtime import open_session
+
+    figures = llama.reference.compare(OrtModel(open_session(path, optimization="basic")))
+    # Measured: fp16 max logit error ~2e-3, bf16 ~3e-2 (FP16/BF16_TOLERANCE leave room).
+    assert CastFloat16Pass(dtype=dtype).tolerance.judge(figures) is None, figures
+    limit = 1e-2 if dtype == "fp16" else 1e-1
+    assert figures["max_abs_error"] < limit
+    assert figures["top1_agreement"] >= 0.95

@@ -1,0 +1,174 @@
+"""The strongly typed TensorRT model for every recipe: numerics on the CPU and a real engine.
+
+For each recipe (none typed fp16 or bf16, fp8, int8-smoothquant, int4-awq) a tiny Llama runs
+the pipeline `fdec compile --target rtx4090` runs, the TensorRT model is typed and written
+(engines/tensorrt/model.onnx), checked against the PyTorch source within the recipe's
+tolerance (ONNX Runtime on the CPU at optimization basic, fp16/bf16 storage emulated), and a
+TensorRT-RTX engine is built from that same model for sm 8.9. The engine's precision is read
+from its own inspector listing, not from the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import onnx
+import pytest
+from exported import dump, load
+
+from fdec.compile import plan_pipeline
+from fdec.lower.profiles import ShapeLimits
+from fdec.lower.tensorrt_model import TYPED_MODEL, prepare_tensorrt_model
+from fdec.lower.tensorrt_rtx import ENGINE_FILE, available, build_engine
+from fdec.pipeline import PassManager
+from fdec.targets import load_target
+from fdec.verify import Reference
+
+_LIMITS = ShapeLimits(max_batch=2, max_seq_len=256)
+
+# recipe, typing dtype (None: the target's choice), precisions in the graph, engine precision.
+_MATRIX = [
+    ("none", "fp16", ["fp16"], "fp16"),
+    ("none", None, ["bf16"], "bf16"),
+    ("fp8", None, ["bf16", "int8", "fp8"], "fp8"),
+    ("int8-smoothquant", None, ["bf16", "int8"], "int8"),
+    ("int4-awq", None, ["bf16", "int8", "int4"], "bf16 (int4 weights)"),
+]
+
+
+@pytest.fixture(scope="module")
+def source(tiny_models, tmp_path_factory):
+    """The tiny Llama imported once: (serialized model, spec, reference, tokenizer)."""
+    from fdec.frontend.export import import_model
+    from fdec.frontend.source import resolve_source
+
+    cache = tmp_path_factory.mktemp("matrix-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FDEC_CACHE_DIR", str(cache / "fdec"))
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        imported = import_model(resolve_source(str(tiny_models("llama"))))
+    model = imported.fdec_model
+    reference = Reference.from_hf(
+        imported.hf_model, "decoder", imported.tokenizer, model.spec.vocab_size
+    )
+    return dump(model), model.spec, reference, imported.tokenizer
+
+
+@pytest.mark.parametrize(
+    ("recipe", "dtype", "precisions", "engine"),
+    _MATRIX,
+    ids=[f"{recipe}-{dtype or 'auto'}" for recipe, dtype, *_ in _MATRIX],
+)
+def test_recipe_builds_a_strongly_typed_engine(source, tmp_path, recipe, dtype, precisions, engine):
+    proto, spec, reference, tokenizer = source
+    target = load_target("rtx4090")
+    plan = plan_pipeline(target=target, backend="tensorrt-rtx", quantize=recipe)
+    plan.attach_calibration(tokenizer, spec.vocab_size)
+    model, _ = PassManager(plan.pipeline, target=target).run(load(proto, spec))
+    build = tmp_path / "build"
+    build.mkdir()
+    model.save(build / "model.onnx")
+
+    record = prepare_tensorrt_model(
+        build, target=target, spec=model.spec, reference=reference, tolerance=plan.tolerance,
+        dtype=dtype,
+    )  # fmt: skip
+    figures = record["numerics"]
+    assert figures["ok"], figures["failure"]
+    assert record["precisions"] == precisions
+    assert record["untyped_tensors"] == 0 and record["fallback"] is None
+    # Typing costs little next to the recipe: perplexity within 2 % of the source here.
+    assert figures["perplexity_build"] / figures["perplexity_source"] < 1.02 or recipe != "none"
+    typed = build / TYPED_MODEL
+    onnx.checker.check_model(str(typed), full_check=True)
+    graph = onnx.load(str(typed), load_external_data=False).graph
+    assert {v.type.tensor_type.elem_type for v in graph.output} == {onnx.TensorProto.FLOAT}
+
+    if available() is not None:
+        pytest.skip(f"TensorRT-RTX is not usable here: {available()}")
+    out = tmp_path / "engine"
+    result = build_engine(typed, out, spec=model.spec, limits=_LIMITS, compute_capability=(8, 9))
+    assert result.status == "built", result.reason
+    assert (out / ENGINE_FILE).stat().st_size == result.bytes > 0
+    assert result.engine_precision["precision"] == engine, result.engine_precision
+    # Only the logits' product (kept fp32 on purpose) computes in fp32: once per profile.
+    gemms = result.engine_precision["gemms"]
+    assert sum(n for label, n in gemms.items() if label.startswith("fp32")) <= len(result.profiles)
+
+
+def test_the_fp32_graph_would_build_an_fp32_engine(source, tmp_path):
+    """Why the typed model exists: TensorRT-RTX builds the untyped graph's GEMMs in fp32."""
+    if available() is not None:
+        pytest.skip(f"TensorRT-RTX is not usable here: {available()}")
+    from fdec.passes import DEFAULT_PIPELINE, make_pipeline
+
+    proto, spec, _, _ = source
+    path = tmp_path / "model.onnx"
+    model, _ = PassManager(make_pipeline(list(DEFAULT_PIPELINE))).run(load(proto, spec))
+    model.save(path)
+    result = build_engine(
+        pathlib.Path(path), tmp_path / "engine", spec=spec, limits=_LIMITS,
+        compute_capability=(8, 9),
+    )  # fmt: skip
+    assert result.status == "built", result.reason
+    assert result.engine_precision["precision"] == "fp32"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("FDEC_SLOW_TESTS") != "1",
+    reason="SmolLM2 builds take minutes: FDEC_SLOW_TESTS=1",
+)
+def test_smollm2_rtx4090_ships_an_fp8_engine_built_from_the_typed_model(tmp_path, cli_runner):
+    """The bundled SmolLM2-135M, default rtx4090 recipe (fp8): the engine is built from the
+    strongly typed model and its inspector says fp8; the typed model holds the tolerance."""
+    if available() is not None:
+        pytest.skip(f"TensorRT-RTX is not usable here: {available()}")
+    from fdec.cli import cli
+
+    out = tmp_path / "rtx4090"
+    result = cli_runner.invoke(
+        cli, ["compile", "smollm2-135m", "--target", "rtx4090", "-o", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    (engine,) = report["engines"]
+    assert engine["status"] == "built" and engine["model"] == TYPED_MODEL
+    assert engine["engine_precision"]["precision"] == "fp8"
+    typed = engine["typed_model"]
+    assert typed["numerics"]["ok"] and typed["untyped_tensors"] == 0
+    assert "fp8" in typed["precisions"]
+
+
+def test_bf16_that_misses_its_gate_falls_back_to_fp16(source, tmp_path, monkeypatch):
+    """bf16 is chosen for sm >= 8.0 only while it holds the gate; else the model is fp16, and
+    the record says why. When neither holds, the compile fails naming the gate."""
+    import fdec.passes.typing as typing_module
+    from fdec.errors import CompileError
+    from fdec.passes import DEFAULT_PIPELINE, make_pipeline
+    from fdec.pipeline import Tolerance
+
+    proto, spec, reference, _ = source
+    build = tmp_path / "build"
+    build.mkdir()
+    model, _ = PassManager(make_pipeline(list(DEFAULT_PIPELINE))).run(load(proto, spec))
+    model.save(build / "model.onnx")
+    exact = Tolerance(max_abs_error=1e-3, min_top1_agreement=1.0, greedy_identical=False)
+    # bf16's own allowance shrunk to nothing: its ~3e-2 logit error now fails.
+    monkeypatch.setattr(typing_module, "BF16_TOLERANCE", Tolerance(max_abs_error=0.0))
+    record = prepare_tensorrt_model(
+        build, target=load_target("rtx4090"), spec=model.spec, reference=reference,
+        tolerance=exact,
+    )  # fmt: skip
+    assert record["dtype"] == "fp16" and record["precisions"] == ["fp16"]
+    assert record["fallback"].startswith("bf16: ") and "off by" in record["fallback"]
+    assert record["numerics"]["ok"]
+
+    monkeypatch.setattr(typing_module, "FP16_TOLERANCE", Tolerance(max_abs_error=0.0))
+    with pytest.raises(CompileError, match="misses its tolerance: fp16: "):
+        prepare_tensorrt_model(
+            build, target=load_target("rtx4090"), spec=model.spec, reference=reference,
+            tolerance=exact,
+        )  # fmt: skip
