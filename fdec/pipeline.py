@@ -113,8 +113,8 @@ class Pass(abc.ABC):
     #: Attention fusion may follow it by default (fuse-attention is not yet verified on the
     #: graphs of some quantizers).
     fusable: ClassVar[bool] = True
-    #: The Q/DQ precision it puts on weights and activations ("fp8", "int8"): a TensorRT
-    #: builder flag the engine needs. None for weight-only and float passes.
+    #: The Q/DQ precision it puts on weights and activations ("fp8", "int8"); None for
+    #: weight-only and float passes.
     qdq_precision: ClassVar[str | None] = None
     #: It zeroes weights (a sparsity mask) that later passes must keep zero.
     masks_weights: ClassVar[bool] = False
