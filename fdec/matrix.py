@@ -522,8 +522,8 @@ def _row_from_build(folder: pathlib.Path) -> dict[str, Any]:
         "top1_agreement": numeric.get("top1_agreement"),
         "estimated_decode_tok_s": (report.get("estimate") or {}).get("decode_tokens_per_s"),
         "measured_decode_tok_s": measured,
-        "engines": [
-            {"backend": e.get("backend"), "status": e.get("status")}
+        "engines": [  # "check": built to prove the graph compiles there, not shipped
+            {"backend": e.get("backend"), "status": e.get("status"), "purpose": e.get("purpose")}
             for e in report.get("engines") or []
             if e.get("status") != "not-applicable"
         ],
@@ -624,6 +624,7 @@ class _Board:
             "recipes": [recipe.name for recipe in matrix.recipes],
         }  # fmt: skip
         self.running = 0
+        self.active = "running"  # Ray: submitted tasks may wait for a free CPU
 
     def counts(self) -> dict[str, int]:
         statuses = [row["status"] for row in self.rows.values()]
@@ -632,7 +633,7 @@ class _Board:
     def line(self) -> str:
         c = self.counts()
         done = c["ok"] + c["up-to-date"] + c["failed"]
-        return f"{done}/{len(self.rows)} done, {self.running} running, {c['failed']} failed"
+        return f"{done}/{len(self.rows)} done, {self.running} {self.active}, {c['failed']} failed"
 
     def results(self) -> dict[str, Any]:
         from fdec.api import worst_exit_code
@@ -790,6 +791,7 @@ def _run_ray(
     # fdec's own (--json): they go to stderr with the progress lines.
     with contextlib.redirect_stdout(sys.stderr):
         ray = _start_ray(address, progress)
+        board.active = "running or queued"
         try:
             _schedule(ray, matrix, cells, board, progress)
         finally:
@@ -936,7 +938,10 @@ def _page_cell(row: Mapping[str, Any]) -> str:
             "decode est. " + _figure(est, f"{est or 0:,.0f} tok/s")
             + " · measured " + _figure(measured, f"{measured or 0:,.1f} tok/s"),
         ]  # fmt: skip
-        engines = ", ".join(f"{e['backend']} {e['status']}" for e in row.get("engines") or [])
+        engines = ", ".join(
+            f"{e['backend']} {e['status']}" + (" (check)" if e.get("purpose") == "check" else "")
+            for e in row.get("engines") or []
+        )
         if engines:
             lines.append(f"<small>{esc(engines)}</small>")
         lines.append(f"<a href='{esc(row['out'])}/report.html'>report</a>")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import signal
 import socket
@@ -45,12 +46,15 @@ def _outputs(folder: pathlib.Path) -> dict[str, dict]:
     return {name: info for name, info in outputs.items() if name not in _TIMED}
 
 
-def _fdec(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+_MAIN = "import sys; from fdec.cli import main; sys.argv[0] = 'fdec'; main()"
+
+
+def _fdec(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`fdec ARGS` in its own process, as a user runs it."""
-    code = "import sys; from fdec.cli import main; sys.argv[0] = 'fdec'; main()"
     return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout
-    )
+        [sys.executable, "-c", _MAIN, *args], capture_output=True, text=True, timeout=timeout,
+        env=env,
+    )  # fmt: skip
 
 
 def _free_port() -> int:
@@ -76,7 +80,9 @@ def _stop(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """A Ray head (`ray start --head`) and one extra worker node, one CPU each, on 127.0.0.1;
-    yields the GCS address. A short temp folder: Ray's socket paths must stay under 108 bytes."""
+    yields (GCS address, the environment a driver joins it with). The cluster has a token of
+    its own (Ray's token auth), so a token an earlier local ray.init() left in ~/.ray does not
+    matter. A short temp folder: Ray's socket paths must stay under 108 bytes."""
     pytest.importorskip("ray", reason="the ray extra: pip install 'fdec[ray]'")
     temp = pathlib.Path(tempfile.mkdtemp(prefix="fdr", dir="/tmp"))
     logs = tmp_path_factory.mktemp("ray-logs")
@@ -84,6 +90,8 @@ def ray_cluster(tmp_path_factory):
         os.environ,
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # a single-machine cluster: bind to loopback
         RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
         XDG_CACHE_HOME=str(logs / "xdg"),
         HF_HUB_OFFLINE="1",
     )
@@ -111,7 +119,7 @@ def ray_cluster(tmp_path_factory):
         )  # fmt: skip
         processes.append(worker)
         assert worker.stdout.readline().strip() == "started", (logs / "worker.log").read_text()
-        yield address
+        yield address, env
     finally:
         for process in reversed(processes):
             _stop(process)
@@ -145,7 +153,10 @@ def first_run(tiny, ray_cluster, tmp_path_factory):
     path = _write_matrix(root / "matrix.toml", tiny, TARGETS, RECIPES, out="builds",
                          cache_dir="cache")  # fmt: skip
     started = time.monotonic()
-    result = _fdec("matrix", str(path), "--executor", "ray", "--address", ray_cluster, "--json")
+    address, env = ray_cluster
+    result = _fdec(
+        "matrix", str(path), "--executor", "ray", "--address", address, "--json", env=env
+    )
     return root, result, time.monotonic() - started
 
 
@@ -193,8 +204,9 @@ def test_second_run_builds_nothing(first_run, ray_cluster):
     builds = root / "builds"
     manifests = {p: p.stat().st_mtime_ns for p in builds.rglob("fdec-build.json")}
     entries = sorted(p.name for p in (root / "cache" / "entries").iterdir())
+    address, env = ray_cluster
     again = _fdec("matrix", str(root / "matrix.toml"), "--executor", "ray", "--address",
-                  ray_cluster, "--json")  # fmt: skip
+                  address, "--json", env=env)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     outcome = json.loads(again.stdout)
     assert outcome["counts"] == {"ok": 0, "up-to-date": 6, "failed": 0, "pending": 0}
@@ -218,10 +230,10 @@ def test_killed_worker_cell_is_retried_and_completes(tiny, ray_cluster, first_ru
     root, _, _ = first_run
     path = _write_matrix(tmp_path / "matrix.toml", tiny, ["rtx4090"], {"int4": "int4"},
                          out="builds", cache_dir=str(root / "cache"))  # fmt: skip
-    code = "import sys; from fdec.cli import main; sys.argv[0] = 'fdec'; main()"
+    address, env = ray_cluster
     run = subprocess.Popen(
-        [sys.executable, "-c", code, "matrix", str(path), "--executor", "ray", "--address",
-         ray_cluster, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", _MAIN, "matrix", str(path), "--executor", "ray", "--address",
+         address, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     parent = tmp_path / "builds" / "tiny" / "rtx4090"
     deadline = time.monotonic() + 300
@@ -247,7 +259,9 @@ def test_killed_worker_cell_is_retried_and_completes(tiny, ray_cluster, first_ru
 
     assert verify_build(parent / "int4")["ok"] is True  # a whole build, every hash checked
     assert sorted(p.name for p in parent.iterdir()) == ["int4"]  # no staging left behind
-    assert row["engines"] == [{"backend": "tensorrt-rtx", "status": "built"}]
+    assert row["engines"] == [
+        {"backend": "tensorrt-rtx", "status": "built", "purpose": "deployable"}
+    ]
 
 
 def test_executor_ray_without_ray_says_how_to_install(tiny, tmp_path, cli_runner, monkeypatch):
