@@ -34,12 +34,15 @@ __all__ = [
     "merge",
     "parse_config",
     "parse_fraction",
+    "read_config_table",
     "render_docs",
     "suggest_key",
 ]
 
 CONFIG_FILE = "fdec.toml"
 PYPROJECT_FILE = "pyproject.toml"
+# A table `fdec matrix` reads (fdec.matrix checks it); `fdec compile` leaves it alone.
+MATRIX_TABLE = "matrix"
 
 
 def parse_fraction(value: Any) -> float:
@@ -266,15 +269,20 @@ def _pass_options(
     return checked
 
 
-def parse_config(data: Mapping[str, Any], source: pathlib.Path) -> Config:
-    """Check a config table (fdec.toml's top level or pyproject's [tool.fdec]) against SCHEMA."""
-    where = str(source) + (" [tool.fdec]" if source.name == PYPROJECT_FILE else "")
+def parse_config(
+    data: Mapping[str, Any], source: pathlib.Path, *, where: str | None = None
+) -> Config:
+    """Check a config table (fdec.toml's top level or pyproject's [tool.fdec]) against SCHEMA.
+    `where` names the table in errors (default: the file, and [tool.fdec] in a pyproject)."""
+    where = where or str(source) + (" [tool.fdec]" if source.name == PYPROJECT_FILE else "")
     prefix = "tool.fdec." if source.name == PYPROJECT_FILE else ""
     flat: dict[str, Any] = {}
 
     def walk(table: Mapping[str, Any], path: str) -> None:
         for name, value in table.items():
             dotted = f"{path}{name}"
+            if dotted == MATRIX_TABLE:
+                continue  # fdec matrix's table (fdec.matrix)
             if isinstance(value, dict) and dotted in _SECTIONS:
                 walk(value, dotted + ".")
             elif dotted in _BY_PATH:
@@ -308,8 +316,9 @@ def _read_toml(path: pathlib.Path) -> dict[str, Any]:
         raise InputError(f"{path} is not UTF-8 text", "save the config file as UTF-8") from None
 
 
-def load_config(path: pathlib.Path) -> Config:
-    """Read and check `path`: an fdec.toml-style file, or a pyproject.toml's [tool.fdec]."""
+def read_config_table(path: pathlib.Path) -> dict[str, Any]:
+    """fdec's table of `path`, unchecked: an fdec.toml's top level, or a pyproject's
+    [tool.fdec]."""
     path = pathlib.Path(path)
     data = _read_toml(path)
     if path.name == PYPROJECT_FILE:
@@ -319,7 +328,13 @@ def load_config(path: pathlib.Path) -> Config:
         if not isinstance(table, dict):
             raise UsageError(f"{path}: tool.fdec must be a table", "write [tool.fdec]")
         data = table
-    return parse_config(data, path.absolute())
+    return data
+
+
+def load_config(path: pathlib.Path) -> Config:
+    """Read and check `path`: an fdec.toml-style file, or a pyproject.toml's [tool.fdec]."""
+    path = pathlib.Path(path)
+    return parse_config(read_config_table(path), path.absolute())
 
 
 def discover_config(folder: pathlib.Path | None = None) -> Config | None:
@@ -362,7 +377,9 @@ def render_docs() -> str:
         "`fdec compile` reads `--config FILE`, else `fdec.toml` in the current directory, else "
         "the `[tool.fdec]` table of `./pyproject.toml`. Options given on the command line "
         "override the file. Unknown keys and wrong types are errors (exit 2) naming the key; "
-        "an unknown key names the nearest valid one. Relative paths are relative to the file.",
+        "an unknown key names the nearest valid one. Relative paths are relative to the file. "
+        "A `[matrix]` table (models × targets × recipes) is read by `fdec matrix` (README, "
+        '"Build matrices") and left alone by `fdec compile`.',
         "",
         "| key | type | `fdec compile` option | meaning |",
         "|---|---|---|---|",
