@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fdec.backends import choose_backend
+from fdec import backends
 from fdec.build import AtomicBuild
 from fdec.compile.draft import Draft, plan_draft
 from fdec.compile.front import Front
@@ -48,6 +48,7 @@ from fdec.student import distill_pruned
 
 __all__ = [
     "DEFAULT_MAX_PPL_INCREASE",
+    "DEFAULT_MAX_SEQ_LEN",
     "FP32_TOLERANCE",
     "INT8_DYNAMIC_ALPHA",
     "CompileOptions",
@@ -58,6 +59,12 @@ __all__ = [
     "default_quantize",
     "plan_pipeline",
 ]
+
+
+def choose_backend(asked: str | None, target: Any) -> str:
+    """The name of the backend a compile uses: `asked`, else the target's default (checked
+    against the registry, fdec.backends.choose_backend)."""
+    return backends.choose_backend(asked, target).name
 
 
 def compile_model(
