@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--export-cache", type=pathlib.Path, default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--rows", type=pathlib.Path, default=None, help="append each row as a JSON line here"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 
@@ -258,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             row[split] = scored["figures"]
         rows.append(row)
         print(f"{row['recipe']}: scored", file=sys.stderr)
+        if args.rows:  # a long run keeps what it measured even if stopped later
+            with args.rows.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
 
     for recipe in recipes:
         name, _, options = recipe.partition(":")
@@ -322,14 +328,13 @@ def main(argv: list[str] | None = None) -> int:
 def _gate(name: str, plan: Any) -> dict[str, Any] | None:
     """The default gate fdec applies to this recipe's builds (fdec.gates), as the report shows it."""
     tolerance = plan.tolerance
-    source = getattr(plan, "gate_source", None)
     if name == "none":
         return None
     return {
         "max_ppl_increase": tolerance.max_perplexity_increase,
         "min_top1": tolerance.min_top1_agreement,
         "max_abs_error": tolerance.max_abs_error,
-        "source": source,
+        "source": getattr(tolerance, "source", None),
     }
 
 
@@ -353,6 +358,9 @@ def _print_table(model: str, splits: list[str], rows: list[dict[str, Any]]) -> N
     for row in rows:
         if row["kept"]:
             print(f"{row['recipe']}: kept in higher precision: {', '.join(row['kept'])}")
+    for row in rows:
+        if row["gate"] and row["gate"]["source"]:
+            print(f"{row['recipe']}: {row['gate']['source']}")
 
 
 if __name__ == "__main__":
