@@ -934,8 +934,8 @@ def _quality_gate_error(
     worst = sensitivity[:_WORST_SHOWN]
     named = ", ".join(f"{row['unit']} (KL {row['kl']:.3g})" for row in worst)
     problem = (
-        f"quality gate failed: {verification['gate_failure']} on held text (perplexity "
-        f"{build / source - 1:+.1%}, --max-ppl-increase {limit:.1%})"
+        f"quality gate failed on held text: {verification['gate_failure']}"
+        f" (perplexity {build / source - 1:+.1%}, --max-ppl-increase {limit:.1%})"
         + (f"; most sensitive layers: {named}" if named else "")
     )
     fix = (

@@ -105,7 +105,9 @@ def test_a_broken_quantizer_fails_the_default_gate_with_exit_3(tiny_models, tmp_
     proc, out = _compile(tmp_path, model, "--quantize", "int4-rtn", "--target", "cpu", broken=True)
     assert proc.returncode == 3, proc.stderr
     outcome = json.loads(proc.stdout)
-    assert outcome["exit_code"] == 3 and outcome["error"].startswith("quality gate failed: ")
+    assert outcome["exit_code"] == 3 and outcome["error"].startswith(
+        "quality gate failed on held text: "
+    )
     assert outcome["gate"]["limit"] == GATES["int4-rtn"].max_ppl_increase
     assert not out.exists()
     # The same quantizer, unbroken, meets the same default gate; the report names its source.
