@@ -22,6 +22,7 @@ from fdec.calibrate import calibration_batches, calibration_cache, load_calibrat
 from fdec.errors import QualityGateError, UsageError, VerificationError
 from fdec.frontend.export import import_model, load_hf_model, load_tokenizer
 from fdec.frontend.source import default_cache_dir, resolve_source
+from fdec.gates import GateTolerance, default_gate
 from fdec.ir import FdecModel, GraphCounts, ModelSpec, release_freed_memory
 from fdec.lower import MODEL_FILE, RUNTIME_CONFIG, lower_onnxruntime
 from fdec.lower.engines import build_engines
@@ -592,13 +593,17 @@ def _build_tolerance(pipeline: list[Any], max_ppl_increase: float | None) -> Tol
         if max_ppl_increase is not None:
             return dataclasses.replace(FP32_TOLERANCE, max_perplexity_increase=max_ppl_increase)
         return FP32_TOLERANCE
-    return Tolerance(
-        max_abs_error=max(t.max_abs_error for t in lossy),
-        min_top1_agreement=min(t.min_top1_agreement for t in lossy),
-        max_perplexity_increase=(
-            DEFAULT_MAX_PPL_INCREASE if max_ppl_increase is None else max_ppl_increase
+    gate = default_gate(pipeline)  # a measured recipe's gate (fdec.gates), else the generic one
+    return GateTolerance(
+        max_abs_error=gate.max_logit_error if gate else max(t.max_abs_error for t in lossy),
+        min_top1_agreement=(
+            gate.min_top1_agreement if gate else min(t.min_top1_agreement for t in lossy)
         ),
+        max_perplexity_increase=max_ppl_increase
+        if max_ppl_increase is not None
+        else (gate.max_ppl_increase if gate else DEFAULT_MAX_PPL_INCREASE),
         greedy_identical=False,
+        source=gate.source() if gate else "generic gate (no measured recipe: fdec.gates)",
     )
 
 
@@ -804,11 +809,8 @@ def _verify(reference: Reference, session: OrtModel, tolerance: Tolerance) -> di
     }
     broken = tolerance.judge(numeric)
     failure = f"build differs from the source model: {broken}" if broken else None
-    if (
-        broken
-        and dataclasses.replace(tolerance, max_perplexity_increase=None).judge(numeric) is None
-    ):
-        result["gate"] = "max_perplexity_increase"  # only the quality gate failed: exit 3
+    if broken and not tolerance.greedy_identical:  # a lossy build missed its gate: exit 3
+        result["gate"], result["gate_failure"] = "max_perplexity_increase", broken
     if reference.kind == "decoder":
         greedy = reference.compare_greedy(session)
         result["greedy"] = greedy
@@ -930,8 +932,8 @@ def _quality_gate_error(
     worst = sensitivity[:_WORST_SHOWN]
     named = ", ".join(f"{row['unit']} (KL {row['kl']:.3g})" for row in worst)
     problem = (
-        f"quality gate failed: perplexity on held text grew {build / source - 1:.1%} "
-        f"({source:.2f} → {build:.2f}; --max-ppl-increase {limit:.1%})"
+        f"quality gate failed on held text: {verification['gate_failure']}"
+        f" (perplexity {build / source - 1:+.1%}, --max-ppl-increase {limit:.1%})"
         + (f"; most sensitive layers: {named}" if named else "")
     )
     fix = (
