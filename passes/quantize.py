@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 _MS_DOMAIN = "com.microsoft"
 _BLOCK_SIZES = (32, 64, 128)
 _NBITS = (4, 8)  # MatMulNBits bits quantize-int4 writes (8: the higher precision of a mix)
+_GRIDS = ("onnxruntime", "minmax")  # QuantizeInt4Pass.block_grid
 _QDQ_OPSET = 21  # blocked DequantizeLinear (block_size attribute) and INT4/UINT4 tensors
 
 
@@ -91,9 +92,12 @@ class _Int4Weight:
         return self._unpack(self.packed)[:, : self.k]
 
     def unpacked_zero_points(self) -> np.ndarray:
-        """Zero points as uint8 [N, k_blocks] (8 or 128 everywhere when symmetric)."""
+        """Zero points as uint8 [N, k_blocks] (8 or 128 everywhere when symmetric); float
+        zero points (grid "minmax") as they are, [N, k_blocks]."""
         if self.zero_points is None:
             return np.full((self.n, self.k_blocks), 1 << (self.bits - 1), dtype=np.uint8)
+        if self.zero_points.dtype.kind == "f":
+            return self.zero_points
         return self._unpack(self.zero_points)[:, : self.k_blocks]
 
     def dequantized(self) -> np.ndarray:
@@ -125,6 +129,54 @@ def _quantize_int4(
     weights = np.ascontiguousarray(array, dtype=np.float32)
     kernel(packed, weights, scales, zero_points, block_size, n, k, symmetric)
     return _Int4Weight(packed, scales, None if symmetric else zero_points, k, n, block_size, bits)
+
+
+def _quantize_minmax(
+    array: np.ndarray, block_size: int, symmetric: bool, bits: int = 4
+) -> _Int4Weight:
+    """Block quantization of a [K, N] float32 array on the grid GGUF's legacy formats use.
+
+    Asymmetric (Q4_1 / Q8_1): scale (max - min) / (2^bits - 1) and a *float* zero point
+    -min / scale (float16), so each block's own min and max are grid points (an integer zero
+    point moves the grid by up to half a step); MatMulNBits takes float16 zero points.
+    Symmetric (Q4_0-like / Q8_0): scale absmax / (2^(bits-1) - 1), codes ±(2^(bits-1) - 1)
+    around the implicit zero point. A weight that was dequantized from such blocks (a GGUF
+    source) is reproduced exactly, up to float rounding.
+    """
+    k, n = array.shape
+    k_blocks = -(-k // block_size)
+    if k % block_size:
+        padded = np.full((k_blocks * block_size, n), np.nan, dtype=np.float32)
+        padded[:k] = array
+    else:
+        padded = np.asarray(array, dtype=np.float32)
+    blocks = np.ascontiguousarray(padded.T).reshape(n, k_blocks, block_size)  # NaN past K
+    levels, half = (1 << bits) - 1, 1 << (bits - 1)
+    if symmetric:
+        scales = np.nanmax(np.abs(blocks), axis=-1) / (half - 1)
+        safe = np.where(scales > 0, scales, 1.0)[..., None]
+        codes = np.round(blocks / safe) + half
+        zero_points = None
+    else:
+        low, high = np.nanmin(blocks, axis=-1), np.nanmax(blocks, axis=-1)
+        scales = (high - low) / levels
+        safe = np.where(scales > 0, scales, 1.0)
+        codes = np.round((blocks - low[..., None]) / safe[..., None])
+        # stored as float16 (MatMulNBits takes them with float32 scales): 0.5 bit per weight
+        # at block 32 instead of 1, off by at most ~0.004 of a step for zero points up to 15
+        zero_points = (-low / safe).astype(np.float16).astype(np.float32)
+        scales = np.where(scales > 0, scales, 1.0)  # a constant block: code 0 is its value
+    codes = np.clip(np.nan_to_num(codes, nan=half), 0, levels).astype(np.uint8)
+    packed = codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return _Int4Weight(
+        np.ascontiguousarray(packed, dtype=np.uint8),
+        scales.astype(np.float32),
+        zero_points,
+        k,
+        n,
+        block_size,
+        bits,
+    )
 
 
 def _empty_stats() -> dict[str, Any]:
@@ -196,8 +248,19 @@ class QuantizeInt4Pass(Pass):
     # 0.5 bytes per parameter of one matrix.
     lm_head_bits: int | None = dataclasses.field(default=None, kw_only=True)
     share_tied_embedding: bool = dataclasses.field(default=False, kw_only=True)
+    # block_grid "onnxruntime": ONNX Runtime's RTN kernel (symmetric max/-8, asymmetric with
+    # integer zero points). "minmax": `_quantize_minmax`, the grid of GGUF's Q4_1 (asymmetric,
+    # float zero points) and Q8_0 (symmetric); a shared tied table is then rounded symmetric.
+    # MatMulNBits only ("onnxruntime" backend).
+    block_grid: str = dataclasses.field(default="onnxruntime", kw_only=True)
 
     def __post_init__(self) -> None:
+        grid = self.block_grid
+        if grid not in _GRIDS or (grid == "minmax" and self.backend != "onnxruntime"):
+            raise UsageError(
+                f"{self.name} block_grid {grid!r} is not supported for backend {self.backend}",
+                f"use one of {', '.join(_GRIDS)} (minmax: backend onnxruntime only)",
+            )
         for option in ("bits", "lm_head_bits"):
             value = getattr(self, option)
             if value not in _NBITS and not (option == "lm_head_bits" and value is None):
@@ -291,9 +354,35 @@ class QuantizeInt4Pass(Pass):
 
     def _round(self, weight: _Weight) -> _Int4Weight:
         """The codes and scales of one weight, rounded to nearest."""
+        if (
+            self.block_grid == "minmax"
+        ):  # a shared tied table must be symmetric (GatherBlockQuantized)
+            symmetric = self.symmetric or bool(weight.gathers)
+            return _quantize_minmax(
+                weight.array, self._block_size_of(weight), symmetric, self._bits_of(weight)
+            )
         return _quantize_int4(
             weight.array, self._block_size_of(weight), self.symmetric, self._bits_of(weight)
         )
+
+    def _source_grid(self, weight: _Weight) -> _Int4Weight | None:
+        """The weight's codes on a block grid it already sits on, or None: a weight dequantized
+        from GGUF Q4_1 (asymmetric) or Q8_0 (symmetric) blocks of this pass's block size is
+        reproduced by `_quantize_minmax` within 1 % of a step everywhere (SmolLM2's layers are
+        Q4_1, its tied table Q8_0). A shared tied table is tried symmetric only."""
+        if weight.array.size == 0:
+            return None
+        block, bits = self._block_size_of(weight), self._bits_of(weight)
+        for symmetric in (True,) if weight.gathers else (False, True):
+            rounded = _quantize_minmax(weight.array, block, symmetric, bits)
+            error = np.abs(rounded.dequantized().T - weight.array)  # [K, N]
+            k_blocks = rounded.k_blocks
+            padded = np.zeros((k_blocks * block, rounded.n), dtype=np.float32)
+            padded[: rounded.k] = error
+            worst = padded.reshape(k_blocks, block, rounded.n).max(axis=1)  # [k_blocks, N]
+            if np.all(worst <= 0.01 * rounded.scales.T + 1e-12):
+                return rounded
+        return None
 
     def _bits_of(self, weight: _Weight) -> int:
         return self.lm_head_bits if weight.head and self.lm_head_bits else self.bits
@@ -312,8 +401,10 @@ class QuantizeInt4Pass(Pass):
         )
         zero_points = None
         if q.zero_points is not None:
+            zp = q.zero_points  # float zero points (grid "minmax") are stored as float16
+            zp = zp.astype(np.float16) if zp.dtype.kind == "f" else zp
             zero_points = _add_initializer(
-                graph, _fresh_name(graph, f"{base}_zero_points", taken), ir.tensor(q.zero_points)
+                graph, _fresh_name(graph, f"{base}_zero_points", taken), ir.tensor(zp)
             )
         attributes = {"K": q.k, "N": q.n, "bits": q.bits, "block_size": q.block_size}
         if self.accuracy_level:

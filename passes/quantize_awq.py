@@ -378,6 +378,10 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
     # "nearest": RTN codes of the scaled (and clipped) weights. "gptq": the same scales, codes
     # chosen by GPTQ's error feedback on the calibration activations' XᵀX (`gptq_hessian`
     # "all": over every calibration token; "searched": over the max_rows searched rows).
+    # Weights already on a block grid of this block size (a GGUF source's Q4_1 / Q8_0 blocks,
+    # `_source_grid`) keep it exactly (float16 zero points) instead of being scaled and
+    # rounded again; their groups are not searched.
+    keep_source_grid: bool = dataclasses.field(default=True, kw_only=True)
     rounding: str = dataclasses.field(default="nearest", kw_only=True)
     gptq_hessian: str = dataclasses.field(default="all", kw_only=True)
     gptq_damping: float = dataclasses.field(default=0.01, kw_only=True)
@@ -390,6 +394,12 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             raise UsageError(
                 f"{self.name} searches 4-bit scales; bits {self.bits} is not supported",
                 "use quantize-int4 with bits=8 (8-bit RTN needs no activation-aware scales)",
+            )
+        if self.block_grid != "onnxruntime":  # AWQ's scaling moves weights off any source grid
+            raise UsageError(
+                f"{self.name} rounds on ONNX Runtime's grid; block_grid {self.block_grid!r} is "
+                "for quantize-int4",
+                "use --quantize int4-rtn with quantize-int4.block_grid=minmax",
             )
         for option in ("grid", "max_rows"):
             value = getattr(self, option)
@@ -435,7 +445,17 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
     def call(self, model: FdecModel) -> PassResult:
         weights, skipped = _collect(model, self.include_lm_head, self.share_tied_embedding)
         rtn_only: collections.Counter[str] = collections.Counter()
+        on_grid = 0
+        for weight in weights if self.keep_source_grid else ():
+            weight.quantized = self._source_grid(weight)
+            on_grid += weight.quantized is not None
         groups = _group_by_activation(weights, rtn_only)
+        if on_grid:  # groups whose weights all keep their grid need no calibration
+            kept = [g for g in groups if all(w.quantized is not None for w in g.weights)]
+            rtn_only["on the source's block grid (kept exactly)"] += sum(
+                len(g.weights) for g in kept
+            )
+            groups = [g for g in groups if not any(g is k for k in kept)]
         calibration = self._calibrate(model, groups) if groups else {}
         release_freed_memory()  # the capture's activations and session are gone
         if groups and not any(group.activation.name in calibration for group in groups):
@@ -466,6 +486,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             "scales_inserted": counts["scales_inserted"],
             "weights_clipped": counts["weights_clipped"],
             "rtn_only": dict(rtn_only),
+            "source_grid_kept": on_grid,
             "mean_error_reduction": float(np.mean(reductions)) if reductions else 0.0,
             "groups": report,
         }

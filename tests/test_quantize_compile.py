@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from fdec.cli import cli
+from fdec.gates import GATES
 from fdec.lower.tensorrt_rtx import available as rtx_available
 from fdec.pipeline import Tolerance
 
@@ -74,7 +75,10 @@ def test_int4_build_is_matmulnbits_smaller_and_verified(tiny_models, tmp_path, c
     verification = report["verification"]
     assert verification["ok"] is True
     assert verification["tolerance"]["greedy_identical"] is False
-    assert verification["tolerance"]["max_perplexity_increase"] == 1.0
+    # int4 = int4-rtn here: its measured default gate (fdec.gates), not the generic +100 %
+    assert verification["tolerance"]["max_perplexity_increase"] == (
+        GATES["int4-rtn"].max_ppl_increase
+    )
     numeric = verification["numeric"]
     assert numeric["perplexity_build"] <= 2.0 * numeric["perplexity_source"]
     stats = report["passes"][names.index("quantize-int4")]["stats"]

@@ -23,6 +23,7 @@ from fdec import passes as fdec_passes
 from fdec.backends import get_backend
 from fdec.calibrate import calibration_batches, load_calibration_texts
 from fdec.errors import UsageError
+from fdec.gates import GateTolerance, default_gate
 from fdec.lower.hf_checkpoint import check_quantize
 from fdec.passes.prune import parse_prune
 from fdec.pipeline import EXACT, PassManager, Tolerance
@@ -214,13 +215,17 @@ def _build_tolerance(pipeline: list[Any], max_ppl_increase: float | None) -> Tol
         if max_ppl_increase is not None:
             return dataclasses.replace(FP32_TOLERANCE, max_perplexity_increase=max_ppl_increase)
         return FP32_TOLERANCE
-    return Tolerance(
-        max_abs_error=max(t.max_abs_error for t in lossy),
-        min_top1_agreement=min(t.min_top1_agreement for t in lossy),
-        max_perplexity_increase=(
-            DEFAULT_MAX_PPL_INCREASE if max_ppl_increase is None else max_ppl_increase
+    gate = default_gate(pipeline)  # a measured recipe's gate (fdec.gates), else the generic one
+    return GateTolerance(
+        max_abs_error=gate.max_logit_error if gate else max(t.max_abs_error for t in lossy),
+        min_top1_agreement=(
+            gate.min_top1_agreement if gate else min(t.min_top1_agreement for t in lossy)
         ),
+        max_perplexity_increase=max_ppl_increase
+        if max_ppl_increase is not None
+        else (gate.max_ppl_increase if gate else DEFAULT_MAX_PPL_INCREASE),
         greedy_identical=False,
+        source=gate.source() if gate else "generic gate (no measured recipe: fdec.gates)",
     )
 
 

@@ -17,7 +17,7 @@ import onnx
 import onnx.numpy_helper
 import onnx_ir as ir
 import pytest
-from exported import export_tiny, load, matmul_weights, op_counts, run_pass
+from exported import dump, export_tiny, load, matmul_weights, op_counts, run_pass
 from graphs import ir_model, run_ort, tiny_spec
 
 import fdec.passes.quantize as quantize
@@ -371,6 +371,7 @@ def test_int4_options_are_checked_and_keyword_only():
         "bits": 4,
         "lm_head_bits": None,
         "share_tied_embedding": False,
+        "block_grid": "onnxruntime",
     }
 
 
@@ -789,3 +790,50 @@ def test_8_bit_weights_pack_one_code_a_byte_within_half_a_step(llama, backend):
     int4_model, _ = run_pass(QuantizeInt4Pass(), llama.cleaned())
     int4 = llama.reference.compare(session_for_model(int4_model))
     assert figures["max_abs_error"] < int4["max_abs_error"] / 4  # 16× finer steps
+
+
+# --- block_grid "minmax": the grid of GGUF's Q4_1 / Q8_0 blocks -------------------------------
+
+
+def _on_q4_1_grid(array: np.ndarray, seed: int) -> np.ndarray:
+    """`array` [N, K] (torch layout) rounded as GGUF Q4_1 does: blocks of 32 along K, scale
+    (max - min) / 15 and an arbitrary float minimum per block."""
+    blocks = array.reshape(array.shape[0], -1, 32).astype(np.float64)
+    low = blocks.min(-1, keepdims=True) + np.random.default_rng(seed).normal(0, 0.01, (1, 1, 1))
+    step = (blocks.max(-1, keepdims=True) - low) / 15
+    return (np.round((blocks - low) / step) * step + low).reshape(array.shape).astype(np.float32)
+
+
+def test_int4_minmax_grid_reproduces_q4_1_weights_where_integer_zero_points_cannot():
+    model, arrays = _small_model()
+    for name in ("w", "v"):
+        grid = _on_q4_1_grid(arrays[name], seed=len(name))
+        model.graph.initializers[name].const_value = ir.tensor(grid, name=name)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}
+    before = run_ort(model.model, feeds)
+    integer, _ = run_pass(
+        QuantizeInt4Pass(symmetric=False),
+        load(dump(model), ModelSpec.from_dict(model.spec.to_dict())),
+    )
+    exact, record = run_pass(QuantizeInt4Pass(symmetric=False, block_grid="minmax"), model)
+
+    assert record.stats["matmuls_quantized"] == 3
+    node = exact.graph.initializers[exact.spec.weights["layers.0.q"]].uses()[0].node
+    assert node.op_type == "MatMulNBits" and node.inputs[3].dtype == ir.DataType.FLOAT16
+    y_int, z_int, _ = run_ort(integer.model, feeds)
+    y, z, r = run_ort(exact.model, feeds)
+    for want, got, rounded in ((before[0], y, y_int), (before[1], z, z_int)):
+        assert np.abs(got - want).max() < 1e-2  # the source's own grid (float16 zero points)
+        assert np.abs(rounded - want).max() > 50 * np.abs(got - want).max()
+    assert np.abs(r - before[2]).max() > 1e-3  # u2 is not on a grid: rounded as usual
+
+
+def test_int4_minmax_grid_is_for_matmulnbits_and_plain_rtn():
+    with pytest.raises(UsageError, match=r"block_grid 'minmax'.*backend tensorrt"):
+        QuantizeInt4Pass(block_grid="minmax", backend="tensorrt")
+    with pytest.raises(UsageError, match="block_grid 'other'"):
+        QuantizeInt4Pass(block_grid="other")
+    from fdec.passes.quantize_awq import QuantizeInt4AwqPass
+
+    with pytest.raises(UsageError, match="int4-rtn"):
+        QuantizeInt4AwqPass(block_grid="minmax")

@@ -197,9 +197,11 @@ def test_awq_options_are_checked_and_calibration_is_required():
         "bits": 4,
         "lm_head_bits": None,
         "share_tied_embedding": False,
+        "block_grid": "onnxruntime",
         "grid": 20,
         "max_rows": 512,
         "clip": True,
+        "keep_source_grid": True,
         "rounding": "nearest",
         "gptq_hessian": "all",
         "gptq_damping": 0.01,
@@ -223,6 +225,34 @@ def test_weights_without_calibration_rows_get_plain_rtn():
     assert not any(node.name.endswith("_AWQ") for node in model.graph)
     with pytest.raises(CompileError, match="none of the 2 activations"):
         QuantizeInt4AwqPass(activations={"old/n": partial["n"]})(_outlier_model()[0])
+
+
+def _on_q4_1_grid(array: np.ndarray) -> np.ndarray:
+    """A [K, N] array rounded as GGUF Q4_1 does: blocks of 32 along K, scale (max - min) / 15."""
+    blocks = array.T.reshape(array.shape[1], -1, 32).astype(np.float64)
+    low, high = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
+    step = (high - low) / 15
+    grid = np.round((blocks - low) / step) * step + low
+    return grid.reshape(array.shape[1], -1).T.astype(np.float32)
+
+
+def test_weights_on_a_q4_1_grid_keep_it_exactly_and_are_not_searched():
+    model, arrays = _outlier_model()
+    model.graph.initializers["w1"].const_value = ir.tensor(_on_q4_1_grid(arrays["w1"]), name="w1")
+    feeds = {"x": _outlier_inputs(2, 8)}
+    before = run_ort(model.model, feeds)
+
+    # w1 (read through n) sits on the grid; w2 does not and is searched with x's calibration.
+    model, record = run_pass(QuantizeInt4AwqPass(activations=_calibration(arrays)), model)
+
+    assert record.stats["source_grid_kept"] == 1 and record.stats["groups_searched"] == 1
+    assert record.stats["rtn_only"] == {"on the source's block grid (kept exactly)": 1}
+    y, z = run_ort(model.model, feeds)
+    # w1 within float16 zero points' ~1 % of a step; w2 rounded to 4 bits
+    assert _relative_error(y, before[0]) < _relative_error(z, before[1]) / 100
+    off = QuantizeInt4AwqPass(activations=_calibration(arrays), keep_source_grid=False)
+    _, searched = run_pass(off, _outlier_model()[0])
+    assert searched.stats["source_grid_kept"] == 0 and searched.stats["groups_searched"] == 2
 
 
 # --- the tiny llama ---------------------------------------------------------------------------

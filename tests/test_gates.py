@@ -1,0 +1,165 @@
+"""fdec's evaluation corpus (two balanced splits sharing no text) and the default quality gates
+measured on it: each recipe gets its own, and a broken quantizer fails it with exit code 3."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fdec.compile import DEFAULT_MAX_PPL_INCREASE, plan_pipeline
+from fdec.gates import CORPUS_KINDS, GATES, SPLITS, corpus, recipe_of
+from fdec.targets import load_target
+
+
+def _words(documents):
+    counts = dict.fromkeys(CORPUS_KINDS, 0)
+    for kind, text in documents:
+        counts[kind] += len(text.split())
+    return counts
+
+
+def test_both_splits_hold_every_kind_balanced():
+    tune, held_out = (_words(corpus(split)) for split in SPLITS)
+    for counts in (tune, held_out):
+        assert set(counts) == set(CORPUS_KINDS) and len(CORPUS_KINDS) >= 6
+        # ~420-480 SmolLM2 tokens per kind and split (benchmarks/quality.py prints the counts)
+        assert min(counts.values()) >= 150, counts
+        assert max(counts.values()) <= 2.2 * min(counts.values()), counts
+    for kind in CORPUS_KINDS:
+        assert 0.7 <= tune[kind] / held_out[kind] <= 1.4, kind
+    # ≥ 5,000 SmolLM2 tokens in all: 5,358 measured; words are ~0.7 of them for this text
+    assert sum(tune.values()) + sum(held_out.values()) >= 3500
+
+
+def test_splits_share_no_text_with_each_other_or_the_held_and_calibration_text():
+    data = importlib.resources.files("fdec").joinpath("data")
+    others = [data.joinpath("held.txt").read_text()]
+    others += [p.read_text() for p in data.joinpath("calib").iterdir() if p.name.endswith(".txt")]
+    lines = {
+        split: {line.strip() for _, text in corpus(split) for line in text.splitlines()}
+        for split in SPLITS
+    }
+    long_lines = {
+        split: {line for line in found if len(line) > 40} for split, found in lines.items()
+    }
+    assert not long_lines["tune"] & long_lines["eval"]
+    for other in others:
+        other_lines = {line.strip() for line in other.splitlines() if len(line.strip()) > 40}
+        assert not (long_lines["tune"] | long_lines["eval"]) & other_lines
+
+
+def test_unknown_split_is_refused():
+    with pytest.raises(ValueError, match="unknown corpus split"):
+        corpus("test")
+
+
+# --- default gates --------------------------------------------------------------------------
+
+_BROKEN_FDEC = '''
+import dataclasses, sys
+
+import fdec.passes
+from fdec.passes.quantize import QuantizeInt4Pass
+
+
+@dataclasses.dataclass
+class BrokenScalesPass(QuantizeInt4Pass):
+    """quantize-int4 with every stored scale 10x too large: the bug class the gate must catch."""
+
+    def _round(self, weight):
+        rounded = super()._round(weight)
+        return dataclasses.replace(rounded, scales=rounded.scales * 10.0)
+
+
+fdec.passes.REGISTRY["quantize-int4"] = BrokenScalesPass
+from fdec.cli import cli
+
+cli(sys.argv[1:], prog_name="fdec")
+'''
+
+
+def _compile(tmp_path, model, *options, broken=False):
+    out = tmp_path / ("broken" if broken else "build")
+    command = ["compile", str(model), "-o", str(out), "--json", "--no-cache", *options]
+    if broken:
+        script = tmp_path / "broken_fdec.py"
+        script.write_text(_BROKEN_FDEC)
+        command = [sys.executable, str(script), *command]
+    else:
+        command = [
+            sys.executable,
+            "-c",
+            "from fdec.cli import cli; cli(prog_name='fdec')",
+            *command,
+        ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+def test_a_broken_quantizer_fails_the_default_gate_with_exit_3(tiny_models, tmp_path):
+    model = tiny_models("llama")
+    proc, out = _compile(tmp_path, model, "--quantize", "int4-rtn", "--target", "cpu", broken=True)
+    assert proc.returncode == 3, proc.stderr
+    outcome = json.loads(proc.stdout)
+    assert outcome["exit_code"] == 3 and outcome["error"].startswith(
+        "quality gate failed on held text: "
+    )
+    assert outcome["gate"]["limit"] == GATES["int4-rtn"].max_ppl_increase
+    assert not out.exists()
+    # The same quantizer, unbroken, meets the same default gate; the report names its source.
+    proc, out = _compile(tmp_path, model, "--quantize", "int4-rtn", "--target", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    tolerance = json.loads((out / "report.json").read_text())["verification"]["tolerance"]
+    gate = GATES["int4-rtn"]
+    assert tolerance["max_perplexity_increase"] == gate.max_ppl_increase
+    assert tolerance["min_top1_agreement"] == gate.min_top1_agreement
+    assert tolerance["max_abs_error"] == gate.max_logit_error
+    assert tolerance["source"] == gate.source() and "benchmarks/quality.py" in gate.source()
+
+
+@pytest.mark.parametrize(
+    ("quantize", "target", "recipe"),
+    [
+        ("int4-rtn", "cpu", "int4-rtn"),
+        ("int4-awq", "cpu", "int4-awq"),
+        ("int4-awq-mixed", "cpu", "int4-awq-mixed"),
+        ("int8", "cpu", "int8-dynamic"),
+        ("int8", "h100", "int8-smoothquant"),
+        ("fp8", "h100", "fp8"),
+    ],
+)
+def test_each_measured_recipe_gets_its_own_gate(quantize, target, recipe):
+    plan = plan_pipeline(target=load_target(target), backend="onnxruntime", quantize=quantize)
+    assert recipe_of(plan.pipeline) == recipe
+    if recipe not in GATES:  # not measured yet: the generic gate, saying so
+        assert plan.tolerance.max_perplexity_increase == DEFAULT_MAX_PPL_INCREASE
+        assert plan.tolerance.source.startswith("generic gate")
+        return
+    gate = GATES[recipe]
+    assert plan.tolerance.max_perplexity_increase == gate.max_ppl_increase
+    assert plan.tolerance.min_top1_agreement == gate.min_top1_agreement
+    assert plan.tolerance.source == gate.source()
+    # Stricter than the generic gate it replaces, and derived from a measured figure.
+    assert gate.ppl_increase < gate.max_ppl_increase < DEFAULT_MAX_PPL_INCREASE
+    # An explicit --max-ppl-increase wins over the default.
+    asked = plan_pipeline(
+        target=load_target(target), backend="onnxruntime", quantize=quantize, max_ppl_increase=0.5
+    )
+    assert asked.tolerance.max_perplexity_increase == 0.5
+
+
+def test_unmeasured_combinations_keep_the_generic_gate():
+    cpu = load_target("cpu")
+    for options in (
+        {"quantize": "int4-awq", "kv_dtype": "int8"},  # a quantized KV cache: not measured
+        {"quantize": "int4", "pass_options": {"quantize-int4": {"lm_head_bits": 4}}},
+        {"quantize": "int4", "keep_fp": 1},
+    ):
+        plan = plan_pipeline(target=cpu, backend="onnxruntime", **options)
+        assert recipe_of(plan.pipeline) is None, options
+        assert plan.tolerance.max_perplexity_increase == DEFAULT_MAX_PPL_INCREASE
+        assert plan.tolerance.source.startswith("generic gate")
