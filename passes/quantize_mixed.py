@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from fdec.calibrate import checked_batches
-from fdec.errors import EXIT_DOES_NOT_FIT, UsageError, VerificationError
+from fdec.errors import EXIT_QUALITY_GATE, UsageError, VerificationError
 from fdec.ir import FdecModel
 from fdec.passes.weights import collect_weights as _collect
 from fdec.pipeline import Pass, PassResult, Tolerance
@@ -69,7 +69,7 @@ _SHARED_INT4_OPTIONS = ("block_size", "backend", "accuracy_level", "include_lm_h
 # the static quantizers, which the CPU runs only at "basic": DESIGN.md) at this level.
 _ORT_LEVEL = "basic"
 # Exit code of a budget no mix can meet: the quantized build does not fit the quality budget.
-_EXIT_OVER_BUDGET = EXIT_DOES_NOT_FIT  # 3
+_EXIT_OVER_BUDGET = EXIT_QUALITY_GATE  # 3: a missed perplexity budget is a quality gate
 # The bounds every weight quantizer of fdec declares; the class-level answer of `tolerance`.
 _WEIGHT_QUANTIZER_TOLERANCE = Tolerance(max_abs_error=25.0, min_top1_agreement=0.45)
 

@@ -242,6 +242,7 @@ def test_bert_encoder_builds(tmp_path_factory, tmp_path):
 def test_deferred_engine_is_finished_by_build_engine(llama, tmp_path, cli_runner):
     """Compiled where tensorrt-rtx is missing: the engine is deferred with its profiles; later
     `fdec build-engine` builds it from the same strongly typed model and updates the report."""
+    from fdec.build import write_manifest
     from fdec.cli import cli
     from fdec.lower.engines import build_engines
     from fdec.targets import load_target
@@ -262,6 +263,7 @@ def test_deferred_engine_is_finished_by_build_engine(llama, tmp_path, cli_runner
     assert record["typed_model"]["dtype"] == "bf16"  # sm 8.9 has bf16
     assert not (build / "engines/tensorrt-rtx" / ENGINE_FILE).exists()
     (build / "report.json").write_text(json.dumps({"engines": records}))
+    write_manifest(build, {})  # build-engine finishes fdec builds only (fdec.build.MANIFEST)
 
     result = cli_runner.invoke(cli, ["build-engine", str(build), "--json"])
     assert result.exit_code == 0, result.output + result.stderr
