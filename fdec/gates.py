@@ -111,7 +111,7 @@ class Gate:
 
 
 # Measured figures (benchmarks/quality.py rows; the README's quality table). int4-awq: the
-# worse of AWQ proper (keep_source_grid=false: what a model not quantized before gets) and
+# worse of AWQ proper (the default, keep_source_grid=false: what a model not quantized before gets) and
 # SmolLM2's own Q4_1 grid kept (+0.01 %). int4-awq-mixed is not measured yet (its run did not
 # fit the machine's time): it keeps the generic gate, as any recipe missing here.
 GATES: dict[str, Gate] = {

@@ -380,8 +380,10 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
     # "all": over every calibration token; "searched": over the max_rows searched rows).
     # Weights already on a block grid of this block size (a GGUF source's Q4_1 / Q8_0 blocks,
     # `_source_grid`) keep it exactly (float16 zero points) instead of being scaled and
-    # rounded again; their groups are not searched.
-    keep_source_grid: bool = dataclasses.field(default=True, kw_only=True)
+    # rounded again; their groups are not searched. Off by default: ONNX Runtime's MatMulNBits
+    # with float16 zero points decodes SmolLM2 at 9.2 tok/s against 86.0 for the symmetric
+    # default (benchmarks/decode.py, same run, 2026-12-04): a quality option, not a default.
+    keep_source_grid: bool = dataclasses.field(default=False, kw_only=True)
     rounding: str = dataclasses.field(default="nearest", kw_only=True)
     gptq_hessian: str = dataclasses.field(default="all", kw_only=True)
     gptq_damping: float = dataclasses.field(default=0.01, kw_only=True)

@@ -201,7 +201,7 @@ def test_awq_options_are_checked_and_calibration_is_required():
         "grid": 20,
         "max_rows": 512,
         "clip": True,
-        "keep_source_grid": True,
+        "keep_source_grid": False,
         "rounding": "nearest",
         "gptq_hessian": "all",
         "gptq_damping": 0.01,
@@ -243,14 +243,15 @@ def test_weights_on_a_q4_1_grid_keep_it_exactly_and_are_not_searched():
     before = run_ort(model.model, feeds)
 
     # w1 (read through n) sits on the grid; w2 does not and is searched with x's calibration.
-    model, record = run_pass(QuantizeInt4AwqPass(activations=_calibration(arrays)), model)
+    kept = QuantizeInt4AwqPass(activations=_calibration(arrays), keep_source_grid=True)
+    model, record = run_pass(kept, model)
 
     assert record.stats["source_grid_kept"] == 1 and record.stats["groups_searched"] == 1
     assert record.stats["rtn_only"] == {"on the source's block grid (kept exactly)": 1}
     y, z = run_ort(model.model, feeds)
     # w1 within float16 zero points' ~1 % of a step; w2 rounded to 4 bits
     assert _relative_error(y, before[0]) < _relative_error(z, before[1]) / 100
-    off = QuantizeInt4AwqPass(activations=_calibration(arrays), keep_source_grid=False)
+    off = QuantizeInt4AwqPass(activations=_calibration(arrays))  # the default: off
     _, searched = run_pass(off, _outlier_model()[0])
     assert searched.stats["source_grid_kept"] == 0 and searched.stats["groups_searched"] == 2
 
