@@ -111,11 +111,11 @@ def _hessians(
     model: FdecModel, batches: Sequence[np.ndarray], names: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """XᵀX (float64 [K, K]) of each named activation over the calibration batches."""
-    from fdec.calibrate import ActivationRunner as _Runner
+    from fdec.calibrate import ActivationRunner
 
     names = list(dict.fromkeys(names))
     sums: dict[str, np.ndarray] = {}
-    runner = _Runner(model, names)
+    runner = ActivationRunner(model, names)
     try:
         for ids in batches:
             for name, array in runner.run(np.asarray(ids)).items():

@@ -346,7 +346,7 @@ def test_calibration_sessions_read_large_weights_from_the_models_own_arrays(monk
     batches = [np.array([[1, 4, 4, 9]])]
     # Every float weight counts as large here (SmolLM2's are 1 MB and more).
     monkeypatch.setattr(calibrate, "_IN_MEMORY_MIN_BYTES", 0)
-    runner = calibrate._Runner(model, ["h", "y"])
+    runner = calibrate.ActivationRunner(model, ["h", "y"])
     try:
         pinned = runner.session.fdec_initializers
         assert set(pinned) == {"table", "gain", "w"}
