@@ -28,6 +28,7 @@ from fdec.backends import backend_names, get_backend
 from fdec.errors import UsageError
 from fdec.ir import FdecModel, shared_kv_layers
 from fdec.passes.cleanup import FoldConstantsPass
+from fdec.passes.weights import add_initializer
 from fdec.pipeline import EXACT, Pass, PassResult
 
 __all__ = ["FUSED_ATTENTION_OPS", "FuseAttentionPass"]
@@ -237,14 +238,7 @@ def _constant_rotary_caches(model: FdecModel) -> int:
                 while name in graph.initializers:
                     name = "_" + name
                 tensor = ir.tensor(function(angles).astype(dtype), name=name)
-                value = ir.Value(
-                    name=name,
-                    shape=ir.Shape(tensor.shape),
-                    type=ir.TensorType(tensor.dtype),
-                    const_value=tensor,
-                )
-                graph.register_initializer(value)
-                tables.append(value)
+                tables.append(add_initializer(graph, name, tensor))
             made[key] = (tables[0], tables[1])
         node.replace_input_with(7, made[key][0])
         node.replace_input_with(8, made[key][1])

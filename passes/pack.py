@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from fdec.ir import FdecModel
+from fdec.passes.weights import add_initializer
 from fdec.pipeline import EXACT, Pass, PassResult
 
 __all__ = ["PackQkvPass"]
@@ -138,15 +139,7 @@ def _packed_name(graph: ir.Graph, q_name: str) -> str:
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(tensor.shape),
-        type=ir.TensorType(tensor.dtype),
-        const_value=tensor,
-    )
-    graph.register_initializer(value)
-    return value
+    return add_initializer(graph, name, ir.tensor(np.ascontiguousarray(array), name=name))
 
 
 def _pack(graph: ir.Graph, projections: list[_Projection]) -> tuple[ir.Value, ir.Value]:
