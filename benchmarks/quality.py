@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnx_ir as ir
     import transformers
 
-    from fdec.cli import _parse_pass_options
+    from fdec.cli import parse_pass_options
     from fdec.compile import choose_backend, plan_pipeline
     from fdec.frontend.export import load_tokenizer
     from fdec.frontend.source import default_cache_dir, resolve_source
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             target=target,
             backend=choose_backend("onnxruntime", target),
             quantize=quantize,
-            pass_options=_parse_pass_options(tuple(filter(None, options.split(";")))),
+            pass_options=parse_pass_options(tuple(filter(None, options.split(";")))),
         )
         if plan.calibrating:
             plan.attach_calibration(tokenizer, spec.vocab_size)

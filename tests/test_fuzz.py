@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import fdec.compile
 from fdec.calibrate import load_calibration_texts
-from fdec.cli import _FRACTION, cli
+from fdec.cli import FRACTION, cli
 from fdec.errors import EXIT_USAGE, FdecError, InputError, UsageError
 from fdec.frontend.source import resolve_source
 from fdec.passes import REGISTRY, parse_pass_list
@@ -41,7 +41,7 @@ def _one_line(error: BaseException) -> None:
 @given(st.one_of(_TEXT, st.floats().map(str), st.floats().map(lambda f: f"{f}%")))
 def test_max_ppl_increase_is_a_finite_fraction_or_a_usage_error(text):
     try:
-        value = _FRACTION.convert(text, None, None)
+        value = FRACTION.convert(text, None, None)
     except click.BadParameter as err:
         _one_line(err)
         return
@@ -51,11 +51,11 @@ def test_max_ppl_increase_is_a_finite_fraction_or_a_usage_error(text):
 
 
 def test_max_ppl_increase_examples():
-    assert _FRACTION.convert("3%", None, None) == pytest.approx(0.03)
-    assert _FRACTION.convert("0.03", None, None) == 0.03
+    assert FRACTION.convert("3%", None, None) == pytest.approx(0.03)
+    assert FRACTION.convert("0.03", None, None) == 0.03
     for bad in ("nan", "inf", "1e999%", "-1%", "three"):
         with pytest.raises(click.BadParameter):
-            _FRACTION.convert(bad, None, None)
+            FRACTION.convert(bad, None, None)
 
 
 # --- --passes -----------------------------------------------------------------------------------

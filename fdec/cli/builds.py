@@ -1,0 +1,163 @@
+"""Commands on a finished build: report, diff, verify, build-engine, bench."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import click
+
+from fdec.cli.app import Context, cli, fail, quiet_libraries
+from fdec.errors import EXIT_FAILURE, FdecError, InputError
+
+__all__ = [
+    "bench_command",
+    "build_engine_command",
+    "diff_command",
+    "report_command",
+    "verify_command",
+]
+
+
+@cli.command("report")
+@click.argument("build", type=click.Path(path_type=pathlib.Path))
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print report.json with the files of fdec-build.json."
+)
+@click.option("--html", "html", is_flag=True, help="Print the path of the build's report.html.")
+@click.option(
+    "--html-out",
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    help="Write report.html, rendered again from report.json, to this file.",
+)
+def report_command(build: pathlib.Path, as_json: bool, html: bool,
+                   html_out: pathlib.Path | None) -> None:  # fmt: skip
+    """Print a build's pass table and verification results (colored on a terminal)."""
+    from fdec.report import render_report
+    from fdec.report.diff import load_build
+    from fdec.report.html import HTML_FILE, render_html
+
+    try:
+        report = load_build(build)
+        if html_out:
+            try:
+                html_out.write_text(render_html(report))
+            except OSError as err:
+                raise InputError(f"cannot write {html_out}: {err.strerror or err}",
+                                 "give --html-out a file you can write") from None  # fmt: skip
+            click.echo(str(html_out))
+            return
+        if html:
+            from fdec.bench import BENCH_HTML
+
+            page = build / HTML_FILE
+            if "bench" in report and (build / BENCH_HTML).is_file():
+                page = build / BENCH_HTML  # report.html with fdec bench's "Measured speed"
+            if not page.is_file():
+                raise InputError(f"{build} has no {HTML_FILE} (built by an older fdec)",
+                                 f"render one: fdec report {build} --html-out report.html")  # fmt: skip
+            click.echo(str(page))
+            return
+    except FdecError as err:
+        fail(err, as_json)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(render_report(report, style=sys.stdout.isatty()))
+
+
+@cli.command("diff")
+@click.argument("build_a", type=click.Path(path_type=pathlib.Path))
+@click.argument("build_b", type=click.Path(path_type=pathlib.Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the differences as one JSON object.")
+def diff_command(build_a: pathlib.Path, build_b: pathlib.Path, as_json: bool) -> None:
+    """What changed from BUILD_A to BUILD_B: pipeline, options, versions, per-pass figures,
+    size and accuracy deltas. Exits 0 whenever both are builds (a diff is information)."""
+    from fdec.report import colored
+    from fdec.report.diff import diff_builds, render_diff
+
+    try:
+        diff = diff_builds(build_a, build_b)
+    except FdecError as err:
+        fail(err, as_json)
+    if as_json:
+        click.echo(json.dumps(diff, indent=2, sort_keys=True))
+    else:
+        click.echo(render_diff(diff, style=colored if sys.stdout.isatty() else None))
+
+
+@cli.command("verify")
+@click.argument("build", type=click.Path(path_type=pathlib.Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
+def verify_command(build: pathlib.Path, as_json: bool) -> None:
+    """Re-hash BUILD's files against its fdec-build.json: exit 0 when all match, 1 naming the
+    first file that is missing, changed or extra."""
+    from fdec.build import verify_build
+
+    try:
+        outcome = verify_build(build)
+    except FdecError as err:
+        fail(err, as_json)
+    first = outcome["problems"][0] if outcome["problems"] else None
+    if as_json:
+        click.echo(json.dumps({"build": str(build), **outcome}, sort_keys=True))
+    elif first is None:
+        click.echo(f"OK {build}: {outcome['checked']} files match fdec-build.json")
+    if first is not None:
+        more = len(outcome["problems"]) - 1
+        click.echo(
+            f"error: {build}: {first['file']} {first['problem']} ({first['detail']})"
+            + (f"; {more} more" if more else ""),
+            err=True,
+        )
+        sys.exit(EXIT_FAILURE)
+
+
+@cli.command("build-engine")
+@click.argument("build", type=click.Path(path_type=pathlib.Path))
+@click.option("--json", "as_json", is_flag=True)
+def build_engine_command(build: pathlib.Path, as_json: bool) -> None:
+    """Build a build's deferred TensorRT / TensorRT-RTX engines (TensorRT needs its GPU)."""
+    from fdec.build import MANIFEST, refresh_manifest
+    from fdec.lower.engines import finish_deferred_engines
+
+    ctx = Context(False, as_json)
+    try:
+        if not (build / MANIFEST).is_file():  # it rewrites the manifest: fdec builds only
+            raise InputError(f"{build} is not an fdec build (no {MANIFEST})",
+                             "give the folder fdec compile wrote")  # fmt: skip
+        built = finish_deferred_engines(build, progress=ctx.progress)
+    except FdecError as err:
+        fail(err, as_json)
+    refresh_manifest(build)
+    lines = [f"{r['backend']} engine {r['status']}: {build}" for r in built]
+    click.echo(json.dumps(built, indent=2) if as_json else "\n".join(lines))
+
+
+@cli.command("bench")
+@click.argument("build", type=click.Path(path_type=pathlib.Path))
+@click.option("--batch", "batch_text", default="1,4,16", show_default=True,
+              help="Batch sizes, comma-separated.")  # fmt: skip
+@click.option("--prompt-len", default=40, show_default=True, type=int, help="Prompt tokens.")
+@click.option("--gen-len", default=64, show_default=True, type=int, help="Generated tokens.")
+@click.option("--rounds", default=3, show_default=True, type=int, help="Rounds (medians).")
+@click.option("--threads", default=0, show_default=True, type=int, help="0: ONNX Runtime's choice.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_command(build: pathlib.Path, batch_text: str, prompt_len: int, gen_len: int,
+                  rounds: int, threads: int, as_json: bool) -> None:  # fmt: skip
+    """Measure BUILD: prefill ms and decode tok/s per batch size, peak RSS, and the fraction
+    of this machine's memory-bandwidth bound. The results are written to BUILD/bench.json (and
+    BUILD/bench.html), which `fdec report` shows; they are not build outputs, so `fdec verify`
+    still passes."""
+    quiet_libraries()
+    from fdec.bench import parse_batches, render_bench, run_bench, write_bench
+
+    try:
+        batches = parse_batches(batch_text)
+        result = run_bench(build, batches=batches, prompt_len=prompt_len, gen_len=gen_len,
+                           rounds=rounds, threads=threads)  # fmt: skip
+        write_bench(build, result)
+    except FdecError as err:
+        fail(err, as_json)
+    click.echo(json.dumps(result, indent=2) if as_json else render_bench(result))
