@@ -27,6 +27,7 @@ __all__ = [
     "Build",
     "TargetOutcome",
     "compile",
+    "compile_options",
     "compile_targets",
     "load",
     "resolve_settings",
@@ -249,26 +250,17 @@ def _compile_fields() -> list[str]:
     return [field.name for field in dataclasses.fields(CompileOptions)]
 
 
-def compile(
+def compile_options(
     model: str | pathlib.Path | None = None,
     target: str | Sequence[str] | None = None,
     out: str | pathlib.Path | None = None,
     *,
     config: str | pathlib.Path | None = None,
-    progress: Callable[[str], None] | None = None,
-    wait: bool = True,
     **options: Any,
-) -> Any:
-    """Compile `model` for `target` into `out`, like `fdec compile`; returns a `Build`.
-
-    `options` are `fdec compile`'s options as keywords (quantize="int4", keep_fp=2,
-    max_ppl_increase="5%" or 0.05, calibration=path, emit=["hf-checkpoint"], passes=[...],
-    backend, max_batch, max_seq_len, cache_dir, verify_each, ...). `config` reads an fdec.toml
-    (or a pyproject.toml's [tool.fdec]) whose values apply where no argument is given. Without
-    `out` the build goes to a new temporary folder. Several targets (a list or "a,b") return
-    {target name: Build}; when any fails, the worst error is raised after all were tried, with
-    the builds that succeeded in its `builds` attribute. Errors are fdec.errors types.
-    """
+) -> tuple[Any, list[str]]:
+    """The CompileOptions `fdec.compile(model, target, out, config=config, **options)` builds
+    (for its first target), and its targets: keywords checked and converted as the config file's
+    values are. fdec.matrix checks its cells with it."""
     from fdec.compile import CompileOptions
 
     fields = _compile_fields()
@@ -299,10 +291,33 @@ def compile(
     settings = resolve_settings(given, explicit.__contains__, loaded)
     targets = settings.pop("targets")
     settings = {name: value for name, value in settings.items() if value is not None}
+    return CompileOptions(**settings, target=targets[0]), targets
+
+
+def compile(
+    model: str | pathlib.Path | None = None,
+    target: str | Sequence[str] | None = None,
+    out: str | pathlib.Path | None = None,
+    *,
+    config: str | pathlib.Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    wait: bool = True,
+    **options: Any,
+) -> Any:
+    """Compile `model` for `target` into `out`, like `fdec compile`; returns a `Build`.
+
+    `options` are `fdec compile`'s options as keywords (quantize="int4", keep_fp=2,
+    max_ppl_increase="5%" or 0.05, calibration=path, emit=["hf-checkpoint"], passes=[...],
+    backend, max_batch, max_seq_len, cache_dir, verify_each, ...). `config` reads an fdec.toml
+    (or a pyproject.toml's [tool.fdec]) whose values apply where no argument is given. Without
+    `out` the build goes to a new temporary folder. Several targets (a list or "a,b") return
+    {target name: Build}; when any fails, the worst error is raised after all were tried, with
+    the builds that succeeded in its `builds` attribute. Errors are fdec.errors types.
+    """
+    asked, targets = compile_options(model, target, out, config=config, **options)
     report_progress = progress or (lambda message: None)
-    compile_options = CompileOptions(**settings, target=targets[0])
     if len(targets) > 1:
-        outcomes = compile_targets(compile_options, targets, progress=report_progress, wait=wait)
+        outcomes = compile_targets(asked, targets, progress=report_progress, wait=wait)
         builds = {o.target: Build(o.out, o.report) for o in outcomes if o.error is None}
         failed = [o for o in outcomes if o.error is not None]
         if failed:
@@ -315,6 +330,6 @@ def compile(
     from fdec.build import build_lock
     from fdec.compile import compile_model
 
-    with build_lock(compile_options.out, wait=wait, progress=progress):
-        result = compile_model(compile_options, report_progress)
+    with build_lock(asked.out, wait=wait, progress=progress):
+        result = compile_model(asked, report_progress)
     return Build(result.out, result.report)

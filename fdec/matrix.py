@@ -344,42 +344,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_cell(cell: Cell, source: Any, target: Any) -> None:
-    """What `fdec compile` checks before it loads a model, for this cell: backend, recipe and
-    pipeline (pass options, target precisions), the output folder and capacity."""
-    from fdec.build import check_output_path
-    from fdec.compile import DEFAULT_MAX_SEQ_LEN, plan_pipeline
-    from fdec.plan import check_capacity
-
-    options = cell.options
-    passes = options.get("passes")
-    plan_pipeline(
-        target=target,
-        backend=cell.backend,
-        passes=",".join(passes) if isinstance(passes, list) else passes,
-        quantize=cell.quantize,
-        max_ppl_increase=options.get("max_ppl_increase"),
-        calibration=pathlib.Path(options["calibration"]) if options.get("calibration") else None,
-        emit=tuple(options.get("emit") or ()),
-        keep_fp=options.get("keep_fp"),
-        kv_dtype=options.get("kv_dtype"),
-        kv_window=options.get("kv_window"),
-        kv_sink=options.get("kv_sink"),
-        pass_options=options.get("pass_options"),
-    )
-    check_output_path(cell.out)
-    check_capacity(
-        source.config,
-        target,
-        model=source.given,
-        weights=cell.quantize,
-        kv_dtype=options.get("kv_dtype"),
-        batch=options.get("max_batch", 1),
-        context=options.get("max_seq_len"),
-        default_context=DEFAULT_MAX_SEQ_LEN,
-    )
-
-
 def _excluded(matrix: Matrix, label: str, target: str, recipe: str) -> dict[str, str] | None:
     values = {"model": label, "target": target, "recipe": recipe}
     for rule in matrix.exclude:
@@ -394,8 +358,9 @@ def plan_matrix(
     """Every cell of `matrix`, each checked against its target as `fdec compile` checks it.
     Refused cells raise one FdecError naming them all (exit code: the worst of theirs), before
     any build; an exclude rule that matches no cell is an error too."""
+    from fdec.api import compile_options
     from fdec.cache import DigestIndex, digest_of, source_inputs, tool_versions
-    from fdec.compile import choose_backend, default_quantize
+    from fdec.compile.resolve import check_before_load
     from fdec.frontend.source import default_cache_dir, resolve_source
     from fdec.plan import shape_from_config
     from fdec.targets import load_target
@@ -435,29 +400,25 @@ def plan_matrix(
                     used_rules.add(matrix.exclude.index(rule))
                     continue
                 cell_id = f"{label}/{target.name}/{recipe.name}"
-                try:
-                    backend = choose_backend(options.get("backend"), target)
-                    emit = options.get("emit") or ()
-                    quantize = options.get("quantize") or (
-                        "none" if "hf-checkpoint" in emit
-                        else default_quantize(target, source.family.kind)
-                    )  # fmt: skip
-                    memory = (
-                        int(matrix.memory_gb * _GIB)
-                        if matrix.memory_gb
-                        else compile_memory_bytes(shape, quantize)
-                    )
-                    cell = Cell(
-                        model_label=label, model=model, target=given, target_name=target.name,
-                        recipe=recipe.name, options=dict(options),
-                        out=matrix.out / label / target.name / recipe.name, quantize=quantize,
-                        backend=backend, memory_bytes=memory, inputs=inputs,
-                        gpu_name=target.name if backend == "tensorrt" else None,
-                    )  # fmt: skip
-                    _check_cell(cell, source, target)
+                out = matrix.out / label / target.name / recipe.name
+                try:  # what `fdec compile` checks before it loads the model
+                    asked, _ = compile_options(model, given, out, **options)
+                    settings = check_before_load(asked, source)
                 except FdecError as err:
                     refused.append((cell_id, err))
                     continue
+                backend = settings.backend.name
+                memory = (
+                    int(matrix.memory_gb * _GIB)
+                    if matrix.memory_gb
+                    else compile_memory_bytes(shape, settings.quantize)
+                )
+                cell = Cell(
+                    model_label=label, model=model, target=given, target_name=target.name,
+                    recipe=recipe.name, options=dict(options), out=out,
+                    quantize=settings.quantize, backend=backend, memory_bytes=memory,
+                    inputs=inputs, gpu_name=target.name if backend == "tensorrt" else None,
+                )  # fmt: skip
                 cell.digest = digest_of(
                     "matrix-cell",
                     model=model, target=target.to_dict(), inputs=inputs,

@@ -331,3 +331,21 @@ def test_local_executor_goes_past_a_failed_cell(tiny, serial, tmp_path, cli_runn
     assert not (tmp_path / "builds" / "broken" / "cpu" / "fp32").exists()
     page = (tmp_path / "builds" / "matrix.html").read_text()
     assert "holds NaN or Inf values" in page and "href='tiny/cpu/fp32/report.html'" in page
+
+
+def test_a_cell_is_refused_with_the_error_fdec_compile_gives(tiny, tmp_path, cli_runner):
+    """Cells go through compile's own pre-load check (fdec.compile.resolve.check_before_load):
+    an --emit hf-checkpoint with a quantization its loaders do not take is refused before any
+    build, in the words `fdec compile` uses."""
+    path = tmp_path / "m.toml"
+    path.write_text(
+        f'out = "b"\n[matrix]\nmodels = {{ tiny = "{tiny}" }}\ntargets = ["cpu"]\n'
+        '[matrix.recipes.ckpt]\nrecipe.quantize = "int8"\nrecipe.emit = ["hf-checkpoint"]\n'
+    )
+    result = cli_runner.invoke(cli, ["matrix", str(path), "--dry-run"])
+    compiled = cli_runner.invoke(cli, ["compile", str(tiny), "-o", str(tmp_path / "c"),
+                                       "--quantize", "int8", "--emit", "hf-checkpoint"])  # fmt: skip
+    assert result.exit_code == compiled.exit_code == 2, result.output
+    problem = compiled.stderr.removeprefix("error: ").split(";")[0].strip()
+    assert f"tiny/cpu/ckpt: {problem}" in result.stderr
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -40,10 +40,15 @@ from fdec.compile.recipe import (
     default_quantize,
     plan_pipeline,
 )
-from fdec.compile.resolve import DEFAULT_MAX_SEQ_LEN, Settings, open_source, resolve_settings
+from fdec.compile.resolve import (
+    DEFAULT_MAX_SEQ_LEN,
+    Settings,
+    check_before_load,
+    open_source,
+    resolve_settings,
+)
 from fdec.compile.write import Addition, write_build
 from fdec.lower.engines import build_engines
-from fdec.plan import check_capacity
 from fdec.student import distill_pruned
 
 __all__ = [
@@ -117,15 +122,11 @@ def _build(
     started: float,
 ) -> CompileResult:
     """front → optimize → lower → verify → engines → write, for one resolved source."""
-    options, target, recipe = settings.options, settings.target, settings.recipe
-    out = pathlib.Path(options.out)
     # Capacity from config.json alone: a --max-batch × --max-seq-len that cannot fit the
     # target's memory fails here (exit 4, CapacityError), before the model loads.
-    capacity = check_capacity(
-        source.config, target, model=source.given, weights=settings.quantize,
-        kv_dtype=options.kv_dtype, batch=settings.limits.max_batch, context=options.max_seq_len,
-        default_context=DEFAULT_MAX_SEQ_LEN,
-    )  # fmt: skip
+    settings = check_before_load(settings.options, source, settings)
+    options, target, recipe = settings.options, settings.target, settings.recipe
+    out = pathlib.Path(options.out)
     progress(f"recipe: --quantize {settings.quantize} ({settings.chosen_by})")
     # The cache serves the export, the reference and the longest cached prefix of the
     # pipeline; PyTorch loads the model only for what it must compute.
@@ -160,7 +161,7 @@ def _build(
         report = write_build(
             staging, settings=settings, source=source, spec=spec, front=front,
             optimized=optimized, lowered=lowered, verification=verification, engines=engines,
-            capacity=capacity, started=started, additions=additions,
+            capacity=settings.capacity, started=started, additions=additions,
         )  # fmt: skip
     return CompileResult(out, report)
 

@@ -3,7 +3,9 @@
 Everything that can be checked without loading the model is checked here, first: the target
 and backend, the output path, the recipe (passes, quantization, emits), the --prune and
 --draft values. `for_source` finishes the settings once the source model is known (an
-encoder's default recipe differs; --emit genai needs a decoder).
+encoder's default recipe differs; --emit genai needs a decoder). `check_before_load` is the
+whole pre-load check for one source, capacity included: the build runs it on the model it
+compiles, and fdec.matrix on every cell before any build.
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ from fdec.errors import UsageError
 from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.lower.profiles import ShapeLimits
 from fdec.passes.prune import parse_prune
+from fdec.plan import check_capacity
 from fdec.student import parse_draft
 from fdec.targets import load_target
 
-__all__ = ["DEFAULT_MAX_SEQ_LEN", "Settings", "open_source", "resolve_settings"]
+__all__ = [
+    "DEFAULT_MAX_SEQ_LEN",
+    "Settings",
+    "check_before_load",
+    "open_source",
+    "resolve_settings",
+]
 
 DEFAULT_MAX_SEQ_LEN = 2048
 
@@ -39,6 +48,7 @@ class Settings:
     quantize: str  # the --quantize value in force (the target's default recipe when not given)
     recipe_default: bool  # quantize came from the target, not the options
     recipe: Recipe
+    capacity: Any = None  # fdec.plan's capacity plan for the source (check_before_load)
 
     @property
     def keep(self) -> tuple[pathlib.Path, ...]:
@@ -59,8 +69,9 @@ class Settings:
             )
         if self.recipe_default and source.family.kind != "decoder":
             quantize = default_quantize(self.target, source.family.kind)
-            recipe = _plan(options, self.target, self.backend, quantize)
-            return dataclasses.replace(self, quantize=quantize, recipe=recipe)
+            if quantize != self.quantize:  # else planned for it already
+                recipe = _plan(options, self.target, self.backend, quantize)
+                return dataclasses.replace(self, quantize=quantize, recipe=recipe)
         return self
 
     def check_limits(self, spec: Any) -> None:
@@ -97,6 +108,23 @@ def resolve_settings(options: CompileOptions) -> Settings:
         parse_prune(options.prune)
     parse_draft(options.draft)
     return Settings(options, target, backend, limits, quantize, recipe_default, recipe)
+
+
+def check_before_load(
+    options: CompileOptions, source: Any, settings: Settings | None = None
+) -> Settings:
+    """Everything `fdec compile` checks before it loads `source` (fdec.frontend's
+    ModelSource): the settings (`settings`, else resolve_settings(options)) for the source's
+    kind, and whether --max-batch × --max-seq-len fit the target's memory, from config.json
+    alone (CapacityError, exit 4). FdecError on the first problem; the settings, with their
+    capacity plan, otherwise."""
+    settings = (settings or resolve_settings(options)).for_source(source)
+    capacity = check_capacity(
+        source.config, settings.target, model=source.given, weights=settings.quantize,
+        kv_dtype=options.kv_dtype, batch=settings.limits.max_batch, context=options.max_seq_len,
+        default_context=DEFAULT_MAX_SEQ_LEN,
+    )  # fmt: skip
+    return dataclasses.replace(settings, capacity=capacity)
 
 
 def open_source(options: CompileOptions, progress: Any) -> Any:
