@@ -143,3 +143,19 @@ def test_compile_stages_stay_small(name):
     assert lines <= 600, f"{name} has {lines} lines"
     if name == "fdec.compile":  # the driver reads top to bottom
         assert lines <= 200
+
+
+# Modules over the limit that other work is splitting now; the lead shrinks this list as it
+# merges (issue 15). Nothing else may grow past 600 lines.
+_LONG_MODULES_BEING_SPLIT = {
+    "fdec.passes.quantize",
+    "fdec.passes.quantize_static",
+    "fdec.calibrate",
+    "fdec.plan",
+}
+
+
+def test_no_module_is_over_600_lines():
+    lines = {name: path.read_text().count("\n") for name, path in MODULES.items()}
+    long = {name: n for name, n in lines.items() if n > 600}
+    assert {n: c for n, c in long.items() if n not in _LONG_MODULES_BEING_SPLIT} == {}
