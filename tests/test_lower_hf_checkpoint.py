@@ -27,8 +27,9 @@ from fdec.errors import CompileError, UsageError
 from fdec.frontend.export import import_model
 from fdec.frontend.source import resolve_source
 from fdec.ir import FdecModel, ModelSpec
-from fdec.lower import hf_checkpoint
 from fdec.lower.hf_checkpoint import SAFETENSORS_FILE, check_quantize, write_hf_checkpoint
+from fdec.lower.hf_checkpoint.pack import pack_weight
+from fdec.lower.hf_checkpoint.read import Int4
 from fdec.passes import DEFAULT_PIPELINE, make_pass, make_pipeline
 from fdec.pipeline import PassManager
 from fdec.runtime import session_for_model
@@ -355,14 +356,14 @@ def test_blocks_regrouped_for_a_narrower_group_decompress_exactly(symmetric):
     rng = np.random.default_rng(0)
     n, k, block, group = 24, 256, 128, 32
     zero = np.full((n, k // block), 8) if symmetric else rng.integers(0, 16, (n, k // block))
-    weight = hf_checkpoint._Int4(
+    weight = Int4(
         codes=rng.integers(0, 16, (n, k)).astype(np.uint8),
         scales=rng.standard_normal((n, k // block)).astype(np.float32),
         zero_points=zero.astype(np.uint8),
         block_size=block,
         operator="MatMulNBits",
     )
-    tensors = hf_checkpoint._pack_weight("m", weight, group, symmetric)
+    tensors = pack_weight("m", weight, group, symmetric)
     assert tensors["m.weight_scale"].shape == (n, k // group)
     assert ("m.weight_zero_point" in tensors) is not symmetric
     scheme = preset_name_to_scheme("W4A16" if symmetric else "W4A16_ASYM", ["Linear"])

@@ -581,11 +581,11 @@ def fake_tensorrt(monkeypatch):
     """Install a fake `tensorrt` module and an H100-like GPU; returns a factory for the fake."""
     import sys
 
-    import fdec.lower.tensorrt as module
+    import fdec.lower.tensorrt.support as module
 
     gpu = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
     monkeypatch.setattr(module, "visible_gpus", lambda: [gpu])
-    monkeypatch.setattr(module, "_driver_version", lambda: "550.54.15")
+    monkeypatch.setattr(module, "driver_version", lambda: "550.54.15")
 
     def install(**options) -> _FakeTensorRT:
         fake = _FakeTensorRT(**options)
@@ -639,7 +639,7 @@ def test_sparse_weights_set_only_flags_each_version_has(build, spec, fake_tensor
     fake = fake_tensorrt()  # 11.x: a removed flag would raise AttributeError here
     plan_engine(build, spec=spec, target=load_target("a100"), limits=_LIMITS, sparse_weights=True)
     fake_gpu = {"index": 0, "name": "NVIDIA A100", "compute_capability": "8.0"}
-    import fdec.lower.tensorrt as module
+    import fdec.lower.tensorrt.support as module
 
     module.visible_gpus = lambda: [fake_gpu]  # restored by the fixture's monkeypatch
     build_planned_engine(build)

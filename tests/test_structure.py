@@ -159,3 +159,14 @@ def test_no_module_is_over_600_lines():
     lines = {name: path.read_text().count("\n") for name, path in MODULES.items()}
     long = {name: n for name, n in lines.items() if n > 600}
     assert {n: c for n, c in long.items() if n not in _LONG_MODULES_BEING_SPLIT} == {}
+
+
+def test_every_package_is_in_pyproject():
+    """A wheel holds only the packages pyproject.toml lists: a new package folder must be there."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    packages = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages - listed == set()

@@ -1,0 +1,54 @@
+"""Lowering to a Hugging Face checkpoint (config.json + model.safetensors) for serving engines.
+
+The graph's initializers are mapped back to the source model's parameter names: weights with
+a role go through `ModelSpec.weights` (the family's parameter patterns name the role of each
+HF parameter), every other parameter (norms, biases, position embeddings) kept its HF name in
+the graph. The expected names, shapes and module types (`nn.Linear`, GPT-2's `Conv1D`, ...)
+come from the HF model class built on the meta device from the written config, so the
+checkpoint holds exactly the keys `from_pretrained` looks for. Linear weights read by MatMul
+as [in, out] are transposed back to torch's [out, in]; Conv1D weights stay [in, out].
+
+Weight-only int4 (`quantize-int4`, either backend) is written in compressed-tensors'
+"pack-quantized" W4A16 format (what llm-compressor writes), which vLLM loads
+(CompressedTensorsWNA16: Marlin/Machete kernels, zero points too), as does transformers with
+the `compressed-tensors` package:
+
+- `<module>.weight_packed`: int32 [out, ceil(in / 8)]; value i of a row sits in bits 4i..4i+3
+  of the little-endian words, stored as `q + 8` for the signed code q in [-8, 7];
+- `<module>.weight_scale`: [out, in / group_size] in the scales' float dtype;
+- `<module>.weight_shape`: int64 [out, in];
+- `<module>.weight_zero_point` (asymmetric only): int32 [ceil(out / 8), in / group_size],
+  the signed zero points packed the same way along the output dimension;
+
+dequantized as `(q - zero_point) * scale`, which equals MatMulNBits' `(code - zp) * scale`
+and DequantizeLinear's `(x - zp) * scale` exactly (q = code - 8, zero_point = zp - 8).
+Only `nn.Linear` modules can be packed: a quantized weight of another module (GPT-2's
+Conv1D) is written dequantized, in float, and listed in the config's `ignore`. So is a
+quantized lm_head unless `pack_lm_head=True`: vLLM before PR #37291 (2026) and SGLang load a
+packed lm_head as an unquantized embedding (an error, or silently garbage logits), and
+llm-compressor's own recipes leave it out. Dequantized weights hold exactly the values the
+ONNX graph computes, so the checkpoint's numerics equal the ONNX build's either way.
+
+Transformers + compressed-tensors 0.20 cannot load *asymmetric* pack-quantized checkpoints
+with the default `from_pretrained` (it builds zero points unpacked on the meta device:
+llm-compressor issue #1618); `quantization_config=CompressedTensorsConfig(dequantize=True)`
+loads them, and vLLM reads the packed zero points.
+Dynamic int8 (`quantize-int8`) has no format serving engines load with the same numerics and
+is refused with a UsageError.
+
+Modules: supported (the --quantize values it takes), expected (what the HF class expects), read
+(weights back from the graph), pack (compressed-tensors' format), write (the checkpoint).
+"""
+
+from __future__ import annotations
+
+from fdec.lower.hf_checkpoint.supported import SUPPORTED_QUANTIZE, check_quantize
+from fdec.lower.hf_checkpoint.write import CHECKPOINT_DIR, SAFETENSORS_FILE, write_hf_checkpoint
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "SAFETENSORS_FILE",
+    "SUPPORTED_QUANTIZE",
+    "check_quantize",
+    "write_hf_checkpoint",
+]

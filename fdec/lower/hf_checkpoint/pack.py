@@ -1,0 +1,75 @@
+"""compressed-tensors' pack-quantized W4A16 format: int4 weights packed into int32 words, and the config naming it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fdec.lower.hf_checkpoint.read import Int4
+
+__all__ = ["PACK_FORMAT", "pack_weight", "quantization_config"]
+
+PACK_FORMAT = "pack-quantized"
+
+
+def _pack_int32(unsigned: np.ndarray) -> np.ndarray:
+    """uint8 [rows, cols] of 0..15 → int32 [rows, ceil(cols / 8)], value i at bits 4i..4i+3."""
+    rows, cols = unsigned.shape
+    padded = np.zeros((rows, -(-cols // 8) * 8), dtype=np.uint8)
+    padded[:, :cols] = unsigned
+    pairs = padded.reshape(rows, -1, 2)
+    packed = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(packed).view("<i4").astype(np.int32)
+
+
+def _regroup(blocks: np.ndarray, block_size: int, group_size: int, k: int) -> np.ndarray:
+    """Per-block values [N, k_blocks] as per-group values [N, k / group_size]."""
+    return np.repeat(blocks, block_size // group_size, axis=1)[:, : k // group_size]
+
+
+def pack_weight(module: str, weight: Int4, group_size: int, symmetric: bool) -> dict:
+    n, k = weight.shape
+    tensors = {
+        f"{module}.weight_packed": _pack_int32(weight.codes),
+        f"{module}.weight_scale": np.ascontiguousarray(
+            _regroup(weight.scales, weight.block_size, group_size, k)
+        ),
+        f"{module}.weight_shape": np.array([n, k], dtype=np.int64),
+    }
+    if not symmetric:
+        zero_points = _regroup(weight.zero_points, weight.block_size, group_size, k)
+        tensors[f"{module}.weight_zero_point"] = np.ascontiguousarray(
+            _pack_int32(np.ascontiguousarray(zero_points.T)).T
+        )
+    return tensors
+
+
+def quantization_config(group_size: int, symmetric: bool, ignore: list[str]) -> dict[str, Any]:
+    """compressed-tensors' QuantizationConfig of a W4A16 group-quantized checkpoint."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": PACK_FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {
+                    "num_bits": 4,
+                    "type": "int",
+                    "symmetric": symmetric,
+                    "group_size": group_size,
+                    "strategy": "group",
+                    "dynamic": False,
+                    "actorder": None,
+                    "block_structure": None,
+                },
+                "input_activations": None,
+                "output_activations": None,
+                "format": PACK_FORMAT,
+            }
+        },
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }

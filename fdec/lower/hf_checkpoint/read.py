@@ -1,0 +1,213 @@
+"""Weights read back from the graph: float tensors in torch's layout, int4 weights (MatMulNBits, DequantizeLinear)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from fdec.errors import CompileError, UsageError
+from fdec.lower.hf_checkpoint.expected import Parameter
+from fdec.lower.hf_checkpoint.supported import SUPPORTED_QUANTIZE
+
+__all__ = ["FLOAT_TYPES", "Int4", "float_tensor", "int4_of"]
+
+_MS_DOMAIN = "com.microsoft"
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+_INT4_TYPES = (ir.DataType.INT4, ir.DataType.UINT4)
+
+
+def _direct_layout(node: ir.Node, index: int) -> str | None:
+    """How a node reads a 2-D input: "kn" (as MatMul's B, [in, out]), "nk" ([out, in]) or None."""
+    if node.domain != "" or index != 1:
+        return None
+    if node.op_type == "MatMul":
+        return "kn"
+    if node.op_type == "Gemm":
+        attr = node.attributes.get("transB")
+        return "nk" if attr is not None and attr.as_int() else "kn"
+    return None
+
+
+def _read_layout(value: ir.Value) -> str | None:
+    """The layout every matmul reading `value` sees it in; None when none or ambiguous."""
+    layouts: set[str | None] = set()
+    flip = {"kn": "nk", "nk": "kn", None: None}
+    for use in value.uses():
+        node = use.node
+        if node.op_type == "Transpose" and node.domain == "":
+            perm = node.attributes.get("perm")
+            if perm is not None and list(perm.as_ints()) != [1, 0]:
+                return None
+            for inner in node.outputs[0].uses():
+                layouts.add(flip[_direct_layout(inner.node, inner.idx)])
+            continue
+        layouts.add(_direct_layout(node, use.idx))
+    layouts.discard(None)
+    return layouts.pop() if len(layouts) == 1 else None
+
+
+def float_tensor(value: ir.Value, parameter: Parameter) -> np.ndarray:
+    """The float initializer `value` in the HF layout of `parameter`."""
+    array = value.const_value.numpy()
+    want = parameter.shape
+    if array.ndim == 2 and parameter.kind in ("linear", "conv1d"):
+        hf_layout = "nk" if parameter.kind == "linear" else "kn"
+        layout = _read_layout(value)
+        if layout is not None and layout != hf_layout:
+            array = array.T
+        elif layout is None and array.shape != want and array.T.shape == want:
+            array = array.T
+    if array.shape != want:
+        if array.size == math.prod(want) and len(want) <= 1:
+            array = array.reshape(want)
+        else:
+            raise CompileError(
+                f"graph weight {value.name!r} is {list(array.shape)}, but the HF parameter "
+                f"{parameter.name!r} is {list(want)}",
+                "report the model to the fdec developers",
+            )
+    return np.ascontiguousarray(array)
+
+
+@dataclasses.dataclass
+class Int4:
+    """A 4-bit weight in one canonical form, whichever graph operator reads it.
+
+    `codes` are uint8 [N, K] in 0..15 and `zero_points` uint8 [N, k_blocks] in 0..15 (8 for
+    symmetric); the weight is `(codes - zero_points) * scales`, block by block along K.
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray  # [N, k_blocks], the graph's float dtype
+    zero_points: np.ndarray
+    block_size: int
+    operator: str  # "MatMulNBits" | "DequantizeLinear"
+
+    @property
+    def shape(self) -> tuple[int, int]:  # [N, K] = [out, in]
+        return self.codes.shape
+
+    @property
+    def symmetric(self) -> bool:
+        return bool(np.all(self.zero_points == 8))
+
+    def dequantized(self) -> np.ndarray:
+        """The float [N, K] weight, computed as ONNX Runtime does: (code - zp) * scale."""
+        k = self.shape[1]
+        dtype = self.scales.dtype
+        scales = np.repeat(self.scales, self.block_size, axis=1)[:, :k]
+        zero = np.repeat(self.zero_points, self.block_size, axis=1)[:, :k]
+        return (self.codes.astype(dtype) - zero.astype(dtype)) * scales
+
+
+def _nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    """uint8 [..., m] → uint8 [..., count], low nibble first."""
+    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    return values[..., :count]
+
+
+def _int_attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def _const(value: ir.Value | None, what: str, weight: str) -> np.ndarray:
+    if value is None or value.const_value is None:
+        raise CompileError(
+            f"the {what} of quantized weight {weight!r} is not a constant",
+            "report the model to the fdec developers",
+        )
+    return value.const_value.numpy()
+
+
+def _from_matmulnbits(node: ir.Node, name: str) -> Int4:
+    bits, k, n = _int_attr(node, "bits", 4), _int_attr(node, "K", 0), _int_attr(node, "N", 0)
+    block = _int_attr(node, "block_size", 0)
+    if bits != 4:
+        raise CompileError(f"MatMulNBits weight {name!r} has {bits} bits; only 4 are written")
+    if len(node.inputs) > 4 and node.inputs[4] is not None:
+        raise CompileError(
+            f"MatMulNBits weight {name!r} has g_idx (act-order)", "quantize without act-order"
+        )
+    packed = _const(node.inputs[1], "packed weight", name)
+    k_blocks = -(-k // block)
+    codes = _nibbles(packed.reshape(n, -1), k_blocks * block)[:, :k]
+    scales = _const(node.inputs[2], "scales", name).reshape(n, k_blocks)
+    zp_value = node.inputs[3] if len(node.inputs) > 3 else None
+    if zp_value is None:
+        zero_points = np.full((n, k_blocks), 8, dtype=np.uint8)
+    else:
+        zp = _const(zp_value, "zero points", name)
+        if zp.dtype != np.uint8:
+            raise CompileError(
+                f"MatMulNBits weight {name!r} has {zp.dtype} zero points; only packed uint8 "
+                "zero points are written",
+                "quantize with fdec's quantize-int4",
+            )
+        zero_points = _nibbles(zp.reshape(n, -1), k_blocks)
+    return Int4(codes, scales, zero_points.astype(np.uint8), block, "MatMulNBits")
+
+
+def _from_dequantize(node: ir.Node, value: ir.Value, name: str) -> Int4:
+    if _int_attr(node, "axis", 1) != 0 or not node.attributes.get("block_size"):
+        raise CompileError(
+            f"int4 weight {name!r} is not dequantized in blocks along its input axis",
+            "quantize with fdec's quantize-int4",
+        )
+    for use in node.outputs[0].uses():
+        if _direct_layout(use.node, use.idx) != "kn":
+            raise CompileError(
+                f"dequantized int4 weight {name!r} is read by {use.node.op_type}, not as "
+                "MatMul's B",
+                "quantize with fdec's quantize-int4",
+            )
+    block = _int_attr(node, "block_size", 0)
+    signed = value.const_value.dtype == ir.DataType.INT4
+    offset = 8 if signed else 0
+    x = value.const_value.numpy().astype(np.int16)  # [K, N]
+    codes = (x + offset).T.astype(np.uint8)
+    scales = _const(node.inputs[1], "scales", name).T  # [k_blocks, N] → [N, k_blocks]
+    zp_value = node.inputs[2] if len(node.inputs) > 2 else None
+    if zp_value is None:
+        zero_points = np.full(scales.shape, offset, dtype=np.uint8)
+    else:
+        zero_points = (_const(zp_value, "zero points", name).astype(np.int16) + offset).T
+    return Int4(
+        np.ascontiguousarray(codes),
+        np.ascontiguousarray(scales),
+        np.ascontiguousarray(zero_points.astype(np.uint8)),
+        block,
+        "DequantizeLinear",
+    )
+
+
+def int4_of(value: ir.Value) -> Int4 | None:
+    """The int4 weight stored in `value` (MatMulNBits or blocked DequantizeLinear), or None.
+
+    Raises UsageError for int8 (MatMulInteger) weights, CompileError for other encodings.
+    """
+    name = value.name or "?"
+    readers = [(use.node, use.idx) for use in value.uses()]
+    for node, index in readers:
+        if node.domain == _MS_DOMAIN and node.op_type == "MatMulNBits" and index == 1:
+            return _from_matmulnbits(node, name)
+        if node.domain == "" and node.op_type == "DequantizeLinear" and index == 0:
+            if value.const_value.dtype in _INT4_TYPES:
+                return _from_dequantize(node, value, name)
+        if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
+            raise UsageError(
+                f"--emit hf-checkpoint cannot write int8 weights ({name!r} is read by "
+                f"{node.op_type}): serving engines load no checkpoint format with dynamic int8's "
+                "per-tensor run-time activations",
+                f"use --quantize {' or '.join(SUPPORTED_QUANTIZE)} (compressed-tensors "
+                "pack-quantized), or --quantize none for a full-precision checkpoint",
+            )
+    ops = ", ".join(sorted({node.op_type for node, _ in readers})) or "nothing"
+    raise CompileError(
+        f"weight {name!r} is {value.const_value.dtype} read by {ops}; the HF checkpoint writes float and "
+        "int4 (MatMulNBits, blocked DequantizeLinear) weights only",
+        "drop the pass that produced it, or emit the ONNX build only",
+    )

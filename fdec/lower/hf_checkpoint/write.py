@@ -1,0 +1,249 @@
+"""The lowering: the checkpoint's config, tensors and side files, written by `write_hf_checkpoint`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import shutil
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from fdec.errors import CompileError
+from fdec.frontend.families import family_for_config
+from fdec.ir import FdecModel
+from fdec.lower.hf_checkpoint.expected import Parameter, expected_parameters
+from fdec.lower.hf_checkpoint.pack import PACK_FORMAT, pack_weight, quantization_config
+from fdec.lower.hf_checkpoint.read import FLOAT_TYPES, Int4, float_tensor, int4_of
+
+__all__ = ["CHECKPOINT_DIR", "SAFETENSORS_FILE", "write_hf_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "hf-checkpoint"
+SAFETENSORS_FILE = "model.safetensors"
+
+_CONFIG_FILE = "config.json"
+# Files copied from the source folder so the checkpoint tokenizes and generates on its own.
+_SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
+def _output_config(source: dict[str, Any], model: FdecModel) -> tuple[dict[str, Any], list[str]]:
+    """The source config as the written weights need it, and what was changed."""
+    config = dict(source)
+    changes: list[str] = []
+    if config.pop("quantization_config", None) is not None:
+        changes.append("dropped the source's quantization_config")
+    spec = model.spec
+    untied = not spec.tie_word_embeddings and spec.weights.get("lm_head") not in (
+        None,
+        spec.weights.get("embed"),
+    )
+    if untied and config.get("tie_word_embeddings", True):
+        config["tie_word_embeddings"] = False
+        changes.append("tie_word_embeddings=false (the lm_head has its own weight)")
+    changes += _pruned_sizes(config, spec)
+    return config, changes
+
+
+# ModelSpec size → the config keys holding it (first one present wins; the first is written).
+_SIZE_KEYS = {
+    "num_layers": ("num_hidden_layers", "n_layer"),
+    "num_heads": ("num_attention_heads", "n_head"),
+    "num_kv_heads": ("num_key_value_heads",),
+    "intermediate_size": ("intermediate_size", "n_inner"),
+}
+
+
+def _pruned_sizes(config: dict[str, Any], spec: Any) -> list[str]:
+    """Write the sizes a structurally pruned model has (fewer layers, heads, MLP channels)."""
+    changes = []
+    heads_key = next((k for k in _SIZE_KEYS["num_heads"] if k in config), None)
+    if heads_key and config[heads_key] != spec.num_heads and "head_dim" not in config:
+        # head_dim defaults to hidden / heads: keep it what it was once heads are removed.
+        config["head_dim"] = spec.head_dim
+        changes.append(f"head_dim={spec.head_dim} (explicit: fewer heads than hidden / head_dim)")
+    for field, keys in _SIZE_KEYS.items():
+        key = next((k for k in keys if k in config), None)
+        value = getattr(spec, field)
+        if key is not None and config[key] is not None and config[key] != value:
+            changes.append(f"{key}={value} (was {config[key]}: pruned)")
+            config[key] = value
+    layer_types = config.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) != spec.num_layers:
+        if len(set(layer_types)) > 1:
+            raise CompileError(
+                "the pruned model's layers have different types in config.json layer_types",
+                "prune heads/mlp only for models mixing layer types",
+            )
+        config["layer_types"] = layer_types[: spec.num_layers]
+    return changes
+
+
+def _graph_value(model: FdecModel, parameter: Parameter, family: Any) -> ir.Value | None:
+    """The initializer holding `parameter`: through its role when it has one, else its name."""
+    role = family.role_of(parameter.name)
+    name = model.spec.weights.get(role) if role else None
+    return model.graph.initializers.get(name or parameter.name)
+
+
+@dataclasses.dataclass
+class _Collected:
+    """The checkpoint's tensors before packing: float ones, and int4 ones to pack per module."""
+
+    floats: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    quantized: dict[str, Int4] = dataclasses.field(default_factory=dict)  # module → weight
+    dequantized: list[str] = dataclasses.field(default_factory=list)
+    buffers_skipped: list[str] = dataclasses.field(default_factory=list)
+
+
+def _collect(
+    model: FdecModel, parameters: list[Parameter], family: Any, pack_lm_head: bool
+) -> _Collected:
+    """Every expected HF tensor read back from the graph, in HF layout or as int4 to pack."""
+    found = _Collected()
+    for parameter in parameters:
+        value = _graph_value(model, parameter, family)
+        if value is None or value.const_value is None:
+            if parameter.buffer:
+                found.buffers_skipped.append(parameter.name)
+                continue
+            raise CompileError(
+                f"the graph holds no weight for HF parameter {parameter.name!r}",
+                "a pass removed or folded it; emit the ONNX build only, or report the model",
+            )
+        if value.const_value.dtype in FLOAT_TYPES:
+            found.floats[parameter.name] = float_tensor(value, parameter)
+            continue
+        weight = int4_of(value)
+        is_lm_head = family.role_of(parameter.name) == "lm_head"
+        if (
+            parameter.kind == "linear"
+            and weight.shape == parameter.shape
+            and (pack_lm_head or not is_lm_head)
+        ):
+            found.quantized[parameter.module] = weight
+            continue
+        # Not an nn.Linear (GPT-2's Conv1D), or an lm_head engines would not read packed:
+        # write it in float, with the values the graph computes.
+        array = weight.dequantized()  # [out, in]
+        if parameter.kind == "conv1d":
+            array = array.T
+        if array.shape != parameter.shape:
+            raise CompileError(
+                f"int4 weight {value.name!r} is {list(weight.shape)} [out, in], but the HF "
+                f"parameter {parameter.name!r} is {list(parameter.shape)}",
+                "report the model to the fdec developers",
+            )
+        found.floats[parameter.name] = np.ascontiguousarray(array)
+        found.dequantized.append(parameter.name)
+        log = logger.info if is_lm_head else logger.warning
+        log("int4 weight %s written dequantized (float): no packed format loads it", value.name)
+    return found
+
+
+def _pack_all(
+    found: _Collected, parameters: list[Parameter]
+) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+    """Packed tensors of every int4 module, the config's quantization_config, the report's."""
+    weights = list(found.quantized.values())
+    # One scheme for the whole checkpoint: a group size dividing every block and input size
+    # (blocks past a layer's input size only pad it: K=64 in blocks of 128 is one group of 64).
+    group_size = math.gcd(*(w.block_size for w in weights), *(w.shape[1] for w in weights))
+    symmetric = all(w.symmetric for w in weights)
+    tensors: dict[str, np.ndarray] = {}
+    for module, weight in found.quantized.items():
+        tensors.update(pack_weight(module, weight, group_size, symmetric))
+    linear = {p.module for p in parameters if p.kind == "linear"}
+    ignore = sorted(linear - set(found.quantized))
+    # Quantized weights written in float belong to modules the scheme must skip too.
+    ignore += sorted({name.rpartition(".")[0] for name in found.dequantized} - set(ignore))
+    report = {
+        "method": "compressed-tensors",
+        "format": PACK_FORMAT,
+        "num_bits": 4,
+        "group_size": group_size,
+        "block_sizes": sorted({w.block_size for w in weights}),
+        "symmetric": symmetric,
+        "graph_operators": sorted({w.operator for w in weights}),
+        "ignore": ignore,
+    }
+    if group_size < min(w.block_size for w in weights):
+        logger.info(
+            "int4 blocks %s are wider than some layer's input; scales written per %d",
+            report["block_sizes"],
+            group_size,
+        )
+    return tensors, quantization_config(group_size, symmetric, ignore), report
+
+
+def write_hf_checkpoint(
+    model: FdecModel,
+    source_folder: pathlib.Path,
+    out_dir: pathlib.Path,
+    *,
+    pack_lm_head: bool = False,
+) -> dict[str, Any]:
+    """Write `model` as a Hugging Face checkpoint into `out_dir`; returns a report.
+
+    Float weights are written in the graph's dtype under their HF names and layouts; int4
+    weights of `nn.Linear` modules in compressed-tensors pack-quantized format (the lm_head
+    only with `pack_lm_head`), others dequantized. Raises UsageError for int8 builds,
+    CompileError when a parameter the HF class expects is missing from the graph.
+    """
+    from safetensors.numpy import save_file
+
+    source_folder, out_dir = pathlib.Path(source_folder), pathlib.Path(out_dir)
+    source_config = json.loads((source_folder / _CONFIG_FILE).read_text())
+    family = family_for_config(source_config, str(source_folder / _CONFIG_FILE))
+    config, changes = _output_config(source_config, model)
+    parameters, aliases = expected_parameters(config, model.spec.kind)
+    found = _collect(model, parameters, family, pack_lm_head)
+
+    tensors: dict[str, np.ndarray] = dict(found.floats)
+    quantization: dict[str, Any] | None = None
+    if found.quantized:
+        packed, config["quantization_config"], quantization = _pack_all(found, parameters)
+        tensors.update(packed)
+    elif found.dequantized:
+        quantization = {"method": "int4 written dequantized", "format": "dense"}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / _CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(out_dir / SAFETENSORS_FILE), metadata={"format": "pt"})
+    files = [_CONFIG_FILE, SAFETENSORS_FILE]
+    for name in _SIDE_FILES:
+        path = source_folder / name
+        if path.is_file():
+            shutil.copyfile(path, out_dir / name)
+            files.append(name)
+    return {
+        "format": f"compressed-tensors {PACK_FORMAT}" if found.quantized else "safetensors",
+        "directory": str(out_dir),
+        "files": files,
+        "bytes": sum((out_dir / name).stat().st_size for name in files),
+        "quantization": quantization,
+        "tensors": len(tensors),
+        "packed": sorted(found.quantized),
+        "dequantized": found.dequantized,
+        "kept": len(found.floats) - len(found.dequantized),
+        "tied_aliases": aliases,
+        "buffers_skipped": found.buffers_skipped,
+        "config_changes": changes,
+    }
