@@ -19,6 +19,7 @@ from fdec.compile.recipe import sensitivity_pass
 from fdec.errors import QualityGateError, VerificationError
 from fdec.ir import FdecModel
 from fdec.lower import MODEL_FILE
+from fdec.lower.cuda_kernels import cpu_run_check
 from fdec.pipeline import EXACT, Instrument, Tolerance
 from fdec.runtime import OrtModel, open_session
 from fdec.verify import Reference
@@ -194,12 +195,22 @@ def verify_written(
     """Verify the build as written in `staging`; raise the quality gate's error (exit 3) or a
     VerificationError when it fails. The verification record for the report."""
     progress("verifying the build against the source model")
+    device_graph = getattr(recipe, "device_graph", None)
+    cpu_run = cpu_run_check(staging / MODEL_FILE) if device_graph else None
+    if cpu_run is not None and not cpu_run["runs"]:
+        # A GPU graph the CPU cannot run: said plainly, never passed (fdec verify BUILD on
+        # the GPU runs it there).
+        progress(f"verification {cpu_run['not_run']}")
+        return {"ok": None, "not_run": cpu_run["not_run"], "made_for": device_graph,
+                "providers": [], "tolerance": recipe.tolerance.to_dict()}  # fmt: skip
     # Without prepacking the verifying session reads the weights from the mapped file
     # instead of holding a packed copy (peak RSS; issue 9).
     session = OrtModel(
         open_session(staging / MODEL_FILE, optimization=recipe.optimization, prepack=False)
     )
     verification = verify_build(reference, session, recipe.tolerance)
+    if cpu_run is not None:  # what the CPU ran in fp32 of a graph made for the GPU
+        verification["made_for"], verification["cpu_run"] = device_graph, cpu_run
     if verification.get("gate"):
         raise quality_gate_error(
             verification, recipe.tolerance, optimized.records, optimized.snapshot, recipe, front,

@@ -242,6 +242,9 @@ class Recipe:
     tolerance: Tolerance
     optimization: str  # ORT graph optimization the build is verified and run at
     calibration_texts: list[str] | None
+    # The provider the build's graph is made for when it is not the CPU ("CUDAExecutionProvider"
+    # for onnxruntime-cuda): verification on the CPU says what it could not run as built.
+    device_graph: str | None = None
 
     @property
     def pass_names(self) -> list[str]:
@@ -324,6 +327,9 @@ def plan_pipeline(
         tolerance=_build_tolerance(pipeline, max_ppl_increase),
         optimization="basic" if qdq else "all",
         calibration_texts=load_calibration_texts(calibration) if needs else None,
+        device_graph=None
+        if backend.providers[0] == "CPUExecutionProvider" or backend.fixed_shapes
+        else backend.providers[0],
     )
 
 
