@@ -47,6 +47,12 @@ def test_static_steps_give_the_tokens_of_the_plain_loop(builds, name):
     plain = generate(model, _PROMPT, max_new_tokens=32, bound=False).tokens
     assert generate(model, _PROMPT, max_new_tokens=32).tokens == plain
     assert generate(model, _PROMPT, max_new_tokens=32, static=True).tokens == plain
+    # The static decoder of that shape is kept (CUDA graphs replay its addresses) and reset.
+    other = generate(model, _PROMPT[::-1], max_new_tokens=32, static=True).tokens
+    assert other == generate(model, _PROMPT[::-1], max_new_tokens=32, bound=False).tokens
+    again = model.bound_decoder(1, len(_PROMPT) + 32, static=True)
+    assert again is model.bound_decoder(1, len(_PROMPT) + 32, static=True)
+    assert generate(model, _PROMPT, max_new_tokens=32, static=True).tokens == plain
 
 
 def test_static_steps_keep_their_buffers(builds):

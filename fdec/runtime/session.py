@@ -329,9 +329,18 @@ class OrtModel:
         """A decode loop over IOBinding for sequences of at most `max_length` positions;
         `static` (default: when the session captures CUDA graphs) binds decode steps with
         fixed shapes and addresses (BoundDecoder)."""
-        return BoundDecoder(
-            self, batch, max_length, static=self.cuda_graph if static is None else static
-        )
+        static = self.cuda_graph if static is None else static
+        if not (static and self.shares_kv_buffer):
+            return BoundDecoder(self, batch, max_length)
+        # A CUDA graph replays the addresses it captured: one static decoder per shape, kept
+        # with its buffers and its own graph id, reset for each new sequence.
+        cache = self.__dict__.setdefault("_static_decoders", {})
+        decoder = cache.get((batch, max_length))
+        if decoder is None:
+            decoder = BoundDecoder(self, batch, max_length, static=True, graph_id=len(cache) + 1)
+            cache[(batch, max_length)] = decoder
+        decoder.reset()
+        return decoder
 
     @property
     def providers(self) -> list[str]:
@@ -440,7 +449,15 @@ class BoundDecoder:
     so timings around `step` are device time.
     """
 
-    def __init__(self, model: OrtModel, batch: int, max_length: int, *, static: bool = False):
+    def __init__(
+        self,
+        model: OrtModel,
+        batch: int,
+        max_length: int,
+        *,
+        static: bool = False,
+        graph_id: int = 1,
+    ):
         ort = require_onnxruntime()
 
         if not model.num_layers:
@@ -455,6 +472,7 @@ class BoundDecoder:
         self._device = "cuda" if providers and providers[0] in _GPU_PROVIDERS else "cpu"
         self.static = static and model.shares_kv_buffer
         self.cuda_graph = self.static and model.cuda_graph
+        self.graph_id = graph_id
         self._run_options: dict[int, Any] = {}
         # static: zeros past the current length; else sliced to the length each step
         self._mask = np.zeros if self.static else np.ones
@@ -481,6 +499,13 @@ class BoundDecoder:
         for index, name in enumerate(self._past_names()):
             self._binding.bind_ortvalue_input(name, self._past[index])
         self._bind_presents()
+
+    def reset(self) -> None:
+        """Start a new sequence in the same buffers (the cache's old positions are never read:
+        the attention reads lengths from the positions bound each step)."""
+        self.length = 0
+        if self.static:
+            self._mask[:] = 0
 
     def _graph(self, graph_id: int) -> Any:
         """RunOptions naming the CUDA graph a run captures or replays (-1: none)."""
@@ -565,7 +590,9 @@ class BoundDecoder:
             else:
                 binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self._mask[:, :end]))
         if self.cuda_graph:  # decode steps replay graph 1; the prefill runs outside graphs
-            model.session.run_with_iobinding(binding, self._graph(1 if seq == 1 else -1))
+            model.session.run_with_iobinding(
+                binding, self._graph(self.graph_id if seq == 1 else -1)
+            )
         else:
             model.session.run_with_iobinding(binding)
         if self._device != "cpu":
