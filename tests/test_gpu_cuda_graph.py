@@ -199,6 +199,22 @@ def test_head_size_gqa_refuses_keeps_the_traced_attention(target, tmp_path):
         assert report["models"][0]["compute"] == "fp16"
 
 
+def test_bf16_graph_the_cpu_cannot_run_is_written_and_said_not_run(tiny_models, tmp_path):
+    """ONNX Runtime's CPU has no bf16 kernels (and inserts no casts for bf16): the build is
+    written, and its verification says it did not run, never that it passed."""
+    report = _compile(tiny_models("llama"), tmp_path / "b", "--target", "h200",
+                      "--backend", "onnxruntime", "--quantize", "bf16")  # fmt: skip
+    verification = report["verification"]
+    assert verification["ok"] is None and "numeric" not in verification
+    assert verification["not_run"].startswith("not run here: ")
+    assert "has no CPU bf16 kernel" in verification["not_run"]
+    assert report["models"][0]["compute"] == "bf16" and report["cuda_placement"]["ok"] is True
+    assert report["target"]["name"] == "h200"  # bf16 needs compute capability 8.0+: 9.0
+    from fdec.report import render_report
+
+    assert "verification NOT RUN: not run here:" in render_report(report)
+
+
 def test_a_graph_the_cpu_cannot_run_is_said_not_run():
     message = (
         "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for "

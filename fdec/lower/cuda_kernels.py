@@ -252,14 +252,25 @@ _NO_KERNEL = re.compile(
 )
 
 
-def cpu_unrunnable(err: BaseException) -> str | None:
-    """ "not run here: OP has no CPU fp16 kernel" when `err` is ONNX Runtime refusing a GPU
-    graph on the CPU for want of a kernel (it inserts fp32 casts where a float kernel exists,
-    so only ops with no CPU kernel of any float type end here); None for any other error."""
+def cpu_unrunnable(err: BaseException, dtype: str = "fp16") -> str | None:
+    """'not run here: OP has no CPU fp16 kernel' when `err` is ONNX Runtime refusing a GPU
+    graph on the CPU for want of a kernel (it inserts fp32 casts around fp16 nodes where a
+    float kernel exists, not around bf16 ones); None for any other error. `dtype` names the
+    graph's low type in the message."""
     found = _NO_KERNEL.search(str(err))
     if found is None:
         return None
-    return f"not run here: {found.group(1)} has no CPU fp16 kernel (node {found.group(3)!r})"
+    return f"not run here: {found.group(1)} has no CPU {dtype} kernel (node {found.group(3)!r})"
+
+
+def _low_dtype(path: str | os.PathLike) -> str:
+    """'bf16' when the model's inputs or initializers hold bfloat16, else 'fp16'."""
+    import onnx
+
+    graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    types = [i.type.tensor_type.elem_type for i in graph.input]
+    types += [t.data_type for t in graph.initializer]
+    return "bf16" if onnx.TensorProto.BFLOAT16 in types else "fp16"
 
 
 def cpu_run_check(path: str | os.PathLike) -> dict[str, Any]:
@@ -284,7 +295,7 @@ def cpu_run_check(path: str | os.PathLike) -> dict[str, Any]:
         try:
             ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime's own error types
-            reason = cpu_unrunnable(err)
+            reason = cpu_unrunnable(err, _low_dtype(path))
             if reason is None:
                 raise
             return {"runs": False, "not_run": reason}

@@ -190,12 +190,13 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
         numeric = verification.get("numeric", {})
         status = paint("PASS", "ok") if verification.get("ok") else paint("FAIL", "bad")
         if verification.get("not_run"):
-            status = paint("NOT RUN", "warn") + f" ({verification['not_run']})"
-        lines.append(
-            f"verification {status}: max abs error {numeric.get('max_abs_error', 0):.3g} "
-            f"(limit {verification.get('tolerance', {}).get('max_abs_error', '?')}), "
-            f"top-1 agreement {numeric.get('top1_agreement', 0):.3f}"
-        )
+            lines.append(f"verification {paint('NOT RUN', 'warn')}: {verification['not_run']}")
+        else:
+            lines.append(
+                f"verification {status}: max abs error {numeric.get('max_abs_error', 0):.3g} "
+                f"(limit {verification.get('tolerance', {}).get('max_abs_error', '?')}), "
+                f"top-1 agreement {numeric.get('top1_agreement', 0):.3f}"
+            )
         if "perplexity_source" in numeric:
             lines.append(
                 f"perplexity: source {numeric['perplexity_source']:.3f}, "
