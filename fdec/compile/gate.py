@@ -184,6 +184,12 @@ def quality_gate_error(
     return QualityGateError(problem, fix, details=details)
 
 
+def _available_providers() -> list[str]:
+    from fdec.runtime.session import require_onnxruntime
+
+    return list(require_onnxruntime().get_available_providers())
+
+
 def verify_written(
     staging: pathlib.Path,
     reference: Reference,
@@ -196,7 +202,10 @@ def verify_written(
     VerificationError when it fails. The verification record for the report."""
     progress("verifying the build against the source model")
     device_graph = getattr(recipe, "device_graph", None)
-    cpu_run = cpu_run_check(staging / MODEL_FILE) if device_graph else None
+    # A graph made for a GPU provider is verified on it where this onnxruntime has it (a
+    # compile on the GPU machine), else on the CPU with what the CPU could not run said.
+    on_device = device_graph is not None and device_graph in _available_providers()
+    cpu_run = cpu_run_check(staging / MODEL_FILE) if device_graph and not on_device else None
     if cpu_run is not None and not cpu_run["runs"]:
         # A GPU graph the CPU cannot run: said plainly, never passed (fdec verify BUILD on
         # the GPU runs it there).
@@ -205,12 +214,20 @@ def verify_written(
                 "providers": [], "tolerance": recipe.tolerance.to_dict()}  # fmt: skip
     # Without prepacking the verifying session reads the weights from the mapped file
     # instead of holding a packed copy (peak RSS; issue 9).
+    providers = [device_graph, "CPUExecutionProvider"] if on_device else None
     session = OrtModel(
-        open_session(staging / MODEL_FILE, optimization=recipe.optimization, prepack=False)
-    )
+        open_session(
+            staging / MODEL_FILE, providers=providers, optimization=recipe.optimization,
+            prepack=False,
+        )
+    )  # fmt: skip
     verification = verify_build(reference, session, recipe.tolerance)
+    if device_graph:
+        verification["made_for"] = device_graph
+        if session.provider_fallback:
+            verification["provider_fallback"] = session.provider_fallback
     if cpu_run is not None:  # what the CPU ran in fp32 of a graph made for the GPU
-        verification["made_for"], verification["cpu_run"] = device_graph, cpu_run
+        verification["cpu_run"] = cpu_run
     if verification.get("gate"):
         raise quality_gate_error(
             verification, recipe.tolerance, optimized.records, optimized.snapshot, recipe, front,
