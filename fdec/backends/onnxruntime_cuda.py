@@ -71,6 +71,7 @@ class OnnxRuntimeCudaBackend:
         """Fusion and packed QKV as on the CPU (when the default pipeline allows them), then the
         CUDA typing, which every build of this backend gets (a --passes list included)."""
         from fdec.backends.onnxruntime import BACKEND as CPU
+        from fdec.passes.fusion import FuseAttentionPass
         from fdec.passes.typing import CastFloat16Pass, cuda_typing
 
         if "hf-checkpoint" in emit:
@@ -80,9 +81,9 @@ class OnnxRuntimeCudaBackend:
                 "compile the serving checkpoint with --target cpu, or drop --emit hf-checkpoint",
             )
         passes = CPU.prepare_passes(pipeline=pipeline, custom=custom, emit=emit, kv_sink=kv_sink)
-        passes = [dataclasses.replace(p, backend=self.name) if p.name == "fuse-attention" else p
-                  for p in passes]  # fmt: skip
-        if any(p.name == "cast-float16" for p in pipeline):
+        passes = [dataclasses.replace(p, backend=self.name)
+                  if p.name == FuseAttentionPass.name else p for p in passes]  # fmt: skip
+        if any(p.name == CastFloat16Pass.name for p in pipeline):
             return passes
         dtype = float_dtype(quantize)
         if dtype == "bf16" and target is not None:
