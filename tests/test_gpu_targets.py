@@ -78,6 +78,11 @@ def test_h100_build_is_complete_with_the_engine_deferred(tiny_models, tmp_path, 
     assert trt["status"] == "deferred" and "tensorrt" in trt["reason"]
     plan = json.loads((out / "engines" / "tensorrt" / "plan.json").read_text())
     assert plan["compute_capability"] == "9.0" and plan["status"] == "deferred"
+    # Which precision each shipped model runs in: model.onnx, then the typed TensorRT model.
+    models = {m["file"]: m for m in report["models"]}
+    assert models["model.onnx"]["summary"] == "fp32 compute, fp32 weights, fp32 KV cache"
+    assert models["engines/tensorrt/model.onnx"]["compute"] in ("bf16", "fp16")
+    assert report["cuda_placement"]["ok"] is True and "required" not in report["cuda_placement"]
     assert (
         "trtexec" in plan["trtexec_shell"] and "--saveEngine=model.engine" in plan["trtexec_shell"]
     )

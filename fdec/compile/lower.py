@@ -63,6 +63,12 @@ def write_files(
     runs_on = ", ".join((backend.providers if backend is not None else ()) or ["ONNX Runtime"])
     models = [{"file": MODEL_FILE, "runs_on": f"ONNX Runtime {runs_on}",
                **graph_precision(model.model)}]  # fmt: skip
+    if target.is_gpu and "Q/DQ" in models[0]["weights"]:
+        models[0]["note"] = (
+            "ONNX Runtime's CUDA EP only emulates Q/DQ (fp8 Q/DQ ran slower than fp32 on an "
+            "H200, issue 16): the TensorRT engine runs this precision; --backend onnxruntime "
+            "gives the fp16 CUDA model"
+        )
     records = optimized.records
     counts = records[-1].after if records else model.counts()
     gathered = _gathered_bytes(model)

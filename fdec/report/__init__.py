@@ -217,6 +217,8 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
             lines.append(f"  graph made for {verification['made_for']}; fp32 on this CPU: {ops}")
     for model in report.get("models") or []:
         lines.append(f"model {model['file']}: {model.get('summary')} ({model.get('runs_on')})")
+        if model.get("note"):
+            lines.append(f"  {model['note']}")
     for engine in report.get("engines") or []:
         what = engine.get("purpose") or "engine"
         status = engine["status"]
