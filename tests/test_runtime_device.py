@@ -85,3 +85,47 @@ def test_cuda_graph_request_without_cuda_is_harmless(builds):
     assert model.cuda_graph is False and session.get_providers() == ["CPUExecutionProvider"]
     runtime = json.loads((builds["fp16-cuda"] / "fdec-runtime.json").read_text())
     assert runtime["providers"][0][0] == "CUDAExecutionProvider"
+
+
+def test_cuda_graphs_refused_then_cuda_refused_fall_back_step_by_step(builds, monkeypatch):
+    """onnxruntime-gpu refusing CUDA graphs for a graph (its session constructor raises) opens
+    the session without them before giving up CUDA: injected at the constructor, as
+    tests/test_provider_fallback.py does (no CUDA here); the CPU session is real."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    real = onnxruntime.InferenceSession
+    asked: list[tuple[list[str], list[dict]]] = []
+
+    class _Gpu(real):
+        def __init__(self, path, sess_options=None, providers=None, provider_options=None, **kw):
+            asked.append((list(providers), [dict(o) for o in provider_options]))
+            if "CUDAExecutionProvider" in providers:
+                options = provider_options[providers.index("CUDAExecutionProvider")]
+                if options.get("enable_cuda_graph") == "1":
+                    raise Fail("This session cannot use the graph capture feature as requested")
+                raise Fail("CUDA failure 100: no CUDA-capable device is detected")
+            super().__init__(path, sess_options=sess_options, providers=providers,
+                             provider_options=provider_options, **kw)  # fmt: skip
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", _Gpu)
+    monkeypatch.setattr(
+        onnxruntime,
+        "get_available_providers",
+        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    session = open_session(
+        builds["fp16-cuda"] / "model.onnx",
+        providers=[["CUDAExecutionProvider", {}], ["CPUExecutionProvider", {}]],
+        cuda_graph=True,
+    )
+    assert [a[0] for a in asked] == [
+        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        ["CPUExecutionProvider"],
+    ]
+    assert asked[0][1][0] == {"enable_cuda_graph": "1"} and asked[1][1][0] == {}
+    assert session.fdec_cuda_graph is False
+    assert session.fdec_provider_fallback.startswith("CUDA graphs could not start (This session")
+    assert (
+        "CUDAExecutionProvider could not start (CUDA failure 100" in session.fdec_provider_fallback
+    )
