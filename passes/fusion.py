@@ -38,10 +38,10 @@ logger = logging.getLogger(__name__)
 # Fused attention ops, by how much of the attention they take over.
 FUSED_ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 _MS = "com.microsoft"
-# ONNX Runtime's GroupQueryAttention refuses other head sizes when it runs ("head_size must be a
-# multiple of 8. Got head_size % 8 == 4", onnxruntime 1.32 CPU, a tiny Llama of head size 12;
-# the CUDA kernels share that check): such models keep their traced attention.
-GQA_HEAD_SIZE_MULTIPLE = 8
+# ONNX Runtime's GroupQueryAttention refuses other head sizes when it runs (onnxruntime 1.32 CPU,
+# tiny Llamas: head size 12 "head_size must be a multiple of 8", head size 8 "head_size shall be
+# a multiple of 16"; its CUDA kernels share those checks): such models keep their attention.
+GQA_HEAD_SIZE_MULTIPLE = 16
 
 
 class _RotaryAnglesAsMatMul(pattern.RewriteRuleClassBase):

@@ -182,15 +182,20 @@ def test_kv_dtype_other_than_fp16_is_refused_for_the_cuda_graph():
     assert recipe.device_graph == "CUDAExecutionProvider"
 
 
-@pytest.mark.parametrize("target", ["cpu", "h200"])
-def test_head_size_gqa_refuses_keeps_the_traced_attention(target, tmp_path):
-    """Head size 12: ONNX Runtime's GroupQueryAttention refuses it when it runs (it used to be
-    fused and the compile died with an internal error)."""
-    model = make_tiny_model(tmp_path / "m", "llama", hidden_size=48)  # 4 heads of 12
+@pytest.mark.parametrize(
+    ("target", "head", "shape"),
+    [("cpu", 12, {"hidden_size": 48}),
+     ("h200", 12, {"hidden_size": 48}),
+     ("cpu", 8, {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3})],
+)  # fmt: skip
+def test_head_size_gqa_refuses_keeps_the_traced_attention(target, head, shape, tmp_path):
+    """Head sizes 12 and 8: ONNX Runtime's GroupQueryAttention refuses them when it runs (they
+    used to be fused and the compile died with an internal error)."""
+    model = make_tiny_model(tmp_path / "m", "llama", **shape)
     report = _compile(model, tmp_path / "b", "--target", target, "--quantize", "none",
                       *(("--backend", "onnxruntime") if target != "cpu" else ()))  # fmt: skip
     fuse = next(p for p in report["passes"] if p["name"] == "fuse-attention")
-    assert "head size 12 is not a multiple of 8" in fuse["stats"]["not_fused"]
+    assert f"head size {head} is not a multiple of 16" in fuse["stats"]["not_fused"]
     graph = _graph(tmp_path / "b").graph
     assert not [n for n in graph if n.op_type == "GroupQueryAttention"]
     assert report["verification"]["ok"] is True
