@@ -57,6 +57,7 @@ from fdec.pipeline import Pass, PassResult, Tolerance
 
 __all__ = [
     "BF16_TOLERANCE",
+    "CUDA_FP16_TOLERANCE",
     "CUDA_KEEP_FP32_OPS",
     "CUDA_LOW_OPS",
     "FP16_TOLERANCE",
@@ -139,6 +140,11 @@ _RANGE: dict[ir.DataType, tuple[float, float]] = {
 #: tests/passes/test_typing.py: fp16 max logit error ~2e-3, bf16 ~2e-2, all top-1 agreeing).
 FP16_TOLERANCE = Tolerance(max_abs_error=0.05, min_top1_agreement=0.95, greedy_identical=False)
 BF16_TOLERANCE = Tolerance(max_abs_error=0.25, min_top1_agreement=0.9, greedy_identical=False)
+#: The ONNX Runtime CUDA typing (fp16 activations between the fused kernels and an fp16 KV cache,
+#: not only fp16 weights): SmolLM2-135M's logits moved by up to 0.081 against PyTorch fp32 at an
+#: unchanged perplexity (`fdec compile smollm2-135m --target h200 --backend onnxruntime`, checked
+#: on the CPU, 2026-12-04), past FP16_TOLERANCE's 0.05 from tiny models; the tiny Llama 0.003.
+CUDA_FP16_TOLERANCE = Tolerance(max_abs_error=0.25, min_top1_agreement=0.95, greedy_identical=False)
 
 
 def choose_float_dtype(target: Any) -> str:
@@ -216,7 +222,9 @@ class CastFloat16Pass(Pass):
 
     @property
     def tolerance(self) -> Tolerance:  # type: ignore[override]
-        return FP16_TOLERANCE if self.dtype == "fp16" else BF16_TOLERANCE
+        if self.dtype == "bf16":
+            return BF16_TOLERANCE
+        return CUDA_FP16_TOLERANCE if self.low_io or self.low_ops else FP16_TOLERANCE
 
     def check_target(self, target: Any) -> None:
         if target is None or self.dtype != "bf16":
