@@ -204,9 +204,15 @@ def test_head_size_gqa_refuses_keeps_the_traced_attention(target, head, shape, t
         assert report["models"][0]["compute"] == "fp16"
 
 
-def test_bf16_graph_the_cpu_cannot_run_is_written_and_said_not_run(tiny_models, tmp_path):
+@pytest.mark.parametrize("large", [False, True])
+def test_bf16_graph_the_cpu_cannot_run_is_written_and_said_not_run(
+    large, tiny_models, tmp_path, monkeypatch
+):
     """ONNX Runtime's CPU has no bf16 kernels (and inserts no casts for bf16): the build is
-    written, and its verification says it did not run, never that it passed."""
+    written, and its verification says it did not run, never that it passed. `large`: a model
+    past the node-by-node check's size limit, found out by the verifying session itself."""
+    if large:
+        monkeypatch.setattr("fdec.lower.cuda_kernels._CHECK_LIMIT_BYTES", 0)
     report = _compile(tiny_models("llama"), tmp_path / "b", "--target", "h200",
                       "--backend", "onnxruntime", "--quantize", "bf16")  # fmt: skip
     verification = report["verification"]

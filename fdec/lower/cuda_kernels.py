@@ -26,6 +26,7 @@ import importlib.resources
 import json
 import logging
 import os
+import pathlib
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "cpu_unrunnable",
     "kernel_for",
     "kernel_table",
+    "low_dtype",
     "placement_summary",
 ]
 
@@ -247,6 +249,7 @@ def placement_summary(model: Any, *, examples: int = 5) -> dict[str, Any]:
     }
 
 
+_CHECK_LIMIT_BYTES = int(1.5 * 2**30)  # protobuf's 2 GiB limit, with room
 _NO_KERNEL = re.compile(
     r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'"
 )
@@ -263,7 +266,7 @@ def cpu_unrunnable(err: BaseException, dtype: str = "fp16") -> str | None:
     return f"not run here: {found.group(1)} has no CPU {dtype} kernel (node {found.group(3)!r})"
 
 
-def _low_dtype(path: str | os.PathLike) -> str:
+def low_dtype(path: str | os.PathLike) -> str:
     """'bf16' when the model's inputs or initializers hold bfloat16, else 'fp16'."""
     import onnx
 
@@ -286,6 +289,12 @@ def cpu_run_check(path: str | os.PathLike) -> dict[str, Any]:
     from fdec.runtime.session import require_onnxruntime
 
     ort = require_onnxruntime()
+    path = pathlib.Path(path)
+    size = sum(p.stat().st_size for p in path.parent.glob(f"{path.name}*") if p.is_file())
+    if size > _CHECK_LIMIT_BYTES:  # ORT would write the whole optimized model, weights inline
+        return {"runs": None, "provider": "CPUExecutionProvider",
+                "skipped": f"model of {size / 2**30:.1f} GiB: the node-by-node check writes "
+                           "the optimized model, weights included; not done above 1.5 GiB"}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="fdec-cpu-check-") as folder:
         optimized = os.path.join(folder, "cpu.onnx")
         options = ort.SessionOptions()
@@ -295,7 +304,7 @@ def cpu_run_check(path: str | os.PathLike) -> dict[str, Any]:
         try:
             ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime's own error types
-            reason = cpu_unrunnable(err, _low_dtype(path))
+            reason = cpu_unrunnable(err, low_dtype(path))
             if reason is None:
                 raise
             return {"runs": False, "not_run": reason}
