@@ -6,7 +6,10 @@
 Rows, all greedy, the same prompt ids (HF_FOLDER's tokenizer), `--gen` new tokens, batch sizes
 `--batches`, median of `--rounds` timed calls after a warm-up, the device synchronised:
 - each `--build NAME=DIR`: an fdec build through fdec's runtime (IOBinding loop) on the
-  providers its fdec-runtime.json asks for; plus, per build, the placement check: predicted
+  providers its fdec-runtime.json asks for; with `--cuda-graph`, also a row "fdec NAME
+  cuda-graph" whose session captures decode steps as CUDA graphs (static shapes from the
+  shared max-length buffer; the row says whether ONNX Runtime allowed it); plus, per build,
+  the placement check: predicted
   (fdec.lower.cuda_kernels, the kernel table) and real (a profiled prefill and decode step:
   nodes per provider, Memcpy nodes), and greedy tokens on the GPU against the CPU provider for
   `--check-steps` steps;
@@ -16,7 +19,10 @@ Rows, all greedy, the same prompt ids (HF_FOLDER's tokenizer), `--gen` new token
   -e cuda`, made when missing), driven by onnxruntime_genai.
 tok/s is batch × new tokens ÷ wall time of the whole call (prefill included, as the issue's
 table measured); "decode" is fdec's own decode-only figure. Ratios are against PyTorch static
-and genai fp16 at the same batch. One JSON document (--json) and a table on stdout.
+and genai fp16 at the same batch. After the table, issue 16's figures, each met or not (builds
+named fp16 and int4): fp16 >= 1.5x PyTorch static at batch 1 and >= 1.0x at batch 16, >= genai
+fp16, int4 faster than fp16 at batch 1, no CPU or Memcpy nodes, 32 greedy tokens equal to the
+CPU run. One JSON document (--json) and the text on stdout.
 `--device cpu` runs the same code on the CPU (tests; no speed meaning there).
 """
 
@@ -101,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="greedy steps compared between the GPU and the CPU provider",
     )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also measure each build with CUDA graphs (enable_cuda_graph)")  # fmt: skip
     parser.add_argument("--json", type=pathlib.Path, help="write the whole result here")
     parser.add_argument("--timeout", type=int, default=300,
                         help="seconds for each peer build subprocess")  # fmt: skip
@@ -183,7 +191,9 @@ def _providers(device: str) -> list[Any]:
     )
 
 
-def _open_build(folder: pathlib.Path, device: str, profile: str | None = None) -> Any:
+def _open_build(
+    folder: pathlib.Path, device: str, profile: str | None = None, cuda_graph: bool = False
+) -> Any:
     """(OrtModel, kv_cache config) of the build on `device`'s providers: through fdec's
     open_session (its provider fallback included), or, to profile into `profile`, a plain
     session whose provider failures raise."""
@@ -207,7 +217,9 @@ def _open_build(folder: pathlib.Path, device: str, profile: str | None = None) -
             str(path), options, providers=_providers(device), enable_fallback=0
         )
     else:
-        session = open_session(path, providers=_providers(device), optimization=level)
+        session = open_session(
+            path, providers=_providers(device), optimization=level, cuda_graph=cuda_graph
+        )
     kv = config.get("kv_cache") or {}
     return OrtModel(session, kv_buffer=kv.get("buffer")), kv
 
@@ -267,18 +279,25 @@ def measure_fdec(name: str, folder: pathlib.Path, args: argparse.Namespace, prom
         except Exception as err:  # reported in the table, the other rows still run
             checks[key] = {"error": f"{type(err).__name__}: {err}"[:300]}
     rows = []
-    for batch in args.batches:
-        prompts = [prompt] * batch
-        decode: list[float] = []
+    variants = [(f"fdec {name}", model)]
+    if args.cuda_graph:
+        graphed, _ = _open_build(folder, args.device, cuda_graph=True)
+        variants.append((f"fdec {name} cuda-graph", graphed))
+    for system, session in variants:
+        for batch in args.batches:
+            prompts = [prompt] * batch
+            decode: list[float] = []
 
-        def call(prompts=prompts, decode=decode) -> None:
-            result = generate_batch(model, prompts, max_new_tokens=args.gen)
-            decode.append(result.decode_tokens_per_s)
+            def call(prompts=prompts, decode=decode, session=session) -> None:
+                result = generate_batch(session, prompts, max_new_tokens=args.gen)
+                decode.append(result.decode_tokens_per_s)
 
-        times = _timed(call, args.rounds, sync)
-        rows.append(_row(f"fdec {name}", batch, args.gen, times, providers=model.providers,
-                         decode_tok_s=round(statistics.median(decode[1:]), 1),
-                         build=str(folder)))  # fmt: skip
+            times = _timed(call, args.rounds, sync)
+            rows.append(_row(system, batch, args.gen, times, providers=session.providers,
+                             decode_tok_s=round(statistics.median(decode[1:]), 1),
+                             cuda_graph=session.cuda_graph,
+                             provider_fallback=session.provider_fallback,
+                             build=str(folder)))  # fmt: skip
     rows[0]["checks"] = checks
     return rows
 
@@ -369,6 +388,60 @@ def _placement_text(checks: dict[str, Any] | None) -> str:
     return "; ".join(parts)
 
 
+def _best(rows: list[dict[str, Any]], prefix: str, batch: int) -> dict[str, Any] | None:
+    """The fastest row of the fdec build `prefix` ("fdec fp16": with or without CUDA graphs)."""
+    found = [r for r in rows if r["batch"] == batch
+             and (r["system"] == prefix or r["system"] == f"{prefix} cuda-graph")]  # fmt: skip
+    return max(found, key=lambda r: r["tok_s"]) if found else None
+
+
+def verdicts(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 16's figures from one run: each with the measured value and met True/False (None
+    when a row it needs is missing). Builds are found by name: "fdec fp16", "fdec int4"."""
+    rows = result["rows"]
+
+    def tok(system: str, batch: int) -> float | None:
+        if system.startswith("fdec "):
+            row = _best(rows, system, batch)
+        else:
+            row = next((r for r in rows if r["batch"] == batch
+                        and r["system"].startswith(system)), None)  # fmt: skip
+        return row["tok_s"] if row else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a and b else None
+
+    out = []
+    static = "pytorch static-cache"
+    on_gpu = result["device"]["device"] == "cuda"  # a CPU run's speeds mean nothing here
+    for what, value, need in (
+        ("fdec fp16 / PyTorch static, batch 1", ratio(tok("fdec fp16", 1), tok(static, 1)), 1.5),
+        ("fdec fp16 / PyTorch static, batch 16", ratio(tok("fdec fp16", 16), tok(static, 16)), 1.0),
+        ("fdec fp16 / genai fp16, batch 1", ratio(tok("fdec fp16", 1),
+                                                  tok("onnxruntime-genai fp16", 1)), 1.0),
+        ("fdec int4 / fdec fp16, batch 1", ratio(tok("fdec int4", 1), tok("fdec fp16", 1)), 1.0),
+    ):  # fmt: skip
+        met = None if value is None else (value > need if "int4" in what else value >= need)
+        met = met if on_gpu else None
+        out.append({"figure": what, "value": value, "needs": need, "met": met})
+    for name in ("fp16", "int4"):
+        first = next((r for r in rows if r["system"] == f"fdec {name}" and r.get("checks")), None)
+        checks = (first or {}).get("checks") or {}
+        real, tokens = checks.get("profiled") or {}, checks.get("tokens_vs_cpu") or {}
+        placed = None if not real or "error" in real else (
+            real["cpu_nodes"] == 0 and real["memcpy_nodes"] == 0)  # fmt: skip
+        out.append({"figure": f"fdec {name}: no CPU nodes, no Memcpy (profiled)",
+                    "value": None if placed is None else
+                    f"{real['cpu_nodes']} CPU, {real['memcpy_nodes']} Memcpy",
+                    "met": placed if on_gpu else None})  # fmt: skip
+        same = tokens.get("identical") if tokens and "error" not in tokens else None
+        out.append({"figure": f"fdec {name}: {tokens.get('steps', '?')} greedy tokens = CPU run",
+                    "value": None if same is None else
+                    "identical" if same else f"differ at step {tokens['first_divergence']}",
+                    "met": same if on_gpu else None})  # fmt: skip
+    return out
+
+
 def render(result: dict[str, Any]) -> str:
     """The table: one line per system and batch, with ratios to PyTorch static and genai fp16."""
     device = result["device"]
@@ -398,6 +471,18 @@ def render(result: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
     for r in table:
         lines.append("  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip())
+    figures = result.get("verdicts") or []
+    if figures:
+        lines.append("issue 16 figures" + ("" if result["device"]["device"] == "cuda"
+                                             else " (a CPU run: nothing is met or missed)") + ":")  # fmt: skip
+        for v in figures:
+            mark = {True: "met", False: "NOT met", None: "not measured"}[v["met"]]
+            need = (
+                f" (needs {'>' if 'int4' in v['figure'] else '>='} {v['needs']})"
+                if "needs" in v
+                else ""
+            )
+            lines.append(f"  {mark:>12}: {v['figure']} = {v['value']}{need}")
     for error in result.get("errors", []):
         lines.append(f"error: {error['part']}: {error['error']}")
     return "\n".join(lines)
@@ -440,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
              lambda p=precision: measure_genai(p, build_peer(args, p), args, ids, sync))  # fmt: skip
     for name, folder in args.build:
         part(f"fdec {name}", lambda n=name, f=folder: measure_fdec(n, f, args, ids, sync))
+    result["verdicts"] = verdicts(result)
     text = render(result)
     print(text)
     if args.json:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's side of issue 16's measurements: compile fdec's GPU builds of SmolLM2, then
-# run benchmarks/gpu.py (fdec builds, PyTorch eager and static-cache, onnxruntime-genai's CUDA
+# run benchmarks/gpu.py (fdec builds, PyTorch static-cache generate, onnxruntime-genai's CUDA
 # builds, placement checks) and leave everything under $OUT.
 #
 # A session with a GPU machine (../shared/gpu/README.md has the why of each step):
@@ -14,23 +14,29 @@
 #     3. command  . .gpu/remote.sh && bash benchmarks/gpu_session.sh measure
 #          same carry, timeout_s 590; then give the machine back.
 #   `all` does 2 and 3 in one command where the device time allows one long command.
-# Device time is 15 minutes a session, start included: compile ~4-5 min (export, fusion and
-# verification on the machine's CPU), measure ~4-6 min (torch.compile compiles once per batch
-# size). Outputs: $OUT/compile-NAME.json, $OUT/gpu.json, $OUT/gpu.txt, $OUT/log.txt.
+# Device time is 15 minutes a session, start (~4 min) included; this script needs ~8: compile
+# ~4 min (export, fusion, fp16 typing and verification on the machine's CPU; the second build
+# reuses the export), measure ~4 min (torch.compile once per batch size, two genai builds,
+# two fdec builds with and without CUDA graphs). Outputs: $OUT/compile-NAME.json,
+# $OUT/gpu.json, $OUT/gpu.txt (the table and issue 16's figures, met or not), $OUT/log.txt.
 #
-# Builds: FDEC_GPU_BUILDS="NAME=fdec compile options;..." (default below): fp32 is the H200's
-# default backend's ONNX Runtime model (unfused: the 103 tok/s build node_launch_us is
-# calibrated on), int4 the fused onnxruntime build that printed garbage (62 Memcpy nodes):
-# the placement check must flag it. Add the fp16 GPU graph here once it exists.
+# Builds: FDEC_GPU_BUILDS="NAME=fdec compile options;..." (default below): fp16 is the ONNX
+# Runtime CUDA build (`--backend onnxruntime` on a GPU target: the onnxruntime-cuda backend's
+# fused fp16 graph, its default), int4 the same with MatMulNBits int4 weights. gpu.py's
+# figures look for these two names. Measured against PyTorch static-cache generate (bf16) and
+# onnxruntime-genai's CUDA fp16/int4 builds, batch 1 and 16, 64 new tokens; placement profiled
+# (CPU and Memcpy nodes) and 32 greedy tokens against the CPU provider per build.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 BUILDS=${BUILDS:-/tmp/b}
 GGUF=${GGUF:-/tmp/smol.gguf}
 TARGET=${TARGET:-h200}
-SPEC=${FDEC_GPU_BUILDS:-"fp32=--quantize none;int4=--quantize int4 --backend onnxruntime"}
+SPEC=${FDEC_GPU_BUILDS:-"fp16=--backend onnxruntime;int4=--backend onnxruntime --quantize int4"}
 FDEC=${FDEC:-/tmp/fdec}
 PEERS=${PEERS:-"fp16 int4"}   # onnxruntime-genai builds to make and measure
-GPU_PY_ARGS=${GPU_PY_ARGS:-}  # more benchmarks/gpu.py options (later ones win)
+# more benchmarks/gpu.py options (later ones win): PyTorch static only (eager is measured in
+# ../shared/gpu/README.md already), and each fdec build again with CUDA graphs
+GPU_PY_ARGS=${GPU_PY_ARGS:-"--torch static --cuda-graph"}
 mkdir -p "$OUT" "$BUILDS"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 here=$(cd "$(dirname "$0")" && pwd)

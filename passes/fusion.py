@@ -31,13 +31,17 @@ from fdec.passes.cleanup import FoldConstantsPass
 from fdec.passes.weights import add_initializer
 from fdec.pipeline import EXACT, Pass, PassResult
 
-__all__ = ["FUSED_ATTENTION_OPS", "FuseAttentionPass"]
+__all__ = ["FUSED_ATTENTION_OPS", "GQA_HEAD_SIZE_MULTIPLE", "FuseAttentionPass"]
 
 logger = logging.getLogger(__name__)
 
 # Fused attention ops, by how much of the attention they take over.
 FUSED_ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 _MS = "com.microsoft"
+# ONNX Runtime's GroupQueryAttention refuses other head sizes when it runs (onnxruntime 1.32 CPU,
+# tiny Llamas: head size 12 "head_size must be a multiple of 8", head size 8 "head_size shall be
+# a multiple of 16"; its CUDA kernels share those checks): such models keep their attention.
+GQA_HEAD_SIZE_MULTIPLE = 16
 
 
 class _RotaryAnglesAsMatMul(pattern.RewriteRuleClassBase):
@@ -324,6 +328,16 @@ class FuseAttentionPass(Pass):
                 model,
                 modified=False,
                 stats={"nodes_before": nodes_before, "not_fused": "encoder models: not yet"},
+            )
+        head_dim = model.spec.head_dim
+        if head_dim and head_dim % GQA_HEAD_SIZE_MULTIPLE:
+            reason = (
+                f"head size {head_dim} is not a multiple of {GQA_HEAD_SIZE_MULTIPLE}: ONNX "
+                "Runtime's GroupQueryAttention refuses it, so the traced attention is kept"
+            )
+            logger.info("fuse-attention: %s", reason)
+            return PassResult(
+                model, modified=False, stats={"nodes_before": nodes_before, "not_fused": reason}
             )
         # fdec's folder first: it keeps weight names through folded transposes, so the
         # folding inside onnxscript's optimizer finds no weight left to rename.

@@ -22,7 +22,15 @@ most math in fp16/bf16, the numerically fragile parts in fp32, explicit Casts be
   yields fp16/bf16 and TensorRT fuses Q/DQ into low-precision kernels.
 
 Casts are inserted where a value crosses between the two, and at the graph's edges when
-`keep_io_types` is on, so the model's inputs and outputs keep their documented types.
+`keep_io_types` is on, so the model's inputs and outputs keep their documented types (except
+those named by `low_io`, which take the low type: a GPU build's KV cache).
+
+ONNX Runtime's CUDA graph (fdec.backends.onnxruntime_cuda) types the fused graph with the same
+pass: `low_ops` names the com.microsoft ops that compute low (GroupQueryAttention's CUDA kernel
+is fp16/bf16 only; its fused norm kernels accumulate in fp32 inside), `CUDA_KEEP_FP32_OPS`
+lets ONNX-domain norm ops run low for the same reason, and `low_io` makes the KV cache fp16 so
+one shared device buffer is past and present with no cast between (`cuda_typing` gives the
+options).
 
 Why not onnxruntime.transformers.float16.convert_float_to_float16 (keep_io_types,
 op_block_list): it converts to fp16 only (no bf16 target; bf16 is only offered for its blocked
@@ -49,10 +57,15 @@ from fdec.pipeline import Pass, PassResult, Tolerance
 
 __all__ = [
     "BF16_TOLERANCE",
+    "CUDA_FP16_TOLERANCE",
+    "CUDA_KEEP_FP32_OPS",
+    "CUDA_LOW_OPS",
     "FP16_TOLERANCE",
     "KEEP_FP32_OPS",
+    "KV_CACHE_IO",
     "CastFloat16Pass",
     "choose_float_dtype",
+    "cuda_typing",
     "float_types",
     "untyped_values",
 ]
@@ -66,6 +79,25 @@ KEEP_FP32_OPS: tuple[str, ...] = (
     "ReduceLogSumExp", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
     "Pow", "Sqrt", "Reciprocal", "Exp", "Log", "Cos", "Sin", "CumSum", "Range",
 )  # fmt: skip
+
+#: com.microsoft ops ONNX Runtime's CUDA provider runs in fp16/bf16 (fdec/data/cuda_kernels.json
+#: lists both types for each): fused attention (GroupQueryAttention has no fp32 CUDA kernel), the
+#: fused norms (their kernels accumulate the reduction in fp32), rotary, and 4-bit weights
+#: (MatMulNBits, GatherBlockQuantized with fp16 scales).
+CUDA_LOW_OPS: tuple[str, ...] = (
+    "GroupQueryAttention", "MultiHeadAttention", "RotaryEmbedding",
+    "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "MatMulNBits",
+    "GatherBlockQuantized", "FusedMatMul",
+)  # fmt: skip
+#: KEEP_FP32_OPS less the ONNX-domain norm ops, whose CUDA kernels (T in fp16/bf16, U = float)
+#: accumulate in fp32 like the fused ones: on the GPU they run low.
+CUDA_KEEP_FP32_OPS: tuple[str, ...] = tuple(
+    op
+    for op in KEEP_FP32_OPS
+    if op not in ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
+)
+#: Graph I/O a GPU build keeps in the low type: the KV cache (one shared device buffer).
+KV_CACHE_IO: tuple[str, ...] = ("past_key_values.", "present.")
 
 #: Elementwise ops that stay fp32 when every non-constant float input is an fp32 result.
 _FOLLOW_OPS = frozenset(
@@ -81,6 +113,14 @@ _FIXED_TYPE_OPS = frozenset(
 _SHAPE_OPS = frozenset({"Shape", "Size"})
 #: (op, input index) that must stay float32 whatever the node computes in.
 _FLOAT32_INPUTS = frozenset({("Resize", 2), ("Upsample", 1)})
+#: (op, output index) typed float32 whatever the node computes in: the norms' saved statistics
+#: (type constraint U = float in ONNX Runtime's kernels).
+_FLOAT32_OUTPUTS = frozenset(
+    (op, index)
+    for op in ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization",
+               "LayerNormalization", "SimplifiedLayerNormalization")
+    for index in (1, 2)
+)  # fmt: skip
 _MASK_OPS = frozenset({"Add", "Sub", "Where"})
 _SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
 
@@ -100,6 +140,11 @@ _RANGE: dict[ir.DataType, tuple[float, float]] = {
 #: tests/passes/test_typing.py: fp16 max logit error ~2e-3, bf16 ~2e-2, all top-1 agreeing).
 FP16_TOLERANCE = Tolerance(max_abs_error=0.05, min_top1_agreement=0.95, greedy_identical=False)
 BF16_TOLERANCE = Tolerance(max_abs_error=0.25, min_top1_agreement=0.9, greedy_identical=False)
+#: The ONNX Runtime CUDA typing (fp16 activations between the fused kernels and an fp16 KV cache,
+#: not only fp16 weights): SmolLM2-135M's logits moved by up to 0.081 against PyTorch fp32 at an
+#: unchanged perplexity (`fdec compile smollm2-135m --target h200 --backend onnxruntime`, checked
+#: on the CPU, 2026-12-04), past FP16_TOLERANCE's 0.05 from tiny models; the tiny Llama 0.003.
+CUDA_FP16_TOLERANCE = Tolerance(max_abs_error=0.25, min_top1_agreement=0.95, greedy_identical=False)
 
 
 def choose_float_dtype(target: Any) -> str:
@@ -112,6 +157,17 @@ def choose_float_dtype(target: Any) -> str:
     from fdec.targets import Precision
 
     return "bf16" if target is not None and target.supports(Precision.BF16) else "fp16"
+
+
+def cuda_typing(dtype: str = "fp16") -> dict[str, Any]:
+    """CastFloat16Pass options for ONNX Runtime's CUDA graph: the fused com.microsoft ops and
+    the norms compute low, the KV cache is low at the graph's edges, the rest as the default."""
+    return {
+        "dtype": dtype,
+        "keep_ops": CUDA_KEEP_FP32_OPS,
+        "low_ops": CUDA_LOW_OPS,
+        "low_io": KV_CACHE_IO,
+    }
 
 
 def float_types(graph: ir.Graph) -> collections.Counter:
@@ -135,7 +191,9 @@ class CastFloat16Pass(Pass):
 
     Options: `dtype` ("fp16" or "bf16"); `keep_ops` (op types kept in fp32); `keep_tables`
     (position/mask tables in fp32); `keep_logits` (the lm_head's output node in fp32);
-    `keep_io_types` (graph inputs and outputs keep their types; casts at the edges).
+    `keep_io_types` (graph inputs and outputs keep their types; casts at the edges);
+    `low_ops` (op types outside the ONNX domain that compute low: other foreign ops stay fp32);
+    `low_io` (name prefixes of graph inputs/outputs typed low even with `keep_io_types`).
     """
 
     name: ClassVar[str] = "cast-float16"
@@ -149,6 +207,8 @@ class CastFloat16Pass(Pass):
     keep_tables: bool = dataclasses.field(default=True, kw_only=True)
     keep_logits: bool = dataclasses.field(default=True, kw_only=True)
     keep_io_types: bool = dataclasses.field(default=True, kw_only=True)
+    low_ops: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
+    low_io: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -157,10 +217,14 @@ class CastFloat16Pass(Pass):
                 "set cast-float16.dtype=fp16 (any GPU) or bf16 (compute capability 8.0+)",
             )
         self.keep_ops = tuple(self.keep_ops)
+        self.low_ops = tuple(self.low_ops)
+        self.low_io = tuple(self.low_io)
 
     @property
     def tolerance(self) -> Tolerance:  # type: ignore[override]
-        return FP16_TOLERANCE if self.dtype == "fp16" else BF16_TOLERANCE
+        if self.dtype == "bf16":
+            return BF16_TOLERANCE
+        return CUDA_FP16_TOLERANCE if self.low_io or self.low_ops else FP16_TOLERANCE
 
     def check_target(self, target: Any) -> None:
         if target is None or self.dtype != "bf16":
@@ -190,6 +254,8 @@ class CastFloat16Pass(Pass):
             keep_tables=self.keep_tables,
             keep_logits=self.keep_logits,
             keep_io_types=self.keep_io_types,
+            low_ops=frozenset(self.low_ops),
+            low_io=self.low_io,
         )
         stats = typer.run()
         stats["types_inferred"] = untyped - len(untyped_values(model.graph))
@@ -240,8 +306,11 @@ class _Typer:
         keep_tables: bool,
         keep_logits: bool,
         keep_io_types: bool,
+        low_ops: frozenset[str] = frozenset(),
+        low_io: tuple[str, ...] = (),
     ):
         self.model, self.graph, self.low = model, model.graph, low
+        self.low_ops, self.low_io = low_ops, low_io
         self.keep_ops, self.keep_tables = keep_ops, keep_tables
         self.keep_logits, self.keep_io_types = keep_logits, keep_io_types
         self.nodes = list(self.graph)
@@ -280,7 +349,7 @@ class _Typer:
                 continue
             if node.op_type == "Constant" and node.domain == "":
                 continue  # typed with the initializers, by their consumers
-            if node.domain not in ("", "ai.onnx"):
+            if node.domain not in ("", "ai.onnx") and node.op_type not in self.low_ops:
                 kept[id(node)] = "foreign op"
             elif any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                      for attr in node.attributes.values()):  # fmt: skip
@@ -382,6 +451,7 @@ class _Typer:
                 target = ir.Value(name=f"{value.name}_{self.low.name.lower()}", shape=value.shape)
                 self.stats[f"{kind}_duplicated"] += 1
                 if value.is_initializer():
+                    target.const_value = converted  # an initializer needs its tensor first
                     self.graph.register_initializer(target)
                 else:
                     constant = ir.Node("", "Constant", [], outputs=[target])
@@ -416,18 +486,33 @@ class _Typer:
             self.casts[key] = out
         return self.casts[key]
 
+    def _low_io(self, value: ir.Value) -> bool:
+        return any((value.name or "").startswith(prefix) for prefix in self.low_io)
+
     def run(self) -> dict[str, Any]:
         self._decide()
-        originals = {id(v): v.dtype for v in self.graph.outputs}
+        originals = {
+            id(v): self.low if self._low_io(v) and _is_float32(v) else v.dtype
+            for v in self.graph.outputs
+        }
         self._retype_constants()
+        for value in self.graph.inputs:  # low_io inputs: fed low, cast up where fp32 reads
+            if _is_float32(value) and self._low_io(value):
+                value.dtype = self.low
+                self.stats["io_low"] += 1
         low_nodes = 0
         # Output types first (a node's consumers may come before its casts are made).
         for node in self.nodes:
             if node.op_type == "Constant" or id(node) in self.kept:
                 continue
             touched = False
-            for out in node.outputs:
-                if _is_float32(out):
+            for index, out in enumerate(node.outputs):
+                fixed = (node.op_type, index) in _FLOAT32_OUTPUTS
+                if out.dtype is None and node.op_type in self.low_ops:
+                    # Contrib ops have no ONNX shape inference: their outputs are T (or U).
+                    out.dtype = ir.DataType.FLOAT if fixed else self.low
+                    touched = True
+                elif _is_float32(out) and not fixed:
                     out.dtype = self.low
                     self.stats["tensors_cast"] += 1
                     touched = True
@@ -446,7 +531,7 @@ class _Typer:
                     node.replace_input_with(index, self._cast_of(value, wanted))
         if self.keep_io_types:
             for position, value in enumerate(list(self.graph.outputs)):
-                original = originals[id(value)]
+                original = originals[id(value)]  # low for low_io outputs
                 if value.dtype == original:
                     continue
                 name = value.name
@@ -473,6 +558,7 @@ class _Typer:
             + self.stats["constants_duplicated"],
             "casts_inserted": self.stats["casts_inserted"],
             "io_casts": self.stats["io_casts"],
+            "io_low": self.stats["io_low"],
             "values_clamped": self.stats["values_clamped"],
             "bytes_before": self.stats["bytes_before"],
             "bytes_after": self.stats["bytes_after"],

@@ -120,7 +120,7 @@ quantize = "none"
         ("max_batch = 0\n", "max_batch must be an integer >= 1, got 0"),
         ("verify_each = 1\n", "verify_each must be a boolean, got 1 (integer)"),
         ('[gates]\nmax_ppl_increase = "lots"\n', 'gates.max_ppl_increase must be a fraction ("5%" or 0.05)'),
-        ('backend = "tensorrt-llm"\n', 'backend must be one of "onnxruntime", "tensorrt", "tensorrt-rtx"'),
+        ('backend = "tensorrt-llm"\n', 'backend must be one of "onnxruntime", "onnxruntime-cuda", "tensorrt", "tensorrt-rtx"'),
         ('[recipe]\nemit = ["gguf"]\n', 'recipe.emit must be a list of strings, each one of "hf-checkpoint"'),
         ("target = [1, 2]\n", "target must be a string or a list of strings"),
         ("model = \n", "is not valid TOML"),

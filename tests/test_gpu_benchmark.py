@@ -76,6 +76,24 @@ def test_table_gives_ratios_to_torch_static_and_genai_fp16_at_the_same_batch():
     fdec_16 = next(line for line in lines if line.startswith("fdec fp16") and " 16 " in line)
     assert "1.00x" in fdec_16 and fdec_16.rstrip().endswith("-")  # no genai fp16 at batch 16
     assert lines[-1] == "error: genai int4: RuntimeError: x"
+    # Issue 16's figures, each met or not, from the same rows (int4 and batch-16 rows missing).
+    figures = {v["figure"]: v for v in gpu.verdicts(result)}
+    assert figures["fdec fp16 / PyTorch static, batch 1"] == {
+        "figure": "fdec fp16 / PyTorch static, batch 1",
+        "value": 2.0,
+        "needs": 1.5,
+        "met": True,
+    }
+    assert figures["fdec fp16 / PyTorch static, batch 16"]["met"] is True  # 3501 / 3501
+    assert figures["fdec fp16 / genai fp16, batch 1"]["value"] == 1.635
+    assert figures["fdec int4 / fdec fp16, batch 1"]["met"] is None  # no int4 row
+    assert figures["fdec fp16: no CPU nodes, no Memcpy (profiled)"]["met"] is True
+    assert figures["fdec fp16: 32 greedy tokens = CPU run"]["value"] == "identical"
+    # A CUDA-graph row of the same build counts when it is the faster one.
+    result["rows"].append({"system": "fdec fp16 cuda-graph", "batch": 1, "tok_s": 1308.0})
+    assert gpu.verdicts(result)[0]["value"] == 4.0
+    result["device"]["device"] = "cpu"
+    assert all(v["met"] is None for v in gpu.verdicts(result))
 
 
 def test_one_run_on_the_cpu_with_tiny_inputs(tiny_models, tmp_path, cli_runner):
@@ -90,7 +108,7 @@ def test_one_run_on_the_cpu_with_tiny_inputs(tiny_models, tmp_path, cli_runner):
         [sys.executable, str(ROOT / "benchmarks/gpu.py"), "--device", "cpu", "--hf", str(hf),
          "--build", f"fused={build}", "--peer", "fp32", "--peer-dir", str(tmp_path / "peer"),
          "--torch", "eager", "--batches", "1,2", "--gen", "4", "--rounds", "1",
-         "--check-steps", "4", "--json", str(out)],
+         "--check-steps", "4", "--cuda-graph", "--json", str(out)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -100,7 +118,9 @@ def test_one_run_on_the_cpu_with_tiny_inputs(tiny_models, tmp_path, cli_runner):
         ("pytorch eager float32", 1), ("pytorch eager float32", 2),
         ("onnxruntime-genai fp32", 1), ("onnxruntime-genai fp32", 2),
         ("fdec fused", 1), ("fdec fused", 2),
+        ("fdec fused cuda-graph", 1), ("fdec fused cuda-graph", 2),
     ]  # fmt: skip
+    assert [row["cuda_graph"] for row in result["rows"][4:]] == [False] * 4  # no CUDA here
     assert all(row["tok_s"] > 0 for row in result["rows"])
     checks = result["rows"][4]["checks"]
     assert checks["predicted"]["cpu_nodes"] == 2  # fp32 GroupQueryAttention: no CUDA kernel

@@ -78,6 +78,11 @@ def test_h100_build_is_complete_with_the_engine_deferred(tiny_models, tmp_path, 
     assert trt["status"] == "deferred" and "tensorrt" in trt["reason"]
     plan = json.loads((out / "engines" / "tensorrt" / "plan.json").read_text())
     assert plan["compute_capability"] == "9.0" and plan["status"] == "deferred"
+    # Which precision each shipped model runs in: model.onnx, then the typed TensorRT model.
+    models = {m["file"]: m for m in report["models"]}
+    assert models["model.onnx"]["summary"] == "fp32 compute, fp32 weights, fp32 KV cache"
+    assert models["engines/tensorrt/model.onnx"]["compute"] in ("bf16", "fp16")
+    assert report["cuda_placement"]["ok"] is True and "required" not in report["cuda_placement"]
     assert (
         "trtexec" in plan["trtexec_shell"] and "--saveEngine=model.engine" in plan["trtexec_shell"]
     )
@@ -96,8 +101,9 @@ def test_gpu_build_run_here_says_it_fell_back_to_the_cpu(tiny_models, tmp_path, 
     out = tmp_path / "a100"
     _compile(cli_runner, tiny_models("gpt2"), out, "--target", "a100", "--backend", "onnxruntime")
     runtime = json.loads((out / "fdec-runtime.json").read_text())
+    # --backend onnxruntime on a GPU target is the ONNX Runtime CUDA build (fp16 graph).
     assert [p[0] for p in runtime["providers"]] == [
-        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider",
+        "CUDAExecutionProvider", "CPUExecutionProvider",
     ]  # fmt: skip
     result = cli_runner.invoke(cli, ["run", str(out), "-p", "Ships", "-n", "4", "--json"])
     assert result.exit_code == 0, result.output
@@ -106,7 +112,7 @@ def test_gpu_build_run_here_says_it_fell_back_to_the_cpu(tiny_models, tmp_path, 
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert ran["providers"] == ["CPUExecutionProvider"]
-        assert "warning: this build asks for TensorrtExecutionProvider" in result.stderr
+        assert "warning: this build asks for CUDAExecutionProvider" in result.stderr
         assert "runs on CPUExecutionProvider" in ran["provider_fallback"]
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "REGISTRY",
     "Backend",
     "backend_names",
+    "check_precision",
     "choose_backend",
     "get_backend",
     "gpu_only_backends",
@@ -50,6 +51,18 @@ class Backend(Protocol):
     files: tuple[str, ...]
     #: How its build is verified on this machine (the report's wording).
     verifies_here: str
+    #: The --quantize precisions its model runs ("fp32": float weights as exported, typed by
+    #: the engine builder where it types; the rest fdec.targets.Precision values); the
+    #: target must have them too (Target.require).
+    precisions: tuple[str, ...]
+    #: The --quantize value used when none is given, instead of the target's default recipe
+    #: (None: the target's), and the one line that says what to use instead of a refused one.
+    default_quantize: str | None
+    precision_fix: str
+    #: The KV cache type its graph has built in (--kv-dtype may only repeat it), or None.
+    kv_dtype: str | None
+    #: The backend a GPU target gets when this one is asked for (onnxruntime → onnxruntime-cuda).
+    gpu_variant: str | None
 
     def prepare_passes(self, context: Any) -> list[Any]:
         """This backend's own graph preparation after the shared pipeline (fdec.compile.recipe
@@ -77,6 +90,7 @@ class Backend(Protocol):
 # One line per backend: name -> module under fdec.backends exporting BACKEND.
 _MODULES = {
     "onnxruntime": "fdec.backends.onnxruntime",
+    "onnxruntime-cuda": "fdec.backends.onnxruntime_cuda",
     "tensorrt": "fdec.backends.tensorrt",
     "tensorrt-rtx": "fdec.backends.tensorrt_rtx",
 }
@@ -118,11 +132,33 @@ def graph_forms() -> tuple[str, ...]:
 
 
 def choose_backend(asked: str | None, target: Any) -> Backend:
-    """The backend a compile uses: the one asked for, else the target's default."""
+    """The backend a compile uses: the one asked for, else the target's default; on a GPU
+    target, its GPU variant (`--backend onnxruntime` → onnxruntime-cuda)."""
     backend = get_backend(asked or target.default_backend)
+    if backend.gpu_variant and target.is_gpu:
+        backend = get_backend(backend.gpu_variant)
     if backend.gpu_only and not target.is_gpu:
         raise UsageError(
             f"backend {backend.name} needs a GPU target; {target.name} is a CPU",
             "pass --target with a GPU (fdec targets lists them) or --backend onnxruntime",
         )
     return backend
+
+
+# --quantize values that keep the exported float weights (fdec.compile.recipe's "no quantization").
+_FLOAT_WEIGHTS = ("none", "fp32-none")
+
+
+def check_precision(backend: Backend, quantize: str | None) -> None:
+    """UsageError when `backend` does not run `--quantize quantize` models (one line, with the
+    backend's fix); "none" (float weights) every backend takes."""
+    if not quantize or quantize.lower() in _FLOAT_WEIGHTS:
+        return
+    precision = quantize.lower().split("-", 1)[0]
+    if precision in backend.precisions:
+        return
+    raise UsageError(
+        f"--quantize {quantize}: the {backend.name} backend runs "
+        f"{', '.join(backend.precisions)} models, not {precision}",
+        backend.precision_fix,
+    )

@@ -20,9 +20,20 @@ class OnnxRuntimeBackend:
     fixed_shapes: bool = False
     files: tuple[str, ...] = ()
     verifies_here: str = "the build's model.onnx in ONNX Runtime on this CPU"
+    precisions: tuple[str, ...] = ("fp32", "int8", "int4", "fp8")
+    default_quantize: str | None = None  # the target's default recipe
+    precision_fix: str = "use --quantize int4, int8, fp8 or none"
+    kv_dtype: str | None = None
+    gpu_variant: str | None = "onnxruntime-cuda"
 
     def prepare_passes(
-        self, *, pipeline: list[Any], custom: bool, emit: tuple[str, ...], kv_sink: int | None
+        self,
+        *,
+        pipeline: list[Any],
+        custom: bool,
+        emit: tuple[str, ...],
+        kv_sink: int | None,
+        **_: Any,
     ) -> list[Any]:
         """Attention fusion (com.microsoft GroupQueryAttention) and packed QKV, after the
         shared pipeline, for a default pipeline whose passes all allow fusion; a serving

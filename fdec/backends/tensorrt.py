@@ -33,6 +33,11 @@ class TensorRtBackend:
         "model.onnx in ONNX Runtime on this CPU, the typed TensorRT model against the source; "
         "the engine where TensorRT and the GPU are"
     )
+    precisions: tuple[str, ...] = ("fp32", "int8", "int4", "fp8")
+    default_quantize: str | None = None  # the target's default recipe
+    precision_fix: str = "use --quantize fp8, int8, int4 or none (the engine is typed fp16/bf16)"
+    kv_dtype: str | None = None
+    gpu_variant: str | None = None
 
     def prepare_passes(self, **context: Any) -> list[Any]:
         return []  # its graph is typed from the verified build (typed_model)

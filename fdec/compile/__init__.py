@@ -149,6 +149,7 @@ def _build(
         lowered = write_files(
             optimized, staging, out=out, source=source, target=target,
             optimization=recipe.optimization, emit=options.emit, progress=progress,
+            backend=settings.backend,
         )  # fmt: skip
         verification = verify_written(staging, reference, recipe, optimized, front, progress)
         # Engines build from their backend's own typed model, checked against the same

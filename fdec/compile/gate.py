@@ -19,6 +19,7 @@ from fdec.compile.recipe import sensitivity_pass
 from fdec.errors import QualityGateError, VerificationError
 from fdec.ir import FdecModel
 from fdec.lower import MODEL_FILE
+from fdec.lower.cuda_kernels import cpu_run_check, cpu_unrunnable, low_dtype
 from fdec.pipeline import EXACT, Instrument, Tolerance
 from fdec.runtime import OrtModel, open_session
 from fdec.verify import Reference
@@ -183,6 +184,20 @@ def quality_gate_error(
     return QualityGateError(problem, fix, details=details)
 
 
+def _not_run(reason: str, device_graph: str, recipe: Any, progress: Any) -> dict[str, Any]:
+    """A GPU graph the CPU cannot run: said plainly, never passed (fdec verify BUILD on the
+    GPU runs it there)."""
+    progress(f"verification {reason}")
+    return {"ok": None, "not_run": reason, "made_for": device_graph, "providers": [],
+            "tolerance": recipe.tolerance.to_dict()}  # fmt: skip
+
+
+def _available_providers() -> list[str]:
+    from fdec.runtime.session import require_onnxruntime
+
+    return list(require_onnxruntime().get_available_providers())
+
+
 def verify_written(
     staging: pathlib.Path,
     reference: Reference,
@@ -194,12 +209,36 @@ def verify_written(
     """Verify the build as written in `staging`; raise the quality gate's error (exit 3) or a
     VerificationError when it fails. The verification record for the report."""
     progress("verifying the build against the source model")
+    device_graph = getattr(recipe, "device_graph", None)
+    # A graph made for a GPU provider is verified on it where this onnxruntime has it (a
+    # compile on the GPU machine), else on the CPU with what the CPU could not run said.
+    on_device = device_graph is not None and device_graph in _available_providers()
+    cpu_run = cpu_run_check(staging / MODEL_FILE) if device_graph and not on_device else None
+    if cpu_run is not None and cpu_run["runs"] is False:
+        return _not_run(cpu_run["not_run"], device_graph, recipe, progress)
     # Without prepacking the verifying session reads the weights from the mapped file
     # instead of holding a packed copy (peak RSS; issue 9).
-    session = OrtModel(
-        open_session(staging / MODEL_FILE, optimization=recipe.optimization, prepack=False)
-    )
+    providers = [device_graph, "CPUExecutionProvider"] if on_device else None
+    try:
+        session = OrtModel(
+            open_session(
+                staging / MODEL_FILE, providers=providers, optimization=recipe.optimization,
+                prepack=False,
+            )
+        )  # fmt: skip
+    except Exception as err:  # a GPU graph the CPU check skipped (too large to write)
+        graph = staging / MODEL_FILE
+        reason = cpu_unrunnable(err, low_dtype(graph)) if device_graph and not on_device else None
+        if reason is None:
+            raise
+        return _not_run(reason, device_graph, recipe, progress)
     verification = verify_build(reference, session, recipe.tolerance)
+    if device_graph:
+        verification["made_for"] = device_graph
+        if session.provider_fallback:
+            verification["provider_fallback"] = session.provider_fallback
+    if cpu_run is not None:  # what the CPU ran in fp32 of a graph made for the GPU
+        verification["cpu_run"] = cpu_run
     if verification.get("gate"):
         raise quality_gate_error(
             verification, recipe.tolerance, optimized.records, optimized.snapshot, recipe, front,

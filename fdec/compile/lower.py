@@ -14,10 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.compile.optimize import Optimized
+from fdec.errors import CompileError
 from fdec.ir import GraphCounts, release_freed_memory
-from fdec.lower import lower_onnxruntime
+from fdec.lower import MODEL_FILE, lower_onnxruntime
+from fdec.lower.cuda_kernels import placement_summary
 from fdec.lower.genai import write_genai_config
 from fdec.lower.hf_checkpoint import CHECKPOINT_DIR, write_hf_checkpoint
+from fdec.lower.onnxruntime import graph_precision
 
 __all__ = ["Lowered", "write_files"]
 
@@ -29,6 +32,10 @@ class Lowered:
     counts: GraphCounts
     gathered_bytes: int  # bytes of an untied embedding table (read a row per token)
     checkpoint: dict[str, Any] | None  # --emit hf-checkpoint's record
+    # The models the build ships and the precision each runs in (report.json `models`).
+    models: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # GPU targets: which nodes ONNX Runtime's CUDA EP has no kernel for (fdec.lower.cuda_kernels).
+    cuda_placement: dict[str, Any] | None = None
 
 
 def write_files(
@@ -41,15 +48,27 @@ def write_files(
     optimization: str,
     emit: tuple[str, ...],
     progress: Callable[[str], None],
+    backend: Any = None,
 ) -> Lowered:
     """Write the build's files into `staging`; drops `optimized.model` afterwards, so what is
     verified next is the build as written, the verifying session holding the only copy of the
     weights (peak RSS; issue 9)."""
     model, optimized.model = optimized.model, None
+    placement = _cuda_placement(model, target, backend)
     progress(f"writing the ONNX Runtime build to {out}")
     lower_onnxruntime(
-        model, staging, source_folder=source.folder, target=target, optimization=optimization
-    )
+        model, staging, source_folder=source.folder, target=target, optimization=optimization,
+        backend=backend,
+    )  # fmt: skip
+    runs_on = ", ".join((backend.providers if backend is not None else ()) or ["ONNX Runtime"])
+    models = [{"file": MODEL_FILE, "runs_on": f"ONNX Runtime {runs_on}",
+               **graph_precision(model.model)}]  # fmt: skip
+    if target.is_gpu and "Q/DQ" in models[0]["weights"]:
+        models[0]["note"] = (
+            "ONNX Runtime's CUDA EP only emulates Q/DQ (fp8 Q/DQ ran slower than fp32 on an "
+            "H200, issue 16): the TensorRT engine runs this precision; --backend onnxruntime "
+            "gives the fp16 CUDA model"
+        )
     records = optimized.records
     counts = records[-1].after if records else model.counts()
     gathered = _gathered_bytes(model)
@@ -62,7 +81,30 @@ def write_files(
         checkpoint["directory"] = CHECKPOINT_DIR  # relative: the build moves into place
     del model
     release_freed_memory()
-    return Lowered(counts, gathered, checkpoint)
+    return Lowered(counts, gathered, checkpoint, models, placement)
+
+
+def _cuda_placement(model: Any, target: Any, backend: Any) -> dict[str, Any] | None:
+    """GPU targets: the CUDA kernel check of the graph ONNX Runtime will run (the report's
+    `cuda_placement`). A build for the ONNX Runtime CUDA backend with a node the CUDA EP has no
+    kernel for is refused: ONNX Runtime would run it on the CPU, next to a KV cache bound on
+    the device (the garbage of issue 16)."""
+    if target is None or not target.is_gpu:
+        return None
+    placement = placement_summary(model)
+    if backend is not None and "CUDAExecutionProvider" in backend.providers[:1]:
+        placement["required"] = True
+        if not placement["ok"]:
+            worst = ", ".join(
+                f"{key} ×{group['count']}" for key, group in list(placement["by_op"].items())[:3]
+            )
+            raise CompileError(
+                f"{placement['cpu_nodes']} node(s) of the {backend.name} graph have no CUDA "
+                f"kernel for their types ({worst}); ONNX Runtime would run them on the CPU",
+                "report it with the build's --dump-dir output; meanwhile compile with "
+                "--backend tensorrt or --target cpu",
+            )
+    return placement
 
 
 def _gathered_bytes(model: Any) -> int:

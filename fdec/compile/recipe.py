@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fdec import passes as fdec_passes
-from fdec.backends import get_backend
+from fdec.backends import check_precision, get_backend
 from fdec.calibrate import calibration_batches, load_calibration_texts
 from fdec.errors import UsageError
 from fdec.gates import GateTolerance, default_gate
@@ -85,10 +85,13 @@ DEFAULT_MAX_PPL_INCREASE = 1.0
 _NO_QUANTIZATION = ("none", "fp32", "fp32-none")
 
 
-def default_quantize(target: Any, kind: str) -> str:
-    """The `--quantize` value a compile uses when none is given: the target's
-    `[default_recipe]` weights (its `encoder_weights` for encoders); "none" for float weights,
-    which fdec keeps in the exported fp32 (fp16/bf16 conversion is the engine builder's)."""
+def default_quantize(target: Any, kind: str, backend: Any = None) -> str:
+    """The `--quantize` value a compile uses when none is given: the backend's own default
+    where it has one (ONNX Runtime CUDA: fp16), else the target's `[default_recipe]` weights
+    (its `encoder_weights` for encoders); "none" for float weights, which fdec keeps in the
+    exported fp32 (fp16/bf16 conversion is the engine builder's)."""
+    if backend is not None and getattr(backend, "default_quantize", None):
+        return backend.default_quantize
     recipe = target.default_recipe
     weights = recipe.get("encoder_weights", recipe["weights"]) if kind == "encoder" else None
     weights = weights or recipe["weights"]
@@ -105,6 +108,8 @@ def _quantize_passes(
     keep_fp: int | None = None,
 ) -> list[Any]:
     """Passes for `--quantize PRECISION[-METHOD]`, after checking the target has the precision."""
+    if asked and backend.default_quantize and asked.lower() in ("fp16", "bf16"):
+        return []  # the backend's own float typing (onnxruntime-cuda), not a quantizer
     if not asked or asked.lower() in _NO_QUANTIZATION:
         if keep_fp is not None:
             raise UsageError(
@@ -237,6 +242,9 @@ class Recipe:
     tolerance: Tolerance
     optimization: str  # ORT graph optimization the build is verified and run at
     calibration_texts: list[str] | None
+    # The provider the build's graph is made for when it is not the CPU ("CUDAExecutionProvider"
+    # for onnxruntime-cuda): verification on the CPU says what it could not run as built.
+    device_graph: str | None = None
 
     @property
     def pass_names(self) -> list[str]:
@@ -274,6 +282,7 @@ def plan_pipeline(
     `pass_options` ({pass name: {option: value}}, the config file's [pass_options.NAME]) set
     options of passes the pipeline has; naming a pass it does not have is an error."""
     backend = get_backend(backend) if isinstance(backend, str) else backend
+    check_precision(backend, quantize)  # e.g. fp8 Q/DQ for the ONNX Runtime CUDA model
     names = fdec_passes.parse_pass_list(passes)
     # --sparsity masks fp32 weights before any quantizer (symmetric codes keep the zeros).
     pipeline = (
@@ -283,6 +292,14 @@ def plan_pipeline(
             quantize, target, backend, names, embedding="hf-checkpoint" not in emit, keep_fp=keep_fp
         )
     )
+    if kv_dtype is not None and backend.kv_dtype is not None:
+        if kv_dtype != backend.kv_dtype:
+            raise UsageError(
+                f"--kv-dtype {kv_dtype}: the {backend.name} graph keeps its KV cache in "
+                f"{backend.kv_dtype}",
+                f"drop --kv-dtype (or give {backend.kv_dtype}), or use --backend tensorrt",
+            )
+        kv_dtype = None  # the backend's graph has that cache already
     kv_passes = _kv_cache_passes(kv_dtype, kv_window, kv_sink)
     # fuse-attention runs last by default (after quantization: the quantizers and AWQ's norm
     # folding see the traced graph), for ONNX Runtime builds of fp32/int4 weights; a
@@ -294,8 +311,9 @@ def plan_pipeline(
     pipeline = _after_masking(pipeline)
     # The backend's own graph preparation (ONNX Runtime: attention fusion and packed QKV).
     pipeline += backend.prepare_passes(
-        pipeline=pipeline, custom=passes is not None, emit=emit, kv_sink=kv_sink
-    )
+        pipeline=pipeline, custom=passes is not None, emit=emit, kv_sink=kv_sink,
+        quantize=quantize, target=target,
+    )  # fmt: skip
     # KV-cache passes go last: they rewrite the cache I/O of the final (possibly fused) graph.
     pipeline += kv_passes
     pipeline = _with_pass_options(pipeline, pass_options or {})
@@ -309,6 +327,9 @@ def plan_pipeline(
         tolerance=_build_tolerance(pipeline, max_ppl_increase),
         optimization="basic" if qdq else "all",
         calibration_texts=load_calibration_texts(calibration) if needs else None,
+        device_graph=None
+        if backend.providers[0] == "CPUExecutionProvider" or backend.fixed_shapes
+        else backend.providers[0],
     )
 
 

@@ -57,7 +57,11 @@ class Settings:
 
     @property
     def chosen_by(self) -> str:
-        return f"target {self.target.name} default" if self.recipe_default else "options"
+        if not self.recipe_default:
+            return "options"
+        if self.backend.default_quantize:  # e.g. onnxruntime-cuda: fp16 until int4 is measured
+            return f"backend {self.backend.name} default"
+        return f"target {self.target.name} default"
 
     def for_source(self, source: Any) -> Settings:
         """The settings for `source`: an encoder takes the target's encoder recipe."""
@@ -68,7 +72,7 @@ class Settings:
                 "drop --emit genai",
             )
         if self.recipe_default and source.family.kind != "decoder":
-            quantize = default_quantize(self.target, source.family.kind)
+            quantize = default_quantize(self.target, source.family.kind, self.backend)
             if quantize != self.quantize:  # else planned for it already
                 recipe = _plan(options, self.target, self.backend, quantize)
                 return dataclasses.replace(self, quantize=quantize, recipe=recipe)
@@ -101,7 +105,7 @@ def resolve_settings(options: CompileOptions) -> Settings:
     # take only some quantized formats (fdec.lower.hf_checkpoint.SUPPORTED_QUANTIZE).
     recipe_default = not options.quantize and "hf-checkpoint" not in options.emit
     quantize = options.quantize or (
-        default_quantize(target, "decoder") if recipe_default else "none"
+        default_quantize(target, "decoder", backend) if recipe_default else "none"
     )
     recipe = _plan(options, target, backend, quantize)
     if options.prune:

@@ -47,6 +47,7 @@ def write_build(
     options, target, recipe = settings.options, settings.target, settings.recipe
     records, stats_cache = optimized.records, optimized.calibration_cache
     counts = lowered.counts
+    kv_cache = json.loads((staging / RUNTIME_CONFIG).read_text()).get("kv_cache")
     report = {
         "schema_version": SCHEMA_VERSION,
         "source": {
@@ -74,13 +75,19 @@ def write_build(
         "engines": engines,
         "checkpoint": lowered.checkpoint,
         "capacity": capacity.to_dict(),
-        "kv_cache": json.loads((staging / RUNTIME_CONFIG).read_text()).get("kv_cache"),
+        "kv_cache": kv_cache,
+        # The models shipped and what each computes in (the ONNX Runtime model, then each
+        # backend's typed TensorRT model), and the CUDA kernel check of GPU builds.
+        "models": lowered.models + _typed_models(engines),
+        "cuda_placement": lowered.cuda_placement,
         "estimate": estimate(
             spec,
             target,
             weight_bytes=counts.bytes,
             parameters=counts.parameters,
             gathered_bytes=lowered.gathered_bytes,
+            nodes=counts.nodes,
+            kv_bytes_per_value=_KV_ITEM_BYTES.get((kv_cache or {}).get("dtype"), 4),
         ),
         "wall_s": round(time.perf_counter() - started, 2),
     }
@@ -121,6 +128,21 @@ def write_build(
     )
     report["outputs"] = json.loads(manifest.read_text())["outputs"]
     return report
+
+
+_KV_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8_e4m3fn": 1}
+
+
+def _typed_models(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The strongly typed TensorRT models the engine records carry, as `models` rows."""
+    rows = []
+    for engine in engines:
+        typed = engine.get("typed_model")
+        if typed and typed.get("model") not in (row["file"] for row in rows):
+            rows.append({"file": typed["model"], "runs_on": "TensorRT (engines built from it)",
+                         "compute": typed.get("dtype"),
+                         "summary": " + ".join(typed.get("precisions") or [])})  # fmt: skip
+    return rows
 
 
 def _config_digest(folder: pathlib.Path) -> str:

@@ -14,6 +14,7 @@ __all__ = [
     "KV_BUFFER_METADATA",
     "MODEL_FILE",
     "RUNTIME_CONFIG",
+    "graph_precision",
     "kv_cache_config",
     "lower_onnxruntime",
     "providers_for",
@@ -94,12 +95,55 @@ def kv_cache_config(model: Any, spec: Any) -> dict[str, Any] | None:
     }
 
 
-def providers_for(target: Any) -> list[list[Any]]:
+def graph_precision(model: Any) -> dict[str, Any]:
+    """What a graph computes in, in words for the report: the float type most node outputs
+    have, how its weights are stored (MatMulNBits, Q/DQ, dynamic int8, float) and its KV cache
+    type. `summary` is the one line ("fp16 compute, int4 weights (MatMulNBits), fp16 KV")."""
+    import collections
+
+    import onnx_ir as ir
+
+    graph = model.graph
+    floats: collections.Counter = collections.Counter()
+    ops: collections.Counter = collections.Counter()
+    qdq: set[str] = set()
+    bits: set[int] = set()
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        ops[node.op_type] += 1
+        for out in node.outputs:
+            if out.dtype is not None and out.dtype.is_floating_point():
+                floats[out.dtype] += 1
+        if node.op_type == "DequantizeLinear" and node.inputs and node.inputs[0] is not None:
+            if node.inputs[0].dtype is not None:
+                qdq.add(node.inputs[0].dtype.name.lower())
+        if node.op_type == "MatMulNBits":
+            bits.add(node.attributes.get_int("bits", 4))
+    names = {ir.DataType.FLOAT: "fp32", ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
+    compute = names.get(max(floats, key=floats.get), "fp32") if floats else "fp32"
+    if bits:
+        weights = "/".join(f"int{b}" for b in sorted(bits)) + " weights (MatMulNBits)"
+    elif qdq:
+        kinds = "/".join(sorted("fp8" if "float8" in q else q for q in qdq))
+        weights = f"{kinds} Q/DQ"
+    elif ops.get("MatMulInteger") or ops.get("DynamicQuantizeLinear"):
+        weights = "int8 dynamic (MatMulInteger)"
+    else:
+        weights = f"{compute} weights"
+    past = next((v for v in graph.inputs if v.name == "past_key_values.0.key"), None)
+    kv = names.get(past.dtype, past.dtype.name.lower()) if past is not None and past.dtype else None
+    summary = f"{compute} compute, {weights}" + (f", {kv} KV cache" if kv else "")
+    return {"compute": compute, "weights": weights, "kv_cache": kv, "summary": summary}
+
+
+def providers_for(target: Any, backend: Any = None) -> list[list[Any]]:
     """ONNX Runtime execution providers (name, options) to ask for on `target`, best first.
 
-    On GPUs: the TensorRT EP (engines cached inside the build, so the second start is fast),
-    then CUDA, then the CPU. Paths in options are relative to the build folder.
+    The ONNX Runtime CUDA backend: CUDA, then the CPU (its graph is built for the CUDA EP). Other
+    builds on GPUs: the TensorRT EP (engines cached inside the build, so the second start is
+    fast), then CUDA, then the CPU. Paths in options are relative to the build folder.
     """
+    if backend is not None and tuple(backend.providers) == ("CUDAExecutionProvider",):
+        return [["CUDAExecutionProvider", {}], ["CPUExecutionProvider", {}]]
     if target is not None and getattr(target, "is_gpu", False):
         return [
             [
@@ -124,6 +168,7 @@ def lower_onnxruntime(
     source_folder: pathlib.Path,
     target: Any,
     optimization: str = "all",
+    backend: Any = None,
 ) -> list[pathlib.Path]:
     """Write the ONNX Runtime build into `out`; returns the files written."""
     spec = model.spec
@@ -143,7 +188,8 @@ def lower_onnxruntime(
         "model": MODEL_FILE,
         "kind": spec.kind,
         "family": spec.family,
-        "providers": providers_for(target),
+        "precision": graph_precision(model.model)["summary"],
+        "providers": providers_for(target, backend),
         # intra_op_num_threads 0: fdec.runtime.auto_threads() when the session opens (cores
         # not kept busy by other work); allow_spinning "auto": spinning pool threads only
         # while each has a free core (fdec.runtime.session.auto_spinning).

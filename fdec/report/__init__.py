@@ -189,11 +189,14 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
         lines.append("")
         numeric = verification.get("numeric", {})
         status = paint("PASS", "ok") if verification.get("ok") else paint("FAIL", "bad")
-        lines.append(
-            f"verification {status}: max abs error {numeric.get('max_abs_error', 0):.3g} "
-            f"(limit {verification.get('tolerance', {}).get('max_abs_error', '?')}), "
-            f"top-1 agreement {numeric.get('top1_agreement', 0):.3f}"
-        )
+        if verification.get("not_run"):
+            lines.append(f"verification {paint('NOT RUN', 'warn')}: {verification['not_run']}")
+        else:
+            lines.append(
+                f"verification {status}: max abs error {numeric.get('max_abs_error', 0):.3g} "
+                f"(limit {verification.get('tolerance', {}).get('max_abs_error', '?')}), "
+                f"top-1 agreement {numeric.get('top1_agreement', 0):.3f}"
+            )
         if "perplexity_source" in numeric:
             lines.append(
                 f"perplexity: source {numeric['perplexity_source']:.3f}, "
@@ -208,6 +211,14 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
         providers = verification.get("providers")
         if providers:
             lines.append(f"verified with ONNX Runtime on: {', '.join(providers)}")
+        fp32_here = (verification.get("cpu_run") or {}).get("fp32_on_cpu")
+        if fp32_here:
+            ops = ", ".join(f"{op} ×{n}" for op, n in fp32_here.items())
+            lines.append(f"  graph made for {verification['made_for']}; fp32 on this CPU: {ops}")
+    for model in report.get("models") or []:
+        lines.append(f"model {model['file']}: {model.get('summary')} ({model.get('runs_on')})")
+        if model.get("note"):
+            lines.append(f"  {model['note']}")
     for engine in report.get("engines") or []:
         what = engine.get("purpose") or "engine"
         status = engine["status"]

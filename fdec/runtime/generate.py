@@ -108,6 +108,7 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     bound: bool = True,
     policy: KvPolicy | Mapping[str, Any] | None = None,
+    static: bool | None = None,
 ) -> GenerationResult:
     """Prefill the prompt once, then decode one token per step reusing the KV cache.
 
@@ -116,7 +117,8 @@ def generate(
     the plain loop that passes the cache through numpy each step (the reference in tests).
     `policy` (default: the build's, `model.kv_policy`) bounds the cache; when generation has
     to drop positions it runs the plain loop, and a prompt longer than sink + window is
-    prefilled in window-sized chunks so that no past exceeds sink + window.
+    prefilled in window-sized chunks so that no past exceeds sink + window. `static` binds
+    decode steps with fixed shapes (CUDA graphs; default: when the session captures them).
     """
     chosen = KvPolicy.of(policy if policy is not None else model.kv_policy)
     if chosen is not None and chosen.trims:
@@ -128,7 +130,9 @@ def generate(
 
     def prefill() -> np.ndarray:
         if bound:
-            state["decoder"] = model.bound_decoder(1, ids.shape[1] + max(max_new_tokens, 1))
+            state["decoder"] = model.bound_decoder(
+                1, ids.shape[1] + max(max_new_tokens, 1), static=static
+            )
             return state["decoder"].step(ids)
         logits, state["past"] = model.decode(ids, model.empty_past(1), 0)
         return logits

@@ -37,6 +37,7 @@ KV_BUFFERS = ("shared", "concat")
 _KV_BUFFER_METADATA = "fdec.kv_buffer"  # fdec.lower.onnxruntime.KV_BUFFER_METADATA
 _KV_POLICY_METADATA = "fdec.kv_policy"  # fdec.passes.kv_cache.KV_POLICY_METADATA (JSON)
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+_CUDA = "CUDAExecutionProvider"
 # ONNX Runtime ships as two packages that install the same `onnxruntime` module and overwrite
 # each other; fdec depends on neither and names both (pyproject.toml extras `cpu` and `gpu`).
 INSTALL_LINES = "pip install 'fdec[cpu]' (CPU) or pip install 'fdec[gpu]' (NVIDIA GPU, CUDA 13)"
@@ -137,8 +138,14 @@ def open_session(
     spinning: bool | str | None = None,
     prepack: bool = True,
     initializers: Mapping[str, Any] | None = None,
+    cuda_graph: bool = False,
 ) -> Any:
     """An InferenceSession; `providers` are names or (name, options) pairs, best first.
+
+    `cuda_graph` asks the CUDA provider to capture decode steps as CUDA graphs
+    (`enable_cuda_graph`; BoundDecoder's static steps replay them). Where ONNX Runtime refuses
+    it for this graph, the session opens without it and says so once; `session.fdec_cuda_graph`
+    tells which happened.
 
     `initializers` (name → contiguous numpy array or OrtValue) are used in place of the
     model's initializers of those names, without a copy: the caller keeps them alive as long
@@ -197,6 +204,9 @@ def open_session(
     # retry (enable_fallback) prints four lines to stdout and retries once; instead, drop the
     # failing provider and try the rest, then say once what happened.
     failed: dict[str, list[str]] = {}  # reason → providers that failed with it
+    graphed = cuda_graph and _CUDA in names
+    if graphed:
+        provider_options[names.index(_CUDA)]["enable_cuda_graph"] = "1"
     while True:
         try:
             session = ort.InferenceSession(
@@ -208,6 +218,11 @@ def open_session(
             gpu = next((name for name in names if name in _GPU_PROVIDERS), None)
             if gpu is None:
                 raise
+            if graphed and _CUDA in names:  # first, the same providers without CUDA graphs
+                provider_options[names.index(_CUDA)].pop("enable_cuda_graph", None)
+                graphed = False
+                failed.setdefault(_first_line(err), []).append("CUDA graphs")
+                continue
             failed.setdefault(_first_line(err), []).append(gpu)
             index = names.index(gpu)
             names, provider_options = (
@@ -226,6 +241,7 @@ def open_session(
         logger.warning(fallback)
     session.fdec_initializers = pinned  # ORT reads their memory for the session's life
     session.fdec_provider_fallback = fallback  # the warning above, or None
+    session.fdec_cuda_graph = graphed and _CUDA in session.get_providers()
     return session
 
 
@@ -302,9 +318,29 @@ class OrtModel:
         """Past and present can be bound to the same preallocated buffer (no per-step copy)."""
         return self.kv_buffer == "shared"
 
-    def bound_decoder(self, batch: int, max_length: int) -> BoundDecoder:
-        """A decode loop over IOBinding for sequences of at most `max_length` positions."""
-        return BoundDecoder(self, batch, max_length)
+    @property
+    def cuda_graph(self) -> bool:
+        """The session captures CUDA graphs (open_session(cuda_graph=True) and it was allowed)."""
+        return bool(getattr(self.session, "fdec_cuda_graph", False))
+
+    def bound_decoder(
+        self, batch: int, max_length: int, *, static: bool | None = None
+    ) -> BoundDecoder:
+        """A decode loop over IOBinding for sequences of at most `max_length` positions;
+        `static` (default: when the session captures CUDA graphs) binds decode steps with
+        fixed shapes and addresses (BoundDecoder)."""
+        static = self.cuda_graph if static is None else static
+        if not (static and self.shares_kv_buffer):
+            return BoundDecoder(self, batch, max_length)
+        # A CUDA graph replays the addresses it captured: one static decoder per shape, kept
+        # with its buffers and its own graph id, reset for each new sequence.
+        cache = self.__dict__.setdefault("_static_decoders", {})
+        decoder = cache.get((batch, max_length))
+        if decoder is None:
+            decoder = BoundDecoder(self, batch, max_length, static=True, graph_id=len(cache) + 1)
+            cache[(batch, max_length)] = decoder
+        decoder.reset()
+        return decoder
 
     @property
     def providers(self) -> list[str]:
@@ -402,9 +438,26 @@ class BoundDecoder:
     step copies the cache. Otherwise the present OrtValues of one step are bound as the next
     step's past (the graph still concatenates, but nothing goes through numpy).
     Input ids and positions of decode steps, and their logits, use reused OrtValues too.
+
+    Everything is bound on the session's device ("cuda" when its first provider is a GPU one,
+    else "cpu"): the same code runs both. `static` (shared-buffer builds only) gives decode
+    steps fixed shapes and addresses, as CUDA graphs need: the attention mask is one
+    [batch, max_length] buffer (ones up to the current length; GroupQueryAttention reads the
+    lengths, not the mask's shape), the logits one device buffer. When the session captures
+    CUDA graphs (OrtModel.cuda_graph), decode steps run as graph 1 and the prefill outside
+    any graph. Every step ends with the device synchronised (its logits copied to the host),
+    so timings around `step` are device time.
     """
 
-    def __init__(self, model: OrtModel, batch: int, max_length: int):
+    def __init__(
+        self,
+        model: OrtModel,
+        batch: int,
+        max_length: int,
+        *,
+        static: bool = False,
+        graph_id: int = 1,
+    ):
         ort = require_onnxruntime()
 
         if not model.num_layers:
@@ -417,7 +470,16 @@ class BoundDecoder:
         self._binding = model.session.io_binding()
         providers = model.providers
         self._device = "cuda" if providers and providers[0] in _GPU_PROVIDERS else "cpu"
-        self._mask = np.ones((batch, max_length), dtype=np.int64)
+        self.static = static and model.shares_kv_buffer
+        self.cuda_graph = self.static and model.cuda_graph
+        self.graph_id = graph_id
+        self._run_options: dict[int, Any] = {}
+        # static: zeros past the current length; else sliced to the length each step
+        self._mask = np.zeros if self.static else np.ones
+        self._mask = self._mask((batch, max_length), dtype=np.int64)
+        self._mask_value = (
+            ort.OrtValue.ortvalue_from_numpy(self._mask, self._device, 0) if self.static else None
+        )
         self._step_ids: Any = None  # [batch, 1] OrtValues, created at the first decode step
         self._step_positions: Any = None
         self._step_logits: Any = None
@@ -437,6 +499,21 @@ class BoundDecoder:
         for index, name in enumerate(self._past_names()):
             self._binding.bind_ortvalue_input(name, self._past[index])
         self._bind_presents()
+
+    def reset(self) -> None:
+        """Start a new sequence in the same buffers (the cache's old positions are never read:
+        the attention reads lengths from the positions bound each step)."""
+        self.length = 0
+        if self.static:
+            self._mask[:] = 0
+
+    def _graph(self, graph_id: int) -> Any:
+        """RunOptions naming the CUDA graph a run captures or replays (-1: none)."""
+        if graph_id not in self._run_options:
+            options = self._ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+            self._run_options[graph_id] = options
+        return self._run_options[graph_id]
 
     def _past_names(self) -> list[str]:
         return [
@@ -484,10 +561,14 @@ class BoundDecoder:
                     np.zeros((batch, 1), np.int64), self._device, 0
                 )
                 vocab = model.session.get_outputs()[model.output_names.index("logits")].shape[-1]
-                if isinstance(vocab, int):
+                if isinstance(vocab, int) and self._device == "cpu":
                     # On the CPU the OrtValue writes into this array: no output to fetch.
                     self._step_array = np.empty((batch, 1, vocab), np.float32)
                     self._step_logits = ort.OrtValue.ortvalue_from_numpy(self._step_array)
+                elif isinstance(vocab, int) and self.static:  # one device buffer, fixed address
+                    self._step_logits = ort.OrtValue.ortvalue_from_shape_and_type(
+                        (batch, 1, vocab), np.float32, self._device, 0
+                    )
             self._step_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
             self._step_positions.update_inplace(np.broadcast_to(positions, (batch, 1)).copy())
             binding.bind_ortvalue_input("input_ids", self._step_ids)
@@ -502,12 +583,26 @@ class BoundDecoder:
                 )
             self._bind_logits()
         if "attention_mask" in model._inputs:
-            binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self._mask[:, :end]))
-        model.session.run_with_iobinding(binding)
+            if self.static:
+                self._mask[:, self.length : end] = 1
+                self._mask_value.update_inplace(self._mask)
+                binding.bind_ortvalue_input("attention_mask", self._mask_value)
+            else:
+                binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self._mask[:, :end]))
+        if self.cuda_graph:  # decode steps replay graph 1; the prefill runs outside graphs
+            model.session.run_with_iobinding(
+                binding, self._graph(self.graph_id if seq == 1 else -1)
+            )
+        else:
+            model.session.run_with_iobinding(binding)
+        if self._device != "cpu":
+            binding.synchronize_outputs()
         self.length = end
         if seq == 1 and model.shares_kv_buffer and self._step_array is not None:
             # Everything was written in place (cache and logits): nothing to collect.
             return self._step_array.copy()
+        if seq == 1 and self.static and self._step_logits is not None:
+            return self._step_logits.numpy()  # the device buffer, copied to the host
         outputs = binding.get_outputs()
         where = self._output_index
         if not model.shares_kv_buffer:

@@ -217,3 +217,59 @@ def test_tiny_llama_typed_stays_close_to_the_source(llama, dtype, tmp_path):
     limit = 1e-2 if dtype == "fp16" else 1e-1
     assert figures["max_abs_error"] < limit
     assert figures["top1_agreement"] >= 0.95
+
+
+def test_an_initializer_read_low_and_in_fp32_gets_a_low_copy():
+    """A tied table: the embedding Gather computes low, the logits MatMul stays fp32."""
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (int64[2] ids, float[2, 4] x) => (float[2, 3] logits, float[2, 3] rows) {
+        rows = Gather (w, ids)
+        logits = MatMul (x, w)
+    }
+    """
+    model = FdecModel(ir_model(text, {"w": random_array(4, 3, seed=7)}), tiny_spec())
+    feeds = {"ids": np.array([0, 3], np.int64), "x": random_array(2, 4, seed=8)}
+    before = run_ort(model.model, feeds)
+    result = CastFloat16Pass(dtype="fp16")(model)
+    assert result.stats["duplicated"] == 1
+    inits = model.graph.initializers
+    assert inits["w"].dtype == ir.DataType.FLOAT and inits["w_float16"].dtype == ir.DataType.FLOAT16
+    after = run_ort(model.model, feeds)
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-6)  # logits: fp32 throughout
+    np.testing.assert_allclose(after[1], before[1], rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_typing_of_the_fused_tiny_llama(llama):
+    """The ONNX Runtime CUDA options: fused ops low, fp16 KV cache at the edges with no cast
+    between the cache and GroupQueryAttention, logits fp32; every node has a CUDA kernel."""
+    from exported import run_pass
+
+    from fdec.lower.cuda_kernels import cpu_placed_nodes
+    from fdec.passes.fusion import FuseAttentionPass
+    from fdec.passes.typing import CUDA_FP16_TOLERANCE, FP16_TOLERANCE, cuda_typing
+
+    fused, _ = run_pass(FuseAttentionPass(), llama.cleaned())
+    assert cpu_placed_nodes(fused)  # fp32 GroupQueryAttention: no CUDA kernel
+    model, record = run_pass(CastFloat16Pass(**cuda_typing("fp16")), fused)
+    graph = model.graph
+    layers = model.spec.num_layers
+    assert record.stats["io_low"] == 2 * layers and untyped_values(graph) == []
+    gqa = [n for n in graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == layers
+    for index, node in enumerate(gqa):
+        assert node.inputs[3] is graph.inputs[3 + 2 * index]  # the cache input, uncast
+        assert {v.dtype for v in (*node.inputs[3:5], *node.outputs)} == {ir.DataType.FLOAT16}
+        assert node.outputs[1].is_graph_output() and node.outputs[2].is_graph_output()
+    norms = [n for n in graph if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert norms and all(n.outputs[0].dtype == ir.DataType.FLOAT16 for n in norms)
+    assert all(n.outputs[1].dtype in (ir.DataType.FLOAT, None) for n in norms)
+    assert graph.outputs[0].name == "logits" and graph.outputs[0].dtype == ir.DataType.FLOAT
+    assert cpu_placed_nodes(model) == []
+    from fdec.runtime import session_for_model
+
+    figures = llama.reference.compare(session_for_model(model))
+    assert FP16_TOLERANCE.judge(figures) is None, figures  # the tiny model meets the strict one
+    # The build is judged by the CUDA typing's own (SmolLM2: 0.081 at unchanged perplexity).
+    assert CastFloat16Pass(**cuda_typing("fp16")).tolerance is CUDA_FP16_TOLERANCE
+    assert CastFloat16Pass(dtype="fp16").tolerance is FP16_TOLERANCE

@@ -1,0 +1,107 @@
+"""The ONNX Runtime CUDA backend: a fused fp16 (or bf16, or int4-weight) model.onnx for the CUDA EP.
+
+What `--backend onnxruntime` gives on a GPU target (fdec.backends.choose_backend). The CUDA
+execution provider runs com.microsoft GroupQueryAttention in fp16/bf16 only: a fused fp32 graph
+sends those nodes to the CPU with Memcpy nodes around them, and with the KV cache bound on the
+device it printed garbage on an H200 (issue 16). So the backend's own preparation is attention
+fusion and packed QKV, as for the CPU, then `cast-float16` with the CUDA options
+(fdec.passes.typing.cuda_typing): the fused ops and the norms compute in fp16 (their kernels
+accumulate in fp32 inside), softmax-free reductions, rotary/mask tables and the lm_head stay
+fp32, and the KV cache inputs/outputs are fp16, one shared device buffer per tensor.
+
+Precisions: fp16 (the default: float weights typed fp16), bf16 (asked for, on targets with
+BF16) and int4 weight-only (MatMulNBits with fp16 scales). fp8 and int8 Q/DQ graphs are not
+built for it: the CUDA EP only emulates Q/DQ (fp8 Q/DQ measured slower than fp32 on the H200),
+they belong to the TensorRT backend. Every node of the written graph must have a CUDA kernel for
+its types (fdec.lower.cuda_kernels); the compile fails otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+from fdec.errors import UsageError
+
+__all__ = ["BACKEND", "OnnxRuntimeCudaBackend", "float_dtype"]
+
+
+def float_dtype(quantize: str | None) -> str:
+    """The float type the CUDA graph computes in for `--quantize`: bf16 when asked, else fp16."""
+    return "bf16" if (quantize or "").lower().startswith("bf16") else "fp16"
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxRuntimeCudaBackend:
+    name: str = "onnxruntime-cuda"
+    gpu_only: bool = True
+    graph_form: str = "onnxruntime"
+    op_domains: tuple[str, ...] = ("", "com.microsoft")
+    providers: tuple[str, ...] = ("CUDAExecutionProvider",)
+    fixed_shapes: bool = False
+    files: tuple[str, ...] = ()
+    verifies_here: str = (
+        "the build's fp16 model.onnx in ONNX Runtime on this CPU (nodes without a CPU fp16 "
+        "kernel run in fp32 there; the report lists them)"
+    )
+    # fp16 first: the default when --quantize is not given (the ORT CUDA model is fp16 unless
+    # a faster precision is asked for and measured: int4 is opt-in until a GPU run shows it).
+    precisions: tuple[str, ...] = ("fp16", "bf16", "int4")
+    default_quantize: str | None = "fp16"
+    kv_dtype: str | None = "fp16"
+    gpu_variant: str | None = None
+    precision_fix: str = (
+        "use --quantize fp16 (default), bf16 or int4 for the ONNX Runtime CUDA model, or "
+        "--backend tensorrt for fp8/int8 Q/DQ"
+    )
+
+    def prepare_passes(
+        self,
+        *,
+        pipeline: list[Any],
+        custom: bool,
+        emit: tuple[str, ...],
+        kv_sink: int | None,
+        quantize: str | None = None,
+        target: Any = None,
+        **_: Any,
+    ) -> list[Any]:
+        """Fusion and packed QKV as on the CPU (when the default pipeline allows them), then the
+        CUDA typing, which every build of this backend gets (a --passes list included)."""
+        from fdec.backends.onnxruntime import BACKEND as CPU
+        from fdec.passes.fusion import FuseAttentionPass
+        from fdec.passes.typing import CastFloat16Pass, cuda_typing
+
+        if "hf-checkpoint" in emit:
+            raise UsageError(
+                "--emit hf-checkpoint writes the float checkpoint; the ONNX Runtime CUDA "
+                "build is typed fp16",
+                "compile the serving checkpoint with --target cpu, or drop --emit hf-checkpoint",
+            )
+        passes = CPU.prepare_passes(pipeline=pipeline, custom=custom, emit=emit, kv_sink=kv_sink)
+        passes = [dataclasses.replace(p, backend=self.name)
+                  if p.name == FuseAttentionPass.name else p for p in passes]  # fmt: skip
+        if any(p.name == CastFloat16Pass.name for p in pipeline):
+            return passes
+        dtype = float_dtype(quantize)
+        if dtype == "bf16" and target is not None:
+            target.require("bf16")
+        return [*passes, CastFloat16Pass(**cuda_typing(dtype))]
+
+    def build_engines(
+        self,
+        build_dir: pathlib.Path,
+        *,
+        spec: Any,
+        target: Any,
+        limits: Any,
+        reference: Any = None,
+        tolerance: Any = None,
+        progress: Callable[[str], None] = lambda message: None,
+    ) -> list[dict[str, Any]]:
+        return []  # ONNX Runtime's CUDA EP runs model.onnx itself
+
+
+BACKEND = OnnxRuntimeCudaBackend()
