@@ -1,4 +1,4 @@
-"""The device decode loop (fdec.runtime.session.BoundDecoder): static shapes for CUDA graphs.
+"""The device decode loop (fdec.runtime.bound.BoundDecoder): static shapes for CUDA graphs.
 
 On this CPU the same code runs with device "cpu": its static steps (one max-length attention
 mask, fixed OrtValues) must give the tokens of today's loops, with the fp16 CUDA graph of a
