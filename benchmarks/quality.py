@@ -31,6 +31,7 @@ import copy
 import hashlib
 import json
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(source.folder)
     splits = [s for s in args.splits.split(",") if s]
     documents = {s: _documents(s, tokenizer, spec.vocab_size) for s in splits}
-    recipes = [r for r in args.recipes.split(",") if r]
+    recipes = [r for r in re.split(r",(?![^\[]*\])", args.recipes) if r]  # not inside [..]
     recipes = ["none", *(r for r in recipes if r != "none")]
     peers = [p for p in args.peers.split(",") if p and p != "none"]
 

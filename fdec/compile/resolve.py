@@ -57,9 +57,10 @@ class Settings:
                 f"--emit genai is for decoder builds; {options.model} is an {source.family.kind}",
                 "drop --emit genai",
             )
-        if self.recipe_default and source.family.kind != "decoder":
-            quantize = default_quantize(self.target, source.family.kind)
-            recipe = _plan(options, self.target, self.backend, quantize)
+        kind = source.family.kind
+        if kind != "decoder":  # an encoder's own recipe (and, by default, quantization)
+            quantize = default_quantize(self.target, kind) if self.recipe_default else self.quantize
+            recipe = _plan(options, self.target, self.backend, quantize, kind=kind)
             return dataclasses.replace(self, quantize=quantize, recipe=recipe)
         return self
 
@@ -114,7 +115,9 @@ def _kept(options: CompileOptions) -> tuple[pathlib.Path, ...]:
     return (pathlib.Path(options.model), options.cache_dir or default_cache_dir())
 
 
-def _plan(options: CompileOptions, target: Any, backend: Backend, quantize: str) -> Recipe:
+def _plan(
+    options: CompileOptions, target: Any, backend: Backend, quantize: str, *, kind: str = "decoder"
+) -> Recipe:
     check_emit(options.emit, quantize)
     return plan_pipeline(
         target=target,
@@ -130,4 +133,5 @@ def _plan(options: CompileOptions, target: Any, backend: Backend, quantize: str)
         kv_sink=options.kv_sink,
         pass_options=options.pass_options,
         sparsity=options.sparsity,
+        kind=kind,
     )

@@ -20,7 +20,7 @@ import pytest
 from exported import dump, export_tiny, load, matmul_weights, op_counts, run_pass
 from graphs import ir_model, run_ort, tiny_spec
 
-import fdec.passes.quantize as quantize
+import fdec.passes.quantize_int8 as quantize_int8
 from fdec.errors import UsageError
 from fdec.ir import FdecModel, ModelSpec
 from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
@@ -426,7 +426,7 @@ _FLAGS_AVX2 = "flags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma bmi2
     ],
 )
 def test_cpu_has_vnni_reads_flag_text(text, has):
-    assert quantize._cpu_has_vnni(text) is has
+    assert quantize_int8.has_vnni(text) is has
 
 
 @pytest.mark.parametrize(
@@ -434,7 +434,7 @@ def test_cpu_has_vnni_reads_flag_text(text, has):
 )
 def test_int8_on_llama_replaces_every_linear_layer(llama, monkeypatch, flags, weight_type):
     """Without VNNI the weights are uint8 (zero point 128: u8×u8 cannot overflow int16)."""
-    monkeypatch.setattr(quantize, "_host_cpu_flags", lambda: flags)
+    monkeypatch.setattr(quantize_int8, "cpu_flags", lambda: flags)
     before = llama.weights()
     roles = _quantized_roles(llama.spec, _LAYER_ROLES)
     pass_ = QuantizeInt8Pass()
@@ -477,7 +477,7 @@ def test_int8_on_llama_replaces_every_linear_layer(llama, monkeypatch, flags, we
 
 
 def test_int8_reduce_range_option_wins_over_the_cpu(llama, monkeypatch):
-    monkeypatch.setattr(quantize, "_host_cpu_flags", lambda: _FLAGS_AVX2)
+    monkeypatch.setattr(quantize_int8, "cpu_flags", lambda: _FLAGS_AVX2)
 
     model, record = run_pass(QuantizeInt8Pass(reduce_range=False), llama.cleaned())
 
@@ -589,7 +589,7 @@ def test_int8_weight_formats_on_the_u8s8_worst_case(options, overflows):
     format is exact, whatever it has.
     """
     if overflows is None:
-        overflows = not quantize._cpu_has_vnni(quantize._host_cpu_flags())
+        overflows = not quantize_int8.has_vnni(quantize_int8.cpu_flags())
     arrays = {"w": np.ones((64, 16), dtype=np.float32)}
     spec = tiny_spec(
         num_heads=1, head_dim=64, hidden_size=64, intermediate_size=16, vocab_size=16,

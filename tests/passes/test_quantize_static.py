@@ -263,7 +263,7 @@ def _output_error(before: np.ndarray, codes: np.ndarray, scales: np.ndarray, h: 
 
 
 def test_fp8_gptq_rounding_lowers_the_layer_output_error(llama):
-    from fdec.passes.quantize_static import _hessians
+    from fdec.passes.gptq import hessians
 
     before = llama.weights()
     pass_ = QuantizeFp8Pass(batches=llama.batches, weight_rounding="gptq")
@@ -278,10 +278,10 @@ def test_fp8_gptq_rounding_lowers_the_layer_output_error(llama):
     assert record.stats["weight_rounding"] == "gptq" and record.stats["gptq_tokens"] == 2048
     assert record.stats["weights_quantized"] == 15
     activations = matmul_activation_inputs(llama.cleaned())
-    hessians = _hessians(llama.cleaned(), llama.batches, sorted(set(activations.values())))
+    grams = hessians(llama.cleaned(), llama.batches, sorted(set(activations.values())))
     totals = {"nearest": 0.0, "gptq": 0.0}
     for role in _roles(llama.spec):
-        h = hessians[activations[role]]
+        h = grams[activations[role]]
         for label, built in (("nearest", nearest), ("gptq", model)):
             weight, dequantize = _weight_dequantizer(built, role)
             assert weight.dtype == ir.DataType.FLOAT8E4M3FN
@@ -340,6 +340,10 @@ def test_options_are_checked_keyword_only_and_reported_as_counts(llama):
         "include_lm_head": True,
         "share_tied_embedding": False,
         "alpha": 0.5,
+        "alpha_search": (),
+        "clip_search": (),
+        "search_rows": 512,
+        "weight_only": (),
         "stats": "9 tensors",
         "batches": None,
     }
