@@ -159,6 +159,8 @@ class QuantizeFp8Pass(StaticQuantizePass):
     def _rewrite(self, model, group, found, taken, stats) -> bool:
         graph = model.graph
         dtype = group.dtype
+        if self._weight_only(model, group):
+            return self._rewrite_weight_only(model, group, taken, stats)
         if any(weight.gathers for weight in group.weights):
             # A shared tied table: ONNX Gather takes no FLOAT8 tensor, so the table is int8
             # per vocabulary row (= per output channel of the lm_head), weight-only: the

@@ -32,16 +32,13 @@ import numpy as np
 import onnx_ir as ir
 
 from fdec.errors import UsageError
-from fdec.ir import FdecModel
 from fdec.passes.gptq import gptq
 from fdec.passes.quantize_fp8 import QuantizeFp8Pass
 from fdec.passes.quantize_int8 import quantize_int8
 from fdec.passes.smoothquant import (
-    ActivationGroup,
     capture_rows,
     divide_activation,
     insert_after_producer,
-    role_of,
     search_alpha,
     smoothing_factors,
 )
@@ -105,9 +102,6 @@ class QuantizeInt8StaticPass(StaticQuantizePass):
     # Activation range clip factors tried at the chosen α (1.0 = the calibrated absmax).
     clip_search: tuple[float, ...] = dataclasses.field(default=(), kw_only=True)
     search_rows: int = dataclasses.field(default=512, kw_only=True)
-    # Layer kinds (ModelSpec roles: "down", "o", "lm_head"...) kept W8A16: int8 weights, the
-    # activation left in float (no Q/DQ on it).
-    weight_only: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
 
     _precision = Precision.INT8
     _cpu_fix = "use quantize-int8 (dynamic int8, run-time activation scales) for the CPU"
@@ -117,7 +111,6 @@ class QuantizeInt8StaticPass(StaticQuantizePass):
         super().__post_init__()
         self.alpha_search = tuple(float(a) for a in self.alpha_search)
         self.clip_search = tuple(float(c) for c in self.clip_search)
-        self.weight_only = tuple(self.weight_only)
         alpha = self.alpha
         if alpha is not None and (
             isinstance(alpha, bool)
@@ -135,7 +128,6 @@ class QuantizeInt8StaticPass(StaticQuantizePass):
             "alpha": self.alpha,
             "smoothing_folded": 0,
             "smoothing_inserted": 0,
-            "weight_only": [],
             "searched": {},  # activation → [α, clip, relative output error]
         }
 
@@ -153,26 +145,12 @@ class QuantizeInt8StaticPass(StaticQuantizePass):
         names = [g.activation.name for g in groups if not self._weight_only(model, g)]
         self._rows = capture_rows(model, self.batches, names, max_rows=self.search_rows)
 
-    def _weight_only(self, model: FdecModel, group: ActivationGroup) -> bool:
-        """Whether the group stays W8A16 (every weight's role in `weight_only`)."""
-        roles = {role_of(model.spec, w.value.name) for w in group.weights}
-        return bool(self.weight_only) and roles <= set(self.weight_only)
-
     def _rewrite(self, model, group, found, taken, stats) -> bool:
         graph = model.graph
         dtype = group.dtype
         source = group.activation
-        if self._weight_only(model, group):  # W8A16: int8 weights, float activation
-            for weight in group.weights:
-                codes, scales = quantize_int8(weight.array, _INT8_MAX)
-                stats["bytes_before"] += weight.value.const_value.nbytes
-                stats["matmuls_quantized"] += len(weight.sites)
-                stats["weights_quantized"] += 1
-                stats["weight_only"].append(weight.value.name)
-                stats["bytes_after"] += self._quantized_weight(
-                    model, weight, ir.tensor(codes), scales, source, taken, "Q8"
-                )
-            return False
+        if self._weight_only(model, group):
+            return self._rewrite_weight_only(model, group, taken, stats)
         peak = found.absmax
         scale_rows: np.ndarray | None = None
         if self.alpha is not None:

@@ -21,10 +21,11 @@ from fdec.calibrate import (
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
 from fdec.passes.quantize_common import empty_stats, require_untied
-from fdec.passes.quantize_int8 import QuantizeInt8Pass
+from fdec.passes.quantize_int8 import QuantizeInt8Pass, quantize_int8
 from fdec.passes.smoothquant import (
     ActivationGroup,
     group_by_activation,
+    role_of,
 )
 from fdec.passes.weights import (
     Weight,
@@ -73,6 +74,9 @@ class StaticQuantizePass(Pass):
     # A tied lm_head keeps sharing the embedding: its [H, V] codes are stored once and the
     # embedding's Gathers read their columns (fdec.passes.quantize.QuantizeInt8Pass's way).
     share_tied_embedding: bool = dataclasses.field(default=False, kw_only=True)
+    # Layer kinds (ModelSpec roles: "down", "o", "lm_head"...) kept W8A16: int8 weights per
+    # output channel read through DequantizeLinear, the activation left in float (no Q/DQ).
+    weight_only: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
 
     # Set by subclasses: the precision the target must have, the fix offered to CPU targets,
     # and the lowest default-domain opset the rewritten graph needs.
@@ -82,6 +86,7 @@ class StaticQuantizePass(Pass):
 
     def __post_init__(self) -> None:
         self.batches = checked_batches(self.name, self.batches)
+        self.weight_only = tuple(self.weight_only)
 
     def check_target(self, target: Any) -> None:
         if target is None or not hasattr(target, "require"):
@@ -128,6 +133,7 @@ class StaticQuantizePass(Pass):
         stats: dict[str, Any] = {
             **empty_stats(),
             "activations_quantized": 0,
+            "weight_only": [],
             "gathers_shared": sum(len(w.gathers) for w in weights),
         }
         groups = group_by_activation(weights, skipped)
@@ -184,6 +190,27 @@ class StaticQuantizePass(Pass):
         stats: dict[str, Any],
     ) -> None:
         raise NotImplementedError
+
+    def _weight_only(self, model: FdecModel, group: ActivationGroup) -> bool:
+        """Whether the group stays W8A16 (every weight's role in `weight_only`)."""
+        roles = {role_of(model.spec, w.value.name) for w in group.weights}
+        return bool(self.weight_only) and roles <= set(self.weight_only)
+
+    def _rewrite_weight_only(
+        self, model: FdecModel, group: ActivationGroup, taken: set[str], stats: dict[str, Any]
+    ) -> bool:
+        """W8A16: per-channel int8 weights, DequantizeLinear → MatMul with the float activation.
+        False: no activation was quantized."""
+        for weight in group.weights:
+            codes, scales = quantize_int8(weight.array, 127)
+            stats["bytes_before"] += weight.value.const_value.nbytes
+            stats["matmuls_quantized"] += len(weight.sites)
+            stats["weights_quantized"] += 1
+            stats["weight_only"].append(weight.value.name)
+            stats["bytes_after"] += self._quantized_weight(
+                model, weight, ir.tensor(codes), scales, group.activation, taken, "Q8"
+            )
+        return False
 
     # --- shared rewriting ---------------------------------------------------------------------
 
