@@ -837,3 +837,37 @@ def test_int4_minmax_grid_is_for_matmulnbits_and_plain_rtn():
 
     with pytest.raises(UsageError, match="int4-rtn"):
         QuantizeInt4AwqPass(block_grid="minmax")
+
+
+def test_int8_weight_only_and_searched_alpha(llama):
+    """weight_only=("down",): each down_proj is W8A16 (int8 codes dequantized by
+    DequantizeLinear, multiplied by the float activation: no run-time quantizer, no smoothing
+    on it); alpha_search picks each other activation's α from the grid."""
+    layers = llama.spec.num_layers
+    grid = (0.5, 0.75, 0.9)
+    pass_ = QuantizeInt8Pass(
+        alpha=0.75,
+        alpha_search=grid,
+        batches=_synthetic_batches(llama.spec),
+        weight_only=("down",),
+    )
+    model, record = run_pass(pass_, llama.cleaned())
+    stats = record.stats
+    downs = {llama.spec.weights[f"layers.{i}.down"] for i in range(layers)}
+    assert set(stats["weight_only"]) == downs and stats["weights_quantized"] == 7 * layers + 1
+    # q/k/v, o, gate/up per layer and the lm_head are smoothed, each with a searched α
+    assert len(stats["searched"]) == 3 * layers + 1
+    assert {alpha for alpha, _ in stats["searched"].values()} <= set(grid)
+    for role, name in model.spec.weights.items():
+        if role == "embed":
+            continue
+        (use,) = model.graph.initializers[name].uses()
+        assert use.node.op_type == (
+            "DequantizeLinear" if role.endswith(".down") else "MatMulInteger"
+        )
+        if role.endswith(".down"):
+            (matmul,) = [u.node for u in use.node.outputs[0].uses()]
+            assert matmul.op_type == "MatMul"
+            assert matmul.inputs[0].producer().op_type != "DynamicQuantizeLinear"
+    assert op_counts(model)[("", "DynamicQuantizeLinear")] == 3 * layers + 1
+    _assert_within_tolerance(model, llama.reference, pass_)
