@@ -1,7 +1,9 @@
 """Static quantization passes for GPU engines: FP8 E4M3 and SmoothQuant INT8, as standard ONNX QDQ.
 
 Both passes rewrite the MatMul/Gemm nodes that read a weight the ModelSpec names (the same
-sites, found by the same helpers, as fdec.passes.quantize) into explicit-quantization QDQ:
+sites, found by the same helpers, as fdec.passes.quantize) into explicit-quantization QDQ.
+QuantizeInt8StaticPass lives here; QuantizeFp8Pass in fdec.passes.quantize_fp8, their shared
+base in fdec.passes.static_qdq and GPTQ in fdec.passes.gptq (all importable from here):
 
     A ─ QuantizeLinear ─ DequantizeLinear ─┐
                           W_q ─ DequantizeLinear(axis=1) ─ MatMul (─ Add bias, for a Gemm)

@@ -107,7 +107,12 @@ def test_encoder_recipe_keeps_its_declared_layers_wide(bert):
     """`--quantize int8` for an encoder (the cpu target's encoder default) keeps the layers
     INT8_ENCODER_WEIGHT_ONLY names W8A16: their int8 weights are dequantized and multiplied by
     the float activation (no run-time activation quantizer), every other layer is W8A8."""
-    from fdec.compile import INT8_ENCODER_WEIGHT_ONLY, choose_backend, plan_pipeline
+    from fdec.compile import (
+        INT8_ENCODER_WEIGHT_ONLY,
+        INT8_WEIGHT_ONLY,
+        choose_backend,
+        plan_pipeline,
+    )
     from fdec.targets import load_target
 
     model, imported = bert
@@ -118,7 +123,8 @@ def test_encoder_recipe_keeps_its_declared_layers_wide(bert):
     assert INT8_ENCODER_WEIGHT_ONLY == ("fc_out",)
     (int8,) = [p for p in plan.pipeline if p.name == "quantize-int8"]
     assert int8.weight_only == INT8_ENCODER_WEIGHT_ONLY
-    assert [p.weight_only for p in decoder.pipeline if p.name == "quantize-int8"] == [()]
+    decoder_int8 = [p.weight_only for p in decoder.pipeline if p.name == "quantize-int8"]
+    assert decoder_int8 == [INT8_WEIGHT_ONLY] != [INT8_ENCODER_WEIGHT_ONLY]
     plan.attach_calibration(imported.tokenizer, model.spec.vocab_size)
     (int8,) = [p for p in plan.pipeline if p.name == "quantize-int8"]
     quantized, record = run_pass(int8, load(dump(model), model.spec))

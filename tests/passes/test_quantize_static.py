@@ -180,6 +180,7 @@ def test_fp8_writes_qdq_with_float8_weights_and_calibrated_activation_scales(lla
         "activation_range": "absmax",
         "weight_rounding": "nearest",
         "int8_weight_only": [],
+        "weight_only": [],
         "gathers_shared": 0,
         "opset_raised": False,
     }
