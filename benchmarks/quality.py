@@ -3,6 +3,7 @@
     python benchmarks/quality.py                       # SmolLM2-135M (bundled), both splits
     python benchmarks/quality.py --recipes none,int4,fp8 --target h100 --peers none
     python benchmarks/quality.py --recipes "none,int4-awq,int4-awq:quantize-int4-awq.rounding=gptq" --splits tune
+    python benchmarks/quality.py --recipes none --peers none --encoder minilm   # MiniLM only
 
 A recipe may carry pass options after a colon, `;`-separated, as `--pass-options` takes them
 (`int4-awq:quantize-int4-awq.block_size=64;quantize-int4-awq.clip=false`).
@@ -20,6 +21,9 @@ Peers, measured in the same run on the same fp32 build (`--peers`): `ort-int8` i
 onnxruntime.quantization.quantize_dynamic with its defaults (per-tensor int8 weights),
 `ort-int4` MatMulNBitsQuantizer (RTN, block 32, symmetric, accuracy level 4), `genai-int4`
 onnxruntime-genai's model builder (`-p int4 -e cpu`, from the source folder) when installed.
+With `--encoder minilm` (the default) the run also scores all-MiniLM-L6-v2 (benchmarks/
+quality_encoder.py): fdec's cpu encoder recipe (int8) and ONNX Runtime's quantize_dynamic
+(defaults, and per-channel) by the cosine of sentence embeddings to the fp32 build.
 The report prints each recipe's default gate (fdec.gates) and whether the measured evaluation
 figure is inside it.
 """
@@ -31,6 +35,7 @@ import copy
 import hashlib
 import json
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -218,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         "--target", default=None, help="default: cpu for cpu-only recipes, h100 for fp8/static"
     )
     parser.add_argument("--export-cache", type=pathlib.Path, default=None)
+    parser.add_argument(
+        "--encoder", default="minilm", help="minilm: also all-MiniLM-L6-v2 int8 (cosine); none"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--rows", type=pathlib.Path, default=None, help="append each row as a JSON line here"
@@ -244,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(source.folder)
     splits = [s for s in args.splits.split(",") if s]
     documents = {s: _documents(s, tokenizer, spec.vocab_size) for s in splits}
-    recipes = [r for r in args.recipes.split(",") if r]
+    recipes = [r for r in re.split(r",(?![^\[]*\])", args.recipes) if r]  # not inside [..]
     recipes = ["none", *(r for r in recipes if r != "none")]
     peers = [p for p in args.peers.split(",") if p and p != "none"]
 
@@ -309,6 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         }  # fmt: skip
         measure(row, _open_peer(path))
 
+    encoder: list[dict[str, Any]] = []
+    if args.encoder == "minilm":
+        from quality_encoder import encoder_rows
+
+        encoder = encoder_rows(splits, default_cache_dir(), work)
+    elif args.encoder != "none":
+        raise SystemExit(f"unknown --encoder {args.encoder!r}; use minilm or none")
+
     base = rows[0]
     for row in rows:
         row["size_vs_fp32"] = row["bytes"] / base["bytes"]
@@ -319,9 +335,13 @@ def main(argv: list[str] | None = None) -> int:
                 for kind, ppl in row[split]["by_kind"].items()
             }
     if args.json:
-        print(json.dumps({"model": args.model, "splits": splits, "rows": rows}, indent=2))
+        document = {"model": args.model, "splits": splits, "rows": rows, "encoder": encoder}
+        print(json.dumps(document, indent=2))
         return 0
     _print_table(args.model, splits, rows)
+    from quality_encoder import print_encoder_table
+
+    print_encoder_table(splits, encoder)
     return 0
 
 

@@ -37,14 +37,10 @@ import numpy as np
 from fdec.calibrate import activations_per_batch, checked_batches
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel, release_freed_memory
-from fdec.passes.quantize import Int4Weight as _Int4Weight
-from fdec.passes.quantize import QuantizeInt4Pass
-from fdec.passes.quantize import quantize_int4 as _quantize_int4
-from fdec.passes.quantize_static import gptq as _gptq
-from fdec.passes.smoothquant import ActivationGroup as _Group
-from fdec.passes.smoothquant import divide_activation as _divide_activation
-from fdec.passes.smoothquant import group_by_activation as _group_by_activation
-from fdec.passes.weights import collect_weights as _collect
+from fdec.passes.quantize_int4 import Int4Weight, QuantizeInt4Pass, quantize_int4
+from fdec.passes.quantize_static import gptq
+from fdec.passes.smoothquant import ActivationGroup, divide_activation, group_by_activation
+from fdec.passes.weights import collect_weights
 from fdec.pipeline import PassResult, Tolerance
 
 __all__ = ["QuantizeInt4AwqPass"]
@@ -61,7 +57,7 @@ _MIN_SCALE = 1e-4  # m^α is kept at least this (a channel never active is not z
 # --- the search ---------------------------------------------------------------------------------
 
 
-def _dequantized(q: _Int4Weight) -> np.ndarray:
+def _dequantized(q: Int4Weight) -> np.ndarray:
     """The float32 [N, K] values a quantized weight stands for: (code - zero point) · scale."""
     return q.dequantized()
 
@@ -70,7 +66,7 @@ def _quantized_output(
     rows: np.ndarray, array: np.ndarray, block_size: int, symmetric: bool
 ) -> np.ndarray:
     """rows · Q(array) ([R, N]) for a [K, N] float32 array, Q the int4 RTN of QuantizeInt4Pass."""
-    return rows @ _dequantized(_quantize_int4(array, block_size, symmetric)).T
+    return rows @ _dequantized(quantize_int4(array, block_size, symmetric)).T
 
 
 def _squared_error(want: np.ndarray, got: np.ndarray) -> float:
@@ -161,7 +157,7 @@ def _clip(array: np.ndarray, rows: np.ndarray, block_size: int, symmetric: bool)
     for ratio in _CLIP_RATIOS:
         bound = peak * np.float32(ratio)
         clipped = np.clip(blocks, -bound, bound).reshape(-1, n)[:k]
-        deq = _dequantized(_quantize_int4(clipped, block_size, symmetric))  # [N, K]
+        deq = _dequantized(quantize_int4(clipped, block_size, symmetric))  # [N, K]
         delta.reshape(-1, n)[:k] = array - deq.T
         error = np.einsum("gbn,gbn->gn", np.matmul(grams, delta), delta)  # [kb, N]
         better = error < best_error
@@ -212,13 +208,13 @@ def _awq_search(
 
 def _gptq_int4(
     array: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool, damping: float
-) -> _Int4Weight:
-    """GPTQ rounding (`_gptq`) of a [K, N] weight to block-wise int4 codes.
+) -> Int4Weight:
+    """GPTQ rounding (`gptq`) of a [K, N] weight to block-wise int4 codes.
 
-    The scales and zero points are RTN's (`_quantize_int4` of the same array: AWQ's clipping
+    The scales and zero points are RTN's (`quantize_int4` of the same array: AWQ's clipping
     stays in them); only the codes change. With H = I nothing spreads and the codes are RTN's.
     """
-    nearest = _quantize_int4(array, block_size, symmetric)
+    nearest = quantize_int4(array, block_size, symmetric)
     k, n = array.shape
     scales = nearest.scales.T.astype(np.float64)  # [kb, N]
     zero = nearest.unpacked_zero_points().T.astype(np.float64)  # [kb, N]
@@ -232,7 +228,7 @@ def _gptq_int4(
         codes[i] = code
         return (code - zero[g]) * scales[g]
 
-    if not _gptq(array.astype(np.float64), hessian, damping, round_row):
+    if not gptq(array.astype(np.float64), hessian, damping, round_row):
         return nearest
     padded = nearest._unpack(nearest.packed)  # [N, kb·B]: the kernel's padding kept
     padded[:, :k] = codes.T
@@ -436,7 +432,9 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                 "to the pass",
             )
 
-    def _calibrate(self, model: FdecModel, groups: list[_Group]) -> dict[str, _Calibration]:
+    def _calibrate(
+        self, model: FdecModel, groups: list[ActivationGroup]
+    ) -> dict[str, _Calibration]:
         names = [group.activation.name for group in groups]
         if self.activations is not None:
             return _of_activations(self.activations, names, self.max_rows)
@@ -445,13 +443,13 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         return _capture(model, self.batches, names, self.max_rows, grams=grams)
 
     def call(self, model: FdecModel) -> PassResult:
-        weights, skipped = _collect(model, self.include_lm_head, self.share_tied_embedding)
+        weights, skipped = collect_weights(model, self.include_lm_head, self.share_tied_embedding)
         rtn_only: collections.Counter[str] = collections.Counter()
         on_grid = 0
         for weight in weights if self.keep_source_grid else ():
             weight.quantized = self._source_grid(weight)
             on_grid += weight.quantized is not None
-        groups = _group_by_activation(weights, rtn_only)
+        groups = group_by_activation(weights, rtn_only)
         if on_grid:  # groups whose weights all keep their grid need no calibration
             kept = [g for g in groups if all(w.quantized is not None for w in g.weights)]
             rtn_only["on the source's block grid (kept exactly)"] += sum(
@@ -494,14 +492,14 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         }
         return PassResult(model, modified=result.modified, stats=stats)
 
-    def _not_searched(self, group: _Group) -> str | None:
+    def _not_searched(self, group: ActivationGroup) -> str | None:
         """Why AWQ leaves the group to plain rounding although it could search it, or None."""
         if any(self._bits_of(weight) != 4 for weight in group.weights):
             return "8-bit weights (lm_head_bits)"
         return None
 
     @staticmethod
-    def _unusable(group: _Group, seen: _Calibration | None) -> str | None:
+    def _unusable(group: ActivationGroup, seen: _Calibration | None) -> str | None:
         """Why the group's calibration cannot drive a search, or None."""
         if seen is None:
             return "no calibration activations"
@@ -514,7 +512,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
     def _scale_group(
         self,
         model: FdecModel,
-        group: _Group,
+        group: ActivationGroup,
         seen: _Calibration,
         taken: set[str],
         counts: collections.Counter[str],
@@ -530,7 +528,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             symmetric=self.symmetric,
         )
         if found.alpha:
-            source, folded = _divide_activation(model.graph, group, found.s, taken, label="AWQ")
+            source, folded = divide_activation(model.graph, group, found.s, taken, label="AWQ")
             counts["groups_scaled"] += 1
             counts["scales_folded" if folded else "scales_inserted"] += 1
             for site in group.sites:  # live at once: later passes keep the inserted Mul

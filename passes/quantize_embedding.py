@@ -39,9 +39,7 @@ import onnx_ir as ir
 from fdec.backends import graph_forms
 from fdec.errors import UsageError
 from fdec.ir import FdecModel
-from fdec.passes.weights import add_initializer as _add_initializer
-from fdec.passes.weights import fresh_name as _fresh_name
-from fdec.passes.weights import raise_opset as _raise_opset
+from fdec.passes.weights import add_initializer, fresh_name, raise_opset
 from fdec.pipeline import Pass, PassResult, Tolerance
 
 __all__ = ["QuantizeEmbeddingPass"]
@@ -295,7 +293,7 @@ class QuantizeEmbeddingPass(Pass):
             else:
                 float32 = table.dtype == ir.DataType.FLOAT
                 opset = _PER_AXIS_OPSET if float32 else _HALF_SCALE_OPSET
-            stats["opset_raised"] = _raise_opset(model, opset)
+            stats["opset_raised"] = raise_opset(model, opset)
             added, new_name = self._dequantize_then_gather(model.graph, table, bits)
         elif bits == 8:
             added, new_name = self._gather_then_dequantize(model.graph, table)
@@ -321,12 +319,12 @@ class QuantizeEmbeddingPass(Pass):
         codes, scales = _quantize_rows_int8(table.array)
         base = table.value.name
         taken: set[str] = set()
-        codes_value = _add_initializer(
-            graph, _fresh_name(graph, f"{base}_Q8", taken), ir.tensor(codes)
+        codes_value = add_initializer(
+            graph, fresh_name(graph, f"{base}_Q8", taken), ir.tensor(codes)
         )
-        scales_value = _add_initializer(
+        scales_value = add_initializer(
             graph,
-            _fresh_name(graph, f"{base}_scales", taken),
+            fresh_name(graph, f"{base}_scales", taken),
             ir.tensor(scales[:, None].astype(table.dtype.numpy())),
         )
         for gather in table.gathers:
@@ -348,12 +346,12 @@ class QuantizeEmbeddingPass(Pass):
         codes, scales = _quantize_rows_int4(table.array, self.block_size)
         base = table.value.name
         taken: set[str] = set()
-        data = _add_initializer(
-            graph, _fresh_name(graph, f"{base}_Q4", taken), ir.tensor(_pack_uint4(codes))
+        data = add_initializer(
+            graph, fresh_name(graph, f"{base}_Q4", taken), ir.tensor(_pack_uint4(codes))
         )
-        scales_value = _add_initializer(
+        scales_value = add_initializer(
             graph,
-            _fresh_name(graph, f"{base}_scales", taken),
+            fresh_name(graph, f"{base}_scales", taken),
             ir.tensor(scales.astype(table.dtype.numpy())),
         )
         attributes = {
@@ -387,9 +385,9 @@ class QuantizeEmbeddingPass(Pass):
             codes, scales = _quantize_rows_int4(table.array, self.block_size)
             tensor = ir.Tensor(codes.astype(ml_dtypes.int4), dtype=ir.DataType.INT4)
             attributes = {"axis": 1, "block_size": self.block_size}
-        codes_value = _add_initializer(graph, _fresh_name(graph, f"{base}_Q{bits}", taken), tensor)
-        scales_value = _add_initializer(
-            graph, _fresh_name(graph, f"{base}_scales", taken), ir.tensor(scales.astype(dtype))
+        codes_value = add_initializer(graph, fresh_name(graph, f"{base}_Q{bits}", taken), tensor)
+        scales_value = add_initializer(
+            graph, fresh_name(graph, f"{base}_scales", taken), ir.tensor(scales.astype(dtype))
         )
         dequantize = ir.node(
             "DequantizeLinear",

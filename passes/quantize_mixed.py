@@ -40,10 +40,10 @@ import onnx_ir as ir
 from fdec.calibrate import checked_batches
 from fdec.errors import EXIT_QUALITY_GATE, UsageError, VerificationError
 from fdec.ir import FdecModel
-from fdec.passes.weights import collect_weights as _collect
+from fdec.passes.weights import collect_weights
 from fdec.pipeline import Pass, PassResult, Tolerance
 from fdec.runtime.session import session_for_model
-from fdec.verify import log_softmax as _log_softmax
+from fdec.verify import log_softmax
 
 __all__ = ["QuantizeMixedPass"]
 
@@ -102,7 +102,7 @@ class _Reference:
 
     @classmethod
     def of(cls, model: FdecModel, batches: tuple[np.ndarray, ...]) -> _Reference:
-        log_probs = [_log_softmax(logits) for logits in _logits(model, batches)]
+        log_probs = [log_softmax(logits) for logits in _logits(model, batches)]
         return cls(batches, log_probs, _perplexity(log_probs, batches))
 
     def score(self, model: FdecModel) -> dict[str, float]:
@@ -110,7 +110,7 @@ class _Reference:
         kl_sum = agree = positions = 0.0
         got_log_probs = []
         for want, logits in zip(self.log_probs, _logits(model, self.batches)):
-            got = _log_softmax(logits)
+            got = log_softmax(logits)
             kl_sum += float((np.exp(want) * (want - got)).sum(-1).sum())
             agree += float((want.argmax(-1) == got.argmax(-1)).sum())
             positions += want.shape[0] * want.shape[1]
@@ -360,7 +360,7 @@ class QuantizeMixedPass(Pass):
         Roles naming one initializer (a tied embedding and lm_head) are one unit, named after
         the first of them that is not the embedding.
         """
-        weights, _ = _collect(
+        weights, _ = collect_weights(
             model,
             bool(getattr(quantizer, "include_lm_head", True)),
             bool(getattr(quantizer, "share_tied_embedding", False)),

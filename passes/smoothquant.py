@@ -1,6 +1,8 @@
-"""SmoothQuant's graph side, shared by the int8 and int4 quantizers: group weights by the
-activation they multiply, compute per-channel smoothing factors, and divide that activation by
-them (folded into the norm that produces it, or a Mul inserted after its producer).
+"""SmoothQuant, shared by the int8 and int4 quantizers: group weights by the activation they multiply, compute per-channel smoothing factors (α per group, searched on calibration rows), and divide that activation by them.
+
+The division is folded into the norm that produces the activation, or a Mul is inserted after
+its producer. `search_alpha` picks each group's α (and, for static scales, how far the
+activation range is clipped) by the group's output error on captured calibration rows.
 """
 
 from __future__ import annotations
@@ -8,19 +10,33 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from fdec.passes.weights import FLOAT_TYPES, Site, Weight, add_initializer, fresh_name
+from fdec.passes.weights import (
+    FLOAT_TYPES,
+    LAYER_ROLE,
+    Site,
+    Weight,
+    add_initializer,
+    fresh_name,
+)
 
 __all__ = [
     "ActivationGroup",
+    "Searched",
+    "capture_rows",
     "divide_activation",
+    "dynamic_uint8",
     "group_by_activation",
     "insert_after_producer",
+    "role_of",
+    "search_alpha",
     "smoothing_factors",
+    "static_int8",
 ]
 
 # SmoothQuant factors are kept within these bounds (never 0, never a huge multiplier).
@@ -94,6 +110,128 @@ def smoothing_factors(
         s = np.power(x, alpha) / np.power(w, 1.0 - alpha)
     s = np.where((x > 0) & (w > 0) & np.isfinite(s), s, 1.0)
     return np.clip(s, _SMOOTH_MIN, _SMOOTH_MAX).astype(np.float32)
+
+
+# --- α per group: the output error on calibration rows -----------------------------------------
+
+_ROWS_PER_BATCH = 128  # rows of one calibration batch (the run-time quantizer's tensor)
+_SEARCH_MACS = 4e8  # rows × K × N per trial; wider groups (an lm_head) are tried on fewer rows
+
+
+def role_of(spec: Any, name: str | None) -> str | None:
+    """The kind of linear layer (`q`, `down`, `lm_head`...) the ModelSpec gives initializer `name`."""
+    for role, weight_name in spec.weights.items():
+        if weight_name == name:
+            match = LAYER_ROLE.match(role)
+            return match.group(1) if match else role
+    return None
+
+
+def capture_rows(
+    model: Any, batches: Sequence[np.ndarray], names: Sequence[str], *, max_rows: int
+) -> dict[str, np.ndarray]:
+    """Up to `max_rows` rows ([R, K] float32) of each named activation over the batches, taken
+    evenly from the first batches (whole batches: a dynamic quantizer sees one per run)."""
+    from fdec.calibrate import activations_per_batch
+
+    names = list(dict.fromkeys(names))
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    taken = 0
+    for found in activations_per_batch(model, batches, names):
+        for name, array in found.items():
+            rows[name].append(np.asarray(array, dtype=np.float32).reshape(-1, array.shape[-1]))
+        taken += len(next(iter(rows.values()))[-1]) if names else 0
+        if taken >= max_rows:
+            break
+    return {name: np.concatenate(parts)[:max_rows] for name, parts in rows.items() if parts}
+
+
+def static_int8(peak: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Fake per-tensor symmetric int8 with a fixed range (static Q/DQ): x ↦ dequantized codes."""
+    scale = peak / 127.0 if peak > 0 else 1.0
+
+    def fake(x: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(x / scale), -127, 127) * scale
+
+    return fake
+
+
+def dynamic_uint8(x: np.ndarray) -> np.ndarray:
+    """Fake DynamicQuantizeLinear (uint8, range [min(x,0), max(x,0)] per calibration batch)."""
+    out = np.empty_like(x)
+    for start in range(0, len(x), _ROWS_PER_BATCH):
+        part = x[start : start + _ROWS_PER_BATCH]
+        low, high = min(float(part.min()), 0.0), max(float(part.max()), 0.0)
+        scale = (high - low) / 255.0 or 1.0
+        zero = np.clip(np.rint(-low / scale), 0, 255)
+        out[start : start + _ROWS_PER_BATCH] = (
+            np.clip(np.rint(part / scale) + zero, 0, 255) - zero
+        ) * scale
+    return out
+
+
+def _int8_weight(w: np.ndarray, qmax: int) -> np.ndarray:
+    peak = np.abs(w).max(axis=0)
+    scale = np.where(peak > 0, peak / qmax, 1.0)
+    return np.clip(np.rint(w / scale), -qmax, qmax) * scale
+
+
+@dataclasses.dataclass(frozen=True)
+class Searched:
+    """What `search_alpha` chose for one group, and the relative output errors behind it."""
+
+    alpha: float
+    clip: float  # activation range used: clip × the calibrated range of X / s
+    error: float  # ‖XW − Q(X/s)·Q(sW)‖² / ‖XW‖² at the choice
+    error_at_default: float  # the same at the default α and no clipping
+
+
+def search_alpha(
+    rows: np.ndarray,
+    group_weights: Sequence[np.ndarray],
+    channel_absmax: np.ndarray,
+    *,
+    alphas: Sequence[float],
+    default: float,
+    activation: str,
+    clips: Sequence[float] = (1.0,),
+    qmax: int = 127,
+) -> Searched:
+    """The α (from `alphas`) and activation clip (from `clips`, static scales only) that give
+    the smallest relative output error of the group on `rows` ([R, K] calibration rows of X),
+    with per-channel symmetric int8 weights (±`qmax`) and `activation` = "static" (per-tensor
+    int8 at the calibrated range of X/s, times the clip) or "dynamic" (`dynamic_uint8`).
+    α is chosen first (no clipping), then the clip at that α."""
+    weights = [np.asarray(w, dtype=np.float32) for w in group_weights]
+    width = sum(w.shape[0] * w.shape[1] for w in weights)
+    keep = max(_ROWS_PER_BATCH // 2, min(len(rows), int(_SEARCH_MACS // width)))
+    x = np.asarray(rows[:keep], dtype=np.float32)
+    reference = [x @ w for w in weights]
+    norm = sum(float(np.square(r).sum()) for r in reference) or 1.0
+    absmax = np.asarray(channel_absmax, dtype=np.float64)
+
+    def error(alpha: float, clip: float) -> float:
+        s = smoothing_factors(alpha, weights, absmax)
+        xs = x / s
+        if activation == "static":
+            xq = static_int8(clip * float(np.max(absmax / s)))(xs)
+        else:
+            xq = dynamic_uint8(xs)
+        total = 0.0
+        for w, r in zip(weights, reference):
+            total += float(np.square(r - xq @ _int8_weight(w * s[:, None], qmax)).sum())
+        return total / norm
+
+    scored = {float(a): error(float(a), 1.0) for a in alphas}
+    if default not in scored:
+        scored[float(default)] = error(float(default), 1.0)
+    alpha = min(scored, key=scored.__getitem__)
+    best, clip = scored[alpha], 1.0
+    if activation == "static":
+        for candidate in clips:
+            if candidate != 1.0 and (found := error(alpha, float(candidate))) < best:
+                best, clip = found, float(candidate)
+    return Searched(alpha, clip, best, scored[float(default)])
 
 
 def _per_channel_constant(value: ir.Value | None, k: int) -> bool:

@@ -32,13 +32,18 @@ from fdec.targets import Precision
 __all__ = [
     "DEFAULT_MAX_PPL_INCREASE",
     "EMITS",
+    "FP8_WEIGHT_ONLY",
     "FP8_WEIGHT_ROUNDING",
     "FP32_TOLERANCE",
     "INT4_LM_HEAD_BITS",
     "INT4_MIXED_KEEP",
     "INT8_DYNAMIC_ALPHA",
+    "INT8_ENCODER_WEIGHT_ONLY",
+    "INT8_WEIGHT_ONLY",
     "ORDER",
     "SMOOTHQUANT_ALPHA",
+    "SMOOTHQUANT_ALPHA_SEARCH",
+    "SMOOTHQUANT_WEIGHT_ONLY",
     "Recipe",
     "check_emit",
     "default_quantize",
@@ -70,11 +75,35 @@ INT4_LM_HEAD_BITS = 8
 # SmoothQuant migration strength fdec uses: on SmolLM2-135M, alpha 0.75-0.85 kept perplexity
 # within +1-4 % (54.0 -> 53.5-56.3) where the paper's 0.5 gave +25 % (67.7).
 SMOOTHQUANT_ALPHA = 0.8
+# α per activation group, searched from this grid by each group's output error on calibration
+# rows (fdec.passes.smoothquant.search_alpha); SMOOTHQUANT_ALPHA is the fallback. SmolLM2-135M,
+# tuning split (2,657 tokens), static int8 (h100): α 0.8 everywhere +8.56 %; searched +11.92 %;
+# down_proj W8A16 (INT8_WEIGHT_ONLY) with α 0.8 +2.86 %, with α searched +1.44 %, and the
+# lm_head W8A16 too +1.31 % (SMOOTHQUANT_WEIGHT_ONLY); clipping the activation ranges by the
+# same search (clip_search 0.95/0.9/0.8) +1.98 %: not used. Dynamic int8 with down_proj W8A16:
+# α 0.75 +1.98 %, searched +2.09 %: it keeps INT8_DYNAMIC_ALPHA.
+SMOOTHQUANT_ALPHA_SEARCH = (0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+SMOOTHQUANT_WEIGHT_ONLY = ("down", "lm_head")
+# Layers decoders' int8 recipes keep W8A16 (int8 weights, the activation not quantized): the
+# MLP's down_proj, whose input (SiLU(gate)·up) carries the widest outliers. Same size (the
+# weights are int8 either way). SmolLM2-135M, tuning split: static int8 above; dynamic int8
+# (α 0.75) +1.98 % with it (+4.80 % on the evaluation split without it, README before).
+INT8_WEIGHT_ONLY = ("down",)
 # The same before dynamic int8 (CPU): SmolLM2-135M, tied table, 128 held tokens / 2,044 other
 # tokens: alpha 0.7 +5.3 % / +5.2 %, 0.75 +3.2 % / +3.7 %, 0.8 +4.6 % / +6.8 %; none +55.7 %.
 INT8_DYNAMIC_ALPHA = 0.75
+# Layers an encoder's dynamic int8 keeps W8A16 (int8 weights, float activation): the FFN output
+# (BERT's output.dense, fed by GELU with wide outliers). all-MiniLM-L6-v2, mean-pooled
+# embeddings of the corpus' tuning split (77 sentences), cosine to fp32 (mean / min): all
+# W8A8 0.99709 / 0.98985; fc_out W8A16 0.99917 / 0.99814 at the same 24.2 MB; α searched per
+# layer instead 0.99720 / 0.99245 (python benchmarks/quality.py --encoder minilm-l6-v2).
+INT8_ENCODER_WEIGHT_ONLY = ("fc_out",)
 # FP8 weight rounding ("nearest" or "gptq": error-compensating, on calibration activations).
 FP8_WEIGHT_ROUNDING = "gptq"
+# Layers fp8 keeps W8A16 (int8 weights per output channel, the activation in float, as
+# INT8_WEIGHT_ONLY). SmolLM2-135M, tuning split (2,657 tokens): all FP8 W8A8 +2.4 %; down_proj
+# W8A16 +1.73 % at the same 136 MB.
+FP8_WEIGHT_ONLY = ("down",)
 # Quality gate of a lossy build when the user sets none: catches broken quantization (DESIGN.md
 # measured +6e7 perplexity for an overflowing int8 kernel) while admitting the 25-70 % growth
 # weight-only 4-bit and dynamic int8 give a 135M model. Tighten with --max-ppl-increase.
@@ -106,6 +135,7 @@ def _quantize_passes(
     *,
     embedding: bool = True,
     keep_fp: int | None = None,
+    kind: str = "decoder",
 ) -> list[Any]:
     """Passes for `--quantize PRECISION[-METHOD]`, after checking the target has the precision."""
     if asked and backend.default_quantize and asked.lower() in ("fp16", "bf16"):
@@ -190,15 +220,27 @@ def _quantize_passes(
         # GPTQ rounding and one shared fp8 table (tied embedding = lm_head): SmolLM2 +11.5 %
         # at 0.31x with nearest rounding and two tables (docs/design-notes.md).
         weights = fdec_passes.make_pass(
-            "quantize-fp8", share_tied_embedding=share, weight_rounding=FP8_WEIGHT_ROUNDING
+            "quantize-fp8",
+            share_tied_embedding=share,
+            weight_rounding=FP8_WEIGHT_ROUNDING,
+            weight_only=FP8_WEIGHT_ONLY,
         )
     # int8: static SmoothQuant QDQ for GPUs (or when asked), dynamic on the CPU.
     elif static_int8:
-        weights = fdec_passes.make_pass("quantize-int8-static", alpha=SMOOTHQUANT_ALPHA)
+        weights = fdec_passes.make_pass(
+            "quantize-int8-static",
+            alpha=SMOOTHQUANT_ALPHA,
+            alpha_search=SMOOTHQUANT_ALPHA_SEARCH,
+            weight_only=SMOOTHQUANT_WEIGHT_ONLY,
+        )
     else:
         # SmoothQuant before the run-time per-tensor activation scales (calibrated).
+        wide = INT8_ENCODER_WEIGHT_ONLY if kind == "encoder" else INT8_WEIGHT_ONLY
         weights = fdec_passes.make_pass(
-            "quantize-int8", alpha=INT8_DYNAMIC_ALPHA, share_tied_embedding=share
+            "quantize-int8",
+            alpha=INT8_DYNAMIC_ALPHA,
+            share_tied_embedding=share,
+            weight_only=wide,
         )
     # A serving checkpoint keeps the embedding in float: its loaders quantize Linear layers only.
     return [*untie, weights, embed_pass] if embedding else [*untie, weights]
@@ -276,11 +318,13 @@ def plan_pipeline(
     kv_sink: int | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
     sparsity: str | None = None,
+    kind: str = "decoder",
 ) -> Recipe:
     """Everything about the pipeline that can be decided (and refused) before loading a model.
 
     `pass_options` ({pass name: {option: value}}, the config file's [pass_options.NAME]) set
-    options of passes the pipeline has; naming a pass it does not have is an error."""
+    options of passes the pipeline has; naming a pass it does not have is an error. `kind`
+    (the ModelSpec's: "decoder" or "encoder") selects the quantizers' per-kind defaults."""
     backend = get_backend(backend) if isinstance(backend, str) else backend
     check_precision(backend, quantize)  # e.g. fp8 Q/DQ for the ONNX Runtime CUDA model
     names = fdec_passes.parse_pass_list(passes)
@@ -289,7 +333,13 @@ def plan_pipeline(
         fdec_passes.make_pipeline(names)
         + _sparsity_passes(sparsity, names)
         + _quantize_passes(
-            quantize, target, backend, names, embedding="hf-checkpoint" not in emit, keep_fp=keep_fp
+            quantize,
+            target,
+            backend,
+            names,
+            embedding="hf-checkpoint" not in emit,
+            keep_fp=keep_fp,
+            kind=kind,
         )
     )
     if kv_dtype is not None and backend.kv_dtype is not None:

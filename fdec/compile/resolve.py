@@ -71,11 +71,15 @@ class Settings:
                 f"--emit genai is for decoder builds; {options.model} is an {source.family.kind}",
                 "drop --emit genai",
             )
-        if self.recipe_default and source.family.kind != "decoder":
-            quantize = default_quantize(self.target, source.family.kind, self.backend)
-            if quantize != self.quantize:  # else planned for it already
-                recipe = _plan(options, self.target, self.backend, quantize)
-                return dataclasses.replace(self, quantize=quantize, recipe=recipe)
+        kind = source.family.kind
+        if kind != "decoder":  # an encoder's own recipe (and, by default, quantization)
+            quantize = (
+                default_quantize(self.target, kind, self.backend)
+                if self.recipe_default
+                else self.quantize
+            )
+            recipe = _plan(options, self.target, self.backend, quantize, kind=kind)
+            return dataclasses.replace(self, quantize=quantize, recipe=recipe)
         return self
 
     def check_limits(self, spec: Any) -> None:
@@ -146,7 +150,9 @@ def _kept(options: CompileOptions) -> tuple[pathlib.Path, ...]:
     return (pathlib.Path(options.model), options.cache_dir or default_cache_dir())
 
 
-def _plan(options: CompileOptions, target: Any, backend: Backend, quantize: str) -> Recipe:
+def _plan(
+    options: CompileOptions, target: Any, backend: Backend, quantize: str, *, kind: str = "decoder"
+) -> Recipe:
     check_emit(options.emit, quantize)
     return plan_pipeline(
         target=target,
@@ -162,4 +168,5 @@ def _plan(options: CompileOptions, target: Any, backend: Backend, quantize: str)
         kv_sink=options.kv_sink,
         pass_options=options.pass_options,
         sparsity=options.sparsity,
+        kind=kind,
     )

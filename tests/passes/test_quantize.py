@@ -20,7 +20,7 @@ import pytest
 from exported import dump, export_tiny, load, matmul_weights, op_counts, run_pass
 from graphs import ir_model, run_ort, tiny_spec
 
-import fdec.passes.quantize as quantize
+import fdec.passes.quantize_int8 as quantize_int8
 from fdec.errors import UsageError
 from fdec.ir import FdecModel, ModelSpec
 from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
@@ -426,7 +426,7 @@ _FLAGS_AVX2 = "flags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma bmi2
     ],
 )
 def test_cpu_has_vnni_reads_flag_text(text, has):
-    assert quantize._cpu_has_vnni(text) is has
+    assert quantize_int8.has_vnni(text) is has
 
 
 @pytest.mark.parametrize(
@@ -434,7 +434,7 @@ def test_cpu_has_vnni_reads_flag_text(text, has):
 )
 def test_int8_on_llama_replaces_every_linear_layer(llama, monkeypatch, flags, weight_type):
     """Without VNNI the weights are uint8 (zero point 128: u8×u8 cannot overflow int16)."""
-    monkeypatch.setattr(quantize, "_host_cpu_flags", lambda: flags)
+    monkeypatch.setattr(quantize_int8, "cpu_flags", lambda: flags)
     before = llama.weights()
     roles = _quantized_roles(llama.spec, _LAYER_ROLES)
     pass_ = QuantizeInt8Pass()
@@ -477,7 +477,7 @@ def test_int8_on_llama_replaces_every_linear_layer(llama, monkeypatch, flags, we
 
 
 def test_int8_reduce_range_option_wins_over_the_cpu(llama, monkeypatch):
-    monkeypatch.setattr(quantize, "_host_cpu_flags", lambda: _FLAGS_AVX2)
+    monkeypatch.setattr(quantize_int8, "cpu_flags", lambda: _FLAGS_AVX2)
 
     model, record = run_pass(QuantizeInt8Pass(reduce_range=False), llama.cleaned())
 
@@ -589,7 +589,7 @@ def test_int8_weight_formats_on_the_u8s8_worst_case(options, overflows):
     format is exact, whatever it has.
     """
     if overflows is None:
-        overflows = not quantize._cpu_has_vnni(quantize._host_cpu_flags())
+        overflows = not quantize_int8.has_vnni(quantize_int8.cpu_flags())
     arrays = {"w": np.ones((64, 16), dtype=np.float32)}
     spec = tiny_spec(
         num_heads=1, head_dim=64, hidden_size=64, intermediate_size=16, vocab_size=16,
@@ -837,3 +837,37 @@ def test_int4_minmax_grid_is_for_matmulnbits_and_plain_rtn():
 
     with pytest.raises(UsageError, match="int4-rtn"):
         QuantizeInt4AwqPass(block_grid="minmax")
+
+
+def test_int8_weight_only_and_searched_alpha(llama):
+    """weight_only=("down",): each down_proj is W8A16 (int8 codes dequantized by
+    DequantizeLinear, multiplied by the float activation: no run-time quantizer, no smoothing
+    on it); alpha_search picks each other activation's α from the grid."""
+    layers = llama.spec.num_layers
+    grid = (0.5, 0.75, 0.9)
+    pass_ = QuantizeInt8Pass(
+        alpha=0.75,
+        alpha_search=grid,
+        batches=_synthetic_batches(llama.spec),
+        weight_only=("down",),
+    )
+    model, record = run_pass(pass_, llama.cleaned())
+    stats = record.stats
+    downs = {llama.spec.weights[f"layers.{i}.down"] for i in range(layers)}
+    assert set(stats["weight_only"]) == downs and stats["weights_quantized"] == 7 * layers + 1
+    # q/k/v, o, gate/up per layer and the lm_head are smoothed, each with a searched α
+    assert len(stats["searched"]) == 3 * layers + 1
+    assert {alpha for alpha, _ in stats["searched"].values()} <= set(grid)
+    for role, name in model.spec.weights.items():
+        if role == "embed":
+            continue
+        (use,) = model.graph.initializers[name].uses()
+        assert use.node.op_type == (
+            "DequantizeLinear" if role.endswith(".down") else "MatMulInteger"
+        )
+        if role.endswith(".down"):
+            (matmul,) = [u.node for u in use.node.outputs[0].uses()]
+            assert matmul.op_type == "MatMul"
+            assert matmul.inputs[0].producer().op_type != "DynamicQuantizeLinear"
+    assert op_counts(model)[("", "DynamicQuantizeLinear")] == 3 * layers + 1
+    _assert_within_tolerance(model, llama.reference, pass_)

@@ -394,12 +394,12 @@ def test_awq_on_a_shared_tied_table_divides_the_gathered_rows_by_s_again(llama):
     ("k", "block", "symmetric"), [(96, 32, True), (80, 64, True), (96, 32, False)]
 )
 def test_gptq_int4_is_rtn_without_correlation_and_beats_it_with(k, block, symmetric):
-    from fdec.passes.quantize import _quantize_int4
+    from fdec.passes.quantize import quantize_int4
     from fdec.passes.quantize_awq import _gptq_int4
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((k, 24)).astype(np.float32)
-    nearest = _quantize_int4(w, block, symmetric)
+    nearest = quantize_int4(w, block, symmetric)
     same = _gptq_int4(w, np.eye(k), block, symmetric, damping=0.0)
     # H = I spreads no error: RTN's packed codes, padding past K (80 at block 64) included.
     assert np.array_equal(same.packed, nearest.packed)

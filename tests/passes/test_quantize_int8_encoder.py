@@ -10,6 +10,7 @@ compared with PyTorch's fp32 ones over several inputs of different lengths.
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 from exported import dump, load, op_counts, run_pass
@@ -100,3 +101,54 @@ def test_int8_keeps_bert_sentence_embeddings(bert, smoothing):
     pooler = _cosines(got_pooler, want_pooler)
     assert pooled.mean() >= 0.995, pooled
     assert pooler.mean() >= 0.995, pooler
+
+
+def test_encoder_recipe_keeps_its_declared_layers_wide(bert):
+    """`--quantize int8` for an encoder (the cpu target's encoder default) keeps the layers
+    INT8_ENCODER_WEIGHT_ONLY names W8A16: their int8 weights are dequantized and multiplied by
+    the float activation (no run-time activation quantizer), every other layer is W8A8."""
+    from fdec.compile import (
+        INT8_ENCODER_WEIGHT_ONLY,
+        INT8_WEIGHT_ONLY,
+        choose_backend,
+        plan_pipeline,
+    )
+    from fdec.targets import load_target
+
+    model, imported = bert
+    target = load_target("cpu")
+    backend = choose_backend("onnxruntime", target)
+    decoder = plan_pipeline(target=target, backend=backend, quantize="int8")
+    plan = plan_pipeline(target=target, backend=backend, quantize="int8", kind="encoder")
+    assert INT8_ENCODER_WEIGHT_ONLY == ("fc_out",)
+    (int8,) = [p for p in plan.pipeline if p.name == "quantize-int8"]
+    assert int8.weight_only == INT8_ENCODER_WEIGHT_ONLY
+    decoder_int8 = [p.weight_only for p in decoder.pipeline if p.name == "quantize-int8"]
+    assert decoder_int8 == [INT8_WEIGHT_ONLY] != [INT8_ENCODER_WEIGHT_ONLY]
+    plan.attach_calibration(imported.tokenizer, model.spec.vocab_size)
+    (int8,) = [p for p in plan.pipeline if p.name == "quantize-int8"]
+    quantized, record = run_pass(int8, load(dump(model), model.spec))
+    wide = {model.spec.weights[f"layers.{i}.fc_out"] for i in range(model.spec.num_layers)}
+    assert set(record.stats["weight_only"]) == wide
+    assert record.stats["weights_quantized"] == 2 * 6
+    for role, name in quantized.spec.weights.items():
+        if not role.startswith("layers."):
+            continue
+        value = quantized.graph.initializers[name]
+        assert value.const_value.dtype == ir.DataType.INT8
+        readers = {use.node.op_type for use in value.uses()}
+        assert readers == ({"DequantizeLinear"} if role.endswith("fc_out") else {"MatMulInteger"})
+    layers = model.spec.num_layers
+    assert op_counts(quantized)[("", "MatMulInteger")] == 5 * layers  # q k v o fc_in
+
+    def run(session):
+        def encode(ids, mask):
+            out = session.encode(ids, mask)
+            return out["last_hidden_state"], out["pooler_output"]
+
+        return encode
+
+    got, _ = _embeddings(run(session_for_model(quantized)), imported.tokenizer)
+    want, _ = _embeddings(run(session_for_model(model)), imported.tokenizer)
+    assert not np.allclose(got, want, atol=1e-5)
+    assert _cosines(got, want).min() >= 0.995

@@ -180,6 +180,7 @@ def test_fp8_writes_qdq_with_float8_weights_and_calibrated_activation_scales(lla
         "activation_range": "absmax",
         "weight_rounding": "nearest",
         "int8_weight_only": [],
+        "weight_only": [],
         "gathers_shared": 0,
         "opset_raised": False,
     }
@@ -263,7 +264,7 @@ def _output_error(before: np.ndarray, codes: np.ndarray, scales: np.ndarray, h: 
 
 
 def test_fp8_gptq_rounding_lowers_the_layer_output_error(llama):
-    from fdec.passes.quantize_static import _hessians
+    from fdec.passes.gptq import hessians
 
     before = llama.weights()
     pass_ = QuantizeFp8Pass(batches=llama.batches, weight_rounding="gptq")
@@ -278,10 +279,10 @@ def test_fp8_gptq_rounding_lowers_the_layer_output_error(llama):
     assert record.stats["weight_rounding"] == "gptq" and record.stats["gptq_tokens"] == 2048
     assert record.stats["weights_quantized"] == 15
     activations = matmul_activation_inputs(llama.cleaned())
-    hessians = _hessians(llama.cleaned(), llama.batches, sorted(set(activations.values())))
+    grams = hessians(llama.cleaned(), llama.batches, sorted(set(activations.values())))
     totals = {"nearest": 0.0, "gptq": 0.0}
     for role in _roles(llama.spec):
-        h = hessians[activations[role]]
+        h = grams[activations[role]]
         for label, built in (("nearest", nearest), ("gptq", model)):
             weight, dequantize = _weight_dequantizer(built, role)
             assert weight.dtype == ir.DataType.FLOAT8E4M3FN
@@ -340,6 +341,10 @@ def test_options_are_checked_keyword_only_and_reported_as_counts(llama):
         "include_lm_head": True,
         "share_tied_embedding": False,
         "alpha": 0.5,
+        "weight_only": (),
+        "alpha_search": (),
+        "clip_search": (),
+        "search_rows": 512,
         "stats": "9 tensors",
         "batches": None,
     }
@@ -349,6 +354,7 @@ def test_options_are_checked_keyword_only_and_reported_as_counts(llama):
         "activation_range": "absmax",
         "weight_rounding": "nearest",
         "gptq_damping": 0.01,
+        "weight_only": (),
         "stats": None,
         "batches": "2 batches, 256 tokens",
     }
@@ -620,3 +626,56 @@ def test_fp8_raises_the_opset_to_19():
     for i in (0, 1):
         assert np.abs(after[i] - before[i]).max() < 0.1 * np.abs(before[i]).max()
     np.testing.assert_array_equal(after[2], before[2])  # r: not calibrated, left in fp32
+
+
+@pytest.mark.parametrize("pass_class", [QuantizeFp8Pass, QuantizeInt8StaticPass])
+def test_weight_only_layers_keep_a_float_activation(llama, pass_class):
+    """`weight_only=("down",)`: every down_proj is W8A16 (int8 weights per output channel,
+    DequantizeLinear → MatMul on the float activation, no Q/DQ on it); the rest stays W8A8."""
+    pass_ = pass_class(batches=llama.batches, weight_only=("down",))
+    model, record = run_pass(pass_, llama.cleaned())
+    downs = [f"layers.{i}.down" for i in range(llama.spec.num_layers)]
+    assert sorted(record.stats["weight_only"]) == sorted(llama.spec.weights[r] for r in downs)
+    for role in _roles(llama.spec):
+        weight, dequantize = _weight_dequantizer(model, role)
+        (matmul,) = [u.node for u in dequantize.outputs[0].uses()]
+        producer = matmul.inputs[0].producer()
+        if role.endswith(".down"):
+            assert weight.dtype == ir.DataType.INT8
+            assert producer is None or producer.op_type != "DequantizeLinear"
+        else:
+            _activation_scale(matmul)  # a static Q/DQ pair feeds it
+    # q/k/v (one shared activation), o and gate/up of each layer, and the lm_head
+    assert record.stats["activations_quantized"] == 3 * llama.spec.num_layers + 1
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_alpha_search_picks_per_activation_alphas_from_the_grid(llama):
+    """alpha_search: each smoothed activation gets the α of the grid with the smallest output
+    error on its calibration rows, never worse than the default α's."""
+    grid = (0.3, 0.5, 0.8)
+    pass_ = QuantizeInt8StaticPass(batches=llama.batches, alpha=0.5, alpha_search=grid)
+    model, record = run_pass(pass_, llama.cleaned())
+    searched = record.stats["searched"]
+    assert len(searched) == record.stats["activations_quantized"]
+    assert {alpha for alpha, _, _ in searched.values()} <= set(grid)
+    assert all(clip == 1.0 and 0 <= error < 0.05 for _, clip, error in searched.values())
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_search_alpha_never_loses_to_the_default():
+    from fdec.passes.smoothquant import search_alpha
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 64)).astype(np.float32)
+    x[:, 3] *= 40  # an outlier channel, as LLM activations have
+    w = rng.standard_normal((64, 32)).astype(np.float32) * 0.05
+    absmax = np.abs(x).max(axis=0)
+    for activation in ("static", "dynamic"):
+        found = search_alpha(
+            x, [w], absmax, alphas=(0.0, 0.5, 0.9), default=0.5, activation=activation,
+            clips=(1.0, 0.8),
+        )  # fmt: skip
+        assert found.error <= found.error_at_default
+        assert found.alpha in (0.0, 0.5, 0.9) and found.clip in (1.0, 0.8)
+        assert found.error < 0.01

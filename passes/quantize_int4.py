@@ -1,0 +1,515 @@
+"""Weight-only int4 (RTN, block-wise) for ONNX Runtime (MatMulNBits) and TensorRT (blocked Q/DQ), and the int4 codes the other int4 quantizers share.
+
+QuantizeInt4Pass rewrites the MatMul/Gemm nodes that read a weight the ModelSpec names
+(per-layer q/k/v/qkv/o/gate/up/down/fc_in/fc_out and, unless told otherwise, the lm_head).
+Weights are expected in [in, out] = [K, N] layout as MatMul's B (FoldConstantsPass folds
+transposes); a weight still read through `Transpose(perm=[1, 0])`, or by `Gemm(transB=1)`, is
+handled too. Each rewritten weight's role in `ModelSpec.weights` is pointed at its new
+quantized initializer, and the fp32 original is removed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from fdec.backends import graph_forms
+from fdec.errors import CompileError, UsageError
+from fdec.ir import FdecModel
+from fdec.passes.quantize_common import empty_stats, require_untied
+from fdec.passes.weights import (
+    Weight,
+    add_initializer,
+    collect_weights,
+    fresh_name,
+    raise_opset,
+    replace_site,
+    retire_weight,
+)
+from fdec.pipeline import Pass, PassResult, Tolerance
+
+__all__ = ["Int4Weight", "QuantizeInt4Pass", "quantize_int4"]
+
+logger = logging.getLogger(__name__)
+
+_MS_DOMAIN = "com.microsoft"
+_BLOCK_SIZES = (32, 64, 128)
+_NBITS = (4, 8)  # MatMulNBits bits quantize-int4 writes (8: the higher precision of a mix)
+_GRIDS = ("onnxruntime", "minmax")  # QuantizeInt4Pass.block_grid
+_QDQ_OPSET = 21  # blocked DequantizeLinear (block_size attribute) and INT4/UINT4 tensors
+
+
+# --- int4 -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Int4Weight:
+    """A [K, N] weight quantized in blocks of `block_size` along K, in MatMulNBits layout.
+
+    `codes` are the `bits`-bit values (0..15 for 4 bits, 0..255 for 8) as [N, K]; the
+    dequantized weight is `(codes - zero_points) * scales` block by block (symmetric: zero
+    point 8 for 4 bits, 128 for 8).
+    """
+
+    packed: np.ndarray  # uint8 [N, k_blocks, block_size * bits // 8], low nibble first along K
+    scales: np.ndarray  # float32 [N, k_blocks]
+    zero_points: np.ndarray | None  # uint8 [N, ceil(k_blocks·bits/8)], packed; None = symmetric
+    k: int
+    n: int
+    block_size: int
+    bits: int = 4
+
+    @property
+    def k_blocks(self) -> int:
+        return self.scales.shape[1]
+
+    def _unpack(self, packed: np.ndarray) -> np.ndarray:
+        if self.bits == 8:
+            return packed.reshape(self.n, -1)
+        return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(self.n, -1)
+
+    def codes(self) -> np.ndarray:
+        """The codes as uint8 [N, K] (the padding past K dropped)."""
+        return self._unpack(self.packed)[:, : self.k]
+
+    def unpacked_zero_points(self) -> np.ndarray:
+        """Zero points as uint8 [N, k_blocks] (8 or 128 everywhere when symmetric); float
+        zero points (grid "minmax") as they are, [N, k_blocks]."""
+        if self.zero_points is None:
+            return np.full((self.n, self.k_blocks), 1 << (self.bits - 1), dtype=np.uint8)
+        if self.zero_points.dtype.kind == "f":
+            return self.zero_points
+        return self._unpack(self.zero_points)[:, : self.k_blocks]
+
+    def dequantized(self) -> np.ndarray:
+        """The float32 [N, K] values this weight stands for: (code - zero point) · scale."""
+        codes = self._unpack(self.packed).reshape(self.n, self.k_blocks, -1)
+        zero = self.unpacked_zero_points().astype(np.float32)[..., None]
+        values = (codes.astype(np.float32) - zero) * self.scales[..., None]
+        return values.reshape(self.n, -1)[:, : self.k]
+
+
+def quantize_int4(array: np.ndarray, block_size: int, symmetric: bool, bits: int = 4) -> Int4Weight:
+    """RTN 4-bit (or 8-bit) quantization of a [K, N] float32 array with ONNX Runtime's kernel.
+
+    The kernel (the one `onnxruntime.quantization.matmul_nbits_quantizer` calls) writes into
+    the arrays it is given, so they must be contiguous and of the exact dtypes. Symmetric
+    scales are max/-8 (8 bits: max/-128) of the value with the largest magnitude (its sign
+    kept); asymmetric ranges include zero, scale (max - min)/15 (8 bits: /255).
+    """
+    from onnxruntime.capi import _pybind_state
+
+    kernel = getattr(_pybind_state, f"quantize_matmul_{bits}bits")
+    k, n = array.shape
+    k_blocks = -(-k // block_size)
+    packed = np.zeros((n, k_blocks, block_size * bits // 8), dtype=np.uint8)
+    scales = np.zeros((n, k_blocks), dtype=np.float32)
+    zero_points = np.zeros((n, -(-k_blocks * bits // 8)), dtype=np.uint8)
+    weights = np.ascontiguousarray(array, dtype=np.float32)
+    kernel(packed, weights, scales, zero_points, block_size, n, k, symmetric)
+    return Int4Weight(packed, scales, None if symmetric else zero_points, k, n, block_size, bits)
+
+
+def _quantize_minmax(
+    array: np.ndarray, block_size: int, symmetric: bool, bits: int = 4
+) -> Int4Weight:
+    """Block quantization of a [K, N] float32 array on the grid GGUF's legacy formats use.
+
+    Asymmetric (Q4_1 / Q8_1): scale (max - min) / (2^bits - 1) and a *float* zero point
+    -min / scale (float16), so each block's own min and max are grid points (an integer zero
+    point moves the grid by up to half a step); MatMulNBits takes float16 zero points.
+    Symmetric (Q4_0-like / Q8_0): scale absmax / (2^(bits-1) - 1), codes ±(2^(bits-1) - 1)
+    around the implicit zero point. A weight that was dequantized from such blocks (a GGUF
+    source) is reproduced exactly, up to float rounding.
+    """
+    k, n = array.shape
+    k_blocks = -(-k // block_size)
+    if k % block_size:
+        padded = np.full((k_blocks * block_size, n), np.nan, dtype=np.float32)
+        padded[:k] = array
+    else:
+        padded = np.asarray(array, dtype=np.float32)
+    blocks = np.ascontiguousarray(padded.T).reshape(n, k_blocks, block_size)  # NaN past K
+    levels, half = (1 << bits) - 1, 1 << (bits - 1)
+    if symmetric:
+        scales = np.nanmax(np.abs(blocks), axis=-1) / (half - 1)
+        safe = np.where(scales > 0, scales, 1.0)[..., None]
+        codes = np.round(blocks / safe) + half
+        zero_points = None
+    else:
+        low, high = np.nanmin(blocks, axis=-1), np.nanmax(blocks, axis=-1)
+        scales = (high - low) / levels
+        safe = np.where(scales > 0, scales, 1.0)
+        codes = np.round((blocks - low[..., None]) / safe[..., None])
+        # stored as float16 (MatMulNBits takes them with float32 scales): 0.5 bit per weight
+        # at block 32 instead of 1, off by at most ~0.004 of a step for zero points up to 15
+        zero_points = (-low / safe).astype(np.float16).astype(np.float32)
+        scales = np.where(scales > 0, scales, 1.0)  # a constant block: code 0 is its value
+    codes = np.clip(np.nan_to_num(codes, nan=half), 0, levels).astype(np.uint8)
+    packed = codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return Int4Weight(
+        np.ascontiguousarray(packed, dtype=np.uint8),
+        scales.astype(np.float32),
+        zero_points,
+        k,
+        n,
+        block_size,
+        bits,
+    )
+
+
+@dataclasses.dataclass
+class QuantizeInt4Pass(Pass):
+    """Weight-only 4-bit round-to-nearest quantization of the linear layers' weights.
+
+    Each weight [K, N] is cut into blocks of `block_size` along K; each block gets a scale
+    (and, when not `symmetric`, a 4-bit zero point). No calibration data is used.
+
+    Backends:
+    - "onnxruntime": com.microsoft `MatMulNBits` (packed uint8 B [N, k_blocks, block/2],
+      scales [N, k_blocks], packed zero points), run by ONNX Runtime's CPU and GPU EPs;
+      `accuracy_level` 4 lets the CPU kernel quantize activations to int8 on the fly.
+    - "tensorrt": standard ONNX only: blocked `DequantizeLinear` (INT4 / UINT4 weights
+      [K, N], scales [k_blocks, N], axis 0) feeding `MatMul`; the model's opset is raised
+      to 21. Same quantized values as "onnxruntime".
+
+    `bits` 8 writes the same forms with 8-bit codes (MatMulNBits bits=8; INT8/UINT8 blocked
+    DequantizeLinear): the "higher precision" quantize-mixed keeps sensitive layers in.
+
+    A tied lm_head shares the embedding (read by Gather). By default it cannot be quantized
+    here: put `untie-embeddings` before this pass, or set `include_lm_head=False`. With
+    `share_tied_embedding` ("onnxruntime" only) the shared table is quantized once and both
+    readers use the same packed initializer: the lm_head's MatMulNBits reads it as B
+    [V, k_blocks, block·bits/8], and each embedding Gather becomes a com.microsoft
+    GatherBlockQuantized of it (quantize_axis 2, its scales reshaped to [V, k_blocks, 1]),
+    reshaped back to [..., hidden] — the table is stored once, as in the tied source model.
+    """
+
+    name = "quantize-int4"
+    family = "quantize"
+    summary = "weight-only 4-bit RTN block quantization of linear weights (MatMulNBits or QDQ)"
+    # int4 RTN is lossy, and the max logit error grows with the model's logit range, so these
+    # bounds only catch a broken rewrite (wrong packing, overflow: errors in the hundreds,
+    # top-1 near 0). Measured against PyTorch on 128 held tokens:
+    #   tests' tiny random llama/gpt2: max error 0.47–0.78, top-1 0.62–0.77 (block 32/64/128,
+    #   sym/asym); SmolLM2-135M: max error 12.5 (block 32 sym), 16.9 (asym), 19.4 (block 128),
+    #   top-1 0.51–0.59, perplexity 54.0 → 70.9–77.8.
+    # Quality is gated on perplexity by the pipeline, not here.
+    tolerance = Tolerance(max_abs_error=25.0, min_top1_agreement=0.45)
+
+    block_size: int = dataclasses.field(default=32, kw_only=True)
+    symmetric: bool = dataclasses.field(default=True, kw_only=True)
+    accuracy_level: int = dataclasses.field(default=4, kw_only=True)
+    include_lm_head: bool = dataclasses.field(default=True, kw_only=True)
+    backend: str = dataclasses.field(default="onnxruntime", kw_only=True)
+    bits: int = dataclasses.field(default=4, kw_only=True)
+    # The lm_head's bits (with a shared tied table, the embedding's too); None: `bits`. The
+    # lm_head is the most sensitive unit (quantize-mixed's ranking): 8 bits there cost
+    # 0.5 bytes per parameter of one matrix.
+    lm_head_bits: int | None = dataclasses.field(default=None, kw_only=True)
+    share_tied_embedding: bool = dataclasses.field(default=False, kw_only=True)
+    # block_grid "onnxruntime": ONNX Runtime's RTN kernel (symmetric max/-8, asymmetric with
+    # integer zero points). "minmax": `_quantize_minmax`, the grid of GGUF's Q4_1 (asymmetric,
+    # float zero points) and Q8_0 (symmetric); a shared tied table is then rounded symmetric.
+    # MatMulNBits only ("onnxruntime" backend).
+    block_grid: str = dataclasses.field(default="onnxruntime", kw_only=True)
+
+    def __post_init__(self) -> None:
+        grid = self.block_grid
+        if grid not in _GRIDS or (grid == "minmax" and self.backend != "onnxruntime"):
+            raise UsageError(
+                f"{self.name} block_grid {grid!r} is not supported for backend {self.backend}",
+                f"use one of {', '.join(_GRIDS)} (minmax: backend onnxruntime only)",
+            )
+        for option in ("bits", "lm_head_bits"):
+            value = getattr(self, option)
+            if value not in _NBITS and not (option == "lm_head_bits" and value is None):
+                raise UsageError(
+                    f"{self.name} {option} {value!r} is not supported",
+                    f"use {option}=4 or {option}=8",
+                )
+        if self.share_tied_embedding and self.backend != "onnxruntime":
+            raise UsageError(
+                f"{self.name} shares a tied embedding only for backend onnxruntime "
+                f"(GatherBlockQuantized), not {self.backend}",
+                "run untie-embeddings first and drop share_tied_embedding",
+            )
+        if self.block_size not in _BLOCK_SIZES:
+            raise UsageError(
+                f"{self.name} block_size {self.block_size} is not supported",
+                f"use one of {', '.join(map(str, _BLOCK_SIZES))}",
+            )
+        if self.backend not in graph_forms():
+            raise UsageError(
+                f"{self.name} backend {self.backend!r} is unknown",
+                f"use one of {', '.join(graph_forms())}",
+            )
+        if self.accuracy_level not in range(5):
+            raise UsageError(
+                f"{self.name} accuracy_level {self.accuracy_level} is not 0–4",
+                "use 4 (int8 activations on the CPU) or 0 (unset)",
+            )
+
+    def requires(self, model: FdecModel, target: Any = None) -> None:
+        if not self.share_tied_embedding:
+            require_untied(self.name, model, self.include_lm_head)
+
+    def check_target(self, target: Any) -> None:
+        if target is not None and hasattr(target, "require"):
+            for bits in sorted({self.bits, self.lm_head_bits or self.bits}):
+                target.require(f"int{bits}")
+
+    def call(self, model: FdecModel) -> PassResult:
+        weights, skipped = collect_weights(model, self.include_lm_head, self.share_tied_embedding)
+        return self._quantize_weights(model, weights, skipped)
+
+    def _quantize_weights(
+        self, model: FdecModel, weights: list[Weight], skipped: collections.Counter[str]
+    ) -> PassResult:
+        """Quantize `weights` (from `collect_weights`): each one's `array` is what gets quantized.
+
+        Subclasses that transform the fp32 arrays first (AWQ's scaling) call this to emit the
+        same MatMulNBits / DequantizeLinear form; `skipped` is reported as is.
+        """
+        graph = model.graph
+        taken: set[str] = set()
+        stats = empty_stats()
+        if not weights:
+            stats["skipped"] = dict(skipped)
+            return PassResult(model, modified=False, stats=stats)
+        if self.backend == "tensorrt":
+            stats["opset_raised"] = raise_opset(model, _QDQ_OPSET)
+        else:
+            model.model.opset_imports.setdefault(_MS_DOMAIN, 1)
+        for weight in weights:
+            old_name = weight.value.name
+            assert old_name is not None
+            quantized = weight.quantized or self._round(weight)
+            if self.backend == "tensorrt":
+                new_name, added = self._rewrite_qdq(graph, weight, quantized, taken)
+            else:
+                new_name, added = self._rewrite_nbits(graph, weight, quantized, taken)
+            stats["bytes_before"] += weight.value.const_value.nbytes
+            stats["bytes_after"] += added
+            stats["matmuls_quantized"] += len(weight.sites)
+            stats["weights_quantized"] += 1
+            if weight.gathers:
+                stats["gathers_shared"] = stats.get("gathers_shared", 0) + len(weight.gathers)
+                stats["shared_table_block_size"] = quantized.block_size
+            retire_weight(graph, weight)
+            model.spec.rename_weight(old_name, new_name)
+        stats["skipped"] = dict(skipped)
+        return PassResult(model, modified=True, stats=stats)
+
+    def _block_size_of(self, weight: Weight) -> int:
+        """`block_size`, except for a tied table shared with the embedding's Gathers, which
+        must be whole blocks along K: then the largest supported block ≤ `block_size` that
+        divides K (SmolLM2's 576 at block 128: 64)."""
+        k = weight.array.shape[0]
+        if weight.gathers and k % self.block_size:
+            fitting = [b for b in _BLOCK_SIZES if b <= self.block_size and not k % b]
+            if fitting:
+                return max(fitting)
+        return self.block_size
+
+    def _round(self, weight: Weight) -> Int4Weight:
+        """The codes and scales of one weight, rounded to nearest."""
+        if (
+            self.block_grid == "minmax"
+        ):  # a shared tied table must be symmetric (GatherBlockQuantized)
+            symmetric = self.symmetric or bool(weight.gathers)
+            return _quantize_minmax(
+                weight.array, self._block_size_of(weight), symmetric, self._bits_of(weight)
+            )
+        return quantize_int4(
+            weight.array, self._block_size_of(weight), self.symmetric, self._bits_of(weight)
+        )
+
+    def _source_grid(self, weight: Weight) -> Int4Weight | None:
+        """The weight's codes on a block grid it already sits on, or None: a weight dequantized
+        from GGUF Q4_1 (asymmetric) or Q8_0 (symmetric) blocks of this pass's block size is
+        reproduced by `_quantize_minmax` within 1 % of a step everywhere (SmolLM2's layers are
+        Q4_1, its tied table Q8_0). A shared tied table is tried symmetric only."""
+        if weight.array.size == 0:
+            return None
+        block, bits = self._block_size_of(weight), self._bits_of(weight)
+        for symmetric in (True,) if weight.gathers else (False, True):
+            rounded = _quantize_minmax(weight.array, block, symmetric, bits)
+            error = np.abs(rounded.dequantized().T - weight.array)  # [K, N]
+            k_blocks = rounded.k_blocks
+            padded = np.zeros((k_blocks * block, rounded.n), dtype=np.float32)
+            padded[: rounded.k] = error
+            worst = padded.reshape(k_blocks, block, rounded.n).max(axis=1)  # [k_blocks, N]
+            if np.all(worst <= 0.01 * rounded.scales.T + 1e-12):
+                return rounded
+        return None
+
+    def _bits_of(self, weight: Weight) -> int:
+        return self.lm_head_bits if weight.head and self.lm_head_bits else self.bits
+
+    def _rewrite_nbits(
+        self, graph: ir.Graph, weight: Weight, q: Int4Weight, taken: set[str]
+    ) -> tuple[str, int]:
+        base = weight.value.name
+        b = add_initializer(
+            graph, fresh_name(graph, f"{base}_Q{q.bits}", taken), ir.tensor(q.packed)
+        )
+        scales = add_initializer(
+            graph,
+            fresh_name(graph, f"{base}_scales", taken),
+            ir.tensor(q.scales.astype(weight.dtype.numpy())),
+        )
+        zero_points = None
+        if q.zero_points is not None:
+            zp = q.zero_points  # float zero points (grid "minmax") are stored as float16
+            zp = zp.astype(np.float16) if zp.dtype.kind == "f" else zp
+            zero_points = add_initializer(
+                graph, fresh_name(graph, f"{base}_zero_points", taken), ir.tensor(zp)
+            )
+        attributes = {"K": q.k, "N": q.n, "bits": q.bits, "block_size": q.block_size}
+        if self.accuracy_level:
+            attributes["accuracy_level"] = self.accuracy_level
+        for site in weight.sites:
+            inputs = [site.activation, b, scales, zero_points]
+            if site.bias is not None:
+                inputs += [None, site.bias]
+            while inputs[-1] is None:
+                inputs.pop()
+            node = ir.node(
+                "MatMulNBits",
+                inputs,
+                attributes,
+                domain=_MS_DOMAIN,
+                name=f"{site.node.name or base}_Q{q.bits}",
+            )
+            replace_site(graph, site, [node])
+        added = sum(v.const_value.nbytes for v in (b, scales, zero_points) if v is not None)
+        if weight.gathers:
+            added += self._share_with_gathers(graph, weight, q, b, scales, taken)
+        return b.name, added
+
+    def _share_with_gathers(
+        self,
+        graph: ir.Graph,
+        weight: Weight,
+        q: Int4Weight,
+        b: ir.Value,
+        scales: ir.Value,
+        taken: set[str],
+    ) -> int:
+        """Rewrite the tied embedding's Gathers to GatherBlockQuantized of the lm_head's B.
+
+        Returns the bytes added (the small shape constants and the 1/s of AWQ).
+        """
+        base = weight.value.name
+        if q.zero_points is not None or q.k % q.block_size:
+            raise CompileError(
+                f"{self.name}: the tied table {base!r} can be shared only when symmetric and "
+                f"its hidden size {q.k} is a multiple of block_size {q.block_size}",
+                "run untie-embeddings before this pass (the table is then stored twice)",
+            )
+
+        def constant(suffix: str, array: np.ndarray) -> ir.Value:
+            name = fresh_name(graph, f"{base}_{suffix}", taken)
+            return add_initializer(graph, name, ir.tensor(array, name=name))
+
+        blocks_shape = constant("scales_shape", np.array([q.n, q.k_blocks, 1], dtype=np.int64))
+        hidden = constant("hidden", np.array([q.k], dtype=np.int64))
+        added = blocks_shape.const_value.nbytes + hidden.const_value.nbytes
+        inverse = None
+        if weight.row_scales is not None:
+            inverse = constant("inv_s", (1.0 / weight.row_scales).astype(weight.dtype.numpy()))
+            added += inverse.const_value.nbytes
+        block_scales = ir.node("Reshape", [scales, blocks_shape], name=f"{base}_scales_3d")
+        graph.insert_before(graph.node(0), block_scales)  # reads initializers only
+        attributes = {
+            "gather_axis": 0,
+            "quantize_axis": 2,
+            "block_size": q.block_size,
+            "bits": q.bits,
+        }
+        for gather in weight.gathers:
+            ids = gather.inputs[1]
+            prefix = gather.name or base
+            rows = ir.node(
+                "GatherBlockQuantized",
+                [b, ids, block_scales.outputs[0]],
+                attributes,
+                domain=_MS_DOMAIN,
+                name=f"{prefix}_Q{q.bits}",
+            )
+            ids_shape = ir.node("Shape", [ids], name=f"{prefix}_ids_shape")
+            shape = ir.node(
+                "Concat", [ids_shape.outputs[0], hidden], {"axis": 0}, name=f"{prefix}_shape"
+            )
+            flat = ir.node("Reshape", [rows.outputs[0], shape.outputs[0]], name=f"{prefix}_rows")
+            nodes = [rows, ids_shape, shape, flat]
+            if inverse is not None:
+                nodes.append(ir.node("Mul", [flat.outputs[0], inverse], name=f"{prefix}_inv_s"))
+            ir.convenience.replace_nodes_and_values(
+                graph,
+                insertion_point=gather,
+                old_nodes=[gather],
+                new_nodes=nodes,
+                old_values=[gather.outputs[0]],
+                new_values=[nodes[-1].outputs[0]],
+            )
+        return added
+
+    def _rewrite_qdq(
+        self, graph: ir.Graph, weight: Weight, q: Int4Weight, taken: set[str]
+    ) -> tuple[str, int]:
+        base = weight.value.name
+        codes = q.codes().T  # [K, N], 0..15 (8 bits: 0..255)
+        zero_points = None
+        signed, unsigned = (
+            ((ml_dtypes.int4, ir.DataType.INT4), (ml_dtypes.uint4, ir.DataType.UINT4))
+            if q.bits == 4
+            else ((np.int8, ir.DataType.INT8), (np.uint8, ir.DataType.UINT8))
+        )
+        if q.zero_points is None:
+            values = (codes.astype(np.int16) - (1 << (q.bits - 1))).astype(signed[0])
+            tensor = ir.Tensor(values, dtype=signed[1])
+        else:
+            tensor = ir.Tensor(codes.astype(unsigned[0]), dtype=unsigned[1])
+            zp = q.unpacked_zero_points().T.astype(unsigned[0])  # [k_blocks, N]
+            zero_points = add_initializer(
+                graph,
+                fresh_name(graph, f"{base}_zero_points", taken),
+                ir.Tensor(np.ascontiguousarray(zp), dtype=unsigned[1]),
+            )
+        b = add_initializer(graph, fresh_name(graph, f"{base}_Q{q.bits}", taken), tensor)
+        scales = add_initializer(
+            graph,
+            fresh_name(graph, f"{base}_scales", taken),
+            ir.tensor(np.ascontiguousarray(q.scales.T).astype(weight.dtype.numpy())),
+        )
+        for site in weight.sites:
+            prefix = site.node.name or base
+            inputs = [b, scales] + ([zero_points] if zero_points is not None else [])
+            dequantize = ir.node(
+                "DequantizeLinear",
+                inputs,
+                {"axis": 0, "block_size": q.block_size},
+                name=f"{prefix}_DQ_Q{q.bits}",
+            )
+            matmul = ir.node(
+                "MatMul",
+                [site.activation, dequantize.outputs[0]],
+                name=f"{prefix}_MatMul_Q{q.bits}",
+            )
+            nodes = [dequantize, matmul]
+            if site.bias is not None:
+                nodes.append(ir.node("Add", [matmul.outputs[0], site.bias], name=f"{prefix}_bias"))
+            replace_site(graph, site, nodes)
+        added = sum(v.const_value.nbytes for v in (b, scales, zero_points) if v is not None)
+        return b.name, added
+
+
+# --- int8 -------------------------------------------------------------------------------------

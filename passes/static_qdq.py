@@ -1,0 +1,281 @@
+"""The machinery both static Q/DQ quantizers (fp8, SmoothQuant int8) share: calibration, activation Q/DQ, weight DequantizeLinear, ModelSpec upkeep and stats.
+
+See fdec.passes.quantize_static for the graph form they write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from fdec.calibrate import (
+    ActivationStats,
+    checked_batches,
+    collect_activation_stats,
+)
+from fdec.errors import CompileError, UsageError
+from fdec.ir import FdecModel
+from fdec.passes.quantize_common import empty_stats, require_untied
+from fdec.passes.quantize_int8 import QuantizeInt8Pass, quantize_int8
+from fdec.passes.smoothquant import (
+    ActivationGroup,
+    group_by_activation,
+    role_of,
+)
+from fdec.passes.weights import (
+    Weight,
+    add_initializer,
+    collect_weights,
+    fresh_name,
+    raise_opset,
+    replace_site,
+    retire_weight,
+)
+from fdec.pipeline import Pass, PassResult
+from fdec.targets import Precision
+
+__all__ = ["StaticQuantizePass", "scalar_initializer", "zero_point"]
+
+
+def scalar_initializer(
+    graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType, taken: set[str]
+) -> ir.Value:
+    return add_initializer(graph, fresh_name(graph, name, taken), ir.Tensor(array, dtype=dtype))
+
+
+def zero_point(graph: ir.Graph, dtype: ir.DataType, taken: set[str]) -> ir.Value:
+    """A scalar zero of `dtype` (it sets QuantizeLinear's output type), one per graph."""
+    name = f"fdec_{dtype.name.lower()}zero_point"
+    existing = graph.initializers.get(name)
+    tensor = existing.const_value if existing is not None else None
+    if (
+        tensor is not None
+        and tensor.dtype == dtype
+        and tensor.shape.dims == ()
+        and (float(tensor.numpy().astype(np.float32)) == 0.0)
+    ):
+        return existing
+    zero = np.zeros((), dtype=dtype.numpy())
+    return add_initializer(graph, fresh_name(graph, name, taken), ir.Tensor(zero, dtype=dtype))
+
+
+@dataclasses.dataclass(eq=False)
+class StaticQuantizePass(Pass):
+    """Shared machinery: calibration, activation Q/DQ, weight DQ, ModelSpec upkeep, stats."""
+
+    stats: Mapping[str, ActivationStats] | None = dataclasses.field(default=None, kw_only=True)
+    batches: Sequence[np.ndarray] | None = dataclasses.field(default=None, kw_only=True)
+    include_lm_head: bool = dataclasses.field(default=True, kw_only=True)
+    # A tied lm_head keeps sharing the embedding: its [H, V] codes are stored once and the
+    # embedding's Gathers read their columns (fdec.passes.quantize.QuantizeInt8Pass's way).
+    share_tied_embedding: bool = dataclasses.field(default=False, kw_only=True)
+    # Layer kinds (ModelSpec roles: "down", "o", "lm_head"...) kept W8A16: int8 weights per
+    # output channel read through DequantizeLinear, the activation left in float (no Q/DQ).
+    weight_only: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
+
+    # Set by subclasses: the precision the target must have, the fix offered to CPU targets,
+    # and the lowest default-domain opset the rewritten graph needs.
+    _precision: ClassVar[Precision]
+    _cpu_fix: ClassVar[str]
+    _opset: ClassVar[int]
+
+    def __post_init__(self) -> None:
+        self.batches = checked_batches(self.name, self.batches)
+        self.weight_only = tuple(self.weight_only)
+
+    def check_target(self, target: Any) -> None:
+        if target is None or not hasattr(target, "require"):
+            return
+        if not target.is_gpu:
+            raise UsageError(
+                f"{self.name} writes static QDQ for GPU engines; {target.name} is a CPU",
+                self._cpu_fix,
+            )
+        target.require(self._precision)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True until the pass is given `stats` or `batches`."""
+        return self.stats is None and self.batches is None
+
+    def requires(self, model: FdecModel, target: Any = None) -> None:
+        if not self.share_tied_embedding:
+            require_untied(self.name, model, self.include_lm_head)
+        if self.needs_calibration:
+            raise UsageError(
+                f"{self.name} needs calibration data and was given none",
+                "pass batches=fdec.calibrate.calibration_batches(...) (or stats=...) to the pass",
+            )
+
+    def _calibrate(
+        self, model: FdecModel, groups: list[ActivationGroup]
+    ) -> Mapping[str, ActivationStats]:
+        if self.stats is not None:
+            return self.stats
+        assert self.batches is not None
+        names = [group.activation.name for group in groups]
+        return collect_activation_stats(model, self.batches, names)
+
+    def call(self, model: FdecModel) -> PassResult:
+        weights, skipped = collect_weights(model, self.include_lm_head, self.share_tied_embedding)
+        kept: list[Weight] = []
+        for weight in weights:
+            if weight.gathers and weight.dtype != ir.DataType.FLOAT:
+                skipped["shared table is not float32"] += 1
+            else:
+                kept.append(weight)
+        weights = kept
+        stats: dict[str, Any] = {
+            **empty_stats(),
+            "activations_quantized": 0,
+            "weight_only": [],
+            "gathers_shared": sum(len(w.gathers) for w in weights),
+        }
+        groups = group_by_activation(weights, skipped)
+        calibration = self._calibrate(model, groups) if groups else {}
+        if groups and not any(group.activation.name in calibration for group in groups):
+            raise CompileError(
+                f"{self.name}: none of the {len(groups)} activations to quantize has "
+                f"calibration statistics (first: {groups[0].activation.name!r})",
+                "collect the stats on the model exactly as this pass receives it, or pass "
+                "batches=... so the pass calibrates it itself",
+            )
+        ready: list[tuple[ActivationGroup, ActivationStats]] = []
+        for group in groups:
+            found = calibration.get(group.activation.name)
+            if found is None:
+                skipped["no calibration statistics for its activation"] += len(group.weights)
+            elif found.absmax <= 0 or not math.isfinite(found.absmax):
+                skipped["activation was all zeros (or not finite) in calibration"] += len(
+                    group.weights
+                )
+            elif found.channel_absmax.shape != (group.weights[0].array.shape[0],):
+                skipped["calibration statistics do not match the weight's input size"] += len(
+                    group.weights
+                )
+            else:
+                ready.append((group, found))
+        stats.update(self._extra_stats())
+        self._prepare(model, [group for group, _ in ready], stats)
+        if ready:
+            stats["opset_raised"] = raise_opset(model, self._opset)
+        taken: set[str] = set()
+        for group, found in ready:
+            if self._rewrite(model, group, found, taken, stats) is not False:
+                stats["activations_quantized"] += 1
+        stats["skipped"] = dict(skipped)
+        return PassResult(model, modified=stats["weights_quantized"] > 0, stats=stats)
+
+    # --- subclass hooks -----------------------------------------------------------------------
+
+    def _extra_stats(self) -> dict[str, Any]:
+        return {}
+
+    def _prepare(
+        self, model: FdecModel, groups: list[ActivationGroup], stats: dict[str, Any]
+    ) -> None:
+        """Run once before the rewrites, on the incoming model (e.g. to collect Hessians)."""
+
+    def _rewrite(
+        self,
+        model: FdecModel,
+        group: ActivationGroup,
+        found: ActivationStats,
+        taken: set[str],
+        stats: dict[str, Any],
+    ) -> None:
+        raise NotImplementedError
+
+    def _weight_only(self, model: FdecModel, group: ActivationGroup) -> bool:
+        """Whether the group stays W8A16 (every weight's role in `weight_only`)."""
+        roles = {role_of(model.spec, w.value.name) for w in group.weights}
+        return bool(self.weight_only) and roles <= set(self.weight_only)
+
+    def _rewrite_weight_only(
+        self, model: FdecModel, group: ActivationGroup, taken: set[str], stats: dict[str, Any]
+    ) -> bool:
+        """W8A16: per-channel int8 weights, DequantizeLinear → MatMul with the float activation.
+        False: no activation was quantized."""
+        for weight in group.weights:
+            codes, scales = quantize_int8(weight.array, 127)
+            stats["bytes_before"] += weight.value.const_value.nbytes
+            stats["matmuls_quantized"] += len(weight.sites)
+            stats["weights_quantized"] += 1
+            stats["weight_only"].append(weight.value.name)
+            stats["bytes_after"] += self._quantized_weight(
+                model, weight, ir.tensor(codes), scales, group.activation, taken, "Q8"
+            )
+        return False
+
+    # --- shared rewriting ---------------------------------------------------------------------
+
+    @staticmethod
+    def _activation_qdq(
+        graph: ir.Graph,
+        source: ir.Value,
+        scale: float,
+        zero_point: ir.Value,
+        dtype: ir.DataType,
+        taken: set[str],
+    ) -> tuple[list[ir.Node], ir.Value]:
+        """QuantizeLinear → DequantizeLinear of `source` (per tensor); (nodes, dequantized)."""
+        prefix = source.name
+        scale_value = scalar_initializer(
+            graph, f"{prefix}_scale", np.array(scale, dtype=dtype.numpy()), dtype, taken
+        )
+        quantize = ir.node(
+            "QuantizeLinear", [source, scale_value, zero_point], name=f"{prefix}_QuantizeLinear"
+        )
+        dequantize = ir.node(
+            "DequantizeLinear",
+            [quantize.outputs[0], scale_value, zero_point],
+            name=f"{prefix}_DequantizeLinear",
+        )
+        return [quantize, dequantize], dequantize.outputs[0]
+
+    @staticmethod
+    def _quantized_weight(
+        model: FdecModel,
+        weight: Weight,
+        codes: ir.Tensor,
+        scales: np.ndarray,
+        activation: ir.Value,
+        taken: set[str],
+        suffix: str,
+    ) -> int:
+        """Replace each site of `weight` by DequantizeLinear(codes) → MatMul(activation, ·).
+
+        Retires the float weight, points its roles at `codes`; returns the bytes added.
+        """
+        graph = model.graph
+        old_name = weight.value.name
+        assert old_name is not None
+        b = add_initializer(graph, fresh_name(graph, f"{old_name}_{suffix}", taken), codes)
+        w_scale = add_initializer(
+            graph,
+            fresh_name(graph, f"{old_name}_scales", taken),
+            ir.tensor(scales.astype(weight.dtype.numpy())),
+        )
+        for site in weight.sites:
+            prefix = site.node.name or old_name
+            dequantize = ir.node(
+                "DequantizeLinear", [b, w_scale], {"axis": 1}, name=f"{prefix}_DQ_{suffix}"
+            )
+            matmul = ir.node(
+                "MatMul", [activation, dequantize.outputs[0]], name=f"{prefix}_MatMul_{suffix}"
+            )
+            nodes = [dequantize, matmul]
+            if site.bias is not None:
+                nodes.append(ir.node("Add", [matmul.outputs[0], site.bias], name=f"{prefix}_bias"))
+            replace_site(graph, site, nodes)
+        added = int(b.const_value.nbytes + w_scale.const_value.nbytes)
+        if weight.gathers:  # the tied embedding reads the same codes
+            added += QuantizeInt8Pass.share_with_gathers(graph, weight, b, w_scale, False, taken)
+        retire_weight(graph, weight)
+        model.spec.rename_weight(old_name, b.name)
+        return added
