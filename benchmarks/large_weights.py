@@ -51,6 +51,21 @@ LLAMA_1B = {
     "eos_token_id": 2,
 }
 
+# Llama-3.1-8B's shape: 8.0e9 parameters (7.5e9 with tied embeddings), ~15 GB in bf16.
+LLAMA_8B = {
+    **LLAMA_1B,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
 
 def _llama_tensors(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     """(HF name, shape, init) of every Llama parameter, in the order HF writes them."""
@@ -74,19 +89,38 @@ def _llama_tensors(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     return names
 
 
-def write_llama(folder: pathlib.Path, config: dict, *, seed: int = 0) -> int:
-    """config.json + model.safetensors with random weights; returns the parameter count."""
+def write_llama(
+    folder: pathlib.Path,
+    config: dict,
+    *,
+    seed: int = 0,
+    dtype: str = "F32",
+    verifiable: bool = False,
+) -> int:
+    """config.json + model.safetensors with random weights; returns the parameter count.
+
+    `dtype` is F32 or BF16 (bf16 by truncating fp32 draws). `verifiable`: embeddings tied and
+    the layers' projections scaled by 0.1 (std 0.002), so the residual stream stays close to
+    the input token's embedding and the model predicts its input token with a wide margin: a
+    lossy build then verifies on greedy tokens instead of failing on near-uniform logits. Rows
+    are drawn in chunks, so the writer never holds more than ~256 MB."""
     import numpy as np
 
     folder.mkdir(parents=True, exist_ok=True)
+    config = dict(config, torch_dtype={"F32": "float32", "BF16": "bfloat16"}[dtype])
+    if verifiable:
+        config["tie_word_embeddings"] = True
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tensors = _llama_tensors(config)
+    if config.get("tie_word_embeddings"):
+        tensors = [t for t in tensors if t[0] != "lm_head.weight"]
+    itemsize = 4 if dtype == "F32" else 2
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, _ in tensors:
-        size = 4 * int(np.prod(shape))
+        size = itemsize * int(np.prod(shape))
         header[name] = {
-            "dtype": "F32",
+            "dtype": dtype,
             "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
@@ -94,17 +128,25 @@ def write_llama(folder: pathlib.Path, config: dict, *, seed: int = 0) -> int:
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
     rng = np.random.default_rng(seed)
-    with (folder / "model.safetensors").open("wb") as handle:
+    partial = folder / "model.safetensors.partial"
+    with partial.open("wb") as handle:
         handle.write(struct.pack("<Q", len(text)) + text)
-        for _name, shape, init in tensors:
-            if init == "ones":
-                array = np.ones(shape, dtype=np.float32)
-            else:
-                array = rng.standard_normal(shape, dtype=np.float32)
-                array *= 0.02
-            handle.write(array.tobytes())
-            del array
-    return offset // 4
+        for name, shape, init in tensors:
+            std = 0.02 if not verifiable or "embed_tokens" in name else 0.002
+            rows_per_chunk = max(1, (64 << 20) // int(np.prod(shape[1:], dtype=np.int64)))
+            for start in range(0, shape[0], rows_per_chunk):
+                rows = (min(rows_per_chunk, shape[0] - start), *shape[1:])
+                if init == "ones":
+                    array = np.ones(rows, dtype=np.float32)
+                else:
+                    array = rng.standard_normal(rows, dtype=np.float32)
+                    array *= std
+                if dtype == "BF16":
+                    array = (array.view(np.uint32) >> 16).astype(np.uint16)
+                handle.write(array.tobytes())
+                del array
+    partial.rename(folder / "model.safetensors")
+    return offset // itemsize
 
 
 def _rss_bytes(pid: int) -> int:

@@ -17,12 +17,20 @@ from typing import Any
 from fdec.cache import Cache, digest_of, fingerprint, source_inputs, tool_versions
 from fdec.frontend.export import import_model, load_hf_model, load_tokenizer
 from fdec.frontend.source import default_cache_dir
+from fdec.frontend.stream import (
+    STREAM_PARAMETERS,
+    checkpoint_parameters,
+    import_streamed,
+    streamed_reference_model,
+)
 from fdec.ir import FdecModel, GraphCounts, ModelSpec, release_freed_memory
 from fdec.lower import MODEL_FILE
 from fdec.pipeline import Instrument, PassRecord
-from fdec.verify import Reference
+from fdec.verify import GREEDY_STEPS, Reference
 
-__all__ = ["FreshNamesInstrument", "Front"]
+__all__ = ["STREAMED_GREEDY_STEPS", "FreshNamesInstrument", "Front"]
+
+STREAMED_GREEDY_STEPS = 8  # greedy steps of the reference above STREAM_PARAMETERS
 
 
 def _record_from_dict(data: dict[str, Any]) -> PassRecord:
@@ -49,7 +57,15 @@ class Front:
         self.cache = Cache(
             options.cache_dir or default_cache_dir(), enabled=options.cache, progress=progress
         )
-        self.pass_caching = options.cache and not options.verify_each and not options.dump_dir
+        self.parameters = checkpoint_parameters(source)
+        self.streamed = (
+            self.parameters > STREAM_PARAMETERS if options.stream is None else options.stream
+        )
+        # A streamed compile stores neither the export nor the passes' models: each entry
+        # would copy every weight (an 8B model: 32 GB in fp32) and load them back into memory.
+        self.pass_caching = (
+            options.cache and not options.verify_each and not options.dump_dir and not self.streamed
+        )
         self.versions = tool_versions()
         self.inputs = source_inputs(source, self.cache.index)
         self.calibration = _calibration_inputs(options.calibration, recipe.calibration_texts)
@@ -58,9 +74,17 @@ class Front:
             "export", inputs=self.inputs, family=source.family.name, loading=loading,
             versions=self.versions,
         )  # fmt: skip
-        self.reference_key = digest_of(
-            "reference", inputs=self.inputs, loading=loading, versions=self.versions
+        # Above the streaming threshold the reference decodes fewer greedy steps: each step
+        # streams every layer's weights from the checkpoint.
+        self.greedy_steps = (
+            STREAMED_GREEDY_STEPS
+            if self.streamed and self.parameters > STREAM_PARAMETERS
+            else GREEDY_STEPS
         )
+        self.reference_key = digest_of(
+            "reference", inputs=self.inputs, loading=loading, versions=self.versions,
+            greedy_steps=self.greedy_steps,
+        )  # fmt: skip
         self.pass_keys: list[str] = []
         previous = self.export_key
         for index, pass_ in enumerate(recipe.pipeline):
@@ -77,6 +101,8 @@ class Front:
         self._hf_model: Any = None
         self._tokenizer: Any = _UNSET
         self.export_info: dict[str, Any] = {"exporter": "torch.onnx (dynamo)"}
+        if self.streamed:
+            self.export_info["streamed"] = True
         self.reference_cached = False
         self.resumed = 0  # passes taken from the cache
         self.model_key: str | None = None  # the model entry holding the current model
@@ -84,11 +110,15 @@ class Front:
     # --- lazily loaded source pieces ---
 
     def hf_model(self) -> Any:
+        """The source model in PyTorch; when streaming, one holding a layer at a time."""
         if self._hf_model is None:
-            self.progress(f"loading {self.source.given} with PyTorch")
-            self._hf_model = load_hf_model(
-                self.source, trust_remote_code=self.options.trust_remote_code
-            )
+            trust = self.options.trust_remote_code
+            if self.streamed:
+                self.progress(f"opening {self.source.given} layer by layer (streamed)")
+                self._hf_model = streamed_reference_model(self.source, trust_remote_code=trust)
+            else:
+                self.progress(f"loading {self.source.given} with PyTorch")
+                self._hf_model = load_hf_model(self.source, trust_remote_code=trust)
         return self._hf_model
 
     def release_hf_model(self) -> None:
@@ -136,12 +166,21 @@ class Front:
 
     def export(self) -> FdecModel:
         started = time.perf_counter()
-        model = self.load_model(self.export_key)
+        model = None if self.streamed else self.load_model(self.export_key)
         if model is not None:
             self.progress("ONNX export taken from the cache")
             self.export_info.update(cached=True, wall_s=round(time.perf_counter() - started, 2))
             self.model_key = self.export_key
             return model
+        if self.streamed:
+            self.progress(
+                "exporting to ONNX without weights (initializers bound to the checkpoint)"
+            )
+            imported = import_streamed(
+                self.source, trust_remote_code=self.options.trust_remote_code
+            )
+            self.export_info.update(cached=False, wall_s=round(time.perf_counter() - started, 2))
+            return imported.fdec_model
         hf_model = self.hf_model()
         self.progress("exporting to ONNX (torch.onnx dynamo exporter)")
         started = time.perf_counter()
@@ -160,7 +199,10 @@ class Front:
             self.reference_cached = True
             return Reference.load(entry.path / _REFERENCE_FILE)
         self.progress("computing the reference outputs with PyTorch")
-        reference = Reference.from_hf(self.hf_model(), spec.kind, self.tokenizer(), spec.vocab_size)
+        reference = Reference.from_hf(
+            self.hf_model(), spec.kind, self.tokenizer(), spec.vocab_size,
+            greedy_steps=self.greedy_steps,
+        )  # fmt: skip
         self.cache.put(
             self.reference_key, "reference", lambda folder: reference.save(folder / _REFERENCE_FILE)
         )
@@ -214,6 +256,8 @@ class Front:
             "passes_cached": self.resumed,
             "passes": len(self.pass_keys),
             "pass_caching": self.pass_caching,
+            "streamed": self.streamed,
+            "reference_greedy_steps": self.greedy_steps,
         }
 
 
