@@ -3,6 +3,8 @@
     python benchmarks/large_weights.py                     # ~1.1B (TinyLlama shape) + SmolLM2
     python benchmarks/large_weights.py --models smollm2    # SmolLM2-135M only
     python benchmarks/large_weights.py --layers 8          # a smaller Llama (same widths)
+    python benchmarks/large_weights.py --stream both --models smollm2,llama-1b   # issue 19
+    python benchmarks/large_weights.py --stream stream --models llama-8b --max-rss-gb 8
 
 The large model is written tensor by tensor (random normal weights, std 0.02, to a
 safetensors file whose header is written first), so the writer never holds more than one
@@ -160,15 +162,23 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def compile_peak(model: str, out: pathlib.Path, *, cap_bytes: int, extra: list[str]) -> dict:
-    """Run `fdec compile MODEL --target cpu --quantize none`; its exit code, peak RSS, time."""
+def compile_peak(
+    model: str,
+    out: pathlib.Path,
+    *,
+    cap_bytes: int,
+    extra: list[str],
+    target: str = "cpu",
+    quantize: str | None = "none",
+) -> dict:
+    """Run `fdec compile MODEL --target T [--quantize Q]`; its exit code, peak RSS, time."""
     # A fresh cache folder: a cold compile (export, reference, passes) with the cache writing
     # its entries, as a user's first compile does.
     cache = out.parent / f"{out.name}-cache"
     shutil.rmtree(cache, ignore_errors=True)
-    command = [sys.executable, "-m", "fdec.cli", "compile", model, "--target", "cpu",
-               "--quantize", "none", "-o", str(out), "--json", "--cache-dir", str(cache),
-               *extra]  # fmt: skip
+    command = [sys.executable, "-m", "fdec.cli", "compile", model, "--target", target,
+               *(["--quantize", quantize] if quantize else []), "-o", str(out), "--json",
+               "--cache-dir", str(cache), *extra]  # fmt: skip
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = threading.Event()
@@ -207,6 +217,7 @@ def compile_peak(model: str, out: pathlib.Path, *, cap_bytes: int, extra: list[s
         "wall_s": round(wall, 1),
         "progress": [line for line in stderr.splitlines() if line.strip()][-3:],
         "verified": (summary.get("verification") or {}).get("ok"),
+        "command": " ".join(command[1:]),
         # (seconds, RSS) every ~5 s: where in the compile the memory went
         "rss_timeline": [(round(t), round(r / GIB, 2)) for t, r in samples[::10]],
         "stderr_progress": [line for line in stderr.splitlines() if line.startswith("[fdec ")],
@@ -226,6 +237,85 @@ def _row(name: str, fp32_bytes: int, result: dict, overhead: int) -> dict:
     }
 
 
+def cached_llama(name: str) -> pathlib.Path:
+    """A verifiable bf16 Llama written once into fdec's cache (benchmarks/NAME)."""
+    from fdec.frontend.source import default_cache_dir
+
+    config = {"llama-8b": LLAMA_8B, "llama-1b-bf16": LLAMA_1B}[name]
+    folder = default_cache_dir() / "benchmarks" / f"{name}-verifiable"
+    if not (folder / "model.safetensors").exists():
+        print(f"writing {name} (bf16, verifiable) to {folder}", file=sys.stderr)
+        write_llama(folder, config, dtype="BF16", verifiable=True)
+    return folder
+
+
+def _build_digest(out: pathlib.Path) -> dict:
+    import hashlib
+
+    digests = {}
+    for name in ("model.onnx", "model.onnx.data"):
+        path = out / name
+        if path.exists():
+            sha = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    sha.update(block)
+            digests[name] = sha.hexdigest()
+    return digests
+
+
+def streaming(args: argparse.Namespace) -> int:
+    """Issue 19: compile through the streamed front end (and, with --stream both, today's
+    path too, comparing the model files byte for byte); one row per compile."""
+    cap = int(args.max_rss_gb * GIB)
+    rows = []
+    work = pathlib.Path(tempfile.mkdtemp(prefix="fdec-stream-", dir=args.workdir))
+    try:
+        for name in args.models.split(","):
+            if name == "smollm2":
+                from fdec.frontend.source import resolve_source
+
+                model = str(resolve_source("smollm2-135m").folder)
+            elif name == "llama-1b":
+                model = str(work / "llama")
+                write_llama(work / "llama", dict(LLAMA_1B, num_hidden_layers=args.layers))
+            else:
+                model = str(cached_llama(name))
+            modes = ["--no-stream", "--stream"] if args.stream == "both" else [f"--{args.stream}"]
+            digests = {}
+            for mode in modes:
+                out = work / f"{name}{mode}"
+                print(f"compiling {name} {mode} --target {args.target} "
+                      f"--quantize {args.quantize}", file=sys.stderr)  # fmt: skip
+                quantize = None if args.quantize == "default" else args.quantize
+                result = compile_peak(model, out, cap_bytes=cap, extra=[mode, "--no-cache"],
+                                      target=args.target, quantize=quantize)  # fmt: skip
+                digests[mode] = _build_digest(out) if result["exit_code"] == 0 else {}
+                report = {}
+                if (out / "report.json").exists():
+                    report = json.loads((out / "report.json").read_text())
+                rows.append({
+                    "model": name, "mode": mode, "exit_code": result["exit_code"],
+                    "killed_at_cap": result["killed_at_cap"],
+                    "peak_rss_gib": round(result["peak_rss_bytes"] / GIB, 2),
+                    "wall_s": result["wall_s"], "verified": result["verified"],
+                    "verification": report.get("verification"),
+                    "command": result["command"], "rss_timeline": result["rss_timeline"],
+                    "progress": result["progress"],
+                })  # fmt: skip
+                shutil.rmtree(out, ignore_errors=True)
+            if len(digests) == 2:
+                rows[-1]["identical_to_no_stream"] = {
+                    file: digests["--stream"].get(file) == digest
+                    for file, digest in digests["--no-stream"].items()
+                }
+            shutil.rmtree(work / "llama", ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(rows, indent=2, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,llama-1b", help="smollm2, llama-1b")
@@ -233,7 +323,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rss-gb", type=float, default=18.0, help="watchdog: kill above")
     parser.add_argument("--workdir", type=pathlib.Path, default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--stream",
+        choices=("both", "stream", "no-stream"),
+        default=None,
+        help="issue 19: compile with the streamed front end (both: and today's path, compared "
+        "byte for byte); models also llama-1b-bf16, llama-8b (verifiable bf16, cached)",
+    )
+    parser.add_argument("--target", default="cpu")
+    parser.add_argument("--quantize", default="int4-rtn", help="with --stream; default: recipe")
     args = parser.parse_args(argv)
+    if args.stream:
+        return streaming(args)
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
     from models import make_tiny_model
 
