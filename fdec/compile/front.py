@@ -26,6 +26,7 @@ from fdec.frontend.stream import (
 from fdec.ir import FdecModel, GraphCounts, ModelSpec, release_freed_memory
 from fdec.lower import MODEL_FILE
 from fdec.pipeline import Instrument, PassRecord
+from fdec.plan.compile_memory import check_compile_memory
 from fdec.verify import GREEDY_STEPS, Reference
 
 __all__ = ["STREAMED_GREEDY_STEPS", "FreshNamesInstrument", "Front"]
@@ -52,7 +53,10 @@ class Front:
     PyTorch model is loaded only when the export or the reference must be computed.
     """
 
-    def __init__(self, options: Any, source: Any, recipe: Any, progress: Any):
+    def __init__(
+        self, options: Any, source: Any, recipe: Any, progress: Any, *, quantize: str = "none",
+        target: Any = None,
+    ):  # fmt: skip
         self.options, self.source, self.recipe, self.progress = options, source, recipe, progress
         self.cache = Cache(
             options.cache_dir or default_cache_dir(), enabled=options.cache, progress=progress
@@ -100,6 +104,13 @@ class Front:
             self.pass_keys.append(previous)
         self._hf_model: Any = None
         self._tokenizer: Any = _UNSET
+        # Refuse up front (exit 4) when this machine cannot hold the compile's predicted peak.
+        self.memory = None
+        if target is not None:
+            self.memory = check_compile_memory(
+                source, quantize=quantize, target=target, streamed=self.streamed,
+                calibrates=bool(recipe.calibrating),
+            )  # fmt: skip
         self.export_info: dict[str, Any] = {"exporter": "torch.onnx (dynamo)"}
         if self.streamed:
             self.export_info["streamed"] = True
@@ -258,6 +269,7 @@ class Front:
             "pass_caching": self.pass_caching,
             "streamed": self.streamed,
             "reference_greedy_steps": self.greedy_steps,
+            "predicted_peak_rss_bytes": self.memory.peak_bytes if self.memory else None,
         }
 
 
