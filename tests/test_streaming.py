@@ -26,7 +26,7 @@ def _header(path):
 
 def test_streamed_export_binds_initializers_to_the_safetensors_bytes(tiny_models):
     source = resolve_source(str(tiny_models("llama")))
-    streamed = import_streamed(source).fdec_model.model
+    streamed = import_streamed(source, relay=False).fdec_model.model
     today = import_model(source).fdec_model.model
     assert list(streamed.graph.initializers) == list(today.graph.initializers)
     weights = source.folder / "model.safetensors"
@@ -49,6 +49,17 @@ def test_streamed_export_binds_initializers_to_the_safetensors_bytes(tiny_models
     assert bound == len(streamed.graph.initializers) - 1
     tied = [n for n in streamed.graph.initializers if "embed_tokens" in n or "lm_head" in n]
     assert len(tied) == 1  # the tied table is one initializer, as in today's export
+
+    # Re-laid: each Transpose of an unshared weight gone (the tied table, read twice, keeps
+    # its own), the weight lazily transposed from those same bytes.
+    relaid = import_streamed(source).fdec_model.model
+    for node in relaid.graph:
+        if node.op_type == "Transpose" and node.inputs[0].is_initializer():
+            assert len(node.inputs[0].uses()) > 1
+    value = relaid.graph.initializers["model.layers.0.mlp.up_proj.weight"]
+    assert isinstance(value.const_value, ir.LazyTensor)
+    want = today.graph.initializers["model.layers.0.mlp.up_proj.weight"].const_value.numpy()
+    np.testing.assert_array_equal(value.const_value.numpy(), want.T)
 
 
 def test_bf16_checkpoint_is_widened_exactly_one_tensor_at_a_time(tmp_path, tiny_models):
