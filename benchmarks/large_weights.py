@@ -299,8 +299,13 @@ def streaming(args: argparse.Namespace) -> int:
                     "killed_at_cap": result["killed_at_cap"],
                     "peak_rss_gib": round(result["peak_rss_bytes"] / GIB, 2),
                     "wall_s": result["wall_s"], "verified": result["verified"],
-                    "verification": report.get("verification"),
-                    "command": result["command"], "rss_timeline": result["rss_timeline"],
+                    "verification": {
+                        k: (report.get("verification") or {}).get(k)
+                        for k in ("ok", "numeric", "greedy", "reference")
+                    },
+                    "front": report.get("cache") or report.get("front"),
+                    "command": result["command"],
+                    "rss_timeline": result["rss_timeline"][::12],  # (s, GiB) every ~60 s
                     "progress": result["progress"],
                 })  # fmt: skip
                 shutil.rmtree(out, ignore_errors=True)
