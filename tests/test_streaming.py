@@ -126,11 +126,27 @@ def test_compile_refuses_up_front_when_memory_cannot_hold_it(
 
     monkeypatch.setattr(compile_memory, "available_memory", lambda: (10 << 20, "a test"))
     out = tmp_path / "build"
-    result = cli_runner.invoke(
-        cli, ["compile", str(tiny_models("llama")), "--quantize", "int4-rtn", "-o", str(out)]
-    )
-    assert result.exit_code == 4, result.output
-    lines = [line for line in result.output.splitlines() if "GiB" in line]
-    assert len(lines) == 1 and "needs about" in lines[0] and "10 MiB" not in lines[0]
-    assert "--stream" in lines[0]  # the fix: today's path loads the whole model
-    assert not out.exists()
+    model = str(tiny_models("llama"))
+    for extra, fix in (([], "free memory"), (["--no-stream"], "compile with --stream")):
+        result = cli_runner.invoke(
+            cli, ["compile", model, "--quantize", "int4-rtn", "-o", str(out), *extra]
+        )
+        assert result.exit_code == 4, result.output
+        lines = [line for line in result.output.splitlines() if "GiB" in line]
+        assert len(lines) == 1 and "needs about" in lines[0] and "available (a test)" in lines[0]
+        assert fix in lines[0]
+        assert not out.exists()
+
+
+def test_compile_streams_when_only_streaming_fits(tiny_models, tmp_path, monkeypatch):
+    from fdec.plan import compile_memory
+
+    def predicted(source, *, quantize, target, streamed, calibrates):
+        return compile_memory.CompileMemory((1 if streamed else 100) << 30, streamed, {})
+
+    monkeypatch.setattr(compile_memory, "predict_compile_memory", predicted)
+    monkeypatch.setattr(compile_memory, "available_memory", lambda: (2 << 30, "a test"))
+    options = CompileOptions(model=str(tiny_models("llama")), out=tmp_path / "b", quantize="none")
+    report = compile_model(options).report
+    assert report["cache"]["streamed"] and report["verification"]["ok"]
+    assert report["cache"]["predicted_peak_rss_bytes"] == 1 << 30

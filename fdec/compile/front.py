@@ -7,6 +7,7 @@ The PyTorch model loads only when the export or the reference must be computed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pathlib
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.cache import Cache, digest_of, fingerprint, source_inputs, tool_versions
+from fdec.errors import CapacityError
 from fdec.frontend.export import import_model, load_hf_model, load_tokenizer
 from fdec.frontend.source import default_cache_dir
 from fdec.frontend.stream import (
@@ -65,6 +67,9 @@ class Front:
         self.streamed = (
             self.parameters > STREAM_PARAMETERS if options.stream is None else options.stream
         )
+        self.memory = None
+        if target is not None:
+            self.memory = self._check_memory(options, quantize, target, recipe, progress)
         # A streamed compile stores neither the export nor the passes' models: each entry
         # would copy every weight (an 8B model: 32 GB in fp32) and load them back into memory.
         self.pass_caching = (
@@ -104,19 +109,32 @@ class Front:
             self.pass_keys.append(previous)
         self._hf_model: Any = None
         self._tokenizer: Any = _UNSET
-        # Refuse up front (exit 4) when this machine cannot hold the compile's predicted peak.
-        self.memory = None
-        if target is not None:
-            self.memory = check_compile_memory(
-                source, quantize=quantize, target=target, streamed=self.streamed,
-                calibrates=bool(recipe.calibrating),
-            )  # fmt: skip
         self.export_info: dict[str, Any] = {"exporter": "torch.onnx (dynamo)"}
         if self.streamed:
             self.export_info["streamed"] = True
         self.reference_cached = False
         self.resumed = 0  # passes taken from the cache
         self.model_key: str | None = None  # the model entry holding the current model
+
+    def _check_memory(
+        self, options: Any, quantize: str, target: Any, recipe: Any, progress: Any
+    ) -> Any:
+        """The predicted peak RSS; refuses up front (CapacityError, exit 4) when this machine
+        cannot hold it. Unless --stream/--no-stream was given, a compile that fits only when
+        streamed is streamed."""
+        check = functools.partial(
+            check_compile_memory, self.source, quantize=quantize, target=target,
+            calibrates=bool(recipe.calibrating),
+        )  # fmt: skip
+        if options.stream is not None or self.streamed:
+            return check(streamed=self.streamed)
+        try:
+            return check(streamed=False)
+        except CapacityError as refused:
+            memory = check(streamed=True)  # raises when streaming does not fit either
+            self.streamed = True
+            progress(f"streaming the weights: {refused.problem}")
+            return memory
 
     # --- lazily loaded source pieces ---
 

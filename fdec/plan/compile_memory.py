@@ -3,9 +3,10 @@ cannot fit.
 
 The prediction comes from the checkpoint's header and config.json (nothing loaded):
 
-- **Today's front end** (the model loaded in fp32): overhead + 2× the fp32 weights for float
-  builds, 3× for quantized ones (the PyTorch model, the exported copy, the quantized copy and
-  calibration), plus 10 % (the figures fdec.matrix sizes its cells by: README "Measured here").
+- **Today's front end** (the model loaded in fp32): overhead + 1.25× the fp32 weights for
+  float builds, 1.5× for weight-only quantized ones and 3× for calibrating ones, plus 10 %
+  (measured, benchmarks/large_weights.py: a 1.1B Llama fp32 5.15 GiB = overhead + 1.06×,
+  bf16 to int4-rtn 6.5 GB = overhead + 1.37×; SmolLM2 int4-awq 2.01 GiB = overhead + 3.0×).
 - **Streamed** (fdec.frontend.stream): the largest of the stages, each holding at most one
   layer's float weights: the reference (everything outside the layers, e.g. the embedding
   table, in fp32 plus one layer's fp32 weights and its copy being read), the passes (the build's
@@ -37,7 +38,8 @@ __all__ = [
 _GIB = 2**30
 COMPILE_OVERHEAD_BYTES = int(0.5 * _GIB)  # Python + torch + onnxruntime: a tiny model's peak
 _MARGIN = 1.10
-_WHOLE_MODEL_FACTOR = {False: 2.0, True: 3.0}  # today's path: x fp32 weights (float, quantized)
+# today's path: x fp32 weights for float, weight-only quantized and calibrating recipes
+_WHOLE_MODEL_FACTOR = {"float": 1.25, "weights": 1.5, "calibrating": 3.0}
 _LARGEST_TENSOR_COPIES = 3  # a pass's fp32 read, its work arrays and the result
 _SESSION_FACTOR = 1.25  # an ONNX Runtime session over its weights (arena, prepacking)
 _LAYER = re.compile(r"(^|\.)(layers|h|layer|blocks)\.(\d+)\.")
@@ -100,7 +102,8 @@ def predict_compile_memory(
     fp32 = 4 * total
     quantized = quantize.lower() not in ("none", "fp32", "fp32-none")
     if not streamed:
-        peak = COMPILE_OVERHEAD_BYTES + _WHOLE_MODEL_FACTOR[quantized] * fp32
+        kind = "calibrating" if calibrates else "weights" if quantized else "float"
+        peak = COMPILE_OVERHEAD_BYTES + _WHOLE_MODEL_FACTOR[kind] * fp32
         return CompileMemory(int(peak * _MARGIN), False, {"fp32_weight_bytes": fp32})
     build = _build_weight_bytes(source, quantize, target)
     parts = {
