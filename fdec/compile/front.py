@@ -33,7 +33,7 @@ from fdec.verify import GREEDY_STEPS, Reference
 
 __all__ = ["STREAMED_GREEDY_STEPS", "FreshNamesInstrument", "Front"]
 
-STREAMED_GREEDY_STEPS = 4  # greedy steps of the reference above STREAM_PARAMETERS
+STREAMED_GREEDY_STEPS = 2  # greedy steps of the reference above STREAM_PARAMETERS
 
 
 def _record_from_dict(data: dict[str, Any]) -> PassRecord:
