@@ -3,6 +3,8 @@
     python benchmarks/large_weights.py                     # ~1.1B (TinyLlama shape) + SmolLM2
     python benchmarks/large_weights.py --models smollm2    # SmolLM2-135M only
     python benchmarks/large_weights.py --layers 8          # a smaller Llama (same widths)
+    python benchmarks/large_weights.py --stream both --models smollm2,llama-1b   # issue 19
+    python benchmarks/large_weights.py --stream stream --models llama-8b --max-rss-gb 8
 
 The large model is written tensor by tensor (random normal weights, std 0.02, to a
 safetensors file whose header is written first), so the writer never holds more than one
@@ -51,6 +53,21 @@ LLAMA_1B = {
     "eos_token_id": 2,
 }
 
+# Llama-3.1-8B's shape: 8.0e9 parameters (7.5e9 with tied embeddings), ~15 GB in bf16.
+LLAMA_8B = {
+    **LLAMA_1B,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
 
 def _llama_tensors(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     """(HF name, shape, init) of every Llama parameter, in the order HF writes them."""
@@ -74,19 +91,38 @@ def _llama_tensors(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     return names
 
 
-def write_llama(folder: pathlib.Path, config: dict, *, seed: int = 0) -> int:
-    """config.json + model.safetensors with random weights; returns the parameter count."""
+def write_llama(
+    folder: pathlib.Path,
+    config: dict,
+    *,
+    seed: int = 0,
+    dtype: str = "F32",
+    verifiable: bool = False,
+) -> int:
+    """config.json + model.safetensors with random weights; returns the parameter count.
+
+    `dtype` is F32 or BF16 (bf16 by truncating fp32 draws). `verifiable`: embeddings tied and
+    the layers' projections scaled by 0.1 (std 0.002), so the residual stream stays close to
+    the input token's embedding and the model predicts its input token with a wide margin: a
+    lossy build then verifies on greedy tokens instead of failing on near-uniform logits. Rows
+    are drawn in chunks, so the writer never holds more than ~256 MB."""
     import numpy as np
 
     folder.mkdir(parents=True, exist_ok=True)
+    config = dict(config, torch_dtype={"F32": "float32", "BF16": "bfloat16"}[dtype])
+    if verifiable:
+        config["tie_word_embeddings"] = True
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tensors = _llama_tensors(config)
+    if config.get("tie_word_embeddings"):
+        tensors = [t for t in tensors if t[0] != "lm_head.weight"]
+    itemsize = 4 if dtype == "F32" else 2
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, _ in tensors:
-        size = 4 * int(np.prod(shape))
+        size = itemsize * int(np.prod(shape))
         header[name] = {
-            "dtype": "F32",
+            "dtype": dtype,
             "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
@@ -94,17 +130,25 @@ def write_llama(folder: pathlib.Path, config: dict, *, seed: int = 0) -> int:
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
     rng = np.random.default_rng(seed)
-    with (folder / "model.safetensors").open("wb") as handle:
+    partial = folder / "model.safetensors.partial"
+    with partial.open("wb") as handle:
         handle.write(struct.pack("<Q", len(text)) + text)
-        for _name, shape, init in tensors:
-            if init == "ones":
-                array = np.ones(shape, dtype=np.float32)
-            else:
-                array = rng.standard_normal(shape, dtype=np.float32)
-                array *= 0.02
-            handle.write(array.tobytes())
-            del array
-    return offset // 4
+        for name, shape, init in tensors:
+            std = 0.02 if not verifiable or "embed_tokens" in name else 0.002
+            rows_per_chunk = max(1, (64 << 20) // int(np.prod(shape[1:], dtype=np.int64)))
+            for start in range(0, shape[0], rows_per_chunk):
+                rows = (min(rows_per_chunk, shape[0] - start), *shape[1:])
+                if init == "ones":
+                    array = np.ones(rows, dtype=np.float32)
+                else:
+                    array = rng.standard_normal(rows, dtype=np.float32)
+                    array *= std
+                if dtype == "BF16":
+                    array = (array.view(np.uint32) >> 16).astype(np.uint16)
+                handle.write(array.tobytes())
+                del array
+    partial.rename(folder / "model.safetensors")
+    return offset // itemsize
 
 
 def _rss_bytes(pid: int) -> int:
@@ -118,15 +162,23 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def compile_peak(model: str, out: pathlib.Path, *, cap_bytes: int, extra: list[str]) -> dict:
-    """Run `fdec compile MODEL --target cpu --quantize none`; its exit code, peak RSS, time."""
+def compile_peak(
+    model: str,
+    out: pathlib.Path,
+    *,
+    cap_bytes: int,
+    extra: list[str],
+    target: str = "cpu",
+    quantize: str | None = "none",
+) -> dict:
+    """Run `fdec compile MODEL --target T [--quantize Q]`; its exit code, peak RSS, time."""
     # A fresh cache folder: a cold compile (export, reference, passes) with the cache writing
     # its entries, as a user's first compile does.
     cache = out.parent / f"{out.name}-cache"
     shutil.rmtree(cache, ignore_errors=True)
-    command = [sys.executable, "-m", "fdec.cli", "compile", model, "--target", "cpu",
-               "--quantize", "none", "-o", str(out), "--json", "--cache-dir", str(cache),
-               *extra]  # fmt: skip
+    command = [sys.executable, "-m", "fdec.cli", "compile", model, "--target", target,
+               *(["--quantize", quantize] if quantize else []), "-o", str(out), "--json",
+               "--cache-dir", str(cache), *extra]  # fmt: skip
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = threading.Event()
@@ -165,6 +217,7 @@ def compile_peak(model: str, out: pathlib.Path, *, cap_bytes: int, extra: list[s
         "wall_s": round(wall, 1),
         "progress": [line for line in stderr.splitlines() if line.strip()][-3:],
         "verified": (summary.get("verification") or {}).get("ok"),
+        "command": " ".join(command[1:]),
         # (seconds, RSS) every ~5 s: where in the compile the memory went
         "rss_timeline": [(round(t), round(r / GIB, 2)) for t, r in samples[::10]],
         "stderr_progress": [line for line in stderr.splitlines() if line.startswith("[fdec ")],
@@ -184,6 +237,90 @@ def _row(name: str, fp32_bytes: int, result: dict, overhead: int) -> dict:
     }
 
 
+def cached_llama(name: str) -> pathlib.Path:
+    """A verifiable bf16 Llama written once into fdec's cache (benchmarks/NAME)."""
+    from fdec.frontend.source import default_cache_dir
+
+    config = {"llama-8b": LLAMA_8B, "llama-1b-bf16": LLAMA_1B}[name]
+    folder = default_cache_dir() / "benchmarks" / f"{name}-verifiable"
+    if not (folder / "model.safetensors").exists():
+        print(f"writing {name} (bf16, verifiable) to {folder}", file=sys.stderr)
+        write_llama(folder, config, dtype="BF16", verifiable=True)
+    return folder
+
+
+def _build_digest(out: pathlib.Path) -> dict:
+    import hashlib
+
+    digests = {}
+    for name in ("model.onnx", "model.onnx.data"):
+        path = out / name
+        if path.exists():
+            sha = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    sha.update(block)
+            digests[name] = sha.hexdigest()
+    return digests
+
+
+def streaming(args: argparse.Namespace) -> int:
+    """Issue 19: compile through the streamed front end (and, with --stream both, today's
+    path too, comparing the model files byte for byte); one row per compile."""
+    cap = int(args.max_rss_gb * GIB)
+    rows = []
+    work = pathlib.Path(tempfile.mkdtemp(prefix="fdec-stream-", dir=args.workdir))
+    try:
+        for name in args.models.split(","):
+            if name == "smollm2":
+                from fdec.frontend.source import resolve_source
+
+                model = str(resolve_source("smollm2-135m").folder)
+            elif name == "llama-1b":
+                model = str(work / "llama")
+                write_llama(work / "llama", dict(LLAMA_1B, num_hidden_layers=args.layers))
+            else:
+                model = str(cached_llama(name))
+            modes = ["--no-stream", "--stream"] if args.stream == "both" else [f"--{args.stream}"]
+            digests = {}
+            for mode in modes:
+                out = work / f"{name}{mode}"
+                print(f"compiling {name} {mode} --target {args.target} "
+                      f"--quantize {args.quantize}", file=sys.stderr)  # fmt: skip
+                quantize = None if args.quantize == "default" else args.quantize
+                result = compile_peak(model, out, cap_bytes=cap, extra=[mode, "--no-cache"],
+                                      target=args.target, quantize=quantize)  # fmt: skip
+                digests[mode] = _build_digest(out) if result["exit_code"] == 0 else {}
+                report = {}
+                if (out / "report.json").exists():
+                    report = json.loads((out / "report.json").read_text())
+                rows.append({
+                    "model": name, "mode": mode, "exit_code": result["exit_code"],
+                    "killed_at_cap": result["killed_at_cap"],
+                    "peak_rss_gib": round(result["peak_rss_bytes"] / GIB, 2),
+                    "wall_s": result["wall_s"], "verified": result["verified"],
+                    "verification": {
+                        k: (report.get("verification") or {}).get(k)
+                        for k in ("ok", "numeric", "greedy", "reference")
+                    },
+                    "front": report.get("cache") or report.get("front"),
+                    "command": result["command"],
+                    "rss_timeline": result["rss_timeline"][::12],  # (s, GiB) every ~60 s
+                    "progress": result["progress"],
+                })  # fmt: skip
+                shutil.rmtree(out, ignore_errors=True)
+            if len(digests) == 2:
+                rows[-1]["identical_to_no_stream"] = {
+                    file: digests["--stream"].get(file) == digest
+                    for file, digest in digests["--no-stream"].items()
+                }
+            shutil.rmtree(work / "llama", ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(rows, indent=2, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,llama-1b", help="smollm2, llama-1b")
@@ -191,7 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rss-gb", type=float, default=18.0, help="watchdog: kill above")
     parser.add_argument("--workdir", type=pathlib.Path, default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--stream",
+        choices=("both", "stream", "no-stream"),
+        default=None,
+        help="issue 19: compile with the streamed front end (both: and today's path, compared "
+        "byte for byte); models also llama-1b-bf16, llama-8b (verifiable bf16, cached)",
+    )
+    parser.add_argument("--target", default="cpu")
+    parser.add_argument("--quantize", default="int4-rtn", help="with --stream; default: recipe")
     args = parser.parse_args(argv)
+    if args.stream:
+        return streaming(args)
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
     from models import make_tiny_model
 

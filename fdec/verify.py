@@ -111,7 +111,15 @@ class Reference:
     used_tokenizer: bool = True
 
     @classmethod
-    def from_hf(cls, hf_model: Any, kind: str, tokenizer: Any, vocab_size: int) -> Reference:
+    def from_hf(
+        cls,
+        hf_model: Any,
+        kind: str,
+        tokenizer: Any,
+        vocab_size: int,
+        *,
+        greedy_steps: int = GREEDY_STEPS,
+    ) -> Reference:
         import torch
 
         ids = held_token_ids(tokenizer, vocab_size)
@@ -126,7 +134,7 @@ class Reference:
                     outputs["pooler_output"] = out.pooler_output.numpy()
                 return cls(kind, ids, outputs, used_tokenizer=tokenizer is not None)
             logits = hf_model(input_ids=torch.from_numpy(ids)).logits.numpy()
-            tokens, margins = _torch_greedy(hf_model, ids[:, :GREEDY_PROMPT], GREEDY_STEPS)
+            tokens, margins = _torch_greedy(hf_model, ids[:, :GREEDY_PROMPT], greedy_steps)
         return cls(kind, ids, {"logits": logits}, tokens, margins, tokenizer is not None)
 
     def save(self, path: pathlib.Path) -> None:

@@ -108,7 +108,7 @@ class QuantizeFp8Pass(StaticQuantizePass):
     weight_rounding: str = dataclasses.field(default="nearest", kw_only=True)
     gptq_damping: float = dataclasses.field(default=0.01, kw_only=True)
 
-    _precision = Precision.FP8_E4M3
+    precision_of = Precision.FP8_E4M3
     _cpu_fix = "use quantize-int8 (dynamic int8) or quantize-int4 for the CPU"
     _opset = _FP8_OPSET
 

@@ -303,6 +303,7 @@ class QuantizeInt4Pass(Pass):
                 stats["gathers_shared"] = stats.get("gathers_shared", 0) + len(weight.gathers)
                 stats["shared_table_block_size"] = quantized.block_size
             retire_weight(graph, weight)
+            weight.release()  # a weight read from the checkpoint: one float copy at a time
             model.spec.rename_weight(old_name, new_name)
         stats["skipped"] = dict(skipped)
         return PassResult(model, modified=True, stats=stats)

@@ -105,7 +105,7 @@ class QuantizeInt8StaticPass(StaticQuantizePass):
     clip_search: tuple[float, ...] = dataclasses.field(default=(), kw_only=True)
     search_rows: int = dataclasses.field(default=512, kw_only=True)
 
-    _precision = Precision.INT8
+    precision_of = Precision.INT8
     _cpu_fix = "use quantize-int8 (dynamic int8, run-time activation scales) for the CPU"
     _opset = _INT8_OPSET
 

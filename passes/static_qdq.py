@@ -80,7 +80,7 @@ class StaticQuantizePass(Pass):
 
     # Set by subclasses: the precision the target must have, the fix offered to CPU targets,
     # and the lowest default-domain opset the rewritten graph needs.
-    _precision: ClassVar[Precision]
+    precision_of: ClassVar[Precision]
     _cpu_fix: ClassVar[str]
     _opset: ClassVar[int]
 
@@ -96,7 +96,7 @@ class StaticQuantizePass(Pass):
                 f"{self.name} writes static QDQ for GPU engines; {target.name} is a CPU",
                 self._cpu_fix,
             )
-        target.require(self._precision)
+        target.require(self.precision_of)
 
     @property
     def needs_calibration(self) -> bool:

@@ -60,10 +60,15 @@ class Site:
 
 @dataclasses.dataclass
 class Weight:
-    """A weight initializer, its [K, N] array and every site reading it."""
+    """A weight initializer, its [K, N] array and every site reading it.
+
+    `array` is read from the initializer when first asked when the initializer's data is not
+    in memory (a lazy or external tensor: fdec.frontend.stream binds weights to the
+    checkpoint), and `release()` drops it again, so a pass walking the weights holds one
+    float copy at a time instead of all of them."""
 
     value: ir.Value
-    array: np.ndarray  # [K, N], float32 (read-only: may be a view of the initializer)
+    _array: np.ndarray | None  # [K, N], float32 (read-only: may be a view of the initializer)
     dtype: ir.DataType  # the original dtype (scales keep it)
     sites: list[Site]
     transposes: list[ir.Node]  # Transpose nodes between the weight and its sites
@@ -76,6 +81,31 @@ class Weight:
     # Codes already chosen (AWQ rounds each group as soon as it is searched, then drops the
     # scaled float array); None: the quantizer rounds `array`.
     quantized: Any = None  # fdec.passes.quantize.Int4Weight
+    _transposed: bool = False  # the initializer is [N, K]
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = _float32(self.value.const_value, self._transposed)
+        return self._array
+
+    @array.setter
+    def array(self, array: np.ndarray) -> None:
+        self._array = array
+
+    def release(self) -> None:
+        """Drop a float array read lazily (kept when it is a view of in-memory data)."""
+        if _lazy(self.value.const_value):
+            self._array = None
+
+
+def _lazy(tensor: Any) -> bool:
+    return isinstance(tensor, (ir.LazyTensor, ir.ExternalTensor))
+
+
+def _float32(tensor: Any, transposed: bool) -> np.ndarray:
+    array = tensor.numpy().astype(np.float32, copy=False)
+    return array.T if transposed else array
 
 
 def candidate_names(model: FdecModel, include_lm_head: bool) -> list[str]:
@@ -183,11 +213,12 @@ def find_weight(graph: ir.Graph, name: str, *, gathers: bool = False) -> Weight:
     if row_gathers and not transposed:
         raise ValueError("gathered by rows but read by a MatMul untransposed")
     # A view where the tensor is already float32 (a [K, N] array, or the transposed view of an
-    # [N, K] one): holding a float copy of every weight at once doubled a pass's memory.
-    array = tensor.numpy().astype(np.float32, copy=False)
-    if transposed:
-        array = array.T
-    return Weight(value, array, tensor.dtype, sites, transposes, row_gathers)
+    # [N, K] one): holding a float copy of every weight at once doubled a pass's memory. A
+    # tensor not in memory is read when the pass first asks (Weight.array).
+    array = None if _lazy(tensor) else _float32(tensor, transposed)
+    return Weight(
+        value, array, tensor.dtype, sites, transposes, row_gathers, _transposed=transposed
+    )
 
 
 def collect_weights(

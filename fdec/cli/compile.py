@@ -159,6 +159,12 @@ __all__ = ["compile_command", "parse_pass_options"]
     is_flag=True,
     help="Let -o replace a folder holding files fdec did not write (they are listed first).",
 )
+@click.option(
+    "--stream/--no-stream",
+    default=None,
+    help="Export without loading the weights (bound to the checkpoint) and a layer-by-layer "
+    "reference; default: on for checkpoints above 2e9 parameters.",
+)
 def compile_command(model: str, target: str, out: pathlib.Path, passes: str | None, verify_each: bool,
                     dump_dir: pathlib.Path | None, trust_pickle: bool, trust_remote_code: bool,
                     cache_dir: pathlib.Path | None, backend: str | None, max_batch: int,
@@ -169,7 +175,8 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
                     kv_sink: int | None = None, sparsity: str | None = None,
                     prune: str | None = None, draft: str | None = None,
                     config_file: pathlib.Path | None = None,
-                    pass_option_items: tuple[str, ...] = (), force: bool = False) -> None:  # fmt: skip
+                    pass_option_items: tuple[str, ...] = (), force: bool = False,
+                    stream: bool | None = None) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out.
 
     Settings come from the command line, then the config file, then the defaults shown."""
@@ -204,7 +211,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
     from fdec.report import render_report
 
     options = CompileOptions(**settings, target=targets[0], dump_dir=dump_dir, cache=not no_cache,
-                             force=force)  # fmt: skip
+                             force=force, stream=stream)  # fmt: skip
     try:  # every build carries an ONNX Runtime model and is verified in it: fail before work
         from fdec.runtime.session import require_onnxruntime
 

@@ -134,7 +134,7 @@ def _build(
     progress(f"recipe: --quantize {settings.quantize} ({settings.chosen_by})")
     # The cache serves the export, the reference and the longest cached prefix of the
     # pipeline; PyTorch loads the model only for what it must compute.
-    front = Front(options, source, recipe, progress)
+    front = Front(options, source, recipe, progress, quantize=settings.quantize, target=target)
     model, cached_records = front.resume()
     if model is None:
         progress(f"loading {source.given} ({source.family.name}, {source.kind})")

@@ -7,6 +7,7 @@ The PyTorch model loads only when the export or the reference must be computed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pathlib
@@ -15,14 +16,24 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.cache import Cache, digest_of, fingerprint, source_inputs, tool_versions
+from fdec.errors import CapacityError
 from fdec.frontend.export import import_model, load_hf_model, load_tokenizer
 from fdec.frontend.source import default_cache_dir
+from fdec.frontend.stream import (
+    STREAM_PARAMETERS,
+    checkpoint_parameters,
+    import_streamed,
+    streamed_reference_model,
+)
 from fdec.ir import FdecModel, GraphCounts, ModelSpec, release_freed_memory
 from fdec.lower import MODEL_FILE
 from fdec.pipeline import Instrument, PassRecord
-from fdec.verify import Reference
+from fdec.plan.compile_memory import check_compile_memory
+from fdec.verify import GREEDY_STEPS, Reference
 
-__all__ = ["FreshNamesInstrument", "Front"]
+__all__ = ["STREAMED_GREEDY_STEPS", "FreshNamesInstrument", "Front"]
+
+STREAMED_GREEDY_STEPS = 2  # greedy steps of the reference above STREAM_PARAMETERS
 
 
 def _record_from_dict(data: dict[str, Any]) -> PassRecord:
@@ -44,12 +55,26 @@ class Front:
     PyTorch model is loaded only when the export or the reference must be computed.
     """
 
-    def __init__(self, options: Any, source: Any, recipe: Any, progress: Any):
+    def __init__(
+        self, options: Any, source: Any, recipe: Any, progress: Any, *, quantize: str = "none",
+        target: Any = None,
+    ):  # fmt: skip
         self.options, self.source, self.recipe, self.progress = options, source, recipe, progress
         self.cache = Cache(
             options.cache_dir or default_cache_dir(), enabled=options.cache, progress=progress
         )
-        self.pass_caching = options.cache and not options.verify_each and not options.dump_dir
+        self.parameters = checkpoint_parameters(source)
+        self.streamed = (
+            self.parameters > STREAM_PARAMETERS if options.stream is None else options.stream
+        )
+        self.memory = None
+        if target is not None:
+            self.memory = self._check_memory(options, quantize, target, recipe, progress)
+        # A streamed compile stores neither the export nor the passes' models: each entry
+        # would copy every weight (an 8B model: 32 GB in fp32) and load them back into memory.
+        self.pass_caching = (
+            options.cache and not options.verify_each and not options.dump_dir and not self.streamed
+        )
         self.versions = tool_versions()
         self.inputs = source_inputs(source, self.cache.index)
         self.calibration = _calibration_inputs(options.calibration, recipe.calibration_texts)
@@ -58,9 +83,17 @@ class Front:
             "export", inputs=self.inputs, family=source.family.name, loading=loading,
             versions=self.versions,
         )  # fmt: skip
-        self.reference_key = digest_of(
-            "reference", inputs=self.inputs, loading=loading, versions=self.versions
+        # Above the streaming threshold the reference decodes fewer greedy steps: each step
+        # streams every layer's weights from the checkpoint.
+        self.greedy_steps = (
+            STREAMED_GREEDY_STEPS
+            if self.streamed and self.parameters > STREAM_PARAMETERS
+            else GREEDY_STEPS
         )
+        self.reference_key = digest_of(
+            "reference", inputs=self.inputs, loading=loading, versions=self.versions,
+            greedy_steps=self.greedy_steps,
+        )  # fmt: skip
         self.pass_keys: list[str] = []
         previous = self.export_key
         for index, pass_ in enumerate(recipe.pipeline):
@@ -77,18 +110,44 @@ class Front:
         self._hf_model: Any = None
         self._tokenizer: Any = _UNSET
         self.export_info: dict[str, Any] = {"exporter": "torch.onnx (dynamo)"}
+        if self.streamed:
+            self.export_info["streamed"] = True
         self.reference_cached = False
         self.resumed = 0  # passes taken from the cache
         self.model_key: str | None = None  # the model entry holding the current model
 
+    def _check_memory(
+        self, options: Any, quantize: str, target: Any, recipe: Any, progress: Any
+    ) -> Any:
+        """The predicted peak RSS; refuses up front (CapacityError, exit 4) when this machine
+        cannot hold it. Unless --stream/--no-stream was given, a compile that fits only when
+        streamed is streamed."""
+        check = functools.partial(
+            check_compile_memory, self.source, quantize=quantize, target=target,
+            calibrates=bool(recipe.calibrating),
+        )  # fmt: skip
+        if options.stream is not None or self.streamed:
+            return check(streamed=self.streamed)
+        try:
+            return check(streamed=False)
+        except CapacityError as refused:
+            memory = check(streamed=True)  # raises when streaming does not fit either
+            self.streamed = True
+            progress(f"streaming the weights: {refused.problem}")
+            return memory
+
     # --- lazily loaded source pieces ---
 
     def hf_model(self) -> Any:
+        """The source model in PyTorch; when streaming, one holding a layer at a time."""
         if self._hf_model is None:
-            self.progress(f"loading {self.source.given} with PyTorch")
-            self._hf_model = load_hf_model(
-                self.source, trust_remote_code=self.options.trust_remote_code
-            )
+            trust = self.options.trust_remote_code
+            if self.streamed:
+                self.progress(f"opening {self.source.given} layer by layer (streamed)")
+                self._hf_model = streamed_reference_model(self.source, trust_remote_code=trust)
+            else:
+                self.progress(f"loading {self.source.given} with PyTorch")
+                self._hf_model = load_hf_model(self.source, trust_remote_code=trust)
         return self._hf_model
 
     def release_hf_model(self) -> None:
@@ -136,12 +195,21 @@ class Front:
 
     def export(self) -> FdecModel:
         started = time.perf_counter()
-        model = self.load_model(self.export_key)
+        model = None if self.streamed else self.load_model(self.export_key)
         if model is not None:
             self.progress("ONNX export taken from the cache")
             self.export_info.update(cached=True, wall_s=round(time.perf_counter() - started, 2))
             self.model_key = self.export_key
             return model
+        if self.streamed:
+            self.progress(
+                "exporting to ONNX without weights (initializers bound to the checkpoint)"
+            )
+            imported = import_streamed(
+                self.source, trust_remote_code=self.options.trust_remote_code
+            )
+            self.export_info.update(cached=False, wall_s=round(time.perf_counter() - started, 2))
+            return imported.fdec_model
         hf_model = self.hf_model()
         self.progress("exporting to ONNX (torch.onnx dynamo exporter)")
         started = time.perf_counter()
@@ -160,7 +228,10 @@ class Front:
             self.reference_cached = True
             return Reference.load(entry.path / _REFERENCE_FILE)
         self.progress("computing the reference outputs with PyTorch")
-        reference = Reference.from_hf(self.hf_model(), spec.kind, self.tokenizer(), spec.vocab_size)
+        reference = Reference.from_hf(
+            self.hf_model(), spec.kind, self.tokenizer(), spec.vocab_size,
+            greedy_steps=self.greedy_steps,
+        )  # fmt: skip
         self.cache.put(
             self.reference_key, "reference", lambda folder: reference.save(folder / _REFERENCE_FILE)
         )
@@ -214,6 +285,9 @@ class Front:
             "passes_cached": self.resumed,
             "passes": len(self.pass_keys),
             "pass_caching": self.pass_caching,
+            "streamed": self.streamed,
+            "reference_greedy_steps": self.greedy_steps,
+            "predicted_peak_rss_bytes": self.memory.peak_bytes if self.memory else None,
         }
 
 

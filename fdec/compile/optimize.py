@@ -79,7 +79,13 @@ def run_passes(
     if options.dump_dir:
         instruments.append(DumpInstrument(options.dump_dir))
     snapshot = LossySnapshot()
-    if recipe.tolerance.max_perplexity_increase is not None and spec.kind == "decoder":
+    # Not when streaming: the snapshot is the whole float model on disk (an 8B model: 30 GB),
+    # and measuring sensitivity from it loads it whole; a failed gate then names no layers.
+    if (
+        recipe.tolerance.max_perplexity_increase is not None
+        and spec.kind == "decoder"
+        and not front.streamed
+    ):
         instruments.append(snapshot)
         lossy = [i for i, p in enumerate(pipeline[: front.resumed]) if p.tolerance != EXACT]
         if lossy:  # the first lossy pass came from the cache: its input model is there too

@@ -39,6 +39,9 @@ class CompileOptions:
     draft: str | None = None  # "layers=1/4": also build a layer-pruned draft in OUT/draft
     distill_steps: int = 0  # with prune: distill the pruned model this long before compiling it
     force: bool = False  # -o may replace a folder holding files fdec did not write (--force)
+    # Streamed front end (fdec.frontend.stream): export bound to the checkpoint's bytes and a
+    # layer-by-layer reference; None = on for sources above STREAM_PARAMETERS parameters.
+    stream: bool | None = None
 
 
 @dataclasses.dataclass

@@ -21,9 +21,11 @@ __all__ = [
     "cache_argument",
     "export_model",
     "import_model",
+    "infer_task",
     "load_hf_model",
     "load_tokenizer",
     "output_cache",
+    "parameter_aliases",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,7 +121,7 @@ def output_cache(out: Any) -> Any:
     return out["cache"] if "cache" in out else out.past_key_values
 
 
-def _parameter_aliases(model: Any) -> dict[str, list[str]]:
+def parameter_aliases(model: Any) -> dict[str, list[str]]:
     """Each parameter name with every other name sharing its storage (tied weights)."""
     by_id: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
@@ -297,17 +299,17 @@ def import_model(
     spec = build_spec(
         source.family,
         hf_model.config,
-        _parameter_aliases(hf_model),
+        parameter_aliases(hf_model),
         set(model.graph.initializers),
         inputs,
         outputs,
     )
-    spec.task = _infer_task(hf_model, source.family.kind)
+    spec.task = infer_task(hf_model, source.family.kind)
     tokenizer = load_tokenizer(source.folder) if source.has_tokenizer else None
     return ImportedModel(FdecModel(model, spec), hf_model, tokenizer, source)
 
 
-def _infer_task(hf_model: Any, kind: str) -> str:
+def infer_task(hf_model: Any, kind: str) -> str:
     """The HF task of the loaded model, from optimum's TasksManager (class → task tables)."""
     fallback = "text-generation" if kind == "decoder" else "feature-extraction"
     try:

@@ -1,0 +1,162 @@
+"""The peak RSS of `fdec compile` itself on this machine, and the up-front refusal when it
+cannot fit.
+
+The prediction comes from the checkpoint's header and config.json (nothing loaded):
+
+- **Today's front end** (the model loaded in fp32): overhead + 1.25× the fp32 weights for
+  float builds, 1.5× for weight-only quantized ones and 3× for calibrating ones, plus 10 %
+  (measured, benchmarks/large_weights.py: a 1.1B Llama fp32 5.15 GiB = overhead + 1.06×,
+  bf16 to int4-rtn 6.5 GB = overhead + 1.37×; SmolLM2 int4-awq 2.01 GiB = overhead + 3.0×).
+- **Streamed** (fdec.frontend.stream): the largest of the stages, each holding at most one
+  layer's float weights: the reference (everything outside the layers, e.g. the embedding
+  table, in fp32 plus one layer's fp32 weights and its copy being read), the passes (the build's
+  weights as they are written plus a few fp32 copies of the largest tensor), and verification
+  (the build's weights in an ONNX Runtime session); plus the overhead and 10 %. A recipe that
+  calibrates activations runs the float model in ONNX Runtime: its fp32 weights twice.
+
+Memory available is /proc/meminfo's MemAvailable, or the cgroup's limit less its usage when
+that is smaller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+from typing import Any
+
+from fdec.errors import CapacityError
+
+__all__ = [
+    "COMPILE_OVERHEAD_BYTES",
+    "CompileMemory",
+    "available_memory",
+    "check_compile_memory",
+    "predict_compile_memory",
+]
+
+_GIB = 2**30
+COMPILE_OVERHEAD_BYTES = int(0.5 * _GIB)  # Python + torch + onnxruntime: a tiny model's peak
+_MARGIN = 1.10
+# today's path: x fp32 weights for float, weight-only quantized and calibrating recipes
+_WHOLE_MODEL_FACTOR = {"float": 1.25, "weights": 1.5, "calibrating": 3.0}
+_LARGEST_TENSOR_COPIES = 3  # a pass's fp32 read, its work arrays and the result
+_SESSION_FACTOR = 1.25  # an ONNX Runtime session over its weights (arena, prepacking)
+_LAYER = re.compile(r"(^|\.)(layers|h|layer|blocks)\.(\d+)\.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileMemory:
+    """A predicted compile peak and what it is made of (bytes)."""
+
+    peak_bytes: int
+    streamed: bool
+    parts: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peak_bytes": self.peak_bytes, "streamed": self.streamed, **self.parts}
+
+
+def _gib(n: int) -> str:
+    return f"{n / _GIB:.1f} GiB"
+
+
+def _tensor_sizes(source: Any) -> tuple[int, int, int, int]:
+    """(all, largest, outside the layers, largest layer) parameter counts of the checkpoint."""
+    from fdec.frontend.stream import checkpoint_index
+
+    index = checkpoint_index([p for p in source.weight_files if p.suffix == ".safetensors"])
+    total = largest = outside = 0
+    layers: dict[str, int] = {}
+    for name, tensor in index.items():
+        count = 1
+        for dim in tensor.shape:
+            count *= dim
+        total += count
+        largest = max(largest, count)
+        match = _LAYER.search(name)
+        if match:
+            layers[match.group(3)] = layers.get(match.group(3), 0) + count
+        else:
+            outside += count
+    return total, largest, outside, max(layers.values(), default=0)
+
+
+def _build_weight_bytes(source: Any, quantize: str, target: Any) -> int:
+    """The build's weight bytes by fdec.plan's formulas (its precision, scales, embedding)."""
+    from fdec.plan.capacity import float_bytes, precision_of
+    from fdec.plan.shape import WEIGHT_FORMATS, shape_from_config
+
+    shape = shape_from_config(source.config, source.given)
+    precision = precision_of(quantize, "--quantize")
+    return shape.weight_bytes(WEIGHT_FORMATS[precision], float_bytes(target))
+
+
+def predict_compile_memory(
+    source: Any, *, quantize: str, target: Any, streamed: bool, calibrates: bool
+) -> CompileMemory:
+    """The peak RSS `fdec compile` is expected to reach for `source` with this recipe."""
+    if source.pickle_weights or not source.weight_files:
+        return CompileMemory(0, streamed, {})
+    total, largest, outside, layer = _tensor_sizes(source)
+    fp32 = 4 * total
+    quantized = quantize.lower() not in ("none", "fp32", "fp32-none")
+    if not streamed:
+        kind = "calibrating" if calibrates else "weights" if quantized else "float"
+        peak = COMPILE_OVERHEAD_BYTES + _WHOLE_MODEL_FACTOR[kind] * fp32
+        return CompileMemory(int(peak * _MARGIN), False, {"fp32_weight_bytes": fp32})
+    build = _build_weight_bytes(source, quantize, target)
+    parts = {
+        "reference_bytes": 4 * outside + 2 * 4 * layer,
+        "passes_bytes": build + _LARGEST_TENSOR_COPIES * 4 * largest,
+        "verify_bytes": int(_SESSION_FACTOR * build),
+    }
+    if calibrates:
+        parts["calibration_bytes"] = 2 * fp32
+    peak = COMPILE_OVERHEAD_BYTES + max(parts.values())
+    return CompileMemory(int(peak * _MARGIN), True, {"fp32_weight_bytes": fp32, **parts})
+
+
+def available_memory() -> tuple[int, str]:
+    """(bytes, where from): MemAvailable, or the cgroup's room when that is smaller."""
+    available, where = 0, "/proc/meminfo MemAvailable"
+    try:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        return 0, "unknown"
+    cgroup = pathlib.Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            room = int(limit) - int((cgroup / "memory.current").read_text())
+            if room < available:
+                available, where = room, "the cgroup's memory.max less memory.current"
+    except (OSError, ValueError):
+        pass
+    return available, where
+
+
+def check_compile_memory(
+    source: Any, *, quantize: str, target: Any, streamed: bool, calibrates: bool
+) -> CompileMemory:
+    """The prediction, or a CapacityError (exit 4) naming it and the fix when this machine's
+    available memory cannot hold it."""
+    need = predict_compile_memory(
+        source, quantize=quantize, target=target, streamed=streamed, calibrates=calibrates
+    )
+    available, where = available_memory()
+    if not available or need.peak_bytes <= available:
+        return need
+    if not streamed:
+        fix = "compile with --stream (weights read from the checkpoint one tensor at a time)"
+    elif calibrates:
+        fix = "use a weight-only recipe (--quantize int4-rtn) or a machine with more memory"
+    else:
+        fix = f"free memory or use a machine with {_gib(need.peak_bytes)} available"
+    raise CapacityError(
+        f"compiling {source.given} needs about {_gib(need.peak_bytes)} of memory, "
+        f"{_gib(available)} is available ({where})",
+        fix,
+    )
