@@ -19,10 +19,9 @@ its types (fdec.lower.cuda_kernels); the compile fails otherwise.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
-from collections.abc import Callable
 from typing import Any
 
+from fdec.backends.onnxruntime import OnnxRuntimeBackend
 from fdec.errors import UsageError
 
 __all__ = ["BACKEND", "OnnxRuntimeCudaBackend", "float_dtype"]
@@ -34,7 +33,10 @@ def float_dtype(quantize: str | None) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class OnnxRuntimeCudaBackend:
+class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
+    """The CPU backend's fields and engine step (none: the CUDA EP runs model.onnx itself), its
+    own precisions and preparation."""
+
     name: str = "onnxruntime-cuda"
     gpu_only: bool = True
     graph_form: str = "onnxruntime"
@@ -70,7 +72,6 @@ class OnnxRuntimeCudaBackend:
     ) -> list[Any]:
         """Fusion and packed QKV as on the CPU (when the default pipeline allows them), then the
         CUDA typing, which every build of this backend gets (a --passes list included)."""
-        from fdec.backends.onnxruntime import BACKEND as CPU
         from fdec.passes.fusion import FuseAttentionPass
         from fdec.passes.typing import CastFloat16Pass, cuda_typing
 
@@ -80,7 +81,9 @@ class OnnxRuntimeCudaBackend:
                 "build is typed fp16",
                 "compile the serving checkpoint with --target cpu, or drop --emit hf-checkpoint",
             )
-        passes = CPU.prepare_passes(pipeline=pipeline, custom=custom, emit=emit, kv_sink=kv_sink)
+        passes = super().prepare_passes(
+            pipeline=pipeline, custom=custom, emit=emit, kv_sink=kv_sink
+        )
         passes = [dataclasses.replace(p, backend=self.name)
                   if p.name == FuseAttentionPass.name else p for p in passes]  # fmt: skip
         if any(p.name == CastFloat16Pass.name for p in pipeline):
@@ -89,19 +92,6 @@ class OnnxRuntimeCudaBackend:
         if dtype == "bf16" and target is not None:
             target.require("bf16")
         return [*passes, CastFloat16Pass(**cuda_typing(dtype))]
-
-    def build_engines(
-        self,
-        build_dir: pathlib.Path,
-        *,
-        spec: Any,
-        target: Any,
-        limits: Any,
-        reference: Any = None,
-        tolerance: Any = None,
-        progress: Callable[[str], None] = lambda message: None,
-    ) -> list[dict[str, Any]]:
-        return []  # ONNX Runtime's CUDA EP runs model.onnx itself
 
 
 BACKEND = OnnxRuntimeCudaBackend()
