@@ -66,11 +66,14 @@ def corpus(split: str) -> list[tuple[str, str]]:
 # --- default gates --------------------------------------------------------------------------
 
 # How a gate is derived from what was measured (stated in every gate's source):
-# perplexity: the evaluation-split increase × 1.5 plus 3 points (verification scores 128 held
+# perplexity: the evaluation-split increase × 1.5 plus 4 points (verification scores 128 held
 # tokens, whose figure moves by a few points from text to text); top-1: the lowest agreement
 # measured (SmolLM2's evaluation split; the tests' tiny random llama and qwen2, and gpt2 for
 # int4, on held text) minus 0.10; logit error: the largest measured × 1.5.
-PPL_FACTOR, PPL_POINTS = 1.5, 0.03
+# 4 points, not 3: SmolLM2 --target h100 (default fp8) scored +5.69 % on the 128 held tokens
+# against +1.81 % on the evaluation split, which × 1.5 + 3 left it 0.02 points inside its gate
+# (fdec compile smollm2-135m --target h100, 2026-12-04).
+PPL_FACTOR, PPL_POINTS = 1.5, 0.04
 TOP1_MARGIN = 0.10
 LOGIT_FACTOR = 1.5
 MEASURED = (
