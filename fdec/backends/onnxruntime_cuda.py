@@ -39,11 +39,7 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
 
     name: str = "onnxruntime-cuda"
     gpu_only: bool = True
-    graph_form: str = "onnxruntime"
-    op_domains: tuple[str, ...] = ("", "com.microsoft")
     providers: tuple[str, ...] = ("CUDAExecutionProvider",)
-    fixed_shapes: bool = False
-    files: tuple[str, ...] = ()
     verifies_here: str = (
         "the build's fp16 model.onnx in ONNX Runtime on this CPU (nodes without a CPU fp16 "
         "kernel run in fp32 there; the report lists them)"

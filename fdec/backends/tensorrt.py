@@ -15,32 +15,19 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from fdec.backends.tensorrt_rtx import rtx_engine, typed_model
+from fdec.backends.tensorrt_rtx import StronglyTypedBackend, rtx_engine, typed_model
 
 __all__ = ["BACKEND", "TensorRtBackend"]
 
 
 @dataclasses.dataclass(frozen=True)
-class TensorRtBackend:
+class TensorRtBackend(StronglyTypedBackend):
     name: str = "tensorrt"
-    gpu_only: bool = True
-    graph_form: str = "tensorrt"
-    op_domains: tuple[str, ...] = ("",)
     providers: tuple[str, ...] = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-    fixed_shapes: bool = True
-    files: tuple[str, ...] = ("engines/tensorrt",)
     verifies_here: str = (
         "model.onnx in ONNX Runtime on this CPU, the typed TensorRT model against the source; "
         "the engine where TensorRT and the GPU are"
     )
-    precisions: tuple[str, ...] = ("fp32", "int8", "int4", "fp8")
-    default_quantize: str | None = None  # the target's default recipe
-    precision_fix: str = "use --quantize fp8, int8, int4 or none (the engine is typed fp16/bf16)"
-    kv_dtype: str | None = None
-    gpu_variant: str | None = None
-
-    def prepare_passes(self, **context: Any) -> list[Any]:
-        return []  # its graph is typed from the verified build (typed_model)
 
     def build_engines(
         self,

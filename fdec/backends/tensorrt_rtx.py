@@ -10,7 +10,14 @@ from typing import Any
 
 from fdec.errors import CompileError
 
-__all__ = ["BACKEND", "ENGINE_DIR", "TensorRtRtxBackend", "rtx_engine", "typed_model"]
+__all__ = [
+    "BACKEND",
+    "ENGINE_DIR",
+    "StronglyTypedBackend",
+    "TensorRtRtxBackend",
+    "rtx_engine",
+    "typed_model",
+]
 
 ENGINE_DIR = "engines/tensorrt-rtx"
 
@@ -64,18 +71,20 @@ def rtx_engine(
 
 
 @dataclasses.dataclass(frozen=True)
-class TensorRtRtxBackend:
-    name: str = "tensorrt-rtx"
+class StronglyTypedBackend:
+    """What the two TensorRT backends share: a GPU-only Q/DQ graph form, fixed shape ranges,
+    the precisions a strongly typed engine takes, and no preparation passes (their graph is
+    typed from the verified build by `typed_model`). Each sets its name, providers, files and
+    how it is verified, and builds its own engines."""
+
+    name: str = ""
     gpu_only: bool = True
     graph_form: str = "tensorrt"
     op_domains: tuple[str, ...] = ("",)
-    providers: tuple[str, ...] = ("NvTensorRTRTXExecutionProvider",)
+    providers: tuple[str, ...] = ()
     fixed_shapes: bool = True
-    files: tuple[str, ...] = ("engines/tensorrt", ENGINE_DIR)
-    verifies_here: str = (
-        "model.onnx in ONNX Runtime on this CPU, the typed TensorRT model against the source; "
-        "the engine is built here"
-    )
+    files: tuple[str, ...] = ("engines/tensorrt",)
+    verifies_here: str = ""
     precisions: tuple[str, ...] = ("fp32", "int8", "int4", "fp8")
     default_quantize: str | None = None  # the target's default recipe
     precision_fix: str = "use --quantize fp8, int8, int4 or none (the engine is typed fp16/bf16)"
@@ -84,6 +93,17 @@ class TensorRtRtxBackend:
 
     def prepare_passes(self, **context: Any) -> list[Any]:
         return []  # its graph is typed from the verified build (typed_model)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRtRtxBackend(StronglyTypedBackend):
+    name: str = "tensorrt-rtx"
+    providers: tuple[str, ...] = ("NvTensorRTRTXExecutionProvider",)
+    files: tuple[str, ...] = ("engines/tensorrt", ENGINE_DIR)
+    verifies_here: str = (
+        "model.onnx in ONNX Runtime on this CPU, the typed TensorRT model against the source; "
+        "the engine is built here"
+    )
 
     def build_engines(
         self,
