@@ -12,7 +12,6 @@ import onnx_ir as ir
 from fdec.errors import UsageError
 from fdec.ir import FdecModel
 from fdec.passes.gptq import gptq, hessians
-from fdec.passes.quantize_int8 import quantize_int8
 from fdec.passes.smoothquant import (
     ActivationGroup,
     insert_after_producer,
@@ -27,7 +26,6 @@ from fdec.targets import Precision
 __all__ = ["QuantizeFp8Pass"]
 
 _FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN
-_INT8_MAX = 127  # symmetric int8: ±127, zero point 0 (a shared tied table, W8A16)
 _FP8_OPSET = 19  # FLOAT8 types in QuantizeLinear / DequantizeLinear
 _ACTIVATION_RANGES = ("absmax", "percentile")
 _WEIGHT_ROUNDINGS = ("nearest", "gptq")
@@ -165,16 +163,7 @@ class QuantizeFp8Pass(StaticQuantizePass):
             # A shared tied table: ONNX Gather takes no FLOAT8 tensor, so the table is int8
             # per vocabulary row (= per output channel of the lm_head), weight-only: the
             # lm_head's activation stays float and its weight is dequantized (W8A16).
-            for weight in group.weights:
-                codes, scales = quantize_int8(weight.array, _INT8_MAX)
-                stats["bytes_before"] += weight.value.const_value.nbytes
-                stats["matmuls_quantized"] += len(weight.sites)
-                stats["weights_quantized"] += 1
-                stats["int8_weight_only"].append(weight.value.name)
-                stats["bytes_after"] += self._quantized_weight(
-                    model, weight, ir.tensor(codes), scales, group.activation, taken, "Q8"
-                )
-            return False
+            return self._rewrite_weight_only(model, group, taken, stats, "int8_weight_only")
         zero = zero_point(graph, ir.DataType.FLOAT8E4M3FN, taken)
         peak = found.absmax if self.activation_range == "absmax" else found.percentile_99_9
         peak = peak if peak > 0 else found.absmax

@@ -197,16 +197,21 @@ class StaticQuantizePass(Pass):
         return bool(self.weight_only) and roles <= set(self.weight_only)
 
     def _rewrite_weight_only(
-        self, model: FdecModel, group: ActivationGroup, taken: set[str], stats: dict[str, Any]
+        self,
+        model: FdecModel,
+        group: ActivationGroup,
+        taken: set[str],
+        stats: dict[str, Any],
+        listed_as: str = "weight_only",
     ) -> bool:
-        """W8A16: per-channel int8 weights, DequantizeLinear → MatMul with the float activation.
-        False: no activation was quantized."""
+        """W8A16: per-channel int8 weights, DequantizeLinear → MatMul with the float activation,
+        each weight's name listed under stats[`listed_as`]. False: no activation was quantized."""
         for weight in group.weights:
             codes, scales = quantize_int8(weight.array, 127)
             stats["bytes_before"] += weight.value.const_value.nbytes
             stats["matmuls_quantized"] += len(weight.sites)
             stats["weights_quantized"] += 1
-            stats["weight_only"].append(weight.value.name)
+            stats[listed_as].append(weight.value.name)
             stats["bytes_after"] += self._quantized_weight(
                 model, weight, ir.tensor(codes), scales, group.activation, taken, "Q8"
             )
