@@ -161,9 +161,11 @@ def run_bench(
     rounds: int = 3,
     threads: int = 0,
     bandwidth: dict[str, Any] | None = None,
+    cuda_graph: bool | None = None,
 ) -> dict[str, Any]:
     """Measure a build: per batch size, median prefill ms and decode tok/s over `rounds`
-    (batch sizes interleaved within each round), then the bandwidth fraction."""
+    (batch sizes interleaved within each round), then the bandwidth fraction. `cuda_graph`
+    as in `fdec.runner.load_build`."""
     from fdec.lower import MODEL_FILE
     from fdec.runner import load_build
     from fdec.runtime.batch import generate_batch
@@ -176,13 +178,16 @@ def run_bench(
             f"{threads}: need prompt >= 1, gen >= 2, rounds >= 1, threads >= 0",
             "give positive lengths (decode speed needs at least 2 generated tokens)",
         )
-    loaded = load_build(folder)
+    loaded = load_build(folder, cuda_graph=cuda_graph)
     model = loaded.model
     if not model.num_layers:
         raise InputError(f"{folder} is not a decoder build", "fdec bench measures causal LMs")
-    if threads:
+    if threads:  # the build's providers and CUDA graph choice, with the thread count asked for
         level = (loaded.config.get("session_options") or {}).get("graph_optimization_level")
-        session = open_session(folder / MODEL_FILE, optimization=level or "all", threads=threads)
+        session = open_session(
+            folder / MODEL_FILE, providers=loaded.config.get("providers"),
+            optimization=level or "all", threads=threads, cuda_graph=model.cuda_graph,
+        )  # fmt: skip
         model = OrtModel(session, kv_buffer=model.kv_buffer, kv_policy=model.kv_policy)
     kv = loaded.config.get("kv_cache") or {}
     limit = kv.get("max_length")
@@ -245,6 +250,7 @@ def run_bench(
         "rounds": rounds,
         "threads": threads or "onnxruntime default",
         "providers": model.providers,
+        "cuda_graph": model.cuda_graph,
         "kv_buffer": model.kv_buffer,
         "peak_rss_mb": round(peak_rss, 1),
         "bandwidth": bandwidth,

@@ -58,7 +58,12 @@ class LoadedBuild:
         return None
 
 
-def load_build(folder: pathlib.Path) -> LoadedBuild:
+def load_build(folder: pathlib.Path, *, cuda_graph: bool | None = None) -> LoadedBuild:
+    """Open a build's model and tokenizer with the session options it was written with.
+
+    `cuda_graph` (default: the build's `session_options.cuda_graph`, off unless set) asks the
+    CUDA provider to capture decode steps as CUDA graphs; on a CPU session it changes nothing,
+    and `model.cuda_graph` says whether the session really captures them."""
     folder = pathlib.Path(folder)
     config_path = folder / RUNTIME_CONFIG
     if not config_path.is_file() or not (folder / MODEL_FILE).is_file():
@@ -66,11 +71,13 @@ def load_build(folder: pathlib.Path) -> LoadedBuild:
             f"{folder} is not an fdec build (no {RUNTIME_CONFIG})", "run fdec compile first"
         )
     config = json.loads(config_path.read_text())
-    level = (config.get("session_options") or {}).get("graph_optimization_level", "all")
+    options = config.get("session_options") or {}
+    level = options.get("graph_optimization_level", "all")
     session = open_session(
         folder / config.get("model", MODEL_FILE),
         providers=config.get("providers"),
         optimization=level if level in OPT_LEVELS else "all",
+        cuda_graph=bool(options.get("cuda_graph", False)) if cuda_graph is None else cuda_graph,
     )
     tokenizer = None
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
@@ -192,6 +199,7 @@ def run_prompt(
             result, "max_past_length", result.prompt_tokens + len(result.tokens) - 1
         ),
         "providers": build.model.providers,
+        "cuda_graph": build.model.cuda_graph,
     }
 
 

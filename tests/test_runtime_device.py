@@ -129,3 +129,56 @@ def test_cuda_graphs_refused_then_cuda_refused_fall_back_step_by_step(builds, mo
     assert (
         "CUDAExecutionProvider could not start (CUDA failure 100" in session.fdec_provider_fallback
     )
+
+
+@pytest.mark.parametrize(
+    ("flag", "config", "asked"),
+    [(None, False, False), ("--cuda-graph", False, True), (None, True, True),
+     ("--no-cuda-graph", True, False)],
+)  # fmt: skip
+def test_run_and_bench_ask_for_cuda_graphs(builds, monkeypatch, tmp_path, flag, config, asked):
+    """`fdec run` and `fdec bench` ask the CUDA provider for CUDA graphs when --cuda-graph is
+    given or the build's session_options.cuda_graph says so (--no-cuda-graph overrides it).
+    The request is read where onnxruntime gets it (no CUDA here: the session then falls back to
+    the CPU for real, and the output says CUDA graphs did not run)."""
+    import shutil
+
+    build = tmp_path / "build"
+    shutil.copytree(builds["fp16-cuda"], build)
+    runtime_path = build / "fdec-runtime.json"
+    runtime = json.loads(runtime_path.read_text())
+    runtime["session_options"]["cuda_graph"] = config
+    runtime_path.write_text(json.dumps(runtime))
+    real = onnxruntime.InferenceSession
+    requests: list[str | None] = []
+
+    class _Gpu(real):
+        def __init__(self, path, sess_options=None, providers=None, provider_options=None, **kw):
+            if "CUDAExecutionProvider" in providers:
+                options = provider_options[providers.index("CUDAExecutionProvider")]
+                requests.append(options.get("enable_cuda_graph"))
+                from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+                raise Fail("CUDA failure 100: no CUDA-capable device is detected")
+            super().__init__(path, sess_options=sess_options, providers=providers,
+                             provider_options=provider_options, **kw)  # fmt: skip
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", _Gpu)
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])  # fmt: skip
+    extra = [flag] if flag else []
+    ran = CliRunner().invoke(
+        cli, ["run", str(build), "-p", "hi", "-n", "4", "--no-chat-template", "--json", *extra]
+    )
+    assert ran.exit_code == 0, ran.output
+    result = json.loads(ran.stdout)
+    assert result["cuda_graph"] is False and result["providers"] == ["CPUExecutionProvider"]
+    assert requests[0] == ("1" if asked else None)
+    requests.clear()
+    benched = CliRunner().invoke(
+        cli, ["bench", str(build), "--batch", "1", "--gen-len", "2", "--prompt-len", "4",
+              "--rounds", "1", "--json", *extra],
+    )  # fmt: skip
+    assert benched.exit_code == 0, benched.output
+    assert json.loads(benched.stdout)["cuda_graph"] is False
+    assert requests[0] == ("1" if asked else None)

@@ -16,10 +16,16 @@ import click
 
 from fdec.errors import EXIT_FAILURE, EXIT_USAGE, FdecError
 
-__all__ = ["FRACTION", "Context", "Fraction", "cli", "exit_if_signalled", "fail", "main",
-           "quiet_libraries"]  # fmt: skip
+__all__ = ["CUDA_GRAPH_HELP", "FRACTION", "Context", "Fraction", "cli", "exit_if_signalled",
+           "fail", "main", "quiet_libraries"]  # fmt: skip
 
 logger = logging.getLogger("fdec")
+
+CUDA_GRAPH_HELP = (
+    "Capture decode steps as CUDA graphs on the CUDA provider (replayed at fixed shapes and "
+    "addresses) [default: the build's session_options.cuda_graph, off]. No effect on the CPU; "
+    "the output says whether the session really captured them."
+)
 
 
 class Context:

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from fdec.cli.app import Context, cli, fail, quiet_libraries
+from fdec.cli.app import CUDA_GRAPH_HELP, Context, cli, fail, quiet_libraries
 from fdec.errors import EXIT_FAILURE, FdecError, InputError
 
 __all__ = [
@@ -143,9 +143,11 @@ def build_engine_command(build: pathlib.Path, as_json: bool) -> None:
 @click.option("--gen-len", default=64, show_default=True, type=int, help="Generated tokens.")
 @click.option("--rounds", default=3, show_default=True, type=int, help="Rounds (medians).")
 @click.option("--threads", default=0, show_default=True, type=int, help="0: ONNX Runtime's choice.")
+@click.option("--cuda-graph/--no-cuda-graph", default=None, help=CUDA_GRAPH_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_command(build: pathlib.Path, batch_text: str, prompt_len: int, gen_len: int,
-                  rounds: int, threads: int, as_json: bool) -> None:  # fmt: skip
+                  rounds: int, threads: int, cuda_graph: bool | None,
+                  as_json: bool) -> None:  # fmt: skip
     """Measure BUILD: prefill ms and decode tok/s per batch size, peak RSS, and the fraction
     of this machine's memory-bandwidth bound. The results are written to BUILD/bench.json (and
     BUILD/bench.html), which `fdec report` shows; they are not build outputs, so `fdec verify`
@@ -156,7 +158,7 @@ def bench_command(build: pathlib.Path, batch_text: str, prompt_len: int, gen_len
     try:
         batches = parse_batches(batch_text)
         result = run_bench(build, batches=batches, prompt_len=prompt_len, gen_len=gen_len,
-                           rounds=rounds, threads=threads)  # fmt: skip
+                           rounds=rounds, threads=threads, cuda_graph=cuda_graph)  # fmt: skip
         write_bench(build, result)
     except FdecError as err:
         fail(err, as_json)

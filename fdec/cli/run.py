@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from fdec.cli.app import cli, fail, quiet_libraries
+from fdec.cli.app import CUDA_GRAPH_HELP, cli, fail, quiet_libraries
 from fdec.errors import FdecError, UsageError
 
 __all__ = ["run_command"]
@@ -63,20 +63,22 @@ __all__ = ["run_command"]
     help="With --speculative draft: stop drafting at a token the draft gives less than this "
     "probability (0.5 helped on SmolLM2; 0 always drafts --k).",
 )  # fmt: skip
+@click.option("--cuda-graph/--no-cuda-graph", default=None, help=CUDA_GRAPH_HELP)
 def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperature: float,
                 top_k: int, top_p: float, seed: int, no_chat_template: bool, as_json: bool,
                 speculative: str | None, spec_k: int, draft_build: pathlib.Path | None,
-                draft_min_prob: float, engine: str) -> None:  # fmt: skip
+                draft_min_prob: float, engine: str, cuda_graph: bool | None) -> None:  # fmt: skip
     """Generate text with a build, streaming tokens to the terminal."""
     quiet_libraries()
     from fdec.runner import load_build, run_prompt, run_prompt_genai
 
     try:
         if engine == "genai":
-            if speculative or temperature > 0 or top_k or top_p < 1.0 or draft_build:
+            if speculative or temperature > 0 or top_k or top_p < 1.0 or draft_build or cuda_graph:
                 raise UsageError(
                     "--engine genai runs greedy decoding only",
-                    "drop --temperature/--top-k/--top-p/--speculative or --engine genai",
+                    "drop --temperature/--top-k/--top-p/--speculative/--cuda-graph or --engine "
+                    "genai",
                 )  # fmt: skip
             result = run_prompt_genai(
                 build, prompt, max_new_tokens=max_new_tokens, chat_template=not no_chat_template,
@@ -84,7 +86,7 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
             )  # fmt: skip
             fallback = None
         else:
-            loaded = load_build(build)
+            loaded = load_build(build, cuda_graph=cuda_graph)
             fallback = loaded.provider_fallback()
             if fallback and not loaded.model.provider_fallback:  # else open_session warned
                 click.echo(f"warning: {fallback}", err=True)
@@ -105,7 +107,9 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
         sys.stdout.flush()
         click.echo(
             f"[{result['new_tokens']} tokens, {result['decode_tokens_per_s']:.1f} tok/s decode, "
-            f"providers: {', '.join(result['providers'])}]",
+            f"providers: {', '.join(result['providers'])}"
+            + (", CUDA graphs" if result.get("cuda_graph") else "")
+            + "]",
             err=True,
         )
         spec = result.get("speculative")
