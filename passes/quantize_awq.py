@@ -430,6 +430,9 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
     # path, at (K + levels·P)/K the bytes (P: K/32 padded to 32). "onnxruntime" backend only.
     source_grid_form: str = dataclasses.field(default="block_sums", kw_only=True)
     source_grid_levels: int = dataclasses.field(default=1, kw_only=True)
+    # "block_sums" with the zero points rounded to integers kept in the blocks (uint8), the
+    # offset rows carrying only the fractions (`offset_rows`).
+    source_grid_rounded_zero_points: bool = dataclasses.field(default=False, kw_only=True)
     rounding: str = dataclasses.field(default="nearest", kw_only=True)
     gptq_hessian: str = dataclasses.field(default="all", kw_only=True)
     gptq_damping: float = dataclasses.field(default=0.01, kw_only=True)
@@ -574,7 +577,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             q = weight.quantized
             if q is None or q.zero_points is None or q.k % q.block_size:
                 continue
-            weight.quantized = offset_rows(q, levels)
+            weight.quantized = offset_rows(q, levels, self.source_grid_rounded_zero_points)
             for site in weight.sites:
                 source = site.activation
                 if id(source) not in widened:

@@ -181,7 +181,7 @@ def _register_bias(graph: ir.Graph, site: Site) -> None:
             graph.register_initializer(bias)
 
 
-def offset_rows(q: Int4Weight, levels: int) -> Int4Weight:
+def offset_rows(q: Int4Weight, levels: int, rounded_zero_points: bool = False) -> Int4Weight:
     """A weight on an asymmetric grid with float zero points, (c − z)·d block by block, as
     symmetric blocks (no zero points: ONNX Runtime's fast MatMulNBits path) over more inputs.
 
@@ -193,22 +193,39 @@ def offset_rows(q: Int4Weight, levels: int) -> Int4Weight:
     x·W = x·(c − c₀)·d + S·offsets exactly up to the offsets' rounding: 1 level leaves about
     1/5 of the weight error plain symmetric RTN makes on SmolLM2's Q4_1 layers, 2 levels
     about 1/1000. K must be whole blocks.
+
+    With `rounded_zero_points` the first K inputs' blocks keep z rounded to an integer (uint8
+    zero points, still the fast path; the offset rows' blocks get the symmetric 8), so the
+    offsets are only (round(z) − z)·d, at most half a step, and rounding them costs that much
+    less than rounding the whole (c₀ − z)·d.
     """
     if q.zero_points is None or q.zero_points.dtype.kind != "f" or q.k % q.block_size:
         raise ValueError("offset_rows takes float zero points of whole blocks (grid minmax)")
     block, center = q.block_size, 1 << (q.bits - 1)
+    z = q.zero_points.astype(np.float64)
+    kept = np.clip(np.rint(z), 0, (1 << q.bits) - 1) if rounded_zero_points else center
     rows = np.zeros((block_sum_width(q.k, block), q.n), dtype=np.float32)
-    rows[: q.k_blocks] = ((center - q.zero_points.astype(np.float64)) * q.scales).T
+    rows[: q.k_blocks] = ((kept - z) * q.scales).T
     packed, scales = [q.packed], [q.scales]
     for _ in range(levels):
         level = quantize_int4(rows, block, True, q.bits)
         packed.append(level.packed)
         scales.append(level.scales)
         rows = rows - level.dequantized().T
+    zero_points = None
+    if rounded_zero_points:
+        extra = sum(part.shape[1] for part in packed[1:])  # offset blocks: symmetric
+        codes = np.concatenate(
+            [np.broadcast_to(kept, z.shape), np.full((q.n, extra), center)], axis=1
+        ).astype(np.uint8)
+        if q.bits == 4:
+            codes = np.pad(codes, ((0, 0), (0, codes.shape[1] % 2)))
+            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        zero_points = np.ascontiguousarray(codes, dtype=np.uint8)
     return Int4Weight(
         np.ascontiguousarray(np.concatenate(packed, axis=1)),
         np.ascontiguousarray(np.concatenate(scales, axis=1)),
-        None,
+        zero_points,
         q.k + levels * rows.shape[0],
         q.n,
         block,

@@ -243,6 +243,7 @@ def test_awq_options_are_checked_and_calibration_is_required():
         "keep_source_grid": False,
         "source_grid_form": "block_sums",
         "source_grid_levels": 1,
+        "source_grid_rounded_zero_points": False,
         "rounding": "nearest",
         "gptq_hessian": "all",
         "gptq_damping": 0.01,
@@ -280,7 +281,7 @@ def _on_q4_1_grid(array: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("form", "levels", "ratio"),
-    [("zero_points", 1, 100), ("block_sums", 1, 5), ("block_sums", 2, 100)],
+    [("zero_points", 1, 100), ("block_sums", 1, 5), ("block_sums", 2, 100), ("rounded", 1, 50)],
 )
 def test_weights_on_a_q4_1_grid_keep_it_and_are_not_searched(form, levels, ratio):
     model, arrays = _outlier_model()
@@ -293,8 +294,9 @@ def test_weights_on_a_q4_1_grid_keep_it_and_are_not_searched(form, levels, ratio
     kept = QuantizeInt4AwqPass(
         activations=_calibration(arrays),
         keep_source_grid=True,
-        source_grid_form=form,
+        source_grid_form="zero_points" if form == "zero_points" else "block_sums",
         source_grid_levels=levels,
+        source_grid_rounded_zero_points=form == "rounded",
         accuracy_level=0,
     )
     model, record = run_pass(kept, model)
@@ -309,8 +311,12 @@ def test_weights_on_a_q4_1_grid_keep_it_and_are_not_searched(form, levels, ratio
     if form == "zero_points":  # float16 zero points: ONNX Runtime's slow path
         assert w1_node.inputs[3].const_value.dtype == ir.DataType.FLOAT16
         assert record.stats["block_sum_inputs"] == 0
-    else:  # symmetric blocks over [n, n's block sums (× levels)]: no zero points
-        assert len(w1_node.inputs) == 3 and record.stats["block_sum_inputs"] == 1
+    else:  # blocks over [n, n's block sums (× levels)]: no zero points, or uint8 ones
+        zero_points = w1_node.inputs[3:4]
+        assert [z.const_value.dtype for z in zero_points] == [ir.DataType.UINT8] * (
+            form == "rounded"
+        )
+        assert record.stats["block_sum_inputs"] == 1
         assert w1_node.attributes["K"].value == _K + levels * 32  # 2 block sums, padded to 32
         widened = w1_node.inputs[0].producer()
         assert widened.op_type == "Concat" and widened.inputs[0].name == "n"
@@ -331,14 +337,21 @@ def test_offset_rows_reproduce_a_q4_1_grid_with_symmetric_blocks(k):
     grid = _quantize_minmax(weight, 32, symmetric=False)
     sums = x @ block_sum_matrix(k, 32)  # [50, 32]: the k/32 block sums, then zeros
     errors = {}
-    for levels in (1, 2):
-        wide = offset_rows(grid, levels)
-        assert (wide.k, wide.zero_points, wide.bits) == (k + 32 * levels, None, 4)
+    for levels, rounded in ((1, False), (2, False), (1, True)):
+        wide = offset_rows(grid, levels, rounded)
+        assert (wide.k, wide.bits) == (k + 32 * levels, 4)
         assert wide.k_blocks == k // 32 + levels  # one block of offsets per level
+        zero = wide.unpacked_zero_points()
+        if rounded:  # the grid's zero points rounded, then the offset blocks' symmetric 8
+            np.testing.assert_array_equal(zero[:, : k // 32], np.rint(grid.zero_points))
+            assert (zero[:, k // 32 :] == 8).all()
+        else:
+            assert wide.zero_points is None
         got = np.concatenate([x, *[sums] * levels], axis=1) @ wide.dequantized().T
-        errors[levels] = _relative_error(got, want)
+        errors[levels, rounded] = _relative_error(got, want)
     rtn = _relative_error(x @ quantize_int4(weight, 32, True).dequantized().T, want)
-    assert errors[2] < 1e-6 and errors[1] < rtn / 4, (errors, rtn)
+    assert errors[2, False] < 1e-6 and errors[1, False] < rtn / 4, (errors, rtn)
+    assert errors[1, True] < errors[1, False] / 5, errors
     with pytest.raises(ValueError, match="float zero points"):
         offset_rows(quantize_int4(weight, 32, False), 1)
 
