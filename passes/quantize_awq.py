@@ -393,6 +393,13 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
     down; in the tests' llama also the lm_head). With `clip`, each block's range is then
     shrunk by 1.0…0.8 where that lowers its output error.
 
+    With `keep_source_grid`, weights already on a block grid (a GGUF source's Q4_1 blocks)
+    keep it: symmetric or uint8-zero-point blocks whose activation is widened to
+    [x, block sums of x] (`MatMul` by a 0/1 matrix, then `Concat`), the extra input rows
+    holding each block's float offset (`fdec.passes.quantize_int4.offset_rows`); stats
+    `source_grid_kept` and `block_sum_inputs` count them. With `bias_correction`, each searched
+    weight's mean output error on the calibration tokens is folded into its bias.
+
     Weights without calibration rows (or read by two activations) get plain RTN: the stats'
     `rtn_only` says why. Stats add, per activation, the α chosen and the relative output
     errors ‖X·W − X̂·Ŵ‖² / ‖X·W‖² of RTN and of AWQ on the searched rows.
@@ -418,10 +425,11 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
     # chosen by GPTQ's error feedback on the calibration activations' XᵀX (`gptq_hessian`
     # "all": over every calibration token; "searched": over the max_rows searched rows).
     # Weights already on a block grid of this block size (a GGUF source's Q4_1 / Q8_0 blocks,
-    # `_source_grid`) keep it exactly (float16 zero points) instead of being scaled and
-    # rounded again; their groups are not searched. Off by default: ONNX Runtime's MatMulNBits
-    # with float16 zero points decodes SmolLM2 at 9.2 tok/s against 86.0 for the symmetric
-    # default (benchmarks/decode.py, same run, 2026-12-04): a quality option, not a default.
+    # `_source_grid`) keep it instead of being scaled and rounded again; their groups are not
+    # searched ("onnxruntime" backend only). Off here, on in the int4-awq recipe
+    # (fdec.compile.recipe.INT4_KEEP_SOURCE_GRID). Float16 zero points ("zero_points" below)
+    # are exact but ONNX Runtime's MatMulNBits decodes SmolLM2 with them at 9.2 tok/s against
+    # 86.0 for symmetric blocks (benchmarks/decode.py, same run, 2026-12-04).
     keep_source_grid: bool = dataclasses.field(default=False, kw_only=True)
     # How a kept asymmetric grid (Q4_1: float zero points) is written. "zero_points": float16
     # zero points, exact, but ONNX Runtime's slow MatMulNBits path (above). "block_sums":
