@@ -79,11 +79,13 @@ INT4_LM_HEAD_BITS = 8
 # Q4_1 / Q8_0 blocks) on that grid instead of scaling and rounding them again, written for
 # MatMulNBits' fast path: uint8 zero points round(z), and the fractions' offsets (round(z) − z)·d
 # as one level of extra input rows fed by the activation's block sums (quantize-int4-awq
-# source_grid_*). SmolLM2-135M, tuning split (2,657 tokens, fp32 14.96), benchmarks/quality.py:
-#   AWQ proper (keep_source_grid false, the old default)                  see the report
-#   grid kept, offsets (8 − z)·d rounded once (1 level)       0.194x  +6.14 %
-#   grid kept, offsets rounded twice (2 levels)               0.200x  -0.06 %
-#   grid kept, rounded zero points + fractions, 1 level       (pending)
+# source_grid_*). SmolLM2-135M, tuning split (2,657 tokens, fp32 14.96; python
+# benchmarks/quality.py --splits tune --recipes "int4-awq:quantize-int4-awq.OPTION=..."):
+#   grid kept, offsets (8 − z)·d rounded once (1 level)       0.194x  +6.14 %  KL 0.063
+#   grid kept, offsets rounded twice (2 levels)               0.200x  -0.06 %  KL 0.0038
+#   grid kept, rounded zero points + fractions, 1 level       0.197x  +0.66 %  KL 0.0040 (chosen)
+# AWQ's own scaling instead (keep_source_grid false, the old default): +11.11 % on the
+# evaluation split at 0.187x (the README's run); float16 zero points (exact) decode ~9x slower.
 INT4_KEEP_SOURCE_GRID = True
 INT4_SOURCE_GRID_LEVELS = 1
 INT4_SOURCE_GRID_ROUNDED_ZERO_POINTS = True
