@@ -347,9 +347,11 @@ def test_int4_awq_keeps_a_q4_1_source_grid_on_the_fast_kernel(tiny_models, tmp_p
     assert len(nbits) == 11  # q/k/v still packed into one by pack-qkv, through the Concat
     ops = collections.Counter(n.op_type for n in onnx_model.graph.node)
     assert ops["Concat"] >= 8 and ops["GroupQueryAttention"] == 2  # fusion intact
-    # No float zero points (ONNX Runtime's slow path): the layers' nodes have no zero points
+    # No float zero points (ONNX Runtime's slow path): the layers' are uint8 (rounded z)
     layers = [n for n in nbits if next(a.i for a in n.attribute if a.name == "bits") == 4]
-    assert len(layers) == 10 and all(len(n.input) == 3 for n in layers)
+    types = {i.name: i.data_type for i in onnx_model.graph.initializer}
+    assert len(layers) == 10 and all(len(n.input) == 4 for n in layers)
+    assert {types[n.input[3]] for n in layers} == {onnx.TensorProto.UINT8}
     assert report["verification"]["ok"] is True
     kl = {name: b["verification"]["numeric"]["kl_divergence"] for name, b in builds.items()}
     assert kl["grid"] < 0.5 * kl["awq"], kl
