@@ -33,14 +33,26 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from fdec.calibrate import activations_per_batch, checked_batches
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel, release_freed_memory
-from fdec.passes.quantize_int4 import Int4Weight, QuantizeInt4Pass, quantize_int4
+from fdec.passes.quantize_int4 import (
+    Int4Weight,
+    QuantizeInt4Pass,
+    block_sum_matrix,
+    offset_rows,
+    quantize_int4,
+)
 from fdec.passes.quantize_static import gptq
-from fdec.passes.smoothquant import ActivationGroup, divide_activation, group_by_activation
-from fdec.passes.weights import collect_weights
+from fdec.passes.smoothquant import (
+    ActivationGroup,
+    divide_activation,
+    group_by_activation,
+    insert_after_producer,
+)
+from fdec.passes.weights import Weight, add_initializer, collect_weights, fresh_name
 from fdec.pipeline import PassResult, Tolerance
 
 __all__ = ["QuantizeInt4AwqPass"]
@@ -50,6 +62,7 @@ logger = logging.getLogger(__name__)
 # Clipping ratios tried per block (1.0: no clipping): AutoAWQ's auto_clip steps, down to 0.8.
 _CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 _ROUNDINGS = ("nearest", "gptq")
+_SOURCE_GRID_FORMS = ("block_sums", "zero_points")
 _GPTQ_HESSIANS = ("all", "searched")
 _MIN_SCALE = 1e-4  # m^α is kept at least this (a channel never active is not zeroed out)
 
@@ -237,6 +250,31 @@ def _gptq_int4(
     return dataclasses.replace(nearest, packed=packed)
 
 
+def _correct_bias(graph: ir.Graph, weight: Weight, correction: np.ndarray, taken: set[str]) -> int:
+    """Add `correction` ([N]) to the bias of every site of `weight` (a new constant, the site's
+    constant bias plus it); returns the sites corrected (a non-constant bias: none).
+
+    The constant is registered as an initializer when the site's node is written
+    (QuantizeInt4Pass), not now: an initializer nothing reads yet would be dropped by the
+    opset conversion the "tensorrt" form does first."""
+    base = weight.value.name
+    corrected = 0
+    for site in weight.sites:
+        bias = correction.astype(weight.dtype.numpy())
+        if site.bias is not None:
+            if site.bias.const_value is None:
+                continue
+            bias = bias + site.bias.const_value.numpy().astype(bias.dtype)
+        name = fresh_name(graph, f"{base}_bias_corrected", taken)
+        tensor = ir.tensor(bias, name=name)
+        site.bias = ir.Value(
+            name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+            const_value=tensor,
+        )  # fmt: skip
+        corrected += 1
+    return corrected
+
+
 # --- calibration --------------------------------------------------------------------------------
 
 
@@ -255,6 +293,7 @@ class _Calibration:
     mean_abs: np.ndarray  # [K] float64, over every calibration row
     rows: np.ndarray  # [R, K] float32, R ≤ max_rows, evenly spaced over the calibration
     gram: np.ndarray | None = None  # [K, K] float32 XᵀX over every calibration row (GPTQ)
+    mean: np.ndarray | None = None  # [K] float64 signed mean over every row (bias correction)
 
     def hessian(self, s: np.ndarray | None) -> np.ndarray:
         """XᵀX of the activation the weights see: X/s once AWQ divided it by s."""
@@ -267,9 +306,10 @@ class _Calibration:
         flat = [np.asarray(part).reshape(-1, np.shape(part)[-1]) for part in parts]
         count = sum(part.shape[0] for part in flat)
         total = sum(np.abs(part).sum(axis=0, dtype=np.float64) for part in flat)
+        signed = sum(part.sum(axis=0, dtype=np.float64) for part in flat)
         rows = np.concatenate([_subsample(part, max_rows) for part in flat], axis=0)
         rows = np.ascontiguousarray(_subsample(rows, max_rows), dtype=np.float32)
-        return cls(total / count, rows)
+        return cls(total / count, rows, mean=signed / count)
 
 
 def _capture(
@@ -292,6 +332,7 @@ def _capture(
         else np.arange(total)
     )
     sums: dict[str, np.ndarray] = {}
+    signed: dict[str, np.ndarray] = {}
     products: dict[str, np.ndarray] = {}
     kept: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     odd: dict[str, list[np.ndarray]] = collections.defaultdict(list)  # not one row per token
@@ -306,6 +347,7 @@ def _capture(
                 odd[name].append(flat.copy())
                 continue
             sums[name] = sums.get(name, 0.0) + np.abs(flat).sum(axis=0, dtype=np.float64)
+            signed[name] = signed.get(name, 0.0) + flat.sum(axis=0, dtype=np.float64)
             if grams:
                 gram = flat.T @ flat
                 products[name] = products[name] + gram if name in products else gram
@@ -316,6 +358,7 @@ def _capture(
             sums[name] / total,
             np.ascontiguousarray(np.concatenate(kept[name]), dtype=np.float32),
             products.get(name),
+            signed[name] / total,
         )
         for name in sums
         if name not in odd
@@ -350,6 +393,13 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
     down; in the tests' llama also the lm_head). With `clip`, each block's range is then
     shrunk by 1.0…0.8 where that lowers its output error.
 
+    With `keep_source_grid`, weights already on a block grid (a GGUF source's Q4_1 blocks)
+    keep it: symmetric or uint8-zero-point blocks whose activation is widened to
+    [x, block sums of x] (`MatMul` by a 0/1 matrix, then `Concat`), the extra input rows
+    holding each block's float offset (`fdec.passes.quantize_int4.offset_rows`); stats
+    `source_grid_kept` and `block_sum_inputs` count them. With `bias_correction`, each searched
+    weight's mean output error on the calibration tokens is folded into its bias.
+
     Weights without calibration rows (or read by two activations) get plain RTN: the stats'
     `rtn_only` says why. Stats add, per activation, the α chosen and the relative output
     errors ‖X·W − X̂·Ŵ‖² / ‖X·W‖² of RTN and of AWQ on the searched rows.
@@ -375,14 +425,29 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
     # chosen by GPTQ's error feedback on the calibration activations' XᵀX (`gptq_hessian`
     # "all": over every calibration token; "searched": over the max_rows searched rows).
     # Weights already on a block grid of this block size (a GGUF source's Q4_1 / Q8_0 blocks,
-    # `_source_grid`) keep it exactly (float16 zero points) instead of being scaled and
-    # rounded again; their groups are not searched. Off by default: ONNX Runtime's MatMulNBits
-    # with float16 zero points decodes SmolLM2 at 9.2 tok/s against 86.0 for the symmetric
-    # default (benchmarks/decode.py, same run, 2026-12-04): a quality option, not a default.
+    # `_source_grid`) keep it instead of being scaled and rounded again; their groups are not
+    # searched ("onnxruntime" backend only). Off here, on in the int4-awq recipe
+    # (fdec.compile.recipe.INT4_KEEP_SOURCE_GRID). Float16 zero points ("zero_points" below)
+    # are exact but ONNX Runtime's MatMulNBits decodes SmolLM2 with them at 9.2 tok/s against
+    # 86.0 for symmetric blocks (benchmarks/decode.py, same run, 2026-12-04).
     keep_source_grid: bool = dataclasses.field(default=False, kw_only=True)
+    # How a kept asymmetric grid (Q4_1: float zero points) is written. "zero_points": float16
+    # zero points, exact, but ONNX Runtime's slow MatMulNBits path (above). "block_sums":
+    # symmetric codes plus the blocks' offsets as extra input rows multiplied by the
+    # activation's block sums (`offset_rows`, rounded `source_grid_levels` times): the fast
+    # path, at (K + levels·P)/K the bytes (P: K/32 padded to 32). "onnxruntime" backend only.
+    source_grid_form: str = dataclasses.field(default="block_sums", kw_only=True)
+    source_grid_levels: int = dataclasses.field(default=1, kw_only=True)
+    # "block_sums" with the zero points rounded to integers kept in the blocks (uint8), the
+    # offset rows carrying only the fractions (`offset_rows`).
+    source_grid_rounded_zero_points: bool = dataclasses.field(default=False, kw_only=True)
     rounding: str = dataclasses.field(default="nearest", kw_only=True)
     gptq_hessian: str = dataclasses.field(default="all", kw_only=True)
     gptq_damping: float = dataclasses.field(default=0.01, kw_only=True)
+    # Bias correction (Nagel et al. 2019): the mean output error E[x]·(W − Ŵ) over the
+    # calibration tokens, with x the activation and Ŵ the quantized weight, is added to each
+    # searched weight's bias (MatMulNBits' bias input, an Add for "tensorrt"): N floats a weight.
+    bias_correction: bool = dataclasses.field(default=False, kw_only=True)
     activations: Mapping[str, np.ndarray] | None = dataclasses.field(default=None, kw_only=True)
     batches: Sequence[np.ndarray] | None = dataclasses.field(default=None, kw_only=True)
 
@@ -407,6 +472,16 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                     "use the default (grid=20, max_rows=512) or another whole number ≥ 1",
                 )
         self.batches = checked_batches(self.name, self.batches)
+        if self.source_grid_form not in _SOURCE_GRID_FORMS:
+            raise UsageError(
+                f"{self.name} source_grid_form {self.source_grid_form!r} is unknown",
+                f"use one of: {', '.join(_SOURCE_GRID_FORMS)}",
+            )
+        if self.source_grid_levels not in (1, 2) or isinstance(self.source_grid_levels, bool):
+            raise UsageError(
+                f"{self.name} source_grid_levels {self.source_grid_levels!r} is not 1 or 2",
+                "use 1 (offsets rounded once) or 2 (their residual rounded again)",
+            )
         if self.rounding not in _ROUNDINGS:
             raise UsageError(
                 f"{self.name} rounding {self.rounding!r} is unknown",
@@ -446,7 +521,9 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         weights, skipped = collect_weights(model, self.include_lm_head, self.share_tied_embedding)
         rtn_only: collections.Counter[str] = collections.Counter()
         on_grid = 0
-        for weight in weights if self.keep_source_grid else ():
+        # A source grid is kept for ONNX Runtime only (MatMulNBits takes its blocks as they are).
+        keep_grid = self.keep_source_grid and self.backend == "onnxruntime"
+        for weight in weights if keep_grid else ():
             weight.quantized = self._source_grid(weight)
             on_grid += weight.quantized is not None
         groups = group_by_activation(weights, rtn_only)
@@ -476,6 +553,9 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                 continue
             counts["groups_searched"] += 1
             report[group.activation.name] = self._scale_group(model, group, seen, taken, counts)
+        widened = 0
+        if on_grid and self.source_grid_form == "block_sums":
+            widened = self._to_block_sums(model.graph, weights, taken)
         result = self._quantize_weights(model, weights, skipped)
         reductions = [entry["reduction"] for entry in report.values()]
         stats = {
@@ -485,12 +565,49 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             "scales_folded": counts["scales_folded"],
             "scales_inserted": counts["scales_inserted"],
             "weights_clipped": counts["weights_clipped"],
+            "biases_corrected": counts["biases_corrected"],
             "rtn_only": dict(rtn_only),
             "source_grid_kept": on_grid,
+            "block_sum_inputs": widened,
             "mean_error_reduction": float(np.mean(reductions)) if reductions else 0.0,
             "groups": report,
         }
         return PassResult(model, modified=result.modified, stats=stats)
+
+    def _to_block_sums(self, graph: ir.Graph, weights: list[Weight], taken: set[str]) -> int:
+        """Rewrite the weights still on their float-zero-point grid (kept, not searched) as
+        symmetric blocks over [x, block sums of x] (`offset_rows`); their sites read the
+        widened activation, one per activation. Returns the activations widened."""
+        widened: dict[int, ir.Value] = {}
+        matrices: dict[tuple[int, int], ir.Value] = {}
+        levels = self.source_grid_levels
+        for weight in weights:
+            q = weight.quantized
+            if q is None or q.zero_points is None or q.k % q.block_size:
+                continue
+            weight.quantized = offset_rows(q, levels, self.source_grid_rounded_zero_points)
+            for site in weight.sites:
+                source = site.activation
+                if id(source) not in widened:
+                    key = (q.k, q.block_size)
+                    if key not in matrices:
+                        name = fresh_name(graph, f"block_sums_{q.k}x{q.block_size}", taken)
+                        array = block_sum_matrix(q.k, q.block_size)
+                        matrices[key] = add_initializer(graph, name, ir.tensor(array, name=name))
+                    sums = ir.node(
+                        "MatMul", [source, matrices[key]], name=f"{source.name}_block_sums"
+                    )
+                    wide = ir.node(
+                        "Concat",
+                        [source, *[sums.outputs[0]] * levels],
+                        {"axis": -1},
+                        name=f"{source.name}_with_block_sums",
+                    )
+                    insert_after_producer(graph, source, [sums, wide])
+                    widened[id(source)] = wide.outputs[0]
+                site.node.replace_input_with(0, widened[id(source)])
+                site.activation = widened[id(source)]
+        return len(widened)
 
     def _not_searched(self, group: ActivationGroup) -> str | None:
         """Why AWQ leaves the group to plain rounding although it could search it, or None."""
@@ -519,13 +636,16 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
     ) -> dict[str, Any]:
         """Search s for one group, fold 1/s (or insert it), put the scaled arrays in place."""
         roles = [model.spec.roles_of(w.value.name) for w in group.weights]
+        mean = seen.mean if self.bias_correction else None
+        # E[x]·W of the float weights: what the quantized product should average to
+        wanted = [mean @ w.array for w in group.weights] if mean is not None else None
         found = _awq_search(
             seen,
             [w.array for w in group.weights],
             self.clip,
             grid=self.grid,
             block_size=min(self._block_size_of(w) for w in group.weights),
-            symmetric=self.symmetric,
+            symmetric=all(self._symmetric_of(w) for w in group.weights),
         )
         if found.alpha:
             source, folded = divide_activation(model.graph, group, found.s, taken, label="AWQ")
@@ -545,13 +665,20 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                     weight.array,
                     seen.hessian(found.s if found.alpha else None),
                     self._block_size_of(weight),
-                    self.symmetric,
+                    self._symmetric_of(weight),
                     self.gptq_damping,
                 )
             else:
                 weight.quantized = self._round(weight)
             # The codes are final: keep no float copy (an empty array, not a view of it).
             weight.array = np.empty((0, weight.array.shape[1]), dtype=np.float32)
+        if wanted is not None:
+            x_mean = mean / found.s if found.alpha else mean  # the scaled activation's mean
+            for weight, want in zip(group.weights, wanted):
+                got = weight.quantized.dequantized() @ x_mean  # [N]
+                counts["biases_corrected"] += _correct_bias(
+                    model.graph, weight, (want - got).astype(np.float32), taken
+                )
         counts["weights_clipped"] += sum(found.clipped)
         reduction = 1.0 - found.error / found.error_rtn if found.error_rtn > 0 else 0.0
         logger.info(

@@ -301,3 +301,57 @@ def test_int4_awq_mixed_keeps_the_most_sensitive_layers_in_8_bits(
     kept = 2 if stats["kept"] == ["lm_head"] else 5
     assert bits[8] == kept and bits[4] == 12 - kept
     assert report["verification"]["ok"] is True
+
+
+def _on_q4_1_grid(folder, out):
+    """A copy of `folder` whose layers' linear weights are rounded as GGUF Q4_1 rounds them
+    (blocks of 32 inputs, scale (max - min) / 15, float offset): a GGUF-sourced model's fp32."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(folder, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    rounded = 0
+    for name, weight in tensors.items():
+        if ".layers." in name and name.endswith("proj.weight"):  # [out, in]
+            blocks = weight.reshape(weight.shape[0], -1, 32).astype(np.float64)
+            low, high = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
+            step = (high - low) / 15
+            grid = np.round((blocks - low) / step) * step + low
+            tensors[name] = grid.reshape(weight.shape).astype(np.float32)
+            rounded += 1
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return rounded
+
+
+def test_int4_awq_keeps_a_q4_1_source_grid_on_the_fast_kernel(tiny_models, tmp_path, cli_runner):
+    model = tmp_path / "q4_1"
+    assert _on_q4_1_grid(tiny_models("llama"), model) == 14  # 2 layers × q k v o gate up down
+    builds = {}
+    for name, keep in (("grid", "true"), ("awq", "false")):
+        out = tmp_path / name
+        result = cli_runner.invoke(cli, [
+            "compile", str(model), "--quantize", "int4-awq", "-o", str(out), "--json",
+            "--pass-options", f"quantize-int4-awq.keep_source_grid={keep}",
+        ])  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        builds[name] = json.loads((out / "report.json").read_text())
+    report = builds["grid"]
+    stats = next(p for p in report["passes"] if p["name"] == "quantize-int4-awq")["stats"]
+    assert stats["source_grid_kept"] == 14 and stats["groups_searched"] == 0
+    assert stats["block_sum_inputs"] == 8  # attention, o, MLP and down inputs of 2 layers
+    onnx_model = onnx.load(str(tmp_path / "grid" / "model.onnx"), load_external_data=False)
+    nbits = [n for n in onnx_model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 11  # q/k/v still packed into one by pack-qkv, through the Concat
+    ops = collections.Counter(n.op_type for n in onnx_model.graph.node)
+    assert ops["Concat"] >= 8 and ops["GroupQueryAttention"] == 2  # fusion intact
+    # No float zero points (ONNX Runtime's slow path): the layers' are uint8 (rounded z)
+    layers = [n for n in nbits if next(a.i for a in n.attribute if a.name == "bits") == 4]
+    types = {i.name: i.data_type for i in onnx_model.graph.initializer}
+    assert len(layers) == 10 and all(len(n.input) == 4 for n in layers)
+    assert {types[n.input[3]] for n in layers} == {onnx.TensorProto.UINT8}
+    assert report["verification"]["ok"] is True
+    kl = {name: b["verification"]["numeric"]["kl_divergence"] for name, b in builds.items()}
+    assert kl["grid"] < 0.5 * kl["awq"], kl

@@ -35,8 +35,11 @@ __all__ = [
     "FP8_WEIGHT_ONLY",
     "FP8_WEIGHT_ROUNDING",
     "FP32_TOLERANCE",
+    "INT4_KEEP_SOURCE_GRID",
     "INT4_LM_HEAD_BITS",
     "INT4_MIXED_KEEP",
+    "INT4_SOURCE_GRID_LEVELS",
+    "INT4_SOURCE_GRID_ROUNDED_ZERO_POINTS",
     "INT8_DYNAMIC_ALPHA",
     "INT8_ENCODER_WEIGHT_ONLY",
     "INT8_WEIGHT_ONLY",
@@ -72,6 +75,20 @@ INT4_MIXED_KEEP = 4
 # The lm_head (and a tied table shared with it) of int4 recipes in 8 bits: SmolLM2 int4-awq
 # +17.5 % → +7.3 % perplexity at 86.8 → 100.9 MB (benchmarks/quality.py; docs/design-notes.md).
 INT4_LM_HEAD_BITS = 8
+# int4-awq keeps weights that already sit on a block grid of its block size (a GGUF source's
+# Q4_1 / Q8_0 blocks) on that grid instead of scaling and rounding them again, written for
+# MatMulNBits' fast path: uint8 zero points round(z), and the fractions' offsets (round(z) − z)·d
+# as one level of extra input rows fed by the activation's block sums (quantize-int4-awq
+# source_grid_*). SmolLM2-135M, tuning split (2,657 tokens, fp32 14.96; python
+# benchmarks/quality.py --splits tune --recipes "int4-awq:quantize-int4-awq.OPTION=..."):
+#   grid kept, offsets (8 − z)·d rounded once (1 level)       0.194x  +6.14 %  KL 0.063
+#   grid kept, offsets rounded twice (2 levels)               0.200x  -0.06 %  KL 0.0038
+#   grid kept, rounded zero points + fractions, 1 level       0.197x  +0.66 %  KL 0.0040 (chosen)
+# AWQ's own scaling instead (keep_source_grid false, the old default): +11.11 % on the
+# evaluation split at 0.187x (the README's run); float16 zero points (exact) decode ~9x slower.
+INT4_KEEP_SOURCE_GRID = True
+INT4_SOURCE_GRID_LEVELS = 1
+INT4_SOURCE_GRID_ROUNDED_ZERO_POINTS = True
 # SmoothQuant migration strength fdec uses: on SmolLM2-135M, alpha 0.75-0.85 kept perplexity
 # within +1-4 % (54.0 -> 53.5-56.3) where the paper's 0.5 gave +25 % (67.7).
 SMOOTHQUANT_ALPHA = 0.8
@@ -215,7 +232,16 @@ def _quantize_passes(
         name = "quantize-int4-awq" if method == "awq" else "quantize-int4"
         # TensorRT(-RTX) takes blocked DequantizeLinear of INT4 only: its lm_head stays 4-bit.
         head_bits = INT4_LM_HEAD_BITS if pass_backend == "onnxruntime" else None
-        weights = fdec_passes.make_pass(name, lm_head_bits=head_bits, **int4_options)
+        grid = (
+            {
+                "keep_source_grid": INT4_KEEP_SOURCE_GRID,
+                "source_grid_levels": INT4_SOURCE_GRID_LEVELS,
+                "source_grid_rounded_zero_points": INT4_SOURCE_GRID_ROUNDED_ZERO_POINTS,
+            }
+            if method == "awq"
+            else {}
+        )
+        weights = fdec_passes.make_pass(name, lm_head_bits=head_bits, **grid, **int4_options)
     elif precision.value == "fp8":
         # GPTQ rounding and one shared fp8 table (tied embedding = lm_head): SmolLM2 +11.5 %
         # at 0.31x with nearest rounding and two tables (docs/design-notes.md).

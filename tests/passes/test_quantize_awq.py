@@ -30,6 +30,12 @@ from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel, ModelSpec
 from fdec.passes.quantize import QuantizeInt4Pass
 from fdec.passes.quantize_awq import QuantizeInt4AwqPass
+from fdec.passes.quantize_int4 import (
+    _quantize_minmax,
+    block_sum_matrix,
+    offset_rows,
+    quantize_int4,
+)
 from fdec.runtime import session_for_model
 from fdec.verify import Reference
 
@@ -152,6 +158,39 @@ def test_awq_protects_an_outlier_channel_and_folds_one_over_s_into_the_norm(clip
         assert awq_error <= 0.7 * rtn_error, (name, awq_error, rtn_error)
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_bias_correction_removes_the_mean_output_error(backend):
+    # Activations with a large common offset: the quantization error's mean, E[x]·(W − Ŵ),
+    # is then most of the output error, and the corrected bias takes it out.
+    def offset(seed: int, rows: int) -> np.ndarray:
+        return _outlier_inputs(seed, rows) + 4.0
+
+    model, arrays = _outlier_model()
+    calibration = {"n": offset(1, 256) * arrays["g1"], "x": offset(1, 256)}
+    held = {"x": offset(2, 512)}
+    want = run_ort(model.model, held)
+    options = {"activations": calibration, "accuracy_level": 0, "backend": backend}
+    plain, _ = run_pass(QuantizeInt4AwqPass(**options), _outlier_model()[0])
+
+    model, record = run_pass(QuantizeInt4AwqPass(**options, bias_correction=True), model)
+
+    assert record.stats["biases_corrected"] == 2
+    if backend == "onnxruntime":  # MatMulNBits' bias input (index 5), one per weight
+        nodes = [node for node in model.graph if node.op_type == "MatMulNBits"]
+        assert [len(node.inputs) for node in nodes] == [6, 6]
+        assert all(node.inputs[5].const_value.shape == (_N,) for node in nodes)
+    else:  # standard ONNX: MatMul of the dequantized weight, then Add of the bias
+        assert _ops(model)[("", "Add")] == 2
+    got, before = run_ort(model.model, held), run_ort(plain.model, held)
+    for output in (0, 1):
+        mean_error = np.abs((got[output] - want[output]).mean(axis=0)).mean()
+        mean_before = np.abs((before[output] - want[output]).mean(axis=0)).mean()
+        assert mean_error < 0.25 * mean_before, (output, mean_error, mean_before)
+        assert _relative_error(got[output], want[output]) < _relative_error(
+            before[output], want[output]
+        )
+
+
 def test_awq_tensorrt_backend_writes_blocked_dequantize_after_the_scales():
     model, arrays = _outlier_model()
     calibration = _calibration(arrays)
@@ -202,9 +241,13 @@ def test_awq_options_are_checked_and_calibration_is_required():
         "max_rows": 512,
         "clip": True,
         "keep_source_grid": False,
+        "source_grid_form": "block_sums",
+        "source_grid_levels": 1,
+        "source_grid_rounded_zero_points": False,
         "rounding": "nearest",
         "gptq_hessian": "all",
         "gptq_damping": 0.01,
+        "bias_correction": False,
         "activations": None,
         "batches": "3 batches, 24 tokens",
     }
@@ -236,24 +279,81 @@ def _on_q4_1_grid(array: np.ndarray) -> np.ndarray:
     return grid.reshape(array.shape[1], -1).T.astype(np.float32)
 
 
-def test_weights_on_a_q4_1_grid_keep_it_exactly_and_are_not_searched():
+@pytest.mark.parametrize(
+    ("form", "levels", "ratio"),
+    [("zero_points", 1, 100), ("block_sums", 1, 5), ("block_sums", 2, 100), ("rounded", 1, 50)],
+)
+def test_weights_on_a_q4_1_grid_keep_it_and_are_not_searched(form, levels, ratio):
     model, arrays = _outlier_model()
     model.graph.initializers["w1"].const_value = ir.tensor(_on_q4_1_grid(arrays["w1"]), name="w1")
     feeds = {"x": _outlier_inputs(2, 8)}
     before = run_ort(model.model, feeds)
 
     # w1 (read through n) sits on the grid; w2 does not and is searched with x's calibration.
-    kept = QuantizeInt4AwqPass(activations=_calibration(arrays), keep_source_grid=True)
+    # accuracy_level 0: float activations, so the grid's own error is what is compared.
+    kept = QuantizeInt4AwqPass(
+        activations=_calibration(arrays),
+        keep_source_grid=True,
+        source_grid_form="zero_points" if form == "zero_points" else "block_sums",
+        source_grid_levels=levels,
+        source_grid_rounded_zero_points=form == "rounded",
+        accuracy_level=0,
+    )
     model, record = run_pass(kept, model)
 
     assert record.stats["source_grid_kept"] == 1 and record.stats["groups_searched"] == 1
     assert record.stats["rtn_only"] == {"on the source's block grid (kept exactly)": 1}
     y, z = run_ort(model.model, feeds)
-    # w1 within float16 zero points' ~1 % of a step; w2 rounded to 4 bits
-    assert _relative_error(y, before[0]) < _relative_error(z, before[1]) / 100
+    # w1 kept: exact up to float16 zero points' ~1 % of a step (zero_points, 2 levels of block
+    # sums) or the once-rounded offsets (1 level); w2 rounded to 4 bits
+    assert _relative_error(y, before[0]) < _relative_error(z, before[1]) / ratio
+    (w1_node,) = [n for n in model.graph if n.op_type == "MatMulNBits" and "w1" in n.inputs[1].name]
+    if form == "zero_points":  # float16 zero points: ONNX Runtime's slow path
+        assert w1_node.inputs[3].const_value.dtype == ir.DataType.FLOAT16
+        assert record.stats["block_sum_inputs"] == 0
+    else:  # blocks over [n, n's block sums (× levels)]: no zero points, or uint8 ones
+        zero_points = w1_node.inputs[3:4]
+        assert [z.const_value.dtype for z in zero_points] == [ir.DataType.UINT8] * (
+            form == "rounded"
+        )
+        assert record.stats["block_sum_inputs"] == 1
+        assert w1_node.attributes["K"].value == _K + levels * 32  # 2 block sums, padded to 32
+        widened = w1_node.inputs[0].producer()
+        assert widened.op_type == "Concat" and widened.inputs[0].name == "n"
+        sums = widened.inputs[1].producer()
+        assert sums.op_type == "MatMul" and len(widened.inputs) == 1 + levels
+        assert sums.inputs[1].const_value.numpy().sum(axis=0).tolist() == [32, 32] + [0] * 30
     off = QuantizeInt4AwqPass(activations=_calibration(arrays))  # the default: off
     _, searched = run_pass(off, _outlier_model()[0])
     assert searched.stats["source_grid_kept"] == 0 and searched.stats["groups_searched"] == 2
+
+
+@pytest.mark.parametrize("k", [64, 96])
+def test_offset_rows_reproduce_a_q4_1_grid_with_symmetric_blocks(k):
+    rng = np.random.default_rng(3)
+    weight = _on_q4_1_grid(rng.standard_normal((k, 24)).astype(np.float32) + 0.3)
+    x = rng.standard_normal((50, k)).astype(np.float64)
+    want = x @ weight
+    grid = _quantize_minmax(weight, 32, symmetric=False)
+    sums = x @ block_sum_matrix(k, 32)  # [50, 32]: the k/32 block sums, then zeros
+    errors = {}
+    for levels, rounded in ((1, False), (2, False), (1, True)):
+        wide = offset_rows(grid, levels, rounded)
+        assert (wide.k, wide.bits) == (k + 32 * levels, 4)
+        assert wide.k_blocks == k // 32 + levels  # one block of offsets per level
+        zero = wide.unpacked_zero_points()
+        if rounded:  # the grid's zero points rounded, then the offset blocks' symmetric 8
+            np.testing.assert_array_equal(zero[:, : k // 32], np.rint(grid.zero_points))
+            assert (zero[:, k // 32 :] == 8).all()
+        else:
+            assert wide.zero_points is None
+        got = np.concatenate([x, *[sums] * levels], axis=1) @ wide.dequantized().T
+        errors[levels, rounded] = _relative_error(got, want)
+    rtn = _relative_error(x @ quantize_int4(weight, 32, True).dequantized().T, want)
+    assert errors[2, False] < 1e-6 and errors[1, False] < rtn / 4, (errors, rtn)
+    assert errors[1, True] < errors[1, False] / 5, errors
+    with pytest.raises(ValueError, match="float zero points"):
+        offset_rows(quantize_int4(weight, 32, False), 1)
 
 
 # --- the tiny llama ---------------------------------------------------------------------------
