@@ -43,19 +43,22 @@ def _quantize_fp8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _gptq_fp8(
-    array: np.ndarray, hessian: np.ndarray, damping: float
+    array: np.ndarray, hessian: np.ndarray, damping: float, act_order: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ rounding (`gptq`) of a [K, N] weight to per-output-channel FP8: (float8 [K, N],
-    scales [N]). The scales are `_quantize_fp8`'s (absmax / 448)."""
+    scales [N]). The scales are `_quantize_fp8`'s (absmax / 448). `act_order`: rows are
+    rounded in descending order of H's diagonal (the input channels with the largest
+    activations first, while the most rows are left to absorb their error)."""
     _, scales = _quantize_fp8(array)
-    w = array.astype(np.float64) / scales  # in code units
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(len(array))
+    w = array[order].astype(np.float64) / scales  # in code units, in rounding order
     codes = np.empty(w.shape, dtype=ml_dtypes.float8_e4m3fn)
 
     def round_row(i: int, row: np.ndarray) -> np.ndarray:
-        codes[i] = np.clip(row, -_FP8_MAX, _FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
-        return codes[i].astype(np.float64)
+        codes[order[i]] = np.clip(row, -_FP8_MAX, _FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+        return codes[order[i]].astype(np.float64)
 
-    if not gptq(w, hessian, damping, round_row):
+    if not gptq(w, hessian[np.ix_(order, order)], damping, round_row):
         return _quantize_fp8(array)
     return codes, scales
 
@@ -105,6 +108,7 @@ class QuantizeFp8Pass(StaticQuantizePass):
     # `batches` (the activations are captured from the model as this pass receives it).
     weight_rounding: str = dataclasses.field(default="nearest", kw_only=True)
     gptq_damping: float = dataclasses.field(default=0.01, kw_only=True)
+    gptq_act_order: bool = dataclasses.field(default=False, kw_only=True)
 
     precision_of = Precision.FP8_E4M3
     _cpu_fix = "use quantize-int8 (dynamic int8) or quantize-int4 for the CPU"
@@ -152,7 +156,7 @@ class QuantizeFp8Pass(StaticQuantizePass):
         hessian = self._hessians.get(group.activation.name)
         if hessian is None:
             return _quantize_fp8(weight.array)
-        return _gptq_fp8(weight.array, hessian, self.gptq_damping)
+        return _gptq_fp8(weight.array, hessian, self.gptq_damping, self.gptq_act_order)
 
     def _rewrite(self, model, group, found, taken, stats) -> bool:
         graph = model.graph

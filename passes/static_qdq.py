@@ -74,8 +74,9 @@ class StaticQuantizePass(Pass):
     # A tied lm_head keeps sharing the embedding: its [H, V] codes are stored once and the
     # embedding's Gathers read their columns (fdec.passes.quantize.QuantizeInt8Pass's way).
     share_tied_embedding: bool = dataclasses.field(default=False, kw_only=True)
-    # Layer kinds (ModelSpec roles: "down", "o", "lm_head"...) kept W8A16: int8 weights per
-    # output channel read through DequantizeLinear, the activation left in float (no Q/DQ).
+    # Layers kept W8A16: int8 weights per output channel read through DequantizeLinear, the
+    # activation left in float (no Q/DQ). Each entry is a layer kind ("down", "o", "lm_head")
+    # or one layer's ModelSpec role ("layers.0.o").
     weight_only: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
 
     # Set by subclasses: the precision the target must have, the fix offered to CPU targets,
@@ -192,9 +193,16 @@ class StaticQuantizePass(Pass):
         raise NotImplementedError
 
     def _weight_only(self, model: FdecModel, group: ActivationGroup) -> bool:
-        """Whether the group stays W8A16 (every weight's role in `weight_only`)."""
-        roles = {role_of(model.spec, w.value.name) for w in group.weights}
-        return bool(self.weight_only) and roles <= set(self.weight_only)
+        """Whether the group stays W8A16: every weight's kind ("o") or whole ModelSpec role
+        ("layers.3.o") is in `weight_only`."""
+        if not self.weight_only:
+            return False
+        wide = set(self.weight_only)
+        roles = {name: role for role, name in model.spec.weights.items()}
+        return all(
+            role_of(model.spec, w.value.name) in wide or roles.get(w.value.name) in wide
+            for w in group.weights
+        )
 
     def _rewrite_weight_only(
         self,

@@ -679,3 +679,64 @@ def test_search_alpha_never_loses_to_the_default():
         assert found.error <= found.error_at_default
         assert found.alpha in (0.0, 0.5, 0.9) and found.clip in (1.0, 0.8)
         assert found.error < 0.01
+
+
+@pytest.mark.parametrize("pass_class", [QuantizeFp8Pass, QuantizeInt8StaticPass])
+def test_weight_only_takes_kinds_and_single_layers(llama, pass_class):
+    """`weight_only` entries name a kind ("o": every o_proj) or one layer's role
+    ("layers.0.q"): a group (q/k/v share their activation) stays W8A16 only when every weight
+    in it is named; every other layer keeps its static Q/DQ activation."""
+    layer0 = ("layers.0.q", "layers.0.k", "layers.0.v")
+    pass_ = pass_class(batches=llama.batches, weight_only=("o", "down", *layer0, "layers.1.q"))
+    model, record = run_pass(pass_, llama.cleaned())
+    wide = {f"layers.{i}.{kind}" for i in range(llama.spec.num_layers) for kind in ("o", "down")}
+    wide |= set(layer0)
+    assert sorted(record.stats["weight_only"]) == sorted(llama.spec.weights[r] for r in wide)
+    for role in _roles(llama.spec):
+        weight, dequantize = _weight_dequantizer(model, role)
+        (matmul,) = [u.node for u in dequantize.outputs[0].uses()]
+        producer = matmul.inputs[0].producer()
+        if role in wide:
+            assert weight.dtype == ir.DataType.INT8
+            assert producer is None or producer.op_type != "DequantizeLinear"
+        else:  # layers.1.q alone: its k and v share the activation, so the group stays W8A8
+            _activation_scale(matmul)
+    # per layer: q/k/v and gate/up, minus layer 0's q/k/v; and the lm_head
+    assert record.stats["activations_quantized"] == 2 * llama.spec.num_layers - 1 + 1
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_fp8_gptq_act_order_keeps_the_grid_and_the_error_low(llama):
+    """gptq_act_order rounds input channels by descending XᵀX diagonal: same per-channel
+    scales, other FP8 codes, and the layers' output error still well below nearest rounding."""
+    from fdec.passes.gptq import hessians
+
+    before = llama.weights()
+    nearest, _ = run_pass(QuantizeFp8Pass(batches=llama.batches), llama.cleaned())
+    plain, _ = run_pass(
+        QuantizeFp8Pass(batches=llama.batches, weight_rounding="gptq"), llama.cleaned()
+    )
+    pass_ = QuantizeFp8Pass(batches=llama.batches, weight_rounding="gptq", gptq_act_order=True)
+    model, record = run_pass(pass_, llama.cleaned())
+    assert record.options["gptq_act_order"] is True
+    activations = matmul_activation_inputs(llama.cleaned())
+    grams = hessians(llama.cleaned(), llama.batches, sorted(set(activations.values())))
+    totals = {"nearest": 0.0, "ordered": 0.0}
+    changed = 0
+    for role in _roles(llama.spec):
+        h = grams[activations[role]]
+        weight, dequantize = _weight_dequantizer(model, role)
+        codes = weight.const_value.numpy().astype(np.float32)
+        scales = dequantize.inputs[1].const_value.numpy()
+        peak = np.abs(before[role]).max(axis=0)
+        np.testing.assert_allclose(scales, np.where(peak > 0, peak / 448, 1), rtol=1e-6)
+        plain_codes = _weight_dequantizer(plain, role)[0].const_value.numpy().astype(np.float32)
+        changed += int(not np.array_equal(codes, plain_codes))
+        totals["ordered"] += _output_error(before[role], codes, scales, h)
+        near, near_dq = _weight_dequantizer(nearest, role)
+        near_codes = near.const_value.numpy().astype(np.float32)
+        totals["nearest"] += _output_error(before[role], near_codes, near_dq.inputs[1]
+                                           .const_value.numpy(), h)  # fmt: skip
+    assert changed > 0  # another order gives other codes
+    assert totals["ordered"] < 0.8 * totals["nearest"], totals
+    _assert_within_tolerance(model, llama.reference, pass_)
