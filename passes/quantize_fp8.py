@@ -102,6 +102,11 @@ class QuantizeFp8Pass(StaticQuantizePass):
     tolerance = Tolerance(max_abs_error=25.0, min_top1_agreement=0.45)
 
     activation_range: str = dataclasses.field(default="absmax", kw_only=True)
+    # The activation scale covers the calibrated range × this: text unlike the calibration
+    # text can exceed the calibrated absmax, and QuantizeLinear saturates at ±448 (clipping
+    # outliers hurts LLMs: see the percentile figures below), while FP8's steps are relative,
+    # so a wider range costs precision only in the few values pushed into subnormals.
+    activation_margin: float = dataclasses.field(default=1.0, kw_only=True)
     # "nearest": each weight rounds to its nearest FP8 value. "gptq": columns are rounded in
     # order and each one's error is compensated in the weights not yet rounded, weighted by the
     # calibration activations' second moments H = XᵀX (GPTQ, Frantar et al. 2022); needs
@@ -121,6 +126,11 @@ class QuantizeFp8Pass(StaticQuantizePass):
                 f"quantize-fp8 activation_range {self.activation_range!r} is unknown",
                 f"use one of {', '.join(_ACTIVATION_RANGES)}",
             )
+        if not (isinstance(self.activation_margin, (int, float)) and self.activation_margin >= 1):
+            raise UsageError(
+                f"quantize-fp8 activation_margin {self.activation_margin!r} is not a number ≥ 1",
+                "use 1 (the calibrated range) or more (headroom above it)",
+            )
         if self.weight_rounding not in _WEIGHT_ROUNDINGS:
             raise UsageError(
                 f"quantize-fp8 weight_rounding {self.weight_rounding!r} is unknown",
@@ -139,6 +149,7 @@ class QuantizeFp8Pass(StaticQuantizePass):
     def _extra_stats(self) -> dict[str, Any]:
         return {
             "activation_range": self.activation_range,
+            "activation_margin": self.activation_margin,
             "weight_rounding": self.weight_rounding,
             "int8_weight_only": [],
         }
@@ -148,7 +159,14 @@ class QuantizeFp8Pass(StaticQuantizePass):
         if self.weight_rounding != "gptq" or not groups:
             return
         assert self.batches is not None
-        names = [group.activation.name for group in groups]
+        # Only the FP8 groups: W8A16 layers (and a shared table) round to int8 without XᵀX.
+        names = [
+            group.activation.name
+            for group in groups
+            if not self._weight_only(model, group) and not any(w.gathers for w in group.weights)
+        ]
+        if not names:
+            return
         self._hessians = hessians(model, self.batches, names)
         stats["gptq_tokens"] = int(sum(np.asarray(b).size for b in self.batches))
 
@@ -170,7 +188,7 @@ class QuantizeFp8Pass(StaticQuantizePass):
             return self._rewrite_weight_only(model, group, taken, stats, "int8_weight_only")
         zero = zero_point(graph, ir.DataType.FLOAT8E4M3FN, taken)
         peak = found.absmax if self.activation_range == "absmax" else found.percentile_99_9
-        peak = peak if peak > 0 else found.absmax
+        peak = (peak if peak > 0 else found.absmax) * self.activation_margin
         nodes, dequantized = self._activation_qdq(
             graph, group.activation, peak / _FP8_MAX, zero, dtype, taken
         )
