@@ -104,8 +104,8 @@ FP8_WEIGHT_ROUNDING = "gptq"
 # Layers fp8 keeps W8A16 (int8 weights per output channel, the activation in float, as
 # INT8_WEIGHT_ONLY), by kind and whole decoder layers (FP8_WEIGHT_ONLY_LAYERS: first and last).
 # SmolLM2-135M, tuning split (2,657 tokens, fp32 ppl 14.959), --target h100 (tensorrt graph:
-# lm_head untied), GPTQ rounding, `python benchmarks/fp8_sweep.py --variants ...`; W8A8/W8A16
-# of the 211 matmuls:
+# lm_head untied), GPTQ rounding, benchmarks/data/fp8-sweep-smollm2.md (benchmarks/fp8_sweep.py);
+# W8A8/W8A16 of the 211 matmuls:
 #   all FP8 W8A8 (shared int8 table, onnxruntime graph, earlier)           +2.4 %
 #   down                                                  181/30            +2.48 %
 #   down, lm_head                                         180/31            +1.73 %
@@ -114,6 +114,7 @@ FP8_WEIGHT_ROUNDING = "gptq"
 #   down, lm_head, o, gate/up (q/k/v FP8)                  90/121           +0.97 %
 #   down, lm_head + layers 0, 29                          168/43            +1.33 % (chosen)
 #   down, lm_head + layers 0, 1, 28, 29                   156/55            +1.45 %
+#   down, lm_head + layers 0-2, 27-29                     144/67            +1.49 %
 #   down, lm_head + layers 0, 29, activation_margin 2     168/43            +1.71 % (not used)
 #   down, lm_head, GPTQ act order                         180/31            +1.90 % (not used)
 # Not used: activation ranges by percentile (ppl 54 → 33,467 on held text, see quantize-fp8)
