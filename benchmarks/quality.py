@@ -4,6 +4,7 @@
     python benchmarks/quality.py --recipes none,int4,fp8 --target h100 --peers none
     python benchmarks/quality.py --recipes "none,int4-awq,int4-awq:quantize-int4-awq.rounding=gptq" --splits tune
     python benchmarks/quality.py --recipes none --peers none --encoder minilm   # MiniLM only
+    python benchmarks/quality.py --recipes none,fp8 --peers none --encoder none --splits held:512
 
 A recipe may carry pass options after a colon, `;`-separated, as `--pass-options` takes them
 (`int4-awq:quantize-int4-awq.block_size=64;quantize-int4-awq.clip=false`).
@@ -14,7 +15,8 @@ each recipe runs the same pipeline `fdec compile --quantize R` runs (fdec.compil
 on a fresh copy of the graph, is saved, opened in ONNX Runtime at the level its build uses, and
 scored against the fp32 build (`none`, always measured first) on fdec's corpus (fdec.gates):
 the tuning split (`tune`, on which defaults are chosen) and the evaluation split (`eval`, which
-no choice looks at; the README quotes it). Each document is scored on its own (no context
+no choice looks at; the README quotes it), or `held` / `held:N` (the first HELD_TOKENS or N
+tokens of the held text verification scores: what a build's own report would show). Each document is scored on its own (no context
 across documents); perplexity is over all scored tokens of a split.
 
 Peers, measured in the same run on the same fp32 build (`--peers`): `ort-int8` is
@@ -104,8 +106,15 @@ def _exported(source: Any, folder: pathlib.Path) -> tuple[Any, Any]:
 
 
 def _documents(split: str, tokenizer: Any, vocab: int) -> list[tuple[str, np.ndarray]]:
+    """A split's documents as (kind, [1, n] ids); `held` / `held:N`: the first HELD_TOKENS
+    (or N) tokens of fdec/data/held.txt, the text every build is verified on, as one document."""
     from fdec.gates import corpus
 
+    if split.split(":")[0] == "held":
+        from fdec.verify import HELD_TOKENS, held_token_ids
+
+        limit = int(split.partition(":")[2] or HELD_TOKENS)
+        return [("held", held_token_ids(tokenizer, vocab, limit=limit))]
     pieces = []
     for kind, text in corpus(split):
         ids = [i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i < vocab]
@@ -264,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     def measure(row: dict[str, Any], session: Any) -> None:
         for split in splits:
             scored = _score(session, documents[split], reference.get(split))
-            if split not in reference:
-                reference[split] = scored["logits"]
+            if split not in reference:  # fp16: two splits' fp32 logits are ~1 GB of RSS
+                reference[split] = [logits.astype(np.float16) for logits in scored["logits"]]
             row[split] = scored["figures"]
         rows.append(row)
         print(f"{row['recipe']}: scored", file=sys.stderr)
@@ -280,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         target = load_target(args.target or ("h100" if needs_gpu else "cpu"))
         plan = plan_pipeline(
             target=target,
-            backend=choose_backend("onnxruntime", target),
+            # GPU recipes: the target's own backend (h100: tensorrt), the graph `fdec compile
+            # --target h100` builds (--backend onnxruntime on a GPU is the CUDA EP's fp16 model)
+            backend=choose_backend(None if needs_gpu else "onnxruntime", target),
             quantize=quantize,
             pass_options=parse_pass_options(tuple(filter(None, options.split(";")))),
         )

@@ -43,19 +43,22 @@ def _quantize_fp8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _gptq_fp8(
-    array: np.ndarray, hessian: np.ndarray, damping: float
+    array: np.ndarray, hessian: np.ndarray, damping: float, act_order: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ rounding (`gptq`) of a [K, N] weight to per-output-channel FP8: (float8 [K, N],
-    scales [N]). The scales are `_quantize_fp8`'s (absmax / 448)."""
+    scales [N]). The scales are `_quantize_fp8`'s (absmax / 448). `act_order`: rows are
+    rounded in descending order of H's diagonal (the input channels with the largest
+    activations first, while the most rows are left to absorb their error)."""
     _, scales = _quantize_fp8(array)
-    w = array.astype(np.float64) / scales  # in code units
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(len(array))
+    w = array[order].astype(np.float64) / scales  # in code units, in rounding order
     codes = np.empty(w.shape, dtype=ml_dtypes.float8_e4m3fn)
 
     def round_row(i: int, row: np.ndarray) -> np.ndarray:
-        codes[i] = np.clip(row, -_FP8_MAX, _FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
-        return codes[i].astype(np.float64)
+        codes[order[i]] = np.clip(row, -_FP8_MAX, _FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+        return codes[order[i]].astype(np.float64)
 
-    if not gptq(w, hessian, damping, round_row):
+    if not gptq(w, hessian[np.ix_(order, order)], damping, round_row):
         return _quantize_fp8(array)
     return codes, scales
 
@@ -99,12 +102,18 @@ class QuantizeFp8Pass(StaticQuantizePass):
     tolerance = Tolerance(max_abs_error=25.0, min_top1_agreement=0.45)
 
     activation_range: str = dataclasses.field(default="absmax", kw_only=True)
+    # The activation scale covers the calibrated range × this: text unlike the calibration
+    # text can exceed the calibrated absmax, and QuantizeLinear saturates at ±448 (clipping
+    # outliers hurts LLMs: see the percentile figures below), while FP8's steps are relative,
+    # so a wider range costs precision only in the few values pushed into subnormals.
+    activation_margin: float = dataclasses.field(default=1.0, kw_only=True)
     # "nearest": each weight rounds to its nearest FP8 value. "gptq": columns are rounded in
     # order and each one's error is compensated in the weights not yet rounded, weighted by the
     # calibration activations' second moments H = XᵀX (GPTQ, Frantar et al. 2022); needs
     # `batches` (the activations are captured from the model as this pass receives it).
     weight_rounding: str = dataclasses.field(default="nearest", kw_only=True)
     gptq_damping: float = dataclasses.field(default=0.01, kw_only=True)
+    gptq_act_order: bool = dataclasses.field(default=False, kw_only=True)
 
     precision_of = Precision.FP8_E4M3
     _cpu_fix = "use quantize-int8 (dynamic int8) or quantize-int4 for the CPU"
@@ -116,6 +125,11 @@ class QuantizeFp8Pass(StaticQuantizePass):
             raise UsageError(
                 f"quantize-fp8 activation_range {self.activation_range!r} is unknown",
                 f"use one of {', '.join(_ACTIVATION_RANGES)}",
+            )
+        if not (isinstance(self.activation_margin, (int, float)) and self.activation_margin >= 1):
+            raise UsageError(
+                f"quantize-fp8 activation_margin {self.activation_margin!r} is not a number ≥ 1",
+                "use 1 (the calibrated range) or more (headroom above it)",
             )
         if self.weight_rounding not in _WEIGHT_ROUNDINGS:
             raise UsageError(
@@ -135,6 +149,7 @@ class QuantizeFp8Pass(StaticQuantizePass):
     def _extra_stats(self) -> dict[str, Any]:
         return {
             "activation_range": self.activation_range,
+            "activation_margin": self.activation_margin,
             "weight_rounding": self.weight_rounding,
             "int8_weight_only": [],
         }
@@ -144,7 +159,14 @@ class QuantizeFp8Pass(StaticQuantizePass):
         if self.weight_rounding != "gptq" or not groups:
             return
         assert self.batches is not None
-        names = [group.activation.name for group in groups]
+        # Only the FP8 groups: W8A16 layers (and a shared table) round to int8 without XᵀX.
+        names = [
+            group.activation.name
+            for group in groups
+            if not self._weight_only(model, group) and not any(w.gathers for w in group.weights)
+        ]
+        if not names:
+            return
         self._hessians = hessians(model, self.batches, names)
         stats["gptq_tokens"] = int(sum(np.asarray(b).size for b in self.batches))
 
@@ -152,7 +174,7 @@ class QuantizeFp8Pass(StaticQuantizePass):
         hessian = self._hessians.get(group.activation.name)
         if hessian is None:
             return _quantize_fp8(weight.array)
-        return _gptq_fp8(weight.array, hessian, self.gptq_damping)
+        return _gptq_fp8(weight.array, hessian, self.gptq_damping, self.gptq_act_order)
 
     def _rewrite(self, model, group, found, taken, stats) -> bool:
         graph = model.graph
@@ -166,7 +188,7 @@ class QuantizeFp8Pass(StaticQuantizePass):
             return self._rewrite_weight_only(model, group, taken, stats, "int8_weight_only")
         zero = zero_point(graph, ir.DataType.FLOAT8E4M3FN, taken)
         peak = found.absmax if self.activation_range == "absmax" else found.percentile_99_9
-        peak = peak if peak > 0 else found.absmax
+        peak = (peak if peak > 0 else found.absmax) * self.activation_margin
         nodes, dequantized = self._activation_qdq(
             graph, group.activation, peak / _FP8_MAX, zero, dtype, taken
         )

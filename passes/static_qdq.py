@@ -28,6 +28,8 @@ from fdec.passes.smoothquant import (
     role_of,
 )
 from fdec.passes.weights import (
+    LAYER_ROLE,
+    LINEAR_ROLES,
     Weight,
     add_initializer,
     collect_weights,
@@ -74,9 +76,16 @@ class StaticQuantizePass(Pass):
     # A tied lm_head keeps sharing the embedding: its [H, V] codes are stored once and the
     # embedding's Gathers read their columns (fdec.passes.quantize.QuantizeInt8Pass's way).
     share_tied_embedding: bool = dataclasses.field(default=False, kw_only=True)
-    # Layer kinds (ModelSpec roles: "down", "o", "lm_head"...) kept W8A16: int8 weights per
-    # output channel read through DequantizeLinear, the activation left in float (no Q/DQ).
+    # Layers kept W8A16: int8 weights per output channel read through DequantizeLinear, the
+    # activation left in float (no Q/DQ). Each entry is a layer kind ("down", "o", "lm_head")
+    # or one layer's ModelSpec role ("layers.0.o").
     weight_only: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
+    # Decoder layers (indices; negative counts from the last) whose every linear layer is kept
+    # W8A16 too, as the first and last layer often are. Applied only to a model with at least
+    # `layers_per_wide_layer` times as many layers, so most of a small model stays W8A8.
+    weight_only_layers: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)
+    # (0, -1) keeps the first and last layer W8A16 from 8 layers up (2-layer test models: none).
+    layers_per_wide_layer: ClassVar[int] = 4
 
     # Set by subclasses: the precision the target must have, the fix offered to CPU targets,
     # and the lowest default-domain opset the rewritten graph needs.
@@ -87,6 +96,12 @@ class StaticQuantizePass(Pass):
     def __post_init__(self) -> None:
         self.batches = checked_batches(self.name, self.batches)
         self.weight_only = tuple(self.weight_only)
+        self.weight_only_layers = tuple(self.weight_only_layers)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.weight_only_layers):
+            raise UsageError(
+                f"{self.name} weight_only_layers {self.weight_only_layers!r} are not layer indices",
+                "give integers: 0 is the first decoder layer, -1 the last",
+            )
 
     def check_target(self, target: Any) -> None:
         if target is None or not hasattr(target, "require"):
@@ -192,9 +207,31 @@ class StaticQuantizePass(Pass):
         raise NotImplementedError
 
     def _weight_only(self, model: FdecModel, group: ActivationGroup) -> bool:
-        """Whether the group stays W8A16 (every weight's role in `weight_only`)."""
-        roles = {role_of(model.spec, w.value.name) for w in group.weights}
-        return bool(self.weight_only) and roles <= set(self.weight_only)
+        """Whether the group stays W8A16: every weight's kind ("o") or whole ModelSpec role
+        ("layers.3.o") is in `weight_only`."""
+        wide = set(self.weight_only) | self._wide_layer_roles(model.spec)
+        if not wide:
+            return False
+        roles = {name: role for role, name in model.spec.weights.items()}
+        return all(
+            role_of(model.spec, w.value.name) in wide or roles.get(w.value.name) in wide
+            for w in group.weights
+        )
+
+    def _wide_layer_roles(self, spec: Any) -> set[str]:
+        """The ModelSpec roles of every linear layer in `weight_only_layers` (none when the
+        model has fewer than `layers_per_wide_layer` layers per index given)."""
+        count = spec.num_layers or 0
+        indices = {i % count for i in self.weight_only_layers if -count <= i < count}
+        if not indices or count < self.layers_per_wide_layer * len(indices):
+            return set()
+        return {
+            role
+            for role in spec.weights
+            if (match := LAYER_ROLE.match(role)) is not None
+            and match.group(1) in LINEAR_ROLES
+            and int(role.split(".")[1]) in indices
+        }
 
     def _rewrite_weight_only(
         self,

@@ -98,6 +98,50 @@ def test_recipe_builds_a_strongly_typed_engine(source, tmp_path, recipe, dtype, 
     assert sum(n for label, n in gemms.items() if label.startswith("fp32")) <= len(result.profiles)
 
 
+def test_fp8_with_a_whole_layer_w8a16_builds_an_fp8_engine(source, tmp_path, monkeypatch):
+    """fp8 with the last decoder layer kept W8A16 (weight_only_layers, as SmolLM2's default
+    keeps the first and last): its int8 weights feed bf16 GEMMs, layer 0 stays FP8 W8A8, and
+    the TensorRT-RTX engine builds with both kinds of GEMM."""
+    from fdec.passes.quantize_fp8 import QuantizeFp8Pass
+
+    proto, spec, reference, tokenizer = source
+    monkeypatch.setattr(QuantizeFp8Pass, "layers_per_wide_layer", 1)  # 2 layers: widen one
+    target = load_target("rtx4090")
+    plan = plan_pipeline(
+        target=target, backend="tensorrt-rtx", quantize="fp8",
+        pass_options={
+            "quantize-fp8": {"weight_only": ("down", "lm_head"), "weight_only_layers": (-1,)}
+        },
+    )  # fmt: skip
+    plan.attach_calibration(tokenizer, spec.vocab_size)
+    model, records = PassManager(plan.pipeline, target=target).run(load(proto, spec))
+    (fp8,) = [r for r in records if r.name == "quantize-fp8"]
+    last = spec.num_layers - 1
+    wide = {spec.weights[f"layers.{last}.{k}"] for k in ("q", "k", "v", "o", "gate", "up")}
+    assert wide <= set(fp8.stats["weight_only"])
+    assert fp8.stats["activations_quantized"] == 3  # layer 0's q/k/v, o, gate/up
+    build = tmp_path / "build"
+    build.mkdir()
+    model.save(build / "model.onnx")
+    record = prepare_tensorrt_model(
+        build, target=target, spec=model.spec, reference=reference, tolerance=plan.tolerance
+    )
+    assert record["numerics"]["ok"], record["numerics"]["failure"]
+    assert {"int8", "fp8"} <= set(record["precisions"])
+    if available() is not None:
+        pytest.skip(f"TensorRT-RTX is not usable here: {available()}")
+    result = build_engine(
+        build / TYPED_MODEL, tmp_path / "engine", spec=model.spec, limits=_LIMITS,
+        compute_capability=(8, 9),
+    )  # fmt: skip
+    assert result.status == "built", result.reason
+    # The inspector lists layer 0's FP8 GEMMs (q/k/v, o, gate/up: 3 per profile) and the
+    # W8A16 ones among the bf16 GEMMs (with attention's): {'bf16': 20, 'fp32': 2, 'fp8': 6}.
+    gemms = result.engine_precision["gemms"]
+    assert gemms.get("fp8") == 3 * len(result.profiles), gemms
+    assert gemms.get("bf16", 0) > gemms["fp8"], gemms
+
+
 def test_the_fp32_graph_would_build_an_fp32_engine(source, tmp_path):
     """Why the typed model exists: TensorRT-RTX builds the untyped graph's GEMMs in fp32."""
     if available() is not None:

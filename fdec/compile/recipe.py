@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_MAX_PPL_INCREASE",
     "EMITS",
     "FP8_WEIGHT_ONLY",
+    "FP8_WEIGHT_ONLY_LAYERS",
     "FP8_WEIGHT_ROUNDING",
     "FP32_TOLERANCE",
     "INT4_KEEP_SOURCE_GRID",
@@ -118,9 +119,30 @@ INT8_ENCODER_WEIGHT_ONLY = ("fc_out",)
 # FP8 weight rounding ("nearest" or "gptq": error-compensating, on calibration activations).
 FP8_WEIGHT_ROUNDING = "gptq"
 # Layers fp8 keeps W8A16 (int8 weights per output channel, the activation in float, as
-# INT8_WEIGHT_ONLY). SmolLM2-135M, tuning split (2,657 tokens): all FP8 W8A8 +2.4 %; down_proj
-# W8A16 +1.73 % at the same 136 MB.
-FP8_WEIGHT_ONLY = ("down",)
+# INT8_WEIGHT_ONLY), by kind and whole decoder layers (FP8_WEIGHT_ONLY_LAYERS: first and last).
+# SmolLM2-135M, tuning split (2,657 tokens, fp32 ppl 14.959), --target h100 (tensorrt graph:
+# lm_head untied), GPTQ rounding, benchmarks/data/fp8-sweep-smollm2.md (benchmarks/fp8_sweep.py);
+# W8A8/W8A16 of the 211 matmuls:
+#   all FP8 W8A8 (shared int8 table, onnxruntime graph, earlier)           +2.4 %
+#   down                                                  181/30            +2.48 %
+#   down, lm_head                                         180/31            +1.73 %
+#   down, lm_head, o                                      150/61            +1.68 %
+#   down, lm_head, q/k/v (gate/up, o FP8)                  90/121           +1.45 %
+#   down, lm_head, o, gate/up (q/k/v FP8)                  90/121           +0.97 %
+#   down, lm_head + layers 0, 29                          168/43            +1.33 % (chosen)
+#   down, lm_head + layers 0, 1, 28, 29                   156/55            +1.45 %
+#   down, lm_head + layers 0-2, 27-29                     144/67            +1.49 %
+#   down, lm_head + layers 0, 29, activation_margin 2     168/43            +1.71 % (not used)
+#   down, lm_head, GPTQ act order                         180/31            +1.90 % (not used)
+# Not used: activation ranges by percentile (ppl 54 → 33,467 on held text, see quantize-fp8)
+# or a margin above absmax (above): FP8 steps are relative, so a wider range only pushes values
+# into subnormals; SmoothQuant before FP8: the W8A8 activations' absmax is ≤ 7× their 99.9th
+# percentile (the 100-2,400× outliers are all down_proj inputs, already W8A16), so there is no
+# range to move. On the GPU a W8A16 layer is a bf16 GEMM (TensorRT-RTX's inspector lists them
+# as bf16): half FP8's tensor-core rate when compute-bound (prefill, large batches); the
+# weights are int8 in the ONNX model either way (same size).
+FP8_WEIGHT_ONLY = ("down", "lm_head")
+FP8_WEIGHT_ONLY_LAYERS = (0, -1)
 # Quality gate of a lossy build when the user sets none: catches broken quantization (DESIGN.md
 # measured +6e7 perplexity for an overflowing int8 kernel) while admitting the 25-70 % growth
 # weight-only 4-bit and dynamic int8 give a 135M model. Tighten with --max-ppl-increase.
@@ -250,6 +272,7 @@ def _quantize_passes(
             share_tied_embedding=share,
             weight_rounding=FP8_WEIGHT_ROUNDING,
             weight_only=FP8_WEIGHT_ONLY,
+            weight_only_layers=FP8_WEIGHT_ONLY_LAYERS,
         )
     # int8: static SmoothQuant QDQ for GPUs (or when asked), dynamic on the CPU.
     elif static_int8:

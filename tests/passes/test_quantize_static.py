@@ -178,6 +178,7 @@ def test_fp8_writes_qdq_with_float8_weights_and_calibrated_activation_scales(lla
         "bytes_before": 4 * elements,
         "bytes_after": elements + 4 * columns,
         "activation_range": "absmax",
+        "activation_margin": 1.0,
         "weight_rounding": "nearest",
         "int8_weight_only": [],
         "weight_only": [],
@@ -342,6 +343,7 @@ def test_options_are_checked_keyword_only_and_reported_as_counts(llama):
         "share_tied_embedding": False,
         "alpha": 0.5,
         "weight_only": (),
+        "weight_only_layers": (),
         "alpha_search": (),
         "clip_search": (),
         "search_rows": 512,
@@ -352,9 +354,12 @@ def test_options_are_checked_keyword_only_and_reported_as_counts(llama):
         "include_lm_head": True,
         "share_tied_embedding": False,
         "activation_range": "absmax",
+        "activation_margin": 1.0,
         "weight_rounding": "nearest",
         "gptq_damping": 0.01,
+        "gptq_act_order": False,
         "weight_only": (),
+        "weight_only_layers": (),
         "stats": None,
         "batches": "2 batches, 256 tokens",
     }
@@ -679,3 +684,116 @@ def test_search_alpha_never_loses_to_the_default():
         assert found.error <= found.error_at_default
         assert found.alpha in (0.0, 0.5, 0.9) and found.clip in (1.0, 0.8)
         assert found.error < 0.01
+
+
+@pytest.mark.parametrize("pass_class", [QuantizeFp8Pass, QuantizeInt8StaticPass])
+def test_weight_only_takes_kinds_and_single_layers(llama, pass_class):
+    """`weight_only` entries name a kind ("o": every o_proj) or one layer's role
+    ("layers.0.q"): a group (q/k/v share their activation) stays W8A16 only when every weight
+    in it is named; every other layer keeps its static Q/DQ activation."""
+    layer0 = ("layers.0.q", "layers.0.k", "layers.0.v")
+    pass_ = pass_class(batches=llama.batches, weight_only=("o", "down", *layer0, "layers.1.q"))
+    model, record = run_pass(pass_, llama.cleaned())
+    wide = {f"layers.{i}.{kind}" for i in range(llama.spec.num_layers) for kind in ("o", "down")}
+    wide |= set(layer0)
+    assert sorted(record.stats["weight_only"]) == sorted(llama.spec.weights[r] for r in wide)
+    for role in _roles(llama.spec):
+        weight, dequantize = _weight_dequantizer(model, role)
+        (matmul,) = [u.node for u in dequantize.outputs[0].uses()]
+        producer = matmul.inputs[0].producer()
+        if role in wide:
+            assert weight.dtype == ir.DataType.INT8
+            assert producer is None or producer.op_type != "DequantizeLinear"
+        else:  # layers.1.q alone: its k and v share the activation, so the group stays W8A8
+            _activation_scale(matmul)
+    # per layer: q/k/v and gate/up, minus layer 0's q/k/v; and the lm_head
+    assert record.stats["activations_quantized"] == 2 * llama.spec.num_layers - 1 + 1
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_fp8_gptq_act_order_keeps_the_grid_and_the_error_low(llama):
+    """gptq_act_order rounds input channels by descending XᵀX diagonal: same per-channel
+    scales, other FP8 codes, and the layers' output error still well below nearest rounding."""
+    from fdec.passes.gptq import hessians
+
+    before = llama.weights()
+    nearest, _ = run_pass(QuantizeFp8Pass(batches=llama.batches), llama.cleaned())
+    plain, _ = run_pass(
+        QuantizeFp8Pass(batches=llama.batches, weight_rounding="gptq"), llama.cleaned()
+    )
+    pass_ = QuantizeFp8Pass(batches=llama.batches, weight_rounding="gptq", gptq_act_order=True)
+    model, record = run_pass(pass_, llama.cleaned())
+    assert record.options["gptq_act_order"] is True
+    activations = matmul_activation_inputs(llama.cleaned())
+    grams = hessians(llama.cleaned(), llama.batches, sorted(set(activations.values())))
+    totals = {"nearest": 0.0, "ordered": 0.0}
+    changed = 0
+    for role in _roles(llama.spec):
+        h = grams[activations[role]]
+        weight, dequantize = _weight_dequantizer(model, role)
+        codes = weight.const_value.numpy().astype(np.float32)
+        scales = dequantize.inputs[1].const_value.numpy()
+        peak = np.abs(before[role]).max(axis=0)
+        np.testing.assert_allclose(scales, np.where(peak > 0, peak / 448, 1), rtol=1e-6)
+        plain_codes = _weight_dequantizer(plain, role)[0].const_value.numpy().astype(np.float32)
+        changed += int(not np.array_equal(codes, plain_codes))
+        totals["ordered"] += _output_error(before[role], codes, scales, h)
+        near, near_dq = _weight_dequantizer(nearest, role)
+        near_codes = near.const_value.numpy().astype(np.float32)
+        totals["nearest"] += _output_error(before[role], near_codes, near_dq.inputs[1]
+                                           .const_value.numpy(), h)  # fmt: skip
+    assert changed > 0  # another order gives other codes
+    assert totals["ordered"] < 0.8 * totals["nearest"], totals
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_fp8_activation_margin_widens_every_scale(llama):
+    """activation_margin=2: each activation's FP8 scale covers twice its calibrated absmax, so
+    a value up to 2× beyond calibration passes QuantizeLinear unclipped; below 1 is refused."""
+    with pytest.raises(UsageError, match="activation_margin"):
+        QuantizeFp8Pass(stats=llama.stats, activation_margin=0.5)
+    pass_ = QuantizeFp8Pass(stats=llama.stats, activation_margin=2.0)
+    model, record = run_pass(pass_, llama.cleaned())
+    assert record.stats["activation_margin"] == 2.0
+    scales = {}
+    for node in model.graph:
+        if node.op_type == "QuantizeLinear":
+            scale = float(node.inputs[1].const_value.numpy())
+            scales[node.inputs[0].name] = scale
+            absmax = llama.stats[node.inputs[0].name].absmax
+            assert scale == pytest.approx(2 * absmax / 448, rel=1e-6)
+    assert len(scales) == 9
+    name, scale = next(iter(scales.items()))
+    beyond = np.array([1.9 * llama.stats[name].absmax], dtype=np.float32)
+    code = (beyond / np.float32(scale)).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    assert abs(code[0] * scale - beyond[0]) <= beyond[0] / 16  # a relative FP8 step, no clip
+    _assert_within_tolerance(model, llama.reference, pass_)
+
+
+@pytest.mark.parametrize("pass_class", [QuantizeFp8Pass, QuantizeInt8StaticPass])
+def test_weight_only_layers_widen_whole_layers_of_deep_enough_models(
+    llama, pass_class, monkeypatch
+):
+    """weight_only_layers=(-1,): every linear layer of the last decoder layer W8A16, the
+    others W8A8; on a model shallower than layers_per_wide_layer per index, nothing widens."""
+    with pytest.raises(UsageError, match="weight_only_layers"):
+        pass_class(stats=llama.stats, weight_only_layers=("last",))
+    _, shallow = run_pass(pass_class(stats=llama.stats, weight_only_layers=(-1,)), llama.cleaned())
+    assert shallow.stats["weight_only"] == []  # 2 layers < 4 per index: all W8A8
+    monkeypatch.setattr(pass_class, "layers_per_wide_layer", 1)
+    pass_ = pass_class(stats=llama.stats, weight_only=("lm_head",), weight_only_layers=(-1,))
+    model, record = run_pass(pass_, llama.cleaned())
+    last = llama.spec.num_layers - 1
+    wide = {f"layers.{last}.{kind}" for kind in _LAYER_ROLES} | {"lm_head"}
+    assert sorted(record.stats["weight_only"]) == sorted(llama.spec.weights[r] for r in wide)
+    for role in _roles(llama.spec):
+        weight, dequantize = _weight_dequantizer(model, role)
+        (matmul,) = [u.node for u in dequantize.outputs[0].uses()]
+        producer = matmul.inputs[0].producer()
+        if role in wide:
+            assert weight.dtype == ir.DataType.INT8
+            assert producer is None or producer.op_type != "DequantizeLinear"
+        else:
+            _activation_scale(matmul)
+    assert record.stats["activations_quantized"] == 4 * (llama.spec.num_layers - 1)
+    _assert_within_tolerance(model, llama.reference, pass_)
