@@ -125,3 +125,24 @@ def test_compile_verifies_slice_by_slice_with_the_same_figures(
     assert checks["outputs on held text"]["tokens"] == 128
     assert checks["greedy tokens"]["steps"] == greedy["steps"] == 32
     assert _digests(out) == _digests(int4_build[0])  # verification changed nothing written
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_streamed_compile_refuses_a_non_finite_weight_by_name(tiny_models, tmp_path, value):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fdec.errors import InputError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models("llama"), folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name].view(-1)[-1] = value  # the last element: a check stopping early misses it
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "build"
+    options = CompileOptions(model=str(folder), out=out, quantize="int4-rtn", stream=True)
+    with pytest.raises(InputError, match="NaN or Inf") as caught:
+        compile_model(options)
+    assert name in str(caught.value) and not out.exists()

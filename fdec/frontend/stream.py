@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from fdec.errors import CompileError
+from fdec.errors import CompileError, InputError
 from fdec.frontend.export import ImportedModel, export_model, infer_task, parameter_aliases
 from fdec.frontend.families import build_spec
 from fdec.frontend.source import ModelSource
@@ -322,10 +322,23 @@ def _layer_list(model: Any) -> Any:
     )
 
 
+def _check_finite(name: str, array: np.ndarray, source: ModelSource) -> None:
+    """Refuse a checkpoint tensor holding NaN or Inf (what today's path checks on the loaded
+    model), one tensor at a time: a sum is finite unless an element is not (or finite values
+    overflow: then look closer)."""
+    if np.isfinite(array.sum(dtype=np.float64)) or np.isfinite(array).all():
+        return
+    raise InputError(
+        f"weight {name!r} in {source.folder} holds NaN or Inf values",
+        "the checkpoint is damaged; re-download or re-save it",
+    )
+
+
 def streamed_reference_model(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
     """The source model for the PyTorch reference with one layer's weights in memory at a
     time: everything outside the layers (embeddings, final norm, head) is read once; each
-    layer's weights are read from the checkpoint just before it runs and dropped after."""
+    layer's weights are read from the checkpoint just before it runs and dropped after. Each
+    tensor is checked for NaN/Inf the first time it is read (InputError)."""
     import torch
 
     index = checkpoint_index(source.weight_files)
@@ -334,13 +347,21 @@ def streamed_reference_model(source: ModelSource, *, trust_remote_code: bool = F
     names = {id(module): name for name, module in model.named_modules()}
     layers = _layer_list(model)
 
+    checked: set[str] = set()  # NaN/Inf looked for once per tensor, as it is first read
+
+    def read(stored: str) -> Any:
+        array = index[stored].read_float32()
+        if stored not in checked:
+            _check_finite(stored, array, source)
+            checked.add(stored)
+        return torch.from_numpy(array)
+
     def load(module: Any) -> None:
         prefix = names[id(module)]
         prefix = f"{prefix}." if prefix else ""
         state = {}
         for name, _ in module.named_parameters(remove_duplicate=False):
-            entry = index[_checkpoint_name(prefix + name, aliases, index)]
-            state[name] = torch.from_numpy(entry.read_float32())
+            state[name] = read(_checkpoint_name(prefix + name, aliases, index))
         module.load_state_dict(state, strict=False, assign=True)
 
     def unload(module: Any, *_: Any) -> None:
@@ -353,13 +374,13 @@ def streamed_reference_model(source: ModelSource, *, trust_remote_code: bool = F
 
     in_layers = {id(p) for p in layers.parameters()}
     outside: dict[str, Any] = {}
-    read: dict[str, Any] = {}  # tied names share one tensor
+    tensors: dict[str, Any] = {}  # tied names share one tensor
     for name, parameter in model.named_parameters(remove_duplicate=False):
         if id(parameter) not in in_layers:
             stored = _checkpoint_name(name, aliases, index)
-            if stored not in read:
-                read[stored] = torch.from_numpy(index[stored].read_float32())
-            outside[name] = read[stored]
+            if stored not in tensors:
+                tensors[stored] = read(stored)
+            outside[name] = tensors[stored]
     model.load_state_dict(outside, strict=False, assign=True)
     for layer in layers:
         layer.register_forward_pre_hook(lambda module, _args: load(module))
