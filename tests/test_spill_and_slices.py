@@ -90,7 +90,11 @@ def test_sliced_model_gives_one_sessions_logits(int4_build):
     want = logits_through_cache(whole, ids, 16)  # 16 at once, then 8 through the cache
     got = logits_through_cache(sliced, ids, 16)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-    assert [run["stages"] for run in sliced.to_dict()["runs"]] == [[0, 1], [1, 2]]
+    # One session per slice for all 9 phases (the prefill, then 8 tokens through the cache).
+    assert [(r["stages"], r["phases"]) for r in sliced.to_dict()["runs"]] == [
+        ([0, 1], 9),
+        ([1, 2], 9),
+    ]
 
 
 def test_compile_verifies_slice_by_slice_with_the_same_figures(

@@ -156,7 +156,7 @@ class SlicedModel:
         stages = node_stages(graph, spec)
         budget = DEFAULT_SLICE_BYTES if max_slice_bytes is None else max_slice_bytes
         self.slices = self._plan(graph, stages, plan_slices(graph, stages, budget))
-        self.runs: list[dict[str, Any]] = []  # per slice: open and run seconds
+        self.runs: list[dict[str, Any]] = []  # per slice and call: open and run seconds
         self._providers: list[str] = []
         self._fallback: str | None = None
 
@@ -289,7 +289,6 @@ class SlicedModel:
         starts = np.cumsum([0, *lengths])
         carried: list[dict[str, Any]] = [{} for _ in phases]  # crossing values per phase
         logits: list[np.ndarray] = []
-        self.runs = []
         for part in self.slices:
             types = {
                 name: (_ir_dtype(carried[0][name]), len(carried[0][name].shape()))
@@ -321,7 +320,8 @@ class SlicedModel:
                 for name in [n for n in phase if n not in later]:
                     del phase[name]
             del session, past
-            self.runs.append({"stages": list(part.stages), "open_s": round(opened - started, 2),
+            self.runs.append({"stages": list(part.stages), "phases": len(phases),
+                              "open_s": round(opened - started, 2),
                               "run_s": round(time.perf_counter() - opened, 2)})  # fmt: skip
         return logits
 
