@@ -100,11 +100,10 @@ def test_sliced_model_gives_one_sessions_logits(int4_build):
 def test_compile_verifies_slice_by_slice_with_the_same_figures(
     int4_build, tiny_models, tmp_path, monkeypatch
 ):
-    from fdec.compile import gate
     from fdec.runtime import sliced
 
     _, whole = int4_build
-    monkeypatch.setattr(gate, "WHOLE_SESSION_BYTES", 0)
+    monkeypatch.setattr(sliced, "WHOLE_SESSION_BYTES", 0)
     monkeypatch.setattr(sliced, "DEFAULT_SLICE_BYTES", 1)
     out = tmp_path / "build"
     options = CompileOptions(model=str(tiny_models("qwen2")), out=out, quantize="int4-rtn")

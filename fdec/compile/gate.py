@@ -22,22 +22,17 @@ from fdec.lower import MODEL_FILE
 from fdec.lower.cuda_kernels import cpu_run_check, cpu_unrunnable, low_dtype
 from fdec.pipeline import EXACT, Instrument, Tolerance
 from fdec.runtime import OrtModel, open_session
-from fdec.runtime.sliced import SlicedModel
+from fdec.runtime import sliced as sliced_runs
 from fdec.verify import Reference
 
 __all__ = [
     "VERIFICATION_FIX",
-    "WHOLE_SESSION_BYTES",
     "LossySnapshot",
     "quality_gate_error",
     "verify_build",
     "verify_written",
 ]
 
-# A decoder build with more weight bytes than this is verified slice by slice (one ONNX
-# Runtime session per group of layers, fdec.runtime.sliced): an 8B int4 build's one session
-# took the compile past 7 GiB (issue 19).
-WHOLE_SESSION_BYTES = 2 << 30
 VERIFICATION_FIX = (
     "the build was not written; rerun with --verify-each to find the pass that broke it"
 )
@@ -246,11 +241,11 @@ def verify_written(
     # instead of holding a packed copy (peak RSS; issue 9).
     providers = [device_graph, "CPUExecutionProvider"] if on_device else None
     weight_bytes = _data_bytes(staging / MODEL_FILE)
-    if reference.kind == "decoder" and weight_bytes > WHOLE_SESSION_BYTES:
+    if reference.kind == "decoder" and weight_bytes > sliced_runs.WHOLE_SESSION_BYTES:
         # Too large for one session beside the rest of the compile: one slice of layers at
         # a time (fdec.runtime.sliced), the same figures within float noise.
         progress(f"verifying slice by slice ({weight_bytes / 2**30:.2f} GiB of weights)")
-        sliced = SlicedModel(
+        sliced = sliced_runs.SlicedModel(
             staging / MODEL_FILE, spec=spec, optimization=recipe.optimization,
             providers=providers,
         )  # fmt: skip

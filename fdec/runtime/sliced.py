@@ -34,10 +34,19 @@ import numpy as np
 
 from fdec.runtime.session import _KV_POLICY_METADATA, open_session, require_onnxruntime
 
-__all__ = ["DEFAULT_SLICE_BYTES", "SlicedModel", "node_stages", "plan_slices"]
+__all__ = [
+    "DEFAULT_SLICE_BYTES",
+    "WHOLE_SESSION_BYTES",
+    "SlicedModel",
+    "node_stages",
+    "plan_slices",
+]
 
 logger = logging.getLogger(__name__)
 
+# A decoder build with more weight bytes than this is verified slice by slice
+# (fdec.compile.gate): an 8B int4 build's one session took the compile past 7 GiB (issue 19).
+WHOLE_SESSION_BYTES = 2 << 30
 # Weight bytes per slice: an 8B int4 build (4.96 GB) opens as 5 sessions of ~1 GB, an 8B fp8
 # build (~8 GB) as 8.
 DEFAULT_SLICE_BYTES = 1 << 30
