@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fdec import backends
-from fdec.build import AtomicBuild
+from fdec.build import AtomicBuild, scratch_folder
 from fdec.compile.draft import Draft, plan_draft
 from fdec.compile.front import Front
 from fdec.compile.gate import verify_written
@@ -148,11 +148,8 @@ def _build(
     front.release_hf_model()
     # Streamed: the weights passes make go to a data file beside the build, not memory
     # (fdec.ir.spill); removed once the build's own data file is written.
-    parent = out.resolve().parent
     spill = (
-        WeightSpill(parent if parent.is_dir() else None).attach(model.graph)
-        if front.streamed
-        else None
+        WeightSpill(scratch_folder(out, "spill")).attach(model.graph) if front.streamed else None
     )
     try:
         optimized = run_passes(

@@ -40,10 +40,12 @@ _DATA_FILE = "spilled.data"
 
 
 class WeightSpill:
-    """A data file (in a temporary folder under `parent`) that new weights are appended to."""
+    """A data file that new weights are appended to, in `folder` (a new temporary folder when
+    None, created when missing); `close` removes the folder."""
 
-    def __init__(self, parent: str | pathlib.Path | None = None, *, min_bytes: int | None = None):
-        self.folder = pathlib.Path(tempfile.mkdtemp(prefix="fdec-spill-", dir=parent))
+    def __init__(self, folder: str | pathlib.Path | None = None, *, min_bytes: int | None = None):
+        self.folder = pathlib.Path(folder or tempfile.mkdtemp(prefix="fdec-spill-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / _DATA_FILE
         self.min_bytes = SPILL_MIN_BYTES if min_bytes is None else min_bytes
         self._file: Any = self.path.open("wb")
