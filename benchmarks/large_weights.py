@@ -301,8 +301,9 @@ def streaming(args: argparse.Namespace) -> int:
                     "wall_s": result["wall_s"], "verified": result["verified"],
                     "verification": {
                         k: (report.get("verification") or {}).get(k)
-                        for k in ("ok", "numeric", "greedy", "reference")
+                        for k in ("ok", "numeric", "greedy", "reference", "checks", "sliced")
                     },
+                    "export": report.get("export"),  # wall time, what was spilled
                     "front": report.get("cache") or report.get("front"),
                     "command": result["command"],
                     "rss_timeline": result["rss_timeline"][::12],  # (s, GiB) every ~60 s

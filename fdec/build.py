@@ -26,6 +26,7 @@ __all__ = [
     "check_replaceable",
     "pid_alive",
     "refresh_manifest",
+    "scratch_folder",
     "sha256_file",
     "verify_build",
     "write_manifest",
@@ -386,6 +387,15 @@ class AtomicBuild:
                         continue
                     logger.info("removing %s left by an interrupted compile", path)
                     shutil.rmtree(path, ignore_errors=True)
+
+
+def scratch_folder(out: pathlib.Path, label: str) -> pathlib.Path:
+    """A new folder beside `out` for a compile's scratch files, named like AtomicBuild's
+    temporary folder, so a killed compile's is removed by the next compile into `out`."""
+    out = pathlib.Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}{_TMP_MARK}{os.getpid()}-{label}-"
+    return pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
 
 
 def write_manifest(folder: pathlib.Path, data: dict[str, Any]) -> pathlib.Path:

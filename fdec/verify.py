@@ -12,6 +12,7 @@ import numpy as np
 
 from fdec.runtime.generate import generate
 from fdec.runtime.session import OrtModel
+from fdec.runtime.sliced import SlicedModel
 
 __all__ = [
     "Reference",
@@ -67,6 +68,10 @@ def logits_through_cache(
     (fdec.passes.kv_cache) only shows in positions computed from a stored past.
     """
     prefill = max(1, min(prefill, ids.shape[1]))
+    if isinstance(model, SlicedModel):  # every chunk known: one pass over the slices
+        chunks = [ids[:, :prefill]]
+        chunks += [ids[:, s : s + chunk] for s in range(prefill, ids.shape[1], chunk)]
+        return np.concatenate(model.logits(chunks), axis=1)
     logits, past = model.decode(ids[:, :prefill], model.empty_past(ids.shape[0]), 0)
     pieces = [logits]
     for start in range(prefill, ids.shape[1], chunk):
@@ -230,8 +235,15 @@ class Reference:
             steps = max(0, min(steps, limit - GREEDY_PROMPT))
         if steps == 0:
             return {"steps": 0, "identical": True, "first_divergence": None, "policy": True}
-        result = generate(model, self.ids[0, :GREEDY_PROMPT].tolist(), max_new_tokens=steps)
-        got = result.tokens
+        method = "decoded through the KV cache"
+        if isinstance(model, SlicedModel):
+            got = _teacher_forced_greedy(
+                model, self.ids[:, :GREEDY_PROMPT], self.greedy_tokens[:steps]
+            )
+            method = "teacher-forced through the KV cache, slice by slice"
+        else:
+            prompt = self.ids[0, :GREEDY_PROMPT].tolist()
+            got = generate(model, prompt, max_new_tokens=steps).tokens
         first_diff = next(
             (i for i, (a, b) in enumerate(zip(got, self.greedy_tokens)) if a != b), None
         )
@@ -239,12 +251,22 @@ class Reference:
             "steps": min(steps, len(self.greedy_tokens)),
             "identical": first_diff is None,
             "first_divergence": first_diff,
+            "method": method,
         }
         if first_diff is not None:
             # A divergence where the source's top two logits were within float noise is a tie,
             # not an error; report it as such.
             figures["source_margin_at_divergence"] = self.greedy_margins[first_diff]
         return figures
+
+
+def _teacher_forced_greedy(model: SlicedModel, prompt: np.ndarray, tokens: list[int]) -> list[int]:
+    """The build's greedy choice at each step when fed the source's greedy tokens: the prompt,
+    then each token through the KV cache. Up to the first step where the choice differs from
+    the source's token, these are the tokens the build's own greedy decoding gives; the
+    steps' inputs being known, the sliced model reads its weights once for all of them."""
+    phases = [prompt] + [np.asarray([[token]], dtype=np.int64) for token in tokens[:-1]]
+    return [int(logits[0, -1].argmax()) for logits in model.logits(phases)]
 
 
 def _mean_kl(want: np.ndarray, got: np.ndarray) -> float:

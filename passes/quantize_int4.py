@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 _MS_DOMAIN = "com.microsoft"
 _BLOCK_SIZES = (32, 64, 128)
+_COLUMNS = 8192  # per kernel call (an 8B's [4096, 128256] head: 128 MB copies, not 2.1 GB)
 _NBITS = (4, 8)  # MatMulNBits bits quantize-int4 writes (8: the higher precision of a mix)
 _GRIDS = ("onnxruntime", "minmax")  # QuantizeInt4Pass.block_grid
 _QDQ_OPSET = 21  # blocked DequantizeLinear (block_size attribute) and INT4/UINT4 tensors
@@ -119,8 +120,9 @@ def quantize_int4(array: np.ndarray, block_size: int, symmetric: bool, bits: int
     packed = np.zeros((n, k_blocks, block_size * bits // 8), dtype=np.uint8)
     scales = np.zeros((n, k_blocks), dtype=np.float32)
     zero_points = np.zeros((n, -(-k_blocks * bits // 8)), dtype=np.uint8)
-    weights = np.ascontiguousarray(array, dtype=np.float32)
-    kernel(packed, weights, scales, zero_points, block_size, n, k, symmetric)
+    for a in range(0, n, _COLUMNS):  # columns are independent: one [K, _COLUMNS] copy at a time
+        b, part = min(n, a + _COLUMNS), np.ascontiguousarray(array[:, a : a + _COLUMNS], np.float32)
+        kernel(packed[a:b], part, scales[a:b], zero_points[a:b], block_size, b - a, k, symmetric)
     return Int4Weight(packed, scales, None if symmetric else zero_points, k, n, block_size, bits)
 
 

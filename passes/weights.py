@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from fdec.errors import CompileError
 from fdec.ir import FdecModel
+from fdec.ir.spill import spill_tensor
 
 __all__ = [
     "FLOAT_TYPES",
@@ -255,6 +256,10 @@ def fresh_name(graph: ir.Graph, wanted: str, taken: set[str]) -> str:
 
 
 def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    """Register `tensor` as the initializer `name`; on a streamed compile (a weight spill
+    attached to the graph, fdec.ir.spill) a large one is written to the spill file and the
+    initializer reads it from there, so a pass never holds every new weight in memory."""
+    tensor = spill_tensor(graph, name, tensor)
     value = ir.Value(
         name=name,
         shape=ir.Shape(tensor.shape),

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fdec import backends
-from fdec.build import AtomicBuild
+from fdec.build import AtomicBuild, scratch_folder
 from fdec.compile.draft import Draft, plan_draft
 from fdec.compile.front import Front
 from fdec.compile.gate import verify_written
@@ -50,6 +50,7 @@ from fdec.compile.resolve import (
     resolve_settings,
 )
 from fdec.compile.write import Addition, write_build
+from fdec.ir.spill import WeightSpill
 from fdec.lower.engines import build_engines
 from fdec.student import distill_pruned
 
@@ -145,29 +146,45 @@ def _build(
     settings.check_limits(spec)
     reference = front.reference(spec)
     front.release_hf_model()
-    optimized = run_passes(
-        options, recipe, front, model, cached_records, reference, target=target, progress=progress
+    # Streamed: the weights passes make go to a data file beside the build, not memory
+    # (fdec.ir.spill); removed once the build's own data file is written.
+    spill = (
+        WeightSpill(scratch_folder(out, "spill")).attach(model.graph) if front.streamed else None
     )
-    del model  # optimized.model holds it until lowering drops it
-    with AtomicBuild(out, force=options.force, keep=settings.keep) as staging:
-        lowered = write_files(
-            optimized, staging, out=out, source=source, target=target,
-            optimization=recipe.optimization, emit=options.emit, progress=progress,
-            backend=settings.backend,
-        )  # fmt: skip
-        verification = verify_written(staging, reference, recipe, optimized, front, progress)
-        # Engines build from their backend's own typed model, checked against the same
-        # reference (fdec.backends, fdec.lower.tensorrt_model).
-        engines = build_engines(
-            staging, spec=spec, target=target, backend=settings.backend.name,
-            limits=settings.limits, reference=reference, tolerance=recipe.tolerance,
+    try:
+        optimized = run_passes(
+            options, recipe, front, model, cached_records, reference, target=target,
             progress=progress,
         )  # fmt: skip
-        report = write_build(
-            staging, settings=settings, source=source, spec=spec, front=front,
-            optimized=optimized, lowered=lowered, verification=verification, engines=engines,
-            capacity=settings.capacity, started=started, additions=additions,
-        )  # fmt: skip
+        del model  # optimized.model holds it until lowering drops it
+        with AtomicBuild(out, force=options.force, keep=settings.keep) as staging:
+            lowered = write_files(
+                optimized, staging, out=out, source=source, target=target,
+                optimization=recipe.optimization, emit=options.emit, progress=progress,
+                backend=settings.backend,
+            )  # fmt: skip
+            if spill is not None:
+                front.export_info["spilled"] = spill.to_dict()
+                spill.close()
+            verification = verify_written(
+                staging, reference, recipe, optimized, front, progress, spec=spec
+            )
+            # Engines build from their backend's own typed model, checked against the same
+            # reference (fdec.backends, fdec.lower.tensorrt_model).
+            engines = build_engines(
+                staging, spec=spec, target=target, backend=settings.backend.name,
+                limits=settings.limits, reference=reference, tolerance=recipe.tolerance,
+                progress=progress,
+            )  # fmt: skip
+            report = write_build(
+                staging, settings=settings, source=source, spec=spec, front=front,
+                optimized=optimized, lowered=lowered, verification=verification,
+                engines=engines, capacity=settings.capacity, started=started,
+                additions=additions,
+            )  # fmt: skip
+    finally:
+        if spill is not None:
+            spill.close()
     return CompileResult(out, report)
 
 

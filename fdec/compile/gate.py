@@ -22,6 +22,7 @@ from fdec.lower import MODEL_FILE
 from fdec.lower.cuda_kernels import cpu_run_check, cpu_unrunnable, low_dtype
 from fdec.pipeline import EXACT, Instrument, Tolerance
 from fdec.runtime import OrtModel, open_session
+from fdec.runtime import sliced as sliced_runs
 from fdec.verify import Reference
 
 __all__ = [
@@ -62,10 +63,28 @@ def verify_build(reference: Reference, session: OrtModel, tolerance: Tolerance) 
                 )
             else:
                 greedy["near_tie"] = True  # source's top two logits within float noise
+    result["checks"] = _checks(result, reference)
     result["ok"] = failure is None
     if failure:
         result["failure"] = failure
     return result
+
+
+def _checks(result: dict[str, Any], reference: Reference) -> list[dict[str, Any]]:
+    """Which checks ran, at what length (the report says it for every build; a large one
+    runs fewer reference greedy steps, fdec.compile.front.STREAMED_GREEDY_STEPS)."""
+    numeric = result["numeric"]
+    checks = [{"check": "outputs on held text", "tokens": int(reference.ids.shape[1]),
+               "figures": "max logit error, top-1, KL, perplexity" if reference.kind ==
+               "decoder" else "max output error"}]  # fmt: skip
+    if numeric.get("kv_cache"):
+        checks[0]["tokens_through_cache"] = numeric["kv_cache"]["tokens_through_cache"]
+    greedy = result.get("greedy")
+    if greedy is not None:
+        checks.append({"check": "greedy tokens", "steps": greedy["steps"],
+                       "reference_steps": len(reference.greedy_tokens),
+                       "method": greedy.get("method")})  # fmt: skip
+    return checks
 
 
 class LossySnapshot(Instrument):
@@ -205,6 +224,8 @@ def verify_written(
     optimized: Any,
     front: Any,
     progress: Callable[[str], None],
+    *,
+    spec: Any = None,
 ) -> dict[str, Any]:
     """Verify the build as written in `staging`; raise the quality gate's error (exit 3) or a
     VerificationError when it fails. The verification record for the report."""
@@ -219,6 +240,19 @@ def verify_written(
     # Without prepacking the verifying session reads the weights from the mapped file
     # instead of holding a packed copy (peak RSS; issue 9).
     providers = [device_graph, "CPUExecutionProvider"] if on_device else None
+    weight_bytes = _data_bytes(staging / MODEL_FILE)
+    if reference.kind == "decoder" and weight_bytes > sliced_runs.WHOLE_SESSION_BYTES:
+        # Too large for one session beside the rest of the compile: one slice of layers at
+        # a time (fdec.runtime.sliced), the same figures within float noise.
+        progress(f"verifying slice by slice ({weight_bytes / 2**30:.2f} GiB of weights)")
+        sliced = sliced_runs.SlicedModel(
+            staging / MODEL_FILE, spec=spec, optimization=recipe.optimization,
+            providers=providers,
+        )  # fmt: skip
+        verification = verify_build(reference, sliced, recipe.tolerance)
+        verification["sliced"] = sliced.to_dict()
+        return _judged(verification, sliced, device_graph, cpu_run, recipe, optimized, front,
+                       progress)  # fmt: skip
     try:
         session = OrtModel(
             open_session(
@@ -233,6 +267,26 @@ def verify_written(
             raise
         return _not_run(reason, device_graph, recipe, progress)
     verification = verify_build(reference, session, recipe.tolerance)
+    return _judged(verification, session, device_graph, cpu_run, recipe, optimized, front,
+                   progress)  # fmt: skip
+
+
+def _data_bytes(model: pathlib.Path) -> int:
+    """Bytes of the build's external weights (its .data files)."""
+    return sum(path.stat().st_size for path in model.parent.glob(f"{model.name}*.data"))
+
+
+def _judged(
+    verification: dict[str, Any],
+    session: Any,
+    device_graph: str | None,
+    cpu_run: dict[str, Any] | None,
+    recipe: Any,
+    optimized: Any,
+    front: Any,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """The verification record, or the gate's / verification's error when it failed."""
     if device_graph:
         verification["made_for"] = device_graph
         if session.provider_fallback:

@@ -10,6 +10,7 @@ calibration cache.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +21,11 @@ from fdec.compile.options import CompileOptions
 from fdec.compile.recipe import Recipe
 from fdec.frontend.source import default_cache_dir
 from fdec.ir import FdecModel
+from fdec.ir.spill import spill_initializers
 from fdec.pipeline import (
     EXACT,
     DumpInstrument,
+    Instrument,
     NumericCheckInstrument,
     PassManager,
     PassRecord,
@@ -31,7 +34,9 @@ from fdec.pipeline import (
 from fdec.runtime import session_for_model
 from fdec.verify import Reference
 
-__all__ = ["Optimized", "run_passes"]
+__all__ = ["Optimized", "SpillInstrument", "run_passes"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -43,6 +48,16 @@ class Optimized:
     records: list[PassRecord]
     snapshot: LossySnapshot
     calibration_cache: Any
+
+
+class SpillInstrument(Instrument):
+    """After each pass, spills the in-memory initializers it registered without
+    `add_initializer` (a folded constant, an untied head) to the graph's weight spill."""
+
+    def after(self, pass_: Any, result: Any, record: PassRecord) -> None:
+        spilled = spill_initializers(result.model.graph)
+        if spilled:
+            logger.info("%s: %d new initializers spilled to disk", pass_.name, spilled)
 
 
 def run_passes(
@@ -90,6 +105,8 @@ def run_passes(
         lossy = [i for i, p in enumerate(pipeline[: front.resumed]) if p.tolerance != EXACT]
         if lossy:  # the first lossy pass came from the cache: its input model is there too
             snapshot.from_cache(pipeline[lossy[0]], front.input_model_of(lossy[0]))
+    if front.streamed:  # new weights to the spill file as they are made (fdec.ir.spill)
+        instruments.append(SpillInstrument())
     store = front.instrument()
     if store is not None:  # after the structure check: a broken model is never stored
         instruments += [StructureCheckInstrument(), store]

@@ -9,9 +9,10 @@ The prediction comes from the checkpoint's header and config.json (nothing loade
   bf16 to int4-rtn 6.5 GB = overhead + 1.37×; SmolLM2 int4-awq 2.01 GiB = overhead + 3.0×).
 - **Streamed** (fdec.frontend.stream): the largest of the stages, each holding at most one
   layer's float weights: the reference (everything outside the layers, e.g. the embedding
-  table, in fp32 plus one layer's fp32 weights and its copy being read), the passes (the build's
-  weights as they are written plus a few fp32 copies of the largest tensor), and verification
-  (the build's weights in an ONNX Runtime session); plus the overhead and 10 %. A recipe that
+  table, in fp32 plus one layer's fp32 weights and its copy being read), the passes (a few fp32
+  copies of the largest tensor: the weights they make go to a spill file, fdec.ir.spill), and
+  verification (the build's weights in an ONNX Runtime session, or one slice of its layers
+  above fdec.runtime.sliced.WHOLE_SESSION_BYTES); plus the overhead and 10 %. A recipe that
   calibrates activations runs the float model in ONNX Runtime: its fp32 weights twice.
 
 Memory available is /proc/meminfo's MemAvailable, or the cgroup's limit less its usage when
@@ -40,8 +41,14 @@ COMPILE_OVERHEAD_BYTES = int(0.5 * _GIB)  # Python + torch + onnxruntime: a tiny
 _MARGIN = 1.10
 # today's path: x fp32 weights for float, weight-only quantized and calibrating recipes
 _WHOLE_MODEL_FACTOR = {"float": 1.25, "weights": 1.5, "calibrating": 3.0}
-_LARGEST_TENSOR_COPIES = 3  # a pass's fp32 read, its work arrays and the result
+# A pass's fp32 read of the largest tensor plus its work arrays: the 8B Llama's tied
+# 128256 x 4096 table (1.96 GiB in fp32) quantized to int4 peaked at 3.6 GiB, streamed and
+# spilled (benchmarks/large_weights.py's llama-8b, 2026-12-04).
+_LARGEST_TENSOR_COPIES = 1.5
 _SESSION_FACTOR = 1.25  # an ONNX Runtime session over its weights (arena, prepacking)
+# A slice's session (fdec.runtime.sliced) over its weights: the 8B int4 build's 0.94 GiB slices
+# peaked at 3.85 GiB in all (its data is copied in while the file pages it read stay mapped).
+_SLICE_SESSION_FACTOR = 3.0
 _LAYER = re.compile(r"(^|\.)(layers|h|layer|blocks)\.(\d+)\.")
 
 
@@ -105,11 +112,20 @@ def predict_compile_memory(
         kind = "calibrating" if calibrates else "weights" if quantized else "float"
         peak = COMPILE_OVERHEAD_BYTES + _WHOLE_MODEL_FACTOR[kind] * fp32
         return CompileMemory(int(peak * _MARGIN), False, {"fp32_weight_bytes": fp32})
+    from fdec.runtime.sliced import DEFAULT_SLICE_BYTES, WHOLE_SESSION_BYTES
+
     build = _build_weight_bytes(source, quantize, target)
+    # A build above WHOLE_SESSION_BYTES is verified a slice of layers at a time.
+    verify = (
+        _SESSION_FACTOR * build
+        if build <= WHOLE_SESSION_BYTES
+        else _SLICE_SESSION_FACTOR * min(build, DEFAULT_SLICE_BYTES)
+    )
     parts = {
         "reference_bytes": 4 * outside + 2 * 4 * layer,
-        "passes_bytes": build + _LARGEST_TENSOR_COPIES * 4 * largest,
-        "verify_bytes": int(_SESSION_FACTOR * build),
+        # The weights passes make are spilled to disk as they are made (fdec.ir.spill).
+        "passes_bytes": int(_LARGEST_TENSOR_COPIES * 4 * largest),
+        "verify_bytes": int(verify),
     }
     if calibrates:
         parts["calibration_bytes"] = 2 * fp32

@@ -124,6 +124,8 @@ def open_session(
     prepack: bool = True,
     initializers: Mapping[str, Any] | None = None,
     cuda_graph: bool = False,
+    model_bytes: bytes | None = None,
+    config_entries: Mapping[str, str] | None = None,
 ) -> Any:
     """An InferenceSession; `providers` are names or (name, options) pairs, best first.
 
@@ -140,6 +142,11 @@ def open_session(
     the weights stay in the memory-mapped external data file (SmolLM2-135M fp32: session RSS
     0.28 GiB instead of 0.68 GiB), at some speed; for sessions that run a few passes. Such
     sessions also run without ORT's memory arena, which keeps what each run allocated.
+
+    `model_bytes`: the graph to open instead of the file at `path` (which still names the
+    build for its fdec-runtime.json); `config_entries`: extra session config entries (a graph
+    from memory finds its external data through
+    `session.model_external_initializers_file_folder_path`, fdec.runtime.sliced).
 
     `threads` (intra-op) and `spinning` (whether idle pool threads busy-wait) default to the
     build's fdec-runtime.json `session_options` (`intra_op_num_threads`, `allow_spinning`),
@@ -176,6 +183,8 @@ def open_session(
         # SmolLM2's traced graph grew ~0.4 GB a run with it.
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
+    for key, entry in (config_entries or {}).items():
+        options.add_session_config_entry(key, entry)
     pinned = {
         name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
         for name, value in (initializers or {}).items()
@@ -195,8 +204,8 @@ def open_session(
     while True:
         try:
             session = ort.InferenceSession(
-                str(path), sess_options=options, providers=names,
-                provider_options=provider_options, enable_fallback=0,
+                model_bytes if model_bytes is not None else str(path), sess_options=options,
+                providers=names, provider_options=provider_options, enable_fallback=0,
             )  # fmt: skip
             break
         except Exception as err:  # onnxruntime's own error types (Fail, RuntimeException, ...)

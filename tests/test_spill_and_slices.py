@@ -1,0 +1,152 @@
+"""Issue 19's memory bounds after the front end: new weights spilled to a data file on a streamed
+compile (fdec.ir.spill), and a build verified one slice of layers at a time (fdec.runtime.sliced)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from fdec.compile import CompileOptions, compile_model
+from fdec.ir import spill
+from fdec.passes.weights import add_initializer
+from fdec.runtime import OrtModel, open_session
+from fdec.runtime.sliced import SlicedModel
+from fdec.verify import logits_through_cache
+
+
+def _digests(folder):
+    return {
+        name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        for name in ("model.onnx", "model.onnx.data")
+    }
+
+
+def test_add_initializer_writes_a_new_weight_to_the_spill_file(tmp_path):
+    graph = ir.Graph([], [], nodes=[])
+    weight = np.arange(64 * 1024, dtype=np.float32).reshape(256, 256)
+    small = np.ones(4, dtype=np.float32)
+    with spill.WeightSpill(tmp_path / "spill").attach(graph) as store:
+        big = add_initializer(graph, "w", ir.tensor(weight))
+        tiny = add_initializer(graph, "b", ir.tensor(small))
+        # The large one reads the spill file; nothing of it is held in memory.
+        assert isinstance(big.const_value, ir.ExternalTensor)
+        assert big.const_value.path == str(store.path)
+        np.testing.assert_array_equal(big.const_value.numpy(), weight)
+        assert big.const_value.name == "w" and big.dtype == ir.DataType.FLOAT
+        assert isinstance(tiny.const_value, ir.Tensor)  # below SPILL_MIN_BYTES: kept
+        assert store.to_dict() == {"tensors": 1, "bytes": weight.nbytes}
+        folder = store.folder
+        assert folder == tmp_path / "spill"
+    assert not folder.exists()  # closed with the build
+
+
+@pytest.mark.parametrize("quantize", ["int4-rtn", "int8"])
+def test_spilled_streamed_build_is_byte_identical(tiny_models, tmp_path, monkeypatch, quantize):
+    # Every new weight the writer puts in the data file (over 1 KB), however small: spilling
+    # the tiny int64 shape constants too would hide their values from ONNX shape inference,
+    # which then names unknown dims differently (model.onnx differs, the data does not).
+    monkeypatch.setattr(spill, "SPILL_MIN_BYTES", 1025)
+    model = str(tiny_models("llama"))
+    digests, reports = {}, {}
+    for stream in (False, True):
+        out = tmp_path / f"build-{stream}"
+        result = compile_model(
+            CompileOptions(model=model, out=out, quantize=quantize, stream=stream)
+        )
+        digests[stream], reports[stream] = _digests(out), result.report
+    spilled = reports[True]["export"]["spilled"]
+    assert spilled["tensors"] > 10 and spilled["bytes"] > 0
+    assert "spilled" not in reports[False]["export"]
+    assert digests[True] == digests[False]
+    # The spill folder (beside the build, named as its temporary folder) went with the compile.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build-False", "build-True"]
+
+
+@pytest.fixture(scope="module")
+def int4_build(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sliced") / "build"
+    report = compile_model(
+        CompileOptions(model=str(tiny_models("qwen2")), out=out, quantize="int4-rtn")
+    ).report
+    return out, report
+
+
+def test_sliced_model_gives_one_sessions_logits(int4_build):
+    out, report = int4_build
+    from fdec.ir import ModelSpec
+
+    spec = ModelSpec.from_dict(report["spec"])
+    sliced = SlicedModel(out / "model.onnx", spec=spec, max_slice_bytes=1)  # a layer a slice
+    assert [s.stages for s in sliced.slices] == [(0, 1), (1, 2)]
+    first, second = sliced.slices
+    assert "logits" in second.outputs and "logits" not in first.outputs
+    assert [n for n in first.outputs if not n.startswith("present.")]  # the hidden state
+    assert {"present.0.key", "present.0.value"} <= set(first.outputs)
+    assert {"past_key_values.1.key", "past_key_values.1.value"} <= set(second.inputs)
+    whole = OrtModel(open_session(out / "model.onnx", prepack=False))
+    ids = np.random.default_rng(0).integers(0, 300, size=(1, 24))
+    want = logits_through_cache(whole, ids, 16)  # 16 at once, then 8 through the cache
+    got = logits_through_cache(sliced, ids, 16)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    # One session per slice for all 9 phases (the prefill, then 8 tokens through the cache).
+    assert [(r["stages"], r["phases"]) for r in sliced.to_dict()["runs"]] == [
+        ([0, 1], 9),
+        ([1, 2], 9),
+    ]
+
+
+def test_compile_verifies_slice_by_slice_with_the_same_figures(
+    int4_build, tiny_models, tmp_path, monkeypatch
+):
+    from fdec.runtime import sliced
+
+    _, whole = int4_build
+    monkeypatch.setattr(sliced, "WHOLE_SESSION_BYTES", 0)
+    monkeypatch.setattr(sliced, "DEFAULT_SLICE_BYTES", 1)
+    out = tmp_path / "build"
+    options = CompileOptions(model=str(tiny_models("qwen2")), out=out, quantize="int4-rtn")
+    report = compile_model(options).report
+    verification = report["verification"]
+    assert verification["ok"] and verification["sliced"]["slices"] == 2
+    for key in ("max_abs_error", "kl_divergence", "perplexity_build"):
+        want = whole["verification"]["numeric"][key]
+        assert verification["numeric"][key] == pytest.approx(want, abs=1e-5)
+    assert (
+        verification["numeric"]["top1_agreement"]
+        == whole["verification"]["numeric"]["top1_agreement"]
+    )
+    # Greedy teacher-forced through the cache: the first divergence of decoding step by step.
+    greedy, want = verification["greedy"], whole["verification"]["greedy"]
+    assert (greedy["identical"], greedy["first_divergence"]) == (
+        want["identical"],
+        want["first_divergence"],
+    )
+    assert greedy["method"].startswith("teacher-forced")
+    checks = {c["check"]: c for c in verification["checks"]}
+    assert checks["outputs on held text"]["tokens"] == 128
+    assert checks["greedy tokens"]["steps"] == greedy["steps"] == 32
+    assert _digests(out) == _digests(int4_build[0])  # verification changed nothing written
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_streamed_compile_refuses_a_non_finite_weight_by_name(tiny_models, tmp_path, value):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fdec.errors import InputError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models("llama"), folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name].view(-1)[-1] = value  # the last element: a check stopping early misses it
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "build"
+    options = CompileOptions(model=str(folder), out=out, quantize="int4-rtn", stream=True)
+    with pytest.raises(InputError, match="NaN or Inf") as caught:
+        compile_model(options)
+    assert name in str(caught.value) and not out.exists()
