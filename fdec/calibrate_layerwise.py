@@ -29,9 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import pathlib
 import resource
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -66,23 +64,45 @@ class _Seen:
     first_taken: int = 0
     hessian: np.ndarray | None = None
     gram: np.ndarray | None = None
-    hessian_path: pathlib.Path | None = None
 
 
-class _SpilledHessians(Mapping):
-    """XᵀX by tensor name, each read from its .npy file when asked (one in memory at a time)."""
+class _LayerHessians(Mapping):
+    """XᵀX by activation name, computed by a pass over the layers that advances to the layer
+    of the name asked and keeps only that layer's (asked out of layer order, it starts over)."""
 
-    def __init__(self, paths: dict[str, pathlib.Path]):
-        self._paths = paths
+    def __init__(self, calibration: LayerwiseCalibration, found: dict[str, _Seen]):
+        self._calibration = calibration
+        self._owner = {name: calibration._owners[name] for name in found}
+        self._walk: Iterator[list[str]] | None = None
+        self._current: list[str] = []
+        self._done: set[str] = set()  # Linear modules whose layer has been passed
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return np.load(self._paths[name])
+        owner = self._owner[name]
+        seen = self._calibration._seen
+        if owner not in self._current and owner in self._done:
+            logger.info("XᵀX of %s asked out of layer order: running the layers again", name)
+            self._walk, self._done = None, set()
+        while owner not in self._current:
+            for module in self._current:  # the previous layer's are no longer needed
+                seen[module].hessian = None
+            self._done.update(self._current)
+            if self._walk is None:
+                self._walk = self._calibration._walk(("hessian",))
+            try:
+                self._current = next(self._walk)
+            except StopIteration:
+                raise KeyError(name) from None
+        found = seen[owner].hessian
+        if found is None:
+            raise KeyError(name)
+        return found
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._paths)
+        return iter(self._owner)
 
     def __len__(self) -> int:
-        return len(self._paths)
+        return len(self._owner)
 
 
 def linear_activations(model: FdecModel, weight_names: Mapping[str, str]) -> dict[str, str]:
@@ -124,7 +144,6 @@ class LayerwiseCalibration:
         sampled_rows: int = 512,
         first_rows: int = 512,
         trust_remote_code: bool = False,
-        workdir: pathlib.Path | None = None,
     ):
         unknown = set(collect) - set(KINDS)
         if unknown:
@@ -137,13 +156,12 @@ class LayerwiseCalibration:
         self.collect = tuple(dict.fromkeys(collect))
         self.sampled_rows, self.first_rows = sampled_rows, first_rows
         self.trust_remote_code = trust_remote_code
-        self._workdir = workdir
-        self._spill: tempfile.TemporaryDirectory | None = None
         self._seen: dict[str, _Seen] = {}
         self._owner: dict[str, str] = {}  # Linear → the Linear that saw the same input first
         self._weights: dict[str, str] = {}  # initializer name → Linear module name
         self._head_module: str | None = None  # the output embedding's module (the lm_head role)
         self._collected: set[str] = set()
+        self._owners: dict[str, str] = {}  # activation name → the Linear recording it
         self.enabled = True  # fdec.calibrate's functions consult it only while True
         self.runs: list[dict[str, Any]] = []  # one per pass over the layers: kinds, time, RSS
 
@@ -197,23 +215,25 @@ class LayerwiseCalibration:
         }
 
     def hessians(self, model: FdecModel, names: Sequence[str]) -> Mapping[str, np.ndarray]:
-        """XᵀX (float64) of each named activation, read from disk when asked."""
-        paths = {
-            name: seen.hessian_path
-            for name, seen in self._resolve(model, names, "hessian").items()
-            if seen.hessian_path is not None
-        }
-        return _SpilledHessians(paths)
+        """XᵀX (float64) of each named activation, computed when asked by another pass over
+        the layers that holds one layer's at a time (all of an 8B Llama's: 66 GB)."""
+        return _LayerHessians(self, self._resolve(model, names))
 
     def close(self) -> None:
-        if self._spill is not None:
-            self._spill.cleanup()
-            self._spill = None
+        """Drop what calibration holds."""
+        self._seen.clear()
 
     def _resolve(self, model: FdecModel, names: Sequence[str], *kinds: str) -> dict[str, _Seen]:
         missing = [kind for kind in kinds if kind not in self._collected]
         if missing:
-            self._run(tuple(dict.fromkeys([*self.collect, *missing])) if not self.runs else missing)
+            first = [kind for kind in self.collect if kind != "hessian"] if not self.runs else []
+            self._run(tuple(dict.fromkeys([*first, *missing])))
+        if not self._weights:
+            from fdec.frontend.export import parameter_aliases
+            from fdec.frontend.stream import skeleton_model
+
+            skeleton = skeleton_model(self.source, trust_remote_code=self.trust_remote_code)
+            self._names_from(skeleton, parameter_aliases(skeleton))
         weights = dict(self._weights)
         head = model.spec.weights.get("lm_head")
         if head is not None and self._head_module is not None:  # renamed by untie-embeddings
@@ -225,12 +245,22 @@ class LayerwiseCalibration:
             if module is None:
                 logger.info("layer-by-layer calibration: %s is read by no Linear", name)
                 continue
-            found[name] = self._seen[self._owner.get(module, module)]
+            owner = self._owner.get(module, module)
+            found[name] = self._seen.setdefault(owner, _Seen())
+            self._owners[name] = owner
         return found
 
     # --- the pass over the layers ----------------------------------------------------------------
 
     def _run(self, kinds: Sequence[str]) -> None:
+        """One pass over every layer collecting `kinds`."""
+        for _ in self._walk(kinds):
+            pass
+        self._collected.update(kinds)
+
+    def _walk(self, kinds: Sequence[str]) -> Iterator[list[str]]:
+        """Run the layers one by one collecting `kinds`; after each layer (and after the head)
+        yields the Linear modules whose inputs it recorded."""
         import torch
 
         from fdec.frontend.stream import open_streamed
@@ -241,9 +271,7 @@ class LayerwiseCalibration:
             _reset(seen, kinds)
         streamed = open_streamed(self.source, trust_remote_code=self.trust_remote_code)
         model, layers = streamed.model, streamed.layers
-        self._weights = _linear_weight_names(model, streamed.aliases)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self._head_module = next((n for n, m in model.named_modules() if m is head), None)
+        self._names_from(model, streamed.aliases)
         counts = [int(ids.size) for ids in self.batches]
         total = sum(counts)
         chosen = (
@@ -263,6 +291,7 @@ class LayerwiseCalibration:
                     for module in layer.modules()
                     if isinstance(module, torch.nn.Linear)
                 ]
+                recorder.observed = []
                 try:
                     for batch, (args, kwargs) in enumerate(inputs):
                         with recorder.batch(batch):
@@ -274,23 +303,28 @@ class LayerwiseCalibration:
                     for handle in handles:
                         handle.remove()
                     streamed.unload(layer)
-                self._finish_layer(kinds)
                 release_freed_memory()
                 logger.debug("layer-by-layer calibration: layer %s done", number)
+                yield recorder.observed
+            recorder.observed = []
             self._head(model, layers, inputs, returned_tuple, recorder)
-        self._finish_layer(kinds)
-        self._collected.update(kinds)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.runs.append(
-            {
-                "kinds": list(kinds),
-                "layers": len(layers),
-                "tokens": total,
-                "wall_s": round(time.perf_counter() - started, 2),
-                "process_peak_rss_bytes": int(peak),
-            }
-        )
-        logger.info("layer-by-layer calibration: %s", self.runs[-1])
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.runs.append(
+                {
+                    "kinds": list(kinds),
+                    "layers": len(layers),
+                    "tokens": total,
+                    "wall_s": round(time.perf_counter() - started, 2),
+                    "process_peak_rss_bytes": int(peak),
+                }
+            )
+            logger.info("layer-by-layer calibration: %s", self.runs[-1])
+            yield recorder.observed
+
+    def _names_from(self, model: Any, aliases: dict[str, list[str]]) -> None:
+        self._weights = _linear_weight_names(model, aliases)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self._head_module = next((n for n, m in model.named_modules() if m is head), None)
 
     def _first_layer_inputs(self, model: Any, layers: Any) -> list[tuple[tuple, dict]]:
         """Each batch's (args, kwargs) of the first layer's call, from the embeddings."""
@@ -384,19 +418,6 @@ class LayerwiseCalibration:
             product = wide.T @ wide
             seen.hessian = product if seen.hessian is None else seen.hessian + product
 
-    def _finish_layer(self, kinds: Sequence[str]) -> None:
-        """Spill the XᵀX of the layer just run to disk (one layer's in memory at a time)."""
-        if "hessian" not in kinds:
-            return
-        if self._spill is None:
-            self._spill = tempfile.TemporaryDirectory(prefix="fdec-hessians-", dir=self._workdir)
-        for number, seen in enumerate(self._seen.values()):
-            if seen.hessian is None:
-                continue
-            path = pathlib.Path(self._spill.name) / f"{number}.npy"
-            np.save(path, seen.hessian)
-            seen.hessian, seen.hessian_path = None, path
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": "layer by layer (PyTorch, streamed weights)",
@@ -419,6 +440,7 @@ class _Recorder:
         self.names = {id(module): name for name, module in model.named_modules()}
         self.index = 0
         self.inputs: list[tuple[Any, str]] = []  # held for the call: ids stay unique
+        self.observed: list[str] = []  # Linear modules recorded in the current layer
 
     @contextlib.contextmanager
     def batch(self, index: int) -> Iterator[None]:
@@ -436,6 +458,8 @@ class _Recorder:
                 self.calibration._owner[name] = owner
                 return
         self.inputs.append((x, name))
+        if name not in self.observed:
+            self.observed.append(name)
         start = sum(self.counts[: self.index])
         self.calibration._observe(
             name, x.detach().numpy(), self.kinds, self.chosen, start, self.counts[self.index]
@@ -455,7 +479,7 @@ def _reset(seen: _Seen, kinds: Sequence[str]) -> None:
     if "gram" in kinds:
         seen.gram = None
     if "hessian" in kinds:
-        seen.hessian = seen.hessian_path = None
+        seen.hessian = None
 
 
 def _linear_weight_names(model: Any, aliases: dict[str, list[str]]) -> dict[str, str]:
