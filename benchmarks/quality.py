@@ -351,8 +351,8 @@ def _run_passes(plan: Any, model: Any, target: Any, source: Any, how: str) -> tu
     """The recipe's passes; with `how` "layerwise", calibrated layer by layer from the
     checkpoint instead of by ONNX Runtime on the whole model."""
     from fdec.calibrate import calibration_source
-    from fdec.calibrate_layerwise import LayerwiseCalibration
-    from fdec.compile.optimize import LayerwiseInstrument, layerwise_kinds
+    from fdec.calibrate_layerwise import LayerwiseCalibration, layerwise_kinds
+    from fdec.compile.optimize import LayerwiseInstrument
     from fdec.pipeline import PassManager
 
     if how not in ("", "layerwise"):

@@ -40,7 +40,7 @@ from fdec.calibrate import ActivationStats
 from fdec.errors import CompileError
 from fdec.ir import FdecModel, release_freed_memory
 
-__all__ = ["KINDS", "LayerwiseCalibration", "linear_activations"]
+__all__ = ["KINDS", "LayerwiseCalibration", "layerwise_kinds", "linear_activations"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,28 @@ class _Seen:
     first_taken: int = 0
     hessian: np.ndarray | None = None
     gram: np.ndarray | None = None
+
+
+def layerwise_kinds(passes: list[Any]) -> tuple[str, ...]:
+    """What layer-by-layer calibration collects in its first run for these calibrating passes
+    (fdec.calibrate_layerwise.KINDS); anything else asked later costs another run."""
+    from fdec.passes.quantize_awq import QuantizeInt4AwqPass
+    from fdec.passes.quantize_fp8 import QuantizeFp8Pass
+    from fdec.passes.quantize_static import QuantizeInt8StaticPass
+
+    kinds: list[str] = []
+    for pass_ in passes:
+        if isinstance(pass_, QuantizeInt4AwqPass):
+            kinds.append("sampled")
+            if pass_.rounding == "gptq" and pass_.gptq_hessian == "all":
+                kinds.append("gram")
+            continue
+        kinds.append("stats")
+        if isinstance(pass_, QuantizeFp8Pass) and pass_.weight_rounding == "gptq":
+            kinds.append("hessian")
+        if isinstance(pass_, QuantizeInt8StaticPass) and (pass_.alpha_search or pass_.clip_search):
+            kinds.append("first")
+    return tuple(dict.fromkeys(kinds))
 
 
 class _LayerHessians(Mapping):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.calibrate import calibration_cache, calibration_source
-from fdec.calibrate_layerwise import LayerwiseCalibration
+from fdec.calibrate_layerwise import LayerwiseCalibration, layerwise_kinds
 from fdec.compile.front import FreshNamesInstrument, Front
 from fdec.compile.gate import LossySnapshot
 from fdec.compile.options import CompileOptions
@@ -33,7 +33,7 @@ from fdec.pipeline import (
 from fdec.runtime import session_for_model
 from fdec.verify import Reference
 
-__all__ = ["LayerwiseInstrument", "Optimized", "layerwise_kinds", "run_passes"]
+__all__ = ["LayerwiseInstrument", "Optimized", "run_passes"]
 
 
 @dataclasses.dataclass
@@ -128,28 +128,6 @@ def run_passes(
         record.index += front.resumed
     front.cache.finish()
     return Optimized(model, cached_records + records, snapshot, stats_cache)
-
-
-def layerwise_kinds(passes: list[Any]) -> tuple[str, ...]:
-    """What layer-by-layer calibration collects in its first run for these calibrating passes
-    (fdec.calibrate_layerwise.KINDS); anything else asked later costs another run."""
-    from fdec.passes.quantize_awq import QuantizeInt4AwqPass
-    from fdec.passes.quantize_fp8 import QuantizeFp8Pass
-    from fdec.passes.quantize_static import QuantizeInt8StaticPass
-
-    kinds: list[str] = []
-    for pass_ in passes:
-        if isinstance(pass_, QuantizeInt4AwqPass):
-            kinds.append("sampled")
-            if pass_.rounding == "gptq" and pass_.gptq_hessian == "all":
-                kinds.append("gram")
-            continue
-        kinds.append("stats")
-        if isinstance(pass_, QuantizeFp8Pass) and pass_.weight_rounding == "gptq":
-            kinds.append("hessian")
-        if isinstance(pass_, QuantizeInt8StaticPass) and (pass_.alpha_search or pass_.clip_search):
-            kinds.append("first")
-    return tuple(dict.fromkeys(kinds))
 
 
 class LayerwiseInstrument(Instrument):
