@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         target = load_target(args.target or ("h100" if needs_gpu else "cpu"))
         plan = plan_pipeline(
             target=target,
-            backend=choose_backend("onnxruntime", target),
+            backend=choose_backend(None if needs_gpu else "onnxruntime", target),  # fp8 on h100: TensorRT
             quantize=quantize,
             pass_options=parse_pass_options(tuple(filter(None, options.split(";")))),
         )

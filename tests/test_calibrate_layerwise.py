@@ -118,3 +118,39 @@ def test_layerwise_kinds_follow_the_passes():
     assert layerwise_kinds([fp8]) == ("stats", "hessian")
     assert layerwise_kinds([awq]) == ("sampled",)
     assert layerwise_kinds([int8]) == ("stats", "first")
+
+
+def test_streamed_calibration_memory_is_predicted_per_layer(
+    cli_runner, tiny_models, monkeypatch, tmp_path
+):
+    from fdec.cli import cli
+    from fdec.plan import compile_memory
+    from fdec.targets import load_target
+
+    source = resolve_source(str(tiny_models("llama")))
+    h100 = load_target("h100")
+
+    def predict(*kinds):
+        return compile_memory.predict_compile_memory(
+            source, quantize="fp8", target=h100, streamed=True, calibrates=True,
+            calibration=kinds,
+        )  # fmt: skip
+
+    stats, gptq = predict("stats"), predict("stats", "hessian")
+    # GPTQ's XᵀX (one layer's, and the inverse of the largest) counts in the passes' stage.
+    assert gptq.parts["passes_bytes"] > stats.parts["passes_bytes"]
+    assert gptq.parts["calibration_bytes"] == stats.parts["calibration_bytes"]
+    assert predict("stats", "sampled").parts["calibration_bytes"] > stats.parts["calibration_bytes"]
+
+    monkeypatch.setattr(compile_memory, "available_memory", lambda: (10 << 20, "a test"))
+    for extra, fix in (
+        ([], "weight_rounding"),
+        (["--pass-options", 'quantize-fp8.weight_rounding="nearest"'], "weight-only recipe"),
+    ):
+        result = cli_runner.invoke(
+            cli, ["compile", str(source.folder), "--target", "h100", "--stream", "-o",
+                  str(tmp_path / "b"), *extra],
+        )  # fmt: skip
+        assert result.exit_code == 4, result.output
+        assert fix in next(line for line in result.output.splitlines() if "needs about" in line)
+        assert not (tmp_path / "b").exists()
