@@ -189,6 +189,11 @@ class LayerwiseCalibration:
 
     # --- requests (fdec.calibrate.calibration_source routes the calibration functions here) ---
 
+    def run(self, kinds: Sequence[str] | None = None) -> dict[str, Any]:
+        """Collect `kinds` (default: `collect`) now, in one pass over the layers; its record."""
+        self._run(tuple(kinds or self.collect))
+        return self.runs[-1]
+
     def check_batches(self, batches: Sequence[np.ndarray]) -> None:
         given = [np.asarray(ids) for ids in batches]
         if len(given) != len(self.batches) or not all(
