@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         target = load_target(args.target or ("h100" if needs_gpu else "cpu"))
         plan = plan_pipeline(
             target=target,
-            backend=choose_backend(None if needs_gpu else "onnxruntime", target),  # fp8 on h100: TensorRT
+            # GPU recipes: the target's own backend (onnxruntime-cuda refuses fp8 Q/DQ)
+            backend=choose_backend(None if needs_gpu else "onnxruntime", target),
             quantize=quantize,
             pass_options=parse_pass_options(tuple(filter(None, options.split(";")))),
         )
