@@ -250,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     from fdec.frontend.export import load_tokenizer
     from fdec.frontend.source import default_cache_dir, resolve_source
     from fdec.ir import FdecModel
-    from fdec.pipeline import PassManager
     from fdec.runtime import OrtModel, open_session
     from fdec.targets import load_target
 
@@ -284,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for recipe in recipes:
         name, _, options = recipe.partition(":")
+        # NAME@layerwise: the calibrating passes calibrate layer by layer on the PyTorch model
+        # read from the checkpoint (fdec.calibrate_layerwise, what a streamed compile does).
+        name, _, how = name.partition("@")
         quantize = None if name == "none" else name
         needs_gpu = name.startswith(("fp8", "int8-smoothquant"))
         target = load_target(args.target or ("h100" if needs_gpu else "cpu"))
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             plan.attach_calibration(tokenizer, spec.vocab_size)
         model = FdecModel(ir.serde.deserialize_model(pristine), copy.deepcopy(spec))
         began = time.perf_counter()
-        model, records = PassManager(plan.pipeline, target=target).run(model)
+        model, records = _run_passes(plan, model, target, source, how)
         seconds = time.perf_counter() - began
         path = work / ("none" if name == "none" else f"r{len(rows)}") / "model.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -354,6 +356,30 @@ def main(argv: list[str] | None = None) -> int:
 
     print_encoder_table(splits, encoder)
     return 0
+
+
+def _run_passes(plan: Any, model: Any, target: Any, source: Any, how: str) -> tuple[Any, list]:
+    """The recipe's passes; with `how` "layerwise", calibrated layer by layer from the
+    checkpoint instead of by ONNX Runtime on the whole model."""
+    from fdec.calibrate import calibration_source
+    from fdec.calibrate_layerwise import LayerwiseCalibration, layerwise_kinds
+    from fdec.compile.optimize import LayerwiseInstrument
+    from fdec.pipeline import PassManager
+
+    if how not in ("", "layerwise"):
+        raise SystemExit(f"unknown recipe suffix @{how}; use @layerwise")
+    calibrating = [p for p in plan.pipeline if getattr(p, "batches", None)]
+    if how != "layerwise" or not calibrating:
+        return PassManager(plan.pipeline, target=target).run(model)
+    layerwise = LayerwiseCalibration(
+        source, calibrating[0].batches, collect=layerwise_kinds(calibrating)
+    )
+    manager = PassManager(plan.pipeline, [LayerwiseInstrument(layerwise)], target=target)
+    with calibration_source(layerwise):
+        try:
+            return manager.run(model)
+        finally:
+            layerwise.close()
 
 
 def _gate(name: str, plan: Any) -> dict[str, Any] | None:

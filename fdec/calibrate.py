@@ -50,8 +50,10 @@ __all__ = [
     "ActivationRunner",
     "ActivationStats",
     "StatsCache",
+    "active_calibration_source",
     "calibration_batches",
     "calibration_cache",
+    "calibration_source",
     "capture_activations",
     "checked_batches",
     "collect_activation_stats",
@@ -294,6 +296,9 @@ def collect_activation_stats(
     names = list(dict.fromkeys(tensor_names))
     if not names:
         return {}
+    source = active_calibration_source(batches)
+    if source is not None:
+        return source.stats(model, names)
     cache = _ACTIVE_CACHE.get()
     if cache is None:
         return _collect(model, batches, names)
@@ -456,6 +461,37 @@ def calibration_cache(folder: pathlib.Path | None) -> Iterator[StatsCache | None
         yield cache
     finally:
         _ACTIVE_CACHE.reset(token)
+
+
+# --- another source of calibration data -------------------------------------------------------
+
+_ACTIVE_SOURCE: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "fdec_calibration_source", default=None
+)
+
+
+@contextlib.contextmanager
+def calibration_source(source: Any) -> Iterator[Any]:
+    """While the block runs, calibration requests (collect_activation_stats, and the passes'
+    row and XᵀX captures) are answered by `source` instead of an ONNX Runtime session over the
+    whole model, whenever `source.enabled` (fdec.calibrate_layerwise.LayerwiseCalibration: the
+    streamed model run layer by layer). None: no other source."""
+    token = _ACTIVE_SOURCE.set(source)
+    try:
+        yield source
+    finally:
+        _ACTIVE_SOURCE.reset(token)
+
+
+def active_calibration_source(batches: Iterable[np.ndarray] | None = None) -> Any:
+    """The calibration source in effect (None: calibrate with ONNX Runtime); `batches` are
+    checked to be the ones it calibrated."""
+    source = _ACTIVE_SOURCE.get()
+    if source is None or not source.enabled:
+        return None
+    if batches is not None:
+        source.check_batches(list(batches))
+    return source
 
 
 # --- which tensors to calibrate ---------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -15,11 +15,14 @@ _GPTQ_BLOCK = 128  # rows rounded between the lazy (matrix) updates of the rest
 
 def hessians(
     model: FdecModel, batches: Sequence[np.ndarray], names: Sequence[str]
-) -> dict[str, np.ndarray]:
+) -> Mapping[str, np.ndarray]:
     """XᵀX (float64 [K, K]) of each named activation over the calibration batches."""
-    from fdec.calibrate import ActivationRunner
+    from fdec.calibrate import ActivationRunner, active_calibration_source
 
     names = list(dict.fromkeys(names))
+    source = active_calibration_source(batches)
+    if source is not None:  # a streamed compile: layer by layer (fdec.calibrate_layerwise)
+        return source.hessians(model, names)
     sums: dict[str, np.ndarray] = {}
     runner = ActivationRunner(model, names)
     try:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from fdec.calibrate import activations_per_batch, checked_batches
+from fdec.calibrate import activations_per_batch, active_calibration_source, checked_batches
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel, release_freed_memory
 from fdec.passes.quantize_int4 import (
@@ -324,6 +324,10 @@ def _capture(
     batch through one session so only the kept rows are held (stacking the batches into one
     run held every exposed activation of every batch, and batch-16 logits, at once: peak RSS
     3.3 GiB on SmolLM2-135M)."""
+    source = active_calibration_source(batches)
+    if source is not None:  # a streamed compile: layer by layer (fdec.calibrate_layerwise)
+        found = source.sampled(model, names, max_rows, grams)
+        return {name: _Calibration(*parts) for name, parts in found.items()}
     counts = [int(np.prod(np.shape(ids))) for ids in batches]  # rows of a [b, s, K] tensor
     total = sum(counts)
     chosen = (

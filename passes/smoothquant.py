@@ -132,9 +132,12 @@ def capture_rows(
 ) -> dict[str, np.ndarray]:
     """Up to `max_rows` rows ([R, K] float32) of each named activation over the batches, taken
     evenly from the first batches (whole batches: a dynamic quantizer sees one per run)."""
-    from fdec.calibrate import activations_per_batch
+    from fdec.calibrate import activations_per_batch, active_calibration_source
 
     names = list(dict.fromkeys(names))
+    source = active_calibration_source(batches)
+    if source is not None:  # a streamed compile: layer by layer (fdec.calibrate_layerwise)
+        return source.first(model, names, max_rows)
     rows: dict[str, list[np.ndarray]] = {name: [] for name in names}
     taken = 0
     for found in activations_per_batch(model, batches, names):

@@ -143,7 +143,7 @@ def test_compile_refuses_up_front_when_memory_cannot_hold_it(
 def test_compile_streams_when_only_streaming_fits(tiny_models, tmp_path, monkeypatch):
     from fdec.plan import compile_memory
 
-    def predicted(source, *, quantize, target, streamed, calibrates):
+    def predicted(source, *, quantize, target, streamed, calibrates, **_):
         return compile_memory.CompileMemory((1 if streamed else 100) << 30, streamed, {})
 
     monkeypatch.setattr(compile_memory, "predict_compile_memory", predicted)

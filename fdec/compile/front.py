@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.cache import Cache, digest_of, fingerprint, source_inputs, tool_versions
+from fdec.calibrate_layerwise import layerwise_kinds
 from fdec.errors import CapacityError
 from fdec.frontend.export import import_model, load_hf_model, load_tokenizer
 from fdec.frontend.source import default_cache_dir
@@ -125,6 +126,7 @@ class Front:
         check = functools.partial(
             check_compile_memory, self.source, quantize=quantize, target=target,
             calibrates=bool(recipe.calibrating),
+            calibration=layerwise_kinds([recipe.pipeline[i] for i in recipe.calibrating]),
         )  # fmt: skip
         if options.stream is not None or self.streamed:
             return check(streamed=self.streamed)

@@ -14,7 +14,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from fdec.calibrate import calibration_cache
+from fdec.calibrate import calibration_cache, calibration_source
+from fdec.calibrate_layerwise import LayerwiseCalibration, layerwise_kinds
 from fdec.compile.front import FreshNamesInstrument, Front
 from fdec.compile.gate import LossySnapshot
 from fdec.compile.options import CompileOptions
@@ -34,7 +35,7 @@ from fdec.pipeline import (
 from fdec.runtime import session_for_model
 from fdec.verify import Reference
 
-__all__ = ["Optimized", "SpillInstrument", "run_passes"]
+__all__ = ["LayerwiseInstrument", "Optimized", "SpillInstrument", "run_passes"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +76,21 @@ def run_passes(
     pipeline = recipe.pipeline
     spec = model.spec
     to_run = pipeline[front.resumed :]
-    if any(index >= front.resumed for index in recipe.calibrating):
+    calibrating = [index for index in recipe.calibrating if index >= front.resumed]
+    if calibrating:
         progress("tokenizing calibration text")
         recipe.attach_calibration(front.tokenizer(), spec.vocab_size)
         to_run = recipe.pipeline[front.resumed :]
+    # A streamed compile never holds the float model: its calibrating passes get their
+    # statistics from the PyTorch model run one layer at a time (fdec.calibrate_layerwise).
+    layerwise = None
+    if front.streamed and calibrating:
+        passes = [recipe.pipeline[index] for index in calibrating]
+        layerwise = LayerwiseCalibration(
+            front.source, passes[0].batches, collect=layerwise_kinds(passes),
+            trust_remote_code=options.trust_remote_code,
+        )  # fmt: skip
+        progress("calibrating layer by layer on the streamed model")
 
     # Every pass starts from the graph's names as a saved and reloaded model has them, so a
     # pass resumed on a cached model names new nodes exactly as it does in a cold compile.
@@ -110,6 +122,8 @@ def run_passes(
     store = front.instrument()
     if store is not None:  # after the structure check: a broken model is never stored
         instruments += [StructureCheckInstrument(), store]
+    if layerwise is not None:
+        instruments.append(LayerwiseInstrument(layerwise))
     manager = PassManager(
         to_run,
         instruments,
@@ -117,9 +131,36 @@ def run_passes(
         on_pass=lambda i, n, p: progress(f"pass {front.resumed + i}/{len(pipeline)}: {p.name}"),
     )
     cache_dir = options.cache_dir or default_cache_dir()
-    with calibration_cache(cache_dir / "calibration" if options.cache else None) as stats_cache:
-        model, records = manager.run(model)
+    with (
+        calibration_cache(cache_dir / "calibration" if options.cache else None) as stats_cache,
+        calibration_source(layerwise),
+    ):
+        try:
+            model, records = manager.run(model)
+        finally:
+            if layerwise is not None:
+                layerwise.close()
     for record in records:
         record.index += front.resumed
     front.cache.finish()
     return Optimized(model, cached_records + records, snapshot, stats_cache)
+
+
+class LayerwiseInstrument(Instrument):
+    """Lets layer-by-layer calibration answer only passes whose input computes what the source
+    model does: once a pass changed the numbers (a lossy pass that modified the model), later
+    passes calibrate in ONNX Runtime on the model they receive. The pass's record gets the
+    calibration's summary."""
+
+    def __init__(self, calibration: LayerwiseCalibration):
+        self.calibration = calibration
+        self._runs = 0
+
+    def before(self, pass_: Any, model: FdecModel, record: PassRecord) -> None:
+        self._runs = len(self.calibration.runs)
+
+    def after(self, pass_: Any, result: Any, record: PassRecord) -> None:
+        if self.calibration.enabled and len(self.calibration.runs) > self._runs:
+            record.stats["calibration"] = self.calibration.to_dict()
+        if result.modified and pass_.tolerance != EXACT:
+            self.calibration.enabled = False

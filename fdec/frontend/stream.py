@@ -18,7 +18,7 @@ import json
 import logging
 import pathlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -33,10 +33,12 @@ from fdec.ir import FdecModel
 __all__ = [
     "STREAM_PARAMETERS",
     "CheckpointTensor",
+    "StreamedModel",
     "bind_initializers",
     "checkpoint_index",
     "checkpoint_parameters",
     "import_streamed",
+    "open_streamed",
     "skeleton_model",
     "streamed_reference_model",
 ]
@@ -346,11 +348,22 @@ def _check_finite(name: str, array: np.ndarray, source: ModelSource) -> None:
     )
 
 
-def streamed_reference_model(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
-    """The source model for the PyTorch reference with one layer's weights in memory at a
-    time: everything outside the layers (embeddings, final norm, head) is read once; each
-    layer's weights are read from the checkpoint just before it runs and dropped after. Each
-    tensor is checked for NaN/Inf the first time it is read (InputError)."""
+@dataclasses.dataclass
+class StreamedModel:
+    """The source's architecture with everything outside the layers (embeddings, final norm,
+    head) read once in fp32 and the layers' parameters on `meta`: `load(layer)` reads one
+    layer's weights from the checkpoint (widened to fp32), `unload(layer)` drops them.
+    `aliases`: parameter_aliases of the architecture (tied names), taken before loading."""
+
+    model: Any
+    layers: Any  # the ModuleList of decoder/encoder layers
+    load: Callable[[Any], None]
+    unload: Callable[[Any], None]
+    aliases: dict[str, list[str]]
+
+
+def open_streamed(source: ModelSource, *, trust_remote_code: bool = False) -> StreamedModel:
+    """The source model with no layer's weights in memory (see StreamedModel)."""
     import torch
 
     index = checkpoint_index(source.weight_files)
@@ -376,7 +389,7 @@ def streamed_reference_model(source: ModelSource, *, trust_remote_code: bool = F
             state[name] = read(_checkpoint_name(prefix + name, aliases, index))
         module.load_state_dict(state, strict=False, assign=True)
 
-    def unload(module: Any, *_: Any) -> None:
+    def unload(module: Any) -> None:
         for sub in module.modules():
             for key, parameter in list(sub._parameters.items()):
                 if parameter is not None:
@@ -394,7 +407,16 @@ def streamed_reference_model(source: ModelSource, *, trust_remote_code: bool = F
                 tensors[stored] = read(stored)
             outside[name] = tensors[stored]
     model.load_state_dict(outside, strict=False, assign=True)
-    for layer in layers:
-        layer.register_forward_pre_hook(lambda module, _args: load(module))
-        layer.register_forward_hook(unload)
-    return model
+    return StreamedModel(model, layers, load, unload, aliases)
+
+
+def streamed_reference_model(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
+    """The source model for the PyTorch reference with one layer's weights in memory at a
+    time: everything outside the layers (embeddings, final norm, head) is read once; each
+    layer's weights are read from the checkpoint just before it runs and dropped after. Each
+    tensor is checked for NaN/Inf the first time it is read (InputError)."""
+    streamed = open_streamed(source, trust_remote_code=trust_remote_code)
+    for layer in streamed.layers:
+        layer.register_forward_pre_hook(lambda module, _args: streamed.load(module))
+        layer.register_forward_hook(lambda module, *_: streamed.unload(module))
+    return streamed.model

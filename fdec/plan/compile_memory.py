@@ -13,7 +13,10 @@ The prediction comes from the checkpoint's header and config.json (nothing loade
   copies of the largest tensor: the weights they make go to a spill file, fdec.ir.spill), and
   verification (the build's weights in an ONNX Runtime session, or one slice of its layers
   above fdec.runtime.sliced.WHOLE_SESSION_BYTES); plus the overhead and 10 %. A recipe that
-  calibrates activations runs the float model in ONNX Runtime: its fp32 weights twice.
+  calibrates activations calibrates layer by layer (fdec.calibrate_layerwise): the reference's
+  weights, the calibration tokens' hidden states and one batch's logits, plus what it keeps per
+  Linear input (AWQ's and SmoothQuant's rows for every layer; GPTQ's XᵀX for one layer, which
+  the pass reads while it rounds, inverting the largest in float64: 4 copies of it).
 
 Memory available is /proc/meminfo's MemAvailable, or the cgroup's limit less its usage when
 that is smaller.
@@ -49,6 +52,10 @@ _SESSION_FACTOR = 1.25  # an ONNX Runtime session over its weights (arena, prepa
 # A slice's session (fdec.runtime.sliced) over its weights: the 8B int4 build's 0.94 GiB slices
 # peaked at 3.85 GiB in all (its data is copied in while the file pages it read stay mapped).
 _SLICE_SESSION_FACTOR = 3.0
+# Calibration as fdec.calibrate.calibration_batches makes it by default: 16 batches of 128.
+_CALIBRATION_TOKENS, _CALIBRATION_BATCH = 16 * 128, 128
+_CALIBRATION_ROWS = 512  # rows AWQ (max_rows) and SmoothQuant's search (search_rows) keep
+_GPTQ_COPIES = 4  # XᵀX read, its damped copy, its inverse and the Cholesky factor (float64)
 _LAYER = re.compile(r"(^|\.)(layers|h|layer|blocks)\.(\d+)\.")
 
 
@@ -99,10 +106,37 @@ def _build_weight_bytes(source: Any, quantize: str, target: Any) -> int:
     return shape.weight_bytes(WEIGHT_FORMATS[precision], float_bytes(target))
 
 
+def _layerwise_calibration_bytes(
+    source: Any, outside: int, layer: int, calibration: tuple[str, ...]
+) -> tuple[int, int]:
+    """(the calibration stage's bytes, what GPTQ adds to the passes stage) for layer-by-layer
+    calibration collecting `calibration` (fdec.calibrate_layerwise.KINDS)."""
+    from fdec.plan.shape import shape_from_config
+
+    shape = shape_from_config(source.config, source.given)
+    hidden, inner = shape.hidden_size, shape.intermediate_size or 4 * shape.hidden_size
+    weights = 4 * outside + 2 * 4 * layer  # as the reference: outside once, one layer
+    activations = 2 * 4 * _CALIBRATION_TOKENS * hidden + 2 * 4 * _CALIBRATION_BATCH * (
+        shape.vocab_size + 3 * inner
+    )
+    kept = 0
+    widths = 3 * hidden + inner  # a Llama layer's Linear inputs: q/k/v, o, gate/up, down
+    for kind in ("sampled", "first"):
+        if kind in calibration:
+            kept += 4 * _CALIBRATION_ROWS * (widths * shape.num_layers + hidden)
+    gptq = 0
+    if "hessian" in calibration:
+        one_layer = 8 * (3 * hidden**2 + 2 * inner**2)  # + the product being added
+        gptq = weights + one_layer + _GPTQ_COPIES * 8 * max(hidden, inner) ** 2
+    return weights + activations + kept, gptq
+
+
 def predict_compile_memory(
-    source: Any, *, quantize: str, target: Any, streamed: bool, calibrates: bool
-) -> CompileMemory:
-    """The peak RSS `fdec compile` is expected to reach for `source` with this recipe."""
+    source: Any, *, quantize: str, target: Any, streamed: bool, calibrates: bool,
+    calibration: tuple[str, ...] = ("stats",),
+) -> CompileMemory:  # fmt: skip
+    """The peak RSS `fdec compile` is expected to reach for `source` with this recipe;
+    `calibration`: what layer-by-layer calibration collects (its KINDS), when `calibrates`."""
     if source.pickle_weights or not source.weight_files:
         return CompileMemory(0, streamed, {})
     total, largest, outside, layer = _tensor_sizes(source)
@@ -128,7 +162,9 @@ def predict_compile_memory(
         "verify_bytes": int(verify),
     }
     if calibrates:
-        parts["calibration_bytes"] = 2 * fp32
+        staged, gptq = _layerwise_calibration_bytes(source, outside, layer, tuple(calibration))
+        parts["calibration_bytes"] = staged
+        parts["passes_bytes"] += gptq
     peak = COMPILE_OVERHEAD_BYTES + max(parts.values())
     return CompileMemory(int(peak * _MARGIN), True, {"fp32_weight_bytes": fp32, **parts})
 
@@ -155,18 +191,25 @@ def available_memory() -> tuple[int, str]:
 
 
 def check_compile_memory(
-    source: Any, *, quantize: str, target: Any, streamed: bool, calibrates: bool
-) -> CompileMemory:
+    source: Any, *, quantize: str, target: Any, streamed: bool, calibrates: bool,
+    calibration: tuple[str, ...] = ("stats",),
+) -> CompileMemory:  # fmt: skip
     """The prediction, or a CapacityError (exit 4) naming it and the fix when this machine's
     available memory cannot hold it."""
     need = predict_compile_memory(
-        source, quantize=quantize, target=target, streamed=streamed, calibrates=calibrates
-    )
+        source, quantize=quantize, target=target, streamed=streamed, calibrates=calibrates,
+        calibration=calibration,
+    )  # fmt: skip
     available, where = available_memory()
     if not available or need.peak_bytes <= available:
         return need
     if not streamed:
         fix = "compile with --stream (weights read from the checkpoint one tensor at a time)"
+    elif calibrates and "hessian" in calibration:  # GPTQ's XᵀX inverses dominate
+        fix = (
+            "round fp8 weights to nearest (--pass-options quantize-fp8.weight_rounding="
+            '"nearest"), use a weight-only recipe (--quantize int4-rtn) or a bigger machine'
+        )
     elif calibrates:
         fix = "use a weight-only recipe (--quantize int4-rtn) or a machine with more memory"
     else:
