@@ -686,6 +686,21 @@ def test_search_alpha_never_loses_to_the_default():
         assert found.error < 0.01
 
 
+def _assert_wide_roles(llama, model, record, wide):
+    """Exactly the roles in `wide` are W8A16 (int8 weights, a float activation); every other
+    layer keeps its static Q/DQ activation."""
+    assert sorted(record.stats["weight_only"]) == sorted(llama.spec.weights[r] for r in wide)
+    for role in _roles(llama.spec):
+        weight, dequantize = _weight_dequantizer(model, role)
+        (matmul,) = [u.node for u in dequantize.outputs[0].uses()]
+        producer = matmul.inputs[0].producer()
+        if role in wide:
+            assert weight.dtype == ir.DataType.INT8
+            assert producer is None or producer.op_type != "DequantizeLinear"
+        else:
+            _activation_scale(matmul)
+
+
 @pytest.mark.parametrize("pass_class", [QuantizeFp8Pass, QuantizeInt8StaticPass])
 def test_weight_only_takes_kinds_and_single_layers(llama, pass_class):
     """`weight_only` entries name a kind ("o": every o_proj) or one layer's role
@@ -696,16 +711,8 @@ def test_weight_only_takes_kinds_and_single_layers(llama, pass_class):
     model, record = run_pass(pass_, llama.cleaned())
     wide = {f"layers.{i}.{kind}" for i in range(llama.spec.num_layers) for kind in ("o", "down")}
     wide |= set(layer0)
-    assert sorted(record.stats["weight_only"]) == sorted(llama.spec.weights[r] for r in wide)
-    for role in _roles(llama.spec):
-        weight, dequantize = _weight_dequantizer(model, role)
-        (matmul,) = [u.node for u in dequantize.outputs[0].uses()]
-        producer = matmul.inputs[0].producer()
-        if role in wide:
-            assert weight.dtype == ir.DataType.INT8
-            assert producer is None or producer.op_type != "DequantizeLinear"
-        else:  # layers.1.q alone: its k and v share the activation, so the group stays W8A8
-            _activation_scale(matmul)
+    # layers.1.q alone: its k and v share the activation, so that group stays W8A8
+    _assert_wide_roles(llama, model, record, wide)
     # per layer: q/k/v and gate/up, minus layer 0's q/k/v; and the lm_head
     assert record.stats["activations_quantized"] == 2 * llama.spec.num_layers - 1 + 1
     _assert_within_tolerance(model, llama.reference, pass_)
@@ -785,15 +792,6 @@ def test_weight_only_layers_widen_whole_layers_of_deep_enough_models(
     model, record = run_pass(pass_, llama.cleaned())
     last = llama.spec.num_layers - 1
     wide = {f"layers.{last}.{kind}" for kind in _LAYER_ROLES} | {"lm_head"}
-    assert sorted(record.stats["weight_only"]) == sorted(llama.spec.weights[r] for r in wide)
-    for role in _roles(llama.spec):
-        weight, dequantize = _weight_dequantizer(model, role)
-        (matmul,) = [u.node for u in dequantize.outputs[0].uses()]
-        producer = matmul.inputs[0].producer()
-        if role in wide:
-            assert weight.dtype == ir.DataType.INT8
-            assert producer is None or producer.op_type != "DequantizeLinear"
-        else:
-            _activation_scale(matmul)
+    _assert_wide_roles(llama, model, record, wide)
     assert record.stats["activations_quantized"] == 4 * (llama.spec.num_layers - 1)
     _assert_within_tolerance(model, llama.reference, pass_)
