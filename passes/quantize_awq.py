@@ -38,216 +38,24 @@ import onnx_ir as ir
 from fdec.calibrate import activations_per_batch, active_calibration_source, checked_batches
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel, release_freed_memory
-from fdec.passes.quantize_int4 import (
-    Int4Weight,
-    QuantizeInt4Pass,
-    block_sum_matrix,
-    offset_rows,
-    quantize_int4,
-)
-from fdec.passes.quantize_static import gptq
+from fdec.passes.awq_search import awq_search, gptq_int4
+from fdec.passes.quantize_int4 import QuantizeInt4Pass
 from fdec.passes.smoothquant import (
     ActivationGroup,
     divide_activation,
     group_by_activation,
-    insert_after_producer,
 )
-from fdec.passes.weights import Weight, add_initializer, collect_weights, fresh_name
+from fdec.passes.source_grid import widen_to_block_sums
+from fdec.passes.weights import Weight, collect_weights, fresh_name
 from fdec.pipeline import PassResult, Tolerance
 
 __all__ = ["QuantizeInt4AwqPass"]
 
 logger = logging.getLogger(__name__)
 
-# Clipping ratios tried per block (1.0: no clipping): AutoAWQ's auto_clip steps, down to 0.8.
-_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 _ROUNDINGS = ("nearest", "gptq")
 _SOURCE_GRID_FORMS = ("block_sums", "zero_points")
 _GPTQ_HESSIANS = ("all", "searched")
-_MIN_SCALE = 1e-4  # m^α is kept at least this (a channel never active is not zeroed out)
-
-
-# --- the search ---------------------------------------------------------------------------------
-
-
-def _dequantized(q: Int4Weight) -> np.ndarray:
-    """The float32 [N, K] values a quantized weight stands for: (code - zero point) · scale."""
-    return q.dequantized()
-
-
-def _quantized_output(
-    rows: np.ndarray, array: np.ndarray, block_size: int, symmetric: bool
-) -> np.ndarray:
-    """rows · Q(array) ([R, N]) for a [K, N] float32 array, Q the int4 RTN of QuantizeInt4Pass."""
-    return rows @ _dequantized(quantize_int4(array, block_size, symmetric)).T
-
-
-def _squared_error(want: np.ndarray, got: np.ndarray) -> float:
-    diff = want - got
-    return float(np.einsum("ij,ij->", diff, diff))
-
-
-def _scales(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
-    """s = m^α, at least 1e-4, normalised so that max(s)·min(s) = 1 (float32 [K])."""
-    if not alpha:
-        return np.ones(mean_abs.shape, dtype=np.float32)
-    s = np.maximum(np.power(mean_abs, alpha), _MIN_SCALE)
-    return (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-
-
-@dataclasses.dataclass
-class _Search:
-    """What the search chose for one group, and the output errors it measured."""
-
-    alpha: float
-    s: np.ndarray  # [K] float32 (ones when alpha is 0)
-    arrays: list[np.ndarray]  # the group's [K, N] weights scaled by s (and clipped)
-    clipped: list[bool]
-    error_rtn: float  # relative: ‖X·W − X·Q(W)‖² / ‖X·W‖²
-    error_scaled: float  # with the chosen s, before clipping
-    error: float  # with the chosen s and clipping
-
-
-def _search_alpha(
-    rows: np.ndarray,
-    targets: Sequence[np.ndarray],
-    mean_abs: np.ndarray,
-    arrays: Sequence[np.ndarray],
-    alphas: Sequence[float],
-    block_size: int,
-    symmetric: bool,
-) -> tuple[float, np.ndarray, float, float]:
-    """(best α, its s, its error, RTN's error), errors ‖X·W − (X/s)·Q(s·W)‖² summed."""
-    best: tuple[float, np.ndarray, float] | None = None
-    rtn = float("nan")
-    for alpha in alphas:
-        s = _scales(mean_abs, alpha)
-        scaled_rows = rows / s
-        error = sum(
-            _squared_error(
-                want, _quantized_output(scaled_rows, a * s[:, None], block_size, symmetric)
-            )
-            for want, a in zip(targets, arrays)
-        )
-        if not alpha:
-            rtn = error
-        logger.debug("alpha %.3f: error %.6g", alpha, error)
-        if best is None or error < best[2]:
-            best = (alpha, s, error)
-    assert best is not None
-    return best[0], best[1], best[2], rtn
-
-
-def _block_grams(rows: np.ndarray, block_size: int) -> np.ndarray:
-    """Xᵀ·X of each block of K (zero-padded to whole blocks): [k_blocks, block, block]."""
-    r, k = rows.shape
-    k_blocks = -(-k // block_size)
-    padded = np.zeros((r, k_blocks * block_size), dtype=np.float32)
-    padded[:, :k] = rows
-    blocks = padded.reshape(r, k_blocks, block_size).transpose(1, 0, 2)  # [kb, R, B]
-    return np.matmul(blocks.transpose(0, 2, 1), blocks)
-
-
-def _clip(array: np.ndarray, rows: np.ndarray, block_size: int, symmetric: bool) -> np.ndarray:
-    """The [K, N] array with each block's range shrunk by the ratio minimising its error.
-
-    Per block g and output column n, the error of ratio r is dᵀ·H_g·d with d the block's
-    W − Q(clip(W, ±r·max|W|)) and H_g = X_gᵀ·X_g: that block's share of ‖X·(W − Q)‖²,
-    without the cross terms between blocks (the caller checks the whole error).
-    """
-    k, n = array.shape
-    k_blocks = -(-k // block_size)
-    padded = array
-    if k % block_size:
-        padded = np.zeros((k_blocks * block_size, n), dtype=np.float32)
-        padded[:k] = array
-    blocks = padded.reshape(k_blocks, block_size, n)  # [kb, B, N]
-    peak = np.abs(blocks).max(axis=1, keepdims=True)  # [kb, 1, N]
-    grams = _block_grams(rows, block_size)
-    best_error = np.full((k_blocks, n), np.inf, dtype=np.float32)
-    best_ratio = np.ones((k_blocks, 1, n), dtype=np.float32)
-    delta = np.zeros_like(blocks)
-    for ratio in _CLIP_RATIOS:
-        bound = peak * np.float32(ratio)
-        clipped = np.clip(blocks, -bound, bound).reshape(-1, n)[:k]
-        deq = _dequantized(quantize_int4(clipped, block_size, symmetric))  # [N, K]
-        delta.reshape(-1, n)[:k] = array - deq.T
-        error = np.einsum("gbn,gbn->gn", np.matmul(grams, delta), delta)  # [kb, N]
-        better = error < best_error
-        best_error = np.where(better, error, best_error)
-        best_ratio[:, 0, :] = np.where(better, np.float32(ratio), best_ratio[:, 0, :])
-    bound = peak * best_ratio
-    return np.clip(blocks, -bound, bound).reshape(-1, n)[:k]
-
-
-def _awq_search(
-    seen: _Calibration,
-    arrays: Sequence[np.ndarray],
-    clip: bool,
-    *,
-    grid: int,
-    block_size: int,
-    symmetric: bool,
-) -> _Search:
-    """AWQ's α grid search (then the clipping search) for the weights sharing one activation."""
-    mean_abs, rows = seen.mean_abs, seen.rows
-    targets = [rows @ a for a in arrays]  # X·W: (X/s)·(s·W) for every s
-    reference = sum(float(np.einsum("ij,ij->", y, y)) for y in targets) or 1.0
-    alphas = [i / grid for i in range(grid + 1)]
-    alpha, s, scaled_error, rtn = _search_alpha(
-        rows, targets, mean_abs, arrays, alphas, block_size, symmetric
-    )
-    scaled_rows = rows / s
-    final, clipped, error = [], [], 0.0
-    for want, array in zip(targets, arrays):
-        array = array * s[:, None]
-        plain = _squared_error(want, _quantized_output(scaled_rows, array, block_size, symmetric))
-        if clip:
-            candidate = _clip(array, scaled_rows, block_size, symmetric)
-            got = _quantized_output(scaled_rows, candidate, block_size, symmetric)
-            clipped_error = _squared_error(want, got)
-            if clipped_error < plain:
-                final.append(candidate)
-                clipped.append(True)
-                error += clipped_error
-                continue
-        final.append(array)
-        clipped.append(False)
-        error += plain
-    return _Search(
-        alpha, s, final, clipped, rtn / reference, scaled_error / reference, error / reference
-    )
-
-
-def _gptq_int4(
-    array: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool, damping: float
-) -> Int4Weight:
-    """GPTQ rounding (`gptq`) of a [K, N] weight to block-wise int4 codes.
-
-    The scales and zero points are RTN's (`quantize_int4` of the same array: AWQ's clipping
-    stays in them); only the codes change. With H = I nothing spreads and the codes are RTN's.
-    """
-    nearest = quantize_int4(array, block_size, symmetric)
-    k, n = array.shape
-    scales = nearest.scales.T.astype(np.float64)  # [kb, N]
-    zero = nearest.unpacked_zero_points().T.astype(np.float64)  # [kb, N]
-    safe = np.where(scales == 0, 1.0, scales)
-    top = (1 << nearest.bits) - 1
-    codes = np.empty((k, n), dtype=np.uint8)
-
-    def round_row(i: int, row: np.ndarray) -> np.ndarray:
-        g = i // block_size
-        code = np.clip(np.rint(row / safe[g]) + zero[g], 0, top)
-        codes[i] = code
-        return (code - zero[g]) * scales[g]
-
-    if not gptq(array.astype(np.float64), hessian, damping, round_row):
-        return nearest
-    padded = nearest._unpack(nearest.packed)  # [N, kb·B]: the kernel's padding kept
-    padded[:, :k] = codes.T
-    pairs = padded.reshape(n, scales.shape[0], block_size // 2, 2)
-    packed = np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4), dtype=np.uint8)
-    return dataclasses.replace(nearest, packed=packed)
 
 
 def _correct_bias(graph: ir.Graph, weight: Weight, correction: np.ndarray, taken: set[str]) -> int:
@@ -400,7 +208,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
     With `keep_source_grid`, weights already on a block grid (a GGUF source's Q4_1 blocks)
     keep it: symmetric or uint8-zero-point blocks whose activation is widened to
     [x, block sums of x] (`MatMul` by a 0/1 matrix, then `Concat`), the extra input rows
-    holding each block's float offset (`fdec.passes.quantize_int4.offset_rows`); stats
+    holding each block's float offset (`fdec.passes.source_grid.offset_rows`); stats
     `source_grid_kept` and `block_sum_inputs` count them. With `bias_correction`, each searched
     weight's mean output error on the calibration tokens is folded into its bias.
 
@@ -559,7 +367,10 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             report[group.activation.name] = self._scale_group(model, group, seen, taken, counts)
         widened = 0
         if on_grid and self.source_grid_form == "block_sums":
-            widened = self._to_block_sums(model.graph, weights, taken)
+            widened = widen_to_block_sums(
+                model.graph, weights, taken, self.source_grid_levels,
+                self.source_grid_rounded_zero_points,
+            )  # fmt: skip
         result = self._quantize_weights(model, weights, skipped)
         reductions = [entry["reduction"] for entry in report.values()]
         stats = {
@@ -577,41 +388,6 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             "groups": report,
         }
         return PassResult(model, modified=result.modified, stats=stats)
-
-    def _to_block_sums(self, graph: ir.Graph, weights: list[Weight], taken: set[str]) -> int:
-        """Rewrite the weights still on their float-zero-point grid (kept, not searched) as
-        symmetric blocks over [x, block sums of x] (`offset_rows`); their sites read the
-        widened activation, one per activation. Returns the activations widened."""
-        widened: dict[int, ir.Value] = {}
-        matrices: dict[tuple[int, int], ir.Value] = {}
-        levels = self.source_grid_levels
-        for weight in weights:
-            q = weight.quantized
-            if q is None or q.zero_points is None or q.k % q.block_size:
-                continue
-            weight.quantized = offset_rows(q, levels, self.source_grid_rounded_zero_points)
-            for site in weight.sites:
-                source = site.activation
-                if id(source) not in widened:
-                    key = (q.k, q.block_size)
-                    if key not in matrices:
-                        name = fresh_name(graph, f"block_sums_{q.k}x{q.block_size}", taken)
-                        array = block_sum_matrix(q.k, q.block_size)
-                        matrices[key] = add_initializer(graph, name, ir.tensor(array, name=name))
-                    sums = ir.node(
-                        "MatMul", [source, matrices[key]], name=f"{source.name}_block_sums"
-                    )
-                    wide = ir.node(
-                        "Concat",
-                        [source, *[sums.outputs[0]] * levels],
-                        {"axis": -1},
-                        name=f"{source.name}_with_block_sums",
-                    )
-                    insert_after_producer(graph, source, [sums, wide])
-                    widened[id(source)] = wide.outputs[0]
-                site.node.replace_input_with(0, widened[id(source)])
-                site.activation = widened[id(source)]
-        return len(widened)
 
     def _not_searched(self, group: ActivationGroup) -> str | None:
         """Why AWQ leaves the group to plain rounding although it could search it, or None."""
@@ -643,7 +419,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         mean = seen.mean if self.bias_correction else None
         # E[x]·W of the float weights: what the quantized product should average to
         wanted = [mean @ w.array for w in group.weights] if mean is not None else None
-        found = _awq_search(
+        found = awq_search(
             seen,
             [w.array for w in group.weights],
             self.clip,
@@ -665,7 +441,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             # Rounded now, so that the scaled float copies do not pile up over the groups. A
             # shared table's codes are also embedding rows: those keep nearest rounding.
             if self.rounding == "gptq" and not weight.gathers:
-                weight.quantized = _gptq_int4(
+                weight.quantized = gptq_int4(
                     weight.array,
                     seen.hessian(found.s if found.alpha else None),
                     self._block_size_of(weight),

@@ -35,14 +35,7 @@ from fdec.passes.weights import (
 )
 from fdec.pipeline import Pass, PassResult, Tolerance
 
-__all__ = [
-    "Int4Weight",
-    "QuantizeInt4Pass",
-    "block_sum_matrix",
-    "block_sum_width",
-    "offset_rows",
-    "quantize_int4",
-]
+__all__ = ["Int4Weight", "QuantizeInt4Pass", "quantize_int4"]
 
 logger = logging.getLogger(__name__)
 
@@ -181,70 +174,6 @@ def _register_bias(graph: ir.Graph, site: Site) -> None:
     if bias is not None and bias.const_value is not None and bias.graph is None:
         if bias.producer() is None and bias.name not in graph.initializers:
             graph.register_initializer(bias)
-
-
-def offset_rows(q: Int4Weight, levels: int, rounded_zero_points: bool = False) -> Int4Weight:
-    """A weight on an asymmetric grid with float zero points, (c − z)·d block by block, as
-    symmetric blocks (no zero points: ONNX Runtime's fast MatMulNBits path) over more inputs.
-
-    (c − z)·d = (c − c₀)·d + (c₀ − z)·d with c₀ the symmetric zero point (8 for 4 bits): the
-    first K inputs keep the codes and scales; the per-block offsets (c₀ − z)·d ([k_blocks, N],
-    zero-padded to whole blocks, P rows) follow as `levels` more sets of P input rows, each the
-    symmetric rounding of what the sets before left over. The activation they multiply is
-    [x, S, …, S] with S the sums of x over each block of K (`block_sum_matrix`), so
-    x·W = x·(c − c₀)·d + S·offsets exactly up to the offsets' rounding: 1 level leaves about
-    1/5 of the weight error plain symmetric RTN makes on SmolLM2's Q4_1 layers, 2 levels
-    about 1/1000. K must be whole blocks.
-
-    With `rounded_zero_points` the first K inputs' blocks keep z rounded to an integer (uint8
-    zero points, still the fast path; the offset rows' blocks get the symmetric 8), so the
-    offsets are only (round(z) − z)·d, at most half a step, and rounding them costs that much
-    less than rounding the whole (c₀ − z)·d.
-    """
-    if q.zero_points is None or q.zero_points.dtype.kind != "f" or q.k % q.block_size:
-        raise ValueError("offset_rows takes float zero points of whole blocks (grid minmax)")
-    block, center = q.block_size, 1 << (q.bits - 1)
-    z = q.zero_points.astype(np.float64)
-    kept = np.clip(np.rint(z), 0, (1 << q.bits) - 1) if rounded_zero_points else center
-    rows = np.zeros((block_sum_width(q.k, block), q.n), dtype=np.float32)
-    rows[: q.k_blocks] = ((kept - z) * q.scales).T
-    packed, scales = [q.packed], [q.scales]
-    for _ in range(levels):
-        level = quantize_int4(rows, block, True, q.bits)
-        packed.append(level.packed)
-        scales.append(level.scales)
-        rows = rows - level.dequantized().T
-    zero_points = None
-    if rounded_zero_points:
-        extra = sum(part.shape[1] for part in packed[1:])  # offset blocks: symmetric
-        codes = np.concatenate(
-            [np.broadcast_to(kept, z.shape), np.full((q.n, extra), center)], axis=1
-        ).astype(np.uint8)
-        if q.bits == 4:
-            codes = np.pad(codes, ((0, 0), (0, codes.shape[1] % 2)))
-            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-        zero_points = np.ascontiguousarray(codes, dtype=np.uint8)
-    return Int4Weight(
-        np.ascontiguousarray(np.concatenate(packed, axis=1)),
-        np.ascontiguousarray(np.concatenate(scales, axis=1)),
-        zero_points,
-        q.k + levels * rows.shape[0],
-        q.n,
-        block,
-        q.bits,
-    )
-
-
-def block_sum_width(k: int, block: int) -> int:
-    """Columns of `block_sum_matrix`: one per block of K, padded to whole blocks."""
-    return -(-(k // block) // block) * block
-
-
-def block_sum_matrix(k: int, block: int) -> np.ndarray:
-    """[K, P] float32 of 0/1: x·M sums x over each block of K (columns past K/block: zero)."""
-    matrix = np.zeros((k, block_sum_width(k, block)), dtype=np.float32)
-    matrix[np.arange(k), np.arange(k) // block] = 1.0
-    return matrix
 
 
 @dataclasses.dataclass

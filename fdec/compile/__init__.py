@@ -72,8 +72,7 @@ __all__ = [
 
 
 def choose_backend(asked: str | None, target: Any) -> str:
-    """The name of the backend a compile uses: `asked`, else the target's default (checked
-    against the registry, fdec.backends.choose_backend)."""
+    """The backend a compile uses: `asked`, else the target's (fdec.backends.choose_backend)."""
     return backends.choose_backend(asked, target).name
 
 
@@ -146,8 +145,7 @@ def _build(
     settings.check_limits(spec)
     reference = front.reference(spec)
     front.release_hf_model()
-    # Streamed: the weights passes make go to a data file beside the build, not memory
-    # (fdec.ir.spill); removed once the build's own data file is written.
+    # Streamed: new weights go to a data file beside the build until it is written (ir.spill).
     spill = (
         WeightSpill(scratch_folder(out, "spill")).attach(model.graph) if front.streamed else None
     )
@@ -169,8 +167,7 @@ def _build(
             verification = verify_written(
                 staging, reference, recipe, optimized, front, progress, spec=spec
             )
-            # Engines build from their backend's own typed model, checked against the same
-            # reference (fdec.backends, fdec.lower.tensorrt_model).
+            # Engines build from their backend's typed model, checked against the reference.
             engines = build_engines(
                 staging, spec=spec, target=target, backend=settings.backend.name,
                 limits=settings.limits, reference=reference, tolerance=recipe.tolerance,

@@ -19,6 +19,7 @@ from fdec.runtime.ort import CUDA_PROVIDER, GPU_PROVIDERS, INSTALL_LINES, requir
 __all__ = [
     "INSTALL_LINES",
     "KV_BUFFERS",
+    "KV_POLICY_METADATA",
     "OPT_LEVELS",
     "BoundDecoder",
     "OrtModel",
@@ -36,7 +37,7 @@ OPT_LEVELS = ("disable", "basic", "extended", "all")
 # "concat": present is past plus the new positions (a new tensor every step).
 KV_BUFFERS = ("shared", "concat")
 _KV_BUFFER_METADATA = "fdec.kv_buffer"  # fdec.lower.onnxruntime.KV_BUFFER_METADATA
-_KV_POLICY_METADATA = "fdec.kv_policy"  # fdec.passes.kv_cache.KV_POLICY_METADATA (JSON)
+KV_POLICY_METADATA = "fdec.kv_policy"  # fdec.passes.kv_cache.KV_POLICY_METADATA (JSON)
 
 
 def resolve_providers(
@@ -298,8 +299,8 @@ class OrtModel:
             # Set when numpy cannot name the cache's type (fp8): the ONNX type of the bytes.
             self.kv_onnx_type = _ONNX_FP8_E4M3FN if past.type == "tensor(float8e4m3fn)" else None
         metadata = session.get_modelmeta().custom_metadata_map or {}
-        if kv_policy is None and metadata.get(_KV_POLICY_METADATA):
-            kv_policy = json.loads(metadata[_KV_POLICY_METADATA])
+        if kv_policy is None and metadata.get(KV_POLICY_METADATA):
+            kv_policy = json.loads(metadata[KV_POLICY_METADATA])
         self.kv_policy = kv_policy if layers else None
         if kv_buffer is None:
             kv_buffer = metadata.get(_KV_BUFFER_METADATA, "concat")

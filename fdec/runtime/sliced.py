@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from fdec.runtime.session import _KV_POLICY_METADATA, open_session, require_onnxruntime
+from fdec.runtime.session import KV_POLICY_METADATA, open_session, require_onnxruntime
 
 __all__ = [
     "DEFAULT_SLICE_BYTES",
@@ -160,8 +160,8 @@ class SlicedModel:
                 self.kv_dtype, self.kv_onnx_type = np.uint8, _ONNX_FP8_E4M3FN
             else:
                 self.kv_dtype = past.dtype.numpy()
-        if metadata.get(_KV_POLICY_METADATA):
-            self.kv_policy = json.loads(metadata[_KV_POLICY_METADATA])
+        if metadata.get(KV_POLICY_METADATA):
+            self.kv_policy = json.loads(metadata[KV_POLICY_METADATA])
         stages = node_stages(graph, spec)
         budget = DEFAULT_SLICE_BYTES if max_slice_bytes is None else max_slice_bytes
         self.slices = self._plan(graph, stages, plan_slices(graph, stages, budget))

@@ -30,12 +30,8 @@ from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel, ModelSpec
 from fdec.passes.quantize import QuantizeInt4Pass
 from fdec.passes.quantize_awq import QuantizeInt4AwqPass
-from fdec.passes.quantize_int4 import (
-    _quantize_minmax,
-    block_sum_matrix,
-    offset_rows,
-    quantize_int4,
-)
+from fdec.passes.quantize_int4 import _quantize_minmax, quantize_int4
+from fdec.passes.source_grid import block_sum_matrix, offset_rows
 from fdec.runtime import session_for_model
 from fdec.verify import Reference
 
@@ -494,8 +490,8 @@ def test_awq_on_a_shared_tied_table_divides_the_gathered_rows_by_s_again(llama):
     ("k", "block", "symmetric"), [(96, 32, True), (80, 64, True), (96, 32, False)]
 )
 def test_gptq_int4_is_rtn_without_correlation_and_beats_it_with(k, block, symmetric):
+    from fdec.passes.awq_search import gptq_int4 as _gptq_int4
     from fdec.passes.quantize import quantize_int4
-    from fdec.passes.quantize_awq import _gptq_int4
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((k, 24)).astype(np.float32)
