@@ -319,5 +319,6 @@ class StaticQuantizePass(Pass):
         if weight.gathers:  # the tied embedding reads the same codes
             added += QuantizeInt8Pass.share_with_gathers(graph, weight, b, w_scale, False, taken)
         retire_weight(graph, weight)
+        weight.release()  # a weight read from the checkpoint: one float copy at a time
         model.spec.rename_weight(old_name, b.name)
         return added
