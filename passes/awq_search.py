@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from fdec.passes.gptq import gptq, inverse_factor
 from fdec.passes.quantize_int4 import Int4Weight, quantize_int4
-from fdec.passes.quantize_static import gptq
 
 __all__ = ["AwqSearch", "awq_search", "gptq_int4"]
 
@@ -200,7 +200,7 @@ def gptq_int4(
         codes[i] = code
         return (code - zero[g]) * scales[g]
 
-    if not gptq(array.astype(np.float64), hessian, damping, round_row):
+    if not gptq(array.astype(np.float64), inverse_factor(hessian, damping), round_row):
         return nearest
     padded = nearest._unpack(nearest.packed)  # [N, kb·B]: the kernel's padding kept
     padded[:, :k] = codes.T

@@ -400,7 +400,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         """Why the group's calibration cannot drive a search, or None."""
         if seen is None:
             return "no calibration activations"
-        if seen.mean_abs.shape != (group.weights[0].array.shape[0],):
+        if seen.mean_abs.shape != (group.weights[0].shape[0],):
             return "calibration activations do not match the weight's input size"
         if not np.all(np.isfinite(seen.mean_abs)) or not np.any(seen.rows):
             return "activation was all zeros (or not finite) in calibration"

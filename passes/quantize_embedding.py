@@ -39,7 +39,7 @@ import onnx_ir as ir
 from fdec.backends import graph_forms
 from fdec.errors import UsageError
 from fdec.ir import FdecModel
-from fdec.passes.weights import add_initializer, fresh_name, raise_opset
+from fdec.passes.weights import add_initializer, fresh_name, per_channel_quantize, raise_opset
 from fdec.pipeline import Pass, PassResult, Tolerance
 
 __all__ = ["QuantizeEmbeddingPass"]
@@ -116,10 +116,7 @@ def _find_table(model: FdecModel) -> tuple[_Table | None, str | None]:
 
 def _quantize_rows_int8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per row of [V, H]: (codes int8 [V, H] in -127..127, scales float32 [V])."""
-    peak = np.abs(array).max(axis=1)
-    scales = np.where(peak > 0, peak / 127, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(array / scales[:, None]), -127, 127).astype(np.int8)
-    return codes, scales
+    return per_channel_quantize(array, 127, np.int8, channel_axis=0)
 
 
 def _quantize_rows_int4(array: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,15 +11,13 @@ import onnx_ir as ir
 
 from fdec.errors import UsageError
 from fdec.ir import FdecModel
-from fdec.passes.gptq import gptq, hessians
+from fdec.passes.gptq import gptq, hessians, inverse_factor
 from fdec.passes.smoothquant import (
     ActivationGroup,
     insert_after_producer,
 )
 from fdec.passes.static_qdq import StaticQuantizePass, zero_point
-from fdec.passes.weights import (
-    Weight,
-)
+from fdec.passes.weights import per_channel_quantize
 from fdec.pipeline import Tolerance
 from fdec.targets import Precision
 
@@ -36,21 +34,32 @@ def _quantize_fp8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Each column's largest |w| maps to 448; an all-zero column gets scale 1.
     """
-    peak = np.abs(array).max(axis=0)
-    scales = np.where(peak > 0, peak / _FP8_MAX, 1.0).astype(np.float32)
-    codes = np.clip(array / scales, -_FP8_MAX, _FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
-    return codes, scales
+    return per_channel_quantize(array, _FP8_MAX, ml_dtypes.float8_e4m3fn, rint=False)
 
 
-def _gptq_fp8(
-    array: np.ndarray, hessian: np.ndarray, damping: float, act_order: bool = False
+def _fp8_factor(
+    hessian: np.ndarray, damping: float, act_order: bool, overwrite: bool
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """(the rounding order, `inverse_factor` of H in that order) for `_gptq_fp8_factored`.
+    `act_order`: rows are rounded in descending order of H's diagonal (the input channels with
+    the largest activations first, while the most rows are left to absorb their error).
+    `overwrite`: H may be destroyed (no [K, K] copy is then made)."""
+    if not act_order:
+        return np.arange(len(hessian)), inverse_factor(hessian, damping, overwrite=overwrite)
+    order = np.argsort(-np.diag(hessian), kind="stable")
+    return order, inverse_factor(hessian[np.ix_(order, order)], damping, overwrite=True)
+
+
+def _gptq_fp8_factored(
+    array: np.ndarray, factored: tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ rounding (`gptq`) of a [K, N] weight to per-output-channel FP8: (float8 [K, N],
-    scales [N]). The scales are `_quantize_fp8`'s (absmax / 448). `act_order`: rows are
-    rounded in descending order of H's diagonal (the input channels with the largest
-    activations first, while the most rows are left to absorb their error)."""
+    """GPTQ rounding (`gptq`) of a [K, N] weight to per-output-channel FP8 codes on
+    `_quantize_fp8`'s scales (absmax / 448): (float8 [K, N], scales [N]); nearest rounding
+    when H could not be factored."""
+    order, factor = factored
+    if factor is None:
+        return _quantize_fp8(array)
     _, scales = _quantize_fp8(array)
-    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(len(array))
     w = array[order].astype(np.float64) / scales  # in code units, in rounding order
     codes = np.empty(w.shape, dtype=ml_dtypes.float8_e4m3fn)
 
@@ -58,8 +67,7 @@ def _gptq_fp8(
         codes[order[i]] = np.clip(row, -_FP8_MAX, _FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
         return codes[order[i]].astype(np.float64)
 
-    if not gptq(w, hessian[np.ix_(order, order)], damping, round_row):
-        return _quantize_fp8(array)
+    gptq(w, factor, round_row)
     return codes, scales
 
 
@@ -170,11 +178,13 @@ class QuantizeFp8Pass(StaticQuantizePass):
         self._hessians = hessians(model, self.batches, names)
         stats["gptq_tokens"] = int(sum(np.asarray(b).size for b in self.batches))
 
-    def _codes(self, group: ActivationGroup, weight: Weight) -> tuple[np.ndarray, np.ndarray]:
+    def _factor(self, group: ActivationGroup) -> Any:
+        """GPTQ's factor of the group's XᵀX (`_fp8_factor`), made once for all its weights and
+        in place: the XᵀX are this pass's own and each is used by one group. None: nearest."""
         hessian = self._hessians.get(group.activation.name)
         if hessian is None:
-            return _quantize_fp8(weight.array)
-        return _gptq_fp8(weight.array, hessian, self.gptq_damping, self.gptq_act_order)
+            return None
+        return _fp8_factor(hessian, self.gptq_damping, self.gptq_act_order, overwrite=True)
 
     def _rewrite(self, model, group, found, taken, stats) -> bool:
         graph = model.graph
@@ -193,8 +203,12 @@ class QuantizeFp8Pass(StaticQuantizePass):
             graph, group.activation, peak / _FP8_MAX, zero, dtype, taken
         )
         insert_after_producer(graph, group.activation, nodes)
+        factored = self._factor(group)
         for weight in group.weights:
-            codes, scales = self._codes(group, weight)
+            if factored is None:
+                codes, scales = _quantize_fp8(weight.array)
+            else:
+                codes, scales = _gptq_fp8_factored(weight.array, factored)
             tensor = ir.Tensor(codes, dtype=ir.DataType.FLOAT8E4M3FN)
             stats["bytes_before"] += weight.value.const_value.nbytes
             stats["matmuls_quantized"] += len(weight.sites)

@@ -324,7 +324,7 @@ class QuantizeInt4Pass(Pass):
         """`block_size`, except for a tied table shared with the embedding's Gathers, which
         must be whole blocks along K: then the largest supported block ≤ `block_size` that
         divides K (SmolLM2's 576 at block 128: 64)."""
-        k = weight.array.shape[0]
+        k = weight.shape[0]
         if weight.gathers and k % self.block_size:
             fitting = [b for b in _BLOCK_SIZES if b <= self.block_size and not k % b]
             if fitting:

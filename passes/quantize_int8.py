@@ -33,6 +33,7 @@ from fdec.passes.weights import (
     add_initializer,
     collect_weights,
     fresh_name,
+    per_channel_quantize,
     replace_site,
     retire_weight,
 )
@@ -46,10 +47,7 @@ logger = logging.getLogger(__name__)
 
 def quantize_int8(array: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-output-channel symmetric int8 of a [K, N] array: (int8 [K, N], float32 scales [N])."""
-    peak = np.abs(array).max(axis=0)
-    scales = np.where(peak > 0, peak / qmax, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(array / scales), -qmax, qmax).astype(np.int8)
-    return codes, scales
+    return per_channel_quantize(array, qmax, np.int8)
 
 
 _INT8_WEIGHT_TYPES = ("int8", "uint8")
@@ -344,7 +342,7 @@ class QuantizeInt8Pass(Pass):
         stats["searched"] = {}
         for group in groups.values():
             found = calibration.get(group.activation.name)
-            k = group.weights[0].array.shape[0]
+            k = group.weights[0].shape[0]
             if found is None or found.channel_absmax.shape != (k,) or found.absmax <= 0:
                 skipped["not smoothed: no usable calibration range"] += len(group.weights)
                 continue
@@ -382,7 +380,7 @@ class QuantizeInt8Pass(Pass):
         Returns the bytes added (shape constants, the uint8 offset and SmoothQuant's 1/s).
         """
         base = weight.value.name
-        hidden_size = weight.array.shape[0]
+        hidden_size = weight.shape[0]
 
         def constant(suffix: str, array: np.ndarray) -> ir.Value:
             name = fresh_name(graph, f"{base}_{suffix}", taken)

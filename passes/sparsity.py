@@ -255,7 +255,7 @@ class Sparsify2of4Pass(Pass):
         by_role: collections.Counter[str] = collections.Counter()
         for name, weight in found.items():
             roles = chosen[name]
-            k = weight.array.shape[0]
+            k = weight.shape[0]
             if k % _GROUP:
                 skipped[name] = f"K={k} is not divisible by {_GROUP}"
                 logger.info("not sparsifying %s: K=%d", name, k)

@@ -169,7 +169,7 @@ class StaticQuantizePass(Pass):
                 skipped["activation was all zeros (or not finite) in calibration"] += len(
                     group.weights
                 )
-            elif found.channel_absmax.shape != (group.weights[0].array.shape[0],):
+            elif found.channel_absmax.shape != (group.weights[0].shape[0],):
                 skipped["calibration statistics do not match the weight's input size"] += len(
                     group.weights
                 )

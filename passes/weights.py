@@ -37,6 +37,7 @@ __all__ = [
     "int_attr",
     "is_row_gather",
     "matmul_site",
+    "per_channel_quantize",
     "raise_opset",
     "replace_site",
     "retire_weight",
@@ -94,6 +95,14 @@ class Weight:
     def array(self, array: np.ndarray) -> None:
         self._array = array
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """[K, N] of `array`, without reading a lazily bound weight."""
+        if self._array is not None:
+            return self._array.shape
+        rows, columns = (int(d) for d in self.value.const_value.shape)
+        return (columns, rows) if self._transposed else (rows, columns)
+
     def release(self) -> None:
         """Drop a float array read lazily (kept when it is a view of in-memory data)."""
         if _lazy(self.value.const_value):
@@ -107,6 +116,39 @@ def _lazy(tensor: Any) -> bool:
 def _float32(tensor: Any, transposed: bool) -> np.ndarray:
     array = tensor.numpy().astype(np.float32, copy=False)
     return array.T if transposed else array
+
+
+_CHUNK_BYTES = 64 << 20  # float32 rows quantized per step: bounds the temporaries of a 2 GB table
+
+
+def per_channel_quantize(
+    array: np.ndarray, qmax: float, code_dtype: Any, *, channel_axis: int = 1, rint: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel codes of a 2-D float32 array: (codes [same shape] as `code_dtype`,
+    float32 scales, one per channel along `channel_axis`).
+
+    Each channel's largest |w| maps to `qmax` (an all-zero channel gets scale 1); values are
+    divided by their scale, rounded to integers when `rint` (int8; fp8 rounds in the cast), and
+    clipped to ±qmax. Rows are done ~64 MB at a time, so an 8B model's 2.1 GB vocabulary table
+    costs its codes and one chunk, not four float copies; the result is the whole-array one.
+    """
+    rows = max(1, _CHUNK_BYTES // max(1, 4 * int(array.shape[1])))
+    chunks = [slice(start, start + rows) for start in range(0, array.shape[0], rows)]
+    if channel_axis == 1:
+        peak = np.abs(array[chunks[0]]).max(axis=0) if chunks else np.zeros(array.shape[1])
+        for chunk in chunks[1:]:
+            np.maximum(peak, np.abs(array[chunk]).max(axis=0), out=peak)
+    else:
+        peak = np.concatenate([np.abs(array[chunk]).max(axis=1) for chunk in chunks])
+    scales = np.where(peak > 0, peak / qmax, 1.0).astype(np.float32)
+    codes = np.empty(array.shape, dtype=code_dtype)
+    for chunk in chunks:
+        x = array[chunk] / (scales if channel_axis == 1 else scales[chunk, None])
+        if rint:
+            np.rint(x, out=x)
+        np.clip(x, -qmax, qmax, out=x)
+        codes[chunk] = x.astype(code_dtype)
+    return codes, scales
 
 
 def candidate_names(model: FdecModel, include_lm_head: bool) -> list[str]:

@@ -216,3 +216,33 @@ def test_bf16_that_misses_its_gate_falls_back_to_fp16(source, tmp_path, monkeypa
             build, target=load_target("rtx4090"), spec=model.spec, reference=reference,
             tolerance=exact,
         )  # fmt: skip
+
+
+def test_typed_check_of_a_large_model_runs_slice_by_slice_with_the_same_figures(
+    source, tmp_path, monkeypatch
+):
+    """An fp8 model above the one-session size (an 8B one: ~8 GB) is checked one slice of
+    layers at a time (fdec.runtime.sliced), with the figures one session gives."""
+    from fdec.runtime import sliced
+
+    proto, spec, reference, tokenizer = source
+    target = load_target("h100")
+    plan = plan_pipeline(target=target, backend="tensorrt", quantize="fp8")
+    plan.attach_calibration(tokenizer, spec.vocab_size)
+    model, _ = PassManager(plan.pipeline, target=target).run(load(proto, spec))
+    build = tmp_path / "build"
+    build.mkdir()
+    model.save(build / "model.onnx")
+    whole = prepare_tensorrt_model(
+        build, target=target, spec=model.spec, reference=reference, tolerance=plan.tolerance
+    )["numerics"]
+    monkeypatch.setattr(sliced, "WHOLE_SESSION_BYTES", 0)
+    monkeypatch.setattr(sliced, "DEFAULT_SLICE_BYTES", 1)
+    record = prepare_tensorrt_model(
+        build, target=target, spec=model.spec, reference=reference, tolerance=plan.tolerance
+    )
+    got = record["numerics"]
+    assert "sliced" not in whole and got["sliced"]["slices"] == spec.num_layers
+    assert got["ok"] and got["top1_agreement"] == whole["top1_agreement"]
+    for key in ("max_abs_error", "kl_divergence", "perplexity_build"):
+        assert got[key] == pytest.approx(whole[key], abs=1e-4), key

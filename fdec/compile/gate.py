@@ -240,11 +240,11 @@ def verify_written(
     # Without prepacking the verifying session reads the weights from the mapped file
     # instead of holding a packed copy (peak RSS; issue 9).
     providers = [device_graph, "CPUExecutionProvider"] if on_device else None
-    weight_bytes = _data_bytes(staging / MODEL_FILE)
-    if reference.kind == "decoder" and weight_bytes > sliced_runs.WHOLE_SESSION_BYTES:
+    if sliced_runs.too_large_for_one_session(staging / MODEL_FILE, reference.kind):
         # Too large for one session beside the rest of the compile: one slice of layers at
         # a time (fdec.runtime.sliced), the same figures within float noise.
-        progress(f"verifying slice by slice ({weight_bytes / 2**30:.2f} GiB of weights)")
+        weights = sliced_runs.weight_bytes(staging / MODEL_FILE)
+        progress(f"verifying slice by slice ({weights / 2**30:.2f} GiB of weights)")
         sliced = sliced_runs.SlicedModel(
             staging / MODEL_FILE, spec=spec, optimization=recipe.optimization,
             providers=providers,
@@ -269,11 +269,6 @@ def verify_written(
     verification = verify_build(reference, session, recipe.tolerance)
     return _judged(verification, session, device_graph, cpu_run, recipe, optimized, front,
                    progress)  # fmt: skip
-
-
-def _data_bytes(model: pathlib.Path) -> int:
-    """Bytes of the build's external weights (its .data files)."""
-    return sum(path.stat().st_size for path in model.parent.glob(f"{model.name}*.data"))
 
 
 def _judged(

@@ -130,10 +130,14 @@ def emulate_low_precision(model: ir.Model) -> int:
     return added
 
 
-def _check_numerics(typed: pathlib.Path, reference: Any, tolerance: Tolerance) -> dict[str, Any]:
+def _check_numerics(
+    typed: pathlib.Path, reference: Any, tolerance: Tolerance, spec: ModelSpec | None = None
+) -> dict[str, Any]:
     """Figures of the typed model against the source on ONNX Runtime's CPU (basic), with its
-    fp16/bf16 storage emulated (`emulate_low_precision`)."""
+    fp16/bf16 storage emulated (`emulate_low_precision`); slice by slice where one session
+    would hold too much (fdec.runtime.sliced: an 8B fp8 model)."""
     from fdec.runtime import OrtModel, open_session
+    from fdec.runtime.sliced import SlicedModel, too_large_for_one_session
 
     with tempfile.TemporaryDirectory(prefix="fdec-typed-") as scratch:
         model = ir.load(str(typed))
@@ -141,8 +145,14 @@ def _check_numerics(typed: pathlib.Path, reference: Any, tolerance: Tolerance) -
         path = pathlib.Path(scratch) / "emulated.onnx"
         ir.save(model, str(path), external_data="emulated.onnx.data")
         del model
-        session = OrtModel(open_session(path, optimization="basic", prepack=False))
+        sliced = too_large_for_one_session(path, reference.kind)
+        if sliced:
+            session: Any = SlicedModel(path, spec=spec, optimization="basic")
+        else:
+            session = OrtModel(open_session(path, optimization="basic", prepack=False))
         figures = reference.compare(session)
+        if sliced:
+            figures["sliced"] = session.to_dict()
         del session
     figures["emulated"] = True
     failure = tolerance.judge(figures)
@@ -198,7 +208,7 @@ def prepare_tensorrt_model(
             return record
         gate = typed_tolerance(tolerance or Tolerance(), pass_.tolerance)
         progress(f"checking the {candidate} TensorRT model against the source model")
-        figures = _check_numerics(folder / "model.onnx", reference, gate)
+        figures = _check_numerics(folder / "model.onnx", reference, gate, spec)
         record["numerics"] = figures
         record["tolerance"] = gate.to_dict()
         if figures["ok"]:

@@ -40,6 +40,8 @@ __all__ = [
     "SlicedModel",
     "node_stages",
     "plan_slices",
+    "too_large_for_one_session",
+    "weight_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,18 @@ _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
 _ONNX_FP8_E4M3FN = 17
+
+
+def weight_bytes(model: str | pathlib.Path) -> int:
+    """Bytes of a saved model's external weights (its .data files)."""
+    model = pathlib.Path(model)
+    return sum(path.stat().st_size for path in model.parent.glob(f"{model.name}*.data"))
+
+
+def too_large_for_one_session(model: str | pathlib.Path, kind: str) -> bool:
+    """Whether a saved `kind` ("decoder", "encoder") model is checked slice by slice: a decoder
+    with more than `WHOLE_SESSION_BYTES` of weights."""
+    return kind == "decoder" and weight_bytes(model) > WHOLE_SESSION_BYTES
 
 
 def _layer_of_initializers(graph: Any, spec: Any) -> dict[str, int]:

@@ -795,3 +795,26 @@ def test_weight_only_layers_widen_whole_layers_of_deep_enough_models(
     _assert_wide_roles(llama, model, record, wide)
     assert record.stats["activations_quantized"] == 4 * (llama.spec.num_layers - 1)
     _assert_within_tolerance(model, llama.reference, pass_)
+
+
+def test_gptq_factor_is_numpys_inverse_cholesky_in_place():
+    """`inverse_factor` (LAPACK potrf/potri/potrf in one buffer) gives the upper Cholesky factor
+    of the damped H⁻¹ that numpy's inv + cholesky give, with a dead channel set aside, and with
+    `overwrite` it works in the hessian's own memory (an 8B down_proj's XᵀX is 1.6 GB)."""
+    from fdec.passes.gptq import inverse_factor
+
+    x = np.random.default_rng(0).standard_normal((600, 96))
+    x[:, 9] = 0.0
+    hessian = x.T @ x
+    h = hessian.copy()
+    h[9, 9] = 1.0
+    h[np.diag_indices(96)] += 0.01 * np.mean(np.diag(h))
+    want = np.linalg.cholesky(np.linalg.inv(h)).T
+    upper, dead = inverse_factor(hessian, 0.01)
+    np.testing.assert_allclose(upper, want, rtol=0, atol=1e-12)
+    assert np.flatnonzero(dead).tolist() == [9] and not np.tril(upper, -1).any()
+    owned = hessian.copy()
+    upper, _ = inverse_factor(owned, 0.01, overwrite=True)
+    assert np.shares_memory(upper, owned)
+    np.testing.assert_allclose(upper, want, rtol=0, atol=1e-12)
+    assert inverse_factor(-np.eye(4) - 1.0, 0.0) is None  # not positive definite: no factor

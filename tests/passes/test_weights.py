@@ -82,3 +82,49 @@ def test_raise_opset_only_upwards():
     assert weights.raise_opset(model, 21) is True
     assert model.model.opset_imports[""] == 21
     assert weights.raise_opset(model, 19) is False and model.model.opset_imports[""] == 21
+
+
+def test_weight_shape_does_not_read_a_lazily_bound_weight():
+    """A streamed compile binds weights to the checkpoint: a pass asking a weight's [K, N]
+    (the static quantizers check every group's before rewriting any) must not read it, or an
+    8B model's float copies pile up (issue 19: the fp8 pass grew past 14 GiB that way)."""
+    model, arrays = _model()
+    for name in ("w", "v"):
+        array = arrays[name]
+
+        def refuse() -> ir.Tensor:
+            raise AssertionError("the weight was read")
+
+        value = model.graph.initializers[name]
+        value.const_value = ir.LazyTensor(
+            refuse, dtype=ir.DataType.FLOAT, shape=ir.Shape(array.shape)
+        )
+        weight = weights.find_weight(model.graph, name)
+        assert weight.shape == (8, 4)  # [K, N], the initializer being [N, K]
+        with pytest.raises(AssertionError, match="was read"):
+            _ = weight.array
+
+
+@pytest.mark.parametrize("channel_axis", [0, 1])
+@pytest.mark.parametrize(("qmax", "code", "rint"), [(127, np.int8, True), (448.0, "fp8", False)])
+def test_per_channel_quantize_in_chunks_is_the_whole_array_one(
+    monkeypatch, channel_axis, qmax, code, rint
+):
+    import ml_dtypes
+
+    code = ml_dtypes.float8_e4m3fn if code == "fp8" else code
+    array = random_array(301, 40, seed=4)
+    array[:, 5] = 0.0
+    array[7, :] = 0.0
+    axis = 1 - channel_axis  # reduced over
+    peak = np.abs(array).max(axis=axis, keepdims=True)
+    scales = np.where(peak > 0, peak / qmax, 1.0).astype(np.float32)
+    x = array / scales
+    want = np.clip(np.rint(x) if rint else x, -qmax, qmax).astype(code)
+    monkeypatch.setattr(weights, "_CHUNK_BYTES", 4 * 40 * 16)  # 16 rows a step: 19 steps
+    codes, got_scales = weights.per_channel_quantize(
+        array, qmax, code, channel_axis=channel_axis, rint=rint
+    )
+    np.testing.assert_array_equal(got_scales, scales.reshape(-1))
+    assert codes.dtype == want.dtype
+    np.testing.assert_array_equal(codes.view(np.uint8), want.view(np.uint8))
