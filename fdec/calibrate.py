@@ -51,6 +51,7 @@ __all__ = [
     "ActivationStats",
     "StatsCache",
     "active_calibration_source",
+    "add_xtx",
     "calibration_batches",
     "calibration_cache",
     "calibration_source",
@@ -76,6 +77,23 @@ _NP_TYPES = {
 
 
 # --- statistics -------------------------------------------------------------------------------
+
+
+_XTX_CHUNK_BYTES = 64 << 20  # columns of XᵀX added per product
+
+
+def add_xtx(total: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+    """`total` + XᵀX of `x` ([rows, K], read as float64), added in place a block of columns at
+    a time: an 8B down_proj's [14336, 14336] float64 product would be a second 1.6 GB matrix.
+    The first call (`total` None) makes the [K, K] sum."""
+    x = np.asarray(x, dtype=np.float64)
+    k = x.shape[1]
+    if total is None:
+        total = np.zeros((k, k), dtype=np.float64)
+    step = max(1, _XTX_CHUNK_BYTES // (8 * k))
+    for start in range(0, k, step):
+        total[:, start : start + step] += x.T @ x[:, start : start + step]
+    return total
 
 
 @dataclasses.dataclass

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from fdec.calibrate import ActivationStats
+from fdec.calibrate import ActivationStats, add_xtx
 from fdec.errors import CompileError
 from fdec.ir import FdecModel, release_freed_memory
 
@@ -310,6 +310,7 @@ class LayerwiseCalibration:
 
         with torch.no_grad():
             inputs = self._first_layer_inputs(model, layers)
+            streamed.unload_outside()  # the layers need only their own weights
             returned_tuple = False
             for number, layer in enumerate(layers):
                 streamed.load(layer)
@@ -334,6 +335,7 @@ class LayerwiseCalibration:
                 logger.debug("layer-by-layer calibration: layer %s done", number)
                 yield recorder.observed
             recorder.observed = []
+            streamed.load_outside()
             self._head(model, layers, inputs, returned_tuple, recorder)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             self.runs.append(
@@ -437,13 +439,15 @@ class LayerwiseCalibration:
         if "first" in kinds and seen.first_taken < self.first_rows:
             seen.first.append(np.asarray(flat, dtype=np.float32).copy())
             seen.first_taken += flat.shape[0]
+        # Sums in place (an 8B down_proj's XᵀX is 1.6 GB in float64: `a + b` would hold three).
         if "gram" in kinds:
             gram = flat.T @ flat
-            seen.gram = gram if seen.gram is None else seen.gram + gram
+            if seen.gram is None:
+                seen.gram = gram
+            else:
+                seen.gram += gram
         if "hessian" in kinds:
-            wide = flat.astype(np.float64)
-            product = wide.T @ wide
-            seen.hessian = product if seen.hessian is None else seen.hessian + product
+            seen.hessian = add_xtx(seen.hessian, flat)
 
     def to_dict(self) -> dict[str, Any]:
         return {

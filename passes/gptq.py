@@ -17,7 +17,7 @@ def hessians(
     model: FdecModel, batches: Sequence[np.ndarray], names: Sequence[str]
 ) -> Mapping[str, np.ndarray]:
     """XᵀX (float64 [K, K]) of each named activation over the calibration batches."""
-    from fdec.calibrate import ActivationRunner, active_calibration_source
+    from fdec.calibrate import ActivationRunner, active_calibration_source, add_xtx
 
     names = list(dict.fromkeys(names))
     source = active_calibration_source(batches)
@@ -28,12 +28,8 @@ def hessians(
     try:
         for ids in batches:
             for name, array in runner.run(np.asarray(ids)).items():
-                x = np.asarray(array, dtype=np.float64)
-                x = x.reshape(-1, x.shape[-1])
-                if name in sums:
-                    sums[name] += x.T @ x
-                else:
-                    sums[name] = x.T @ x
+                x = np.asarray(array).reshape(-1, np.shape(array)[-1])
+                sums[name] = add_xtx(sums.get(name), x)
     finally:
         runner.close()
     return sums

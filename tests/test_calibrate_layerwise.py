@@ -154,3 +154,41 @@ def test_streamed_calibration_memory_is_predicted_per_layer(
         assert result.exit_code == 4, result.output
         assert fix in next(line for line in result.output.splitlines() if "needs about" in line)
         assert not (tmp_path / "b").exists()
+
+
+def test_xtx_is_summed_in_place_a_block_of_columns_at_a_time(monkeypatch):
+    """GPTQ's XᵀX sum never holds a second [K, K] product (an 8B down_proj's is 1.6 GB)."""
+    import fdec.calibrate as calibrate
+
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((40, 24)).astype(np.float32) for _ in range(3)]
+    monkeypatch.setattr(calibrate, "_XTX_CHUNK_BYTES", 8 * 24 * 5)  # 5 columns a product
+    total = None
+    for part in parts:
+        before = total
+        total = calibrate.add_xtx(total, part)
+        assert before is None or total is before  # in place after the first
+    x = np.concatenate(parts).astype(np.float64)
+    np.testing.assert_allclose(total, x.T @ x, rtol=1e-13, atol=1e-12)
+
+
+def test_streamed_model_drops_and_reads_again_what_is_outside_the_layers(tiny_models):
+    """While calibration runs the layers one by one, the embedding and head are not held."""
+    import torch
+
+    from fdec.frontend.stream import open_streamed
+
+    streamed = open_streamed(resolve_source(str(tiny_models("llama"))))
+    model = streamed.model
+    ids = torch.tensor([[1, 5, 9, 2]])
+    for layer in streamed.layers:
+        streamed.load(layer)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    streamed.unload_outside()
+    outside = model.get_input_embeddings().weight
+    assert outside.device.type == "meta" and model.get_output_embeddings().weight.is_meta
+    assert all(not p.is_meta for p in streamed.layers.parameters())  # the layers keep theirs
+    streamed.load_outside()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)

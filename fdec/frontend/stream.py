@@ -352,7 +352,9 @@ def _check_finite(name: str, array: np.ndarray, source: ModelSource) -> None:
 class StreamedModel:
     """The source's architecture with everything outside the layers (embeddings, final norm,
     head) read once in fp32 and the layers' parameters on `meta`: `load(layer)` reads one
-    layer's weights from the checkpoint (widened to fp32), `unload(layer)` drops them.
+    layer's weights from the checkpoint (widened to fp32), `unload(layer)` drops them;
+    `unload_outside()` drops the weights outside the layers (an 8B Llama's embedding: 2.1 GB)
+    while only the layers run, `load_outside()` reads them again.
     `aliases`: parameter_aliases of the architecture (tied names), taken before loading."""
 
     model: Any
@@ -360,6 +362,8 @@ class StreamedModel:
     load: Callable[[Any], None]
     unload: Callable[[Any], None]
     aliases: dict[str, list[str]]
+    load_outside: Callable[[], None]
+    unload_outside: Callable[[], None]
 
 
 def open_streamed(source: ModelSource, *, trust_remote_code: bool = False) -> StreamedModel:
@@ -389,25 +393,40 @@ def open_streamed(source: ModelSource, *, trust_remote_code: bool = False) -> St
             state[name] = read(_checkpoint_name(prefix + name, aliases, index))
         module.load_state_dict(state, strict=False, assign=True)
 
-    def unload(module: Any) -> None:
-        for sub in module.modules():
+    def to_meta(modules: Any) -> None:
+        for sub in modules:
             for key, parameter in list(sub._parameters.items()):
                 if parameter is not None:
                     sub._parameters[key] = torch.nn.Parameter(
                         parameter.to("meta"), requires_grad=False
                     )
 
+    def unload(module: Any) -> None:
+        to_meta(module.modules())
+
     in_layers = {id(p) for p in layers.parameters()}
-    outside: dict[str, Any] = {}
-    tensors: dict[str, Any] = {}  # tied names share one tensor
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        if id(parameter) not in in_layers:
+    outside_names = [
+        name
+        for name, parameter in model.named_parameters(remove_duplicate=False)
+        if id(parameter) not in in_layers
+    ]
+    in_layer_modules = {id(m) for m in layers.modules()}
+    outside_modules = [m for m in model.modules() if id(m) not in in_layer_modules]
+
+    def load_outside() -> None:
+        outside: dict[str, Any] = {}
+        tensors: dict[str, Any] = {}  # tied names share one tensor
+        for name in outside_names:
             stored = _checkpoint_name(name, aliases, index)
             if stored not in tensors:
                 tensors[stored] = read(stored)
             outside[name] = tensors[stored]
-    model.load_state_dict(outside, strict=False, assign=True)
-    return StreamedModel(model, layers, load, unload, aliases)
+        model.load_state_dict(outside, strict=False, assign=True)
+
+    load_outside()
+    return StreamedModel(
+        model, layers, load, unload, aliases, load_outside, lambda: to_meta(outside_modules)
+    )
 
 
 def streamed_reference_model(source: ModelSource, *, trust_remote_code: bool = False) -> Any:

@@ -16,7 +16,7 @@ The prediction comes from the checkpoint's header and config.json (nothing loade
   calibrates activations calibrates layer by layer (fdec.calibrate_layerwise): the reference's
   weights, the calibration tokens' hidden states and one batch's logits, plus what it keeps per
   Linear input (AWQ's and SmoothQuant's rows for every layer; GPTQ's XᵀX for one layer, which
-  the pass reads while it rounds, inverting the largest in float64: 4 copies of it).
+  the pass factors in place while it rounds, and the weight being rounded in float64).
 
 Memory available is /proc/meminfo's MemAvailable, or the cgroup's limit less its usage when
 that is smaller.
@@ -55,7 +55,9 @@ _SLICE_SESSION_FACTOR = 3.0
 # Calibration as fdec.calibrate.calibration_batches makes it by default: 16 batches of 128.
 _CALIBRATION_TOKENS, _CALIBRATION_BATCH = 16 * 128, 128
 _CALIBRATION_ROWS = 512  # rows AWQ (max_rows) and SmoothQuant's search (search_rows) keep
-_GPTQ_COPIES = 4  # XᵀX read, its damped copy, its inverse and the Cholesky factor (float64)
+# GPTQ's weight in float64 and its scaled copy while rounding; its factor of XᵀX is made in
+# place (fdec.passes.gptq.inverse_factor), so no copy of the [K, K] matrix is added.
+_GPTQ_WEIGHT_COPIES = 2
 _LAYER = re.compile(r"(^|\.)(layers|h|layer|blocks)\.(\d+)\.")
 
 
@@ -127,7 +129,7 @@ def _layerwise_calibration_bytes(
     gptq = 0
     if "hessian" in calibration:
         one_layer = 8 * (3 * hidden**2 + 2 * inner**2)  # + the product being added
-        gptq = weights + one_layer + _GPTQ_COPIES * 8 * max(hidden, inner) ** 2
+        gptq = weights + one_layer + _GPTQ_WEIGHT_COPIES * 8 * hidden * inner
     return weights + activations + kept, gptq
 
 
@@ -205,7 +207,7 @@ def check_compile_memory(
         return need
     if not streamed:
         fix = "compile with --stream (weights read from the checkpoint one tensor at a time)"
-    elif calibrates and "hessian" in calibration:  # GPTQ's XᵀX inverses dominate
+    elif calibrates and "hessian" in calibration:  # one layer's GPTQ XᵀX dominates
         fix = (
             "round fp8 weights to nearest (--pass-options quantize-fp8.weight_rounding="
             '"nearest"), use a weight-only recipe (--quantize int4-rtn) or a bigger machine'
