@@ -36,9 +36,10 @@ import numpy as np
 import onnx_ir as ir
 
 from fdec.calibrate import activations_per_batch, active_calibration_source, checked_batches
-from fdec.errors import CompileError, UsageError
+from fdec.errors import UsageError
 from fdec.ir import FdecModel, release_freed_memory
 from fdec.passes.awq_search import awq_search, gptq_int4
+from fdec.passes.quantize_common import require_calibrated
 from fdec.passes.quantize_int4 import QuantizeInt4Pass
 from fdec.passes.smoothquant import (
     ActivationGroup,
@@ -347,13 +348,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             groups = [g for g in groups if not any(g is k for k in kept)]
         calibration = self._calibrate(model, groups) if groups else {}
         release_freed_memory()  # the capture's activations and session are gone
-        if groups and not any(group.activation.name in calibration for group in groups):
-            raise CompileError(
-                f"{self.name}: none of the {len(groups)} activations to scale has calibration "
-                f"data (first: {groups[0].activation.name!r})",
-                "capture the activations on the model exactly as this pass receives it, or "
-                "pass batches=... so the pass calibrates it itself",
-            )
+        require_calibrated(self.name, groups, calibration, "scale", "capture the activations")
         taken: set[str] = set()
         report: dict[str, Any] = {}
         counts = collections.Counter()

@@ -39,7 +39,13 @@ import onnx_ir as ir
 from fdec.backends import graph_forms
 from fdec.errors import UsageError
 from fdec.ir import FdecModel
-from fdec.passes.weights import add_initializer, fresh_name, per_channel_quantize, raise_opset
+from fdec.passes.weights import (
+    add_initializer,
+    fresh_name,
+    per_channel_quantize,
+    raise_opset,
+    replace_node,
+)
 from fdec.pipeline import Pass, PassResult, Tolerance
 
 __all__ = ["QuantizeEmbeddingPass"]
@@ -335,7 +341,7 @@ class QuantizeEmbeddingPass(Pass):
             mul = ir.node(
                 "Mul", [cast.outputs[0], row_scales.outputs[0]], name=f"{prefix}_dequantize"
             )
-            _replace_gather(graph, gather, [rows, cast, row_scales, mul])
+            replace_node(graph, gather, [rows, cast, row_scales, mul])
         return codes.nbytes + scales_value.const_value.nbytes, codes_value.name
 
     def _gather_block_quantized(self, graph: ir.Graph, table: _Table) -> tuple[int, str]:
@@ -365,7 +371,7 @@ class QuantizeEmbeddingPass(Pass):
                 domain=_MS_DOMAIN,
                 name=f"{gather.name or base}_Q4",
             )
-            _replace_gather(graph, gather, [node])
+            replace_node(graph, gather, [node])
         added = data.const_value.nbytes + scales_value.const_value.nbytes
         return added, data.name
 
@@ -401,18 +407,6 @@ class QuantizeEmbeddingPass(Pass):
                 {"axis": 0},
                 name=f"{gather.name or base}_Q{bits}",
             )
-            _replace_gather(graph, gather, [rows])
+            replace_node(graph, gather, [rows])
         added = codes_value.const_value.nbytes + scales_value.const_value.nbytes
         return added, codes_value.name
-
-
-def _replace_gather(graph: ir.Graph, gather: ir.Node, new_nodes: list[ir.Node]) -> None:
-    """Put `new_nodes` where `gather` was; the last one's output takes over its output."""
-    ir.convenience.replace_nodes_and_values(
-        graph,
-        insertion_point=gather,
-        old_nodes=[gather],
-        new_nodes=new_nodes,
-        old_values=[gather.outputs[0]],
-        new_values=[new_nodes[-1].outputs[0]],
-    )

@@ -30,6 +30,7 @@ from fdec.passes.weights import (
     collect_weights,
     fresh_name,
     raise_opset,
+    replace_node,
     replace_site,
     retire_weight,
 )
@@ -469,14 +470,7 @@ class QuantizeInt4Pass(Pass):
             nodes = [rows, ids_shape, shape, flat]
             if inverse is not None:
                 nodes.append(ir.node("Mul", [flat.outputs[0], inverse], name=f"{prefix}_inv_s"))
-            ir.convenience.replace_nodes_and_values(
-                graph,
-                insertion_point=gather,
-                old_nodes=[gather],
-                new_nodes=nodes,
-                old_values=[gather.outputs[0]],
-                new_values=[nodes[-1].outputs[0]],
-            )
+            replace_node(graph, gather, nodes)
         return added
 
     def _rewrite_qdq(

@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from fdec.errors import UsageError
 from fdec.ir import FdecModel
-from fdec.passes.quantize_common import empty_stats, require_untied
+from fdec.passes.quantize_common import check_alpha, empty_stats, require_untied
 from fdec.passes.smoothquant import (
     ActivationGroup,
     capture_rows,
@@ -34,6 +34,7 @@ from fdec.passes.weights import (
     collect_weights,
     fresh_name,
     per_channel_quantize,
+    replace_node,
     replace_site,
     retire_weight,
 )
@@ -135,16 +136,7 @@ class QuantizeInt8Pass(Pass):
                 f"{self.name}: reduce_range applies to int8 weights, not uint8",
                 "drop reduce_range (uint8 weights cannot overflow) or use weight_type='int8'",
             )
-        alpha = self.alpha
-        if alpha is not None and (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or not 0.0 <= alpha <= 1.0
-        ):
-            raise UsageError(
-                f"{self.name} alpha {alpha!r} is not a number from 0 to 1",
-                "use 0.8 (SmolLM2's best), or None for no smoothing",
-            )
+        check_alpha(self.name, self.alpha, "use 0.8 (SmolLM2's best), or None for no smoothing")
         self.batches = checked_batches(self.name, self.batches)
 
     @property
@@ -420,14 +412,7 @@ class QuantizeInt8Pass(Pass):
                 shape,
                 node("Reshape", [nodes[-1].outputs[0], shape.outputs[0]], "rows"),
             ]
-            ir.convenience.replace_nodes_and_values(
-                graph,
-                insertion_point=gather,
-                old_nodes=[gather],
-                new_nodes=nodes,
-                old_values=[gather.outputs[0]],
-                new_values=[nodes[-1].outputs[0]],
-            )
+            replace_node(graph, gather, nodes)
         return int(sum(value.const_value.nbytes for value in extra))
 
     @staticmethod

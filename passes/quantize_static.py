@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from fdec.errors import UsageError
 from fdec.passes.gptq import gptq
+from fdec.passes.quantize_common import check_alpha
 from fdec.passes.quantize_fp8 import QuantizeFp8Pass
 from fdec.passes.quantize_int8 import quantize_int8
 from fdec.passes.smoothquant import (
@@ -113,17 +113,11 @@ class QuantizeInt8StaticPass(StaticQuantizePass):
         super().__post_init__()
         self.alpha_search = tuple(float(a) for a in self.alpha_search)
         self.clip_search = tuple(float(c) for c in self.clip_search)
-        alpha = self.alpha
-        if alpha is not None and (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or not 0.0 <= alpha <= 1.0
-        ):
-            raise UsageError(
-                f"quantize-int8-static alpha {alpha!r} is not a number from 0 to 1",
-                "use 0.5 (SmoothQuant's default; higher moves more range into the weights), "
-                "or None for no smoothing",
-            )
+        check_alpha(
+            self.name, self.alpha,
+            "use 0.5 (SmoothQuant's default; higher moves more range into the weights), "
+            "or None for no smoothing",
+        )  # fmt: skip
 
     def _extra_stats(self) -> dict[str, Any]:
         return {

@@ -18,9 +18,9 @@ from fdec.calibrate import (
     checked_batches,
     collect_activation_stats,
 )
-from fdec.errors import CompileError, UsageError
+from fdec.errors import UsageError
 from fdec.ir import FdecModel
-from fdec.passes.quantize_common import empty_stats, require_untied
+from fdec.passes.quantize_common import empty_stats, require_calibrated, require_untied
 from fdec.passes.quantize_int8 import QuantizeInt8Pass, quantize_int8
 from fdec.passes.smoothquant import (
     ActivationGroup,
@@ -153,13 +153,7 @@ class StaticQuantizePass(Pass):
         }
         groups = group_by_activation(weights, skipped)
         calibration = self._calibrate(model, groups) if groups else {}
-        if groups and not any(group.activation.name in calibration for group in groups):
-            raise CompileError(
-                f"{self.name}: none of the {len(groups)} activations to quantize has "
-                f"calibration statistics (first: {groups[0].activation.name!r})",
-                "collect the stats on the model exactly as this pass receives it, or pass "
-                "batches=... so the pass calibrates it itself",
-            )
+        require_calibrated(self.name, groups, calibration, "quantize", "collect the stats")
         ready: list[tuple[ActivationGroup, ActivationStats]] = []
         for group in groups:
             found = calibration.get(group.activation.name)

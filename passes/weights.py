@@ -39,6 +39,7 @@ __all__ = [
     "matmul_site",
     "per_channel_quantize",
     "raise_opset",
+    "replace_node",
     "replace_site",
     "retire_weight",
 ]
@@ -312,16 +313,21 @@ def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir
     return value
 
 
-def replace_site(graph: ir.Graph, site: Site, new_nodes: list[ir.Node]) -> None:
-    """Put `new_nodes` where `site.node` was; the last one's output takes over its output."""
+def replace_node(graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node]) -> None:
+    """Put `new_nodes` where `node` was; the last one's output takes over its output."""
     ir.convenience.replace_nodes_and_values(
         graph,
-        insertion_point=site.node,
-        old_nodes=[site.node],
+        insertion_point=node,
+        old_nodes=[node],
         new_nodes=new_nodes,
-        old_values=[site.node.outputs[0]],
+        old_values=[node.outputs[0]],
         new_values=[new_nodes[-1].outputs[0]],
     )
+
+
+def replace_site(graph: ir.Graph, site: Site, new_nodes: list[ir.Node]) -> None:
+    """Put `new_nodes` where `site.node` was (`replace_node`)."""
+    replace_node(graph, site.node, new_nodes)
 
 
 def retire_weight(graph: ir.Graph, weight: Weight) -> None:
