@@ -56,20 +56,28 @@ def source(tiny_models, tmp_path_factory):
     return dump(model), model.spec, reference, imported.tokenizer
 
 
+def _built(source, tmp_path, target, backend, quantize, **plan_options):
+    """The tiny Llama through `fdec compile`'s pipeline for (target, backend, quantize),
+    saved as build/model.onnx: (build folder, model, plan, pass records)."""
+    proto, spec, _, tokenizer = source
+    plan = plan_pipeline(target=target, backend=backend, quantize=quantize, **plan_options)
+    plan.attach_calibration(tokenizer, spec.vocab_size)
+    model, records = PassManager(plan.pipeline, target=target).run(load(proto, spec))
+    build = tmp_path / "build"
+    build.mkdir()
+    model.save(build / "model.onnx")
+    return build, model, plan, records
+
+
 @pytest.mark.parametrize(
     ("recipe", "dtype", "precisions", "engine"),
     _MATRIX,
     ids=[f"{recipe}-{dtype or 'auto'}" for recipe, dtype, *_ in _MATRIX],
 )
 def test_recipe_builds_a_strongly_typed_engine(source, tmp_path, recipe, dtype, precisions, engine):
-    proto, spec, reference, tokenizer = source
+    _, _, reference, _ = source
     target = load_target("rtx4090")
-    plan = plan_pipeline(target=target, backend="tensorrt-rtx", quantize=recipe)
-    plan.attach_calibration(tokenizer, spec.vocab_size)
-    model, _ = PassManager(plan.pipeline, target=target).run(load(proto, spec))
-    build = tmp_path / "build"
-    build.mkdir()
-    model.save(build / "model.onnx")
+    build, model, plan, _ = _built(source, tmp_path, target, "tensorrt-rtx", recipe)
 
     record = prepare_tensorrt_model(
         build, target=target, spec=model.spec, reference=reference, tolerance=plan.tolerance,
@@ -104,25 +112,18 @@ def test_fp8_with_a_whole_layer_w8a16_builds_an_fp8_engine(source, tmp_path, mon
     the TensorRT-RTX engine builds with both kinds of GEMM."""
     from fdec.passes.quantize_fp8 import QuantizeFp8Pass
 
-    proto, spec, reference, tokenizer = source
+    _, spec, reference, _ = source
     monkeypatch.setattr(QuantizeFp8Pass, "layers_per_wide_layer", 1)  # 2 layers: widen one
     target = load_target("rtx4090")
-    plan = plan_pipeline(
-        target=target, backend="tensorrt-rtx", quantize="fp8",
-        pass_options={
-            "quantize-fp8": {"weight_only": ("down", "lm_head"), "weight_only_layers": (-1,)}
-        },
-    )  # fmt: skip
-    plan.attach_calibration(tokenizer, spec.vocab_size)
-    model, records = PassManager(plan.pipeline, target=target).run(load(proto, spec))
+    options = {"quantize-fp8": {"weight_only": ("down", "lm_head"), "weight_only_layers": (-1,)}}
+    build, model, plan, records = _built(
+        source, tmp_path, target, "tensorrt-rtx", "fp8", pass_options=options
+    )
     (fp8,) = [r for r in records if r.name == "quantize-fp8"]
     last = spec.num_layers - 1
     wide = {spec.weights[f"layers.{last}.{k}"] for k in ("q", "k", "v", "o", "gate", "up")}
     assert wide <= set(fp8.stats["weight_only"])
     assert fp8.stats["activations_quantized"] == 3  # layer 0's q/k/v, o, gate/up
-    build = tmp_path / "build"
-    build.mkdir()
-    model.save(build / "model.onnx")
     record = prepare_tensorrt_model(
         build, target=target, spec=model.spec, reference=reference, tolerance=plan.tolerance
     )
@@ -225,14 +226,9 @@ def test_typed_check_of_a_large_model_runs_slice_by_slice_with_the_same_figures(
     layers at a time (fdec.runtime.sliced), with the figures one session gives."""
     from fdec.runtime import sliced
 
-    proto, spec, reference, tokenizer = source
+    _, spec, reference, _ = source
     target = load_target("h100")
-    plan = plan_pipeline(target=target, backend="tensorrt", quantize="fp8")
-    plan.attach_calibration(tokenizer, spec.vocab_size)
-    model, _ = PassManager(plan.pipeline, target=target).run(load(proto, spec))
-    build = tmp_path / "build"
-    build.mkdir()
-    model.save(build / "model.onnx")
+    build, model, plan, _ = _built(source, tmp_path, target, "tensorrt", "fp8")
     whole = prepare_tensorrt_model(
         build, target=target, spec=model.spec, reference=reference, tolerance=plan.tolerance
     )["numerics"]
