@@ -107,10 +107,13 @@ class _LayerHessians(Mapping):
             self._walk, self._done = None, set()
         while owner not in self._current:
             for module in self._current:  # the previous layer's are no longer needed
-                seen[module].hessian = None
+                if module in seen:
+                    seen[module].hessian = None
             self._done.update(self._current)
             if self._walk is None:
-                self._walk = self._calibration._walk(("hessian",))
+                # Only the asked activations' XᵀX: a layer's others (a W8A16 down_proj: 1.6 GB
+                # for an 8B) would cost their memory and time for nothing.
+                self._walk = self._calibration._walk(("hessian",), set(self._owner.values()))
             try:
                 self._current = next(self._walk)
             except StopIteration:
@@ -285,9 +288,9 @@ class LayerwiseCalibration:
             pass
         self._collected.update(kinds)
 
-    def _walk(self, kinds: Sequence[str]) -> Iterator[list[str]]:
-        """Run the layers one by one collecting `kinds`; after each layer (and after the head)
-        yields the Linear modules whose inputs it recorded."""
+    def _walk(self, kinds: Sequence[str], only: set[str] | None = None) -> Iterator[list[str]]:
+        """Run the layers one by one collecting `kinds` (for the Linear modules in `only`, when
+        given); after each layer (and after the head) yields the Linear modules it saw."""
         import torch
 
         from fdec.frontend.stream import open_streamed
@@ -306,7 +309,7 @@ class LayerwiseCalibration:
             if total > self.sampled_rows
             else np.arange(total)
         )
-        recorder = _Recorder(self, model, kinds, chosen, counts)
+        recorder = _Recorder(self, model, kinds, chosen, counts, only)
 
         with torch.no_grad():
             inputs = self._first_layer_inputs(model, layers)
@@ -465,9 +468,10 @@ class _Recorder:
 
     def __init__(
         self, calibration: LayerwiseCalibration, model: Any, kinds: Sequence[str],
-        chosen: np.ndarray, counts: list[int],
+        chosen: np.ndarray, counts: list[int], only: set[str] | None = None,
     ):  # fmt: skip
         self.calibration, self.kinds, self.chosen, self.counts = calibration, kinds, chosen, counts
+        self.only = only
         self.names = {id(module): name for name, module in model.named_modules()}
         self.index = 0
         self.inputs: list[tuple[Any, str]] = []  # held for the call: ids stay unique
@@ -491,6 +495,8 @@ class _Recorder:
         self.inputs.append((x, name))
         if name not in self.observed:
             self.observed.append(name)
+        if self.only is not None and name not in self.only:
+            return
         start = sum(self.counts[: self.index])
         self.calibration._observe(
             name, x.detach().numpy(), self.kinds, self.chosen, start, self.counts[self.index]

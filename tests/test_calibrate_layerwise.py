@@ -71,6 +71,24 @@ def test_layerwise_statistics_equal_onnx_runtime_calibration_for_every_matmul(st
     assert [run["kinds"] for run in calibration.runs][-1] == ["hessian"]
 
 
+def test_xtx_is_computed_only_for_the_activations_asked(streamed):
+    """GPTQ asks XᵀX of its W8A8 groups only: a W8A16 down_proj's (1.6 GB on an 8B) is never
+    summed, and the ones asked equal those of a walk that sums every Linear's."""
+    source, model, batches, names = streamed
+    asked = names[:2]  # layer 0's q/k/v input and o's input
+    calibration = LayerwiseCalibration(source, batches, collect=("stats",))
+    with calibration_source(calibration):
+        products = hessians(model, batches, asked)
+        got = {name: products[name].copy() for name in asked}
+    summed = [owner for owner, seen in calibration._seen.items() if seen.hessian is not None]
+    assert len(summed) <= 2 and all("down_proj" not in owner for owner in summed)
+    every = LayerwiseCalibration(source, batches, collect=("stats",))
+    with calibration_source(every):
+        products = hessians(model, batches, names)
+        for name in asked:
+            np.testing.assert_array_equal(got[name], products[name])
+
+
 def test_batches_other_than_the_calibrated_ones_are_refused(streamed):
     from fdec.errors import CompileError
 
