@@ -56,6 +56,7 @@ _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
 _ONNX_FP8_E4M3FN = 17
+_SHAPE_ONLY = frozenset({"Shape", "Size"})  # ops that read only their input's shape
 
 
 def weight_bytes(model: str | pathlib.Path) -> int:
@@ -87,7 +88,10 @@ def _layer_of_initializers(graph: Any, spec: Any) -> dict[str, int]:
 
 def node_stages(graph: Any, spec: Any = None) -> list[int]:
     """Each node's stage (graph order): the largest layer of the weights and KV inputs it
-    reads, at least its producers' (0 where it reads none)."""
+    reads, at least its producers' (0 where it reads none). A Shape of a KV input does not
+    count: exported graphs take the past length from one layer's cache (an unfused 8B Llama:
+    layer 21's) for the mask every layer reads, which would put all of them in that slice;
+    an earlier slice is fed a stand-in of the right shape (`_feeds`)."""
     weight_layer = _layer_of_initializers(graph, spec)
     produced: dict[int, int] = {}  # id(value) → stage of its producer
     stages = []
@@ -100,7 +104,7 @@ def node_stages(graph: Any, spec: Any = None) -> list[int]:
                 stage = max(stage, produced[id(value)])
             elif value.name in weight_layer:
                 stage = max(stage, weight_layer[value.name])
-            elif value.is_graph_input():
+            elif value.is_graph_input() and node.op_type not in _SHAPE_ONLY:
                 match = _PAST.match(value.name or "")
                 if match:
                     stage = max(stage, int(match.group(1)))
@@ -369,14 +373,24 @@ class SlicedModel:
                     np.ascontiguousarray(np.broadcast_to(positions, (batch, seq)))
                 )
             elif _PAST.match(name):
-                feeds[name] = past[name] if name in past else self._empty(batch, ort)
+                if name in past:  # this slice's own layer, from its previous phase
+                    feeds[name] = past[name]
+                elif self._presents(part, name):  # its first phase
+                    feeds[name] = self._empty(batch, ort)
+                else:  # read for its shape only (node_stages): zeros as long as the past
+                    feeds[name] = self._empty(batch, ort, start)
             else:
                 raise ValueError(f"the sliced build has an input fdec cannot feed: {name}")
         return feeds
 
-    def _empty(self, batch: int, ort: Any) -> Any:
+    @staticmethod
+    def _presents(part: _Slice, past_name: str) -> bool:
+        """Whether the slice computes the layer of `past_name` (outputs its present)."""
+        return past_name.replace("past_key_values.", "present.", 1) in part.outputs
+
+    def _empty(self, batch: int, ort: Any, length: int = 0) -> Any:
         heads, head_dim = self._kv_shape
-        array = np.zeros((batch, heads, 0, head_dim), dtype=self.kv_dtype)
+        array = np.zeros((batch, heads, length, head_dim), dtype=self.kv_dtype)
         if self.kv_onnx_type is not None:
             return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, self.kv_onnx_type)
         return ort.OrtValue.ortvalue_from_numpy(array)
