@@ -104,6 +104,50 @@ def test_sliced_model_gives_one_sessions_logits(int4_build):
     ]
 
 
+def test_a_shape_read_of_a_later_layers_cache_does_not_pull_the_layers_into_its_slice(
+    int4_build, tmp_path
+):
+    """Unfused graphs take the past length for every layer's mask from one layer's cache (the
+    8B fp8 build: layer 21's). Such a Shape read leaves each node in its own layer's slice, and
+    the earlier slice is fed a stand-in of the past's shape: the logits stay one session's."""
+    import shutil
+
+    from fdec.ir import ModelSpec
+
+    out, report = int4_build
+    build = tmp_path / "build"
+    shutil.copytree(out, build)
+    model = ir.load(build / "model.onnx")
+    graph = model.graph
+    past = next(v for v in graph.inputs if v.name == "past_key_values.1.key")
+    first = next(  # the embedded tokens (float [batch, seq, hidden]), in layer 0's slice
+        n for n in graph
+        if n.outputs[0].dtype == ir.DataType.FLOAT and n.outputs[0].shape is not None
+        and len(n.outputs[0].shape) == 3
+    )  # fmt: skip
+    shape = ir.node("Shape", [past], {"start": 2, "end": 3}, name="past_length")
+    length = ir.node("Cast", [shape.outputs[0]], {"to": ir.DataType.FLOAT}, name="length_f")
+    zero = ir.node("Mul", [length.outputs[0], ir.Value(name="zero_f", const_value=ir.tensor(
+        np.zeros(1, np.float32)))], name="times_zero")  # fmt: skip
+    graph.register_initializer(zero.inputs[1])
+    embedded = first.outputs[0]
+    uses = list(embedded.uses())
+    added = ir.node("Add", [embedded, zero.outputs[0]], name="embedding_plus_nothing")
+    graph.insert_after(first, [shape, length, zero, added])
+    for use in uses:
+        use.node.replace_input_with(use.idx, added.outputs[0])
+    ir.save(model, build / "model.onnx", external_data="model.onnx.data")
+
+    spec = ModelSpec.from_dict(report["spec"])
+    sliced = SlicedModel(build / "model.onnx", spec=spec, max_slice_bytes=1)
+    assert [s.stages for s in sliced.slices] == [(0, 1), (1, 2)]
+    assert "past_key_values.1.key" in sliced.slices[0].inputs  # for its shape only
+    whole = OrtModel(open_session(build / "model.onnx", prepack=False))
+    ids = np.random.default_rng(1).integers(0, 300, size=(1, 20))
+    want = logits_through_cache(whole, ids, 12)  # 12 at once, then 8 through the cache
+    np.testing.assert_allclose(logits_through_cache(sliced, ids, 12), want, rtol=0, atol=1e-5)
+
+
 def test_compile_verifies_slice_by_slice_with_the_same_figures(
     int4_build, tiny_models, tmp_path, monkeypatch
 ):
