@@ -155,7 +155,7 @@ def test_streamed_calibration_memory_is_predicted_per_layer(
         )  # fmt: skip
 
     stats, gptq = predict("stats"), predict("stats", "hessian")
-    # GPTQ's XᵀX (one layer's, and the inverse of the largest) counts in the passes' stage.
+    # GPTQ's XᵀX (one layer's, factored in place) counts in the passes' stage.
     assert gptq.parts["passes_bytes"] > stats.parts["passes_bytes"]
     assert gptq.parts["calibration_bytes"] == stats.parts["calibration_bytes"]
     assert predict("stats", "sampled").parts["calibration_bytes"] > stats.parts["calibration_bytes"]

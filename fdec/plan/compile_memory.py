@@ -128,8 +128,11 @@ def _layerwise_calibration_bytes(
             kept += 4 * _CALIBRATION_ROWS * (widths * shape.num_layers + hidden)
     gptq = 0
     if "hessian" in calibration:
-        one_layer = 8 * (3 * hidden**2 + 2 * inner**2)  # + the product being added
-        gptq = weights + one_layer + _GPTQ_WEIGHT_COPIES * 8 * hidden * inner
+        # The walk for XᵀX holds one layer's weights (not the embedding: it is dropped while
+        # the layers run) and that layer's XᵀX in float64, summed in place; the pass rounds one
+        # weight at a time in float64.
+        one_layer = 8 * (3 * hidden**2 + inner**2)  # q/k/v, o, gate/up and down inputs
+        gptq = 2 * 4 * layer + one_layer + _GPTQ_WEIGHT_COPIES * 8 * hidden * inner
     return weights + activations + kept, gptq
 
 
@@ -166,7 +169,9 @@ def predict_compile_memory(
     if calibrates:
         staged, gptq = _layerwise_calibration_bytes(source, outside, layer, tuple(calibration))
         parts["calibration_bytes"] = staged
-        parts["passes_bytes"] += gptq
+        # GPTQ's rounding and the largest tensor's (a W8A16 lm_head, the embedding) come at
+        # different times in the pass.
+        parts["passes_bytes"] = max(parts["passes_bytes"], gptq)
     peak = COMPILE_OVERHEAD_BYTES + max(parts.values())
     return CompileMemory(int(peak * _MARGIN), True, {"fp32_weight_bytes": fp32, **parts})
 
