@@ -117,7 +117,9 @@ def _layerwise_calibration_bytes(
 
     shape = shape_from_config(source.config, source.given)
     hidden, inner = shape.hidden_size, shape.intermediate_size or 4 * shape.hidden_size
-    weights = 4 * outside + 2 * 4 * layer  # as the reference: outside once, one layer
+    # What is outside the layers (the embedding) while the first layer's inputs and the head
+    # are computed, one layer's weights (and the copy being read) while the layers run.
+    weights = max(4 * outside, 2 * 4 * layer)
     activations = 2 * 4 * _CALIBRATION_TOKENS * hidden + 2 * 4 * _CALIBRATION_BATCH * (
         shape.vocab_size + 3 * inner
     )
