@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import struct
@@ -221,7 +222,26 @@ def compile_peak(
         # (seconds, RSS) every ~5 s: where in the compile the memory went
         "rss_timeline": [(round(t), round(r / GIB, 2)) for t, r in samples[::10]],
         "stderr_progress": [line for line in stderr.splitlines() if line.startswith("[fdec ")],
+        "stage_peaks": stage_peaks(stderr, samples),
     }
+
+
+_PROGRESS = re.compile(r"^\[fdec\s+([\d.]+)s\] (.*)$")
+
+
+def stage_peaks(stderr: str, samples: list[tuple[float, int]]) -> list[dict]:
+    """The peak RSS (GiB) and seconds of each stage, a stage running from one progress line
+    (`[fdec  12.3s] message`, seconds since the compile started) to the next."""
+    marks = [(float(m.group(1)), m.group(2)[:70]) for m in map(_PROGRESS.match, stderr.splitlines())
+             if m]  # fmt: skip
+    stages = []
+    for index, (start, message) in enumerate(marks):
+        stop = marks[index + 1][0] if index + 1 < len(marks) else float("inf")
+        peak = max((rss for t, rss in samples if start <= t < stop), default=0)
+        if stop - start >= 1 or peak:
+            stages.append({"stage": message, "from_s": round(start),
+                           "peak_rss_gib": round(peak / GIB, 2)})  # fmt: skip
+    return stages
 
 
 def _row(name: str, fp32_bytes: int, result: dict, overhead: int) -> dict:
@@ -307,6 +327,7 @@ def streaming(args: argparse.Namespace) -> int:
                     "front": report.get("cache") or report.get("front"),
                     "command": result["command"],
                     "rss_timeline": result["rss_timeline"][::12],  # (s, GiB) every ~60 s
+                    "stage_peaks": result["stage_peaks"],
                     "progress": result["progress"],
                 })  # fmt: skip
                 shutil.rmtree(out, ignore_errors=True)
