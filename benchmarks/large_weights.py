@@ -152,7 +152,7 @@ def write_llama(
     return offset // itemsize
 
 
-def _rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as handle:
             for line in handle:
@@ -187,7 +187,7 @@ def compile_peak(
 
     def watch() -> None:
         while proc.poll() is None:
-            rss = _rss_bytes(proc.pid)
+            rss = rss_bytes(proc.pid)
             samples.append((time.perf_counter() - started, rss))
             if rss > cap_bytes:
                 killed.set()

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import resource
 import sys
 import threading
 import time
+
+from large_weights import rss_bytes  # benchmarks/ is the script's folder: on sys.path
 
 
 class StagePeaks:
@@ -28,17 +31,10 @@ class StagePeaks:
         self.peaks: dict[str, float] = {}
         threading.Thread(target=self._watch, daemon=True).start()
 
-    @staticmethod
-    def _rss() -> float:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 2**20
-        return 0.0
-
     def _watch(self) -> None:
         while True:
-            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), self._rss())
+            rss = rss_bytes(os.getpid()) / 2**30
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), rss)
             time.sleep(0.5)
 
     def mark(self, stage: str) -> None:

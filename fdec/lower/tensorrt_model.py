@@ -145,15 +145,14 @@ def _check_numerics(
         path = pathlib.Path(scratch) / "emulated.onnx"
         ir.save(model, str(path), external_data="emulated.onnx.data")
         del model
-        sliced = too_large_for_one_session(path, reference.kind)
-        if sliced:
-            session: Any = SlicedModel(path, spec=spec, optimization="basic")
+        if too_large_for_one_session(path, reference.kind):
+            sliced = SlicedModel(path, spec=spec, optimization="basic")
+            figures = {**reference.compare(sliced), "sliced": sliced.to_dict()}
+            del sliced
         else:
             session = OrtModel(open_session(path, optimization="basic", prepack=False))
-        figures = reference.compare(session)
-        if sliced:
-            figures["sliced"] = session.to_dict()
-        del session
+            figures = reference.compare(session)
+            del session
     figures["emulated"] = True
     failure = tolerance.judge(figures)
     figures["ok"], figures["failure"] = failure is None, failure
