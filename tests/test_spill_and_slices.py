@@ -148,6 +148,47 @@ def test_a_shape_read_of_a_later_layers_cache_does_not_pull_the_layers_into_its_
     np.testing.assert_allclose(logits_through_cache(sliced, ids, 12), want, rtol=0, atol=1e-5)
 
 
+def test_a_node_reading_only_weights_runs_in_the_slice_that_reads_it(int4_build, tmp_path):
+    """A DequantizeLinear of stored codes (the 8B fp8 build's W8A16 lm_head) reads no layer's
+    weight: staged by its inputs it ran in the first slice and its fp32 output (2.1 GB there)
+    was carried through every slice. It runs where its output is read instead."""
+    import shutil
+
+    from fdec.ir import ModelSpec
+
+    out, report = int4_build
+    build = tmp_path / "build"
+    shutil.copytree(out, build)
+    model = ir.load(build / "model.onnx")
+    graph = model.graph
+    logits = graph.outputs[0]
+    vocab = int(logits.shape[-1])
+    codes = ir.Value(name="logit_bias_codes", const_value=ir.tensor(
+        np.arange(vocab, dtype=np.int8) % 7))  # fmt: skip
+    scale = ir.Value(name="logit_bias_scale", const_value=ir.tensor(np.float32(0.01)))
+    graph.register_initializer(codes)
+    graph.register_initializer(scale)
+    bias = ir.node("DequantizeLinear", [codes, scale], name="logit_bias_dq")
+    widened = ir.node("Cast", [bias.outputs[0]], {"to": ir.DataType.FLOAT}, name="bias_cast")
+    added = ir.node("Add", [logits, widened.outputs[0]], name="logits_plus_bias")
+    added.outputs[0].name = "logits"
+    logits.name = "logits_without_bias"
+    graph.insert_before(graph[0], [bias, widened])  # first in graph order, as exports put it
+    graph.append(added)
+    graph.outputs[0] = added.outputs[0]
+    ir.save(model, build / "model.onnx", external_data="model.onnx.data")
+
+    spec = ModelSpec.from_dict(report["spec"])
+    sliced = SlicedModel(build / "model.onnx", spec=spec, max_slice_bytes=1)
+    first, last = sliced.slices
+    assert not set(first.outputs) & {bias.outputs[0].name, widened.outputs[0].name}
+    assert widened.outputs[0].name not in last.inputs  # made in the last slice
+    whole = OrtModel(open_session(build / "model.onnx", prepack=False))
+    ids = np.random.default_rng(2).integers(0, 300, size=(1, 20))
+    want = logits_through_cache(whole, ids, 12)
+    np.testing.assert_allclose(logits_through_cache(sliced, ids, 12), want, rtol=0, atol=1e-5)
+
+
 def test_compile_verifies_slice_by_slice_with_the_same_figures(
     int4_build, tiny_models, tmp_path, monkeypatch
 ):

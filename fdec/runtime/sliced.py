@@ -91,26 +91,51 @@ def node_stages(graph: Any, spec: Any = None) -> list[int]:
     reads, at least its producers' (0 where it reads none). A Shape of a KV input does not
     count: exported graphs take the past length from one layer's cache (an unfused 8B Llama:
     layer 21's) for the mask every layer reads, which would put all of them in that slice;
-    an earlier slice is fed a stand-in of the right shape (`_feeds`)."""
+    an earlier slice is fed a stand-in of the right shape (`_feeds`).
+
+    A node that reads only weights (a DequantizeLinear of stored codes and the Casts after
+    it) runs in the earliest stage that reads its output instead: in the first slice, an 8B
+    lm_head's DequantizeLinear made a 2.1 GB fp32 table every slice then carried."""
     weight_layer = _layer_of_initializers(graph, spec)
     produced: dict[int, int] = {}  # id(value) → stage of its producer
+    constant: set[int] = set()  # id(value) of outputs of nodes reading only weights
+    nodes = list(graph)
     stages = []
-    for node in graph:
+    for node in nodes:
         stage = 0
+        reads_data = False
         for value in node.inputs:
             if value is None:
                 continue
             if id(value) in produced:
                 stage = max(stage, produced[id(value)])
+                reads_data |= id(value) not in constant
             elif value.name in weight_layer:
                 stage = max(stage, weight_layer[value.name])
-            elif value.is_graph_input() and node.op_type not in _SHAPE_ONLY:
+            elif value.is_graph_input():
+                reads_data = True
                 match = _PAST.match(value.name or "")
-                if match:
+                if match and node.op_type not in _SHAPE_ONLY:
                     stage = max(stage, int(match.group(1)))
+            elif not value.is_initializer():
+                reads_data = True  # a value of an enclosing scope
         for value in node.outputs:
             produced[id(value)] = stage
+            if not reads_data:
+                constant.add(id(value))
         stages.append(stage)
+    graph_outputs = {id(v) for v in graph.outputs}
+    readers: dict[int, int] = {}  # id(value) → the earliest stage reading it
+    for index in range(len(nodes) - 1, -1, -1):
+        node = nodes[index]
+        outputs = [id(v) for v in node.outputs]
+        if outputs and all(key in constant for key in outputs):
+            read = [readers[key] for key in outputs if key in readers]
+            if read and not any(key in graph_outputs for key in outputs):
+                stages[index] = max(stages[index], min(read))
+        for value in node.inputs:
+            if value is not None:
+                readers[id(value)] = min(readers.get(id(value), stages[index]), stages[index])
     return stages
 
 
