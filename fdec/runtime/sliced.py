@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from fdec.runtime.check_forms import lighter_check_forms
 from fdec.runtime.session import KV_POLICY_METADATA, open_session, require_onnxruntime
 
 __all__ = [
@@ -321,6 +322,7 @@ class SlicedModel:
         graph.inputs.clear()
         graph.inputs.extend(new_inputs)
         graph.outputs.extend(outputs)
+        lighter_check_forms(graph)  # the vocabulary tables' rows and columns, not all of them
         for name in [n for n, v in graph.initializers.items() if not v.uses()]:
             del graph.initializers[name]
         return ir.serde.serialize_model(model).SerializeToString()

@@ -1,0 +1,225 @@
+"""Graph forms that check a build on ONNX Runtime's CPU with less memory, same arithmetic.
+
+A build for TensorRT dequantizes its stored tables before reading them (the backend's form,
+fdec.passes.quantize_embedding): `DequantizeLinear(codes, scales)` → `Gather` for the
+embedding, `DequantizeLinear` → `MatMul` for a weight-only lm_head. ONNX Runtime's CPU kernels
+run that as written: an 8B Llama's 128256 × 4096 table becomes a 2.1 GB fp32 tensor in the
+check's session, twice. `fdec.runtime.sliced` runs its slices in these forms instead:
+
+- `gather_rows_first`: `Gather(codes, ids)` → `Cast` → (`Sub` zero point) → `Mul` by
+  `Gather(scales, ids)`: the rows read, dequantized alone. DequantizeLinear computes each
+  element as `(code - zero_point) * scale` in fp32, so the values are the same bit for bit.
+- `dequantize_in_column_blocks`: a MatMul whose weight is a large constant DequantizeLinear
+  runs as MatMuls over column blocks of the codes (`Slice` → `DequantizeLinear` → `MatMul`),
+  concatenated; each output column is the same dot product over the same rows.
+
+Casts between the DequantizeLinear and its reader (`fdec.lower.tensorrt_model`'s emulation of
+bf16 storage) move with it: a Cast is elementwise, so casting the rows read is casting the
+table and reading them. Only int8/uint8 codes with fp32 outputs are rewritten: ONNX's Gather and
+Slice take no FLOAT8 or INT4 at the builds' opsets (an fp8 projection is one layer's weight,
+not a vocabulary table), and an unemulated fp16/bf16 graph is left as it is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["dequantize_in_column_blocks", "gather_rows_first", "lighter_check_forms"]
+
+_COLUMN_BLOCK_BYTES = 256 << 20  # fp32 bytes of one column block's dequantized weight
+_PANEL = 16  # columns: blocks start on MLAS's packing panels
+# Codes ONNX's Gather and Slice take (not FLOAT8 or INT4 before opset 21): the 8-bit tables.
+_SLICEABLE = frozenset({ir.DataType.INT8, ir.DataType.UINT8})
+
+
+def lighter_check_forms(graph: ir.Graph, block_bytes: int = _COLUMN_BLOCK_BYTES) -> dict[str, int]:
+    """Both rewrites on `graph` in place; how many of each were made."""
+    return {
+        "gathers": gather_rows_first(graph),
+        "matmuls": dequantize_in_column_blocks(graph, block_bytes),
+    }
+
+
+def _constant(value: ir.Value | None) -> bool:
+    return value is not None and value.is_initializer() and value.const_value is not None
+
+
+def _dequantized_chain(value: ir.Value) -> tuple[ir.Node, list[ir.Node]] | None:
+    """(DequantizeLinear, Casts after it) when `value` is a constant table's fp32 dequantized
+    values, possibly cast after; else None."""
+    casts: list[ir.Node] = []
+    node = value.producer()
+    while node is not None and node.op_type == "Cast" and node.domain == "":
+        casts.insert(0, node)
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if node is None or node.op_type != "DequantizeLinear" or node.domain != "":
+        return None
+    inputs = list(node.inputs) + [None] * (3 - len(node.inputs))
+    codes, scale, zero = inputs[:3]
+    block = node.attributes.get("block_size")
+    if (
+        not (_constant(codes) and _constant(scale))
+        or (zero is not None and not _constant(zero))
+        or (block is not None and block.as_int() != 0)
+        or scale.dtype != ir.DataType.FLOAT
+        or codes.dtype not in _SLICEABLE
+        or codes.shape is None
+        or len(scale.shape or ()) > 1
+    ):
+        return None
+    return node, casts
+
+
+def _axis(node: ir.Node, rank: int) -> int:
+    attribute = node.attributes.get("axis")
+    axis = attribute.as_int() if attribute is not None else 1
+    return axis % rank
+
+
+def _constant_input(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array))
+    graph.register_initializer(value)
+    return value
+
+
+def _fresh(graph: ir.Graph, stem: str) -> str:
+    taken = {v.name for v in graph.initializers.values()}
+    taken |= {v.name for n in graph for v in n.outputs}
+    index = 0
+    while f"{stem}_{index}" in taken:
+        index += 1
+    return f"{stem}_{index}"
+
+
+def _through(casts: list[ir.Node], value: ir.Value, added: list[ir.Node]) -> ir.Value:
+    """`value` through copies of `casts` (appended to `added`); the last value."""
+    for cast in casts:
+        added.append(ir.node("Cast", [value], {"to": cast.attributes["to"].as_int()}))
+        value = added[-1].outputs[0]
+    return value
+
+
+def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    for index, output in enumerate(graph.outputs):
+        if output is old:  # the output keeps its name
+            graph.outputs[index] = new
+            new.name, old.name = old.name, f"{old.name}_replaced"
+    ir.convenience.replace_all_uses_with(old, new)
+
+
+def _drop_unused(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    for node in reversed(nodes):  # readers first
+        if all(not v.uses() and not v.is_graph_output() for v in node.outputs):
+            graph.remove(node, safe=True)
+
+
+def _rows_of(graph: ir.Graph, added: list[ir.Node], value: ir.Value, ids: ir.Value) -> ir.Value:
+    """The rows `ids` of a per-row `value` [V], shaped to broadcast over gathered rows [..., 1]
+    (appended to `added`); a per-tensor value as it is."""
+    if len(value.shape or ()) == 0:
+        return value
+    added.append(ir.node("Gather", [value, ids], {"axis": 0}))
+    axes = _constant_input(graph, _fresh(graph, "check_axes"), np.array([-1], np.int64))
+    added.append(ir.node("Unsqueeze", [added[-1].outputs[0], axes]))
+    return added[-1].outputs[0]
+
+
+def _columns_of(
+    graph: ir.Graph, added: list[ir.Node], start: int, stop: int, value: ir.Value, axis: int
+) -> ir.Value:
+    """`value`[start:stop] along `axis` (a Slice appended to `added`)."""
+    bounds = [
+        _constant_input(graph, _fresh(graph, "check_slice"), np.array([x], np.int64))
+        for x in (start, stop, axis)
+    ]
+    added.append(ir.node("Slice", [value, *bounds]))
+    return added[-1].outputs[0]
+
+
+def gather_rows_first(graph: ir.Graph) -> int:
+    """Rewrite each axis-0 Gather of a per-row (or per-tensor) dequantized constant table to
+    dequantize only the rows it reads; the number rewritten."""
+    made = 0
+    for gather in list(graph):
+        if gather.op_type != "Gather" or gather.domain != "" or gather.inputs[0] is None:
+            continue
+        found = _dequantized_chain(gather.inputs[0])
+        if found is None:
+            continue
+        dq, casts = found
+        codes, scale, *rest = dq.inputs
+        zero = rest[0] if rest else None
+        rank = len(codes.shape)
+        axis_attr = gather.attributes.get("axis")
+        if (axis_attr.as_int() if axis_attr else 0) % rank != 0:
+            continue
+        per_row = len(scale.shape or ()) == 1
+        if per_row and _axis(dq, rank) != 0:
+            continue
+        ids = gather.inputs[1]
+        added: list[ir.Node] = [ir.node("Gather", [codes, ids], {"axis": 0})]
+        added.append(ir.node("Cast", [added[-1].outputs[0]], {"to": ir.DataType.FLOAT}))
+        rows = added[-1].outputs[0]
+
+        if zero is not None:
+            offset = _rows_of(graph, added, zero, ids)
+            added.append(ir.node("Cast", [offset], {"to": ir.DataType.FLOAT}))
+            added.append(ir.node("Sub", [rows, added[-1].outputs[0]]))
+            rows = added[-1].outputs[0]
+        added.append(ir.node("Mul", [rows, _rows_of(graph, added, scale, ids)]))
+        result = _through(casts, added[-1].outputs[0], added)
+        graph.insert_before(gather, added)
+        _replace(graph, gather.outputs[0], result)
+        _drop_unused(graph, [dq, *casts, gather])
+        made += 1
+    return made
+
+
+def dequantize_in_column_blocks(graph: ir.Graph, block_bytes: int = _COLUMN_BLOCK_BYTES) -> int:
+    """Split each MatMul whose [K, N] weight is a constant dequantized per column (or per
+    tensor) into MatMuls over column blocks of at most `block_bytes` of fp32 weight,
+    concatenated on the last axis; the number split."""
+    made = 0
+    for matmul in list(graph):
+        if matmul.op_type != "MatMul" or matmul.domain != "" or matmul.inputs[1] is None:
+            continue
+        found = _dequantized_chain(matmul.inputs[1])
+        if found is None:
+            continue
+        dq, casts = found
+        codes, scale, *rest = dq.inputs
+        zero = rest[0] if rest else None
+        if len(codes.shape) != 2 or not all(isinstance(d, int) for d in codes.shape):
+            continue
+        rows, columns = codes.shape
+        per_column = len(scale.shape or ()) == 1
+        if (per_column and _axis(dq, 2) != 1) or 4 * rows * columns <= block_bytes:
+            continue
+        blocks = math.ceil(4 * rows * columns / block_bytes)
+        width = math.ceil(math.ceil(columns / blocks) / _PANEL) * _PANEL
+        added: list[ir.Node] = []
+        parts: list[ir.Value] = []
+        for start in range(0, columns, width):
+            stop = min(start + width, columns)
+
+            block = (graph, added, start, stop)
+            inputs = [
+                _columns_of(*block, codes, 1),
+                _columns_of(*block, scale, 0) if per_column else scale,
+            ]
+            if zero is not None:
+                inputs.append(_columns_of(*block, zero, 0) if len(zero.shape or ()) == 1 else zero)
+            block_dq = ir.node("DequantizeLinear", inputs, {"axis": 1})
+            added.append(block_dq)
+            weight = _through(casts, block_dq.outputs[0], added)
+            added.append(ir.node("MatMul", [matmul.inputs[0], weight]))
+            parts.append(added[-1].outputs[0])
+        added.append(ir.node("Concat", parts, {"axis": -1}))
+        graph.insert_before(matmul, added)
+        _replace(graph, matmul.outputs[0], added[-1].outputs[0])
+        _drop_unused(graph, [dq, *casts, matmul])
+        made += 1
+    return made

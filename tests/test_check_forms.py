@@ -1,0 +1,76 @@
+"""fdec.runtime.check_forms: the CPU check's lighter forms of dequantized tables give the
+logits of the graph as built (an fp8 `--target h100` build and its emulated bf16 TensorRT
+model), and sliced runs use them."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from fdec.compile import CompileOptions, compile_model
+from fdec.ir import ModelSpec
+from fdec.lower.tensorrt_model import TYPED_MODEL, emulate_low_precision
+from fdec.runtime import OrtModel, open_session
+from fdec.runtime.check_forms import lighter_check_forms
+from fdec.runtime.sliced import SlicedModel
+from fdec.verify import logits_through_cache
+
+
+@pytest.fixture(scope="module")
+def h100_build(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("check-forms") / "build"
+    report = compile_model(
+        CompileOptions(model=str(tiny_models("llama")), out=out, target="h100")
+    ).report
+    return out, ModelSpec.from_dict(report["spec"])
+
+
+def _logits(model: ir.Model, folder, ids) -> np.ndarray:
+    path = folder / "model.onnx"
+    ir.save(model, path, external_data="model.onnx.data")
+    session = OrtModel(open_session(path, optimization="basic", prepack=False))
+    return logits_through_cache(session, ids, 12)
+
+
+@pytest.mark.parametrize("which", ["build", "emulated TensorRT model"])
+def test_lighter_forms_give_the_built_graphs_logits(h100_build, tmp_path, which):
+    out, _ = h100_build
+    path = out / ("model.onnx" if which == "build" else TYPED_MODEL)
+
+    def load() -> ir.Model:
+        model = ir.load(path)
+        if which != "build":
+            assert emulate_low_precision(model)  # DQ → Cast(bf16) → Cast(fp32) → reader
+        return model
+
+    ids = np.random.default_rng(0).integers(0, 300, size=(1, 20))
+    (tmp_path / "as-built").mkdir()
+    want = _logits(load(), tmp_path / "as-built", ids)
+    model = load()
+    matmuls = sum(1 for n in model.graph if n.op_type == "MatMul")
+    made = lighter_check_forms(model.graph, block_bytes=4096)  # 64 × 320 fp32: 20 blocks
+    assert made["gathers"] == 1  # the int8 embedding: rows gathered, then dequantized
+    assert made["matmuls"] >= 1  # int8 (W8A16) weights: the lm_head's; fp8 codes take no Slice
+    logits = model.graph.outputs[0]
+    assert logits.name == "logits" and logits.producer().op_type == "Concat"
+    ops = [n.op_type for n in model.graph]
+    assert "Gather" in ops and ops.count("MatMul") > matmuls
+    embedding_dq = [
+        n for n in model.graph
+        if n.op_type == "DequantizeLinear" and any(u.node.op_type == "Gather" for u in n.outputs[0].uses())
+    ]  # fmt: skip
+    assert not embedding_dq  # the whole table is no longer dequantized
+    (tmp_path / "lighter").mkdir()
+    got = _logits(model, tmp_path / "lighter", ids)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_sliced_runs_of_an_fp8_build_give_one_sessions_logits(h100_build):
+    out, spec = h100_build
+    sliced = SlicedModel(out / "model.onnx", spec=spec, max_slice_bytes=1, optimization="basic")
+    assert len(sliced.slices) == 2
+    whole = OrtModel(open_session(out / "model.onnx", optimization="basic", prepack=False))
+    ids = np.random.default_rng(1).integers(0, 300, size=(1, 20))
+    want = logits_through_cache(whole, ids, 12)
+    np.testing.assert_allclose(logits_through_cache(sliced, ids, 12), want, rtol=0, atol=1e-5)
