@@ -23,6 +23,7 @@ from fdec.lower.cuda_kernels import cpu_run_check, cpu_unrunnable, low_dtype
 from fdec.pipeline import EXACT, Instrument, Tolerance
 from fdec.runtime import OrtModel, open_session
 from fdec.runtime import sliced as sliced_runs
+from fdec.runtime.check_forms import lighter_session_args
 from fdec.verify import Reference
 
 __all__ = [
@@ -253,11 +254,14 @@ def verify_written(
         verification["sliced"] = sliced.to_dict()
         return _judged(verification, sliced, device_graph, cpu_run, recipe, optimized, front,
                        progress)  # fmt: skip
+    # On the CPU, tables dequantized whole for TensorRT are read by rows and column blocks
+    # (fdec.runtime.check_forms: the same values, a fraction of the memory).
+    lighter = {} if on_device else lighter_session_args(staging / MODEL_FILE)
     try:
         session = OrtModel(
             open_session(
                 staging / MODEL_FILE, providers=providers, optimization=recipe.optimization,
-                prepack=False,
+                prepack=False, **lighter,
             )
         )  # fmt: skip
     except Exception as err:  # a GPU graph the CPU check skipped (too large to write)

@@ -137,11 +137,13 @@ def _check_numerics(
     fp16/bf16 storage emulated (`emulate_low_precision`); slice by slice where one session
     would hold too much (fdec.runtime.sliced: an 8B fp8 model)."""
     from fdec.runtime import OrtModel, open_session
+    from fdec.runtime.check_forms import lighter_check_forms
     from fdec.runtime.sliced import SlicedModel, too_large_for_one_session
 
     with tempfile.TemporaryDirectory(prefix="fdec-typed-") as scratch:
         model = ir.load(str(typed))
         emulate_low_precision(model)
+        lighter_check_forms(model.graph)  # the vocabulary tables read by rows and columns
         path = pathlib.Path(scratch) / "emulated.onnx"
         ir.save(model, str(path), external_data="emulated.onnx.data")
         del model

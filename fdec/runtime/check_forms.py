@@ -23,11 +23,19 @@ not a vocabulary table), and an unemulated fp16/bf16 graph is left as it is.
 from __future__ import annotations
 
 import math
+import pathlib
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["dequantize_in_column_blocks", "gather_rows_first", "lighter_check_forms"]
+__all__ = [
+    "dequantize_in_column_blocks",
+    "external_data_folder",
+    "gather_rows_first",
+    "lighter_check_forms",
+    "lighter_session_args",
+]
 
 _COLUMN_BLOCK_BYTES = 256 << 20  # fp32 bytes of one column block's dequantized weight
 _PANEL = 16  # columns: blocks start on MLAS's packing panels
@@ -41,6 +49,23 @@ def lighter_check_forms(graph: ir.Graph, block_bytes: int = _COLUMN_BLOCK_BYTES)
         "gathers": gather_rows_first(graph),
         "matmuls": dequantize_in_column_blocks(graph, block_bytes),
     }
+
+
+def external_data_folder(path: str | pathlib.Path) -> dict[str, str]:
+    """Session config entries that read a graph opened from bytes with the external data
+    beside the saved model at `path`."""
+    folder = str(pathlib.Path(path).parent)
+    return {"session.model_external_initializers_file_folder_path": folder}
+
+
+def lighter_session_args(path: str | pathlib.Path) -> dict[str, Any]:
+    """`fdec.runtime.open_session` arguments that open the saved model at `path` in the
+    lighter forms (`model_bytes`, `config_entries`); none when it has nothing to rewrite."""
+    model = ir.load(path)  # weights stay in the data file
+    if not any(lighter_check_forms(model.graph).values()):
+        return {}
+    serialized = ir.serde.serialize_model(model).SerializeToString()
+    return {"model_bytes": serialized, "config_entries": external_data_folder(path)}
 
 
 def _constant(value: ir.Value | None) -> bool:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from fdec.runtime.check_forms import lighter_check_forms
+from fdec.runtime.check_forms import external_data_folder, lighter_check_forms
 from fdec.runtime.session import KV_POLICY_METADATA, open_session, require_onnxruntime
 
 __all__ = [
@@ -329,10 +329,9 @@ class SlicedModel:
 
     def _open(self, serialized: bytes) -> Any:
         """A session on a slice's graph whose external data is the build's own file."""
-        folder = {"session.model_external_initializers_file_folder_path": str(self.path.parent)}
         return open_session(
             self.path, providers=self.providers_asked, optimization=self.optimization,
-            prepack=False, model_bytes=serialized, config_entries=folder,
+            prepack=False, model_bytes=serialized, config_entries=external_data_folder(self.path),
         )  # fmt: skip
 
     def logits(self, phases: Sequence[np.ndarray]) -> list[np.ndarray]:
