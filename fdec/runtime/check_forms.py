@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -82,8 +83,7 @@ def _dequantized_chain(value: ir.Value) -> tuple[ir.Node, list[ir.Node]] | None:
         node = node.inputs[0].producer() if node.inputs[0] is not None else None
     if node is None or node.op_type != "DequantizeLinear" or node.domain != "":
         return None
-    inputs = list(node.inputs) + [None] * (3 - len(node.inputs))
-    codes, scale, zero = inputs[:3]
+    codes, scale, zero = _dequantize_inputs(node)
     block = node.attributes.get("block_size")
     if (
         not (_constant(codes) and _constant(scale))
@@ -96,6 +96,26 @@ def _dequantized_chain(value: ir.Value) -> tuple[ir.Node, list[ir.Node]] | None:
     ):
         return None
     return node, casts
+
+
+def _dequantized_readers(
+    graph: ir.Graph, op_type: str, index: int
+) -> Iterator[tuple[ir.Node, ir.Node, list[ir.Node]]]:
+    """(reader, DequantizeLinear, Casts between) for each `op_type` node whose input `index`
+    is a constant table's dequantized values (`_dequantized_chain`)."""
+    for node in list(graph):
+        if node.op_type != op_type or node.domain != "" or len(node.inputs) <= index:
+            continue
+        value = node.inputs[index]
+        found = _dequantized_chain(value) if value is not None else None
+        if found is not None:
+            yield node, *found
+
+
+def _dequantize_inputs(dq: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value | None]:
+    """A DequantizeLinear's codes, scale and zero point (None when absent)."""
+    codes, scale, *rest = dq.inputs
+    return codes, scale, rest[0] if rest else None
 
 
 def _axis(node: ir.Node, rank: int) -> int:
@@ -168,15 +188,8 @@ def gather_rows_first(graph: ir.Graph) -> int:
     """Rewrite each axis-0 Gather of a per-row (or per-tensor) dequantized constant table to
     dequantize only the rows it reads; the number rewritten."""
     made = 0
-    for gather in list(graph):
-        if gather.op_type != "Gather" or gather.domain != "" or gather.inputs[0] is None:
-            continue
-        found = _dequantized_chain(gather.inputs[0])
-        if found is None:
-            continue
-        dq, casts = found
-        codes, scale, *rest = dq.inputs
-        zero = rest[0] if rest else None
+    for gather, dq, casts in _dequantized_readers(graph, "Gather", 0):
+        codes, scale, zero = _dequantize_inputs(dq)
         rank = len(codes.shape)
         axis_attr = gather.attributes.get("axis")
         if (axis_attr.as_int() if axis_attr else 0) % rank != 0:
@@ -208,15 +221,8 @@ def dequantize_in_column_blocks(graph: ir.Graph, block_bytes: int = _COLUMN_BLOC
     tensor) into MatMuls over column blocks of at most `block_bytes` of fp32 weight,
     concatenated on the last axis; the number split."""
     made = 0
-    for matmul in list(graph):
-        if matmul.op_type != "MatMul" or matmul.domain != "" or matmul.inputs[1] is None:
-            continue
-        found = _dequantized_chain(matmul.inputs[1])
-        if found is None:
-            continue
-        dq, casts = found
-        codes, scale, *rest = dq.inputs
-        zero = rest[0] if rest else None
+    for matmul, dq, casts in _dequantized_readers(graph, "MatMul", 1):
+        codes, scale, zero = _dequantize_inputs(dq)
         if len(codes.shape) != 2 or not all(isinstance(d, int) for d in codes.shape):
             continue
         rows, columns = codes.shape
