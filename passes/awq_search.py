@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 # Clipping ratios tried per block (1.0: no clipping): AutoAWQ's auto_clip steps, down to 0.8.
 _CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 _MIN_SCALE = 1e-4  # m^α is kept at least this (a channel never active is not zeroed out)
+# Output columns are independent (blocks run along K): the search quantizes and multiplies
+# ~64 MB of float32 columns at a time, so an 8B's [4096, 14336] projection costs its scaled
+# copy and a few column blocks, not five full-size temporaries per candidate.
+_COLUMN_BYTES = 64 << 20
 
 
 def _dequantized(q: Int4Weight) -> np.ndarray:
@@ -43,6 +47,30 @@ def _quantized_output(
 def _squared_error(want: np.ndarray, got: np.ndarray) -> float:
     diff = want - got
     return float(np.einsum("ij,ij->", diff, diff))
+
+
+def _column_blocks(k: int, n: int) -> list[slice]:
+    """Slices of N holding ~_COLUMN_BYTES of a [K, N] float32 array each (one when it fits)."""
+    step = max(1, _COLUMN_BYTES // (4 * max(1, k)))
+    return [slice(start, start + step) for start in range(0, n, step)]
+
+
+def _quantized_error(
+    want: np.ndarray,
+    rows: np.ndarray,
+    array: np.ndarray,
+    block_size: int,
+    symmetric: bool,
+    s: np.ndarray | None = None,
+) -> float:
+    """‖want − rows·Q(diag(s)·array)‖² (s: [K] row factors, or none), a block of output
+    columns at a time (`_column_blocks`)."""
+    error = 0.0
+    for columns in _column_blocks(*array.shape):
+        part = array[:, columns] if s is None else array[:, columns] * s[:, None]
+        got = _quantized_output(rows, part, block_size, symmetric)
+        error += _squared_error(want[:, columns], got)
+    return error
 
 
 def _scales(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
@@ -82,9 +110,7 @@ def _search_alpha(
         s = _scales(mean_abs, alpha)
         scaled_rows = rows / s
         error = sum(
-            _squared_error(
-                want, _quantized_output(scaled_rows, a * s[:, None], block_size, symmetric)
-            )
+            _quantized_error(want, scaled_rows, a, block_size, symmetric, s)
             for want, a in zip(targets, arrays)
         )
         if not alpha:
@@ -111,17 +137,26 @@ def _clip(array: np.ndarray, rows: np.ndarray, block_size: int, symmetric: bool)
 
     Per block g and output column n, the error of ratio r is dᵀ·H_g·d with d the block's
     W − Q(clip(W, ±r·max|W|)) and H_g = X_gᵀ·X_g: that block's share of ‖X·(W − Q)‖²,
-    without the cross terms between blocks (the caller checks the whole error).
+    without the cross terms between blocks (the caller checks the whole error). Each output
+    column is chosen on its own, so the columns go a block at a time (`_column_blocks`).
     """
+    grams = _block_grams(rows, block_size)
+    clipped = np.empty(array.shape, dtype=np.float32)
+    for columns in _column_blocks(*array.shape):
+        clipped[:, columns] = _clip_columns(array[:, columns], grams, block_size, symmetric)
+    return clipped
+
+
+def _clip_columns(
+    array: np.ndarray, grams: np.ndarray, block_size: int, symmetric: bool
+) -> np.ndarray:
+    """`_clip` of some output columns ([K, n]), given the blocks' XᵀX ([k_blocks, B, B])."""
     k, n = array.shape
     k_blocks = -(-k // block_size)
-    padded = array
-    if k % block_size:
-        padded = np.zeros((k_blocks * block_size, n), dtype=np.float32)
-        padded[:k] = array
+    padded = np.zeros((k_blocks * block_size, n), dtype=np.float32)
+    padded[:k] = array
     blocks = padded.reshape(k_blocks, block_size, n)  # [kb, B, N]
     peak = np.abs(blocks).max(axis=1, keepdims=True)  # [kb, 1, N]
-    grams = _block_grams(rows, block_size)
     best_error = np.full((k_blocks, n), np.inf, dtype=np.float32)
     best_ratio = np.ones((k_blocks, 1, n), dtype=np.float32)
     delta = np.zeros_like(blocks)
@@ -160,11 +195,10 @@ def awq_search(
     final, clipped, error = [], [], 0.0
     for want, array in zip(targets, arrays):
         array = array * s[:, None]
-        plain = _squared_error(want, _quantized_output(scaled_rows, array, block_size, symmetric))
+        plain = _quantized_error(want, scaled_rows, array, block_size, symmetric)
         if clip:
             candidate = _clip(array, scaled_rows, block_size, symmetric)
-            got = _quantized_output(scaled_rows, candidate, block_size, symmetric)
-            clipped_error = _squared_error(want, got)
+            clipped_error = _quantized_error(want, scaled_rows, candidate, block_size, symmetric)
             if clipped_error < plain:
                 final.append(candidate)
                 clipped.append(True)

@@ -352,6 +352,11 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         taken: set[str] = set()
         report: dict[str, Any] = {}
         counts = collections.Counter()
+        # A searched group's codes go into the graph (the spill file, streamed) as soon as they
+        # are chosen: an 8B's codes held until the end were 4.4 GB. Not with a kept source grid,
+        # whose widening below still reads the codes of every weight.
+        emitting = (self._start_emitting(model), set()) if weights and not on_grid else None
+        emitted: set[int] = set()
         for group in groups:
             seen = calibration.get(group.activation.name)
             reason = self._unusable(group, seen) or self._not_searched(group)
@@ -360,13 +365,24 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                 continue
             counts["groups_searched"] += 1
             report[group.activation.name] = self._scale_group(model, group, seen, taken, counts)
+            for weight in group.weights if emitting else ():
+                self._emit(model, weight, *emitting)
+                emitted.add(id(weight))
         widened = 0
         if on_grid and self.source_grid_form == "block_sums":
             widened = widen_to_block_sums(
                 model.graph, weights, taken, self.source_grid_levels,
                 self.source_grid_rounded_zero_points,
             )  # fmt: skip
-        result = self._quantize_weights(model, weights, skipped)
+        if emitting:
+            for weight in weights:  # the rest (not searched): rounded and emitted now
+                if id(weight) not in emitted:
+                    self._emit(model, weight, *emitting)
+            stats, _ = emitting
+            stats["skipped"] = dict(skipped)
+            result = PassResult(model, modified=True, stats=stats)
+        else:
+            result = self._quantize_weights(model, weights, skipped)
         reductions = [entry["reduction"] for entry in report.values()]
         stats = {
             **result.stats,

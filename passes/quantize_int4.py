@@ -290,36 +290,49 @@ class QuantizeInt4Pass(Pass):
         Subclasses that transform the fp32 arrays first (AWQ's scaling) call this to emit the
         same MatMulNBits / DequantizeLinear form; `skipped` is reported as is.
         """
-        graph = model.graph
-        taken: set[str] = set()
-        stats = empty_stats()
         if not weights:
+            stats = empty_stats()
             stats["skipped"] = dict(skipped)
             return PassResult(model, modified=False, stats=stats)
+        stats, taken = self._start_emitting(model), set()
+        for weight in weights:
+            self._emit(model, weight, stats, taken)
+        stats["skipped"] = dict(skipped)
+        return PassResult(model, modified=True, stats=stats)
+
+    def _start_emitting(self, model: FdecModel) -> dict[str, Any]:
+        """Ready `model` for this pass's quantized form (its opset or domain); empty stats."""
+        stats = empty_stats()
         if self.backend == "tensorrt":
             stats["opset_raised"] = raise_opset(model, _QDQ_OPSET)
         else:
             model.model.opset_imports.setdefault(_MS_DOMAIN, 1)
-        for weight in weights:
-            old_name = weight.value.name
-            assert old_name is not None
-            quantized = weight.quantized or self._round(weight)
-            if self.backend == "tensorrt":
-                new_name, added = self._rewrite_qdq(graph, weight, quantized, taken)
-            else:
-                new_name, added = self._rewrite_nbits(graph, weight, quantized, taken)
-            stats["bytes_before"] += weight.value.const_value.nbytes
-            stats["bytes_after"] += added
-            stats["matmuls_quantized"] += len(weight.sites)
-            stats["weights_quantized"] += 1
-            if weight.gathers:
-                stats["gathers_shared"] = stats.get("gathers_shared", 0) + len(weight.gathers)
-                stats["shared_table_block_size"] = quantized.block_size
-            retire_weight(graph, weight)
-            weight.release()  # a weight read from the checkpoint: one float copy at a time
-            model.spec.rename_weight(old_name, new_name)
-        stats["skipped"] = dict(skipped)
-        return PassResult(model, modified=True, stats=stats)
+        return stats
+
+    def _emit(
+        self, model: FdecModel, weight: Weight, stats: dict[str, Any], taken: set[str]
+    ) -> None:
+        """Rewrite one weight's sites to its codes (`weight.quantized`, else rounded now) and
+        retire the float initializer; the codes go to the graph (the spill on a streamed
+        compile), none kept on `weight`."""
+        old_name = weight.value.name
+        assert old_name is not None
+        quantized = weight.quantized or self._round(weight)
+        if self.backend == "tensorrt":
+            new_name, added = self._rewrite_qdq(model.graph, weight, quantized, taken)
+        else:
+            new_name, added = self._rewrite_nbits(model.graph, weight, quantized, taken)
+        stats["bytes_before"] += weight.value.const_value.nbytes
+        stats["bytes_after"] += added
+        stats["matmuls_quantized"] += len(weight.sites)
+        stats["weights_quantized"] += 1
+        if weight.gathers:
+            stats["gathers_shared"] = stats.get("gathers_shared", 0) + len(weight.gathers)
+            stats["shared_table_block_size"] = quantized.block_size
+        retire_weight(model.graph, weight)
+        weight.release()  # a weight read from the checkpoint: one float copy at a time
+        weight.quantized = None
+        model.spec.rename_weight(old_name, new_name)
 
     def _block_size_of(self, weight: Weight) -> int:
         """`block_size`, except for a tied table shared with the embedding's Gathers, which

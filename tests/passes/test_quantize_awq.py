@@ -586,3 +586,59 @@ def test_lm_head_bits_keeps_the_head_and_its_shared_table_at_8_bits(llama):
     assert scores["int8 head"]["kl_divergence"] < scores["int4"]["kl_divergence"], scores
     with pytest.raises(UsageError, match="lm_head_bits 3"):
         QuantizeInt4AwqPass(batches=llama.batches, lm_head_bits=3)
+
+
+# --- memory: column blocks and codes emitted per group (issue 19) ------------------------------
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_search_over_column_blocks_chooses_what_the_whole_search_does(monkeypatch, symmetric):
+    from fdec.passes import awq_search as search
+
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((64, 256)).astype(np.float32)
+    rows[:, 7] *= 30.0  # an outlier channel: α > 0 wins
+    seen = _Seen(np.abs(rows).mean(axis=0), rows)
+    arrays = [rng.standard_normal((256, 96)).astype(np.float32) for _ in range(2)]
+    whole = search.awq_search(seen, arrays, True, grid=10, block_size=32, symmetric=symmetric)
+    assert len(search._column_blocks(256, 96)) == 1
+    monkeypatch.setattr(search, "_COLUMN_BYTES", 4 * 256 * 40)  # 40, 40 and 16 columns
+    assert len(search._column_blocks(256, 96)) == 3
+    blocks = search.awq_search(seen, arrays, True, grid=10, block_size=32, symmetric=symmetric)
+    assert whole.alpha == blocks.alpha > 0
+    assert whole.clipped == blocks.clipped and any(whole.clipped)
+    for a, b in zip(whole.arrays, blocks.arrays):
+        np.testing.assert_array_equal(a, b)
+    for name in ("error_rtn", "error_scaled", "error"):
+        assert getattr(blocks, name) == pytest.approx(getattr(whole, name), rel=1e-5)
+
+
+@dataclasses.dataclass
+class _Seen:
+    mean_abs: np.ndarray
+    rows: np.ndarray
+
+
+def test_each_group_is_written_before_the_next_is_searched(llama, monkeypatch):
+    """The codes of a searched group go into the graph at once (an 8B's, held to the end, were
+    4.4 GB) and no Weight keeps them; the build is the one the tests above check."""
+    searched: list[tuple[int, int]] = []
+    scale_group = QuantizeInt4AwqPass._scale_group
+
+    def watched(self, model, group, *args):
+        written = sum(node.op_type == "MatMulNBits" for node in model.graph)
+        searched.append((written, len(group.weights)))
+        out = scale_group(self, model, group, *args)
+        assert all(weight.quantized is not None for weight in group.weights)
+        return out
+
+    monkeypatch.setattr(QuantizeInt4AwqPass, "_scale_group", watched)
+    pass_ = QuantizeInt4AwqPass(batches=llama.batches)
+    model, record = run_pass(pass_, llama.cleaned())
+    assert len(searched) == record.stats["groups_searched"] == 9
+    before = 0
+    for written, size in searched:  # every earlier group already in the graph
+        assert written == before
+        before += size
+    assert _ops(model)[(_MS, "MatMulNBits")] == record.stats["weights_quantized"] == 15
+    assert model.spec_problems() == []
