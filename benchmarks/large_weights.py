@@ -178,8 +178,10 @@ def compile_peak(
     cache = out.parent / f"{out.name}-cache"
     shutil.rmtree(cache, ignore_errors=True)
     command = [sys.executable, "-m", "fdec.cli", "compile", model, "--target", target,
-               *(["--quantize", quantize] if quantize else []), "-o", str(out), "--json",
+               *(["--quantize", quantize] if quantize else []), "-o", str(out),
                "--cache-dir", str(cache), *extra]  # fmt: skip
+    # No --json: it silences the progress lines that `stage_peaks` times the stages by; the
+    # outcome is read from the build's report.json instead.
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = threading.Event()
@@ -207,10 +209,8 @@ def compile_peak(
     watcher.join(2)
     wall = time.perf_counter() - started
     summary = {}
-    try:
-        summary = json.loads(stdout_chunks[0])
-    except (IndexError, ValueError):
-        pass
+    if proc.returncode == 0 and (out / "report.json").exists():
+        summary = json.loads((out / "report.json").read_text())
     return {
         "exit_code": proc.returncode,
         "killed_at_cap": killed.is_set(),
