@@ -339,6 +339,9 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         for weight in weights if keep_grid else ():
             weight.quantized = self._source_grid(weight)
             on_grid += weight.quantized is not None
+            # One float copy at a time: a weight read from the checkpoint is read again when
+            # searched (an 8B's all at once were 32 GB).
+            weight.release()
         groups = group_by_activation(weights, rtn_only)
         if on_grid:  # groups whose weights all keep their grid need no calibration
             kept = [g for g in groups if all(w.quantized is not None for w in g.weights)]

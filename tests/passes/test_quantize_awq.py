@@ -642,3 +642,51 @@ def test_each_group_is_written_before_the_next_is_searched(llama, monkeypatch):
         before += size
     assert _ops(model)[(_MS, "MatMulNBits")] == record.stats["weights_quantized"] == 15
     assert model.spec_problems() == []
+
+
+def test_a_lazily_bound_weight_is_held_only_while_its_group_is_searched(llama, monkeypatch):
+    """A streamed compile binds weights to the checkpoint: the source-grid check reads each
+    one, and must drop it again (an 8B's float copies, all kept, were 32 GB), so that only
+    the searched group's weights are in memory; the build is the in-memory one's."""
+    from fdec.passes import weights as weights_module
+
+    model = llama.cleaned()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and tensor.size > 1024:
+            value.const_value = ir.LazyTensor(
+                lambda tensor=tensor: tensor, dtype=tensor.dtype, shape=tensor.shape
+            )
+    held: list[int] = []
+    collect = weights_module.collect_weights
+    found: list = []
+
+    def collect_and_keep(*args, **kwargs):
+        result = collect(*args, **kwargs)
+        found.extend(result[0])
+        return result
+
+    scale_group = QuantizeInt4AwqPass._scale_group
+
+    def watched(self, model, group, *args):
+        mine = {id(weight) for weight in group.weights}
+        held.append(sum(w._array is not None for w in found if id(w) not in mine))
+        return scale_group(self, model, group, *args)
+
+    monkeypatch.setattr("fdec.passes.quantize_awq.collect_weights", collect_and_keep)
+    monkeypatch.setattr(QuantizeInt4AwqPass, "_scale_group", watched)
+    pass_ = QuantizeInt4AwqPass(batches=llama.batches, keep_source_grid=True)
+    lazy, record = run_pass(pass_, model)
+    assert record.stats["source_grid_kept"] == 0 and len(held) == 9
+    assert held == [0] * 9
+    eager, _ = run_pass(QuantizeInt4AwqPass(batches=llama.batches), llama.cleaned())
+    assert len(_nbits_nodes(lazy)) == len(_nbits_nodes(eager)) == 15
+    for got, want in zip(_nbits_nodes(lazy), _nbits_nodes(eager)):
+        np.testing.assert_array_equal(_nbits_weight(got), _nbits_weight(want))
+
+
+def _nbits_nodes(model: FdecModel) -> list[ir.Node]:
+    return sorted(
+        (node for node in model.graph if node.op_type == "MatMulNBits"),
+        key=lambda node: node.inputs[1].name,
+    )
