@@ -241,3 +241,42 @@ def test_streamed_compile_refuses_a_non_finite_weight_by_name(tiny_models, tmp_p
     with pytest.raises(InputError, match="NaN or Inf") as caught:
         compile_model(options)
     assert name in str(caught.value) and not out.exists()
+
+
+def test_slices_are_planned_by_what_a_session_holds_not_by_stored_bytes():
+    """An fp8 layer's codes are dequantized to fp32 (and, in the TensorRT model's emulated
+    bf16, cast to bf16 and back) before anything runs: 1 + 4 + 2 + 4 bytes an element held.
+    Planned by stored bytes, the 8B's bf16 check held 4 layers of that at once (14.1 GiB)."""
+    import ml_dtypes
+
+    from fdec.runtime.sliced import plan_slices, resident_bytes
+
+    n, k = 32, 64
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, k]))
+    graph = ir.Graph([x], [], nodes=[], name="g", opset_imports={"": 21})
+    current, stages, layer_values = x, [], []
+    for layer in range(3):
+        codes = ir.tensor(np.ones((k, n), dtype=ml_dtypes.float8_e4m3fn), name=f"layers.{layer}.w")
+        weight = ir.Value(name=codes.name, shape=codes.shape, const_value=codes)
+        weight.dtype = ir.DataType.FLOAT8E4M3FN
+        graph.register_initializer(weight)
+        scale = ir.Value(name=f"layers.{layer}.s", const_value=ir.tensor(np.float32(0.5)))
+        graph.register_initializer(scale)
+        dq = ir.node("DequantizeLinear", [weight, scale])
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        low = ir.node("Cast", [dq.outputs[0]], {"to": ir.DataType.BFLOAT16})
+        low.outputs[0].dtype = ir.DataType.BFLOAT16
+        high = ir.node("Cast", [low.outputs[0]], {"to": ir.DataType.FLOAT})
+        high.outputs[0].dtype = ir.DataType.FLOAT
+        matmul = ir.node("MatMul", [current, high.outputs[0]])
+        graph.extend([dq, low, high, matmul])
+        stages += [layer] * 4
+        current = matmul.outputs[0]
+        layer_values.append(weight)
+    graph.outputs.append(current)
+
+    assert resident_bytes(layer_values[0]) == k * n * (1 + 4 + 2 + 4)
+    stored = k * n  # each layer's codes
+    # Stored bytes would put all three layers in one slice; what the session holds, one each.
+    assert plan_slices(graph, stages, 3 * stored) == [(0, 1), (1, 2), (2, 3)]
+    assert plan_slices(graph, stages, 3 * (k * n * 11 + 4)) == [(0, 3)]  # + the scales

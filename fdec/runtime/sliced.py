@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import pathlib
 import re
 import time
@@ -41,6 +42,7 @@ __all__ = [
     "SlicedModel",
     "node_stages",
     "plan_slices",
+    "resident_bytes",
     "too_large_for_one_session",
     "weight_bytes",
 ]
@@ -140,17 +142,37 @@ def node_stages(graph: Any, spec: Any = None) -> list[int]:
     return stages
 
 
+def resident_bytes(value: Any) -> int:
+    """Bytes a session holds for the initializer `value`: its own, plus the outputs of the
+    DequantizeLinear reading it and the Casts after that (a typed model's emulated bf16).
+    ONNX Runtime's CPU session runs such weight-only chains before anything else, so each
+    output stays alive until its reader runs: an fp8 layer held 4× its bytes in fp32, its bf16
+    TensorRT model's emulation 7× (the 8B's typed check peaked at 14.1 GiB with 1 GB slices
+    planned by stored bytes)."""
+    tensor = value.const_value
+    if tensor is None:
+        return 0
+    total, elements = tensor.nbytes, math.prod(int(d) for d in tensor.shape)
+    for user, index in value.uses():
+        node = user if user.op_type == "DequantizeLinear" and index == 0 else None
+        while node is not None:
+            out = node.outputs[0]
+            total += int(elements * (out.dtype.itemsize if out.dtype is not None else 4))
+            casts = [reader for reader, _ in out.uses() if reader.op_type == "Cast"]
+            node = casts[0] if len(casts) == 1 else None
+    return total
+
+
 def plan_slices(graph: Any, stages: Sequence[int], max_bytes: int) -> list[tuple[int, int]]:
-    """Stage ranges [start, stop) whose nodes' weights add up to at most `max_bytes` (a
-    stage alone above it is a slice of its own)."""
+    """Stage ranges [start, stop) whose nodes' weights hold at most `max_bytes` in a session
+    (`resident_bytes`; a stage alone above it is a slice of its own)."""
     per_stage: dict[int, int] = {}
     seen: set[int] = set()
     for node, stage in zip(graph, stages):
         for value in node.inputs:
             if value is not None and value.is_initializer() and id(value) not in seen:
                 seen.add(id(value))
-                tensor = value.const_value
-                per_stage[stage] = per_stage.get(stage, 0) + (tensor.nbytes if tensor else 0)
+                per_stage[stage] = per_stage.get(stage, 0) + resident_bytes(value)
     last = max(stages, default=0)
     slices: list[tuple[int, int]] = []
     start, size = 0, 0
