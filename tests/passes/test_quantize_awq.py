@@ -690,3 +690,28 @@ def _nbits_nodes(model: FdecModel) -> list[ir.Node]:
         (node for node in model.graph if node.op_type == "MatMulNBits"),
         key=lambda node: node.inputs[1].name,
     )
+
+
+def test_the_source_grid_is_found_a_block_of_columns_at_a_time(monkeypatch):
+    """The grid check tries ~_COLUMNS output columns at a time (an 8B's table whole took four
+    2.1 GB copies) and gives the whole-array codes; one block off the grid is enough to stop."""
+    from fdec.passes import quantize_int4
+    from fdec.passes.weights import Weight
+
+    rng = np.random.default_rng(5)
+    on_grid = _on_q4_1_grid(rng.standard_normal((64, 40)).astype(np.float32))
+
+    def weight(array: np.ndarray) -> Weight:
+        return Weight(ir.Value(name="w"), array, ir.DataType.FLOAT, [], [])
+
+    pass_ = QuantizeInt4AwqPass(batches=[np.zeros((1, 4), np.int64)], block_size=32)
+    whole = pass_._source_grid(weight(on_grid))
+    assert whole is not None and whole.zero_points is not None
+    monkeypatch.setattr(quantize_int4, "_COLUMNS", 16)  # 16, 16 and 8 columns
+    blocks = pass_._source_grid(weight(on_grid))
+    for name in ("packed", "scales", "zero_points"):
+        np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name))
+    assert (blocks.k, blocks.n) == (64, 40)
+    off = on_grid.copy()
+    off[3, 37] += 0.3 * np.abs(off[:, 37]).max()  # the last block of columns leaves the grid
+    assert pass_._source_grid(weight(off)) is None
