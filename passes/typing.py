@@ -52,7 +52,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
 from fdec.errors import CompileError, UsageError
-from fdec.ir import FdecModel
+from fdec.ir import SHAPE_ONLY_OPS, FdecModel
 from fdec.pipeline import Pass, PassResult, Tolerance
 
 __all__ = [
@@ -521,7 +521,10 @@ class _Typer:
             touched = touched or any(_is_float32(v) for v in node.inputs)
             low_nodes += touched
         for node in self.nodes:
-            if node.op_type == "Constant":
+            # A Shape reads no values, so it keeps its input: a Cast of a graph input there
+            # would make the typed graph read a later layer's KV cache for every layer's mask
+            # (an 8B's sliced check then ran 22 layers in one session).
+            if node.op_type == "Constant" or node.op_type in SHAPE_ONLY_OPS:
                 continue
             for index, value in enumerate(node.inputs):
                 if value is None or value.dtype not in (ir.DataType.FLOAT, self.low):

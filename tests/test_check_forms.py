@@ -74,3 +74,20 @@ def test_sliced_runs_of_an_fp8_build_give_one_sessions_logits(h100_build):
     ids = np.random.default_rng(1).integers(0, 300, size=(1, 20))
     want = logits_through_cache(whole, ids, 12)
     np.testing.assert_allclose(logits_through_cache(sliced, ids, 12), want, rtol=0, atol=1e-5)
+
+
+def test_the_typed_models_check_slices_layer_by_layer(h100_build, tmp_path):
+    """The emulated bf16 TensorRT model slices as the build does, one layer a slice, with one
+    session's logits. Its typing once cast the KV input a Shape reads for every layer's mask,
+    so all layers joined that cache's layer: an 8B's check ran 22 layers in one slice."""
+    out, spec = h100_build
+    model = ir.load(out / TYPED_MODEL)
+    emulate_low_precision(model)
+    path = tmp_path / "model.onnx"
+    ir.save(model, path, external_data="model.onnx.data")
+    sliced = SlicedModel(path, spec=spec, max_slice_bytes=1, optimization="basic")
+    assert [s.stages for s in sliced.slices] == [(0, 1), (1, 2)]
+    whole = OrtModel(open_session(path, optimization="basic", prepack=False))
+    ids = np.random.default_rng(2).integers(0, 300, size=(1, 20))
+    want = logits_through_cache(whole, ids, 12)
+    np.testing.assert_allclose(logits_through_cache(sliced, ids, 12), want, rtol=0, atol=1e-5)

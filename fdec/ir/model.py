@@ -12,6 +12,9 @@ from fdec.ir.spec import ModelSpec
 __all__ = ["FdecModel", "GraphCounts", "count_graph", "save_model"]
 
 EXTERNAL_DATA_SUFFIX = ".data"
+
+#: Ops that read only their input's shape, never its values (so never its dtype).
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 # Tensors up to this size stay in the proto: shape inputs (axes, shapes) must be inline for ORT.
 _INLINE_BYTES = 1024
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from fdec.ir.model import SHAPE_ONLY_OPS
 from fdec.runtime.check_forms import external_data_folder, lighter_check_forms
 from fdec.runtime.session import KV_POLICY_METADATA, open_session, require_onnxruntime
 
@@ -59,7 +60,6 @@ _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
 _ONNX_FP8_E4M3FN = 17
-_SHAPE_ONLY = frozenset({"Shape", "Size"})  # ops that read only their input's shape
 
 
 def weight_bytes(model: str | pathlib.Path) -> int:
@@ -118,7 +118,7 @@ def node_stages(graph: Any, spec: Any = None) -> list[int]:
             elif value.is_graph_input():
                 reads_data = True
                 match = _PAST.match(value.name or "")
-                if match and node.op_type not in _SHAPE_ONLY:
+                if match and node.op_type not in SHAPE_ONLY_OPS:
                     stage = max(stage, int(match.group(1)))
             elif not value.is_initializer():
                 reads_data = True  # a value of an enclosing scope
@@ -147,8 +147,7 @@ def resident_bytes(value: Any) -> int:
     DequantizeLinear reading it and the Casts after that (a typed model's emulated bf16).
     ONNX Runtime's CPU session runs such weight-only chains before anything else, so each
     output stays alive until its reader runs: an fp8 layer held 4× its bytes in fp32, its bf16
-    TensorRT model's emulation 7× (the 8B's typed check peaked at 14.1 GiB with 1 GB slices
-    planned by stored bytes)."""
+    TensorRT model's emulation 7×."""
     tensor = value.const_value
     if tensor is None:
         return 0

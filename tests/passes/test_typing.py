@@ -183,12 +183,17 @@ def test_tiny_llama_typed_stays_close_to_the_source(llama, dtype, tmp_path):
     model = llama.cleaned()
     inputs = {v.name: v.dtype for v in model.graph.inputs}
     outputs = {v.name: v.dtype for v in model.graph.outputs}
+    shapes_of = {n.name: n.inputs[0].name for n in model.graph if n.op_type == "Shape"}
+    assert any(value.startswith("past_key_values.") for value in shapes_of.values())
     result = CastFloat16Pass(dtype=dtype)(model)
     stats = result.stats
     low = "FLOAT16" if dtype == "fp16" else "BFLOAT16"
 
     assert {v.name: v.dtype for v in model.graph.inputs} == inputs
     assert {v.name: v.dtype for v in model.graph.outputs} == outputs
+    # A Shape reads no values: it keeps reading the fp32 KV input, not a Cast of it (with a
+    # Cast, every layer's mask read that layer's cache and slicing put them all in its slice).
+    assert {n.name: n.inputs[0].name for n in model.graph if n.op_type == "Shape"} == shapes_of
     assert untyped_values(model.graph) == []
     ops = collections.Counter(n.op_type for n in model.graph if n.outputs[0].dtype.name == low)
     assert ops["MatMul"] >= 14  # q/k/v/o/gate/up/down × 2 layers compute low
