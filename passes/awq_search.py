@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fdec.passes.gptq import gptq, inverse_factor
-from fdec.passes.quantize_int4 import Int4Weight, quantize_int4
+from fdec.passes.quantize_int4 import Int4Weight, blocks_of_k, quantize_int4
 
 __all__ = ["AwqSearch", "awq_search", "gptq_int4"]
 
@@ -152,10 +152,8 @@ def _clip_columns(
 ) -> np.ndarray:
     """`_clip` of some output columns ([K, n]), given the blocks' XᵀX ([k_blocks, B, B])."""
     k, n = array.shape
-    k_blocks = -(-k // block_size)
-    padded = np.zeros((k_blocks * block_size, n), dtype=np.float32)
-    padded[:k] = array
-    blocks = padded.reshape(k_blocks, block_size, n)  # [kb, B, N]
+    blocks = blocks_of_k(array, block_size)  # [kb, B, N]
+    k_blocks = blocks.shape[0]
     peak = np.abs(blocks).max(axis=1, keepdims=True)  # [kb, 1, N]
     best_error = np.full((k_blocks, n), np.inf, dtype=np.float32)
     best_ratio = np.ones((k_blocks, 1, n), dtype=np.float32)

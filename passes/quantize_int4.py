@@ -120,12 +120,19 @@ def quantize_int4(array: np.ndarray, block_size: int, symmetric: bool, bits: int
     return Int4Weight(packed, scales, None if symmetric else zero_points, k, n, block_size, bits)
 
 
+def blocks_of_k(array: np.ndarray, block_size: int) -> np.ndarray:
+    """A [K, N] array zero-padded to whole blocks of K, as float32 [k_blocks, block_size, N]."""
+    k, n = array.shape
+    k_blocks = -(-k // block_size)
+    padded = np.zeros((k_blocks * block_size, n), dtype=np.float32)
+    padded[:k] = array
+    return padded.reshape(k_blocks, block_size, n)
+
+
 def _reproduces(rounded: Int4Weight, array: np.ndarray) -> bool:
     """Whether `rounded` gives the [K, N] `array` back within 1 % of a step in every block."""
     error = np.abs(rounded.dequantized().T - array)  # [K, N]
-    padded = np.zeros((rounded.k_blocks * rounded.block_size, rounded.n), dtype=np.float32)
-    padded[: rounded.k] = error
-    worst = padded.reshape(rounded.k_blocks, rounded.block_size, rounded.n).max(axis=1)
+    worst = blocks_of_k(error, rounded.block_size).max(axis=1)  # [k_blocks, N]
     return bool(np.all(worst <= 0.01 * rounded.scales.T + 1e-12))
 
 

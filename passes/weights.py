@@ -107,7 +107,7 @@ class Weight:
     def release(self) -> None:
         """Drop a float array read lazily (kept when it is a view of in-memory data), and close
         an external tensor's memory map: the pages read stay in the process's RSS while it is
-        open (an 8B's spilled 2.1 GB lm_head was held through the whole fp8 pass)."""
+        open (an 8B's spilled 2.1 GB lm_head stayed mapped into the fp8 pass, 2.08 GiB of RSS)."""
         tensor = self.value.const_value
         if _lazy(tensor):
             self._array = None

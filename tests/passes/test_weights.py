@@ -108,7 +108,7 @@ def test_weight_shape_does_not_read_a_lazily_bound_weight():
 def test_release_closes_an_external_weights_memory_map(tmp_path):
     """A weight in a data file (a spilled weight, the build's own) is read through a memory
     map whose pages count in RSS while it is open: release closes it (an 8B's spilled 2.1 GB
-    lm_head stayed mapped through the whole fp8 pass), and the weight reads again."""
+    lm_head stayed mapped into the fp8 pass), and the weight reads again."""
     model, arrays = _model()
     for name in ("w", "v"):
         (tmp_path / f"{name}.data").write_bytes(arrays[name].tobytes())
