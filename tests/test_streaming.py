@@ -140,6 +140,44 @@ def test_compile_refuses_up_front_when_memory_cannot_hold_it(
         assert not out.exists()
 
 
+def test_compile_refuses_up_front_when_the_disk_cannot_hold_its_files(
+    cli_runner, tiny_models, tmp_path, monkeypatch
+):
+    import shutil
+
+    from fdec.cli import cli
+    from fdec.frontend.source import resolve_source
+    from fdec.plan import compile_disk
+    from fdec.targets import load_target
+
+    source = resolve_source(str(tiny_models("llama")))
+    target = load_target("h100")
+
+    def predicted(**kwargs):
+        kwargs = {"quantize": "fp8", "target": target, "out": tmp_path / "b", **kwargs}
+        return compile_disk.predict_compile_disk(source, **kwargs)
+
+    build = predicted(streamed=False, typed=False).parts["build_bytes"]
+    assert build > 0
+    # Streamed and typed, scratch on the same disk: the build, its typed model and the
+    # emulated copy (3x) outweigh the build and the spill (2x).
+    ((folder, peak),) = predicted(streamed=True, typed=True, scratch=tmp_path).peak_bytes.items()
+    assert folder == str(tmp_path) and peak == int(1.1 * 3 * build)
+    assert predicted(streamed=True, typed=False).peak_bytes[str(tmp_path)] == int(1.1 * 2 * build)
+
+    free = int(2.5 * build)  # room for the writing phase, not for the typed model's
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(compile_disk.shutil, "disk_usage", lambda _: usage._replace(free=free))
+    out = tmp_path / "build"
+    result = cli_runner.invoke(
+        cli, ["compile", str(tiny_models("llama")), "--target", "h100", "--stream", "-o", str(out)]
+    )
+    assert result.exit_code == 4, result.output
+    lines = [line for line in result.output.splitlines() if " GB " in line]
+    assert len(lines) == 1 and "is free there" in lines[0] and "(-o)" in lines[0], result.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".build")]
+
+
 def test_compile_streams_when_only_streaming_fits(tiny_models, tmp_path, monkeypatch):
     from fdec.plan import compile_memory
 

@@ -52,6 +52,8 @@ from fdec.compile.resolve import (
 from fdec.compile.write import Addition, write_build
 from fdec.ir.spill import WeightSpill
 from fdec.lower.engines import build_engines
+from fdec.lower.tensorrt_model import MODEL_DIR as TYPED_DIR
+from fdec.plan.compile_disk import check_compile_disk
 from fdec.student import distill_pruned
 
 __all__ = [
@@ -135,6 +137,12 @@ def _build(
     # The cache serves the export, the reference and the longest cached prefix of the
     # pipeline; PyTorch loads the model only for what it must compute.
     front = Front(options, source, recipe, progress, quantize=settings.quantize, target=target)
+    # The disks the build and its scratch copies go to, from the same formulas: a compile they
+    # cannot hold fails here (exit 4), not after an hour of passes.
+    check_compile_disk(
+        source, quantize=settings.quantize, target=target, out=out, streamed=front.streamed,
+        typed=target.is_gpu and TYPED_DIR in settings.backend.files,
+    )  # fmt: skip
     model, cached_records = front.resume()
     if model is None:
         progress(f"loading {source.given} ({source.family.name}, {source.kind})")

@@ -35,6 +35,7 @@ __all__ = [
     "COMPILE_OVERHEAD_BYTES",
     "CompileMemory",
     "available_memory",
+    "build_weight_bytes",
     "check_compile_memory",
     "predict_compile_memory",
 ]
@@ -98,7 +99,7 @@ def _tensor_sizes(source: Any) -> tuple[int, int, int, int]:
     return total, largest, outside, max(layers.values(), default=0)
 
 
-def _build_weight_bytes(source: Any, quantize: str, target: Any) -> int:
+def build_weight_bytes(source: Any, quantize: str, target: Any) -> int:
     """The build's weight bytes by fdec.plan's formulas (its precision, scales, embedding)."""
     from fdec.plan.capacity import float_bytes, precision_of
     from fdec.plan.shape import WEIGHT_FORMATS, shape_from_config
@@ -148,14 +149,16 @@ def predict_compile_memory(
         return CompileMemory(0, streamed, {})
     total, largest, outside, layer = _tensor_sizes(source)
     fp32 = 4 * total
-    quantized = quantize.lower() not in ("none", "fp32", "fp32-none")
+    from fdec.plan.capacity import precision_of
+
+    quantized = precision_of(quantize, "--quantize") != "fp32"
     if not streamed:
         kind = "calibrating" if calibrates else "weights" if quantized else "float"
         peak = COMPILE_OVERHEAD_BYTES + _WHOLE_MODEL_FACTOR[kind] * fp32
         return CompileMemory(int(peak * _MARGIN), False, {"fp32_weight_bytes": fp32})
     from fdec.runtime.sliced import DEFAULT_SLICE_BYTES, WHOLE_SESSION_BYTES
 
-    build = _build_weight_bytes(source, quantize, target)
+    build = build_weight_bytes(source, quantize, target)
     # A build above WHOLE_SESSION_BYTES is verified a slice of layers at a time.
     verify = (
         _SESSION_FACTOR * build

@@ -1,0 +1,116 @@
+"""The disk `fdec compile` writes on the way to a build, and the up-front refusal when the
+disks it writes to cannot hold it.
+
+A large compile fails late when its disk fills: the 8B Llama's h100 default ran 65 minutes
+before the typed check's scratch copy found the disk full (session 12). The files, each about
+the build's weight bytes W (fdec.plan's formulas, as the memory check uses):
+
+- the build, written into a temporary folder beside `-o` (fdec.build.AtomicBuild);
+- streamed compiles: the spill beside it, holding the weights passes make until the build is
+  written (fdec.ir.spill), removed once it is;
+- strongly typed backends (TensorRT, TensorRT-RTX) on a GPU target: the typed model inside
+  the build (half of W for a float build: typed to bf16/fp16), and its copy with bf16/fp16
+  emulated in fp32 for the check, in the temporary directory (fdec.lower.tensorrt_model).
+
+The peak on each file system is the larger of the two phases (writing: build + spill; typing:
+build + typed model, plus the emulated copy where the temporary directory shares the disk),
+plus 10 %. A previous build at `-o` stays until the new one replaces it; it already counts as
+used space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+from fdec.errors import CapacityError
+
+__all__ = ["CompileDisk", "check_compile_disk", "predict_compile_disk"]
+
+_GB = 1e9
+_MARGIN = 1.10
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileDisk:
+    """The bytes a compile writes at its peak on each file system, keyed by a folder on it."""
+
+    peak_bytes: dict[str, int]
+    parts: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peak_bytes": self.peak_bytes, **self.parts}
+
+
+def _existing(path: pathlib.Path) -> pathlib.Path:
+    """`path` or its nearest folder that exists (what `-o` will be created in)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def predict_compile_disk(
+    source: Any, *, quantize: str, target: Any, out: pathlib.Path, streamed: bool, typed: bool,
+    scratch: pathlib.Path | None = None,
+) -> CompileDisk:  # fmt: skip
+    """The compile's peak disk use per file system: the build under `out`'s parent, the scratch
+    copies under `scratch` (the temporary directory); `typed`: the backend writes a strongly
+    typed model (and checks an emulated copy of it)."""
+    from fdec.plan.capacity import precision_of
+    from fdec.plan.compile_memory import build_weight_bytes
+
+    if source.pickle_weights or not source.weight_files:
+        return CompileDisk({}, {})
+    build = build_weight_bytes(source, quantize, target)
+    float_build = precision_of(quantize, "--quantize") == "fp32"
+    parts = {
+        "build_bytes": build,
+        "spill_bytes": build if streamed else 0,
+        # A float (fp32) build is typed to bf16/fp16: half its bytes; the check's copy is fp32.
+        "typed_model_bytes": (build // 2 if float_build else build) if typed else 0,
+        "emulated_copy_bytes": build if typed else 0,
+    }
+    beside = _existing(pathlib.Path(out).parent)
+    scratch = _existing(pathlib.Path(scratch or tempfile.gettempdir()))
+    writing = {beside: build + parts["spill_bytes"]}
+    typing = {beside: build + parts["typed_model_bytes"]}
+    if os.stat(scratch).st_dev == os.stat(beside).st_dev:
+        typing[beside] += parts["emulated_copy_bytes"]
+    elif typed:
+        typing[scratch] = parts["emulated_copy_bytes"]
+    peak = {
+        str(folder): int(_MARGIN * max(writing.get(folder, 0), typing.get(folder, 0)))
+        for folder in {*writing, *typing}
+    }
+    return CompileDisk(peak, parts)
+
+
+def check_compile_disk(
+    source: Any, *, quantize: str, target: Any, out: pathlib.Path, streamed: bool, typed: bool,
+) -> CompileDisk:  # fmt: skip
+    """The prediction, or a CapacityError (exit 4) naming the disk short of room and the fix."""
+    need = predict_compile_disk(
+        source, quantize=quantize, target=target, out=out, streamed=streamed, typed=typed
+    )
+    for folder, wanted in sorted(need.peak_bytes.items()):
+        free = shutil.disk_usage(folder).free
+        if wanted > free:
+            beside = folder == str(_existing(pathlib.Path(out).parent))
+            fix = (
+                f"free {(wanted - free) / _GB:.1f} GB there or write the build to a disk with "
+                f"room (-o)"
+                if beside
+                else f"free {(wanted - free) / _GB:.1f} GB there or point TMPDIR at a disk with room"
+            )
+            raise CapacityError(
+                f"compiling {source.given} writes about {wanted / _GB:.1f} GB to {folder} "
+                f"({'the build and its scratch' if beside else 'scratch copies'}), "
+                f"{free / _GB:.1f} GB is free there",
+                fix,
+            )
+    return need
