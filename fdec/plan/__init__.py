@@ -28,7 +28,8 @@ data file. The formulas, stated once here and in docs/design-notes.md:
 
 The modules, one job each: `shape` (config.json → ModelShape), `capacity` (a target's memory
 against weights + KV + workspace), `table` (`fdec plan`'s rows and table), `compile_memory`
-(the peak RSS of `fdec compile` itself on this machine, and the up-front refusal).
+(the peak RSS of `fdec compile` itself on this machine, and the up-front refusal),
+`compile_disk` (the disk its build and scratch copies take, and the same refusal).
 """
 
 from fdec.plan.capacity import (
