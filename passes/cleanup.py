@@ -10,6 +10,7 @@ import onnx_ir.passes.common as ir_common
 from onnxscript import optimizer as onnxscript_optimizer
 
 from fdec.ir import FdecModel
+from fdec.ir.spill import transposed_tensor
 from fdec.pipeline import Pass, PassResult
 
 __all__ = [
@@ -206,7 +207,8 @@ class UntieEmbeddingsPass(Pass):
         transposed = [n for n in readers if n.op_type == "Transpose" and len(n.outputs) == 1]
         if transposed and len(transposed) == len(readers):
             # Fold the transpose into the new weight: MatMul(x, W^T) reads [hidden, vocab].
-            head = ir.Value(name=name, const_value=ir.tensor(array.T.copy(), name=name))
+            # On a streamed compile the transposed copy goes to the spill a block at a time.
+            head = ir.Value(name=name, const_value=transposed_tensor(graph, name, array))
             graph.register_initializer(head)
             for node in transposed:
                 ir.convenience.replace_all_uses_with(node.outputs[0], head)

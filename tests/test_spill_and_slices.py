@@ -4,6 +4,7 @@ compile (fdec.ir.spill), and a build verified one slice of layers at a time (fde
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
 
 import numpy as np
 import onnx_ir as ir
@@ -41,6 +42,38 @@ def test_add_initializer_writes_a_new_weight_to_the_spill_file(tmp_path):
         folder = store.folder
         assert folder == tmp_path / "spill"
     assert not folder.exists()  # closed with the build
+
+
+def test_a_transposed_weight_is_spilled_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
+    graph = ir.Graph([], [], nodes=[])
+    table = np.arange(1000 * 70, dtype=np.float32).reshape(1000, 70)
+    monkeypatch.setattr(spill, "_TRANSPOSE_BLOCK_BYTES", 64 * 70 * 4 + 1)  # 64 rows, 16 blocks
+    written = []
+    pwrite = spill.os.pwrite
+    monkeypatch.setattr(
+        spill.os, "pwrite", lambda *a: written.append(memoryview(a[1]).nbytes) or pwrite(*a)
+    )
+    with spill.WeightSpill(tmp_path / "spill", min_bytes=1024).attach(graph) as store:
+        before = add_initializer(graph, "w", ir.tensor(table[:100].copy()))
+        tracemalloc.start()
+        head = spill.transposed_tensor(graph, "lm_head", table)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < table.nbytes / 4  # a block of rows, never the whole transposed copy
+        after = add_initializer(graph, "v", ir.tensor(table[100:300].copy()))
+        assert isinstance(head, ir.ExternalTensor) and head.shape == (70, 1000)
+        np.testing.assert_array_equal(head.numpy(), table.T)
+        # Writes of whole output rows' pieces, none larger than one block's row.
+        assert max(written) == 64 * 4 and len(written) == 16 * 70
+        # The weights written before and after it read back from their own offsets.
+        assert isinstance(after.const_value, ir.ExternalTensor)
+        np.testing.assert_array_equal(before.const_value.numpy(), table[:100])
+        np.testing.assert_array_equal(after.const_value.numpy(), table[100:300])
+        assert store.to_dict()["bytes"] == 1300 * 70 * 4
+    # Without a spill, an in-memory copy.
+    alone = spill.transposed_tensor(ir.Graph([], [], nodes=[]), "t", table)
+    assert isinstance(alone, ir.Tensor) and alone.numpy().flags.c_contiguous
+    np.testing.assert_array_equal(alone.numpy(), table.T)
 
 
 @pytest.mark.parametrize("quantize", ["int4-rtn", "int8"])
