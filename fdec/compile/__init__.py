@@ -142,6 +142,7 @@ def _build(
     check_compile_disk(
         source, quantize=settings.quantize, target=target, out=out, streamed=front.streamed,
         typed=target.is_gpu and TYPED_DIR in settings.backend.files,
+        untie=any(pass_.name == "untie-embeddings" for pass_ in recipe.pipeline),
     )  # fmt: skip
     model, cached_records = front.resume()
     if model is None:

@@ -7,7 +7,8 @@ the build's weight bytes W (fdec.plan's formulas, as the memory check uses):
 
 - the build, written into a temporary folder beside `-o` (fdec.build.AtomicBuild);
 - streamed compiles: the spill beside it, holding the weights passes make until the build is
-  written (fdec.ir.spill), removed once it is;
+  written (fdec.ir.spill), removed once it is; W plus, where untie-embeddings runs on tied
+  embeddings, the fp32 lm_head it makes before it is quantized;
 - strongly typed backends (TensorRT, TensorRT-RTX) on a GPU target: the typed model inside
   the build (half of W for a float build: typed to bf16/fp16), and its copy with bf16/fp16
   emulated in fp32 for the check, in the temporary directory (fdec.lower.tensorrt_model).
@@ -56,21 +57,27 @@ def _existing(path: pathlib.Path) -> pathlib.Path:
 
 def predict_compile_disk(
     source: Any, *, quantize: str, target: Any, out: pathlib.Path, streamed: bool, typed: bool,
-    scratch: pathlib.Path | None = None,
+    untie: bool = False, scratch: pathlib.Path | None = None,
 ) -> CompileDisk:  # fmt: skip
     """The compile's peak disk use per file system: the build under `out`'s parent, the scratch
     copies under `scratch` (the temporary directory); `typed`: the backend writes a strongly
-    typed model (and checks an emulated copy of it)."""
+    typed model (and checks an emulated copy of it); `untie`: the pipeline unties embeddings."""
     from fdec.plan.capacity import precision_of
     from fdec.plan.compile_memory import build_weight_bytes
+    from fdec.plan.shape import shape_from_config
 
     if source.pickle_weights or not source.weight_files:
         return CompileDisk({}, {})
     build = build_weight_bytes(source, quantize, target)
     float_build = precision_of(quantize, "--quantize") == "fp32"
+    # A tied table's lm_head is untied into the spill in fp32 before it is quantized, and its
+    # bytes stay there until the build is written (the 8B fp8 build: 8.0 GB, spill 10.1 GB).
+    shape = shape_from_config(source.config, source.given)
+    tied = untie and shape.tie_word_embeddings
+    untied = 4 * shape.vocab_size * shape.hidden_size if tied else 0
     parts = {
         "build_bytes": build,
-        "spill_bytes": build if streamed else 0,
+        "spill_bytes": build + untied if streamed else 0,
         # A float (fp32) build is typed to bf16/fp16: half its bytes; the check's copy is fp32.
         "typed_model_bytes": (build // 2 if float_build else build) if typed else 0,
         "emulated_copy_bytes": build if typed else 0,
@@ -92,11 +99,13 @@ def predict_compile_disk(
 
 def check_compile_disk(
     source: Any, *, quantize: str, target: Any, out: pathlib.Path, streamed: bool, typed: bool,
+    untie: bool = False,
 ) -> CompileDisk:  # fmt: skip
     """The prediction, or a CapacityError (exit 4) naming the disk short of room and the fix."""
     need = predict_compile_disk(
-        source, quantize=quantize, target=target, out=out, streamed=streamed, typed=typed
-    )
+        source, quantize=quantize, target=target, out=out, streamed=streamed, typed=typed,
+        untie=untie,
+    )  # fmt: skip
     for folder, wanted in sorted(need.peak_bytes.items()):
         free = shutil.disk_usage(folder).free
         if wanted > free:
