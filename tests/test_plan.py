@@ -262,3 +262,32 @@ def test_compile_writes_the_plan_into_the_report(cli_runner, tiny_models, tmp_pa
 
 def test_capacity_error_is_exit_3():
     assert CapacityError("x").exit_code == EXIT_DOES_NOT_FIT
+
+
+def test_plan_predicts_what_compiling_takes_on_this_machine(cli_runner, tiny_models, monkeypatch):
+    from fdec.frontend.source import resolve_source
+    from fdec.plan import compile_memory
+
+    model = str(tiny_models("llama"))
+    args = ["plan", model, "--target", "h100", "--json"]
+    result = cli_runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output + result.stderr
+    (plan,) = json.loads(result.stdout)["plans"]
+    figures = plan["compile"]
+    # The same figures `fdec compile` checks before it loads anything.
+    assert figures["quantize"] == "fp8" and figures["fits"] and not figures["streamed"]
+    assert figures["peak_rss_bytes"] > compile_memory.COMPILE_OVERHEAD_BYTES
+    (disk,) = figures["disk_bytes"].values()
+    build = compile_memory.build_weight_bytes(resolve_source(model), "fp8", load_target("h100"))
+    assert disk >= 3 * build  # the build, its typed model and the emulated copy
+    table = cli_runner.invoke(cli, ["plan", model, "--target", "h100"]).stdout
+    assert "compiling here" in table and "h100 --quantize fp8: whole model, peak RSS" in table
+    # A machine that cannot hold even the streamed compile: the figure, and why.
+    monkeypatch.setattr(compile_memory, "available_memory", lambda: (10 << 20, "a test"))
+    (plan,) = json.loads(cli_runner.invoke(cli, args).stdout)["plans"]
+    assert not plan["compile"]["fits"] and plan["compile"]["streamed"]
+    assert "needs about" in plan["compile"]["problem"]
+    assert "DOES NOT FIT" in cli_runner.invoke(cli, ["plan", model, "--target", "h100"]).stdout
+    # config.json alone: nothing to predict from, and the plan is unchanged.
+    config_only = cli_runner.invoke(cli, ["plan", model + "/config.json", "--target", "h100"])
+    assert config_only.exit_code == 0 and "compiling here" not in config_only.stdout

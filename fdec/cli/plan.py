@@ -35,10 +35,12 @@ __all__ = ["plan_command"]
 def plan_command(model: str, target: str, quantize: str | None, kv_dtype: str | None,
                  context: int | None, batch: int, headroom: float, cache_dir: pathlib.Path | None,
                  as_json: bool) -> None:  # fmt: skip
-    """Plan MODEL's memory on targets: weights, KV cache per token, workspace, what fits.
+    """Plan MODEL's memory on targets: weights, KV cache per token, workspace, what fits;
+    and, where MODEL's safetensors weights are here, what `fdec compile` would take on this
+    machine (peak RSS, streamed or not, and disk beside ./build).
 
     MODEL is a folder with config.json (no weights needed), a config.json path, or a bundled
-    name such as smollm2-135m. Nothing is loaded but the config.
+    name such as smollm2-135m. Nothing is loaded but the config and the weights' headers.
     """
     from fdec.plan import load_shape, plan_capacity, plan_targets, render_table
     from fdec.targets import list_targets, load_target
@@ -52,6 +54,14 @@ def plan_command(model: str, target: str, quantize: str | None, kv_dtype: str | 
             rows = plan_targets(shape, list_targets(), **options)
         else:
             rows = [plan_capacity(shape, load_target(target), **options).to_dict()]
+        # What compiling it takes on this machine, where the checkpoint's headers are here.
+        from fdec.compile.footprint import compile_footprint
+
+        for row in rows:
+            if "error" not in row:
+                row["compile"] = compile_footprint(
+                    model, row["target"], quantize=quantize, cache_dir=cache_dir
+                )
     except FdecError as err:
         fail(err, as_json)
     if as_json:

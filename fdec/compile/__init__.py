@@ -26,6 +26,7 @@ from typing import Any
 from fdec import backends
 from fdec.build import AtomicBuild, scratch_folder
 from fdec.compile.draft import Draft, plan_draft
+from fdec.compile.footprint import check_disk
 from fdec.compile.front import Front
 from fdec.compile.gate import verify_written
 from fdec.compile.lower import write_files
@@ -52,8 +53,6 @@ from fdec.compile.resolve import (
 from fdec.compile.write import Addition, write_build
 from fdec.ir.spill import WeightSpill
 from fdec.lower.engines import build_engines
-from fdec.lower.tensorrt_model import MODEL_DIR as TYPED_DIR
-from fdec.plan.compile_disk import check_compile_disk
 from fdec.student import distill_pruned
 
 __all__ = [
@@ -139,11 +138,7 @@ def _build(
     front = Front(options, source, recipe, progress, quantize=settings.quantize, target=target)
     # The disks the build and its scratch copies go to, from the same formulas: a compile they
     # cannot hold fails here (exit 4), not after an hour of passes.
-    check_compile_disk(
-        source, quantize=settings.quantize, target=target, out=out, streamed=front.streamed,
-        typed=target.is_gpu and TYPED_DIR in settings.backend.files,
-        untie=any(pass_.name == "untie-embeddings" for pass_ in recipe.pipeline),
-    )  # fmt: skip
+    check_disk(source, settings, out=out, streamed=front.streamed)
     model, cached_records = front.resume()
     if model is None:
         progress(f"loading {source.given} ({source.family.name}, {source.kind})")

@@ -7,7 +7,6 @@ The PyTorch model loads only when the export or the reference must be computed.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import pathlib
@@ -16,8 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.cache import Cache, digest_of, fingerprint, source_inputs, tool_versions
-from fdec.calibrate_layerwise import layerwise_kinds
-from fdec.errors import CapacityError
+from fdec.compile.footprint import plan_memory
 from fdec.frontend.export import import_model, load_hf_model, load_tokenizer
 from fdec.frontend.source import default_cache_dir
 from fdec.frontend.stream import (
@@ -29,7 +27,6 @@ from fdec.frontend.stream import (
 from fdec.ir import FdecModel, GraphCounts, ModelSpec, release_freed_memory
 from fdec.lower import MODEL_FILE
 from fdec.pipeline import Instrument, PassRecord
-from fdec.plan.compile_memory import check_compile_memory
 from fdec.verify import GREEDY_STEPS, Reference
 
 __all__ = ["STREAMED_GREEDY_STEPS", "FreshNamesInstrument", "Front"]
@@ -69,8 +66,11 @@ class Front:
             self.parameters > STREAM_PARAMETERS if options.stream is None else options.stream
         )
         self.memory = None
-        if target is not None:
-            self.memory = self._check_memory(options, quantize, target, recipe, progress)
+        if target is not None:  # refuses up front (CapacityError, exit 4) when it cannot fit
+            self.memory, self.streamed = plan_memory(
+                source, quantize=quantize, target=target, recipe=recipe, stream=options.stream,
+                progress=progress,
+            )  # fmt: skip
         # A streamed compile stores neither the export nor the passes' models: each entry
         # would copy every weight (an 8B model: 32 GB in fp32) and load them back into memory.
         self.pass_caching = (
@@ -116,27 +116,6 @@ class Front:
         self.reference_cached = False
         self.resumed = 0  # passes taken from the cache
         self.model_key: str | None = None  # the model entry holding the current model
-
-    def _check_memory(
-        self, options: Any, quantize: str, target: Any, recipe: Any, progress: Any
-    ) -> Any:
-        """The predicted peak RSS; refuses up front (CapacityError, exit 4) when this machine
-        cannot hold it. Unless --stream/--no-stream was given, a compile that fits only when
-        streamed is streamed."""
-        check = functools.partial(
-            check_compile_memory, self.source, quantize=quantize, target=target,
-            calibrates=bool(recipe.calibrating),
-            calibration=layerwise_kinds([recipe.pipeline[i] for i in recipe.calibrating]),
-        )  # fmt: skip
-        if options.stream is not None or self.streamed:
-            return check(streamed=self.streamed)
-        try:
-            return check(streamed=False)
-        except CapacityError as refused:
-            memory = check(streamed=True)  # raises when streaming does not fit either
-            self.streamed = True
-            progress(f"streaming the weights: {refused.problem}")
-            return memory
 
     # --- lazily loaded source pieces ---
 

@@ -11,6 +11,7 @@ from fdec.plan.shape import ModelShape
 __all__ = ["plan_targets", "render_table"]
 
 _GB = 1e9
+_GIB = 2**30
 _MB = 1e6
 
 
@@ -83,4 +84,26 @@ def render_table(shape: ModelShape, rows: list[dict[str, Any]]) -> str:
     if capped:
         notes.append(f"* memory alone; beyond the model's {shape.max_positions:,} positions")
     lines.extend(f"note: {note}" for note in notes)
+    lines.extend(_compile_lines(rows))
     return "\n".join(lines)
+
+
+def _compile_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """What `fdec compile` would take on this machine per target (fdec.compile.footprint)."""
+    known = [row for row in rows if "peak_rss_bytes" in row.get("compile", {})]
+    if not known:
+        return []
+    available = known[0]["compile"]["available_bytes"]
+    lines = [f"compiling here ({available / _GIB:.1f} GiB of memory available):"]
+    for row in known:
+        figures = row["compile"]
+        disk = ", ".join(
+            f"{size / _GB:.1f} GB in {folder}" for folder, size in figures["disk_bytes"].items()
+        )
+        front = "streamed" if figures["streamed"] else "whole model"
+        lines.append(
+            f"  {row['target']} --quantize {figures['quantize']}: {front}, peak RSS about "
+            f"{figures['peak_rss_bytes'] / _GIB:.1f} GiB, disk {disk or '-'}"
+            + ("" if figures["fits"] else f" (DOES NOT FIT: {figures['problem']})")
+        )
+    return lines

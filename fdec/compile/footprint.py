@@ -1,0 +1,118 @@
+"""What compiling a model takes on this machine, known before anything loads: the peak RSS
+(whole-model or streamed, fdec.plan.compile_memory) and the disk (fdec.plan.compile_disk).
+
+`fdec compile` refuses up front when either cannot fit (CapacityError, exit 4), streaming the
+weights when only the streamed front end fits; `fdec plan` shows the same figures for each
+target (`compile_footprint`), from the checkpoint's headers and config.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from fdec.calibrate_layerwise import layerwise_kinds
+from fdec.errors import CapacityError, FdecError
+from fdec.frontend.stream import STREAM_PARAMETERS, checkpoint_parameters
+from fdec.lower.tensorrt_model import MODEL_DIR as TYPED_DIR
+from fdec.plan.compile_disk import check_compile_disk, predict_compile_disk
+from fdec.plan.compile_memory import (
+    CompileMemory,
+    available_memory,
+    check_compile_memory,
+    predict_compile_memory,
+)
+
+__all__ = ["check_disk", "compile_footprint", "plan_memory"]
+
+
+def _memory_options(quantize: str, target: Any, recipe: Any) -> dict[str, Any]:
+    return {
+        "quantize": quantize,
+        "target": target,
+        "calibrates": bool(recipe.calibrating),
+        "calibration": layerwise_kinds([recipe.pipeline[i] for i in recipe.calibrating]),
+    }
+
+
+def plan_memory(
+    source: Any, *, quantize: str, target: Any, recipe: Any, stream: bool | None,
+    progress: Callable[[str], None],
+) -> tuple[CompileMemory, bool]:  # fmt: skip
+    """(the predicted peak RSS, whether the compile streams). Streams above STREAM_PARAMETERS
+    or when `stream` asks; unless `stream` was given, a compile that fits only when streamed is
+    streamed. CapacityError (exit 4) when the chosen front end cannot fit this machine."""
+    check = functools.partial(
+        check_compile_memory, source, **_memory_options(quantize, target, recipe)
+    )
+    streamed = checkpoint_parameters(source) > STREAM_PARAMETERS if stream is None else stream
+    if stream is not None or streamed:
+        return check(streamed=streamed), streamed
+    try:
+        return check(streamed=False), False
+    except CapacityError as refused:
+        memory = check(streamed=True)  # raises when streaming does not fit either
+        progress(f"streaming the weights: {refused.problem}")
+        return memory, True
+
+
+def _disk_options(settings: Any) -> dict[str, Any]:
+    return {
+        "quantize": settings.quantize,
+        "target": settings.target,
+        # A strongly typed backend (TensorRT) writes a typed model and checks an emulated copy.
+        "typed": settings.target.is_gpu and TYPED_DIR in settings.backend.files,
+        "untie": any(pass_.name == "untie-embeddings" for pass_ in settings.recipe.pipeline),
+    }
+
+
+def check_disk(source: Any, settings: Any, *, out: pathlib.Path, streamed: bool) -> Any:
+    """The disks the build and its scratch copies go to must hold them (CapacityError, exit 4)."""
+    return check_compile_disk(source, out=out, streamed=streamed, **_disk_options(settings))
+
+
+def compile_footprint(
+    model: str, target: str, *, quantize: str | None = None, cache_dir: pathlib.Path | None = None,
+    out: pathlib.Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """What `fdec compile MODEL --target TARGET [--quantize Q] -o OUT` would take here (OUT:
+    ./build), for `fdec plan`: {"quantize", "streamed", "peak_rss_bytes", "available_bytes",
+    "fits", "problem", "disk_bytes" (per folder)}; {"error": ...} when it would be refused for
+    another reason. Nothing is loaded but config.json and the checkpoint's headers."""
+    from fdec.compile.options import CompileOptions
+    from fdec.compile.resolve import open_source, resolve_settings
+
+    # Resolved as for a build in a scratch folder; the disk is predicted beside `out`.
+    scratch = pathlib.Path(tempfile.gettempdir()) / "fdec-plan" / "build"
+    options = CompileOptions(model=model, target=target, quantize=quantize, out=scratch,
+                             cache_dir=cache_dir)  # fmt: skip
+    try:
+        source = open_source(options, lambda message: None)
+        settings = resolve_settings(options).for_source(source)
+    except FdecError as err:
+        return {"error": err.one_line()}
+    if source.pickle_weights or not source.weight_files:
+        return {"error": "no safetensors weights to predict from"}
+    problem, made = None, (settings.quantize, settings.target, settings.recipe)
+    try:
+        memory, streamed = plan_memory(
+            source, quantize=made[0], target=made[1], recipe=made[2], stream=None,
+            progress=lambda message: None,
+        )  # fmt: skip
+    except CapacityError as refused:  # streaming does not fit either: its figure, and why
+        problem, streamed = refused.one_line(), True
+        memory = predict_compile_memory(source, streamed=True, **_memory_options(*made))
+    out = out or pathlib.Path.cwd() / "build"
+    disk = predict_compile_disk(source, out=out, streamed=streamed, **_disk_options(settings))
+    return {
+        "quantize": settings.quantize,
+        "streamed": streamed,
+        "peak_rss_bytes": memory.peak_bytes,
+        "available_bytes": available_memory()[0],
+        "fits": problem is None,
+        "problem": problem,
+        "disk_bytes": disk.peak_bytes,
+    }
