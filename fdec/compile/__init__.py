@@ -26,7 +26,6 @@ from typing import Any
 from fdec import backends
 from fdec.build import AtomicBuild, scratch_folder
 from fdec.compile.draft import Draft, plan_draft
-from fdec.compile.footprint import check_disk
 from fdec.compile.front import Front
 from fdec.compile.gate import verify_written
 from fdec.compile.lower import write_files
@@ -133,12 +132,9 @@ def _build(
     options, target, recipe = settings.options, settings.target, settings.recipe
     out = pathlib.Path(options.out)
     progress(f"recipe: --quantize {settings.quantize} ({settings.chosen_by})")
-    # The cache serves the export, the reference and the longest cached prefix of the
-    # pipeline; PyTorch loads the model only for what it must compute.
-    front = Front(options, source, recipe, progress, quantize=settings.quantize, target=target)
-    # The disks the build and its scratch copies go to, from the same formulas: a compile they
-    # cannot hold fails here (exit 4), not after an hour of passes.
-    check_disk(source, settings, out=out, streamed=front.streamed)
+    # Refused here (exit 4) when this machine's memory or disk cannot hold the compile. The
+    # cache serves the export, the reference and the longest cached prefix of the pipeline.
+    front = Front(options, source, recipe, progress, settings=settings)
     model, cached_records = front.resume()
     if model is None:
         progress(f"loading {source.given} ({source.family.name}, {source.kind})")

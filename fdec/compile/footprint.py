@@ -26,7 +26,7 @@ from fdec.plan.compile_memory import (
     predict_compile_memory,
 )
 
-__all__ = ["check_disk", "compile_footprint", "plan_memory"]
+__all__ = ["check_footprint", "compile_footprint", "plan_memory"]
 
 
 def _memory_options(quantize: str, target: Any, recipe: Any) -> dict[str, Any]:
@@ -65,13 +65,25 @@ def _disk_options(settings: Any) -> dict[str, Any]:
         "target": settings.target,
         # A strongly typed backend (TensorRT) writes a typed model and checks an emulated copy.
         "typed": settings.target.is_gpu and TYPED_DIR in settings.backend.files,
-        "untie": any(pass_.name == "untie-embeddings" for pass_ in settings.recipe.pipeline),
+        "untie": settings.recipe.unties_embeddings,
     }
 
 
-def check_disk(source: Any, settings: Any, *, out: pathlib.Path, streamed: bool) -> Any:
-    """The disks the build and its scratch copies go to must hold them (CapacityError, exit 4)."""
-    return check_compile_disk(source, out=out, streamed=streamed, **_disk_options(settings))
+def check_footprint(
+    source: Any, settings: Any, *, progress: Callable[[str], None]
+) -> tuple[CompileMemory, bool]:
+    """`plan_memory` for a compile's settings, then its disk: the disks the build (beside
+    -o) and its scratch copies go to must hold them. CapacityError (exit 4) up front, not
+    after an hour of passes."""
+    options = settings.options
+    memory, streamed = plan_memory(
+        source, quantize=settings.quantize, target=settings.target, recipe=settings.recipe,
+        stream=options.stream, progress=progress,
+    )  # fmt: skip
+    check_compile_disk(
+        source, out=pathlib.Path(options.out), streamed=streamed, **_disk_options(settings)
+    )
+    return memory, streamed
 
 
 def compile_footprint(

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.cache import Cache, digest_of, fingerprint, source_inputs, tool_versions
-from fdec.compile.footprint import plan_memory
+from fdec.compile.footprint import check_footprint
 from fdec.frontend.export import import_model, load_hf_model, load_tokenizer
 from fdec.frontend.source import default_cache_dir
 from fdec.frontend.stream import (
@@ -54,8 +54,7 @@ class Front:
     """
 
     def __init__(
-        self, options: Any, source: Any, recipe: Any, progress: Any, *, quantize: str = "none",
-        target: Any = None,
+        self, options: Any, source: Any, recipe: Any, progress: Any, *, settings: Any = None,
     ):  # fmt: skip
         self.options, self.source, self.recipe, self.progress = options, source, recipe, progress
         self.cache = Cache(
@@ -66,11 +65,8 @@ class Front:
             self.parameters > STREAM_PARAMETERS if options.stream is None else options.stream
         )
         self.memory = None
-        if target is not None:  # refuses up front (CapacityError, exit 4) when it cannot fit
-            self.memory, self.streamed = plan_memory(
-                source, quantize=quantize, target=target, recipe=recipe, stream=options.stream,
-                progress=progress,
-            )  # fmt: skip
+        if settings is not None:  # refuses up front (exit 4) when memory or disk cannot fit
+            self.memory, self.streamed = check_footprint(source, settings, progress=progress)
         # A streamed compile stores neither the export nor the passes' models: each entry
         # would copy every weight (an 8B model: 32 GB in fp32) and load them back into memory.
         self.pass_caching = (

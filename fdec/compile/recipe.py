@@ -342,6 +342,11 @@ class Recipe:
         return [p.name for p in self.pipeline]
 
     @property
+    def unties_embeddings(self) -> bool:
+        """A tied lm_head gets its own weight (made in fp32 before it is quantized)."""
+        return "untie-embeddings" in self.pass_names
+
+    @property
     def calibrating(self) -> list[int]:
         return [i for i, p in enumerate(self.pipeline) if getattr(p, "needs_calibration", False)]
 
