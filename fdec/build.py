@@ -68,16 +68,20 @@ def check_output_path(
     return check_replaceable(out, force=force, keep=keep, announce=True)
 
 
+def nearest_existing(path: pathlib.Path) -> pathlib.Path:
+    """`path`, or its nearest parent that exists (where a folder at `path` would be made)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _check_writable(out: pathlib.Path) -> None:
     """Fail when no folder can be created at `out` (a file on the way, no permission)."""
     if out.exists() and not out.is_dir():
         raise InputError(
             f"output path {out} is a file", "pass -o a directory path (it will be created)"
         )
-    parent = out.parent if out.parent != pathlib.Path("") else pathlib.Path(".")
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(out.parent if out.parent != pathlib.Path("") else pathlib.Path("."))
     if not existing.is_dir():
         raise InputError(f"cannot create {out}: {existing} is a file", "choose another -o path")
     if not os.access(existing, os.W_OK | os.X_OK):

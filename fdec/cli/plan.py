@@ -55,13 +55,14 @@ def plan_command(model: str, target: str, quantize: str | None, kv_dtype: str | 
         else:
             rows = [plan_capacity(shape, load_target(target), **options).to_dict()]
         # What compiling it takes on this machine, where the checkpoint's headers are here.
-        from fdec.compile.footprint import compile_footprint
+        from fdec.compile.footprint import compile_footprints
 
-        for row in rows:
-            if "error" not in row:
-                row["compile"] = compile_footprint(
-                    model, row["target"], quantize=quantize, cache_dir=cache_dir
-                )
+        planned = [row for row in rows if "error" not in row]
+        figures = compile_footprints(
+            model, [row["target"] for row in planned], quantize=quantize, cache_dir=cache_dir
+        )
+        for row, compiling in zip(planned, figures):
+            row["compile"] = compiling
     except FdecError as err:
         fail(err, as_json)
     if as_json:

@@ -3,11 +3,12 @@
 
 `fdec compile` refuses up front when either cannot fit (CapacityError, exit 4), streaming the
 weights when only the streamed front end fits; `fdec plan` shows the same figures for each
-target (`compile_footprint`), from the checkpoint's headers and config.json.
+target (`compile_footprints`), from the checkpoint's headers and config.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 import tempfile
@@ -26,29 +27,33 @@ from fdec.plan.compile_memory import (
     predict_compile_memory,
 )
 
-__all__ = ["check_footprint", "compile_footprint", "plan_memory"]
+__all__ = ["check_footprint", "compile_footprints", "plan_memory", "streams_by_default"]
 
 
-def _memory_options(quantize: str, target: Any, recipe: Any) -> dict[str, Any]:
+def _memory_options(settings: Any) -> dict[str, Any]:
+    recipe = settings.recipe
     return {
-        "quantize": quantize,
-        "target": target,
+        "quantize": settings.quantize,
+        "target": settings.target,
         "calibrates": bool(recipe.calibrating),
         "calibration": layerwise_kinds([recipe.pipeline[i] for i in recipe.calibrating]),
     }
 
 
+def streams_by_default(parameters: int, stream: bool | None) -> bool:
+    """--stream/--no-stream when given, else whether the checkpoint is above STREAM_PARAMETERS."""
+    return parameters > STREAM_PARAMETERS if stream is None else stream
+
+
 def plan_memory(
-    source: Any, *, quantize: str, target: Any, recipe: Any, stream: bool | None,
+    source: Any, settings: Any, *, parameters: int, stream: bool | None,
     progress: Callable[[str], None],
 ) -> tuple[CompileMemory, bool]:  # fmt: skip
-    """(the predicted peak RSS, whether the compile streams). Streams above STREAM_PARAMETERS
-    or when `stream` asks; unless `stream` was given, a compile that fits only when streamed is
-    streamed. CapacityError (exit 4) when the chosen front end cannot fit this machine."""
-    check = functools.partial(
-        check_compile_memory, source, **_memory_options(quantize, target, recipe)
-    )
-    streamed = checkpoint_parameters(source) > STREAM_PARAMETERS if stream is None else stream
+    """(the predicted peak RSS, whether the compile streams), for a checkpoint of `parameters`.
+    Unless `stream` was given, a compile that fits only when streamed is streamed.
+    CapacityError (exit 4) when the chosen front end cannot fit this machine."""
+    check = functools.partial(check_compile_memory, source, **_memory_options(settings))
+    streamed = streams_by_default(parameters, stream)
     if stream is not None or streamed:
         return check(streamed=streamed), streamed
     try:
@@ -70,61 +75,69 @@ def _disk_options(settings: Any) -> dict[str, Any]:
 
 
 def check_footprint(
-    source: Any, settings: Any, *, progress: Callable[[str], None]
+    source: Any, settings: Any, *, parameters: int, progress: Callable[[str], None]
 ) -> tuple[CompileMemory, bool]:
     """`plan_memory` for a compile's settings, then its disk: the disks the build (beside
     -o) and its scratch copies go to must hold them. CapacityError (exit 4) up front, not
     after an hour of passes."""
     options = settings.options
     memory, streamed = plan_memory(
-        source, quantize=settings.quantize, target=settings.target, recipe=settings.recipe,
-        stream=options.stream, progress=progress,
-    )  # fmt: skip
+        source, settings, parameters=parameters, stream=options.stream, progress=progress
+    )
     check_compile_disk(
         source, out=pathlib.Path(options.out), streamed=streamed, **_disk_options(settings)
     )
     return memory, streamed
 
 
-def compile_footprint(
-    model: str, target: str, *, quantize: str | None = None, cache_dir: pathlib.Path | None = None,
-    out: pathlib.Path | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """What `fdec compile MODEL --target TARGET [--quantize Q] -o OUT` would take here (OUT:
-    ./build), for `fdec plan`: {"quantize", "streamed", "peak_rss_bytes", "available_bytes",
-    "fits", "problem", "disk_bytes" (per folder)}; {"error": ...} when it would be refused for
-    another reason. Nothing is loaded but config.json and the checkpoint's headers."""
+def compile_footprints(
+    model: str, targets: list[str], *, quantize: str | None = None,
+    cache_dir: pathlib.Path | None = None, out: pathlib.Path | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """What `fdec compile MODEL --target T [--quantize Q] -o OUT` would take here (OUT:
+    ./build) for each of `targets`, for `fdec plan`: {"quantize", "streamed",
+    "peak_rss_bytes", "available_bytes", "fits", "problem", "disk_bytes" (per folder)}, or
+    {"error": ...} when it would be refused for another reason. The source is opened once;
+    nothing is loaded but config.json and the checkpoint's headers."""
     from fdec.compile.options import CompileOptions
     from fdec.compile.resolve import open_source, resolve_settings
 
     # Resolved as for a build in a scratch folder; the disk is predicted beside `out`.
     scratch = pathlib.Path(tempfile.gettempdir()) / "fdec-plan" / "build"
-    options = CompileOptions(model=model, target=target, quantize=quantize, out=scratch,
-                             cache_dir=cache_dir)  # fmt: skip
+    asked = CompileOptions(model=model, quantize=quantize, out=scratch, cache_dir=cache_dir)
     try:
-        source = open_source(options, lambda message: None)
-        settings = resolve_settings(options).for_source(source)
+        source = open_source(asked, lambda message: None)
     except FdecError as err:
-        return {"error": err.one_line()}
+        return [{"error": err.one_line()} for _ in targets]
     if source.pickle_weights or not source.weight_files:
-        return {"error": "no safetensors weights to predict from"}
-    problem, made = None, (settings.quantize, settings.target, settings.recipe)
-    try:
-        memory, streamed = plan_memory(
-            source, quantize=made[0], target=made[1], recipe=made[2], stream=None,
-            progress=lambda message: None,
-        )  # fmt: skip
-    except CapacityError as refused:  # streaming does not fit either: its figure, and why
-        problem, streamed = refused.one_line(), True
-        memory = predict_compile_memory(source, streamed=True, **_memory_options(*made))
+        return [{"error": "no safetensors weights to predict from"} for _ in targets]
+    parameters, available = checkpoint_parameters(source), available_memory()[0]
     out = out or pathlib.Path.cwd() / "build"
-    disk = predict_compile_disk(source, out=out, streamed=streamed, **_disk_options(settings))
-    return {
-        "quantize": settings.quantize,
-        "streamed": streamed,
-        "peak_rss_bytes": memory.peak_bytes,
-        "available_bytes": available_memory()[0],
-        "fits": problem is None,
-        "problem": problem,
-        "disk_bytes": disk.peak_bytes,
-    }
+    figures = []
+    for target in targets:
+        try:
+            options = dataclasses.replace(asked, target=target)
+            settings = resolve_settings(options).for_source(source)
+        except FdecError as err:
+            figures.append({"error": err.one_line()})
+            continue
+        problem = None
+        try:
+            memory, streamed = plan_memory(
+                source, settings, parameters=parameters, stream=None,
+                progress=lambda message: None,
+            )  # fmt: skip
+        except CapacityError as refused:  # streaming does not fit either: its figure, and why
+            problem, streamed = refused.one_line(), True
+            memory = predict_compile_memory(source, streamed=True, **_memory_options(settings))
+        disk = predict_compile_disk(source, out=out, streamed=streamed, **_disk_options(settings))
+        figures.append({
+            "quantize": settings.quantize,
+            "streamed": streamed,
+            "peak_rss_bytes": memory.peak_bytes,
+            "available_bytes": available,
+            "fits": problem is None,
+            "problem": problem,
+            "disk_bytes": disk.peak_bytes,
+        })  # fmt: skip
+    return figures

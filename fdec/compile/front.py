@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.cache import Cache, digest_of, fingerprint, source_inputs, tool_versions
-from fdec.compile.footprint import check_footprint
+from fdec.compile.footprint import check_footprint, streams_by_default
 from fdec.frontend.export import import_model, load_hf_model, load_tokenizer
 from fdec.frontend.source import default_cache_dir
 from fdec.frontend.stream import (
@@ -61,12 +61,11 @@ class Front:
             options.cache_dir or default_cache_dir(), enabled=options.cache, progress=progress
         )
         self.parameters = checkpoint_parameters(source)
-        self.streamed = (
-            self.parameters > STREAM_PARAMETERS if options.stream is None else options.stream
-        )
-        self.memory = None
+        self.memory, self.streamed = None, streams_by_default(self.parameters, options.stream)
         if settings is not None:  # refuses up front (exit 4) when memory or disk cannot fit
-            self.memory, self.streamed = check_footprint(source, settings, progress=progress)
+            self.memory, self.streamed = check_footprint(
+                source, settings, parameters=self.parameters, progress=progress
+            )
         # A streamed compile stores neither the export nor the passes' models: each entry
         # would copy every weight (an 8B model: 32 GB in fp32) and load them back into memory.
         self.pass_caching = (

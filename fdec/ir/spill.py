@@ -80,13 +80,18 @@ class WeightSpill:
         )
         length = self._file.tell() - offset
         self._file.flush()  # readers open the file by name
+        return self._written(offset, length, tensor.dtype, tensor.shape, name,
+                             doc_string=tensor.doc_string,
+                             metadata_props=dict(tensor.metadata_props))  # fmt: skip
+
+    def _written(
+        self, offset: int, length: int, dtype: ir.DataType, shape: Any, name: str, **extra: Any
+    ) -> ir.ExternalTensor:
+        """Count `length` bytes written at `offset`; the external tensor reading them back."""
         self.tensors += 1
         self.bytes += length
-        return ir.ExternalTensor(
-            _DATA_FILE, offset, length, tensor.dtype, shape=ir.Shape(tensor.shape), name=name,
-            doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props),
-            base_dir=self.folder,
-        )  # fmt: skip
+        return ir.ExternalTensor(_DATA_FILE, offset, length, dtype, shape=ir.Shape(shape),
+                                 name=name, base_dir=self.folder, **extra)  # fmt: skip
 
     def write_transposed(self, array: np.ndarray, name: str) -> ir.ExternalTensor:
         """Append the bytes of `array.T` ([N, M] of an [M, N] array, row-major), written a
@@ -103,12 +108,9 @@ class WeightSpill:
                 os.pwrite(fd, block[column].data, offset + (column * rows + start) * item)
         length = rows * columns * item
         self._file.seek(offset + length)
-        self.tensors += 1
-        self.bytes += length
-        return ir.ExternalTensor(
-            _DATA_FILE, offset, length, ir.DataType.from_numpy(array.dtype),
-            shape=ir.Shape((columns, rows)), name=name, base_dir=self.folder,
-        )  # fmt: skip
+        return self._written(
+            offset, length, ir.DataType.from_numpy(array.dtype), (columns, rows), name
+        )
 
     def to_dict(self) -> dict[str, int]:
         return {"tensors": self.tensors, "bytes": self.bytes}

@@ -28,6 +28,7 @@ import shutil
 import tempfile
 from typing import Any
 
+from fdec.build import nearest_existing
 from fdec.errors import CapacityError
 
 __all__ = ["CompileDisk", "check_compile_disk", "predict_compile_disk"]
@@ -38,21 +39,12 @@ _MARGIN = 1.10
 
 @dataclasses.dataclass(frozen=True)
 class CompileDisk:
-    """The bytes a compile writes at its peak on each file system, keyed by a folder on it."""
+    """The bytes a compile writes at its peak on each file system, keyed by a folder on it;
+    `build_folder`: the one the build goes to (beside `-o`)."""
 
     peak_bytes: dict[str, int]
     parts: dict[str, int]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"peak_bytes": self.peak_bytes, **self.parts}
-
-
-def _existing(path: pathlib.Path) -> pathlib.Path:
-    """`path` or its nearest folder that exists (what `-o` will be created in)."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+    build_folder: str = ""
 
 
 def predict_compile_disk(
@@ -82,8 +74,8 @@ def predict_compile_disk(
         "typed_model_bytes": (build // 2 if float_build else build) if typed else 0,
         "emulated_copy_bytes": build if typed else 0,
     }
-    beside = _existing(pathlib.Path(out).parent)
-    scratch = _existing(pathlib.Path(scratch or tempfile.gettempdir()))
+    beside = nearest_existing(pathlib.Path(out).absolute().parent)
+    scratch = nearest_existing(pathlib.Path(scratch or tempfile.gettempdir()).absolute())
     writing = {beside: build + parts["spill_bytes"]}
     typing = {beside: build + parts["typed_model_bytes"]}
     if os.stat(scratch).st_dev == os.stat(beside).st_dev:
@@ -94,7 +86,7 @@ def predict_compile_disk(
         str(folder): int(_MARGIN * max(writing.get(folder, 0), typing.get(folder, 0)))
         for folder in {*writing, *typing}
     }
-    return CompileDisk(peak, parts)
+    return CompileDisk(peak, parts, str(beside))
 
 
 def check_compile_disk(
@@ -108,18 +100,17 @@ def check_compile_disk(
     )  # fmt: skip
     for folder, wanted in sorted(need.peak_bytes.items()):
         free = shutil.disk_usage(folder).free
-        if wanted > free:
-            beside = folder == str(_existing(pathlib.Path(out).parent))
-            fix = (
-                f"free {(wanted - free) / _GB:.1f} GB there or write the build to a disk with "
-                f"room (-o)"
-                if beside
-                else f"free {(wanted - free) / _GB:.1f} GB there or point TMPDIR at a disk with room"
-            )
-            raise CapacityError(
-                f"compiling {source.given} writes about {wanted / _GB:.1f} GB to {folder} "
-                f"({'the build and its scratch' if beside else 'scratch copies'}), "
-                f"{free / _GB:.1f} GB is free there",
-                fix,
-            )
+        if wanted <= free:
+            continue
+        beside = folder == need.build_folder
+        what, elsewhere = (
+            ("the build and its scratch", "write the build to a disk with room (-o)")
+            if beside
+            else ("scratch copies", "point TMPDIR at a disk with room")
+        )
+        raise CapacityError(
+            f"compiling {source.given} writes about {wanted / _GB:.1f} GB to {folder} ({what}), "
+            f"{free / _GB:.1f} GB is free there",
+            f"free {(wanted - free) / _GB:.1f} GB there or {elsewhere}",
+        )
     return need
