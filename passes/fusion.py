@@ -251,6 +251,45 @@ def _constant_rotary_caches(model: FdecModel) -> int:
     return len(made)
 
 
+def _total_length_from_mask(model: FdecModel) -> int:
+    """GroupQueryAttention's total_sequence_length ← the attention mask's width, as a shape.
+
+    ONNX Runtime's CUDA kernel reads total_sequence_length (input 6) from host memory.
+    onnxscript's fusion computes it as max(position_ids) + 1: a reduction over a device
+    input, so the CUDA session needs a MemcpyToHost before every step's attention, and
+    ONNX Runtime refuses to capture CUDA graphs for a graph with Memcpy nodes. The mask's
+    width ([batch, past + seq], onnxruntime-genai's contract too) is the same number for
+    every caller that feeds a mask of the sequence's length, and Shape's output lives in host
+    memory on the CUDA provider, so Cast(Shape(mask)[1:2]) is a host-side shape computation
+    with no copy. A static decode step (fdec.runtime.bound, CUDA graphs) binds a max-length
+    mask, so its total is the buffer's length, as the kernel expects with a shared buffer;
+    per-row lengths still come from seqlens_k. Returns the GroupQueryAttention nodes rewired.
+    """
+    graph = model.graph
+    mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
+    if mask is None or mask.shape is None or len(mask.shape) != 2:
+        return 0
+    nodes = [
+        node
+        for node in graph
+        if node.op_type == "GroupQueryAttention" and node.domain == _MS and len(node.inputs) > 6
+    ]
+    if not nodes:
+        return 0
+    width = ir.node("Shape", [mask], {"start": 1, "end": 2}, name="gqa_total_length_Shape")
+    total = ir.node(
+        "Cast", [width.outputs[0]], {"to": ir.DataType.INT32}, name="gqa_total_length_Cast"
+    )
+    total.outputs[0].name = "gqa_total_sequence_length"
+    total.outputs[0].dtype = ir.DataType.INT32
+    total.outputs[0].shape = ir.Shape([1])
+    graph.insert_before(nodes[0], [width, total])
+    for node in nodes:
+        node.replace_input_with(6, total.outputs[0])
+    onnx_ir_common.RemoveUnusedNodesPass()(model.model)
+    return len(nodes)
+
+
 def _forget_matched_nodes() -> int:
     """Drop the node each onnxscript pattern matcher remembers from its last match.
 
@@ -352,6 +391,7 @@ class FuseAttentionPass(Pass):
         finally:
             _forget_matched_nodes()
         rotary_caches = _constant_rotary_caches(model) if self.rotary_cache else 0
+        total_from_mask = _total_length_from_mask(model)
         after = _op_counts(model)
         nodes_after = sum(after.values())
         fused_ops = {
@@ -369,6 +409,7 @@ class FuseAttentionPass(Pass):
             "rewritten_for_ort_fusions": normalized,
             "rms_norms_kept_standard": expanded,
             "constant_rotary_caches": rotary_caches,
+            "total_length_from_mask_width": total_from_mask,
             "attention": next(iter(attention), None),
             "kv_layout": "BNSH",
             "kv_shared_buffer_layers": len(shared_kv_layers(model.model)),

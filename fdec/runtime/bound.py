@@ -22,9 +22,10 @@ class BoundDecoder:
 
     Everything is bound on the session's device ("cuda" when its first provider is a GPU one,
     else "cpu"): the same code runs both. `static` (shared-buffer builds only) gives decode
-    steps fixed shapes and addresses, as CUDA graphs need: the attention mask is one
-    [batch, max_length] buffer (ones up to the current length; GroupQueryAttention reads the
-    lengths, not the mask's shape), the logits one device buffer. When the session captures
+    steps fixed shapes and addresses, as CUDA graphs need: the attention mask of decode steps
+    is one [batch, max_length] buffer (ones up to the current length: GroupQueryAttention takes
+    each row's length from the positions and the buffer's length from the mask's width), the
+    logits one device buffer. When the session captures
     CUDA graphs (OrtModel.cuda_graph), decode steps run as graph 1 and the prefill outside
     any graph. Every step ends with the device synchronised (its logits copied to the host),
     so timings around `step` are device time.
@@ -166,9 +167,13 @@ class BoundDecoder:
         if "attention_mask" in model._inputs:
             if self.static:
                 self._mask[:, self.length : end] = 1
+            if self.static and seq == 1:
                 self._mask_value.update_inplace(self._mask)
                 binding.bind_ortvalue_input("attention_mask", self._mask_value)
             else:
+                # The prefill (outside any CUDA graph) gets the mask of its length: the fused
+                # graph reads GroupQueryAttention's total length from the mask's width, and a
+                # prompt of several tokens must be the whole sequence (or batch 1).
                 binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self._mask[:, :end]))
         if self.cuda_graph:  # decode steps replay graph 1; the prefill runs outside graphs
             model.session.run_with_iobinding(
