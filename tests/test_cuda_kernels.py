@@ -13,12 +13,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from fdec.cli import cli
-from fdec.lower.cuda_kernels import (
-    cpu_placed_nodes,
-    kernel_for,
-    kernel_table,
-    placement_summary,
-)
+from fdec.lower.cuda_kernels import cpu_placed_nodes, kernel_for, kernel_table
+from fdec.lower.cuda_placement import placement_summary
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _MS = "com.microsoft"

@@ -62,7 +62,7 @@ def test_table_gives_ratios_to_torch_static_and_genai_fp16_at_the_same_batch():
             {"system": "pytorch static-cache (torch.compile) bfloat16", "batch": 16, "tok_s": 3501.0},
             {"system": "onnxruntime-genai fp16", "batch": 1, "tok_s": 400.0},
             {"system": "fdec fp16", "batch": 1, "tok_s": 654.0, "decode_tok_s": 700.0,
-             "checks": {"predicted": {"cpu_nodes": 0},
+             "checks": {"predicted": {"cpu_nodes": 0, "memcpy_nodes": 0},
                         "profiled": {"cpu_nodes": 0, "memcpy_nodes": 0},
                         "tokens_vs_cpu": {"steps": 32, "identical": True}}},
             {"system": "fdec fp16", "batch": 16, "tok_s": 3501.0},
@@ -72,7 +72,10 @@ def test_table_gives_ratios_to_torch_static_and_genai_fp16_at_the_same_batch():
     assert lines[0].startswith("device: NVIDIA H200 (cuda, cc 9.0); onnxruntime 1.31.1")
     fdec_1 = next(line for line in lines if line.startswith("fdec fp16") and " 1 " in line)
     assert "2.00x" in fdec_1 and "1.64x" in fdec_1  # 654/327 and 654/400
-    assert "predicted 0 CPU nodes; ran 0 CPU nodes, 0 Memcpy; 32 tokens vs CPU same" in fdec_1
+    assert (
+        "predicted 0 CPU nodes, 0 Memcpy; ran 0 CPU nodes, 0 Memcpy; 32 tokens vs CPU same"
+        in fdec_1
+    )
     fdec_16 = next(line for line in lines if line.startswith("fdec fp16") and " 16 " in line)
     assert "1.00x" in fdec_16 and fdec_16.rstrip().endswith("-")  # no genai fp16 at batch 16
     assert lines[-1] == "error: genai int4: RuntimeError: x"
@@ -87,7 +90,20 @@ def test_table_gives_ratios_to_torch_static_and_genai_fp16_at_the_same_batch():
     assert figures["fdec fp16 / PyTorch static, batch 16"]["met"] is True  # 3501 / 3501
     assert figures["fdec fp16 / genai fp16, batch 1"]["value"] == 1.635
     assert figures["fdec int4 / fdec fp16, batch 1"]["met"] is None  # no int4 row
-    assert figures["fdec fp16: no CPU nodes, no Memcpy (profiled)"]["met"] is True
+    placed = "fdec fp16: no CPU nodes but predicted host shape nodes, no Memcpy (profiled)"
+    assert figures[placed]["met"] is True
+    # The host Cast of the mask's width is predicted (fdec.lower.cuda_placement): allowed; a
+    # CPU node the prediction did not name is not, nor is a Memcpy.
+    checks = result["rows"][3]["checks"]
+    checks["predicted"]["host_shape_nodes"] = {"Cast": 1}
+    checks["profiled"] = {"cpu_nodes": 2, "memcpy_nodes": 0,
+                          "per_provider": {"CPUExecutionProvider": {"ops": {"Cast": 2}}}}  # fmt: skip
+    assert {v["figure"]: v for v in gpu.verdicts(result)}[placed]["met"] is True
+    checks["profiled"]["per_provider"]["CPUExecutionProvider"]["ops"]["Gather"] = 2
+    assert {v["figure"]: v for v in gpu.verdicts(result)}[placed]["met"] is False
+    checks["profiled"] = {"cpu_nodes": 0, "memcpy_nodes": 1}
+    assert {v["figure"]: v for v in gpu.verdicts(result)}[placed]["met"] is False
+    checks["profiled"] = {"cpu_nodes": 0, "memcpy_nodes": 0}
     assert figures["fdec fp16: 32 greedy tokens = CPU run"]["value"] == "identical"
     # A CUDA-graph row of the same build counts when it is the faster one.
     result["rows"].append({"system": "fdec fp16 cuda-graph", "batch": 1, "tok_s": 1308.0})

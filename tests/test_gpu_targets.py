@@ -82,7 +82,8 @@ def test_h100_build_is_complete_with_the_engine_deferred(tiny_models, tmp_path, 
     models = {m["file"]: m for m in report["models"]}
     assert models["model.onnx"]["summary"] == "fp32 compute, fp32 weights, fp32 KV cache"
     assert models["engines/tensorrt/model.onnx"]["compute"] in ("bf16", "fp16")
-    assert report["cuda_placement"]["ok"] is True and "required" not in report["cuda_placement"]
+    placement = report["cuda_placement"]  # informational here: TensorRT runs this build
+    assert placement["cpu_nodes"] == 0 and "required" not in placement
     assert (
         "trtexec" in plan["trtexec_shell"] and "--saveEngine=model.engine" in plan["trtexec_shell"]
     )

@@ -9,6 +9,7 @@ checkpoint. A backend's engines are built from model.onnx after verification
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -17,12 +18,14 @@ from fdec.compile.optimize import Optimized
 from fdec.errors import CompileError
 from fdec.ir import GraphCounts, release_freed_memory
 from fdec.lower import MODEL_FILE, lower_onnxruntime
-from fdec.lower.cuda_kernels import placement_summary
+from fdec.lower.cuda_placement import placement_summary
 from fdec.lower.genai import write_genai_config
 from fdec.lower.hf_checkpoint import CHECKPOINT_DIR, write_hf_checkpoint
 from fdec.lower.onnxruntime import graph_precision
 
 __all__ = ["Lowered", "write_files"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -85,26 +88,42 @@ def write_files(
 
 
 def _cuda_placement(model: Any, target: Any, backend: Any) -> dict[str, Any] | None:
-    """GPU targets: the CUDA kernel check of the graph ONNX Runtime will run (the report's
-    `cuda_placement`). A build for the ONNX Runtime CUDA backend with a node the CUDA EP has no
-    kernel for is refused: ONNX Runtime would run it on the CPU, next to a KV cache bound on
-    the device (the garbage of issue 16)."""
+    """GPU targets: the predicted CUDA placement of the graph ONNX Runtime will run (the
+    report's `cuda_placement`, fdec.lower.cuda_placement). A build for the ONNX Runtime CUDA
+    backend is refused when a node has no CUDA kernel (ONNX Runtime would run it on the CPU,
+    next to a KV cache bound on the device: the garbage of issue 16). A value copied between
+    host and device (a Memcpy node: a sync every step, and no CUDA graph capture) gets a warning
+    and the report says so: the fused graphs of Llama-style families have none, traced
+    attention (GPT-2) still has one."""
     if target is None or not target.is_gpu:
         return None
     placement = placement_summary(model)
     if backend is not None and "CUDAExecutionProvider" in backend.providers[:1]:
         placement["required"] = True
-        if not placement["ok"]:
+        if placement["cpu_nodes"]:
             worst = ", ".join(
                 f"{key} ×{group['count']}" for key, group in list(placement["by_op"].items())[:3]
             )
             raise CompileError(
                 f"{placement['cpu_nodes']} node(s) of the {backend.name} graph have no CUDA "
                 f"kernel for their types ({worst}); ONNX Runtime would run them on the CPU",
-                "report it with the build's --dump-dir output; meanwhile compile with "
-                "--backend tensorrt or --target cpu",
+                _PLACEMENT_FIX,
             )
+        if placement["memcpy_nodes"]:
+            copy = placement["memcpy"][0]
+            logger.warning(
+                "the %s graph makes ONNX Runtime copy between host and device each step (%d "
+                "Memcpy node(s); first: %s of %s for %s): slower, and no CUDA graph capture",
+                backend.name, placement["memcpy_nodes"], copy["direction"], copy["value"],
+                copy["readers"][0],
+            )  # fmt: skip
     return placement
+
+
+_PLACEMENT_FIX = (
+    "report it with the build's --dump-dir output; meanwhile compile with --backend tensorrt "
+    "or --target cpu"
+)
 
 
 def _gathered_bytes(model: Any) -> int:

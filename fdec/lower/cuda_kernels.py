@@ -13,9 +13,9 @@ records the commit). Node types come from the model's value types; where a value
 they are carried forward through the table's own type constraints (an output bound to the
 same constraint as a typed input has its type) and Cast's `to`.
 
-What this does not predict: ONNX Runtime also places small shape computations (int64 Shape →
-Gather → Concat chains) on the CPU on purpose, and graph optimizations run before placement;
-benchmarks/gpu.py checks the real placement on a GPU machine with a profiled session.
+Shape computations ONNX Runtime moves to the host on purpose, and the Memcpy nodes between host
+and device, are fdec.lower.cuda_placement's; benchmarks/gpu.py checks the real placement on a
+GPU machine with a profiled session.
 """
 
 from __future__ import annotations
@@ -34,13 +34,15 @@ from typing import Any
 __all__ = [
     "PROVIDER",
     "CpuPlacedNode",
+    "as_ir_model",
     "cpu_placed_nodes",
     "cpu_run_check",
     "cpu_unrunnable",
     "kernel_for",
+    "kernel_misses",
     "kernel_table",
     "low_dtype",
-    "placement_summary",
+    "onnx_domain",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,14 +88,14 @@ def kernel_table() -> dict[str, Any]:
     return json.loads(text)
 
 
-def _domain(domain: str) -> str:
+def onnx_domain(domain: str) -> str:
     return "ai.onnx" if domain in ("", "ai.onnx") else domain
 
 
 def kernel_for(op_type: str, domain: str = "", version: int = 1) -> dict[str, Any] | None:
     """The CUDA kernel registration covering `version` of the op (its "since", "until",
     "types"), or None when the CUDA provider has no kernel for that op at that version."""
-    entry = kernel_table()["ops"].get(_domain(domain), {}).get(op_type)
+    entry = kernel_table()["ops"].get(onnx_domain(domain), {}).get(op_type)
     if entry is None:
         return None
     for kernel in entry["kernels"]:
@@ -134,7 +136,7 @@ def _dtype_name(value: Any) -> str | None:
     return dtype.name.lower() if dtype is not None else None
 
 
-def _as_ir_model(model: Any) -> Any:
+def as_ir_model(model: Any) -> Any:
     import onnx_ir as ir
 
     if hasattr(model, "model") and isinstance(model.model, ir.Model):  # FdecModel
@@ -155,8 +157,11 @@ def _nodes(graph: Any) -> Iterable[Any]:
 def cpu_placed_nodes(model: Any) -> list[CpuPlacedNode]:
     """Every node of `model` (FdecModel, onnx_ir.Model, onnx.ModelProto or a path) that has no
     CUDA kernel for its domain, op, opset version and types, in graph order."""
-    ir_model = _as_ir_model(model)
-    opsets = {_domain(d): v for d, v in ir_model.opset_imports.items()}
+    return [found for _, found in kernel_misses(as_ir_model(model))]
+
+
+def kernel_misses(ir_model: Any) -> list[tuple[Any, CpuPlacedNode]]:
+    opsets = {onnx_domain(d): v for d, v in ir_model.opset_imports.items()}
     ops = kernel_table()["ops"]
     known: dict[int, str] = {}  # id(value) → dtype name, for values the model leaves untyped
 
@@ -165,9 +170,9 @@ def cpu_placed_nodes(model: Any) -> list[CpuPlacedNode]:
             return None
         return _dtype_name(value) or known.get(id(value))
 
-    found: list[CpuPlacedNode] = []
+    found: list[tuple[Any, CpuPlacedNode]] = []
     for node in _nodes(ir_model.graph):
-        domain = _domain(node.domain)
+        domain = onnx_domain(node.domain)
         version = node.version or opsets.get(domain) or _DEFAULT_OPSET.get(domain, 1)
         if (domain, node.op_type) in _NOT_KERNELS:
             continue
@@ -183,7 +188,9 @@ def cpu_placed_nodes(model: Any) -> list[CpuPlacedNode]:
                     for k in entry["kernels"]
                 )
                 reason = f"no CUDA kernel of {label} for opset {version} (kernels: {spans})"
-            found.append(CpuPlacedNode(node.name or "", domain, node.op_type, version, reason))
+            found.append(
+                (node, CpuPlacedNode(node.name or "", domain, node.op_type, version, reason))
+            )
             continue
         ins, outs = _bindings(entry, kernel, len(node.inputs), len(node.outputs))
         bound: dict[str, str] = {}
@@ -219,34 +226,9 @@ def cpu_placed_nodes(model: Any) -> list[CpuPlacedNode]:
                 for letter, name in wrong.items()
             )
             found.append(
-                CpuPlacedNode(node.name or "", domain, node.op_type, version, reason, bound)
+                (node, CpuPlacedNode(node.name or "", domain, node.op_type, version, reason, bound))
             )
     return found
-
-
-def placement_summary(model: Any, *, examples: int = 5) -> dict[str, Any]:
-    """For a report: how many nodes would leave the GPU under ONNX Runtime's CUDA provider,
-    grouped by op and types, with the kernel table's source. `ok` is True when none would."""
-    ir_model = _as_ir_model(model)
-    nodes = cpu_placed_nodes(ir_model)
-    groups: dict[str, dict[str, Any]] = {}
-    for node in nodes:
-        types = ", ".join(f"{k}={v}" for k, v in sorted(node.types.items()))
-        key = f"{node.op} ({types})" if types else node.op
-        group = groups.setdefault(key, {"count": 0, "reason": node.reason, "nodes": []})
-        group["count"] += 1
-        if len(group["nodes"]) < examples:
-            group["nodes"].append(node.name)
-    table = kernel_table()
-    return {
-        "provider": PROVIDER,
-        "ok": not nodes,
-        "nodes": sum(1 for _ in _nodes(ir_model.graph)),
-        "cpu_nodes": len(nodes),
-        "by_op": groups,
-        "kernel_table": {"url": table["source"]["url"], "commit": table["source"]["commit"]},
-        "label": "predicted from ONNX Runtime's kernel table, not a GPU session",
-    }
 
 
 _CHECK_LIMIT_BYTES = int(1.5 * 2**30)  # protobuf's 2 GiB limit, with room

@@ -132,13 +132,34 @@ def _pruning_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _placement_line(placement: dict[str, Any], paint: Any) -> str:
-    """One line: which nodes of the model would leave the GPU under the CUDA provider."""
+    """One line: which nodes of the model would leave the GPU under the CUDA provider, and the
+    Memcpy nodes ONNX Runtime would insert (fdec.lower.cuda_placement)."""
+    host = placement.get("host_shape_nodes") or {}
+    shapes = (
+        f"; {sum(host.values())} shape node(s) on the host by design"
+        f" ({', '.join(f'{n}× {op}' for op, n in host.items())})"
+        if host
+        else ""
+    )
     if placement.get("ok"):
-        return f"CUDA placement: {paint('every node has a CUDA kernel', 'ok')} (kernel table)"
-    groups = ", ".join(f"{g['count']}× {op}" for op, g in placement.get("by_op", {}).items())
+        return (
+            f"CUDA placement: {paint('every node has a CUDA kernel, no Memcpy', 'ok')}"
+            f"{shapes} (predicted from the kernel tables)"
+        )
+    if placement.get("cpu_nodes"):
+        groups = ", ".join(f"{g['count']}× {op}" for op, g in placement.get("by_op", {}).items())
+        return paint(
+            f"CUDA placement: {placement.get('cpu_nodes')} nodes have no CUDA kernel and would "
+            f"run on the CPU with Memcpy around them: {groups}",
+            "bad",
+        )
+    copies = ", ".join(
+        f"{c['direction']} of {c['value']} for {len(c['readers'])} reader(s)"
+        for c in placement.get("memcpy", [])[:3]
+    )
     return paint(
-        f"CUDA placement: {placement.get('cpu_nodes')} nodes have no CUDA kernel and would "
-        f"run on the CPU with Memcpy around them: {groups}",
+        f"CUDA placement: {placement.get('memcpy_nodes')} Memcpy node(s) between host and "
+        f"device ({copies}): a sync each step, and no CUDA graph capture",
         "bad",
     )
 
@@ -256,7 +277,7 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
         if guess.get("prefill_ms") is not None:
             text += f"; prefill of {guess['prompt_tokens']} tokens ~{guess['prefill_ms']:.3g} ms"
         lines.append(text)
-    # GPU placement (issue 16): fdec.lower.cuda_kernels.placement_summary of the ONNX Runtime
+    # GPU placement (issue 16): fdec.lower.cuda_placement.placement_summary of the ONNX Runtime
     # model, stored under "cuda_placement" by the compile stage of GPU-target builds.
     placement = report.get("cuda_placement") or {}
     if placement:
