@@ -9,7 +9,7 @@ import sys
 import click
 
 from fdec.cli.app import CUDA_GRAPH_HELP, Context, cli, fail, quiet_libraries
-from fdec.errors import EXIT_FAILURE, FdecError, InputError
+from fdec.errors import EXIT_FAILURE, EXIT_QUALITY_GATE, EXIT_USAGE, FdecError, InputError
 
 __all__ = [
     "bench_command",
@@ -89,10 +89,24 @@ def diff_command(build_a: pathlib.Path, build_b: pathlib.Path, as_json: bool) ->
 
 @cli.command("verify")
 @click.argument("build", type=click.Path(path_type=pathlib.Path))
+@click.option(
+    "--numerics", is_flag=True,
+    help="Also run the build against its source model again (PyTorch reference, the tolerance "
+    "its report recorded) on the build's providers where this machine has them: a GPU build "
+    "copied to a GPU machine is checked on the GPU.",
+)  # fmt: skip
+@click.option(
+    "--source", default=None, help="The source model, where the report's path is not here."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
-def verify_command(build: pathlib.Path, as_json: bool) -> None:
+def verify_command(
+    build: pathlib.Path, numerics: bool, source: str | None, quiet: bool, as_json: bool
+) -> None:
     """Re-hash BUILD's files against its fdec-build.json: exit 0 when all match, 1 naming the
-    first file that is missing, changed or extra."""
+    first file that is missing, changed or extra. With --numerics, then compare its outputs
+    with the source model's where it runs here: exit 1 when they differ, 3 when a lossy build
+    misses its perplexity gate, 2 when this machine cannot run the build's graph."""
     from fdec.build import verify_build
 
     try:
@@ -100,10 +114,22 @@ def verify_command(build: pathlib.Path, as_json: bool) -> None:
     except FdecError as err:
         fail(err, as_json)
     first = outcome["problems"][0] if outcome["problems"] else None
+    if first is None and numerics:
+        quiet_libraries()
+        from fdec.compile.gate import verify_build_numerics
+
+        try:
+            outcome["numerics"] = verify_build_numerics(
+                build, source=source, progress=Context(quiet, as_json).progress
+            )
+        except FdecError as err:
+            fail(err, as_json)
     if as_json:
         click.echo(json.dumps({"build": str(build), **outcome}, sort_keys=True))
     elif first is None:
         click.echo(f"OK {build}: {outcome['checked']} files match fdec-build.json")
+        if numerics:
+            click.echo(_numerics_line(outcome["numerics"]))
     if first is not None:
         more = len(outcome["problems"]) - 1
         click.echo(
@@ -112,6 +138,42 @@ def verify_command(build: pathlib.Path, as_json: bool) -> None:
             err=True,
         )
         sys.exit(EXIT_FAILURE)
+    if numerics:
+        checked = outcome["numerics"]
+        if checked["ok"] is None:
+            sys.exit(EXIT_USAGE)
+        if not checked["ok"]:
+            sys.exit(EXIT_QUALITY_GATE if checked.get("gate") else EXIT_FAILURE)
+
+
+def _numerics_line(checked: dict) -> str:
+    """One line: where the check ran and what it found (or why it could not run here)."""
+    if checked["ok"] is None:
+        return (
+            f"numerics NOT RUN: {checked['not_run']}; run `fdec verify --numerics` where "
+            f"{checked['made_for']} is available"
+        )
+    figures = checked["numeric"]
+    where = f"{', '.join(checked['providers'][:1])} ({checked.get('device')})"
+    parts = [f"max abs error {figures['max_abs_error']:.3g}",
+             f"top-1 {figures['top1_agreement']:.3f}"]  # fmt: skip
+    if "perplexity_build" in figures:
+        parts.append(
+            f"perplexity {figures['perplexity_source']:.2f} → {figures['perplexity_build']:.2f}"
+        )
+    greedy = checked.get("greedy")
+    if greedy:
+        same = "identical" if greedy["identical"] else f"differ at {greedy['first_divergence']}"
+        parts.append(f"{greedy['steps']} greedy tokens {same}")
+    verdict = "PASS" if checked["ok"] else f"FAIL ({checked.get('failure')})"
+    line = f"numerics {verdict} on {where} against {checked['source']}: {', '.join(parts)}"
+    made_for = checked.get("made_for")
+    if made_for and made_for not in checked["providers"][:1]:
+        fp32 = sum((checked.get("cpu_run") or {}).get("fp32_on_cpu", {}).values())
+        line += f"; made for {made_for}, not available here" + (
+            f": the CPU ran {fp32} nodes in fp32" if fp32 else ""
+        )
+    return line
 
 
 @cli.command("build-engine")

@@ -3,12 +3,15 @@
 `verify_build` compares the build's session with the PyTorch reference under the recipe's
 tolerance; when only the perplexity bound fails, `quality_gate_error` names the layers the
 lossy pass hurt most (measured on the model `LossySnapshot` kept from before that pass).
+`verify_build_numerics` does it again for a written build (`fdec verify BUILD --numerics`),
+on the providers the build runs on where this machine has them.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import pathlib
 import tempfile
 from collections.abc import Callable
@@ -24,6 +27,7 @@ from fdec.pipeline import EXACT, Instrument, Tolerance
 from fdec.runtime import OrtModel, open_session
 from fdec.runtime import sliced as sliced_runs
 from fdec.runtime.check_forms import lighter_session_args
+from fdec.runtime.ort import device_name
 from fdec.verify import Reference
 
 __all__ = [
@@ -31,6 +35,8 @@ __all__ = [
     "LossySnapshot",
     "quality_gate_error",
     "verify_build",
+    "verify_build_numerics",
+    "verify_model",
     "verify_written",
 ]
 
@@ -45,6 +51,7 @@ def verify_build(reference: Reference, session: OrtModel, tolerance: Tolerance) 
         "numeric": numeric,
         "tolerance": tolerance.to_dict(),
         "providers": session.providers,
+        "device": device_name(session.providers[0]) if session.providers else None,
         "reference": "PyTorch (transformers), fp32, CPU",
         "held_text": "tokenizer" if reference.used_tokenizer else "synthetic token ids",
     }
@@ -204,12 +211,12 @@ def quality_gate_error(
     return QualityGateError(problem, fix, details=details)
 
 
-def _not_run(reason: str, device_graph: str, recipe: Any, progress: Any) -> dict[str, Any]:
-    """A GPU graph the CPU cannot run: said plainly, never passed (fdec verify BUILD on the
-    GPU runs it there)."""
+def _not_run(reason: str, device_graph: str, tolerance: Tolerance, progress: Any) -> dict[str, Any]:
+    """A GPU graph the CPU cannot run: said plainly, never passed (`fdec verify BUILD
+    --numerics` on the GPU runs it there)."""
     progress(f"verification {reason}")
     return {"ok": None, "not_run": reason, "made_for": device_graph, "providers": [],
-            "tolerance": recipe.tolerance.to_dict()}  # fmt: skip
+            "tolerance": tolerance.to_dict()}  # fmt: skip
 
 
 def _available_providers() -> list[str]:
@@ -232,47 +239,64 @@ def verify_written(
     VerificationError when it fails. The verification record for the report."""
     progress("verifying the build against the source model")
     device_graph = getattr(recipe, "device_graph", None)
-    # A graph made for a GPU provider is verified on it where this onnxruntime has it (a
-    # compile on the GPU machine), else on the CPU with what the CPU could not run said.
+    verification, session, cpu_run = verify_model(
+        staging / MODEL_FILE, reference, recipe.tolerance, device_graph=device_graph,
+        optimization=recipe.optimization, spec=spec, progress=progress,
+    )  # fmt: skip
+    if session is None:
+        return verification
+    return _judged(verification, session, device_graph, cpu_run, recipe, optimized, front,
+                   progress)  # fmt: skip
+
+
+def verify_model(
+    path: pathlib.Path,
+    reference: Reference,
+    tolerance: Tolerance,
+    *,
+    device_graph: str | None,
+    optimization: str,
+    spec: Any = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
+    """(verification record, the session it ran on, the CPU's fp32 run of a GPU graph) for the
+    model at `path`; the session is None when this machine cannot run the graph (the record then
+    says "not run here"). A graph made for a GPU provider is verified on it where this
+    onnxruntime has it (a compile or `fdec verify --numerics` on the GPU machine), else on the
+    CPU with what the CPU could not run said."""
     on_device = device_graph is not None and device_graph in _available_providers()
-    cpu_run = cpu_run_check(staging / MODEL_FILE) if device_graph and not on_device else None
+    cpu_run = cpu_run_check(path) if device_graph and not on_device else None
     if cpu_run is not None and cpu_run["runs"] is False:
-        return _not_run(cpu_run["not_run"], device_graph, recipe, progress)
+        return _not_run(cpu_run["not_run"], device_graph, tolerance, progress), None, None
     # Without prepacking the verifying session reads the weights from the mapped file
     # instead of holding a packed copy (peak RSS; issue 9).
     providers = [device_graph, "CPUExecutionProvider"] if on_device else None
-    if sliced_runs.too_large_for_one_session(staging / MODEL_FILE, reference.kind):
+    if sliced_runs.too_large_for_one_session(path, reference.kind):
         # Too large for one session beside the rest of the compile: one slice of layers at
         # a time (fdec.runtime.sliced), the same figures within float noise.
-        weights = sliced_runs.weight_bytes(staging / MODEL_FILE)
+        weights = sliced_runs.weight_bytes(path)
         progress(f"verifying slice by slice ({weights / 2**30:.2f} GiB of weights)")
         sliced = sliced_runs.SlicedModel(
-            staging / MODEL_FILE, spec=spec, optimization=recipe.optimization,
-            providers=providers,
-        )  # fmt: skip
-        verification = verify_build(reference, sliced, recipe.tolerance)
+            path, spec=spec, optimization=optimization, providers=providers
+        )
+        verification = verify_build(reference, sliced, tolerance)
         verification["sliced"] = sliced.to_dict()
-        return _judged(verification, sliced, device_graph, cpu_run, recipe, optimized, front,
-                       progress)  # fmt: skip
+        return verification, sliced, cpu_run
     # On the CPU, tables dequantized whole for TensorRT are read by rows and column blocks
     # (fdec.runtime.check_forms: the same values, a fraction of the memory).
-    lighter = {} if on_device else lighter_session_args(staging / MODEL_FILE)
+    lighter = {} if on_device else lighter_session_args(path)
     try:
         session = OrtModel(
             open_session(
-                staging / MODEL_FILE, providers=providers, optimization=recipe.optimization,
-                prepack=False, **lighter,
+                path, providers=providers, optimization=optimization, prepack=False, **lighter
             )
-        )  # fmt: skip
+        )
     except Exception as err:  # a GPU graph the CPU check skipped (too large to write)
-        graph = staging / MODEL_FILE
-        reason = cpu_unrunnable(err, low_dtype(graph)) if device_graph and not on_device else None
+        reason = cpu_unrunnable(err, low_dtype(path)) if device_graph and not on_device else None
         if reason is None:
             raise
-        return _not_run(reason, device_graph, recipe, progress)
-    verification = verify_build(reference, session, recipe.tolerance)
-    return _judged(verification, session, device_graph, cpu_run, recipe, optimized, front,
-                   progress)  # fmt: skip
+        return _not_run(reason, device_graph, tolerance, progress), None, None
+    return verify_build(reference, session, tolerance), session, cpu_run
 
 
 def _judged(
@@ -300,4 +324,85 @@ def _judged(
     if not verification["ok"]:
         raise VerificationError(verification["failure"], VERIFICATION_FIX)
     optimized.snapshot.close()
+    return verification
+
+
+def verify_build_numerics(
+    build: pathlib.Path,
+    *,
+    source: str | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """A written build's outputs against its source model again, under the tolerance its
+    report recorded, on the build's providers where this onnxruntime has them (a GPU build
+    copied to the GPU machine runs on the GPU): the verification record, with the providers
+    and the device it ran on. `source` overrides the report's source (a build made elsewhere).
+    Models above the streaming threshold are not re-verified here: the whole PyTorch model is
+    loaded for the reference."""
+    import gc
+    import json
+
+    from fdec.errors import UsageError
+    from fdec.frontend.export import load_hf_model, load_tokenizer
+    from fdec.frontend.source import resolve_source
+    from fdec.frontend.stream import STREAM_PARAMETERS, checkpoint_parameters
+    from fdec.ir import ModelSpec
+    from fdec.verify import GREEDY_STEPS
+
+    build = pathlib.Path(build)
+    try:
+        report = json.loads((build / "report.json").read_text())
+        runtime = json.loads((build / "fdec-runtime.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            f"{build} is not a readable fdec build ({err})",
+            "pass the folder `fdec compile -o` wrote",
+        ) from None
+    recorded = report.get("source") or {}
+    given = source or (
+        recorded["folder"] if recorded.get("kind") == "folder" else recorded.get("given")
+    )
+    if not given:
+        raise UsageError(f"{build}'s report names no source model", "pass --source MODEL")
+    resolved = resolve_source(str(given), progress=progress)
+    config = resolved.folder / "config.json"
+    digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else ""
+    if recorded.get("config_sha256") and digest != recorded["config_sha256"]:
+        raise UsageError(
+            f"{given}'s config.json is not the one {build} was compiled from",
+            "pass --source with the model the build was made from",
+        )
+    if checkpoint_parameters(resolved) > STREAM_PARAMETERS:
+        raise UsageError(
+            f"{given} has {checkpoint_parameters(resolved) / 1e9:.1f}B parameters: `fdec verify "
+            "--numerics` loads the whole PyTorch model for its reference",
+            "read the verification in the build's report.json (made layer by layer at compile)",
+        )
+    recorded_verification = report.get("verification") or {}
+    fields = {f.name for f in dataclasses.fields(Tolerance)}
+    tolerance = Tolerance(
+        **{k: v for k, v in (recorded_verification.get("tolerance") or {}).items() if k in fields}
+    )
+    spec = ModelSpec.from_dict(report["spec"])
+    steps = (recorded_verification.get("greedy") or {}).get("steps") or GREEDY_STEPS
+    progress("computing the reference outputs with PyTorch")
+    hf_model = load_hf_model(resolved)
+    tokenizer = load_tokenizer(resolved.folder) if resolved.has_tokenizer else None
+    reference = Reference.from_hf(
+        hf_model, spec.kind, tokenizer, spec.vocab_size, greedy_steps=steps
+    )
+    del hf_model
+    gc.collect()
+    device_graph = recorded_verification.get("made_for")
+    optimization = (runtime.get("session_options") or {}).get("graph_optimization_level", "all")
+    progress(f"verifying {build} against {given}")
+    verification, _session, cpu_run = verify_model(
+        build / MODEL_FILE, reference, tolerance, device_graph=device_graph,
+        optimization=optimization, spec=spec, progress=progress,
+    )  # fmt: skip
+    if device_graph:
+        verification["made_for"] = device_graph
+    if cpu_run is not None:
+        verification["cpu_run"] = cpu_run
+    verification["source"] = str(given)
     return verification
