@@ -5,8 +5,10 @@ which `fdec report` shows (text, --json under "bench", html "Measured speed").
 Bytes read per decode step = the weights (every initializer's bytes, less tables read one row
 per token by a Gather: an untied embedding) + the KV cache of every row at its mean length
 over the decode steps. The bandwidth is measured here by summing a large float32 array with
-one thread per core, best of several tries. fraction = bytes per step × steps per second ÷
-bandwidth; 1.0 is the roofline, a little above it can happen (caches, a noisy bandwidth try).
+one thread per core, best of several tries; on a GPU session it is the GPU's own memory,
+measured by a device-to-device copy through ONNX Runtime (`measure_device_bandwidth`), and the
+result names the device. fraction = bytes per step × steps per second ÷ bandwidth; 1.0 is the
+roofline, a little above it can happen (caches, a noisy bandwidth try).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from fdec.report.bench_results import (
     load_bench,
     render_bench,
 )
+from fdec.runtime.ort import GPU_PROVIDERS, device_name
 
 __all__ = [
     "BENCH_FILE",
@@ -41,6 +44,7 @@ __all__ = [
     "BENCH_KEY",
     "load_bench",
     "measure_bandwidth",
+    "measure_device_bandwidth",
     "parse_batches",
     "render_bench",
     "run_bench",
@@ -138,6 +142,62 @@ def measure_bandwidth(
     return {"gb_s": round(best, 2), "array_mb": megabytes, "tries": tries, "threads": threads}
 
 
+def measure_device_bandwidth(
+    provider: str, *, megabytes: int = 1024, runs: int = 20, tries: int = 3
+) -> dict[str, Any]:
+    """Memory bandwidth of the device `provider` runs on, in GB/s: ONNX Runtime copies a
+    `megabytes` float32 tensor device to device (an Identity node, input and output bound on
+    the device through IOBinding) `runs` times, the device synchronised at the end; read and
+    write bytes both count, best of `tries`. On a GPU this is the GPU's memory, which the
+    decode roofline reads weights from (host RAM says nothing about it)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from fdec.runtime.ort import CUDA_PROVIDER, require_onnxruntime
+
+    ort = require_onnxruntime()
+    on_gpu = provider in GPU_PROVIDERS
+    # The copy runs through the CUDA provider for either GPU provider (an Identity node means
+    # nothing to TensorRT); the CPU provider copies host memory.
+    session_provider = CUDA_PROVIDER if on_gpu else "CPUExecutionProvider"
+    device = "cuda" if on_gpu else "cpu"
+    count = megabytes * (1 << 20) // 4
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "copy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [count])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [count])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=[session_provider])
+    source = ort.OrtValue.ortvalue_from_numpy(np.ones(count, np.float32), device, 0)
+    target = ort.OrtValue.ortvalue_from_shape_and_type((count,), np.float32, device, 0)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("x", source)
+    binding.bind_ortvalue_output("y", target)
+    session.run_with_iobinding(binding)  # warm-up
+    binding.synchronize_outputs()
+    best = 0.0
+    for _ in range(tries):
+        start = time.perf_counter()
+        for _ in range(runs):
+            session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        best = max(best, 2 * count * 4 * runs / (time.perf_counter() - start) / 1e9)
+    return {
+        "gb_s": round(best, 2),
+        "method": "device-to-device copy through ONNX Runtime (Identity), read + write bytes",
+        "provider": session.get_providers()[0],
+        "device": device_name(provider),
+        "array_mb": megabytes,
+        "runs": runs,
+        "tries": tries,
+    }
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set in MB: Linux's VmHWM, which starts again at exec. (A
     child's ru_maxrss keeps its parent's peak from before the exec: every worker of
@@ -209,7 +269,10 @@ def run_bench(
             prefill[b].append(result.prefill_s * 1e3)
             decode[b].append(result.decode_tokens_per_s)
     peak_rss = peak_rss_mb()
-    bandwidth = bandwidth or measure_bandwidth()
+    provider = model.providers[0] if model.providers else "CPUExecutionProvider"
+    if bandwidth is None:  # the memory the weights are read from: the GPU's on a GPU session
+        on_gpu = provider in GPU_PROVIDERS
+        bandwidth = measure_device_bandwidth(provider) if on_gpu else measure_bandwidth()
     weights = weight_bytes(folder / MODEL_FILE)
     kv_per_token = int(
         kv.get("bytes_per_token")
@@ -250,6 +313,7 @@ def run_bench(
         "rounds": rounds,
         "threads": threads or "onnxruntime default",
         "providers": model.providers,
+        "device": {"provider": provider, "name": device_name(provider)},
         "cuda_graph": model.cuda_graph,
         "kv_buffer": model.kv_buffer,
         "peak_rss_mb": round(peak_rss, 1),

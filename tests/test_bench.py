@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 import fdec
-from fdec.bench import measure_bandwidth, parse_batches, weight_bytes
+from fdec.bench import measure_bandwidth, measure_device_bandwidth, parse_batches, weight_bytes
 from fdec.cli import cli
 from fdec.errors import UsageError
 from fdec.report.html import render_html
@@ -34,6 +34,9 @@ def test_bench_json_reports_every_field_and_lands_in_the_report(tiny_build, cli_
     bench = json.loads(result.stdout)
     assert [row["batch"] for row in bench["rows"]] == [1, 2]
     assert bench["peak_rss_mb"] > 0 and bench["bandwidth"]["gb_s"] > 0
+    # The device it measured, by name (a GPU session measures the GPU's memory instead).
+    assert bench["device"]["provider"] == bench["providers"][0] == "CPUExecutionProvider"
+    assert bench["device"]["name"] and "threads" in bench["bandwidth"]
     assert bench["weight_bytes"] > 0 and bench["kv_bytes_per_token"] > 0
     for row in bench["rows"]:
         assert row["prefill_ms"] > 0 and row["decode_tok_s"] > 0
@@ -103,3 +106,28 @@ def test_weight_bytes_counts_an_untied_embedding_as_gathered(tiny_build):
 def test_measured_bandwidth_is_a_plausible_figure():
     bw = measure_bandwidth(megabytes=64, tries=2, threads=2)
     assert 0.1 < bw["gb_s"] < 2000 and bw["threads"] == 2
+
+
+def test_device_copy_bandwidth_runs_through_onnxruntime():
+    """The GPU's measure (a device-to-device copy bound through IOBinding), run here on the
+    CPU provider: the same code a GPU session runs with device "cuda"."""
+    bw = measure_device_bandwidth("CPUExecutionProvider", megabytes=64, runs=3, tries=2)
+    assert 0.1 < bw["gb_s"] < 20000 and bw["provider"] == "CPUExecutionProvider"
+    assert bw["device"] and "device-to-device copy" in bw["method"]
+
+
+def test_a_gpu_bench_names_the_device_and_its_copy_bandwidth():
+    """What a GPU session's bench.json holds (measure_device_bandwidth) renders as such."""
+    from fdec.report.bench_results import render_bench
+
+    bench = {
+        "build": "b", "prompt_len": 8, "gen_len": 6, "rounds": 1, "threads": 1, "rows": [],
+        "peak_rss_mb": 1, "weight_bytes": 1e6, "gathered_bytes": 0,
+        "bandwidth": {"gb_s": 4000.0, "method": "device-to-device copy",
+                      "provider": "CUDAExecutionProvider", "device": "NVIDIA H200",
+                      "array_mb": 1024, "runs": 20, "tries": 3},
+        "device": {"provider": "CUDAExecutionProvider", "name": "NVIDIA H200"},
+    }  # fmt: skip
+    text = render_bench(bench)
+    assert "device NVIDIA H200;" in text
+    assert "bandwidth 4000.0 GB/s (NVIDIA H200: copy of a 1024 MB tensor, best of 3)" in text

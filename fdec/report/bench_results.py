@@ -12,7 +12,14 @@ from typing import Any
 
 from fdec.errors import InputError
 
-__all__ = ["BENCH_FILE", "BENCH_HTML", "BENCH_KEY", "load_bench", "render_bench"]
+__all__ = [
+    "BENCH_FILE",
+    "BENCH_HTML",
+    "BENCH_KEY",
+    "bandwidth_method",
+    "load_bench",
+    "render_bench",
+]
 
 BENCH_KEY = "bench"  # the key `fdec report --json` shows bench.json under
 # Written after the build (not outputs: the manifest does not hash them, `fdec verify` allows them).
@@ -36,6 +43,19 @@ def load_bench(folder: pathlib.Path) -> dict[str, Any] | None:
     return bench
 
 
+def bandwidth_method(bw: dict[str, Any]) -> str:
+    """How the bandwidth figure was measured, for a report line."""
+    if "threads" in bw:  # host memory: a threaded sum (fdec.bench.measure_bandwidth)
+        return (
+            f"sum of a {bw.get('array_mb')} MB array, {bw.get('threads')} threads, "
+            f"best of {bw.get('tries')}"
+        )
+    # a GPU session: the device's own memory (fdec.bench.measure_device_bandwidth)
+    return (
+        f"{bw.get('device')}: copy of a {bw.get('array_mb')} MB tensor, best of {bw.get('tries')}"
+    )
+
+
 def render_bench(bench: dict[str, Any]) -> str:
     """The terminal table."""
     bw = bench["bandwidth"]
@@ -52,10 +72,12 @@ def render_bench(bench: dict[str, Any]) -> str:
             f"{row['bound_steps_s']:>14.1f} {row['bandwidth_fraction']:>8.0%}"
         )
     load = bench.get("load_average")
+    how = bandwidth_method(bw)
+    device = (bench.get("device") or {}).get("name")
     lines.append(
-        f"peak RSS {bench['peak_rss_mb']:.0f} MB; bandwidth {bw['gb_s']:.1f} GB/s (sum of a "
-        f"{bw['array_mb']} MB array, {bw['threads']} threads, best of {bw['tries']}); weights "
-        f"{bench['weight_bytes'] / 1e6:.1f} MB ({bench['gathered_bytes'] / 1e6:.1f} MB gathered "
-        f"a row per token)" + (f"; load average {load[0]:.1f}" if load else "")
+        (f"device {device}; " if device else "")
+        + f"peak RSS {bench['peak_rss_mb']:.0f} MB; bandwidth {bw['gb_s']:.1f} GB/s ({how}); "
+        f"weights {bench['weight_bytes'] / 1e6:.1f} MB ({bench['gathered_bytes'] / 1e6:.1f} MB "
+        f"gathered a row per token)" + (f"; load average {load[0]:.1f}" if load else "")
     )
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fdec.report.bench_results import bandwidth_method
 from fdec.report.html.charts import bar_chart
 from fdec.report.html.text import esc, fmt, fmt_bytes, is_number, pct
 
@@ -108,8 +109,7 @@ def measured_section(report: dict[str, Any]) -> str:
         ("peak memory (RSS)", f"{_two(bench.get('peak_rss_mb'))} MB"),
         (
             "memory bandwidth",
-            f"{_two(bandwidth.get('gb_s'))} GB/s (sum of a {bandwidth.get('array_mb')} MB array, "
-            f"{bandwidth.get('threads')} threads, best of {bandwidth.get('tries')})",
+            f"{_two(bandwidth.get('gb_s'))} GB/s ({bandwidth_method(bandwidth)})",
         ),
         (
             "options",
