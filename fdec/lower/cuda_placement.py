@@ -59,6 +59,8 @@ _LOW_FLOATS = frozenset(
 
 @functools.cache
 def memory_type_table() -> dict[str, Any]:
+    """fdec/data/cuda_memory_types.json: {"provider", "source", "ops": {domain: {op: [{"since",
+    "until", "cpu_inputs", "cpu_outputs", "file", "commit"}]}}, "notes"}."""
     text = (importlib.resources.files("fdec") / "data" / _TABLE_FILE).read_text(encoding="utf-8")
     return json.loads(text)
 
