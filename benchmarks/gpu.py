@@ -271,6 +271,11 @@ def measure_fdec(name: str, folder: pathlib.Path, args: argparse.Namespace, prom
 
     model, _ = _open_build(folder, args.device)
     checks: dict[str, Any] = {"predicted": placement_summary(folder / "model.onnx")}
+    try:  # the report's roofline estimate of batch-1 decode, to hold against the measured
+        report = json.loads((folder / "report.json").read_text())
+        checks["estimate_tok_s"] = (report.get("estimate") or {}).get("decode_tokens_per_s")
+    except (OSError, ValueError):
+        checks["estimate_tok_s"] = None
     for key, check in (("profiled", lambda: profiled_placement(folder, args.device, prompt)),
                        ("tokens_vs_cpu", lambda: token_check(folder, args.device, prompt,
                                                              args.check_steps))):  # fmt: skip
@@ -425,6 +430,28 @@ def verdicts(result: dict[str, Any]) -> list[dict[str, Any]]:
         met = None if value is None else (value > need if "int4" in what else value >= need)
         met = met if on_gpu else None
         out.append({"figure": what, "value": value, "needs": need, "met": met})
+    for name in ("fp16", "int4"):  # the roofline within 2x of the measured (no CUDA graph)
+        plain = next((r for r in rows if r["system"] == f"fdec {name}" and r["batch"] == 1), None)
+        first_checks = (
+            next(
+                (
+                    r.get("checks")
+                    for r in rows
+                    if r["system"] == f"fdec {name}" and r.get("checks")
+                ),
+                None,
+            )
+            or {}
+        )
+        value = ratio(first_checks.get("estimate_tok_s"), (plain or {}).get("decode_tok_s"))
+        out.append(
+            {
+                "figure": f"fdec {name}: roofline estimate / measured decode, batch 1",
+                "value": value,
+                "needs": "0.5 to 2",
+                "met": (0.5 <= value <= 2) if value is not None and on_gpu else None,
+            }
+        )
     for name in ("fp16", "int4"):
         first = next((r for r in rows if r["system"] == f"fdec {name}" and r.get("checks")), None)
         checks = (first or {}).get("checks") or {}

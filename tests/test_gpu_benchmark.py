@@ -63,6 +63,7 @@ def test_table_gives_ratios_to_torch_static_and_genai_fp16_at_the_same_batch():
             {"system": "onnxruntime-genai fp16", "batch": 1, "tok_s": 400.0},
             {"system": "fdec fp16", "batch": 1, "tok_s": 654.0, "decode_tok_s": 700.0,
              "checks": {"predicted": {"cpu_nodes": 0, "memcpy_nodes": 0},
+                        "estimate_tok_s": 720.5,
                         "profiled": {"cpu_nodes": 0, "memcpy_nodes": 0},
                         "tokens_vs_cpu": {"steps": 32, "identical": True}}},
             {"system": "fdec fp16", "batch": 16, "tok_s": 3501.0},
@@ -90,6 +91,10 @@ def test_table_gives_ratios_to_torch_static_and_genai_fp16_at_the_same_batch():
     assert figures["fdec fp16 / PyTorch static, batch 16"]["met"] is True  # 3501 / 3501
     assert figures["fdec fp16 / genai fp16, batch 1"]["value"] == 1.635
     assert figures["fdec int4 / fdec fp16, batch 1"]["met"] is None  # no int4 row
+    # The report's roofline estimate against the measured batch-1 decode (no CUDA graph).
+    roofline = figures["fdec fp16: roofline estimate / measured decode, batch 1"]
+    assert roofline["value"] == round(720.5 / 700.0, 3) and roofline["met"] is True
+    assert figures["fdec int4: roofline estimate / measured decode, batch 1"]["met"] is None
     placed = "fdec fp16: no CPU nodes but predicted host shape nodes, no Memcpy (profiled)"
     assert figures[placed]["met"] is True
     # The host Cast of the mask's width is predicted (fdec.lower.cuda_placement): allowed; a
