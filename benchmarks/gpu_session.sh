@@ -18,7 +18,8 @@
 # ~4 min (export, fusion, fp16 typing and verification on the machine's CPU; the second build
 # reuses the export), measure ~4 min (torch.compile once per batch size, two genai builds,
 # two fdec builds with and without CUDA graphs). Outputs: $OUT/compile-NAME.json,
-# $OUT/gpu.json, $OUT/gpu.txt (the table and issue 16's figures, met or not), $OUT/log.txt.
+# $OUT/gpu.json, $OUT/gpu.txt (the table and issue 16's figures, met or not),
+# $OUT/bench-fp16.json (`fdec bench` on the GPU), $OUT/log.txt.
 #
 # Builds: FDEC_GPU_BUILDS="NAME=fdec compile options;..." (default below): fp16 is the ONNX
 # Runtime CUDA build (`--backend onnxruntime` on a GPU target: the onnxruntime-cuda backend's
@@ -63,8 +64,12 @@ measure() {
     done
     nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
     # shellcheck disable=SC2086 # GPU_PY_ARGS are words
-    timeout 560 python3 "$here/gpu.py" --hf "$hf" "${args[@]}" --batches 1,16 --gen 64 \
+    timeout 480 python3 "$here/gpu.py" --hf "$hf" "${args[@]}" --batches 1,16 --gen 64 \
         --rounds 2 --check-steps 32 --json "$OUT/gpu.json" $GPU_PY_ARGS | tee "$OUT/gpu.txt"
+    # `fdec bench` itself on the GPU (device name, the GPU's copy bandwidth, batch-1 decode):
+    # what the report's roofline is held against.
+    [ -f "$BUILDS/fp16/report.json" ] && timeout 75 "$FDEC" bench "$BUILDS/fp16" --batch 1 \
+        --gen-len 32 --rounds 2 --json > "$OUT/bench-fp16.json" || echo "== fdec bench failed ($?)"
 }
 
 case "${1:-all}" in
