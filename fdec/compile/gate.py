@@ -239,14 +239,13 @@ def verify_written(
     VerificationError when it fails. The verification record for the report."""
     progress("verifying the build against the source model")
     device_graph = getattr(recipe, "device_graph", None)
-    verification, session, cpu_run = verify_model(
+    verification, session = verify_model(
         staging / MODEL_FILE, reference, recipe.tolerance, device_graph=device_graph,
         optimization=recipe.optimization, spec=spec, progress=progress,
     )  # fmt: skip
     if session is None:
         return verification
-    return _judged(verification, session, device_graph, cpu_run, recipe, optimized, front,
-                   progress)  # fmt: skip
+    return _judged(verification, recipe, optimized, front, progress)
 
 
 def verify_model(
@@ -258,16 +257,16 @@ def verify_model(
     optimization: str,
     spec: Any = None,
     progress: Callable[[str], None] = lambda message: None,
-) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
-    """(verification record, the session it ran on, the CPU's fp32 run of a GPU graph) for the
-    model at `path`; the session is None when this machine cannot run the graph (the record then
+) -> tuple[dict[str, Any], Any]:
+    """(verification record, the session it ran on) for the model at `path`; the session is
+    None when this machine cannot run the graph (the record then
     says "not run here"). A graph made for a GPU provider is verified on it where this
     onnxruntime has it (a compile or `fdec verify --numerics` on the GPU machine), else on the
     CPU with what the CPU could not run said."""
     on_device = device_graph is not None and device_graph in _available_providers()
     cpu_run = cpu_run_check(path) if device_graph and not on_device else None
     if cpu_run is not None and cpu_run["runs"] is False:
-        return _not_run(cpu_run["not_run"], device_graph, tolerance, progress), None, None
+        return _not_run(cpu_run["not_run"], device_graph, tolerance, progress), None
     # Without prepacking the verifying session reads the weights from the mapped file
     # instead of holding a packed copy (peak RSS; issue 9).
     providers = [device_graph, "CPUExecutionProvider"] if on_device else None
@@ -281,7 +280,7 @@ def verify_model(
         )
         verification = verify_build(reference, sliced, tolerance)
         verification["sliced"] = sliced.to_dict()
-        return verification, sliced, cpu_run
+        return _where(verification, sliced, device_graph, cpu_run), sliced
     # On the CPU, tables dequantized whole for TensorRT are read by rows and column blocks
     # (fdec.runtime.check_forms: the same values, a fraction of the memory).
     lighter = {} if on_device else lighter_session_args(path)
@@ -295,27 +294,31 @@ def verify_model(
         reason = cpu_unrunnable(err, low_dtype(path)) if device_graph and not on_device else None
         if reason is None:
             raise
-        return _not_run(reason, device_graph, tolerance, progress), None, None
-    return verify_build(reference, session, tolerance), session, cpu_run
+        return _not_run(reason, device_graph, tolerance, progress), None
+    verification = verify_build(reference, session, tolerance)
+    return _where(verification, session, device_graph, cpu_run), session
 
 
-def _judged(
-    verification: dict[str, Any],
-    session: Any,
-    device_graph: str | None,
+def _where(
+    verification: dict[str, Any], session: Any, device_graph: str | None,
     cpu_run: dict[str, Any] | None,
-    recipe: Any,
-    optimized: Any,
-    front: Any,
-    progress: Callable[[str], None],
-) -> dict[str, Any]:
-    """The verification record, or the gate's / verification's error when it failed."""
+) -> dict[str, Any]:  # fmt: skip
+    """A GPU graph's record says what it was made for, and what happened on the way: the GPU
+    provider that failed to start, what the CPU ran in fp32 instead of fp16."""
     if device_graph:
         verification["made_for"] = device_graph
         if session.provider_fallback:
             verification["provider_fallback"] = session.provider_fallback
-    if cpu_run is not None:  # what the CPU ran in fp32 of a graph made for the GPU
+    if cpu_run is not None:
         verification["cpu_run"] = cpu_run
+    return verification
+
+
+def _judged(
+    verification: dict[str, Any], recipe: Any, optimized: Any, front: Any,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
+    """The verification record, or the gate's / verification's error when it failed."""
     if verification.get("gate"):
         raise quality_gate_error(
             verification, recipe.tolerance, optimized.records, optimized.snapshot, recipe, front,
@@ -396,13 +399,9 @@ def verify_build_numerics(
     device_graph = recorded_verification.get("made_for")
     optimization = (runtime.get("session_options") or {}).get("graph_optimization_level", "all")
     progress(f"verifying {build} against {given}")
-    verification, _session, cpu_run = verify_model(
+    verification, _ = verify_model(
         build / MODEL_FILE, reference, tolerance, device_graph=device_graph,
         optimization=optimization, spec=spec, progress=progress,
     )  # fmt: skip
-    if device_graph:
-        verification["made_for"] = device_graph
-    if cpu_run is not None:
-        verification["cpu_run"] = cpu_run
     verification["source"] = str(given)
     return verification
