@@ -14,6 +14,7 @@ import pytest
 from fdec.cli import cli
 from fdec.lower.tensorrt import tensorrt_available
 from fdec.lower.tensorrt_rtx import available as rtx_available
+from fdec.report import render_report
 
 needs_rtx = pytest.mark.skipif(rtx_available() is not None, reason=str(rtx_available()))
 
@@ -84,6 +85,10 @@ def test_h100_build_is_complete_with_the_engine_deferred(tiny_models, tmp_path, 
     assert models["engines/tensorrt/model.onnx"]["compute"] in ("bf16", "fp16")
     placement = report["cuda_placement"]  # informational here: TensorRT runs this build
     assert placement["cpu_nodes"] == 0 and "required" not in placement
+    # The traced graph's one MemcpyFromHost is said as what ORT's CUDA provider would do,
+    # not as a fault of a build the TensorRT engine runs.
+    line = next(x for x in render_report(report).splitlines() if x.startswith("CUDA placement"))
+    assert placement["memcpy_nodes"] == 1 and line.endswith("this build's engine runs it instead)")
     assert (
         "trtexec" in plan["trtexec_shell"] and "--saveEngine=model.engine" in plan["trtexec_shell"]
     )

@@ -157,11 +157,15 @@ def _placement_line(placement: dict[str, Any], paint: Any) -> str:
         f"{c['direction']} of {c['value']} for {len(c['readers'])} reader(s)"
         for c in placement.get("memcpy", [])[:3]
     )
-    return paint(
+    text = (
         f"CUDA placement: {placement.get('memcpy_nodes')} Memcpy node(s) between host and "
-        f"device ({copies}): a sync each step, and no CUDA graph capture",
-        "bad",
+        f"device ({copies}): a sync each step, and no CUDA graph capture"
     )
+    if not placement.get("required"):  # a TensorRT build: its engine runs, not this graph
+        return text + (
+            " (if ONNX Runtime's CUDA provider ran model.onnx; this build's engine runs it instead)"
+        )
+    return paint(text, "bad")
 
 
 def render_report(report: dict[str, Any], *, style: bool = False) -> str:
