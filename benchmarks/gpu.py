@@ -167,19 +167,12 @@ def device_info(device: str) -> dict[str, Any]:
 
         info["torch"] = torch.__version__
         if device == "cuda" and torch.cuda.is_available():
-            info["name"] = torch.cuda.get_device_name()
             info["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability())
     except ImportError:
         info["torch"] = None
-    if device == "cuda" and "name" not in info:
-        try:
-            info["name"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=30, check=True,
-            ).stdout.strip()  # fmt: skip
-        except (OSError, subprocess.SubprocessError):
-            info["name"] = None
-    info.setdefault("name", platform.processor() or platform.machine())
+    from fdec.runtime.ort import device_name
+
+    info["name"] = device_name("CUDAExecutionProvider" if device == "cuda" else "")
     return info
 
 

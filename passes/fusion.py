@@ -217,7 +217,8 @@ def _constant_rotary_caches(model: FdecModel) -> int:
     onnxscript's fusion computes the caches every step for positions 0..max(position_ids)
     (a cost that grows with the sequence); onnxruntime-genai stores them as initializers.
     Angles are the same float32 products (position × inv_freq, one product each, as the
-    K=1 MatMul did); cos and sin are taken in float64 and rounded. Returns the tables made.
+    K=1 MatMul did); cos and sin are taken in float64 and rounded. Returns the tables made;
+    the caller removes the nodes that computed the caches.
     """
     graph = model.graph
     rows = model.spec.max_positions
@@ -246,8 +247,6 @@ def _constant_rotary_caches(model: FdecModel) -> int:
             made[key] = (tables[0], tables[1])
         node.replace_input_with(7, made[key][0])
         node.replace_input_with(8, made[key][1])
-    if made:
-        onnx_ir_common.RemoveUnusedNodesPass()(model.model)
     return len(made)
 
 
@@ -263,7 +262,8 @@ def _total_length_from_mask(model: FdecModel) -> int:
     memory on the CUDA provider, so Cast(Shape(mask)[1:2]) is a host-side shape computation
     with no copy. A static decode step (fdec.runtime.bound, CUDA graphs) binds a max-length
     mask, so its total is the buffer's length, as the kernel expects with a shared buffer;
-    per-row lengths still come from seqlens_k. Returns the GroupQueryAttention nodes rewired.
+    per-row lengths still come from seqlens_k. Returns the GroupQueryAttention nodes rewired;
+    the caller removes the nodes that computed the old total.
     """
     graph = model.graph
     mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
@@ -286,7 +286,6 @@ def _total_length_from_mask(model: FdecModel) -> int:
     graph.insert_before(nodes[0], [width, total])
     for node in nodes:
         node.replace_input_with(6, total.outputs[0])
-    onnx_ir_common.RemoveUnusedNodesPass()(model.model)
     return len(nodes)
 
 
@@ -392,6 +391,8 @@ class FuseAttentionPass(Pass):
             _forget_matched_nodes()
         rotary_caches = _constant_rotary_caches(model) if self.rotary_cache else 0
         total_from_mask = _total_length_from_mask(model)
+        if rotary_caches or total_from_mask:  # the per-step computations they replaced
+            onnx_ir_common.RemoveUnusedNodesPass()(model.model)
         after = _op_counts(model)
         nodes_after = sum(after.values())
         fused_ops = {

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
+import gc
+import json
 import pathlib
 import tempfile
 from collections.abc import Callable
@@ -19,8 +20,12 @@ from typing import Any
 
 from fdec.calibrate import calibration_batches, load_calibration_texts
 from fdec.compile.recipe import sensitivity_pass
-from fdec.errors import QualityGateError, VerificationError
-from fdec.ir import FdecModel
+from fdec.compile.write import config_digest
+from fdec.errors import QualityGateError, UsageError, VerificationError
+from fdec.frontend.export import load_hf_model, load_tokenizer
+from fdec.frontend.source import resolve_source
+from fdec.frontend.stream import STREAM_PARAMETERS, checkpoint_parameters
+from fdec.ir import FdecModel, ModelSpec
 from fdec.lower import MODEL_FILE
 from fdec.lower.cuda_kernels import cpu_run_check, cpu_unrunnable, low_dtype
 from fdec.pipeline import EXACT, Instrument, Tolerance
@@ -28,7 +33,7 @@ from fdec.runtime import OrtModel, open_session
 from fdec.runtime import sliced as sliced_runs
 from fdec.runtime.check_forms import lighter_session_args
 from fdec.runtime.ort import device_name
-from fdec.verify import Reference
+from fdec.verify import GREEDY_STEPS, Reference
 
 __all__ = [
     "VERIFICATION_FIX",
@@ -342,16 +347,6 @@ def verify_build_numerics(
     and the device it ran on. `source` overrides the report's source (a build made elsewhere).
     Models above the streaming threshold are not re-verified here: the whole PyTorch model is
     loaded for the reference."""
-    import gc
-    import json
-
-    from fdec.errors import UsageError
-    from fdec.frontend.export import load_hf_model, load_tokenizer
-    from fdec.frontend.source import resolve_source
-    from fdec.frontend.stream import STREAM_PARAMETERS, checkpoint_parameters
-    from fdec.ir import ModelSpec
-    from fdec.verify import GREEDY_STEPS
-
     build = pathlib.Path(build)
     try:
         report = json.loads((build / "report.json").read_text())
@@ -368,16 +363,18 @@ def verify_build_numerics(
     if not given:
         raise UsageError(f"{build}'s report names no source model", "pass --source MODEL")
     resolved = resolve_source(str(given), progress=progress)
-    config = resolved.folder / "config.json"
-    digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else ""
-    if recorded.get("config_sha256") and digest != recorded["config_sha256"]:
+    if (
+        recorded.get("config_sha256")
+        and config_digest(resolved.folder) != recorded["config_sha256"]
+    ):
         raise UsageError(
             f"{given}'s config.json is not the one {build} was compiled from",
             "pass --source with the model the build was made from",
         )
-    if checkpoint_parameters(resolved) > STREAM_PARAMETERS:
+    parameters = checkpoint_parameters(resolved)
+    if parameters > STREAM_PARAMETERS:
         raise UsageError(
-            f"{given} has {checkpoint_parameters(resolved) / 1e9:.1f}B parameters: `fdec verify "
+            f"{given} has {parameters / 1e9:.1f}B parameters: `fdec verify "
             "--numerics` loads the whole PyTorch model for its reference",
             "read the verification in the build's report.json (made layer by layer at compile)",
         )

@@ -56,7 +56,7 @@ def write_build(
             "folder": str(source.folder),
             "family": spec.family,
             "architecture": spec.architecture,
-            "config_sha256": _config_digest(source.folder),
+            "config_sha256": config_digest(source.folder),
         },
         "target": target.to_dict(),
         "backend": settings.backend.name,
@@ -103,7 +103,7 @@ def write_build(
             # give the same model files (fdec verify re-hashes the outputs below).
             "inputs": {
                 "model": report["source"]["given"],
-                "config_sha256": _config_digest(source.folder),
+                "config_sha256": config_digest(source.folder),
                 "files": front.inputs,
                 "calibration": front.calibration,
             },
@@ -145,7 +145,8 @@ def _typed_models(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _config_digest(folder: pathlib.Path) -> str:
+def config_digest(folder: pathlib.Path) -> str:
+    """sha256 of the folder's config.json ("" without one): report.json `source.config_sha256`."""
     path = folder / "config.json"
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
 
