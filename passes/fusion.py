@@ -144,7 +144,11 @@ class _ExpandOnnxDomainRmsNorm(pattern.RewriteRuleClassBase):
 
     onnxscript leaves the norm that follows no residual add (the first layer's) as ONNX Runtime's
     private ONNX-domain op, which the ONNX checker rejects; ORT fuses the standard form back at
-    session optimization, so the build stays valid ONNX at no cost.
+    session optimization, so the build stays valid ONNX at no cost. The form is the one ORT's
+    SimplifiedLayerNormFusion matches (core/optimizer/layer_norm_fusion.cc): `Pow(x, 2)`, not
+    `Mul(x, x)` (which it does not fuse, and which a fp16 graph would square in fp16, overflowing
+    at |x| = 256), and `Div(x, Sqrt(...))`, the normalize step fdec's typing keeps in fp32 beside
+    the Pow so the CUDA graph keeps the fusion's fp16 pattern (Cast → Pow/Div → Cast → Mul).
     """
 
     def __init__(self) -> None:
@@ -168,7 +172,8 @@ class _ExpandOnnxDomainRmsNorm(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, scale, normalized, **_):
         epsilon = normalized.producer().attributes.get_float("epsilon", 1e-5)
-        mean = op.ReduceMean(op.Mul(x, x), op.Constant(value_ints=[-1]), keepdims=1)
+        squared = op.Pow(x, op.Constant(value=ir.tensor(np.float32(2.0))))
+        mean = op.ReduceMean(squared, op.Constant(value_ints=[-1]), keepdims=1)
         std = op.Sqrt(op.Add(mean, op.Constant(value=ir.tensor(np.float32(epsilon)))))
         return op.Mul(op.Div(x, std), scale)
 

@@ -13,6 +13,9 @@ most math in fp16/bf16, the numerically fragile parts in fp32, explicit Casts be
 - **tables**: float tensors computed from positions, masks and constants alone, with no path
   from an activation or a weight (rotary cos/sin tables, attention masks): cheap, and fp16
   rounding of `position × inv_freq` is what breaks long-context rotary embeddings;
+- **norm**: the `x / Sqrt(...)` of an RMSNorm whose `Pow(x, 2)` is kept, so x is normalized in
+  fp32 (as ONNX Runtime's norm kernels do) and ONNX Runtime can fold the chain into one
+  SimplifiedLayerNormalization on the GPU;
 - **masks**: the Add/Sub/Where that applies a mask just before a Softmax, so a -3.4e38 mask
   value is never cast to fp16 (where it becomes -inf);
 - **logits** (`keep_logits`): the node producing each `logits` output, with the Q/DQ pair
@@ -392,6 +395,19 @@ class _Typer:
                 v.producer() is not None and id(v.producer()) in kept for v in sources
             ):
                 kept[id(node)] = "follows fp32"
+        # The normalize step of an RMSNorm, `x / Sqrt(ReduceMean(Pow(x, 2)) + eps)`, reading the
+        # x its kept Pow reads: fp32 from the same Cast, cast low after, as ONNX Runtime's fused
+        # norm kernels compute it and the form its SimplifiedLayerNormFusion folds into one
+        # node on the GPU (core/optimizer/layer_norm_fusion.cc: Cast → Pow and Div → Cast → Mul).
+        for node in self.nodes:
+            if id(node) in kept or node.op_type != "Div" or len(node.inputs) != 2:
+                continue
+            x, std = node.inputs
+            sqrt = std.producer() if std is not None else None
+            if x is None or sqrt is None or sqrt.op_type != "Sqrt" or id(sqrt) not in kept:
+                continue
+            if any(use.op_type == "Pow" and id(use) in kept for use, _ in x.uses()):
+                kept[id(node)] = "norm"
         # A kept node's quantized inputs: keep the DequantizeLinear (and the QuantizeLinear
         # feeding it), so the Q/DQ pair stays whole and TensorRT still fuses it.
         for node in self.nodes:

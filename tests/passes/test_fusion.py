@@ -253,3 +253,80 @@ def test_pack_qkv_of_int4_concatenates_blocks_and_keeps_logits(exports):
     # Each output column is the same int4 dot product with the same int8 activations.
     np.testing.assert_allclose(_logits(packed), logits, atol=1e-5, rtol=0)
     assert _greedy(packed, 32) == tokens
+
+
+# The first layer's norm as onnxscript leaves it: ONNX Runtime's ONNX-domain op (which the ONNX
+# checker rejects), read from an embedding table whose rows reach |x| ≈ 1000 (x² > 65504).
+_FIRST_NORM = """
+<ir_version: 10, opset_import: ["" : 20]>
+first_norm (int64[2, 3] ids) => (float[2, 3, 4] y) <float[2, 3, 64] x, float[2, 3, 64] normed> {
+    x = Gather <axis = 0> (table, ids)
+    normed = SimplifiedLayerNormalization <axis = -1, epsilon = 1e-5> (x, gamma)
+    y = MatMul (normed, w)
+}
+"""
+
+
+def _first_norm() -> tuple[FdecModel, dict[str, np.ndarray], np.ndarray]:
+    import onnx
+    import onnx_ir as ir
+    from graphs import random_array, tiny_spec
+
+    rng = np.random.default_rng(0)
+    table = random_array(10, 64, seed=1) * 300.0
+    gamma, w = np.abs(random_array(64, seed=2)) + 0.5, random_array(64, 4, seed=3)
+    proto = onnx.parser.parse_model(_FIRST_NORM)
+    for name, array in {"table": table, "gamma": gamma, "w": w}.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    model = FdecModel(ir.serde.deserialize_model(proto), tiny_spec(inputs=["ids"]))
+    ids = rng.integers(0, 10, (2, 3))
+    x = table[ids]
+    want = (x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * gamma) @ w
+    return model, {"ids": ids}, want
+
+
+def test_the_first_norm_is_expanded_to_the_form_onnx_runtime_fuses_and_fp16_cannot_overflow(
+    tmp_path,
+):
+    """The first layer's RMSNorm, expanded to standard ops: `Pow(x, 2)` and `Div(x, Sqrt)`,
+    which ONNX Runtime's SimplifiedLayerNormFusion folds back into one node (checked on the CPU
+    session here; on the GPU its fp16 pattern Cast → Pow and Div → Cast → Mul), and which the
+    CUDA typing squares and normalizes in fp32: in fp16, x² of |x| ≈ 1000 is inf."""
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from graphs import run_ort
+
+    from fdec.lower.tensorrt_model import emulate_low_precision
+    from fdec.passes.fusion import _STANDARDIZE_RULES
+    from fdec.passes.typing import CastFloat16Pass, cuda_typing
+
+    model, feeds, want = _first_norm()
+    assert _STANDARDIZE_RULES.apply_to_model(model.model) == 1
+    ops = [n.op_type for n in model.graph]
+    assert "Pow" in ops and "SimplifiedLayerNormalization" not in ops
+    np.testing.assert_allclose(run_ort(model.model, feeds)[0], want, rtol=1e-4, atol=1e-3)
+    # ONNX Runtime's own session optimization folds the expanded form back (not Mul(x, x)).
+    path = tmp_path / "optimized.onnx"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path)
+    data = ir.serde.serialize_model(model.model).SerializeToString()
+    ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(path).graph.node]
+    assert optimized.count("SimplifiedLayerNormalization") == 1 and "Pow" not in optimized
+
+    record = CastFloat16Pass(**cuda_typing("fp16"))(model)
+    assert record.stats["kept_by_reason"]["norm"] == 1
+    by_op = {n.op_type: n for n in model.graph if n.op_type in ("Pow", "Div", "Mul")}
+    pow_, div, mul = by_op["Pow"], by_op["Div"], by_op["Mul"]
+    cast_in = pow_.inputs[0].producer()
+    assert cast_in.op_type == "Cast" and div.inputs[0] is pow_.inputs[0]
+    assert {use.op_type for use, _ in cast_in.outputs[0].uses()} == {"Pow", "Div"}
+    assert pow_.inputs[0].dtype == div.outputs[0].dtype == ir.DataType.FLOAT
+    cast_out = mul.inputs[0].producer()
+    assert cast_out.op_type == "Cast" and cast_out.inputs[0] is div.outputs[0]
+    assert mul.outputs[0].dtype == ir.DataType.FLOAT16
+    emulate_low_precision(model.model)  # every fp16 tensor rounded, as the GPU computes it
+    got = run_ort(model.model, feeds)[0]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=5e-2 * np.abs(want).max())
