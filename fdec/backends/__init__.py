@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from fdec.errors import UsageError
@@ -61,6 +61,9 @@ class Backend(Protocol):
     precision_fix: str
     #: The KV cache type its graph has built in (--kv-dtype may only repeat it), or None.
     kv_dtype: str | None
+    #: Options the weight quantizers take for this backend's runtime (beside `graph_form`),
+    #: e.g. MatMulNBits' accuracy_level; --pass-options still overrides them.
+    weight_options: Mapping[str, Any]
     #: The backend a GPU target gets when this one is asked for (onnxruntime → onnxruntime-cuda).
     gpu_variant: str | None
 

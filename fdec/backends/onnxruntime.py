@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = ["BACKEND", "OnnxRuntimeBackend"]
@@ -25,6 +25,8 @@ class OnnxRuntimeBackend:
     precision_fix: str = "use --quantize int4, int8, fp8 or none"
     kv_dtype: str | None = None
     gpu_variant: str | None = "onnxruntime-cuda"
+    # the quantizers' defaults: MatMulNBits accuracy_level 4 (the CPU kernel's int8 activations)
+    weight_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def prepare_passes(
         self,

@@ -10,7 +10,8 @@ accumulate in fp32 inside), softmax-free reductions, rotary/mask tables and the 
 fp32, and the KV cache inputs/outputs are fp16, one shared device buffer per tensor.
 
 Precisions: fp16 (the default: float weights typed fp16), bf16 (asked for, on targets with
-BF16) and int4 weight-only (MatMulNBits with fp16 scales). fp8 and int8 Q/DQ graphs are not
+BF16) and int4 weight-only (MatMulNBits with fp16 scales, accuracy_level 0: fp16 activations, as
+the CUDA kernel computes whatever the attribute says). fp8 and int8 Q/DQ graphs are not
 built for it: the CUDA EP only emulates Q/DQ (fp8 Q/DQ measured slower than fp32 on the H200),
 they belong to the TensorRT backend. Every node of the written graph must have a CUDA kernel for
 its types (fdec.lower.cuda_kernels); the compile fails otherwise.
@@ -19,6 +20,7 @@ its types (fdec.lower.cuda_kernels); the compile fails otherwise.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from fdec.backends.onnxruntime import OnnxRuntimeBackend
@@ -50,6 +52,13 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
     default_quantize: str | None = "fp16"
     kv_dtype: str | None = "fp16"
     gpu_variant: str | None = None
+    # MatMulNBits accuracy_level 0: the CUDA kernel never reads it (fp16 activations whatever
+    # its value; onnxruntime 1.31.1's contrib_ops/cuda/quantization/matmul_nbits.{h,cc}), while
+    # the CPU check of this graph would quantize activations to int8 at 4: the check then
+    # computes something the GPU does not. onnxruntime-genai's CUDA builds write 0 too.
+    weight_options: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: {"accuracy_level": 0}
+    )
     precision_fix: str = (
         "use --quantize fp16 (default), bf16 or int4 for the ONNX Runtime CUDA model, or "
         "--backend tensorrt for fp8/int8 Q/DQ"

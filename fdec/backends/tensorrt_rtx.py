@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fdec.errors import CompileError
@@ -90,6 +90,7 @@ class StronglyTypedBackend:
     precision_fix: str = "use --quantize fp8, int8, int4 or none (the engine is typed fp16/bf16)"
     kv_dtype: str | None = None
     gpu_variant: str | None = None
+    weight_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def prepare_passes(self, **context: Any) -> list[Any]:
         return []  # its graph is typed from the verified build (typed_model)

@@ -18,6 +18,7 @@ from fdec.compile.optimize import Optimized
 from fdec.errors import CompileError
 from fdec.ir import GraphCounts, release_freed_memory
 from fdec.lower import MODEL_FILE, lower_onnxruntime
+from fdec.lower.cuda_contracts import ContractBreach
 from fdec.lower.cuda_placement import placement_summary
 from fdec.lower.genai import write_genai_config
 from fdec.lower.hf_checkpoint import CHECKPOINT_DIR, write_hf_checkpoint
@@ -91,7 +92,8 @@ def _cuda_placement(model: Any, target: Any, backend: Any) -> dict[str, Any] | N
     """GPU targets: the predicted CUDA placement of the graph ONNX Runtime will run (the
     report's `cuda_placement`, fdec.lower.cuda_placement). A build for the ONNX Runtime CUDA
     backend is refused when a node has no CUDA kernel (ONNX Runtime would run it on the CPU,
-    next to a KV cache bound on the device: the garbage of issue 16). A value copied between
+    next to a KV cache bound on the device: the garbage of issue 16), and when a CUDA kernel
+    would refuse a node the CPU check passed (fdec.lower.cuda_contracts). A value copied between
     host and device (a Memcpy node: a sync every step, and no CUDA graph capture) gets a warning
     and the report says so: the fused graphs of Llama-style families have none, traced
     attention (GPT-2) still has one."""
@@ -109,6 +111,13 @@ def _cuda_placement(model: Any, target: Any, backend: Any) -> dict[str, Any] | N
                 f"kernel for their types ({worst}); ONNX Runtime would run them on the CPU",
                 _PLACEMENT_FIX,
             )
+        if placement["contract_breaches"]:
+            first = ContractBreach(**placement["contract_breaches"][0])
+            raise CompileError(
+                f"{len(placement['contract_breaches'])} node(s) of the {backend.name} graph "
+                f"break what ONNX Runtime's CUDA kernels take; first: {first.describe()}",
+                _CONTRACT_FIX,
+            )
         if placement["memcpy_nodes"]:
             copy = placement["memcpy"][0]
             logger.warning(
@@ -120,6 +129,10 @@ def _cuda_placement(model: Any, target: Any, backend: Any) -> dict[str, Any] | N
     return placement
 
 
+_CONTRACT_FIX = (
+    "change the option that made it (e.g. --pass-options quantize-int4.block_size=32), or "
+    "compile with --backend tensorrt or --target cpu"
+)
 _PLACEMENT_FIX = (
     "report it with the build's --dump-dir output; meanwhile compile with --backend tensorrt "
     "or --target cpu"

@@ -226,7 +226,11 @@ def _quantize_passes(
     embed_pass = fdec_passes.make_pass(
         "quantize-embedding", bits=8, backend=pass_backend, skip_shared=share
     )
-    int4_options: dict[str, Any] = {"backend": pass_backend, "share_tied_embedding": share}
+    int4_options: dict[str, Any] = {
+        "backend": pass_backend,
+        "share_tied_embedding": share,
+        **backend.weight_options,
+    }
     if keep_fp is not None and not (precision.value == "int4" or method == "dynamic"):
         raise UsageError(
             f"--keep-fp works with --quantize int4 or int8-dynamic, not {asked}",

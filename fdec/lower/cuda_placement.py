@@ -32,6 +32,7 @@ import importlib.resources
 import json
 from typing import Any
 
+from fdec.lower.cuda_contracts import CHECKED_AGAINST, contract_breaches
 from fdec.lower.cuda_kernels import (
     PROVIDER,
     CpuPlacedNode,
@@ -223,9 +224,11 @@ def predict_placement(model: Any) -> Placement:
 def placement_summary(model: Any, *, examples: int = 5) -> dict[str, Any]:
     """For a report: the nodes that would leave the GPU under ONNX Runtime's CUDA provider
     (no kernel for their types, grouped by op and types), the shape nodes it runs on the host,
-    and the Memcpy nodes it would insert, with the tables' sources. `ok` is True when no node
-    lacks a kernel and no value crosses between host and device."""
+    the Memcpy nodes it would insert, and the nodes its kernels would refuse or get wrong
+    (fdec.lower.cuda_contracts), with the tables' sources. `ok` is True when no node lacks a
+    kernel, no value crosses between host and device, and no kernel refuses its node."""
     placement = predict_placement(model)
+    breaches = contract_breaches(model)
     groups: dict[str, dict[str, Any]] = {}
     for node in placement.no_kernel:
         types = ", ".join(f"{k}={v}" for k, v in sorted(node.types.items()))
@@ -237,12 +240,15 @@ def placement_summary(model: Any, *, examples: int = 5) -> dict[str, Any]:
     table = kernel_table()
     return {
         "provider": PROVIDER,
-        "ok": placement.cuda_graph_capturable,
+        "ok": placement.cuda_graph_capturable and not breaches,
         "nodes": placement.nodes,
         "cpu_nodes": len(placement.no_kernel),
         "by_op": groups,
         **placement.to_dict(),
         "kernel_table": {"url": table["source"]["url"], "commit": table["source"]["commit"]},
         "memory_types": memory_type_table()["source"]["note"],
+        # nodes the CUDA kernels would refuse or get wrong (fdec.lower.cuda_contracts)
+        "contract_breaches": [breach.to_dict() for breach in breaches],
+        "contracts": CHECKED_AGAINST,
         "label": "predicted from ONNX Runtime's kernel registrations, not a GPU session",
     }

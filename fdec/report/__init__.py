@@ -141,6 +141,14 @@ def _placement_line(placement: dict[str, Any], paint: Any) -> str:
         if host
         else ""
     )
+    breaches = placement.get("contract_breaches") or []
+    if breaches:
+        first = breaches[0]
+        return paint(
+            f"CUDA kernels: {len(breaches)} node(s) the CUDA provider would refuse or get "
+            f"wrong; first: {first['op']} {first['name']}: {first['rule']}",
+            "bad",
+        )
     if placement.get("ok"):
         return (
             f"CUDA placement: {paint('every node has a CUDA kernel, no Memcpy', 'ok')}"
