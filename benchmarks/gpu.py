@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also measure each build with CUDA graphs (enable_cuda_graph)")  # fmt: skip
+    parser.add_argument("--fpa-intb", action="store_true",
+                        help="also measure builds with MatMulNBits through ONNX Runtime's CUTLASS "
+                             "fpA_intB kernels (session config ep.cuda.fpa_intb_gemm=1)")  # fmt: skip
     parser.add_argument("--json", type=pathlib.Path, help="write the whole result here")
     parser.add_argument("--timeout", type=int, default=300,
                         help="seconds for each peer build subprocess")  # fmt: skip
@@ -184,8 +187,18 @@ def _providers(device: str) -> list[Any]:
     )
 
 
+#: ONNX Runtime 1.31's CUDA MatMulNBits runs CUTLASS mixed-input (fpA_intB) kernels, weights
+#: re-laid at session load and tactics profiled, only when asked (matmul_nbits.h,
+#: ParseFpAIntBEnabled; fp16, block 32, no zero points: fdec's int4 qualifies).
+FPA_INTB = {"ep.cuda.fpa_intb_gemm": "1"}
+
+
 def _open_build(
-    folder: pathlib.Path, device: str, profile: str | None = None, cuda_graph: bool = False
+    folder: pathlib.Path,
+    device: str,
+    profile: str | None = None,
+    cuda_graph: bool = False,
+    config_entries: dict[str, str] | None = None,
 ) -> Any:
     """(OrtModel, kv_cache config) of the build on `device`'s providers: through fdec's
     open_session (its provider fallback included), or, to profile into `profile`, a plain
@@ -211,8 +224,9 @@ def _open_build(
         )
     else:
         session = open_session(
-            path, providers=_providers(device), optimization=level, cuda_graph=cuda_graph
-        )
+            path, providers=_providers(device), optimization=level, cuda_graph=cuda_graph,
+            config_entries=config_entries,
+        )  # fmt: skip
     kv = config.get("kv_cache") or {}
     return OrtModel(session, kv_buffer=kv.get("buffer")), kv
 
@@ -294,6 +308,9 @@ def measure_fdec(name: str, folder: pathlib.Path, args: argparse.Namespace, prom
     if args.cuda_graph:
         graphed, _ = _open_build(folder, args.device, cuda_graph=True)
         variants.append((f"fdec {name} cuda-graph", graphed))
+    if args.fpa_intb and "MatMulNBits" in _op_types(folder):
+        cutlass, _ = _open_build(folder, args.device, config_entries=FPA_INTB)
+        variants.append((f"fdec {name} fpa-intb", cutlass))
     for system, session in variants:
         for batch in args.batches:
             prompts = [prompt] * batch
@@ -402,10 +419,19 @@ def _placement_text(checks: dict[str, Any] | None) -> str:
     return "; ".join(parts)
 
 
+def _op_types(folder: pathlib.Path) -> set[str]:
+    import onnx
+
+    return {
+        n.op_type for n in onnx.load(folder / "model.onnx", load_external_data=False).graph.node
+    }
+
+
 def _best(rows: list[dict[str, Any]], prefix: str, batch: int) -> dict[str, Any] | None:
-    """The fastest row of the fdec build `prefix` ("fdec fp16": with or without CUDA graphs)."""
+    """The fastest row of the fdec build `prefix` ("fdec fp16": plain, with CUDA graphs, or
+    with the fpA_intB kernels)."""
     found = [r for r in rows if r["batch"] == batch
-             and (r["system"] == prefix or r["system"] == f"{prefix} cuda-graph")]  # fmt: skip
+             and (r["system"] == prefix or r["system"].startswith(f"{prefix} "))]  # fmt: skip
     return max(found, key=lambda r: r["tok_s"]) if found else None
 
 

@@ -36,8 +36,9 @@ SPEC=${FDEC_GPU_BUILDS:-"fp16=--backend onnxruntime;int4=--backend onnxruntime -
 FDEC=${FDEC:-/tmp/fdec}
 PEERS=${PEERS:-"fp16 int4"}   # onnxruntime-genai builds to make and measure
 # more benchmarks/gpu.py options (later ones win): PyTorch static only (eager is measured in
-# ../shared/gpu/README.md already), and each fdec build again with CUDA graphs
-GPU_PY_ARGS=${GPU_PY_ARGS:-"--torch static --cuda-graph"}
+# ../shared/gpu/README.md already), each fdec build again with CUDA graphs, and the int4 build
+# again through ONNX Runtime's CUTLASS fpA_intB kernels (off by default in ONNX Runtime)
+GPU_PY_ARGS=${GPU_PY_ARGS:-"--torch static --cuda-graph --fpa-intb"}
 mkdir -p "$OUT" "$BUILDS"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 here=$(cd "$(dirname "$0")" && pwd)

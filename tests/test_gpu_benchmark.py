@@ -122,6 +122,11 @@ def test_table_gives_ratios_to_torch_static_and_genai_fp16_at_the_same_batch():
     # A CUDA-graph row of the same build counts when it is the faster one.
     result["rows"].append({"system": "fdec fp16 cuda-graph", "batch": 1, "tok_s": 1308.0})
     assert gpu.verdicts(result)[0]["value"] == 4.0
+    # So does an int4 row through the fpA_intB kernels (--fpa-intb).
+    result["rows"] += [{"system": "fdec int4", "batch": 1, "tok_s": 1000.0},
+                       {"system": "fdec int4 fpa-intb", "batch": 1, "tok_s": 1962.0}]  # fmt: skip
+    int4 = {v["figure"]: v for v in gpu.verdicts(result)}["fdec int4 / fdec fp16, batch 1"]
+    assert int4["value"] == 1.5 and int4["met"] is True  # 1962 / 1308
     result["device"]["device"] = "cpu"
     assert all(v["met"] is None for v in gpu.verdicts(result))
 
