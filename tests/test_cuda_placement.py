@@ -155,6 +155,12 @@ def test_fused_build_has_no_memcpy_and_the_report_says_so(fused_builds):
     cast = produced["gqa_total_sequence_length"]
     assert produced[cast.input[0]].op_type == "Shape"
     assert produced[cast.input[0]].input == ["attention_mask"]
+    # The tied table is one fp16 initializer: the embedding's Gather and the lm_head read it.
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    head = produced[produced["logits"].input[0]]
+    assert head.op_type == "FusedMatMul" and head.input[1] == gather.input[0]
+    tables = [i for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] == 320]
+    assert [t.data_type for t in tables] == [TensorProto.FLOAT16]
 
 
 def test_total_length_from_positions_would_copy_to_the_host(fused_builds):

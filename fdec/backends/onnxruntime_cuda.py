@@ -6,8 +6,9 @@ sends those nodes to the CPU with Memcpy nodes around them, and with the KV cach
 device it printed garbage on an H200 (issue 16). So the backend's own preparation is attention
 fusion and packed QKV, as for the CPU, then `cast-float16` with the CUDA options
 (fdec.passes.typing.cuda_typing): the fused ops and the norms compute in fp16 (their kernels
-accumulate in fp32 inside), softmax-free reductions, rotary/mask tables and the lm_head stay
-fp32, and the KV cache inputs/outputs are fp16, one shared device buffer per tensor.
+accumulate in fp32 inside), softmax-free reductions and rotary/mask tables stay fp32, the
+lm_head is fp16 (bf16 graphs keep fp32 logits), and the KV cache inputs/outputs are fp16, one
+shared device buffer per tensor.
 
 Precisions: fp16 (the default: float weights typed fp16), bf16 (asked for, on targets with
 BF16) and int4 weight-only (MatMulNBits with fp16 scales, accuracy_level 0: fp16 activations, as

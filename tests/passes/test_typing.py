@@ -270,6 +270,16 @@ def test_cuda_typing_of_the_fused_tiny_llama(llama):
     assert norms and all(n.outputs[0].dtype == ir.DataType.FLOAT16 for n in norms)
     assert all(n.outputs[1].dtype in (ir.DataType.FLOAT, None) for n in norms)
     assert graph.outputs[0].name == "logits" and graph.outputs[0].dtype == ir.DataType.FLOAT
+    # The lm_head computes fp16 (no fp32 copy of its weight); only its output is cast to fp32,
+    # at the graph's edge. (A compiled build's head reads the embedding's table itself:
+    # tests/test_cuda_placement.py.)
+    cast = graph.outputs[0].producer()
+    head = cast.inputs[0].producer()
+    assert cast.op_type == "Cast" and head.outputs[0].dtype == ir.DataType.FLOAT16
+    assert {v.dtype for v in head.inputs} == {ir.DataType.FLOAT16}
+    assert record.stats["duplicated"] == 0
+    bf16 = CastFloat16Pass(**cuda_typing("bf16")).keep_logits  # 8 mantissa bits: logits fp32
+    assert bf16 is True and CastFloat16Pass(**cuda_typing("fp16")).keep_logits is False
     assert cpu_placed_nodes(model) == []
     from fdec.runtime import session_for_model
 
