@@ -4,8 +4,9 @@ A build for the ONNX Runtime CUDA provider is verified on this machine's CPU. Wh
 kernel of an op checks its node differently from the CPU kernel, that check cannot catch it:
 the session fails to load on the GPU, a decode step throws, or the numbers are silently wrong.
 `contract_breaches` finds those nodes in the graph fdec writes, for the com.microsoft ops fdec
-emits, from the CUDA kernels' own checks (read from ONNX Runtime's source and confirmed in the
-onnxruntime-gpu 1.31.1 binary's error strings; each rule names its file):
+emits, from the CUDA kernels' own checks (read from ONNX Runtime's source, each rule naming its
+file; the MatMulNBits and GatherBlockQuantized ones also found in the onnxruntime-gpu 1.31.1
+binary, as error strings and kernel instantiations):
 
 - MatMulNBits (contrib_ops/cuda/quantization/matmul_nbits.{h,cc}, matmul_4bits.cu,
   matmul_4bits_m1_impl.cuh): bits 2, 4 or 8; block_size a power of 2 and ≥ 16; 4-bit weights
@@ -42,7 +43,7 @@ __all__ = ["ContractBreach", "contract_breaches"]
 _MS = "com.microsoft"
 _ORT = "onnxruntime/contrib_ops/cuda"
 # The release the rules were checked against: fdec's GPU extra and ../shared/gpu/stage.sh.
-CHECKED_AGAINST = "onnxruntime-gpu 1.31.1 (error strings of libonnxruntime_providers_cuda.so)"
+CHECKED_AGAINST = "onnxruntime-gpu 1.31.1 (sources; strings of libonnxruntime_providers_cuda.so)"
 # 4-bit MatMulNBits, M = 1: MatMulFloat4BitsKernelM1<T, block_size> is built for these only.
 _M1_4BIT_BLOCKS = (16, 32, 64, 128)
 
