@@ -166,14 +166,9 @@ def choose_float_dtype(target: Any) -> str:
 def cuda_typing(dtype: str = "fp16") -> dict[str, Any]:
     """CastFloat16Pass options for ONNX Runtime's CUDA graph: the fused com.microsoft ops and
     the norms compute low, the KV cache is low at the graph's edges, the rest as the default.
-
-    An fp16 graph's lm_head computes in fp16 too (cuBLAS sums fp16 GEMMs in fp32; only the
-    logits are rounded to fp16, and cast to fp32 at the graph's edge): a tied table is then one
-    fp16 tensor for the embedding and the head, not an fp16 copy beside the fp32 original.
-    SmolLM2-135M h200 (`--pass-options cast-float16.keep_logits=false`, chosen on the tuning
-    split): 387.1 → 273.8 MB; tune perplexity -0.004 %, top-1 0.9985 against the fp32 head,
-    KL 1.2e-6 (eval: -0.001 %, 0.9993). bf16 logits (8 mantissa bits: 0.25 apart at 32) stay fp32.
-    """
+    An fp16 lm_head too (cuBLAS sums in fp32; the logits round to fp16, cast up at the edge):
+    one tied fp16 table, no fp32 copy (SmolLM2 387.1 → 273.8 MB, tune perplexity -0.004 %;
+    docs/design-notes.md). bf16 logits (0.25 apart at 32) stay fp32."""
     return {
         "dtype": dtype,
         "keep_ops": CUDA_KEEP_FP32_OPS,
