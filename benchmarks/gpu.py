@@ -286,11 +286,13 @@ def token_check(
 
 def measure_fdec(name: str, folder: pathlib.Path, args: argparse.Namespace, prompt: list[int],
                  sync: Callable[[], None], held: Any = None) -> list[dict[str, Any]]:  # fmt: skip
+    from fdec.lower.cuda_kernels import as_ir_model
     from fdec.lower.cuda_placement import placement_summary
     from fdec.runtime.batch import generate_batch
 
     model, _ = _open_build(folder, args.device)
-    checks: dict[str, Any] = {"predicted": placement_summary(folder / "model.onnx")}
+    graph = as_ir_model(folder / "model.onnx")  # read once: placement, and the op types
+    checks: dict[str, Any] = {"predicted": placement_summary(graph)}
     try:  # the report's roofline estimate of batch-1 decode, to hold against the measured
         report = json.loads((folder / "report.json").read_text())
         checks["estimate_tok_s"] = (report.get("estimate") or {}).get("decode_tokens_per_s")
@@ -308,7 +310,7 @@ def measure_fdec(name: str, folder: pathlib.Path, args: argparse.Namespace, prom
     if args.cuda_graph:
         graphed, _ = _open_build(folder, args.device, cuda_graph=True)
         variants.append((f"fdec {name} cuda-graph", graphed))
-    if args.fpa_intb and "MatMulNBits" in _op_types(folder):
+    if args.fpa_intb and any(node.op_type == "MatMulNBits" for node in graph.graph):
         cutlass, _ = _open_build(folder, args.device, config_entries=FPA_INTB)
         variants.append((f"fdec {name} fpa-intb", cutlass))
     for system, session in variants:
@@ -417,14 +419,6 @@ def _placement_text(checks: dict[str, Any] | None) -> str:
         if tokens.get("perplexity"):
             parts.append(f"held ppl vs CPU {tokens['perplexity']['change']:+.2%}")
     return "; ".join(parts)
-
-
-def _op_types(folder: pathlib.Path) -> set[str]:
-    import onnx
-
-    return {
-        n.op_type for n in onnx.load(folder / "model.onnx", load_external_data=False).graph.node
-    }
 
 
 def _best(rows: list[dict[str, Any]], prefix: str, batch: int) -> dict[str, Any] | None:

@@ -103,7 +103,7 @@ def write_build(
             # give the same model files (fdec verify re-hashes the outputs below).
             "inputs": {
                 "model": report["source"]["given"],
-                "config_sha256": config_digest(source.folder),
+                "config_sha256": report["source"]["config_sha256"],
                 "files": front.inputs,
                 "calibration": front.calibration,
             },

@@ -227,8 +227,9 @@ def placement_summary(model: Any, *, examples: int = 5) -> dict[str, Any]:
     the Memcpy nodes it would insert, and the nodes its kernels would refuse or get wrong
     (fdec.lower.cuda_contracts), with the tables' sources. `ok` is True when no node lacks a
     kernel, no value crosses between host and device, and no kernel refuses its node."""
-    placement = predict_placement(model)
-    breaches = contract_breaches(model)
+    ir_model = as_ir_model(model)  # a path is read once for both
+    placement = predict_placement(ir_model)
+    breaches = contract_breaches(ir_model)
     groups: dict[str, dict[str, Any]] = {}
     for node in placement.no_kernel:
         types = ", ".join(f"{k}={v}" for k, v in sorted(node.types.items()))
