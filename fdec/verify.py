@@ -182,6 +182,7 @@ class Reference:
                 "worst_output": worst,
                 "errors": errors,
                 "top1_agreement": 1.0,
+                **_nonfinite(*got.values()),
             }
         ids, want = self.ids, self.outputs["logits"]
         limit = _policy_positions(model)
@@ -206,6 +207,7 @@ class Reference:
             "perplexity_source": perplexity(want, ids),
             "perplexity_build": perplexity(logits, ids),
             "tokens_scored": int(ids.shape[1]),
+            **_nonfinite(logits),
             **(
                 {
                     "kv_cache": {
@@ -267,6 +269,13 @@ def _teacher_forced_greedy(model: SlicedModel, prompt: np.ndarray, tokens: list[
     steps' inputs being known, the sliced model reads its weights once for all of them."""
     phases = [prompt] + [np.asarray([[token]], dtype=np.int64) for token in tokens[:-1]]
     return [int(logits[0, -1].argmax()) for logits in model.logits(phases)]
+
+
+def _nonfinite(*arrays: np.ndarray) -> dict[str, int]:
+    """{"nonfinite_outputs": n} when the build's outputs hold n inf/NaN values, else {}: NaN
+    passes every `>` comparison of a tolerance, so it is counted and judged on its own."""
+    count = sum(int(a.size - np.isfinite(a).sum()) for a in arrays)
+    return {"nonfinite_outputs": count} if count else {}
 
 
 def _mean_kl(want: np.ndarray, got: np.ndarray) -> float:

@@ -5,14 +5,19 @@ model), and sliced runs use them."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
 from fdec.compile import CompileOptions, compile_model
 from fdec.ir import ModelSpec
-from fdec.lower.tensorrt_model import TYPED_MODEL, emulate_low_precision
+from fdec.lower.tensorrt_model import TYPED_MODEL
 from fdec.runtime import OrtModel, open_session
-from fdec.runtime.check_forms import lighter_check_forms
+from fdec.runtime.check_forms import (
+    emulate_low_precision,
+    lighter_check_forms,
+    lighter_session_args,
+)
 from fdec.runtime.sliced import SlicedModel
 from fdec.verify import logits_through_cache
 
@@ -89,5 +94,60 @@ def test_the_typed_models_check_slices_layer_by_layer(h100_build, tmp_path):
     assert [s.stages for s in sliced.slices] == [(0, 1), (1, 2)]
     whole = OrtModel(open_session(path, optimization="basic", prepack=False))
     ids = np.random.default_rng(2).integers(0, 300, size=(1, 20))
+    want = logits_through_cache(whole, ids, 12)
+    np.testing.assert_allclose(logits_through_cache(sliced, ids, 12), want, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cuda_build(tiny_models, tmp_path_factory):
+    """The fp16 ONNX Runtime CUDA graph of a tiny Llama (fp16 KV cache, fused ops)."""
+    out = tmp_path_factory.mktemp("check-forms-cuda") / "build"
+    options = CompileOptions(
+        model=str(tiny_models("llama")), out=out, target="h200", backend="onnxruntime",
+        max_seq_len=256,
+    )  # fmt: skip
+    report = compile_model(options).report
+    return out, ModelSpec.from_dict(report["spec"])
+
+
+def test_an_emulated_gpu_graph_keeps_the_builds_io_and_data_file(cuda_build):
+    """The GPU graph's check form: every fp16 tensor a node computes is rounded (Cast to fp16
+    and back) and each node computes in fp32, while the graph keeps the build's fp16 I/O (the
+    KV cache) and reads the weights ONNX ops read from the build's own data file, in fp16."""
+    out, _ = cuda_build
+    path = out / "model.onnx"
+    args = lighter_session_args(path, emulate=True)
+    assert args["optimization"] == "disable"  # no folding of the weights' Casts into fp32
+    model = ir.serde.deserialize_model(onnx.load_from_string(args["model_bytes"]))
+    built = ir.load(path)
+    assert [(v.name, v.dtype) for v in model.graph.inputs] == [
+        (v.name, v.dtype) for v in built.graph.inputs
+    ]
+    assert [(v.name, v.dtype) for v in model.graph.outputs] == [
+        (v.name, v.dtype) for v in built.graph.outputs
+    ]
+    fp16 = ir.DataType.FLOAT16
+    for node in model.graph:
+        if node.op_type != "Cast":  # only the rounding and reading Casts make fp16
+            assert all(v.dtype != fp16 for v in node.outputs), node
+    stored = [v for v in model.graph.initializers.values() if v.dtype == fp16]
+    assert stored and all(isinstance(v.const_value, ir.ExternalTensor) for v in stored)
+    assert all(u.node.op_type == "Cast" for v in stored for u in v.uses())
+    # Every com.microsoft node (GroupQueryAttention, SkipSimplifiedLayerNormalization, ...)
+    # reads fp32: the CPU runs its fp32 kernel, the rounding is at its edges.
+    fused = [n for n in model.graph if n.domain == "com.microsoft"]
+    assert fused and all(v.dtype != fp16 for n in fused for v in n.inputs if v is not None)
+    session = OrtModel(open_session(path, prepack=False, **args))
+    assert session.kv_dtype == np.float16 and session.shares_kv_buffer
+
+
+def test_sliced_runs_of_an_emulated_gpu_graph_give_one_sessions_logits(cuda_build):
+    out, spec = cuda_build
+    path = out / "model.onnx"
+    whole = OrtModel(open_session(path, prepack=False, **lighter_session_args(path, emulate=True)))
+    sliced = SlicedModel(path, spec=spec, max_slice_bytes=1, emulate=True)
+    assert len(sliced.slices) == 2 and sliced.optimization == "disable"
+    assert sliced.to_dict()["emulated"] is True
+    ids = np.random.default_rng(3).integers(0, 300, size=(1, 20))
     want = logits_through_cache(whole, ids, 12)
     np.testing.assert_allclose(logits_through_cache(sliced, ids, 12), want, rtol=0, atol=1e-5)

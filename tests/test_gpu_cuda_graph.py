@@ -108,11 +108,10 @@ def test_fp16_graph_matches_the_fp32_graph_on_the_cpu(builds):
     made, reports = builds
     verification = reports["fp16"]["verification"]
     assert verification["ok"] is True and verification["made_for"] == "CUDAExecutionProvider"
-    # The CPU has fp16 GroupQueryAttention and SkipSimplifiedLayerNormalization kernels; the
-    # MatMuls it runs in fp32 between casts, and says so.
-    ran = verification["cpu_run"]
-    assert ran["runs"] is True and ran["fp32_on_cpu"].get("MatMul", 0) > 0
-    assert not any("GroupQueryAttention" in op for op in ran["fp32_on_cpu"])
+    # Checked with the GPU's fp16 rounding emulated, after the graph as written loaded here.
+    emulated = verification["emulated"]
+    assert verification["dtype"] == emulated["dtype"] == "fp16"
+    assert emulated["as_built_on_cpu"]["loads"] is True
 
     fp32 = OrtModel(open_session(made["fp32"] / "model.onnx"))
     fp16 = OrtModel(open_session(made["fp16"] / "model.onnx"))
@@ -208,26 +207,100 @@ def test_head_size_gqa_refuses_keeps_the_traced_attention(target, head, shape, t
         assert report["models"][0]["compute"] == "fp16"
 
 
-@pytest.mark.parametrize("large", [False, True])
-def test_bf16_graph_the_cpu_cannot_run_is_written_and_said_not_run(
-    large, tiny_models, tmp_path, monkeypatch
-):
-    """ONNX Runtime's CPU has no bf16 kernels (and inserts no casts for bf16): the build is
-    written, and its verification says it did not run, never that it passed. `large`: a model
-    past the node-by-node check's size limit, found out by the verifying session itself."""
-    if large:
-        monkeypatch.setattr("fdec.lower.cuda_kernels._CHECK_LIMIT_BYTES", 0)
+def test_bf16_graph_is_checked_with_bf16_rounding_emulated(tiny_models, tmp_path):
+    """ONNX Runtime's CPU has no bf16 kernels: the graph as written does not load here, but
+    its emulated form (every bf16 tensor rounded, nodes in fp32) is verified, not skipped;
+    --verify-each's check after the typing pass runs it too (it died with NOT_IMPLEMENTED)."""
     report = _compile(tiny_models("llama"), tmp_path / "b", "--target", "h200",
-                      "--backend", "onnxruntime", "--quantize", "bf16")  # fmt: skip
+                      "--backend", "onnxruntime", "--quantize", "bf16", "--verify-each")  # fmt: skip
+    typing = report["passes"][-1]
+    assert typing["name"] == "cast-float16" and typing["checks"]["numeric"]["ok"] is True
     verification = report["verification"]
-    assert verification["ok"] is None and "numeric" not in verification
-    assert verification["not_run"].startswith("not run here: ")
-    assert "has no CPU bf16 kernel" in verification["not_run"]
+    assert verification["ok"] is True and verification["greedy"]["steps"] == 32
+    emulated = verification["emulated"]
+    assert verification["dtype"] == emulated["dtype"] == "bf16"
+    assert emulated["as_built_on_cpu"]["loads"] is False
+    assert "has no CPU bf16 kernel" in emulated["as_built_on_cpu"]["why"]
     assert report["models"][0]["compute"] == "bf16" and report["cuda_placement"]["ok"] is True
-    assert report["target"]["name"] == "h200"  # bf16 needs compute capability 8.0+: 9.0
     from fdec.report import render_report
 
-    assert "verification NOT RUN: not run here:" in render_report(report)
+    assert "checked here with its bf16 rounding emulated" in render_report(report)
+
+
+def _overflowing_model(tiny_models, folder):
+    """The tiny Llama with layer 0's MLP up projection ×1e5 and its down projection ÷1e5:
+    the same function in fp32, but the up projection's outputs leave fp16's range."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_models("llama"), folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"] *= 1e5
+    weights["model.layers.0.mlp.down_proj.weight"] /= 1e5
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_an_fp16_graph_that_overflows_on_the_gpu_is_refused_here(tiny_models, tmp_path):
+    """ONNX Runtime's CPU runs the fp16 MatMuls and Muls in fp32 between casts it drops, so
+    its run of this graph stayed finite and passed (max error 0.063, 32 greedy tokens
+    identical, before the emulation); the GPU rounds each MatMul's output to fp16: inf. The
+    emulated check finds the inf, the compile fails and names bf16, which holds."""
+    from click.testing import CliRunner
+
+    model = _overflowing_model(tiny_models, tmp_path / "m")
+    out = tmp_path / "b"
+    result = CliRunner().invoke(
+        cli, ["compile", str(model), "-o", str(out), "--target", "h200", "--backend",
+              "onnxruntime", "--max-seq-len", "256", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "inf/NaN values on held text" in result.stderr
+    assert "--quantize bf16" in result.stderr and not out.exists()
+    report = _compile(model, tmp_path / "bf16", "--target", "h200", "--backend", "onnxruntime",
+                      "--quantize", "bf16")  # fmt: skip
+    assert report["verification"]["ok"] is True
+
+
+def test_a_gpu_graph_whose_fused_op_has_no_cpu_kernel_is_said_not_run(tmp_path):
+    """A com.microsoft op with CUDA kernels only (BiasSoftmax): neither the graph as written
+    nor its emulated form runs on the CPU, and the record says so, never that it passed."""
+    import onnx
+    import onnx.helper as h
+
+    from fdec.compile.gate import verify_model
+    from fdec.pipeline import Tolerance
+    from fdec.verify import Reference
+
+    fp16 = onnx.TensorProto.FLOAT16
+    graph = h.make_graph(
+        [
+            h.make_node(
+                "BiasSoftmax",
+                ["x", "b"],
+                ["y"],
+                "softmax",
+                domain="com.microsoft",
+                axis=1,
+                is_inner_broadcast=0,
+            )
+        ],
+        "g",
+        [h.make_tensor_value_info(n, fp16, [2, 4]) for n in "xb"],
+        [h.make_tensor_value_info("y", fp16, [2, 4])],
+    )
+    path = tmp_path / "m.onnx"
+    opsets = [h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)]
+    onnx.save(h.make_model(graph, opset_imports=opsets), path)
+    reference = Reference("decoder", np.zeros((1, 2), np.int64), {})  # never reached
+    verification, session = verify_model(
+        path, reference, Tolerance(), device_graph="CUDAExecutionProvider", optimization="all"
+    )
+    assert session is None and verification["ok"] is None
+    assert verification["not_run"] == (
+        "not run here: BiasSoftmax has no CPU fp32 kernel (node 'softmax')"
+    )
 
 
 def test_a_graph_the_cpu_cannot_run_is_said_not_run():
@@ -241,18 +314,27 @@ def test_a_graph_the_cpu_cannot_run_is_said_not_run():
     assert cpu_unrunnable(RuntimeError("CUDA failure 100")) is None
 
 
-def test_cpu_run_check_lists_what_the_cpu_ran_in_fp32(tmp_path):
+def test_cpu_run_check_loads_the_graph_as_written(tmp_path):
+    """An fp16 graph loads on the CPU; a bf16 one finds no CPU kernel (said); a graph whose
+    types do not resolve raises, as the GPU session would."""
     import onnx
     import onnx.helper as h
 
-    graph = h.make_graph(
-        [h.make_node("MatMul", ["a", "b"], ["c"]), h.make_node("Softmax", ["c"], ["y"])],
-        "g",
-        [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT16, [4, 4]) for n in "ab"],
-        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [4, 4])],
-    )
-    path = tmp_path / "m.onnx"
-    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
-    ran = cpu_run_check(path)
-    assert ran["runs"] is True and "MatMul" in ran["fp32_on_cpu"]
+    def save(name, dtype, nodes, inputs):
+        graph = h.make_graph(
+            nodes, "g", [h.make_tensor_value_info(n, t, [4, 4]) for n, t in inputs],
+            [h.make_tensor_value_info("y", dtype, [4, 4])],
+        )  # fmt: skip
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+        return path
+
+    fp16, bf16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    matmul = [h.make_node("MatMul", ["a", "b"], ["c"]), h.make_node("Softmax", ["c"], ["y"])]
+    assert cpu_run_check(save("fp16", fp16, matmul, [("a", fp16), ("b", fp16)]))["loads"]
+    refused = cpu_run_check(save("bf16", bf16, matmul, [("a", bf16), ("b", bf16)]))
+    assert refused["loads"] is False and "no CPU bf16 kernel" in refused["why"]
+    mixed = save("mixed", fp16, [h.make_node("Add", ["a", "b"], ["y"])], [("a", fp16), ("b", fp32)])
+    with pytest.raises(Exception, match="Type"):
+        cpu_run_check(mixed)
     assert sys.modules["onnxruntime"].get_available_providers()  # a real CPU session ran

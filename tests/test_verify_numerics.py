@@ -83,14 +83,19 @@ def test_a_changed_build_stops_before_the_numerics(fp32_build, tmp_path):
     assert "numerics" not in outcome and outcome["problems"][0]["file"] == "report.json"
 
 
-def test_a_bf16_gpu_graph_says_not_run_here(tiny_models, tmp_path):
-    """No CPU bf16 kernels: never passed silently, exit 2 and where to run it."""
+def test_a_bf16_gpu_graph_is_verified_with_its_rounding_emulated(tiny_models, tmp_path):
+    """No CPU bf16 kernels: the graph runs here with its bf16 rounding emulated (each bf16
+    tensor rounded, nodes in fp32), and the line says it was made for the GPU."""
     build = tmp_path / "bf16"
     _compile(tiny_models("llama"), build, "--target", "h200", "--backend", "onnxruntime",
              "--quantize", "bf16", "--max-seq-len", "64")  # fmt: skip
     code, outcome = _verify(build)
-    assert code == 2 and outcome["numerics"]["ok"] is None
-    assert outcome["numerics"]["not_run"].startswith("not run here")
+    assert code == 0 and outcome["numerics"]["ok"] is True
+    assert outcome["numerics"]["emulated"]["dtype"] == "bf16"
     assert outcome["numerics"]["made_for"] == "CUDAExecutionProvider"
     text = CliRunner().invoke(cli, ["verify", str(build), "--numerics", "-q"]).output
-    assert "numerics NOT RUN" in text and "where CUDAExecutionProvider is available" in text
+    assert "numerics PASS" in text
+    assert (
+        "made for CUDAExecutionProvider, not available here: checked with its bf16 "
+        "rounding emulated" in text
+    )

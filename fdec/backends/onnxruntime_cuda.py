@@ -44,8 +44,8 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
     gpu_only: bool = True
     providers: tuple[str, ...] = ("CUDAExecutionProvider",)
     verifies_here: str = (
-        "the build's fp16 model.onnx in ONNX Runtime on this CPU (nodes without a CPU fp16 "
-        "kernel run in fp32 there; the report lists them)"
+        "the build's fp16 model.onnx on its GPU provider where present, else in ONNX Runtime "
+        "on this CPU with its fp16 rounding emulated (fdec.runtime.check_forms)"
     )
     # fp16 first: the default when --quantize is not given (the ORT CUDA model is fp16 unless
     # a faster precision is asked for and measured: int4 is opt-in until a GPU run shows it).

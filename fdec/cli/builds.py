@@ -169,9 +169,9 @@ def _numerics_line(checked: dict) -> str:
     line = f"numerics {verdict} on {where} against {checked['source']}: {', '.join(parts)}"
     made_for = checked.get("made_for")
     if made_for and made_for not in checked["providers"][:1]:
-        fp32 = sum((checked.get("cpu_run") or {}).get("fp32_on_cpu", {}).values())
+        emulated = (checked.get("emulated") or {}).get("dtype")
         line += f"; made for {made_for}, not available here" + (
-            f": the CPU ran {fp32} nodes in fp32" if fp32 else ""
+            f": checked with its {emulated} rounding emulated" if emulated else ""
         )
     return line
 

@@ -62,7 +62,12 @@ def verify_build(reference: Reference, session: OrtModel, tolerance: Tolerance) 
     }
     broken = tolerance.judge(numeric)
     failure = f"build differs from the source model: {broken}" if broken else None
-    if broken and not tolerance.greedy_identical:  # a lossy build missed its gate: exit 3
+    if numeric.get("nonfinite_outputs"):  # not a quality trade-off: a broken graph
+        failure = (
+            f"the build's outputs hold {numeric['nonfinite_outputs']} inf/NaN values on held "
+            "text where the source model's are finite"
+        )
+    elif broken and not tolerance.greedy_identical:  # a lossy build missed its gate: exit 3
         result["gate"], result["gate_failure"] = "max_perplexity_increase", broken
     if reference.kind == "decoder":
         greedy = reference.compare_greedy(session)
@@ -267,11 +272,15 @@ def verify_model(
     None when this machine cannot run the graph (the record then
     says "not run here"). A graph made for a GPU provider is verified on it where this
     onnxruntime has it (a compile or `fdec verify --numerics` on the GPU machine), else on the
-    CPU with what the CPU could not run said."""
+    CPU with its fp16/bf16 rounding emulated, after checking that the graph as written
+    resolves its types on the CPU."""
     on_device = device_graph is not None and device_graph in _available_providers()
-    cpu_run = cpu_run_check(path) if device_graph and not on_device else None
-    if cpu_run is not None and cpu_run["runs"] is False:
-        return _not_run(cpu_run["not_run"], device_graph, tolerance, progress), None
+    # A GPU graph checked on this CPU runs with its fp16/bf16 storage emulated: ORT's CPU
+    # would run fp16 nodes in fp32 between casts it drops, skipping the rounding (and the
+    # overflow) the GPU computes (fdec.runtime.check_forms.emulate_low_precision).
+    low = low_dtype(path) if device_graph else None
+    emulated = low if not on_device else None
+    as_built = cpu_run_check(path) if emulated else None  # types resolve as written
     # Without prepacking the verifying session reads the weights from the mapped file
     # instead of holding a packed copy (peak RSS; issue 9).
     providers = [device_graph, "CPUExecutionProvider"] if on_device else None
@@ -281,42 +290,62 @@ def verify_model(
         weights = sliced_runs.weight_bytes(path)
         progress(f"verifying slice by slice ({weights / 2**30:.2f} GiB of weights)")
         sliced = sliced_runs.SlicedModel(
-            path, spec=spec, optimization=optimization, providers=providers
-        )
+            path, spec=spec, optimization=optimization, providers=providers,
+            emulate=emulated is not None,
+        )  # fmt: skip
         verification = verify_build(reference, sliced, tolerance)
         verification["sliced"] = sliced.to_dict()
-        return _where(verification, sliced, device_graph, cpu_run), sliced
+        return _where(verification, sliced, device_graph, low, emulated, as_built), sliced
     # On the CPU, tables dequantized whole for TensorRT are read by rows and column blocks
     # (fdec.runtime.check_forms: the same values, a fraction of the memory).
-    lighter = {} if on_device else lighter_session_args(path)
+    lighter = {} if on_device else lighter_session_args(path, emulate=emulated is not None)
     try:
         session = OrtModel(
             open_session(
-                path, providers=providers, optimization=optimization, prepack=False, **lighter
+                path, providers=providers, prepack=False,
+                **{"optimization": optimization, **lighter},
             )
-        )
-    except Exception as err:  # a GPU graph the CPU check skipped (too large to write)
-        reason = cpu_unrunnable(err, low_dtype(path)) if device_graph and not on_device else None
+        )  # fmt: skip
+    except Exception as err:  # a fused op the CPU has no fp32 kernel for
+        reason = cpu_unrunnable(err, "fp32") if emulated else None  # the emulated graph's
         if reason is None:
             raise
         return _not_run(reason, device_graph, tolerance, progress), None
     verification = verify_build(reference, session, tolerance)
-    return _where(verification, session, device_graph, cpu_run), session
+    return _where(verification, session, device_graph, low, emulated, as_built), session
 
 
 def _where(
-    verification: dict[str, Any], session: Any, device_graph: str | None,
-    cpu_run: dict[str, Any] | None,
+    verification: dict[str, Any], session: Any, device_graph: str | None, low: str | None,
+    emulated: str | None, as_built: dict[str, Any] | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """A GPU graph's record says what it was made for, and what happened on the way: the GPU
-    provider that failed to start, what the CPU ran in fp32 instead of fp16."""
+    """A GPU graph's record says what it was made for, its float type, and what happened on
+    the way: the GPU provider that failed to start, the low precision the CPU emulated."""
     if device_graph:
         verification["made_for"] = device_graph
+        verification["dtype"] = low or "fp32"
         if session.provider_fallback:
             verification["provider_fallback"] = session.provider_fallback
-    if cpu_run is not None:
-        verification["cpu_run"] = cpu_run
+    if emulated:
+        verification["emulated"] = {
+            "dtype": emulated,
+            "how": f"every {emulated} tensor rounded to {emulated} after the node computing it, "
+            "the arithmetic inside each node in fp32 (as the GPU kernels accumulate); fused ops "
+            "run by ONNX Runtime's CPU kernels",
+            "as_built_on_cpu": as_built,
+        }
     return verification
+
+
+def _verification_fix(verification: dict[str, Any]) -> str:
+    """The fix of a failed verification; an fp16 graph whose outputs overflowed is told of
+    bf16, which has fp32's exponent range."""
+    if verification["numeric"].get("nonfinite_outputs") and verification.get("dtype") == "fp16":
+        return (
+            "the fp16 graph leaves fp16's range (±65504) where the fp32 model does not: compile "
+            "with --quantize bf16 (fp32's range) on a target with bf16; the build was not written"
+        )
+    return VERIFICATION_FIX
 
 
 def _judged(
@@ -330,7 +359,7 @@ def _judged(
             progress,
         )  # fmt: skip
     if not verification["ok"]:
-        raise VerificationError(verification["failure"], VERIFICATION_FIX)
+        raise VerificationError(verification["failure"], _verification_fix(verification))
     optimized.snapshot.close()
     return verification
 

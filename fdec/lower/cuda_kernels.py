@@ -26,7 +26,6 @@ import importlib.resources
 import json
 import logging
 import os
-import pathlib
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -231,9 +230,9 @@ def kernel_misses(ir_model: Any) -> list[tuple[Any, CpuPlacedNode]]:
     return found
 
 
-_CHECK_LIMIT_BYTES = int(1.5 * 2**30)  # protobuf's 2 GiB limit, with room
-_NO_KERNEL = re.compile(
+_NO_KERNEL = re.compile(  # ORT's two wordings: no kernel of the node's types, none at all
     r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'"
+    r"|Failed to find kernel for (?:[\w.]+\.)?(\w+)\((\d+)\) \(node:'([^']*)'"
 )
 
 
@@ -245,75 +244,46 @@ def cpu_unrunnable(err: BaseException, dtype: str = "fp16") -> str | None:
     found = _NO_KERNEL.search(str(err))
     if found is None:
         return None
-    return f"not run here: {found.group(1)} has no CPU {dtype} kernel (node {found.group(3)!r})"
+    op, _, node = [group for group in found.groups() if group is not None]
+    return f"not run here: {op} has no CPU {dtype} kernel (node {node!r})"
 
 
-def low_dtype(path: str | os.PathLike) -> str:
-    """'bf16' when the model's inputs or initializers hold bfloat16, else 'fp16'."""
+def low_dtype(path: str | os.PathLike) -> str | None:
+    """'bf16' or 'fp16' when the saved model's inputs, initializers or typed values hold that
+    type (bf16 first), else None."""
     import onnx
 
     graph = onnx.load(os.fspath(path), load_external_data=False).graph
-    types = [i.type.tensor_type.elem_type for i in graph.input]
-    types += [t.data_type for t in graph.initializer]
-    return "bf16" if onnx.TensorProto.BFLOAT16 in types else "fp16"
+    types = {i.type.tensor_type.elem_type for i in [*graph.input, *graph.value_info]}
+    types |= {t.data_type for t in graph.initializer}
+    types |= {o.type.tensor_type.elem_type for o in graph.output}
+    for name, onnx_type in (
+        ("bf16", onnx.TensorProto.BFLOAT16),
+        ("fp16", onnx.TensorProto.FLOAT16),
+    ):
+        if onnx_type in types:
+            return name
+    return None
 
 
 def cpu_run_check(path: str | os.PathLike) -> dict[str, Any]:
-    """How ONNX Runtime's CPU provider runs a GPU build's model: which low-precision nodes have
-    a CPU kernel of their own type (the numbers the GPU computes, up to kernel differences) and
-    which it runs in fp32 between inserted casts (its InsertCastTransformer: closer to fp32 than
-    the GPU will be). {"runs": False, "not_run": "..."} when the CPU cannot run it at all."""
-    import collections
-    import tempfile
-
-    import onnx
-
+    """Whether ONNX Runtime's CPU provider opens a GPU build's model as written: ONNX Runtime
+    resolves every node's types first (a type error the GPU would also refuse raises here),
+    then finds kernels, where a bf16 node may have none on the CPU ({"loads": False, "why":
+    ...}). Its numerics are checked on the emulated graph instead
+    (fdec.runtime.check_forms.emulate_low_precision), which needs no low-precision kernel."""
     from fdec.runtime.session import require_onnxruntime
 
     ort = require_onnxruntime()
-    path = pathlib.Path(path)
-    size = sum(p.stat().st_size for p in path.parent.glob(f"{path.name}*") if p.is_file())
-    if size > _CHECK_LIMIT_BYTES:  # ORT would write the whole optimized model, weights inline
-        return {"runs": None, "provider": "CPUExecutionProvider",
-                "skipped": f"model of {size / 2**30:.1f} GiB: the node-by-node check writes "
-                           "the optimized model, weights included; not done above 1.5 GiB"}  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="fdec-cpu-check-") as folder:
-        optimized = os.path.join(folder, "cpu.onnx")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.optimized_model_filepath = optimized
-        options.log_severity_level = 3
-        try:
-            ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime's own error types
-            reason = cpu_unrunnable(err, low_dtype(path))
-            if reason is None:
-                raise
-            return {"runs": False, "not_run": reason}
-        graph = onnx.load(optimized, load_external_data=False).graph
-    produced = {out: node for node in graph.node for out in node.output}
-
-    def to_fp32(src: Any) -> bool:  # a cast ONNX Runtime inserted, to float32
-        return (
-            src is not None
-            and src.op_type == "Cast"
-            and src.name.startswith("InsertedPrecision")
-            and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in src.attribute)
-        )
-
-    casts_in: collections.Counter = collections.Counter()
-    for node in graph.node:
-        if node.op_type == "Cast" or not node.input:
-            continue
-        if any(to_fp32(produced.get(name)) for name in node.input):
-            label = (
-                node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain} {node.op_type}"
-            )
-            casts_in[label] += 1
-    return {
-        "runs": True,
-        "provider": "CPUExecutionProvider",
-        "fp32_on_cpu": dict(sorted(casts_in.items())),
-        "note": "nodes listed in fp32_on_cpu have no CPU fp16 kernel: the CPU ran them in fp32 "
-        "between inserted casts, so the CPU check is closer to fp32 than the GPU run",
-    }
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's own error types
+        reason = cpu_unrunnable(err, low_dtype(path) or "fp16")
+        if reason is None:
+            raise
+        return {"loads": False, "provider": "CPUExecutionProvider", "why": reason}
+    return {"loads": True, "provider": "CPUExecutionProvider"}

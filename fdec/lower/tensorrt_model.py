@@ -23,7 +23,6 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
 from fdec.errors import CompileError
@@ -34,7 +33,6 @@ from fdec.pipeline import Tolerance
 __all__ = [
     "MODEL_DIR",
     "TYPED_MODEL",
-    "emulate_low_precision",
     "graph_precisions",
     "prepare_tensorrt_model",
     "typed_tolerance",
@@ -81,55 +79,6 @@ def graph_precisions(graph: ir.Graph) -> list[str]:
     return found
 
 
-def emulate_low_precision(model: ir.Model) -> int:
-    """Rewrite an fp16/bf16 graph in place into an fp32 graph ONNX Runtime's CPU kernels run,
-    with every fp16/bf16 tensor rounded to its type (Cast to it and back); returns the casts
-    added. ORT has no bf16 CPU kernels, and it runs fp16 nodes by casting around them and
-    dropping the casts between them, so its fp16 run skips intermediate rounding (and overflow);
-    the emulated graph does not."""
-    graph, fp32 = model.graph, ir.DataType.FLOAT
-    low = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
-    for value in graph.initializers.values():
-        if value.dtype in low and value.const_value is not None:
-            array = value.const_value.numpy().astype(np.float32)
-            value.const_value = ir.Tensor(array, name=value.name)
-            value.dtype = fp32
-    added = 0
-    for node in list(graph):
-        if node.op_type == "Constant" and "value" in node.attributes:
-            tensor = node.attributes["value"].value
-            if tensor.dtype in low:
-                array = tensor.numpy().astype(np.float32)
-                node.attributes["value"] = ir.AttrTensor("value", ir.Tensor(array))
-                node.outputs[0].dtype = fp32
-            continue
-        for out in node.outputs:
-            if out.dtype not in low:
-                continue
-            dtype_low = out.dtype
-            is_cast = node.op_type == "Cast"
-            if not is_cast:
-                out.dtype = fp32
-            users = list(out.uses())
-            outputs = [i for i, v in enumerate(graph.outputs) if v is out]
-            chain = out
-            anchor = node
-            steps = [fp32] if is_cast else [dtype_low, fp32]
-            for dtype in steps:
-                step = ir.Value(name=f"{out.name}_emul_{dtype.name.lower()}", shape=out.shape,
-                                type=ir.TensorType(dtype))  # fmt: skip
-                cast = ir.Node("", "Cast", [chain], {"to": ir.AttrInt64("to", dtype)},
-                               outputs=[step])  # fmt: skip
-                graph.insert_after(anchor, cast)
-                anchor, chain = cast, step
-                added += 1
-            for use in users:
-                use.node.replace_input_with(use.idx, chain)
-            for index in outputs:
-                graph.outputs[index] = chain
-    return added
-
-
 def _check_numerics(
     typed: pathlib.Path, reference: Any, tolerance: Tolerance, spec: ModelSpec | None = None
 ) -> dict[str, Any]:
@@ -137,7 +86,7 @@ def _check_numerics(
     fp16/bf16 storage emulated (`emulate_low_precision`); slice by slice where one session
     would hold too much (fdec.runtime.sliced: an 8B fp8 model)."""
     from fdec.runtime import OrtModel, open_session
-    from fdec.runtime.check_forms import lighter_check_forms
+    from fdec.runtime.check_forms import emulate_low_precision, lighter_check_forms
     from fdec.runtime.sliced import SlicedModel, too_large_for_one_session
 
     with tempfile.TemporaryDirectory(prefix="fdec-typed-") as scratch:

@@ -244,10 +244,13 @@ def render_report(report: dict[str, Any], *, style: bool = False) -> str:
         providers = verification.get("providers")
         if providers:
             lines.append(f"verified with ONNX Runtime on: {', '.join(providers)}")
-        fp32_here = (verification.get("cpu_run") or {}).get("fp32_on_cpu")
-        if fp32_here:
-            ops = ", ".join(f"{op} ×{n}" for op, n in fp32_here.items())
-            lines.append(f"  graph made for {verification['made_for']}; fp32 on this CPU: {ops}")
+        emulated = verification.get("emulated")
+        if emulated:
+            lines.append(
+                f"  graph made for {verification['made_for']}; checked here with its "
+                f"{emulated['dtype']} rounding emulated (every {emulated['dtype']} tensor "
+                "rounded, arithmetic in fp32)"
+            )
     for model in report.get("models") or []:
         lines.append(f"model {model['file']}: {model.get('summary')} ({model.get('runs_on')})")
         if model.get("note"):

@@ -32,6 +32,7 @@ import onnx_ir as ir
 
 __all__ = [
     "dequantize_in_column_blocks",
+    "emulate_low_precision",
     "external_data_folder",
     "gather_rows_first",
     "lighter_check_forms",
@@ -59,14 +60,129 @@ def external_data_folder(path: str | pathlib.Path) -> dict[str, str]:
     return {"session.model_external_initializers_file_folder_path": folder}
 
 
-def lighter_session_args(path: str | pathlib.Path) -> dict[str, Any]:
+def lighter_session_args(path: str | pathlib.Path, *, emulate: bool = False) -> dict[str, Any]:
     """`fdec.runtime.open_session` arguments that open the saved model at `path` in the
-    lighter forms (`model_bytes`, `config_entries`); none when it has nothing to rewrite."""
+    lighter forms (`model_bytes`, `config_entries`); none when it has nothing to rewrite.
+    `emulate`: with its fp16/bf16 storage emulated too (`emulate_low_precision(edges=True)`,
+    the build's I/O and data file kept), opened at optimization "disable" (in the args)."""
     model = ir.load(path)  # weights stay in the data file
-    if not any(lighter_check_forms(model.graph).values()):
+    emulated = emulate_low_precision(model, edges=True) if emulate else 0
+    if not any(lighter_check_forms(model.graph).values()) and not emulated:
         return {}
     serialized = ir.serde.serialize_model(model).SerializeToString()
-    return {"model_bytes": serialized, "config_entries": external_data_folder(path)}
+    args = {"model_bytes": serialized, "config_entries": external_data_folder(path)}
+    if emulated:  # ORT would fold the stored weights' Casts into fp32 copies
+        args["optimization"] = "disable"
+    return args
+
+
+_LOW = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
+# Ops whose outputs are some of their inputs' elements: rounded in, rounded out.
+_MOVES = frozenset({"Concat", "Expand", "Flatten", "Gather", "Identity", "Reshape", "Slice",
+                    "Split", "Squeeze", "Tile", "Transpose", "Unsqueeze"})  # fmt: skip
+
+
+def emulate_low_precision(model: ir.Model, *, edges: bool = False) -> int:
+    """Rewrite an fp16/bf16 graph in place into an fp32 graph ONNX Runtime's CPU kernels run,
+    with every fp16/bf16 tensor rounded to its type (Cast to it and back, after each node that
+    computes one); returns the casts added. Arithmetic inside an op runs in fp32, as GPU
+    kernels' accumulators do. ORT has no bf16 CPU kernels, and it runs fp16 nodes by casting
+    around them and dropping the casts between them, so its own fp16 run skips the rounding
+    (and the overflow) between nodes; the emulated graph does not.
+
+    `edges=False` (the TensorRT model's check, fdec.lower.tensorrt_model): initializers become
+    fp32 in memory. `edges=True` (a GPU build checked on the CPU, fdec.compile.gate): the graph
+    keeps the build's I/O and data file. fp16 inputs and outputs stay fp16 (numpy feeds and
+    reads them; a Cast to fp32 after an input, the rounding Cast last before an output), bf16
+    ones become fp32 holding bf16 values (numpy has no bf16); initializers that only ONNX ops
+    read stay stored and are read through a Cast to fp32, so open the graph at optimization
+    "disable" or ORT folds them into fp32 copies; the rest (fused ops' scales and tables) are
+    converted."""
+    graph, fp32 = model.graph, ir.DataType.FLOAT
+    added = 0
+    reads: list[ir.Node] = []  # Casts that read stored low-precision values in fp32
+
+    def read_as_fp32(value: ir.Value) -> None:
+        users = list(value.uses())
+        cast = ir.node("Cast", [value], {"to": fp32}, name=f"{value.name}_emul_read")
+        cast.outputs[0].name, cast.outputs[0].dtype = f"{value.name}_emul_read", fp32
+        cast.outputs[0].shape = value.shape
+        for use in users:
+            use.node.replace_input_with(use.idx, cast.outputs[0])
+        reads.append(cast)
+
+    for value in list(graph.initializers.values()):
+        if value.dtype not in _LOW or value.const_value is None:
+            continue
+        if edges and all(use.node.domain in ("", "ai.onnx") for use in value.uses()):
+            read_as_fp32(value)
+            continue
+        array = value.const_value.numpy().astype(np.float32)
+        value.const_value = ir.Tensor(array, name=value.name)
+        value.dtype = fp32
+    for value in list(graph.inputs):
+        if value.dtype == ir.DataType.FLOAT16 and edges:
+            read_as_fp32(value)
+        elif value.dtype in _LOW:
+            value.dtype = fp32
+    if reads:
+        first = next(iter(graph), None)
+        if first is None:
+            graph.extend(reads)
+        else:
+            graph.insert_before(first, reads)
+        added += len(reads)
+    emitted = {id(node) for node in reads}
+    for node in list(graph):
+        if id(node) in emitted:
+            continue
+        if node.op_type == "Constant" and "value" in node.attributes:
+            tensor = node.attributes["value"].value
+            if tensor.dtype in _LOW:
+                array = tensor.numpy().astype(np.float32)
+                node.attributes["value"] = ir.AttrTensor("value", ir.Tensor(array))
+                node.outputs[0].dtype = fp32
+            continue
+        for out in node.outputs:
+            if out.dtype in _LOW:
+                added += _round(graph, node, out, edges)
+    return added
+
+
+def _round(graph: ir.Graph, node: ir.Node, out: ir.Value, edges: bool) -> int:
+    """Round `node`'s low-precision output `out` to its type for its readers (see
+    `emulate_low_precision`); the casts added."""
+    fp32, dtype = ir.DataType.FLOAT, out.dtype
+    is_cast = node.op_type == "Cast"
+    outputs = [i for i, v in enumerate(graph.outputs) if v is out]
+    if not is_cast:
+        out.dtype = fp32
+    if is_cast and edges and dtype == ir.DataType.FLOAT16 and not out.uses():
+        return 0  # an fp16 graph output made by a Cast: already what the build returns
+    if node.op_type in _MOVES and node.domain in ("", "ai.onnx") and not outputs:
+        return 0  # its inputs were rounded already
+    users = list(out.uses())
+    steps = [fp32] if is_cast else [dtype, fp32]
+    chain, anchor, made = out, node, {}
+    for step_type in steps:
+        step = ir.Value(name=f"{out.name}_emul_{step_type.name.lower()}", shape=out.shape,
+                        type=ir.TensorType(step_type))  # fmt: skip
+        cast = ir.Node("", "Cast", [chain], {"to": ir.AttrInt64("to", step_type)},
+                       outputs=[step])  # fmt: skip
+        graph.insert_after(anchor, cast)
+        anchor, chain, made[step_type] = cast, step, step
+    for use in users:
+        use.node.replace_input_with(use.idx, chain)
+    if outputs:
+        # The output the build returns: fp16 stays fp16 at the edge, else fp32 (rounded).
+        edge = chain
+        if edges and dtype == ir.DataType.FLOAT16:
+            edge = out if is_cast else made[dtype]
+        if edge is not out:  # it keeps the output's name
+            edge.name, out.name = out.name, f"{out.name}_emul_raw"
+        for index in outputs:
+            graph.outputs[index] = edge
+    return len(steps)
 
 
 def _constant(value: ir.Value | None) -> bool:

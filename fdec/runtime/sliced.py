@@ -34,7 +34,11 @@ from typing import Any
 import numpy as np
 
 from fdec.ir.model import SHAPE_ONLY_OPS
-from fdec.runtime.check_forms import external_data_folder, lighter_check_forms
+from fdec.runtime.check_forms import (
+    emulate_low_precision,
+    external_data_folder,
+    lighter_check_forms,
+)
 from fdec.runtime.session import KV_POLICY_METADATA, open_session, require_onnxruntime
 
 __all__ = [
@@ -205,11 +209,17 @@ class SlicedModel:
         max_slice_bytes: int | None = None,
         optimization: str = "all",
         providers: list[Any] | None = None,
+        emulate: bool = False,
     ):
         import onnx_ir as ir
 
         self.path = pathlib.Path(path)
         self.spec, self.optimization, self.providers_asked = spec, optimization, providers
+        # A GPU graph on the CPU: each slice with its fp16/bf16 rounding emulated
+        # (check_forms.emulate_low_precision), opened without constant folding.
+        self.emulate = emulate
+        if emulate:
+            self.optimization = "disable"
         model = ir.load(self.path)  # weights stay in the data file
         graph = model.graph
         self.input_names = [v.name for v in graph.inputs]
@@ -223,6 +233,8 @@ class SlicedModel:
         if past is not None and past.dtype is not None:
             if past.dtype == ir.DataType.FLOAT8E4M3FN:
                 self.kv_dtype, self.kv_onnx_type = np.uint8, _ONNX_FP8_E4M3FN
+            elif emulate and past.dtype == ir.DataType.BFLOAT16:
+                self.kv_dtype = np.float32  # the emulated graph's bf16 edges are fp32
             else:
                 self.kv_dtype = past.dtype.numpy()
         if metadata.get(KV_POLICY_METADATA):
@@ -304,6 +316,7 @@ class SlicedModel:
             "stages": [list(s.stages) for s in self.slices],
             "max_slice_weight_bytes": max(s.weight_bytes for s in self.slices),
             "runs": self.runs,
+            **({"emulated": True} if self.emulate else {}),
         }
 
     # --- running ---
@@ -343,6 +356,8 @@ class SlicedModel:
         graph.inputs.clear()
         graph.inputs.extend(new_inputs)
         graph.outputs.extend(outputs)
+        if self.emulate:
+            emulate_low_precision(model, edges=True)
         lighter_check_forms(graph)  # the vocabulary tables' rows and columns, not all of them
         for name in [n for n, v in graph.initializers.items() if not v.uses()]:
             del graph.initializers[name]

@@ -297,9 +297,9 @@ def test_the_first_norm_is_expanded_to_the_form_onnx_runtime_fuses_and_fp16_cann
     import onnxruntime as ort
     from graphs import run_ort
 
-    from fdec.lower.tensorrt_model import emulate_low_precision
     from fdec.passes.fusion import _STANDARDIZE_RULES
     from fdec.passes.typing import CastFloat16Pass, cuda_typing
+    from fdec.runtime.check_forms import emulate_low_precision
 
     model, feeds, want = _first_norm()
     assert _STANDARDIZE_RULES.apply_to_model(model.model) == 1

@@ -19,10 +19,10 @@ from graphs import ir_model, random_array, run_ort, tiny_spec
 
 from fdec.errors import InputError, UsageError
 from fdec.ir import FdecModel
-from fdec.lower.tensorrt_model import emulate_low_precision
 from fdec.passes import REGISTRY, make_pass
 from fdec.passes.typing import CastFloat16Pass, choose_float_dtype, float_types, untyped_values
 from fdec.runtime import OrtModel
+from fdec.runtime.check_forms import emulate_low_precision
 from fdec.targets import load_target
 
 # x → RMSNorm → q/k MatMuls → scores + mask (a -3.4e38 fill chosen by a bool input) → Softmax
