@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,8 @@ __all__ = [
     "run_prompt",
     "run_prompt_genai",
 ]
+
+logger = logging.getLogger(__name__)
 
 DRAFT_FOLDER = "draft"  # where `fdec compile --draft` writes the draft build, inside the build
 SPECULATIVE_METHODS = (None, "prompt-lookup", "draft")
@@ -73,12 +76,16 @@ def load_build(folder: pathlib.Path, *, cuda_graph: bool | None = None) -> Loade
     config = json.loads(config_path.read_text())
     options = config.get("session_options") or {}
     level = options.get("graph_optimization_level", "all")
-    session = open_session(
-        folder / config.get("model", MODEL_FILE),
-        providers=config.get("providers"),
-        optimization=level if level in OPT_LEVELS else "all",
-        cuda_graph=bool(options.get("cuda_graph", False)) if cuda_graph is None else cuda_graph,
-    )
+    path = folder / config.get("model", MODEL_FILE)
+    try:
+        session = open_session(
+            path,
+            providers=config.get("providers"),
+            optimization=level if level in OPT_LEVELS else "all",
+            cuda_graph=bool(options.get("cuda_graph", False)) if cuda_graph is None else cuda_graph,
+        )
+    except Exception as err:  # onnxruntime's own error types
+        session = _emulated_on_cpu(path, err)
     tokenizer = None
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
         from transformers import AutoTokenizer
@@ -94,6 +101,25 @@ def load_build(folder: pathlib.Path, *, cuda_graph: bool | None = None) -> Loade
         kv_policy=kv_policy if isinstance(kv_policy, dict) else None,
     )
     return LoadedBuild(folder, config, model, tokenizer)
+
+
+def _emulated_on_cpu(path: pathlib.Path, err: Exception) -> Any:
+    """A bf16 GPU graph where only the CPU provider started: ONNX Runtime's CPU has no bf16
+    kernels, so the graph runs with its bf16 rounding emulated in fp32 (the verification's
+    form, fdec.runtime.check_forms), with one warning line. Any other error is raised."""
+    from fdec.lower.cuda_kernels import cpu_unrunnable, low_dtype
+    from fdec.runtime.check_forms import lighter_session_args
+
+    if cpu_unrunnable(err) is None or low_dtype(path) != "bf16":
+        raise err
+    session = open_session(path, **lighter_session_args(path, emulate=True))
+    session.fdec_provider_fallback = (
+        "no GPU provider started and ONNX Runtime's CPU has no bf16 kernels: running this bf16 "
+        "graph on the CPU with its bf16 rounding emulated in fp32 (slow; for checking, not "
+        "serving)"
+    )
+    logger.warning(session.fdec_provider_fallback)
+    return session
 
 
 def run_prompt(

@@ -207,7 +207,7 @@ def test_head_size_gqa_refuses_keeps_the_traced_attention(target, head, shape, t
         assert report["models"][0]["compute"] == "fp16"
 
 
-def test_bf16_graph_is_checked_with_bf16_rounding_emulated(tiny_models, tmp_path):
+def test_bf16_graph_is_checked_with_bf16_rounding_emulated(builds, tiny_models, tmp_path):
     """ONNX Runtime's CPU has no bf16 kernels: the graph as written does not load here, but
     its emulated form (every bf16 tensor rounded, nodes in fp32) is verified, not skipped;
     --verify-each's check after the typing pass runs it too (it died with NOT_IMPLEMENTED)."""
@@ -225,6 +225,20 @@ def test_bf16_graph_is_checked_with_bf16_rounding_emulated(tiny_models, tmp_path
     from fdec.report import render_report
 
     assert "checked here with its bf16 rounding emulated" in render_report(report)
+    # `fdec run` without the GPU: no CPU bf16 kernels, so the emulated form runs, said once;
+    # greedy, it gives the fp32 build's tokens.
+    from click.testing import CliRunner
+
+    def run(build):
+        args = ["run", str(build), "-p", "hello there", "-n", "8", "--json", "--no-chat-template"]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.splitlines()[-1])
+
+    ran = run(tmp_path / "b")
+    assert "bf16 rounding emulated in fp32" in ran["provider_fallback"]
+    assert ran["providers"] == ["CPUExecutionProvider"]
+    assert ran["tokens"] == run(builds[0]["fp32"])["tokens"]
 
 
 def _overflowing_model(tiny_models, folder):
