@@ -27,7 +27,7 @@ from fdec import backends
 from fdec.build import AtomicBuild, scratch_folder
 from fdec.compile.draft import Draft, plan_draft
 from fdec.compile.front import Front
-from fdec.compile.gate import verify_written
+from fdec.compile.gate import Fp16OverflowError, verify_written
 from fdec.compile.lower import write_files
 from fdec.compile.optimize import run_passes
 from fdec.compile.options import CompileOptions, CompileResult
@@ -101,7 +101,7 @@ def _compile(
             _draft_addition(options, plan_draft(options.draft, source.config), progress)
         )
     if not options.prune:
-        return _build(settings, source, additions, progress, started)
+        return _build_in_range(settings, source, additions, progress, started)
     pruned = prune_model(options, source, settings.target, progress, prune=options.prune)
     try:
         if options.distill_steps:
@@ -113,9 +113,32 @@ def _compile(
         student_source = open_source(student, progress)
         student_settings = resolve_settings(student).for_source(student_source)
         additions.append(add_student(pruned, source, options.prune))
-        return _build(student_settings, student_source, additions, progress, time.perf_counter())
+        return _build_in_range(
+            student_settings, student_source, additions, progress, time.perf_counter()
+        )
     finally:
         pruned.cleanup()
+
+
+def _build_in_range(
+    settings: Settings,
+    source: Any,
+    additions: Sequence[Addition],
+    progress: Callable[[str], None],
+    started: float,
+) -> CompileResult:
+    """`_build`, and where its default fp16 graph overflowed on held text (inf/NaN logits the
+    fp32 model does not have), `_build` again typed bf16 (fp32's exponent range) where the
+    backend and target take it; the report's recipe says why. The passes before the typing
+    come from the cache."""
+    try:
+        return _build(settings, source, additions, progress, started)
+    except Fp16OverflowError as err:
+        bf16 = settings.bf16_instead(f"{err.nonfinite} inf/NaN logits on held text")
+        if bf16 is None:
+            raise
+        progress(f"{err.problem}: typing the graph bf16 instead (fp32's range)")
+        return _build(bf16, source, additions, progress, started)
 
 
 def _build(

@@ -37,6 +37,7 @@ from fdec.verify import GREEDY_STEPS, Reference
 
 __all__ = [
     "VERIFICATION_FIX",
+    "Fp16OverflowError",
     "LossySnapshot",
     "quality_gate_error",
     "verify_build",
@@ -337,15 +338,28 @@ def _where(
     return verification
 
 
-def _verification_fix(verification: dict[str, Any]) -> str:
-    """The fix of a failed verification; an fp16 graph whose outputs overflowed is told of
+class Fp16OverflowError(VerificationError):
+    """An fp16 graph whose outputs on held text hold inf/NaN where the source's are finite:
+    its values leave fp16's range. A compile whose fp16 was the backend's default types the
+    graph bf16 instead where the target has it (fdec.compile)."""
+
+    def __init__(self, problem: str, fix: str, *, nonfinite: int):
+        super().__init__(problem, fix)
+        self.nonfinite = nonfinite
+
+
+def _failed(verification: dict[str, Any]) -> VerificationError:
+    """The error of a failed verification; an fp16 graph whose outputs overflowed is told of
     bf16, which has fp32's exponent range."""
     if verification["numeric"].get("nonfinite_outputs") and verification.get("dtype") == "fp16":
-        return (
+        return Fp16OverflowError(
+            verification["failure"],
             "the fp16 graph leaves fp16's range (±65504) where the fp32 model does not: compile "
-            "with --quantize bf16 (fp32's range) on a target with bf16; the build was not written"
+            "with --quantize bf16 (fp32's range) for a target with bf16; the build was not "
+            "written",
+            nonfinite=verification["numeric"]["nonfinite_outputs"],
         )
-    return VERIFICATION_FIX
+    return VerificationError(verification["failure"], VERIFICATION_FIX)
 
 
 def _judged(
@@ -359,7 +373,7 @@ def _judged(
             progress,
         )  # fmt: skip
     if not verification["ok"]:
-        raise VerificationError(verification["failure"], _verification_fix(verification))
+        raise _failed(verification)
     optimized.snapshot.close()
     return verification
 

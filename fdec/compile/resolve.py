@@ -49,6 +49,7 @@ class Settings:
     recipe_default: bool  # quantize came from the target, not the options
     recipe: Recipe
     capacity: Any = None  # fdec.plan's capacity plan for the source (check_before_load)
+    fallback: str | None = None  # why the default precision was given up (bf16_instead)
 
     @property
     def keep(self) -> tuple[pathlib.Path, ...]:
@@ -60,8 +61,24 @@ class Settings:
         if not self.recipe_default:
             return "options"
         if self.backend.default_quantize:  # e.g. onnxruntime-cuda: fp16 until int4 is measured
-            return f"backend {self.backend.name} default"
-        return f"target {self.target.name} default"
+            chosen = f"backend {self.backend.name} default"
+        else:
+            chosen = f"target {self.target.name} default"
+        return f"{chosen}, {self.fallback}" if self.fallback else chosen
+
+    def bf16_instead(self, why: str) -> Settings | None:
+        """These settings typed bf16 instead of a default fp16 whose graph overflowed (`why`),
+        where the backend and the target take bf16; None where they do not or where fp16 was
+        asked for (the error stands)."""
+        from fdec.passes.typing import choose_float_dtype
+
+        if not self.recipe_default or self.quantize != "fp16" or self.fallback:
+            return None
+        if "bf16" not in self.backend.precisions or choose_float_dtype(self.target) != "bf16":
+            return None
+        recipe = _plan(self.options, self.target, self.backend, "bf16")
+        fallback = f"bf16: the fp16 graph overflowed ({why})"
+        return dataclasses.replace(self, quantize="bf16", recipe=recipe, fallback=fallback)
 
     def for_source(self, source: Any) -> Settings:
         """The settings for `source`: an encoder takes the target's encoder recipe."""
