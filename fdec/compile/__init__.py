@@ -101,7 +101,7 @@ def _compile(
             _draft_addition(options, plan_draft(options.draft, source.config), progress)
         )
     if not options.prune:
-        return _build_in_range(settings, source, additions, progress, started)
+        return _build(settings, source, additions, progress, started)
     pruned = prune_model(options, source, settings.target, progress, prune=options.prune)
     try:
         if options.distill_steps:
@@ -113,32 +113,9 @@ def _compile(
         student_source = open_source(student, progress)
         student_settings = resolve_settings(student).for_source(student_source)
         additions.append(add_student(pruned, source, options.prune))
-        return _build_in_range(
-            student_settings, student_source, additions, progress, time.perf_counter()
-        )
+        return _build(student_settings, student_source, additions, progress, time.perf_counter())
     finally:
         pruned.cleanup()
-
-
-def _build_in_range(
-    settings: Settings,
-    source: Any,
-    additions: Sequence[Addition],
-    progress: Callable[[str], None],
-    started: float,
-) -> CompileResult:
-    """`_build`, and where its default fp16 graph overflowed on held text (inf/NaN logits the
-    fp32 model does not have), `_build` again typed bf16 (fp32's exponent range) where the
-    backend and target take it; the report's recipe says why. The passes before the typing
-    come from the cache."""
-    try:
-        return _build(settings, source, additions, progress, started)
-    except Fp16OverflowError as err:
-        bf16 = settings.bf16_instead(f"{err.nonfinite} inf/NaN logits on held text")
-        if bf16 is None:
-            raise
-        progress(f"{err.problem}: typing the graph bf16 instead (fp32's range)")
-        return _build(bf16, source, additions, progress, started)
 
 
 def _build(
@@ -148,7 +125,10 @@ def _build(
     progress: Callable[[str], None],
     started: float,
 ) -> CompileResult:
-    """front → optimize → lower → verify → engines → write, for one resolved source."""
+    """front → optimize → lower → verify → engines → write, for one resolved source. Where the
+    backend's default fp16 graph overflowed on held text (inf/NaN logits the fp32 model does
+    not have), it builds again typed bf16 (fp32's exponent range) where the backend and target
+    take it, the report's recipe saying why; the passes before the typing come from the cache."""
     # Capacity from config.json alone: a --max-batch × --max-seq-len that cannot fit the
     # target's memory fails here (exit 4, CapacityError), before the model loads.
     settings = check_before_load(settings.options, source, settings)
@@ -202,6 +182,14 @@ def _build(
                 engines=engines, capacity=settings.capacity, started=started,
                 additions=additions,
             )  # fmt: skip
+    except Fp16OverflowError as err:
+        bf16 = settings.bf16_instead(f"{err.nonfinite} inf/NaN logits on held text")
+        if bf16 is None:
+            raise
+        if spill is not None:
+            spill.close()
+        progress(f"{err.problem}: typing the graph bf16 instead (fp32's range)")
+        return _build(bf16, source, additions, progress, started)
     finally:
         if spill is not None:
             spill.close()
