@@ -277,10 +277,25 @@ def token_check(
     first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
     found: dict[str, Any] = {"steps": steps, "identical": got == want, "first_divergence": first}
     if held is not None:
-        ppl = [perplexity(logits_through_cache(m, held, held.shape[1]), held)
-               for m in (on_device, on_cpu)]  # fmt: skip
+        # And the form fdec verifies a GPU graph in on a CPU: its fp16/bf16 rounding emulated
+        # (fdec.runtime.check_forms). How far each CPU run's logits are from the device's says
+        # which one predicts the GPU.
+        from fdec.runtime.check_forms import lighter_session_args
+        from fdec.runtime.session import OrtModel, open_session
+
+        path = folder / "model.onnx"
+        emulated = OrtModel(open_session(path, prepack=False,
+                                         **lighter_session_args(path, emulate=True)))  # fmt: skip
+        logits = [logits_through_cache(m, held, held.shape[1])
+                  for m in (on_device, on_cpu, emulated)]  # fmt: skip
+        ppl = [perplexity(x, held) for x in logits]
         found["perplexity"] = {"tokens": int(held.shape[1]), "device": round(ppl[0], 4),
-                               "cpu": round(ppl[1], 4), "change": round(ppl[0] / ppl[1] - 1, 5)}  # fmt: skip
+                               "cpu": round(ppl[1], 4), "change": round(ppl[0] / ppl[1] - 1, 5),
+                               "cpu_emulated": round(ppl[2], 4)}  # fmt: skip
+        found["max_logit_diff_from_device"] = {
+            "cpu": float(abs(logits[1] - logits[0]).max()),
+            "cpu_emulated": float(abs(logits[2] - logits[0]).max()),
+        }
     return found
 
 
@@ -418,6 +433,10 @@ def _placement_text(checks: dict[str, Any] | None) -> str:
         parts.append(f"{tokens['steps']} tokens vs CPU {same}")
         if tokens.get("perplexity"):
             parts.append(f"held ppl vs CPU {tokens['perplexity']['change']:+.2%}")
+        diff = tokens.get("max_logit_diff_from_device")
+        if diff:
+            parts.append(f"max logit diff vs CPU {diff['cpu']:.3g}, vs emulated "
+                         f"{diff['cpu_emulated']:.3g}")  # fmt: skip
     return "; ".join(parts)
 
 

@@ -165,4 +165,8 @@ def test_one_run_on_the_cpu_with_tiny_inputs(tiny_models, tmp_path, cli_runner):
         "steps": 4, "identical": True, "first_divergence": None}  # fmt: skip
     ppl = tokens["perplexity"]  # the held text on the device and the CPU: one provider here
     assert ppl["tokens"] >= 8 and ppl["device"] == ppl["cpu"] > 1 and ppl["change"] == 0
+    # The verification's emulated form (an fp32 graph here: the same graph) beside them.
+    assert ppl["cpu_emulated"] == pytest.approx(ppl["cpu"], rel=1e-4)
+    assert tokens["max_logit_diff_from_device"]["cpu"] == 0
+    assert tokens["max_logit_diff_from_device"]["cpu_emulated"] < 1e-3
     assert "fdec fused" in done.stdout and result["errors"] == []
