@@ -5,6 +5,8 @@
     python benchmarks/large_weights.py --layers 8          # a smaller Llama (same widths)
     python benchmarks/large_weights.py --stream both --models smollm2,llama-1b   # issue 19
     python benchmarks/large_weights.py --stream stream --models llama-8b --max-rss-gb 8
+    python benchmarks/large_weights.py --stream no-stream --models llama-1b-bf16 --target h200 \
+        --backend onnxruntime --quantize default     # the CUDA graph, checked slice by slice
 
 The large model is written tensor by tensor (random normal weights, std 0.02, to a
 safetensors file whose header is written first), so the writer never holds more than one
@@ -308,7 +310,9 @@ def streaming(args: argparse.Namespace) -> int:
                 print(f"compiling {name} {mode} --target {args.target} "
                       f"--quantize {args.quantize}", file=sys.stderr)  # fmt: skip
                 quantize = None if args.quantize == "default" else args.quantize
-                result = compile_peak(model, out, cap_bytes=cap, extra=[mode, "--no-cache"],
+                backend = ["--backend", args.backend] if args.backend else []
+                result = compile_peak(model, out, cap_bytes=cap,
+                                      extra=[mode, "--no-cache", *backend],
                                       target=args.target, quantize=quantize)  # fmt: skip
                 digests[mode] = _build_digest(out) if result["exit_code"] == 0 else {}
                 report = {}
@@ -358,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "byte for byte); models also llama-1b-bf16, llama-8b (verifiable bf16, cached)",
     )
     parser.add_argument("--target", default="cpu")
+    parser.add_argument("--backend", default=None, help="with --stream: e.g. onnxruntime")
     parser.add_argument("--quantize", default="int4-rtn", help="with --stream; default: recipe")
     args = parser.parse_args(argv)
     if args.stream:
