@@ -1,4 +1,4 @@
-"""Graph forms that check a build on ONNX Runtime's CPU with less memory, same arithmetic.
+"""Graph forms that check a build on ONNX Runtime's CPU: less memory, or the GPU's rounding.
 
 A build for TensorRT dequantizes its stored tables before reading them (the backend's form,
 fdec.passes.quantize_embedding): `DequantizeLinear(codes, scales)` → `Gather` for the
@@ -13,9 +13,13 @@ check's session, twice. `fdec.runtime.sliced` runs its slices in these forms ins
   runs as MatMuls over column blocks of the codes (`Slice` → `DequantizeLinear` → `MatMul`),
   concatenated; each output column is the same dot product over the same rows.
 
-Casts between the DequantizeLinear and its reader (`fdec.lower.tensorrt_model`'s emulation of
-bf16 storage) move with it: a Cast is elementwise, so casting the rows read is casting the
-table and reading them. Only int8/uint8 codes with fp32 outputs are rewritten: ONNX's Gather and
+A GPU graph (fp16/bf16) is checked in a third form, `emulate_low_precision`: every fp16/bf16
+tensor a node computes rounded to its type and each node computing in fp32, the arithmetic of
+the GPU rather than of ONNX Runtime's CPU (which runs fp16 nodes without a CPU fp16 kernel in
+fp32 and skips the rounding between them, and has no bf16 kernels at all).
+
+Casts between the DequantizeLinear and its reader (the emulation of bf16 storage) move with
+it: a Cast is elementwise, so casting the rows read is casting the table and reading them. Only int8/uint8 codes with fp32 outputs are rewritten: ONNX's Gather and
 Slice take no FLOAT8 or INT4 at the builds' opsets (an fp8 projection is one layer's weight,
 not a vocabulary table), and an unemulated fp16/bf16 graph is left as it is.
 """
