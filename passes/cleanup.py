@@ -59,6 +59,9 @@ def _weight_transpose_rule(node: ir.Node) -> bool | None:
     return len(source.uses()) == 1
 
 
+_FOLDED_FROM_PROP = "pkg.onnxscript.optimizer.folded_from"
+
+
 @dataclasses.dataclass
 class FoldConstantsPass(Pass):
     """Evaluate subgraphs whose inputs are all constant, and store their results as initializers.
@@ -91,6 +94,10 @@ class FoldConstantsPass(Pass):
         folded = live_before - _live_node_count(model)
         renamed = 0
         for value in list(graph.initializers.values()):
+            # onnxscript also writes its provenance into the saved model; a streamed compile's
+            # weights (bound to the checkpoint) fold without it: drop it, so both write the
+            # same model.onnx.
+            value.metadata_props.pop(_FOLDED_FROM_PROP, None)
             sources = value.meta.get(onnxscript_optimizer.FOLDED_FROM_KEY) or set()
             # A weight folded through a chain (Cast → Transpose) lists every step's value;
             # only the original initializer's name matters.

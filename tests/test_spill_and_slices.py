@@ -76,7 +76,7 @@ def test_a_transposed_weight_is_spilled_a_block_of_rows_at_a_time(tmp_path, monk
     np.testing.assert_array_equal(alone.numpy(), table.T)
 
 
-@pytest.mark.parametrize("quantize", ["int4-rtn", "int8"])
+@pytest.mark.parametrize("quantize", ["int4-rtn", "int8", "fp16-cuda"])
 def test_spilled_streamed_build_is_byte_identical(tiny_models, tmp_path, monkeypatch, quantize):
     # Every new weight the writer puts in the data file (over 1 KB), however small: spilling
     # the tiny int64 shape constants too would hide their values from ONNX shape inference,
@@ -87,14 +87,17 @@ def test_spilled_streamed_build_is_byte_identical(tiny_models, tmp_path, monkeyp
     # from the PyTorch model layer by layer on the streamed one (fdec.calibrate_layerwise,
     # equal to ~1e-7, not to the bit), which is not what this test compares.
     options = {"quantize-int8": {"alpha": None}} if quantize == "int8" else None
+    # fp16-cuda: the ONNX Runtime CUDA graph, every weight retyped by cast-float16.
+    where = {"target": "h200", "backend": "onnxruntime"} if quantize == "fp16-cuda" else {}
     digests, reports = {}, {}
     for stream in (False, True):
         out = tmp_path / f"build-{stream}"
         result = compile_model(
             CompileOptions(
-                model=model, out=out, quantize=quantize, stream=stream, pass_options=options
+                model=model, out=out, quantize=quantize.split("-")[0], stream=stream,
+                pass_options=options, **where,
             )
-        )
+        )  # fmt: skip
         digests[stream], reports[stream] = _digests(out), result.report
     spilled = reports[True]["export"]["spilled"]
     assert spilled["tensors"] > 10 and spilled["bytes"] > 0
@@ -313,3 +316,44 @@ def test_slices_are_planned_by_what_a_session_holds_not_by_stored_bytes():
     # Stored bytes would put all three layers in one slice; what the session holds, one each.
     assert plan_slices(graph, stages, 3 * stored) == [(0, 1), (1, 2), (2, 3)]
     assert plan_slices(graph, stages, 3 * (k * n * 11 + 4)) == [(0, 3)]  # + the scales
+
+
+def test_the_typing_pass_spills_each_weight_as_it_converts_it(tiny_models, tmp_path):
+    """cast-float16 on a streamed graph writes each fp16 weight to the spill as it makes it,
+    not after the pass (an 8B's 15 GB of fp16 weights were held in memory until then: the
+    compile passed 14 GiB and was killed); the values are the in-memory conversion's."""
+    from fdec.passes.typing import CastFloat16Pass, cuda_typing
+
+    def typed(with_spill: bool) -> dict[str, ir.Value]:
+        result = compile_model(
+            CompileOptions(model=str(tiny_models("llama")), out=tmp_path / f"b{with_spill}",
+                           target="cpu", quantize="none", passes="fuse-attention,pack-qkv")
+        )  # fmt: skip
+        del result
+        import json
+
+        from fdec.ir import FdecModel, ModelSpec
+
+        build = tmp_path / f"b{with_spill}"
+        spec = ModelSpec.from_dict(json.loads((build / "report.json").read_text())["spec"])
+        model = FdecModel(ir.load(build / "model.onnx"), spec)
+        for value in model.graph.initializers.values():  # in memory, as a pass leaves them
+            if value.const_value is not None:
+                value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+        if with_spill:
+            spill.WeightSpill(tmp_path / "spill", min_bytes=1024).attach(model.graph)
+        CastFloat16Pass(**cuda_typing("fp16"))(model)
+        return dict(model.graph.initializers)
+
+    plain, spilled = typed(False), typed(True)
+    low = [
+        n
+        for n, v in spilled.items()
+        if v.dtype == ir.DataType.FLOAT16 and v.const_value.nbytes >= 1024
+    ]
+    assert len(low) > 5
+    assert all(isinstance(spilled[n].const_value, ir.ExternalTensor) for n in low)
+    for name in low:
+        np.testing.assert_array_equal(
+            spilled[name].const_value.numpy(), plain[name].const_value.numpy()
+        )

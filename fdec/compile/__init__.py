@@ -18,6 +18,7 @@ graphs and build their engines.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from typing import Any
 
 from fdec import backends
 from fdec.build import AtomicBuild, scratch_folder
-from fdec.compile.draft import Draft, plan_draft
+from fdec.compile.draft import plan_draft
 from fdec.compile.front import Front
 from fdec.compile.gate import Fp16OverflowError, verify_written
 from fdec.compile.lower import write_files
@@ -97,8 +98,9 @@ def _compile(
     settings = settings.for_source(source)
     additions: list[Addition] = []
     if draft and options.draft:
+        planned = plan_draft(options.draft, source.config)
         additions.append(
-            _draft_addition(options, plan_draft(options.draft, source.config), progress)
+            planned.addition(options, progress, functools.partial(_compile, draft=False))
         )
     if not options.prune:
         return _build(settings, source, additions, progress, started)
@@ -194,18 +196,3 @@ def _build(
         if spill is not None:
             spill.close()
     return CompileResult(out, report)
-
-
-def _draft_addition(
-    options: CompileOptions, draft: Draft, progress: Callable[[str], None]
-) -> Addition:
-    """The build step compiling the draft into the main build's draft/ (no draft of its own)."""
-
-    def build_draft(staging: pathlib.Path, report: dict[str, Any]) -> None:
-        progress(f"building the draft ({draft.option}: --prune {draft.prune})")
-        built = _compile(
-            draft.options(options, staging), lambda m: progress(f"draft: {m}"), draft=False
-        )
-        report["draft"] = draft.record(built.report)
-
-    return build_draft

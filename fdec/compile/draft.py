@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fdec.compile.options import CompileOptions
@@ -38,6 +38,20 @@ class Draft:
             distill_steps=self.spec.distill,
             quantize=self.spec.quantize or main.quantize,
         )
+
+    def addition(
+        self, main: CompileOptions, progress: Callable[[str], None],
+        compile_draft: Callable[[CompileOptions, Callable[[str], None]], Any],
+    ) -> Callable[[pathlib.Path, dict[str, Any]], None]:  # fmt: skip
+        """The main build's step compiling this draft into its staging folder's draft/
+        (`compile_draft`: the driver's compile, with no draft of its own) and recording it."""
+
+        def build_draft(staging: pathlib.Path, report: dict[str, Any]) -> None:
+            progress(f"building the draft ({self.option}: --prune {self.prune})")
+            built = compile_draft(self.options(main, staging), lambda m: progress(f"draft: {m}"))
+            report["draft"] = self.record(built.report)
+
+        return build_draft
 
     def record(self, report: Mapping[str, Any]) -> dict[str, Any]:
         """The main report's "draft" entry, from the draft build's report."""
