@@ -98,10 +98,9 @@ def emulate_low_precision(model: ir.Model, *, edges: bool = False) -> int:
     fp32 in memory. `edges=True` (a GPU build checked on the CPU, fdec.compile.gate): the graph
     keeps the build's I/O and data file. fp16 inputs and outputs stay fp16 (numpy feeds and
     reads them; a Cast to fp32 after an input, the rounding Cast last before an output), bf16
-    ones become fp32 holding bf16 values (numpy has no bf16); initializers that only ONNX ops
-    read stay stored and are read through a Cast to fp32, so open the graph at optimization
-    "disable" or ORT folds them into fp32 copies; the rest (fused ops' scales and tables) are
-    converted."""
+    ones become fp32 holding bf16 values (numpy has no bf16); initializers stay stored in the
+    build's data file and are read through a Cast to fp32, so open the graph at optimization
+    "disable" or ORT folds them into fp32 copies."""
     graph, fp32 = model.graph, ir.DataType.FLOAT
     added = 0
     reads: list[ir.Node] = []  # Casts that read stored low-precision values in fp32
@@ -118,7 +117,7 @@ def emulate_low_precision(model: ir.Model, *, edges: bool = False) -> int:
     for value in list(graph.initializers.values()):
         if value.dtype not in _LOW or value.const_value is None:
             continue
-        if edges and all(use.node.domain in ("", "ai.onnx") for use in value.uses()):
+        if edges:  # stored as built, read in fp32 (an 8B's fp32 table would be 2.1 GB inline)
             read_as_fp32(value)
             continue
         array = value.const_value.numpy().astype(np.float32)

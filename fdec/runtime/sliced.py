@@ -241,6 +241,8 @@ class SlicedModel:
             self.kv_policy = json.loads(metadata[KV_POLICY_METADATA])
         stages = node_stages(graph, spec)
         budget = DEFAULT_SLICE_BYTES if max_slice_bytes is None else max_slice_bytes
+        if emulate:  # each fp16/bf16 weight is also held as its fp32 copy while a slice runs
+            budget //= 3
         self.slices = self._plan(graph, stages, plan_slices(graph, stages, budget))
         self.runs: list[dict[str, Any]] = []  # per slice and call: open and run seconds
         self._providers: list[str] = []
