@@ -153,6 +153,14 @@ def test_sliced_runs_of_an_emulated_gpu_graph_give_one_sessions_logits(cuda_buil
     sliced = SlicedModel(path, spec=spec, max_slice_bytes=1, emulate=True)
     assert len(sliced.slices) == 2 and sliced.optimization == "disable"
     assert sliced.to_dict()["emulated"] is True
+    # A slice's emulated graph reads only its own layers' weights (it once read every weight
+    # of the build through a Cast: an 8B's first slice held all 15 GB and more).
+    first = ir.serde.deserialize_model(
+        onnx.load_from_string(sliced._slice_model(sliced.slices[0], {}))
+    )
+    names = set(first.graph.initializers)
+    assert "model.layers.0.mlp.down_proj.weight" in names
+    assert not any(name.startswith("model.layers.1.") for name in names)
     ids = np.random.default_rng(3).integers(0, 300, size=(1, 20))
     want = logits_through_cache(whole, ids, 12)
     np.testing.assert_allclose(logits_through_cache(sliced, ids, 12), want, rtol=0, atol=1e-5)

@@ -115,8 +115,8 @@ def emulate_low_precision(model: ir.Model, *, edges: bool = False) -> int:
         reads.append(cast)
 
     for value in list(graph.initializers.values()):
-        if value.dtype not in _LOW or value.const_value is None:
-            continue
+        if value.dtype not in _LOW or value.const_value is None or not value.uses():
+            continue  # unread (a slice's graph still lists the other slices' weights)
         if edges:  # stored as built, read in fp32 (an 8B's fp32 table would be 2.1 GB inline)
             read_as_fp32(value)
             continue

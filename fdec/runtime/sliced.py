@@ -354,6 +354,8 @@ class SlicedModel:
         outputs = [values[name] for name in part.outputs]
         graph.outputs.clear()
         dropped = [n for n in nodes if id(n) not in kept]
+        for node in dropped:  # not its inputs' users any more: the other slices' weights go
+            node.resize_inputs(0)
         graph.remove(dropped, safe=False)
         graph.inputs.clear()
         graph.inputs.extend(new_inputs)
