@@ -107,8 +107,8 @@ def _emulated_on_cpu(path: pathlib.Path, err: Exception) -> Any:
     """A bf16 GPU graph where only the CPU provider started: ONNX Runtime's CPU has no bf16
     kernels, so the graph runs with its bf16 rounding emulated in fp32 (the verification's
     form, fdec.runtime.check_forms), with one warning line. Any other error is raised."""
-    from fdec.lower.cuda_kernels import cpu_unrunnable, low_dtype
-    from fdec.runtime.check_forms import lighter_session_args
+    from fdec.lower.cuda_kernels import cpu_unrunnable
+    from fdec.runtime.check_forms import lighter_session_args, low_dtype
 
     if cpu_unrunnable(err) is None or low_dtype(path) != "bf16":
         raise err

@@ -27,11 +27,11 @@ from fdec.frontend.source import resolve_source
 from fdec.frontend.stream import STREAM_PARAMETERS, checkpoint_parameters
 from fdec.ir import FdecModel, ModelSpec
 from fdec.lower import MODEL_FILE
-from fdec.lower.cuda_kernels import cpu_run_check, cpu_unrunnable, low_dtype
+from fdec.lower.cuda_kernels import cpu_run_check, cpu_unrunnable
 from fdec.pipeline import EXACT, Instrument, Tolerance
 from fdec.runtime import OrtModel, open_session
 from fdec.runtime import sliced as sliced_runs
-from fdec.runtime.check_forms import lighter_session_args
+from fdec.runtime.check_forms import lighter_session_args, low_dtype
 from fdec.runtime.ort import device_name
 from fdec.verify import GREEDY_STEPS, Reference
 
@@ -280,8 +280,8 @@ def verify_model(
     # would run fp16 nodes in fp32 between casts it drops, skipping the rounding (and the
     # overflow) the GPU computes (fdec.runtime.check_forms.emulate_low_precision).
     low = low_dtype(path) if device_graph else None
-    emulated = low if not on_device else None
-    as_built = cpu_run_check(path) if emulated else None  # types resolve as written
+    emulate = low is not None and not on_device
+    as_built = cpu_run_check(path) if emulate else None  # types resolve as written
     # Without prepacking the verifying session reads the weights from the mapped file
     # instead of holding a packed copy (peak RSS; issue 9).
     providers = [device_graph, "CPUExecutionProvider"] if on_device else None
@@ -292,14 +292,14 @@ def verify_model(
         progress(f"verifying slice by slice ({weights / 2**30:.2f} GiB of weights)")
         sliced = sliced_runs.SlicedModel(
             path, spec=spec, optimization=optimization, providers=providers,
-            emulate=emulated is not None,
+            emulate=emulate,
         )  # fmt: skip
         verification = verify_build(reference, sliced, tolerance)
         verification["sliced"] = sliced.to_dict()
-        return _where(verification, sliced, device_graph, low, emulated, as_built), sliced
+        return _where(verification, sliced, device_graph, low, as_built), sliced
     # On the CPU, tables dequantized whole for TensorRT are read by rows and column blocks
     # (fdec.runtime.check_forms: the same values, a fraction of the memory).
-    lighter = {} if on_device else lighter_session_args(path, emulate=emulated is not None)
+    lighter = {} if on_device else lighter_session_args(path, emulate=emulate)
     try:
         session = OrtModel(
             open_session(
@@ -308,29 +308,30 @@ def verify_model(
             )
         )  # fmt: skip
     except Exception as err:  # a fused op the CPU has no fp32 kernel for
-        reason = cpu_unrunnable(err, "fp32") if emulated else None  # the emulated graph's
+        reason = cpu_unrunnable(err, "fp32") if emulate else None  # the emulated graph's
         if reason is None:
             raise
         return _not_run(reason, device_graph, tolerance, progress), None
     verification = verify_build(reference, session, tolerance)
-    return _where(verification, session, device_graph, low, emulated, as_built), session
+    return _where(verification, session, device_graph, low, as_built), session
 
 
 def _where(
     verification: dict[str, Any], session: Any, device_graph: str | None, low: str | None,
-    emulated: str | None, as_built: dict[str, Any] | None,
+    as_built: dict[str, Any] | None,
 ) -> dict[str, Any]:  # fmt: skip
     """A GPU graph's record says what it was made for, its float type, and what happened on
-    the way: the GPU provider that failed to start, the low precision the CPU emulated."""
+    the way: the GPU provider that failed to start, the low precision the CPU emulated (the
+    graph as built was load-checked, `as_built`, exactly when the check ran emulated)."""
     if device_graph:
         verification["made_for"] = device_graph
         verification["dtype"] = low or "fp32"
         if session.provider_fallback:
             verification["provider_fallback"] = session.provider_fallback
-    if emulated:
+    if as_built is not None:
         verification["emulated"] = {
-            "dtype": emulated,
-            "how": f"every {emulated} tensor rounded to {emulated} after the node computing it, "
+            "dtype": low,
+            "how": f"every {low} tensor rounded to {low} after the node computing it, "
             "the arithmetic inside each node in fp32 (as the GPU kernels accumulate); fused ops "
             "run by ONNX Runtime's CPU kernels",
             "as_built_on_cpu": as_built,

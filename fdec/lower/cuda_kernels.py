@@ -40,7 +40,6 @@ __all__ = [
     "kernel_for",
     "kernel_misses",
     "kernel_table",
-    "low_dtype",
     "onnx_domain",
 ]
 
@@ -248,30 +247,13 @@ def cpu_unrunnable(err: BaseException, dtype: str = "fp16") -> str | None:
     return f"not run here: {op} has no CPU {dtype} kernel (node {node!r})"
 
 
-def low_dtype(path: str | os.PathLike) -> str | None:
-    """'bf16' or 'fp16' when the saved model's inputs, initializers or typed values hold that
-    type (bf16 first), else None."""
-    import onnx
-
-    graph = onnx.load(os.fspath(path), load_external_data=False).graph
-    types = {i.type.tensor_type.elem_type for i in [*graph.input, *graph.value_info]}
-    types |= {t.data_type for t in graph.initializer}
-    types |= {o.type.tensor_type.elem_type for o in graph.output}
-    for name, onnx_type in (
-        ("bf16", onnx.TensorProto.BFLOAT16),
-        ("fp16", onnx.TensorProto.FLOAT16),
-    ):
-        if onnx_type in types:
-            return name
-    return None
-
-
 def cpu_run_check(path: str | os.PathLike) -> dict[str, Any]:
     """Whether ONNX Runtime's CPU provider opens a GPU build's model as written: ONNX Runtime
     resolves every node's types first (a type error the GPU would also refuse raises here),
     then finds kernels, where a bf16 node may have none on the CPU ({"loads": False, "why":
     ...}). Its numerics are checked on the emulated graph instead
     (fdec.runtime.check_forms.emulate_low_precision), which needs no low-precision kernel."""
+    from fdec.runtime.check_forms import low_dtype
     from fdec.runtime.session import require_onnxruntime
 
     ort = require_onnxruntime()

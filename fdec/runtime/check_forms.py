@@ -41,6 +41,7 @@ __all__ = [
     "gather_rows_first",
     "lighter_check_forms",
     "lighter_session_args",
+    "low_dtype",
 ]
 
 _COLUMN_BLOCK_BYTES = 256 << 20  # fp32 bytes of one column block's dequantized weight
@@ -78,6 +79,24 @@ def lighter_session_args(path: str | pathlib.Path, *, emulate: bool = False) -> 
     if emulated:  # ORT would fold the stored weights' Casts into fp32 copies
         args["optimization"] = "disable"
     return args
+
+
+def low_dtype(path: str | pathlib.Path) -> str | None:
+    """'bf16' or 'fp16' when the saved model's inputs, initializers or typed values hold that
+    type (bf16 first), else None."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    types = {i.type.tensor_type.elem_type for i in [*graph.input, *graph.value_info]}
+    types |= {t.data_type for t in graph.initializer}
+    types |= {o.type.tensor_type.elem_type for o in graph.output}
+    for name, onnx_type in (
+        ("bf16", onnx.TensorProto.BFLOAT16),
+        ("fp16", onnx.TensorProto.FLOAT16),
+    ):
+        if onnx_type in types:
+            return name
+    return None
 
 
 _LOW = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
@@ -135,10 +154,7 @@ def emulate_low_precision(model: ir.Model, *, edges: bool = False) -> int:
         else:
             graph.insert_before(first, reads)
         added += len(reads)
-    emitted = {id(node) for node in reads}
-    for node in list(graph):
-        if id(node) in emitted:
-            continue
+    for node in list(graph):  # the reading Casts make fp32: nothing of theirs is rounded
         if node.op_type == "Constant" and "value" in node.attributes:
             tensor = node.attributes["value"].value
             if tensor.dtype in _LOW:
