@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                       # SmolLM2-135M (bundled), both splits
     python benchmarks/quality.py --recipes none,int4,fp8 --target h100 --peers none
+    python benchmarks/quality.py --recipes none,fp16,int4-awq --target h200 --backend onnxruntime
     python benchmarks/quality.py --recipes "none,int4-awq,int4-awq:quantize-int4-awq.rounding=gptq" --splits tune
     python benchmarks/quality.py --recipes none --peers none --encoder minilm   # MiniLM only
     python benchmarks/quality.py --recipes none,fp8 --peers none --encoder none --splits held:512
@@ -13,7 +14,10 @@ The model is exported once (the export is kept under fdec's cache folder, `quali
 keyed by the source files and the exporting libraries, so a rerun skips the ~3 min export);
 each recipe runs the same pipeline `fdec compile --quantize R` runs (fdec.compile.plan_pipeline)
 on a fresh copy of the graph, is saved, opened in ONNX Runtime at the level its build uses, and
-scored against the fp32 build (`none`, always measured first) on fdec's corpus (fdec.gates):
+scored against the fp32 build (`none`, always the cpu target's, measured first) on fdec's
+corpus (fdec.gates). A GPU graph (`--backend onnxruntime` on a GPU target: the CUDA EP's
+fp16/bf16 model) is scored as its compile verifies it on a CPU, with the fp16/bf16 rounding
+emulated (fdec.runtime.check_forms). The splits:
 the tuning split (`tune`, on which defaults are chosen) and the evaluation split (`eval`, which
 no choice looks at; the README quotes it), or `held` / `held:N` (the first HELD_TOKENS or N
 tokens of the held text verification scores: what a build's own report would show). Each document is scored on its own (no context
@@ -47,6 +51,8 @@ from typing import Any
 import numpy as np
 
 _PEERS = ("ort-int8", "ort-int4", "genai-int4")
+# onnxruntime-genai's CUDA builds (`-e cuda`: fp16 activations, fused ops), asked for by name
+_GPU_PEERS = ("genai-cuda-fp16", "genai-cuda-int4")
 _DEFAULT_RECIPES = "none,int8-dynamic,int8-smoothquant,fp8,int4-rtn,int4-awq,int4-awq-mixed"
 _MAX_DOC_TOKENS = 512  # longer documents are scored in pieces of this many tokens
 
@@ -191,7 +197,7 @@ def _peer(name: str, fp32: pathlib.Path, source_folder: pathlib.Path, work: path
         )
         quantizer.process()
         quantizer.model.save_model_to_file(str(out), use_external_data_format=True)
-    elif name == "genai-int4":
+    elif name in ("genai-int4", *_GPU_PEERS):
         import subprocess
 
         try:
@@ -200,23 +206,37 @@ def _peer(name: str, fp32: pathlib.Path, source_folder: pathlib.Path, work: path
             print("onnxruntime-genai not installed: its int4 peer is skipped", file=sys.stderr)
             return None
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
-        command += ["-i", str(source_folder), "-o", str(out.parent), "-p", "int4", "-e", "cpu"]
+        precision, execution = name.split("-")[-1], "cuda" if "-cuda-" in name else "cpu"
+        command += ["-i", str(source_folder), "-o", str(out.parent), "-p", precision]
+        command += ["-e", execution]
         command += ["-c", str(work / "genai-cache")]
         subprocess.run(command, check=True, capture_output=True)
     else:
-        raise SystemExit(f"unknown peer {name!r}; use {', '.join(_PEERS)} or none")
+        known = ", ".join((*_PEERS, *_GPU_PEERS))
+        raise SystemExit(f"unknown peer {name!r}; use {known} or none")
     return out
 
 
-def _open_peer(path: pathlib.Path) -> Any:
+def _open(path: pathlib.Path, optimization: str = "all") -> tuple[Any, str | None]:
+    """(OrtModel, "fp16"/"bf16" or None) for the model at `path`. A GPU graph (fp16/bf16) is
+    scored as fdec's compile verifies one on a CPU: every node in fp32, each fp16/bf16 tensor
+    rounded to its type (fdec.runtime.check_forms.emulate_low_precision)."""
     from fdec.runtime import OrtModel, open_session
+    from fdec.runtime.check_forms import lighter_session_args, low_dtype
 
-    session = OrtModel(open_session(path))
+    low = low_dtype(path)
+    args = {"optimization": optimization}
+    args.update(lighter_session_args(path, emulate=True) if low else {})
+    return OrtModel(open_session(path, **args)), low
+
+
+def _open_peer(path: pathlib.Path) -> tuple[Any, str | None]:
+    session, low = _open(path)
     config = path.parent / "genai_config.json"
     if session.head_dim is None and config.exists():  # genai's cache axis is symbolic
         decoder = json.loads(config.read_text())["model"]["decoder"]
         session.head_dim = int(decoder["head_size"])
-    return session
+    return session, low
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -230,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", default="tune,eval")
     parser.add_argument(
         "--target", default=None, help="default: cpu for cpu-only recipes, h100 for fp8/static"
+    )
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="every recipe but none: onnxruntime (on a GPU target the CUDA EP's fp16 graph) or "
+        "tensorrt; default the target's own for fp8/static, onnxruntime otherwise",
     )
     parser.add_argument("--export-cache", type=pathlib.Path, default=None)
     parser.add_argument(
@@ -250,7 +276,6 @@ def main(argv: list[str] | None = None) -> int:
     from fdec.frontend.export import load_tokenizer
     from fdec.frontend.source import default_cache_dir, resolve_source
     from fdec.ir import FdecModel
-    from fdec.runtime import OrtModel, open_session
     from fdec.targets import load_target
 
     transformers.logging.set_verbosity_error()
@@ -288,12 +313,18 @@ def main(argv: list[str] | None = None) -> int:
         name, _, how = name.partition("@")
         quantize = None if name == "none" else name
         needs_gpu = name.startswith(("fp8", "int8-smoothquant"))
-        target = load_target(args.target or ("h100" if needs_gpu else "cpu"))
+        # none is the fp32 build every row is scored against, whatever --target says (on a GPU
+        # target --backend onnxruntime is the CUDA EP's fp16 graph, tensorrt's is Q/DQ).
+        target = load_target(
+            "cpu" if name == "none" else args.target or ("h100" if needs_gpu else "cpu")
+        )
+        asked = args.backend if name != "none" else "onnxruntime"
+        # GPU recipes: the target's own backend (h100: tensorrt), the graph `fdec compile
+        # --target h100` builds (--backend onnxruntime on a GPU is the CUDA EP's fp16 model)
+        backend = choose_backend(asked or (None if needs_gpu else "onnxruntime"), target)
         plan = plan_pipeline(
             target=target,
-            # GPU recipes: the target's own backend (h100: tensorrt), the graph `fdec compile
-            # --target h100` builds (--backend onnxruntime on a GPU is the CUDA EP's fp16 model)
-            backend=choose_backend(None if needs_gpu else "onnxruntime", target),
+            backend=backend,
             quantize=quantize,
             pass_options=parse_pass_options(tuple(filter(None, options.split(";")))),
         )
@@ -307,14 +338,16 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         model.save(path)
         print(f"{recipe}: passes done in {seconds:.0f} s", file=sys.stderr)
+        session, low = _open(path, plan.optimization)
         row = {
             "recipe": recipe, "kind": "fdec", "target": target.name,
+            "backend": backend, "emulated": low,
             "bytes": _weights_bytes(path.parent), "pass_s": round(seconds, 1),
             "passes": [r.name for r in records],
             "kept": next((r.stats.get("kept") for r in records if r.name == "quantize-mixed"), None),
             "gate": _gate(name, plan),
         }  # fmt: skip
-        measure(row, OrtModel(open_session(path, optimization=plan.optimization)))
+        measure(row, session)
         if name != "none":
             for leftover in path.parent.iterdir():
                 leftover.unlink()
@@ -323,12 +356,15 @@ def main(argv: list[str] | None = None) -> int:
         path = _peer(peer, fp32_path, source.folder, work)
         if path is None:
             continue
+        session, low = _open_peer(path)
+        gpu = peer in _GPU_PEERS
         row = {
-            "recipe": peer, "kind": "peer", "target": "cpu", "bytes": _weights_bytes(path.parent),
-            "pass_s": round(time.perf_counter() - began, 1), "passes": [], "kept": None,
-            "gate": None,
+            "recipe": peer, "kind": "peer", "target": "gpu" if gpu else "cpu",
+            "backend": "onnxruntime-cuda" if gpu else "onnxruntime", "emulated": low,
+            "bytes": _weights_bytes(path.parent), "pass_s": round(time.perf_counter() - began, 1),
+            "passes": [], "kept": None, "gate": None,
         }  # fmt: skip
-        measure(row, _open_peer(path))
+        measure(row, session)
 
     encoder: list[dict[str, Any]] = []
     if args.encoder == "minilm":
@@ -399,7 +435,10 @@ def _print_table(model: str, splits: list[str], rows: list[dict[str, Any]]) -> N
     tokens = ", ".join(f"{s} {rows[0][s]['tokens']} tokens" for s in splits)
     print(f"{model}: perplexity increase over the fp32 build (none); corpus {tokens}")
     columns = "".join(f" {s + ' ppl':>9} {s + ' Δppl':>10} {s + ' top-1':>10}" for s in splits)
-    print(f"{'recipe':<34} {'target':<6} {'MB':>7} {'size/fp32':>9}{columns} {'gate':>8}")
+    print(
+        f"{'recipe':<34} {'target':<6} {'backend':<16} {'MB':>7} {'size/fp32':>9}{columns} "
+        f"{'gate':>8}"
+    )
     for row in rows:
         cells = "".join(
             f" {row[s]['perplexity']:>9.2f} {row[s]['ppl_increase']:>+10.1%} "
@@ -408,7 +447,8 @@ def _print_table(model: str, splits: list[str], rows: list[dict[str, Any]]) -> N
         )
         gate = row["gate"]["max_ppl_increase"] if row["gate"] else None
         print(
-            f"{row['recipe']:<34} {row['target']:<6} {row['bytes'] / 1e6:>7.1f} "
+            f"{row['recipe']:<34} {row['target']:<6} {row.get('backend', 'onnxruntime'):<16} "
+            f"{row['bytes'] / 1e6:>7.1f} "
             f"{row['size_vs_fp32']:>8.2f}x{cells} "
             f"{'' if gate is None else f'{gate:+.1%}':>8}"
         )

@@ -127,6 +127,20 @@ class Gate:
 # converted from such a GGUF have, and a gate from that figure would fail every other model's
 # int4-awq build. int4-awq-mixed is not measured (its run does not fit the shared machine's
 # time): it keeps the generic gate, as any recipe missing here.
+# The ONNX Runtime CUDA model (`--backend onnxruntime` on a GPU target), scored on the CPU with
+# its fp16/bf16 rounding emulated as its compile verifies it (python benchmarks/quality.py
+# --splits tune,eval --target h200 --backend onnxruntime --recipes none,fp16,bf16,int4-rtn,
+# int4-awq,int4-awq:quantize-int4-awq.keep_source_grid=false, 2026-12-06; evaluation split):
+# fp16 +0.02 % top-1 0.998 error 0.281; bf16 -0.13 % 0.988 3.00; int4-rtn +17.36 % 0.713 19.06;
+# int4-awq +0.28 % 0.981 1.84 with the source's Q4_1 grid kept, +10.68 % 0.827 19.88 with AWQ
+# proper's scaling (the gate's figure, as for the CPU's int4-awq). Top-1 and error the worse of
+# those and the tests' tiny llama, qwen2 and gpt2 builds for h200 on held text (fp16 1.000
+# 0.004, bf16 0.984 0.029, int4-rtn 0.562 0.834, int4-awq 0.711 0.634).
+_CUDA_MEASURED = (
+    "SmolLM2-135M, evaluation split (2,671 tokens), the CUDA graph with its fp16/bf16 rounding "
+    "emulated on the CPU, python benchmarks/quality.py --target h200 --backend onnxruntime, "
+    "2026-12-06; tests' tiny llama, qwen2 and gpt2 on held text"
+)
 GATES: dict[str, Gate] = {
     gate.recipe: gate
     for gate in (
@@ -135,6 +149,10 @@ GATES: dict[str, Gate] = {
         Gate("int4-rtn", 0.1773, 0.562, 19.96),
         Gate("int4-awq", 0.1111, 0.711, 19.83),
         Gate("fp8", 0.0154, 0.859, 8.24),
+        Gate("onnxruntime-cuda fp16", 0.0002, 0.998, 0.281, _CUDA_MEASURED),
+        Gate("onnxruntime-cuda bf16", -0.0013, 0.984, 3.00, _CUDA_MEASURED),
+        Gate("onnxruntime-cuda int4-rtn", 0.1736, 0.562, 19.06, _CUDA_MEASURED),
+        Gate("onnxruntime-cuda int4-awq", 0.1068, 0.711, 19.88, _CUDA_MEASURED),
     )
 }
 
@@ -157,13 +175,26 @@ _QUANTIZER_RECIPES = {
     "quantize-fp8": "fp8",
 }
 _COMPANIONS = ("quantize-embedding",)
+# What the ONNX Runtime CUDA model's gates are measured for: its float types, and the int4
+# weight quantizers under fp16 activations.
+_CUDA = "onnxruntime-cuda"
+_CUDA_INNER = ("fp16", "bf16", "int4-rtn", "int4-awq")
 
 
 def recipe_of(pipeline: Sequence[Any]) -> str | None:
     """The measured recipe a pipeline builds (one of GATES), None when its lossy passes are
     another combination (a quantized KV cache, 2:4 sparsity, pruning, --keep-fp, an int4
-    lm_head for TensorRT...), which keeps the generic gate."""
+    lm_head for TensorRT...), which keeps the generic gate. The ONNX Runtime CUDA model
+    (cast-float16 with the CUDA options after any weight quantizer) is "onnxruntime-cuda "
+    and its float type, or its quantizer's recipe (fp16 activations)."""
     lossy = [p for p in pipeline if p.tolerance != EXACT and p.name not in _COMPANIONS]
+    typing = [p for p in lossy if p.name == "cast-float16"]
+    if typing:
+        cuda = len(typing) == 1 and bool(typing[0].low_io)  # fdec.passes.typing.cuda_typing
+        rest = [p for p in pipeline if p is not typing[0]]
+        inner = recipe_of(rest) if len(lossy) > 1 else typing[0].dtype
+        wide = typing[0].dtype == "fp16" or inner == typing[0].dtype
+        return f"{_CUDA} {inner}" if cuda and wide and inner in _CUDA_INNER else None
     if len(lossy) != 1:
         return None
     quantizer = lossy[0]

@@ -10,16 +10,16 @@ most math in fp16/bf16, the numerically fragile parts in fp32, explicit Casts be
 - **kept fp32 by op**: ops in `keep_ops` (softmax, norm reductions, pow/sqrt/reciprocal, exp,
   cos/sin, ...), and elementwise ops that only combine such fp32 results with constants (the
   `+ eps` of an RMSNorm stays between its ReduceMean and Sqrt);
-- **tables**: float tensors computed from positions, masks and constants alone, with no path
-  from an activation or a weight (rotary cos/sin tables, attention masks): cheap, and fp16
-  rounding of `position × inv_freq` is what breaks long-context rotary embeddings;
+- **tables**: floats from positions, masks and constants alone (rotary cos/sin tables, masks):
+  cheap, and fp16 rounding of `position × inv_freq` breaks long-context rotary embeddings;
 - **norm**: the `x / Sqrt(...)` of an RMSNorm whose `Pow(x, 2)` is kept, so x is normalized in
   fp32 (as ONNX Runtime's norm kernels do) and ONNX Runtime can fold the chain into one
   SimplifiedLayerNormalization on the GPU;
 - **masks**: the Add/Sub/Where that applies a mask just before a Softmax, so a -3.4e38 mask
   value is never cast to fp16 (where it becomes -inf);
 - **logits** (`keep_logits`): the node producing each `logits` output, with the Q/DQ pair
-  feeding it, so the lm_head accumulates and returns fp32;
+  feeding it, so the lm_head accumulates and returns fp32 (and an embedding Gather of the
+  same tied table, cast after, so the table is stored once);
 - everything else computes in `dtype`; initializers and constants only low nodes read are
   stored in `dtype` (clamped to its finite range), Q/DQ scales included, so DequantizeLinear
   yields fp16/bf16 and TensorRT fuses Q/DQ into low-precision kernels.
@@ -27,15 +27,13 @@ most math in fp16/bf16, the numerically fragile parts in fp32, explicit Casts be
 Casts go where a value crosses between the two, and at the edges with `keep_io_types`, so
 inputs and outputs keep their types (but those `low_io` names: a GPU build's KV cache).
 
-ONNX Runtime's CUDA graph (fdec.backends.onnxruntime_cuda) is typed by the same pass with
-`cuda_typing`'s options: `low_ops`, the com.microsoft ops that compute low (GroupQueryAttention
-is fp16/bf16 only on CUDA), `CUDA_KEEP_FP32_OPS`, and `low_io`, an fp16 KV cache that one shared
-device buffer holds as past and present.
+ONNX Runtime's CUDA graph (fdec.backends.onnxruntime_cuda) is typed with `cuda_typing`'s
+options: `low_ops`, com.microsoft ops that compute low (GroupQueryAttention is fp16/bf16 only on
+CUDA), `CUDA_KEEP_FP32_OPS`, and `low_io`, a low KV cache (one shared device buffer).
 
-Not onnxruntime.transformers.float16.convert_float_to_float16: fp16 only, a protobuf copy with
-every weight loaded, and nodes blocked by op type or name ("the rotary table" cannot be said).
-This pass works on fdec's onnx-ir graph (a streamed one's new weights go to its spill at once),
-with that converter's clamping rule for initializers.
+Not onnxruntime.transformers.float16's converter (fp16 only, a protobuf copy with every weight
+loaded, nodes blocked by op type or name): fdec's onnx-ir graph (streamed: new weights go to the
+spill at once), with that converter's clamping rule for initializers.
 """
 
 from __future__ import annotations
@@ -122,6 +120,8 @@ _FLOAT32_OUTPUTS = frozenset(
     for index in (1, 2)
 )  # fmt: skip
 _MASK_OPS = frozenset({"Add", "Sub", "Where"})
+_COUNTED = ("tensors_cast", "initializers_cast", "constants_cast", "casts_inserted", "io_casts",
+            "io_low", "values_clamped", "bytes_before", "bytes_after")  # fmt: skip
 _SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
 
 _DTYPES: dict[str, ir.DataType] = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
@@ -194,9 +194,8 @@ class CastFloat16Pass(Pass):
 
     Options: `dtype` ("fp16" or "bf16"); `keep_ops` (op types kept in fp32); `keep_tables`
     (position/mask tables in fp32); `keep_logits` (the lm_head's output node in fp32);
-    `keep_io_types` (graph inputs and outputs keep their types; casts at the edges);
-    `low_ops` (op types outside the ONNX domain that compute low: other foreign ops stay fp32);
-    `low_io` (name prefixes of graph inputs/outputs typed low even with `keep_io_types`).
+    `keep_io_types` (graph I/O keeps its types; casts at the edges); `low_ops` (op types outside
+    the ONNX domain that compute low); `low_io` (I/O name prefixes typed low all the same).
     """
 
     name: ClassVar[str] = "cast-float16"
@@ -395,10 +394,9 @@ class _Typer:
                 v.producer() is not None and id(v.producer()) in kept for v in sources
             ):
                 kept[id(node)] = "follows fp32"
-        # The normalize step of an RMSNorm, `x / Sqrt(ReduceMean(Pow(x, 2)) + eps)`, reading the
-        # x its kept Pow reads: fp32 from the same Cast, cast low after, as ONNX Runtime's fused
-        # norm kernels compute it and the form its SimplifiedLayerNormFusion folds into one
-        # node on the GPU (core/optimizer/layer_norm_fusion.cc: Cast → Pow and Div → Cast → Mul).
+        # An RMSNorm's `x / Sqrt(ReduceMean(Pow(x, 2)) + eps)` reads x as its kept Pow does (fp32,
+        # from one Cast; low after), the form ONNX Runtime folds into one node on the GPU
+        # (core/optimizer/layer_norm_fusion.cc: Cast → Pow and Div → Cast → Mul).
         for node in self.nodes:
             if id(node) in kept or node.op_type != "Div" or len(node.inputs) != 2:
                 continue
@@ -408,8 +406,7 @@ class _Typer:
                 continue
             if any(use.op_type == "Pow" and id(use) in kept for use, _ in x.uses()):
                 kept[id(node)] = "norm"
-        # A kept node's quantized inputs: keep the DequantizeLinear (and the QuantizeLinear
-        # feeding it), so the Q/DQ pair stays whole and TensorRT still fuses it.
+        # A kept node's Q/DQ inputs stay whole (fp32), so TensorRT still fuses them.
         for node in self.nodes:
             if kept.get(id(node)) not in ("logits", "op", "mask"):
                 continue
@@ -421,6 +418,12 @@ class _Typer:
                 q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
                 if q is not None and q.op_type == "QuantizeLinear":
                     kept[id(q)] = "q/dq of a kept node"
+        # Last, so nothing follows it into fp32: a tied table's Gather (fp32 rows, rounded low).
+        for node in self.nodes:
+            table = node.inputs[0] if node.op_type == "Gather" and node.inputs else None
+            if table is not None and _is_constant(table) and id(node) not in kept:
+                if any(id(user) in kept for user, _ in table.uses() if user is not node):
+                    kept[id(node)] = "shares an fp32 table"
 
     # -- rewriting ---------------------------------------------------------------------------
 
@@ -544,9 +547,8 @@ class _Typer:
             touched = touched or any(_is_float32(v) for v in node.inputs)
             low_nodes += touched
         for node in self.nodes:
-            # A Shape reads no values, so it keeps its input: a Cast of a graph input there
-            # would make the typed graph read a later layer's KV cache for every layer's mask
-            # (an 8B's sliced check then ran 22 layers in one session).
+            # A Shape keeps its input: a Cast of a graph input there made every layer's mask read
+            # a later layer's KV cache (an 8B's sliced check ran 22 layers in one session).
             if node.op_type == "Constant" or node.op_type in SHAPE_ONLY_OPS:
                 continue
             for index, value in enumerate(node.inputs):
@@ -555,6 +557,11 @@ class _Typer:
                 wanted = self._wanted(node, index)
                 if value.dtype != wanted:
                     node.replace_input_with(index, self._cast_of(value, wanted))
+        for node in self.nodes:  # a shared table's rows: rounded low for every reader
+            if self.kept.get(id(node)) == "shares an fp32 table":
+                rows, low = node.outputs[0], self._cast_of(node.outputs[0], self.low)
+                for user, index in [u for u in rows.uses() if u[0] is not low.producer()]:
+                    user.replace_input_with(index, self._cast_of(low, ir.DataType.FLOAT))
         if self.keep_io_types:
             for position, value in enumerate(list(self.graph.outputs)):
                 original = originals[id(value)]  # low for low_io outputs
@@ -577,17 +584,10 @@ class _Typer:
             "nodes_kept_fp32": len(self.kept),
             "kept_by_reason": dict(sorted(reasons.items())),
             "kept_ops": dict(sorted(kept_ops.items())),
-            "tensors_cast": self.stats["tensors_cast"],
-            "initializers_cast": self.stats["initializers_cast"],
-            "constants_cast": self.stats["constants_cast"],
+            **{key: self.stats[key] for key in _COUNTED[:3]},
             "duplicated": self.stats["initializers_duplicated"]
             + self.stats["constants_duplicated"],
-            "casts_inserted": self.stats["casts_inserted"],
-            "io_casts": self.stats["io_casts"],
-            "io_low": self.stats["io_low"],
-            "values_clamped": self.stats["values_clamped"],
-            "bytes_before": self.stats["bytes_before"],
-            "bytes_after": self.stats["bytes_after"],
+            **{key: self.stats[key] for key in _COUNTED[3:]},
         }
 
 

@@ -122,18 +122,23 @@ def test_a_broken_quantizer_fails_the_default_gate_with_exit_3(tiny_models, tmp_
 
 
 @pytest.mark.parametrize(
-    ("quantize", "target", "recipe"),
+    ("quantize", "target", "backend", "recipe"),
     [
-        ("int4-rtn", "cpu", "int4-rtn"),
-        ("int4-awq", "cpu", "int4-awq"),
-        ("int4-awq-mixed", "cpu", "int4-awq-mixed"),
-        ("int8", "cpu", "int8-dynamic"),
-        ("int8", "h100", "int8-smoothquant"),
-        ("fp8", "h100", "fp8"),
+        ("int4-rtn", "cpu", "onnxruntime", "int4-rtn"),
+        ("int4-awq", "cpu", "onnxruntime", "int4-awq"),
+        ("int4-awq-mixed", "cpu", "onnxruntime", "int4-awq-mixed"),
+        ("int8", "cpu", "onnxruntime", "int8-dynamic"),
+        ("int8", "h100", "onnxruntime", "int8-smoothquant"),
+        ("fp8", "h100", "onnxruntime", "fp8"),
+        # the ONNX Runtime CUDA model: fp16 (its default), bf16, int4 under fp16 activations
+        (None, "h200", "onnxruntime-cuda", "onnxruntime-cuda fp16"),
+        ("bf16", "h200", "onnxruntime-cuda", "onnxruntime-cuda bf16"),
+        ("int4", "h200", "onnxruntime-cuda", "onnxruntime-cuda int4-rtn"),
+        ("int4-awq", "t4", "onnxruntime-cuda", "onnxruntime-cuda int4-awq"),
     ],
 )
-def test_each_measured_recipe_gets_its_own_gate(quantize, target, recipe):
-    plan = plan_pipeline(target=load_target(target), backend="onnxruntime", quantize=quantize)
+def test_each_measured_recipe_gets_its_own_gate(quantize, target, backend, recipe):
+    plan = plan_pipeline(target=load_target(target), backend=backend, quantize=quantize)
     assert recipe_of(plan.pipeline) == recipe
     if recipe not in GATES:  # not measured yet: the generic gate, saying so
         assert plan.tolerance.max_perplexity_increase == DEFAULT_MAX_PPL_INCREASE
@@ -147,7 +152,7 @@ def test_each_measured_recipe_gets_its_own_gate(quantize, target, recipe):
     assert gate.ppl_increase < gate.max_ppl_increase < DEFAULT_MAX_PPL_INCREASE
     # An explicit --max-ppl-increase wins over the default.
     asked = plan_pipeline(
-        target=load_target(target), backend="onnxruntime", quantize=quantize, max_ppl_increase=0.5
+        target=load_target(target), backend=backend, quantize=quantize, max_ppl_increase=0.5
     )
     assert asked.tolerance.max_perplexity_increase == 0.5
 
@@ -162,4 +167,13 @@ def test_unmeasured_combinations_keep_the_generic_gate():
         plan = plan_pipeline(target=cpu, backend="onnxruntime", **options)
         assert recipe_of(plan.pipeline) is None, options
         assert plan.tolerance.max_perplexity_increase == DEFAULT_MAX_PPL_INCREASE
+        assert plan.tolerance.source.startswith("generic gate")
+    h200 = load_target("h200")
+    for options in (
+        {"quantize": "int4-awq-mixed"},  # the CUDA model's mixed int4: not measured
+        # a typing of the user's own (no CUDA options: not the CUDA model's graph)
+        {"passes": "fold-constants,cast-float16", "quantize": "none"},
+    ):
+        plan = plan_pipeline(target=h200, backend="onnxruntime-cuda", **options)
+        assert recipe_of(plan.pipeline) is None, options
         assert plan.tolerance.source.startswith("generic gate")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -225,24 +226,72 @@ def test_tiny_llama_typed_stays_close_to_the_source(llama, dtype, tmp_path):
 
 
 def test_an_initializer_read_low_and_in_fp32_gets_a_low_copy():
-    """A tied table: the embedding Gather computes low, the logits MatMul stays fp32."""
+    """A weight a low MatMul and an fp32 Add read: stored twice, fp16 beside fp32."""
     text = """
     <ir_version: 10, opset_import: ["" : 21]>
-    g (int64[2] ids, float[2, 4] x) => (float[2, 3] logits, float[2, 3] rows) {
-        rows = Gather (w, ids)
-        logits = MatMul (x, w)
+    g (float[3, 4] x) => (float[3, 3] y, float[4, 3] w2) {
+        y = MatMul (x, w)
+        w2 = Softmax (w)
     }
     """
     model = FdecModel(ir_model(text, {"w": random_array(4, 3, seed=7)}), tiny_spec())
-    feeds = {"ids": np.array([0, 3], np.int64), "x": random_array(2, 4, seed=8)}
+    feeds = {"x": random_array(3, 4, seed=8)}
     before = run_ort(model.model, feeds)
-    result = CastFloat16Pass(dtype="fp16")(model)
+    result = CastFloat16Pass(dtype="fp16", keep_logits=False)(model)
     assert result.stats["duplicated"] == 1
     inits = model.graph.initializers
     assert inits["w"].dtype == ir.DataType.FLOAT and inits["w_float16"].dtype == ir.DataType.FLOAT16
     after = run_ort(model.model, feeds)
+    np.testing.assert_allclose(after[1], before[1], rtol=1e-6)  # softmax: fp32 throughout
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-2, atol=1e-2)
+
+
+def test_a_tied_table_kept_for_fp32_logits_is_stored_once():
+    """The embedding Gather of the table an fp32 lm_head reads gathers fp32 rows and rounds
+    them low for every reader: one fp32 table, not a bf16 copy beside it, and the same graph
+    and numbers as an untied model's (whose embedding table is stored bf16)."""
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (int64[2] ids, float[2, 3] x) => (float[2, 4] logits, float[2, 3] h, float[2, 3] y) {
+        rows = Gather (w, ids)
+        h = Mul (rows, rows)
+        two = Constant <value = float {2.0}> ()
+        sq = Pow (rows, two)
+        axes = Constant <value = int64[1] {-1}> ()
+        mean = ReduceMean (sq, axes)
+        std = Sqrt (mean)
+        normed = Div (rows, std)
+        y = Mul (normed, gamma)
+        logits = Gemm <transB = 1> (x, HEAD)
+    }
+    """
+    table = random_array(4, 3, seed=7)
+    weights = {"w": table, "gamma": random_array(3, seed=9)}
+    feeds = {"ids": np.array([0, 3], np.int64), "x": random_array(2, 3, seed=8)}
+    tied = FdecModel(ir_model(text.replace("HEAD", "w"), weights), tiny_spec())
+    untied = FdecModel(ir_model(text.replace("HEAD", "w2"), {**weights, "w2": table}), tiny_spec())
+    before = run_ort(tied.model, feeds)
+    result = CastFloat16Pass(dtype="bf16")(tied)  # keep_logits: the Gemm stays fp32
+    reference = CastFloat16Pass(dtype="bf16")(untied)
+    assert result.stats["duplicated"] == 0
+    assert list(tied.graph.initializers) == ["w", "gamma"]
+    assert tied.graph.initializers["w"].dtype == ir.DataType.FLOAT
+    reasons = dict(result.stats["kept_by_reason"])
+    assert reasons.pop("shares an fp32 table") == 1
+    assert reasons == reference.stats["kept_by_reason"]  # the norm's Div and Mul as untied
+    scale = tied.graph.outputs[2].producer().inputs[0]  # y, before its cast at the edge
+    assert scale.producer().op_type == "Mul" and scale.dtype == ir.DataType.BFLOAT16
+    gather = next(n for n in tied.graph if n.op_type == "Gather")
+    (low,) = [user for user, _ in gather.outputs[0].uses()]  # every reader reads it rounded
+    assert low.op_type == "Cast" and low.outputs[0].dtype == ir.DataType.BFLOAT16
+    for model in (tied, untied):
+        emulate_low_precision(model.model)
+    after, want = run_ort(tied.model, feeds), run_ort(untied.model, feeds)
     np.testing.assert_allclose(after[0], before[0], rtol=1e-6)  # logits: fp32 throughout
-    np.testing.assert_allclose(after[1], before[1], rtol=1e-3, atol=1e-3)
+    for got, expected in zip(after, want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    rows = table[[0, 3]].astype(ml_dtypes.bfloat16).astype(np.float32)  # what h squares
+    np.testing.assert_array_equal(after[1], (rows * rows).astype(ml_dtypes.bfloat16))
 
 
 def test_cuda_typing_of_the_fused_tiny_llama(llama):
