@@ -365,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default=None, help="with --stream: e.g. onnxruntime")
     parser.add_argument("--quantize", default="int4-rtn", help="with --stream; default: recipe")
     args = parser.parse_args(argv)
+    if args.workdir is not None:  # made if missing (mkdtemp needs the folder)
+        args.workdir.mkdir(parents=True, exist_ok=True)
     if args.stream:
         return streaming(args)
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))

@@ -20,6 +20,7 @@ from models import make_tiny_model
 from fdec.backends import check_precision, choose_backend, get_backend
 from fdec.cli import cli
 from fdec.errors import UsageError
+from fdec.gates import GATES
 from fdec.lower.cuda_kernels import cpu_placed_nodes, cpu_run_check, cpu_unrunnable
 from fdec.runtime import OrtModel, generate, open_session
 from fdec.targets import load_target
@@ -71,6 +72,9 @@ def test_gpu_target_gets_the_fp16_cuda_graph(builds):
     assert report["backend"] == "onnxruntime-cuda"
     assert report["recipe"] == {"quantize": "fp16", "chosen_by": "backend onnxruntime-cuda default"}
     assert report["pipeline"][-3:] == ["fuse-attention", "pack-qkv", "cast-float16"]
+    gate = GATES["onnxruntime-cuda fp16"]  # its own measured gate, not the generic +100 %
+    assert report["verification"]["tolerance"]["source"] == gate.source()
+    assert report["verification"]["tolerance"]["max_perplexity_increase"] == gate.max_ppl_increase
     graph = _graph(made["fp16"]).graph
     gqa = [n for n in graph if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 2 and all(n.inputs[0].dtype == ir.DataType.FLOAT16 for n in gqa)
@@ -286,6 +290,9 @@ def test_an_fp16_graph_that_overflows_on_the_gpu_is_found_here(
             report["recipe"]["chosen_by"],
         )
         assert report["verification"]["ok"] is True and report["models"][0]["compute"] == "bf16"
+        # judged by the bf16 model's gate, the recipe planned again
+        gate = GATES["onnxruntime-cuda bf16"]
+        assert report["verification"]["tolerance"]["source"] == gate.source()
         return
     assert result.exit_code == 1, result.output
     assert "inf/NaN values on held text" in result.stderr
