@@ -17,7 +17,9 @@ on a fresh copy of the graph, is saved, opened in ONNX Runtime at the level its 
 scored against the fp32 build (`none`, always the cpu target's, measured first) on fdec's
 corpus (fdec.gates). A GPU graph (`--backend onnxruntime` on a GPU target: the CUDA EP's
 fp16/bf16 model) is scored as its compile verifies it on a CPU, with the fp16/bf16 rounding
-emulated (fdec.runtime.check_forms). The splits:
+emulated (fdec.runtime.check_forms). A TensorRT recipe (fp8, int8-smoothquant on h100) gets a
+second row, "→ TensorRT model": the strongly typed model its engine is built from (bf16/fp16
+with the same Q/DQ, fdec.lower.tensorrt_model), scored the same emulated way. The splits:
 the tuning split (`tune`, on which defaults are chosen) and the evaluation split (`eval`, which
 no choice looks at; the README quotes it), or `held` / `held:N` (the first HELD_TOKENS or N
 tokens of the held text verification scores: what a build's own report would show). Each document is scored on its own (no context
@@ -42,6 +44,7 @@ import hashlib
 import json
 import pathlib
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -230,6 +233,26 @@ def _open(path: pathlib.Path, optimization: str = "all") -> tuple[Any, str | Non
     return OrtModel(open_session(path, **args)), low
 
 
+def _typed_row(row: dict[str, Any], path: pathlib.Path, target: Any, spec: Any) -> tuple:
+    """(row, session) of the strongly typed model a TensorRT recipe's engine is built from
+    (fdec.lower.tensorrt_model: fp16/bf16 with its Q/DQ, as `fdec compile` writes it), scored
+    with its low-precision rounding emulated: what the shipped engine computes, where the
+    recipe's own row is its fp32 Q/DQ graph."""
+    from fdec.lower.tensorrt_model import TYPED_MODEL, prepare_tensorrt_model
+
+    began = time.perf_counter()
+    record = prepare_tensorrt_model(path.parent, target=target, spec=spec)
+    typed = path.parent / TYPED_MODEL
+    session, low = _open(typed, "basic")
+    seconds = round(row["pass_s"] + time.perf_counter() - began, 1)
+    typed_row = {
+        **row, "recipe": f"{row['recipe']} → TensorRT model ({record['dtype']})",
+        "emulated": low, "bytes": _weights_bytes(typed.parent), "pass_s": seconds,
+        "precisions": record["precisions"],
+    }  # fmt: skip
+    return typed_row, session
+
+
 def _open_peer(path: pathlib.Path) -> tuple[Any, str | None]:
     session, low = _open(path)
     config = path.parent / "genai_config.json"
@@ -271,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnx_ir as ir
     import transformers
 
+    from fdec.backends import get_backend
+    from fdec.backends.tensorrt_rtx import StronglyTypedBackend
     from fdec.cli import parse_pass_options
     from fdec.compile import choose_backend, plan_pipeline
     from fdec.frontend.export import load_tokenizer
@@ -348,9 +373,11 @@ def main(argv: list[str] | None = None) -> int:
             "gate": _gate(name, plan),
         }  # fmt: skip
         measure(row, session)
+        del session
+        if isinstance(get_backend(backend), StronglyTypedBackend):
+            measure(*_typed_row(row, path, target, model.spec))
         if name != "none":
-            for leftover in path.parent.iterdir():
-                leftover.unlink()
+            shutil.rmtree(path.parent)
     for peer in peers:
         began = time.perf_counter()
         path = _peer(peer, fp32_path, source.folder, work)
