@@ -214,9 +214,6 @@ def _peer(name: str, fp32: pathlib.Path, source_folder: pathlib.Path, work: path
         command += ["-e", execution]
         command += ["-c", str(work / "genai-cache")]
         subprocess.run(command, check=True, capture_output=True)
-    else:
-        known = ", ".join((*_PEERS, *_GPU_PEERS))
-        raise SystemExit(f"unknown peer {name!r}; use {known} or none")
     return out
 
 
@@ -289,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         "--rows", type=pathlib.Path, default=None, help="append each row as a JSON line here"
     )
     args = parser.parse_args(argv)
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
+    for peer in peers:  # before the export and minutes of recipes
+        if peer not in (*_PEERS, *_GPU_PEERS):
+            known = ", ".join((*_PEERS, *_GPU_PEERS))
+            raise SystemExit(f"unknown peer {peer!r}; use {known} or none")
     warnings.filterwarnings("ignore")
 
     import onnx_ir as ir
@@ -312,7 +314,6 @@ def main(argv: list[str] | None = None) -> int:
     documents = {s: _documents(s, tokenizer, spec.vocab_size) for s in splits}
     recipes = [r for r in re.split(r",(?![^\[]*\])", args.recipes) if r]  # not inside [..]
     recipes = ["none", *(r for r in recipes if r != "none")]
-    peers = [p for p in args.peers.split(",") if p and p != "none"]
 
     rows: list[dict[str, Any]] = []
     reference: dict[str, list] = {}
