@@ -397,10 +397,12 @@ class QuantizeMixedPass(Pass):
         sensitivity: list[dict[str, Any]] = []
         measurer = quantizer
         if self.sensitivity_method is not None:
-            from fdec.passes import make_pass
+            from fdec.passes import REGISTRY, make_pass
 
             name = _METHODS.get(self.sensitivity_method, self.sensitivity_method)
-            options = dict(self.quantizer_options)
+            # the options the measuring quantizer has (RTN: no calibration, no source grid)
+            fields = {f.name for f in dataclasses.fields(REGISTRY[name])}
+            options = {k: v for k, v in self.quantizer_options.items() if k in fields}
             if name == "quantize-int4":
                 options = {k: v for k, v in options.items() if k not in _CALIBRATION_OPTIONS}
             measurer = make_pass(name, **options)

@@ -71,7 +71,10 @@ _QUANTIZE_METHODS = {
 # Units --quantize int4-awq-mixed keeps in 8 bits (the most sensitive, measured per build).
 # SmolLM2-135M (quality.py, 128 held tokens, fp32 54.05): keep 8 (lm_head + 7 layers) 113.6 MB
 # 0.21x, -0.9 %; keep 4 (lm_head, layers 11, 29, 2) 106.2 MB 0.197x, +7.1 %; int4-awq alone
-# 87.2 MB 0.16x, +17.0 %. 4 is the most that keeps a tied-embedding model within 0.20x.
+# 87.2 MB 0.16x, +17.0 %. 4 was the most that kept a tied-embedding model within 0.20x. Since
+# its int4 units keep a Q4_1 source's grid as int4-awq's do (tuning split, 2,657 tokens):
+# keep 4 111.2 MB 0.206x +0.25 %, keep 3 109.6 MB 0.203x +0.41 % (AWQ proper's units: keep 4
+# +9.09 %); int4-awq alone 0.197x. 4 stays: none within 0.20x, and the best.
 INT4_MIXED_KEEP = 4
 # The lm_head (and a tied table shared with it) of int4 recipes in 8 bits: SmolLM2 int4-awq
 # +17.5 % → +7.3 % perplexity at 86.8 → 100.9 MB (benchmarks/quality.py; docs/design-notes.md).
@@ -236,13 +239,23 @@ def _quantize_passes(
             f"--keep-fp works with --quantize int4 or int8-dynamic, not {asked}",
             "drop --keep-fp, or quantize weights only (int4)",
         )
+    # AWQ (mixed too) keeps a source's own block grid (a GGUF's Q4_1) instead of rounding again.
+    grid = (
+        {
+            "keep_source_grid": INT4_KEEP_SOURCE_GRID,
+            "source_grid_levels": INT4_SOURCE_GRID_LEVELS,
+            "source_grid_rounded_zero_points": INT4_SOURCE_GRID_ROUNDED_ZERO_POINTS,
+        }
+        if precision.value == "int4" and method.startswith("awq")
+        else {}
+    )
     if precision.value == "int4" and (keep_fp is not None or method == "awq-mixed"):
         # awq-mixed: the most sensitive layers (measured) in 8-bit weight-only, the rest AWQ
         # int4; --keep-fp N alone keeps N layers in fp32 instead.
         weights = fdec_passes.make_pass(
             "quantize-mixed",
             method="int4-awq" if method.startswith("awq") else "int4",
-            quantizer_options=int4_options,
+            quantizer_options={**int4_options, **grid},
             keep_fp=INT4_MIXED_KEEP if keep_fp is None else keep_fp,
             keep_bits=8 if method == "awq-mixed" else None,
             sensitivity_method="int4" if method == "awq-mixed" else None,
@@ -258,15 +271,6 @@ def _quantize_passes(
         name = "quantize-int4-awq" if method == "awq" else "quantize-int4"
         # TensorRT(-RTX) takes blocked DequantizeLinear of INT4 only: its lm_head stays 4-bit.
         head_bits = INT4_LM_HEAD_BITS if pass_backend == "onnxruntime" else None
-        grid = (
-            {
-                "keep_source_grid": INT4_KEEP_SOURCE_GRID,
-                "source_grid_levels": INT4_SOURCE_GRID_LEVELS,
-                "source_grid_rounded_zero_points": INT4_SOURCE_GRID_ROUNDED_ZERO_POINTS,
-            }
-            if method == "awq"
-            else {}
-        )
         weights = fdec_passes.make_pass(name, lm_head_bits=head_bits, **grid, **int4_options)
     elif precision.value == "fp8":
         # GPTQ rounding and one shared fp8 table (tied embedding = lm_head): SmolLM2 +11.5 %
