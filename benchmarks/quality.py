@@ -221,13 +221,10 @@ def _open(path: pathlib.Path, optimization: str = "all") -> tuple[Any, str | Non
     """(OrtModel, "fp16"/"bf16" or None) for the model at `path`. A GPU graph (fp16/bf16) is
     scored as fdec's compile verifies one on a CPU: every node in fp32, each fp16/bf16 tensor
     rounded to its type (fdec.runtime.check_forms.emulate_low_precision)."""
-    from fdec.runtime import OrtModel, open_session
-    from fdec.runtime.check_forms import lighter_session_args, low_dtype
+    from fdec.runtime.check_forms import low_dtype
+    from fdec.runtime.session import check_session
 
-    low = low_dtype(path)
-    args = {"optimization": optimization}
-    args.update(lighter_session_args(path, emulate=True) if low else {})
-    return OrtModel(open_session(path, **args)), low
+    return check_session(path, optimization=optimization), low_dtype(path)
 
 
 def _typed_row(row: dict[str, Any], path: pathlib.Path, target: Any, spec: Any) -> tuple:

@@ -403,8 +403,6 @@ class QuantizeMixedPass(Pass):
             # the options the measuring quantizer has (RTN: no calibration, no source grid)
             fields = {f.name for f in dataclasses.fields(REGISTRY[name])}
             options = {k: v for k, v in self.quantizer_options.items() if k in fields}
-            if name == "quantize-int4":
-                options = {k: v for k, v in options.items() if k not in _CALIBRATION_OPTIONS}
             measurer = make_pass(name, **options)
         for unit in units:
             trial = _copy(model)

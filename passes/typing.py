@@ -584,10 +584,9 @@ class _Typer:
             "nodes_kept_fp32": len(self.kept),
             "kept_by_reason": dict(sorted(reasons.items())),
             "kept_ops": dict(sorted(kept_ops.items())),
-            **{key: self.stats[key] for key in _COUNTED[:3]},
+            **{key: self.stats[key] for key in _COUNTED},
             "duplicated": self.stats["initializers_duplicated"]
             + self.stats["constants_duplicated"],
-            **{key: self.stats[key] for key in _COUNTED[3:]},
         }
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "BoundDecoder",
     "OrtModel",
     "auto_threads",
+    "check_session",
     "open_session",
     "require_onnxruntime",
     "session_for_model",
@@ -430,13 +431,20 @@ def session_for_model(model: Any, *, optimization: str = "all") -> OrtModel:
     holding fp16/bf16 tensors (a GPU graph, once typed) runs with that rounding emulated
     (fdec.runtime.check_forms.emulate_low_precision): the CPU has no bf16 kernels, and its
     own fp16 run skips the rounding between nodes."""
-    from fdec.runtime.check_forms import lighter_session_args, low_dtype
-
     with tempfile.TemporaryDirectory(prefix="fdec-check-") as folder:
         path = pathlib.Path(folder) / "model.onnx"
         model.save(path)
-        args: dict[str, Any] = {"optimization": optimization}
-        if low_dtype(path):  # not every pass check of an fp32 graph: its re-load and rewrite
-            args.update(lighter_session_args(path, emulate=True))
         # ORT reads the external data while creating the session; the files can go after.
-        return OrtModel(open_session(path, **args))
+        return check_session(path, optimization=optimization)
+
+
+def check_session(path: str | pathlib.Path, *, optimization: str = "all") -> OrtModel:
+    """An ORT session on the saved model at `path` for checking its numbers here: a graph that
+    holds fp16/bf16 runs with that rounding emulated (as `session_for_model`), an fp32 one as
+    it is (not re-loaded and rewritten)."""
+    from fdec.runtime.check_forms import lighter_session_args, low_dtype
+
+    args: dict[str, Any] = {"optimization": optimization}
+    if low_dtype(path):
+        args.update(lighter_session_args(path, emulate=True))
+    return OrtModel(open_session(path, **args))
