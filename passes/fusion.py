@@ -134,6 +134,36 @@ class _Conv1DAsMatMul(pattern.RewriteRuleClassBase):
         return product if bias is None else op.Add(product, bias)
 
 
+class _ShiftRangeOnHost(pattern.RewriteRuleClassBase):
+    """`Range(start, limit, delta) + offset` → `Range(start + offset, limit + offset, delta)`
+    for a scalar integer offset (the same numbers).
+
+    GPT-2's traced causal mask makes its positions as `arange(sequence) + past length`. On
+    ONNX Runtime's CUDA provider Range reads its three scalars from host memory and writes the
+    positions to the device, so the Add of the host-side past length made a MemcpyFromHost on
+    every step (and no CUDA graph capture). Shifted inside the Range, the Adds are host shape
+    work (fdec.lower.cuda_placement's rule 1) and nothing crosses.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("ShiftRangeOnHost", remove_nodes=True)
+
+    def pattern(self, op, start, limit, delta, offset):
+        return op.Add(op.Range(start, limit, delta), offset)
+
+    def check(self, context, start, limit, delta, offset, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        scalars = (start, limit, delta, offset)
+        if any(v.shape is None or v.shape.rank() != 0 for v in scalars):
+            return result.fail("not all scalars", offset)
+        if any(v.dtype not in (ir.DataType.INT64, ir.DataType.INT32) for v in scalars):
+            return result.fail("not integers (a float shift may round differently)", offset)
+        return result
+
+    def rewrite(self, op, start, limit, delta, offset, **_):
+        return op.Range(op.Add(start, offset), op.Add(limit, offset), delta)
+
+
 def _gemm_bias(gemm: ir.Value) -> ir.Value | None:
     inputs = gemm.producer().inputs
     return inputs[2] if len(inputs) > 2 else None
@@ -318,6 +348,7 @@ def _forget_matched_nodes() -> int:
 
 _NORMALIZE_RULES = RewriteRuleSet([_RotaryAnglesAsMatMul.rule(), _Conv1DAsMatMul.rule()])
 _STANDARDIZE_RULES = RewriteRuleSet([_ExpandOnnxDomainRmsNorm.rule()])
+_HOST_SHAPE_RULES = RewriteRuleSet([_ShiftRangeOnHost.rule()])
 
 
 def _op_counts(model: FdecModel) -> collections.Counter[str]:
@@ -392,6 +423,7 @@ class FuseAttentionPass(Pass):
             if fused_model is not model.model:
                 model.model = fused_model
             expanded = _STANDARDIZE_RULES.apply_to_model(model.model)
+            ranges_shifted = _HOST_SHAPE_RULES.apply_to_model(model.model)
         finally:
             _forget_matched_nodes()
         rotary_caches = _constant_rotary_caches(model) if self.rotary_cache else 0
@@ -414,6 +446,7 @@ class FuseAttentionPass(Pass):
             "fusions": {k: v for k, v in sorted(fusions.items()) if v},
             "rewritten_for_ort_fusions": normalized,
             "rms_norms_kept_standard": expanded,
+            "ranges_shifted_to_host": ranges_shifted,
             "constant_rotary_caches": rotary_caches,
             "total_length_from_mask_width": total_from_mask,
             "attention": next(iter(attention), None),

@@ -115,29 +115,37 @@ def test_fp16_inputs_stay_on_the_device():
     assert [(c.direction, c.value) for c in placement.copies] == [("MemcpyFromHost", "sf")]
 
 
+def _cuda_build(folder, out, **rules_off) -> None:
+    """`fdec compile FOLDER --target h200 --backend onnxruntime` (the fp16 CUDA graph) into
+    out, with the fuse-attention helpers named in rules_off turned off."""
+    import types
+
+    import fdec.passes.fusion as fusion
+
+    off = {"total_length": ("_total_length_from_mask", lambda model: 0),
+           "shift_range": ("_HOST_SHAPE_RULES", types.SimpleNamespace(apply_to_model=lambda m: 0))}  # fmt: skip
+    patch = pytest.MonkeyPatch()
+    for name in rules_off:
+        patch.setattr(fusion, *off[name])
+    try:
+        result = CliRunner().invoke(
+            cli,
+            ["compile", str(folder), "--target", "h200", "--backend", "onnxruntime", "-o",
+             str(out), "--max-seq-len", "64", "--no-cache"],
+        )  # fmt: skip
+    finally:
+        patch.undo()
+    assert result.exit_code == 0, result.output + result.stderr
+
+
 @pytest.fixture(scope="module")
 def fused_builds(tiny_models, tmp_path_factory):
     """The tiny Llama's fp16 CUDA build as shipped, and the same with onnxscript's own
     total_sequence_length (the fdec rewrite turned off)."""
-    import fdec.passes.fusion as fusion
-
     root = tmp_path_factory.mktemp("placement")
-    made = {}
-    for name in ("shipped", "from_positions"):
-        patch = pytest.MonkeyPatch()
-        if name == "from_positions":
-            patch.setattr(fusion, "_total_length_from_mask", lambda model: 0)
-        try:
-            result = CliRunner().invoke(
-                cli,
-                ["compile", str(tiny_models("llama")), "--target", "h200", "--backend",
-                 "onnxruntime", "-o", str(root / name), "--max-seq-len", "64", "--no-cache"],
-            )  # fmt: skip
-        finally:
-            patch.undo()
-        assert result.exit_code == 0, result.output + result.stderr
-        made[name] = root / name
-    return made
+    _cuda_build(tiny_models("llama"), root / "shipped")
+    _cuda_build(tiny_models("llama"), root / "from_positions", total_length=True)
+    return {"shipped": root / "shipped", "from_positions": root / "from_positions"}
 
 
 def test_fused_build_has_no_memcpy_and_the_report_says_so(fused_builds):
@@ -175,3 +183,21 @@ def test_total_length_from_positions_would_copy_to_the_host(fused_builds):
     report = json.loads((fused_builds["from_positions"] / "report.json").read_text())
     assert report["cuda_placement"]["ok"] is False
     assert report["cuda_placement"]["memcpy_nodes"] == 1
+
+
+def test_gpt2_positions_shift_inside_the_range_so_nothing_crosses(tiny_models, tmp_path):
+    """GPT-2's traced causal mask adds the host-side past length to a Range's device output:
+    a MemcpyFromHost every step. fuse-attention shifts the Range itself instead."""
+    _cuda_build(tiny_models("gpt2"), tmp_path / "shipped")
+    _cuda_build(tiny_models("gpt2"), tmp_path / "unshifted", shift_range=True)
+    before = predict_placement(tmp_path / "unshifted" / "model.onnx")
+    assert [(c.direction, c.readers) for c in before.copies] == [
+        ("MemcpyFromHost", (before.copies[0].readers[0],))
+    ] and before.copies[0].readers[0].startswith("Add ")
+    report = json.loads((tmp_path / "shipped" / "report.json").read_text())
+    fusion = next(p for p in report["passes"] if p["name"] == "fuse-attention")
+    assert fusion["stats"]["ranges_shifted_to_host"] == 1
+    assert fusion["stats"]["attention"] == "MultiHeadAttention"
+    placement = predict_placement(tmp_path / "shipped" / "model.onnx")
+    assert placement.copies == [] and placement.no_kernel == []
+    assert report["cuda_placement"]["memcpy_nodes"] == 0 and report["verification"]["ok"]
