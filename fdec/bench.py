@@ -229,6 +229,7 @@ def run_bench(
     from fdec.lower import MODEL_FILE
     from fdec.runner import load_build
     from fdec.runtime.batch import generate_batch
+    from fdec.runtime.generate import KvPolicy
     from fdec.runtime.session import OrtModel, open_session
 
     folder = pathlib.Path(folder)
@@ -282,7 +283,12 @@ def run_bench(
         * model.head_dim
         * np.dtype(model.kv_dtype).itemsize
     )
-    mean_length = prompt_len + (gen_len - 1) / 2  # past positions read, averaged over steps
+    # past positions read, averaged over the decode steps; a cache the runtime trims holds at
+    # most sink + window of them
+    policy = KvPolicy.of(model.kv_policy)
+    cap = policy.max_cache_tokens if policy is not None and policy.trims else None
+    lengths = prompt_len + 0.5 + np.arange(gen_len - 1)  # mean: prompt + (gen - 1) / 2
+    mean_length = float(np.mean(np.minimum(lengths, cap) if cap else lengths))
     streamed = weights["total"] - weights["gathered"]
     rows = []
     for b in batches:

@@ -111,3 +111,18 @@ def test_bad_batches_are_usage_errors(builds):
         generate_batch(builds["plain"], [], max_new_tokens=4)
     with pytest.raises(UsageError, match="empty prompt"):
         generate_batch(builds["plain"], [[1, 2], []], max_new_tokens=4)
+
+
+def test_a_trimmed_cache_batches_prompts_of_one_length(builds):
+    """A build whose runtime drops cache positions (sink 2 + window 6) batches equal-length
+    prompts: each row's tokens equal its lone run, whose cache is trimmed the same way (the
+    12-token prompts are prefilled in chunks and 24 steps outgrow the 8 kept positions)."""
+    plain = builds["plain"]
+    model = OrtModel(plain.session, kv_policy={"sink": 2, "window": 6})
+    prompts = [_PROMPTS[0], list(reversed(_PROMPTS[0])), [p + 1 for p in _PROMPTS[0]]]
+    want = _alone(model, prompts, 24)
+    assert want != _alone(plain, prompts, 24)  # the trimming changes the tokens
+    result = generate_batch(model, prompts, max_new_tokens=24)
+    assert result.tokens == want and not result.padded and result.decode_steps == 23
+    with pytest.raises(UsageError, match=r"different lengths.*trims"):
+        generate_batch(model, _PROMPTS, max_new_tokens=4)

@@ -131,3 +131,22 @@ def test_a_gpu_bench_names_the_device_and_its_copy_bandwidth():
     text = render_bench(bench)
     assert "device NVIDIA H200;" in text
     assert "bandwidth 4000.0 GB/s (NVIDIA H200: copy of a 1024 MB tensor, best of 3)" in text
+
+
+def test_bench_measures_a_build_whose_runtime_trims_the_cache(tiny_models, tmp_path, cli_runner):
+    """--kv-window with a sink keeps the traced attention and has the runtime drop positions:
+    `fdec bench` (batch sizes 1,4,16 by default) used to stop at the first batch with "batched
+    generation does not trim the KV cache". Bytes per step count the kept positions only."""
+    out = tmp_path / "windowed"
+    fdec.compile(tiny_models("llama"), target="cpu", out=out, quantize="none",
+                 kv_window=6, kv_sink=2)  # fmt: skip
+    result = cli_runner.invoke(
+        cli, ["bench", str(out), "--prompt-len", "12", "--gen-len", "6", "--rounds", "1", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.stdout)
+    assert [row["batch"] for row in bench["rows"]] == [1, 4, 16]
+    for row in bench["rows"]:
+        assert row["decode_tok_s"] > 0
+        kv = row["batch"] * bench["kv_bytes_per_token"] * 8  # sink 2 + window 6, every step
+        assert row["bytes_per_step"] == int(bench["weight_bytes"] - bench["gathered_bytes"] + kv)

@@ -90,8 +90,8 @@ def generate_batch(
     """Decode all prompts together; row i's tokens equal `generate(model, prompts[i], ...)`.
 
     Sampling uses one generator per row seeded with `sampling.seed`, as a lone run would.
-    Raises UsageError for an empty batch, an empty prompt, a build whose KV policy drops
-    positions at run time, and prompts of different lengths on a fused-attention build.
+    Raises UsageError for an empty batch, an empty prompt, and prompts of different lengths
+    on a fused-attention build or on one whose KV policy drops positions at run time.
     """
     rows = [list(map(int, prompt)) for prompt in prompts]
     if not rows:
@@ -101,13 +101,15 @@ def generate_batch(
     if not model.num_layers:
         raise UsageError("generate_batch needs a decoder build", "compile a causal LM")
     policy = KvPolicy.of(model.kv_policy)
-    if policy is not None and policy.trims:
-        raise UsageError(
-            "batched generation does not trim the KV cache (this build has --kv-window "
-            f"{policy.window} applied by the runtime)",
-            "run the prompts one at a time with fdec.runtime.generate",
-        )
     lengths = {len(row) for row in rows}
+    trims = policy is not None and policy.trims
+    if trims and len(lengths) > 1:
+        raise UsageError(
+            "prompts of different lengths cannot share a batch on a build whose KV cache the "
+            f"runtime trims (--kv-window {policy.window}): left padding would fill the sink "
+            "and the window with pad positions",
+            "batch prompts of equal length, or run them one at a time",
+        )
     if len(lengths) > 1 and uses_fused_attention(model):
         raise UsageError(
             "prompts of different lengths cannot share a batch on a fused-attention build "
@@ -116,6 +118,9 @@ def generate_batch(
             "(fdec compile --passes default)",
         )
     rngs = [np.random.default_rng(sampling.seed) for _ in rows]
+    if trims:
+        return _generate_trimmed(model, rows, policy, max_new_tokens, sampling, stop_tokens,
+                                 pad_token, rngs)  # fmt: skip
     if len(lengths) == 1:
         return _generate_equal(model, rows, max_new_tokens, sampling, stop_tokens, pad_token, rngs)
     return _generate_padded(model, rows, max_new_tokens, sampling, stop_tokens, pad_token, rngs)
@@ -168,6 +173,39 @@ def _generate_equal(model, rows, max_new_tokens, sampling, stop_tokens, pad_toke
         steps += 1
     decode_s = time.perf_counter() - start
     return BatchResult(state.tokens, [len(r) for r in rows], prefill_s, decode_s, steps, False)
+
+
+def _generate_trimmed(model, rows, policy, max_new_tokens, sampling, stop_tokens, pad_token,
+                      rngs):  # fmt: skip
+    """Prompts of one length on a build whose cache the runtime trims: generate's trimmed loop
+    (fdec.runtime.generate) over the whole batch. Every row holds the same positions, so one
+    trim of the past keeps each row's sink and window; a prompt longer than sink + window is
+    prefilled in window-sized chunks, as a lone run is."""
+    state = _Rows(len(rows), max(max_new_tokens, 1), sampling, stop_tokens, rngs)
+    ids = np.asarray(rows, dtype=np.int64)
+    width = ids.shape[1]
+    chunk = width if width <= policy.max_cache_tokens else policy.window
+    past, position = model.empty_past(len(rows)), 0
+
+    def step(piece: np.ndarray) -> np.ndarray:
+        nonlocal past, position
+        past = policy.trim(past)
+        logits, past = model.decode(piece, past, past[0].shape[2], position=position)
+        position += piece.shape[1]
+        return logits[:, -1]
+
+    start = time.perf_counter()
+    for offset in range(0, width, chunk):
+        logits = step(ids[:, offset : offset + chunk])
+    state.take(logits)
+    prefill_s = time.perf_counter() - start
+    steps = 0
+    start = time.perf_counter()
+    while not state.finished:
+        state.take(step(state.next_ids(pad_token)))
+        steps += 1
+    decode_s = time.perf_counter() - start
+    return BatchResult(state.tokens, [width] * len(rows), prefill_s, decode_s, steps, False)
 
 
 def _generate_padded(model, rows, max_new_tokens, sampling, stop_tokens, pad_token, rngs):
