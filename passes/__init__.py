@@ -17,7 +17,7 @@ from fdec.passes.cleanup import (
     StripMetadataPass,
     UntieEmbeddingsPass,
 )
-from fdec.passes.fusion import FuseAttentionPass
+from fdec.passes.fusion import FuseAttentionPass, HostShapesPass
 from fdec.passes.kv_cache import KvPolicyPass, QuantizeKvCachePass
 from fdec.passes.pack import PackQkvPass
 from fdec.passes.prune import PrunePass
@@ -49,6 +49,7 @@ REGISTRY: dict[str, type[Pass]] = {
         QuantizeEmbeddingPass,
         QuantizeMixedPass,
         FuseAttentionPass,
+        HostShapesPass,
         PackQkvPass,
         QuantizeKvCachePass,
         KvPolicyPass,

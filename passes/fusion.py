@@ -31,7 +31,7 @@ from fdec.passes.cleanup import FoldConstantsPass
 from fdec.passes.weights import add_initializer
 from fdec.pipeline import EXACT, Pass, PassResult
 
-__all__ = ["FUSED_ATTENTION_OPS", "GQA_HEAD_SIZE_MULTIPLE", "FuseAttentionPass"]
+__all__ = ["FUSED_ATTENTION_OPS", "GQA_HEAD_SIZE_MULTIPLE", "FuseAttentionPass", "HostShapesPass"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,8 @@ class _ShiftRangeOnHost(pattern.RewriteRuleClassBase):
             return result.fail("not all scalars", offset)
         if any(v.dtype not in (ir.DataType.INT64, ir.DataType.INT32) for v in scalars):
             return result.fail("not integers (a float shift may round differently)", offset)
+        if _ir_utils.get_singleton_value(offset) is not None:
+            return result.fail("a constant offset is added on the device with no copy", offset)
         return result
 
     def rewrite(self, op, start, limit, delta, offset, **_):
@@ -351,6 +353,13 @@ _STANDARDIZE_RULES = RewriteRuleSet([_ExpandOnnxDomainRmsNorm.rule()])
 _HOST_SHAPE_RULES = RewriteRuleSet([_ShiftRangeOnHost.rule()])
 
 
+def _shift_ranges(model: FdecModel) -> int:
+    try:
+        return _HOST_SHAPE_RULES.apply_to_model(model.model)
+    finally:
+        _forget_matched_nodes()
+
+
 def _op_counts(model: FdecModel) -> collections.Counter[str]:
     return collections.Counter(
         node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
@@ -410,9 +419,13 @@ class FuseAttentionPass(Pass):
                 "Runtime's GroupQueryAttention refuses it, so the traced attention is kept"
             )
             logger.info("fuse-attention: %s", reason)
+            shifted = _shift_ranges(model)
             return PassResult(
-                model, modified=False, stats={"nodes_before": nodes_before, "not_fused": reason}
-            )
+                model,
+                modified=bool(shifted),
+                stats={"nodes_before": nodes_before, "not_fused": reason,
+                       "ranges_shifted_to_host": shifted},
+            )  # fmt: skip
         # fdec's folder first: it keeps weight names through folded transposes, so the
         # folding inside onnxscript's optimizer finds no weight left to rename.
         FoldConstantsPass()(model)
@@ -423,7 +436,7 @@ class FuseAttentionPass(Pass):
             if fused_model is not model.model:
                 model.model = fused_model
             expanded = _STANDARDIZE_RULES.apply_to_model(model.model)
-            ranges_shifted = _HOST_SHAPE_RULES.apply_to_model(model.model)
+            ranges_shifted = _shift_ranges(model)
         finally:
             _forget_matched_nodes()
         rotary_caches = _constant_rotary_caches(model) if self.rotary_cache else 0
@@ -462,3 +475,20 @@ class FuseAttentionPass(Pass):
             )
             logger.info("fuse-attention: %s", stats["not_fused"])
         return PassResult(model, modified=nodes_after != nodes_before, stats=stats)
+
+
+@dataclasses.dataclass
+class HostShapesPass(Pass):
+    """Keep a graph's shape arithmetic where ONNX Runtime's CUDA provider reads it, the host:
+    `Range(...) + offset` becomes a shifted Range (`_ShiftRangeOnHost`), so no MemcpyFromHost
+    runs every step. fuse-attention applies the same rules; the onnxruntime-cuda backend adds
+    this pass where its pipeline has no fuse-attention (attention sinks, a --passes list)."""
+
+    name = "host-shapes"
+    family = "fuse"
+    summary = "keep shape arithmetic on the host for ONNX Runtime's CUDA provider (no Memcpy)"
+    tolerance = EXACT  # integer positions, the same numbers
+
+    def call(self, model: FdecModel) -> PassResult:
+        shifted = _shift_ranges(model)
+        return PassResult(model, modified=bool(shifted), stats={"ranges_shifted_to_host": shifted})

@@ -115,7 +115,7 @@ def test_fp16_inputs_stay_on_the_device():
     assert [(c.direction, c.value) for c in placement.copies] == [("MemcpyFromHost", "sf")]
 
 
-def _cuda_build(folder, out, **rules_off) -> None:
+def _cuda_build(folder, out, *options, **rules_off) -> None:
     """`fdec compile FOLDER --target h200 --backend onnxruntime` (the fp16 CUDA graph) into
     out, with the fuse-attention helpers named in rules_off turned off."""
     import types
@@ -131,7 +131,7 @@ def _cuda_build(folder, out, **rules_off) -> None:
         result = CliRunner().invoke(
             cli,
             ["compile", str(folder), "--target", "h200", "--backend", "onnxruntime", "-o",
-             str(out), "--max-seq-len", "64", "--no-cache"],
+             str(out), "--max-seq-len", "64", "--no-cache", *options],
         )  # fmt: skip
     finally:
         patch.undo()
@@ -200,4 +200,19 @@ def test_gpt2_positions_shift_inside_the_range_so_nothing_crosses(tiny_models, t
     assert fusion["stats"]["attention"] == "MultiHeadAttention"
     placement = predict_placement(tmp_path / "shipped" / "model.onnx")
     assert placement.copies == [] and placement.no_kernel == []
+    assert report["cuda_placement"]["memcpy_nodes"] == 0 and report["verification"]["ok"]
+
+
+def test_an_unfused_cuda_graph_gets_host_shapes_instead(tiny_models, tmp_path):
+    """Attention sinks keep the traced attention (GroupQueryAttention has none), so no
+    fuse-attention shifts the positions: the backend adds host-shapes before the typing."""
+    sink = ("--kv-window", "8", "--kv-sink", "2")
+    _cuda_build(tiny_models("llama"), tmp_path / "shipped", *sink)
+    _cuda_build(tiny_models("llama"), tmp_path / "unshifted", *sink, shift_range=True)
+    assert len(predict_placement(tmp_path / "unshifted" / "model.onnx").copies) == 1
+    report = json.loads((tmp_path / "shipped" / "report.json").read_text())
+    assert report["pipeline"][-3:] == ["host-shapes", "cast-float16", "kv-policy"]
+    shapes = next(p for p in report["passes"] if p["name"] == "host-shapes")
+    assert shapes["stats"] == {"ranges_shifted_to_host": 1}  # a constant offset stays put
+    assert predict_placement(tmp_path / "shipped" / "model.onnx").copies == []
     assert report["cuda_placement"]["memcpy_nodes"] == 0 and report["verification"]["ok"]

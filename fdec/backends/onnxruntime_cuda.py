@@ -76,9 +76,10 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         target: Any = None,
         **_: Any,
     ) -> list[Any]:
-        """Fusion and packed QKV as on the CPU (when the default pipeline allows them), then the
-        CUDA typing, which every build of this backend gets (a --passes list included)."""
-        from fdec.passes.fusion import FuseAttentionPass
+        """Fusion and packed QKV as on the CPU (when the default pipeline allows them), else
+        host-shapes, then the CUDA typing, which every build of this backend gets (a --passes
+        list included)."""
+        from fdec.passes.fusion import FuseAttentionPass, HostShapesPass
         from fdec.passes.typing import CastFloat16Pass, cuda_typing
 
         if "hf-checkpoint" in emit:
@@ -92,6 +93,9 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         )
         passes = [dataclasses.replace(p, backend=self.name)
                   if p.name == FuseAttentionPass.name else p for p in passes]  # fmt: skip
+        names = {p.name for p in [*pipeline, *passes]}
+        if not names & {FuseAttentionPass.name, HostShapesPass.name}:
+            passes.append(HostShapesPass())  # no Memcpy for the unfused graph's positions
         if any(p.name == CastFloat16Pass.name for p in pipeline):
             return passes
         dtype = float_dtype(quantize)
