@@ -522,6 +522,10 @@ class QuantizeInt4Pass(Pass):
             )
             flat = ir.node("Reshape", [rows.outputs[0], shape.outputs[0]], name=f"{prefix}_rows")
             nodes = [rows, ids_shape, shape, flat]
+            # typed as the Gather was: the typing pass after (cast-float16) reads every type
+            rows.outputs[0].dtype = flat.outputs[0].dtype = weight.dtype
+            flat.outputs[0].shape = gather.outputs[0].shape
+            ids_shape.outputs[0].dtype = shape.outputs[0].dtype = ir.DataType.INT64
             if inverse is not None:
                 nodes.append(ir.node("Mul", [flat.outputs[0], inverse], name=f"{prefix}_inv_s"))
             replace_node(graph, gather, nodes)

@@ -374,3 +374,14 @@ def test_cpu_run_check_loads_the_graph_as_written(tmp_path):
     with pytest.raises(Exception, match="Type"):
         cpu_run_check(mixed)
     assert sys.modules["onnxruntime"].get_available_providers()  # a real CPU session ran
+
+
+def test_int4_awq_keeping_a_layer_shares_the_tied_table_typed(tiny_models, tmp_path):
+    """GPT-2's tied table read through GatherBlockQuantized of the int4 lm_head, with AWQ's
+    1/s after it: the rows' values were untyped, and the CUDA typing died on them."""
+    report = _compile(tiny_models("gpt2"), tmp_path / "b", "--target", "h200", "--backend",
+                      "onnxruntime", "--quantize", "int4-awq", "--keep-fp", "1")  # fmt: skip
+    graph = _graph(tmp_path / "b").graph
+    gathers = [n for n in graph if n.op_type == "GatherBlockQuantized"]
+    assert len(gathers) == 1 and gathers[0].outputs[0].dtype == ir.DataType.FLOAT16
+    assert report["verification"]["ok"] is True and report["cuda_placement"]["ok"] is True
