@@ -61,6 +61,9 @@ class Backend(Protocol):
     precision_fix: str
     #: The KV cache type its graph has built in (--kv-dtype may only repeat it), or None.
     kv_dtype: str | None
+    #: The --kv-dtype values it takes (None: all), and why it refuses the others.
+    kv_dtypes: tuple[str, ...] | None
+    kv_dtypes_why: str
     #: Options the weight quantizers take for this backend's runtime (beside `graph_form`),
     #: e.g. MatMulNBits' accuracy_level; --pass-options still overrides them.
     weight_options: Mapping[str, Any]

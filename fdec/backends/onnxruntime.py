@@ -24,6 +24,8 @@ class OnnxRuntimeBackend:
     default_quantize: str | None = None  # the target's default recipe
     precision_fix: str = "use --quantize int4, int8, fp8 or none"
     kv_dtype: str | None = None
+    kv_dtypes: tuple[str, ...] | None = None
+    kv_dtypes_why: str = ""
     gpu_variant: str | None = "onnxruntime-cuda"
     # the quantizers' defaults: MatMulNBits accuracy_level 4 (the CPU kernel's int8 activations)
     weight_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -89,6 +89,12 @@ class StronglyTypedBackend:
     default_quantize: str | None = None  # the target's default recipe
     precision_fix: str = "use --quantize fp8, int8, int4 or none (the engine is typed fp16/bf16)"
     kv_dtype: str | None = None
+    # an fp16 cache would make model.onnx part fp16, and the typed model is cast from fp32
+    kv_dtypes: tuple[str, ...] | None = ("fp32", "int8", "fp8")
+    kv_dtypes_why: str = (
+        "its strongly typed model is typed whole from the fp32 graph, which an fp16 cache "
+        "would already have typed in part"
+    )
     gpu_variant: str | None = None
     weight_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 

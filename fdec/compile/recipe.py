@@ -404,6 +404,13 @@ def plan_pipeline(
             kind=kind,
         )
     )
+    accepted = backend.kv_dtypes
+    if kv_dtype is not None and accepted is not None and kv_dtype not in accepted:
+        raise UsageError(
+            f"--kv-dtype {kv_dtype}: the {backend.name} backend takes {', '.join(accepted)} "
+            f"({backend.kv_dtypes_why})",
+            f"drop --kv-dtype, or give {', '.join(accepted)}",
+        )
     if kv_dtype is not None and backend.kv_dtype is not None:
         if kv_dtype != backend.kv_dtype:
             raise UsageError(

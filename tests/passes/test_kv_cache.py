@@ -177,3 +177,16 @@ def test_plan_pipeline_appends_the_kv_pass_and_fp8_needs_a_gpu_with_fp8():
     assert h100.pass_names[-1] == "quantize-kv-cache"
     none = plan_pipeline(target=cpu, backend="onnxruntime", quantize="none", kv_dtype="fp32")
     assert "quantize-kv-cache" not in none.pass_names
+
+
+@pytest.mark.parametrize(("target", "backend"), [("h100", "tensorrt"), ("rtx4090", "tensorrt-rtx")])
+def test_strongly_typed_backends_refuse_an_fp16_cache_when_planned(target, backend):
+    """An fp16 cache typed model.onnx in part, and the TensorRT model is then cast from it:
+    the compile died after export and calibration ("the graph is already typed")."""
+    with pytest.raises(UsageError, match="takes fp32, int8, fp8") as caught:
+        plan_pipeline(target=load_target(target), backend=backend, quantize="none",
+                      kv_dtype="fp16")  # fmt: skip
+    assert "drop --kv-dtype" in caught.value.one_line()
+    int8 = plan_pipeline(target=load_target(target), backend=backend, quantize="none",
+                         kv_dtype="int8")  # fmt: skip
+    assert int8.pass_names[-1] == "quantize-kv-cache"
