@@ -117,7 +117,26 @@ def test_a_trimmed_kv_cache_is_refused_and_nothing_is_written(tiny_models, tmp_p
     result = cli_runner.invoke(cli, ["compile", str(tiny_models("llama")), "-o", str(out), *args])
     assert result.exit_code == 2, result.output + result.stderr
     assert "trims its KV cache" in result.stderr
+    assert "exporting" not in result.stderr  # refused when planned, before any work
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("target", "options", "stored"),
+    [("h200", {"backend": "onnxruntime-cuda", "quantize": "bf16"}, "bf16"),
+     ("cpu", {"backend": "onnxruntime", "quantize": "none", "kv_dtype": "int8"}, "int8")],
+)  # fmt: skip
+def test_a_cache_genai_cannot_drive_is_refused_when_planned(target, options, stored):
+    """A bf16 CUDA graph keeps a bf16 cache: the compile used to die after export and
+    verification, telling the user to drop a --kv-dtype they had not given."""
+    from fdec.compile import plan_pipeline
+    from fdec.targets import load_target
+
+    with pytest.raises(UsageError, match=f"does not drive a {stored} KV cache") as caught:
+        plan_pipeline(target=load_target(target), emit=("genai",), **options)
+    assert "--quantize fp16" in caught.value.one_line()
+    fp16 = {**options, "quantize": "fp16"} if stored == "bf16" else {**options, "kv_dtype": None}
+    plan_pipeline(target=load_target(target), emit=("genai",), **fp16)
 
 
 def test_run_refusals(builds, tmp_path, cli_runner, monkeypatch):

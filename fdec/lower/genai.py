@@ -80,7 +80,7 @@ def genai_config(build_folder: pathlib.Path, spec: Any) -> dict[str, Any]:
     if kv.get("dtype") not in (None, "float32", "float16"):
         raise UsageError(
             f"--emit genai: onnxruntime-genai does not drive a {kv['dtype']} KV cache",
-            "drop --emit genai or --kv-dtype",
+            "drop --emit genai, or keep an fp16/fp32 cache (no --kv-dtype, --quantize fp16)",
         )
     context = int(runtime.get("max_positions") or spec.max_positions or 2048)
     names_in: dict[str, str] = {"input_ids": "input_ids"}
