@@ -106,7 +106,12 @@ def _exported(source: Any, folder: pathlib.Path) -> tuple[Any, Any]:
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
     FdecModel(imported.fdec_model.model, imported.fdec_model.spec).save(staging / "model.onnx")
     (staging / "spec.json").write_text(json.dumps(imported.fdec_model.spec.to_dict()))
-    staging.rename(entry)
+    try:
+        staging.rename(entry)
+    except OSError:  # a run beside this one kept the same export first: use it
+        if not (entry / "spec.json").exists():
+            raise
+        shutil.rmtree(staging)
     print(f"exported in {time.perf_counter() - started:.0f} s (kept in {entry})", file=sys.stderr)
     return ir.serde.serialize_model(imported.fdec_model.model), imported.fdec_model.spec
 

@@ -135,6 +135,7 @@ def test_a_broken_quantizer_fails_the_default_gate_with_exit_3(tiny_models, tmp_
         ("bf16", "h200", "onnxruntime-cuda", "onnxruntime-cuda bf16"),
         ("int4", "h200", "onnxruntime-cuda", "onnxruntime-cuda int4-rtn"),
         ("int4-awq", "t4", "onnxruntime-cuda", "onnxruntime-cuda int4-awq"),
+        ("int4-awq-mixed", "h200", "onnxruntime-cuda", "onnxruntime-cuda int4-awq-mixed"),
     ],
 )
 def test_each_measured_recipe_gets_its_own_gate(quantize, target, backend, recipe):
@@ -170,7 +171,6 @@ def test_unmeasured_combinations_keep_the_generic_gate():
         assert plan.tolerance.source.startswith("generic gate")
     h200 = load_target("h200")
     for options in (
-        {"quantize": "int4-awq-mixed"},  # the CUDA model's mixed int4: not measured
         # a typing of the user's own (no CUDA options: not the CUDA model's graph)
         {"passes": "fold-constants,cast-float16", "quantize": "none"},
     ):
