@@ -24,6 +24,7 @@ from fdec.backends import check_precision, get_backend
 from fdec.calibrate import calibration_batches, load_calibration_texts
 from fdec.errors import UsageError
 from fdec.gates import GateTolerance, default_gate
+from fdec.lower.genai import check_genai_cache
 from fdec.lower.hf_checkpoint import check_quantize
 from fdec.passes.prune import parse_prune
 from fdec.pipeline import EXACT, PassManager, Tolerance
@@ -437,7 +438,7 @@ def plan_pipeline(
     pipeline += kv_passes
     pipeline = _with_pass_options(pipeline, pass_options or {})
     if "genai" in emit:
-        _check_genai_cache(pipeline, kv_sink)
+        check_genai_cache(pipeline, kv_sink)
     check_order(pipeline, custom=passes is not None)
     PassManager(pipeline, target=target).check_requirements()
     needs = any(getattr(p, "needs_calibration", False) for p in pipeline)
@@ -452,29 +453,6 @@ def plan_pipeline(
         if backend.providers[0] == "CPUExecutionProvider" or backend.fixed_shapes
         else backend.providers[0],
     )
-
-
-def _check_genai_cache(pipeline: list[Any], kv_sink: int | None) -> None:
-    """--emit genai, refused when planned where the cache would be one onnxruntime-genai's
-    generator cannot drive (fdec.lower.genai checks the written build again): one the
-    runtime trims (attention sinks), or one stored int8/fp8 (quantize-kv-cache) or bf16 (a
-    bf16 typing of the cache I/O)."""
-    if kv_sink:
-        raise UsageError(
-            "--emit genai: with attention sinks (--kv-sink) this build's runtime trims its KV "
-            "cache, which onnxruntime-genai's generator does not",
-            "drop --emit genai or --kv-sink",
-        )
-    for pass_ in pipeline:
-        stored = getattr(pass_, "dtype", None) if pass_.name == "quantize-kv-cache" else None
-        if pass_.name == "cast-float16" and getattr(pass_, "low_io", False):
-            stored = pass_.dtype
-        if stored in ("int8", "fp8", "bf16"):
-            raise UsageError(
-                f"--emit genai: onnxruntime-genai does not drive a {stored} KV cache",
-                "drop --emit genai, or keep an fp16/fp32 cache (drop --kv-dtype; --quantize "
-                "fp16, the CUDA default, instead of bf16)",
-            )
 
 
 def _with_pass_options(

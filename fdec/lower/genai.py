@@ -19,6 +19,7 @@ from fdec.errors import InputError, UsageError
 __all__ = [
     "GENAI_CONFIG",
     "GENAI_INSTALL",
+    "check_genai_cache",
     "genai_config",
     "generate_genai",
     "open_genai_model",
@@ -45,6 +46,32 @@ def _special_ids(build_folder: pathlib.Path) -> dict[str, Any]:
             if found.get(key) is None and data.get(key) is not None:
                 found[key] = data[key]
     return found
+
+
+def check_genai_cache(pipeline: list[Any], kv_sink: int | None) -> None:
+    """--emit genai, refused when the recipe is planned where the cache would be one
+    onnxruntime-genai's generator cannot drive (`genai_config` checks the written build
+    again): one the runtime trims (attention sinks), or one stored int8/fp8
+    (quantize-kv-cache) or bf16 (a bf16 typing of the cache I/O)."""
+    from fdec.passes.kv_cache import QuantizeKvCachePass
+    from fdec.passes.typing import CastFloat16Pass
+
+    if kv_sink:
+        raise UsageError(
+            "--emit genai: with attention sinks (--kv-sink) this build's runtime trims its KV "
+            "cache, which onnxruntime-genai's generator does not",
+            "drop --emit genai or --kv-sink",
+        )
+    for pass_ in pipeline:
+        stored = pass_.dtype if isinstance(pass_, QuantizeKvCachePass) else None
+        if isinstance(pass_, CastFloat16Pass) and pass_.low_io:
+            stored = pass_.dtype
+        if stored in ("int8", "fp8", "bf16"):
+            raise UsageError(
+                f"--emit genai: onnxruntime-genai does not drive a {stored} KV cache",
+                "drop --emit genai, or keep an fp16/fp32 cache (drop --kv-dtype; --quantize "
+                "fp16, the CUDA default, instead of bf16)",
+            )
 
 
 def genai_config(build_folder: pathlib.Path, spec: Any) -> dict[str, Any]:
