@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fdec.errors import UsageError
-from fdec.runtime.generate import KvPolicy, Sampling
+from fdec.runtime.generate import KvPolicy, Sampling, TrimmedDecoder
 from fdec.runtime.session import OrtModel
 
 __all__ = ["BatchResult", "generate_batch", "uses_fused_attention"]
@@ -178,34 +178,19 @@ def _generate_equal(model, rows, max_new_tokens, sampling, stop_tokens, pad_toke
 def _generate_trimmed(model, rows, policy, max_new_tokens, sampling, stop_tokens, pad_token,
                       rngs):  # fmt: skip
     """Prompts of one length on a build whose cache the runtime trims: generate's trimmed loop
-    (fdec.runtime.generate) over the whole batch. Every row holds the same positions, so one
-    trim of the past keeps each row's sink and window; a prompt longer than sink + window is
-    prefilled in window-sized chunks, as a lone run is."""
+    (fdec.runtime.generate.TrimmedDecoder) over the whole batch."""
     state = _Rows(len(rows), max(max_new_tokens, 1), sampling, stop_tokens, rngs)
-    ids = np.asarray(rows, dtype=np.int64)
-    width = ids.shape[1]
-    chunk = width if width <= policy.max_cache_tokens else policy.window
-    past, position = model.empty_past(len(rows)), 0
-
-    def step(piece: np.ndarray) -> np.ndarray:
-        nonlocal past, position
-        past = policy.trim(past)
-        logits, past = model.decode(piece, past, past[0].shape[2], position=position)
-        position += piece.shape[1]
-        return logits[:, -1]
-
+    decoder = TrimmedDecoder(model, policy, len(rows))
     start = time.perf_counter()
-    for offset in range(0, width, chunk):
-        logits = step(ids[:, offset : offset + chunk])
-    state.take(logits)
+    state.take(decoder.prefill(np.asarray(rows, dtype=np.int64))[:, -1])
     prefill_s = time.perf_counter() - start
     steps = 0
     start = time.perf_counter()
     while not state.finished:
-        state.take(step(state.next_ids(pad_token)))
+        state.take(decoder.step(state.next_ids(pad_token))[:, -1])
         steps += 1
     decode_s = time.perf_counter() - start
-    return BatchResult(state.tokens, [width] * len(rows), prefill_s, decode_s, steps, False)
+    return BatchResult(state.tokens, [len(r) for r in rows], prefill_s, decode_s, steps, False)
 
 
 def _generate_padded(model, rows, max_new_tokens, sampling, stop_tokens, pad_token, rngs):

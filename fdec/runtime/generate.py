@@ -11,7 +11,7 @@ import numpy as np
 
 from fdec.runtime.session import OrtModel
 
-__all__ = ["GenerationResult", "KvPolicy", "Sampling", "generate"]
+__all__ = ["GenerationResult", "KvPolicy", "Sampling", "TrimmedDecoder", "generate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +179,34 @@ def _sample(
     return tokens, prefill_s, time.perf_counter() - start
 
 
+class TrimmedDecoder:
+    """The plain numpy loop with a KvPolicy applied to the past before every step, for a batch
+    of rows at the same positions (one trim keeps every row's sink and window). A prompt longer
+    than sink + window is prefilled in window-sized chunks, so no past exceeds sink + window."""
+
+    def __init__(self, model: OrtModel, policy: KvPolicy, batch: int) -> None:
+        self.model, self.policy = model, policy
+        self.past = model.empty_past(batch)
+        self.position = 0
+        self.longest = 0  # the longest past any step was given
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """Logits [batch, seq, vocab] for ids [batch, seq] after the kept positions."""
+        self.past = self.policy.trim(self.past)
+        cached = self.past[0].shape[2] if self.past else 0
+        self.longest = max(self.longest, cached)
+        logits, self.past = self.model.decode(ids, self.past, cached, position=self.position)
+        self.position += ids.shape[1]
+        return logits
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        width = ids.shape[1]
+        chunk = width if width <= self.policy.max_cache_tokens else self.policy.window
+        for offset in range(0, width, chunk):
+            logits = self.step(ids[:, offset : offset + chunk])
+        return logits
+
+
 def _generate_trimmed(
     model: OrtModel,
     prompt: Sequence[int],
@@ -188,30 +216,14 @@ def _generate_trimmed(
     stop_tokens: Sequence[int],
     on_token: Callable[[int], None] | None,
 ) -> GenerationResult:
-    """The plain numpy loop with the policy applied to the past before every step."""
-    ids = list(prompt)
-    chunk = len(ids) if len(ids) <= policy.max_cache_tokens else policy.window
-    past = model.empty_past(1)
-    position = 0
-    longest = 0
-
-    def step(piece: list[int]) -> np.ndarray:
-        nonlocal past, position, longest
-        past = policy.trim(past)
-        cached = past[0].shape[2] if past else 0
-        longest = max(longest, cached)
-        logits, past = model.decode(
-            np.asarray([piece], dtype=np.int64), past, cached, position=position
-        )
-        position += len(piece)
-        return logits
-
-    def prefill() -> np.ndarray:
-        for offset in range(0, len(ids), chunk):
-            logits = step(ids[offset : offset + chunk])
-        return logits
-
+    """The trimmed loop (TrimmedDecoder) for one prompt."""
+    decoder = TrimmedDecoder(model, policy, 1)
     tokens, prefill_s, decode_s = _sample(
-        prefill, lambda token: step([token]), max_new_tokens, sampling, stop_tokens, on_token
+        lambda: decoder.prefill(np.asarray([list(prompt)], dtype=np.int64)),
+        lambda token: decoder.step(np.asarray([[token]], dtype=np.int64)),
+        max_new_tokens,
+        sampling,
+        stop_tokens,
+        on_token,
     )
-    return GenerationResult(tokens, len(prompt), prefill_s, decode_s, longest)
+    return GenerationResult(tokens, len(prompt), prefill_s, decode_s, decoder.longest)
