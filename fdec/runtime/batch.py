@@ -118,11 +118,9 @@ def generate_batch(
             "(fdec compile --passes default)",
         )
     rngs = [np.random.default_rng(sampling.seed) for _ in rows]
-    if trims:
-        return _generate_trimmed(model, rows, policy, max_new_tokens, sampling, stop_tokens,
-                                 pad_token, rngs)  # fmt: skip
     if len(lengths) == 1:
-        return _generate_equal(model, rows, max_new_tokens, sampling, stop_tokens, pad_token, rngs)
+        return _generate_equal(model, rows, max_new_tokens, sampling, stop_tokens, pad_token, rngs,
+                               policy if trims else None)  # fmt: skip
     return _generate_padded(model, rows, max_new_tokens, sampling, stop_tokens, pad_token, rngs)
 
 
@@ -158,31 +156,21 @@ class _Rows:
         return all(self.done)
 
 
-def _generate_equal(model, rows, max_new_tokens, sampling, stop_tokens, pad_token, rngs):
-    """Prompts of one length: one IOBinding decoder over the batch (no padding)."""
+def _generate_equal(model, rows, max_new_tokens, sampling, stop_tokens, pad_token, rngs,
+                    trimmed=None):  # fmt: skip
+    """Prompts of one length: one decoder over the batch (no padding). IOBinding, or where the
+    runtime trims the cache (`trimmed`, the build's KvPolicy) generate's trimmed loop
+    (fdec.runtime.generate.TrimmedDecoder): every row holds the same positions."""
     state = _Rows(len(rows), max(max_new_tokens, 1), sampling, stop_tokens, rngs)
     ids = np.asarray(rows, dtype=np.int64)
     start = time.perf_counter()
-    decoder = model.bound_decoder(len(rows), ids.shape[1] + max(max_new_tokens, 1))
-    state.take(decoder.step(ids)[:, -1])
-    prefill_s = time.perf_counter() - start
-    steps = 0
-    start = time.perf_counter()
-    while not state.finished:
-        state.take(decoder.step(state.next_ids(pad_token))[:, -1])
-        steps += 1
-    decode_s = time.perf_counter() - start
-    return BatchResult(state.tokens, [len(r) for r in rows], prefill_s, decode_s, steps, False)
-
-
-def _generate_trimmed(model, rows, policy, max_new_tokens, sampling, stop_tokens, pad_token,
-                      rngs):  # fmt: skip
-    """Prompts of one length on a build whose cache the runtime trims: generate's trimmed loop
-    (fdec.runtime.generate.TrimmedDecoder) over the whole batch."""
-    state = _Rows(len(rows), max(max_new_tokens, 1), sampling, stop_tokens, rngs)
-    decoder = TrimmedDecoder(model, policy, len(rows))
-    start = time.perf_counter()
-    state.take(decoder.prefill(np.asarray(rows, dtype=np.int64))[:, -1])
+    if trimmed is not None:
+        decoder = TrimmedDecoder(model, trimmed, len(rows))
+        prefill = decoder.prefill
+    else:
+        decoder = model.bound_decoder(len(rows), ids.shape[1] + max(max_new_tokens, 1))
+        prefill = decoder.step
+    state.take(prefill(ids)[:, -1])
     prefill_s = time.perf_counter() - start
     steps = 0
     start = time.perf_counter()
