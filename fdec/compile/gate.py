@@ -406,6 +406,8 @@ def verify_build_numerics(
     )
     if not given:
         raise UsageError(f"{build}'s report names no source model", "pass --source MODEL")
+    if not source and recorded.get("kind") == "folder" and not pathlib.Path(given).is_absolute():
+        given = build / given  # a folder the build carries: a pruned build's student/
     resolved = resolve_source(str(given), progress=progress)
     if (
         recorded.get("config_sha256")

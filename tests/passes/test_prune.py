@@ -175,6 +175,12 @@ def test_compile_prune_and_draft_end_to_end(tiny_models, tmp_path, cli_runner):
     np.testing.assert_allclose(got, want, atol=1e-3)
     listed = json.loads((out / "fdec-build.json").read_text())["outputs"]
     assert "student/model.safetensors" in listed and "draft/model.onnx" in listed
+    # verify --numerics finds the pruned source in the build (not in the working directory)
+    verified = cli_runner.invoke(cli, ["verify", str(out), "--numerics", "--json"])
+    assert verified.exit_code == 0, verified.output
+    assert json.loads(verified.stdout.splitlines()[-1])["numerics"]["source"] == str(
+        out / "student"
+    )
 
 
 @pytest.mark.parametrize(
