@@ -29,7 +29,7 @@ from fdec.frontend.source import resolve_source
 from fdec.ir import FdecModel, ModelSpec
 from fdec.lower.hf_checkpoint import SAFETENSORS_FILE, check_quantize, write_hf_checkpoint
 from fdec.lower.hf_checkpoint.pack import pack_weight
-from fdec.lower.hf_checkpoint.read import Int4
+from fdec.lower.hf_checkpoint.read import Blocked
 from fdec.passes import DEFAULT_PIPELINE, make_pass, make_pipeline
 from fdec.pipeline import PassManager
 from fdec.runtime import session_for_model
@@ -179,16 +179,20 @@ def _graph_weight(model: FdecModel, name: str) -> np.ndarray:
     value = model.graph.initializers[name]
     node = value.uses()[0].node
     if node.op_type == "MatMulNBits":
-        attrs = {key: node.attributes[key].as_int() for key in ("K", "N", "block_size")}
+        attrs = {key: node.attributes[key].as_int() for key in ("K", "N", "block_size", "bits")}
         k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
         k_blocks = -(-k // block)
+
+        def unpack(packed):  # 8 bits: a byte each; 4: two nibbles, low first
+            return packed if attrs["bits"] == 8 else np.stack([packed & 15, packed >> 4], -1)
+
         packed = value.const_value.numpy().reshape(n, -1)
-        codes = np.stack([packed & 15, packed >> 4], -1).reshape(n, -1)[:, :k].astype(np.int32)
+        codes = unpack(packed).reshape(n, -1)[:, :k].astype(np.int32)
         scales = node.inputs[2].const_value.numpy().reshape(n, k_blocks)
-        zero = np.full((n, k_blocks), 8)
+        zero = np.full((n, k_blocks), 1 << (attrs["bits"] - 1))
         if len(node.inputs) > 3 and node.inputs[3] is not None:
             zp = node.inputs[3].const_value.numpy().reshape(n, -1)
-            zero = np.stack([zp & 15, zp >> 4], -1).reshape(n, -1)[:, :k_blocks]
+            zero = unpack(zp).reshape(n, -1)[:, :k_blocks]
         step = np.repeat(scales, block, axis=1)[:, :k]
         return (codes - np.repeat(zero, block, axis=1)[:, :k]).astype(np.float32) * step
     assert node.op_type == "DequantizeLinear" and node.attributes["axis"].as_int() == 0
@@ -220,6 +224,10 @@ _INT4_CASES = {
     ),
     # GPT-2's Conv1D layers cannot be packed: dequantized and ignored; its lm_head is packed.
     "gpt2-qdq-sym": ("gpt2", dict(backend="tensorrt", block_size=32), True),
+    # An 8-bit lm_head (the int4 recipes' lm_head_bits): written dequantized, even when asked
+    # to pack it (the checkpoint's one scheme is W4A16), from MatMulNBits and from Q/DQ.
+    "llama-nbits-8bit-head": ("llama", dict(backend="onnxruntime", lm_head_bits=8), True),
+    "llama-qdq-8bit-head": ("llama", dict(backend="tensorrt", lm_head_bits=8), False),
 }
 
 
@@ -276,7 +284,8 @@ def test_int4_checkpoint_is_compressed_tensors_with_graph_numbers(tiny, tmp_path
     quant = config["quantization_config"]
     parsed = QuantizationConfig.model_validate(quant)
     scheme = parsed.config_groups["group_0"]
-    group = 64 if options["block_size"] == 128 else options["block_size"]
+    block = options.get("block_size", 32)  # quantize-int4's default
+    group = 64 if block == 128 else block
     symmetric = options.get("symmetric", True)
     assert (quant["quant_method"], quant["format"]) == ("compressed-tensors", "pack-quantized")
     assert scheme.targets == ["Linear"]
@@ -287,7 +296,8 @@ def test_int4_checkpoint_is_compressed_tensors_with_graph_numbers(tiny, tmp_path
     )
     assert (scheme.weights.group_size, scheme.weights.symmetric) == (group, symmetric)
     conv1d = [name for name in weights if family == "gpt2" and name != "lm_head.weight"]
-    head_ignored = [] if pack_lm_head else ["lm_head.weight"]
+    packed_head = pack_lm_head and options.get("lm_head_bits", 4) == 4
+    head_ignored = [] if packed_head else ["lm_head.weight"]
     assert sorted(report["dequantized"]) == sorted(conv1d + head_ignored)
     assert sorted(quant["ignore"]) == sorted(map(_module_of, conv1d + head_ignored))
     assert config["tie_word_embeddings"] is False
@@ -356,7 +366,7 @@ def test_blocks_regrouped_for_a_narrower_group_decompress_exactly(symmetric):
     rng = np.random.default_rng(0)
     n, k, block, group = 24, 256, 128, 32
     zero = np.full((n, k // block), 8) if symmetric else rng.integers(0, 16, (n, k // block))
-    weight = Int4(
+    weight = Blocked(
         codes=rng.integers(0, 16, (n, k)).astype(np.uint8),
         scales=rng.standard_normal((n, k // block)).astype(np.float32),
         zero_points=zero.astype(np.uint8),

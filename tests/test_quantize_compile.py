@@ -163,6 +163,25 @@ def test_emit_hf_checkpoint_loads_in_transformers(tiny_models, tmp_path, cli_run
     assert refused.exit_code == 2 and "cannot write a --quantize int8 build" in refused.stderr
 
 
+def test_emit_hf_checkpoint_of_the_int4_recipe_with_its_8bit_tied_head(
+    tiny_models, tmp_path, cli_runner
+):
+    """--quantize int4 keeps GPT-2's tied lm_head in 8 bits (lm_head_bits): the writer read
+    only 4-bit MatMulNBits and the compile died after verification; the head (like GPT-2's
+    Conv1D layers) is now written dequantized, and the checkpoint loads."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "b"
+    result = cli_runner.invoke(cli, [
+        "compile", str(tiny_models("gpt2")), "-o", str(out), "--quantize", "int4",
+        "--emit", "hf-checkpoint", "-q",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    checkpoint = json.loads((out / "report.json").read_text())["checkpoint"]
+    assert "lm_head.weight" in checkpoint["dequantized"]
+    assert AutoModelForCausalLM.from_pretrained(out / "hf-checkpoint") is not None
+
+
 def test_fp8_on_h100_is_qdq_verified_at_basic_and_flags_the_engine_plan(
     tiny_models, tmp_path, cli_runner
 ):

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from fdec.lower.hf_checkpoint.read import Int4
+from fdec.lower.hf_checkpoint.read import Blocked
 
 __all__ = ["PACK_FORMAT", "pack_weight", "quantization_config"]
 
@@ -28,7 +28,7 @@ def _regroup(blocks: np.ndarray, block_size: int, group_size: int, k: int) -> np
     return np.repeat(blocks, block_size // group_size, axis=1)[:, : k // group_size]
 
 
-def pack_weight(module: str, weight: Int4, group_size: int, symmetric: bool) -> dict:
+def pack_weight(module: str, weight: Blocked, group_size: int, symmetric: bool) -> dict:
     n, k = weight.shape
     tensors = {
         f"{module}.weight_packed": _pack_int32(weight.codes),

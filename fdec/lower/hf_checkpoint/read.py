@@ -1,4 +1,5 @@
-"""Weights read back from the graph: float tensors in torch's layout, int4 weights (MatMulNBits, DequantizeLinear)."""
+"""Weights read back from the graph: float tensors in torch's layout, block-quantized int4 and
+8-bit weights (MatMulNBits, blocked DequantizeLinear)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from fdec.errors import CompileError, UsageError
 from fdec.lower.hf_checkpoint.expected import Parameter
 from fdec.lower.hf_checkpoint.supported import SUPPORTED_QUANTIZE
 
-__all__ = ["FLOAT_TYPES", "Int4", "float_tensor", "int4_of"]
+__all__ = ["FLOAT_TYPES", "Blocked", "blocked_of", "float_tensor"]
 
 _MS_DOMAIN = "com.microsoft"
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
-_INT4_TYPES = (ir.DataType.INT4, ir.DataType.UINT4)
+# blocked DequantizeLinear: bits of each stored type
+_BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
 
 
 def _direct_layout(node: ir.Node, index: int) -> str | None:
@@ -73,11 +75,14 @@ def float_tensor(value: ir.Value, parameter: Parameter) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class Int4:
-    """A 4-bit weight in one canonical form, whichever graph operator reads it.
+class Blocked:
+    """A block-quantized weight (4 or 8 bits) in one canonical form, whichever graph operator
+    reads it.
 
-    `codes` are uint8 [N, K] in 0..15 and `zero_points` uint8 [N, k_blocks] in 0..15 (8 for
-    symmetric); the weight is `(codes - zero_points) * scales`, block by block along K.
+    `codes` are uint8 [N, K] in 0..2**bits - 1 and `zero_points` uint8 [N, k_blocks] in the same
+    range (2**(bits - 1) for symmetric); the weight is `(codes - zero_points) * scales`, block
+    by block along K. Only 4-bit weights are packed (compressed-tensors W4A16); an 8-bit one
+    (an int4 recipe's lm_head, `lm_head_bits`) is written dequantized.
     """
 
     codes: np.ndarray
@@ -85,6 +90,7 @@ class Int4:
     zero_points: np.ndarray
     block_size: int
     operator: str  # "MatMulNBits" | "DequantizeLinear"
+    bits: int = 4
 
     @property
     def shape(self) -> tuple[int, int]:  # [N, K] = [out, in]
@@ -92,7 +98,7 @@ class Int4:
 
     @property
     def symmetric(self) -> bool:
-        return bool(np.all(self.zero_points == 8))
+        return bool(np.all(self.zero_points == 1 << (self.bits - 1)))
 
     def dequantized(self) -> np.ndarray:
         """The float [N, K] weight, computed as ONNX Runtime does: (code - zp) * scale."""
@@ -123,22 +129,27 @@ def _const(value: ir.Value | None, what: str, weight: str) -> np.ndarray:
     return value.const_value.numpy()
 
 
-def _from_matmulnbits(node: ir.Node, name: str) -> Int4:
+def _from_matmulnbits(node: ir.Node, name: str) -> Blocked:
     bits, k, n = _int_attr(node, "bits", 4), _int_attr(node, "K", 0), _int_attr(node, "N", 0)
     block = _int_attr(node, "block_size", 0)
-    if bits != 4:
-        raise CompileError(f"MatMulNBits weight {name!r} has {bits} bits; only 4 are written")
+    if bits not in (4, 8):
+        raise CompileError(
+            f"MatMulNBits weight {name!r} has {bits} bits; 4 and 8 are written",
+            "quantize with fdec's quantize-int4",
+        )
     if len(node.inputs) > 4 and node.inputs[4] is not None:
         raise CompileError(
             f"MatMulNBits weight {name!r} has g_idx (act-order)", "quantize without act-order"
         )
     packed = _const(node.inputs[1], "packed weight", name)
     k_blocks = -(-k // block)
-    codes = _nibbles(packed.reshape(n, -1), k_blocks * block)[:, :k]
+    # 8 bits: one code per byte (and one zero point per byte) instead of two
+    unpack = _nibbles if bits == 4 else (lambda rows, count: rows[:, :count])
+    codes = unpack(packed.reshape(n, -1), k_blocks * block)[:, :k]
     scales = _const(node.inputs[2], "scales", name).reshape(n, k_blocks)
     zp_value = node.inputs[3] if len(node.inputs) > 3 else None
     if zp_value is None:
-        zero_points = np.full((n, k_blocks), 8, dtype=np.uint8)
+        zero_points = np.full((n, k_blocks), 1 << (bits - 1), dtype=np.uint8)
     else:
         zp = _const(zp_value, "zero points", name)
         if zp.dtype != np.uint8:
@@ -147,11 +158,11 @@ def _from_matmulnbits(node: ir.Node, name: str) -> Int4:
                 "zero points are written",
                 "quantize with fdec's quantize-int4",
             )
-        zero_points = _nibbles(zp.reshape(n, -1), k_blocks)
-    return Int4(codes, scales, zero_points.astype(np.uint8), block, "MatMulNBits")
+        zero_points = unpack(zp.reshape(n, -1), k_blocks)
+    return Blocked(codes, scales, zero_points.astype(np.uint8), block, "MatMulNBits", bits)
 
 
-def _from_dequantize(node: ir.Node, value: ir.Value, name: str) -> Int4:
+def _from_dequantize(node: ir.Node, value: ir.Value, name: str) -> Blocked:
     if _int_attr(node, "axis", 1) != 0 or not node.attributes.get("block_size"):
         raise CompileError(
             f"int4 weight {name!r} is not dequantized in blocks along its input axis",
@@ -165,8 +176,9 @@ def _from_dequantize(node: ir.Node, value: ir.Value, name: str) -> Int4:
                 "quantize with fdec's quantize-int4",
             )
     block = _int_attr(node, "block_size", 0)
-    signed = value.const_value.dtype == ir.DataType.INT4
-    offset = 8 if signed else 0
+    bits = _BITS[value.const_value.dtype]
+    signed = value.const_value.dtype in (ir.DataType.INT4, ir.DataType.INT8)
+    offset = 1 << (bits - 1) if signed else 0
     x = value.const_value.numpy().astype(np.int16)  # [K, N]
     codes = (x + offset).T.astype(np.uint8)
     scales = _const(node.inputs[1], "scales", name).T  # [k_blocks, N] → [N, k_blocks]
@@ -175,17 +187,18 @@ def _from_dequantize(node: ir.Node, value: ir.Value, name: str) -> Int4:
         zero_points = np.full(scales.shape, offset, dtype=np.uint8)
     else:
         zero_points = (_const(zp_value, "zero points", name).astype(np.int16) + offset).T
-    return Int4(
+    return Blocked(
         np.ascontiguousarray(codes),
         np.ascontiguousarray(scales),
         np.ascontiguousarray(zero_points.astype(np.uint8)),
         block,
         "DequantizeLinear",
+        bits,
     )
 
 
-def int4_of(value: ir.Value) -> Int4 | None:
-    """The int4 weight stored in `value` (MatMulNBits or blocked DequantizeLinear), or None.
+def blocked_of(value: ir.Value) -> Blocked | None:
+    """The block-quantized weight stored in `value` (MatMulNBits or blocked DequantizeLinear).
 
     Raises UsageError for int8 (MatMulInteger) weights, CompileError for other encodings.
     """
@@ -195,7 +208,9 @@ def int4_of(value: ir.Value) -> Int4 | None:
         if node.domain == _MS_DOMAIN and node.op_type == "MatMulNBits" and index == 1:
             return _from_matmulnbits(node, name)
         if node.domain == "" and node.op_type == "DequantizeLinear" and index == 0:
-            if value.const_value.dtype in _INT4_TYPES:
+            # int8 also as per-channel Q/DQ (SmoothQuant), which the generic error refuses
+            bits = _BITS.get(value.const_value.dtype)
+            if bits == 4 or (bits == 8 and _int_attr(node, "block_size", 0)):
                 return _from_dequantize(node, value, name)
         if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
             raise UsageError(
@@ -207,7 +222,7 @@ def int4_of(value: ir.Value) -> Int4 | None:
             )
     ops = ", ".join(sorted({node.op_type for node, _ in readers})) or "nothing"
     raise CompileError(
-        f"weight {name!r} is {value.const_value.dtype} read by {ops}; the HF checkpoint writes float and "
-        "int4 (MatMulNBits, blocked DequantizeLinear) weights only",
+        f"weight {name!r} is {value.const_value.dtype} read by {ops}; the HF checkpoint writes "
+        "float and block-quantized (MatMulNBits, blocked DequantizeLinear) weights only",
         "drop the pass that produced it, or emit the ONNX build only",
     )

@@ -18,7 +18,7 @@ from fdec.frontend.families import family_for_config
 from fdec.ir import FdecModel
 from fdec.lower.hf_checkpoint.expected import Parameter, expected_parameters
 from fdec.lower.hf_checkpoint.pack import PACK_FORMAT, pack_weight, quantization_config
-from fdec.lower.hf_checkpoint.read import FLOAT_TYPES, Int4, float_tensor, int4_of
+from fdec.lower.hf_checkpoint.read import FLOAT_TYPES, Blocked, blocked_of, float_tensor
 
 __all__ = ["CHECKPOINT_DIR", "SAFETENSORS_FILE", "write_hf_checkpoint"]
 
@@ -108,7 +108,7 @@ class _Collected:
     """The checkpoint's tensors before packing: float ones, and int4 ones to pack per module."""
 
     floats: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    quantized: dict[str, Int4] = dataclasses.field(default_factory=dict)  # module → weight
+    quantized: dict[str, Blocked] = dataclasses.field(default_factory=dict)  # module → weight
     dequantized: list[str] = dataclasses.field(default_factory=list)
     buffers_skipped: list[str] = dataclasses.field(default_factory=list)
 
@@ -131,17 +131,19 @@ def _collect(
         if value.const_value.dtype in FLOAT_TYPES:
             found.floats[parameter.name] = float_tensor(value, parameter)
             continue
-        weight = int4_of(value)
+        weight = blocked_of(value)
         is_lm_head = family.role_of(parameter.name) == "lm_head"
         if (
             parameter.kind == "linear"
+            and weight.bits == 4
             and weight.shape == parameter.shape
             and (pack_lm_head or not is_lm_head)
         ):
             found.quantized[parameter.module] = weight
             continue
-        # Not an nn.Linear (GPT-2's Conv1D), or an lm_head engines would not read packed:
-        # write it in float, with the values the graph computes.
+        # Not an nn.Linear (GPT-2's Conv1D), an lm_head engines would not read packed, or 8
+        # bits (an int4 recipe's lm_head_bits; the checkpoint's one scheme is W4A16): write it
+        # in float, with the values the graph computes.
         array = weight.dequantized()  # [out, in]
         if parameter.kind == "conv1d":
             array = array.T
@@ -154,7 +156,11 @@ def _collect(
         found.floats[parameter.name] = np.ascontiguousarray(array)
         found.dequantized.append(parameter.name)
         log = logger.info if is_lm_head else logger.warning
-        log("int4 weight %s written dequantized (float): no packed format loads it", value.name)
+        log(
+            "%d-bit weight %s written dequantized (float): no packed format loads it",
+            weight.bits,
+            value.name,
+        )
     return found
 
 
