@@ -47,6 +47,7 @@ __all__ = [
     "kv_bytes_per_token",
     "kv_cache_names",
     "per_head_scales",
+    "runtime_trim",
 ]
 
 logger = logging.getLogger(__name__)
@@ -380,3 +381,22 @@ class KvPolicyPass(Pass):
 
 def _is_gqa(node: ir.Node) -> bool:
     return node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
+
+
+def runtime_trim(pipeline: Sequence[Any]) -> str | None:
+    """Why a build planned as `pipeline` gets a KV cache its runtime trims (None where it may
+    not): a kv-policy with attention sinks always, and a window where no fuse-attention is
+    planned before it (only GroupQueryAttention applies a window itself). A planned fusion
+    may still keep a graph's traced attention (GPT-2's MultiHeadAttention has no window);
+    the written build's policy (`native_window`) then says so."""
+    from fdec.passes.fusion import FuseAttentionPass
+
+    fused = False
+    for pass_ in pipeline:
+        fused = fused or isinstance(pass_, FuseAttentionPass)
+        if isinstance(pass_, KvPolicyPass):
+            if pass_.sink:
+                return f"--kv-sink {pass_.sink}: GroupQueryAttention has no sink positions"
+            if not fused:
+                return f"--kv-window {pass_.window} on a graph without fused attention"
+    return None

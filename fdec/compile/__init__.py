@@ -32,7 +32,7 @@ from fdec.compile.gate import Fp16OverflowError, verify_written
 from fdec.compile.lower import write_files
 from fdec.compile.optimize import run_passes
 from fdec.compile.options import CompileOptions, CompileResult
-from fdec.compile.prune import add_student, prune_model
+from fdec.compile.prune import add_student, check_prunable, prune_model
 from fdec.compile.recipe import (
     DEFAULT_MAX_PPL_INCREASE,
     FP32_TOLERANCE,
@@ -98,7 +98,8 @@ def _compile(
     settings = settings.for_source(source)
     additions: list[Addition] = []
     if draft and options.draft:
-        planned = plan_draft(options.draft, source.config)
+        check_prunable(source)
+        planned = plan_draft(options.draft, source.config, settings.recipe.pipeline)
         additions.append(
             planned.addition(options, progress, functools.partial(_compile, draft=False))
         )

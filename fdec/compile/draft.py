@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fdec.compile.options import CompileOptions
+from fdec.errors import UsageError
+from fdec.passes.kv_cache import runtime_trim
 from fdec.student import DRAFT_DIR, DraftSpec, draft_prune, parse_draft
 
 __all__ = ["Draft", "plan_draft"]
@@ -67,8 +69,18 @@ class Draft:
         }
 
 
-def plan_draft(option: str, config: Mapping[str, Any]) -> Draft:
-    """The draft `option` (--draft) asks for, for a source with `config` (its config.json)."""
+def plan_draft(option: str, config: Mapping[str, Any], pipeline: Sequence[Any] = ()) -> Draft:
+    """The draft `option` (--draft) asks for, for a source with `config` (its config.json),
+    refused (UsageError) where the main build's planned `pipeline` gives a KV cache the
+    runtime trims: speculative decoding does not run such a build, so its draft was built for
+    nothing and `fdec run --speculative draft` refused it."""
+    trimmed = runtime_trim(pipeline)
+    if trimmed:
+        raise UsageError(
+            f"--draft: speculative decoding does not run a build whose runtime trims its KV "
+            f"cache, and this one does ({trimmed})",
+            "drop --draft, or --kv-window/--kv-sink",
+        )
     layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
     spec = parse_draft(option, layers)
     return Draft(option, spec, draft_prune(spec, layers))

@@ -30,7 +30,26 @@ from fdec.pipeline import PassManager, StructureCheckInstrument
 from fdec.runtime import session_for_model
 from fdec.student import STUDENT_DIR, Pruned
 
-__all__ = ["add_student", "prune_model"]
+__all__ = ["add_student", "check_prunable", "prune_model"]
+
+
+def check_prunable(source: Any) -> None:
+    """--prune/--draft refused before any work where the prune pass cannot slice the source:
+    an encoder, or a family without llama-style layers (GPT-2 packs q/k/v into one weight and
+    has no gate), which the pass's coupling check stopped after the export (with --draft,
+    after the whole main build)."""
+    family = source.family
+    if family.kind != "decoder":
+        raise UsageError(
+            f"--prune/--draft prune decoder LLMs; {source.given} is an {family.kind}",
+            "drop --prune/--draft",
+        )
+    if not family.prunable:
+        raise UsageError(
+            "--prune/--draft slice llama-style layers (their own q, k, v, o, gate, up and down "
+            f"weights); {source.given} is a {family.name} model, whose layers are not",
+            "drop --prune/--draft (llama, qwen2 and mistral models prune)",
+        )
 
 
 def prune_model(
@@ -42,11 +61,7 @@ def prune_model(
     prune: str,
 ) -> Pruned:
     """Prune `source` as `prune` (the --prune syntax) says; see the module docstring."""
-    if source.family.kind != "decoder":
-        raise UsageError(
-            f"--prune/--draft prune decoder LLMs; {source.given} is an {source.family.kind}",
-            "drop --prune/--draft",
-        )
+    check_prunable(source)
     options = dataclasses.replace(options, verify_each=False, dump_dir=None)
     recipe = prune_recipe(prune, options.calibration)
     pipeline = recipe.pipeline

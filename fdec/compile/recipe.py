@@ -438,7 +438,7 @@ def plan_pipeline(
     pipeline += kv_passes
     pipeline = _with_pass_options(pipeline, pass_options or {})
     if "genai" in emit:
-        check_genai_cache(pipeline, kv_sink)
+        check_genai_cache(pipeline)
     check_order(pipeline, custom=passes is not None)
     PassManager(pipeline, target=target).check_requirements()
     needs = any(getattr(p, "needs_calibration", False) for p in pipeline)

@@ -20,6 +20,8 @@ class Family:
     kind: str  # "decoder" | "encoder"
     model_types: tuple[str, ...]
     weight_patterns: tuple[tuple[str, str], ...]  # (regex over HF parameter names, role)
+    # layers the prune pass slices: q, k, v, o, gate, up and down weights of their own
+    prunable: bool = False
 
     def role_of(self, parameter: str) -> str | None:
         for pattern, role in self.weight_patterns:
@@ -39,6 +41,7 @@ _LLAMA = Family(
         (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", "layers.{0}.{1}"),
         (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "layers.{0}.{1}"),
     ),
+    prunable=True,
 )
 _GPT2 = Family(
     name="gpt2",

@@ -48,19 +48,20 @@ def _special_ids(build_folder: pathlib.Path) -> dict[str, Any]:
     return found
 
 
-def check_genai_cache(pipeline: list[Any], kv_sink: int | None) -> None:
+def check_genai_cache(pipeline: list[Any]) -> None:
     """--emit genai, refused when the recipe is planned where the cache would be one
     onnxruntime-genai's generator cannot drive (`genai_config` checks the written build
-    again): one the runtime trims (attention sinks), or one stored int8/fp8
-    (quantize-kv-cache) or bf16 (a bf16 typing of the cache I/O)."""
-    from fdec.passes.kv_cache import QuantizeKvCachePass
+    again): one the runtime trims (attention sinks, a window without fused attention), or
+    one stored int8/fp8 (quantize-kv-cache) or bf16 (a bf16 typing of the cache I/O)."""
+    from fdec.passes.kv_cache import QuantizeKvCachePass, runtime_trim
     from fdec.passes.typing import CastFloat16Pass
 
-    if kv_sink:
+    trimmed = runtime_trim(pipeline)
+    if trimmed:
         raise UsageError(
-            "--emit genai: with attention sinks (--kv-sink) this build's runtime trims its KV "
-            "cache, which onnxruntime-genai's generator does not",
-            "drop --emit genai or --kv-sink",
+            f"--emit genai: this build's runtime trims its KV cache ({trimmed}), which "
+            "onnxruntime-genai's generator does not",
+            "drop --emit genai, or --kv-window/--kv-sink",
         )
     for pass_ in pipeline:
         stored = pass_.dtype if isinstance(pass_, QuantizeKvCachePass) else None
@@ -102,7 +103,7 @@ def genai_config(build_folder: pathlib.Path, spec: Any) -> dict[str, Any]:
         raise UsageError(
             "--emit genai: this build's runtime trims its KV cache (--kv-window/--kv-sink), "
             "which onnxruntime-genai's generator does not",
-            "drop --emit genai or --kv-sink",
+            "drop --emit genai, or --kv-window/--kv-sink",
         )
     if kv.get("dtype") not in (None, "float32", "float16"):
         raise UsageError(

@@ -200,3 +200,26 @@ def test_compile_refuses_bad_prune_options(tiny_models, tmp_path, cli_runner, ar
     assert result.exit_code == 2, result.output
     assert words in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "family, args, words",
+    [
+        # GPT-2's packed q/k/v: the pass's coupling check stopped it after the export
+        # (exit 1), with --draft only after the whole main build
+        ("gpt2", ["--prune", "mlp=0.25"], "gpt2 model, whose layers are not"),
+        ("gpt2", ["--draft", "layers=1"], "gpt2 model, whose layers are not"),
+        # a sink's cache is trimmed at run time, which speculative decoding refuses: the
+        # draft was built, then `fdec run --speculative draft` refused it
+        ("llama", ["--kv-window", "8", "--kv-sink", "2", "--draft", "layers=1"], "trims its KV"),
+    ],
+)
+def test_prune_and_draft_refused_when_planned(
+    tiny_models, tmp_path, cli_runner, family, args, words
+):
+    out = tmp_path / "build"
+    result = cli_runner.invoke(cli, ["compile", str(tiny_models(family)), "-o", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert words in result.stderr
+    assert "exporting" not in result.stderr  # before any work
+    assert not out.exists()
