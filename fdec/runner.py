@@ -177,6 +177,7 @@ def run_prompt(
             "providers": build.model.providers,
         }
     ids = _prompt_ids(tokenizer, prompt, chat_template)
+    max_new_tokens, capped = _within_positions(build, len(ids), max_new_tokens)
     out = _TextStream(tokenizer, build.config, stream)
 
     draft = load_draft(build, draft_build) if speculative == "draft" else None
@@ -226,7 +227,27 @@ def run_prompt(
         ),
         "providers": build.model.providers,
         "cuda_graph": build.model.cuda_graph,
+        # the model's positions, where prompt + --max-new-tokens would have gone past them
+        "max_positions_reached": capped,
     }
+
+
+def _within_positions(
+    build: LoadedBuild, prompt: int, max_new_tokens: int
+) -> tuple[int, int | None]:
+    """--max-new-tokens cut to the positions the model has (its rotary table or position
+    embeddings end there: ONNX Runtime failed past them with an internal error), and that
+    limit where it cut; a prompt that fills them is refused. Positions keep counting under a
+    KV-cache window, so the limit holds there too."""
+    limit = int(build.config.get("max_positions") or 0)
+    if not limit or prompt + max_new_tokens <= limit:
+        return max_new_tokens, None
+    if prompt >= limit:
+        raise UsageError(
+            f"the prompt is {prompt} tokens; {build.folder}'s model has {limit} positions",
+            f"shorten the prompt to fewer than {limit} tokens",
+        )
+    return limit - prompt, limit
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:

@@ -120,6 +120,23 @@ def test_sampling_options_change_tokens_reproducibly(tiny_models, tmp_path, cli_
     assert first != other or first != greedy
 
 
+def test_run_stops_at_the_models_positions(tiny_models, tmp_path, cli_runner):
+    """Past the model's positions (256 here) the fused graph's rotary table ends: ONNX
+    Runtime failed with an internal error. Generation stops there, a prompt filling them is
+    refused in one line."""
+    out = tmp_path / "build"
+    _compile(cli_runner, tiny_models("llama"), out)
+    args = ["run", str(out), "--no-chat-template", "--json", "-n", "300"]
+    result = cli_runner.invoke(cli, [*args, "-p", "word " * 30])
+    assert result.exit_code == 0, result.output + result.stderr
+    ran = json.loads(result.stdout)
+    assert ran["max_positions_reached"] == 256
+    assert ran["prompt_tokens"] + ran["new_tokens"] == 256
+    refused = cli_runner.invoke(cli, [*args, "-p", "word " * 70])
+    assert refused.exit_code == 2
+    assert "model has 256 positions; shorten the prompt" in refused.stderr
+
+
 def test_encoder_compiles_and_verifies_both_outputs(tiny_models, tmp_path, cli_runner):
     out = tmp_path / "bert"
     summary = _compile(cli_runner, tiny_models("bert"), out)

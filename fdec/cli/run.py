@@ -100,6 +100,12 @@ def run_command(build: pathlib.Path, prompt: str, max_new_tokens: int, temperatu
     except FdecError as err:
         fail(err, as_json)
     result["provider_fallback"] = fallback
+    if result.get("max_positions_reached") and not as_json:
+        click.echo(
+            f"\nnote: stopped at the model's {result['max_positions_reached']} positions "
+            f"({result['prompt_tokens']} in the prompt)",
+            err=True,
+        )
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
     else:
