@@ -174,6 +174,30 @@ def test_unknown_domain_and_old_opset_are_reported():
     assert "no kernel for org.example Mystery" in reasons["Mystery"]
 
 
+def test_cast_like_is_placed_as_the_cast_onnx_runtime_inlines(tmp_path):
+    """No provider registers CastLike: ONNX Runtime inlines it as a Cast of its first input
+    (checked here on the session's saved graph), and its second input only gives the type.
+    Counted as a kernel miss, a traced graph's CastLike nodes failed a --passes CUDA build."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Shape", ["x"], ["shape"]),  # a host value
+            helper.make_node("CastLike", ["x", "shape"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "saved.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert "Cast" in [n.op_type for n in onnx.load(str(tmp_path / "saved.onnx")).graph.node]
+    assert cpu_placed_nodes(model) == []
+    assert placement_summary(model)["memcpy_nodes"] == 0
+
+
 @pytest.fixture(scope="module")
 def fused_fp32_build(tiny_models, tmp_path_factory):
     from click.testing import CliRunner

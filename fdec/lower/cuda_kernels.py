@@ -34,6 +34,7 @@ __all__ = [
     "PROVIDER",
     "CpuPlacedNode",
     "as_ir_model",
+    "as_run",
     "cpu_placed_nodes",
     "cpu_run_check",
     "cpu_unrunnable",
@@ -50,6 +51,7 @@ _TABLE_FILE = "cuda_kernels.json"
 # Ops ONNX Runtime never runs as kernels: Constant nodes become initializers when it loads.
 _NOT_KERNELS = frozenset({("ai.onnx", "Constant")})
 _DEFAULT_OPSET = {"ai.onnx": 1, "com.microsoft": 1}
+_CAST_LIKE = ("ai.onnx", "CastLike")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +154,15 @@ def _nodes(graph: Any) -> Iterable[Any]:
     return traversal.RecursiveGraphIterator(graph)
 
 
+def as_run(node: Any) -> tuple[str, list[Any]]:
+    """The op ONNX Runtime runs for `node` and the inputs it reads. No provider has a CastLike
+    kernel: ONNX Runtime inlines its function body, a Cast of the first input to the second
+    input's type, which is not read (measured: the session's saved graph holds a Cast)."""
+    if (onnx_domain(node.domain), node.op_type) == _CAST_LIKE:
+        return "Cast", list(node.inputs[:1])
+    return node.op_type, list(node.inputs)
+
+
 def cpu_placed_nodes(model: Any) -> list[CpuPlacedNode]:
     """Every node of `model` (FdecModel, onnx_ir.Model, onnx.ModelProto or a path) that has no
     CUDA kernel for its domain, op, opset version and types, in graph order."""
@@ -174,9 +185,14 @@ def kernel_misses(ir_model: Any) -> list[tuple[Any, CpuPlacedNode]]:
         version = node.version or opsets.get(domain) or _DEFAULT_OPSET.get(domain, 1)
         if (domain, node.op_type) in _NOT_KERNELS:
             continue
-        entry = ops.get(domain, {}).get(node.op_type)
-        kernel = kernel_for(node.op_type, domain, version) if entry else None
-        label = node.op_type if domain == "ai.onnx" else f"{domain} {node.op_type}"
+        op_type, inputs = as_run(node)
+        if op_type != node.op_type:  # CastLike: a Cast to its second input's type
+            target = dtype(node.inputs[1]) if len(node.inputs) > 1 else None
+            if target and node.outputs and not _dtype_name(node.outputs[0]):
+                known[id(node.outputs[0])] = target
+        entry = ops.get(domain, {}).get(op_type)
+        kernel = kernel_for(op_type, domain, version) if entry else None
+        label = op_type if domain == "ai.onnx" else f"{domain} {op_type}"
         if entry is None or kernel is None:
             if entry is None:
                 reason = f"the CUDA provider has no kernel for {label}"
@@ -190,9 +206,9 @@ def kernel_misses(ir_model: Any) -> list[tuple[Any, CpuPlacedNode]]:
                 (node, CpuPlacedNode(node.name or "", domain, node.op_type, version, reason))
             )
             continue
-        ins, outs = _bindings(entry, kernel, len(node.inputs), len(node.outputs))
+        ins, outs = _bindings(entry, kernel, len(inputs), len(node.outputs))
         bound: dict[str, str] = {}
-        for value, letter in zip(node.inputs, ins):
+        for value, letter in zip(inputs, ins):
             name = dtype(value)
             if letter and name and not letter.startswith("="):
                 bound.setdefault(letter, name)
@@ -200,7 +216,7 @@ def kernel_misses(ir_model: Any) -> list[tuple[Any, CpuPlacedNode]]:
         for value, letter in zip(node.outputs, outs):
             if value is None or _dtype_name(value):
                 continue
-            if node.op_type == "Cast" and "to" in node.attributes:
+            if op_type == "Cast" and "to" in node.attributes:
                 import onnx_ir as ir
 
                 known[id(value)] = ir.DataType(node.attributes["to"].as_int()).name.lower()

@@ -37,6 +37,7 @@ from fdec.lower.cuda_kernels import (
     PROVIDER,
     CpuPlacedNode,
     as_ir_model,
+    as_run,
     kernel_misses,
     kernel_table,
     onnx_domain,
@@ -134,7 +135,7 @@ def predict_placement(model: Any) -> Placement:
     for node in nodes:
         domain = onnx_domain(node.domain)
         version = node.version or opsets.get(domain) or 1
-        kinds[id(node)] = memory_types(node.op_type, domain, version)
+        kinds[id(node)] = memory_types(as_run(node)[0], domain, version)
 
     def constant(value: Any) -> bool:  # initializers, and Constant nodes (initializers at load)
         producer = value.producer()
@@ -174,7 +175,7 @@ def predict_placement(model: Any) -> Placement:
         visited.add(current)
         host_inputs = kinds[current][0]
         move = True
-        for index, value in enumerate(node.inputs):
+        for index, value in enumerate(as_run(node)[1]):
             if value is None:
                 continue
             dtype = value.dtype.name if value.dtype is not None else ""
@@ -197,7 +198,7 @@ def predict_placement(model: Any) -> Placement:
     for node in nodes:
         host = id(node) in on_host
         host_inputs = kinds[id(node)][0]
-        for index, value in enumerate(node.inputs):
+        for index, value in enumerate(as_run(node)[1]):
             if value is None or value.is_graph_input() or constant(value):
                 continue
             wants_host = host or index in host_inputs
