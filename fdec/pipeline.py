@@ -125,6 +125,9 @@ class Pass(abc.ABC):
     calibration_fields: ClassVar[tuple[str, ...]] = ("batches", "stats", "activations")
     #: What to try when the build's quality gate fails after it (the gate's fix text).
     gate_advice: ClassVar[str | None] = None
+    #: The compile option that adds it, where a --passes list cannot (its options are the
+    #: option's value, or it is a stage of its own).
+    added_by: ClassVar[str | None] = None
 
     @property
     def writes_qdq(self) -> bool:

@@ -93,6 +93,11 @@ def parse_pass_list(text: str | None) -> list[str]:
     for name in names:
         if name not in REGISTRY:
             make_pass(name)  # raises the UsageError naming the known passes
+        option = REGISTRY[name].added_by
+        if option:
+            raise UsageError(
+                f"--passes {name}: {option} adds this pass", f"drop {name} and give {option}"
+            )
     return names
 
 

@@ -337,6 +337,7 @@ class KvPolicyPass(Pass):
     summary: ClassVar[str] = "KV-cache sliding window / attention sink (--kv-window, --kv-sink)"
     # Exact while sequences fit the window; beyond it the model attends to less on purpose.
     tolerance: ClassVar[Tolerance] = Tolerance()
+    added_by: ClassVar[str | None] = "--kv-window W (and --kv-sink K)"
 
     window: int = dataclasses.field(default=0, kw_only=True)
     sink: int = dataclasses.field(default=0, kw_only=True)

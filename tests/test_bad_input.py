@@ -128,6 +128,26 @@ def test_unknown_pass(tiny_models, cli_runner, tmp_path):
                   words=["unknown pass 'fold'", "fold-constants"], out=out)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "passes, words",
+    [
+        # options only --prune / --kv-window give: the pass died on its defaults (prune with
+        # an internal TypeError, kv-policy naming the --kv-window already given)
+        ("prune", ["--passes prune", "--prune heads=F,mlp=F,layers=N"]),
+        ("kv-policy", ["--passes kv-policy", "--kv-window W"]),
+        # a quantizer calibrating after the cache's Q/DQ fed its float cache to int8 inputs
+        # (ONNX Runtime's INVALID_ARGUMENT, exit 1); here the cpu recipe's int4-awq follows
+        ("quantize-kv-cache", ["quantize-int4-awq calibrates after it", "--kv-dtype"]),
+    ],
+)
+def test_pass_lists_fdec_cannot_run_are_refused_when_planned(
+    tiny_models, cli_runner, tmp_path, passes, words
+):
+    out = tmp_path / "build"
+    _expect_error(cli_runner, ["compile", str(tiny_models("llama")), "-o", str(out), "--passes", passes],
+                  words=words, out=out)  # fmt: skip
+
+
 def test_hub_id_offline_fails_clearly(cli_runner, tmp_path):
     out = tmp_path / "build"
     _expect_error(cli_runner, ["compile", "someorg/some-model", "-o", str(out)],

@@ -24,6 +24,7 @@ def passes_command(as_json: bool) -> None:
             "family": cls.family,
             "summary": cls.summary,
             "default": name in DEFAULT_PIPELINE,
+            "added_by": cls.added_by,  # an option, where --passes cannot list it
         }
         for name, cls in sorted(REGISTRY.items(), key=lambda item: (item[1].family, item[0]))
     ]

@@ -543,20 +543,34 @@ def _after_masking(pipeline: list[Any]) -> list[Any]:
 ORDER = (
     ("prune", "quantize"),  # masks before quantizers (symmetric codes keep the zeros)
     ("quantize", "fuse"),  # quantizers and AWQ's norm folding see the traced graph
-    ("fuse", "kv_cache"),  # the cache passes rewrite the I/O of the final graph
+    ("quantize", "kv_cache"),  # the cache passes rewrite the I/O of the final graph
+    ("fuse", "kv_cache"),
 )
 
 
 def check_order(pipeline: list[Any], *, custom: bool = False) -> None:
-    """Raise when a composed pipeline breaks `ORDER` (a bug in the composition, not input)."""
-    if custom:
-        return
+    """Raise when a composed pipeline breaks `ORDER` (a bug in the composition, not input).
+    A --passes list (`custom`) may order quantizers and fusion its own way, but not a KV-cache
+    pass before them: a quantizer calibrating after quantize-kv-cache fed its float cache to
+    int8 inputs and died."""
     families = [p.family for p in pipeline]
     for first, then in ORDER:
         if first in families and then in families:
             last_first = len(families) - 1 - families[::-1].index(first)
-            if last_first > families.index(then):
+            if last_first <= families.index(then):
+                continue
+            if not custom:
                 raise AssertionError(f"recipe puts a {first} pass after a {then} pass")
+    cache = next((i for i, p in enumerate(pipeline) if p.family == "kv_cache"), None)
+    calibrating = [i for i, p in enumerate(pipeline) if getattr(p, "needs_calibration", False)]
+    if custom and cache is not None and calibrating and cache < calibrating[-1]:
+        first, late = pipeline[cache].name, pipeline[calibrating[-1]].name
+        raise UsageError(
+            f"--passes: {first} rewrites the KV-cache I/O of the final graph, and {late} "
+            "calibrates after it",
+            f"list {first} after {late} (the target's recipe adds its quantizer after the list "
+            "when the list names none), or give --kv-dtype instead",
+        )
 
 
 def sensitivity_pass(method: str, options: Mapping[str, Any], batches: Any) -> Any:

@@ -65,6 +65,8 @@ class PrunePass(Pass):
     family = "prune"
     summary = "structured pruning of heads (GQA-aware), MLP channels and layers by importance"
     tolerance = PRUNE_TOLERANCE
+    # a stage before the compile: the build is verified against the pruned model
+    added_by = "--prune heads=F,mlp=F,layers=N"
 
     heads: float = dataclasses.field(default=0.0, kw_only=True)
     mlp: float = dataclasses.field(default=0.0, kw_only=True)
