@@ -30,7 +30,14 @@ from fdec.passes.sparsity import Sparsify2of4Pass
 from fdec.passes.typing import CastFloat16Pass
 from fdec.pipeline import Pass
 
-__all__ = ["DEFAULT_PIPELINE", "REGISTRY", "make_pass", "make_pipeline", "parse_pass_list"]
+__all__ = [
+    "DEFAULT_PIPELINE",
+    "REGISTRY",
+    "make_pass",
+    "make_pipeline",
+    "parse_pass_list",
+    "weight_quantizers",
+]
 
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
@@ -103,3 +110,13 @@ def parse_pass_list(text: str | None) -> list[str]:
 
 def make_pipeline(names: list[str]) -> list[Pass]:
     return [make_pass(name) for name in names]
+
+
+def weight_quantizers(names: list[str]) -> list[str]:
+    """The passes of `names` that quantize the linear weights (what --quantize chooses);
+    quantize-embedding, which the recipes add beside them for the token table, is not one."""
+    return [
+        name
+        for name in names
+        if REGISTRY[name].family == "quantize" and REGISTRY[name] is not QuantizeEmbeddingPass
+    ]

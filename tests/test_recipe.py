@@ -46,6 +46,21 @@ def test_quantize_none_and_checkpoints_stay_full_precision(tiny_models, tmp_path
     assert checkpoint["recipe"]["quantize"] == "none"
 
 
+def test_a_pass_list_with_its_own_quantizer_replaces_the_default(tiny_models, tmp_path, cli_runner):
+    """The cpu recipe's int4-awq used to be appended after a listed quantize-int4: the weights
+    were quantized twice, with calibration, and the report named int4-awq."""
+    listed = ("--passes", "untie-embeddings,quantize-int4")
+    report = _compile(cli_runner, tiny_models("llama"), tmp_path / "b", *listed)
+    assert report["pipeline"] == ["untie-embeddings", "quantize-int4"]
+    assert report["recipe"]["chosen_by"] == "weights quantized by --passes quantize-int4"
+    both = cli_runner.invoke(cli, [
+        "compile", str(tiny_models("llama")), "-o", str(tmp_path / "c"), *listed,
+        "--quantize", "int4-awq",
+    ])  # fmt: skip
+    assert both.exit_code == 2
+    assert "--quantize int4-awq and --passes quantize-int4 both quantize" in both.stderr
+
+
 def test_calibration_statistics_are_cached_between_compiles(tiny_models, tmp_path, cli_runner):
     args = ("--target", "l4", "--quantize", "int8", "--max-seq-len", "256")
     args += ("--cache-dir", str(tmp_path / "cache"))

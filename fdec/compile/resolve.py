@@ -21,6 +21,7 @@ from fdec.compile.recipe import Recipe, check_emit, default_quantize, plan_pipel
 from fdec.errors import UsageError
 from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.lower.profiles import ShapeLimits
+from fdec.passes import parse_pass_list, weight_quantizers
 from fdec.passes.prune import parse_prune
 from fdec.plan import check_capacity
 from fdec.student import parse_draft
@@ -59,7 +60,8 @@ class Settings:
     @property
     def chosen_by(self) -> str:
         if not self.recipe_default:
-            return "options"
+            listed = weight_quantizers(parse_pass_list(self.options.passes))
+            return f"weights quantized by --passes {listed[0]}" if listed else "options"
         if self.backend.default_quantize:  # e.g. onnxruntime-cuda: fp16 until int4 is measured
             chosen = f"backend {self.backend.name} default"
         else:
@@ -124,9 +126,19 @@ def resolve_settings(options: CompileOptions) -> Settings:
     # so a bad combination fails before any work, and re-plan if the model is an encoder.
     # A serving checkpoint is written in full precision unless asked otherwise: its loaders
     # take only some quantized formats (fdec.lower.hf_checkpoint.SUPPORTED_QUANTIZE).
-    recipe_default = not options.quantize and "hf-checkpoint" not in options.emit
+    # A --passes list naming its own weight quantizer takes the place of the target's: the
+    # default was appended after it, quantizing twice (the report naming the default).
+    listed = weight_quantizers(parse_pass_list(options.passes)) if options.passes else []
+    if listed and options.quantize:
+        raise UsageError(
+            f"--quantize {options.quantize} and --passes {listed[0]} both quantize the weights",
+            "give one of them",
+        )
+    recipe_default = not (options.quantize or listed) and "hf-checkpoint" not in options.emit
     quantize = options.quantize or (
-        default_quantize(target, "decoder", backend) if recipe_default else "none"
+        default_quantize(target, "decoder", backend)
+        if recipe_default
+        else (backend.default_quantize or "none")  # a backend's own float typing stays
     )
     recipe = _plan(options, target, backend, quantize)
     if options.prune:
