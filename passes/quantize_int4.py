@@ -178,8 +178,8 @@ def _quantize_minmax(
     levels, half = (1 << bits) - 1, 1 << (bits - 1)
     if symmetric:
         scales = np.nanmax(np.abs(blocks), axis=-1) / (half - 1)
-        safe = np.where(scales > 0, scales, 1.0)[..., None]
-        codes = np.round(blocks / safe) + half
+        scales = np.where(scales > 0, scales, 1.0)  # an all-zero block: code `half` is 0
+        codes = np.round(blocks / scales[..., None]) + half
         zero_points = None
     else:
         low, high = np.nanmin(blocks, axis=-1), np.nanmax(blocks, axis=-1)
@@ -387,14 +387,13 @@ class QuantizeInt4Pass(Pass):
 
     def _round(self, weight: Weight) -> Int4Weight:
         """The codes and scales of one weight, rounded to nearest."""
-        symmetric = self._symmetric_of(weight)
-        if self.block_grid == "minmax":
-            return _quantize_minmax(
-                weight.array, self._block_size_of(weight), symmetric, self._bits_of(weight)
-            )
-        return quantize_int4(
-            weight.array, self._block_size_of(weight), symmetric, self._bits_of(weight)
-        )
+        symmetric, bits = self._symmetric_of(weight), self._bits_of(weight)
+        # TensorRT takes negative scales in 4-bit blocks only: an int8 DequantizeLinear with
+        # ONNX Runtime's max/-128 scales failed its parser ("Scale coefficients must all be
+        # positive"), so 8-bit symmetric blocks for it are absmax/127
+        if self.block_grid == "minmax" or (self.backend == "tensorrt" and bits == 8 and symmetric):
+            return _quantize_minmax(weight.array, self._block_size_of(weight), symmetric, bits)
+        return quantize_int4(weight.array, self._block_size_of(weight), symmetric, bits)
 
     def _source_grid(self, weight: Weight) -> Int4Weight | None:
         """The weight's codes on a block grid it already sits on, or None: a weight dequantized

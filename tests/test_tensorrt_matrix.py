@@ -35,6 +35,8 @@ _MATRIX = [
     ("fp8", None, ["bf16", "int8", "fp8"], "fp8"),
     ("int8-smoothquant", None, ["bf16", "int8"], "int8"),
     ("int4-awq", None, ["bf16", "int8", "int4"], "bf16 (int4 weights)"),
+    # (2 layers: all kept in 8-bit blocks, whose ONNX Runtime max/-128 scales TensorRT refused)
+    ("int4-awq-mixed", None, ["bf16", "int8"], "bf16"),
 ]
 
 
