@@ -191,6 +191,18 @@ def test_verify_each_dump_dir_and_untie(tiny_models, tmp_path, cli_runner):
     assert shapes[report["spec"]["weights"]["lm_head"]] == [64, 320]
 
 
+def test_verify_each_of_an_int4_recipe_judges_fusion_with_int4s_error(
+    tiny_models, tmp_path, cli_runner
+):
+    """fuse-attention after int4 carries int4's error: its own 1e-3 failed the compile."""
+    out = tmp_path / "build"
+    _compile(cli_runner, tiny_models("llama"), out, "--quantize", "int4", "--verify-each")
+    report = json.loads((out / "report.json").read_text())
+    checks = {p["name"]: p["checks"]["numeric"] for p in report["passes"]}
+    assert checks["fuse-attention"]["ok"] and checks["fuse-attention"]["max_abs_error"] > 1e-3
+    assert checks["fuse-attention"]["tolerance"] == checks["quantize-int4"]["tolerance"]
+
+
 def test_report_command_prints_pass_table(tiny_models, tmp_path, cli_runner):
     out = tmp_path / "build"
     _compile(cli_runner, tiny_models("gpt2"), out)
