@@ -134,6 +134,13 @@ SCHEMA: tuple[Key, ...] = (
         "static quantization.", '"calib.txt"'),
     Key("recipe.emit", "strs", "emit", "Extra outputs.", '["hf-checkpoint"]',
         choices=("hf-checkpoint", "genai")),
+    Key("recipe.sparsity", "str", "sparsity", "2:4: semi-structured sparsity on the MLP "
+        "weights before quantization (targets with sparse tensor cores).", '"2:4"',
+        choices=("none", "2:4")),
+    Key("recipe.prune", "str", "prune", "Structured pruning before the compile: shares of "
+        "query heads and MLP channels, and layers, to remove.", '"heads=0.25,mlp=0.3,layers=2"'),
+    Key("recipe.draft", "str", "draft", "Also build a draft model (the source keeping that "
+        "share, or N, of its layers) in OUT/draft for speculative decoding.", '"layers=1/4"'),
     Key("kv_cache.dtype", "str", "kv_dtype", "KV-cache storage (int8/fp8: per-head scales "
         "from calibration).", '"int8"', choices=("fp32", "fp16", "int8", "fp8")),
     Key("kv_cache.window", "int", "kv_window", "Keep the last W cache positions (sliding "

@@ -83,6 +83,24 @@ max_ppl_increase = "2%"
     assert not (tmp_path / "builds" / "from-config" / "cli-out").exists()
 
 
+def test_pruning_sparsity_and_draft_come_from_the_recipe_table(tmp_path):
+    """--sparsity, --prune and --draft had no keys: a CI build step or a matrix recipe could
+    not ask for them."""
+    from fdec.api import compile_options
+
+    _write(tmp_path / "fdec.toml", """
+model = "smollm2-135m"
+out = "build"
+
+[recipe]
+sparsity = "2:4"
+prune = "mlp=0.25"
+draft = "layers=1/4"
+""")  # fmt: skip
+    options, _ = compile_options(config=tmp_path / "fdec.toml")
+    assert (options.sparsity, options.prune, options.draft) == ("2:4", "mlp=0.25", "layers=1/4")
+
+
 def test_pyproject_tool_fdec_table_is_read(tiny_models, tmp_path):
     _write(tmp_path / "pyproject.toml", f"""
 [project]
@@ -124,6 +142,7 @@ quantize = "none"
         ('[recipe]\nemit = ["gguf"]\n', 'recipe.emit must be a list of strings, each one of "hf-checkpoint"'),
         ("target = [1, 2]\n", "target must be a string or a list of strings"),
         ("model = \n", "is not valid TOML"),
+        ('[recipe]\nsparsity = "3:4"\n', 'recipe.sparsity must be one of "none", "2:4"'),
     ],
 )  # fmt: skip
 def test_mistakes_are_one_line_usage_errors(cli_runner, tmp_path, monkeypatch, text, expected):
