@@ -35,7 +35,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
 from fdec.calibrate import checked_batches
 from fdec.errors import EXIT_QUALITY_GATE, UsageError, VerificationError
@@ -141,8 +140,10 @@ def _perplexity(log_probs: Sequence[np.ndarray], batches: Sequence[np.ndarray]) 
 
 
 def _copy(model: FdecModel) -> FdecModel:
-    proto = ir.serde.serialize_model(model.model)
-    return FdecModel(ir.serde.deserialize_model(proto), copy.deepcopy(model.spec))
+    """A trial copy: new graph objects sharing the tensors (quantizers give a weight they
+    change a new tensor). A serialized copy lost the base folder of a streamed compile's
+    external tensors ('model.safetensors', the spill file), and copied every weight."""
+    return FdecModel(model.model.clone(), copy.deepcopy(model.spec))
 
 
 @contextlib.contextmanager

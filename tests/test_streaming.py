@@ -93,7 +93,9 @@ def _digests(folder):
 
 # Float builds ("none") differ in model.onnx only: today's path keeps fold-constants' metadata
 # prop pkg.onnxscript.optimizer.folded_from on each re-laid weight (the data file is identical).
-@pytest.mark.parametrize("quantize", ["int4-rtn"])
+# int4-awq-mixed: its sensitivity trials copied the model through protobuf, which lost the
+# streamed weights' folder ("No such file or directory: 'model.safetensors'").
+@pytest.mark.parametrize("quantize", ["int4-rtn", "int4-awq-mixed"])
 def test_streamed_build_equals_todays_path_byte_for_byte(tiny_models, tmp_path, quantize):
     model = str(tiny_models("llama"))
     digests, reports = {}, {}
