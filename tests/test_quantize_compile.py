@@ -280,6 +280,23 @@ def test_keep_fp_keeps_the_most_sensitive_layer_in_fp32(tiny_models, tmp_path, c
     assert refused.exit_code == 2 and "--keep-fp needs a quantized build" in refused.stderr
 
 
+def test_keep_fp_takes_the_cpus_int8_and_refuses_a_gpus_static_int8():
+    """On the cpu target `--quantize int8` is dynamic int8, which --keep-fp takes: it was
+    refused there, naming int8-dynamic, which is the same recipe."""
+    from fdec.compile import plan_pipeline
+    from fdec.errors import UsageError
+    from fdec.targets import load_target
+
+    for quantize in ("int8", "int8-dynamic"):
+        plan = plan_pipeline(
+            target=load_target("cpu"), backend="onnxruntime", quantize=quantize, keep_fp=1
+        )
+        mixed = next(p for p in plan.pipeline if p.name == "quantize-mixed")
+        assert mixed.method == "int8" and mixed.keep_fp == 1
+    with pytest.raises(UsageError, match="static SmoothQuant Q/DQ on GPU targets"):
+        plan_pipeline(target=load_target("h100"), backend="tensorrt", quantize="int8", keep_fp=1)
+
+
 def test_int4_awq_compiles_calibrated_and_verified(tiny_models, tmp_path, cli_runner):
     out = tmp_path / "awq"
     result = cli_runner.invoke(

@@ -213,7 +213,8 @@ def _quantize_passes(
     # 113 MB with an untied int4 lm_head and an int8 embedding).
     # Dynamic int8 (the CPU's int8) does the same with one int8 table (SmolLM2: 140 MB, 0.26x).
     static_int8 = method == "smoothquant" or (not method and target.is_gpu)
-    dynamic_int8 = precision.value == "int8" and not static_int8 and keep_fp is None
+    dynamic = precision.value == "int8" and not static_int8  # the CPU's int8, or int8-dynamic
+    dynamic_int8 = dynamic and keep_fp is None
     share = (
         (precision.value in ("int4", "fp8") or dynamic_int8)
         and pass_backend == "onnxruntime"
@@ -235,9 +236,10 @@ def _quantize_passes(
         "share_tied_embedding": share,
         **backend.weight_options,
     }
-    if keep_fp is not None and not (precision.value == "int4" or method == "dynamic"):
+    if keep_fp is not None and not (precision.value == "int4" or dynamic):
         raise UsageError(
-            f"--keep-fp works with --quantize int4 or int8-dynamic, not {asked}",
+            f"--keep-fp works with --quantize int4 or int8-dynamic, not {asked}"
+            + (" (static SmoothQuant Q/DQ on GPU targets)" if static_int8 else ""),
             "drop --keep-fp, or quantize weights only (int4)",
         )
     # AWQ (mixed too) keeps a source's own block grid (a GGUF's Q4_1) instead of rounding again.
@@ -270,7 +272,7 @@ def _quantize_passes(
         )
     elif precision.value == "int4":
         name = "quantize-int4-awq" if method == "awq" else "quantize-int4"
-        # TensorRT(-RTX) takes blocked DequantizeLinear of INT4 only: its lm_head stays 4-bit.
+        # TensorRT(-RTX) builds keep a 4-bit lm_head (their measured recipes).
         head_bits = INT4_LM_HEAD_BITS if pass_backend == "onnxruntime" else None
         weights = fdec_passes.make_pass(name, lm_head_bits=head_bits, **grid, **int4_options)
     elif precision.value == "fp8":
