@@ -177,8 +177,8 @@ def plan_capacity(
             f"KV-cache dtype {kv_name} is not supported", f"use one of: {', '.join(KV_DTYPES)}"
         )
     target.require(weight_name)  # e.g. fp8 on an a100: InputError naming the alternatives
-    if shape.is_decoder:
-        target.require(kv_name)
+    if shape.is_decoder and target.is_gpu:  # the cpu target runs an fp8 cache's Q/DQ in ONNX
+        target.require(kv_name)  # Runtime, as quantize-kv-cache allows (--kv-dtype's help)
     fmt = WEIGHT_FORMATS[weight_name]
     memory, memory_source = target_memory(target)
     usable = int(memory * (1.0 - headroom))

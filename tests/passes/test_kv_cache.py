@@ -179,6 +179,21 @@ def test_plan_pipeline_appends_the_kv_pass_and_fp8_needs_a_gpu_with_fp8():
     assert "quantize-kv-cache" not in none.pass_names
 
 
+def test_the_capacity_check_takes_the_cpu_targets_fp8_cache(tiny_models):
+    """`fdec compile --target cpu --kv-dtype fp8` was refused by the capacity check ("FP8
+    needs a GPU") although the pass and --kv-dtype's help take it on the cpu target."""
+    import json
+
+    from fdec.plan import check_capacity
+
+    config = json.loads((tiny_models("llama") / "config.json").read_text())
+    common = dict(model="tiny", weights="int4", kv_dtype="fp8", batch=1, context=64)
+    plan = check_capacity(config, load_target("cpu"), default_context=64, **common)
+    assert plan is not None
+    with pytest.raises(InputError, match=r"(?i)fp8"):
+        check_capacity(config, load_target("a100"), default_context=64, **common)
+
+
 @pytest.mark.parametrize(("target", "backend"), [("h100", "tensorrt"), ("rtx4090", "tensorrt-rtx")])
 def test_strongly_typed_backends_refuse_an_fp16_cache_when_planned(target, backend):
     """An fp16 cache typed model.onnx in part, and the TensorRT model is then cast from it:
