@@ -142,6 +142,7 @@ def run_prompt(
     only, same tokens; fdec.runtime.speculative): "prompt-lookup" drafts n-grams of the
     context, "draft" drafts with the build in `draft_build` (default: the build's draft/),
     stopping at a token it gives less than `draft_min_probability`."""
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, draft_min_probability)
     if speculative not in SPECULATIVE_METHODS:
         raise UsageError(
             f"unknown speculative method {speculative!r}",
@@ -230,6 +231,22 @@ def run_prompt(
         # the model's positions, where prompt + --max-new-tokens would have gone past them
         "max_positions_reached": capped,
     }
+
+
+def _check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, draft_min: float
+) -> None:
+    """The ranges `fdec run`'s options have, for the API too (Build.run took -3 new tokens
+    and gave one, and a negative temperature)."""
+    for name, value, ok, want in (
+        ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "1 or more"),
+        ("temperature", temperature, temperature >= 0, "0 (greedy) or more"),
+        ("top_k", top_k, top_k >= 0, "0 (off) or more"),
+        ("top_p", top_p, 0 <= top_p <= 1, "in [0, 1]"),
+        ("draft_min_probability", draft_min, 0 <= draft_min <= 1, "in [0, 1]"),
+    ):
+        if not ok:
+            raise UsageError(f"{name} {value!r} is out of range", f"give {name} {want}")
 
 
 def _within_positions(

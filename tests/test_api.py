@@ -47,6 +47,10 @@ def test_compile_returns_a_build_that_runs(tiny_models, tmp_path, cli_runner):
     cli_result = cli_runner.invoke(cli, ["run", str(build.path), "-p", "Hello there", "-n", "6",
                                          "--no-chat-template", "--json"])  # fmt: skip
     assert json.loads(cli_result.stdout)["tokens"] == answer["tokens"]
+    # The ranges `fdec run` checks hold for the API (it gave a token for -3 new tokens).
+    for bad in (dict(max_new_tokens=-3), dict(temperature=-1.0), dict(top_p=1.5)):
+        with pytest.raises(UsageError, match="out of range"):
+            loaded.run("Hello there", **bad)
 
 
 def test_compile_reads_a_config_and_keywords_override_it(tiny_models, tmp_path):
