@@ -251,7 +251,7 @@ def run_bench(
         )  # fmt: skip
         model = OrtModel(session, kv_buffer=model.kv_buffer, kv_policy=model.kv_policy)
     kv = loaded.config.get("kv_cache") or {}
-    limit = kv.get("max_length")
+    limit = loaded.max_positions
     if limit and prompt_len + gen_len > limit:
         raise UsageError(
             f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds the build's "

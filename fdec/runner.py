@@ -42,6 +42,16 @@ class LoadedBuild:
     drafts: dict[pathlib.Path, LoadedBuild] = dataclasses.field(default_factory=dict)
 
     @property
+    def max_positions(self) -> int:
+        """Positions the model has (0: unknown): its rotary table or position embeddings end
+        there, and positions keep counting under a KV-cache window."""
+        return int(
+            self.config.get("max_positions")
+            or (self.config.get("kv_cache") or {}).get("max_length")
+            or 0
+        )
+
+    @property
     def requested_providers(self) -> list[str]:
         return [p if isinstance(p, str) else p[0] for p in self.config.get("providers") or []]
 
@@ -254,9 +264,8 @@ def _within_positions(
 ) -> tuple[int, int | None]:
     """--max-new-tokens cut to the positions the model has (its rotary table or position
     embeddings end there: ONNX Runtime failed past them with an internal error), and that
-    limit where it cut; a prompt that fills them is refused. Positions keep counting under a
-    KV-cache window, so the limit holds there too."""
-    limit = int(build.config.get("max_positions") or 0)
+    limit where it cut; a prompt that fills them is refused."""
+    limit = build.max_positions
     if not limit or prompt + max_new_tokens <= limit:
         return max_new_tokens, None
     if prompt >= limit:

@@ -555,17 +555,17 @@ def check_order(pipeline: list[Any], *, custom: bool = False) -> None:
     A --passes list (`custom`) may order quantizers and fusion its own way, but not a KV-cache
     pass before them: a quantizer calibrating after quantize-kv-cache fed its float cache to
     int8 inputs and died."""
-    families = [p.family for p in pipeline]
-    for first, then in ORDER:
-        if first in families and then in families:
-            last_first = len(families) - 1 - families[::-1].index(first)
-            if last_first <= families.index(then):
-                continue
-            if not custom:
-                raise AssertionError(f"recipe puts a {first} pass after a {then} pass")
+    if not custom:
+        families = [p.family for p in pipeline]
+        for first, then in ORDER:
+            if first in families and then in families:
+                last_first = len(families) - 1 - families[::-1].index(first)
+                if last_first > families.index(then):
+                    raise AssertionError(f"recipe puts a {first} pass after a {then} pass")
+        return
     cache = next((i for i, p in enumerate(pipeline) if p.family == "kv_cache"), None)
     calibrating = [i for i, p in enumerate(pipeline) if getattr(p, "needs_calibration", False)]
-    if custom and cache is not None and calibrating and cache < calibrating[-1]:
+    if cache is not None and calibrating and cache < calibrating[-1]:
         first, late = pipeline[cache].name, pipeline[calibrating[-1]].name
         raise UsageError(
             f"--passes: {first} rewrites the KV-cache I/O of the final graph, and {late} "

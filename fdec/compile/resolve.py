@@ -51,6 +51,7 @@ class Settings:
     recipe: Recipe
     capacity: Any = None  # fdec.plan's capacity plan for the source (check_before_load)
     fallback: str | None = None  # why the default precision was given up (bf16_instead)
+    listed_quantizer: str | None = None  # the --passes list's own weight quantizer
 
     @property
     def keep(self) -> tuple[pathlib.Path, ...]:
@@ -59,9 +60,10 @@ class Settings:
 
     @property
     def chosen_by(self) -> str:
+        if self.listed_quantizer:
+            return f"weights quantized by --passes {self.listed_quantizer}"
         if not self.recipe_default:
-            listed = weight_quantizers(parse_pass_list(self.options.passes))
-            return f"weights quantized by --passes {listed[0]}" if listed else "options"
+            return "options"
         if self.backend.default_quantize:  # e.g. onnxruntime-cuda: fp16 until int4 is measured
             chosen = f"backend {self.backend.name} default"
         else:
@@ -144,7 +146,10 @@ def resolve_settings(options: CompileOptions) -> Settings:
     if options.prune:
         parse_prune(options.prune)
     parse_draft(options.draft)
-    return Settings(options, target, backend, limits, quantize, recipe_default, recipe)
+    return Settings(
+        options, target, backend, limits, quantize, recipe_default, recipe,
+        listed_quantizer=listed[0] if listed else None,
+    )  # fmt: skip
 
 
 def check_before_load(

@@ -132,10 +132,12 @@ def predict_placement(model: Any) -> Placement:
     nodes = [node for node in graph if not (node.op_type == "Constant" and node.domain == "")]
     order = {id(node): i for i, node in enumerate(nodes)}
     kinds: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    reads: dict[int, list[Any]] = {}  # the inputs each node reads as ONNX Runtime runs it
     for node in nodes:
         domain = onnx_domain(node.domain)
         version = node.version or opsets.get(domain) or 1
-        kinds[id(node)] = memory_types(as_run(node)[0], domain, version)
+        op_type, reads[id(node)] = as_run(node)
+        kinds[id(node)] = memory_types(op_type, domain, version)
 
     def constant(value: Any) -> bool:  # initializers, and Constant nodes (initializers at load)
         producer = value.producer()
@@ -175,7 +177,7 @@ def predict_placement(model: Any) -> Placement:
         visited.add(current)
         host_inputs = kinds[current][0]
         move = True
-        for index, value in enumerate(as_run(node)[1]):
+        for index, value in enumerate(reads[id(node)]):
             if value is None:
                 continue
             dtype = value.dtype.name if value.dtype is not None else ""
@@ -198,7 +200,7 @@ def predict_placement(model: Any) -> Placement:
     for node in nodes:
         host = id(node) in on_host
         host_inputs = kinds[id(node)][0]
-        for index, value in enumerate(as_run(node)[1]):
+        for index, value in enumerate(reads[id(node)]):
             if value is None or value.is_graph_input() or constant(value):
                 continue
             wants_host = host or index in host_inputs
