@@ -96,10 +96,13 @@ def _float_cache(model: OrtModel) -> bool:
 
 def _policy_positions(model: OrtModel) -> int | None:
     """Positions a build with a cache policy (--kv-window/--kv-sink) attends to exactly as the
-    source does (sink + window + the current one); None without a policy. Beyond them the
-    build attends to less on purpose, so verification compares only that many."""
+    source does (sink + window + the current one); None without a policy, or with the
+    model's own sliding window (the source attends to no more). Beyond them the build attends
+    to less on purpose, so verification compares only that many."""
     policy = getattr(model, "kv_policy", None)
     if not policy or not policy.get("window"):
+        return None
+    if not policy.get("sink") and policy["window"] == policy.get("model_window"):
         return None
     return int(policy.get("sink", 0)) + int(policy["window"]) + 1
 

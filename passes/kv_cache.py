@@ -328,8 +328,14 @@ class KvPolicyPass(Pass):
     (fdec.runtime.generate). Positions keep counting (keys are cached after RoPE, so each kept
     key keeps its true position). In a fused graph without sinks, GroupQueryAttention's
     `local_window_size` (= window + 1: ONNX Runtime counts the query itself) is the same window
-    natively (each query sees itself and the `window` positions before it); the cache buffer is then not trimmed. GroupQueryAttention has no
-    sinks: a policy with `sink > 0` needs the unfused graph.
+    natively (each query sees itself and the `window` positions before it); the cache buffer
+    is then not trimmed. GroupQueryAttention has no sinks: a policy with `sink > 0` needs the
+    unfused graph.
+
+    A model with its own sliding window (Mistral's `sliding_window`) gets this pass without
+    --kv-window (`model_window`, fdec.compile.resolve): GroupQueryAttention takes the window
+    as above, and a graph without it keeps the window in its traced mask, so nothing is
+    trimmed and the build attends exactly as the source does.
     """
 
     name: ClassVar[str] = "kv-policy"
@@ -341,6 +347,8 @@ class KvPolicyPass(Pass):
 
     window: int = dataclasses.field(default=0, kw_only=True)
     sink: int = dataclasses.field(default=0, kw_only=True)
+    # the past positions the model's own sliding window keeps (0: the model has none)
+    model_window: int = dataclasses.field(default=0, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.sink < 0:
@@ -374,10 +382,50 @@ class KvPolicyPass(Pass):
                         "local_window_size", self.window + 1
                     )
                     native += 1
-        policy = {"sink": self.sink, "window": self.window, "native_window": native > 0}
+        # The model's own window on a graph without GroupQueryAttention: the traced attention
+        # masks it (fdec.frontend.export keeps the mask), so the runtime trims nothing.
+        traced = not native and self.model_window == self.window and not self.sink
+        policy = {"sink": self.sink, "window": self.window, "native_window": native > 0 or traced}
+        if self.model_window:
+            policy["model_window"] = self.model_window
         model.model.metadata_props[KV_POLICY_METADATA] = json.dumps(policy, sort_keys=True)
         stats = {**policy, "gqa_nodes": native, "max_cache_tokens": self.sink + self.window}
         return PassResult(model, modified=True, stats=stats)
+
+
+_KV_DTYPES = ("fp32", "fp16", "int8", "fp8")
+
+
+def kv_cache_passes(
+    kv_dtype: str | None,
+    kv_window: int | None,
+    kv_sink: int | None,
+    *,
+    model_window: int | None = None,
+) -> list[Pass]:
+    """quantize-kv-cache for --kv-dtype fp16/int8/fp8; kv-policy for --kv-window/--kv-sink and
+    for a model with its own sliding window (`model_window`: the past positions it keeps, one
+    less than transformers' `sliding_window`), which --kv-window may narrow, not widen."""
+    if kv_dtype is not None and kv_dtype not in _KV_DTYPES:
+        raise UsageError(f"unknown --kv-dtype {kv_dtype!r}", f"use one of: {', '.join(_KV_DTYPES)}")
+    if kv_sink and not kv_window:
+        raise UsageError("--kv-sink needs --kv-window", "add --kv-window W (positions kept)")
+    if model_window and kv_window and kv_window > model_window:
+        raise UsageError(
+            f"--kv-window {kv_window} is wider than the model's own sliding window (each "
+            f"position sees the {model_window} before it)",
+            f"give --kv-window {model_window} or less, or drop it (the model's window applies)",
+        )
+    passes: list[Pass] = []
+    # fp16: a Cast at the cache I/O of the fp32 graph; fp32 (or none): the graph's own cache.
+    if kv_dtype in ("fp16", "int8", "fp8"):
+        passes.append(QuantizeKvCachePass(dtype=kv_dtype))
+    window = kv_window or model_window
+    if window:
+        passes.append(
+            KvPolicyPass(window=window, sink=kv_sink or 0, model_window=model_window or 0)
+        )
+    return passes
 
 
 def _is_gqa(node: ir.Node) -> bool:
@@ -396,6 +444,8 @@ def runtime_trim(pipeline: Sequence[Any]) -> str | None:
     for pass_ in pipeline:
         fused = fused or isinstance(pass_, FuseAttentionPass)
         if isinstance(pass_, KvPolicyPass):
+            if pass_.window == pass_.model_window and not pass_.sink:
+                return None  # the model's own window: in the traced mask or GQA's
             if pass_.sink:
                 return f"--kv-sink {pass_.sink}: GroupQueryAttention has no sink positions"
             if not fused:

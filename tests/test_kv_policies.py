@@ -128,3 +128,103 @@ def test_compile_records_the_policy_and_fdec_run_honours_it(tiny_models, tmp_pat
     (out / "fdec-runtime.json").write_text(json.dumps(runtime))
     ran = cli_runner.invoke(cli, ["run", str(out), "-p", "hello world " * 10, "-n", "24", "--json"])
     assert json.loads(ran.output)["max_cache_positions"] == 5
+
+
+@pytest.fixture(scope="module")
+def windowed_mistral(tmp_path_factory):
+    """A tiny Mistral with its own 8-position sliding window (Mistral-7B-v0.1 has 4096)."""
+    from models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("swa"), "mistral", sliding_window=8)
+
+
+@pytest.mark.parametrize(
+    "options, gqa_window",
+    [(["--target", "cpu"], 8), (["--target", "h200", "--quantize", "none"], None)],
+    ids=["cpu-fused-int4", "h200-traced-fp32"],
+)
+def test_a_model_with_its_own_sliding_window_attends_as_the_source_does(
+    windowed_mistral, tmp_path, cli_runner, options, gqa_window
+):
+    """Every compile of such a model used to die (the export sliced the cache to the window
+    inside the graph: GroupQueryAttention got a past of 7 for a total of 17, TensorRT a shape
+    profile it refused). The window is now the model's kv-policy: GroupQueryAttention's
+    local_window_size where attention is fused, the traced mask where it is not; nothing is
+    trimmed at run time, and the build is checked on all held tokens, past the window."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fdec.api import load
+
+    out = tmp_path / "build"
+    args = ["compile", str(windowed_mistral), "-o", str(out), "--json", *options]
+    result = cli_runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    policy = {"model_window": 7, "native_window": True, "sink": 0, "window": 7}
+    assert report["kv_cache"]["policy"] == policy
+    assert report["kv_cache"]["memory_bound"]["bounded_by"] == "max_positions"
+    verification = report["verification"]
+    assert verification["numeric"]["tokens_scored"] > 8 * 4  # not cut to the window
+    assert verification["greedy"]["steps"] == 32  # not cut to the window either
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    windows = {
+        attribute.i
+        for node in graph.node
+        if node.op_type == "GroupQueryAttention"
+        for attribute in node.attribute
+        if attribute.name == "local_window_size"
+    }
+    assert windows == ({gqa_window} if gqa_window else set())
+    # 40 greedy tokens after a 36-token prompt: every step is past the window.
+    prompt = "The quick brown fox jumps over the lazy dog while the lighthouse"
+    tokenizer = AutoTokenizer.from_pretrained(windowed_mistral)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    hf = AutoModelForCausalLM.from_pretrained(windowed_mistral, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :].tolist()
+    assert ids.shape[1] > 8
+    got = load(out).run(prompt, max_new_tokens=40, chat_template=False)["tokens"]
+    if gqa_window:  # int4 weights: the first tokens, before int4's error adds up
+        assert got[:4] == want[:4]
+    else:
+        assert got == want
+
+
+def test_a_window_wider_than_the_models_own_is_refused(windowed_mistral, tmp_path, cli_runner):
+    args = ["compile", str(windowed_mistral), "-o", str(tmp_path / "b"), "--kv-window", "9"]
+    result = cli_runner.invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "wider than the model's own sliding window" in result.output
+    assert "--kv-window 7 or less" in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_window_on_some_layers_only_is_refused_before_the_export(tmp_path, cli_runner):
+    from models import make_tiny_model
+
+    model = make_tiny_model(
+        tmp_path / "qwen", "qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1
+    )
+    result = cli_runner.invoke(cli, ["compile", str(model), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 2, result.output
+    assert "sliding window on layers 1 of 2 only" in result.output
+    assert "exported" not in result.output.lower()
+
+
+def test_the_models_window_is_found_where_it_binds():
+    from transformers import AutoConfig
+
+    from fdec.frontend.families import sliding_window
+
+    def window(**config):
+        return sliding_window(AutoConfig.for_model(**config), "m")
+
+    assert window(model_type="mistral", sliding_window=8, max_position_embeddings=256) == 8
+    # as wide as the positions (Qwen2.5's configs): no window binds
+    assert window(model_type="mistral", sliding_window=256, max_position_embeddings=256) is None
+    assert window(model_type="mistral", sliding_window=None) is None
+    # Qwen2's window is off unless use_sliding_window
+    assert window(model_type="qwen2", sliding_window=8, max_position_embeddings=256) is None
+    assert window(model_type="llama") is None

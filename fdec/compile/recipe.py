@@ -26,6 +26,7 @@ from fdec.errors import UsageError
 from fdec.gates import GateTolerance, default_gate
 from fdec.lower.genai import check_genai_cache
 from fdec.lower.hf_checkpoint import check_quantize
+from fdec.passes.kv_cache import kv_cache_passes
 from fdec.passes.prune import parse_prune
 from fdec.pipeline import EXACT, PassManager, Tolerance
 from fdec.targets import Precision
@@ -381,6 +382,7 @@ def plan_pipeline(
     kv_dtype: str | None = None,
     kv_window: int | None = None,
     kv_sink: int | None = None,
+    model_window: int | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
     sparsity: str | None = None,
     kind: str = "decoder",
@@ -389,7 +391,8 @@ def plan_pipeline(
 
     `pass_options` ({pass name: {option: value}}, the config file's [pass_options.NAME]) set
     options of passes the pipeline has; naming a pass it does not have is an error. `kind`
-    (the ModelSpec's: "decoder" or "encoder") selects the quantizers' per-kind defaults."""
+    (the ModelSpec's: "decoder" or "encoder") selects the quantizers' per-kind defaults.
+    `model_window`: the past positions the model's own sliding window keeps (kv-policy)."""
     backend = get_backend(backend) if isinstance(backend, str) else backend
     check_precision(backend, quantize)  # e.g. fp8 Q/DQ for the ONNX Runtime CUDA model
     names = fdec_passes.parse_pass_list(passes)
@@ -422,7 +425,7 @@ def plan_pipeline(
                 f"drop --kv-dtype (or give {backend.kv_dtype}), or use --backend tensorrt",
             )
         kv_dtype = None  # the backend's graph has that cache already
-    kv_passes = _kv_cache_passes(kv_dtype, kv_window, kv_sink)
+    kv_passes = kv_cache_passes(kv_dtype, kv_window, kv_sink, model_window=model_window)
     # fuse-attention runs last by default (after quantization: the quantizers and AWQ's norm
     # folding see the traced graph), for ONNX Runtime builds of fp32/int4 weights; a
     # --passes list places it where the user put it. The pass refuses other backends.
@@ -508,24 +511,6 @@ def _sparsity_passes(sparsity: str | None, earlier: list[str]) -> list[Any]:
     # fp32 54.05) 165.1 (+205 %) where plain |w| gave 902.6; with skip_first=skip_last=2 98.9
     # (+83 %) against 156.6 (docs/design-notes.md). score=magnitude needs no data.
     return [fdec_passes.make_pass("sparsify-2of4", score="activation")]
-
-
-_KV_DTYPES = ("fp32", "fp16", "int8", "fp8")
-
-
-def _kv_cache_passes(kv_dtype: str | None, kv_window: int | None, kv_sink: int | None) -> list[Any]:
-    """quantize-kv-cache for --kv-dtype int8/fp8, kv-policy for --kv-window/--kv-sink."""
-    if kv_dtype is not None and kv_dtype not in _KV_DTYPES:
-        raise UsageError(f"unknown --kv-dtype {kv_dtype!r}", f"use one of: {', '.join(_KV_DTYPES)}")
-    if kv_sink and not kv_window:
-        raise UsageError("--kv-sink needs --kv-window", "add --kv-window W (positions kept)")
-    passes = []
-    # fp16: a Cast at the cache I/O of the fp32 graph; fp32 (or none): the graph's own cache.
-    if kv_dtype in ("fp16", "int8", "fp8"):
-        passes.append(fdec_passes.make_pass("quantize-kv-cache", dtype=kv_dtype))
-    if kv_window:
-        passes.append(fdec_passes.make_pass("kv-policy", window=kv_window, sink=kv_sink or 0))
-    return passes
 
 
 def _after_masking(pipeline: list[Any]) -> list[Any]:

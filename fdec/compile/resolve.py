@@ -19,6 +19,7 @@ from fdec.build import check_output_path
 from fdec.compile.options import CompileOptions
 from fdec.compile.recipe import Recipe, check_emit, default_quantize, plan_pipeline
 from fdec.errors import UsageError
+from fdec.frontend.families import sliding_window
 from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.lower.profiles import ShapeLimits
 from fdec.passes import parse_pass_list, weight_quantizers
@@ -52,6 +53,7 @@ class Settings:
     capacity: Any = None  # fdec.plan's capacity plan for the source (check_before_load)
     fallback: str | None = None  # why the default precision was given up (bf16_instead)
     listed_quantizer: str | None = None  # the --passes list's own weight quantizer
+    model_window: int | None = None  # past positions the model's own sliding window keeps
 
     @property
     def keep(self) -> tuple[pathlib.Path, ...]:
@@ -80,12 +82,15 @@ class Settings:
             return None
         if "bf16" not in self.backend.precisions or choose_float_dtype(self.target) != "bf16":
             return None
-        recipe = _plan(self.options, self.target, self.backend, "bf16")
+        recipe = _plan(
+            self.options, self.target, self.backend, "bf16", model_window=self.model_window
+        )
         fallback = f"bf16: the fp16 graph overflowed ({why})"
         return dataclasses.replace(self, quantize="bf16", recipe=recipe, fallback=fallback)
 
     def for_source(self, source: Any) -> Settings:
-        """The settings for `source`: an encoder takes the target's encoder recipe."""
+        """The settings for `source`: an encoder takes the target's encoder recipe; a decoder
+        with its own sliding window gets it as a KV-cache policy (kv-policy)."""
         options = self.options
         if "genai" in options.emit and source.family.kind != "decoder":
             raise UsageError(
@@ -101,6 +106,15 @@ class Settings:
             )
             recipe = _plan(options, self.target, self.backend, quantize, kind=kind)
             return dataclasses.replace(self, quantize=quantize, recipe=recipe)
+        from transformers import AutoConfig
+
+        window = sliding_window(AutoConfig.for_model(**source.config), str(options.model))
+        if window and window - 1 != self.model_window:
+            # transformers' window counts the query itself; the policy counts its past.
+            recipe = _plan(
+                options, self.target, self.backend, self.quantize, model_window=window - 1
+            )
+            return dataclasses.replace(self, recipe=recipe, model_window=window - 1)
         return self
 
     def check_limits(self, spec: Any) -> None:
@@ -185,7 +199,13 @@ def _kept(options: CompileOptions) -> tuple[pathlib.Path, ...]:
 
 
 def _plan(
-    options: CompileOptions, target: Any, backend: Backend, quantize: str, *, kind: str = "decoder"
+    options: CompileOptions,
+    target: Any,
+    backend: Backend,
+    quantize: str,
+    *,
+    kind: str = "decoder",
+    model_window: int | None = None,
 ) -> Recipe:
     check_emit(options.emit, quantize)
     return plan_pipeline(
@@ -200,6 +220,7 @@ def _plan(
         kv_dtype=options.kv_dtype,
         kv_window=options.kv_window,
         kv_sink=options.kv_sink,
+        model_window=model_window,
         pass_options=options.pass_options,
         sparsity=options.sparsity,
         kind=kind,

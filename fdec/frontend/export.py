@@ -144,7 +144,11 @@ def _decoder_wrapper(model: Any) -> Any:
             self.hf = hf
 
         def forward(self, input_ids, attention_mask, position_ids, past):
-            cache = DynamicCache(config=self.hf.config)
+            # Full layers: a sliding-window model's layers would slice the cache to the
+            # window inside the graph (which TensorRT's shape profiles and the attention
+            # fusion do not take). The window stays in the traced mask; fused attention gets
+            # it from kv-policy (GroupQueryAttention's local_window_size).
+            cache = DynamicCache()
             for layer in range(num_layers):
                 cache.update(past[2 * layer], past[2 * layer + 1], layer)
             out = self.hf(

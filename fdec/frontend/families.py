@@ -9,7 +9,14 @@ from typing import Any
 from fdec.errors import InputError
 from fdec.ir.spec import ModelSpec
 
-__all__ = ["FAMILIES", "Family", "build_spec", "family_for_config", "supported_model_types"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "build_spec",
+    "family_for_config",
+    "sliding_window",
+    "supported_model_types",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +96,32 @@ def family_for_config(config: dict[str, Any], where: str) -> Family:
         f"unsupported architecture in {where}: model_type {model_type!r} ({architectures})",
         f"fdec imports these model types: {', '.join(supported_model_types())}",
     )
+
+
+def sliding_window(hf_config: Any, where: str) -> int | None:
+    """The model's own sliding window (transformers' `sliding_window`: the keys each query
+    attends to, itself included), or None where every layer attends to every position: no
+    window, or one at least as wide as the model's positions. fdec applies one window to all
+    layers (fdec.passes.kv_cache's kv-policy); a window on some layers only is refused."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not window:
+        return None
+    layers = _get(hf_config, "num_hidden_layers", default=0)
+    types = getattr(hf_config, "layer_types", None) or ["sliding_attention"] * layers
+    sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    if not sliding:
+        return None
+    positions = _get(hf_config, "max_position_embeddings", "n_positions", default=0)
+    if positions and window >= positions:
+        return None
+    if len(sliding) != len(types):
+        raise InputError(
+            f"{where} has a {window}-position sliding window on layers "
+            f"{', '.join(map(str, sliding))} of {len(types)} only: fdec applies one window to "
+            "every layer",
+            "compile a model whose layers share one window (or none)",
+        )
+    return int(window)
 
 
 def _get(config: Any, *names: str, default: Any = None) -> Any:
