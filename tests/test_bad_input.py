@@ -49,6 +49,17 @@ def test_folder_without_config(cli_runner, tmp_path):
                   words=["no config.json", "safetensors"], out=out)  # fmt: skip
 
 
+def test_peft_adapter_folder_says_merge_it_first(cli_runner, tmp_path):
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    config = {"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M", "peft_type": "LORA"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    out = tmp_path / "build"
+    _expect_error(cli_runner, ["compile", str(adapter), "-o", str(out)],
+                  words=["PEFT adapter", "SmolLM2-135M", "merge_and_unload"], out=out)  # fmt: skip
+
+
 def test_unsupported_architecture_names_supported_ones(cli_runner, tmp_path):
     folder = tmp_path / "t5"
     folder.mkdir()

@@ -120,6 +120,19 @@ def check_safetensors(path: pathlib.Path) -> None:
 
 def _read_config(folder: pathlib.Path) -> dict:
     config_path = folder / "config.json"
+    adapter = folder / "adapter_config.json"
+    if not config_path.is_file() and adapter.is_file():
+        try:
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            base = None
+        raise InputError(
+            f"{folder} holds a PEFT adapter (adapter_config.json"
+            + (f", base model {base}" if base else "")
+            + "), not a model",
+            "merge it into its base model (peft: PeftModel.from_pretrained(base, folder)"
+            ".merge_and_unload().save_pretrained(merged)) and compile the merged folder",
+        )
     if not config_path.is_file():
         raise InputError(
             f"{folder} has no config.json",
