@@ -236,7 +236,8 @@ def resolve_settings(
         raise UsageError("no MODEL given", 'pass MODEL, or set model = "..." in fdec.toml')
     if values.get("out") is None:
         raise UsageError("no build folder given", 'pass -o DIR, or set out = "..." in fdec.toml')
-    values["targets"] = split_targets(values.pop("target", None) or "cpu")
+    target = values.pop("target", None)
+    values["targets"] = split_targets("cpu" if target is None else target)  # "" is refused
     if isinstance(values.get("passes"), list):
         values["passes"] = ",".join(values["passes"])
     if values.get("emit") is not None:

@@ -103,6 +103,14 @@ def test_unknown_target_lists_known_ones(tiny_models, cli_runner, tmp_path):
                   words=["unknown target 'h1000'", "h100", "a100", "cpu"], out=out)  # fmt: skip
 
 
+@pytest.mark.parametrize("given", ["", " , "])
+def test_empty_target_is_refused_not_taken_as_the_default(given, tiny_models, cli_runner, tmp_path):
+    # `--target ""` used to build for cpu (an empty value read as "not given")
+    out = tmp_path / "build"
+    _expect_error(cli_runner, ["compile", str(tiny_models("llama")), "--target", given, "-o", str(out)],
+                  words=["no target given", "--target cpu"], out=out)  # fmt: skip
+
+
 def test_output_path_is_a_file(tiny_models, cli_runner, tmp_path):
     out = tmp_path / "taken"
     out.write_text("not a folder")
