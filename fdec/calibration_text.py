@@ -138,6 +138,7 @@ def calibration_batches(
     *,
     seq_len: int = 128,
     max_samples: int = 16,
+    max_positions: int = 0,
 ) -> list[np.ndarray]:
     """Token id batches (int64 [1, seq_len]) for calibration.
 
@@ -145,8 +146,11 @@ def calibration_batches(
     dropped) and cut into `seq_len` pieces; when there are more than `max_samples`, evenly
     spaced pieces are kept, so every part of the corpus (every domain of the built-in one) is
     seen. A stream shorter than `seq_len` gives one shorter batch. Without a tokenizer (or
-    with too little text), fixed pseudo-random ids are used.
+    with too little text), fixed pseudo-random ids are used. `max_positions` (the model's,
+    0: unknown) shortens the pieces of a model with fewer positions than `seq_len`.
     """
+    if max_positions:
+        seq_len = min(seq_len, max_positions)
     if seq_len < 1 or max_samples < 1:
         raise InputError(
             f"calibration needs seq_len ≥ 1 and max_samples ≥ 1 (got {seq_len}, {max_samples})",

@@ -130,7 +130,16 @@ class Reference:
     ) -> Reference:
         import torch
 
-        ids = held_token_ids(tokenizer, vocab_size)
+        # A model with fewer positions than the held text is scored on as many as it has.
+        config = hf_model.config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        ids = held_token_ids(
+            tokenizer, vocab_size, limit=min(HELD_TOKENS, positions or HELD_TOKENS)
+        )
+        if positions:
+            greedy_steps = max(0, min(greedy_steps, positions - GREEDY_PROMPT))
         with torch.no_grad():
             if kind == "encoder":
                 out = hf_model(

@@ -137,6 +137,23 @@ def test_run_stops_at_the_models_positions(tiny_models, tmp_path, cli_runner):
     assert "model has 256 positions; shorten the prompt" in refused.stderr
 
 
+def test_a_model_with_fewer_positions_than_the_held_text_compiles(tmp_path, cli_runner):
+    """A model with 48 positions died in the reference (128 held tokens: "index out of range
+    in self" in GPT-2's position embedding), then in int4-awq's calibration (128-token
+    pieces). Both now use as many positions as the model has, and greedy decoding fits."""
+    from models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "short", "gpt2", n_positions=48)
+    out = tmp_path / "build"
+    result = cli_runner.invoke(cli, ["compile", str(model), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert "quantize-int4-awq" in report["pipeline"]  # the cpu default calibrates
+    verification = report["verification"]
+    assert verification["numeric"]["tokens_scored"] == 48
+    assert verification["greedy"]["steps"] == 48 - 16  # prompt 16, the rest greedy
+
+
 def test_encoder_compiles_and_verifies_both_outputs(tiny_models, tmp_path, cli_runner):
     out = tmp_path / "bert"
     summary = _compile(cli_runner, tiny_models("bert"), out)

@@ -63,7 +63,7 @@ def _built(source, tmp_path, target, backend, quantize, **plan_options):
     saved as build/model.onnx: (build folder, model, plan, pass records)."""
     proto, spec, _, tokenizer = source
     plan = plan_pipeline(target=target, backend=backend, quantize=quantize, **plan_options)
-    plan.attach_calibration(tokenizer, spec.vocab_size)
+    plan.attach_calibration(tokenizer, spec)
     model, records = PassManager(plan.pipeline, target=target).run(load(proto, spec))
     build = tmp_path / "build"
     build.mkdir()

@@ -175,6 +175,7 @@ def _sensitivity(
             recipe.calibration_texts or load_calibration_texts(None),
             front.tokenizer(),
             model.spec.vocab_size,
+            max_positions=model.spec.max_positions or 0,
         )
     )
     mixed = sensitivity_pass(quantizer.name, options, batches)

@@ -79,7 +79,7 @@ def run_passes(
     calibrating = [index for index in recipe.calibrating if index >= front.resumed]
     if calibrating:
         progress("tokenizing calibration text")
-        recipe.attach_calibration(front.tokenizer(), spec.vocab_size)
+        recipe.attach_calibration(front.tokenizer(), spec)
         to_run = recipe.pipeline[front.resumed :]
     # A streamed compile never holds the float model: its calibrating passes get their
     # statistics from the PyTorch model run one layer at a time (fdec.calibrate_layerwise).

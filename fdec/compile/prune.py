@@ -75,7 +75,7 @@ def prune_model(
     front.release_hf_model()
     if any(index >= front.resumed for index in recipe.calibrating):
         progress("tokenizing calibration text for importance scores")
-        recipe.attach_calibration(front.tokenizer(), model.spec.vocab_size)
+        recipe.attach_calibration(front.tokenizer(), model.spec)
     instruments: list[Any] = [FreshNamesInstrument()]
     store = front.instrument()
     if store is not None:

@@ -362,9 +362,15 @@ class Recipe:
     def calibrating(self) -> list[int]:
         return [i for i, p in enumerate(self.pipeline) if getattr(p, "needs_calibration", False)]
 
-    def attach_calibration(self, tokenizer: Any, vocab_size: int) -> None:
-        """Give every calibrating pass the tokenized calibration batches."""
-        batches = tuple(calibration_batches(self.calibration_texts or [], tokenizer, vocab_size))
+    def attach_calibration(self, tokenizer: Any, spec: Any) -> None:
+        """Give every calibrating pass the tokenized calibration batches (for `spec`, the
+        model's ModelSpec: its vocabulary and positions)."""
+        texts = self.calibration_texts or []
+        batches = tuple(
+            calibration_batches(
+                texts, tokenizer, spec.vocab_size, max_positions=spec.max_positions or 0
+            )
+        )
         for index in self.calibrating:
             self.pipeline[index] = dataclasses.replace(self.pipeline[index], batches=batches)
 

@@ -125,7 +125,7 @@ def test_encoder_recipe_keeps_its_declared_layers_wide(bert):
     assert int8.weight_only == INT8_ENCODER_WEIGHT_ONLY
     decoder_int8 = [p.weight_only for p in decoder.pipeline if p.name == "quantize-int8"]
     assert decoder_int8 == [INT8_WEIGHT_ONLY] != [INT8_ENCODER_WEIGHT_ONLY]
-    plan.attach_calibration(imported.tokenizer, model.spec.vocab_size)
+    plan.attach_calibration(imported.tokenizer, model.spec)
     (int8,) = [p for p in plan.pipeline if p.name == "quantize-int8"]
     quantized, record = run_pass(int8, load(dump(model), model.spec))
     wide = {model.spec.weights[f"layers.{i}.fc_out"] for i in range(model.spec.num_layers)}
