@@ -213,6 +213,10 @@ def test_bad_inputs_exit_2_and_write_nothing(pair, tmp_path, cli_runner):
                   ["held-out evaluation text"])  # fmt: skip
     _expect_error(cli_runner, ["distill", str(student), "-o", str(student / "sub"), "--steps",
                                "1"], student / "sub", ["inside the student folder"])  # fmt: skip
+    build = tmp_path / "pruned-build"  # a --prune build holds its student in student/
+    _copy_student(student, build)
+    _expect_error(cli_runner, ["distill", str(build), *run], out,
+                  ["is a pruned build", f"pass {build / 'student'}"])  # fmt: skip
 
 
 def test_student_without_tokenizer_takes_the_teachers(pair, tmp_path, cli_runner):

@@ -186,6 +186,12 @@ def distill(
     keep = [pathlib.Path(student), cache_dir or default_cache_dir()]
     keep += [pathlib.Path(teacher)] if teacher else []
     check_output_path(out, force=force, keep=keep)
+    inside = pathlib.Path(student) / "student"
+    if (inside / RECIPE_FILE).is_file() and not (pathlib.Path(student) / RECIPE_FILE).exists():
+        raise UsageError(
+            f"{student} is a pruned build; the model to distill is its student/ folder",
+            f"pass {inside}",
+        )
     s_source = resolve_source(str(student), cache_dir=cache_dir, progress=say)
     recipe = read_recipe(s_source.folder)
     if lr is not None:
