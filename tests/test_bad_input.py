@@ -183,6 +183,18 @@ def test_config_that_does_not_match_weights(tiny_models, cli_runner, tmp_path):
                   words=["do not match config.json"], out=out)  # fmt: skip
 
 
+def test_config_transformers_refuses_is_one_line(tiny_models, cli_runner, tmp_path):
+    # transformers' strict config classes raised StrictDataclassFieldValidationError: exit 1
+    folder = _copy(tiny_models("llama"), tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_attention_heads"] = "four"
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "build"
+    _expect_error(cli_runner, ["compile", str(folder), "-o", str(out)],
+                  words=["does not load in transformers", "num_attention_heads", "expected int"],
+                  out=out)  # fmt: skip
+
+
 def test_json_mode_reports_error_as_json(cli_runner, tmp_path):
     result = cli_runner.invoke(
         cli, ["compile", str(tmp_path / "nope"), "-o", str(tmp_path / "b"), "--json"]

@@ -18,7 +18,7 @@ from fdec.backends import Backend, choose_backend
 from fdec.build import check_output_path
 from fdec.compile.options import CompileOptions
 from fdec.compile.recipe import Recipe, check_emit, default_quantize, plan_pipeline
-from fdec.errors import UsageError
+from fdec.errors import InputError, UsageError
 from fdec.frontend.families import sliding_window
 from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.lower.profiles import ShapeLimits
@@ -106,9 +106,7 @@ class Settings:
             )
             recipe = _plan(options, self.target, self.backend, quantize, kind=kind)
             return dataclasses.replace(self, quantize=quantize, recipe=recipe)
-        from transformers import AutoConfig
-
-        window = sliding_window(AutoConfig.for_model(**source.config), str(options.model))
+        window = sliding_window(_hf_config(source), str(options.model))
         if window and window - 1 != self.model_window:
             # transformers' window counts the query itself; the policy counts its past.
             recipe = _plan(
@@ -196,6 +194,20 @@ def open_source(options: CompileOptions, progress: Any) -> Any:
 def _kept(options: CompileOptions) -> tuple[pathlib.Path, ...]:
     """The model compiled and the cache: never replaced by -o, even with --force."""
     return (pathlib.Path(options.model), options.cache_dir or default_cache_dir())
+
+
+def _hf_config(source: Any) -> Any:
+    """transformers' config object for the source's config.json (its defaults filled in)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**source.config)
+    except Exception as err:  # transformers' config classes raise many kinds
+        first = " ".join(str(err).split())[:240] or type(err).__name__
+        raise InputError(
+            f"config.json of {source.folder} does not load in transformers: {first}",
+            "use the config.json that came with the model",
+        ) from None
 
 
 def _plan(
