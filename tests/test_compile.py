@@ -274,3 +274,29 @@ def test_same_inputs_give_byte_identical_model_files(tiny_models, tmp_path, cli_
     ]
     for name in ("model.onnx", "model.onnx.data", "fdec-runtime.json", "tokenizer.json"):
         assert hashes[0][name]["sha256"] == hashes[1][name]["sha256"], name
+
+
+def test_hub_id_already_in_the_hugging_face_cache_compiles_offline(
+    tiny_models, tmp_path, cli_runner, monkeypatch
+):
+    """A model transformers downloaded (the Hugging Face cache, HF_HUB_CACHE) compiles by its
+    hub id with no network: fdec used to download it again into its own cache, and offline
+    failed ("cannot download")."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hf-hub"
+    repo = hub / "models--someorg--tiny-llama"
+    revision = "0" * 40
+    shutil.copytree(tiny_models("llama"), repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    out = tmp_path / "build"
+    args = ["compile", "someorg/tiny-llama", "-o", str(out), "--quantize", "none"]
+    result = cli_runner.invoke(cli, [*args, "--cache-dir", str(tmp_path / "fdec-cache")])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "using the Hugging Face cache's copy" in result.stderr
+    assert json.loads((out / "report.json").read_text())["verification"]["ok"]
+    assert not (tmp_path / "fdec-cache" / "hub").exists()  # nothing downloaded again

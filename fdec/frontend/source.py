@@ -341,7 +341,15 @@ def _bundled_gguf(name: str) -> pathlib.Path:
     return path
 
 
-def _from_hub(repo_id: str, cache_dir: pathlib.Path) -> pathlib.Path:
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+def _from_hub(
+    repo_id: str, cache_dir: pathlib.Path, progress: Callable[[str], None] = lambda _: None
+) -> pathlib.Path:
+    """The model's folder: a snapshot already in the Hugging Face cache (HF_HUB_CACHE, where
+    transformers downloads: no second download, and it works offline), else one downloaded
+    into fdec's cache."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover
@@ -349,10 +357,17 @@ def _from_hub(repo_id: str, cache_dir: pathlib.Path) -> pathlib.Path:
             "downloading from the hub needs huggingface_hub", "pip install huggingface_hub"
         ) from None
     try:
+        local = pathlib.Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not in the Hugging Face cache (or no such repository there)
+        local = None
+    if local is not None and (local / "config.json").is_file() and any(local.glob("*.safetensors")):
+        progress(f"{repo_id}: using the Hugging Face cache's copy in {local}")
+        return local
+    try:
         return pathlib.Path(
             snapshot_download(
                 repo_id,
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+                allow_patterns=_HUB_FILES,
                 cache_dir=str(cache_dir / "hub"),
             )
         )
@@ -402,7 +417,7 @@ def resolve_source(
             "give a model folder (config.json + *.safetensors) or a .gguf file",
         )
     if _HUB_ID.match(given) and not given.startswith((".", "/")):
-        folder = _from_hub(given, cache_dir)
+        folder = _from_hub(given, cache_dir, progress)
         return _check_folder(given, "hub", folder, trust_pickle=False)
     raise InputError(
         f"model path {given!r} does not exist",
