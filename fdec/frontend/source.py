@@ -344,6 +344,21 @@ def _bundled_gguf(name: str) -> pathlib.Path:
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 
 
+def _complete_snapshot(folder: pathlib.Path) -> bool:
+    """Whether a Hugging Face cache snapshot holds a whole model: config.json and every
+    safetensors file (every shard its index names; AutoConfig alone fetches only the config)."""
+    if not (folder / "config.json").is_file():
+        return False
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        return all((folder / shard).is_file() for shard in shards)
+    return any(folder.glob("*.safetensors"))
+
+
 def _from_hub(
     repo_id: str, cache_dir: pathlib.Path, progress: Callable[[str], None] = lambda _: None
 ) -> pathlib.Path:
@@ -360,7 +375,7 @@ def _from_hub(
         local = pathlib.Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:  # not in the Hugging Face cache (or no such repository there)
         local = None
-    if local is not None and (local / "config.json").is_file() and any(local.glob("*.safetensors")):
+    if local is not None and _complete_snapshot(local):
         progress(f"{repo_id}: using the Hugging Face cache's copy in {local}")
         return local
     try:
