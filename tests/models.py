@@ -33,6 +33,18 @@ FAMILY_CONFIGS = {
         "num_key_value_heads": 1, "max_position_embeddings": 256, "tie_word_embeddings": False,
         "sliding_window": None,
     },
+    # Qwen3: per-head RMSNorm on q and k; Gemma: scaled embeddings, (1 + w) norms, tanh gelu
+    "qwen3": {
+        "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "head_dim": 16, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    },
+    "gemma": {
+        "model_type": "gemma", "architectures": ["GemmaForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "head_dim": 16, "num_key_value_heads": 1, "max_position_embeddings": 256,
+    },
     "gpt2": {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2,
         "n_head": 4, "n_positions": 256,

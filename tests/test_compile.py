@@ -94,6 +94,40 @@ def test_run_matches_transformers_greedy_generate(tiny_models, tmp_path, cli_run
     assert ran["text"] in streamed.stdout
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma"])
+def test_qwen3_and_gemma_compile_fused_and_match_transformers(
+    family, tiny_models, tmp_path, cli_runner
+):
+    """Qwen3 (per-head q/k RMSNorm) and Gemma (scaled embeddings, (1 + w) norms) export and
+    fuse through the Llama path: GroupQueryAttention and SkipSimplifiedLayerNormalization,
+    and 40 greedy tokens equal transformers' generate."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tiny_models(family)
+    out = tmp_path / "build"
+    _compile(cli_runner, model_dir, out)
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    fused = {node.op_type for node in graph.node if node.domain == "com.microsoft"}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= fused
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ran = cli_runner.invoke(
+        cli, ["run", str(out), "-p", prompt, "-n", "40", "--no-chat-template", "--json"]
+    )
+    assert ran.exit_code == 0, ran.output + ran.stderr
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(
+            ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, ids.shape[1] :].tolist()
+    stop = tokenizer.eos_token_id
+    expected = expected[: expected.index(stop) + 1] if stop in expected else expected
+    assert json.loads(ran.stdout)["tokens"] == expected
+
+
 def test_sampling_options_change_tokens_reproducibly(tiny_models, tmp_path, cli_runner):
     out = tmp_path / "build"
     _compile(cli_runner, tiny_models("llama"), out)

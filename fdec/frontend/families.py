@@ -38,10 +38,13 @@ class Family:
         return None
 
 
+# Qwen3 (per-head q/k RMSNorm) and Gemma (scaled embeddings, (1 + w) norms) share Llama's
+# weight names and fuse the same way (tests/test_compile.py); Gemma 2/3 (soft-capping, windows
+# on alternate layers) are other model types.
 _LLAMA = Family(
     name="llama",
     kind="decoder",
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"),
     weight_patterns=(
         (r"model\.embed_tokens\.weight", "embed"),
         (r"lm_head\.weight", "lm_head"),
