@@ -45,6 +45,13 @@ FAMILY_CONFIGS = {
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "head_dim": 16, "num_key_value_heads": 1, "max_position_embeddings": 256,
     },
+    # Phi-3: q/k/v packed in qkv_proj, gate/up in gate_up_proj; its own sliding window
+    "phi3": {
+        "model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": False,
+        "sliding_window": 48,
+    },
     "gpt2": {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2,
         "n_head": 4, "n_positions": 256,

@@ -128,6 +128,41 @@ def test_qwen3_and_gemma_compile_fused_and_match_transformers(
     assert json.loads(ran.stdout)["tokens"] == expected
 
 
+def test_phi3_compiles_with_its_window_and_types_for_cuda(tiny_models, tmp_path, cli_runner):
+    """Phi-3's packed qkv_proj / gate_up_proj fuse to MultiHeadAttention + RotaryEmbedding
+    (not GroupQueryAttention), whose mask keeps the model's 48-position window: the fp32
+    build's 80 greedy tokens equal transformers'. The CUDA model's fp16 typing died on the
+    untyped outputs of those fused ops ("2 value(s) have no element type")."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tiny_models("phi3")
+    out = tmp_path / "build"
+    _compile(cli_runner, model_dir, out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["kv_cache"]["policy"]["model_window"] == 47
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ran = cli_runner.invoke(
+        cli, ["run", str(out), "-p", prompt, "-n", "80", "--no-chat-template", "--json"]
+    )
+    assert ran.exit_code == 0, ran.output + ran.stderr
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(
+            ids, max_new_tokens=80, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, ids.shape[1] :].tolist()
+    stop = tokenizer.eos_token_id
+    expected = expected[: expected.index(stop) + 1] if stop in expected else expected
+    assert json.loads(ran.stdout)["tokens"] == expected
+    cuda = tmp_path / "cuda"
+    args = ["--target", "h200", "--backend", "onnxruntime"]
+    result = cli_runner.invoke(cli, ["compile", str(model_dir), "-o", str(cuda), "--json", *args])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert json.loads((cuda / "report.json").read_text())["verification"]["ok"]
+
+
 def test_sampling_options_change_tokens_reproducibly(tiny_models, tmp_path, cli_runner):
     out = tmp_path / "build"
     _compile(cli_runner, tiny_models("llama"), out)

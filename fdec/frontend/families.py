@@ -53,6 +53,21 @@ _LLAMA = Family(
     ),
     prunable=True,
 )
+# Phi-3/3.5/4-mini: Llama's layout with q/k/v packed in one qkv_proj and gate/up in one
+# gate_up_proj (so the prune pass, which slices them apart, does not take it).
+_PHI3 = Family(
+    name="phi3",
+    kind="decoder",
+    model_types=("phi3",),
+    weight_patterns=(
+        (r"model\.embed_tokens\.weight", "embed"),
+        (r"lm_head\.weight", "lm_head"),
+        (r"model\.layers\.(\d+)\.self_attn\.qkv_proj\.weight", "layers.{0}.qkv"),
+        (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "layers.{0}.o"),
+        (r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight", "layers.{0}.gate_up"),
+        (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "layers.{0}.down"),
+    ),
+)
 _GPT2 = Family(
     name="gpt2",
     kind="decoder",
@@ -81,7 +96,7 @@ _BERT = Family(
     ),
 )
 
-FAMILIES: tuple[Family, ...] = (_LLAMA, _GPT2, _BERT)
+FAMILIES: tuple[Family, ...] = (_LLAMA, _PHI3, _GPT2, _BERT)
 
 
 def supported_model_types() -> list[str]:
