@@ -195,6 +195,26 @@ def test_config_transformers_refuses_is_one_line(tiny_models, cli_runner, tmp_pa
                   out=out)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "quantization, words",
+    [({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq, 4-bit"),
+     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes")],
+)  # fmt: skip
+def test_checkpoint_quantized_by_another_tool_is_refused(
+    quantization, words, tiny_models, cli_runner, tmp_path
+):
+    # GPTQ/AWQ/bitsandbytes checkpoints died in transformers' loader (exit 1: NameError,
+    # ImportError "requires gptqmodel" / "requires bitsandbytes")
+    folder = _copy(tiny_models("llama"), tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = quantization
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "build"
+    _expect_error(cli_runner, ["compile", str(folder), "-o", str(out)],
+                  words=["already quantized", words, "original float checkpoint"],
+                  out=out)  # fmt: skip
+
+
 def test_json_mode_reports_error_as_json(cli_runner, tmp_path):
     result = cli_runner.invoke(
         cli, ["compile", str(tmp_path / "nope"), "-o", str(tmp_path / "b"), "--json"]

@@ -159,11 +159,29 @@ def _read_config(folder: pathlib.Path) -> dict:
     return config
 
 
+def _check_not_quantized(config: dict, folder: pathlib.Path) -> None:
+    """A checkpoint quantized by another tool (GPTQ, AWQ, bitsandbytes, FP8, ...; config.json's
+    quantization_config) is refused: fdec quantizes from the float weights itself, and
+    loading those formats needs their own kernels (transformers raised ImportErrors)."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or not quantization:
+        return
+    method = quantization.get("quant_method") or "unknown method"
+    bits = quantization.get("bits")
+    what = f"{method}, {bits}-bit" if isinstance(bits, int) else str(method)
+    raise InputError(
+        f"{folder} holds an already quantized checkpoint (config.json quantization_config: {what})",
+        "give fdec the original float checkpoint it was made from; fdec quantizes it itself "
+        "(--quantize int4-awq, int8, fp8, ...)",
+    )
+
+
 def _check_folder(
     given: str, kind: str, folder: pathlib.Path, *, trust_pickle: bool
 ) -> ModelSource:
     config = _read_config(folder)
     family = family_for_config(config, str(folder / "config.json"))
+    _check_not_quantized(config, folder)
     safetensors = tuple(sorted(folder.glob("*.safetensors")))
     pickles = tuple(folder / name for name in _PICKLE_WEIGHTS if (folder / name).exists())
     pickles += tuple(sorted(folder.glob("pytorch_model-*.bin")))
