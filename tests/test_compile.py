@@ -63,10 +63,23 @@ def test_decoder_compiles_verifies_and_runs_in_plain_onnxruntime(
     assert manifest["outputs"]["model.onnx"]["bytes"] == (out / "model.onnx").stat().st_size
 
 
-def test_run_matches_transformers_greedy_generate(tiny_models, tmp_path, cli_runner):
+def _transformers_greedy(model_dir, prompt, steps):
+    """transformers' greedy tokens after `prompt` (up to the tokenizer's eos), as fdec run's."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(
+            ids, max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, ids.shape[1] :].tolist()
+    stop = tokenizer.eos_token_id
+    return expected[: expected.index(stop) + 1] if stop in expected else expected
+
+
+def test_run_matches_transformers_greedy_generate(tiny_models, tmp_path, cli_runner):
     model_dir = tiny_models("llama")
     out = tmp_path / "build"
     _compile(cli_runner, model_dir, out)
@@ -76,16 +89,7 @@ def test_run_matches_transformers_greedy_generate(tiny_models, tmp_path, cli_run
     assert result.exit_code == 0, result.output + result.stderr
     ran = json.loads(result.stdout)
     assert ran["providers"] == ["CPUExecutionProvider"]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = tokenizer("The lighthouse keeper", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        expected = model.generate(
-            ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
-        )[0, ids.shape[1] :].tolist()
-    stop = tokenizer.eos_token_id
-    expected = expected[: expected.index(stop) + 1] if stop in expected else expected
-    assert ran["tokens"] == expected
+    assert ran["tokens"] == _transformers_greedy(model_dir, "The lighthouse keeper", 20)
     # Streaming mode prints the same text.
     streamed = cli_runner.invoke(
         cli, ["run", str(out), "--prompt", "The lighthouse keeper", "-n", "20"]
@@ -102,8 +106,6 @@ def test_qwen3_and_gemma_compile_fused_and_match_transformers(
     fuse through the Llama path: GroupQueryAttention and SkipSimplifiedLayerNormalization,
     and 40 greedy tokens equal transformers' generate."""
     import onnx
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = tiny_models(family)
     out = tmp_path / "build"
@@ -116,16 +118,7 @@ def test_qwen3_and_gemma_compile_fused_and_match_transformers(
         cli, ["run", str(out), "-p", prompt, "-n", "40", "--no-chat-template", "--json"]
     )
     assert ran.exit_code == 0, ran.output + ran.stderr
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        expected = model.generate(
-            ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0
-        )[0, ids.shape[1] :].tolist()
-    stop = tokenizer.eos_token_id
-    expected = expected[: expected.index(stop) + 1] if stop in expected else expected
-    assert json.loads(ran.stdout)["tokens"] == expected
+    assert json.loads(ran.stdout)["tokens"] == _transformers_greedy(model_dir, prompt, 40)
 
 
 def test_phi3_compiles_with_its_window_and_types_for_cuda(tiny_models, tmp_path, cli_runner):
@@ -133,9 +126,6 @@ def test_phi3_compiles_with_its_window_and_types_for_cuda(tiny_models, tmp_path,
     (not GroupQueryAttention), whose mask keeps the model's 48-position window: the fp32
     build's 80 greedy tokens equal transformers'. The CUDA model's fp16 typing died on the
     untyped outputs of those fused ops ("2 value(s) have no element type")."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model_dir = tiny_models("phi3")
     out = tmp_path / "build"
     _compile(cli_runner, model_dir, out)
@@ -146,16 +136,7 @@ def test_phi3_compiles_with_its_window_and_types_for_cuda(tiny_models, tmp_path,
         cli, ["run", str(out), "-p", prompt, "-n", "80", "--no-chat-template", "--json"]
     )
     assert ran.exit_code == 0, ran.output + ran.stderr
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        expected = model.generate(
-            ids, max_new_tokens=80, do_sample=False, eos_token_id=None, pad_token_id=0
-        )[0, ids.shape[1] :].tolist()
-    stop = tokenizer.eos_token_id
-    expected = expected[: expected.index(stop) + 1] if stop in expected else expected
-    assert json.loads(ran.stdout)["tokens"] == expected
+    assert json.loads(ran.stdout)["tokens"] == _transformers_greedy(model_dir, prompt, 80)
     cuda = tmp_path / "cuda"
     args = ["--target", "h200", "--backend", "onnxruntime"]
     result = cli_runner.invoke(cli, ["compile", str(model_dir), "-o", str(cuda), "--json", *args])
