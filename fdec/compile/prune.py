@@ -24,6 +24,7 @@ from fdec.compile.recipe import prune_recipe
 from fdec.compile.write import Addition
 from fdec.distill import write_recipe
 from fdec.errors import UsageError
+from fdec.frontend.families import prunable_model_types
 from fdec.frontend.source import resolve_source
 from fdec.lower.hf_checkpoint import write_hf_checkpoint
 from fdec.pipeline import PassManager, StructureCheckInstrument
@@ -48,7 +49,7 @@ def check_prunable(source: Any) -> None:
         raise UsageError(
             "--prune/--draft slice llama-style layers (their own q, k, v, o, gate, up and down "
             f"weights); {source.given} is a {family.name} model, whose layers are not",
-            "drop --prune/--draft (llama, qwen2 and mistral models prune)",
+            f"drop --prune/--draft ({', '.join(prunable_model_types())} models prune)",
         )
 
 

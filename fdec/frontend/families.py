@@ -14,6 +14,7 @@ __all__ = [
     "Family",
     "build_spec",
     "family_for_config",
+    "prunable_model_types",
     "sliding_window",
     "supported_model_types",
 ]
@@ -101,6 +102,11 @@ FAMILIES: tuple[Family, ...] = (_LLAMA, _PHI3, _GPT2, _BERT)
 
 def supported_model_types() -> list[str]:
     return sorted(t for family in FAMILIES for t in family.model_types)
+
+
+def prunable_model_types() -> list[str]:
+    """The model types whose layers the prune pass slices (Family.prunable)."""
+    return [t for family in FAMILIES if family.prunable for t in family.model_types]
 
 
 def family_for_config(config: dict[str, Any], where: str) -> Family:
