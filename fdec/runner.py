@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -152,7 +153,7 @@ def run_prompt(
     only, same tokens; fdec.runtime.speculative): "prompt-lookup" drafts n-grams of the
     context, "draft" drafts with the build in `draft_build` (default: the build's draft/),
     stopping at a token it gives less than `draft_min_probability`."""
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, draft_min_probability)
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, draft_min_probability, seed)
     if speculative not in SPECULATIVE_METHODS:
         raise UsageError(
             f"unknown speculative method {speculative!r}",
@@ -188,6 +189,11 @@ def run_prompt(
             "providers": build.model.providers,
         }
     ids = _prompt_ids(tokenizer, prompt, chat_template)
+    if len(ids) == 0:  # GroupQueryAttention failed on a 0-token prefill (internal error)
+        raise UsageError(
+            "the prompt is empty (0 tokens)",
+            "give text to continue, or keep the chat template (drop --no-chat-template)",
+        )
     max_new_tokens, capped = _within_positions(build, len(ids), max_new_tokens)
     out = _TextStream(tokenizer, build.config, stream)
 
@@ -244,13 +250,24 @@ def run_prompt(
 
 
 def _check_sampling(
-    max_new_tokens: int, temperature: float, top_k: int, top_p: float, draft_min: float
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    draft_min: float,
+    seed: int = 0,
 ) -> None:
     """The ranges `fdec run`'s options have, for the API too (Build.run took -3 new tokens
     and gave one, and a negative temperature)."""
     for name, value, ok, want in (
         ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "1 or more"),
-        ("temperature", temperature, temperature >= 0, "0 (greedy) or more"),
+        (
+            "temperature",
+            temperature,
+            math.isfinite(temperature) and temperature >= 0,
+            "0 (greedy) or a finite number above it",
+        ),
+        ("seed", seed, seed >= 0, "0 or more"),
         ("top_k", top_k, top_k >= 0, "0 (off) or more"),
         ("top_p", top_p, 0 <= top_p <= 1, "in [0, 1]"),
         ("draft_min_probability", draft_min, 0 <= draft_min <= 1, "in [0, 1]"),

@@ -170,6 +170,33 @@ def test_sampling_options_change_tokens_reproducibly(tiny_models, tmp_path, cli_
     assert first != other or first != greedy
 
 
+def test_sampling_edges_and_an_empty_prompt(tiny_models, tmp_path, cli_runner):
+    """Each used to be an internal error (exit 1): --top-p 0 (NaN probabilities), --top-k
+    past the vocabulary (np.partition out of bounds), a negative --seed, an infinite
+    temperature, and a prompt of 0 tokens (GroupQueryAttention's prefill)."""
+    out = tmp_path / "build"
+    _compile(cli_runner, tiny_models("llama"), out)
+    run = ["run", str(out), "-p", "Ships", "-n", "12", "--json"]
+
+    def tokens(*options):
+        result = cli_runner.invoke(cli, [*run, *options])
+        assert result.exit_code == 0, result.output + result.stderr
+        return json.loads(result.stdout)["tokens"]
+
+    greedy = tokens()
+    assert tokens("--temperature", "3", "--top-p", "0") == greedy  # only the top token left
+    wide = tokens("--temperature", "3", "--top-k", "100000", "--seed", "4")
+    assert wide == tokens("--temperature", "3", "--seed", "4")  # k past the vocabulary: all
+    for options, words in (
+        (["--seed", "-1"], "-1 is not in the range"),
+        (["--temperature", "inf"], "give temperature 0 (greedy) or a finite number"),
+    ):
+        refused = cli_runner.invoke(cli, [*run, *options])
+        assert refused.exit_code == 2 and words in refused.output + refused.stderr
+    empty = cli_runner.invoke(cli, ["run", str(out), "-p", "", "--no-chat-template"])
+    assert empty.exit_code == 2 and "the prompt is empty (0 tokens)" in empty.stderr
+
+
 def test_run_stops_at_the_models_positions(tiny_models, tmp_path, cli_runner):
     """Past the model's positions (256 here) the fused graph's rotary table ends: ONNX
     Runtime failed with an internal error. Generation stops there, a prompt filling them is

@@ -25,7 +25,7 @@ __all__ = ["run_command"]
 )
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--no-chat-template", is_flag=True, help="Feed the prompt as raw text.")
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the result as JSON instead of streaming."

@@ -70,7 +70,7 @@ class Sampling:
         if self.temperature <= 0:
             return int(np.argmax(logits))
         scaled = logits.astype(np.float64) / self.temperature
-        if self.top_k > 0:
+        if 0 < self.top_k < len(scaled):  # a k past the vocabulary keeps every token
             kth = np.partition(scaled, -self.top_k)[-self.top_k]
             scaled = np.where(scaled < kth, -np.inf, scaled)
         probs = np.exp(scaled - scaled.max())
@@ -78,7 +78,8 @@ class Sampling:
         if self.top_p < 1.0:
             order = np.argsort(-probs)
             cumulative = np.cumsum(probs[order])
-            cut = order[cumulative - probs[order] >= self.top_p]
+            # the most likely token always stays (top_p 0 cut every one: NaN probabilities)
+            cut = order[1:][(cumulative - probs[order])[1:] >= self.top_p]
             probs[cut] = 0.0
             probs /= probs.sum()
         return int(rng.choice(len(probs), p=probs))
