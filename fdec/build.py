@@ -25,6 +25,7 @@ __all__ = [
     "check_output_path",
     "check_replaceable",
     "pid_alive",
+    "read_build_json",
     "refresh_manifest",
     "scratch_folder",
     "sha256_file",
@@ -422,6 +423,31 @@ def write_manifest(folder: pathlib.Path, data: dict[str, Any]) -> pathlib.Path:
 # and `fdec bench`'s results (bench.json, bench.html, and their temp files while written).
 _AFTER_BUILD = ("bench.json", "bench.html")
 _RUNTIME_WRITTEN = ("engines/ort-tensorrt-cache/", *_AFTER_BUILD)
+
+
+def read_build_json(path: pathlib.Path) -> dict[str, Any]:
+    """A build's JSON file (fdec-runtime.json, report.json, ...) as a dict; a file that does
+    not parse or holds no JSON object is an InputError naming it (a damaged build), where the
+    commands reading it died with an internal JSONDecodeError or TypeError."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise InputError(
+            f"{path.parent} is not an fdec build (no {path.name})",
+            "give the folder `fdec compile -o` wrote",
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise InputError(
+            f"{path} is damaged ({' '.join(str(err).split())[:160]})",
+            f"`fdec verify {path.parent}` names the files that changed; compile the build again",
+        ) from None
+    if not isinstance(data, dict):
+        raise InputError(
+            f"{path} is damaged (a JSON {type(data).__name__}, not an object)",
+            f"`fdec verify {path.parent}` names the files that changed; compile the build again",
+        )
+    return data
 
 
 def verify_build(folder: pathlib.Path) -> dict[str, Any]:

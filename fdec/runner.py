@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import pathlib
@@ -12,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fdec.build import read_build_json
 from fdec.errors import InputError, UsageError
 from fdec.lower import MODEL_FILE, RUNTIME_CONFIG
 from fdec.runtime import OrtModel, Sampling, generate, open_session
@@ -84,7 +84,7 @@ def load_build(folder: pathlib.Path, *, cuda_graph: bool | None = None) -> Loade
         raise InputError(
             f"{folder} is not an fdec build (no {RUNTIME_CONFIG})", "run fdec compile first"
         )
-    config = json.loads(config_path.read_text())
+    config = read_build_json(config_path)
     options = config.get("session_options") or {}
     level = options.get("graph_optimization_level", "all")
     path = folder / config.get("model", MODEL_FILE)
@@ -96,7 +96,7 @@ def load_build(folder: pathlib.Path, *, cuda_graph: bool | None = None) -> Loade
             cuda_graph=bool(options.get("cuda_graph", False)) if cuda_graph is None else cuda_graph,
         )
     except Exception as err:  # onnxruntime's own error types
-        session = _emulated_on_cpu(path, err)
+        session = _emulated_on_cpu(path, err, folder)
     tokenizer = None
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
         from transformers import AutoTokenizer
@@ -114,15 +114,20 @@ def load_build(folder: pathlib.Path, *, cuda_graph: bool | None = None) -> Loade
     return LoadedBuild(folder, config, model, tokenizer)
 
 
-def _emulated_on_cpu(path: pathlib.Path, err: Exception) -> Any:
+def _emulated_on_cpu(path: pathlib.Path, err: Exception, folder: pathlib.Path) -> Any:
     """A bf16 GPU graph where only the CPU provider started: ONNX Runtime's CPU has no bf16
     kernels, so the graph runs with its bf16 rounding emulated in fp32 (the verification's
-    form, fdec.runtime.check_forms), with one warning line. Any other error is raised."""
+    form, fdec.runtime.check_forms), with one warning line. A model ONNX Runtime cannot load
+    (a truncated weights file) is an InputError naming it."""
     from fdec.lower.cuda_kernels import cpu_unrunnable
     from fdec.runtime.check_forms import lighter_session_args, low_dtype
 
     if cpu_unrunnable(err) is None or low_dtype(path) != "bf16":
-        raise err
+        first = " ".join(str(err).split())[:200] or type(err).__name__
+        raise InputError(
+            f"ONNX Runtime cannot load {path} ({first})",
+            f"`fdec verify {folder}` names the files that changed; compile the build again",
+        ) from None
     session = open_session(path, **lighter_session_args(path, emulate=True))
     session.fdec_provider_fallback = (
         "no GPU provider started and ONNX Runtime's CPU has no bf16 kernels: running this bf16 "
@@ -322,7 +327,7 @@ def run_prompt_genai(
         raise InputError(
             f"{folder} is not an fdec build (no {RUNTIME_CONFIG})", "run fdec compile first"
         )
-    config = json.loads(config_path.read_text())
+    config = read_build_json(config_path)
     if config.get("kind") != "decoder":
         raise UsageError(
             f"--engine genai generates text; {folder} is an encoder build", "drop --engine genai"

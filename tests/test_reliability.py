@@ -293,6 +293,38 @@ def _expect_error(cli_runner, args, *, words, out, code=2):
     return lines[0]
 
 
+def test_damaged_build_files_are_named_in_one_line(previous_build, tmp_path, cli_runner):
+    """fdec run / bench / report on a build whose JSON files or weights were damaged died
+    with internal JSONDecodeError, TypeError or ONNX Runtime's Fail (fdec verify names the
+    changed file, exit 1, as before)."""
+    import shutil
+
+    from fdec.cli import cli
+
+    def refused(build, words, *commands):
+        for command in commands:
+            result = cli_runner.invoke(cli, [command[0], str(build), *command[1:]])
+            lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+            assert result.exit_code == 2, (command, result.output, result.stderr)
+            assert len(lines) == 1 and words in lines[0], (command, result.stderr)
+            assert f"fdec verify {build}" in lines[0]
+
+    run, bench = ["run", "-p", "hi", "-n", "2"], ["bench", "--batch", "1", "--rounds", "1"]
+    for name, text, commands in (
+        ("fdec-runtime.json", "{", (run, bench)),
+        ("report.json", "[1, 2]", (["report"],)),
+    ):
+        build = tmp_path / name
+        shutil.copytree(previous_build, build)
+        (build / name).write_text(text)
+        refused(build, f"{build / name} is damaged", *commands)
+    build = tmp_path / "weights"
+    shutil.copytree(previous_build, build)
+    with open(build / "model.onnx.data", "r+b") as data:
+        data.truncate(100)
+    refused(build, "ONNX Runtime cannot load", run, bench)
+
+
 def test_missing_tokenizer_falls_back_to_synthetic_ids(tmp_path, cli_runner):
     """Documented fallback: the build verifies on pseudo-random ids; `fdec run` then refuses."""
     folder = make_tiny_model(tmp_path / "model", "llama", tokenizer=False)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import json
 import pathlib
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from fdec.build import read_build_json
 from fdec.calibrate import calibration_batches, load_calibration_texts
 from fdec.compile.recipe import sensitivity_pass
 from fdec.compile.write import config_digest
@@ -393,14 +393,8 @@ def verify_build_numerics(
     Models above the streaming threshold are not re-verified here: the whole PyTorch model is
     loaded for the reference."""
     build = pathlib.Path(build)
-    try:
-        report = json.loads((build / "report.json").read_text())
-        runtime = json.loads((build / "fdec-runtime.json").read_text())
-    except (OSError, ValueError) as err:
-        raise UsageError(
-            f"{build} is not a readable fdec build ({err})",
-            "pass the folder `fdec compile -o` wrote",
-        ) from None
+    report = read_build_json(build / "report.json")
+    runtime = read_build_json(build / "fdec-runtime.json")
     recorded = report.get("source") or {}
     given = source or (
         recorded["folder"] if recorded.get("kind") == "folder" else recorded.get("given")

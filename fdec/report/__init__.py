@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import pathlib
 import platform
 from typing import Any
 
+from fdec.build import read_build_json
 from fdec.errors import InputError
 
 __all__ = [
@@ -46,10 +46,7 @@ def load_report(build: pathlib.Path) -> dict[str, Any]:
     path = pathlib.Path(build) / REPORT_FILE
     if not path.is_file():
         raise InputError(f"{build} has no {REPORT_FILE}", "give a folder written by fdec compile")
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path} is not valid JSON ({err})", "rebuild with fdec compile") from None
+    report = read_build_json(path)
     from fdec.report.bench_results import BENCH_KEY, load_bench
 
     bench = load_bench(build)  # written by `fdec bench` after the build: shown, not hashed
