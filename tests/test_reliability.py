@@ -294,9 +294,9 @@ def _expect_error(cli_runner, args, *, words, out, code=2):
 
 
 def test_damaged_build_files_are_named_in_one_line(previous_build, tmp_path, cli_runner):
-    """fdec run / bench / report on a build whose JSON files or weights were damaged died
-    with internal JSONDecodeError, TypeError or ONNX Runtime's Fail (fdec verify names the
-    changed file, exit 1, as before)."""
+    """fdec run / bench / report / build-engine on a build whose JSON files or weights were
+    damaged died with internal JSONDecodeError, TypeError or ONNX Runtime's Fail (fdec verify
+    names the changed file, exit 1, as before)."""
     import shutil
 
     from fdec.cli import cli
@@ -312,7 +312,8 @@ def test_damaged_build_files_are_named_in_one_line(previous_build, tmp_path, cli
     run, bench = ["run", "-p", "hi", "-n", "2"], ["bench", "--batch", "1", "--rounds", "1"]
     for name, text, commands in (
         ("fdec-runtime.json", "{", (run, bench)),
-        ("report.json", "[1, 2]", (["report"],)),
+        ("report.json", "[1, 2]", (["report"], ["build-engine"])),
+        ("fdec-build.json", "{", (["build-engine"],)),
     ):
         build = tmp_path / name
         shutil.copytree(previous_build, build)

@@ -181,14 +181,12 @@ def _numerics_line(checked: dict) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def build_engine_command(build: pathlib.Path, as_json: bool) -> None:
     """Build a build's deferred TensorRT / TensorRT-RTX engines (TensorRT needs its GPU)."""
-    from fdec.build import MANIFEST, refresh_manifest
+    from fdec.build import MANIFEST, read_build_json, refresh_manifest
     from fdec.lower.engines import finish_deferred_engines
 
     ctx = Context(False, as_json)
     try:
-        if not (build / MANIFEST).is_file():  # it rewrites the manifest: fdec builds only
-            raise InputError(f"{build} is not an fdec build (no {MANIFEST})",
-                             "give the folder fdec compile wrote")  # fmt: skip
+        read_build_json(build / MANIFEST)  # it rewrites the manifest: whole fdec builds only
         built = finish_deferred_engines(build, progress=ctx.progress)
     except FdecError as err:
         fail(err, as_json)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.backends import get_backend
+from fdec.build import read_build_json
 from fdec.errors import CompileError, InputError
 from fdec.ir import ModelSpec
 from fdec.lower.profiles import ShapeLimits
@@ -75,7 +76,7 @@ def finish_deferred_engines(
 
     build_dir = pathlib.Path(build_dir)
     report_path = build_dir / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report = read_build_json(report_path) if report_path.is_file() else {}
     records = report.get("engines") or []
     done: list[dict[str, Any]] = []
     for index, record in enumerate(records):
