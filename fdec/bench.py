@@ -212,12 +212,15 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
 
 
+DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN = 40, 64  # fdec bench's --prompt-len and --gen-len
+
+
 def run_bench(
     folder: pathlib.Path,
     *,
     batches: list[int],
-    prompt_len: int = 40,
-    gen_len: int = 64,
+    prompt_len: int | None = None,
+    gen_len: int | None = None,
     rounds: int = 3,
     threads: int = 0,
     bandwidth: dict[str, Any] | None = None,
@@ -225,7 +228,8 @@ def run_bench(
 ) -> dict[str, Any]:
     """Measure a build: per batch size, median prefill ms and decode tok/s over `rounds`
     (batch sizes interleaved within each round), then the bandwidth fraction. `cuda_graph`
-    as in `fdec.runner.load_build`."""
+    as in `fdec.runner.load_build`. Without `prompt_len` and `gen_len`: 40 and 64 tokens, in
+    that ratio within the positions of a model with fewer than 104."""
     from fdec.lower import MODEL_FILE
     from fdec.runner import load_build
     from fdec.runtime.batch import generate_batch
@@ -233,6 +237,9 @@ def run_bench(
     from fdec.runtime.session import OrtModel, open_session
 
     folder = pathlib.Path(folder)
+    defaults = prompt_len is None and gen_len is None
+    prompt_len = DEFAULT_PROMPT_LEN if prompt_len is None else prompt_len
+    gen_len = DEFAULT_GEN_LEN if gen_len is None else gen_len
     if prompt_len < 1 or gen_len < 2 or rounds < 1 or threads < 0:
         raise UsageError(
             f"--prompt-len {prompt_len}, --gen-len {gen_len}, --rounds {rounds}, --threads "
@@ -252,6 +259,9 @@ def run_bench(
         model = OrtModel(session, kv_buffer=model.kv_buffer, kv_policy=model.kv_policy)
     kv = loaded.config.get("kv_cache") or {}
     limit = loaded.max_positions
+    if defaults and limit and prompt_len + gen_len > limit:  # a model with few positions
+        prompt_len = max(1, limit * DEFAULT_PROMPT_LEN // (DEFAULT_PROMPT_LEN + DEFAULT_GEN_LEN))
+        gen_len = limit - prompt_len
     if limit and prompt_len + gen_len > limit:
         raise UsageError(
             f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds the build's "

@@ -82,6 +82,21 @@ def test_too_long_or_missing_build_exits_2(tiny_build, tmp_path, cli_runner):
     assert missing.exit_code == 2 and "not an fdec build" in missing.stderr
 
 
+def test_default_lengths_fit_a_model_with_few_positions(tiny_models, tmp_path, cli_runner):
+    # a model with 48 positions: `fdec bench BUILD` refused its own defaults (40 + 64)
+    from models import make_tiny_model
+
+    out = tmp_path / "b"
+    fdec.compile(make_tiny_model(tmp_path / "m", "gpt2", n_positions=48), out=out, quantize="none")
+    args = ["bench", str(out), "--batch", "1", "--rounds", "1", "--json"]
+    result = cli_runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output + result.stderr
+    figures = json.loads(result.stdout)
+    assert (figures["prompt_len"], figures["gen_len"]) == (18, 30)  # 40:64 within 48
+    given = cli_runner.invoke(cli, [*args, "--gen-len", "64"])  # given lengths are kept
+    assert given.exit_code == 2 and "exceeds the build's 48 positions" in given.stderr
+
+
 def test_parse_batches_sorts_and_dedups():
     assert parse_batches("16,1, 4,1") == [1, 4, 16]
     with pytest.raises(UsageError):

@@ -199,14 +199,16 @@ def build_engine_command(build: pathlib.Path, as_json: bool) -> None:
 @click.argument("build", type=click.Path(path_type=pathlib.Path))
 @click.option("--batch", "batch_text", default="1,4,16", show_default=True,
               help="Batch sizes, comma-separated.")  # fmt: skip
-@click.option("--prompt-len", default=40, show_default=True, type=int, help="Prompt tokens.")
-@click.option("--gen-len", default=64, show_default=True, type=int, help="Generated tokens.")
+@click.option("--prompt-len", type=int,
+              help="Prompt tokens [default: 40; with --gen-len's 64, shrunk to fit a model "
+                   "with fewer positions].")  # fmt: skip
+@click.option("--gen-len", type=int, help="Generated tokens [default: 64].")
 @click.option("--rounds", default=3, show_default=True, type=int, help="Rounds (medians).")
 @click.option("--threads", default=0, show_default=True, type=int, help="0: ONNX Runtime's choice.")
 @click.option("--cuda-graph/--no-cuda-graph", default=None, help=CUDA_GRAPH_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench_command(build: pathlib.Path, batch_text: str, prompt_len: int, gen_len: int,
-                  rounds: int, threads: int, cuda_graph: bool | None,
+def bench_command(build: pathlib.Path, batch_text: str, prompt_len: int | None,
+                  gen_len: int | None, rounds: int, threads: int, cuda_graph: bool | None,
                   as_json: bool) -> None:  # fmt: skip
     """Measure BUILD: prefill ms and decode tok/s per batch size, peak RSS, and the fraction
     of this machine's memory-bandwidth bound. The results are written to BUILD/bench.json (and
