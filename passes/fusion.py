@@ -248,8 +248,13 @@ def _rotary_angles(cos: ir.Value, sin: ir.Value) -> np.ndarray | None:
     return values
 
 
+# The cos/sin cache inputs of the fused ops that take them.
+_ROTARY_CACHE_INPUTS = {"GroupQueryAttention": (7, 8), "RotaryEmbedding": (2, 3)}
+
+
 def _constant_rotary_caches(model: FdecModel) -> int:
-    """Per-step cos/sin caches of GroupQueryAttention → constant [max_positions, E] tables.
+    """Per-step cos/sin caches of GroupQueryAttention and RotaryEmbedding (beside
+    MultiHeadAttention, e.g. Phi-3's) → constant [max_positions, E] tables.
 
     onnxscript's fusion computes the caches every step for positions 0..max(position_ids)
     (a cost that grows with the sequence); onnxruntime-genai stores them as initializers.
@@ -261,9 +266,10 @@ def _constant_rotary_caches(model: FdecModel) -> int:
     rows = model.spec.max_positions
     made: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
     for node in list(graph):
-        if node.op_type != "GroupQueryAttention" or node.domain != _MS or len(node.inputs) < 9:
+        slots = _ROTARY_CACHE_INPUTS.get(node.op_type) if node.domain == _MS else None
+        if slots is None or len(node.inputs) <= slots[1]:
             continue
-        cos, sin = node.inputs[7], node.inputs[8]
+        cos, sin = node.inputs[slots[0]], node.inputs[slots[1]]
         if cos is None or sin is None or cos.const_value is not None:
             continue
         key = (id(cos), id(sin))
@@ -282,8 +288,8 @@ def _constant_rotary_caches(model: FdecModel) -> int:
                 tensor = ir.tensor(function(angles).astype(dtype), name=name)
                 tables.append(add_initializer(graph, name, tensor))
             made[key] = (tables[0], tables[1])
-        node.replace_input_with(7, made[key][0])
-        node.replace_input_with(8, made[key][1])
+        node.replace_input_with(slots[0], made[key][0])
+        node.replace_input_with(slots[1], made[key][1])
     return len(made)
 
 
