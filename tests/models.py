@@ -45,6 +45,18 @@ FAMILY_CONFIGS = {
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "head_dim": 16, "num_key_value_heads": 1, "max_position_embeddings": 256,
     },
+    # OLMo 2: q/k RMSNorm over all heads, norms after attention and MLP; StableLM: LayerNorm
+    # with bias and a quarter of each head rotated
+    "olmo2": {
+        "model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": False,
+    },
+    "stablelm": {
+        "model_type": "stablelm", "architectures": ["StableLmForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "partial_rotary_factor": 0.25,
+    },
     # Phi-3: q/k/v packed in qkv_proj, gate/up in gate_up_proj; its own sliding window
     "phi3": {
         "model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden_size": 64,

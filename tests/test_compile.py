@@ -98,21 +98,27 @@ def test_run_matches_transformers_greedy_generate(tiny_models, tmp_path, cli_run
     assert ran["text"] in streamed.stdout
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma"])
-def test_qwen3_and_gemma_compile_fused_and_match_transformers(
-    family, tiny_models, tmp_path, cli_runner
+_GQA = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
+
+
+@pytest.mark.parametrize(
+    "family, fused",
+    [("qwen3", _GQA), ("gemma", _GQA), ("olmo2", _GQA),
+     ("stablelm", {"MultiHeadAttention", "RotaryEmbedding", "SkipLayerNormalization"})],
+)  # fmt: skip
+def test_llama_like_model_types_compile_fused_and_match_transformers(
+    family, fused, tiny_models, tmp_path, cli_runner
 ):
-    """Qwen3 (per-head q/k RMSNorm) and Gemma (scaled embeddings, (1 + w) norms) export and
-    fuse through the Llama path: GroupQueryAttention and SkipSimplifiedLayerNormalization,
-    and 40 greedy tokens equal transformers' generate."""
+    """Qwen3 (per-head q/k RMSNorm), Gemma (scaled embeddings, (1 + w) norms), OLMo 2 (q/k
+    norms over all heads, post-norms) and StableLM (LayerNorm, partial rotary) export and fuse
+    through the Llama path, and 40 greedy tokens of the fp32 build equal transformers'."""
     import onnx
 
     model_dir = tiny_models(family)
     out = tmp_path / "build"
     _compile(cli_runner, model_dir, out)
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
-    fused = {node.op_type for node in graph.node if node.domain == "com.microsoft"}
-    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= fused
+    assert fused <= {node.op_type for node in graph.node if node.domain == "com.microsoft"}
     prompt = "The quick brown fox jumps over the lazy dog"
     ran = cli_runner.invoke(
         cli, ["run", str(out), "-p", prompt, "-n", "40", "--no-chat-template", "--json"]

@@ -48,7 +48,8 @@ def check_prunable(source: Any) -> None:
     if not family.prunable:
         raise UsageError(
             "--prune/--draft slice llama-style layers (their own q, k, v, o, gate, up and down "
-            f"weights); {source.given} is a {family.name} model, whose layers are not",
+            f"weights, norms before them); {source.given}'s "
+            f"{source.config.get('model_type')} layers are not",
             f"drop --prune/--draft ({', '.join(prunable_model_types())} models prune)",
         )
 

@@ -207,8 +207,10 @@ def test_compile_refuses_bad_prune_options(tiny_models, tmp_path, cli_runner, ar
     [
         # GPT-2's packed q/k/v: the pass's coupling check stopped it after the export
         # (exit 1), with --draft only after the whole main build
-        ("gpt2", ["--prune", "mlp=0.25"], "gpt2 model, whose layers are not"),
-        ("gpt2", ["--draft", "layers=1"], "gpt2 model, whose layers are not"),
+        ("gpt2", ["--prune", "mlp=0.25"], "gpt2 layers are not"),
+        ("gpt2", ["--draft", "layers=1"], "gpt2 layers are not"),
+        # OLMo 2's q/k norms span all heads: a shape error after the export
+        ("olmo2", ["--prune", "heads=0.25"], "olmo2 layers are not"),
         # a sink's cache is trimmed at run time, which speculative decoding refuses: the
         # draft was built, then `fdec run --speculative draft` refused it
         ("llama", ["--kv-window", "8", "--kv-sink", "2", "--draft", "layers=1"], "trims its KV"),
