@@ -49,7 +49,7 @@ SPARSITY_METADATA = "fdec.sparsity"
 
 _GROUP, _KEEP = 4, 2
 _LAYER_ROLE = re.compile(r"^layers\.(\d+)\.(\w+)$")
-_MLP_ROLES = ("gate", "up", "down", "fc_in", "fc_out")
+_MLP_ROLES = ("gate", "up", "gate_up", "down", "fc_in", "fc_out")
 _ALL_ROLES = ("q", "k", "v", "qkv", "o", *_MLP_ROLES)
 _ROLE_SETS = {"mlp": _MLP_ROLES, "all": _ALL_ROLES}
 _SCORES = ("magnitude", "activation")

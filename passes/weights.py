@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from fdec.errors import CompileError
-from fdec.ir import FdecModel
+from fdec.ir import WEIGHT_ROLES, FdecModel
 from fdec.ir.spill import spill_tensor
 
 __all__ = [
@@ -47,7 +47,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Per-layer roles whose weight is a linear layer's [K, N] matrix (the embedding is a Gather).
-LINEAR_ROLES = frozenset({"q", "k", "v", "qkv", "o", "gate", "up", "down", "fc_in", "fc_out"})
+LINEAR_ROLES = frozenset(WEIGHT_ROLES)
 LAYER_ROLE = re.compile(r"^layers\.\d+\.(\w+)$")
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 

@@ -154,6 +154,13 @@ def test_phi3_compiles_with_its_window_and_types_for_cuda(tiny_models, tmp_path,
     # Range over max(position_ids) made a MemcpyToHost every step (no CUDA graph capture).
     placement = report["cuda_placement"]
     assert placement["memcpy_nodes"] == 0 and placement["cuda_graph_capturable"]
+    # int4 takes every linear layer, gate_up too (it was left fp32: a role no pass knew)
+    int4 = tmp_path / "int4"
+    result = cli_runner.invoke(cli, ["compile", str(model_dir), "-o", str(int4), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    passes = json.loads((int4 / "report.json").read_text())["passes"]
+    awq = next(p for p in passes if p["name"] == "quantize-int4-awq")
+    assert awq["stats"]["matmuls_quantized"] == 2 * 4 + 1  # qkv, o, gate_up, down; lm_head
 
 
 def test_sampling_options_change_tokens_reproducibly(tiny_models, tmp_path, cli_runner):

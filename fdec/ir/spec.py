@@ -10,8 +10,9 @@ import onnx_ir as ir
 
 __all__ = ["WEIGHT_ROLES", "ModelSpec"]
 
-# Roles a weight can play. Per-layer roles are keyed "layers.{i}.{role}".
-WEIGHT_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc_in", "fc_out")
+# Linear layers' roles. Per-layer roles are keyed "layers.{i}.{role}" (gate_up: Phi-3's packed
+# gate and up projections).
+WEIGHT_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc_in", "fc_out")
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(\w+)$")
 
 
