@@ -248,6 +248,26 @@ def _rotary_angles(cos: ir.Value, sin: ir.Value) -> np.ndarray | None:
     return values
 
 
+# Fused ops whose outputs take their first input's element type.
+_SAME_TYPE_AS_INPUT = frozenset(
+    {"MultiHeadAttention", "GroupQueryAttention", "RotaryEmbedding",
+     "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}
+)  # fmt: skip
+
+
+def _type_fused_outputs(model: FdecModel) -> None:
+    """Give untyped outputs of fused attention, rotary and norm nodes their input's type:
+    ONNX's shape inference has no com.microsoft schemas, so what follows them stayed untyped
+    and cast-float16 refused the graph (Phi-3's MultiHeadAttention)."""
+    for node in model.graph:
+        first = node.inputs[0] if node.inputs else None
+        if node.domain != _MS or node.op_type not in _SAME_TYPE_AS_INPUT or first is None:
+            continue
+        for out in node.outputs:
+            if out.dtype is None and out.name and first.dtype is not None:
+                out.type = ir.TensorType(first.dtype)
+
+
 # The cos/sin cache inputs of the fused ops that take them.
 _ROTARY_CACHE_INPUTS = {"GroupQueryAttention": (7, 8), "RotaryEmbedding": (2, 3)}
 
@@ -445,6 +465,7 @@ class FuseAttentionPass(Pass):
             ranges_shifted = _shift_ranges(model)
         finally:
             _forget_matched_nodes()
+        _type_fused_outputs(model)
         rotary_caches = _constant_rotary_caches(model) if self.rotary_cache else 0
         total_from_mask = _total_length_from_mask(model)
         if rotary_caches or total_from_mask:  # the per-step computations they replaced

@@ -248,7 +248,6 @@ class CastFloat16Pass(Pass):
         # Quantizers leave their new values untyped; typing needs every element type.
         untyped = len(untyped_values(model.graph))
         if untyped:
-            _type_fused_outputs(model.graph)
             ir_common.ShapeInferencePass(strict_mode=False)(model.model)
         typer = _Typer(
             model,
@@ -589,27 +588,6 @@ class _Typer:
             "duplicated": self.stats["initializers_duplicated"]
             + self.stats["constants_duplicated"],
         }
-
-
-# com.microsoft ops whose outputs take their first input's element type (ONNX's shape
-# inference has no schema for them, so what follows them stays untyped too).
-_SAME_TYPE_AS_INPUT = frozenset(
-    {"MultiHeadAttention", "GroupQueryAttention", "RotaryEmbedding",
-     "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}
-)  # fmt: skip
-
-
-def _type_fused_outputs(graph: ir.Graph) -> None:
-    """Give untyped outputs of fused attention, rotary and norm nodes their input's type."""
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        if node.domain != "com.microsoft" or node.op_type not in _SAME_TYPE_AS_INPUT:
-            continue
-        first = node.inputs[0] if node.inputs else None
-        if first is None or first.dtype is None:
-            continue
-        for out in node.outputs:
-            if out.dtype is None and out.name:
-                out.type = ir.TensorType(first.dtype)
 
 
 def untyped_values(graph: ir.Graph) -> list[str]:
