@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from fdec.build import read_build_json
-from fdec.errors import InputError, UsageError
+from fdec.errors import FdecError, InputError, UsageError
 from fdec.lower import MODEL_FILE, RUNTIME_CONFIG
 from fdec.runtime import OrtModel, Sampling, generate, open_session
 from fdec.runtime.session import KV_BUFFERS, OPT_LEVELS
@@ -95,6 +95,8 @@ def load_build(folder: pathlib.Path, *, cuda_graph: bool | None = None) -> Loade
             optimization=level if level in OPT_LEVELS else "all",
             cuda_graph=bool(options.get("cuda_graph", False)) if cuda_graph is None else cuda_graph,
         )
+    except FdecError:  # fdec's own (no ONNX Runtime installed): already one line
+        raise
     except Exception as err:  # onnxruntime's own error types
         session = _emulated_on_cpu(path, err, folder)
     tokenizer = None
