@@ -4,7 +4,8 @@ Wraps onnxscript's `ort_fusions.optimize_for_ort` (GroupQueryAttention with the 
 in, SkipSimplifiedLayerNormalization, MultiHeadAttention, ...). One rule of fdec's own runs
 first: transformers ≥ 5 computes rotary angles as `position_ids[..., None] * inv_freq`, where
 onnxscript's cos/sin-cache rule expects the older `(inv_freq @ position_ids).transpose(1, 2)`;
-the rule rewrites the first into the second (same numbers), so the rest is onnxscript's.
+the rule rewrites the first into the second (same numbers), so the rest is onnxscript's, with
+its two GroupQueryAttention rules subclassed to keep the attention's scale (`_keeping_scale`).
 
 The fused graph keeps the build's I/O contract (input/output names, KV-cache layout BNSH) and
 the names of the MatMul weights ModelSpec roles point at. Only ONNX Runtime runs com.microsoft
@@ -14,6 +15,7 @@ ops: the pass refuses other backends, where standard ONNX attention stays.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 from typing import Any
@@ -23,6 +25,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as onnx_ir_common
 from onnxscript import optimizer as onnxscript_optimizer
 from onnxscript.rewriter import RewriteRuleSet, _ir_utils, pattern
+from onnxscript.rewriter.ort_fusions import gqa, gqa_packed_qkv
 
 from fdec.backends import backend_names, get_backend
 from fdec.errors import UsageError
@@ -379,6 +382,75 @@ _STANDARDIZE_RULES = RewriteRuleSet([_ExpandOnnxDomainRmsNorm.rule()])
 _HOST_SHAPE_RULES = RewriteRuleSet([_ShiftRangeOnHost.rule()])
 
 
+def _consumer_scale(value: ir.Value, op_type: str) -> tuple[bool, float | None]:
+    """The `scale` attribute of the one `op_type` node reading `value`: (found, scale or None)."""
+    nodes = {use.node for use in value.uses() if use.node.op_type == op_type}
+    if len(nodes) != 1:
+        return False, None
+    attribute = next(iter(nodes)).attributes.get("scale")
+    return True, None if attribute is None else attribute.as_float()
+
+
+def _with_scale(outputs: Any, scale: float | None) -> Any:
+    if scale is not None:
+        outputs[0].producer().attributes["scale"] = ir.AttrFloat32("scale", scale)
+    return outputs
+
+
+class _GqaKeepingScale(gqa.GroupQueryAttention):
+    """onnxscript's GroupQueryAttention fusion, keeping the attention's own scale.
+
+    onnxscript 0.7.2 reads a scale other than 1/√head_size into its intermediate SDPA node but
+    writes GroupQueryAttention without it, so ONNX Runtime applies 1/√head_size: Granite's
+    attention_multiplier 1/64 became 1/4 (fp32 logits 0.009 off, tests/test_compile.py).
+    """
+
+    def check(self, context, query_BHSDh_rope, **bindings):
+        result = super().check(context, query_BHSDh_rope=query_BHSDh_rope, **bindings)
+        if result:
+            found, self._scale = _consumer_scale(query_BHSDh_rope, "SDPA")
+            if not found:
+                return pattern.MatchResult().fail(
+                    "no single SDPA reads the query", query_BHSDh_rope
+                )
+        return result
+
+    def rewrite(self, op, **bindings):
+        return _with_scale(super().rewrite(op, **bindings), self._scale)
+
+
+class _PackedGqaKeepingScale(gqa_packed_qkv.PackedQKVForGQAFusion):
+    """onnxscript's packed-qkv GroupQueryAttention rule, keeping the matched node's scale."""
+
+    def check(self, op, query_sliced, **bindings):
+        result = super().check(op, query_sliced=query_sliced, **bindings)
+        if result:
+            found, self._scale = _consumer_scale(query_sliced, "GroupQueryAttention")
+            if not found:
+                return pattern.MatchResult().fail("no single GroupQueryAttention", query_sliced)
+        return result
+
+    def rewrite(self, op, **bindings):
+        return _with_scale(super().rewrite(op, **bindings), self._scale)
+
+
+@contextlib.contextmanager
+def _keeping_scale():
+    """Run `optimize_for_ort` with the GroupQueryAttention rules above in place of its own."""
+    from onnxscript.rewriter import _fusion_utils
+    from onnxscript.rewriter.ort_fusions import _core
+
+    saved = _core.fuse_gqa, _core.fuse_qkv_gqa
+    _core.fuse_gqa = _fusion_utils.apply_fusion_rules(RewriteRuleSet([_GqaKeepingScale.rule()]))
+    _core.fuse_qkv_gqa = _fusion_utils.apply_fusion_rules(
+        RewriteRuleSet([_PackedGqaKeepingScale.rule()])
+    )
+    try:
+        yield
+    finally:
+        _core.fuse_gqa, _core.fuse_qkv_gqa = saved
+
+
 def _shift_ranges(model: FdecModel) -> int:
     try:
         return _HOST_SHAPE_RULES.apply_to_model(model.model)
@@ -458,7 +530,8 @@ class FuseAttentionPass(Pass):
         try:
             onnxscript_optimizer.optimize(model.model)
             normalized = _NORMALIZE_RULES.apply_to_model(model.model)
-            fused_model, fusions = optimize_for_ort(model.model)
+            with _keeping_scale():
+                fused_model, fusions = optimize_for_ort(model.model)
             if fused_model is not model.model:
                 model.model = fused_model
             expanded = _STANDARDIZE_RULES.apply_to_model(model.model)

@@ -57,6 +57,13 @@ FAMILY_CONFIGS = {
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 256, "partial_rotary_factor": 0.25,
     },
+    # Granite: attention scale 1/64 (not 1/√16), embedding, residual and logits multipliers
+    "granite": {
+        "model_type": "granite", "architectures": ["GraniteForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "attention_multiplier": 1 / 64,
+        "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 8.0,
+    },
     # Phi-3: q/k/v packed in qkv_proj, gate/up in gate_up_proj; its own sliding window
     "phi3": {
         "model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden_size": 64,

@@ -103,15 +103,17 @@ _GQA = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
 
 @pytest.mark.parametrize(
     "family, fused",
-    [("qwen3", _GQA), ("gemma", _GQA), ("olmo2", _GQA),
+    [("qwen3", _GQA), ("gemma", _GQA), ("olmo2", _GQA), ("granite", _GQA),
      ("stablelm", {"MultiHeadAttention", "RotaryEmbedding", "SkipLayerNormalization"})],
 )  # fmt: skip
 def test_llama_like_model_types_compile_fused_and_match_transformers(
     family, fused, tiny_models, tmp_path, cli_runner
 ):
     """Qwen3 (per-head q/k RMSNorm), Gemma (scaled embeddings, (1 + w) norms), OLMo 2 (q/k
-    norms over all heads, post-norms) and StableLM (LayerNorm, partial rotary) export and fuse
-    through the Llama path, and 40 greedy tokens of the fp32 build equal transformers'."""
+    norms over all heads, post-norms), Granite (attention scale 1/64: onnxscript's
+    GroupQueryAttention fusion dropped it, 0.009 off) and StableLM (LayerNorm, partial rotary)
+    export and fuse through the Llama path, and 40 greedy tokens of the fp32 build equal
+    transformers'."""
     import onnx
 
     model_dir = tiny_models(family)

@@ -56,10 +56,10 @@ _LLAMA = Family(
 )
 # Llama's weight names in layers the prune pass cannot slice: OLMo 2 (q/k RMSNorm over all
 # heads together, norms after attention and MLP) and StableLM (LayerNorm with bias, partial
-# rotary; fused to MultiHeadAttention + RotaryEmbedding). Granite is not here: its fused
-# graph's fp32 logits were 0.009 off (its attention multiplier), which int4's limit hid.
+# rotary; fused to MultiHeadAttention + RotaryEmbedding) and Granite (its residual multiplier
+# sits between a layer's output projection and the residual add, where layer pruning looks).
 _LLAMA_NAMES = dataclasses.replace(
-    _LLAMA, name="llama-names", model_types=("olmo2", "stablelm"), prunable=False
+    _LLAMA, name="llama-names", model_types=("olmo2", "stablelm", "granite"), prunable=False
 )
 # Phi-3/3.5/4-mini: Llama's layout with q/k/v packed in one qkv_proj and gate/up in one
 # gate_up_proj (so the prune pass, which slices them apart, does not take it).
