@@ -43,6 +43,7 @@ __all__ = [
     "KV_DTYPES",
     "KV_POLICY_METADATA",
     "KvPolicyPass",
+    "ModelWindow",
     "QuantizeKvCachePass",
     "kv_bytes_per_token",
     "kv_cache_names",
@@ -349,6 +350,9 @@ class KvPolicyPass(Pass):
     sink: int = dataclasses.field(default=0, kw_only=True)
     # the past positions the model's own sliding window keeps (0: the model has none)
     model_window: int = dataclasses.field(default=0, kw_only=True)
+    # the layers that window is on, where the model windows some only (Gemma 2/3): the others
+    # attend to every position (empty: the window is on every layer)
+    model_window_layers: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.sink < 0:
@@ -373,21 +377,34 @@ class KvPolicyPass(Pass):
 
     def call(self, model: FdecModel) -> PassResult:
         native = 0
-        if not self.sink:
-            for node in model.graph:
-                if _is_gqa(node):
-                    # ORT counts the query's own position in the window (measured):
-                    # the cached `window` positions plus the current one.
-                    node.attributes["local_window_size"] = ir.AttrInt64(
-                        "local_window_size", self.window + 1
-                    )
-                    native += 1
+        attention = [node for node in model.graph if _is_gqa(node)] if not self.sink else []
+        layers = set(self.model_window_layers or range(len(attention)))
+        if attention and self.model_window_layers and len(attention) != model.spec.num_layers:
+            raise ValueError(
+                f"kv-policy: {len(attention)} GroupQueryAttention nodes for "
+                f"{model.spec.num_layers} layers; the window's layers cannot be placed"
+            )
+        # One GroupQueryAttention per layer, in layer order (each reads the layer before).
+        for layer, node in enumerate(attention):
+            if layer in layers:
+                # ORT counts the query's own position in the window (measured):
+                # the cached `window` positions plus the current one.
+                node.attributes["local_window_size"] = ir.AttrInt64(
+                    "local_window_size", self.window + 1
+                )
+                native += 1
         # The model's own window on a graph without GroupQueryAttention: the traced attention
         # masks it (fdec.frontend.export keeps the mask), so the runtime trims nothing.
-        traced = not native and self.model_window == self.window and not self.sink
-        policy = {"sink": self.sink, "window": self.window, "native_window": native > 0 or traced}
+        traced = not attention and self.model_window == self.window and not self.sink
+        policy = {
+            "sink": self.sink,
+            "window": self.window,
+            "native_window": bool(attention) or traced,
+        }
         if self.model_window:
             policy["model_window"] = self.model_window
+        if self.model_window_layers:
+            policy["model_window_layers"] = list(self.model_window_layers)
         model.model.metadata_props[KV_POLICY_METADATA] = json.dumps(policy, sort_keys=True)
         stats = {**policy, "gqa_nodes": native, "max_cache_tokens": self.sink + self.window}
         return PassResult(model, modified=True, stats=stats)
@@ -396,34 +413,52 @@ class KvPolicyPass(Pass):
 _KV_DTYPES = ("fp32", "fp16", "int8", "fp8")
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelWindow:
+    """A model's own sliding window: the past positions each query sees (`past`, one less than
+    transformers' `sliding_window`) on `layers` (None: every layer)."""
+
+    past: int
+    layers: tuple[int, ...] | None = None
+
+
 def kv_cache_passes(
     kv_dtype: str | None,
     kv_window: int | None,
     kv_sink: int | None,
     *,
-    model_window: int | None = None,
+    model_window: ModelWindow | None = None,
 ) -> list[Pass]:
     """quantize-kv-cache for --kv-dtype fp16/int8/fp8; kv-policy for --kv-window/--kv-sink and
-    for a model with its own sliding window (`model_window`: the past positions it keeps, one
-    less than transformers' `sliding_window`), which --kv-window may narrow, not widen."""
+    for a model with its own sliding window, which --kv-window may narrow, not widen. A window
+    the model has on some layers only stays on those layers; --kv-window narrows every layer
+    (then the policy is that window alone)."""
     if kv_dtype is not None and kv_dtype not in _KV_DTYPES:
         raise UsageError(f"unknown --kv-dtype {kv_dtype!r}", f"use one of: {', '.join(_KV_DTYPES)}")
     if kv_sink and not kv_window:
         raise UsageError("--kv-sink needs --kv-window", "add --kv-window W (positions kept)")
-    if model_window and kv_window and kv_window > model_window:
+    past = model_window.past if model_window else 0
+    if past and kv_window and kv_window > past:
         raise UsageError(
             f"--kv-window {kv_window} is wider than the model's own sliding window (each "
-            f"position sees the {model_window} before it)",
-            f"give --kv-window {model_window} or less, or drop it (the model's window applies)",
+            f"position sees the {past} before it)",
+            f"give --kv-window {past} or less, or drop it (the model's window applies)",
         )
     passes: list[Pass] = []
     # fp16: a Cast at the cache I/O of the fp32 graph; fp32 (or none): the graph's own cache.
     if kv_dtype in ("fp16", "int8", "fp8"):
         passes.append(QuantizeKvCachePass(dtype=kv_dtype))
-    window = kv_window or model_window
-    if window:
+    layers = model_window.layers if model_window else None
+    if kv_window and layers is not None:
+        past = 0  # the user's window on every layer, not the model's on some
+    if kv_window or past:
         passes.append(
-            KvPolicyPass(window=window, sink=kv_sink or 0, model_window=model_window or 0)
+            KvPolicyPass(
+                window=kv_window or past,
+                sink=kv_sink or 0,
+                model_window=past,
+                model_window_layers=() if kv_window else layers or (),
+            )
         )
     return passes
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-__all__ = ["FAMILY_CONFIGS", "TOKENIZER_VOCAB", "make_tiny_model"]
+__all__ = ["FAMILY_CONFIGS", "TOKENIZER_VOCAB", "make_tiny_model", "transformers_greedy"]
 
 TOKENIZER_VOCAB = 320
 _TRAINING_TEXT = [
@@ -63,6 +63,22 @@ FAMILY_CONFIGS = {
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 256, "attention_multiplier": 1 / 64,
         "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 8.0,
+    },
+    # Gemma 2: an 8-position window on alternate layers, attention logits soft-capped, the
+    # query scaled by query_pre_attn_scalar; Gemma 3: q/k norms and a rotary base per layer kind
+    "gemma2": {
+        "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "head_dim": 16, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "sliding_window": 8, "query_pre_attn_scalar": 32, "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+    },
+    "gemma3_text": {
+        "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "head_dim": 16, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "sliding_window": 8, "query_pre_attn_scalar": 32, "rope_local_base_freq": 10000.0,
+        "rope_theta": 1000000.0, "layer_types": ["sliding_attention", "full_attention"] * 2,
     },
     # Phi-3: q/k/v packed in qkv_proj, gate/up in gate_up_proj; its own sliding window
     "phi3": {
@@ -127,3 +143,19 @@ def make_tiny_model(
     # Keep the config as the user wrote it, so tests see a realistic folder.
     json.loads((folder / "config.json").read_text())
     return folder
+
+
+def transformers_greedy(model_dir, prompt, steps):
+    """transformers' greedy tokens after `prompt` (up to the tokenizer's eos), as fdec run's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(
+            ids, max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, ids.shape[1] :].tolist()
+    stop = tokenizer.eos_token_id
+    return expected[: expected.index(stop) + 1] if stop in expected else expected

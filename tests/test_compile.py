@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
+from models import transformers_greedy
 
 from fdec.cli import cli
 
@@ -63,22 +64,6 @@ def test_decoder_compiles_verifies_and_runs_in_plain_onnxruntime(
     assert manifest["outputs"]["model.onnx"]["bytes"] == (out / "model.onnx").stat().st_size
 
 
-def _transformers_greedy(model_dir, prompt, steps):
-    """transformers' greedy tokens after `prompt` (up to the tokenizer's eos), as fdec run's."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        expected = model.generate(
-            ids, max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0
-        )[0, ids.shape[1] :].tolist()
-    stop = tokenizer.eos_token_id
-    return expected[: expected.index(stop) + 1] if stop in expected else expected
-
-
 def test_run_matches_transformers_greedy_generate(tiny_models, tmp_path, cli_runner):
     model_dir = tiny_models("llama")
     out = tmp_path / "build"
@@ -89,7 +74,7 @@ def test_run_matches_transformers_greedy_generate(tiny_models, tmp_path, cli_run
     assert result.exit_code == 0, result.output + result.stderr
     ran = json.loads(result.stdout)
     assert ran["providers"] == ["CPUExecutionProvider"]
-    assert ran["tokens"] == _transformers_greedy(model_dir, "The lighthouse keeper", 20)
+    assert ran["tokens"] == transformers_greedy(model_dir, "The lighthouse keeper", 20)
     # Streaming mode prints the same text.
     streamed = cli_runner.invoke(
         cli, ["run", str(out), "--prompt", "The lighthouse keeper", "-n", "20"]
@@ -104,6 +89,8 @@ _GQA = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
 @pytest.mark.parametrize(
     "family, fused",
     [("qwen3", _GQA), ("gemma", _GQA), ("olmo2", _GQA), ("granite", _GQA),
+     ("gemma2", {"RotaryEmbedding", "SkipSimplifiedLayerNormalization"}),
+     ("gemma3_text", {"MultiHeadAttention", "SkipSimplifiedLayerNormalization"}),
      ("stablelm", {"MultiHeadAttention", "RotaryEmbedding", "SkipLayerNormalization"})],
 )  # fmt: skip
 def test_llama_like_model_types_compile_fused_and_match_transformers(
@@ -111,9 +98,11 @@ def test_llama_like_model_types_compile_fused_and_match_transformers(
 ):
     """Qwen3 (per-head q/k RMSNorm), Gemma (scaled embeddings, (1 + w) norms), OLMo 2 (q/k
     norms over all heads, post-norms), Granite (attention scale 1/64: onnxscript's
-    GroupQueryAttention fusion dropped it, 0.009 off) and StableLM (LayerNorm, partial rotary)
-    export and fuse through the Llama path, and 40 greedy tokens of the fp32 build equal
-    transformers'."""
+    GroupQueryAttention fusion dropped it, 0.009 off), Gemma 2 (soft-capped attention, kept
+    traced; an 8-position window on alternate layers), Gemma 3 (q/k norms, a rotary base per
+    layer kind, the window in MultiHeadAttention's mask) and StableLM (LayerNorm, partial
+    rotary) export and fuse through the Llama path, and 40 greedy tokens of the fp32 build
+    equal transformers' (past the Gemmas' windows)."""
     import onnx
 
     model_dir = tiny_models(family)
@@ -126,7 +115,7 @@ def test_llama_like_model_types_compile_fused_and_match_transformers(
         cli, ["run", str(out), "-p", prompt, "-n", "40", "--no-chat-template", "--json"]
     )
     assert ran.exit_code == 0, ran.output + ran.stderr
-    assert json.loads(ran.stdout)["tokens"] == _transformers_greedy(model_dir, prompt, 40)
+    assert json.loads(ran.stdout)["tokens"] == transformers_greedy(model_dir, prompt, 40)
 
 
 def test_phi3_compiles_with_its_window_and_types_for_cuda(tiny_models, tmp_path, cli_runner):
@@ -145,7 +134,7 @@ def test_phi3_compiles_with_its_window_and_types_for_cuda(tiny_models, tmp_path,
         cli, ["run", str(out), "-p", prompt, "-n", "80", "--no-chat-template", "--json"]
     )
     assert ran.exit_code == 0, ran.output + ran.stderr
-    assert json.loads(ran.stdout)["tokens"] == _transformers_greedy(model_dir, prompt, 80)
+    assert json.loads(ran.stdout)["tokens"] == transformers_greedy(model_dir, prompt, 80)
     cuda = tmp_path / "cuda"
     args = ["--target", "h200", "--backend", "onnxruntime"]
     result = cli_runner.invoke(cli, ["compile", str(model_dir), "-o", str(cuda), "--json", *args])

@@ -201,16 +201,46 @@ def test_a_window_wider_than_the_models_own_is_refused(windowed_mistral, tmp_pat
     assert not (tmp_path / "b").exists()
 
 
-def test_a_window_on_some_layers_only_is_refused_before_the_export(tmp_path, cli_runner):
-    from models import make_tiny_model
+def _gqa_windows(out):
+    import onnx
+
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    return [
+        next((a.i for a in node.attribute if a.name == "local_window_size"), None)
+        for node in graph.node
+        if node.op_type == "GroupQueryAttention"
+    ]
+
+
+def test_a_window_on_some_layers_stays_on_those_layers(tmp_path, cli_runner):
+    """Qwen2 with `max_window_layers` 1 (Gemma 2/3 window alternate layers): was refused.
+    The window is now GroupQueryAttention's on those layers only (the traced mask where not
+    fused), and 40 greedy tokens after a 36-token prompt equal transformers'. --kv-window
+    narrows every layer, and the policy is then that window alone."""
+    from models import make_tiny_model, transformers_greedy
+
+    from fdec.api import load
 
     model = make_tiny_model(
         tmp_path / "qwen", "qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1
     )
-    result = cli_runner.invoke(cli, ["compile", str(model), "-o", str(tmp_path / "b")])
-    assert result.exit_code == 2, result.output
-    assert "sliding window on layers 1 of 2 only" in result.output
-    assert "exported" not in result.output.lower()
+    out = tmp_path / "build"
+    args = ["compile", str(model), "-o", str(out), "--quantize", "none", "--json"]
+    result = cli_runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    policy = json.loads((out / "report.json").read_text())["kv_cache"]["policy"]
+    assert policy["model_window_layers"] == [1] and policy["native_window"]
+    assert _gqa_windows(out) == [None, 8]
+    prompt = "The quick brown fox jumps over the lazy dog while the lighthouse"
+    got = load(out).run(prompt, max_new_tokens=40, chat_template=False)["tokens"]
+    assert got == transformers_greedy(model, prompt, 40)
+
+    narrowed = tmp_path / "narrowed"
+    result = cli_runner.invoke(cli, [*args[:3], str(narrowed), *args[4:], "--kv-window", "4"])
+    assert result.exit_code == 0, result.output
+    policy = json.loads((narrowed / "report.json").read_text())["kv_cache"]["policy"]
+    assert policy == {"native_window": True, "sink": 0, "window": 4}
+    assert _gqa_windows(narrowed) == [5, 5]
 
 
 def test_the_models_window_is_found_where_it_binds():
@@ -219,12 +249,14 @@ def test_the_models_window_is_found_where_it_binds():
     from fdec.frontend.families import sliding_window
 
     def window(**config):
-        return sliding_window(AutoConfig.for_model(**config), "m")
+        return sliding_window(AutoConfig.for_model(**config))
 
-    assert window(model_type="mistral", sliding_window=8, max_position_embeddings=256) == 8
+    assert window(model_type="mistral", sliding_window=8, max_position_embeddings=256) == (8, None)
     # as wide as the positions (Qwen2.5's configs): no window binds
     assert window(model_type="mistral", sliding_window=256, max_position_embeddings=256) is None
     assert window(model_type="mistral", sliding_window=None) is None
     # Qwen2's window is off unless use_sliding_window
     assert window(model_type="qwen2", sliding_window=8, max_position_embeddings=256) is None
     assert window(model_type="llama") is None
+    # Gemma 2: alternate layers
+    assert window(model_type="gemma2", sliding_window=8, num_hidden_layers=4) == (8, (0, 2))

@@ -26,7 +26,7 @@ from fdec.errors import UsageError
 from fdec.gates import GateTolerance, default_gate
 from fdec.lower.genai import check_genai_cache
 from fdec.lower.hf_checkpoint import check_quantize
-from fdec.passes.kv_cache import kv_cache_passes
+from fdec.passes.kv_cache import ModelWindow, kv_cache_passes
 from fdec.passes.prune import parse_prune
 from fdec.pipeline import EXACT, PassManager, Tolerance
 from fdec.targets import Precision
@@ -388,7 +388,7 @@ def plan_pipeline(
     kv_dtype: str | None = None,
     kv_window: int | None = None,
     kv_sink: int | None = None,
-    model_window: int | None = None,
+    model_window: ModelWindow | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
     sparsity: str | None = None,
     kind: str = "decoder",
@@ -398,7 +398,7 @@ def plan_pipeline(
     `pass_options` ({pass name: {option: value}}, the config file's [pass_options.NAME]) set
     options of passes the pipeline has; naming a pass it does not have is an error. `kind`
     (the ModelSpec's: "decoder" or "encoder") selects the quantizers' per-kind defaults.
-    `model_window`: the past positions the model's own sliding window keeps (kv-policy)."""
+    `model_window`: the model's own sliding window (kv-policy)."""
     backend = get_backend(backend) if isinstance(backend, str) else backend
     check_precision(backend, quantize)  # e.g. fp8 Q/DQ for the ONNX Runtime CUDA model
     names = fdec_passes.parse_pass_list(passes)

@@ -23,6 +23,7 @@ from fdec.frontend.families import sliding_window
 from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.lower.profiles import ShapeLimits
 from fdec.passes import parse_pass_list, weight_quantizers
+from fdec.passes.kv_cache import ModelWindow
 from fdec.passes.prune import parse_prune
 from fdec.plan import check_capacity
 from fdec.student import parse_draft
@@ -53,7 +54,7 @@ class Settings:
     capacity: Any = None  # fdec.plan's capacity plan for the source (check_before_load)
     fallback: str | None = None  # why the default precision was given up (bf16_instead)
     listed_quantizer: str | None = None  # the --passes list's own weight quantizer
-    model_window: int | None = None  # past positions the model's own sliding window keeps
+    model_window: ModelWindow | None = None  # the model's own sliding window
 
     @property
     def keep(self) -> tuple[pathlib.Path, ...]:
@@ -106,13 +107,12 @@ class Settings:
             )
             recipe = _plan(options, self.target, self.backend, quantize, kind=kind)
             return dataclasses.replace(self, quantize=quantize, recipe=recipe)
-        window = sliding_window(_hf_config(source), str(options.model))
-        if window and window - 1 != self.model_window:
-            # transformers' window counts the query itself; the policy counts its past.
-            recipe = _plan(
-                options, self.target, self.backend, self.quantize, model_window=window - 1
-            )
-            return dataclasses.replace(self, recipe=recipe, model_window=window - 1)
+        found = sliding_window(_hf_config(source))
+        # transformers' window counts the query itself; the policy counts its past.
+        window = ModelWindow(found[0] - 1, found[1]) if found else None
+        if window and window != self.model_window:
+            recipe = _plan(options, self.target, self.backend, self.quantize, model_window=window)
+            return dataclasses.replace(self, recipe=recipe, model_window=window)
         return self
 
     def check_limits(self, spec: Any) -> None:
@@ -217,7 +217,7 @@ def _plan(
     quantize: str,
     *,
     kind: str = "decoder",
-    model_window: int | None = None,
+    model_window: ModelWindow | None = None,
 ) -> Recipe:
     check_emit(options.emit, quantize)
     return plan_pipeline(

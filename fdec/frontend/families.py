@@ -40,8 +40,7 @@ class Family:
 
 
 # Qwen3 (per-head q/k RMSNorm) and Gemma (scaled embeddings, (1 + w) norms) share Llama's
-# weight names and fuse the same way (tests/test_compile.py); Gemma 2/3 (soft-capping, windows
-# on alternate layers) are other model types.
+# weight names and fuse the same way (tests/test_compile.py).
 _LLAMA = Family(
     name="llama",
     kind="decoder",
@@ -55,11 +54,17 @@ _LLAMA = Family(
     prunable=True,
 )
 # Llama's weight names in layers the prune pass cannot slice: OLMo 2 (q/k RMSNorm over all
-# heads together, norms after attention and MLP) and StableLM (LayerNorm with bias, partial
-# rotary; fused to MultiHeadAttention + RotaryEmbedding) and Granite (its residual multiplier
-# sits between a layer's output projection and the residual add, where layer pruning looks).
+# heads together, norms after attention and MLP), StableLM (LayerNorm with bias, partial
+# rotary; fused to MultiHeadAttention + RotaryEmbedding), Granite (its residual multiplier
+# sits between a layer's output projection and the residual add, where layer pruning looks),
+# Gemma 2 (soft-capped attention logits: the attention stays traced) and Gemma 3 (a rotary
+# base per layer kind: MultiHeadAttention), both with norms after attention and MLP and a
+# window on some layers (fdec.passes.kv_cache.ModelWindow).
 _LLAMA_NAMES = dataclasses.replace(
-    _LLAMA, name="llama-names", model_types=("olmo2", "stablelm", "granite"), prunable=False
+    _LLAMA,
+    name="llama-names",
+    model_types=("olmo2", "stablelm", "granite", "gemma2", "gemma3_text"),
+    prunable=False,
 )
 # Phi-3/3.5/4-mini: Llama's layout with q/k/v packed in one qkv_proj and gate/up in one
 # gate_up_proj (so the prune pass, which slices them apart, does not take it).
@@ -129,30 +134,23 @@ def family_for_config(config: dict[str, Any], where: str) -> Family:
     )
 
 
-def sliding_window(hf_config: Any, where: str) -> int | None:
+def sliding_window(hf_config: Any) -> tuple[int, tuple[int, ...] | None] | None:
     """The model's own sliding window (transformers' `sliding_window`: the keys each query
-    attends to, itself included), or None where every layer attends to every position: no
-    window, or one at least as wide as the model's positions. fdec applies one window to all
-    layers (fdec.passes.kv_cache's kv-policy); a window on some layers only is refused."""
+    attends to, itself included) and the layers it is on (None: every layer; Gemma 2/3 and
+    Qwen2's `max_window_layers` window some layers only), or None where every layer attends
+    to every position: no window, or one at least as wide as the model's positions."""
     window = getattr(hf_config, "sliding_window", None)
     if not window:
         return None
     layers = _get(hf_config, "num_hidden_layers", default=0)
     types = getattr(hf_config, "layer_types", None) or ["sliding_attention"] * layers
-    sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    sliding = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
     if not sliding:
         return None
     positions = _get(hf_config, "max_position_embeddings", "n_positions", default=0)
     if positions and window >= positions:
         return None
-    if len(sliding) != len(types):
-        raise InputError(
-            f"{where} has a {window}-position sliding window on layers "
-            f"{', '.join(map(str, sliding))} of {len(types)} only: fdec applies one window to "
-            "every layer",
-            "compile a model whose layers share one window (or none)",
-        )
-    return int(window)
+    return int(window), None if len(sliding) == len(types) else sliding
 
 
 def _get(config: Any, *names: str, default: Any = None) -> Any:
