@@ -67,6 +67,26 @@ def test_config_names_the_builds_inputs_outputs_and_cache(builds, tiny_models):
     assert gpt2["model"]["type"] == "decoder"
 
 
+def test_config_samples_as_the_models_generation_config(tiny_models, tmp_path, cli_runner):
+    """onnxruntime-genai's builder copies generation_config.json's sampling into the search
+    (Llama-3-Instruct: do_sample, temperature 0.6, top_p 0.9); fdec wrote greedy whatever the
+    model said. fdec's own genai run stays greedy without the repetition penalty."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models("llama"), model)
+    sampling = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.3}
+    (model / "generation_config.json").write_text(json.dumps({**sampling, "top_k": "x"}))
+    out = _compile(cli_runner, model, tmp_path / "build", "--quantize", "none")
+    search = json.loads((out / GENAI_CONFIG).read_text())["search"]
+    assert {k: search[k] for k in sampling} == sampling
+    assert search["top_k"] == 50  # transformers' default: the invalid "x" is not copied
+    stop = json.loads((out / "fdec-runtime.json").read_text())["eos_token_ids"]
+    ours = generate(load_build(out).model, PROMPT_IDS, max_new_tokens=24, stop_tokens=stop)
+    theirs = generate_genai(out, PROMPT_IDS, max_new_tokens=24, stop_tokens=stop)
+    assert theirs["tokens"] == list(ours.tokens)
+
+
 @pytest.mark.parametrize("build", ["fused", "plain", "int4", "gpt2"])
 def test_genai_greedy_tokens_equal_fdecs_generate(builds, build):
     folder = builds[build]

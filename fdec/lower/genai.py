@@ -48,6 +48,32 @@ def _special_ids(build_folder: pathlib.Path) -> dict[str, Any]:
     return found
 
 
+# generation_config.json's sampling fields, copied into genai_config.json's search as
+# onnxruntime-genai's own builder does (so an app's generator samples as the model's authors
+# set it), where the value is one genai accepts; fdec's own `run` and checks stay greedy.
+_SAMPLING = {
+    "do_sample": lambda v: isinstance(v, bool),
+    "temperature": lambda v: isinstance(v, int | float) and v > 0,
+    "top_k": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "top_p": lambda v: isinstance(v, int | float) and 0 < v <= 1,
+    "repetition_penalty": lambda v: isinstance(v, int | float) and v > 0,
+}
+
+
+def _sampling(build_folder: pathlib.Path) -> dict[str, Any]:
+    """The model's sampling defaults from the build's generation_config.json (transformers'
+    top_k 50 where sampling is on and no top_k is given); {} where there is none."""
+    path = build_folder / "generation_config.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    found = {k: data[k] for k, valid in _SAMPLING.items() if k in data and valid(data[k])}
+    if found.get("do_sample") and "top_k" not in found:
+        found["top_k"] = 50
+    return found
+
+
 def check_genai_cache(pipeline: list[Any]) -> None:
     """--emit genai, refused when the recipe is planned where the cache would be one
     onnxruntime-genai's generator cannot drive (`genai_config` checks the written build
@@ -166,6 +192,7 @@ def genai_config(build_folder: pathlib.Path, spec: Any) -> dict[str, Any]:
             "temperature": 1.0,
             "top_k": 1,
             "top_p": 1.0,
+            **_sampling(build_folder),
         },
     }
 
@@ -226,7 +253,13 @@ def generate_genai(
     model = open_genai_model(build_folder, threads)
     params = og.GeneratorParams(model)
     context = json.loads((build_folder / GENAI_CONFIG).read_text())["model"]["context_length"]
-    params.set_search_options(max_length=min(len(ids) + max_new_tokens, context), do_sample=False)
+    # greedy without the model's repetition penalty (genai_config.json may carry one), as
+    # fdec.runtime.generate
+    params.set_search_options(
+        max_length=min(len(ids) + max_new_tokens, context),
+        do_sample=False,
+        repetition_penalty=1.0,
+    )
     generator = og.Generator(model, params)
     stop = set(stop_tokens)
     tokens: list[int] = []
