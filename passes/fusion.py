@@ -5,7 +5,8 @@ in, SkipSimplifiedLayerNormalization, MultiHeadAttention, ...). One rule of fdec
 first: transformers ≥ 5 computes rotary angles as `position_ids[..., None] * inv_freq`, where
 onnxscript's cos/sin-cache rule expects the older `(inv_freq @ position_ids).transpose(1, 2)`;
 the rule rewrites the first into the second (same numbers), so the rest is onnxscript's, with
-its two GroupQueryAttention rules subclassed to keep the attention's scale (`_keeping_scale`).
+its GroupQueryAttention and MultiHeadAttention rules subclassed where they drop what the
+traced attention says (the scale, a partial rotary: `_fdec_rules`).
 
 The fused graph keeps the build's I/O contract (input/output names, KV-cache layout BNSH) and
 the names of the MatMul weights ModelSpec roles point at. Only ONNX Runtime runs com.microsoft
@@ -25,7 +26,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as onnx_ir_common
 from onnxscript import optimizer as onnxscript_optimizer
 from onnxscript.rewriter import RewriteRuleSet, _ir_utils, pattern
-from onnxscript.rewriter.ort_fusions import gqa, gqa_packed_qkv
+from onnxscript.rewriter.ort_fusions import gqa, gqa_packed_qkv, mha
 
 from fdec.backends import backend_names, get_backend
 from fdec.errors import UsageError
@@ -135,6 +136,36 @@ class _Conv1DAsMatMul(pattern.RewriteRuleClassBase):
         bias = _gemm_bias(gemm)
         product = op.MatMul(x, weight)
         return product if bias is None else op.Add(product, bias)
+
+
+class _DropSameShapeReshape(pattern.RewriteRuleClassBase):
+    """`Reshape(x, shape)` whose output has x's shape, dim for dim (equal sizes or the same
+    symbolic names) → x.
+
+    Phi-3's traced attention reshapes its [batch, heads, sequence, head] output to that same
+    shape before the Transpose, where onnxscript's GroupQueryAttention rule expects the
+    attention output itself; it fell back to MultiHeadAttention (tests/test_compile.py).
+    """
+
+    def __init__(self) -> None:
+        super().__init__("DropSameShapeReshape", remove_nodes=True)
+
+    def pattern(self, op, x, shape):
+        return op.Reshape(x, shape, _allow_other_attributes=True, _outputs=["reshaped"])
+
+    def check(self, context, x, reshaped, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        ours, theirs = x.shape, reshaped.shape
+        if ours is None or theirs is None or ours.rank() != theirs.rank():
+            return result.fail("shapes unknown or of other ranks", reshaped)
+        for a, b in zip(ours, theirs, strict=True):
+            named = isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim)
+            if a != b or (named and a.value is None):
+                return result.fail("a dimension may differ", reshaped)
+        return result
+
+    def rewrite(self, op, x, **_):
+        return op.Identity(x)
 
 
 class _ShiftRangeOnHost(pattern.RewriteRuleClassBase):
@@ -377,7 +408,9 @@ def _forget_matched_nodes() -> int:
     return dropped
 
 
-_NORMALIZE_RULES = RewriteRuleSet([_RotaryAnglesAsMatMul.rule(), _Conv1DAsMatMul.rule()])
+_NORMALIZE_RULES = RewriteRuleSet(
+    [_RotaryAnglesAsMatMul.rule(), _Conv1DAsMatMul.rule(), _DropSameShapeReshape.rule()]
+)
 _STANDARDIZE_RULES = RewriteRuleSet([_ExpandOnnxDomainRmsNorm.rule()])
 _HOST_SHAPE_RULES = RewriteRuleSet([_ShiftRangeOnHost.rule()])
 
@@ -397,17 +430,29 @@ def _with_scale(outputs: Any, scale: float | None) -> Any:
     return outputs
 
 
-class _GqaKeepingScale(gqa.GroupQueryAttention):
-    """onnxscript's GroupQueryAttention fusion, keeping the attention's own scale.
+class _FdecGqa(gqa.GroupQueryAttention):
+    """onnxscript's GroupQueryAttention fusion, keeping the attention's own scale, and only
+    where ONNX Runtime's kernel takes the rotary width.
 
     onnxscript 0.7.2 reads a scale other than 1/√head_size into its intermediate SDPA node but
     writes GroupQueryAttention without it, so ONNX Runtime applies 1/√head_size: Granite's
-    attention_multiplier 1/64 became 1/4 (fp32 logits 0.009 off, tests/test_compile.py).
+    attention_multiplier 1/64 became 1/4 (fp32 logits 0.009 off, tests/test_compile.py). And
+    ONNX Runtime refuses a cos/sin table whose width (rotated dims / 2) is not a multiple of 8
+    or is over half the head when it runs (a StableLM rotating 4 of 16 dims): those keep
+    MultiHeadAttention + RotaryEmbedding.
     """
 
-    def check(self, context, query_BHSDh_rope, **bindings):
-        result = super().check(context, query_BHSDh_rope=query_BHSDh_rope, **bindings)
+    def check(self, context, query_BHSDh_rope, cos, query_BSHDh, **bindings):
+        result = super().check(
+            context, query_BHSDh_rope=query_BHSDh_rope, cos=cos, query_BSHDh=query_BSHDh, **bindings
+        )
         if result:
+            head = _ir_utils.get_dim(query_BSHDh, 3)
+            width = cos.shape[1] if cos.shape is not None and cos.shape.rank() == 2 else None
+            if not isinstance(width, int) or not isinstance(head, int):
+                return pattern.MatchResult().fail("rotary table width unknown", cos)
+            if width % 8 or width > head // 2:
+                return pattern.MatchResult().fail(f"rotary table width {width}", cos)
             found, self._scale = _consumer_scale(query_BHSDh_rope, "SDPA")
             if not found:
                 return pattern.MatchResult().fail(
@@ -419,7 +464,7 @@ class _GqaKeepingScale(gqa.GroupQueryAttention):
         return _with_scale(super().rewrite(op, **bindings), self._scale)
 
 
-class _PackedGqaKeepingScale(gqa_packed_qkv.PackedQKVForGQAFusion):
+class _FdecPackedGqa(gqa_packed_qkv.PackedQKVForGQAFusion):
     """onnxscript's packed-qkv GroupQueryAttention rule, keeping the matched node's scale."""
 
     def check(self, op, query_sliced, **bindings):
@@ -434,21 +479,62 @@ class _PackedGqaKeepingScale(gqa_packed_qkv.PackedQKVForGQAFusion):
         return _with_scale(super().rewrite(op, **bindings), self._scale)
 
 
+class _FdecMha(mha.MultiHeadAttention):
+    """onnxscript's MultiHeadAttention fusion, refused where a RotaryEmbedding it rewrites
+    rotates part of each head or interleaved: its rewrite writes RotaryEmbedding without
+    `rotary_embedding_dim` and `interleaved` (onnxscript 0.7.2), rotating all of each head.
+    A StableLM rotating 4 of 16 dims was 1.9 off from position 1; refused, its SDPA becomes
+    MultiHeadAttention by onnxscript's later `sdpa_via_mha`, which keeps the graph's rotary."""
+
+    def check(self, context, **bindings):
+        result = super().check(context, **bindings)
+        for node in context.nodes if result else ():
+            attributes = node.attributes
+            partial = attributes.get_int("rotary_embedding_dim", 0)
+            if node.op_type == "RotaryEmbedding" and (
+                partial or attributes.get_int("interleaved", 0)
+            ):
+                return pattern.MatchResult().fail("a rotary its rewrite would widen", node)
+        return result
+
+
+def _mha_rules(past: bool) -> RewriteRuleSet:
+    """onnxscript's MultiHeadAttention rule set (`mha._make_rule_set`) with `_FdecMha`."""
+    return RewriteRuleSet(
+        [
+            _FdecMha.rule(
+                f"MHA{'_Rotary' * rotary}{'_Past' * past}{'_CrossAttention' * cross}",
+                is_rotary=rotary,
+                has_past_present=past,
+                is_cross_attention=cross,
+            )
+            for rotary in (False, True)
+            for cross in ((False,) if past else (False, True))
+        ]
+    )
+
+
 @contextlib.contextmanager
-def _keeping_scale():
-    """Run `optimize_for_ort` with the GroupQueryAttention rules above in place of its own."""
+def _fdec_rules():
+    """Run `optimize_for_ort` with fdec's attention rules above in place of its own."""
     from onnxscript.rewriter import _fusion_utils
     from onnxscript.rewriter.ort_fusions import _core
 
-    saved = _core.fuse_gqa, _core.fuse_qkv_gqa
-    _core.fuse_gqa = _fusion_utils.apply_fusion_rules(RewriteRuleSet([_GqaKeepingScale.rule()]))
-    _core.fuse_qkv_gqa = _fusion_utils.apply_fusion_rules(
-        RewriteRuleSet([_PackedGqaKeepingScale.rule()])
+    names = ("fuse_gqa", "fuse_qkv_gqa", "fuse_mha1", "fuse_mha2")
+    saved = {name: getattr(_core, name) for name in names}
+    rules = (
+        RewriteRuleSet([_FdecGqa.rule()]),
+        RewriteRuleSet([_FdecPackedGqa.rule()]),
+        _mha_rules(past=True),
+        _mha_rules(past=False),
     )
+    for name, rule_set in zip(names, rules, strict=True):
+        setattr(_core, name, _fusion_utils.apply_fusion_rules(rule_set))
     try:
         yield
     finally:
-        _core.fuse_gqa, _core.fuse_qkv_gqa = saved
+        for name, function in saved.items():
+            setattr(_core, name, function)
 
 
 def _shift_ranges(model: FdecModel) -> int:
@@ -530,7 +616,7 @@ class FuseAttentionPass(Pass):
         try:
             onnxscript_optimizer.optimize(model.model)
             normalized = _NORMALIZE_RULES.apply_to_model(model.model)
-            with _keeping_scale():
+            with _fdec_rules():
                 fused_model, fusions = optimize_for_ort(model.model)
             if fused_model is not model.model:
                 model.model = fused_model

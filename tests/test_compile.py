@@ -119,16 +119,30 @@ def test_llama_like_model_types_compile_fused_and_match_transformers(
 
 
 def test_phi3_compiles_with_its_window_and_types_for_cuda(tiny_models, tmp_path, cli_runner):
-    """Phi-3's packed qkv_proj / gate_up_proj fuse to MultiHeadAttention + RotaryEmbedding
-    (not GroupQueryAttention), whose mask keeps the model's 48-position window: the fp32
-    build's 80 greedy tokens equal transformers'. The CUDA model's fp16 typing died on the
-    untyped outputs of those fused ops ("2 value(s) have no element type"), and its rotary
-    tables were computed every step on the host."""
+    """Phi-3's packed qkv_proj fuses to GroupQueryAttention taking the packed projection, with
+    the model's 48-position window as its local_window_size: the fp32 build's 80 greedy tokens
+    equal transformers'. It fused to MultiHeadAttention + RotaryEmbedding until a reshape of
+    the attention output to its own shape was dropped (MultiHeadAttention concatenates the
+    past every step; GroupQueryAttention writes one shared buffer in place). The CUDA model's
+    fp16 typing died on the untyped outputs of the fused ops ("2 value(s) have no element
+    type"), and its rotary tables were computed every step on the host."""
+    import onnx
+
     model_dir = tiny_models("phi3")
     out = tmp_path / "build"
     _compile(cli_runner, model_dir, out)
     report = json.loads((out / "report.json").read_text())
     assert report["kv_cache"]["policy"]["model_window"] == 47
+    attention = [
+        node
+        for node in onnx.load(out / "model.onnx", load_external_data=False).graph.node
+        if node.op_type in ("GroupQueryAttention", "MultiHeadAttention")
+    ]
+    assert [node.op_type for node in attention] == ["GroupQueryAttention"] * 2
+    for node in attention:
+        assert node.input[1] == node.input[2] == ""  # packed q/k/v
+        window = next(a.i for a in node.attribute if a.name == "local_window_size")
+        assert window == 48
     prompt = "The quick brown fox jumps over the lazy dog"
     ran = cli_runner.invoke(
         cli, ["run", str(out), "-p", prompt, "-n", "80", "--no-chat-template", "--json"]
