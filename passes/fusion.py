@@ -1,12 +1,12 @@
 """Attention fusion for ONNX Runtime: traced attention, rotary and RMSNorm → com.microsoft fused ops.
 
 Wraps onnxscript's `ort_fusions.optimize_for_ort` (GroupQueryAttention with the rotary folded
-in, SkipSimplifiedLayerNormalization, MultiHeadAttention, ...). One rule of fdec's own runs
-first: transformers ≥ 5 computes rotary angles as `position_ids[..., None] * inv_freq`, where
-onnxscript's cos/sin-cache rule expects the older `(inv_freq @ position_ids).transpose(1, 2)`;
-the rule rewrites the first into the second (same numbers), so the rest is onnxscript's, with
-its GroupQueryAttention and MultiHeadAttention rules subclassed where they drop what the
-traced attention says (the scale, a partial rotary: `_fdec_rules`).
+in, SkipSimplifiedLayerNormalization, MultiHeadAttention, ...). fdec's own rules run first
+(fdec.passes.fusion_rules): e.g. transformers ≥ 5 computes rotary angles as
+`position_ids[..., None] * inv_freq`, where onnxscript's cos/sin-cache rule expects the older
+`(inv_freq @ position_ids).transpose(1, 2)` (same numbers); then onnxscript's, with its
+GroupQueryAttention and MultiHeadAttention rules subclassed where they drop what the traced
+attention says (the scale, a partial rotary: `fdec_rules`).
 
 The fused graph keeps the build's I/O contract (input/output names, KV-cache layout BNSH) and
 the names of the MatMul weights ModelSpec roles point at. Only ONNX Runtime runs com.microsoft
@@ -16,7 +16,6 @@ ops: the pass refuses other backends, where standard ONNX attention stays.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
 from typing import Any
@@ -25,13 +24,21 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as onnx_ir_common
 from onnxscript import optimizer as onnxscript_optimizer
-from onnxscript.rewriter import RewriteRuleSet, _ir_utils, pattern
-from onnxscript.rewriter.ort_fusions import gqa, gqa_packed_qkv, mha
+from onnxscript.rewriter import RewriteRuleSet, _ir_utils
 
 from fdec.backends import backend_names, get_backend
 from fdec.errors import UsageError
 from fdec.ir import FdecModel, shared_kv_layers
 from fdec.passes.cleanup import FoldConstantsPass
+from fdec.passes.fusion_rules import (
+    Conv1DAsMatMul,
+    DropSameShapeReshape,
+    ExpandOnnxDomainRmsNorm,
+    RotaryAnglesAsMatMul,
+    ShiftRangeOnHost,
+    fdec_rules,
+    forget_matched_nodes,
+)
 from fdec.passes.weights import add_initializer
 from fdec.pipeline import EXACT, Pass, PassResult
 
@@ -46,202 +53,6 @@ _MS = "com.microsoft"
 # tiny Llamas: head size 12 "head_size must be a multiple of 8", head size 8 "head_size shall be
 # a multiple of 16"; its CUDA kernels share those checks): such models keep their attention.
 GQA_HEAD_SIZE_MULTIPLE = 16
-
-
-class _RotaryAnglesAsMatMul(pattern.RewriteRuleClassBase):
-    """`Cast(Unsqueeze(position_ids, [-1])) * inv_freq` → `Transpose(inv_freq[1,E,1] @ pos[B,1,S])`.
-
-    The second form is what onnxscript's CosSinCacheFusion matches (transformers < 5).
-    """
-
-    def __init__(self) -> None:
-        super().__init__("RotaryAnglesAsMatMul", remove_nodes=True)
-
-    def pattern(self, op, position_ids, axes, inv_freq):
-        positions = op.Cast(op.Unsqueeze(position_ids, axes), to=ir.DataType.FLOAT)
-        return op.Mul(positions, inv_freq)
-
-    def check(self, context, position_ids, axes, inv_freq, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        if not _ir_utils.has_rank(position_ids, 2):
-            return result.fail("position_ids is not 2-D", position_ids)
-        if not (_ir_utils.is_singleton_value(axes, 2) or _ir_utils.is_singleton_value(axes, -1)):
-            return result.fail("position_ids not unsqueezed on its last axis", axes)
-        tensor = inv_freq.const_value
-        if tensor is None or tensor.numpy().squeeze().ndim != 1:
-            return result.fail("inv_freq is not a constant vector", inv_freq)
-        return result
-
-    def rewrite(self, op, position_ids, inv_freq, **_):
-        values = inv_freq.const_value.numpy().astype(np.float32).reshape(1, -1, 1)
-        inv = op.Constant(value=ir.tensor(values))
-        positions = op.Unsqueeze(position_ids, op.Constant(value_ints=[1]))
-        positions = op.Cast(positions, to=ir.DataType.FLOAT)
-        return op.Transpose(op.MatMul(inv, positions), perm=[0, 2, 1])
-
-
-class _Conv1DAsMatMul(pattern.RewriteRuleClassBase):
-    """`Reshape(Gemm(Reshape(x, [-1, K]), W, b), [B, S, N])` → `MatMul(x, W) + b` on 3-D x.
-
-    GPT-2's Conv1D flattens to 2-D around a Gemm. onnxscript's MultiHeadAttention rule then
-    swallows the flattening Reshape and hands the Gemm a 3-D input, which ONNX Runtime refuses;
-    with a 3-D MatMul there is nothing to swallow. The weight keeps its name.
-    """
-
-    def __init__(self) -> None:
-        super().__init__("Conv1DAsMatMul", remove_nodes=True)
-
-    def pattern(self, op, x, flat_shape, weight, out_shape):
-        flat = op.Reshape(x, flat_shape, _allow_other_attributes=True)
-        y = op.Gemm(
-            flat, weight, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["gemm"]
-        )
-        return op.Reshape(y, out_shape, _allow_other_attributes=True, _outputs=["out"])
-
-    def check(self, context, x, weight, gemm, out, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        attributes = gemm.producer().attributes
-        bias = _gemm_bias(gemm)
-        if (
-            attributes.get_int("transA", 0)
-            or attributes.get_int("transB", 0)
-            or attributes.get_float("alpha", 1.0) != 1.0
-            or attributes.get_float("beta", 1.0) != 1.0
-        ):
-            return result.fail("Gemm with transposes or scales", gemm)
-        if (
-            x.shape is None
-            or out.shape is None
-            or len(x.shape) not in (3, 4)
-            or len(out.shape) != 3
-        ):
-            return result.fail("not a 3-D (or 4-D head-split) input reshaped back to 3-D", x)
-        if weight.shape is None or len(weight.shape) != 2:
-            return result.fail("weight is not 2-D", weight)
-        if len(x.shape) == 4 and not (
-            isinstance(x.shape[2], int)
-            and isinstance(x.shape[3], int)
-            and x.shape[2] * x.shape[3] == weight.shape[0]
-        ):
-            return result.fail("4-D input whose heads do not merge into the weight's rows", x)
-        if bias is not None and (bias.shape is None or len(bias.shape) != 1):
-            return result.fail("bias is not 1-D", bias)
-        if list(x.shape)[:2] != list(out.shape)[:2] or out.shape[2] != weight.shape[1]:
-            return result.fail("output dims are not the input's leading dims", out)
-        return result
-
-    def rewrite(self, op, x, weight, gemm, **_):
-        if len(x.shape) == 4:  # [B, S, heads, head_dim] → [B, S, hidden]
-            x = op.Reshape(x, op.Constant(value_ints=[0, 0, -1]))
-        bias = _gemm_bias(gemm)
-        product = op.MatMul(x, weight)
-        return product if bias is None else op.Add(product, bias)
-
-
-class _DropSameShapeReshape(pattern.RewriteRuleClassBase):
-    """`Reshape(x, shape)` whose output has x's shape, dim for dim (equal sizes or the same
-    symbolic names) → x.
-
-    Phi-3's traced attention reshapes its [batch, heads, sequence, head] output to that same
-    shape before the Transpose, where onnxscript's GroupQueryAttention rule expects the
-    attention output itself; it fell back to MultiHeadAttention (tests/test_compile.py).
-    """
-
-    def __init__(self) -> None:
-        super().__init__("DropSameShapeReshape", remove_nodes=True)
-
-    def pattern(self, op, x, shape):
-        return op.Reshape(x, shape, _allow_other_attributes=True, _outputs=["reshaped"])
-
-    def check(self, context, x, reshaped, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        ours, theirs = x.shape, reshaped.shape
-        if ours is None or theirs is None or ours.rank() != theirs.rank():
-            return result.fail("shapes unknown or of other ranks", reshaped)
-        for a, b in zip(ours, theirs, strict=True):
-            named = isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim)
-            if a != b or (named and a.value is None):
-                return result.fail("a dimension may differ", reshaped)
-        return result
-
-    def rewrite(self, op, x, **_):
-        return op.Identity(x)
-
-
-class _ShiftRangeOnHost(pattern.RewriteRuleClassBase):
-    """`Range(start, limit, delta) + offset` → `Range(start + offset, limit + offset, delta)`
-    for a scalar integer offset (the same numbers).
-
-    GPT-2's traced causal mask makes its positions as `arange(sequence) + past length`. On
-    ONNX Runtime's CUDA provider Range reads its three scalars from host memory and writes the
-    positions to the device, so the Add of the host-side past length made a MemcpyFromHost on
-    every step (and no CUDA graph capture). Shifted inside the Range, the Adds are host shape
-    work (fdec.lower.cuda_placement's rule 1) and nothing crosses.
-    """
-
-    def __init__(self) -> None:
-        super().__init__("ShiftRangeOnHost", remove_nodes=True)
-
-    def pattern(self, op, start, limit, delta, offset):
-        return op.Add(op.Range(start, limit, delta), offset)
-
-    def check(self, context, start, limit, delta, offset, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        scalars = (start, limit, delta, offset)
-        if any(v.shape is None or v.shape.rank() != 0 for v in scalars):
-            return result.fail("not all scalars", offset)
-        if any(v.dtype not in (ir.DataType.INT64, ir.DataType.INT32) for v in scalars):
-            return result.fail("not integers (a float shift may round differently)", offset)
-        if _ir_utils.get_singleton_value(offset) is not None:
-            return result.fail("a constant offset is added on the device with no copy", offset)
-        return result
-
-    def rewrite(self, op, start, limit, delta, offset, **_):
-        return op.Range(op.Add(start, offset), op.Add(limit, offset), delta)
-
-
-def _gemm_bias(gemm: ir.Value) -> ir.Value | None:
-    inputs = gemm.producer().inputs
-    return inputs[2] if len(inputs) > 2 else None
-
-
-class _ExpandOnnxDomainRmsNorm(pattern.RewriteRuleClassBase):
-    """A `SimplifiedLayerNormalization` left in the ONNX domain → standard ops.
-
-    onnxscript leaves the norm that follows no residual add (the first layer's) as ONNX Runtime's
-    private ONNX-domain op, which the ONNX checker rejects; ORT fuses the standard form back at
-    session optimization, so the build stays valid ONNX at no cost. The form is the one ORT's
-    SimplifiedLayerNormFusion matches (core/optimizer/layer_norm_fusion.cc): `Pow(x, 2)`, not
-    `Mul(x, x)` (which it does not fuse, and which a fp16 graph would square in fp16, overflowing
-    at |x| = 256), and `Div(x, Sqrt(...))`, the normalize step fdec's typing keeps in fp32 beside
-    the Pow so the CUDA graph keeps the fusion's fp16 pattern (Cast → Pow/Div → Cast → Mul).
-    """
-
-    def __init__(self) -> None:
-        super().__init__("ExpandOnnxDomainRmsNorm", remove_nodes=True)
-
-    def pattern(self, op, x, scale):
-        return op.SimplifiedLayerNormalization(
-            x, scale, _allow_other_attributes=True, _outputs=["normalized"]
-        )
-
-    def check(self, context, x, normalized, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        node = normalized.producer()
-        axis = node.attributes.get_int("axis", -1)
-        rank = len(x.shape) if x.shape is not None else None
-        if axis != -1 and (rank is None or axis != rank - 1):
-            return result.fail("normalizes over an axis other than the last", x)
-        if x.dtype != ir.DataType.FLOAT:
-            return result.fail("input is not float32", x)
-        return result
-
-    def rewrite(self, op, x, scale, normalized, **_):
-        epsilon = normalized.producer().attributes.get_float("epsilon", 1e-5)
-        squared = op.Pow(x, op.Constant(value=ir.tensor(np.float32(2.0))))
-        mean = op.ReduceMean(squared, op.Constant(value_ints=[-1]), keepdims=1)
-        std = op.Sqrt(op.Add(mean, op.Constant(value=ir.tensor(np.float32(epsilon)))))
-        return op.Mul(op.Div(x, std), scale)
 
 
 def _range_from_zero(value: ir.Value) -> bool:
@@ -386,162 +197,18 @@ def _total_length_from_mask(model: FdecModel) -> int:
     return len(nodes)
 
 
-def _forget_matched_nodes() -> int:
-    """Drop the node each onnxscript pattern matcher remembers from its last match.
-
-    The rule sets are module globals, and `SimplePatternMatcher._current_node` keeps the last
-    node it looked at (and `_graph` the graph), so through them every weight of the model stays alive
-    after the pass (measured: 0.52 GiB, all of SmolLM2-135M's weights, still held when the
-    build's verifying session opened). Returns how many references were dropped.
-    """
-    import gc
-
-    from onnxscript.rewriter._matcher import SimplePatternMatcher
-
-    dropped = 0
-    for obj in gc.get_objects():
-        if isinstance(obj, SimplePatternMatcher):
-            for attribute in ("_current_node", "_match", "_graph"):
-                if getattr(obj, attribute, None) is not None:
-                    setattr(obj, attribute, None)
-                    dropped += 1
-    return dropped
-
-
 _NORMALIZE_RULES = RewriteRuleSet(
-    [_RotaryAnglesAsMatMul.rule(), _Conv1DAsMatMul.rule(), _DropSameShapeReshape.rule()]
+    [RotaryAnglesAsMatMul.rule(), Conv1DAsMatMul.rule(), DropSameShapeReshape.rule()]
 )
-_STANDARDIZE_RULES = RewriteRuleSet([_ExpandOnnxDomainRmsNorm.rule()])
-_HOST_SHAPE_RULES = RewriteRuleSet([_ShiftRangeOnHost.rule()])
-
-
-def _consumer_scale(value: ir.Value, op_type: str) -> tuple[bool, float | None]:
-    """The `scale` attribute of the one `op_type` node reading `value`: (found, scale or None)."""
-    nodes = {use.node for use in value.uses() if use.node.op_type == op_type}
-    if len(nodes) != 1:
-        return False, None
-    attribute = next(iter(nodes)).attributes.get("scale")
-    return True, None if attribute is None else attribute.as_float()
-
-
-def _with_scale(outputs: Any, scale: float | None) -> Any:
-    if scale is not None:
-        outputs[0].producer().attributes["scale"] = ir.AttrFloat32("scale", scale)
-    return outputs
-
-
-class _FdecGqa(gqa.GroupQueryAttention):
-    """onnxscript's GroupQueryAttention fusion, keeping the attention's own scale, and only
-    where ONNX Runtime's kernel takes the rotary width.
-
-    onnxscript 0.7.2 reads a scale other than 1/√head_size into its intermediate SDPA node but
-    writes GroupQueryAttention without it, so ONNX Runtime applies 1/√head_size: Granite's
-    attention_multiplier 1/64 became 1/4 (fp32 logits 0.009 off, tests/test_compile.py). And
-    ONNX Runtime refuses a cos/sin table whose width (rotated dims / 2) is not a multiple of 8
-    or is over half the head when it runs (a StableLM rotating 4 of 16 dims): those keep
-    MultiHeadAttention + RotaryEmbedding.
-    """
-
-    def check(self, context, query_BHSDh_rope, cos, query_BSHDh, **bindings):
-        result = super().check(
-            context, query_BHSDh_rope=query_BHSDh_rope, cos=cos, query_BSHDh=query_BSHDh, **bindings
-        )
-        if result:
-            head = _ir_utils.get_dim(query_BSHDh, 3)
-            width = cos.shape[1] if cos.shape is not None and cos.shape.rank() == 2 else None
-            if not isinstance(width, int) or not isinstance(head, int):
-                return pattern.MatchResult().fail("rotary table width unknown", cos)
-            if width % 8 or width > head // 2:
-                return pattern.MatchResult().fail(f"rotary table width {width}", cos)
-            found, self._scale = _consumer_scale(query_BHSDh_rope, "SDPA")
-            if not found:
-                return pattern.MatchResult().fail(
-                    "no single SDPA reads the query", query_BHSDh_rope
-                )
-        return result
-
-    def rewrite(self, op, **bindings):
-        return _with_scale(super().rewrite(op, **bindings), self._scale)
-
-
-class _FdecPackedGqa(gqa_packed_qkv.PackedQKVForGQAFusion):
-    """onnxscript's packed-qkv GroupQueryAttention rule, keeping the matched node's scale."""
-
-    def check(self, op, query_sliced, **bindings):
-        result = super().check(op, query_sliced=query_sliced, **bindings)
-        if result:
-            found, self._scale = _consumer_scale(query_sliced, "GroupQueryAttention")
-            if not found:
-                return pattern.MatchResult().fail("no single GroupQueryAttention", query_sliced)
-        return result
-
-    def rewrite(self, op, **bindings):
-        return _with_scale(super().rewrite(op, **bindings), self._scale)
-
-
-class _FdecMha(mha.MultiHeadAttention):
-    """onnxscript's MultiHeadAttention fusion, refused where a RotaryEmbedding it rewrites
-    rotates part of each head or interleaved: its rewrite writes RotaryEmbedding without
-    `rotary_embedding_dim` and `interleaved` (onnxscript 0.7.2), rotating all of each head.
-    A StableLM rotating 4 of 16 dims was 1.9 off from position 1; refused, its SDPA becomes
-    MultiHeadAttention by onnxscript's later `sdpa_via_mha`, which keeps the graph's rotary."""
-
-    def check(self, context, **bindings):
-        result = super().check(context, **bindings)
-        for node in context.nodes if result else ():
-            attributes = node.attributes
-            partial = attributes.get_int("rotary_embedding_dim", 0)
-            if node.op_type == "RotaryEmbedding" and (
-                partial or attributes.get_int("interleaved", 0)
-            ):
-                return pattern.MatchResult().fail("a rotary its rewrite would widen", node)
-        return result
-
-
-def _mha_rules(past: bool) -> RewriteRuleSet:
-    """onnxscript's MultiHeadAttention rule set (`mha._make_rule_set`) with `_FdecMha`."""
-    return RewriteRuleSet(
-        [
-            _FdecMha.rule(
-                f"MHA{'_Rotary' * rotary}{'_Past' * past}{'_CrossAttention' * cross}",
-                is_rotary=rotary,
-                has_past_present=past,
-                is_cross_attention=cross,
-            )
-            for rotary in (False, True)
-            for cross in ((False,) if past else (False, True))
-        ]
-    )
-
-
-@contextlib.contextmanager
-def _fdec_rules():
-    """Run `optimize_for_ort` with fdec's attention rules above in place of its own."""
-    from onnxscript.rewriter import _fusion_utils
-    from onnxscript.rewriter.ort_fusions import _core
-
-    names = ("fuse_gqa", "fuse_qkv_gqa", "fuse_mha1", "fuse_mha2")
-    saved = {name: getattr(_core, name) for name in names}
-    rules = (
-        RewriteRuleSet([_FdecGqa.rule()]),
-        RewriteRuleSet([_FdecPackedGqa.rule()]),
-        _mha_rules(past=True),
-        _mha_rules(past=False),
-    )
-    for name, rule_set in zip(names, rules, strict=True):
-        setattr(_core, name, _fusion_utils.apply_fusion_rules(rule_set))
-    try:
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(_core, name, function)
+_STANDARDIZE_RULES = RewriteRuleSet([ExpandOnnxDomainRmsNorm.rule()])
+_HOST_SHAPE_RULES = RewriteRuleSet([ShiftRangeOnHost.rule()])
 
 
 def _shift_ranges(model: FdecModel) -> int:
     try:
         return _HOST_SHAPE_RULES.apply_to_model(model.model)
     finally:
-        _forget_matched_nodes()
+        forget_matched_nodes()
 
 
 def _op_counts(model: FdecModel) -> collections.Counter[str]:
@@ -616,14 +283,14 @@ class FuseAttentionPass(Pass):
         try:
             onnxscript_optimizer.optimize(model.model)
             normalized = _NORMALIZE_RULES.apply_to_model(model.model)
-            with _fdec_rules():
+            with fdec_rules():
                 fused_model, fusions = optimize_for_ort(model.model)
             if fused_model is not model.model:
                 model.model = fused_model
             expanded = _STANDARDIZE_RULES.apply_to_model(model.model)
             ranges_shifted = _shift_ranges(model)
         finally:
-            _forget_matched_nodes()
+            forget_matched_nodes()
         _type_fused_outputs(model)
         rotary_caches = _constant_rotary_caches(model) if self.rotary_cache else 0
         total_from_mask = _total_length_from_mask(model)
@@ -666,7 +333,7 @@ class FuseAttentionPass(Pass):
 @dataclasses.dataclass
 class HostShapesPass(Pass):
     """Keep a graph's shape arithmetic where ONNX Runtime's CUDA provider reads it, the host:
-    `Range(...) + offset` becomes a shifted Range (`_ShiftRangeOnHost`), so no MemcpyFromHost
+    `Range(...) + offset` becomes a shifted Range (`ShiftRangeOnHost`), so no MemcpyFromHost
     runs every step. fuse-attention applies the same rules; the onnxruntime-cuda backend adds
     this pass where its pipeline has no fuse-attention (attention sinks, a --passes list)."""
 
