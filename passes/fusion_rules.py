@@ -264,6 +264,29 @@ def _with_scale(outputs: Any, scale: float | None) -> Any:
     return outputs
 
 
+class _NoRepeat:
+    """The pattern builder onnxscript's GroupQueryAttention pattern is given by
+    `_FdecGqaUnrepeated`: the key and value repeat across the heads of a group (Unsqueeze →
+    Expand → Reshape) becomes the value itself."""
+
+    def __init__(self, op: Any) -> None:
+        self._op = op
+        self._skipped: set[int] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        build = getattr(self._op, name)
+        if name not in ("Unsqueeze", "Expand", "Reshape"):
+            return build
+
+        def step(x: Any, *args: Any, **kwargs: Any) -> Any:
+            if name == "Unsqueeze" or id(x) in self._skipped:
+                self._skipped.add(id(x))
+                return x
+            return build(x, *args, **kwargs)
+
+        return step
+
+
 class _FdecGqa(gqa.GroupQueryAttention):
     """onnxscript's GroupQueryAttention fusion, keeping the attention's own scale, and only
     where ONNX Runtime's kernel takes the rotary width.
@@ -296,6 +319,19 @@ class _FdecGqa(gqa.GroupQueryAttention):
 
     def rewrite(self, op, **bindings):
         return _with_scale(super().rewrite(op, **bindings), self._scale)
+
+
+class _FdecGqaUnrepeated(_FdecGqa):
+    """`_FdecGqa` where no head shares its key and value (Llama-2, Phi-3-mini, SmolLM2-1.7B):
+    the traced graph repeats no key or value across heads, where onnxscript's pattern looks
+    for the repeat, so such models fused to MultiHeadAttention, which concatenates the past
+    each step where GroupQueryAttention writes one shared buffer in place."""
+
+    def pattern(self, op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value, position_ids, cos, sin, mask):  # fmt: skip
+        return super().pattern(
+            _NoRepeat(op), query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,
+            position_ids, cos, sin, mask,
+        )  # fmt: skip
 
 
 class _FdecPackedGqa(gqa_packed_qkv.PackedQKVForGQAFusion):
@@ -357,7 +393,7 @@ def fdec_rules():
     names = ("fuse_gqa", "fuse_qkv_gqa", "fuse_mha1", "fuse_mha2")
     saved = {name: getattr(_core, name) for name in names}
     rules = (
-        RewriteRuleSet([_FdecGqa.rule()]),
+        RewriteRuleSet([_FdecGqa.rule(), _FdecGqaUnrepeated.rule()]),
         RewriteRuleSet([_FdecPackedGqa.rule()]),
         _mha_rules(past=True),
         _mha_rules(past=False),

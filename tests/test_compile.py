@@ -118,6 +118,34 @@ def test_llama_like_model_types_compile_fused_and_match_transformers(
     assert json.loads(ran.stdout)["tokens"] == transformers_greedy(model_dir, prompt, 40)
 
 
+def test_heads_with_their_own_key_and_value_fuse_to_group_query_attention(tmp_path, cli_runner):
+    """Llama-2, Phi-3-mini, SmolLM2-1.7B: every head has its own key and value, so the traced
+    graph repeats none across heads, where onnxscript's GroupQueryAttention rule looks for the
+    repeat: such models fused to MultiHeadAttention (the past concatenated every step). Now
+    GroupQueryAttention with kv_num_heads = num_heads and one shared cache buffer per layer;
+    40 greedy tokens of the fp32 build equal transformers'."""
+    import onnx
+    from models import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "mha", "llama", num_key_value_heads=4)
+    out = tmp_path / "build"
+    _compile(cli_runner, model_dir, out)
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    attention = [n for n in graph.node if n.op_type.endswith("Attention")]
+    assert [n.op_type for n in attention] == ["GroupQueryAttention"] * 2
+    for node in attention:
+        heads = {a.name: a.i for a in node.attribute if a.name.endswith("num_heads")}
+        assert heads == {"num_heads": 4, "kv_num_heads": 4}
+    fused = next(p for p in json.loads((out / "report.json").read_text())["passes"]
+                 if p["name"] == "fuse-attention")  # fmt: skip
+    assert fused["stats"]["kv_shared_buffer_layers"] == 2
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ran = cli_runner.invoke(
+        cli, ["run", str(out), "-p", prompt, "-n", "40", "--no-chat-template", "--json"]
+    )
+    assert json.loads(ran.stdout)["tokens"] == transformers_greedy(model_dir, prompt, 40)
+
+
 def test_phi3_compiles_with_its_window_and_types_for_cuda(tiny_models, tmp_path, cli_runner):
     """Phi-3's packed qkv_proj fuses to GroupQueryAttention taking the packed projection, with
     the model's 48-position window as its local_window_size: the fp32 build's 80 greedy tokens
