@@ -34,11 +34,14 @@ __all__ = [
 class RotaryAnglesAsMatMul(pattern.RewriteRuleClassBase):
     """`Cast(Unsqueeze(position_ids, [-1])) * inv_freq` → `Transpose(inv_freq[1,E,1] @ pos[B,1,S])`.
 
-    The second form is what onnxscript's CosSinCacheFusion matches (transformers < 5).
+    The second form is what onnxscript's CosSinCacheFusion matches (transformers < 5). The
+    positions stay where other angles read them too (Gemma 3's two rotary tables, one per layer
+    kind, share one Cast of position_ids): with them removed only, the rule matched nothing
+    there and Gemma 3 kept MultiHeadAttention; what no one reads is removed afterwards.
     """
 
     def __init__(self) -> None:
-        super().__init__("RotaryAnglesAsMatMul", remove_nodes=True)
+        super().__init__("RotaryAnglesAsMatMul", remove_nodes=False)
 
     def pattern(self, op, position_ids, axes, inv_freq):
         positions = op.Cast(op.Unsqueeze(position_ids, axes), to=ir.DataType.FLOAT)

@@ -90,7 +90,7 @@ _GQA = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
     "family, fused",
     [("qwen3", _GQA), ("gemma", _GQA), ("olmo2", _GQA), ("granite", _GQA),
      ("gemma2", {"RotaryEmbedding", "SkipSimplifiedLayerNormalization"}),
-     ("gemma3_text", {"MultiHeadAttention", "SkipSimplifiedLayerNormalization"}),
+     ("gemma3_text", _GQA),
      ("stablelm", {"MultiHeadAttention", "RotaryEmbedding", "SkipLayerNormalization"})],
 )  # fmt: skip
 def test_llama_like_model_types_compile_fused_and_match_transformers(
@@ -99,8 +99,8 @@ def test_llama_like_model_types_compile_fused_and_match_transformers(
     """Qwen3 (per-head q/k RMSNorm), Gemma (scaled embeddings, (1 + w) norms), OLMo 2 (q/k
     norms over all heads, post-norms), Granite (attention scale 1/64: onnxscript's
     GroupQueryAttention fusion dropped it, 0.009 off), Gemma 2 (soft-capped attention, kept
-    traced; an 8-position window on alternate layers), Gemma 3 (q/k norms, a rotary base per
-    layer kind, the window in MultiHeadAttention's mask) and StableLM (LayerNorm, partial
+    traced; an 8-position window on alternate layers), Gemma 3 (q/k norms, a rotary table per
+    layer kind: GroupQueryAttention, windowed on alternate layers) and StableLM (LayerNorm, partial
     rotary) export and fuse through the Llama path, and 40 greedy tokens of the fp32 build
     equal transformers' (past the Gemmas' windows)."""
     import onnx
@@ -110,6 +110,13 @@ def test_llama_like_model_types_compile_fused_and_match_transformers(
     _compile(cli_runner, model_dir, out)
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
     assert fused <= {node.op_type for node in graph.node if node.domain == "com.microsoft"}
+    if family == "gemma3_text":  # its window on the local layers' attention only
+        windows = [
+            next((a.i for a in node.attribute if a.name == "local_window_size"), None)
+            for node in graph.node
+            if node.op_type == "GroupQueryAttention"
+        ]
+        assert windows == [8, None, 8, None]
     prompt = "The quick brown fox jumps over the lazy dog"
     ran = cli_runner.invoke(
         cli, ["run", str(out), "-p", prompt, "-n", "40", "--no-chat-template", "--json"]
