@@ -58,8 +58,8 @@ _LLAMA = Family(
 # rotary; fused to MultiHeadAttention + RotaryEmbedding), Granite (its residual multiplier
 # sits between a layer's output projection and the residual add, where layer pruning looks),
 # Gemma 2 (soft-capped attention logits: the attention stays traced) and Gemma 3 (a rotary
-# base per layer kind: MultiHeadAttention), both with norms after attention and MLP and a
-# window on some layers (fdec.passes.kv_cache.ModelWindow).
+# base per layer kind), both with norms after attention and MLP and a window on some layers
+# (fdec.passes.kv_cache.ModelWindow).
 _LLAMA_NAMES = dataclasses.replace(
     _LLAMA,
     name="llama-names",
