@@ -130,11 +130,10 @@ class Reference:
     ) -> Reference:
         import torch
 
+        from fdec.frontend.families import held_positions
+
         # A model with fewer positions than the held text is scored on as many as it has.
-        config = hf_model.config
-        positions = getattr(config, "max_position_embeddings", None) or getattr(
-            config, "n_positions", None
-        )
+        positions = held_positions(hf_model.config)
         ids = held_token_ids(
             tokenizer, vocab_size, limit=min(HELD_TOKENS, positions or HELD_TOKENS)
         )

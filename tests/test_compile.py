@@ -203,6 +203,32 @@ def test_phi3_compiles_with_its_window_and_types_for_cuda(tiny_models, tmp_path,
     assert awq["stats"]["matmuls_quantized"] == 2 * 4 + 1  # qkv, o, gate_up, down; lm_head
 
 
+def test_a_longrope_model_holds_its_original_positions(tmp_path, cli_runner):
+    """Phi-3.5 / Phi-4-mini (longrope): past original_max_position_embeddings transformers
+    switches every rotary factor to the long ones by the sequence's length, a branch the
+    export traces one side of. Such a compile failed verification (1.24 off at position 15
+    of the 128 held tokens; a real model's 4096 would pass it and go wrong silently past
+    them); the build now holds the original positions and is exact within them."""
+    from models import make_tiny_model
+
+    factors = {"short_factor": [1.0 + 0.1 * i for i in range(8)],
+               "long_factor": [2.0 + 0.5 * i for i in range(8)]}  # fmt: skip
+    model_dir = make_tiny_model(
+        tmp_path / "phi", "phi3", sliding_window=None, original_max_position_embeddings=32,
+        rope_scaling={"rope_type": "longrope", "type": "longrope", **factors},
+    )  # fmt: skip
+    out = tmp_path / "build"
+    _compile(cli_runner, model_dir, out)
+    assert json.loads((out / "fdec-runtime.json").read_text())["max_positions"] == 32
+    prompt = "The quick brown fox"
+    ran = cli_runner.invoke(
+        cli, ["run", str(out), "-p", prompt, "-n", "21", "--no-chat-template", "--json"]
+    )
+    assert ran.exit_code == 0, ran.output + ran.stderr
+    tokens = json.loads(ran.stdout)["tokens"]
+    assert len(tokens) == 21 and tokens == transformers_greedy(model_dir, prompt, 21)
+
+
 def test_sampling_options_change_tokens_reproducibly(tiny_models, tmp_path, cli_runner):
     out = tmp_path / "build"
     _compile(cli_runner, tiny_models("llama"), out)
