@@ -215,6 +215,17 @@ def test_checkpoint_quantized_by_another_tool_is_refused(
                   out=out)  # fmt: skip
 
 
+def test_dynamic_ntk_rotary_is_refused_before_the_export(tiny_models, cli_runner, tmp_path):
+    # died in torch.export: "ONNX export failed ...; report the model to the fdec developers"
+    folder = _copy(tiny_models("llama"), tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "dynamic", "factor": 4.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "build"
+    _expect_error(cli_runner, ["compile", str(folder), "-o", str(out)],
+                  words=["dynamic NTK", "cannot export", "drop rope_scaling"], out=out)  # fmt: skip
+
+
 def test_json_mode_reports_error_as_json(cli_runner, tmp_path):
     result = cli_runner.invoke(
         cli, ["compile", str(tmp_path / "nope"), "-o", str(tmp_path / "b"), "--json"]

@@ -176,12 +176,28 @@ def _check_not_quantized(config: dict, folder: pathlib.Path) -> None:
     )
 
 
+def _check_rope(config: dict, folder: pathlib.Path) -> None:
+    """Dynamic NTK rotary scaling (rope_type "dynamic") recomputes its frequencies from each
+    sequence's length in Python, which torch.export cannot trace: the compile died in the
+    export ("report the model to the fdec developers"); refused before any work."""
+    ropes = (config.get("rope_parameters"), config.get("rope_scaling"))
+    kinds = {r.get("rope_type", r.get("type")) for r in ropes if isinstance(r, dict)}
+    if "dynamic" in kinds:
+        raise InputError(
+            f'{folder} scales its rotary by dynamic NTK (config.json rope_type "dynamic"), '
+            "whose frequencies follow each sequence's length: fdec cannot export it",
+            "within max_position_embeddings dynamic NTK is the plain rotary: drop rope_scaling "
+            "(rope_parameters' scaling) from a copy of config.json and compile that",
+        )
+
+
 def _check_folder(
     given: str, kind: str, folder: pathlib.Path, *, trust_pickle: bool
 ) -> ModelSource:
     config = _read_config(folder)
     family = family_for_config(config, str(folder / "config.json"))
     _check_not_quantized(config, folder)
+    _check_rope(config, folder)
     safetensors = tuple(sorted(folder.glob("*.safetensors")))
     pickles = tuple(folder / name for name in _PICKLE_WEIGHTS if (folder / name).exists())
     pickles += tuple(sorted(folder.glob("pytorch_model-*.bin")))
