@@ -208,7 +208,10 @@ def test_a_longrope_model_holds_its_original_positions(tmp_path, cli_runner):
     switches every rotary factor to the long ones by the sequence's length, a branch the
     export traces one side of. Such a compile failed verification (1.24 off at position 15
     of the 128 held tokens; a real model's 4096 would pass it and go wrong silently past
-    them); the build now holds the original positions and is exact within them."""
+    them); the build now holds the original positions and is exact within them. Streamed
+    (`--stream`, the default for Phi-3.5-mini's size) the long factors, computed inside
+    forward, were a traced constant without values: "lifted_tensor_4 is not in the
+    checkpoint"."""
     from models import make_tiny_model
 
     factors = {"short_factor": [1.0 + 0.1 * i for i in range(8)],
@@ -227,6 +230,12 @@ def test_a_longrope_model_holds_its_original_positions(tmp_path, cli_runner):
     assert ran.exit_code == 0, ran.output + ran.stderr
     tokens = json.loads(ran.stdout)["tokens"]
     assert len(tokens) == 21 and tokens == transformers_greedy(model_dir, prompt, 21)
+    streamed = tmp_path / "streamed"
+    _compile(cli_runner, model_dir, streamed, "--stream")
+    ran = cli_runner.invoke(
+        cli, ["run", str(streamed), "-p", prompt, "-n", "21", "--no-chat-template", "--json"]
+    )
+    assert json.loads(ran.stdout)["tokens"] == tokens
 
 
 def test_sampling_options_change_tokens_reproducibly(tiny_models, tmp_path, cli_runner):

@@ -198,7 +198,40 @@ def _fake_model(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
     )
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = auto.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    _seed_longrope(model)
     return model.eval()
+
+
+def _seed_longrope(model: Any) -> None:
+    """Give a longrope rotary (Phi-3.5, Phi-4-mini) its long frequencies as real values.
+
+    transformers computes them inside forward the first time (`longrope_frequency_update`),
+    which on fake tensors traces a constant without values: the streamed compile stopped at
+    "'model.rotary_emb.lifted_tensor_4' is not in the checkpoint". Set beforehand, forward
+    reads them, and the trace keeps their values (`_traced_constants`)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for module in model.modules():
+        if getattr(module, "rope_type", None) != "longrope" or not hasattr(
+            module, "original_inv_freq"
+        ):
+            continue
+        original = module.config.rope_parameters["original_max_position_embeddings"]
+        module.long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](
+            module.config, "cpu", seq_len=original + 1
+        )
+
+
+def _traced_constants(model: ir.Model) -> dict[str, np.ndarray]:
+    """Initializers the trace gave real values (not the fake tensors of parameters)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    found = {}
+    for name, value in model.graph.initializers.items():
+        raw = getattr(value.const_value, "raw", None)
+        if raw is not None and hasattr(raw, "numpy") and not isinstance(raw, FakeTensor):
+            found[name] = raw.detach().numpy().copy()
+    return found
 
 
 def _checkpoint_name(name: str, aliases: dict[str, list[str]], index: dict[str, Any]) -> str:
@@ -312,7 +345,7 @@ def import_streamed(
     model, inputs, outputs = export_model(
         _fake_model(source, trust_remote_code=trust_remote_code), source.family.kind
     )
-    counts = bind_initializers(model, index, aliases, buffers)
+    counts = bind_initializers(model, index, aliases, {**_traced_constants(model), **buffers})
     counts["relaid"] = _relay_weight_transposes(model.graph) if relay else 0
     logger.info("streamed export: initializers %s", counts)
     spec = build_spec(
