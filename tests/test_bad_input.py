@@ -223,7 +223,7 @@ def test_dynamic_ntk_rotary_is_refused_before_the_export(tiny_models, cli_runner
     (folder / "config.json").write_text(json.dumps(config))
     out = tmp_path / "build"
     _expect_error(cli_runner, ["compile", str(folder), "-o", str(out)],
-                  words=["dynamic NTK", "cannot export", "drop rope_scaling"], out=out)  # fmt: skip
+                  words=["dynamic NTK", "cannot export", 'rope_type "default"'], out=out)  # fmt: skip
 
 
 def test_json_mode_reports_error_as_json(cli_runner, tmp_path):

@@ -186,8 +186,8 @@ def _check_rope(config: dict, folder: pathlib.Path) -> None:
         raise InputError(
             f'{folder} scales its rotary by dynamic NTK (config.json rope_type "dynamic"), '
             "whose frequencies follow each sequence's length: fdec cannot export it",
-            "within max_position_embeddings dynamic NTK is the plain rotary: drop rope_scaling "
-            "(rope_parameters' scaling) from a copy of config.json and compile that",
+            "within max_position_embeddings dynamic NTK is the plain rotary: in a copy of "
+            'config.json set rope_type "default" (drop the scaling) and compile that',
         )
 
 
