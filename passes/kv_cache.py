@@ -449,16 +449,12 @@ def kv_cache_passes(
     if kv_dtype in ("fp16", "int8", "fp8"):
         passes.append(QuantizeKvCachePass(dtype=kv_dtype))
     layers = model_window.layers if model_window else None
-    if kv_window and layers is not None:
-        past = 0  # the user's window on every layer, not the model's on some
-    if kv_window or past:
+    if kv_window:  # the user's window, on every layer: the model's own only where it is too
+        own = past if layers is None else 0
+        passes.append(KvPolicyPass(window=kv_window, sink=kv_sink or 0, model_window=own))
+    elif past:
         passes.append(
-            KvPolicyPass(
-                window=kv_window or past,
-                sink=kv_sink or 0,
-                model_window=past,
-                model_window_layers=() if kv_window else layers or (),
-            )
+            KvPolicyPass(window=past, model_window=past, model_window_layers=layers or ())
         )
     return passes
 

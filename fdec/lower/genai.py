@@ -34,14 +34,15 @@ GENAI_INSTALL = "pip install onnxruntime-genai"
 _NAMED_TYPES = ("llama", "mistral", "qwen2")
 
 
-def _special_ids(build_folder: pathlib.Path) -> dict[str, Any]:
-    """bos/eos/pad ids from the build's generation_config.json, then config.json."""
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _special_ids(*configs: dict[str, Any]) -> dict[str, Any]:
+    """bos/eos/pad ids from the first of `configs` (generation_config.json, then config.json)
+    that has each."""
     found: dict[str, Any] = {}
-    for name in ("generation_config.json", "config.json"):
-        path = build_folder / name
-        if not path.is_file():
-            continue
-        data = json.loads(path.read_text())
+    for data in configs:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if found.get(key) is None and data.get(key) is not None:
                 found[key] = data[key]
@@ -60,15 +61,10 @@ _SAMPLING = {
 }
 
 
-def _sampling(build_folder: pathlib.Path) -> dict[str, Any]:
-    """The model's sampling defaults from the build's generation_config.json (transformers'
-    top_k 50 where sampling is on and no top_k is given); {} where there is none."""
-    path = build_folder / "generation_config.json"
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-    found = {k: data[k] for k, valid in _SAMPLING.items() if k in data and valid(data[k])}
+def _sampling(generation: dict[str, Any]) -> dict[str, Any]:
+    """The model's sampling defaults from its generation_config.json (transformers' top_k 50
+    where sampling is on and no top_k is given); {} where it sets none."""
+    found = {k: generation[k] for k, valid in _SAMPLING.items() if valid(generation.get(k))}
     if found.get("do_sample") and "top_k" not in found:
         found["top_k"] = 50
     return found
@@ -109,13 +105,12 @@ def genai_config(build_folder: pathlib.Path, spec: Any) -> dict[str, Any]:
             f"--emit genai is for decoder builds; {spec.architecture or spec.family} is an encoder",
             "drop --emit genai",
         )
-    runtime_path = build_folder / "fdec-runtime.json"
-    runtime = json.loads(runtime_path.read_text()) if runtime_path.is_file() else {}
-    hf_path = build_folder / "config.json"
-    hf_config = json.loads(hf_path.read_text()) if hf_path.is_file() else {}
+    runtime = _read_json(build_folder / "fdec-runtime.json")
+    hf_config = _read_json(build_folder / "config.json")
+    generation = _read_json(build_folder / "generation_config.json")
     inputs = set(spec.inputs or runtime.get("inputs") or [])
     outputs = set(spec.outputs or runtime.get("outputs") or [])
-    ids = _special_ids(build_folder)
+    ids = _special_ids(generation, hf_config)
     eos = ids.get("eos_token_id")
     if eos is None:
         eos = runtime.get("eos_token_ids") or []
@@ -192,7 +187,7 @@ def genai_config(build_folder: pathlib.Path, spec: Any) -> dict[str, Any]:
             "temperature": 1.0,
             "top_k": 1,
             "top_p": 1.0,
-            **_sampling(build_folder),
+            **_sampling(generation),
         },
     }
 
