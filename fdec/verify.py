@@ -130,10 +130,11 @@ class Reference:
     ) -> Reference:
         import torch
 
-        from fdec.frontend.families import held_positions
-
         # A model with fewer positions than the held text is scored on as many as it has.
-        positions = held_positions(hf_model.config)
+        config = hf_model.config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
         ids = held_token_ids(
             tokenizer, vocab_size, limit=min(HELD_TOKENS, positions or HELD_TOKENS)
         )
@@ -300,8 +301,11 @@ def _torch_greedy(hf_model: Any, prompt: np.ndarray, steps: int) -> tuple[list[i
     import torch
 
     from fdec.frontend.export import cache_argument, output_cache
+    from fdec.frontend.families import rotary_restart
+    from fdec.runtime.generate import restart_now
 
     cache_kw = cache_argument(hf_model)
+    restart = rotary_restart(hf_model.config)
     ids = torch.from_numpy(prompt)
     out = hf_model(input_ids=ids, use_cache=True)
     tokens: list[int] = []
@@ -312,6 +316,11 @@ def _torch_greedy(hf_model: Any, prompt: np.ndarray, steps: int) -> tuple[list[i
         token = int(last.argmax())
         tokens.append(token)
         margins.append(float(top[0] - top[1]))
+        if restart_now(restart, ids.shape[1]):  # as transformers' Phi-3 generate does
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            out = hf_model(input_ids=ids, use_cache=True)
+            continue
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
         out = hf_model(
             input_ids=torch.tensor([[token]]), use_cache=True, **{cache_kw: output_cache(out)}
         )

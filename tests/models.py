@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 import pathlib
 
-__all__ = ["FAMILY_CONFIGS", "TOKENIZER_VOCAB", "make_tiny_model", "transformers_greedy"]
+__all__ = [
+    "FAMILY_CONFIGS",
+    "TOKENIZER_VOCAB",
+    "make_tiny_model",
+    "transformers_greedy",
+    "transformers_padded_greedy",
+]
 
 TOKENIZER_VOCAB = 320
 _TRAINING_TEXT = [
@@ -159,3 +165,20 @@ def transformers_greedy(model_dir, prompt, steps):
         )[0, ids.shape[1] :].tolist()
     stop = tokenizer.eos_token_id
     return expected[: expected.index(stop) + 1] if stop in expected else expected
+
+
+def transformers_padded_greedy(model_dir, rows, steps):
+    """transformers' greedy tokens for token-id rows decoded as one left-padded batch (pad 0)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[0] * (width - len(row)) + list(row) for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+    return out[:, width:].tolist()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from models import transformers_greedy
+from models import transformers_greedy, transformers_padded_greedy
 
 from fdec.cli import cli
 
@@ -203,16 +203,22 @@ def test_phi3_compiles_with_its_window_and_types_for_cuda(tiny_models, tmp_path,
     assert awq["stats"]["matmuls_quantized"] == 2 * 4 + 1  # qkv, o, gate_up, down; lm_head
 
 
-def test_a_longrope_model_holds_its_original_positions(tmp_path, cli_runner):
-    """Phi-3.5 / Phi-4-mini (longrope): past original_max_position_embeddings transformers
-    switches every rotary factor to the long ones by the sequence's length, a branch the
-    export traces one side of. Such a compile failed verification (1.24 off at position 15
-    of the 128 held tokens; a real model's 4096 would pass it and go wrong silently past
-    them); the build now holds the original positions and is exact within them. Streamed
-    (`--stream`, the default for Phi-3.5-mini's size) the long factors, computed inside
-    forward, were a traced constant without values: "lifted_tensor_4 is not in the
-    checkpoint"."""
+def test_a_longrope_model_switches_to_its_long_factors_past_its_original_positions(
+    tmp_path, cli_runner
+):
+    """Phi-3.5 / Phi-4-mini (longrope) take the short rotary factors within
+    original_max_position_embeddings and the long ones past it. transformers computes the long
+    ones inside forward the first time and keeps them; when that was the export's trace it
+    kept a fake tensor, and the reference taken afterwards was 1.24 off at every position
+    while the graph was exact (the build was then held to the original positions). The build
+    holds every position: its graph switches factors on the sequence's length, and generation
+    recomputes the cache once at the switch as transformers' Phi-3 generate does (without
+    that the tokens left transformers' at the 22nd). Streamed the long factors were a traced
+    constant without values: "lifted_tensor_4 is not in the checkpoint"."""
     from models import make_tiny_model
+
+    from fdec.runner import load_build
+    from fdec.runtime.batch import generate_batch
 
     factors = {"short_factor": [1.0 + 0.1 * i for i in range(8)],
                "long_factor": [2.0 + 0.5 * i for i in range(8)]}  # fmt: skip
@@ -222,20 +228,30 @@ def test_a_longrope_model_holds_its_original_positions(tmp_path, cli_runner):
     )  # fmt: skip
     out = tmp_path / "build"
     _compile(cli_runner, model_dir, out)
-    assert json.loads((out / "fdec-runtime.json").read_text())["max_positions"] == 32
-    prompt = "The quick brown fox"
-    ran = cli_runner.invoke(
-        cli, ["run", str(out), "-p", prompt, "-n", "21", "--no-chat-template", "--json"]
-    )
-    assert ran.exit_code == 0, ran.output + ran.stderr
-    tokens = json.loads(ran.stdout)["tokens"]
-    assert len(tokens) == 21 and tokens == transformers_greedy(model_dir, prompt, 21)
-    streamed = tmp_path / "streamed"
-    _compile(cli_runner, model_dir, streamed, "--stream")
-    ran = cli_runner.invoke(
-        cli, ["run", str(streamed), "-p", prompt, "-n", "21", "--no-chat-template", "--json"]
-    )
-    assert json.loads(ran.stdout)["tokens"] == tokens
+    assert json.loads((out / "fdec-runtime.json").read_text())["max_positions"] == 256
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["greedy"]["identical"]  # 16 + 32 positions: past the switch
+    prompt = "The quick brown fox"  # 11 tokens: the switch comes at the 22nd new one
+    want = transformers_greedy(model_dir, prompt, 60)
+    for build in (out, tmp_path / "streamed"):
+        if build.name == "streamed":
+            _compile(cli_runner, model_dir, build, "--stream")
+        ran = cli_runner.invoke(
+            cli, ["run", str(build), "-p", prompt, "-n", "60", "--no-chat-template", "--json"]
+        )
+        assert ran.exit_code == 0, ran.output + ran.stderr
+        assert json.loads(ran.stdout)["tokens"] == want
+    loaded = load_build(out)
+    assert loaded.model.rotary_restart == 32
+    ids = loaded.tokenizer(prompt)["input_ids"]
+    assert generate_batch(loaded.model, [ids, ids], max_new_tokens=60).tokens == [want, want]
+    # Left-padded rows (a plain build) switch and recompute as transformers' batched generate
+    # does: by the padded width, every row at once.
+    plain = tmp_path / "plain"
+    _compile(cli_runner, model_dir, plain, "--passes", "default")
+    rows = [ids, loaded.tokenizer("Ships relied")["input_ids"]]
+    got = generate_batch(load_build(plain).model, rows, max_new_tokens=40).tokens
+    assert got == transformers_padded_greedy(model_dir, rows, 40)
 
 
 def test_sampling_options_change_tokens_reproducibly(tiny_models, tmp_path, cli_runner):

@@ -26,6 +26,7 @@ __all__ = [
     "load_tokenizer",
     "output_cache",
     "parameter_aliases",
+    "seed_longrope",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,33 @@ def load_hf_model(source: ModelSource, *, trust_remote_code: bool = False) -> An
             "use the config.json that came with these weights",
         )
     model.eval()
+    seed_longrope(model)
     return model
+
+
+def seed_longrope(model: Any) -> None:
+    """Give a longrope rotary (Phi-3.5, Phi-4-mini) its long frequencies as real values.
+
+    transformers computes them inside forward the first time (`longrope_frequency_update`)
+    and keeps what it computed. Where that first time is the export's trace, it keeps a fake
+    tensor: the model used for the reference afterwards took wrong long factors (a tiny Phi-3
+    with 32 original positions, 1.24 off at every position of the 128 held tokens, while the
+    exported graph was exact), and on a fake model the trace made a constant without values
+    (the streamed compile stopped at "'model.rotary_emb.lifted_tensor_4' is not in the
+    checkpoint"). Set beforehand, forward and the trace both read real values; the traced
+    graph then keeps transformers' switch between the short and long factors on the
+    sequence's length, and a build holds every position the model has."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for module in model.modules():
+        if getattr(module, "rope_type", None) != "longrope" or not hasattr(
+            module, "original_inv_freq"
+        ):
+            continue
+        original = module.config.rope_parameters["original_max_position_embeddings"]
+        module.long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](
+            module.config, "cpu", seq_len=original + 1
+        )
 
 
 def load_tokenizer(folder: Any) -> Any:

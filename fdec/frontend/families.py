@@ -14,8 +14,8 @@ __all__ = [
     "Family",
     "build_spec",
     "family_for_config",
-    "held_positions",
     "prunable_model_types",
+    "rotary_restart",
     "sliding_window",
     "supported_model_types",
 ]
@@ -154,21 +154,25 @@ def sliding_window(hf_config: Any) -> tuple[int, tuple[int, ...] | None] | None:
     return int(window), None if len(sliding) == len(types) else sliding
 
 
-def held_positions(hf_config: Any) -> int:
-    """The positions a build of the model holds: max_position_embeddings (n_positions), but a
-    longrope model's (Phi-3.5, Phi-4-mini) original_max_position_embeddings. Past those,
-    transformers switches every rotary factor to the long ones by the sequence's length, a
-    branch the exported graph traces one side of: a tiny Phi-3 with 32 original positions was
-    1.24 off at position 15 of 128. Within them the build is exact."""
-    positions = _get(hf_config, "max_position_embeddings", "n_positions", default=0)
+def rotary_restart(hf_config: Any) -> int:
+    """Positions after which generation recomputes the KV cache once (0: never).
+
+    A longrope model (Phi-3.5, Phi-4-mini) takes its short rotary factors while the sequence
+    is within original_max_position_embeddings and the long ones past it, a switch the graph
+    makes itself (the traced `torch.where` on the sequence's length). Keys already cached keep
+    the short factors unless the cache is recomputed; transformers' Phi-3 `generate` does so
+    once, when the sequence first grows past those positions (Phi3ForCausalLM's
+    prepare_inputs_for_generation), and fdec's generation does the same."""
+    if _get(hf_config, "model_type") != "phi3":
+        return 0
     rope = _get(hf_config, "rope_parameters", "rope_scaling", default=None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "longrope":
-        original = rope.get("original_max_position_embeddings") or _get(
-            hf_config, "original_max_position_embeddings"
-        )
-        if original and (not positions or original < positions):
-            return int(original)
-    return int(positions)
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "longrope":
+        return 0
+    original = rope.get("original_max_position_embeddings") or _get(
+        hf_config, "original_max_position_embeddings", default=0
+    )
+    positions = _get(hf_config, "max_position_embeddings", default=0)
+    return int(original) if original and original < positions else 0
 
 
 def _get(config: Any, *names: str, default: Any = None) -> Any:
@@ -218,8 +222,9 @@ def build_spec(
         hidden_size=hidden,
         intermediate_size=intermediate,
         vocab_size=hf_config.vocab_size,
-        max_positions=held_positions(hf_config),
+        max_positions=_get(hf_config, "max_position_embeddings", "n_positions", default=0),
         tie_word_embeddings=tied,
+        rotary_restart=rotary_restart(hf_config),
         weights=weights,
         inputs=list(inputs),
         outputs=list(outputs),

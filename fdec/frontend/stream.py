@@ -25,7 +25,13 @@ import numpy as np
 import onnx_ir as ir
 
 from fdec.errors import CompileError, InputError
-from fdec.frontend.export import ImportedModel, export_model, infer_task, parameter_aliases
+from fdec.frontend.export import (
+    ImportedModel,
+    export_model,
+    infer_task,
+    parameter_aliases,
+    seed_longrope,
+)
 from fdec.frontend.families import build_spec
 from fdec.frontend.source import ModelSource
 from fdec.ir import FdecModel
@@ -198,28 +204,8 @@ def _fake_model(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
     )
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = auto.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    _seed_longrope(model)
+    seed_longrope(model)
     return model.eval()
-
-
-def _seed_longrope(model: Any) -> None:
-    """Give a longrope rotary (Phi-3.5, Phi-4-mini) its long frequencies as real values.
-
-    transformers computes them inside forward the first time (`longrope_frequency_update`),
-    which on fake tensors traces a constant without values: the streamed compile stopped at
-    "'model.rotary_emb.lifted_tensor_4' is not in the checkpoint". Set beforehand, forward
-    reads them, and the trace keeps their values (`_traced_constants`)."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    for module in model.modules():
-        if getattr(module, "rope_type", None) != "longrope" or not hasattr(
-            module, "original_inv_freq"
-        ):
-            continue
-        original = module.config.rope_parameters["original_max_position_embeddings"]
-        module.long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](
-            module.config, "cpu", seq_len=original + 1
-        )
 
 
 def _traced_constants(model: ir.Model) -> dict[str, np.ndarray]:

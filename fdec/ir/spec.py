@@ -40,6 +40,9 @@ class ModelSpec:
     task: str = ""  # HF task, as optimum's TasksManager names it ("text-generation", ...)
     inputs: list[str] = dataclasses.field(default_factory=list)
     outputs: list[str] = dataclasses.field(default_factory=list)
+    # Positions after which generation recomputes the KV cache once (0: never); a longrope
+    # Phi-3's original ones (fdec.frontend.families.rotary_restart).
+    rotary_restart: int = 0
 
     @property
     def is_decoder(self) -> bool:

@@ -13,6 +13,7 @@ from fdec.ir import FdecModel, shared_kv_layers
 __all__ = [
     "KV_BUFFER_METADATA",
     "MODEL_FILE",
+    "ROTARY_RESTART_METADATA",
     "RUNTIME_CONFIG",
     "graph_precision",
     "kv_cache_config",
@@ -44,6 +45,8 @@ ORT_TRT_CACHE = "engines/ort-tensorrt-cache"
 # model.onnx metadata key naming how the KV cache is passed ("shared" or "concat"), so a session
 # opened on the file alone (fdec.runtime.OrtModel) finds it without the runtime config.
 KV_BUFFER_METADATA = "fdec.kv_buffer"
+# Positions after which generation recomputes the KV cache once (ModelSpec.rotary_restart).
+ROTARY_RESTART_METADATA = "fdec.rotary_restart"
 
 
 # The cache dtype as fdec-runtime.json names it, and its bytes per element.
@@ -175,6 +178,8 @@ def lower_onnxruntime(
     kv_cache = kv_cache_config(model.model, spec)
     if kv_cache is not None:
         model.model.metadata_props[KV_BUFFER_METADATA] = kv_cache["buffer"]
+    if spec.rotary_restart:
+        model.model.metadata_props[ROTARY_RESTART_METADATA] = str(spec.rotary_restart)
     files = model.save(out / MODEL_FILE)
     for name in SIDE_FILES:
         path = source_folder / name

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fdec.errors import UsageError
-from fdec.runtime.generate import KvPolicy, Sampling, TrimmedDecoder
+from fdec.runtime.generate import KvPolicy, Sampling, TrimmedDecoder, restart_now
 from fdec.runtime.session import OrtModel
 
 __all__ = ["BatchResult", "generate_batch", "uses_fused_attention"]
@@ -174,8 +174,14 @@ def _generate_equal(model, rows, max_new_tokens, sampling, stop_tokens, pad_toke
     prefill_s = time.perf_counter() - start
     steps = 0
     start = time.perf_counter()
+    restart = 0 if trimmed is not None else model.rotary_restart
     while not state.finished:
-        state.take(decoder.step(state.next_ids(pad_token))[:, -1])
+        fed = state.next_ids(pad_token)
+        if restart_now(restart, ids.shape[1]):  # the whole batch again (generate's restart)
+            decoder = model.bound_decoder(len(rows), ids.shape[1] + max(max_new_tokens, 1))
+            fed = np.concatenate([ids, fed], axis=1)
+        ids = np.concatenate([ids, state.next_ids(pad_token)], axis=1)
+        state.take(decoder.step(fed)[:, -1])
         steps += 1
     decode_s = time.perf_counter() - start
     return BatchResult(state.tokens, [len(r) for r in rows], prefill_s, decode_s, steps, False)
@@ -192,7 +198,7 @@ def _generate_padded(model, rows, max_new_tokens, sampling, stop_tokens, pad_tok
     for index, row in enumerate(rows):
         ids[index, width - len(row) :] = row
         mask[index, width - len(row) :] = 1
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    positions = positions_so_far(mask)
     start = time.perf_counter()
     logits, past = _run(model, ids, mask, positions, model.empty_past(batch))
     state.take(logits[:, -1])
@@ -201,13 +207,24 @@ def _generate_padded(model, rows, max_new_tokens, sampling, stop_tokens, pad_tok
     steps = 0
     start = time.perf_counter()
     while not state.finished:
+        fed, positions = state.next_ids(pad_token), next_position
+        if restart_now(model.rotary_restart, mask.shape[1]):  # generate's restart, padded
+            fed = np.concatenate([ids, fed], axis=1)
+            positions = np.concatenate([positions_so_far(mask), next_position], axis=1)
+            past = model.empty_past(batch)
+        ids = np.concatenate([ids, state.next_ids(pad_token)], axis=1)
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        logits, past = _run(model, state.next_ids(pad_token), mask, next_position, past)
+        logits, past = _run(model, fed, mask, positions, past)
         state.take(logits[:, -1])
         next_position = next_position + 1
         steps += 1
     decode_s = time.perf_counter() - start
     return BatchResult(state.tokens, [len(r) for r in rows], prefill_s, decode_s, steps, True)
+
+
+def positions_so_far(mask: np.ndarray) -> np.ndarray:
+    """Each left-padded row's positions (pads at 0) from its mask."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
 
 
 def _run(

@@ -127,22 +127,26 @@ def generate(
             model, prompt, chosen, max_new_tokens, sampling, stop_tokens, on_token
         )
     ids = np.asarray([list(prompt)], dtype=np.int64)
-    state: dict = {"length": ids.shape[1]}
+    state: dict = {"length": ids.shape[1], "fed": list(prompt)}
+    restart = getattr(model, "rotary_restart", 0)
 
-    def prefill() -> np.ndarray:
+    def prefill(whole: np.ndarray = ids) -> np.ndarray:
         if bound:
             state["decoder"] = model.bound_decoder(
                 1, ids.shape[1] + max(max_new_tokens, 1), static=static
             )
-            return state["decoder"].step(ids)
-        logits, state["past"] = model.decode(ids, model.empty_past(1), 0)
+            return state["decoder"].step(whole)
+        logits, state["past"] = model.decode(whole, model.empty_past(1), 0)
         return logits
 
     def step(token: int) -> np.ndarray:
-        piece = np.asarray([[token]], dtype=np.int64)
-        if bound:
-            logits = state["decoder"].step(piece)
+        state["fed"].append(token)
+        if restart_now(restart, state["length"]):
+            logits = prefill(np.asarray([state["fed"]], dtype=np.int64))[:, -1:]
+        elif bound:
+            logits = state["decoder"].step(np.asarray([[token]], dtype=np.int64))
         else:
+            piece = np.asarray([[token]], dtype=np.int64)
             logits, state["past"] = model.decode(piece, state["past"], state["length"])
         state["length"] += 1
         return logits
@@ -152,6 +156,14 @@ def generate(
     )
     longest = state["length"] - 1 if len(tokens) > 1 else 0
     return GenerationResult(tokens, len(prompt), prefill_s, decode_s, longest)
+
+
+def restart_now(restart: int, cached: int) -> bool:
+    """Whether the step after `cached` positions recomputes the whole cache instead: the
+    first step past a longrope Phi-3's original positions (`OrtModel.rotary_restart`), where
+    transformers' generate drops the cache its keys were rotated into with the short factors
+    and runs the whole sequence again with the long ones."""
+    return bool(restart) and cached == restart
 
 
 def _sample(

@@ -38,6 +38,7 @@ OPT_LEVELS = ("disable", "basic", "extended", "all")
 # "concat": present is past plus the new positions (a new tensor every step).
 KV_BUFFERS = ("shared", "concat")
 _KV_BUFFER_METADATA = "fdec.kv_buffer"  # fdec.lower.onnxruntime.KV_BUFFER_METADATA
+_ROTARY_RESTART_METADATA = "fdec.rotary_restart"  # fdec.lower.onnxruntime's
 KV_POLICY_METADATA = "fdec.kv_policy"  # fdec.passes.kv_cache.KV_POLICY_METADATA (JSON)
 
 
@@ -303,6 +304,9 @@ class OrtModel:
         if kv_policy is None and metadata.get(KV_POLICY_METADATA):
             kv_policy = json.loads(metadata[KV_POLICY_METADATA])
         self.kv_policy = kv_policy if layers else None
+        # Positions after which generation recomputes the cache once (a longrope Phi-3's
+        # original ones: fdec.frontend.families.rotary_restart); 0: never.
+        self.rotary_restart = int(metadata.get(_ROTARY_RESTART_METADATA) or 0) if layers else 0
         if kv_buffer is None:
             kv_buffer = metadata.get(_KV_BUFFER_METADATA, "concat")
         if kv_buffer not in KV_BUFFERS:
