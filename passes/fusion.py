@@ -283,7 +283,7 @@ class FuseAttentionPass(Pass):
         try:
             onnxscript_optimizer.optimize(model.model)
             normalized = _NORMALIZE_RULES.apply_to_model(model.model)
-            with fdec_rules():
+            with fdec_rules(rows=model.spec.max_positions):
                 fused_model, fusions = optimize_for_ort(model.model)
             if fused_model is not model.model:
                 model.model = fused_model

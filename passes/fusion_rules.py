@@ -25,6 +25,7 @@ __all__ = [
     "DropSameShapeReshape",
     "ExpandOnnxDomainRmsNorm",
     "RotaryAnglesAsMatMul",
+    "ScaledRotaryCache",
     "ShiftRangeOnHost",
     "fdec_rules",
     "forget_matched_nodes",
@@ -64,6 +65,132 @@ class RotaryAnglesAsMatMul(pattern.RewriteRuleClassBase):
         positions = op.Unsqueeze(position_ids, op.Constant(value_ints=[1]))
         positions = op.Cast(positions, to=ir.DataType.FLOAT)
         return op.Transpose(op.MatMul(inv, positions), perm=[0, 2, 1])
+
+
+class ScaledRotaryCache(pattern.RewriteRuleClassBase):
+    """A rotary whose cos/sin carry an attention factor, or whose frequencies switch on the
+    sequence's length, → RotaryEmbedding on constant [max_positions, E] cos/sin tables.
+
+    YaRN and longrope multiply cos and sin by an attention factor (transformers'
+    `attention_scaling`), and a longrope model (Phi-3.5, Phi-4-mini) takes its inverse
+    frequencies from `Where(length > original positions, long, short)`. onnxscript's
+    cos/sin-cache rule matches neither (it wants constant frequencies and no factor), so such
+    models kept the rotary traced and MultiHeadAttention. The tables here hold the factor
+    (the rotary reads cos and sin only as products with the same input, so scaling the table
+    is the same arithmetic); a switched rotary gets both tables with the graph's own switch
+    selecting one each step, as onnxruntime-genai's builder selects between two caches (its
+    `If` would stop CUDA graph capture; a Where copies one table per step, on the device).
+    Angles and rounding as `_constant_rotary_caches` (fdec.passes.fusion): one float32
+    product per position and frequency, cos and sin in float64, rounded to float32.
+    """
+
+    def __init__(self, rows: int, scaled: bool, matmul: bool = False):
+        # matmul: the angles in the form RotaryAnglesAsMatMul gives constant frequencies
+        kind = ("scaled" if scaled else "switched") + ("_matmul" if matmul else "")
+        super().__init__(f"ScaledRotaryCache_{kind}", remove_nodes=False)
+        self._rows, self._scaled, self._matmul = rows, scaled, matmul
+        self._tables: dict[tuple, tuple[ir.Value, ir.Value]] = {}
+
+    def cleanup(self) -> None:
+        self._tables.clear()
+
+    def pattern(self, op, x, position_ids, axes, inv_freq, cos_scale, sin_scale, cos_axes,
+                sin_axes, interleaved, num_heads):  # fmt: skip
+        positions = op.Cast(op.Unsqueeze(position_ids, axes), to=ir.DataType.FLOAT)
+        if self._matmul:
+            freqs = op.Transpose(op.MatMul(inv_freq, positions), perm=[0, 2, 1])
+        else:
+            freqs = op.Mul(positions, inv_freq)
+        emb = op.Concat(freqs, freqs, axis=-1)
+        cos, sin = op.Cos(emb), op.Sin(emb)
+        if self._scaled:
+            cos, sin = op.Mul(cos, cos_scale), op.Mul(sin, sin_scale)
+        return op.RotaryEmbedding(
+            x, op.Unsqueeze(cos, cos_axes), op.Unsqueeze(sin, sin_axes),
+            interleaved=interleaved, num_heads=num_heads, _domain="ai.onnxruntime._fusion",
+        )  # fmt: skip
+
+    def check(self, context, position_ids, axes, inv_freq, cos_axes, sin_axes, cos_scale=None,
+              sin_scale=None, **_) -> pattern.MatchResult:  # fmt: skip
+        result = pattern.MatchResult()
+        if self._rows <= 0 or not _ir_utils.has_rank(position_ids, 2):
+            return result.fail("no positions, or position_ids not 2-D", position_ids)
+        wanted = (1,) if self._matmul else (2, -1)
+        if not any(_ir_utils.is_singleton_value(axes, axis) for axis in wanted):
+            return result.fail("position_ids not unsqueezed where the angles want", axes)
+        if not all(_ir_utils.is_singleton_value(a, 1) for a in (cos_axes, sin_axes)):
+            return result.fail("cos/sin not unsqueezed on the head axis", cos_axes)
+        if self._scaled and (
+            _scalar(cos_scale) is None or _scalar(cos_scale) != _scalar(sin_scale)
+        ):
+            return result.fail("cos and sin scaled differently or by no constant", cos_scale)
+        if _switched_frequencies(inv_freq) is None:
+            if not self._scaled or _vector(inv_freq) is None:  # onnxscript's own rule's case
+                return result.fail("frequencies neither constant nor switched", inv_freq)
+        return result
+
+    def rewrite(self, op, x, position_ids, inv_freq, interleaved, num_heads, cos_scale=None,
+                **_):  # fmt: skip
+        scale = _scalar(cos_scale) if self._scaled else 1.0
+        key = (id(inv_freq), scale)
+        if key not in self._tables:
+            switched = _switched_frequencies(inv_freq)
+            if switched is None:
+                self._tables[key] = self._table(op, _vector(inv_freq), scale)
+            else:
+                condition, long, short = switched
+                pairs = zip(self._table(op, long, scale), self._table(op, short, scale))
+                self._tables[key] = tuple(
+                    _typed(op.Where(condition, on_long, on_short), on_long)
+                    for on_long, on_short in pairs
+                )
+        cos, sin = self._tables[key]
+        return op.RotaryEmbedding(
+            x, position_ids, cos, sin, interleaved=interleaved, num_heads=num_heads,
+            _domain="com.microsoft",
+        )  # fmt: skip
+
+    def _table(self, op, frequencies: np.ndarray, scale: float) -> tuple[ir.Value, ir.Value]:
+        positions = np.arange(self._rows, dtype=np.float32)[:, None]
+        angles = (positions * frequencies.astype(np.float32)[None, :]).astype(np.float64)
+        cos, sin = ((function(angles) * scale).astype(np.float32) for function in (np.cos, np.sin))
+        return tuple(_typed(op.Constant(value=ir.tensor(t)), ir.tensor(t)) for t in (cos, sin))
+
+
+def _typed(value: ir.Value, like: Any) -> ir.Value:
+    """`value` with the float type and shape of `like` (a value or tensor): the rotary and
+    GroupQueryAttention rules after this one read the table's width from its shape."""
+    value.dtype, value.shape = like.dtype, ir.Shape(like.shape)
+    return value
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    tensor = value.const_value if value is not None else None
+    if tensor is None or tensor.numpy().size != 1:
+        return None
+    return float(tensor.numpy().reshape(()))
+
+
+def _vector(value: ir.Value | None) -> np.ndarray | None:
+    tensor = value.const_value if value is not None else None
+    if tensor is None or tensor.numpy().squeeze().ndim != 1:
+        return None
+    return tensor.numpy().reshape(-1)
+
+
+def _switched_frequencies(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray] | None:
+    """(condition, long, short) where `value` is Where(scalar condition, long, short) of two
+    constant frequency vectors (transformers' longrope switch)."""
+    node = value.producer()
+    if node is None or node.op_type != "Where" or node.domain not in ("", "ai.onnx"):
+        return None
+    condition, long, short = node.inputs
+    long, short = _vector(long), _vector(short)
+    if long is None or short is None or long.shape != short.shape:
+        return None
+    if condition is None or condition.shape is None or condition.shape.rank() != 0:
+        return None
+    return condition, long, short
 
 
 class Conv1DAsMatMul(pattern.RewriteRuleClassBase):
@@ -388,14 +515,20 @@ def _mha_rules(past: bool) -> RewriteRuleSet:
 
 
 @contextlib.contextmanager
-def fdec_rules():
-    """Run `optimize_for_ort` with fdec's attention rules above in place of its own."""
+def fdec_rules(rows: int = 0):
+    """Run `optimize_for_ort` with fdec's attention rules above in place of its own, and its
+    cos/sin-cache rules beside onnxscript's (`rows`: the model's positions, the tables')."""
     from onnxscript.rewriter import _fusion_utils
-    from onnxscript.rewriter.ort_fusions import _core
+    from onnxscript.rewriter.ort_fusions import _core, cos_sin_cache
 
-    names = ("fuse_gqa", "fuse_qkv_gqa", "fuse_mha1", "fuse_mha2")
+    names = ("fuse_cos_sin_cache", "fuse_gqa", "fuse_qkv_gqa", "fuse_mha1", "fuse_mha2")
     saved = {name: getattr(_core, name) for name in names}
+    scaled = [
+        ScaledRotaryCache.rule(rows=rows, scaled=flag, matmul=matmul)
+        for flag, matmul in ((True, False), (True, True), (False, False))
+    ]
     rules = (
+        RewriteRuleSet([*cos_sin_cache.cos_sin_cache_rules.rules, *scaled]),
         RewriteRuleSet([_FdecGqa.rule(), _FdecGqaUnrepeated.rule()]),
         RewriteRuleSet([_FdecPackedGqa.rule()]),
         _mha_rules(past=True),

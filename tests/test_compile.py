@@ -215,6 +215,7 @@ def test_a_longrope_model_switches_to_its_long_factors_past_its_original_positio
     recomputes the cache once at the switch as transformers' Phi-3 generate does (without
     that the tokens left transformers' at the 22nd). Streamed the long factors were a traced
     constant without values: "lifted_tensor_4 is not in the checkpoint"."""
+    import onnx
     from models import make_tiny_model
 
     from fdec.runner import load_build
@@ -229,6 +230,13 @@ def test_a_longrope_model_switches_to_its_long_factors_past_its_original_positio
     out = tmp_path / "build"
     _compile(cli_runner, model_dir, out)
     assert json.loads((out / "fdec-runtime.json").read_text())["max_positions"] == 256
+    # GroupQueryAttention on both factors' tables, the graph's switch selecting one per step
+    # (onnxscript's cos/sin-cache rule took no switched frequencies: MultiHeadAttention)
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    attention = [n.op_type for n in graph.node if n.op_type.endswith("Attention")]
+    assert attention == ["GroupQueryAttention"] * 2
+    tables = {n.input[7] for n in graph.node if n.op_type == "GroupQueryAttention"}
+    assert {n.op_type for n in graph.node if set(n.output) & tables} == {"Where"}
     report = json.loads((out / "report.json").read_text())
     assert report["verification"]["greedy"]["identical"]  # 16 + 32 positions: past the switch
     prompt = "The quick brown fox"  # 11 tokens: the switch comes at the 22nd new one
@@ -252,6 +260,35 @@ def test_a_longrope_model_switches_to_its_long_factors_past_its_original_positio
     rows = [ids, loaded.tokenizer("Ships relied")["input_ids"]]
     got = generate_batch(load_build(plain).model, rows, max_new_tokens=40).tokens
     assert got == transformers_padded_greedy(model_dir, rows, 40)
+
+
+def test_a_yarn_rotary_fuses_to_group_query_attention_with_its_attention_factor(
+    tmp_path, cli_runner
+):
+    """YaRN multiplies cos and sin by an attention factor, which onnxscript's cos/sin-cache
+    rule does not match: such models kept the rotary traced and MultiHeadAttention (the past
+    concatenated every step). The factor now goes into GroupQueryAttention's constant tables
+    (cos(0) × 1.3 in the first row); 40 greedy tokens of the fp32 build equal transformers'."""
+    import onnx
+    from models import make_tiny_model
+    from onnx import numpy_helper
+
+    yarn = {"rope_type": "yarn", "type": "yarn", "factor": 4.0,
+            "original_max_position_embeddings": 64, "attention_factor": 1.3}  # fmt: skip
+    model_dir = make_tiny_model(tmp_path / "yarn", "llama", rope_scaling=yarn)
+    out = tmp_path / "build"
+    _compile(cli_runner, model_dir, out)
+    model = onnx.load(out / "model.onnx")
+    attention = [n for n in model.graph.node if n.op_type.endswith("Attention")]
+    assert [n.op_type for n in attention] == ["GroupQueryAttention"] * 2
+    tables = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    cos = tables[attention[0].input[7]]
+    assert cos.shape == (256, 8) and np.allclose(cos[0], 1.3)
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ran = cli_runner.invoke(
+        cli, ["run", str(out), "-p", prompt, "-n", "40", "--no-chat-template", "--json"]
+    )
+    assert json.loads(ran.stdout)["tokens"] == transformers_greedy(model_dir, prompt, 40)
 
 
 def test_sampling_options_change_tokens_reproducibly(tiny_models, tmp_path, cli_runner):
