@@ -219,6 +219,7 @@ def test_a_longrope_model_switches_to_its_long_factors_past_its_original_positio
     from models import make_tiny_model
 
     from fdec.runner import load_build
+    from fdec.runtime import generate
     from fdec.runtime.batch import generate_batch
 
     factors = {"short_factor": [1.0 + 0.1 * i for i in range(8)],
@@ -253,6 +254,9 @@ def test_a_longrope_model_switches_to_its_long_factors_past_its_original_positio
     assert loaded.model.rotary_restart == 32
     ids = loaded.tokenizer(prompt)["input_ids"]
     assert generate_batch(loaded.model, [ids, ids], max_new_tokens=60).tokens == [want, want]
+    # fixed-shape decode steps (as CUDA graphs replay them): the restart reuses the buffers
+    assert loaded.model.shares_kv_buffer
+    assert generate(loaded.model, ids, max_new_tokens=60, static=True).tokens == want
     # Left-padded rows (a plain build) switch and recompute as transformers' batched generate
     # does: by the padded width, every row at once.
     plain = tmp_path / "plain"

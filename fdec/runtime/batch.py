@@ -178,7 +178,10 @@ def _generate_equal(model, rows, max_new_tokens, sampling, stop_tokens, pad_toke
     while not state.finished:
         fed = state.next_ids(pad_token)
         if restart_now(restart, ids.shape[1]):  # the whole batch again (generate's restart)
-            decoder = model.bound_decoder(len(rows), ids.shape[1] + max(max_new_tokens, 1))
+            if model.shares_kv_buffer:
+                decoder.reset()
+            else:
+                decoder = model.bound_decoder(len(rows), ids.shape[1] + max(max_new_tokens, 1))
             fed = np.concatenate([ids, fed], axis=1)
         ids = np.concatenate([ids, state.next_ids(pad_token)], axis=1)
         state.take(decoder.step(fed)[:, -1])

@@ -132,9 +132,12 @@ def generate(
 
     def prefill(whole: np.ndarray = ids) -> np.ndarray:
         if bound:
-            state["decoder"] = model.bound_decoder(
-                1, ids.shape[1] + max(max_new_tokens, 1), static=static
-            )
+            if "decoder" in state and model.shares_kv_buffer:  # a restart: the same buffers
+                state["decoder"].reset()  # (a captured CUDA graph replays their addresses)
+            else:
+                state["decoder"] = model.bound_decoder(
+                    1, ids.shape[1] + max(max_new_tokens, 1), static=static
+                )
             return state["decoder"].step(whole)
         logits, state["past"] = model.decode(whole, model.empty_past(1), 0)
         return logits
