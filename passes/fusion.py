@@ -197,6 +197,88 @@ def _total_length_from_mask(model: FdecModel) -> int:
     return len(nodes)
 
 
+@dataclasses.dataclass
+class _Softcaps:
+    """Attention soft-capping (Gemma 2: `cap · tanh(scores / cap)` before the mask) taken out
+    of the graph so that onnxscript's attention rules match, then handed to
+    GroupQueryAttention's `softcap` attribute, which computes the same. Each entry: the
+    capped scores, and the node and input index that read the capped output."""
+
+    cap: float | None = None
+    readers: list[tuple[ir.Value, ir.Node, int]] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def strip(cls, model: FdecModel) -> _Softcaps:
+        found = cls()
+        for tanh in [node for node in model.graph if node.op_type == "Tanh"]:
+            divide = tanh.inputs[0].producer() if tanh.inputs[0] is not None else None
+            uses = list(tanh.outputs[0].uses())
+            if divide is None or divide.op_type != "Div" or len(uses) != 1:
+                continue
+            multiply = uses[0][0]
+            cap = _scalar(divide.inputs[1])
+            other = multiply.inputs[1 - uses[0][1]] if multiply.op_type == "Mul" else None
+            if cap is None or other is None or _scalar(other) != cap or cap <= 0:
+                continue
+            if not _reaches_softmax(multiply.outputs[0]) or found.cap not in (None, cap):
+                continue  # the final logits' soft-capping stays; so do mixed caps
+            found.cap = cap
+            for reader, index in list(multiply.outputs[0].uses()):
+                reader.replace_input_with(index, divide.inputs[0])
+                found.readers.append((divide.inputs[0], reader, index))
+        return found
+
+    def settle(self, model: FdecModel) -> int:
+        """After fusion: the cap on every GroupQueryAttention where each capped attention
+        fused into one, else the soft-capping back where its readers are still in the graph.
+        Returns the GroupQueryAttention nodes capped."""
+        if not self.readers:
+            return 0
+        attention = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+        gone = [reader.graph is None for _, reader, _ in self.readers]
+        if all(gone) and len(attention) == len(self.readers):
+            for node in attention:
+                node.attributes["softcap"] = ir.AttrFloat32("softcap", self.cap)
+            return len(attention)
+        if any(gone):
+            raise FusionError(
+                "soft-capped attention fused into an op without the cap "
+                f"({sum(gone)} of {len(gone)} layers, {len(attention)} GroupQueryAttention)"
+            )
+        for scores, reader, index in self.readers:  # nothing fused: the graph as it was
+            cap = ir.tensor(np.asarray(self.cap, dtype=np.float32))
+            constant = ir.node("Constant", [], {"value": cap})
+            divide = ir.node("Div", [scores, constant.outputs[0]])
+            tanh = ir.node("Tanh", [divide.outputs[0]])
+            multiply = ir.node("Mul", [tanh.outputs[0], constant.outputs[0]])
+            for node in (divide, tanh, multiply):
+                node.outputs[0].dtype, node.outputs[0].shape = scores.dtype, scores.shape
+            reader.graph.insert_before(reader, [constant, divide, tanh, multiply])
+            reader.replace_input_with(index, multiply.outputs[0])
+        return 0
+
+
+class FusionError(RuntimeError):
+    """fuse-attention reached a form it cannot keep exact."""
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return float(tensor.numpy().reshape(())) if tensor is not None and tensor.size == 1 else None
+
+
+def _reaches_softmax(value: ir.Value) -> bool:
+    """Whether `value` is read by a Softmax, directly or through one Add (the mask)."""
+    for reader, _ in value.uses():
+        if reader.op_type == "Softmax":
+            return True
+        if reader.op_type == "Add" and any(
+            r.op_type == "Softmax" for r, _ in reader.outputs[0].uses()
+        ):
+            return True
+    return False
+
+
 _NORMALIZE_RULES = RewriteRuleSet(
     [RotaryAnglesAsMatMul.rule(), Conv1DAsMatMul.rule(), DropSameShapeReshape.rule()]
 )
@@ -280,6 +362,7 @@ class FuseAttentionPass(Pass):
         # fdec's folder first: it keeps weight names through folded transposes, so the
         # folding inside onnxscript's optimizer finds no weight left to rename.
         FoldConstantsPass()(model)
+        softcaps = _Softcaps.strip(model)
         try:
             onnxscript_optimizer.optimize(model.model)
             normalized = _NORMALIZE_RULES.apply_to_model(model.model)
@@ -291,6 +374,7 @@ class FuseAttentionPass(Pass):
             ranges_shifted = _shift_ranges(model)
         finally:
             forget_matched_nodes()
+        capped = softcaps.settle(model)
         _type_fused_outputs(model)
         rotary_caches = _constant_rotary_caches(model) if self.rotary_cache else 0
         total_from_mask = _total_length_from_mask(model)
@@ -314,6 +398,7 @@ class FuseAttentionPass(Pass):
             "rms_norms_kept_standard": expanded,
             "ranges_shifted_to_host": ranges_shifted,
             "constant_rotary_caches": rotary_caches,
+            "softcapped_attention": capped,
             "total_length_from_mask_width": total_from_mask,
             "attention": next(iter(attention), None),
             "kv_layout": "BNSH",

@@ -89,8 +89,7 @@ _GQA = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
 @pytest.mark.parametrize(
     "family, fused",
     [("qwen3", _GQA), ("gemma", _GQA), ("olmo2", _GQA), ("granite", _GQA),
-     ("gemma2", {"RotaryEmbedding", "SkipSimplifiedLayerNormalization"}),
-     ("gemma3_text", _GQA),
+     ("gemma2", _GQA), ("gemma3_text", _GQA),
      ("stablelm", {"MultiHeadAttention", "RotaryEmbedding", "SkipLayerNormalization"})],
 )  # fmt: skip
 def test_llama_like_model_types_compile_fused_and_match_transformers(
@@ -98,8 +97,8 @@ def test_llama_like_model_types_compile_fused_and_match_transformers(
 ):
     """Qwen3 (per-head q/k RMSNorm), Gemma (scaled embeddings, (1 + w) norms), OLMo 2 (q/k
     norms over all heads, post-norms), Granite (attention scale 1/64: onnxscript's
-    GroupQueryAttention fusion dropped it, 0.009 off), Gemma 2 (soft-capped attention, kept
-    traced; an 8-position window on alternate layers), Gemma 3 (q/k norms, a rotary table per
+    GroupQueryAttention fusion dropped it, 0.009 off), Gemma 2 (soft-capped attention; an
+    8-position window on alternate layers), Gemma 3 (q/k norms, a rotary table per
     layer kind: GroupQueryAttention, windowed on alternate layers) and StableLM (LayerNorm, partial
     rotary) export and fuse through the Llama path, and 40 greedy tokens of the fp32 build
     equal transformers' (past the Gemmas' windows)."""
@@ -122,6 +121,32 @@ def test_llama_like_model_types_compile_fused_and_match_transformers(
         cli, ["run", str(out), "-p", prompt, "-n", "40", "--no-chat-template", "--json"]
     )
     assert ran.exit_code == 0, ran.output + ran.stderr
+    assert json.loads(ran.stdout)["tokens"] == transformers_greedy(model_dir, prompt, 40)
+
+
+def test_soft_capped_attention_fuses_to_group_query_attention_with_its_cap(tmp_path, cli_runner):
+    """Gemma 2 caps its attention scores (cap · tanh(scores / cap)), which onnxscript's
+    attention rules do not match: its attention stayed traced (every op of it a kernel of its
+    own, the past concatenated each step). The cap now goes to GroupQueryAttention's softcap
+    attribute: with a cap of 1 that binds (without the attribute the tokens differ from the
+    2nd), 40 greedy tokens of the fp32 build equal transformers', past the 8-position window
+    of alternate layers."""
+    import onnx
+    from models import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "gemma2", "gemma2", attn_logit_softcapping=1.0)
+    out = tmp_path / "build"
+    _compile(cli_runner, model_dir, out)
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    attention = [n for n in graph.node if n.op_type.endswith("Attention")]
+    assert [n.op_type for n in attention] == ["GroupQueryAttention"] * 4
+    for node in attention:
+        assert next(a.f for a in node.attribute if a.name == "softcap") == 1.0
+    assert sum(n.op_type == "Tanh" for n in graph.node) == 1  # the final logits' cap stays
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ran = cli_runner.invoke(
+        cli, ["run", str(out), "-p", prompt, "-n", "40", "--no-chat-template", "--json"]
+    )
     assert json.loads(ran.stdout)["tokens"] == transformers_greedy(model_dir, prompt, 40)
 
 
