@@ -330,3 +330,24 @@ def test_the_first_norm_is_expanded_to_the_form_onnx_runtime_fuses_and_fp16_cann
     got = run_ort(model.model, feeds)[0]
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=5e-2 * np.abs(want).max())
+
+
+def test_soft_caps_go_back_where_nothing_fused(exports):
+    """fuse-attention takes Gemma 2's attention soft-capping out before onnxscript's rules
+    and hands it to GroupQueryAttention; where no attention fused, the chains go back (here
+    with no fusion at all in between): the logits are the unfused graph's, and the final
+    logits' cap was never taken."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from fdec.passes.fusion import _Softcaps
+
+    model = exports("gemma2").cleaned()
+    want = _logits(model)
+    tanh_before = op_counts(model)[("", "Tanh")]
+    caps = _Softcaps.strip(model)
+    RemoveUnusedNodesPass()(model.model)  # as onnxscript's optimizer does in between
+    assert caps.cap == 50.0 and len(caps.readers) == 4
+    assert op_counts(model)[("", "Tanh")] == 1  # the final logits' cap
+    assert caps.settle(model) == 0
+    assert op_counts(model)[("", "Tanh")] == tanh_before == 5
+    np.testing.assert_allclose(_logits(model), want, rtol=0, atol=1e-5)
