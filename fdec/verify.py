@@ -316,11 +316,10 @@ def _torch_greedy(hf_model: Any, prompt: np.ndarray, steps: int) -> tuple[list[i
         token = int(last.argmax())
         tokens.append(token)
         margins.append(float(top[0] - top[1]))
-        if restart_now(restart, ids.shape[1]):  # as transformers' Phi-3 generate does
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-            out = hf_model(input_ids=ids, use_cache=True)
+        if restart_now(restart, prompt.shape[1] + len(tokens) - 1):  # as Phi-3's generate
+            whole = np.concatenate([prompt[0], tokens])[None]
+            out = hf_model(input_ids=torch.from_numpy(whole), use_cache=True)
             continue
-        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
         out = hf_model(
             input_ids=torch.tensor([[token]]), use_cache=True, **{cache_kw: output_cache(out)}
         )

@@ -36,8 +36,10 @@ from fdec.passes.fusion_rules import (
     ExpandOnnxDomainRmsNorm,
     RotaryAnglesAsMatMul,
     ShiftRangeOnHost,
+    const_scalar,
     fdec_rules,
     forget_matched_nodes,
+    rotary_tables,
 )
 from fdec.passes.weights import add_initializer
 from fdec.pipeline import EXACT, Pass, PassResult
@@ -142,16 +144,13 @@ def _constant_rotary_caches(model: FdecModel) -> int:
             inv_freq = _rotary_angles(cos, sin)
             if inv_freq is None or rows <= 0:
                 continue
-            positions = np.arange(rows, dtype=np.float32)[:, None]
-            angles = (positions * inv_freq.astype(np.float32)).astype(np.float64)
             dtype = cos.dtype.numpy() if cos.dtype is not None else np.float32
             tables = []
-            for which, function in (("cos", np.cos), ("sin", np.sin)):
+            for which, values in zip(("cos", "sin"), rotary_tables(rows, inv_freq, dtype=dtype)):
                 name = f"rotary.{which}_cache"
                 while name in graph.initializers:
                     name = "_" + name
-                tensor = ir.tensor(function(angles).astype(dtype), name=name)
-                tables.append(add_initializer(graph, name, tensor))
+                tables.append(add_initializer(graph, name, ir.tensor(values, name=name)))
             made[key] = (tables[0], tables[1])
         node.replace_input_with(slots[0], made[key][0])
         node.replace_input_with(slots[1], made[key][1])
@@ -216,9 +215,9 @@ class _Softcaps:
             if divide is None or divide.op_type != "Div" or len(uses) != 1:
                 continue
             multiply = uses[0][0]
-            cap = _scalar(divide.inputs[1])
+            cap = const_scalar(divide.inputs[1])
             other = multiply.inputs[1 - uses[0][1]] if multiply.op_type == "Mul" else None
-            if cap is None or other is None or _scalar(other) != cap or cap <= 0:
+            if cap is None or other is None or const_scalar(other) != cap or cap <= 0:
                 continue
             if not _reaches_softmax(multiply.outputs[0]) or found.cap not in (None, cap):
                 continue  # the final logits' soft-capping stays; so do mixed caps
@@ -260,11 +259,6 @@ class _Softcaps:
 
 class FusionError(RuntimeError):
     """fuse-attention reached a form it cannot keep exact."""
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    return float(tensor.numpy().reshape(())) if tensor is not None and tensor.size == 1 else None
 
 
 def _reaches_softmax(value: ir.Value) -> bool:

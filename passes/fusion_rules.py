@@ -27,8 +27,10 @@ __all__ = [
     "RotaryAnglesAsMatMul",
     "ScaledRotaryCache",
     "ShiftRangeOnHost",
+    "const_scalar",
     "fdec_rules",
     "forget_matched_nodes",
+    "rotary_tables",
 ]
 
 
@@ -54,13 +56,12 @@ class RotaryAnglesAsMatMul(pattern.RewriteRuleClassBase):
             return result.fail("position_ids is not 2-D", position_ids)
         if not (_ir_utils.is_singleton_value(axes, 2) or _ir_utils.is_singleton_value(axes, -1)):
             return result.fail("position_ids not unsqueezed on its last axis", axes)
-        tensor = inv_freq.const_value
-        if tensor is None or tensor.numpy().squeeze().ndim != 1:
+        if _vector(inv_freq) is None:
             return result.fail("inv_freq is not a constant vector", inv_freq)
         return result
 
     def rewrite(self, op, position_ids, inv_freq, **_):
-        values = inv_freq.const_value.numpy().astype(np.float32).reshape(1, -1, 1)
+        values = _vector(inv_freq).astype(np.float32).reshape(1, -1, 1)
         inv = op.Constant(value=ir.tensor(values))
         positions = op.Unsqueeze(position_ids, op.Constant(value_ints=[1]))
         positions = op.Cast(positions, to=ir.DataType.FLOAT)
@@ -121,7 +122,7 @@ class ScaledRotaryCache(pattern.RewriteRuleClassBase):
         if not all(_ir_utils.is_singleton_value(a, 1) for a in (cos_axes, sin_axes)):
             return result.fail("cos/sin not unsqueezed on the head axis", cos_axes)
         if self._scaled and (
-            _scalar(cos_scale) is None or _scalar(cos_scale) != _scalar(sin_scale)
+            const_scalar(cos_scale) is None or const_scalar(cos_scale) != const_scalar(sin_scale)
         ):
             return result.fail("cos and sin scaled differently or by no constant", cos_scale)
         if _switched_frequencies(inv_freq) is None:
@@ -131,7 +132,7 @@ class ScaledRotaryCache(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, position_ids, inv_freq, interleaved, num_heads, cos_scale=None,
                 **_):  # fmt: skip
-        scale = _scalar(cos_scale) if self._scaled else 1.0
+        scale = const_scalar(cos_scale) if self._scaled else 1.0
         key = (id(inv_freq), scale)
         if key not in self._tables:
             switched = _switched_frequencies(inv_freq)
@@ -151,10 +152,19 @@ class ScaledRotaryCache(pattern.RewriteRuleClassBase):
         )  # fmt: skip
 
     def _table(self, op, frequencies: np.ndarray, scale: float) -> tuple[ir.Value, ir.Value]:
-        positions = np.arange(self._rows, dtype=np.float32)[:, None]
-        angles = (positions * frequencies.astype(np.float32)[None, :]).astype(np.float64)
-        cos, sin = ((function(angles) * scale).astype(np.float32) for function in (np.cos, np.sin))
-        return tuple(_typed(op.Constant(value=ir.tensor(t)), ir.tensor(t)) for t in (cos, sin))
+        tables = rotary_tables(self._rows, frequencies, scale)
+        return tuple(_typed(op.Constant(value=ir.tensor(t)), ir.tensor(t)) for t in tables)
+
+
+def rotary_tables(
+    rows: int, inv_freq: np.ndarray, scale: float = 1.0, dtype: Any = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [rows, E] of positions 0..rows-1 times inv_freq (E values), times `scale`:
+    each angle one float32 product (as the traced graph computes it), cos and sin in float64,
+    rounded to `dtype`."""
+    positions = np.arange(rows, dtype=np.float32)[:, None]
+    angles = (positions * inv_freq.astype(np.float32).reshape(1, -1)).astype(np.float64)
+    return (np.cos(angles) * scale).astype(dtype), (np.sin(angles) * scale).astype(dtype)
 
 
 def _typed(value: ir.Value, like: Any) -> ir.Value:
@@ -164,11 +174,10 @@ def _typed(value: ir.Value, like: Any) -> ir.Value:
     return value
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    tensor = value.const_value if value is not None else None
-    if tensor is None or tensor.numpy().size != 1:
-        return None
-    return float(tensor.numpy().reshape(()))
+def const_scalar(value: ir.Value | None) -> float | None:
+    """The value of a one-element constant (an initializer or a Constant's output), or None."""
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return float(tensor.numpy().reshape(())) if tensor is not None and tensor.size == 1 else None
 
 
 def _vector(value: ir.Value | None) -> np.ndarray | None:

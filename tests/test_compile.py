@@ -31,6 +31,20 @@ def _compile(cli_runner, model, out, *args):
     return summary
 
 
+def _run_tokens(cli_runner, build, prompt, steps):
+    """`fdec run`'s greedy tokens after `prompt` (no chat template)."""
+    ran = cli_runner.invoke(
+        cli, ["run", str(build), "-p", prompt, "-n", str(steps), "--no-chat-template", "--json"]
+    )
+    assert ran.exit_code == 0, ran.output + ran.stderr
+    return json.loads(ran.stdout)["tokens"]
+
+
+def _attention(graph):
+    """The graph's attention nodes (GroupQueryAttention, MultiHeadAttention, ...), in order."""
+    return [node for node in graph.node if node.op_type.endswith("Attention")]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_decoder_compiles_verifies_and_runs_in_plain_onnxruntime(
     family, tiny_models, tmp_path, cli_runner
@@ -117,11 +131,7 @@ def test_llama_like_model_types_compile_fused_and_match_transformers(
         ]
         assert windows == [8, None, 8, None]
     prompt = "The quick brown fox jumps over the lazy dog"
-    ran = cli_runner.invoke(
-        cli, ["run", str(out), "-p", prompt, "-n", "40", "--no-chat-template", "--json"]
-    )
-    assert ran.exit_code == 0, ran.output + ran.stderr
-    assert json.loads(ran.stdout)["tokens"] == transformers_greedy(model_dir, prompt, 40)
+    assert _run_tokens(cli_runner, out, prompt, 40) == transformers_greedy(model_dir, prompt, 40)
 
 
 def test_soft_capped_attention_fuses_to_group_query_attention_with_its_cap(tmp_path, cli_runner):
@@ -138,16 +148,13 @@ def test_soft_capped_attention_fuses_to_group_query_attention_with_its_cap(tmp_p
     out = tmp_path / "build"
     _compile(cli_runner, model_dir, out)
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
-    attention = [n for n in graph.node if n.op_type.endswith("Attention")]
+    attention = _attention(graph)
     assert [n.op_type for n in attention] == ["GroupQueryAttention"] * 4
     for node in attention:
         assert next(a.f for a in node.attribute if a.name == "softcap") == 1.0
     assert sum(n.op_type == "Tanh" for n in graph.node) == 1  # the final logits' cap stays
     prompt = "The quick brown fox jumps over the lazy dog"
-    ran = cli_runner.invoke(
-        cli, ["run", str(out), "-p", prompt, "-n", "40", "--no-chat-template", "--json"]
-    )
-    assert json.loads(ran.stdout)["tokens"] == transformers_greedy(model_dir, prompt, 40)
+    assert _run_tokens(cli_runner, out, prompt, 40) == transformers_greedy(model_dir, prompt, 40)
 
 
 def test_heads_with_their_own_key_and_value_fuse_to_group_query_attention(tmp_path, cli_runner):
@@ -163,7 +170,7 @@ def test_heads_with_their_own_key_and_value_fuse_to_group_query_attention(tmp_pa
     out = tmp_path / "build"
     _compile(cli_runner, model_dir, out)
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
-    attention = [n for n in graph.node if n.op_type.endswith("Attention")]
+    attention = _attention(graph)
     assert [n.op_type for n in attention] == ["GroupQueryAttention"] * 2
     for node in attention:
         heads = {a.name: a.i for a in node.attribute if a.name.endswith("num_heads")}
@@ -172,10 +179,7 @@ def test_heads_with_their_own_key_and_value_fuse_to_group_query_attention(tmp_pa
                  if p["name"] == "fuse-attention")  # fmt: skip
     assert fused["stats"]["kv_shared_buffer_layers"] == 2
     prompt = "The quick brown fox jumps over the lazy dog"
-    ran = cli_runner.invoke(
-        cli, ["run", str(out), "-p", prompt, "-n", "40", "--no-chat-template", "--json"]
-    )
-    assert json.loads(ran.stdout)["tokens"] == transformers_greedy(model_dir, prompt, 40)
+    assert _run_tokens(cli_runner, out, prompt, 40) == transformers_greedy(model_dir, prompt, 40)
 
 
 def test_phi3_compiles_with_its_window_and_types_for_cuda(tiny_models, tmp_path, cli_runner):
@@ -204,11 +208,7 @@ def test_phi3_compiles_with_its_window_and_types_for_cuda(tiny_models, tmp_path,
         window = next(a.i for a in node.attribute if a.name == "local_window_size")
         assert window == 48
     prompt = "The quick brown fox jumps over the lazy dog"
-    ran = cli_runner.invoke(
-        cli, ["run", str(out), "-p", prompt, "-n", "80", "--no-chat-template", "--json"]
-    )
-    assert ran.exit_code == 0, ran.output + ran.stderr
-    assert json.loads(ran.stdout)["tokens"] == transformers_greedy(model_dir, prompt, 80)
+    assert _run_tokens(cli_runner, out, prompt, 80) == transformers_greedy(model_dir, prompt, 80)
     cuda = tmp_path / "cuda"
     args = ["--target", "h200", "--backend", "onnxruntime"]
     result = cli_runner.invoke(cli, ["compile", str(model_dir), "-o", str(cuda), "--json", *args])
@@ -259,8 +259,7 @@ def test_a_longrope_model_switches_to_its_long_factors_past_its_original_positio
     # GroupQueryAttention on both factors' tables, the graph's switch selecting one per step
     # (onnxscript's cos/sin-cache rule took no switched frequencies: MultiHeadAttention)
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
-    attention = [n.op_type for n in graph.node if n.op_type.endswith("Attention")]
-    assert attention == ["GroupQueryAttention"] * 2
+    assert [n.op_type for n in _attention(graph)] == ["GroupQueryAttention"] * 2
     tables = {n.input[7] for n in graph.node if n.op_type == "GroupQueryAttention"}
     assert {n.op_type for n in graph.node if set(n.output) & tables} == {"Where"}
     report = json.loads((out / "report.json").read_text())
@@ -270,11 +269,7 @@ def test_a_longrope_model_switches_to_its_long_factors_past_its_original_positio
     for build in (out, tmp_path / "streamed"):
         if build.name == "streamed":
             _compile(cli_runner, model_dir, build, "--stream")
-        ran = cli_runner.invoke(
-            cli, ["run", str(build), "-p", prompt, "-n", "60", "--no-chat-template", "--json"]
-        )
-        assert ran.exit_code == 0, ran.output + ran.stderr
-        assert json.loads(ran.stdout)["tokens"] == want
+        assert _run_tokens(cli_runner, build, prompt, 60) == want
     loaded = load_build(out)
     assert loaded.model.rotary_restart == 32
     ids = loaded.tokenizer(prompt)["input_ids"]
@@ -308,16 +303,13 @@ def test_a_yarn_rotary_fuses_to_group_query_attention_with_its_attention_factor(
     out = tmp_path / "build"
     _compile(cli_runner, model_dir, out)
     model = onnx.load(out / "model.onnx")
-    attention = [n for n in model.graph.node if n.op_type.endswith("Attention")]
+    attention = _attention(model.graph)
     assert [n.op_type for n in attention] == ["GroupQueryAttention"] * 2
     tables = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     cos = tables[attention[0].input[7]]
     assert cos.shape == (256, 8) and np.allclose(cos[0], 1.3)
     prompt = "The quick brown fox jumps over the lazy dog"
-    ran = cli_runner.invoke(
-        cli, ["run", str(out), "-p", prompt, "-n", "40", "--no-chat-template", "--json"]
-    )
-    assert json.loads(ran.stdout)["tokens"] == transformers_greedy(model_dir, prompt, 40)
+    assert _run_tokens(cli_runner, out, prompt, 40) == transformers_greedy(model_dir, prompt, 40)
 
 
 def test_sampling_options_change_tokens_reproducibly(tiny_models, tmp_path, cli_runner):

@@ -168,7 +168,8 @@ def _generate_equal(model, rows, max_new_tokens, sampling, stop_tokens, pad_toke
         decoder = TrimmedDecoder(model, trimmed, len(rows))
         prefill = decoder.prefill
     else:
-        decoder = model.bound_decoder(len(rows), ids.shape[1] + max(max_new_tokens, 1))
+        capacity = ids.shape[1] + max(max_new_tokens, 1)
+        decoder = model.bound_decoder(len(rows), capacity)
         prefill = decoder.step
     state.take(prefill(ids)[:, -1])
     prefill_s = time.perf_counter() - start
@@ -177,13 +178,14 @@ def _generate_equal(model, rows, max_new_tokens, sampling, stop_tokens, pad_toke
     restart = 0 if trimmed is not None else model.rotary_restart
     while not state.finished:
         fed = state.next_ids(pad_token)
-        if restart_now(restart, ids.shape[1]):  # the whole batch again (generate's restart)
-            if model.shares_kv_buffer:
-                decoder.reset()
-            else:
-                decoder = model.bound_decoder(len(rows), ids.shape[1] + max(max_new_tokens, 1))
-            fed = np.concatenate([ids, fed], axis=1)
-        ids = np.concatenate([ids, state.next_ids(pad_token)], axis=1)
+        if restart:  # the tokens so far, kept only for generate's restart
+            ids = np.concatenate([ids, fed], axis=1)
+            if restart_now(restart, ids.shape[1] - 1):  # the whole batch again
+                if model.shares_kv_buffer:
+                    decoder.reset()
+                else:
+                    decoder = model.bound_decoder(len(rows), capacity)
+                fed = ids
         state.take(decoder.step(fed)[:, -1])
         steps += 1
     decode_s = time.perf_counter() - start
@@ -211,11 +213,12 @@ def _generate_padded(model, rows, max_new_tokens, sampling, stop_tokens, pad_tok
     start = time.perf_counter()
     while not state.finished:
         fed, positions = state.next_ids(pad_token), next_position
-        if restart_now(model.rotary_restart, mask.shape[1]):  # generate's restart, padded
-            fed = np.concatenate([ids, fed], axis=1)
-            positions = np.concatenate([positions_so_far(mask), next_position], axis=1)
-            past = model.empty_past(batch)
-        ids = np.concatenate([ids, state.next_ids(pad_token)], axis=1)
+        if model.rotary_restart:  # the tokens so far, kept only for generate's restart
+            ids = np.concatenate([ids, fed], axis=1)
+            if restart_now(model.rotary_restart, mask.shape[1]):  # by the padded width
+                fed = ids
+                positions = np.concatenate([positions_so_far(mask), next_position], axis=1)
+                past = model.empty_past(batch)
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         logits, past = _run(model, fed, mask, positions, past)
         state.take(logits[:, -1])

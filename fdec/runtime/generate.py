@@ -143,13 +143,14 @@ def generate(
         return logits
 
     def step(token: int) -> np.ndarray:
-        state["fed"].append(token)
+        piece = np.asarray([[token]], dtype=np.int64)
+        if restart:  # the tokens so far, kept only for the restart
+            state["fed"].append(token)
         if restart_now(restart, state["length"]):
             logits = prefill(np.asarray([state["fed"]], dtype=np.int64))[:, -1:]
         elif bound:
-            logits = state["decoder"].step(np.asarray([[token]], dtype=np.int64))
+            logits = state["decoder"].step(piece)
         else:
-            piece = np.asarray([[token]], dtype=np.int64)
             logits, state["past"] = model.decode(piece, state["past"], state["length"])
         state["length"] += 1
         return logits
