@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fdec.passes.gptq import gptq, inverse_factor
-from fdec.passes.quantize_int4 import Int4Weight, blocks_of_k, quantize_int4
+from fdec.passes.int4_codes import Int4Weight, blocks_of_k, quantize_int4
 
 __all__ = ["AwqSearch", "awq_search", "gptq_int4"]
 

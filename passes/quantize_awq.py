@@ -237,13 +237,13 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
     # "nearest": RTN codes of the scaled (and clipped) weights. "gptq": the same scales, codes
     # chosen by GPTQ's error feedback on the calibration activations' XᵀX (`gptq_hessian`
     # "all": over every calibration token; "searched": over the max_rows searched rows).
-    # Weights already on a block grid of this block size (a GGUF source's Q4_1 / Q8_0 blocks,
-    # `_source_grid`) keep it instead of being scaled and rounded again; their groups are not
-    # searched ("onnxruntime" backend only). Off here, on in the int4-awq recipe
+    # `keep_source_grid` (QuantizeInt4Pass's): weights already on a block grid (integer zero
+    # points, or a GGUF source's Q4_1 / Q8_0 blocks of this block size: `_source_grid`) keep it
+    # instead of being scaled and rounded again; their groups are not searched ("onnxruntime"
+    # backend only). Off here, on in the int4-awq recipe
     # (fdec.compile.recipe.INT4_KEEP_SOURCE_GRID). Float16 zero points ("zero_points" below)
     # are exact but ONNX Runtime's MatMulNBits decodes SmolLM2 with them at 9.2 tok/s against
     # 86.0 for symmetric blocks (benchmarks/decode.py, same run, 2026-12-04).
-    keep_source_grid: bool = dataclasses.field(default=False, kw_only=True)
     # How a kept asymmetric grid (Q4_1: float zero points) is written. "zero_points": float16
     # zero points, exact, but ONNX Runtime's slow MatMulNBits path (above). "block_sums":
     # symmetric codes plus the blocks' offsets as extra input rows multiplied by the

@@ -22,6 +22,12 @@ import onnx_ir as ir
 from fdec.backends import graph_forms
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
+from fdec.passes.int4_codes import (
+    Int4Weight,
+    find_grid,
+    quantize_int4,
+    quantize_minmax,
+)
 from fdec.passes.quantize_common import empty_stats, require_untied
 from fdec.passes.weights import (
     Site,
@@ -42,165 +48,9 @@ logger = logging.getLogger(__name__)
 
 _MS_DOMAIN = "com.microsoft"
 _BLOCK_SIZES = (32, 64, 128)
-_COLUMNS = 8192  # per kernel call (an 8B's [4096, 128256] head: 128 MB copies, not 2.1 GB)
 _NBITS = (4, 8)  # MatMulNBits bits quantize-int4 writes (8: the higher precision of a mix)
 _GRIDS = ("onnxruntime", "minmax")  # QuantizeInt4Pass.block_grid
 _QDQ_OPSET = 21  # blocked DequantizeLinear (block_size attribute) and INT4/UINT4 tensors
-
-
-# --- int4 -------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Int4Weight:
-    """A [K, N] weight quantized in blocks of `block_size` along K, in MatMulNBits layout.
-
-    `codes` are the `bits`-bit values (0..15 for 4 bits, 0..255 for 8) as [N, K]; the
-    dequantized weight is `(codes - zero_points) * scales` block by block (symmetric: zero
-    point 8 for 4 bits, 128 for 8).
-    """
-
-    packed: np.ndarray  # uint8 [N, k_blocks, block_size * bits // 8], low nibble first along K
-    scales: np.ndarray  # float32 [N, k_blocks]
-    zero_points: np.ndarray | None  # uint8 [N, ceil(k_blocks·bits/8)], packed; None = symmetric
-    k: int
-    n: int
-    block_size: int
-    bits: int = 4
-
-    @property
-    def k_blocks(self) -> int:
-        return self.scales.shape[1]
-
-    def _unpack(self, packed: np.ndarray) -> np.ndarray:
-        if self.bits == 8:
-            return packed.reshape(self.n, -1)
-        return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(self.n, -1)
-
-    def codes(self) -> np.ndarray:
-        """The codes as uint8 [N, K] (the padding past K dropped)."""
-        return self._unpack(self.packed)[:, : self.k]
-
-    def unpacked_zero_points(self) -> np.ndarray:
-        """Zero points as uint8 [N, k_blocks] (8 or 128 everywhere when symmetric); float
-        zero points (grid "minmax") as they are, [N, k_blocks]."""
-        if self.zero_points is None:
-            return np.full((self.n, self.k_blocks), 1 << (self.bits - 1), dtype=np.uint8)
-        if self.zero_points.dtype.kind == "f":
-            return self.zero_points
-        return self._unpack(self.zero_points)[:, : self.k_blocks]
-
-    def dequantized(self) -> np.ndarray:
-        """The float32 [N, K] values this weight stands for: (code - zero point) · scale."""
-        codes = self._unpack(self.packed).reshape(self.n, self.k_blocks, -1)
-        zero = self.unpacked_zero_points().astype(np.float32)[..., None]
-        values = (codes.astype(np.float32) - zero) * self.scales[..., None]
-        return values.reshape(self.n, -1)[:, : self.k]
-
-
-def quantize_int4(array: np.ndarray, block_size: int, symmetric: bool, bits: int = 4) -> Int4Weight:
-    """RTN 4-bit (or 8-bit) quantization of a [K, N] float32 array with ONNX Runtime's kernel.
-
-    The kernel (the one `onnxruntime.quantization.matmul_nbits_quantizer` calls) writes into
-    the arrays it is given, so they must be contiguous and of the exact dtypes. Symmetric
-    scales are max/-8 (8 bits: max/-128) of the value with the largest magnitude (its sign
-    kept); asymmetric ranges include zero, scale (max - min)/15 (8 bits: /255).
-    """
-    from onnxruntime.capi import _pybind_state
-
-    kernel = getattr(_pybind_state, f"quantize_matmul_{bits}bits")
-    k, n = array.shape
-    k_blocks = -(-k // block_size)
-    packed = np.zeros((n, k_blocks, block_size * bits // 8), dtype=np.uint8)
-    scales = np.zeros((n, k_blocks), dtype=np.float32)
-    zero_points = np.zeros((n, -(-k_blocks * bits // 8)), dtype=np.uint8)
-    for a in range(0, n, _COLUMNS):  # columns are independent: one [K, _COLUMNS] copy at a time
-        b, part = min(n, a + _COLUMNS), np.ascontiguousarray(array[:, a : a + _COLUMNS], np.float32)
-        kernel(packed[a:b], part, scales[a:b], zero_points[a:b], block_size, b - a, k, symmetric)
-    return Int4Weight(packed, scales, None if symmetric else zero_points, k, n, block_size, bits)
-
-
-def blocks_of_k(array: np.ndarray, block_size: int) -> np.ndarray:
-    """A [K, N] array zero-padded to whole blocks of K, as float32 [k_blocks, block_size, N]."""
-    k, n = array.shape
-    k_blocks = -(-k // block_size)
-    padded = np.zeros((k_blocks * block_size, n), dtype=np.float32)
-    padded[:k] = array
-    return padded.reshape(k_blocks, block_size, n)
-
-
-def _reproduces(rounded: Int4Weight, array: np.ndarray) -> bool:
-    """Whether `rounded` gives the [K, N] `array` back within 1 % of a step in every block."""
-    error = np.abs(rounded.dequantized().T - array)  # [K, N]
-    worst = blocks_of_k(error, rounded.block_size).max(axis=1)  # [k_blocks, N]
-    return bool(np.all(worst <= 0.01 * rounded.scales.T + 1e-12))
-
-
-def _join_columns(parts: list[Int4Weight]) -> Int4Weight:
-    """One weight of the output columns of `parts`, in order (every array is [N, ...])."""
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    zero_points = (
-        None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])
-    )
-    return Int4Weight(
-        np.concatenate([p.packed for p in parts]),
-        np.concatenate([p.scales for p in parts]),
-        zero_points,
-        first.k,
-        sum(p.n for p in parts),
-        first.block_size,
-        first.bits,
-    )
-
-
-def _quantize_minmax(
-    array: np.ndarray, block_size: int, symmetric: bool, bits: int = 4
-) -> Int4Weight:
-    """Block quantization of a [K, N] float32 array on the grid GGUF's legacy formats use.
-
-    Asymmetric (Q4_1 / Q8_1): scale (max - min) / (2^bits - 1) and a *float* zero point
-    -min / scale (float16), so each block's own min and max are grid points (an integer zero
-    point moves the grid by up to half a step); MatMulNBits takes float16 zero points.
-    Symmetric (Q4_0-like / Q8_0): scale absmax / (2^(bits-1) - 1), codes ±(2^(bits-1) - 1)
-    around the implicit zero point. A weight that was dequantized from such blocks (a GGUF
-    source) is reproduced exactly, up to float rounding.
-    """
-    k, n = array.shape
-    k_blocks = -(-k // block_size)
-    if k % block_size:
-        padded = np.full((k_blocks * block_size, n), np.nan, dtype=np.float32)
-        padded[:k] = array
-    else:
-        padded = np.asarray(array, dtype=np.float32)
-    blocks = np.ascontiguousarray(padded.T).reshape(n, k_blocks, block_size)  # NaN past K
-    levels, half = (1 << bits) - 1, 1 << (bits - 1)
-    if symmetric:
-        scales = np.nanmax(np.abs(blocks), axis=-1) / (half - 1)
-        scales = np.where(scales > 0, scales, 1.0)  # an all-zero block: code `half` is 0
-        codes = np.round(blocks / scales[..., None]) + half
-        zero_points = None
-    else:
-        low, high = np.nanmin(blocks, axis=-1), np.nanmax(blocks, axis=-1)
-        scales = (high - low) / levels
-        safe = np.where(scales > 0, scales, 1.0)
-        codes = np.round((blocks - low[..., None]) / safe[..., None])
-        # stored as float16 (MatMulNBits takes them with float32 scales): 0.5 bit per weight
-        # at block 32 instead of 1, off by at most ~0.004 of a step for zero points up to 15
-        zero_points = (-low / safe).astype(np.float16).astype(np.float32)
-        scales = np.where(scales > 0, scales, 1.0)  # a constant block: code 0 is its value
-    codes = np.clip(np.nan_to_num(codes, nan=half), 0, levels).astype(np.uint8)
-    packed = codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return Int4Weight(
-        np.ascontiguousarray(packed, dtype=np.uint8),
-        scales.astype(np.float32),
-        zero_points,
-        k,
-        n,
-        block_size,
-        bits,
-    )
 
 
 def _register_bias(graph: ir.Graph, site: Site) -> None:
@@ -263,10 +113,15 @@ class QuantizeInt4Pass(Pass):
     lm_head_bits: int | None = dataclasses.field(default=None, kw_only=True)
     share_tied_embedding: bool = dataclasses.field(default=False, kw_only=True)
     # block_grid "onnxruntime": ONNX Runtime's RTN kernel (symmetric max/-8, asymmetric with
-    # integer zero points). "minmax": `_quantize_minmax`, the grid of GGUF's Q4_1 (asymmetric,
+    # integer zero points). "minmax": `quantize_minmax`, the grid of GGUF's Q4_1 (asymmetric,
     # float zero points) and Q8_0 (symmetric); a shared tied table is then rounded symmetric.
     # MatMulNBits only ("onnxruntime" backend).
     block_grid: str = dataclasses.field(default="onnxruntime", kw_only=True)
+    # Weights already on 4-bit blocks with integer zero points (dequantized from a GPTQ, AWQ or
+    # compressed-tensors checkpoint: fdec.frontend.prequantized) keep those blocks exactly
+    # instead of being rounded again ("onnxruntime" backend: MatMulNBits takes them as they
+    # are). quantize-int4-awq also keeps GGUF's float-zero-point grids (`_source_grid`).
+    keep_source_grid: bool = dataclasses.field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         grid = self.block_grid
@@ -315,7 +170,15 @@ class QuantizeInt4Pass(Pass):
 
     def call(self, model: FdecModel) -> PassResult:
         weights, skipped = collect_weights(model, self.include_lm_head, self.share_tied_embedding)
-        return self._quantize_weights(model, weights, skipped)
+        kept = 0
+        for weight in weights if self.keep_source_grid and self.backend == "onnxruntime" else ():
+            weight.quantized = self._source_grid(weight, minmax=False)
+            kept += weight.quantized is not None
+            weight.release()
+        result = self._quantize_weights(model, weights, skipped)
+        if self.keep_source_grid:
+            result.stats["source_grid_kept"] = kept
+        return result
 
     def _quantize_weights(
         self, model: FdecModel, weights: list[Weight], skipped: collections.Counter[str]
@@ -392,33 +255,28 @@ class QuantizeInt4Pass(Pass):
         # ONNX Runtime's max/-128 scales failed its parser ("Scale coefficients must all be
         # positive"), so 8-bit symmetric blocks for it are absmax/127
         if self.block_grid == "minmax" or (self.backend == "tensorrt" and bits == 8 and symmetric):
-            return _quantize_minmax(weight.array, self._block_size_of(weight), symmetric, bits)
+            return quantize_minmax(weight.array, self._block_size_of(weight), symmetric, bits)
         return quantize_int4(weight.array, self._block_size_of(weight), symmetric, bits)
 
-    def _source_grid(self, weight: Weight) -> Int4Weight | None:
-        """The weight's codes on a block grid it already sits on, or None: a weight dequantized
-        from GGUF Q4_1 (asymmetric) or Q8_0 (symmetric) blocks of this pass's block size is
-        reproduced by `_quantize_minmax` within 1 % of a step everywhere (SmolLM2's layers are
-        Q4_1, its tied table Q8_0). A shared tied table is tried symmetric only.
-
-        Output columns are independent, so they are tried `_COLUMNS` at a time and the first
-        block off the grid ends the try: an 8B's vocabulary table checked whole took four
-        2.1 GB float copies, and a weight that is not on a grid costs one block."""
+    def _source_grid(self, weight: Weight, *, minmax: bool = True) -> Int4Weight | None:
+        """The weight's codes on a block grid it already sits on, or None. Tried in order:
+        4-bit blocks with integer zero points (`integer_grid`: a weight dequantized from a GPTQ,
+        AWQ or compressed-tensors checkpoint's groups; the widest block that fits, whatever
+        this pass's block size), then, with `minmax`, GGUF's grids at this pass's block size:
+        Q4_1 (asymmetric, float zero points) or Q8_0 (symmetric), reproduced by
+        `quantize_minmax` (SmolLM2's layers are Q4_1, its tied table Q8_0). A shared tied
+        table is tried on the symmetric min/max grid only."""
         if weight.array.size == 0:
             return None
         block, bits = self._block_size_of(weight), self._bits_of(weight)
-        n = weight.shape[1]
-        for symmetric in (True,) if weight.gathers else (False, True):
-            parts = []
-            for start in range(0, n, _COLUMNS):
-                part = np.ascontiguousarray(weight.array[:, start : start + _COLUMNS])
-                rounded = _quantize_minmax(part, block, symmetric, bits)
-                if not _reproduces(rounded, part):
-                    break
-                parts.append(rounded)
-            else:
-                return _join_columns(parts)
-        return None
+        rounders = []
+        if bits == 4 and not weight.gathers:
+            k = weight.shape[0]
+            rounders += [("integer", b, False) for b in _BLOCK_SIZES[::-1] if not k % b]
+        if minmax:
+            rounders += [("minmax", block, s) for s in (True,) if weight.gathers]
+            rounders += [("minmax", block, s) for s in (False, True) if not weight.gathers]
+        return find_grid(weight.array, rounders, bits)
 
     def _bits_of(self, weight: Weight) -> int:
         return self.lm_head_bits if weight.head and self.lm_head_bits else self.bits

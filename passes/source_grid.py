@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from fdec.passes.quantize_int4 import Int4Weight, quantize_int4
+from fdec.passes.int4_codes import Int4Weight, quantize_int4
 from fdec.passes.smoothquant import insert_after_producer
 from fdec.passes.weights import Weight, add_initializer, fresh_name
 
@@ -96,8 +96,13 @@ def widen_to_block_sums(
     matrices: dict[tuple[int, int], ir.Value] = {}
     for weight in weights:
         q = weight.quantized
-        if q is None or q.zero_points is None or q.k % q.block_size:
-            continue
+        if (
+            q is None
+            or q.zero_points is None
+            or q.zero_points.dtype.kind != "f"
+            or q.k % q.block_size
+        ):
+            continue  # integer zero points (a GPTQ/AWQ source's) are MatMulNBits' own
         weight.quantized = offset_rows(q, levels, rounded_zero_points)
         for site in weight.sites:
             source = site.activation

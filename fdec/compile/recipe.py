@@ -243,7 +243,8 @@ def _quantize_passes(
             + (" (static SmoothQuant Q/DQ on GPU targets)" if static_int8 else ""),
             "drop --keep-fp, or quantize weights only (int4)",
         )
-    # AWQ (mixed too) keeps a source's own block grid (a GGUF's Q4_1) instead of rounding again.
+    # AWQ (mixed too) keeps a source's own block grid (a GGUF's Q4_1, a GPTQ checkpoint's
+    # groups) instead of rounding again.
     grid = (
         {
             "keep_source_grid": INT4_KEEP_SOURCE_GRID,
@@ -251,6 +252,9 @@ def _quantize_passes(
             "source_grid_rounded_zero_points": INT4_SOURCE_GRID_ROUNDED_ZERO_POINTS,
         }
         if precision.value == "int4" and method.startswith("awq")
+        # RTN keeps only integer-zero-point blocks (a GPTQ / AWQ / compressed-tensors source)
+        else {"keep_source_grid": INT4_KEEP_SOURCE_GRID}
+        if precision.value == "int4"
         else {}
     )
     if precision.value == "int4" and (keep_fp is not None or method == "awq-mixed"):

@@ -20,6 +20,7 @@ from fdec.compile.options import CompileOptions
 from fdec.compile.recipe import Recipe, check_emit, default_quantize, plan_pipeline
 from fdec.errors import InputError, UsageError
 from fdec.frontend.families import sliding_window
+from fdec.frontend.prequantized import SOURCE_KEY
 from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.lower.profiles import ShapeLimits
 from fdec.passes import parse_pass_list, weight_quantizers
@@ -38,6 +39,14 @@ __all__ = [
 ]
 
 DEFAULT_MAX_SEQ_LEN = 2048
+INT4_SOURCE_QUANTIZE = "int4-awq"  # the default for a source quantized to int4 by another tool
+
+
+def _int4_source(config: dict) -> str:
+    """What a GPTQ / AWQ / compressed-tensors source was (fdec.frontend.prequantized)."""
+    found = config[SOURCE_KEY]
+    group = found.get("group_size")
+    return f"{found.get('method')} int4" + (f" (group {group})" if group and group > 0 else "")
 
 
 @dataclasses.dataclass
@@ -110,10 +119,18 @@ class Settings:
         found = sliding_window(_hf_config(source))
         # transformers' window counts the query itself; the policy counts its past.
         window = ModelWindow(found[0] - 1, found[1]) if found else None
-        if window and window != self.model_window:
-            recipe = _plan(options, self.target, self.backend, self.quantize, model_window=window)
-            return dataclasses.replace(self, recipe=recipe, model_window=window)
-        return self
+        # A GPTQ/AWQ/compressed-tensors int4 checkpoint (read as float weights on its grid)
+        # keeps its int4 blocks: int4-awq keeps them exactly (keep_source_grid) and quantizes
+        # what the checkpoint left in float (the lm_head) itself.
+        int4 = self.recipe_default and SOURCE_KEY in source.config
+        quantize = INT4_SOURCE_QUANTIZE if int4 else self.quantize
+        fallback = f"{quantize}: the source is {_int4_source(source.config)}" if int4 else None
+        if (window and window != self.model_window) or quantize != self.quantize:
+            window = window or self.model_window
+            recipe = _plan(options, self.target, self.backend, quantize, model_window=window)
+            return dataclasses.replace(self, quantize=quantize, recipe=recipe, model_window=window,
+                                       fallback=fallback or self.fallback)  # fmt: skip
+        return dataclasses.replace(self, fallback=fallback) if fallback else self
 
     def check_limits(self, spec: Any) -> None:
         """Engines built for fixed shape ranges: the limits must fit the model (a default

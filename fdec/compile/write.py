@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fdec.build import write_manifest
+from fdec.frontend.prequantized import SOURCE_KEY
 from fdec.lower import RUNTIME_CONFIG
 from fdec.pipeline import PassRecord
 from fdec.report import REPORT_FILE, SCHEMA_VERSION, environment
@@ -57,6 +58,8 @@ def write_build(
             "family": spec.family,
             "architecture": spec.architecture,
             "config_sha256": config_digest(source.folder),
+            # a GPTQ / AWQ / compressed-tensors int4 checkpoint read as its float values
+            "quantized_by": source.config.get(SOURCE_KEY),
         },
         "target": target.to_dict(),
         "backend": settings.backend.name,

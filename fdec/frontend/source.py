@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import io
 import json
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from fdec.build import FileLock, pid_alive, sha256_file
 from fdec.errors import InputError
 from fdec.frontend.families import Family, family_for_config
+from fdec.frontend.prequantized import dequantize_folder, int4_checkpoint
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -159,23 +161,6 @@ def _read_config(folder: pathlib.Path) -> dict:
     return config
 
 
-def _check_not_quantized(config: dict, folder: pathlib.Path) -> None:
-    """A checkpoint quantized by another tool (GPTQ, AWQ, bitsandbytes, FP8, ...; config.json's
-    quantization_config) is refused: fdec quantizes from the float weights itself, and
-    loading those formats needs their own kernels (transformers raised ImportErrors)."""
-    quantization = config.get("quantization_config")
-    if not isinstance(quantization, dict) or not quantization:
-        return
-    method = quantization.get("quant_method") or "unknown method"
-    bits = quantization.get("bits")
-    what = f"{method}, {bits}-bit" if isinstance(bits, int) else str(method)
-    raise InputError(
-        f"{folder} holds an already quantized checkpoint (config.json quantization_config: {what})",
-        "give fdec the original float checkpoint it was made from; fdec quantizes it itself "
-        "(--quantize int4-awq, int8, fp8, ...)",
-    )
-
-
 def _check_rope(config: dict, folder: pathlib.Path) -> None:
     """Dynamic NTK rotary scaling (rope_type "dynamic") recomputes its frequencies from each
     sequence's length in Python, which torch.export cannot trace: the compile died in the
@@ -196,7 +181,11 @@ def _check_folder(
 ) -> ModelSource:
     config = _read_config(folder)
     family = family_for_config(config, str(folder / "config.json"))
-    _check_not_quantized(config, folder)
+    if int4_checkpoint(config, folder) is not None:  # resolve_source converts these first
+        raise InputError(
+            f"{folder} holds an int4 checkpoint not converted to float weights",
+            "give fdec the folder as MODEL (it converts it once into its cache)",
+        )
     _check_rope(config, folder)
     safetensors = tuple(sorted(folder.glob("*.safetensors")))
     pickles = tuple(folder / name for name in _PICKLE_WEIGHTS if (folder / name).exists())
@@ -270,10 +259,10 @@ def _write_cache_manifest(folder: pathlib.Path) -> None:
 
 
 def _clean_stale_staging(parent: pathlib.Path) -> None:
-    """Remove conversion folders of killed runs (`.gguf-<pid>-*`, `.bad-*`, pid gone)."""
+    """Remove conversion folders of killed runs (`.convert-<pid>-*`, `.bad-*`, pid gone)."""
     for path in parent.glob(".*-*"):
         parts = path.name.split("-")
-        if path.name.startswith((".gguf-", ".bad-")) and len(parts) > 1 and parts[1].isdigit():
+        if path.name.startswith((".convert-", ".bad-")) and len(parts) > 1 and parts[1].isdigit():
             if not pid_alive(int(parts[1])):
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -286,15 +275,58 @@ def _gguf_to_folder(
     transformers de-quantizes GGUF weights to fp32 on load (~30 s for SmolLM2), so the folder
     is cached by the file's content hash. transformers refuses `save_pretrained` on a
     GGUF-loaded model, so the state dict is saved with safetensors and the config is cleaned.
+    """
+    return _converted(
+        cache_dir / "gguf" / sha256_file(gguf)[:24], gguf.name,
+        lambda staging: _convert_gguf(gguf, staging, progress), progress,
+    )  # fmt: skip
+
+
+def _int4_to_folder(
+    folder: pathlib.Path, cache_dir: pathlib.Path, progress: Callable[[str], None]
+) -> pathlib.Path:
+    """A GPTQ / AWQ / compressed-tensors int4 checkpoint as a float folder in the cache
+    (fdec.frontend.prequantized), keyed by its files' content; `folder` itself when it is
+    float (a checkpoint quantized another way is refused there)."""
+    config = _read_config(folder)
+    fmt = int4_checkpoint(config, folder)
+    if fmt is None:
+        return folder
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    for path in files:
+        if path.suffix == ".safetensors":
+            check_safetensors(path)
+    digest = hashlib.sha256(_INT4_CONVERSION.encode())
+    for path in files:
+        digest.update(f"{path.name}\0{sha256_file(path)}\0".encode())
+
+    def convert(staging: pathlib.Path) -> None:
+        progress(f"{folder.name} is a {fmt.describe()} checkpoint: reading its groups as float "
+                 "weights (once; the int4 build keeps them exactly)")  # fmt: skip
+        dequantize_folder(folder, fmt, staging, progress)
+
+    return _converted(cache_dir / "int4" / digest.hexdigest()[:24], folder.name, convert, progress)
+
+
+# Bumped when dequantize_folder's output changes, so older cache entries are not reused.
+_INT4_CONVERSION = "fdec int4 checkpoint conversion 1"
+
+
+def _converted(
+    target: pathlib.Path,
+    what: str,
+    convert: Callable[[pathlib.Path], None],
+    progress: Callable[[str], None],
+) -> pathlib.Path:
+    """`target`, a cache entry `convert` writes (into a staging folder) when it is not whole.
 
     Compiles may share the cache: the entry is written in a staging folder and renamed into
     place under a per-entry lock (a second compile waits, then reuses it), and an entry whose
     files do not match its manifest's sha256 (a damaged disk, a hand edit) is rebuilt.
     """
-    key = sha256_file(gguf)[:24]
-    target = cache_dir / "gguf" / key
     if _cache_entry_ok(target):
         return target
+    key = target.name
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -303,7 +335,7 @@ def _gguf_to_folder(
             "pass --cache-dir with a folder you can write to, or set FDEC_CACHE_DIR",
         ) from None
     lock = FileLock(
-        target.parent / f"{key}.lock", what=f"the cache entry for {gguf.name}", progress=progress
+        target.parent / f"{key}.lock", what=f"the cache entry for {what}", progress=progress
     )
     with lock:
         if _cache_entry_ok(target):  # another compile made it while this one waited
@@ -314,12 +346,26 @@ def _gguf_to_folder(
             bad = target.parent / f".bad-{os.getpid()}-{key}"
             os.replace(target, bad)
             shutil.rmtree(bad, ignore_errors=True)
-        _convert_gguf(gguf, target, progress)
+        staging = pathlib.Path(
+            tempfile.mkdtemp(prefix=f".convert-{os.getpid()}-", dir=target.parent)
+        )
+        try:
+            convert(staging)
+            _write_cache_manifest(staging)  # last: an entry without it is incomplete
+            os.replace(staging, target)
+        except OSError as err:
+            raise InputError(
+                f"cannot write the converted model to the cache {target.parent}: "
+                f"{err.strerror or err}",
+                "free disk space, or pass --cache-dir with a folder that has room",
+            ) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
 def _convert_gguf(
-    gguf: pathlib.Path, target: pathlib.Path, progress: Callable[[str], None]
+    gguf: pathlib.Path, staging: pathlib.Path, progress: Callable[[str], None]
 ) -> None:
     try:
         import safetensors.torch
@@ -328,7 +374,7 @@ def _convert_gguf(
         raise InputError(
             f"loading {gguf.name} needs {err.name}", "pip install 'fdec[gguf]'"
         ) from None
-    progress(f"converting {gguf.name} to safetensors (once; cached in {target})")
+    progress(f"converting {gguf.name} to safetensors (once; cached in {staging.parent})")
     try:
         # transformers draws its own de-quantization progress bar; fdec reports the step.
         with contextlib.redirect_stderr(io.StringIO()):
@@ -338,25 +384,14 @@ def _convert_gguf(
         raise InputError(
             f"cannot read GGUF file {gguf}: {err}", "check the file is a complete GGUF model"
         ) from None
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".gguf-{os.getpid()}-", dir=target.parent))
-    try:
-        safetensors.torch.save_model(model, str(staging / "model.safetensors"))
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["architectures"] = [type(model).__name__]
-        config["torch_dtype"] = "float32"
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        model.generation_config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        _write_cache_manifest(staging)  # last: an entry without it is incomplete
-        os.replace(staging, target)
-    except OSError as err:
-        raise InputError(
-            f"cannot write the converted model to the cache {target.parent}: {err.strerror or err}",
-            "free disk space, or pass --cache-dir with a folder that has room",
-        ) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    safetensors.torch.save_model(model, str(staging / "model.safetensors"))
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    config["torch_dtype"] = "float32"
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    model.generation_config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
 
 
 def _bundled_gguf(name: str) -> pathlib.Path:
@@ -444,7 +479,8 @@ def resolve_source(
         folder = _gguf_to_folder(_bundled_gguf(name), cache_dir, progress)
         return _check_folder(given, "bundled", folder, trust_pickle=False)
     if path.is_dir():
-        source = _check_folder(given, "folder", path.resolve(), trust_pickle=trust_pickle)
+        folder = _int4_to_folder(path.resolve(), cache_dir, progress)
+        source = _check_folder(given, "folder", folder, trust_pickle=trust_pickle)
         if not source.has_tokenizer:
             # Documented fallback: verification and calibration use fixed pseudo-random ids.
             progress(
@@ -466,7 +502,7 @@ def resolve_source(
             "give a model folder (config.json + *.safetensors) or a .gguf file",
         )
     if _HUB_ID.match(given) and not given.startswith((".", "/")):
-        folder = _from_hub(given, cache_dir, progress)
+        folder = _int4_to_folder(_from_hub(given, cache_dir, progress), cache_dir, progress)
         return _check_folder(given, "hub", folder, trust_pickle=False)
     raise InputError(
         f"model path {given!r} does not exist",

@@ -372,6 +372,7 @@ def test_int4_options_are_checked_and_keyword_only():
         "lm_head_bits": None,
         "share_tied_embedding": False,
         "block_grid": "onnxruntime",
+        "keep_source_grid": False,
     }
 
 
@@ -826,6 +827,54 @@ def test_int4_minmax_grid_reproduces_q4_1_weights_where_integer_zero_points_cann
         assert np.abs(got - want).max() < 1e-2  # the source's own grid (float16 zero points)
         assert np.abs(rounded - want).max() > 50 * np.abs(got - want).max()
     assert np.abs(r - before[2]).max() > 1e-3  # u2 is not on a grid: rounded as usual
+
+
+def _on_integer_grid(array, group, symmetric, rng):
+    """`array` [N, K] rounded as GPTQ / AWQ store it: groups along K, integer zero points, and
+    scales 1.3× the range's (codes stop short of 0 and 15, as after GPTQ's updates)."""
+    blocks = array.reshape(array.shape[0], -1, group).astype(np.float64)
+    low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+    scale = (np.abs(blocks).max(-1) / 7 if symmetric else (high - low) / 15) * 1.3
+    scale = scale.astype(np.float16).astype(np.float64)[..., None]
+    zero = 8 if symmetric else np.clip(np.rint(-low / scale[..., 0]), 0, 15)[..., None]
+    codes = np.clip(np.rint(blocks / scale) + zero, 0, 15)
+    return ((codes - zero) * scale).reshape(array.shape).astype(np.float32)
+
+
+def test_int4_keeps_integer_zero_point_groups_a_min_max_grid_cannot_reproduce():
+    """A GPTQ/AWQ checkpoint's groups (fdec.frontend.prequantized) are kept exactly, in blocks
+    of their own size, symmetric ones without zero points; a float weight is rounded as usual."""
+    from fdec.passes.int4_codes import integer_grid
+
+    model, arrays = _small_model()
+    rng = np.random.default_rng(3)
+    grids = {"w": _on_integer_grid(np.abs(arrays["w"]), 64, False, rng),  # zero points 0
+             "v": _on_integer_grid(arrays["v"], 32, True, rng)}  # fmt: skip
+    for name, grid in grids.items():
+        model.graph.initializers[name].const_value = ir.tensor(grid, name=name)
+    feeds = {"x": rng.standard_normal((2, 64)).astype(np.float32)}
+    before = run_ort(model.model, feeds)
+    rounded, _ = run_pass(QuantizeInt4Pass(symmetric=False, accuracy_level=0), load(dump(model),
+                          ModelSpec.from_dict(model.spec.to_dict())))  # fmt: skip
+    kept, record = run_pass(QuantizeInt4Pass(keep_source_grid=True, accuracy_level=0), model)
+
+    assert record.stats["source_grid_kept"] == 2
+    for role, block, zero_points in (("layers.0.q", 64, True), ("layers.0.k", 32, False)):
+        node = kept.graph.initializers[kept.spec.weights[role]].uses()[0].node
+        assert node.attributes["block_size"].value == block
+        assert (len(node.inputs) > 3 and node.inputs[3] is not None) == zero_points
+    y_rounded, z_rounded, _ = run_ort(rounded.model, feeds)
+    y, z, r = run_ort(kept.model, feeds)
+    for want, got, other in ((before[0], y, y_rounded), (before[1], z, z_rounded)):
+        assert np.abs(got - want).max() < 1e-4  # the source's own groups, bit for bit
+        assert np.abs(other - want).max() > 100 * np.abs(got - want).max()
+    assert np.abs(r - before[2]).max() > 1e-3  # u2 is not on a grid: rounded as usual
+    # Codes reaching every level but one end, and only every other level: found, z kept at 8
+    steps = np.array([[-5, -4, -3, -2, -1, 0, 1, 2] * 4], dtype=np.float32).T * 0.25
+    found = integer_grid(steps, 32)
+    assert found.zero_points is None and found.scales[0, 0] == 0.25
+    assert np.array_equal(found.dequantized().T, steps)
+    assert integer_grid(steps * 2 + 0.1, 32) is None  # no zero on the grid
 
 
 def test_int4_minmax_grid_is_for_matmulnbits_and_plain_rtn():

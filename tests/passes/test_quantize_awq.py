@@ -28,9 +28,9 @@ from fdec.calibrate import (
 )
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel, ModelSpec
+from fdec.passes.int4_codes import quantize_int4, quantize_minmax
 from fdec.passes.quantize import QuantizeInt4Pass
 from fdec.passes.quantize_awq import QuantizeInt4AwqPass
-from fdec.passes.quantize_int4 import _quantize_minmax, quantize_int4
 from fdec.passes.source_grid import block_sum_matrix, offset_rows
 from fdec.runtime import session_for_model
 from fdec.verify import Reference
@@ -330,7 +330,7 @@ def test_offset_rows_reproduce_a_q4_1_grid_with_symmetric_blocks(k):
     weight = _on_q4_1_grid(rng.standard_normal((k, 24)).astype(np.float32) + 0.3)
     x = rng.standard_normal((50, k)).astype(np.float64)
     want = x @ weight
-    grid = _quantize_minmax(weight, 32, symmetric=False)
+    grid = quantize_minmax(weight, 32, symmetric=False)
     sums = x @ block_sum_matrix(k, 32)  # [50, 32]: the k/32 block sums, then zeros
     errors = {}
     for levels, rounded in ((1, False), (2, False), (1, True)):
@@ -695,7 +695,7 @@ def _nbits_nodes(model: FdecModel) -> list[ir.Node]:
 def test_the_source_grid_is_found_a_block_of_columns_at_a_time(monkeypatch):
     """The grid check tries ~_COLUMNS output columns at a time (an 8B's table whole took four
     2.1 GB copies) and gives the whole-array codes; one block off the grid is enough to stop."""
-    from fdec.passes import quantize_int4
+    from fdec.passes import int4_codes
     from fdec.passes.weights import Weight
 
     rng = np.random.default_rng(5)
@@ -707,7 +707,7 @@ def test_the_source_grid_is_found_a_block_of_columns_at_a_time(monkeypatch):
     pass_ = QuantizeInt4AwqPass(batches=[np.zeros((1, 4), np.int64)], block_size=32)
     whole = pass_._source_grid(weight(on_grid))
     assert whole is not None and whole.zero_points is not None
-    monkeypatch.setattr(quantize_int4, "_COLUMNS", 16)  # 16, 16 and 8 columns
+    monkeypatch.setattr(int4_codes, "_COLUMNS", 16)  # 16, 16 and 8 columns
     blocks = pass_._source_grid(weight(on_grid))
     for name in ("packed", "scales", "zero_points"):
         np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name))

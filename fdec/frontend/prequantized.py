@@ -1,0 +1,272 @@
+"""Checkpoints another tool quantized to 4 bits (GPTQ, AWQ, compressed-tensors), read as the float
+weights their groups stand for.
+
+Such a folder's linear layers hold packed 4-bit codes, a scale per group of inputs and (mostly) an
+integer zero point per group instead of a weight. fdec turns the folder once into a float folder
+(cached like a GGUF conversion: fdec.frontend.source): each quantized layer's weight becomes
+(code − zero point) · scale in float32, which is exact, and every other tensor and file is kept.
+PyTorch then loads it as any model (the reference fdec verifies against is the quantized model
+itself), and the int4 quantizers find each layer's blocks again in those values
+(fdec.passes.int4_codes.integer_grid) and keep them instead of rounding again: the build's int4
+weights are the checkpoint's, bit for bit.
+
+Formats (config.json `quantization_config`):
+- GPTQ (`quant_method` "gptq", AutoGPTQ / GPTQModel): `qweight` int32 [K/8, N] packed along the
+  inputs, `qzeros` int32 [groups, N/8] packed along the outputs and stored minus one
+  (`checkpoint_format` "gptq"; "gptq_v2" stores them as they are), `scales` [groups, N],
+  `g_idx` [K].
+- AWQ (`quant_method` "awq", AutoAWQ's GEMM layout): `qweight` [K, N/8] and `qzeros`
+  [groups, N/8], both packed along the outputs in the order 0 2 4 6 1 3 5 7, `scales` [groups, N].
+- compressed-tensors `pack-quantized` (llm-compressor's W4A16): `weight_packed` int32 [N, K/8]
+  holding code + 8, `weight_scale` [N, groups], `weight_zero_point` int32 [N/8, groups] (asymmetric
+  only, zero point + 8), `weight_shape`.
+Refused, with the reason: other bit widths, activation order (groups that are not consecutive
+inputs), AWQ's GEMV layouts, and any other method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fdec.errors import InputError
+
+__all__ = ["SOURCE_KEY", "Int4Checkpoint", "dequantize_folder", "int4_checkpoint"]
+
+_AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds output column 8c + order[i]
+# config.json key recording, in the float folder, what the checkpoint was
+SOURCE_KEY = "fdec_source_quantization"
+_NAMES = {"gptq": "GPTQ", "awq": "AWQ"}
+_FLOAT_FIX = "give fdec the original float checkpoint; it quantizes it itself (--quantize int4-awq)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4Checkpoint:
+    """How a checkpoint's linear layers are stored (see the module's docstring)."""
+
+    method: str  # "gptq" | "awq" | "compressed-tensors"
+    group_size: int  # -1: one group over all inputs
+    symmetric: bool
+    zeros_minus_one: bool = False  # GPTQ's v1 checkpoints
+
+    @property
+    def packed(self) -> str:
+        """The name of a quantized layer's packed codes."""
+        return "weight_packed" if self.method == "compressed-tensors" else "qweight"
+
+    def describe(self) -> str:
+        group = "per channel" if self.group_size == -1 else f"group {self.group_size}"
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"{self.method} int4, {group}, {kind}"
+
+
+def _refuse(folder: pathlib.Path, what: str, why: str, fix: str = _FLOAT_FIX) -> InputError:
+    return InputError(f"{folder} holds a {what} checkpoint {why}", fix)
+
+
+def int4_checkpoint(config: dict, folder: pathlib.Path) -> Int4Checkpoint | None:
+    """The format of a checkpoint quantized by another tool that fdec reads, None for a float
+    checkpoint; InputError (naming what is not supported) for any other quantized one."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or not quantization:
+        return None
+    method = str(quantization.get("quant_method") or "unknown method")
+    if method in ("gptq", "awq"):
+        bits, group = quantization.get("bits"), quantization.get("group_size", 128)
+        if bits != 4:
+            raise _refuse(folder, f"{_NAMES[method]} {bits}-bit", "(fdec reads 4-bit ones)")
+        if method == "gptq" and quantization.get("desc_act"):
+            raise _refuse(
+                folder, "GPTQ", "with activation order (desc_act): its groups are not "
+                "consecutive inputs, which MatMulNBits' blocks must be",
+                "use the checkpoint's desc_act=false variant, or its float original",
+            )  # fmt: skip
+        if method == "awq" and str(quantization.get("version", "gemm")).lower() != "gemm":
+            raise _refuse(
+                folder, f"AWQ {quantization.get('version')}", "(fdec reads AWQ's GEMM layout)"
+            )
+        if method == "awq" and quantization.get("zero_point") is False:
+            raise _refuse(folder, "AWQ", "without zero points (fdec reads zero_point=true)")
+        return Int4Checkpoint(
+            method,
+            int(group),
+            symmetric=bool(quantization.get("sym", False)) if method == "gptq" else False,
+            zeros_minus_one=method == "gptq"
+            and quantization.get("checkpoint_format", "gptq") != "gptq_v2",
+        )
+    if method == "compressed-tensors":
+        return _compressed_tensors(quantization, folder)
+    bits = quantization.get("bits")
+    what = f"{method}, {bits}-bit" if isinstance(bits, int) else method
+    raise InputError(
+        f"{folder} holds an already quantized checkpoint (config.json quantization_config: "
+        f"{what}); fdec reads GPTQ, AWQ and compressed-tensors int4 ones",
+        "give fdec the original float checkpoint it was made from; fdec quantizes it itself "
+        "(--quantize int4-awq, int8, fp8, ...)",
+    )
+
+
+def _compressed_tensors(quantization: dict, folder: pathlib.Path) -> Int4Checkpoint:
+    groups = [g for g in (quantization.get("config_groups") or {}).values() if isinstance(g, dict)]
+    formats = {g.get("format") or quantization.get("format") for g in groups}
+    if formats != {"pack-quantized"} or len(groups) != 1:
+        raise _refuse(
+            folder, "compressed-tensors", f"in format {sorted(map(str, formats))} "
+            "(fdec reads one pack-quantized group: llm-compressor's W4A16)",
+        )  # fmt: skip
+    weights, scheme = groups[0].get("weights") or {}, groups[0]
+    if scheme.get("input_activations") or scheme.get("output_activations"):
+        raise _refuse(folder, "compressed-tensors", "that quantizes activations (fdec reads W4A16)")
+    strategy = weights.get("strategy")
+    if weights.get("num_bits") != 4 or weights.get("type", "int") != "int":
+        raise _refuse(folder, "compressed-tensors", "whose weights are not 4-bit integers")
+    if strategy not in ("group", "channel") or weights.get("actorder"):
+        raise _refuse(
+            folder, "compressed-tensors", f"with strategy {strategy!r}"
+            + (f" and activation order {weights.get('actorder')!r}" if weights.get("actorder") else "")
+            + " (fdec reads groups of consecutive inputs, or channels)",
+        )  # fmt: skip
+    group = int(weights.get("group_size") or -1) if strategy == "group" else -1
+    return Int4Checkpoint("compressed-tensors", group, symmetric=bool(weights.get("symmetric")))
+
+
+def _nibbles(words: np.ndarray, axis: int) -> np.ndarray:
+    """int32 words as their eight 4-bit values (lowest first), unpacked along `axis`."""
+    values = words.astype(np.int64) & 0xFFFFFFFF
+    shifts = np.arange(0, 32, 4, dtype=np.int64)
+    nibbles = (np.expand_dims(values, -1) >> shifts) & 0xF  # [..., 8]
+    if axis == 0:  # [R, C, 8] → [R, 8, C] → [8R, C]
+        return np.moveaxis(nibbles, -1, 1).reshape(-1, words.shape[1])
+    return nibbles.reshape(words.shape[0], -1)
+
+
+def _weight(layer: dict[str, np.ndarray], fmt: Int4Checkpoint, name: str) -> np.ndarray:
+    """One quantized linear layer as its float32 weight [N, K] (torch's Linear layout)."""
+    if fmt.method == "compressed-tensors":
+        n, k = (int(d) for d in layer["weight_shape"])
+        codes = _nibbles(layer["weight_packed"], axis=1)[:, :k] - 8  # [N, K]
+        scales = layer["weight_scale"].astype(np.float32)  # [N, groups]
+        zeros = np.zeros_like(scales)
+        if "weight_zero_point" in layer:
+            zeros = _nibbles(layer["weight_zero_point"], axis=0)[:n].astype(np.float32) - 8
+        groups = _group_index(k, fmt.group_size, scales.shape[1], name)
+        return ((codes - zeros[:, groups]) * scales[:, groups]).astype(np.float32)
+    if fmt.method == "gptq":
+        codes = _nibbles(layer["qweight"], axis=0)  # [K, N]
+        zeros = _nibbles(layer["qzeros"], axis=1)  # [groups, N]
+        if fmt.zeros_minus_one:
+            zeros = (zeros + 1) & 0xF
+    else:  # AWQ: columns within each word in _AWQ_ORDER
+        order = np.argsort(_AWQ_ORDER)
+        codes = _reorder(_nibbles(layer["qweight"], axis=1), order)
+        zeros = _reorder(_nibbles(layer["qzeros"], axis=1), order)
+    k, scales = codes.shape[0], layer["scales"].astype(np.float32)  # [groups, N]
+    zeros = zeros[:, : codes.shape[1]]
+    groups = _group_index(k, fmt.group_size, scales.shape[0], name)
+    if "g_idx" in layer and not np.array_equal(layer["g_idx"].astype(np.int64), groups):
+        raise InputError(
+            f"{name}: its g_idx puts inputs in groups out of order (activation order), which "
+            "MatMulNBits' consecutive blocks cannot hold",
+            "use the checkpoint's desc_act=false variant, or its float original",
+        )
+    return ((codes - zeros[groups]) * scales[groups]).T.astype(np.float32)
+
+
+def _reorder(nibbles: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """[R, 8C] values whose every 8 columns are permuted by AWQ's packing, in column order."""
+    rows, columns = nibbles.shape
+    return nibbles.reshape(rows, columns // 8, 8)[:, :, order].reshape(rows, columns)
+
+
+def _group_index(k: int, group_size: int, groups: int, name: str) -> np.ndarray:
+    size = k if group_size == -1 else group_size
+    index = np.arange(k) // size
+    if index[-1] + 1 != groups:
+        raise InputError(
+            f"{name}: {groups} groups of scales for {k} inputs in groups of {size}",
+            "the checkpoint does not match its quantization_config; re-download it",
+        )
+    return index
+
+
+_REQUIRED = {
+    "gptq": ("qzeros", "scales"),
+    "awq": ("qzeros", "scales"),
+    "compressed-tensors": ("weight_scale", "weight_shape"),
+}
+_LAYER_TENSORS = {  # a quantized layer's tensors besides its packed codes (and bias)
+    "gptq": ("qzeros", "scales", "g_idx"),
+    "awq": ("qzeros", "scales"),
+    "compressed-tensors": ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
+}
+
+
+def dequantize_folder(
+    folder: pathlib.Path,
+    fmt: Int4Checkpoint,
+    staging: pathlib.Path,
+    progress: Callable[[str], None] = lambda _: None,
+) -> int:
+    """Write `folder` as a float checkpoint into `staging`: each safetensors file with every
+    quantized layer's tensors replaced by its float32 `weight`, every other tensor as it is;
+    config.json without `quantization_config` (what it was kept as `fdec_source_quantization`);
+    the other files (tokenizer, generation config, chat template) copied. One file's tensors in
+    memory at a time. Returns the layers dequantized."""
+    import safetensors.torch
+    import torch
+
+    files = sorted(folder.glob("*.safetensors"))
+    index: dict[str, str] = {}
+    layers = 0
+    for number, path in enumerate(files, 1):
+        progress(f"dequantizing {path.name} ({number}/{len(files)}, {fmt.describe()})")
+        tensors = safetensors.torch.load_file(str(path))
+        out: dict[str, Any] = {}
+        prefixes = [n[: -len(fmt.packed) - 1] for n in tensors if n.endswith("." + fmt.packed)]
+        for prefix in prefixes:
+            layer = {}
+            for part in (fmt.packed, *_LAYER_TENSORS[fmt.method]):
+                tensor = tensors.pop(f"{prefix}.{part}", None)
+                if tensor is not None:
+                    layer[part] = tensor.float().numpy() if tensor.is_floating_point() else (
+                        tensor.numpy()
+                    )  # fmt: skip
+            missing = [p for p in _REQUIRED[fmt.method] if p not in layer]
+            if missing:
+                raise InputError(
+                    f"{path.name}: {prefix} has {fmt.packed} but no {missing[0]}",
+                    "the checkpoint is incomplete; re-download it",
+                )
+            out[f"{prefix}.weight"] = torch.from_numpy(
+                np.ascontiguousarray(_weight(layer, fmt, prefix))
+            )
+            layers += 1
+        out.update(tensors)
+        safetensors.torch.save_file(out, str(staging / path.name), metadata={"format": "pt"})
+        index.update(dict.fromkeys(out, path.name))
+    if not layers:
+        raise InputError(
+            f"{folder}: config.json says {fmt.describe()}, but no layer holds {fmt.packed}",
+            "check the folder holds the quantized checkpoint's weights",
+        )
+    if (folder / "model.safetensors.index.json").is_file():
+        (staging / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": dict(sorted(index.items()))}, indent=2)
+        )
+    config = json.loads((folder / "config.json").read_text())
+    config[SOURCE_KEY] = {"method": fmt.method, "bits": 4, "group_size": fmt.group_size,
+                          "symmetric": fmt.symmetric}  # fmt: skip
+    config.pop("quantization_config", None)
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for path in folder.iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and path.name not in (
+            "config.json", "model.safetensors.index.json", "quantize_config.json",
+        ):  # fmt: skip
+            shutil.copyfile(path, staging / path.name)
+    return layers
