@@ -335,9 +335,11 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
         rtn_only: collections.Counter[str] = collections.Counter()
         on_grid = 0
         # A source grid is kept for ONNX Runtime only (MatMulNBits takes its blocks as they are).
-        keep_grid = self.keep_source_grid and self.backend == "onnxruntime"
-        for weight in weights if keep_grid else ():
-            weight.quantized = self._source_grid(weight)
+        # GGUF's float-zero-point grids for ONNX Runtime only (MatMulNBits' float zero points
+        # or block sums); integer ones for both (a blocked DequantizeLinear's uint4 zero points)
+        minmax = self.backend == "onnxruntime"
+        for weight in weights if self.keep_source_grid else ():
+            weight.quantized = self._source_grid(weight, minmax=minmax)
             on_grid += weight.quantized is not None
             # One float copy at a time: a weight read from the checkpoint is read again when
             # searched (an 8B's all at once were 32 GB).

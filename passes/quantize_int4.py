@@ -171,7 +171,7 @@ class QuantizeInt4Pass(Pass):
     def call(self, model: FdecModel) -> PassResult:
         weights, skipped = collect_weights(model, self.include_lm_head, self.share_tied_embedding)
         kept = 0
-        for weight in weights if self.keep_source_grid and self.backend == "onnxruntime" else ():
+        for weight in weights if self.keep_source_grid else ():
             weight.quantized = self._source_grid(weight, minmax=False)
             kept += weight.quantized is not None
             weight.release()
@@ -262,7 +262,8 @@ class QuantizeInt4Pass(Pass):
         """The weight's codes on a block grid it already sits on, or None. Tried in order:
         4-bit blocks with integer zero points (`integer_grid`: a weight dequantized from a GPTQ,
         AWQ or compressed-tensors checkpoint's groups; the widest block that fits, whatever
-        this pass's block size), then, with `minmax`, GGUF's grids at this pass's block size:
+        this pass's block size; for TensorRT symmetric ones only), then, with `minmax`, GGUF's
+        grids at this pass's block size:
         Q4_1 (asymmetric, float zero points) or Q8_0 (symmetric), reproduced by
         `quantize_minmax` (SmolLM2's layers are Q4_1, its tied table Q8_0). A shared tied
         table is tried on the symmetric min/max grid only."""
@@ -276,7 +277,12 @@ class QuantizeInt4Pass(Pass):
         if minmax:
             rounders += [("minmax", block, s) for s in (True,) if weight.gathers]
             rounders += [("minmax", block, s) for s in (False, True) if not weight.gathers]
-        return find_grid(weight.array, rounders, bits)
+        found = find_grid(weight.array, rounders, bits)
+        # TensorRT-RTX's parser refuses a blocked DequantizeLinear with uint4 zero points
+        # (measured: "cannot take 1 node(s)"); symmetric blocks (int4, none) it builds
+        if found is not None and found.zero_points is not None and self.backend == "tensorrt":
+            return None
+        return found
 
     def _bits_of(self, weight: Weight) -> int:
         return self.lm_head_bits if weight.head and self.lm_head_bits else self.bits

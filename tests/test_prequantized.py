@@ -312,3 +312,26 @@ def test_a_compressed_tensors_checkpoint_keeps_its_blocks_for_cpu_and_h200(
     _close(summary)
     assert report["cuda_placement"]["cpu_nodes"] == 0
     assert report["cuda_placement"]["memcpy_nodes"] == 0
+
+
+def test_a_symmetric_gptq_checkpoint_keeps_its_blocks_in_a_tensorrt_rtx_engine(
+    source, tmp_path, cli_runner
+):
+    """TensorRT's blocked DequantizeLinear takes the symmetric blocks (int4, no zero points):
+    a real TensorRT-RTX engine builds from them. Asymmetric ones are rounded again: its parser
+    refused uint4 zero points ("cannot take 1 node(s)")."""
+    import tensorrt_rtx  # noqa: F401  (installed by the rtx extra, as in CI)
+
+    kept = {}
+    for name, symmetric in (("sym", True), ("asym", False)):
+        checkpoint = tmp_path / name
+        _write_checkpoint(source, checkpoint, "gptq", 128, symmetric)
+        # options for int4-awq's pass, though rtx4090's own default is fp8: the source decides
+        summary, report = _compile(cli_runner, checkpoint, tmp_path / f"b-{name}", "--target",
+                                   "rtx4090", "--pass-options", "quantize-int4-awq.clip=true")  # fmt: skip
+        stats = next(p for p in report["passes"] if p["name"] == "quantize-int4-awq")["stats"]
+        kept[name] = stats["source_grid_kept"]
+        assert [e["status"] for e in report["engines"]] == ["built"]
+        assert summary["verification"]["ok"] is True
+    # an asymmetric layer whose every block also fits the zero point 8 is kept too
+    assert kept["sym"] == 14 and kept["asym"] < 3

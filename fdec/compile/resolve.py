@@ -11,6 +11,7 @@ compiles, and fdec.matrix on every cell before any build.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from typing import Any
 
@@ -20,7 +21,7 @@ from fdec.compile.options import CompileOptions
 from fdec.compile.recipe import Recipe, check_emit, default_quantize, plan_pipeline
 from fdec.errors import InputError, UsageError
 from fdec.frontend.families import sliding_window
-from fdec.frontend.prequantized import SOURCE_KEY
+from fdec.frontend.prequantized import INT4_METHODS, SOURCE_KEY
 from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.lower.profiles import ShapeLimits
 from fdec.passes import parse_pass_list, weight_quantizers
@@ -40,6 +41,17 @@ __all__ = [
 
 DEFAULT_MAX_SEQ_LEN = 2048
 INT4_SOURCE_QUANTIZE = "int4-awq"  # the default for a source quantized to int4 by another tool
+
+
+def _int4_folder(model: str) -> bool:
+    """Whether `model` is a local folder whose config.json names a method fdec reads as int4
+    (fdec.frontend.prequantized; hub ids are known once resolved, in `for_source`)."""
+    try:
+        config = json.loads((pathlib.Path(model).expanduser() / "config.json").read_text())
+        method = config["quantization_config"]["quant_method"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return method in INT4_METHODS
 
 
 def _int4_source(config: dict) -> str:
@@ -171,6 +183,8 @@ def resolve_settings(options: CompileOptions) -> Settings:
         if recipe_default
         else (backend.default_quantize or "none")  # a backend's own float typing stays
     )
+    if recipe_default and _int4_folder(options.model):  # as for_source would: --pass-options
+        quantize = INT4_SOURCE_QUANTIZE  # for int4-awq's passes are checked against this plan
     recipe = _plan(options, target, backend, quantize)
     if options.prune:
         parse_prune(options.prune)

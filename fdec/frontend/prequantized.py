@@ -37,9 +37,10 @@ import numpy as np
 
 from fdec.errors import InputError
 
-__all__ = ["SOURCE_KEY", "Int4Checkpoint", "dequantize_folder", "int4_checkpoint"]
+__all__ = ["INT4_METHODS", "SOURCE_KEY", "Int4Checkpoint", "dequantize_folder", "int4_checkpoint"]
 
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds output column 8c + order[i]
+INT4_METHODS = ("gptq", "awq", "compressed-tensors")  # quant_method values read here
 # config.json key recording, in the float folder, what the checkpoint was
 SOURCE_KEY = "fdec_source_quantization"
 _NAMES = {"gptq": "GPTQ", "awq": "AWQ"}
