@@ -112,7 +112,7 @@ def reproduces(rounded: Int4Weight, array: np.ndarray) -> bool:
     """Whether `rounded` gives the [K, N] `array` back within 1 % of a step in every block."""
     error = np.abs(rounded.dequantized().T - array)  # [K, N]
     worst = blocks_of_k(error, rounded.block_size).max(axis=1)  # [k_blocks, N]
-    return bool(np.all(worst <= 0.01 * rounded.scales.T + 1e-12))
+    return bool(np.all(worst <= 0.01 * np.abs(rounded.scales.T) + 1e-12))  # scales may be < 0
 
 
 def join_columns(parts: list[Int4Weight]) -> Int4Weight:
@@ -226,17 +226,18 @@ def integer_grid(array: np.ndarray, block_size: int, bits: int = 4) -> Int4Weigh
     if todo.any():
         return None
     steps = np.rint(blocks / scales[..., None]).astype(np.int64)  # codes minus zero points
-    # A finer grid than the source's (half its steps) can be the widest that fits where z is
-    # not 8: take every m-th step instead where that puts z at 8
-    for m in range(2, levels + 1):
+    # Where z is not 8, the block may still be symmetric: with a negative scale (ONNX Runtime's
+    # RTN writes max/-8, codes -8..7 around 8, which a positive step sees as -7..8), or on a
+    # finer grid than the source's (every other level used): take every m-th step, m < 0
+    # flipping the sign, where that puts z at 8
+    for m in (f * s for f in range(1, levels + 1) for s in (1, -1) if f * s != 1):
         off = np.nonzero(zeros != center)
         if not off[0].size:
             break
         coarse = steps[off]
         fits = np.all(coarse % m == 0, axis=-1)
-        fits &= (coarse.min(axis=-1) // m + center >= 0) & (
-            coarse.max(axis=-1) // m + center <= levels
-        )
+        ends = np.stack([coarse.min(axis=-1) // m, coarse.max(axis=-1) // m])
+        fits &= (ends.min(axis=0) + center >= 0) & (ends.max(axis=0) + center <= levels)
         chosen = tuple(axis[fits] for axis in off)
         steps[chosen] //= m
         scales[chosen] *= m
