@@ -179,6 +179,7 @@ def compile_command(model: str, target: str, out: pathlib.Path, passes: str | No
                     stream: bool | None = None) -> None:  # fmt: skip
     """Compile MODEL (folder, .gguf, hub id or bundled name such as smollm2-135m) into --out.
 
+    A GPTQ, AWQ or compressed-tensors int4 checkpoint builds int4 on its own blocks.
     Settings come from the command line, then the config file, then the defaults shown."""
     ctx = Context(quiet, as_json)
     from fdec.api import resolve_settings
