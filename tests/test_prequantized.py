@@ -17,6 +17,7 @@ checkpoints' values again instead of keeping their blocks: 0.94–1.19, top-1 0.
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import onnx
@@ -373,3 +374,41 @@ def test_fdecs_own_hf_checkpoint_compiles_back_onto_the_same_codes(source, tmp_p
     layers = [e for e in nbits if e[0].shape[0] != TOKENIZER_VOCAB]
     assert all(zero is None for *_, zero in layers)
     assert _packed_codes(again) == _packed_codes(first)
+
+
+def test_a_layer_split_across_shards_converts_into_bounded_files(
+    source, tmp_path, cli_runner, monkeypatch
+):
+    """Hugging Face shards split by tensor: a layer's qweight and its zero points can sit in two
+    files. They are read one tensor at a time and written in files of _SHARD_BYTES (here
+    ~100 kB: several files and an index), which bounds the conversion's memory."""
+    import safetensors.torch
+
+    from fdec.frontend import prequantized
+
+    checkpoint = tmp_path / "gptq"
+    expected = _write_checkpoint(source, checkpoint, "gptq", 64)
+    tensors = safetensors.torch.load_file(str(checkpoint / "model.safetensors"))
+    (checkpoint / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}  # fmt: skip
+    for file, keys in shards.items():
+        safetensors.torch.save_file({k: tensors[k] for k in keys}, str(checkpoint / file))
+    weight_map = {key: file for file, keys in shards.items() for key in keys}
+    assert weight_map["model.layers.0.mlp.up_proj.qweight"] != weight_map[
+        "model.layers.0.mlp.up_proj.qzeros"]  # fmt: skip
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    monkeypatch.setattr(prequantized, "_SHARD_BYTES", 100_000)
+
+    summary, report = _compile(cli_runner, checkpoint, tmp_path / "b", "--target", "cpu")
+    converted = json.loads((tmp_path / "b" / "report.json").read_text())["source"]["folder"]
+    files = sorted(p.name for p in pathlib.Path(converted).glob("*.safetensors"))
+    assert len(files) > 3 and files[0] == "model-00001.safetensors"
+    index = json.loads((pathlib.Path(converted) / "model.safetensors.index.json")
+                       .read_text())["weight_map"]  # fmt: skip
+    assert set(index.values()) == set(files) and "model.layers.0.mlp.up_proj.weight" in index
+    stats = next(p for p in report["passes"] if p["name"] == "quantize-int4-awq")["stats"]
+    assert stats["source_grid_kept"] == 14
+    _kept_exactly(expected, tmp_path / "b")
+    _close(summary)

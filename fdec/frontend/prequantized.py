@@ -196,6 +196,46 @@ def _group_index(k: int, group_size: int, groups: int, name: str) -> np.ndarray:
     return index
 
 
+_SHARD_BYTES = 2 << 30  # float32 written per output file (an 8B's layers: ~16 files)
+
+
+class _ShardWriter:
+    """Tensors written to model-NNNNN.safetensors files of about `_SHARD_BYTES` each (one
+    file: model.safetensors), with the index transformers reads when there are several."""
+
+    def __init__(self, folder: pathlib.Path, save: Callable[..., None]):
+        self.folder, self.save = folder, save
+        self.pending: dict[str, Any] = {}
+        self.bytes = 0
+        self.files: list[dict[str, Any]] = []
+
+    def add(self, name: str, tensor: Any) -> None:
+        import torch
+
+        tensor = torch.from_numpy(tensor) if isinstance(tensor, np.ndarray) else tensor
+        self.pending[name] = tensor.contiguous()
+        self.bytes += tensor.numel() * tensor.element_size()
+        if self.bytes >= _SHARD_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            path = self.folder / f"model-{len(self.files) + 1:05d}.safetensors"
+            self.save(self.pending, str(path), metadata={"format": "pt"})
+            self.files.append(dict.fromkeys(self.pending, path.name))
+            self.pending, self.bytes = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        if len(self.files) == 1:
+            (self.folder / "model-00001.safetensors").rename(self.folder / "model.safetensors")
+            return
+        weight_map = {name: file for names in self.files for name, file in names.items()}
+        (self.folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+        )
+
+
 _REQUIRED = {
     "gptq": ("qzeros", "scales"),
     "awq": ("qzeros", "scales"),
@@ -214,52 +254,52 @@ def dequantize_folder(
     staging: pathlib.Path,
     progress: Callable[[str], None] = lambda _: None,
 ) -> int:
-    """Write `folder` as a float checkpoint into `staging`: each safetensors file with every
-    quantized layer's tensors replaced by its float32 `weight`, every other tensor as it is;
-    config.json without `quantization_config` (what it was kept as `fdec_source_quantization`);
-    the other files (tokenizer, generation config, chat template) copied. One file's tensors in
-    memory at a time. Returns the layers dequantized."""
+    """Write `folder` as a float checkpoint into `staging`: every quantized layer's tensors
+    replaced by its float32 `weight`, every other tensor as it is, in files of at most
+    `_SHARD_BYTES` (with model.safetensors.index.json where there are several); config.json
+    without `quantization_config` (what it was kept as `fdec_source_quantization`); the other
+    files (tokenizer, generation config, chat template) copied. Tensors are read one at a time
+    from wherever they are (a layer's may span two files), so memory holds one output file's
+    worth. Returns the layers dequantized."""
     import safetensors.torch
-    import torch
+    from safetensors import safe_open
 
-    files = sorted(folder.glob("*.safetensors"))
-    index: dict[str, str] = {}
-    layers = 0
-    for number, path in enumerate(files, 1):
-        progress(f"dequantizing {path.name} ({number}/{len(files)}, {fmt.describe()})")
-        tensors = safetensors.torch.load_file(str(path))
-        out: dict[str, Any] = {}
-        prefixes = [n[: -len(fmt.packed) - 1] for n in tensors if n.endswith("." + fmt.packed)]
-        for prefix in prefixes:
-            layer = {}
-            for part in (fmt.packed, *_LAYER_TENSORS[fmt.method]):
-                tensor = tensors.pop(f"{prefix}.{part}", None)
-                if tensor is not None:
-                    layer[part] = tensor.float().numpy() if tensor.is_floating_point() else (
-                        tensor.numpy()
-                    )  # fmt: skip
-            missing = [p for p in _REQUIRED[fmt.method] if p not in layer]
-            if missing:
-                raise InputError(
-                    f"{path.name}: {prefix} has {fmt.packed} but no {missing[0]}",
-                    "the checkpoint is incomplete; re-download it",
-                )
-            out[f"{prefix}.weight"] = torch.from_numpy(
-                np.ascontiguousarray(_weight(layer, fmt, prefix))
-            )
-            layers += 1
-        out.update(tensors)
-        safetensors.torch.save_file(out, str(staging / path.name), metadata={"format": "pt"})
-        index.update(dict.fromkeys(out, path.name))
-    if not layers:
+    handles = [
+        safe_open(str(path), framework="pt") for path in sorted(folder.glob("*.safetensors"))
+    ]
+    where = {name: handle for handle in handles for name in handle.keys()}
+    suffix = "." + fmt.packed
+    quantized = [name[: -len(suffix)] for name in where if name.endswith(suffix)]
+    if not quantized:
         raise InputError(
             f"{folder}: config.json says {fmt.describe()}, but no layer holds {fmt.packed}",
             "check the folder holds the quantized checkpoint's weights",
         )
-    if (folder / "model.safetensors.index.json").is_file():
-        (staging / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": dict(sorted(index.items()))}, indent=2)
-        )
+    parts = {f"{prefix}.{part}" for prefix in quantized for part in _LAYER_TENSORS[fmt.method]}
+    writer = _ShardWriter(staging, safetensors.torch.save_file)
+    for number, prefix in enumerate(quantized, 1):
+        if number == 1 or number % 50 == 0:
+            progress(f"dequantizing {fmt.describe()} layers ({number}/{len(quantized)})")
+        layer = {}
+        for part in (fmt.packed, *_LAYER_TENSORS[fmt.method]):
+            handle = where.get(f"{prefix}.{part}")
+            if handle is not None:
+                tensor = handle.get_tensor(f"{prefix}.{part}")
+                layer[part] = tensor.float().numpy() if tensor.is_floating_point() else (
+                    tensor.numpy()
+                )  # fmt: skip
+        missing = [p for p in _REQUIRED[fmt.method] if p not in layer]
+        if missing:
+            raise InputError(
+                f"{folder}: {prefix} has {fmt.packed} but no {missing[0]}",
+                "the checkpoint is incomplete; re-download it",
+            )
+        writer.add(f"{prefix}.weight", np.ascontiguousarray(_weight(layer, fmt, prefix)))
+    for name, handle in where.items():
+        if not name.endswith(suffix) and name not in parts:
+            writer.add(name, handle.get_tensor(name))
+    writer.close()
+    layers = len(quantized)
     config = json.loads((folder / "config.json").read_text())
     config[SOURCE_KEY] = {"method": fmt.method, "bits": 4, "group_size": fmt.group_size,
                           "symmetric": fmt.symmetric}  # fmt: skip
