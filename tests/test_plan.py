@@ -195,6 +195,23 @@ def test_cli_json_is_one_object(cli_runner, llama3_folder):
     assert [row["target"] for row in every["plans"]] == [t.name for t in list_targets()]
 
 
+def test_an_int4_checkpoint_is_planned_in_int4(cli_runner, tmp_path):
+    """A GPTQ/AWQ/compressed-tensors folder compiles on its own int4 blocks: planned so
+    (the target's default, fp8 on h100, was shown before), from config.json alone."""
+    folder = tmp_path / "llama3-8b-gptq"
+    folder.mkdir()
+    config = dict(LLAMA3_8B, quantization_config={"quant_method": "gptq", "bits": 4})
+    (folder / "config.json").write_text(json.dumps(config))
+    result = cli_runner.invoke(cli, ["plan", str(folder), "--target", "h100", "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    (plan,) = json.loads(result.stdout)["plans"]
+    assert plan["weight_precision"] == "int4"
+    assert plan["weight_precision_from"] == "the source (gptq int4)"
+    asked = cli_runner.invoke(cli, ["plan", str(folder), "--target", "h100", "--quantize", "fp8",
+                                    "--json"])  # fmt: skip
+    assert json.loads(asked.stdout)["plans"][0]["weight_precision"] == "fp8"
+
+
 def test_precision_a_target_lacks(cli_runner, llama3_folder):
     # --target all: a row that says why; one target: exit 2 with the target's own message.
     result = cli_runner.invoke(cli, ["plan", str(llama3_folder), "--quantize", "fp8", "--json"])

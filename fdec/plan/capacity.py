@@ -166,6 +166,8 @@ def plan_capacity(
         raise UsageError(f"--context must be at least 1, got {context}", "pass --context 1 or more")
     recipe = target.default_recipe
     weight_from = "--quantize" if weights else f"{target.name} default_recipe.weights"
+    if not weights and shape.source_quantization:  # compiles on the checkpoint's int4 blocks
+        weights, weight_from = "int4", f"the source ({shape.source_quantization})"
     weight_name = precision_of(weights or recipe["weights"], "weight precision")
     if shape.kind == "encoder" and not weights and "encoder_weights" in recipe:
         weight_from = f"{target.name} default_recipe.encoder_weights"

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.errors import InputError
+from fdec.frontend.prequantized import INT4_METHODS, SOURCE_KEY
 
 __all__ = [
     "KV_DTYPES",
@@ -79,6 +80,9 @@ class ModelShape:
     mlp_bias: bool = False
     type_vocab_size: int = 0
     notes: tuple[str, ...] = ()
+    # "gptq int4" etc.: a checkpoint another tool quantized, which compiles to int4 by default
+    # (fdec.frontend.prequantized)
+    source_quantization: str = ""
 
     @property
     def is_decoder(self) -> bool:
@@ -218,7 +222,11 @@ def shape_from_config(config: dict[str, Any], name: str, where: str = "config.js
             "fix num_key_value_heads",
         )
     default_inner = 4 * hidden if layout == "gpt2" else None
+    quantization = config.get("quantization_config") or config.get(SOURCE_KEY)
+    quantization = quantization if isinstance(quantization, dict) else {}
+    method = quantization.get("quant_method", quantization.get("method"))
     return ModelShape(
+        source_quantization=f"{method} int4" if method in INT4_METHODS else "",
         name=name,
         model_type=model_type,
         kind=kind,
