@@ -71,6 +71,10 @@ _BAD = ".bad-"
 _DIGEST_INDEX_LIMIT = 4096  # entries kept in digests.json (the most recent)
 _RACY_NS = 2 * 10**9
 _KEY = re.compile(r"[0-9a-f]{64}")
+# Source folders fdec converted or downloaded (fdec.frontend.source): kept by `clear` unless
+# asked for everything, since making them again is slow (a GGUF or int4 checkpoint read as
+# float weights, a hub download).
+SOURCE_FOLDERS = ("gguf", "int4", "hub")
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -188,22 +192,25 @@ def _host_digest() -> str:
 class DigestIndex:
     """sha256 of files, remembered by (path, size, mtime_ns, ctime_ns, inode) in one JSON file.
 
-    `save` writes the index atomically; concurrent writers only lose each other's additions.
+    `save` adds its new digests to the file atomically; two writers at the same instant may
+    lose each other's additions (the files are then hashed again, nothing worse).
     With `folder=None` nothing is remembered (every file is hashed).
     """
 
     def __init__(self, folder: pathlib.Path | None):
         self.path = pathlib.Path(folder) / DIGEST_INDEX if folder is not None else None
-        self._data: dict[str, list[Any]] = {}
-        self._dirty = False
+        self._data = self._read()
+        self._added: dict[str, list[Any]] = {}
         self.hashed = self.remembered = 0
-        if self.path is not None:
-            try:
-                data = json.loads(self.path.read_text())
-                if isinstance(data, dict):
-                    self._data = {k: v for k, v in data.items() if isinstance(v, list)}
-            except (OSError, ValueError):
-                pass
+
+    def _read(self) -> dict[str, list[Any]]:
+        try:
+            data = json.loads(self.path.read_text()) if self.path is not None else {}
+        except (OSError, ValueError):
+            return {}
+        return (
+            {k: v for k, v in data.items() if isinstance(v, list)} if isinstance(data, dict) else {}
+        )
 
     def sha256(self, path: pathlib.Path) -> str:
         path = pathlib.Path(path).resolve()
@@ -218,21 +225,25 @@ class DigestIndex:
         # A file modified within the last seconds may change again within the same mtime tick
         # (git's "racy" files): hash it again next time rather than trust its stamp.
         if self.path is not None and time.time_ns() - stat.st_mtime_ns > _RACY_NS:
-            self._data.pop(str(path), None)
-            self._data[str(path)] = [*stamp, digest]
-            self._dirty = True
+            self._data[str(path)] = self._added[str(path)] = [*stamp, digest]
         return digest
 
     def save(self) -> None:
-        if self.path is None or not self._dirty:
+        """Add this index's new digests to the file as it is now (another compile, or another
+        index of this one, may have written it since it was read)."""
+        if self.path is None or not self._added:
             return
-        data = dict(list(self._data.items())[-_DIGEST_INDEX_LIMIT:])
+        data = self._read()
+        for name, row in self._added.items():
+            data.pop(name, None)
+            data[name] = row
+        data = dict(list(data.items())[-_DIGEST_INDEX_LIMIT:])
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
             partial.write_text(json.dumps(data))
             os.replace(partial, self.path)
-            self._dirty = False
+            self._added = {}
         except OSError as err:
             logger.warning("digest index not written (%s): %s", self.path, err)
 
@@ -502,7 +513,7 @@ def cache_info(folder: pathlib.Path) -> dict[str, Any]:
         row["entries"] += 1
         row["bytes"] += size
     others = {}
-    for name in ("calibration", "gguf", "hub"):
+    for name in ("calibration", *SOURCE_FOLDERS):
         path = folder / name
         if path.is_dir():
             others[name] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -516,7 +527,7 @@ def cache_info(folder: pathlib.Path) -> dict[str, Any]:
 
 
 # What fdec itself puts at the top of its cache folder; anything else is the user's.
-_CACHE_NAMES = (ENTRIES, "calibration", DIGEST_INDEX, "gguf", "hub")
+_CACHE_NAMES = (ENTRIES, "calibration", DIGEST_INDEX, *SOURCE_FOLDERS)
 
 
 def _check_cache_folder(folder: pathlib.Path) -> None:
@@ -543,10 +554,11 @@ def _check_cache_folder(folder: pathlib.Path) -> None:
 
 def clear_cache(folder: pathlib.Path, *, everything: bool = False) -> int:
     """Delete the cached results (entries, calibration statistics, the digest index); with
-    `everything`, converted GGUF models and hub downloads too. Returns the bytes freed."""
+    `everything`, converted GGUF and int4 models and hub downloads too. Returns the bytes
+    freed."""
     folder = pathlib.Path(folder)
     _check_cache_folder(folder)
-    names = [ENTRIES, "calibration", DIGEST_INDEX] + (["gguf", "hub"] if everything else [])
+    names = [ENTRIES, "calibration", DIGEST_INDEX] + (list(SOURCE_FOLDERS) if everything else [])
     freed = 0
     for name in names:
         path = folder / name

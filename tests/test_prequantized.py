@@ -412,3 +412,39 @@ def test_a_layer_split_across_shards_converts_into_bounded_files(
     assert stats["source_grid_kept"] == 14
     _kept_exactly(expected, tmp_path / "b")
     _close(summary)
+
+
+def test_a_converted_checkpoint_is_hashed_once_and_cleared_with_the_cache(
+    source, tmp_path, cli_runner, monkeypatch
+):
+    """The float folder an int4 checkpoint becomes is found again by the checkpoint's digest,
+    remembered in the cache's digest index: a compile after the first reads neither the
+    checkpoint's files nor the converted ones in full again (an 8B GPTQ is ~6 GB of them).
+    `fdec cache clear` keeps the converted folder, `--all` removes it."""
+    from fdec import cache as cache_module
+    from fdec.frontend.source import resolve_source
+
+    checkpoint, cache = tmp_path / "gptq", tmp_path / "cache"
+    _write_checkpoint(source, checkpoint, "gptq", 64)
+    monkeypatch.setattr(cache_module, "_RACY_NS", -1)  # files written just now count as settled
+    hashed = []
+    real = cache_module.sha256_file
+    monkeypatch.setattr(cache_module, "sha256_file", lambda path: hashed.append(path) or real(path))
+
+    folders = []
+    for _ in range(3):
+        hashed.clear()
+        folders.append(resolve_source(str(checkpoint), cache_dir=cache).folder)
+        if len(folders) == 1:
+            assert {p.name for p in hashed} == {p.name for p in checkpoint.iterdir()}
+        elif len(folders) == 2:  # the converted files, renamed into place after the first
+            assert hashed and all(p.is_relative_to(cache / "int4") for p in hashed)
+    assert hashed == [] and len(set(folders)) == 1
+    assert folders[0].parent == cache / "int4"
+
+    cleared = cli_runner.invoke(cli, ["cache", "clear", "--cache-dir", str(cache)])
+    assert cleared.exit_code == 0, cleared.output + cleared.stderr
+    assert folders[0].is_dir()
+    cleared = cli_runner.invoke(cli, ["cache", "clear", "--all", "--cache-dir", str(cache)])
+    assert cleared.exit_code == 0, cleared.output + cleared.stderr
+    assert not (cache / "int4").exists()

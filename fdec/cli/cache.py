@@ -44,7 +44,10 @@ def cache_info_command(cache_dir: pathlib.Path | None, as_json: bool) -> None:
 @cache_group.command("clear")
 @click.option("--cache-dir", type=click.Path(path_type=pathlib.Path), help="fdec's cache.")
 @click.option(
-    "--all", "everything", is_flag=True, help="Also converted GGUF models and hub downloads."
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Also converted GGUF and int4 checkpoints and hub downloads.",
 )
 def cache_clear_command(cache_dir: pathlib.Path | None, everything: bool) -> None:
     """Delete cached results (and with --all, converted and downloaded models too)."""

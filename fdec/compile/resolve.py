@@ -21,7 +21,7 @@ from fdec.compile.options import CompileOptions
 from fdec.compile.recipe import Recipe, check_emit, default_quantize, plan_pipeline
 from fdec.errors import InputError, UsageError
 from fdec.frontend.families import sliding_window
-from fdec.frontend.prequantized import INT4_METHODS, SOURCE_KEY
+from fdec.frontend.prequantized import SOURCE_KEY, int4_method
 from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.lower.profiles import ShapeLimits
 from fdec.passes import parse_pass_list, weight_quantizers
@@ -48,10 +48,9 @@ def _int4_folder(model: str) -> bool:
     (fdec.frontend.prequantized; hub ids are known once resolved, in `for_source`)."""
     try:
         config = json.loads((pathlib.Path(model).expanduser() / "config.json").read_text())
-        method = config["quantization_config"]["quant_method"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return False
-    return method in INT4_METHODS
+    return isinstance(config, dict) and int4_method(config) is not None
 
 
 def _int4_source(config: dict) -> str:

@@ -37,13 +37,20 @@ import numpy as np
 
 from fdec.errors import InputError
 
-__all__ = ["INT4_METHODS", "SOURCE_KEY", "Int4Checkpoint", "dequantize_folder", "int4_checkpoint"]
+__all__ = [
+    "INT4_METHODS",
+    "SOURCE_KEY",
+    "Int4Checkpoint",
+    "dequantize_folder",
+    "int4_checkpoint",
+    "int4_method",
+]
 
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds output column 8c + order[i]
-INT4_METHODS = ("gptq", "awq", "compressed-tensors")  # quant_method values read here
+_NAMES = {"gptq": "GPTQ", "awq": "AWQ"}  # methods whose config has bits / group_size
+INT4_METHODS = (*_NAMES, "compressed-tensors")  # quant_method values read here
 # config.json key recording, in the float folder, what the checkpoint was
 SOURCE_KEY = "fdec_source_quantization"
-_NAMES = {"gptq": "GPTQ", "awq": "AWQ"}
 _FLOAT_FIX = "give fdec the original float checkpoint; it quantizes it itself (--quantize int4-awq)"
 
 
@@ -67,6 +74,17 @@ class Int4Checkpoint:
         return f"{self.method} int4, {group}, {kind}"
 
 
+def int4_method(config: dict) -> str | None:
+    """The int4 method ("gptq", "awq", "compressed-tensors") a config.json names: a checkpoint's
+    `quantization_config`, or the float folder fdec converted it into (SOURCE_KEY); None for
+    anything else (a float model, or a method fdec does not read: `int4_checkpoint` refuses it)."""
+    quantization = config.get("quantization_config") or config.get(SOURCE_KEY)
+    if not isinstance(quantization, dict):
+        return None
+    method = quantization.get("quant_method", quantization.get("method"))
+    return method if method in INT4_METHODS else None
+
+
 def _refuse(folder: pathlib.Path, what: str, why: str, fix: str = _FLOAT_FIX) -> InputError:
     return InputError(f"{folder} holds a {what} checkpoint {why}", fix)
 
@@ -78,7 +96,7 @@ def int4_checkpoint(config: dict, folder: pathlib.Path) -> Int4Checkpoint | None
     if not isinstance(quantization, dict) or not quantization:
         return None
     method = str(quantization.get("quant_method") or "unknown method")
-    if method in ("gptq", "awq"):
+    if method in _NAMES:
         bits, group = quantization.get("bits"), quantization.get("group_size", 128)
         if bits != 4:
             raise _refuse(folder, f"{_NAMES[method]} {bits}-bit", "(fdec reads 4-bit ones)")

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 
 from fdec.build import FileLock, pid_alive, sha256_file
+from fdec.cache import DigestIndex
 from fdec.errors import InputError
 from fdec.frontend.families import Family, family_for_config
 from fdec.frontend.prequantized import dequantize_folder, int4_checkpoint
@@ -181,11 +182,6 @@ def _check_folder(
 ) -> ModelSource:
     config = _read_config(folder)
     family = family_for_config(config, str(folder / "config.json"))
-    if int4_checkpoint(config, folder) is not None:  # resolve_source converts these first
-        raise InputError(
-            f"{folder} holds an int4 checkpoint not converted to float weights",
-            "give fdec the folder as MODEL (it converts it once into its cache)",
-        )
     _check_rope(config, folder)
     safetensors = tuple(sorted(folder.glob("*.safetensors")))
     pickles = tuple(folder / name for name in _PICKLE_WEIGHTS if (folder / name).exists())
@@ -233,8 +229,9 @@ def _check_tokenizer_files(folder: pathlib.Path) -> None:
 _CACHE_MANIFEST = "fdec-cache.json"
 
 
-def _cache_entry_ok(folder: pathlib.Path) -> bool:
-    """A cache entry is whole when every file its manifest lists has the recorded sha256."""
+def _cache_entry_ok(folder: pathlib.Path, index: DigestIndex) -> bool:
+    """A cache entry is whole when every file its manifest lists has the recorded sha256
+    (remembered by `index` while the file's size, times and inode stay the same)."""
     try:
         recorded = json.loads((folder / _CACHE_MANIFEST).read_text())["files"]
         present = {p.name for p in folder.iterdir() if p.name != _CACHE_MANIFEST}
@@ -242,7 +239,7 @@ def _cache_entry_ok(folder: pathlib.Path) -> bool:
             return False
         for name, info in recorded.items():
             path = folder / name
-            if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+            if path.stat().st_size != info["bytes"] or index.sha256(path) != info["sha256"]:
                 return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -268,7 +265,7 @@ def _clean_stale_staging(parent: pathlib.Path) -> None:
 
 
 def _gguf_to_folder(
-    gguf: pathlib.Path, cache_dir: pathlib.Path, progress: Callable[[str], None]
+    gguf: pathlib.Path, cache_dir: pathlib.Path, progress: Callable[[str], None], index: DigestIndex
 ) -> pathlib.Path:
     """Convert a .gguf file once into a safetensors model folder in the cache; return it.
 
@@ -277,13 +274,16 @@ def _gguf_to_folder(
     GGUF-loaded model, so the state dict is saved with safetensors and the config is cleaned.
     """
     return _converted(
-        cache_dir / "gguf" / sha256_file(gguf)[:24], gguf.name,
-        lambda staging: _convert_gguf(gguf, staging, progress), progress,
+        cache_dir / "gguf" / index.sha256(gguf)[:24], gguf.name,
+        lambda staging: _convert_gguf(gguf, staging, progress), progress, index,
     )  # fmt: skip
 
 
 def _int4_to_folder(
-    folder: pathlib.Path, cache_dir: pathlib.Path, progress: Callable[[str], None]
+    folder: pathlib.Path,
+    cache_dir: pathlib.Path,
+    progress: Callable[[str], None],
+    index: DigestIndex,
 ) -> pathlib.Path:
     """A GPTQ / AWQ / compressed-tensors int4 checkpoint as a float folder in the cache
     (fdec.frontend.prequantized), keyed by its files' content; `folder` itself when it is
@@ -298,14 +298,15 @@ def _int4_to_folder(
             check_safetensors(path)
     digest = hashlib.sha256(_INT4_CONVERSION.encode())
     for path in files:
-        digest.update(f"{path.name}\0{sha256_file(path)}\0".encode())
+        digest.update(f"{path.name}\0{index.sha256(path)}\0".encode())
 
     def convert(staging: pathlib.Path) -> None:
         progress(f"{folder.name} is a {fmt.describe()} checkpoint: reading its groups as float "
                  "weights (once; the int4 build keeps them exactly)")  # fmt: skip
         dequantize_folder(folder, fmt, staging, progress)
 
-    return _converted(cache_dir / "int4" / digest.hexdigest()[:24], folder.name, convert, progress)
+    entry = cache_dir / "int4" / digest.hexdigest()[:24]
+    return _converted(entry, folder.name, convert, progress, index)
 
 
 # Bumped when dequantize_folder's output changes, so older cache entries are not reused.
@@ -317,6 +318,7 @@ def _converted(
     what: str,
     convert: Callable[[pathlib.Path], None],
     progress: Callable[[str], None],
+    index: DigestIndex,
 ) -> pathlib.Path:
     """`target`, a cache entry `convert` writes (into a staging folder) when it is not whole.
 
@@ -324,7 +326,7 @@ def _converted(
     place under a per-entry lock (a second compile waits, then reuses it), and an entry whose
     files do not match its manifest's sha256 (a damaged disk, a hand edit) is rebuilt.
     """
-    if _cache_entry_ok(target):
+    if _cache_entry_ok(target, index):
         return target
     key = target.name
     try:
@@ -338,7 +340,7 @@ def _converted(
         target.parent / f"{key}.lock", what=f"the cache entry for {what}", progress=progress
     )
     with lock:
-        if _cache_entry_ok(target):  # another compile made it while this one waited
+        if _cache_entry_ok(target, index):  # another compile made it while this one waited
             return target
         _clean_stale_staging(target.parent)
         if target.exists():
@@ -473,13 +475,27 @@ def resolve_source(
 ) -> ModelSource:
     """Turn what the user typed into a checked local model folder."""
     cache_dir = cache_dir or default_cache_dir()
+    index = DigestIndex(cache_dir)  # a GGUF file or int4 checkpoint is hashed once
+    try:
+        return _resolve(given, trust_pickle, cache_dir, progress, index)
+    finally:
+        index.save()
+
+
+def _resolve(
+    given: str,
+    trust_pickle: bool,
+    cache_dir: pathlib.Path,
+    progress: Callable[[str], None],
+    index: DigestIndex,
+) -> ModelSource:
     name = _BUNDLED_ALIASES.get(given.lower(), given.lower())
     path = pathlib.Path(given).expanduser()
     if name in BUNDLED_MODELS and not path.exists():
-        folder = _gguf_to_folder(_bundled_gguf(name), cache_dir, progress)
+        folder = _gguf_to_folder(_bundled_gguf(name), cache_dir, progress, index)
         return _check_folder(given, "bundled", folder, trust_pickle=False)
     if path.is_dir():
-        folder = _int4_to_folder(path.resolve(), cache_dir, progress)
+        folder = _int4_to_folder(path.resolve(), cache_dir, progress, index)
         source = _check_folder(given, "folder", folder, trust_pickle=trust_pickle)
         if not source.has_tokenizer:
             # Documented fallback: verification and calibration use fixed pseudo-random ids.
@@ -495,14 +511,15 @@ def resolve_source(
                 "give the model folder (config.json + *.safetensors) or .gguf file it came from",
             )
         if path.suffix.lower() == ".gguf":
-            folder = _gguf_to_folder(path.resolve(), cache_dir, progress)
+            folder = _gguf_to_folder(path.resolve(), cache_dir, progress, index)
             return _check_folder(given, "gguf", folder, trust_pickle=False)
         raise InputError(
             f"{given} is a file, not a model",
             "give a model folder (config.json + *.safetensors) or a .gguf file",
         )
     if _HUB_ID.match(given) and not given.startswith((".", "/")):
-        folder = _int4_to_folder(_from_hub(given, cache_dir, progress), cache_dir, progress)
+        folder = _from_hub(given, cache_dir, progress)
+        folder = _int4_to_folder(folder, cache_dir, progress, index)
         return _check_folder(given, "hub", folder, trust_pickle=False)
     raise InputError(
         f"model path {given!r} does not exist",

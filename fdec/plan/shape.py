@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.errors import InputError
-from fdec.frontend.prequantized import INT4_METHODS, SOURCE_KEY
+from fdec.frontend.prequantized import int4_method
 
 __all__ = [
     "KV_DTYPES",
@@ -222,11 +222,9 @@ def shape_from_config(config: dict[str, Any], name: str, where: str = "config.js
             "fix num_key_value_heads",
         )
     default_inner = 4 * hidden if layout == "gpt2" else None
-    quantization = config.get("quantization_config") or config.get(SOURCE_KEY)
-    quantization = quantization if isinstance(quantization, dict) else {}
-    method = quantization.get("quant_method", quantization.get("method"))
+    method = int4_method(config)
     return ModelShape(
-        source_quantization=f"{method} int4" if method in INT4_METHODS else "",
+        source_quantization=f"{method} int4" if method else "",
         name=name,
         model_type=model_type,
         kind=kind,
