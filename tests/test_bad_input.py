@@ -201,8 +201,6 @@ def test_config_transformers_refuses_is_one_line(tiny_models, cli_runner, tmp_pa
       ["already quantized", "bitsandbytes", "original float checkpoint"]),
      ({"quant_method": "gptq", "bits": 8, "group_size": 128},
       ["GPTQ 8-bit", "fdec reads 4-bit ones", "original float checkpoint"]),
-     ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True},
-      ["activation order", "desc_act=false"]),
      ({"quant_method": "awq", "bits": 4, "version": "gemv"}, ["AWQ gemv", "GEMM"]),
      ({"quant_method": "gptq", "bits": 4, "group_size": 128}, ["no layer holds qweight"])],
 )  # fmt: skip

@@ -63,11 +63,6 @@ def _grid(weight, group, symmetric, widen=1.2):
     return codes, zeros, scales
 
 
-def _dequantized(codes, zeros, scales, group):
-    rows = np.arange(codes.shape[0]) // group
-    return ((codes - zeros[rows]) * scales[rows]).T.astype(np.float32)  # [N, K]
-
-
 def _pack_rows(values):
     """[K, N] 4-bit values as int32 [K/8, N]: input 8r + j in bits 4j of word r."""
     v = values.astype(np.uint32).reshape(-1, 8, values.shape[1])
@@ -80,9 +75,21 @@ def _pack_columns(values, order=tuple(range(8))):
     return sum(v[:, :, order[i]] << (4 * i) for i in range(8)).astype(np.uint32).view(np.int32)
 
 
-def _write_checkpoint(source, folder, method, group, symmetric=False):
+def _activation_order(prefix, k):
+    """The order GPTQ's desc_act quantizes a layer's inputs in: by its input's statistics, so
+    layers reading one input (q/k/v, gate/up) share it. Here a random one per input."""
+    layer, kind = prefix.split(".")[2], prefix.rsplit(".", 1)[-1]
+    reads = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp",
+             "up_proj": "mlp"}.get(kind, kind)  # fmt: skip
+    seed = int(layer) * 10 + ["attn", "o_proj", "mlp", "down_proj"].index(reads)
+    return np.random.default_rng(seed).permutation(k)
+
+
+def _write_checkpoint(source, folder, method, group, symmetric=False, act_order=False):
     """`source` as a GPTQ (v1 format) or AWQ (GEMM) checkpoint in `folder`; returns the float
-    weights its groups stand for, by parameter name."""
+    weights its groups stand for, by parameter name. With `act_order` (GPTQ's desc_act) each
+    layer's groups are consecutive in `_activation_order`, not in its inputs' order: `g_idx`
+    names each input's group."""
     import safetensors.torch
 
     model = _float_model(source)
@@ -92,12 +99,19 @@ def _write_checkpoint(source, folder, method, group, symmetric=False):
         prefix = name.removesuffix(".weight")
         if not name.endswith(".weight") or prefix.rsplit(".", 1)[-1] not in _LINEAR:
             continue
-        codes, zeros, scales = _grid(tensors.pop(name), group, symmetric)
-        expected[name] = _dequantized(codes, zeros, scales, group)
+        weight = tensors.pop(name)
+        k = weight.shape[1]
+        order = _activation_order(prefix, k) if act_order else np.arange(k)
+        codes, zeros, scales = _grid(weight[:, order], group, symmetric)
+        inputs = np.empty_like(order)
+        inputs[order] = np.arange(k)  # input i is the inputs[i]-th in order
+        codes = codes[inputs]  # [K, N] rows back in input order
+        g_idx = inputs // group
+        expected[name] = ((codes - zeros[g_idx]) * scales[g_idx]).T.astype(np.float32)
         if method == "gptq":
             tensors[f"{prefix}.qweight"] = _pack_rows(codes)
             tensors[f"{prefix}.qzeros"] = _pack_columns((zeros - 1) & 0xF)  # v1: stored minus one
-            tensors[f"{prefix}.g_idx"] = np.arange(codes.shape[0], dtype=np.int32) // group
+            tensors[f"{prefix}.g_idx"] = g_idx.astype(np.int32)
         else:
             tensors[f"{prefix}.qweight"] = _pack_columns(codes, _AWQ_ORDER)
             tensors[f"{prefix}.qzeros"] = _pack_columns(zeros, _AWQ_ORDER)
@@ -110,7 +124,7 @@ def _write_checkpoint(source, folder, method, group, symmetric=False):
     )
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = (
-        {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
+        {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": act_order,
          "sym": symmetric, "checkpoint_format": "gptq"}
         if method == "gptq"
         else {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
@@ -266,6 +280,76 @@ def test_a_gptq_checkpoint_compiles_with_its_own_int4_blocks(
     _close(summary)
 
 
+def _input_orders(build):
+    """The Gathers re-laying a MatMul input in an order: their index arrays."""
+    model = onnx.load(str(build / "model.onnx"))
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [arrays[node.input[1]] for node in model.graph.node
+            if node.op_type == "Gather" and node.input[1] in arrays]  # fmt: skip
+
+
+def test_an_activation_ordered_gptq_checkpoint_keeps_its_blocks_behind_one_gather_per_input(
+    source, tmp_path, cli_runner
+):
+    """GPTQ's desc_act (GPTQModel's default): groups are consecutive in the order the inputs
+    were quantized in, not in the inputs' own. Was refused ("activation order"); now each
+    layer's inputs are gathered into group order, and its blocks are kept there."""
+    checkpoint = tmp_path / "gptq"
+    expected = _write_checkpoint(source, checkpoint, "gptq", 32, act_order=True)
+    summary, report = _compile(cli_runner, checkpoint, tmp_path / "cpu", "--target", "cpu")
+    stats = next(p for p in report["passes"] if p["name"] == "quantize-int4-awq")["stats"]
+    assert stats["source_grid_kept"] == 14
+    in_group_order = {}
+    for name, weight in expected.items():
+        g_idx = _activation_order(name.removesuffix(".weight"), weight.shape[1]).argsort() // 32
+        in_group_order[name] = weight[:, np.argsort(g_idx, kind="stable")]
+    _kept_exactly(in_group_order, tmp_path / "cpu")
+    # q/k/v read one input in one order, gate/up another: 4 Gathers a layer, not 7
+    orders = _input_orders(tmp_path / "cpu")
+    assert len(orders) == 2 * 4 and all(sorted(o) == list(range(len(o))) for o in orders)
+    _close(summary)
+    # The fp16 CUDA model keeps them too, its Gathers on the GPU
+    out = tmp_path / "h200"
+    summary, report = _compile(cli_runner, checkpoint, out, "--target", "h200",
+                               "--backend", "onnxruntime")  # fmt: skip
+    _kept_exactly(in_group_order, out)
+    assert len(_input_orders(out)) == 8
+    _close(summary)
+    assert report["cuda_placement"]["cpu_nodes"] == 0
+    assert report["cuda_placement"]["memcpy_nodes"] == 0
+    # A build's HF checkpoint (round to nearest keeps them too) holds the weights in the
+    # inputs' own order (in float: compressed-tensors reads consecutive groups only); it held
+    # them in the gathered order, logits 4.8 off
+    out = tmp_path / "emit"
+    _compile(cli_runner, checkpoint, out, "--target", "cpu", "--quantize", "int4",
+             "--emit", "hf-checkpoint")  # fmt: skip
+    _kept_exactly(in_group_order, out)
+    reference = _float_model(report["source"]["folder"])
+    emitted = _float_model(out / "hf-checkpoint")
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        assert (reference(ids).logits - emitted(ids).logits).abs().max() < 0.05
+
+
+def test_activation_order_with_unequal_groups_is_refused(source, tmp_path, cli_runner):
+    """Groups of other sizes than group_size (no consecutive blocks hold them): one line."""
+    import safetensors.torch
+
+    checkpoint = tmp_path / "gptq"
+    _write_checkpoint(source, checkpoint, "gptq", 32, act_order=True)
+    tensors = safetensors.torch.load_file(str(checkpoint / "model.safetensors"))
+    g_idx = tensors["model.layers.1.mlp.down_proj.g_idx"]
+    g_idx[g_idx == 1] = 0  # group 0 of 64 inputs, group 1 of none
+    safetensors.torch.save_file(tensors, str(checkpoint / "model.safetensors"))
+    out = tmp_path / "b"
+    result = cli_runner.invoke(cli, ["compile", str(checkpoint), "-o", str(out), "--quiet"])
+    assert result.exit_code == 2 and not out.exists()
+    error = result.stderr.strip()
+    assert len(error.splitlines()) == 1
+    assert "down_proj" in error and "groups of other sizes than 32" in error
+    assert "static-groups or desc_act=false variant" in error
+
+
 def test_an_awq_checkpoint_reads_as_compressed_tensors_reads_it(source, tmp_path, cli_runner):
     from compressed_tensors.entrypoints.convert import convert_checkpoint
     from compressed_tensors.entrypoints.convert.converters import AutoAWQConverter
@@ -325,13 +409,14 @@ def test_a_symmetric_gptq_checkpoint_keeps_its_blocks_in_a_tensorrt_rtx_engine(
 ):
     """TensorRT's blocked DequantizeLinear takes the symmetric blocks (int4, no zero points):
     a real TensorRT-RTX engine builds from them. Asymmetric ones are rounded again: its parser
-    refused uint4 zero points ("cannot take 1 node(s)")."""
+    refused uint4 zero points ("cannot take 1 node(s)"). The symmetric one is activation
+    ordered: the engine takes the Gathers that re-lay its inputs."""
     import tensorrt_rtx  # noqa: F401  (installed by the rtx extra, as in CI)
 
     kept = {}
     for name, symmetric in (("sym", True), ("asym", False)):
         checkpoint = tmp_path / name
-        _write_checkpoint(source, checkpoint, "gptq", 128, symmetric)
+        _write_checkpoint(source, checkpoint, "gptq", 128, symmetric, act_order=symmetric)
         # options for int4-awq's pass, though rtx4090's own default is fp8: the source decides
         summary, report = _compile(cli_runner, checkpoint, tmp_path / f"b-{name}", "--target",
                                    "rtx4090", "--pass-options", "quantize-int4-awq.clip=true")  # fmt: skip
@@ -341,6 +426,8 @@ def test_a_symmetric_gptq_checkpoint_keeps_its_blocks_in_a_tensorrt_rtx_engine(
         assert summary["verification"]["ok"] is True
     # an asymmetric layer whose every block also fits the zero point 8 is kept too
     assert kept["sym"] == 14 and kept["asym"] < 14
+    # groups of 128: only down_proj (256 inputs) has two groups, so an order to keep
+    assert len(_input_orders(tmp_path / "b-sym")) == 2
 
 
 def _packed_codes(build):

@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from fdec.errors import CompileError, InputError
 from fdec.frontend.families import build_spec
+from fdec.frontend.input_order import apply_input_orders, read_input_orders
 from fdec.frontend.source import ModelSource
 from fdec.ir import FdecModel
 
@@ -327,6 +328,7 @@ def import_model(
     )
     _check_config_matches_weights(hf_model, source)
     model, inputs, outputs = export_model(hf_model, source.family.kind)
+    apply_input_orders(model.graph, read_input_orders(source))
     spec = build_spec(
         source.family,
         hf_model.config,

@@ -19,14 +19,21 @@ Formats (config.json `quantization_config`):
   [groups, N/8], both packed along the outputs in the order 0 2 4 6 1 3 5 7, `scales` [groups, N].
 - compressed-tensors `pack-quantized` (llm-compressor's W4A16): `weight_packed` int32 [N, K/8]
   holding code + 8, `weight_scale` [N, groups], `weight_zero_point` int32 [N/8, groups] (asymmetric
-  only, zero point + 8), `weight_shape`.
-Refused, with the reason: other bit widths, activation order (groups that are not consecutive
-inputs), AWQ's GEMV layouts, and any other method.
+  only, zero point + 8), `weight_shape`, and `weight_g_idx` where groups follow activation order.
+
+Activation order (GPTQ `desc_act`, compressed-tensors `actorder` "group"): a layer's groups are
+not consecutive inputs; its `g_idx` names each input's group. The float weight is exact all the
+same; the inputs sorted by group make consecutive blocks again, and that order is kept beside the
+weights (INPUT_ORDER_FILE) for the import to re-lay each such layer's inputs in it
+(fdec.frontend.input_order): the int4 blocks are then found and kept like any others.
+Refused, with the reason: other bit widths, groups of unequal sizes, AWQ's GEMV layouts, and any
+other method.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import shutil
@@ -38,6 +45,7 @@ import numpy as np
 from fdec.errors import InputError
 
 __all__ = [
+    "INPUT_ORDER_FILE",
     "INT4_METHODS",
     "SOURCE_KEY",
     "Int4Checkpoint",
@@ -51,6 +59,10 @@ _NAMES = {"gptq": "GPTQ", "awq": "AWQ"}  # methods whose config has bits / group
 INT4_METHODS = (*_NAMES, "compressed-tensors")  # quant_method values read here
 # config.json key recording, in the float folder, what the checkpoint was
 SOURCE_KEY = "fdec_source_quantization"
+# Written beside the float weights: each activation-ordered layer's input order (weight name →
+# the inputs sorted by group), in safetensors' format (no pickles, the same bytes every time),
+# named so that nothing takes it for the model's weights.
+INPUT_ORDER_FILE = "fdec-input-order.tensors"
 _FLOAT_FIX = "give fdec the original float checkpoint; it quantizes it itself (--quantize int4-awq)"
 
 
@@ -100,12 +112,6 @@ def int4_checkpoint(config: dict, folder: pathlib.Path) -> Int4Checkpoint | None
         bits, group = quantization.get("bits"), quantization.get("group_size", 128)
         if bits != 4:
             raise _refuse(folder, f"{_NAMES[method]} {bits}-bit", "(fdec reads 4-bit ones)")
-        if method == "gptq" and quantization.get("desc_act"):
-            raise _refuse(
-                folder, "GPTQ", "with activation order (desc_act): its groups are not "
-                "consecutive inputs, which MatMulNBits' blocks must be",
-                "use the checkpoint's desc_act=false variant, or its float original",
-            )  # fmt: skip
         if method == "awq" and str(quantization.get("version", "gemm")).lower() != "gemm":
             raise _refuse(
                 folder, f"AWQ {quantization.get('version')}", "(fdec reads AWQ's GEMM layout)"
@@ -145,11 +151,10 @@ def _compressed_tensors(quantization: dict, folder: pathlib.Path) -> Int4Checkpo
     strategy = weights.get("strategy")
     if weights.get("num_bits") != 4 or weights.get("type", "int") != "int":
         raise _refuse(folder, "compressed-tensors", "whose weights are not 4-bit integers")
-    if strategy not in ("group", "channel") or weights.get("actorder"):
+    if strategy not in ("group", "channel"):
         raise _refuse(
-            folder, "compressed-tensors", f"with strategy {strategy!r}"
-            + (f" and activation order {weights.get('actorder')!r}" if weights.get("actorder") else "")
-            + " (fdec reads groups of consecutive inputs, or channels)",
+            folder, "compressed-tensors", f"with strategy {strategy!r} (fdec reads groups of "
+            "inputs, or channels)",
         )  # fmt: skip
     group = int(weights.get("group_size") or -1) if strategy == "group" else -1
     return Int4Checkpoint("compressed-tensors", group, symmetric=bool(weights.get("symmetric")))
@@ -165,8 +170,11 @@ def _nibbles(words: np.ndarray, axis: int) -> np.ndarray:
     return nibbles.reshape(words.shape[0], -1)
 
 
-def _weight(layer: dict[str, np.ndarray], fmt: Int4Checkpoint, name: str) -> np.ndarray:
-    """One quantized linear layer as its float32 weight [N, K] (torch's Linear layout)."""
+def _weight(
+    layer: dict[str, np.ndarray], fmt: Int4Checkpoint, name: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One quantized linear layer as its float32 weight [N, K] (torch's Linear layout), and the
+    order of its inputs that makes its groups consecutive (None: they already are)."""
     if fmt.method == "compressed-tensors":
         n, k = (int(d) for d in layer["weight_shape"])
         codes = _nibbles(layer["weight_packed"], axis=1)[:, :k] - 8  # [N, K]
@@ -174,8 +182,8 @@ def _weight(layer: dict[str, np.ndarray], fmt: Int4Checkpoint, name: str) -> np.
         zeros = np.zeros_like(scales)
         if "weight_zero_point" in layer:
             zeros = _nibbles(layer["weight_zero_point"], axis=0)[:n].astype(np.float32) - 8
-        groups = _group_index(k, fmt.group_size, scales.shape[1], name)
-        return ((codes - zeros[:, groups]) * scales[:, groups]).astype(np.float32)
+        groups, order = _groups(k, fmt.group_size, scales.shape[1], layer.get("weight_g_idx"), name)
+        return ((codes - zeros[:, groups]) * scales[:, groups]).astype(np.float32), order
     if fmt.method == "gptq":
         codes = _nibbles(layer["qweight"], axis=0)  # [K, N]
         zeros = _nibbles(layer["qzeros"], axis=1)  # [groups, N]
@@ -187,14 +195,8 @@ def _weight(layer: dict[str, np.ndarray], fmt: Int4Checkpoint, name: str) -> np.
         zeros = _reorder(_nibbles(layer["qzeros"], axis=1), order)
     k, scales = codes.shape[0], layer["scales"].astype(np.float32)  # [groups, N]
     zeros = zeros[:, : codes.shape[1]]
-    groups = _group_index(k, fmt.group_size, scales.shape[0], name)
-    if "g_idx" in layer and not np.array_equal(layer["g_idx"].astype(np.int64), groups):
-        raise InputError(
-            f"{name}: its g_idx puts inputs in groups out of order (activation order), which "
-            "MatMulNBits' consecutive blocks cannot hold",
-            "use the checkpoint's desc_act=false variant, or its float original",
-        )
-    return ((codes - zeros[groups]) * scales[groups]).T.astype(np.float32)
+    groups, order = _groups(k, fmt.group_size, scales.shape[0], layer.get("g_idx"), name)
+    return ((codes - zeros[groups]) * scales[groups]).T.astype(np.float32), order
 
 
 def _reorder(nibbles: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -203,15 +205,37 @@ def _reorder(nibbles: np.ndarray, order: np.ndarray) -> np.ndarray:
     return nibbles.reshape(rows, columns // 8, 8)[:, :, order].reshape(rows, columns)
 
 
-def _group_index(k: int, group_size: int, groups: int, name: str) -> np.ndarray:
+def _groups(
+    k: int, group_size: int, groups: int, g_idx: np.ndarray | None, name: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each input's group, and (activation order) the input order that makes groups
+    consecutive: `g_idx` where the checkpoint has one, else consecutive groups of
+    `group_size` (-1: one group)."""
     size = k if group_size == -1 else group_size
-    index = np.arange(k) // size
-    if index[-1] + 1 != groups:
+    consecutive = np.arange(k) // size
+    if consecutive[-1] + 1 != groups:
         raise InputError(
             f"{name}: {groups} groups of scales for {k} inputs in groups of {size}",
             "the checkpoint does not match its quantization_config; re-download it",
         )
-    return index
+    if g_idx is None:
+        return consecutive, None
+    g_idx = np.asarray(g_idx).astype(np.int64).reshape(-1)
+    if g_idx.shape != (k,) or np.array_equal(g_idx, consecutive):
+        if g_idx.shape != (k,):
+            raise InputError(
+                f"{name}: g_idx has {g_idx.size} entries for {k} inputs",
+                "the checkpoint is damaged; re-download it",
+            )
+        return consecutive, None
+    order = np.argsort(g_idx, kind="stable")
+    if not np.array_equal(g_idx[order], consecutive):
+        raise InputError(
+            f"{name}: its g_idx makes groups of other sizes than {size} inputs, which "
+            "MatMulNBits' equal blocks cannot hold",
+            "use the checkpoint's static-groups or desc_act=false variant, or its float original",
+        )
+    return g_idx, order
 
 
 _SHARD_BYTES = 2 << 30  # float32 written per output file (an 8B's layers: ~16 files)
@@ -279,6 +303,7 @@ def dequantize_folder(
     files (tokenizer, generation config, chat template) copied. Tensors are read one at a time
     from wherever they are (a layer's may span two files), so memory holds one output file's
     worth. Returns the layers dequantized."""
+    import safetensors.numpy
     import safetensors.torch
     from safetensors import safe_open
 
@@ -295,6 +320,7 @@ def dequantize_folder(
         )
     parts = {f"{prefix}.{part}" for prefix in quantized for part in _LAYER_TENSORS[fmt.method]}
     writer = _ShardWriter(staging, safetensors.torch.save_file)
+    orders: dict[str, np.ndarray] = {}
     for number, prefix in enumerate(quantized, 1):
         if number == 1 or number % 50 == 0:
             progress(f"dequantizing {fmt.describe()} layers ({number}/{len(quantized)})")
@@ -312,7 +338,10 @@ def dequantize_folder(
                 f"{folder}: {prefix} has {fmt.packed} but no {missing[0]}",
                 "the checkpoint is incomplete; re-download it",
             )
-        writer.add(f"{prefix}.weight", np.ascontiguousarray(_weight(layer, fmt, prefix)))
+        weight, order = _weight(layer, fmt, prefix)
+        writer.add(f"{prefix}.weight", np.ascontiguousarray(weight))
+        if order is not None:
+            orders[f"{prefix}.weight"] = order.astype(np.int64)
     for name, handle in where.items():
         if not name.endswith(suffix) and name not in parts:
             writer.add(name, handle.get_tensor(name))
@@ -321,6 +350,13 @@ def dequantize_folder(
     config = json.loads((folder / "config.json").read_text())
     config[SOURCE_KEY] = {"method": fmt.method, "bits": 4, "group_size": fmt.group_size,
                           "symmetric": fmt.symmetric}  # fmt: skip
+    if orders:  # config.json carries the file's digest: what the build depends on
+        data = safetensors.numpy.save(orders)
+        (staging / INPUT_ORDER_FILE).write_bytes(data)
+        config[SOURCE_KEY]["input_order"] = {
+            "file": INPUT_ORDER_FILE, "layers": len(orders),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }  # fmt: skip
     config.pop("quantization_config", None)
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     for path in folder.iterdir():

@@ -33,6 +33,7 @@ from fdec.frontend.export import (
     seed_longrope,
 )
 from fdec.frontend.families import build_spec
+from fdec.frontend.input_order import apply_input_orders, read_input_orders
 from fdec.frontend.source import ModelSource
 from fdec.ir import FdecModel
 
@@ -333,6 +334,7 @@ def import_streamed(
     )
     counts = bind_initializers(model, index, aliases, {**_traced_constants(model), **buffers})
     counts["relaid"] = _relay_weight_transposes(model.graph) if relay else 0
+    counts["input_orders"] = apply_input_orders(model.graph, read_input_orders(source))
     logger.info("streamed export: initializers %s", counts)
     spec = build_spec(
         source.family, skeleton.config, aliases, set(model.graph.initializers), inputs, outputs

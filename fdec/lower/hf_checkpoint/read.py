@@ -13,7 +13,7 @@ from fdec.errors import CompileError, UsageError
 from fdec.lower.hf_checkpoint.expected import Parameter
 from fdec.lower.hf_checkpoint.supported import SUPPORTED_QUANTIZE
 
-__all__ = ["FLOAT_TYPES", "Blocked", "blocked_of", "float_tensor"]
+__all__ = ["FLOAT_TYPES", "Blocked", "blocked_of", "float_tensor", "input_order"]
 
 _MS_DOMAIN = "com.microsoft"
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
@@ -226,3 +226,50 @@ def blocked_of(value: ir.Value) -> Blocked | None:
         "float and block-quantized (MatMulNBits, blocked DequantizeLinear) weights only",
         "drop the pass that produced it, or emit the ONNX build only",
     )
+
+
+# Ops between a weight initializer and the matmul reading it, and the matmuls themselves.
+_WEIGHT_PATH = {("", "Transpose"): 0, ("", "DequantizeLinear"): 0}
+_MATMULS = {("", "MatMul"), ("", "Gemm"), (_MS_DOMAIN, "MatMulNBits")}
+
+
+def input_order(value: ir.Value) -> np.ndarray | None:
+    """The order the matmuls reading weight `value` take their inputs in, where a constant
+    Gather re-lays them (an activation-ordered int4 source: fdec.frontend.input_order):
+    the weight's K axis is then in that order, and input `order[j]` meets its row j. None
+    where the inputs come as they are."""
+    found: set[bytes] = set()
+    orders = []
+    pending = [value]
+    while pending:
+        for use in pending.pop().uses():
+            node = use.node
+            if _WEIGHT_PATH.get((node.domain, node.op_type)) == use.idx:
+                pending.append(node.outputs[0])
+                continue
+            if (node.domain, node.op_type) not in _MATMULS or use.idx != 1:
+                continue
+            gather = node.inputs[0].producer() if node.inputs[0] is not None else None
+            order = _gathered(gather)
+            key = order.tobytes() if order is not None else b""
+            if key not in found:
+                found.add(key)
+                orders.append(order)
+    if len(orders) > 1:
+        raise CompileError(
+            f"weight {value.name!r} is read with its inputs in {len(orders)} different orders",
+            "report the model to the fdec developers",
+        )
+    return orders[0] if orders else None
+
+
+def _gathered(node: ir.Node | None) -> np.ndarray | None:
+    """The constant indices of a Gather along the last axis, or None."""
+    if node is None or node.op_type != "Gather" or node.domain != "":
+        return None
+    indices = node.inputs[1].const_value if node.inputs[1] is not None else None
+    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+    axis = _int_attr(node, "axis", 0)
+    if indices is None or rank is None or axis not in (-1, rank - 1):
+        return None
+    return indices.numpy().astype(np.int64).reshape(-1)

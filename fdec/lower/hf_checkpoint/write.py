@@ -18,7 +18,13 @@ from fdec.frontend.families import family_for_config
 from fdec.ir import FdecModel
 from fdec.lower.hf_checkpoint.expected import Parameter, expected_parameters
 from fdec.lower.hf_checkpoint.pack import PACK_FORMAT, pack_weight, quantization_config
-from fdec.lower.hf_checkpoint.read import FLOAT_TYPES, Blocked, blocked_of, float_tensor
+from fdec.lower.hf_checkpoint.read import (
+    FLOAT_TYPES,
+    Blocked,
+    blocked_of,
+    float_tensor,
+    input_order,
+)
 
 __all__ = ["CHECKPOINT_DIR", "SAFETENSORS_FILE", "write_hf_checkpoint"]
 
@@ -128,23 +134,28 @@ def _collect(
                 f"the graph holds no weight for HF parameter {parameter.name!r}",
                 "a pass removed or folded it; emit the ONNX build only, or report the model",
             )
+        order = input_order(value)
         if value.const_value.dtype in FLOAT_TYPES:
-            found.floats[parameter.name] = float_tensor(value, parameter)
+            found.floats[parameter.name] = _in_input_order(
+                float_tensor(value, parameter), order, parameter
+            )
             continue
         weight = blocked_of(value)
         is_lm_head = family.role_of(parameter.name) == "lm_head"
         if (
-            parameter.kind == "linear"
+            order is None
+            and parameter.kind == "linear"
             and weight.bits == 4
             and weight.shape == parameter.shape
             and (pack_lm_head or not is_lm_head)
         ):
             found.quantized[parameter.module] = weight
             continue
-        # Not an nn.Linear (GPT-2's Conv1D), an lm_head engines would not read packed, or 8
-        # bits (an int4 recipe's lm_head_bits; the checkpoint's one scheme is W4A16): write it
-        # in float, with the values the graph computes.
-        array = weight.dequantized()  # [out, in]
+        # Not an nn.Linear (GPT-2's Conv1D), an lm_head engines would not read packed, 8 bits
+        # (an int4 recipe's lm_head_bits; the checkpoint's one scheme is W4A16), or blocks of
+        # inputs in another order (an activation-ordered source: compressed-tensors reads
+        # consecutive groups only): write it in float, with the values the graph computes.
+        array = _in_input_order(weight.dequantized(), order, parameter)  # [out, in]
         if parameter.kind == "conv1d":
             array = array.T
         if array.shape != parameter.shape:
@@ -157,11 +168,30 @@ def _collect(
         found.dequantized.append(parameter.name)
         log = logger.info if is_lm_head else logger.warning
         log(
-            "%d-bit weight %s written dequantized (float): no packed format loads it",
+            "%d-bit weight %s written dequantized (float): %s",
             weight.bits,
             value.name,
+            "its blocks follow the source's activation order, which compressed-tensors does "
+            "not read"
+            if order is not None
+            else "no packed format loads it",
         )
     return found
+
+
+def _in_input_order(array: np.ndarray, order: np.ndarray | None, parameter: Parameter):
+    """A [out, in] weight whose inputs the graph gathers in `order`, in the inputs' order."""
+    if order is None:
+        return array
+    if parameter.kind != "linear" or sorted(order) != list(range(array.shape[1])):
+        raise CompileError(
+            f"the graph gathers the inputs of {parameter.name!r} in an order the HF checkpoint "
+            "cannot hold",
+            "emit the ONNX build only, or report the model to the fdec developers",
+        )
+    natural = np.empty_like(array)
+    natural[:, order] = array
+    return natural
 
 
 def _pack_all(

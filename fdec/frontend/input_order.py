@@ -1,0 +1,125 @@
+"""Linear layers' inputs re-laid in the order an activation-ordered int4 checkpoint's groups need.
+
+A GPTQ checkpoint made with `desc_act` (GPTQModel's default) quantized each layer's inputs in
+the order of their activations' size, so its groups are not consecutive inputs: `g_idx` names
+each input's group. MatMulNBits' and DequantizeLinear's blocks are consecutive inputs, and
+MatMulNBits' own `g_idx` input is deprecated (ONNX Runtime 1.23), runs on its CPU's slow path
+only and is refused by its 2-bit CUDA kernel. So the converted folder keeps, beside the exact
+float weights, the order that sorts each such layer's inputs by group
+(fdec.frontend.prequantized.INPUT_ORDER_FILE), and the import re-lays the graph in it:
+
+    x @ W.T  =  Gather(x, order, axis=-1) @ W[:, order].T
+
+exactly (a sum in another order), before any pass. The int4 quantizers then find the
+checkpoint's blocks in W[:, order] like any others and keep them. Layers reading the same input
+in the same order (GPTQ orders by the input's statistics: q/k/v, gate/up) share one Gather,
+which moves one activation row per token: [tokens, hidden] elements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from fdec.errors import InputError
+from fdec.frontend.prequantized import SOURCE_KEY
+
+__all__ = ["apply_input_orders", "read_input_orders"]
+
+
+def read_input_orders(source: Any) -> dict[str, np.ndarray]:
+    """Weight name → input order, for the activation-ordered layers of a converted int4
+    checkpoint (empty for every other source); checked against the digest config.json holds."""
+    found = (source.config.get(SOURCE_KEY) or {}).get("input_order")
+    if not found:
+        return {}
+    import safetensors.numpy
+
+    path = source.folder / found["file"]
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        data, why = b"", err.strerror or str(err)
+    else:
+        why = "its digest differs from config.json's"
+    if hashlib.sha256(data).hexdigest() != found["sha256"]:
+        raise InputError(
+            f"{path} ({why}) does not hold the input order the converted checkpoint needs",
+            "run `fdec cache clear --all` and compile again (the checkpoint is converted anew)",
+        )
+    return safetensors.numpy.load(data)
+
+
+def _permuted(tensor: Any, order: np.ndarray, axis: int) -> ir.LazyTensor:
+    """`tensor` with its `axis` taken in `order`, read when asked (a streamed weight stays on
+    disk until then)."""
+    return ir.LazyTensor(
+        lambda: ir.tensor(np.ascontiguousarray(np.take(tensor.numpy(), order, axis=axis))),
+        dtype=tensor.dtype,
+        shape=tensor.shape,
+        name=tensor.name,
+    )
+
+
+def _weight_reads(value: ir.Value) -> list[tuple[ir.Node, int]] | None:
+    """The MatMuls reading `value` as their weight, and the axis of `value` that is their K:
+    through its export's Transpose (a [N, K] weight, axis 1) or directly (a weight re-laid as
+    [K, N] by the streamed import, axis 0). None where anything else reads it."""
+    uses = list(value.uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Transpose" and uses[0].node.domain == "":
+        transpose = uses[0].node
+        perm = transpose.attributes.get("perm")
+        if perm is None or tuple(perm.as_ints()) != (1, 0):
+            return None
+        reads = list(transpose.outputs[0].uses())
+        axis = 1
+    else:
+        reads, axis = uses, 0
+    if not reads or any(u.node.op_type != "MatMul" or u.node.domain != "" or u.idx != 1
+                        for u in reads):  # fmt: skip
+        return None
+    return [(use.node, axis) for use in reads]
+
+
+def apply_input_orders(graph: ir.Graph, orders: dict[str, np.ndarray]) -> int:
+    """Re-lay each ordered weight's K axis in its order and gather its MatMuls' inputs the same
+    way; returns the layers re-laid. A weight not found, read by other ops or of another
+    length is left as it is (its blocks are then rounded again, not kept)."""
+    indices: dict[bytes, ir.Value] = {}
+    gathered: dict[tuple[int, bytes], ir.Value] = {}
+    relaid = 0
+    for name, order in sorted(orders.items()):
+        value = graph.initializers.get(name)
+        tensor = value.const_value if value is not None else None
+        reads = _weight_reads(value) if tensor is not None else None
+        if not reads or tensor.shape[reads[0][1]] != order.size:
+            continue
+        value.const_value = _permuted(tensor, order, reads[0][1])
+        key = np.asarray(order, dtype=np.int64).tobytes()
+        if key not in indices:
+            index = ir.Value(
+                name=f"fdec_input_order_{len(indices)}",
+                shape=ir.Shape([order.size]),
+                type=ir.TensorType(ir.DataType.INT64),
+                const_value=ir.tensor(np.asarray(order, dtype=np.int64)),
+            )
+            graph.register_initializer(index)
+            indices[key] = index
+        for matmul, _ in reads:
+            x = matmul.inputs[0]
+            if (id(x), key) not in gathered:
+                gather = ir.node("Gather", [x, indices[key]], {"axis": -1})
+                gather.outputs[0].name = f"{x.name}_in_{indices[key].name}"
+                gather.outputs[0].shape, gather.outputs[0].type = x.shape, x.type
+                # right after x is made: every MatMul reading it comes later
+                if x.producer() is not None:
+                    graph.insert_after(x.producer(), gather)
+                else:
+                    graph.insert_before(next(iter(graph)), gather)
+                gathered[(id(x), key)] = gather.outputs[0]
+            matmul.replace_input_with(0, gathered[(id(x), key)])
+        relaid += 1
+    return relaid
