@@ -21,7 +21,7 @@ import pytest
 
 from fdec.cli import cli
 
-TARGETS = ("cpu", "h100", "a100")
+TARGETS = ("cpu", "h100")  # a third target built 2 more cells, ~35 s of CI, and tested nothing new
 RECIPES = {"int4": "int4", "int8": "int8"}  # cheap on a tiny model: no AWQ search
 # report.json / report.html record wall times and cache hits: they differ between any two runs.
 _TIMED = ("report.json", "report.html")
@@ -165,7 +165,8 @@ def test_ray_matrix_builds_what_serial_compiles_build(first_run, serial):
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads(result.stdout)
     assert outcome["ok"] is True and outcome["exit_code"] == 0
-    assert outcome["counts"] == {"ok": 6, "up-to-date": 0, "failed": 0, "pending": 0}
+    cells = len(TARGETS) * len(RECIPES)
+    assert outcome["counts"] == {"ok": cells, "up-to-date": 0, "failed": 0, "pending": 0}
     rows = {row["cell"]: row for row in outcome["cells"]}
     assert sorted(rows) == sorted(f"tiny/{t}/{r}" for t in TARGETS for r in RECIPES)
     for (cell, row), (target, recipe) in zip(
@@ -186,7 +187,7 @@ def test_ray_matrix_builds_what_serial_compiles_build(first_run, serial):
         )
         assert row["resources"]["num_cpus"] == 1 and row["resources"]["memory"] > 0
     # The front (export, reference) was computed once: by the model's first cell, which ran
-    # alone; the five others read it from the shared cache.
+    # alone; the others read it from the shared cache.
     exported = [cell for cell, row in rows.items() if not row["export_cached"]]
     assert exported == ["tiny/cpu/int4"]
     # Both nodes built cells: the extra worker node is part of the run.
@@ -209,7 +210,8 @@ def test_second_run_builds_nothing(first_run, ray_cluster):
                   address, "--json", env=env)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     outcome = json.loads(again.stdout)
-    assert outcome["counts"] == {"ok": 0, "up-to-date": 6, "failed": 0, "pending": 0}
+    cells = len(TARGETS) * len(RECIPES)
+    assert outcome["counts"] == {"ok": 0, "up-to-date": cells, "failed": 0, "pending": 0}
     assert outcome["executor"].startswith("ray (not started")
     assert {p: p.stat().st_mtime_ns for p in builds.rglob("fdec-build.json")} == manifests
     assert sorted(p.name for p in (root / "cache" / "entries").iterdir()) == entries
