@@ -280,6 +280,12 @@ def test_a_gptq_checkpoint_compiles_with_its_own_int4_blocks(
     _close(summary)
 
 
+def _group_order(name, k, group=32):
+    """The input order that makes an activation-ordered layer's groups consecutive."""
+    g_idx = _activation_order(name.removesuffix(".weight"), k).argsort() // group
+    return np.argsort(g_idx, kind="stable")
+
+
 def _input_orders(build):
     """The Gathers re-laying a MatMul input in an order: their index arrays."""
     model = onnx.load(str(build / "model.onnx"))
@@ -301,31 +307,37 @@ def test_an_activation_ordered_gptq_checkpoint_keeps_its_blocks_behind_one_gathe
     assert stats["source_grid_kept"] == 14
     in_group_order = {}
     for name, weight in expected.items():
-        g_idx = _activation_order(name.removesuffix(".weight"), weight.shape[1]).argsort() // 32
-        in_group_order[name] = weight[:, np.argsort(g_idx, kind="stable")]
+        in_group_order[name] = weight[:, _group_order(name, weight.shape[1])]
+        if name.endswith(("gate_proj.weight", "up_proj.weight")):  # down_proj's order, as rows
+            down = name.replace("gate_proj", "down_proj").replace("up_proj", "down_proj")
+            in_group_order[name] = in_group_order[name][_group_order(down, weight.shape[0])]
     _kept_exactly(in_group_order, tmp_path / "cpu")
-    # q/k/v read one input in one order, gate/up another: 4 Gathers a layer, not 7
+    # q/k/v read one input in one order, gate/up another, o_proj its own; down_proj's input
+    # comes in its order from gate/up's re-laid rows: 3 Gathers a layer, not 7
     orders = _input_orders(tmp_path / "cpu")
-    assert len(orders) == 2 * 4 and all(sorted(o) == list(range(len(o))) for o in orders)
+    assert len(orders) == 2 * 3 and all(sorted(o) == list(range(len(o))) for o in orders)
     _close(summary)
     # The fp16 CUDA model keeps them too, its Gathers on the GPU
     out = tmp_path / "h200"
     summary, report = _compile(cli_runner, checkpoint, out, "--target", "h200",
                                "--backend", "onnxruntime")  # fmt: skip
     _kept_exactly(in_group_order, out)
-    assert len(_input_orders(out)) == 8
+    assert len(_input_orders(out)) == 6
     _close(summary)
     assert report["cuda_placement"]["cpu_nodes"] == 0
     assert report["cuda_placement"]["memcpy_nodes"] == 0
-    # A build's HF checkpoint (round to nearest keeps them too) holds the weights in the
-    # inputs' own order (in float: compressed-tensors reads consecutive groups only); it held
-    # them in the gathered order, logits 4.8 off
+    # A build's HF checkpoint (round to nearest keeps them too) holds gathered weights in the
+    # inputs' own order (in float: compressed-tensors reads consecutive groups only; they were
+    # written in the gathered order, logits 4.8 off), and down_proj packed in the order its
+    # input comes in, gate/up's rows in the same order: the same model
     out = tmp_path / "emit"
     _compile(cli_runner, checkpoint, out, "--target", "cpu", "--quantize", "int4",
              "--emit", "hf-checkpoint")  # fmt: skip
     _kept_exactly(in_group_order, out)
     reference = _float_model(report["source"]["folder"])
-    emitted = _float_model(out / "hf-checkpoint")
+    emitted = _dequantizing_transformers(out / "hf-checkpoint")
+    packed = json.loads((out / "hf-checkpoint" / "config.json").read_text())
+    assert "model.layers.0.mlp.down_proj" not in packed["quantization_config"]["ignore"]
     ids = torch.arange(1, 40)[None]
     with torch.no_grad():
         assert (reference(ids).logits - emitted(ids).logits).abs().max() < 0.05
@@ -416,7 +428,8 @@ def test_a_symmetric_gptq_checkpoint_keeps_its_blocks_in_a_tensorrt_rtx_engine(
     kept = {}
     for name, symmetric in (("sym", True), ("asym", False)):
         checkpoint = tmp_path / name
-        _write_checkpoint(source, checkpoint, "gptq", 128, symmetric, act_order=symmetric)
+        _write_checkpoint(source, checkpoint, "gptq", 64 if symmetric else 128, symmetric,
+                          act_order=symmetric)  # fmt: skip
         # options for int4-awq's pass, though rtx4090's own default is fp8: the source decides
         summary, report = _compile(cli_runner, checkpoint, tmp_path / f"b-{name}", "--target",
                                    "rtx4090", "--pass-options", "quantize-int4-awq.clip=true")  # fmt: skip
@@ -426,8 +439,7 @@ def test_a_symmetric_gptq_checkpoint_keeps_its_blocks_in_a_tensorrt_rtx_engine(
         assert summary["verification"]["ok"] is True
     # an asymmetric layer whose every block also fits the zero point 8 is kept too
     assert kept["sym"] == 14 and kept["asym"] < 14
-    # groups of 128: only down_proj (256 inputs) has two groups, so an order to keep
-    assert len(_input_orders(tmp_path / "b-sym")) == 2
+    assert len(_input_orders(tmp_path / "b-sym")) == 2 * 3
 
 
 def _packed_codes(build):
