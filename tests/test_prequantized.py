@@ -338,6 +338,7 @@ def test_an_activation_ordered_gptq_checkpoint_keeps_its_blocks_behind_one_gathe
     emitted = _dequantizing_transformers(out / "hf-checkpoint")
     packed = json.loads((out / "hf-checkpoint" / "config.json").read_text())
     assert "model.layers.0.mlp.down_proj" not in packed["quantization_config"]["ignore"]
+    assert "input_order" not in packed["fdec_source_quantization"]  # it is not beside it
     ids = torch.arange(1, 40)[None]
     with torch.no_grad():
         assert (reference(ids).logits - emitted(ids).logits).abs().max() < 0.05

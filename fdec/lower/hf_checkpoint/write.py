@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from fdec.errors import CompileError
 from fdec.frontend.families import family_for_config
+from fdec.frontend.prequantized import SOURCE_KEY
 from fdec.ir import FdecModel
 from fdec.lower.hf_checkpoint.expected import Parameter, expected_parameters
 from fdec.lower.hf_checkpoint.pack import PACK_FORMAT, pack_weight, quantization_config
@@ -56,6 +57,11 @@ def _output_config(source: dict[str, Any], model: FdecModel) -> tuple[dict[str, 
     changes: list[str] = []
     if config.pop("quantization_config", None) is not None:
         changes.append("dropped the source's quantization_config")
+    source_quantization = config.get(SOURCE_KEY)
+    if isinstance(source_quantization, dict) and "input_order" in source_quantization:
+        # the weights are written in their inputs' own order (fdec.frontend.input_order)
+        config[SOURCE_KEY] = {k: v for k, v in source_quantization.items() if k != "input_order"}
+        changes.append("dropped the source's input order (the weights are written in it)")
     spec = model.spec
     untied = not spec.tie_word_embeddings and spec.weights.get("lm_head") not in (
         None,
