@@ -42,15 +42,10 @@ def read_input_orders(source: Any) -> dict[str, np.ndarray]:
     import safetensors.numpy
 
     path = source.folder / found["file"]
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        data, why = b"", err.strerror or str(err)
-    else:
-        why = "its digest differs from config.json's"
+    data = path.read_bytes() if path.is_file() else b""
     if hashlib.sha256(data).hexdigest() != found["sha256"]:
         raise InputError(
-            f"{path} ({why}) does not hold the input order the converted checkpoint needs",
+            f"{path} is missing or is not the input order config.json names",
             "run `fdec cache clear --all` and compile again (the checkpoint is converted anew)",
         )
     return safetensors.numpy.load(data)
@@ -145,9 +140,8 @@ def _fold_into_producers(x: ir.Value, order: np.ndarray) -> bool:
         if node.op_type not in _ELEMENTWISE:
             return False
         pending.extend(i for i in node.inputs if i is not None)
-    # Nothing outside reads a value inside (it would see the new order), nor x itself
-    if any(use.node.op_type != "MatMul" for use in x.uses()):
-        return False
+    # Nothing outside reads a value inside (it would see the new order); x's own readers are
+    # the caller's matmuls
     for value in [*inside[1:], *vectors, *(w for w, _ in weights)]:
         if any(id(use.node) not in nodes for use in value.uses()):
             return False
@@ -175,12 +169,12 @@ def apply_input_orders(graph: ir.Graph, orders: dict[str, np.ndarray]) -> dict[s
             continue
         value.const_value = _permuted(tensor, order, reads[0][1])
         key = np.asarray(order, dtype=np.int64).tobytes()
+        readers = {id(m) for m, _ in reads}
         for matmul, _ in reads:
             x = matmul.inputs[0]
             if (id(x), key) in ordered:
                 matmul.replace_input_with(0, ordered[(id(x), key)])
                 continue
-            readers = {id(m) for m, _ in reads}
             if all(id(use.node) in readers for use in x.uses()) and _fold_into_producers(x, order):
                 ordered[(id(x), key)] = x
                 counts["folded"] += 1
