@@ -25,7 +25,8 @@
 # Runtime CUDA build (`--backend onnxruntime` on a GPU target: the onnxruntime-cuda backend's
 # fused fp16 graph, its default), int4 the same with MatMulNBits int4 weights by AWQ (the int4
 # recipe fdec ships: on the CPU its CUDA graph's held perplexity is 54.27 against the source's
-# 54.05, RTN's 67.98). gpu.py's figures look for these two names. Measured against PyTorch static-cache generate (bf16) and
+# 54.05, RTN's 67.98), int8 the same with MatMulNBits 8-bit weights (int8-wo: the CUDA model's
+# int8). gpu.py's figures look for these names. Measured against PyTorch static-cache generate (bf16) and
 # onnxruntime-genai's CUDA fp16/int4 builds, batch 1 and 16, 64 new tokens; placement profiled
 # (CPU and Memcpy nodes) and 32 greedy tokens against the CPU provider per build.
 set -uo pipefail
@@ -33,7 +34,7 @@ OUT=${OUT:-/tmp/gpu-out}
 BUILDS=${BUILDS:-/tmp/b}
 GGUF=${GGUF:-/tmp/smol.gguf}
 TARGET=${TARGET:-h200}
-SPEC=${FDEC_GPU_BUILDS:-"fp16=--backend onnxruntime;int4=--backend onnxruntime --quantize int4-awq"}
+SPEC=${FDEC_GPU_BUILDS:-"fp16=--backend onnxruntime;int4=--backend onnxruntime --quantize int4-awq;int8=--backend onnxruntime --quantize int8"}
 FDEC=${FDEC:-/tmp/fdec}
 PEERS=${PEERS:-"fp16 int4"}   # onnxruntime-genai builds to make and measure
 # more benchmarks/gpu.py options (later ones win): PyTorch static only (eager is measured in

@@ -56,7 +56,7 @@ import numpy as np
 _PEERS = ("ort-int8", "ort-int4", "genai-int4")
 # onnxruntime-genai's CUDA builds (`-e cuda`: fp16 activations, fused ops), asked for by name
 _GPU_PEERS = ("genai-cuda-fp16", "genai-cuda-int4")
-_DEFAULT_RECIPES = "none,int8-dynamic,int8-smoothquant,fp8,int4-rtn,int4-awq,int4-awq-mixed"
+_DEFAULT_RECIPES = "none,int8-wo,int8-dynamic,int8-smoothquant,fp8,int4-rtn,int4-awq,int4-awq-mixed"
 _MAX_DOC_TOKENS = 512  # longer documents are scored in pieces of this many tokens
 
 
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             pass_options=parse_pass_options(tuple(filter(None, options.split(";")))),
         )
         if plan.calibrating:
-            plan.attach_calibration(tokenizer, spec.vocab_size)
+            plan.attach_calibration(tokenizer, spec)
         model = FdecModel(ir.serde.deserialize_model(pristine), copy.deepcopy(spec))
         began = time.perf_counter()
         model, records = _run_passes(plan, model, target, source, how)

@@ -114,7 +114,7 @@ def encoder_rows(splits: list[str], cache: pathlib.Path, work: pathlib.Path) -> 
             kind="encoder",
         )
         if plan.calibrating:
-            plan.attach_calibration(tokenizer, spec.vocab_size)
+            plan.attach_calibration(tokenizer, spec)
         began = time.perf_counter()
         model = FdecModel(ir.serde.deserialize_model(pristine), copy.deepcopy(spec))
         model, records = PassManager(plan.pipeline, target=target).run(model)

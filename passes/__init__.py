@@ -21,7 +21,7 @@ from fdec.passes.fusion import FuseAttentionPass, HostShapesPass
 from fdec.passes.kv_cache import KvPolicyPass, QuantizeKvCachePass
 from fdec.passes.pack import PackQkvPass
 from fdec.passes.prune import PrunePass
-from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass
+from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass, QuantizeInt8WeightOnlyPass
 from fdec.passes.quantize_awq import QuantizeInt4AwqPass
 from fdec.passes.quantize_embedding import QuantizeEmbeddingPass
 from fdec.passes.quantize_mixed import QuantizeMixedPass
@@ -51,6 +51,7 @@ REGISTRY: dict[str, type[Pass]] = {
         QuantizeInt4Pass,
         QuantizeInt4AwqPass,
         QuantizeInt8Pass,
+        QuantizeInt8WeightOnlyPass,
         QuantizeFp8Pass,
         QuantizeInt8StaticPass,
         QuantizeEmbeddingPass,

@@ -229,11 +229,16 @@ def integer_grid(array: np.ndarray, block_size: int, bits: int = 4) -> Int4Weigh
     # Where z is not 8, the block may still be symmetric: with a negative scale (ONNX Runtime's
     # RTN writes max/-8, codes -8..7 around 8, which a positive step sees as -7..8), or on a
     # finer grid than the source's (every other level used): take every m-th step, m < 0
-    # flipping the sign, where that puts z at 8
+    # flipping the sign, where that puts z at 8. Only an m dividing every step of a block can
+    # coarsen it: blocks whose steps share no factor (most asymmetric ones) try m = -1 alone,
+    # so an 8-bit weight is not swept over 510 values of m.
+    divisor = np.gcd.reduce(np.abs(steps), axis=-1)
     for m in (f * s for f in range(1, levels + 1) for s in (1, -1) if f * s != 1):
-        off = np.nonzero(zeros != center)
+        off = np.nonzero((zeros != center) & (divisor % abs(m) == 0))
         if not off[0].size:
-            break
+            if not np.any((zeros != center) & (divisor > abs(m))):
+                break
+            continue
         coarse = steps[off]
         fits = np.all(coarse % m == 0, axis=-1)
         ends = np.stack([coarse.min(axis=-1) // m, coarse.max(axis=-1) // m])

@@ -1,4 +1,4 @@
-"""Quantization passes' public home: weight-only int4 (RTN, block-wise) and dynamic int8 for the CPU.
+"""Quantization passes' public home: weight-only int4 and int8 (RTN, block-wise) and dynamic int8 for the CPU.
 
 Both passes rewrite the MatMul/Gemm nodes that read a weight the ModelSpec names (per-layer
 q/k/v/qkv/o/gate/up/down/fc_in/fc_out and, unless told otherwise, the lm_head). Weights are
@@ -12,13 +12,19 @@ this module keeps their import path.
 """
 
 from fdec.passes.quantize_common import empty_stats, require_untied
-from fdec.passes.quantize_int4 import Int4Weight, QuantizeInt4Pass, quantize_int4
+from fdec.passes.quantize_int4 import (
+    Int4Weight,
+    QuantizeInt4Pass,
+    QuantizeInt8WeightOnlyPass,
+    quantize_int4,
+)
 from fdec.passes.quantize_int8 import QuantizeInt8Pass, quantize_int8
 
 __all__ = [
     "Int4Weight",
     "QuantizeInt4Pass",
     "QuantizeInt8Pass",
+    "QuantizeInt8WeightOnlyPass",
     "empty_stats",
     "quantize_int4",
     "quantize_int8",

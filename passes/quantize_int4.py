@@ -1,4 +1,4 @@
-"""Weight-only int4 (RTN, block-wise) for ONNX Runtime (MatMulNBits) and TensorRT (blocked Q/DQ), and the int4 codes the other int4 quantizers share.
+"""Weight-only int4 and int8 (RTN, block-wise) for ONNX Runtime (MatMulNBits) and TensorRT (blocked Q/DQ), and the block codes the other int4 quantizers share.
 
 QuantizeInt4Pass rewrites the MatMul/Gemm nodes that read a weight the ModelSpec names
 (per-layer q/k/v/qkv/o/gate/up/down/fc_in/fc_out and, unless told otherwise, the lm_head).
@@ -42,7 +42,7 @@ from fdec.passes.weights import (
 )
 from fdec.pipeline import Pass, PassResult, Tolerance
 
-__all__ = ["Int4Weight", "QuantizeInt4Pass", "quantize_int4"]
+__all__ = ["Int4Weight", "QuantizeInt4Pass", "QuantizeInt8WeightOnlyPass", "quantize_int4"]
 
 logger = logging.getLogger(__name__)
 
@@ -260,18 +260,18 @@ class QuantizeInt4Pass(Pass):
 
     def _source_grid(self, weight: Weight, *, minmax: bool = True) -> Int4Weight | None:
         """The weight's codes on a block grid it already sits on, or None. Tried in order:
-        4-bit blocks with integer zero points (`integer_grid`: a weight dequantized from a GPTQ,
-        AWQ or compressed-tensors checkpoint's groups; the widest block that fits, whatever
-        this pass's block size; for TensorRT symmetric ones only), then, with `minmax`, GGUF's
-        grids at this pass's block size:
-        Q4_1 (asymmetric, float zero points) or Q8_0 (symmetric), reproduced by
-        `quantize_minmax` (SmolLM2's layers are Q4_1, its tied table Q8_0). A shared tied
-        table is tried on the symmetric min/max grid only."""
+        blocks with integer zero points at the weight's bits (`integer_grid`: a weight
+        dequantized from a GPTQ, AWQ or compressed-tensors checkpoint's groups; 4-bit ones, or
+        any in an 8-bit pass, where a 4-bit grid is an 8-bit one too; the widest block that
+        fits, whatever this pass's block size; for TensorRT symmetric ones only), then, with
+        `minmax`, GGUF's grids at this pass's block size: Q4_1 (asymmetric, float zero points)
+        or Q8_0 (symmetric), reproduced by `quantize_minmax` (SmolLM2's layers are Q4_1, its
+        tied table Q8_0). A shared tied table is tried on the symmetric min/max grid only."""
         if weight.array.size == 0:
             return None
         block, bits = self._block_size_of(weight), self._bits_of(weight)
         rounders = []
-        if bits == 4 and not weight.gathers:
+        if (bits == 4 or self.bits == 8) and not weight.gathers:
             k = weight.shape[0]
             rounders += [("integer", b, False) for b in _BLOCK_SIZES[::-1] if not k % b]
         if minmax:
@@ -445,4 +445,30 @@ class QuantizeInt4Pass(Pass):
         return b.name, added
 
 
-# --- int8 -------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class QuantizeInt8WeightOnlyPass(QuantizeInt4Pass):
+    """Weight-only 8-bit block quantization (`--quantize int8-wo`): QuantizeInt4Pass's forms
+    with 8-bit codes, the activations left in float.
+
+    ONNX Runtime runs it as MatMulNBits bits=8 on both of its providers: the CPU kernel at
+    accuracy_level 4 (int8 activations on the fly, as for int4), the CUDA kernel with fp16
+    activations (a one-row GEMV for decode steps, dequantize + cuBLAS for long prefills). It is
+    the ONNX Runtime CUDA model's int8: a static int8 Q/DQ graph the CUDA EP only emulates.
+    With `keep_source_grid` a checkpoint already on 8-bit (or 4-bit) blocks with integer zero
+    points (an 8-bit GPTQ or compressed-tensors one) keeps them exactly."""
+
+    name = "quantize-int8-wo"
+    summary = "weight-only 8-bit block quantization of linear weights (MatMulNBits bits=8)"
+    # Catches a broken rewrite, not quality (the perplexity gate's): SmolLM2-135M 8-bit blocks
+    # of 32 move logits by at most ~0.5 (measured in docs/design-notes.md).
+    tolerance = Tolerance(max_abs_error=5.0, min_top1_agreement=0.8)
+
+    bits: int = dataclasses.field(default=8, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.bits != 8 or self.lm_head_bits not in (None, 8):
+            raise UsageError(
+                f"{self.name} writes 8-bit weights only, not bits={self.bits}",
+                "use quantize-int4 (bits 4, lm_head_bits 8) for 4-bit weights",
+            )
+        super().__post_init__()

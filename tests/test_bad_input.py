@@ -199,8 +199,10 @@ def test_config_transformers_refuses_is_one_line(tiny_models, cli_runner, tmp_pa
     "quantization, words",
     [({"quant_method": "bitsandbytes", "load_in_4bit": True},
       ["already quantized", "bitsandbytes", "original float checkpoint"]),
-     ({"quant_method": "gptq", "bits": 8, "group_size": 128},
-      ["GPTQ 8-bit", "fdec reads 4-bit ones", "original float checkpoint"]),
+     ({"quant_method": "gptq", "bits": 3, "group_size": 128},
+      ["GPTQ 3-bit", "fdec reads 4 and 8-bit ones", "original float checkpoint"]),
+     ({"quant_method": "awq", "bits": 8, "group_size": 128},
+      ["AWQ 8-bit", "fdec reads 4-bit ones", "original float checkpoint"]),
      ({"quant_method": "awq", "bits": 4, "version": "gemv"}, ["AWQ gemv", "GEMM"]),
      ({"quant_method": "gptq", "bits": 4, "group_size": 128}, ["no layer holds qweight"])],
 )  # fmt: skip
@@ -208,7 +210,7 @@ def test_checkpoint_quantized_by_another_tool_is_refused(
     quantization, words, tiny_models, cli_runner, tmp_path
 ):
     # bitsandbytes checkpoints died in transformers' loader (exit 1: ImportError "requires
-    # bitsandbytes"); fdec reads GPTQ/AWQ/compressed-tensors int4 (tests/test_prequantized.py)
+    # bitsandbytes"); fdec reads GPTQ/AWQ/compressed-tensors int4/int8 (tests/test_prequantized.py)
     # and names what it does not
     folder = _copy(tiny_models("llama"), tmp_path)
     config = json.loads((folder / "config.json").read_text())

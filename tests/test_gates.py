@@ -129,6 +129,7 @@ def test_a_broken_quantizer_fails_the_default_gate_with_exit_3(tiny_models, tmp_
         ("int4-awq-mixed", "cpu", "onnxruntime", "int4-awq-mixed"),
         ("int8", "cpu", "onnxruntime", "int8-dynamic"),
         ("int8", "h100", "onnxruntime", "int8-smoothquant"),
+        ("int8-wo", "cpu", "onnxruntime", "int8-wo"),
         ("fp8", "h100", "onnxruntime", "fp8"),
         # the ONNX Runtime CUDA model: fp16 (its default), bf16, int4 under fp16 activations
         (None, "h200", "onnxruntime-cuda", "onnxruntime-cuda fp16"),
@@ -136,6 +137,7 @@ def test_a_broken_quantizer_fails_the_default_gate_with_exit_3(tiny_models, tmp_
         ("int4", "h200", "onnxruntime-cuda", "onnxruntime-cuda int4-rtn"),
         ("int4-awq", "t4", "onnxruntime-cuda", "onnxruntime-cuda int4-awq"),
         ("int4-awq-mixed", "h200", "onnxruntime-cuda", "onnxruntime-cuda int4-awq-mixed"),
+        ("int8", "h200", "onnxruntime-cuda", "onnxruntime-cuda int8-wo"),  # its int8 is -wo
     ],
 )
 def test_each_measured_recipe_gets_its_own_gate(quantize, target, backend, recipe):
@@ -177,3 +179,7 @@ def test_unmeasured_combinations_keep_the_generic_gate():
         plan = plan_pipeline(target=h200, backend="onnxruntime-cuda", **options)
         assert recipe_of(plan.pipeline) is None, options
         assert plan.tolerance.source.startswith("generic gate")
+    # int8-wo's blocked int8 DequantizeLinear for TensorRT: not measured
+    plan = plan_pipeline(target=h200, backend="tensorrt", quantize="int8-wo")
+    assert [p.name for p in plan.pipeline if p.name == "quantize-int8-wo"]
+    assert recipe_of(plan.pipeline) is None

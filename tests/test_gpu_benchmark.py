@@ -91,6 +91,7 @@ def test_table_gives_ratios_to_torch_static_and_genai_fp16_at_the_same_batch():
     assert figures["fdec fp16 / PyTorch static, batch 16"]["met"] is True  # 3501 / 3501
     assert figures["fdec fp16 / genai fp16, batch 1"]["value"] == 1.635
     assert figures["fdec int4 / fdec fp16, batch 1"]["met"] is None  # no int4 row
+    assert figures["fdec int8 / fdec fp16, batch 1"]["met"] is None  # nor int8
     # The report's roofline estimate against the measured batch-1 decode (no CUDA graph).
     roofline = figures["fdec fp16: roofline estimate / measured decode, batch 1"]
     assert roofline["value"] == round(720.5 / 700.0, 3) and roofline["met"] is True
@@ -127,6 +128,10 @@ def test_table_gives_ratios_to_torch_static_and_genai_fp16_at_the_same_batch():
                        {"system": "fdec int4 fpa-intb", "batch": 1, "tok_s": 1962.0}]  # fmt: skip
     int4 = {v["figure"]: v for v in gpu.verdicts(result)}["fdec int4 / fdec fp16, batch 1"]
     assert int4["value"] == 1.5 and int4["met"] is True  # 1962 / 1308
+    # The int8 (weight-only) build must beat fp16 too: equal is not met.
+    result["rows"].append({"system": "fdec int8", "batch": 1, "tok_s": 1308.0})
+    int8 = {v["figure"]: v for v in gpu.verdicts(result)}["fdec int8 / fdec fp16, batch 1"]
+    assert int8["value"] == 1.0 and int8["met"] is False
     result["device"]["device"] = "cpu"
     assert all(v["met"] is None for v in gpu.verdicts(result))
 

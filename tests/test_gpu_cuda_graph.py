@@ -152,7 +152,7 @@ def test_qdq_precisions_are_refused_for_the_cuda_graph(tiny_models, tmp_path, cl
          "--backend", "onnxruntime", "--quantize", "fp8"],
     )  # fmt: skip
     assert result.exit_code == 2
-    assert "onnxruntime-cuda backend runs fp16, bf16, int4 models, not fp8" in result.stderr
+    assert "onnxruntime-cuda backend runs fp16, bf16, int8, int4 models, not fp8" in result.stderr
     assert "--backend tensorrt" in result.stderr and not out.exists()
 
 

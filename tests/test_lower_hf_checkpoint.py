@@ -228,6 +228,9 @@ _INT4_CASES = {
     # to pack it (the checkpoint's one scheme is W4A16), from MatMulNBits and from Q/DQ.
     "llama-nbits-8bit-head": ("llama", dict(backend="onnxruntime", lm_head_bits=8), True),
     "llama-qdq-8bit-head": ("llama", dict(backend="tensorrt", lm_head_bits=8), False),
+    # int8-wo: 8-bit blocks everywhere, packed W8A16 (4 codes a word), lm_head too.
+    "llama-nbits-int8": ("llama", dict(backend="onnxruntime", bits=8), True),
+    "llama-qdq-int8-asym": ("llama", dict(backend="tensorrt", bits=8, symmetric=False), False),
 }
 
 
@@ -287,16 +290,17 @@ def test_int4_checkpoint_is_compressed_tensors_with_graph_numbers(tiny, tmp_path
     block = options.get("block_size", 32)  # quantize-int4's default
     group = 64 if block == 128 else block
     symmetric = options.get("symmetric", True)
+    bits = options.get("bits", 4)
     assert (quant["quant_method"], quant["format"]) == ("compressed-tensors", "pack-quantized")
     assert scheme.targets == ["Linear"]
     assert (scheme.weights.num_bits, scheme.weights.type, scheme.weights.strategy) == (
-        4,
+        bits,
         "int",
         "group",
     )
     assert (scheme.weights.group_size, scheme.weights.symmetric) == (group, symmetric)
     conv1d = [name for name in weights if family == "gpt2" and name != "lm_head.weight"]
-    packed_head = pack_lm_head and options.get("lm_head_bits", 4) == 4
+    packed_head = pack_lm_head and options.get("lm_head_bits", bits) == bits
     head_ignored = [] if packed_head else ["lm_head.weight"]
     assert sorted(report["dequantized"]) == sorted(conv1d + head_ignored)
     assert sorted(quant["ignore"]) == sorted(map(_module_of, conv1d + head_ignored))
@@ -312,7 +316,7 @@ def test_int4_checkpoint_is_compressed_tensors_with_graph_numbers(tiny, tmp_path
         n, k = want.shape
         assert name not in tensors
         assert tensors[f"{module}.weight_packed"].dtype == np.int32
-        assert tensors[f"{module}.weight_packed"].shape == (n, k // 8)
+        assert tensors[f"{module}.weight_packed"].shape == (n, k * bits // 32)
         assert tensors[f"{module}.weight_scale"].shape == (n, k // group)
         np.testing.assert_array_equal(tensors[f"{module}.weight_shape"], [n, k])
         assert (f"{module}.weight_zero_point" in tensors) is not symmetric
@@ -327,12 +331,12 @@ def test_int4_checkpoint_is_compressed_tensors_with_graph_numbers(tiny, tmp_path
         scale = state["weight_scale"].repeat_interleave(group, dim=1)
         zero = torch.zeros_like(scale)
         if not symmetric:
-            zp = unpack_from_int32(state["weight_zero_point"], 4, (n, k // group), packed_dim=0)
+            zp = unpack_from_int32(state["weight_zero_point"], bits, (n, k // group), packed_dim=0)
             zero = zp.to(torch.float32).repeat_interleave(group, dim=1)
-            repacked_zp = pack_to_int32(zp, 4, packed_dim=0)
+            repacked_zp = pack_to_int32(zp, bits, packed_dim=0)
             assert torch.equal(repacked_zp, state["weight_zero_point"])
         q = torch.where(scale != 0, torch.round(decompressed / scale) + zero, zero)
-        assert torch.equal(pack_to_int32(q.to(torch.int8), 4), state["weight_packed"])
+        assert torch.equal(pack_to_int32(q.to(torch.int8), bits), state["weight_packed"])
     for name in report["dequantized"]:
         want = weights[name].T if name in conv1d else weights[name]
         np.testing.assert_array_equal(tensors[name], want)

@@ -83,6 +83,9 @@ def test_llama3_8b_quantized_weight_bytes_by_hand(llama3_folder):
     cpu = plan_capacity(shape, load_target("cpu"), weights="int4-awq", kv_dtype="fp32")
     embed_cpu = 128256 * 4096 + 128256 * 4
     assert cpu.weight_bytes == (L3_LINEAR + lm_head) * (0.5 + 4 / 32) + embed_cpu + L3_NORMS * 4
+    # int8-wo: 1 byte a weight + an fp16 scale per block of 32 inputs (h100: TensorRT, untied)
+    wo = plan_capacity(shape, h100, weights="int8-wo", kv_dtype="fp16")
+    assert wo.weight_bytes == (L3_LINEAR + lm_head) * (1 + 2 / 32) + embed_int8 + L3_NORMS * 2
 
 
 def test_max_sequences_and_context_are_the_largest_that_fit(llama3_folder):
@@ -195,18 +198,30 @@ def test_cli_json_is_one_object(cli_runner, llama3_folder):
     assert [row["target"] for row in every["plans"]] == [t.name for t in list_targets()]
 
 
-def test_an_int4_checkpoint_is_planned_in_int4(cli_runner, tmp_path):
-    """A GPTQ/AWQ/compressed-tensors folder compiles on its own int4 blocks: planned so
-    (the target's default, fp8 on h100, was shown before), from config.json alone."""
+@pytest.mark.parametrize(
+    ("quantization", "precision", "source"),
+    [
+        ({"quant_method": "gptq", "bits": 4}, "int4", "gptq int4"),
+        ({"quant_method": "gptq", "bits": 8}, "int8", "gptq int8"),
+        ({"quant_method": "compressed-tensors", "config_groups": {"group_0": {
+            "weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}}},
+         "int8", "compressed-tensors int8"),
+    ],
+)  # fmt: skip
+def test_a_quantized_checkpoint_is_planned_in_its_own_width(
+    cli_runner, tmp_path, quantization, precision, source
+):
+    """A GPTQ/AWQ/compressed-tensors folder compiles on its own int4 (int8) blocks: planned
+    so (the target's default, fp8 on h100, was shown before), from config.json alone."""
     folder = tmp_path / "llama3-8b-gptq"
     folder.mkdir()
-    config = dict(LLAMA3_8B, quantization_config={"quant_method": "gptq", "bits": 4})
+    config = dict(LLAMA3_8B, quantization_config=quantization)
     (folder / "config.json").write_text(json.dumps(config))
     result = cli_runner.invoke(cli, ["plan", str(folder), "--target", "h100", "--json"])
     assert result.exit_code == 0, result.output + result.stderr
     (plan,) = json.loads(result.stdout)["plans"]
-    assert plan["weight_precision"] == "int4"
-    assert plan["weight_precision_from"] == "the source (gptq int4)"
+    assert plan["weight_precision"] == precision
+    assert plan["weight_precision_from"] == f"the source ({source})"
     asked = cli_runner.invoke(cli, ["plan", str(folder), "--target", "h100", "--quantize", "fp8",
                                     "--json"])  # fmt: skip
     assert json.loads(asked.stdout)["plans"][0]["weight_precision"] == "fp8"

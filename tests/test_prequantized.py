@@ -45,34 +45,40 @@ def source(tmp_path_factory):
     return make_tiny_model(folder, "qwen2", hidden_size=128, intermediate_size=256)
 
 
-def _grid(weight, group, symmetric, widen=1.2):
+def _grid(weight, group, symmetric, widen=1.2, bits=4):
     """Codes [K, N], zero points and float16 scales [groups, N] of a torch [N, K] weight."""
     w = weight.detach().numpy().T.astype(np.float32)  # [K, N]
     k, n = w.shape
     blocks = w.reshape(k // group, group, n)
+    top, center = (1 << bits) - 1, 1 << (bits - 1)
     if symmetric:
-        scales = np.abs(blocks).max(axis=1) / 7 * widen
-        zeros = np.full(scales.shape, 8)
+        scales = np.abs(blocks).max(axis=1) / (center - 1) * widen
+        zeros = np.full(scales.shape, center)
     else:
         low, high = np.minimum(blocks.min(axis=1), 0), np.maximum(blocks.max(axis=1), 0)
-        scales = (high - low) / 15 * widen
-        zeros = np.clip(np.rint(-low / scales), 0, 15).astype(np.int64)
+        scales = (high - low) / top * widen
+        zeros = np.clip(np.rint(-low / scales), 0, top).astype(np.int64)
     scales = scales.astype(np.float16).astype(np.float32)
     rows = np.arange(k) // group
-    codes = np.clip(np.rint(w / scales[rows]) + zeros[rows], 0, 15).astype(np.int64)
+    codes = np.clip(np.rint(w / scales[rows]) + zeros[rows], 0, top).astype(np.int64)
     return codes, zeros, scales
 
 
-def _pack_rows(values):
-    """[K, N] 4-bit values as int32 [K/8, N]: input 8r + j in bits 4j of word r."""
-    v = values.astype(np.uint32).reshape(-1, 8, values.shape[1])
-    return sum(v[:, j] << (4 * j) for j in range(8)).astype(np.uint32).view(np.int32)
+def _pack_rows(values, bits=4):
+    """[K, N] values as int32 [K·bits/32, N]: input pr + j in bits·j of word r (p = 32/bits)."""
+    per = 32 // bits
+    v = values.astype(np.uint32).reshape(-1, per, values.shape[1])
+    return sum(v[:, j] << (bits * j) for j in range(per)).astype(np.uint32).view(np.int32)
 
 
-def _pack_columns(values, order=tuple(range(8))):
-    """[R, N] 4-bit values as int32 [R, N/8]: column 8c + order[i] in bits 4i of word c."""
-    v = values.astype(np.uint32).reshape(values.shape[0], -1, 8)
-    return sum(v[:, :, order[i]] << (4 * i) for i in range(8)).astype(np.uint32).view(np.int32)
+def _pack_columns(values, order=None, bits=4):
+    """[R, N] values as int32 [R, N·bits/32]: column pc + order[i] in bits·i of word c."""
+    per = 32 // bits
+    order = range(per) if order is None else order
+    v = values.astype(np.uint32).reshape(values.shape[0], -1, per)
+    return (
+        sum(v[:, :, o] << (bits * i) for i, o in enumerate(order)).astype(np.uint32).view(np.int32)
+    )
 
 
 def _activation_order(prefix, k):
@@ -85,11 +91,11 @@ def _activation_order(prefix, k):
     return np.random.default_rng(seed).permutation(k)
 
 
-def _write_checkpoint(source, folder, method, group, symmetric=False, act_order=False):
-    """`source` as a GPTQ (v1 format) or AWQ (GEMM) checkpoint in `folder`; returns the float
-    weights its groups stand for, by parameter name. With `act_order` (GPTQ's desc_act) each
-    layer's groups are consecutive in `_activation_order`, not in its inputs' order: `g_idx`
-    names each input's group."""
+def _write_checkpoint(source, folder, method, group, symmetric=False, act_order=False, bits=4):
+    """`source` as a GPTQ (v1 format; `bits` 4 or 8) or AWQ (GEMM) checkpoint in `folder`;
+    returns the float weights its groups stand for, by parameter name. With `act_order` (GPTQ's
+    desc_act) each layer's groups are consecutive in `_activation_order`, not in its inputs'
+    order: `g_idx` names each input's group."""
     import safetensors.torch
 
     model = _float_model(source)
@@ -102,15 +108,16 @@ def _write_checkpoint(source, folder, method, group, symmetric=False, act_order=
         weight = tensors.pop(name)
         k = weight.shape[1]
         order = _activation_order(prefix, k) if act_order else np.arange(k)
-        codes, zeros, scales = _grid(weight[:, order], group, symmetric)
+        codes, zeros, scales = _grid(weight[:, order], group, symmetric, bits=bits)
         inputs = np.empty_like(order)
         inputs[order] = np.arange(k)  # input i is the inputs[i]-th in order
         codes = codes[inputs]  # [K, N] rows back in input order
         g_idx = inputs // group
         expected[name] = ((codes - zeros[g_idx]) * scales[g_idx]).T.astype(np.float32)
         if method == "gptq":
-            tensors[f"{prefix}.qweight"] = _pack_rows(codes)
-            tensors[f"{prefix}.qzeros"] = _pack_columns((zeros - 1) & 0xF)  # v1: stored minus one
+            tensors[f"{prefix}.qweight"] = _pack_rows(codes, bits)
+            minus_one = (zeros - 1) & ((1 << bits) - 1)  # v1: stored minus one
+            tensors[f"{prefix}.qzeros"] = _pack_columns(minus_one, bits=bits)
             tensors[f"{prefix}.g_idx"] = g_idx.astype(np.int32)
         else:
             tensors[f"{prefix}.qweight"] = _pack_columns(codes, _AWQ_ORDER)
@@ -124,7 +131,7 @@ def _write_checkpoint(source, folder, method, group, symmetric=False, act_order=
     )
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = (
-        {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": act_order,
+        {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order,
          "sym": symmetric, "checkpoint_format": "gptq"}
         if method == "gptq"
         else {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
@@ -136,8 +143,8 @@ def _write_checkpoint(source, folder, method, group, symmetric=False, act_order=
     return expected
 
 
-def _compressed_tensors(source, folder, group):
-    """`source` quantized (asymmetric int4 groups, the test's grid) and saved by the
+def _compressed_tensors(source, folder, group, bits=4):
+    """`source` quantized (asymmetric `bits`-bit groups, the test's grid) and saved by the
     compressed-tensors library as a pack-quantized checkpoint."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -148,7 +155,7 @@ def _compressed_tensors(source, folder, group):
     )
 
     model = _float_model(source)
-    weights = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group",
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group",
                                group_size=group)  # fmt: skip
     apply_quantization_config(model, QuantizationConfig(
         config_groups={"g": QuantizationScheme(targets=["Linear"], weights=weights)},
@@ -156,10 +163,11 @@ def _compressed_tensors(source, folder, group):
     ))  # fmt: skip
     for module in model.modules():
         if hasattr(module, "weight_scale"):
-            _, zeros, scales = _grid(module.weight, group, symmetric=False)
+            _, zeros, scales = _grid(module.weight, group, symmetric=False, bits=bits)
             module.weight_scale.data = torch.from_numpy(scales.T.copy())
-            # compressed-tensors' codes and zero points are signed (the stored value - 8)
-            module.weight_zero_point.data = torch.from_numpy(zeros.T - 8).to(torch.int8)
+            # compressed-tensors' codes and zero points are signed (the stored value - 8 / 128)
+            signed = zeros.T - (1 << (bits - 1))
+            module.weight_zero_point.data = torch.from_numpy(signed).to(torch.int8)
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     compressor.compress_model(model)
     model.save_pretrained(folder)
@@ -176,6 +184,17 @@ def _dequantizing_transformers(folder):
     return AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
     ).eval()
+
+
+def _decompressed(folder):
+    """The checkpoint as transformers decompresses it, and its linear layers' [N, K] weights."""
+    reference = _dequantizing_transformers(folder)
+    expected = {
+        name: parameter.detach().numpy()
+        for name, parameter in reference.named_parameters()
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in _LINEAR
+    }
+    return reference, expected
 
 
 def _greedy(model, folder, steps=40):
@@ -278,6 +297,36 @@ def test_a_gptq_checkpoint_compiles_with_its_own_int4_blocks(
     # with either sign of scale, needs none either)
     assert all(z is None for *_, z in kept) or not symmetric
     _close(summary)
+
+
+def test_an_8bit_gptq_checkpoint_keeps_its_blocks_as_int8_weight_only_on_cpu_and_cuda(
+    source, tmp_path, cli_runner
+):
+    """GPTQ 8-bit: no --quantize builds int8-wo (MatMulNBits bits=8) on its own blocks, for
+    the CPU and for the ONNX Runtime CUDA model (fp16 scales: the checkpoint's are fp16)."""
+    checkpoint = tmp_path / "gptq8"
+    expected = _write_checkpoint(source, checkpoint, "gptq", 64, symmetric=False, bits=8)
+    for target in ("cpu", "h200"):
+        out = tmp_path / target
+        args = ("--target", target) + (("--backend", "onnxruntime") if target == "h200" else ())
+        summary, report = _compile(cli_runner, checkpoint, out, *args)
+        assert report["recipe"]["quantize"] == "int8-wo", report["recipe"]
+        assert "gptq int8 (group 64)" in report["recipe"]["chosen_by"]
+        stats = next(p for p in report["passes"] if p["name"] == "quantize-int8-wo")["stats"]
+        assert stats["source_grid_kept"] == len(expected) == 14
+        nbits = _kept_exactly(expected, out, rtol=1e-6)
+        kept = [entry for entry in nbits if entry[0].shape[0] != TOKENIZER_VOCAB]
+        assert all(block == 64 for _, block, *_ in kept)
+        assert {str(dtype) for _, _, dtype, _ in kept} == {
+            "float16" if target == "h200" else "float32"
+        }
+        model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits"
+                for a in n.attribute if a.name == "bits"} == {8}  # fmt: skip
+        _close(summary)  # the blocks are the checkpoint's: the int8 embedding is what is left
+    placement = report["cuda_placement"]
+    assert placement["cpu_nodes"] == placement["memcpy_nodes"] == 0
+    assert placement["contract_breaches"] == []
 
 
 def _group_order(name, k, group=32):
@@ -384,16 +433,25 @@ def test_an_awq_checkpoint_reads_as_compressed_tensors_reads_it(source, tmp_path
     _close(summary)
 
 
+def test_an_8bit_compressed_tensors_checkpoint_keeps_its_blocks_as_int8_weight_only(
+    source, tmp_path, cli_runner
+):
+    """llm-compressor's W8A16 (asymmetric groups of 64), written by the compressed-tensors
+    library: read as its own decompression reads it, built int8-wo on those blocks."""
+    checkpoint = _compressed_tensors(source, tmp_path / "ct8", 64, bits=8)
+    _, expected = _decompressed(checkpoint)
+    summary, report = _compile(cli_runner, checkpoint, tmp_path / "cpu", "--target", "cpu")
+    assert report["recipe"]["quantize"] == "int8-wo"
+    assert "compressed-tensors int8 (group 64)" in report["recipe"]["chosen_by"]
+    _kept_exactly(expected, tmp_path / "cpu", rtol=1e-6)
+    _close(summary)
+
+
 def test_a_compressed_tensors_checkpoint_keeps_its_blocks_for_cpu_and_h200(
     source, tmp_path, cli_runner
 ):
     checkpoint = _compressed_tensors(source, tmp_path / "ct", 32)
-    reference = _dequantizing_transformers(checkpoint)
-    expected = {
-        name: parameter.detach().numpy()
-        for name, parameter in reference.named_parameters()
-        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in _LINEAR
-    }
+    reference, expected = _decompressed(checkpoint)
     summary, report = _compile(cli_runner, checkpoint, tmp_path / "cpu", "--target", "cpu")
     _kept_exactly(expected, tmp_path / "cpu")
     _close(summary)
@@ -459,12 +517,7 @@ def test_fdecs_own_hf_checkpoint_compiles_back_onto_the_same_codes(source, tmp_p
     _compile(cli_runner, source, first, "--target", "cpu", "--quantize", "int4",
              "--emit", "hf-checkpoint")  # fmt: skip
     checkpoint = first / "hf-checkpoint"
-    reference = _dequantizing_transformers(checkpoint)
-    expected = {
-        name: parameter.detach().numpy()
-        for name, parameter in reference.named_parameters()
-        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in _LINEAR
-    }
+    _, expected = _decompressed(checkpoint)
     again = tmp_path / "again"
     _, report = _compile(cli_runner, checkpoint, again, "--target", "cpu",
                          "--quantize", "int4")  # fmt: skip

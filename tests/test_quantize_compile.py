@@ -91,6 +91,59 @@ def test_int4_build_is_matmulnbits_smaller_and_verified(tiny_models, tmp_path, c
     assert ran.exit_code == 0 and json.loads(ran.stdout)["new_tokens"] >= 1
 
 
+def _nbits_attrs(path):
+    model = onnx.load(str(path), load_external_data=False)
+    return [{a.name: a.i for a in n.attribute} for n in model.graph.node
+            if n.op_type == "MatMulNBits"]  # fmt: skip
+
+
+def test_int8_weight_only_is_matmulnbits_8bit_on_the_cpu_and_the_cuda_model(
+    tiny_models, tmp_path, cli_runner
+):
+    """int8-wo: 8-bit blocks of 32 for MatMulNBits (accuracy_level 4 on the CPU, 0 for the
+    CUDA kernel), the tied table shared 8-bit, closer to fp32 than int4; on the ONNX Runtime
+    CUDA model `--quantize int8` means it, and the Q/DQ methods are refused by name."""
+    model = tiny_models("llama")
+    builds = {}
+    for target, quantize in (("cpu", "int8-wo"), ("h200", "int8"), ("cpu", "int4")):
+        out = builds[target, quantize] = tmp_path / f"{target}-{quantize}"
+        args = ["--backend", "onnxruntime"] if target == "h200" else []
+        result = cli_runner.invoke(cli, [
+            "compile", str(model), "--target", target, "--quantize", quantize, *args,
+            "-o", str(out), "--json",
+        ])  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+    for (target, quantize), out in builds.items():
+        if quantize == "int4":
+            continue
+        attrs = _nbits_attrs(out / "model.onnx")
+        # 2 layers × (packed qkv, o, gate, up, down) + the lm_head, all 8-bit blocks of 32
+        assert len(attrs) == 11
+        assert {(a["bits"], a["block_size"]) for a in attrs} == {(8, 32)}
+        assert {a.get("accuracy_level", 0) for a in attrs} == {4 if target == "cpu" else 0}
+        ops = _ops(out / "model.onnx")
+        assert ops.count(("com.microsoft", "GatherBlockQuantized")) == 1  # the tied table, once
+        report = json.loads((out / "report.json").read_text())
+        names = [p["name"] for p in report["passes"]]
+        assert "quantize-int8-wo" in names and "untie-embeddings" not in names
+        assert report["verification"]["ok"] is True
+    cpu = json.loads((builds["cpu", "int8-wo"] / "report.json").read_text())
+    int4 = json.loads((builds["cpu", "int4"] / "report.json").read_text())
+    error = lambda r: r["verification"]["numeric"]["max_abs_error"]  # noqa: E731
+    assert error(cpu) < error(int4) / 3  # 8 bits: far closer to the source than 4
+    cuda = json.loads((builds["h200", "int8"] / "report.json").read_text())
+    assert cuda["recipe"]["quantize"] == "int8"
+    assert cuda["models"][0]["summary"] == "fp16 compute, int8 weights (MatMulNBits), fp16 KV cache"
+    assert cuda["cuda_placement"]["cpu_nodes"] == cuda["cuda_placement"]["memcpy_nodes"] == 0
+    assert cuda["cuda_placement"]["contract_breaches"] == []
+    refused = cli_runner.invoke(cli, [
+        "compile", str(model), "--target", "h200", "--backend", "onnxruntime",
+        "--quantize", "int8-smoothquant", "-o", str(tmp_path / "x"),
+    ])  # fmt: skip
+    assert refused.exit_code == 2 and not (tmp_path / "x").exists()
+    assert "runs int8 as int8-wo only, not smoothquant" in refused.stderr
+
+
 def test_dynamic_int8_is_cpu_only(tiny_models, tmp_path, cli_runner):
     result = cli_runner.invoke(
         cli,
@@ -130,6 +183,26 @@ def test_int4_for_rtx_uses_standard_ops_and_builds_an_engine(tiny_models, tmp_pa
     assert report["engines"][0]["status"] == "built"
 
 
+@pytest.mark.skipif(rtx_available() is not None, reason=str(rtx_available()))
+def test_int8_weight_only_for_rtx_is_blocked_int8_dequantize_in_a_real_engine(
+    tiny_models, tmp_path, cli_runner
+):
+    out = tmp_path / "rtx"
+    result = cli_runner.invoke(cli, [
+        "compile", str(tiny_models("llama")), "--target", "rtx4090", "--quantize", "int8-wo",
+        "--max-seq-len", "256", "-o", str(out), "--json",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" and a.i == 32 for a in n.attribute)]  # fmt: skip
+    assert len(blocked) == 15  # 2 layers × q k v o gate up down + the untied lm_head
+    report = json.loads((out / "report.json").read_text())
+    (engine,) = report["engines"]
+    assert engine["status"] == "built"
+    assert engine["typed_model"]["precisions"] == ["bf16", "int8"]
+
+
 def test_tolerance_judges_perplexity_growth():
     gate = Tolerance(max_abs_error=10, min_top1_agreement=0.5, max_perplexity_increase=0.2)
     figures = {"max_abs_error": 1.0, "top1_agreement": 0.9, "perplexity_source": 10.0}
@@ -161,6 +234,34 @@ def test_emit_hf_checkpoint_loads_in_transformers(tiny_models, tmp_path, cli_run
         "--emit", "hf-checkpoint",
     ])  # fmt: skip
     assert refused.exit_code == 2 and "cannot write a --quantize int8 build" in refused.stderr
+
+
+def test_emit_hf_checkpoint_of_int8_weight_only_is_w8a16_transformers_loads(
+    tiny_models, tmp_path, cli_runner
+):
+    """--quantize int8-wo --emit hf-checkpoint: compressed-tensors W8A16 (num_bits 8), which
+    transformers loads in its default compressed mode, close to the float source."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "b"
+    result = cli_runner.invoke(cli, [
+        "compile", str(tiny_models("qwen2")), "-o", str(out), "--quantize", "int8-wo",
+        "--emit", "hf-checkpoint", "-q",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    checkpoint = json.loads((out / "report.json").read_text())["checkpoint"]
+    assert checkpoint["quantization"]["num_bits"] == 8 and len(checkpoint["packed"]) == 14
+    config = json.loads((out / "hf-checkpoint" / "config.json").read_text())
+    weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"]) == (8, 32)
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "hf-checkpoint").eval()
+    source = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2")).eval()
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        error = np.abs((reloaded(ids).logits - source(ids).logits).numpy()).max()
+    assert 0 < error < 0.05  # 8-bit blocks: quantized, and close
 
 
 def test_emit_hf_checkpoint_of_the_int4_recipe_with_its_8bit_tied_head(

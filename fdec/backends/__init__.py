@@ -59,6 +59,10 @@ class Backend(Protocol):
     #: (None: the target's), and the one line that says what to use instead of a refused one.
     default_quantize: str | None
     precision_fix: str
+    #: Per precision, the methods its model runs where it runs only some (the first is what the
+    #: precision alone means: onnxruntime-cuda's "int8" is "int8-wo"); precisions not listed
+    #: run every method fdec has.
+    methods: Mapping[str, tuple[str, ...]]
     #: The KV cache type its graph has built in (--kv-dtype may only repeat it), or None.
     kv_dtype: str | None
     #: The --kv-dtype values it takes (None: all), and why it refuses the others.
@@ -160,9 +164,16 @@ def check_precision(backend: Backend, quantize: str | None) -> None:
     backend's fix); "none" (float weights) every backend takes."""
     if not quantize or quantize.lower() in _FLOAT_WEIGHTS:
         return
-    precision = quantize.lower().split("-", 1)[0]
-    if precision in backend.precisions:
+    precision, _, method = quantize.lower().partition("-")
+    runs = backend.methods.get(precision)
+    if precision in backend.precisions and (not method or not runs or method in runs):
         return
+    if precision in backend.precisions:
+        raise UsageError(
+            f"--quantize {quantize}: the {backend.name} backend runs {precision} as "
+            f"{', '.join(f'{precision}-{m}' for m in runs)} only, not {method}",
+            backend.precision_fix,
+        )
     raise UsageError(
         f"--quantize {quantize}: the {backend.name} backend runs "
         f"{', '.join(backend.precisions)} models, not {precision}",

@@ -23,6 +23,7 @@ class OnnxRuntimeBackend:
     precisions: tuple[str, ...] = ("fp32", "int8", "int4", "fp8")
     default_quantize: str | None = None  # the target's default recipe
     precision_fix: str = "use --quantize int4, int8, fp8 or none"
+    methods: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     kv_dtype: str | None = None
     kv_dtypes: tuple[str, ...] | None = None
     kv_dtypes_why: str = ""

@@ -11,10 +11,10 @@ lm_head is fp16 (bf16 graphs keep fp32 logits), and the KV cache inputs/outputs 
 shared device buffer per tensor.
 
 Precisions: fp16 (the default: float weights typed fp16), bf16 (asked for, on targets with
-BF16) and int4 weight-only (MatMulNBits with fp16 scales, accuracy_level 0: fp16 activations, as
-the CUDA kernel computes whatever the attribute says). fp8 and int8 Q/DQ graphs are not
-built for it: the CUDA EP only emulates Q/DQ (fp8 Q/DQ measured slower than fp32 on the H200),
-they belong to the TensorRT backend. Every node of the written graph must have a CUDA kernel for
+BF16), and int8 and int4 weight-only (MatMulNBits bits 8 / 4 with fp16 scales, accuracy_level 0:
+fp16 activations, as the CUDA kernel computes whatever the attribute says). fp8 and int8 Q/DQ
+graphs are not built for it: the CUDA EP only emulates Q/DQ (fp8 Q/DQ measured slower than fp32
+on the H200), they belong to the TensorRT backend. Every node of the written graph must have a CUDA kernel for
 its types (fdec.lower.cuda_kernels); the compile fails otherwise.
 """
 
@@ -49,7 +49,7 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
     )
     # fp16 first: the default when --quantize is not given (the ORT CUDA model is fp16 unless
     # a faster precision is asked for and measured: int4 is opt-in until a GPU run shows it).
-    precisions: tuple[str, ...] = ("fp16", "bf16", "int4")
+    precisions: tuple[str, ...] = ("fp16", "bf16", "int8", "int4")
     default_quantize: str | None = "fp16"
     kv_dtype: str | None = "fp16"
     gpu_variant: str | None = None
@@ -61,8 +61,12 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         default_factory=lambda: {"accuracy_level": 0}
     )
     precision_fix: str = (
-        "use --quantize fp16 (default), bf16 or int4 for the ONNX Runtime CUDA model, or "
-        "--backend tensorrt for fp8/int8 Q/DQ"
+        "use --quantize fp16 (default), bf16, int8 (weight-only) or int4 for the ONNX Runtime "
+        "CUDA model, or --backend tensorrt for fp8/int8 Q/DQ"
+    )
+    # int8 weight-only (MatMulNBits bits=8, fp16 activations); int8 Q/DQ the CUDA EP emulates
+    methods: Mapping[str, tuple[str, ...]] = dataclasses.field(
+        default_factory=lambda: {"int8": ("wo",)}
     )
 
     def prepare_passes(

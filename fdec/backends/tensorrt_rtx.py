@@ -88,6 +88,7 @@ class StronglyTypedBackend:
     precisions: tuple[str, ...] = ("fp32", "int8", "int4", "fp8")
     default_quantize: str | None = None  # the target's default recipe
     precision_fix: str = "use --quantize fp8, int8, int4 or none (the engine is typed fp16/bf16)"
+    methods: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     kv_dtype: str | None = None
     # an fp16 cache would make model.onnx part fp16, and the typed model is cast from fp32
     kv_dtypes: tuple[str, ...] | None = ("fp32", "int8", "fp8")

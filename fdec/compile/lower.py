@@ -67,7 +67,9 @@ def write_files(
     runs_on = ", ".join((backend.providers if backend is not None else ()) or ["ONNX Runtime"])
     models = [{"file": MODEL_FILE, "runs_on": f"ONNX Runtime {runs_on}",
                **graph_precision(model.model)}]  # fmt: skip
-    if target.is_gpu and "Q/DQ" in models[0]["weights"]:
+    if target.is_gpu and (
+        "Q/DQ" in models[0]["weights"] or "DequantizeLinear" in models[0]["weights"]
+    ):
         models[0]["note"] = (
             "ONNX Runtime's CUDA EP only emulates Q/DQ (fp8 Q/DQ ran slower than fp32 on an "
             "H200, issue 16): the TensorRT engine runs this precision; --backend onnxruntime "

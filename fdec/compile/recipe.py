@@ -66,7 +66,7 @@ EMITS = ("hf-checkpoint", "genai")
 # then refused as not built yet.
 _QUANTIZE_METHODS = {
     "int4": ("rtn", "awq", "awq-mixed"),
-    "int8": ("dynamic", "smoothquant"),
+    "int8": ("dynamic", "smoothquant", "wo"),
     "fp8": ("static",),
     "fp32": ("none",),
 }
@@ -208,16 +208,21 @@ def _quantize_passes(
         )
     if precision.value == "fp32":
         return []
+    # A backend that runs one method of a precision means it by the precision alone: the ONNX
+    # Runtime CUDA model's int8 is weight-only (MatMulNBits), never Q/DQ it would emulate.
+    method = method or backend.methods.get(precision.value, ("",))[0]
+    weight_only_int8 = precision.value == "int8" and method == "wo"
     pass_backend = backend.graph_form
     # int4 for ONNX Runtime keeps a tied embedding tied: the lm_head's MatMulNBits and the
     # embedding's GatherBlockQuantized read one packed int4 table (SmolLM2: 84 MB instead of
     # 113 MB with an untied int4 lm_head and an int8 embedding).
     # Dynamic int8 (the CPU's int8) does the same with one int8 table (SmolLM2: 140 MB, 0.26x).
     static_int8 = method == "smoothquant" or (not method and target.is_gpu)
-    dynamic = precision.value == "int8" and not static_int8  # the CPU's int8, or int8-dynamic
+    # the CPU's int8, or int8-dynamic
+    dynamic = precision.value == "int8" and not static_int8 and not weight_only_int8
     dynamic_int8 = dynamic and keep_fp is None
     share = (
-        (precision.value in ("int4", "fp8") or dynamic_int8)
+        (precision.value in ("int4", "fp8") or dynamic_int8 or weight_only_int8)
         and pass_backend == "onnxruntime"
         and embedding
     )
@@ -254,7 +259,7 @@ def _quantize_passes(
         if precision.value == "int4" and method.startswith("awq")
         # RTN keeps only integer-zero-point blocks (a GPTQ / AWQ / compressed-tensors source)
         else {"keep_source_grid": INT4_KEEP_SOURCE_GRID}
-        if precision.value == "int4"
+        if precision.value == "int4" or weight_only_int8
         else {}
     )
     if precision.value == "int4" and (keep_fp is not None or method == "awq-mixed"):
@@ -275,6 +280,8 @@ def _quantize_passes(
             quantizer_options={"alpha": INT8_DYNAMIC_ALPHA},
             keep_fp=keep_fp,
         )
+    elif weight_only_int8:
+        weights = fdec_passes.make_pass("quantize-int8-wo", **grid, **int4_options)
     elif precision.value == "int4":
         name = "quantize-int4-awq" if method == "awq" else "quantize-int4"
         # TensorRT(-RTX) builds keep a 4-bit lm_head (their measured recipes).
@@ -290,7 +297,7 @@ def _quantize_passes(
             weight_only=FP8_WEIGHT_ONLY,
             weight_only_layers=FP8_WEIGHT_ONLY_LAYERS,
         )
-    # int8: static SmoothQuant QDQ for GPUs (or when asked), dynamic on the CPU.
+    # int8: weight-only (asked, or the backend's only int8), static SmoothQuant QDQ, dynamic.
     elif static_int8:
         weights = fdec_passes.make_pass(
             "quantize-int8-static",

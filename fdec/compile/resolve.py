@@ -21,7 +21,7 @@ from fdec.compile.options import CompileOptions
 from fdec.compile.recipe import Recipe, check_emit, default_quantize, plan_pipeline
 from fdec.errors import InputError, UsageError
 from fdec.frontend.families import sliding_window
-from fdec.frontend.prequantized import SOURCE_KEY, int4_method
+from fdec.frontend.prequantized import SOURCE_KEY, SOURCE_QUANTIZE, source_quantization
 from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.lower.profiles import ShapeLimits
 from fdec.passes import parse_pass_list, weight_quantizers
@@ -40,24 +40,31 @@ __all__ = [
 ]
 
 DEFAULT_MAX_SEQ_LEN = 2048
-INT4_SOURCE_QUANTIZE = "int4-awq"  # the default for a source quantized to int4 by another tool
 
 
-def _int4_folder(model: str) -> bool:
-    """Whether `model` is a local folder whose config.json names a method fdec reads as int4
-    (fdec.frontend.prequantized; hub ids are known once resolved, in `for_source`)."""
+def _source_recipe(config: Any) -> str | None:
+    """SOURCE_QUANTIZE's recipe for a config.json naming a checkpoint fdec reads as quantized
+    (fdec.frontend.prequantized), else None."""
+    found = source_quantization(config) if isinstance(config, dict) else None
+    return SOURCE_QUANTIZE[found[1]] if found else None
+
+
+def _folder_recipe(model: str) -> str | None:
+    """`_source_recipe` of a local folder (hub ids are known once resolved, in `for_source`)."""
     try:
         config = json.loads((pathlib.Path(model).expanduser() / "config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and int4_method(config) is not None
+        return None
+    return _source_recipe(config)
 
 
-def _int4_source(config: dict) -> str:
+def _describe_source(config: dict) -> str:
     """What a GPTQ / AWQ / compressed-tensors source was (fdec.frontend.prequantized)."""
     found = config[SOURCE_KEY]
     group = found.get("group_size")
-    return f"{found.get('method')} int4" + (f" (group {group})" if group and group > 0 else "")
+    return f"{found.get('method')} int{found.get('bits', 4)}" + (
+        f" (group {group})" if group and group > 0 else ""
+    )
 
 
 @dataclasses.dataclass
@@ -130,12 +137,12 @@ class Settings:
         found = sliding_window(_hf_config(source))
         # transformers' window counts the query itself; the policy counts its past.
         window = ModelWindow(found[0] - 1, found[1]) if found else None
-        # A GPTQ/AWQ/compressed-tensors int4 checkpoint (read as float weights on its grid)
-        # keeps its int4 blocks: int4-awq keeps them exactly (keep_source_grid) and quantizes
-        # what the checkpoint left in float (the lm_head) itself.
-        int4 = self.recipe_default and SOURCE_KEY in source.config
-        quantize = INT4_SOURCE_QUANTIZE if int4 else self.quantize
-        fallback = f"{quantize}: the source is {_int4_source(source.config)}" if int4 else None
+        # A GPTQ/AWQ/compressed-tensors checkpoint (read as float weights on its grid) keeps
+        # its blocks: int4-awq (int8-wo for 8 bits) keeps them exactly (keep_source_grid) and
+        # quantizes what the checkpoint left in float (the lm_head) itself.
+        kept = _source_recipe(source.config) if self.recipe_default else None
+        quantize = kept or self.quantize
+        fallback = f"{quantize}: the source is {_describe_source(source.config)}" if kept else None
         if (window and window != self.model_window) or quantize != self.quantize:
             window = window or self.model_window
             recipe = _plan(options, self.target, self.backend, quantize, model_window=window)
@@ -182,8 +189,9 @@ def resolve_settings(options: CompileOptions) -> Settings:
         if recipe_default
         else (backend.default_quantize or "none")  # a backend's own float typing stays
     )
-    if recipe_default and _int4_folder(options.model):  # as for_source would: --pass-options
-        quantize = INT4_SOURCE_QUANTIZE  # for int4-awq's passes are checked against this plan
+    kept = _folder_recipe(options.model) if recipe_default else None
+    if kept:  # as for_source would: --pass-options for its passes are checked against this plan
+        quantize = kept
     recipe = _plan(options, target, backend, quantize)
     if options.prune:
         parse_prune(options.prune)

@@ -1,33 +1,34 @@
-"""Checkpoints another tool quantized to 4 bits (GPTQ, AWQ, compressed-tensors), read as the float
-weights their groups stand for.
+"""Checkpoints another tool quantized to 4 or 8 bits (GPTQ, AWQ, compressed-tensors), read as the
+float weights their groups stand for.
 
-Such a folder's linear layers hold packed 4-bit codes, a scale per group of inputs and (mostly) an
+Such a folder's linear layers hold packed 4- or 8-bit codes, a scale per group of inputs and (mostly) an
 integer zero point per group instead of a weight. fdec turns the folder once into a float folder
 (cached like a GGUF conversion: fdec.frontend.source): each quantized layer's weight becomes
 (code − zero point) · scale in float32, which is exact, and every other tensor and file is kept.
 PyTorch then loads it as any model (the reference fdec verifies against is the quantized model
 itself), and the int4 quantizers find each layer's blocks again in those values
 (fdec.passes.int4_codes.integer_grid) and keep them instead of rounding again: the build's int4
-weights are the checkpoint's, bit for bit.
+(int8-wo for an 8-bit checkpoint) weights are the checkpoint's, bit for bit.
 
 Formats (config.json `quantization_config`):
-- GPTQ (`quant_method` "gptq", AutoGPTQ / GPTQModel): `qweight` int32 [K/8, N] packed along the
-  inputs, `qzeros` int32 [groups, N/8] packed along the outputs and stored minus one
-  (`checkpoint_format` "gptq"; "gptq_v2" stores them as they are), `scales` [groups, N],
-  `g_idx` [K].
+- GPTQ (`quant_method` "gptq", AutoGPTQ / GPTQModel; `bits` 4 or 8): `qweight` int32
+  [K·bits/32, N] packed along the inputs, `qzeros` int32 [groups, N·bits/32] packed along the
+  outputs and stored minus one (`checkpoint_format` "gptq"; "gptq_v2" stores them as they are),
+  `scales` [groups, N], `g_idx` [K].
 - AWQ (`quant_method` "awq", AutoAWQ's GEMM layout): `qweight` [K, N/8] and `qzeros`
   [groups, N/8], both packed along the outputs in the order 0 2 4 6 1 3 5 7, `scales` [groups, N].
-- compressed-tensors `pack-quantized` (llm-compressor's W4A16): `weight_packed` int32 [N, K/8]
-  holding code + 8, `weight_scale` [N, groups], `weight_zero_point` int32 [N/8, groups] (asymmetric
-  only, zero point + 8), `weight_shape`, and `weight_g_idx` where groups follow activation order.
+- compressed-tensors `pack-quantized` (llm-compressor's W4A16 / W8A16): `weight_packed` int32
+  [N, K·bits/32] holding code + 2^(bits−1), `weight_scale` [N, groups], `weight_zero_point` int32
+  [N·bits/32, groups] (asymmetric only, offset the same way), `weight_shape`, and `weight_g_idx`
+  where groups follow activation order.
 
 Activation order (GPTQ `desc_act`, compressed-tensors `actorder` "group"): a layer's groups are
 not consecutive inputs; its `g_idx` names each input's group. The float weight is exact all the
 same; the inputs sorted by group make consecutive blocks again, and that order is kept beside the
 weights (INPUT_ORDER_FILE) for the import to re-lay each such layer's inputs in it
 (fdec.frontend.input_order): the int4 blocks are then found and kept like any others.
-Refused, with the reason: other bit widths, groups of unequal sizes, AWQ's GEMV layouts, and any
-other method.
+Refused, with the reason: other bit widths (AWQ: 4 only), groups of unequal sizes, AWQ's GEMV
+layouts, and any other method.
 """
 
 from __future__ import annotations
@@ -46,17 +47,21 @@ from fdec.errors import InputError
 
 __all__ = [
     "INPUT_ORDER_FILE",
-    "INT4_METHODS",
+    "METHODS",
     "SOURCE_KEY",
-    "Int4Checkpoint",
+    "SOURCE_QUANTIZE",
+    "QuantizedCheckpoint",
     "dequantize_folder",
-    "int4_checkpoint",
-    "int4_method",
+    "quantized_checkpoint",
+    "source_quantization",
 ]
 
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds output column 8c + order[i]
 _NAMES = {"gptq": "GPTQ", "awq": "AWQ"}  # methods whose config has bits / group_size
-INT4_METHODS = (*_NAMES, "compressed-tensors")  # quant_method values read here
+METHODS = (*_NAMES, "compressed-tensors")  # quant_method values read here
+_BITS = {"gptq": (4, 8), "awq": (4,), "compressed-tensors": (4, 8)}  # the widths read
+# The --quantize a source of each width builds without one: the recipe that keeps its blocks.
+SOURCE_QUANTIZE = {4: "int4-awq", 8: "int8-wo"}
 # config.json key recording, in the float folder, what the checkpoint was
 SOURCE_KEY = "fdec_source_quantization"
 # Written beside the float weights: each activation-ordered layer's input order (weight name →
@@ -67,13 +72,14 @@ _FLOAT_FIX = "give fdec the original float checkpoint; it quantizes it itself (-
 
 
 @dataclasses.dataclass(frozen=True)
-class Int4Checkpoint:
+class QuantizedCheckpoint:
     """How a checkpoint's linear layers are stored (see the module's docstring)."""
 
     method: str  # "gptq" | "awq" | "compressed-tensors"
     group_size: int  # -1: one group over all inputs
     symmetric: bool
     zeros_minus_one: bool = False  # GPTQ's v1 checkpoints
+    bits: int = 4
 
     @property
     def packed(self) -> str:
@@ -83,25 +89,32 @@ class Int4Checkpoint:
     def describe(self) -> str:
         group = "per channel" if self.group_size == -1 else f"group {self.group_size}"
         kind = "symmetric" if self.symmetric else "asymmetric"
-        return f"{self.method} int4, {group}, {kind}"
+        return f"{self.method} int{self.bits}, {group}, {kind}"
 
 
-def int4_method(config: dict) -> str | None:
-    """The int4 method ("gptq", "awq", "compressed-tensors") a config.json names: a checkpoint's
+def source_quantization(config: dict) -> tuple[str, int] | None:
+    """(method, bits) of a checkpoint quantized by a method fdec reads ("gptq", "awq",
+    "compressed-tensors"; 4 or 8 bits) that a config.json names: a checkpoint's
     `quantization_config`, or the float folder fdec converted it into (SOURCE_KEY); None for
-    anything else (a float model, or a method fdec does not read: `int4_checkpoint` refuses it)."""
+    anything else (a float model, or one `quantized_checkpoint` refuses)."""
     quantization = config.get("quantization_config") or config.get(SOURCE_KEY)
     if not isinstance(quantization, dict):
         return None
     method = quantization.get("quant_method", quantization.get("method"))
-    return method if method in INT4_METHODS else None
+    if method not in METHODS:
+        return None
+    bits = quantization.get("bits")
+    if method == "compressed-tensors" and "config_groups" in quantization:
+        groups = [g for g in quantization["config_groups"].values() if isinstance(g, dict)]
+        bits = ((groups[0].get("weights") or {}) if groups else {}).get("num_bits")
+    return (method, bits) if bits in _BITS[method] else None
 
 
 def _refuse(folder: pathlib.Path, what: str, why: str, fix: str = _FLOAT_FIX) -> InputError:
     return InputError(f"{folder} holds a {what} checkpoint {why}", fix)
 
 
-def int4_checkpoint(config: dict, folder: pathlib.Path) -> Int4Checkpoint | None:
+def quantized_checkpoint(config: dict, folder: pathlib.Path) -> QuantizedCheckpoint | None:
     """The format of a checkpoint quantized by another tool that fdec reads, None for a float
     checkpoint; InputError (naming what is not supported) for any other quantized one."""
     quantization = config.get("quantization_config")
@@ -110,20 +123,22 @@ def int4_checkpoint(config: dict, folder: pathlib.Path) -> Int4Checkpoint | None
     method = str(quantization.get("quant_method") or "unknown method")
     if method in _NAMES:
         bits, group = quantization.get("bits"), quantization.get("group_size", 128)
-        if bits != 4:
-            raise _refuse(folder, f"{_NAMES[method]} {bits}-bit", "(fdec reads 4-bit ones)")
+        if bits not in _BITS[method]:
+            widths = " and ".join(map(str, _BITS[method]))
+            raise _refuse(folder, f"{_NAMES[method]} {bits}-bit", f"(fdec reads {widths}-bit ones)")
         if method == "awq" and str(quantization.get("version", "gemm")).lower() != "gemm":
             raise _refuse(
                 folder, f"AWQ {quantization.get('version')}", "(fdec reads AWQ's GEMM layout)"
             )
         if method == "awq" and quantization.get("zero_point") is False:
             raise _refuse(folder, "AWQ", "without zero points (fdec reads zero_point=true)")
-        return Int4Checkpoint(
+        return QuantizedCheckpoint(
             method,
             int(group),
             symmetric=bool(quantization.get("sym", False)) if method == "gptq" else False,
             zeros_minus_one=method == "gptq"
             and quantization.get("checkpoint_format", "gptq") != "gptq_v2",
+            bits=bits,
         )
     if method == "compressed-tensors":
         return _compressed_tensors(quantization, folder)
@@ -131,13 +146,13 @@ def int4_checkpoint(config: dict, folder: pathlib.Path) -> Int4Checkpoint | None
     what = f"{method}, {bits}-bit" if isinstance(bits, int) else method
     raise InputError(
         f"{folder} holds an already quantized checkpoint (config.json quantization_config: "
-        f"{what}); fdec reads GPTQ, AWQ and compressed-tensors int4 ones",
+        f"{what}); fdec reads GPTQ, AWQ and compressed-tensors int4 (and int8) ones",
         "give fdec the original float checkpoint it was made from; fdec quantizes it itself "
         "(--quantize int4-awq, int8, fp8, ...)",
     )
 
 
-def _compressed_tensors(quantization: dict, folder: pathlib.Path) -> Int4Checkpoint:
+def _compressed_tensors(quantization: dict, folder: pathlib.Path) -> QuantizedCheckpoint:
     groups = [g for g in (quantization.get("config_groups") or {}).values() if isinstance(g, dict)]
     formats = {g.get("format") or quantization.get("format") for g in groups}
     if formats != {"pack-quantized"} or len(groups) != 1:
@@ -147,52 +162,57 @@ def _compressed_tensors(quantization: dict, folder: pathlib.Path) -> Int4Checkpo
         )  # fmt: skip
     weights, scheme = groups[0].get("weights") or {}, groups[0]
     if scheme.get("input_activations") or scheme.get("output_activations"):
-        raise _refuse(folder, "compressed-tensors", "that quantizes activations (fdec reads W4A16)")
-    strategy = weights.get("strategy")
-    if weights.get("num_bits") != 4 or weights.get("type", "int") != "int":
-        raise _refuse(folder, "compressed-tensors", "whose weights are not 4-bit integers")
+        raise _refuse(
+            folder, "compressed-tensors", "that quantizes activations (fdec reads W4A16 / W8A16)"
+        )
+    strategy, bits = weights.get("strategy"), weights.get("num_bits")
+    if bits not in _BITS["compressed-tensors"] or weights.get("type", "int") != "int":
+        raise _refuse(folder, "compressed-tensors", "whose weights are not 4- or 8-bit integers")
     if strategy not in ("group", "channel"):
         raise _refuse(
             folder, "compressed-tensors", f"with strategy {strategy!r} (fdec reads groups of "
             "inputs, or channels)",
         )  # fmt: skip
     group = int(weights.get("group_size") or -1) if strategy == "group" else -1
-    return Int4Checkpoint("compressed-tensors", group, symmetric=bool(weights.get("symmetric")))
+    return QuantizedCheckpoint(
+        "compressed-tensors", group, symmetric=bool(weights.get("symmetric")), bits=bits
+    )
 
 
-def _nibbles(words: np.ndarray, axis: int) -> np.ndarray:
-    """int32 words as their eight 4-bit values (lowest first), unpacked along `axis`."""
+def _unpack(words: np.ndarray, axis: int, bits: int) -> np.ndarray:
+    """int32 words as their 32/bits values (lowest first), unpacked along `axis`."""
     values = words.astype(np.int64) & 0xFFFFFFFF
-    shifts = np.arange(0, 32, 4, dtype=np.int64)
-    nibbles = (np.expand_dims(values, -1) >> shifts) & 0xF  # [..., 8]
-    if axis == 0:  # [R, C, 8] → [R, 8, C] → [8R, C]
-        return np.moveaxis(nibbles, -1, 1).reshape(-1, words.shape[1])
-    return nibbles.reshape(words.shape[0], -1)
+    shifts = np.arange(0, 32, bits, dtype=np.int64)
+    parts = (np.expand_dims(values, -1) >> shifts) & ((1 << bits) - 1)  # [..., 32/bits]
+    if axis == 0:  # [R, C, P] → [R, P, C] → [PR, C]
+        return np.moveaxis(parts, -1, 1).reshape(-1, words.shape[1])
+    return parts.reshape(words.shape[0], -1)
 
 
 def _weight(
-    layer: dict[str, np.ndarray], fmt: Int4Checkpoint, name: str
+    layer: dict[str, np.ndarray], fmt: QuantizedCheckpoint, name: str
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One quantized linear layer as its float32 weight [N, K] (torch's Linear layout), and the
     order of its inputs that makes its groups consecutive (None: they already are)."""
+    bits, offset = fmt.bits, 1 << (fmt.bits - 1)
     if fmt.method == "compressed-tensors":
         n, k = (int(d) for d in layer["weight_shape"])
-        codes = _nibbles(layer["weight_packed"], axis=1)[:, :k] - 8  # [N, K]
+        codes = _unpack(layer["weight_packed"], 1, bits)[:, :k] - offset  # [N, K]
         scales = layer["weight_scale"].astype(np.float32)  # [N, groups]
         zeros = np.zeros_like(scales)
         if "weight_zero_point" in layer:
-            zeros = _nibbles(layer["weight_zero_point"], axis=0)[:n].astype(np.float32) - 8
+            zeros = _unpack(layer["weight_zero_point"], 0, bits)[:n].astype(np.float32) - offset
         groups, order = _groups(k, fmt.group_size, scales.shape[1], layer.get("weight_g_idx"), name)
         return ((codes - zeros[:, groups]) * scales[:, groups]).astype(np.float32), order
     if fmt.method == "gptq":
-        codes = _nibbles(layer["qweight"], axis=0)  # [K, N]
-        zeros = _nibbles(layer["qzeros"], axis=1)  # [groups, N]
+        codes = _unpack(layer["qweight"], 0, bits)  # [K, N]
+        zeros = _unpack(layer["qzeros"], 1, bits)  # [groups, N]
         if fmt.zeros_minus_one:
-            zeros = (zeros + 1) & 0xF
-    else:  # AWQ: columns within each word in _AWQ_ORDER
+            zeros = (zeros + 1) & ((1 << bits) - 1)
+    else:  # AWQ (4 bits): columns within each word in _AWQ_ORDER
         order = np.argsort(_AWQ_ORDER)
-        codes = _reorder(_nibbles(layer["qweight"], axis=1), order)
-        zeros = _reorder(_nibbles(layer["qzeros"], axis=1), order)
+        codes = _reorder(_unpack(layer["qweight"], 1, bits), order)
+        zeros = _reorder(_unpack(layer["qzeros"], 1, bits), order)
     k, scales = codes.shape[0], layer["scales"].astype(np.float32)  # [groups, N]
     zeros = zeros[:, : codes.shape[1]]
     groups, order = _groups(k, fmt.group_size, scales.shape[0], layer.get("g_idx"), name)
@@ -292,7 +312,7 @@ _LAYER_TENSORS = {  # a quantized layer's tensors besides its packed codes (and 
 
 def dequantize_folder(
     folder: pathlib.Path,
-    fmt: Int4Checkpoint,
+    fmt: QuantizedCheckpoint,
     staging: pathlib.Path,
     progress: Callable[[str], None] = lambda _: None,
 ) -> int:
@@ -348,7 +368,7 @@ def dequantize_folder(
     writer.close()
     layers = len(quantized)
     config = json.loads((folder / "config.json").read_text())
-    config[SOURCE_KEY] = {"method": fmt.method, "bits": 4, "group_size": fmt.group_size,
+    config[SOURCE_KEY] = {"method": fmt.method, "bits": fmt.bits, "group_size": fmt.group_size,
                           "symmetric": fmt.symmetric}  # fmt: skip
     if orders:  # config.json carries the file's digest: what the build depends on
         data = safetensors.numpy.save(orders)

@@ -21,7 +21,7 @@ from fdec.build import FileLock, pid_alive, sha256_file
 from fdec.cache import DigestIndex
 from fdec.errors import InputError
 from fdec.frontend.families import Family, family_for_config
-from fdec.frontend.prequantized import dequantize_folder, int4_checkpoint
+from fdec.frontend.prequantized import dequantize_folder, quantized_checkpoint
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -279,17 +279,17 @@ def _gguf_to_folder(
     )  # fmt: skip
 
 
-def _int4_to_folder(
+def _quantized_to_folder(
     folder: pathlib.Path,
     cache_dir: pathlib.Path,
     progress: Callable[[str], None],
     index: DigestIndex,
 ) -> pathlib.Path:
-    """A GPTQ / AWQ / compressed-tensors int4 checkpoint as a float folder in the cache
+    """A GPTQ / AWQ / compressed-tensors int4 or int8 checkpoint as a float folder in the cache
     (fdec.frontend.prequantized), keyed by its files' content; `folder` itself when it is
     float (a checkpoint quantized another way is refused there)."""
     config = _read_config(folder)
-    fmt = int4_checkpoint(config, folder)
+    fmt = quantized_checkpoint(config, folder)
     if fmt is None:
         return folder
     files = sorted(p for p in folder.iterdir() if p.is_file())
@@ -302,7 +302,7 @@ def _int4_to_folder(
 
     def convert(staging: pathlib.Path) -> None:
         progress(f"{folder.name} is a {fmt.describe()} checkpoint: reading its groups as float "
-                 "weights (once; the int4 build keeps them exactly)")  # fmt: skip
+                 "weights (once; the build keeps them exactly)")  # fmt: skip
         dequantize_folder(folder, fmt, staging, progress)
 
     entry = cache_dir / "int4" / digest.hexdigest()[:24]
@@ -495,7 +495,7 @@ def _resolve(
         folder = _gguf_to_folder(_bundled_gguf(name), cache_dir, progress, index)
         return _check_folder(given, "bundled", folder, trust_pickle=False)
     if path.is_dir():
-        folder = _int4_to_folder(path.resolve(), cache_dir, progress, index)
+        folder = _quantized_to_folder(path.resolve(), cache_dir, progress, index)
         source = _check_folder(given, "folder", folder, trust_pickle=trust_pickle)
         if not source.has_tokenizer:
             # Documented fallback: verification and calibration use fixed pseudo-random ids.
@@ -519,7 +519,7 @@ def _resolve(
         )
     if _HUB_ID.match(given) and not given.startswith((".", "/")):
         folder = _from_hub(given, cache_dir, progress)
-        folder = _int4_to_folder(folder, cache_dir, progress, index)
+        folder = _quantized_to_folder(folder, cache_dir, progress, index)
         return _check_folder(given, "hub", folder, trust_pickle=False)
     raise InputError(
         f"model path {given!r} does not exist",

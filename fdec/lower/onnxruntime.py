@@ -100,7 +100,8 @@ def kv_cache_config(model: Any, spec: Any) -> dict[str, Any] | None:
 
 def graph_precision(model: Any) -> dict[str, Any]:
     """What a graph computes in, in words for the report: the float type most node outputs
-    have, how its weights are stored (MatMulNBits, Q/DQ, dynamic int8, float) and its KV cache
+    have, how its weights are stored (MatMulNBits, weight-only DequantizeLinear, Q/DQ with
+    activations quantized too, dynamic int8, float) and its KV cache
     type. `summary` is the one line ("fp16 compute, int4 weights (MatMulNBits), fp16 KV")."""
     import collections
 
@@ -125,9 +126,10 @@ def graph_precision(model: Any) -> dict[str, Any]:
     compute = names.get(max(floats, key=floats.get), "fp32") if floats else "fp32"
     if bits:
         weights = "/".join(f"int{b}" for b in sorted(bits)) + " weights (MatMulNBits)"
-    elif qdq:
+    elif qdq:  # weight-only when nothing is quantized at run time
         kinds = "/".join(sorted("fp8" if "float8" in q else q for q in qdq))
-        weights = f"{kinds} Q/DQ"
+        quantizes = ops.get("QuantizeLinear")
+        weights = f"{kinds} Q/DQ" if quantizes else f"{kinds} weights (DequantizeLinear)"
     elif ops.get("MatMulInteger") or ops.get("DynamicQuantizeLinear"):
         weights = "int8 dynamic (MatMulInteger)"
     else:

@@ -9,7 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.errors import CapacityError, InputError, UsageError
-from fdec.plan.shape import KV_DTYPES, WEIGHT_FORMATS, ModelShape, shape_from_config
+from fdec.frontend.prequantized import SOURCE_QUANTIZE
+from fdec.plan.shape import (
+    INT8_WEIGHT_ONLY,
+    KV_DTYPES,
+    WEIGHT_FORMATS,
+    ModelShape,
+    shape_from_config,
+)
 
 __all__ = [
     "DEFAULT_CONTEXT_CAP",
@@ -166,8 +173,9 @@ def plan_capacity(
         raise UsageError(f"--context must be at least 1, got {context}", "pass --context 1 or more")
     recipe = target.default_recipe
     weight_from = "--quantize" if weights else f"{target.name} default_recipe.weights"
-    if not weights and shape.source_quantization:  # compiles on the checkpoint's int4 blocks
-        weights, weight_from = "int4", f"the source ({shape.source_quantization})"
+    if not weights and shape.source_quantization:  # compiles on the checkpoint's own blocks
+        weights = SOURCE_QUANTIZE[shape.source_bits]
+        weight_from = f"the source ({shape.source_quantization})"
     weight_name = precision_of(weights or recipe["weights"], "weight precision")
     if shape.kind == "encoder" and not weights and "encoder_weights" in recipe:
         weight_from = f"{target.name} default_recipe.encoder_weights"
@@ -181,12 +189,13 @@ def plan_capacity(
     target.require(weight_name)  # e.g. fp8 on an a100: InputError naming the alternatives
     if shape.is_decoder and target.is_gpu:  # the cpu target runs an fp8 cache's Q/DQ in ONNX
         target.require(kv_name)  # Runtime, as quantize-kv-cache allows (--kv-dtype's help)
-    fmt = WEIGHT_FORMATS[weight_name]
+    weight_only_int8 = weight_name == "int8" and (weights or "").lower().endswith("-wo")
+    fmt = INT8_WEIGHT_ONLY if weight_only_int8 else WEIGHT_FORMATS[weight_name]
     memory, memory_source = target_memory(target)
     usable = int(memory * (1.0 - headroom))
     act = _activation_bytes(target)
     # fdec's int4 for ONNX Runtime keeps a tied table tied (MatMulNBits + GatherBlockQuantized).
-    share = weight_name == "int4" and target.default_backend == "onnxruntime"
+    share = (weight_name == "int4" or weight_only_int8) and target.default_backend == "onnxruntime"
     weight_total = shape.weight_bytes(fmt, float_bytes(target), share_tied=share)
     kv_token = shape.kv_values_per_token() * KV_DTYPES[kv_name]
 
@@ -198,7 +207,8 @@ def plan_capacity(
         notes.append("no KV cache (encoder): limits come from weights and activations")
     if fmt.quantized and shape.is_decoder and shape.tie_word_embeddings:
         notes.append(
-            "tied embedding: one int4 table for lm_head and embedding (ONNX Runtime int4)"
+            f"tied embedding: one {weight_name} table for lm_head and embedding (ONNX Runtime "
+            f"{weight_name})"
             if share
             else "tied lm_head stored separately, quantized (fdec unties it to quantize)"
         )

@@ -11,9 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.errors import InputError
-from fdec.frontend.prequantized import int4_method
+from fdec.frontend.prequantized import source_quantization
 
 __all__ = [
+    "INT8_WEIGHT_ONLY",
     "KV_DTYPES",
     "WEIGHT_FORMATS",
     "ModelShape",
@@ -48,6 +49,8 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
     "int4": WeightFormat("int4", 4, block=32),
     "fp4": WeightFormat("fp4", 4, block=16, scale_bytes=1),
 }
+# --quantize int8-wo (and an 8-bit source): 8-bit blocks of 32 along the inputs, not channels
+INT8_WEIGHT_ONLY = WeightFormat("int8", 8, block=32)
 KV_DTYPES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 _ENCODER_TYPES = frozenset(
     {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta", "deberta-v2"}
@@ -80,9 +83,10 @@ class ModelShape:
     mlp_bias: bool = False
     type_vocab_size: int = 0
     notes: tuple[str, ...] = ()
-    # "gptq int4" etc.: a checkpoint another tool quantized, which compiles to int4 by default
-    # (fdec.frontend.prequantized)
+    # "gptq int4" etc.: a checkpoint another tool quantized, which compiles to its own width
+    # (int4, or int8 weight-only) by default (fdec.frontend.prequantized)
     source_quantization: str = ""
+    source_bits: int = 0
 
     @property
     def is_decoder(self) -> bool:
@@ -222,9 +226,10 @@ def shape_from_config(config: dict[str, Any], name: str, where: str = "config.js
             "fix num_key_value_heads",
         )
     default_inner = 4 * hidden if layout == "gpt2" else None
-    method = int4_method(config)
+    method, bits = source_quantization(config) or ("", 0)
     return ModelShape(
-        source_quantization=f"{method} int4" if method else "",
+        source_quantization=f"{method} int{bits}" if method else "",
+        source_bits=bits,
         name=name,
         model_type=model_type,
         kind=kind,

@@ -8,20 +8,21 @@ come from the HF model class built on the meta device from the written config, s
 checkpoint holds exactly the keys `from_pretrained` looks for. Linear weights read by MatMul
 as [in, out] are transposed back to torch's [out, in]; Conv1D weights stay [in, out].
 
-Weight-only int4 (`quantize-int4`, either backend) is written in compressed-tensors'
-"pack-quantized" W4A16 format (what llm-compressor writes), which vLLM loads
-(CompressedTensorsWNA16: Marlin/Machete kernels, zero points too), as does transformers with
-the `compressed-tensors` package:
+Weight-only int4 (`quantize-int4`, either backend) and int8 (`quantize-int8-wo`) are written
+in compressed-tensors' "pack-quantized" W4A16 / W8A16 format (what llm-compressor writes),
+which vLLM loads (CompressedTensorsWNA16: Marlin/Machete kernels, zero points too), as does
+transformers with the `compressed-tensors` package (b bits, p = 32 / b values a word):
 
-- `<module>.weight_packed`: int32 [out, ceil(in / 8)]; value i of a row sits in bits 4i..4i+3
-  of the little-endian words, stored as `q + 8` for the signed code q in [-8, 7];
+- `<module>.weight_packed`: int32 [out, ceil(in / p)]; value i of a row sits in bits
+  b·i..b·i+b-1 of the little-endian words, stored as `q + 2^(b-1)` for the signed code q;
 - `<module>.weight_scale`: [out, in / group_size] in the scales' float dtype;
 - `<module>.weight_shape`: int64 [out, in];
-- `<module>.weight_zero_point` (asymmetric only): int32 [ceil(out / 8), in / group_size],
+- `<module>.weight_zero_point` (asymmetric only): int32 [ceil(out / p), in / group_size],
   the signed zero points packed the same way along the output dimension;
 
 dequantized as `(q - zero_point) * scale`, which equals MatMulNBits' `(code - zp) * scale`
-and DequantizeLinear's `(x - zp) * scale` exactly (q = code - 8, zero_point = zp - 8).
+and DequantizeLinear's `(x - zp) * scale` exactly (q = code - 2^(b-1), the same for zp). One
+width per checkpoint: weights of another (an int4 recipe's 8-bit lm_head) are written in float.
 Only `nn.Linear` modules can be packed: a quantized weight of another module (GPT-2's
 Conv1D) is written dequantized, in float, and listed in the config's `ignore`. So is a
 quantized lm_head unless `pack_lm_head=True`: vLLM before PR #37291 (2026) and SGLang load a

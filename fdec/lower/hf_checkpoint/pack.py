@@ -1,4 +1,4 @@
-"""compressed-tensors' pack-quantized W4A16 format: int4 weights packed into int32 words, and the config naming it."""
+"""compressed-tensors' pack-quantized W4A16 / W8A16 format: int4 or int8 weights packed into int32 words, and the config naming it."""
 
 from __future__ import annotations
 
@@ -13,14 +13,17 @@ __all__ = ["PACK_FORMAT", "pack_weight", "quantization_config"]
 PACK_FORMAT = "pack-quantized"
 
 
-def _pack_int32(unsigned: np.ndarray) -> np.ndarray:
-    """uint8 [rows, cols] of 0..15 → int32 [rows, ceil(cols / 8)], value i at bits 4i..4i+3."""
+def _pack_int32(unsigned: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [rows, cols] of 0..2**bits - 1 → int32 [rows, ceil(cols · bits / 32)], value i at
+    bits·i.. of its word (4 bits: two to a byte, low nibble first; 8 bits: a byte each)."""
     rows, cols = unsigned.shape
-    padded = np.zeros((rows, -(-cols // 8) * 8), dtype=np.uint8)
+    per = 32 // bits
+    padded = np.zeros((rows, -(-cols // per) * per), dtype=np.uint8)
     padded[:, :cols] = unsigned
-    pairs = padded.reshape(rows, -1, 2)
-    packed = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
-    return np.ascontiguousarray(packed).view("<i4").astype(np.int32)
+    if bits == 4:
+        pairs = padded.reshape(rows, -1, 2)
+        padded = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(padded).view("<i4").astype(np.int32)
 
 
 def _regroup(blocks: np.ndarray, block_size: int, group_size: int, k: int) -> np.ndarray:
@@ -31,7 +34,7 @@ def _regroup(blocks: np.ndarray, block_size: int, group_size: int, k: int) -> np
 def pack_weight(module: str, weight: Blocked, group_size: int, symmetric: bool) -> dict:
     n, k = weight.shape
     tensors = {
-        f"{module}.weight_packed": _pack_int32(weight.codes),
+        f"{module}.weight_packed": _pack_int32(weight.codes, weight.bits),
         f"{module}.weight_scale": np.ascontiguousarray(
             _regroup(weight.scales, weight.block_size, group_size, k)
         ),
@@ -40,13 +43,15 @@ def pack_weight(module: str, weight: Blocked, group_size: int, symmetric: bool) 
     if not symmetric:
         zero_points = _regroup(weight.zero_points, weight.block_size, group_size, k)
         tensors[f"{module}.weight_zero_point"] = np.ascontiguousarray(
-            _pack_int32(np.ascontiguousarray(zero_points.T)).T
+            _pack_int32(np.ascontiguousarray(zero_points.T), weight.bits).T
         )
     return tensors
 
 
-def quantization_config(group_size: int, symmetric: bool, ignore: list[str]) -> dict[str, Any]:
-    """compressed-tensors' QuantizationConfig of a W4A16 group-quantized checkpoint."""
+def quantization_config(
+    group_size: int, symmetric: bool, ignore: list[str], bits: int = 4
+) -> dict[str, Any]:
+    """compressed-tensors' QuantizationConfig of a W4A16 (W8A16) group-quantized checkpoint."""
     return {
         "quant_method": "compressed-tensors",
         "format": PACK_FORMAT,
@@ -55,7 +60,7 @@ def quantization_config(group_size: int, symmetric: bool, ignore: list[str]) -> 
             "group_0": {
                 "targets": ["Linear"],
                 "weights": {
-                    "num_bits": 4,
+                    "num_bits": bits,
                     "type": "int",
                     "symmetric": symmetric,
                     "group_size": group_size,

@@ -81,8 +81,8 @@ class Blocked:
 
     `codes` are uint8 [N, K] in 0..2**bits - 1 and `zero_points` uint8 [N, k_blocks] in the same
     range (2**(bits - 1) for symmetric); the weight is `(codes - zero_points) * scales`, block
-    by block along K. Only 4-bit weights are packed (compressed-tensors W4A16); an 8-bit one
-    (an int4 recipe's lm_head, `lm_head_bits`) is written dequantized.
+    by block along K. Packed as compressed-tensors W4A16 or W8A16, one width per checkpoint:
+    another width (an int4 recipe's 8-bit lm_head, `lm_head_bits`) is written dequantized.
     """
 
     codes: np.ndarray

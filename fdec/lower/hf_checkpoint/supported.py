@@ -7,7 +7,7 @@ from fdec.errors import UsageError
 __all__ = ["SUPPORTED_QUANTIZE", "check_quantize"]
 
 # `--quantize` values whose builds this lowering writes (None: full precision).
-SUPPORTED_QUANTIZE = ("int4", "int4-rtn")
+SUPPORTED_QUANTIZE = ("int4", "int4-rtn", "int8-wo")
 
 
 def check_quantize(asked: str | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -117,7 +118,8 @@ def _graph_value(model: FdecModel, parameter: Parameter, family: Any) -> ir.Valu
 
 @dataclasses.dataclass
 class _Collected:
-    """The checkpoint's tensors before packing: float ones, and int4 ones to pack per module."""
+    """The checkpoint's tensors before packing: float ones, and int4 / int8 ones to pack per
+    module."""
 
     floats: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     quantized: dict[str, Blocked] = dataclasses.field(default_factory=dict)  # module → weight
@@ -128,7 +130,7 @@ class _Collected:
 def _collect(
     model: FdecModel, parameters: list[Parameter], family: Any, pack_lm_head: bool
 ) -> _Collected:
-    """Every expected HF tensor read back from the graph, in HF layout or as int4 to pack."""
+    """Every expected HF tensor read back from the graph, in HF layout or as blocks to pack."""
     found = _Collected()
     for parameter in parameters:
         value = _graph_value(model, parameter, family)
@@ -151,38 +153,64 @@ def _collect(
         if (
             order is None
             and parameter.kind == "linear"
-            and weight.bits == 4
             and weight.shape == parameter.shape
             and (pack_lm_head or not is_lm_head)
         ):
             found.quantized[parameter.module] = weight
             continue
-        # Not an nn.Linear (GPT-2's Conv1D), an lm_head engines would not read packed, 8 bits
-        # (an int4 recipe's lm_head_bits; the checkpoint's one scheme is W4A16), or blocks of
-        # inputs in another order (an activation-ordered source: compressed-tensors reads
-        # consecutive groups only): write it in float, with the values the graph computes.
-        array = _in_input_order(weight.dequantized(), order, parameter)  # [out, in]
-        if parameter.kind == "conv1d":
-            array = array.T
-        if array.shape != parameter.shape:
-            raise CompileError(
-                f"int4 weight {value.name!r} is {list(weight.shape)} [out, in], but the HF "
-                f"parameter {parameter.name!r} is {list(parameter.shape)}",
-                "report the model to the fdec developers",
-            )
-        found.floats[parameter.name] = np.ascontiguousarray(array)
-        found.dequantized.append(parameter.name)
-        log = logger.info if is_lm_head else logger.warning
-        log(
-            "%d-bit weight %s written dequantized (float): %s",
-            weight.bits,
-            value.name,
+        # Not an nn.Linear (GPT-2's Conv1D), an lm_head engines would not read packed, or
+        # blocks of inputs in another order (an activation-ordered source: compressed-tensors
+        # reads consecutive groups only): write it in float, with the values the graph computes.
+        why = (
             "its blocks follow the source's activation order, which compressed-tensors does "
             "not read"
             if order is not None
-            else "no packed format loads it",
+            else "no packed format loads it"
         )
+        _write_float(found, parameter, weight, order, why, is_lm_head)
+    _one_width(found, parameters, family)
     return found
+
+
+def _one_width(found: _Collected, parameters: list[Parameter], family: Any) -> None:
+    """The checkpoint has one scheme (W4A16 or W8A16): weights of the other width (an int4
+    recipe's 8-bit lm_head, quantize-mixed's 8-bit layers) are written in float."""
+    widths = collections.Counter(w.bits for w in found.quantized.values())
+    if len(widths) < 2:
+        return
+    bits = min(widths, key=lambda b: (-widths[b], b))  # the most modules' width
+    by_module = {p.module: p for p in parameters if p.kind == "linear"}
+    for module, weight in list(found.quantized.items()):
+        if weight.bits != bits:
+            parameter = by_module[module]
+            del found.quantized[module]
+            is_lm_head = family.role_of(parameter.name) == "lm_head"
+            why = f"the checkpoint's one scheme is W{bits}A16"
+            _write_float(found, parameter, weight, None, why, is_lm_head)
+
+
+def _write_float(
+    found: _Collected,
+    parameter: Parameter,
+    weight: Blocked,
+    order: np.ndarray | None,
+    why: str,
+    is_lm_head: bool,
+) -> None:
+    """A quantized weight written as float [out, in] (Conv1D: [in, out]), the graph's values."""
+    array = _in_input_order(weight.dequantized(), order, parameter)  # [out, in]
+    if parameter.kind == "conv1d":
+        array = array.T
+    if array.shape != parameter.shape:
+        raise CompileError(
+            f"{weight.bits}-bit weight of {parameter.name!r} is {list(weight.shape)} [out, in], "
+            f"but the HF parameter is {list(parameter.shape)}",
+            "report the model to the fdec developers",
+        )
+    found.floats[parameter.name] = np.ascontiguousarray(array)
+    found.dequantized.append(parameter.name)
+    log = logger.info if is_lm_head else logger.warning
+    log("%d-bit weight %s written dequantized (float): %s", weight.bits, parameter.name, why)
 
 
 def _in_input_order(array: np.ndarray, order: np.ndarray | None, parameter: Parameter):
@@ -203,12 +231,14 @@ def _in_input_order(array: np.ndarray, order: np.ndarray | None, parameter: Para
 def _pack_all(
     found: _Collected, parameters: list[Parameter]
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
-    """Packed tensors of every int4 module, the config's quantization_config, the report's."""
+    """Packed tensors of every quantized module, the config's quantization_config, the
+    report's."""
     weights = list(found.quantized.values())
     # One scheme for the whole checkpoint: a group size dividing every block and input size
     # (blocks past a layer's input size only pad it: K=64 in blocks of 128 is one group of 64).
     group_size = math.gcd(*(w.block_size for w in weights), *(w.shape[1] for w in weights))
     symmetric = all(w.symmetric for w in weights)
+    bits = weights[0].bits  # one width (_one_width)
     tensors: dict[str, np.ndarray] = {}
     for module, weight in found.quantized.items():
         tensors.update(pack_weight(module, weight, group_size, symmetric))
@@ -219,7 +249,7 @@ def _pack_all(
     report = {
         "method": "compressed-tensors",
         "format": PACK_FORMAT,
-        "num_bits": 4,
+        "num_bits": bits,
         "group_size": group_size,
         "block_sizes": sorted({w.block_size for w in weights}),
         "symmetric": symmetric,
@@ -228,11 +258,11 @@ def _pack_all(
     }
     if group_size < min(w.block_size for w in weights):
         logger.info(
-            "int4 blocks %s are wider than some layer's input; scales written per %d",
+            "blocks %s are wider than some layer's input; scales written per %d",
             report["block_sizes"],
             group_size,
         )
-    return tensors, quantization_config(group_size, symmetric, ignore), report
+    return tensors, quantization_config(group_size, symmetric, ignore, bits), report
 
 
 def write_hf_checkpoint(
@@ -244,10 +274,11 @@ def write_hf_checkpoint(
 ) -> dict[str, Any]:
     """Write `model` as a Hugging Face checkpoint into `out_dir`; returns a report.
 
-    Float weights are written in the graph's dtype under their HF names and layouts; int4
-    weights of `nn.Linear` modules in compressed-tensors pack-quantized format (the lm_head
-    only with `pack_lm_head`), others dequantized. Raises UsageError for int8 builds,
-    CompileError when a parameter the HF class expects is missing from the graph.
+    Float weights are written in the graph's dtype under their HF names and layouts; block
+    quantized (int4 / int8-wo) weights of `nn.Linear` modules in compressed-tensors
+    pack-quantized format (the lm_head only with `pack_lm_head`; one width, the most modules'),
+    others dequantized. Raises CompileError when a parameter the HF class expects is missing
+    from the graph.
     """
     from safetensors.numpy import save_file
 
@@ -264,7 +295,7 @@ def write_hf_checkpoint(
         packed, config["quantization_config"], quantization = _pack_all(found, parameters)
         tensors.update(packed)
     elif found.dequantized:
-        quantization = {"method": "int4 written dequantized", "format": "dense"}
+        quantization = {"method": "quantized weights written dequantized", "format": "dense"}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / _CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
