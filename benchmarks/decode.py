@@ -3,13 +3,18 @@
     python benchmarks/decode.py                      # SmolLM2-135M, compiles build/smollm2 if missing
     python benchmarks/decode.py --model DIR --build build/x --rounds 5
     python benchmarks/decode.py --build build/fp32=none --build build/int4=int4-awq-mixed
+    python benchmarks/decode.py --build build/int8=int8 --genai int8 --prompt-tokens 512
 
 Each `--build DIR[=RECIPE]` is one row; a missing DIR is compiled first with
 `--quantize RECIPE` (without one: the target's default recipe, int4-awq on the CPU).
 
-Both sides use the same prompt, thread count and greedy decoding; rounds are interleaved and
+`--genai PRECISION` (repeatable) adds onnxruntime-genai's own CPU build (`-p PRECISION -e cpu`,
+built into build/genai-PRECISION when missing) run by its native generator.
+
+Every side uses the same prompt, thread count and greedy decoding; rounds are interleaved and
 medians reported. Decode tok/s excludes the prefill: PyTorch's is (N-1) / (t(N) - t(1)) from
-`generate` with N and 1 new tokens; fdec's is timed inside its own loop after the first token.
+`generate` with N and 1 new tokens; fdec's is timed inside its own loop after the first token,
+genai's after its first generated token. Prefill (fdec, genai) is the prompt's forward pass.
 """
 
 from __future__ import annotations
@@ -40,11 +45,12 @@ def _pytorch_decode(model, ids, new_tokens: int) -> float:
     return (new_tokens - 1) / max(full - one, 1e-9)
 
 
-def _fdec_decode(session, prompt: list[int], new_tokens: int) -> float:
+def _fdec_decode(session, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(decode tok/s, prefill seconds) of one fdec generation."""
     from fdec.runtime import generate
 
     result = generate(session, prompt, max_new_tokens=new_tokens)
-    return result.decode_tokens_per_s
+    return result.decode_tokens_per_s, result.prefill_s
 
 
 def _size_mb(folder: pathlib.Path) -> float:
@@ -67,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         help="intra-op threads for every side (default: --fusion lets each side choose as its "
         "users get it: fdec's build config, i.e. auto_threads(), and onnxruntime-genai's own "
         "default; otherwise 2)",
+    )
+    parser.add_argument(
+        "--genai",
+        action="append",
+        default=[],
+        choices=("int4", "int8", "fp32"),
+        help="add onnxruntime-genai's own cpu build of this precision (repeatable)",
     )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
@@ -113,15 +126,29 @@ def main(argv: list[str] | None = None) -> int:
     text_ids = tokenizer(held_text(), add_special_tokens=False)["input_ids"]
     prompt = (text_ids * 4)[: args.prompt_tokens]
     ids = torch.tensor([prompt])
+    runners = {
+        name: lambda n, s=session: _fdec_decode(s, prompt, n) for name, session in sessions.items()
+    }
+    for precision in args.genai:
+        folder = pathlib.Path("build") / f"genai-{precision}"
+        genai = _genai_runner(folder, source.folder, prompt, args.threads, precision)
+        if genai is None:
+            print(f"onnxruntime-genai not installed: genai {precision} skipped", file=sys.stderr)
+            continue
+        runners[f"genai {precision}"] = genai[0]
+        builds[f"genai {precision}"] = (folder, precision)
     torch_rates: list[float] = []
-    fdec_rates: dict[str, list[float]] = {name: [] for name in sessions}
+    fdec_rates: dict[str, list[float]] = {name: [] for name in runners}
+    prefills: dict[str, list[float]] = {name: [] for name in runners}
     _pytorch_decode(model, ids, 4)  # warm-up every side
-    for session in sessions.values():
-        _fdec_decode(session, prompt, 4)
+    for run in runners.values():
+        run(4)
     for _ in range(args.rounds):
         torch_rates.append(_pytorch_decode(model, ids, args.new_tokens))
-        for name, session in sessions.items():
-            fdec_rates[name].append(_fdec_decode(session, prompt, args.new_tokens))
+        for name, run in runners.items():
+            rate, prefill_s = run(args.new_tokens)
+            fdec_rates[name].append(rate)
+            prefills[name].append(prefill_s)
 
     scored = np.asarray([text_ids], dtype=np.int64)
     with torch.no_grad():
@@ -134,13 +161,15 @@ def main(argv: list[str] | None = None) -> int:
             "mb": torch_mb,
         },
     }
-    for name, session in sessions.items():
-        fdec_logits, _ = session.decode(scored, session.empty_past(1), 0)
+    for name in runners:
+        session = sessions.get(name)
+        fdec_logits = session.decode(scored, session.empty_past(1), 0)[0] if session else None
         rows[name] = {
             "decode_tok_s": statistics.median(fdec_rates[name]),
-            "perplexity": perplexity(fdec_logits, scored),
+            "prefill_ms": 1000 * statistics.median(prefills[name]),
+            "perplexity": perplexity(fdec_logits, scored) if session else float("nan"),
             "mb": _size_mb(builds[name][0]),
-            "providers": session.providers,
+            "providers": session.providers if session else ["onnxruntime-genai (cpu)"],
         }
     first = next(iter(sessions))
     ratio = rows[first]["decode_tok_s"] / rows["pytorch_eager"]["decode_tok_s"]
@@ -164,11 +193,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.model}: {len(prompt)}-token prompt, {args.new_tokens} greedy tokens, "
         f"{args.threads} threads, median of {args.rounds} interleaved rounds"
     )
-    print(f"{'variant':<24} {'MB':>8} {'decode tok/s':>13} {'perplexity':>11} {'vs eager':>9}")
+    print(
+        f"{'variant':<24} {'MB':>8} {'prefill ms':>11} {'decode tok/s':>13} {'perplexity':>11} "
+        f"{'vs eager':>9}"
+    )
     eager = rows["pytorch_eager"]["decode_tok_s"]
     for name, row in rows.items():
+        prefill = f"{row['prefill_ms']:>11.0f}" if "prefill_ms" in row else f"{'-':>11}"
         print(
-            f"{name:<24} {row['mb']:>8.1f} {row['decode_tok_s']:>13.1f} "
+            f"{name:<24} {row['mb']:>8.1f} {prefill} {row['decode_tok_s']:>13.1f} "
             f"{row['perplexity']:>11.3f} {row['decode_tok_s'] / eager:>8.2f}x"
         )
     print(f"providers used by the fdec builds: {', '.join(rows[first]['providers'])}")
@@ -227,7 +260,8 @@ def _fusion_comparison(args) -> int:
             )
     genai = _genai_runner(root / "genai-int4", source.folder, prompt, args.threads)
     if genai is not None:
-        runners["genai int4"], genai_threads = genai
+        genai_run, genai_threads = genai
+        runners["genai int4"] = lambda n: genai_run(n)[0]
         peer = root / "genai-int4"
         rows["genai int4"] = {
             "nodes": len(onnx.load(str(peer / "model.onnx"), load_external_data=False).graph.node),
@@ -272,8 +306,16 @@ def _fusion_comparison(args) -> int:
     return 0
 
 
-def _genai_runner(folder: pathlib.Path, hf_folder: pathlib.Path, prompt: list[int], threads: int):
-    """onnxruntime-genai's own int4 build and native generator, or None when not installed."""
+def _genai_runner(
+    folder: pathlib.Path,
+    hf_folder: pathlib.Path,
+    prompt: list[int],
+    threads: int,
+    precision: str = "int4",
+):
+    """(run, threads): onnxruntime-genai's own cpu build of `precision` and its native
+    generator, run(new_tokens) giving (decode tok/s, prefill seconds); None when not
+    installed."""
     try:
         import onnxruntime_genai as og
     except ImportError:
@@ -282,7 +324,7 @@ def _genai_runner(folder: pathlib.Path, hf_folder: pathlib.Path, prompt: list[in
 
     if not (folder / "model.onnx").exists():
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder)]
-        command += ["-o", str(folder), "-p", "int4", "-e", "cpu", "-c", str(folder) + "-cache"]
+        command += ["-o", str(folder), "-p", precision, "-e", "cpu", "-c", str(folder) + "-cache"]
         subprocess.run(command, check=True, capture_output=True)
     from fdec.lower.genai import open_genai_model
 
@@ -290,7 +332,7 @@ def _genai_runner(folder: pathlib.Path, hf_folder: pathlib.Path, prompt: list[in
     # Its default: max(1, hardware_concurrency / 2) intra-op threads (model.cpp), 1 on 2 CPUs.
     used = threads or max(1, min(16, (os.cpu_count() or 2) // 2))
 
-    def run(new_tokens: int) -> float:
+    def run(new_tokens: int) -> tuple[float, float]:
         params = og.GeneratorParams(model)
         params.set_search_options(
             max_length=len(prompt) + new_tokens,
@@ -298,14 +340,16 @@ def _genai_runner(folder: pathlib.Path, hf_folder: pathlib.Path, prompt: list[in
             min_length=len(prompt) + new_tokens,
         )
         generator = og.Generator(model, params)
-        generator.append_tokens(prompt)  # prefill, first token
-        generator.generate_next_token()
+        began = time.perf_counter()
+        generator.append_tokens(prompt)  # prefill
+        prefill_s = time.perf_counter() - began
+        generator.generate_next_token()  # the first token
         start = time.perf_counter()
         steps = 0
         while not generator.is_done():
             generator.generate_next_token()
             steps += 1
-        return steps / (time.perf_counter() - start)
+        return steps / (time.perf_counter() - start), prefill_s
 
     return run, used
 

@@ -27,8 +27,9 @@ across documents); perplexity is over all scored tokens of a split.
 
 Peers, measured in the same run on the same fp32 build (`--peers`): `ort-int8` is
 onnxruntime.quantization.quantize_dynamic with its defaults (per-tensor int8 weights),
-`ort-int4` MatMulNBitsQuantizer (RTN, block 32, symmetric, accuracy level 4), `genai-int4`
-onnxruntime-genai's model builder (`-p int4 -e cpu`, from the source folder) when installed.
+`ort-int4` MatMulNBitsQuantizer (RTN, block 32, symmetric, accuracy level 4), `genai-int4` and
+`genai-int8` onnxruntime-genai's model builder (`-p int4` / `-p int8 -e cpu`, from the source
+folder) when installed.
 With `--encoder minilm` (the default) the run also scores all-MiniLM-L6-v2 (benchmarks/
 quality_encoder.py): fdec's cpu encoder recipe (int8) and ONNX Runtime's quantize_dynamic
 (defaults, and per-channel) by the cosine of sentence embeddings to the fp32 build.
@@ -53,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-_PEERS = ("ort-int8", "ort-int4", "genai-int4")
+_PEERS = ("ort-int8", "ort-int4", "genai-int4", "genai-int8")
 # onnxruntime-genai's CUDA builds (`-e cuda`: fp16 activations, fused ops), asked for by name
 _GPU_PEERS = ("genai-cuda-fp16", "genai-cuda-int4")
 _DEFAULT_RECIPES = "none,int8-wo,int8-dynamic,int8-smoothquant,fp8,int4-rtn,int4-awq,int4-awq-mixed"
@@ -205,13 +206,13 @@ def _peer(name: str, fp32: pathlib.Path, source_folder: pathlib.Path, work: path
         )
         quantizer.process()
         quantizer.model.save_model_to_file(str(out), use_external_data_format=True)
-    elif name in ("genai-int4", *_GPU_PEERS):
+    elif name in ("genai-int4", "genai-int8", *_GPU_PEERS):
         import subprocess
 
         try:
             import onnxruntime_genai  # noqa: F401
         except ImportError:
-            print("onnxruntime-genai not installed: its int4 peer is skipped", file=sys.stderr)
+            print(f"onnxruntime-genai not installed: its peer {name} is skipped", file=sys.stderr)
             return None
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
         precision, execution = name.split("-")[-1], "cuda" if "-cuda-" in name else "cpu"

@@ -42,7 +42,7 @@ def test_diff_int8_int4_json_shows_passes_size_and_accuracy_deltas(pair, cli_run
     assert not pipeline["same"]
     only_a = [n for n in ra["pipeline"] if n not in rb["pipeline"]]
     only_b = [n for n in rb["pipeline"] if n not in ra["pipeline"]]
-    assert "quantize-int8" in pipeline["removed"] and "quantize-mixed" in pipeline["added"]
+    assert "quantize-int8-wo" in pipeline["removed"] and "quantize-mixed" in pipeline["added"]
     assert set(pipeline["removed"]) == set(only_a) and set(pipeline["added"]) == set(only_b)
     # quantize-embedding runs in both with the same options: no change reported; a changed
     # option of a pass both run is reported by pass and key.
@@ -73,7 +73,7 @@ def test_diff_int8_int4_json_shows_passes_size_and_accuracy_deltas(pair, cli_run
     assert accuracy["kl_divergence"]["delta"] > 0
 
     rows = {(r["name"], r["in"]): r for r in pipeline["passes"]}
-    assert ("quantize-int8", "a") in rows and ("quantize-mixed", "b") in rows
+    assert ("quantize-int8-wo", "a") in rows and ("quantize-mixed", "b") in rows
     shared = rows[("fold-constants", "both")]
     first_a, first_b = (
         next(p for p in r["passes"] if p["name"] == "fold-constants") for r in (ra, rb)
@@ -89,7 +89,7 @@ def test_diff_text_names_the_differences(pair, cli_runner):
     assert result.exit_code == 0, result.stderr
     text = result.stdout
     assert "\x1b[" not in text  # not a terminal: plain
-    assert "- quantize-int8 (only in a)" in text and "+ quantize-mixed (only in b)" in text
+    assert "- quantize-int8-wo (only in a)" in text and "+ quantize-mixed (only in b)" in text
     assert "~ recipe.quantize: int8 → int4" in text
     assert "model_bytes" in text and "Δ" in text
     for key in ("perplexity_build", "top1_agreement", "kl_divergence", "max_abs_error"):

@@ -127,7 +127,8 @@ def test_a_broken_quantizer_fails_the_default_gate_with_exit_3(tiny_models, tmp_
         ("int4-rtn", "cpu", "onnxruntime", "int4-rtn"),
         ("int4-awq", "cpu", "onnxruntime", "int4-awq"),
         ("int4-awq-mixed", "cpu", "onnxruntime", "int4-awq-mixed"),
-        ("int8", "cpu", "onnxruntime", "int8-dynamic"),
+        ("int8", "cpu", "onnxruntime", "int8-wo"),  # a cpu decoder's int8 is -wo
+        ("int8-dynamic", "cpu", "onnxruntime", "int8-dynamic"),
         ("int8", "h100", "onnxruntime", "int8-smoothquant"),
         ("int8-wo", "cpu", "onnxruntime", "int8-wo"),
         ("fp8", "h100", "onnxruntime", "fp8"),

@@ -86,6 +86,13 @@ def test_llama3_8b_quantized_weight_bytes_by_hand(llama3_folder):
     # int8-wo: 1 byte a weight + an fp16 scale per block of 32 inputs (h100: TensorRT, untied)
     wo = plan_capacity(shape, h100, weights="int8-wo", kv_dtype="fp16")
     assert wo.weight_bytes == (L3_LINEAR + lm_head) * (1 + 2 / 32) + embed_int8 + L3_NORMS * 2
+    # On the cpu target a decoder's plain int8 is int8-wo (its tied-or-not table, fp32 scales);
+    # int8-dynamic stores int8 per output channel.
+    cpu_target = load_target("cpu")
+    plain, cpu_wo, dynamic = (plan_capacity(shape, cpu_target, weights=w, kv_dtype="fp32")
+                              for w in ("int8", "int8-wo", "int8-dynamic"))  # fmt: skip
+    assert plain.weight_bytes == cpu_wo.weight_bytes != dynamic.weight_bytes
+    assert cpu_wo.weight_bytes == (L3_LINEAR + lm_head) * (1 + 4 / 32) + embed_cpu + L3_NORMS * 4
 
 
 def test_max_sequences_and_context_are_the_largest_that_fit(llama3_folder):

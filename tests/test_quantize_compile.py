@@ -9,9 +9,11 @@ import onnx
 import pytest
 
 from fdec.cli import cli
+from fdec.compile import plan_pipeline
 from fdec.gates import GATES
 from fdec.lower.tensorrt_rtx import available as rtx_available
 from fdec.pipeline import Tolerance
+from fdec.targets import load_target
 
 
 def _ops(path):
@@ -160,12 +162,17 @@ def test_dynamic_int8_is_cpu_only(tiny_models, tmp_path, cli_runner):
     )
     assert result.exit_code == 2
     assert "quantize-int8 is dynamic int8 for the CPU; l4 is a GPU" in result.stderr
-    out = tmp_path / "cpu"
-    ok = cli_runner.invoke(
-        cli, ["compile", str(tiny_models("gpt2")), "--quantize", "int8", "-o", str(out), "-q"]
-    )
-    assert ok.exit_code == 0, ok.stderr
-    assert ("", "MatMulInteger") in _ops(out / "model.onnx")
+    # On the CPU, int8-dynamic is MatMulInteger; a decoder's plain int8 is weight-only (int8-wo,
+    # CPU_INT8_METHOD), as onnxruntime-genai's -p int8; --keep-fp keeps dynamic's mixed recipe.
+    for asked, op in (("int8-dynamic", "MatMulInteger"), ("int8", "MatMulNBits")):
+        out = tmp_path / asked
+        ok = cli_runner.invoke(
+            cli, ["compile", str(tiny_models("gpt2")), "--quantize", asked, "-o", str(out), "-q"]
+        )
+        assert ok.exit_code == 0, ok.stderr
+        assert op in {op_type for _, op_type in _ops(out / "model.onnx")}, asked
+    pipeline = json.loads((tmp_path / "int8" / "report.json").read_text())["pipeline"]
+    assert "quantize-int8-wo" in pipeline and "quantize-int8" not in pipeline
 
 
 @pytest.mark.skipif(rtx_available() is not None, reason=str(rtx_available()))
@@ -382,11 +389,9 @@ def test_keep_fp_keeps_the_most_sensitive_layer_in_fp32(tiny_models, tmp_path, c
 
 
 def test_keep_fp_takes_the_cpus_int8_and_refuses_a_gpus_static_int8():
-    """On the cpu target `--quantize int8` is dynamic int8, which --keep-fp takes: it was
-    refused there, naming int8-dynamic, which is the same recipe."""
-    from fdec.compile import plan_pipeline
+    """On the cpu target `--quantize int8 --keep-fp N` is dynamic int8's mixed recipe (plain
+    int8 is weight-only there): it was refused, naming int8-dynamic, which is the same recipe."""
     from fdec.errors import UsageError
-    from fdec.targets import load_target
 
     for quantize in ("int8", "int8-dynamic"):
         plan = plan_pipeline(

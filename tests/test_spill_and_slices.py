@@ -76,7 +76,7 @@ def test_a_transposed_weight_is_spilled_a_block_of_rows_at_a_time(tmp_path, monk
     np.testing.assert_array_equal(alone.numpy(), table.T)
 
 
-@pytest.mark.parametrize("quantize", ["int4-rtn", "int8", "fp16-cuda"])
+@pytest.mark.parametrize("quantize", ["int4-rtn", "int8-dynamic", "fp16-cuda"])
 def test_spilled_streamed_build_is_byte_identical(tiny_models, tmp_path, monkeypatch, quantize):
     # Every new weight the writer puts in the data file (over 1 KB), however small: spilling
     # the tiny int64 shape constants too would hide their values from ONNX shape inference,
@@ -86,7 +86,7 @@ def test_spilled_streamed_build_is_byte_identical(tiny_models, tmp_path, monkeyp
     # int8 without SmoothQuant: its calibration would come from ONNX Runtime on one path and
     # from the PyTorch model layer by layer on the streamed one (fdec.calibrate_layerwise,
     # equal to ~1e-7, not to the bit), which is not what this test compares.
-    options = {"quantize-int8": {"alpha": None}} if quantize == "int8" else None
+    options = {"quantize-int8": {"alpha": None}} if quantize == "int8-dynamic" else None
     # fp16-cuda: the ONNX Runtime CUDA graph, every weight retyped by cast-float16.
     where = {"target": "h200", "backend": "onnxruntime"} if quantize == "fp16-cuda" else {}
     digests, reports = {}, {}
@@ -94,7 +94,7 @@ def test_spilled_streamed_build_is_byte_identical(tiny_models, tmp_path, monkeyp
         out = tmp_path / f"build-{stream}"
         result = compile_model(
             CompileOptions(
-                model=model, out=out, quantize=quantize.split("-")[0], stream=stream,
+                model=model, out=out, quantize=quantize.removesuffix("-cuda"), stream=stream,
                 pass_options=options, **where,
             )
         )  # fmt: skip

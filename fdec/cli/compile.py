@@ -69,9 +69,10 @@ __all__ = ["compile_command", "parse_pass_options"]
 )
 @click.option(
     "--quantize",
-    help="none (fp32), int4 (weight-only RTN), int4-awq (activation-aware), int8 (dynamic on cpu, "
-    "SmoothQuant on GPUs, weight-only for the ONNX Runtime CUDA model), int8-wo (weight-only "
-    "8-bit blocks), int8-smoothquant, fp8 (static, GPUs with cc >= 8.9). Default: the "
+    help="none (fp32), int4 (weight-only RTN), int4-awq (activation-aware), int8 (weight-only "
+    "for cpu decoders and the ONNX Runtime CUDA model, dynamic for cpu encoders, SmoothQuant "
+    "for TensorRT), int8-wo (weight-only 8-bit blocks), int8-dynamic, int8-smoothquant, fp8 "
+    "(static, GPUs with cc >= 8.9). Default: the "
     "target's recipe (fdec targets): cpu int4-awq (int8 for encoders), h100/l4/rtx40xx fp8, ...",
 )
 @click.option(

@@ -26,6 +26,12 @@ from typing import Any
 
 from fdec import backends
 from fdec.build import AtomicBuild, scratch_folder
+from fdec.compile.defaults import (
+    DEFAULT_MAX_PPL_INCREASE,
+    INT8_DYNAMIC_ALPHA,
+    INT8_ENCODER_WEIGHT_ONLY,
+    INT8_WEIGHT_ONLY,
+)
 from fdec.compile.draft import plan_draft
 from fdec.compile.front import Front
 from fdec.compile.gate import Fp16OverflowError, verify_written
@@ -33,16 +39,7 @@ from fdec.compile.lower import write_files
 from fdec.compile.optimize import run_passes
 from fdec.compile.options import CompileOptions, CompileResult
 from fdec.compile.prune import add_student, check_prunable, prune_model
-from fdec.compile.recipe import (
-    DEFAULT_MAX_PPL_INCREASE,
-    FP32_TOLERANCE,
-    INT8_DYNAMIC_ALPHA,
-    INT8_ENCODER_WEIGHT_ONLY,
-    INT8_WEIGHT_ONLY,
-    Recipe,
-    default_quantize,
-    plan_pipeline,
-)
+from fdec.compile.recipe import FP32_TOLERANCE, Recipe, default_quantize, plan_pipeline
 from fdec.compile.resolve import (
     DEFAULT_MAX_SEQ_LEN,
     Settings,

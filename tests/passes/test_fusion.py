@@ -150,12 +150,12 @@ def test_fusion_is_refused_for_tensorrt_and_planned_last_for_onnxruntime():
         plan_pipeline(target=gpu, backend="tensorrt", passes="default,fuse-attention")
     assert "fuse-attention" not in plan_pipeline(target=gpu, backend="tensorrt").pass_names
     cpu = load_target("cpu")
-    for quantize in (None, "int4", "int4-awq"):
+    for quantize in (None, "int4", "int4-awq", "int8"):
         names = plan_pipeline(target=cpu, backend="onnxruntime", quantize=quantize).pass_names
         assert names[-2:] == ["fuse-attention", "pack-qkv"], (quantize, names)
     assert (
         "fuse-attention"
-        not in plan_pipeline(target=cpu, backend="onnxruntime", quantize="int8").pass_names
+        not in plan_pipeline(target=cpu, backend="onnxruntime", quantize="int8-dynamic").pass_names
     )
     # An explicit --passes list is the user's: no fusion added, and the pass keeps its place.
     assert plan_pipeline(target=cpu, backend="onnxruntime", passes="default").pass_names[-1] != (

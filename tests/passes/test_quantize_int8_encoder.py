@@ -118,7 +118,7 @@ def test_encoder_recipe_keeps_its_declared_layers_wide(bert):
     model, imported = bert
     target = load_target("cpu")
     backend = choose_backend("onnxruntime", target)
-    decoder = plan_pipeline(target=target, backend=backend, quantize="int8")
+    decoder = plan_pipeline(target=target, backend=backend, quantize="int8-dynamic")
     plan = plan_pipeline(target=target, backend=backend, quantize="int8", kind="encoder")
     assert INT8_ENCODER_WEIGHT_ONLY == ("fc_out",)
     (int8,) = [p for p in plan.pipeline if p.name == "quantize-int8"]
