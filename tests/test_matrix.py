@@ -342,11 +342,11 @@ def test_a_cell_is_refused_with_the_error_fdec_compile_gives(tiny, tmp_path, cli
     path = tmp_path / "m.toml"
     path.write_text(
         f'out = "b"\n[matrix]\nmodels = {{ tiny = "{tiny}" }}\ntargets = ["cpu"]\n'
-        '[matrix.recipes.ckpt]\nrecipe.quantize = "int8"\nrecipe.emit = ["hf-checkpoint"]\n'
+        '[matrix.recipes.ckpt]\nrecipe.quantize = "int8-dynamic"\nrecipe.emit = ["hf-checkpoint"]\n'
     )
     result = cli_runner.invoke(cli, ["matrix", str(path), "--dry-run"])
     compiled = cli_runner.invoke(cli, ["compile", str(tiny), "-o", str(tmp_path / "c"),
-                                       "--quantize", "int8", "--emit", "hf-checkpoint"])  # fmt: skip
+                                       "--quantize", "int8-dynamic", "--emit", "hf-checkpoint"])  # fmt: skip
     assert result.exit_code == compiled.exit_code == 2, result.output
     problem = compiled.stderr.removeprefix("error: ").split(";")[0].strip()
     assert f"tiny/cpu/ckpt: {problem}" in result.stderr

@@ -237,24 +237,26 @@ def test_emit_hf_checkpoint_loads_in_transformers(tiny_models, tmp_path, cli_run
     with torch.no_grad():
         assert np.abs((reloaded(ids).logits - source(ids).logits).numpy()).max() < 1e-5
     refused = cli_runner.invoke(cli, [
-        "compile", str(tiny_models("qwen2")), "-o", str(tmp_path / "c"), "--quantize", "int8",
-        "--emit", "hf-checkpoint",
+        "compile", str(tiny_models("qwen2")), "-o", str(tmp_path / "c"), "--quantize",
+        "int8-dynamic", "--emit", "hf-checkpoint",
     ])  # fmt: skip
-    assert refused.exit_code == 2 and "cannot write a --quantize int8 build" in refused.stderr
+    assert refused.exit_code == 2, refused.stderr
+    assert "cannot write a --quantize int8-dynamic build" in refused.stderr
 
 
 def test_emit_hf_checkpoint_of_int8_weight_only_is_w8a16_transformers_loads(
     tiny_models, tmp_path, cli_runner
 ):
-    """--quantize int8-wo --emit hf-checkpoint: compressed-tensors W8A16 (num_bits 8), which
-    transformers loads in its default compressed mode, close to the float source."""
+    """--quantize int8 (a cpu decoder's is int8-wo) --emit hf-checkpoint: compressed-tensors
+    W8A16 (num_bits 8), which transformers loads in its default compressed mode, close to the
+    float source."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "b"
     result = cli_runner.invoke(cli, [
-        "compile", str(tiny_models("qwen2")), "-o", str(out), "--quantize", "int8-wo",
+        "compile", str(tiny_models("qwen2")), "-o", str(out), "--quantize", "int8",
         "--emit", "hf-checkpoint", "-q",
     ])  # fmt: skip
     assert result.exit_code == 0, result.stderr

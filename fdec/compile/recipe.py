@@ -131,9 +131,7 @@ def _quantize_passes(
         return []
     # A backend that runs one method of a precision means it by the precision alone: the ONNX
     # Runtime CUDA model's int8 is weight-only (MatMulNBits), never Q/DQ it would emulate.
-    method = method or backend.methods.get(precision.value, ("",))[0]
-    if not method and precision.value == "int8" and not target.is_gpu and keep_fp is None:
-        method = CPU_INT8_METHOD.get(kind, "")  # --keep-fp: dynamic's mixed recipe
+    method = method or _bare_method(precision.value, target, backend, kind, keep_fp)
     weight_only_int8 = precision.value == "int8" and method == "wo"
     pass_backend = backend.graph_form
     # int4 for ONNX Runtime keeps a tied embedding tied: the lm_head's MatMulNBits and the
@@ -240,12 +238,36 @@ def _quantize_passes(
     return [*untie, weights, embed_pass] if embedding else [*untie, weights]
 
 
-def check_emit(emit: tuple[str, ...], quantize: str | None) -> None:
+def _bare_method(precision: str, target: Any, backend: Any, kind: str, keep_fp: int | None) -> str:
+    """The method `--quantize PRECISION` alone means here ("": the precision's usual one)."""
+    method = backend.methods.get(precision, ("",))[0]
+    if not method and precision == "int8" and not target.is_gpu and keep_fp is None:
+        method = CPU_INT8_METHOD.get(kind, "")  # --keep-fp: dynamic's mixed recipe
+    return method
+
+
+def check_emit(
+    emit: tuple[str, ...],
+    quantize: str | None,
+    target: Any = None,
+    backend: Any = None,
+    *,
+    kind: str = "decoder",
+    keep_fp: int | None = None,
+) -> None:
+    """Refuse an unknown --emit, or an hf-checkpoint of a build it cannot write; a bare
+    precision is judged by what it means for `target` and `backend` (a cpu decoder's int8 is
+    int8-wo) when they are given."""
     for item in emit:
         if item not in EMITS:
             raise UsageError(f"unknown --emit {item!r}", f"use one of: {', '.join(EMITS)}")
-    if "hf-checkpoint" in emit:
-        check_quantize(quantize)
+    if "hf-checkpoint" not in emit:
+        return
+    if quantize and "-" not in quantize and target is not None and backend is not None:
+        backend = get_backend(backend) if isinstance(backend, str) else backend
+        method = _bare_method(quantize.lower(), target, backend, kind, keep_fp)
+        quantize = f"{quantize}-{method}" if method else quantize
+    check_quantize(quantize)
 
 
 def _build_tolerance(pipeline: list[Any], max_ppl_increase: float | None) -> Tolerance:

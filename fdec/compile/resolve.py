@@ -257,7 +257,7 @@ def _plan(
     kind: str = "decoder",
     model_window: ModelWindow | None = None,
 ) -> Recipe:
-    check_emit(options.emit, quantize)
+    check_emit(options.emit, quantize, target, backend, kind=kind, keep_fp=options.keep_fp)
     return plan_pipeline(
         target=target,
         backend=backend,
