@@ -40,7 +40,7 @@ from fdec.errors import UsageError
 from fdec.ir import FdecModel, release_freed_memory
 from fdec.passes.awq_search import awq_search, gptq_int4
 from fdec.passes.quantize_common import require_calibrated
-from fdec.passes.quantize_int4 import QuantizeInt4Pass
+from fdec.passes.quantize_int4 import QuantizeInt4Pass, kept_wider
 from fdec.passes.smoothquant import (
     ActivationGroup,
     divide_activation,
@@ -344,6 +344,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             # One float copy at a time: a weight read from the checkpoint is read again when
             # searched (an 8B's all at once were 32 GB).
             weight.release()
+        wider = kept_wider(weights, self.bits)
         groups = group_by_activation(weights, rtn_only)
         if on_grid:  # groups whose weights all keep their grid need no calibration
             kept = [g for g in groups if all(w.quantized is not None for w in g.weights)]
@@ -399,6 +400,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             "biases_corrected": counts["biases_corrected"],
             "rtn_only": dict(rtn_only),
             "source_grid_kept": on_grid,
+            **({"source_grid_kept_wider": wider} if wider else {}),
             "block_sum_inputs": widened,
             "mean_error_reduction": float(np.mean(reductions)) if reductions else 0.0,
             "groups": report,

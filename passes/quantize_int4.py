@@ -42,7 +42,13 @@ from fdec.passes.weights import (
 )
 from fdec.pipeline import Pass, PassResult, Tolerance
 
-__all__ = ["Int4Weight", "QuantizeInt4Pass", "QuantizeInt8WeightOnlyPass", "quantize_int4"]
+__all__ = [
+    "Int4Weight",
+    "QuantizeInt4Pass",
+    "QuantizeInt8WeightOnlyPass",
+    "kept_wider",
+    "quantize_int4",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +57,11 @@ _BLOCK_SIZES = (32, 64, 128)
 _NBITS = (4, 8)  # MatMulNBits bits quantize-int4 writes (8: the higher precision of a mix)
 _GRIDS = ("onnxruntime", "minmax")  # QuantizeInt4Pass.block_grid
 _QDQ_OPSET = 21  # blocked DequantizeLinear (block_size attribute) and INT4/UINT4 tensors
+
+
+def kept_wider(weights: list[Weight], bits: int) -> int:
+    """How many of `weights` keep a source grid wider than `bits` (`source_grid_widths`)."""
+    return sum(w.quantized is not None and w.quantized.bits > bits for w in weights)
 
 
 def _register_bias(graph: ir.Graph, site: Site) -> None:
@@ -122,6 +133,11 @@ class QuantizeInt4Pass(Pass):
     # instead of being rounded again ("onnxruntime" backend: MatMulNBits takes them as they
     # are). quantize-int4-awq also keeps GGUF's float-zero-point grids (`_source_grid`).
     keep_source_grid: bool = dataclasses.field(default=False, kw_only=True)
+    # With keep_source_grid: wider widths a source stores some layers at (GPTQModel's `dynamic`
+    # rules: 8-bit layers in a 4-bit checkpoint, SOURCE_KEY "widths"), whose integer-zero-point
+    # blocks are kept at their own width (MatMulNBits bits 8 / an int8 DequantizeLinear)
+    # instead of rounded to `bits`.
+    source_grid_widths: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
         grid = self.block_grid
@@ -129,6 +145,11 @@ class QuantizeInt4Pass(Pass):
             raise UsageError(
                 f"{self.name} block_grid {grid!r} is not supported for backend {self.backend}",
                 f"use one of {', '.join(_GRIDS)} (minmax: backend onnxruntime only)",
+            )
+        if set(self.source_grid_widths) - set(_NBITS):
+            raise UsageError(
+                f"{self.name} source_grid_widths {self.source_grid_widths!r} are not supported",
+                f"use widths of {' or '.join(map(str, _NBITS))} bits",
             )
         for option in ("bits", "lm_head_bits"):
             value = getattr(self, option)
@@ -165,7 +186,9 @@ class QuantizeInt4Pass(Pass):
 
     def check_target(self, target: Any) -> None:
         if target is not None and hasattr(target, "require"):
-            for bits in sorted({self.bits, self.lm_head_bits or self.bits}):
+            for bits in sorted(
+                {self.bits, self.lm_head_bits or self.bits, *self.source_grid_widths}
+            ):
                 target.require(f"int{bits}")
 
     def call(self, model: FdecModel) -> PassResult:
@@ -175,9 +198,12 @@ class QuantizeInt4Pass(Pass):
             weight.quantized = self._source_grid(weight, minmax=False)
             kept += weight.quantized is not None
             weight.release()
+        wider = kept_wider(weights, self.bits)
         result = self._quantize_weights(model, weights, skipped)
         if self.keep_source_grid:
             result.stats["source_grid_kept"] = kept
+        if wider:
+            result.stats["source_grid_kept_wider"] = wider
         return result
 
     def _quantize_weights(
@@ -278,6 +304,12 @@ class QuantizeInt4Pass(Pass):
             rounders += [("minmax", block, s) for s in (True,) if weight.gathers]
             rounders += [("minmax", block, s) for s in (False, True) if not weight.gathers]
         found = find_grid(weight.array, rounders, bits)
+        if found is None and not weight.gathers:
+            integer = [("integer", b, False) for b in _BLOCK_SIZES[::-1] if not weight.shape[0] % b]
+            for wider in sorted(w for w in self.source_grid_widths if w > bits):
+                found = find_grid(weight.array, integer, wider)
+                if found is not None:
+                    break
         # TensorRT-RTX's parser refuses a blocked DequantizeLinear with uint4 zero points
         # (measured: "cannot take 1 node(s)"); symmetric blocks (int4, none) it builds
         if found is not None and found.zero_points is not None and self.backend == "tensorrt":

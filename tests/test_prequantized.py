@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import onnx
@@ -91,11 +92,23 @@ def _activation_order(prefix, k):
     return np.random.default_rng(seed).permutation(k)
 
 
-def _write_checkpoint(source, folder, method, group, symmetric=False, act_order=False, bits=4):
+def _rule(prefix, dynamic):
+    """GPTQModel's `dynamic` for one layer: the first pattern matching its name from the start
+    decides; None (a "-:" rule: left in float), its overrides, or {} (none matches)."""
+    for pattern, overrides in (dynamic or {}).items():
+        if re.match(pattern.removeprefix("-:").removeprefix("+:"), prefix):
+            return None if pattern.startswith("-:") else overrides
+    return {}
+
+
+def _write_checkpoint(
+    source, folder, method, group, symmetric=False, act_order=False, bits=4, dynamic=None
+):
     """`source` as a GPTQ (v1 format; `bits` 4 or 8) or AWQ (GEMM) checkpoint in `folder`;
     returns the float weights its groups stand for, by parameter name. With `act_order` (GPTQ's
     desc_act) each layer's groups are consecutive in `_activation_order`, not in its inputs'
-    order: `g_idx` names each input's group."""
+    order: `g_idx` names each input's group. `dynamic` (GPTQ): GPTQModel's per-layer rules,
+    written into the config; a layer they leave float keeps its weight (and is not returned)."""
     import safetensors.torch
 
     model = _float_model(source)
@@ -105,19 +118,23 @@ def _write_checkpoint(source, folder, method, group, symmetric=False, act_order=
         prefix = name.removesuffix(".weight")
         if not name.endswith(".weight") or prefix.rsplit(".", 1)[-1] not in _LINEAR:
             continue
+        own = _rule(prefix, dynamic)
+        if own is None:
+            continue
         weight = tensors.pop(name)
         k = weight.shape[1]
         order = _activation_order(prefix, k) if act_order else np.arange(k)
-        codes, zeros, scales = _grid(weight[:, order], group, symmetric, bits=bits)
+        layer_bits, layer_group = own.get("bits", bits), own.get("group_size", group)
+        codes, zeros, scales = _grid(weight[:, order], layer_group, symmetric, bits=layer_bits)
         inputs = np.empty_like(order)
         inputs[order] = np.arange(k)  # input i is the inputs[i]-th in order
         codes = codes[inputs]  # [K, N] rows back in input order
-        g_idx = inputs // group
+        g_idx = inputs // layer_group
         expected[name] = ((codes - zeros[g_idx]) * scales[g_idx]).T.astype(np.float32)
         if method == "gptq":
-            tensors[f"{prefix}.qweight"] = _pack_rows(codes, bits)
-            minus_one = (zeros - 1) & ((1 << bits) - 1)  # v1: stored minus one
-            tensors[f"{prefix}.qzeros"] = _pack_columns(minus_one, bits=bits)
+            tensors[f"{prefix}.qweight"] = _pack_rows(codes, layer_bits)
+            minus_one = (zeros - 1) & ((1 << layer_bits) - 1)  # v1: stored minus one
+            tensors[f"{prefix}.qzeros"] = _pack_columns(minus_one, bits=layer_bits)
             tensors[f"{prefix}.g_idx"] = g_idx.astype(np.int32)
         else:
             tensors[f"{prefix}.qweight"] = _pack_columns(codes, _AWQ_ORDER)
@@ -132,7 +149,7 @@ def _write_checkpoint(source, folder, method, group, symmetric=False, act_order=
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = (
         {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order,
-         "sym": symmetric, "checkpoint_format": "gptq"}
+         "sym": symmetric, "checkpoint_format": "gptq", **({"dynamic": dynamic} if dynamic else {})}
         if method == "gptq"
         else {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
               "version": "gemm"}
@@ -327,6 +344,43 @@ def test_an_8bit_gptq_checkpoint_keeps_its_blocks_as_int8_weight_only_on_cpu_and
     placement = report["cuda_placement"]
     assert placement["cpu_nodes"] == placement["memcpy_nodes"] == 0
     assert placement["contract_breaches"] == []
+
+
+def test_gptqmodel_dynamic_rules_keep_each_layers_own_width_and_groups(
+    source, tmp_path, cli_runner
+):
+    """GPTQModel's `dynamic`: a 4-bit group-32 checkpoint whose layer-1 down_proj is 8-bit in
+    groups of 64 and whose layer-0 MLP is left float. Each quantized layer is read at its own
+    width and kept bit for bit, the 8-bit one as MatMulNBits bits 8 inside the int4 build;
+    the float ones are quantized by the recipe (AWQ) like a float model's."""
+    dynamic = {
+        r"+:model\.layers\.1\..*down_proj": {"bits": 8, "group_size": 64},
+        r"-:model\.layers\.0\.mlp\..*": {},
+    }
+    checkpoint = tmp_path / "dynamic"
+    expected = _write_checkpoint(source, checkpoint, "gptq", 32, dynamic=dynamic)
+    assert len(expected) == 11  # 14 layers, 3 left float
+    summary, report = _compile(cli_runner, checkpoint, tmp_path / "b", "--target", "cpu")
+    assert report["recipe"]["quantize"] == "int4-awq"
+    assert "gptq int4+8 (group 32)" in report["recipe"]["chosen_by"], report["recipe"]
+    stats = next(p for p in report["passes"] if p["name"] == "quantize-int4-awq")["stats"]
+    assert stats["source_grid_kept"] == 11 and stats["source_grid_kept_wider"] == 1
+    _kept_exactly(expected, tmp_path / "b", rtol=1e-6)
+    model = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False)
+    attrs = [{a.name: a.i for a in n.attribute} for n in model.graph.node
+             if n.op_type == "MatMulNBits"]  # fmt: skip
+    down = [a for a in attrs if a["bits"] == 8 and a["K"] == 256 and a["N"] == 128]
+    assert len(down) == 1 and down[0]["block_size"] == 64, attrs
+    assert summary["verification"]["ok"]  # the float layers' int4 rounding is all it lost
+    # A rule storing a width fdec does not read is refused before any work.
+    bad = tmp_path / "bad"
+    _write_checkpoint(source, bad, "gptq", 32)
+    config = json.loads((bad / "config.json").read_text())
+    config["quantization_config"]["dynamic"] = {r"model\.layers\.1\..*": {"bits": 3}}
+    (bad / "config.json").write_text(json.dumps(config))
+    refused = cli_runner.invoke(cli, ["compile", str(bad), "-o", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "3-bit" in refused.stderr, refused.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def _group_order(name, k, group=32):

@@ -101,8 +101,11 @@ def _quantize_passes(
     embedding: bool = True,
     keep_fp: int | None = None,
     kind: str = "decoder",
+    source_widths: tuple[int, ...] = (),
 ) -> list[Any]:
-    """Passes for `--quantize PRECISION[-METHOD]`, after checking the target has the precision."""
+    """Passes for `--quantize PRECISION[-METHOD]`, after checking the target has the precision.
+    `source_widths`: the bit widths a quantized source's layers are stored at (an int4 build
+    keeps the wider ones' blocks at their width)."""
     if asked and backend.default_quantize and asked.lower() in ("fp16", "bf16"):
         return []  # the backend's own float typing (onnxruntime-cuda), not a quantizer
     if not asked or asked.lower() in _NO_QUANTIZATION:
@@ -170,7 +173,10 @@ def _quantize_passes(
         )
     # AWQ (mixed too) keeps a source's own block grid (a GGUF's Q4_1, a GPTQ checkpoint's
     # groups) instead of rounding again.
-    grid = (
+    wider = {"source_grid_widths": tuple(w for w in source_widths if w > 4)} if (
+        precision.value == "int4" and max(source_widths, default=4) > 4
+    ) else {}  # fmt: skip
+    grid = wider | (
         {
             "keep_source_grid": INT4_KEEP_SOURCE_GRID,
             "source_grid_levels": INT4_SOURCE_GRID_LEVELS,
@@ -347,13 +353,15 @@ def plan_pipeline(
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
     sparsity: str | None = None,
     kind: str = "decoder",
+    source_widths: tuple[int, ...] = (),
 ) -> Recipe:
     """Everything about the pipeline that can be decided (and refused) before loading a model.
 
     `pass_options` ({pass name: {option: value}}, the config file's [pass_options.NAME]) set
     options of passes the pipeline has; naming a pass it does not have is an error. `kind`
     (the ModelSpec's: "decoder" or "encoder") selects the quantizers' per-kind defaults.
-    `model_window`: the model's own sliding window (kv-policy)."""
+    `model_window`: the model's own sliding window (kv-policy). `source_widths`: the bit
+    widths of a quantized source's layers (fdec.frontend.prequantized.source_widths)."""
     backend = get_backend(backend) if isinstance(backend, str) else backend
     check_precision(backend, quantize)  # e.g. fp8 Q/DQ for the ONNX Runtime CUDA model
     names = fdec_passes.parse_pass_list(passes)
@@ -369,6 +377,7 @@ def plan_pipeline(
             embedding="hf-checkpoint" not in emit,
             keep_fp=keep_fp,
             kind=kind,
+            source_widths=source_widths,
         )
     )
     accepted = backend.kv_dtypes

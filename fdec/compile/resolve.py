@@ -21,7 +21,12 @@ from fdec.compile.options import CompileOptions
 from fdec.compile.recipe import Recipe, check_emit, default_quantize, plan_pipeline
 from fdec.errors import InputError, UsageError
 from fdec.frontend.families import sliding_window
-from fdec.frontend.prequantized import SOURCE_KEY, SOURCE_QUANTIZE, source_quantization
+from fdec.frontend.prequantized import (
+    SOURCE_KEY,
+    SOURCE_QUANTIZE,
+    source_quantization,
+    source_widths,
+)
 from fdec.frontend.source import default_cache_dir, resolve_source
 from fdec.lower.profiles import ShapeLimits
 from fdec.passes import parse_pass_list, weight_quantizers
@@ -62,7 +67,8 @@ def _describe_source(config: dict) -> str:
     """What a GPTQ / AWQ / compressed-tensors source was (fdec.frontend.prequantized)."""
     found = config[SOURCE_KEY]
     group = found.get("group_size")
-    return f"{found.get('method')} int{found.get('bits', 4)}" + (
+    widths = "+".join(map(str, found.get("widths") or [found.get("bits", 4)]))
+    return f"{found.get('method')} int{widths}" + (
         f" (group {group})" if group and group > 0 else ""
     )
 
@@ -140,12 +146,15 @@ class Settings:
         # A GPTQ/AWQ/compressed-tensors checkpoint (read as float weights on its grid) keeps
         # its blocks: int4-awq (int8-wo for 8 bits) keeps them exactly (keep_source_grid) and
         # quantizes what the checkpoint left in float (the lm_head) itself.
+        # Layers it stores wider (GPTQModel's dynamic 8-bit ones) keep their blocks too.
         kept = _source_recipe(source.config) if self.recipe_default else None
         quantize = kept or self.quantize
         fallback = f"{quantize}: the source is {_describe_source(source.config)}" if kept else None
-        if (window and window != self.model_window) or quantize != self.quantize:
+        widths = source_widths(source.config)
+        if (window and window != self.model_window) or quantize != self.quantize or len(widths) > 1:
             window = window or self.model_window
-            recipe = _plan(options, self.target, self.backend, quantize, model_window=window)
+            recipe = _plan(options, self.target, self.backend, quantize, model_window=window,
+                           source_widths=widths)  # fmt: skip
             return dataclasses.replace(self, quantize=quantize, recipe=recipe, model_window=window,
                                        fallback=fallback or self.fallback)  # fmt: skip
         return dataclasses.replace(self, fallback=fallback) if fallback else self
@@ -256,6 +265,7 @@ def _plan(
     *,
     kind: str = "decoder",
     model_window: ModelWindow | None = None,
+    source_widths: tuple[int, ...] = (),
 ) -> Recipe:
     check_emit(options.emit, quantize, target, backend, kind=kind, keep_fp=options.keep_fp)
     return plan_pipeline(
@@ -273,5 +283,6 @@ def _plan(
         model_window=model_window,
         pass_options=options.pass_options,
         sparsity=options.sparsity,
+        source_widths=source_widths,
         kind=kind,
     )

@@ -22,6 +22,12 @@ Formats (config.json `quantization_config`):
   [N·bits/32, groups] (asymmetric only, offset the same way), `weight_shape`, and `weight_g_idx`
   where groups follow activation order.
 
+Per-layer formats (GPTQModel's `dynamic`: regex → overrides, the first rule matching a layer's
+name from its start wins): "-:" rules leave their layers in float (the checkpoint holds their
+`weight`), the others override `bits` (4 or 8), `group_size` and `sym` for their layers, which
+are read at their own width. The widths a checkpoint uses are kept in the float folder's record
+(SOURCE_KEY "widths"): an int4 build keeps its 8-bit layers' blocks at 8 bits.
+
 Activation order (GPTQ `desc_act`, compressed-tensors `actorder` "group"): a layer's groups are
 not consecutive inputs; its `g_idx` names each input's group. The float weight is exact all the
 same; the inputs sorted by group make consecutive blocks again, and that order is kept beside the
@@ -37,6 +43,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import re
 import shutil
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +61,7 @@ __all__ = [
     "dequantize_folder",
     "quantized_checkpoint",
     "source_quantization",
+    "source_widths",
 ]
 
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds output column 8c + order[i]
@@ -80,6 +88,26 @@ class QuantizedCheckpoint:
     symmetric: bool
     zeros_minus_one: bool = False  # GPTQ's v1 checkpoints
     bits: int = 4
+    # GPTQModel's `dynamic` rules, in order: (pattern with its "-:"/"+:" prefix, overrides)
+    dynamic: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def for_layer(self, name: str) -> QuantizedCheckpoint | None:
+        """The format of the layer `name` (its prefix, "model.layers.0.mlp.down_proj"): the
+        first `dynamic` rule matching it decides, "-:" ones leaving it float (None), the others
+        overriding bits / group_size / sym; this format where none matches."""
+        for pattern, overrides in self.dynamic:
+            if re.match(pattern.removeprefix("-:").removeprefix("+:"), name):
+                if pattern.startswith("-:"):
+                    return None
+                given = dict(overrides)
+                return dataclasses.replace(
+                    self,
+                    bits=int(given.get("bits", self.bits)),
+                    group_size=int(given.get("group_size", self.group_size)),
+                    symmetric=bool(given.get("sym", self.symmetric)),
+                    dynamic=(),
+                )
+        return self
 
     @property
     def packed(self) -> str:
@@ -89,7 +117,8 @@ class QuantizedCheckpoint:
     def describe(self) -> str:
         group = "per channel" if self.group_size == -1 else f"group {self.group_size}"
         kind = "symmetric" if self.symmetric else "asymmetric"
-        return f"{self.method} int{self.bits}, {group}, {kind}"
+        rules = f", {len(self.dynamic)} dynamic rules" if self.dynamic else ""
+        return f"{self.method} int{self.bits}, {group}, {kind}{rules}"
 
 
 def source_quantization(config: dict) -> tuple[str, int] | None:
@@ -108,6 +137,15 @@ def source_quantization(config: dict) -> tuple[str, int] | None:
         groups = [g for g in quantization["config_groups"].values() if isinstance(g, dict)]
         bits = ((groups[0].get("weights") or {}) if groups else {}).get("num_bits")
     return (method, bits) if bits in _BITS[method] else None
+
+
+def source_widths(config: dict) -> tuple[int, ...]:
+    """The bit widths of a converted checkpoint's layers (fdec's float folder, SOURCE_KEY;
+    several where GPTQModel's `dynamic` stored some layers at another width), () for others."""
+    found = config.get(SOURCE_KEY)
+    if not isinstance(found, dict):
+        return ()
+    return tuple(found.get("widths") or ([found["bits"]] if "bits" in found else []))
 
 
 def _refuse(folder: pathlib.Path, what: str, why: str, fix: str = _FLOAT_FIX) -> InputError:
@@ -139,6 +177,7 @@ def quantized_checkpoint(config: dict, folder: pathlib.Path) -> QuantizedCheckpo
             zeros_minus_one=method == "gptq"
             and quantization.get("checkpoint_format", "gptq") != "gptq_v2",
             bits=bits,
+            dynamic=_dynamic_rules(quantization.get("dynamic"), folder) if method == "gptq" else (),
         )
     if method == "compressed-tensors":
         return _compressed_tensors(quantization, folder)
@@ -150,6 +189,31 @@ def quantized_checkpoint(config: dict, folder: pathlib.Path) -> QuantizedCheckpo
         "give fdec the original float checkpoint it was made from; fdec quantizes it itself "
         "(--quantize int4-awq, int8, fp8, ...)",
     )
+
+
+def _dynamic_rules(rules: Any, folder: pathlib.Path) -> tuple:
+    """GPTQModel's `dynamic` (pattern → overrides) as QuantizedCheckpoint.dynamic, refusing
+    what fdec cannot read (a width other than 4 or 8, a pattern that is no regex)."""
+    if not rules:
+        return ()
+    if not isinstance(rules, dict):
+        raise _refuse(folder, "GPTQ", "whose `dynamic` is not a mapping of patterns to overrides")
+    found = []
+    for pattern, overrides in rules.items():
+        try:
+            re.compile(pattern.removeprefix("-:").removeprefix("+:"))
+        except re.error as err:
+            what = f"whose dynamic rule {pattern!r} is no regex ({err})"
+            raise _refuse(folder, "GPTQ", what) from None
+        overrides = overrides if isinstance(overrides, dict) else {}
+        if not pattern.startswith("-:") and overrides.get("bits", 4) not in _BITS["gptq"]:
+            raise _refuse(
+                folder, "GPTQ", f"whose dynamic rule {pattern!r} stores {overrides['bits']}-bit "
+                "layers (fdec reads 4- and 8-bit ones)",
+            )  # fmt: skip
+        kept = ("bits", "group_size", "sym")
+        found.append((pattern, tuple((k, overrides[k]) for k in kept if k in overrides)))
+    return tuple(found)
 
 
 def _compressed_tensors(quantization: dict, folder: pathlib.Path) -> QuantizedCheckpoint:
@@ -341,6 +405,7 @@ def dequantize_folder(
     parts = {f"{prefix}.{part}" for prefix in quantized for part in _LAYER_TENSORS[fmt.method]}
     writer = _ShardWriter(staging, safetensors.torch.save_file)
     orders: dict[str, np.ndarray] = {}
+    widths: set[int] = set()
     for number, prefix in enumerate(quantized, 1):
         if number == 1 or number % 50 == 0:
             progress(f"dequantizing {fmt.describe()} layers ({number}/{len(quantized)})")
@@ -358,7 +423,9 @@ def dequantize_folder(
                 f"{folder}: {prefix} has {fmt.packed} but no {missing[0]}",
                 "the checkpoint is incomplete; re-download it",
             )
-        weight, order = _weight(layer, fmt, prefix)
+        own = fmt.for_layer(prefix) or fmt  # a "-:" rule's layer holding codes: as stored
+        widths.add(own.bits)
+        weight, order = _weight(layer, own, prefix)
         writer.add(f"{prefix}.weight", np.ascontiguousarray(weight))
         if order is not None:
             orders[f"{prefix}.weight"] = order.astype(np.int64)
@@ -369,7 +436,7 @@ def dequantize_folder(
     layers = len(quantized)
     config = json.loads((folder / "config.json").read_text())
     config[SOURCE_KEY] = {"method": fmt.method, "bits": fmt.bits, "group_size": fmt.group_size,
-                          "symmetric": fmt.symmetric}  # fmt: skip
+                          "symmetric": fmt.symmetric, "widths": sorted(widths)}  # fmt: skip
     if orders:  # config.json carries the file's digest: what the build depends on
         data = safetensors.numpy.save(orders)
         (staging / INPUT_ORDER_FILE).write_bytes(data)

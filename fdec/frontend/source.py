@@ -310,7 +310,7 @@ def _quantized_to_folder(
 
 
 # Bumped when dequantize_folder's output changes, so older cache entries are not reused.
-_INT4_CONVERSION = "fdec int4 checkpoint conversion 1"
+_INT4_CONVERSION = "fdec int4 checkpoint conversion 2"  # 2: per-layer widths
 
 
 def _converted(

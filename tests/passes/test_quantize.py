@@ -373,6 +373,7 @@ def test_int4_options_are_checked_and_keyword_only():
         "share_tied_embedding": False,
         "block_grid": "onnxruntime",
         "keep_source_grid": False,
+        "source_grid_widths": (),
     }
 
 

@@ -237,6 +237,7 @@ def test_awq_options_are_checked_and_calibration_is_required():
         "max_rows": 512,
         "clip": True,
         "keep_source_grid": False,
+        "source_grid_widths": (),
         "source_grid_form": "block_sums",
         "source_grid_levels": 1,
         "source_grid_rounded_zero_points": False,
