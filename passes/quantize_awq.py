@@ -344,7 +344,7 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
             # One float copy at a time: a weight read from the checkpoint is read again when
             # searched (an 8B's all at once were 32 GB).
             weight.release()
-        wider = kept_wider(weights, self.bits)
+        wider = kept_wider(weights, self._bits_of)
         groups = group_by_activation(weights, rtn_only)
         if on_grid:  # groups whose weights all keep their grid need no calibration
             kept = [g for g in groups if all(w.quantized is not None for w in g.weights)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -59,9 +60,10 @@ _GRIDS = ("onnxruntime", "minmax")  # QuantizeInt4Pass.block_grid
 _QDQ_OPSET = 21  # blocked DequantizeLinear (block_size attribute) and INT4/UINT4 tensors
 
 
-def kept_wider(weights: list[Weight], bits: int) -> int:
-    """How many of `weights` keep a source grid wider than `bits` (`source_grid_widths`)."""
-    return sum(w.quantized is not None and w.quantized.bits > bits for w in weights)
+def kept_wider(weights: list[Weight], bits_of: Callable[[Weight], int]) -> int:
+    """How many of `weights` keep a source grid wider than their own bits (`bits_of`: the
+    pass's, 8 for an 8-bit lm_head) (`source_grid_widths`)."""
+    return sum(w.quantized is not None and w.quantized.bits > bits_of(w) for w in weights)
 
 
 def _register_bias(graph: ir.Graph, site: Site) -> None:
@@ -198,7 +200,7 @@ class QuantizeInt4Pass(Pass):
             weight.quantized = self._source_grid(weight, minmax=False)
             kept += weight.quantized is not None
             weight.release()
-        wider = kept_wider(weights, self.bits)
+        wider = kept_wider(weights, self._bits_of)
         result = self._quantize_weights(model, weights, skipped)
         if self.keep_source_grid:
             result.stats["source_grid_kept"] = kept
