@@ -295,7 +295,9 @@ def test_report_html_renders_in_headless_chromium(int4_build, tmp_path):
     assert pixels.std() > 15
     dark = (pixels.max(axis=2) < 100).mean()  # text
     blue = ((pixels[..., 2] > 180) & (pixels[..., 0] < 80)).mean()  # chart bars and lines
-    assert dark > 0.002 and blue > 0.001, (dark, blue)
+    # The bars' lengths follow measured pass times: on a loaded machine one pass dominates and
+    # the others' bars shrink (0.00058 seen on a busy run, 0.001+ idle); none drawn gives 0.
+    assert dark > 0.002 and blue > 0.0002, (dark, blue)
     # Content all the way down, not one header on an empty page.
     for band in np.array_split(pixels[:2000], 5):
         assert band.std() > 5
