@@ -298,16 +298,15 @@ class QuantizeInt4Pass(Pass):
         if weight.array.size == 0:
             return None
         block, bits = self._block_size_of(weight), self._bits_of(weight)
+        integer = [("integer", b, False) for b in _BLOCK_SIZES[::-1] if not weight.shape[0] % b]
         rounders = []
         if (bits == 4 or self.bits == 8) and not weight.gathers:
-            k = weight.shape[0]
-            rounders += [("integer", b, False) for b in _BLOCK_SIZES[::-1] if not k % b]
+            rounders += integer
         if minmax:
             rounders += [("minmax", block, s) for s in (True,) if weight.gathers]
             rounders += [("minmax", block, s) for s in (False, True) if not weight.gathers]
         found = find_grid(weight.array, rounders, bits)
         if found is None and not weight.gathers:
-            integer = [("integer", b, False) for b in _BLOCK_SIZES[::-1] if not weight.shape[0] % b]
             for wider in sorted(w for w in self.source_grid_widths if w > bits):
                 found = find_grid(weight.array, integer, wider)
                 if found is not None:

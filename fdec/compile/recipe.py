@@ -54,6 +54,7 @@ __all__ = [
     "FP32_TOLERANCE",
     "ORDER",
     "Recipe",
+    "bare_method",
     "check_emit",
     "default_quantize",
     "plan_pipeline",
@@ -134,7 +135,7 @@ def _quantize_passes(
         return []
     # A backend that runs one method of a precision means it by the precision alone: the ONNX
     # Runtime CUDA model's int8 is weight-only (MatMulNBits), never Q/DQ it would emulate.
-    method = method or _bare_method(precision.value, target, backend, kind, keep_fp)
+    method = method or bare_method(precision.value, target, backend, kind, keep_fp)
     weight_only_int8 = precision.value == "int8" and method == "wo"
     pass_backend = backend.graph_form
     # int4 for ONNX Runtime keeps a tied embedding tied: the lm_head's MatMulNBits and the
@@ -173,10 +174,8 @@ def _quantize_passes(
         )
     # AWQ (mixed too) keeps a source's own block grid (a GGUF's Q4_1, a GPTQ checkpoint's
     # groups) instead of rounding again.
-    wider = {"source_grid_widths": tuple(w for w in source_widths if w > 4)} if (
-        precision.value == "int4" and max(source_widths, default=4) > 4
-    ) else {}  # fmt: skip
-    grid = wider | (
+    wider = tuple(w for w in source_widths if w > 4) if precision.value == "int4" else ()
+    grid = ({"source_grid_widths": wider} if wider else {}) | (
         {
             "keep_source_grid": INT4_KEEP_SOURCE_GRID,
             "source_grid_levels": INT4_SOURCE_GRID_LEVELS,
@@ -244,8 +243,12 @@ def _quantize_passes(
     return [*untie, weights, embed_pass] if embedding else [*untie, weights]
 
 
-def _bare_method(precision: str, target: Any, backend: Any, kind: str, keep_fp: int | None) -> str:
-    """The method `--quantize PRECISION` alone means here ("": the precision's usual one)."""
+def bare_method(
+    precision: str, target: Any, backend: Any, kind: str = "decoder", keep_fp: int | None = None
+) -> str:
+    """The method `--quantize PRECISION` alone means on `target` and `backend` for a model of
+    `kind` ("": the precision's usual one). Its one place: the recipe, --emit's check and
+    `fdec plan` all ask here."""
     method = backend.methods.get(precision, ("",))[0]
     if not method and precision == "int8" and not target.is_gpu and keep_fp is None:
         method = CPU_INT8_METHOD.get(kind, "")  # --keep-fp: dynamic's mixed recipe
@@ -255,23 +258,22 @@ def _bare_method(precision: str, target: Any, backend: Any, kind: str, keep_fp: 
 def check_emit(
     emit: tuple[str, ...],
     quantize: str | None,
-    target: Any = None,
-    backend: Any = None,
+    target: Any,
+    backend: Any,
     *,
     kind: str = "decoder",
     keep_fp: int | None = None,
 ) -> None:
     """Refuse an unknown --emit, or an hf-checkpoint of a build it cannot write; a bare
     precision is judged by what it means for `target` and `backend` (a cpu decoder's int8 is
-    int8-wo) when they are given."""
+    int8-wo)."""
     for item in emit:
         if item not in EMITS:
             raise UsageError(f"unknown --emit {item!r}", f"use one of: {', '.join(EMITS)}")
     if "hf-checkpoint" not in emit:
         return
-    if quantize and "-" not in quantize and target is not None and backend is not None:
-        backend = get_backend(backend) if isinstance(backend, str) else backend
-        method = _bare_method(quantize.lower(), target, backend, kind, keep_fp)
+    if quantize and "-" not in quantize:
+        method = bare_method(quantize.lower(), target, backend, kind, keep_fp)
         quantize = f"{quantize}-{method}" if method else quantize
     check_quantize(quantize)
 

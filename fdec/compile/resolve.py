@@ -67,7 +67,7 @@ def _describe_source(config: dict) -> str:
     """What a GPTQ / AWQ / compressed-tensors source was (fdec.frontend.prequantized)."""
     found = config[SOURCE_KEY]
     group = found.get("group_size")
-    widths = "+".join(map(str, found.get("widths") or [found.get("bits", 4)]))
+    widths = "+".join(map(str, source_widths(config) or (4,)))
     return f"{found.get('method')} int{widths}" + (
         f" (group {group})" if group and group > 0 else ""
     )

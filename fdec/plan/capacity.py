@@ -189,12 +189,13 @@ def plan_capacity(
     target.require(weight_name)  # e.g. fp8 on an a100: InputError naming the alternatives
     if shape.is_decoder and target.is_gpu:  # the cpu target runs an fp8 cache's Q/DQ in ONNX
         target.require(kv_name)  # Runtime, as quantize-kv-cache allows (--kv-dtype's help)
-    # int8-wo, or a cpu decoder's plain int8
+    # int8-wo, or a plain int8 that means it (a cpu decoder's)
     method = (weights or "").lower().partition("-")[2]
-    if weight_name == "int8" and not method and not target.is_gpu:
-        from fdec.compile.defaults import CPU_INT8_METHOD  # fdec.compile imports fdec.plan
+    if weight_name == "int8" and not method:
+        from fdec.backends import get_backend
+        from fdec.compile.recipe import bare_method  # fdec.compile imports fdec.plan
 
-        method = CPU_INT8_METHOD.get(shape.kind, "")
+        method = bare_method("int8", target, get_backend(target.default_backend), shape.kind)
     weight_only_int8 = weight_name == "int8" and method == "wo"
     fmt = INT8_WEIGHT_ONLY if weight_only_int8 else WEIGHT_FORMATS[weight_name]
     memory, memory_source = target_memory(target)
