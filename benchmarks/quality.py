@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default=",".join(_PEERS), help="or none")
     parser.add_argument("--splits", default="tune,eval")
     parser.add_argument(
-        "--target", default=None, help="default: cpu for cpu-only recipes, h100 for fp8/static"
+        "--target",
+        default=None,
+        help="default: cpu for cpu-only recipes, h100 for fp8/static, b200 for fp4",
     )
     parser.add_argument(
         "--backend",
@@ -341,11 +343,14 @@ def main(argv: list[str] | None = None) -> int:
         # read from the checkpoint (fdec.calibrate_layerwise, what a streamed compile does).
         name, _, how = name.partition("@")
         quantize = None if name == "none" else name
-        needs_gpu = name.startswith(("fp8", "int8-smoothquant"))
+        needs_gpu = name.startswith(("fp8", "fp4", "int8-smoothquant"))
         # none is the fp32 build every row is scored against, whatever --target says (on a GPU
         # target --backend onnxruntime is the CUDA EP's fp16 graph, tensorrt's is Q/DQ).
         target = load_target(
-            "cpu" if name == "none" else args.target or ("h100" if needs_gpu else "cpu")
+            "cpu"
+            if name == "none"
+            else args.target
+            or ("b200" if name.startswith("fp4") else "h100" if needs_gpu else "cpu")
         )
         asked = args.backend if name != "none" else "onnxruntime"
         # GPU recipes: the target's own backend (h100: tensorrt), the graph `fdec compile

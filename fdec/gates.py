@@ -236,6 +236,8 @@ def recipe_of(pipeline: Sequence[Any]) -> str | None:
         quantizer.backend != "onnxruntime" or quantizer.lm_head_bits != 8
     ):
         return None
+    if quantizer.name == "quantize-fp4":  # NVFP4: W4A4, or weight-only (float activations)
+        return "fp4-wo" if quantizer.activations == "float" else "fp4"
     if quantizer.name == "quantize-int8-wo" and quantizer.backend != "onnxruntime":
         return None  # the TensorRT graph's int8 weights: not measured
     return _QUANTIZER_RECIPES.get(quantizer.name)

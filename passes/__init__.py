@@ -24,6 +24,7 @@ from fdec.passes.prune import PrunePass
 from fdec.passes.quantize import QuantizeInt4Pass, QuantizeInt8Pass, QuantizeInt8WeightOnlyPass
 from fdec.passes.quantize_awq import QuantizeInt4AwqPass
 from fdec.passes.quantize_embedding import QuantizeEmbeddingPass
+from fdec.passes.quantize_fp4 import QuantizeFp4Pass
 from fdec.passes.quantize_mixed import QuantizeMixedPass
 from fdec.passes.quantize_static import QuantizeFp8Pass, QuantizeInt8StaticPass
 from fdec.passes.sparsity import Sparsify2of4Pass
@@ -53,6 +54,7 @@ REGISTRY: dict[str, type[Pass]] = {
         QuantizeInt8Pass,
         QuantizeInt8WeightOnlyPass,
         QuantizeFp8Pass,
+        QuantizeFp4Pass,
         QuantizeInt8StaticPass,
         QuantizeEmbeddingPass,
         QuantizeMixedPass,

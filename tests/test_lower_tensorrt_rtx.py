@@ -299,11 +299,17 @@ def test_engine_precision_reads_the_inspector_listing():
             "Int64 }], Constants: [ { Name: t, Dimensions: [320,64], Datatype: Int8 }], Outputs: [ ]",
             "Name: e, LayerType: kgen, Inputs: [ { Name: x, Dimensions: [-1,64], Datatype: Half }]"
             ", Constants: [], Outputs: [ ]",
+            # NVFP4 W4A4 (TensorRT-RTX 1.7.1's words): FP4E2M1 activations and weights, the
+            # FP8 block scales listed before the weight
+            "Name: f, LayerType: gemm, Inputs: [ { Name: x, Dimensions: [-1,64], Datatype: "
+            "FP4E2M1 }, { Name: xs, Dimensions: [-1,4], Datatype: FP8 }], Constants: [ { Name: s, "
+            "Dimensions: [4,32], Datatype: FP8 }, { Name: w, Dimensions: [64,32], Datatype: "
+            "FP4E2M1 }], Outputs: [ ]",
         ]
     )
     from fdec.lower.tensorrt_rtx import engine_precision
 
     assert engine_precision(listing) == {
-        "gemms": {"fp16": 1, "fp16 (int4 weights)": 1, "fp8": 2},
+        "gemms": {"fp16": 1, "fp16 (int4 weights)": 1, "fp4": 1, "fp8": 2},
         "precision": "fp8",
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 
 import onnx
 import pytest
@@ -208,6 +209,47 @@ def test_int8_weight_only_for_rtx_is_blocked_int8_dequantize_in_a_real_engine(
     (engine,) = report["engines"]
     assert engine["status"] == "built"
     assert engine["typed_model"]["precisions"] == ["bf16", "int8"]
+
+
+@pytest.mark.skipif(rtx_available() is not None, reason=str(rtx_available()))
+def test_fp4_for_rtx5090_builds_an_nvfp4_engine_and_is_refused_without_fp4(
+    tiny_models, tmp_path, cli_runner
+):
+    """--quantize fp4 (NVFP4 W4A4) on a Blackwell GeForce: FP4 weights and TensorRT's FP4
+    activation quantizers in model.onnx, verified here in its FP4 form, and a real TensorRT-RTX
+    engine for sm 12.0 whose own listing has FP4 GEMMs. Where FP4 cannot run: one line."""
+    llama = str(tiny_models("llama"))
+    out = tmp_path / "rtx5090"
+    result = cli_runner.invoke(cli, [
+        "compile", llama, "--target", "rtx5090", "--quantize", "fp4", "--max-seq-len", "256",
+        "-o", str(out), "--json",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    ops = _ops(out / "model.onnx")
+    assert ops.count(("trt", "TRT_FP4DynamicQuantize")) == 6  # 2 layers: q/k/v, o, gate/up
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["ok"]
+    (engine,) = report["engines"]
+    assert engine["status"] == "built" and engine["compute_capability"] == "12.0"
+    assert "fp4" in engine["typed_model"]["precisions"]
+    assert engine["typed_model"]["numerics"]["ok"]
+    # W4A4 GEMMs (q k v o gate up of both layers, each profile); down and lm_head are W4A16
+    gemms = engine["engine_precision"]["gemms"]
+    assert gemms.get("fp4") == 12 * len(engine["profiles"]), gemms
+
+    for target, backend, says in [
+        ("rtx4090", [], r"FP4 needs compute capability ≥ 10\.0; rtx4090 is 8\.9"),
+        ("b200", ["--backend", "onnxruntime"], "the onnxruntime-cuda backend runs .* not fp4"),
+        ("cpu", [], "the onnxruntime backend runs .* not fp4"),
+    ]:
+        refused = cli_runner.invoke(cli, [
+            "compile", llama, "--target", target, *backend, "--quantize", "fp4",
+            "-o", str(tmp_path / target),
+        ])  # fmt: skip
+        assert refused.exit_code == 2, refused.output
+        assert re.search(says, refused.stderr), refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / target).exists()
 
 
 def test_tolerance_judges_perplexity_growth():

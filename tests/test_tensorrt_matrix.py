@@ -139,10 +139,11 @@ def test_fp8_with_a_whole_layer_w8a16_builds_an_fp8_engine(source, tmp_path, mon
     )  # fmt: skip
     assert result.status == "built", result.reason
     # The inspector lists layer 0's FP8 GEMMs (q/k/v, o, gate/up: 3 per profile) and the
-    # W8A16 ones among the bf16 GEMMs (with attention's): {'bf16': 20, 'fp32': 2, 'fp8': 6}.
+    # W8A16 ones as bf16 GEMMs of int8 weights (layer 1's, both down_proj, attention's bf16):
+    # {'bf16': 4, 'bf16 (int8 weights)': 16, 'fp32 (int8 weights)': 2, 'fp8': 6}.
     gemms = result.engine_precision["gemms"]
     assert gemms.get("fp8") == 3 * len(result.profiles), gemms
-    assert gemms.get("bf16", 0) > gemms["fp8"], gemms
+    assert gemms.get("bf16 (int8 weights)", 0) > gemms["fp8"], gemms
 
 
 def test_the_fp32_graph_would_build_an_fp32_engine(source, tmp_path):

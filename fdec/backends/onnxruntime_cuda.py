@@ -62,7 +62,7 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
     )
     precision_fix: str = (
         "use --quantize fp16 (default), bf16, int8 (weight-only) or int4 for the ONNX Runtime "
-        "CUDA model, or --backend tensorrt for fp8/int8 Q/DQ"
+        "CUDA model, or --backend tensorrt for fp8/fp4/int8 Q/DQ"
     )
     # int8 weight-only (MatMulNBits bits=8, fp16 activations); int8 Q/DQ the CUDA EP emulates
     methods: Mapping[str, tuple[str, ...]] = dataclasses.field(

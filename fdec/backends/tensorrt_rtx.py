@@ -80,14 +80,16 @@ class StronglyTypedBackend:
     name: str = ""
     gpu_only: bool = True
     graph_form: str = "tensorrt"
-    op_domains: tuple[str, ...] = ("",)
+    op_domains: tuple[str, ...] = ("", "trt")  # trt: TensorRT's TRT_FP4DynamicQuantize
     providers: tuple[str, ...] = ()
     fixed_shapes: bool = True
     files: tuple[str, ...] = ("engines/tensorrt",)
     verifies_here: str = ""
-    precisions: tuple[str, ...] = ("fp32", "int8", "int4", "fp8")
+    precisions: tuple[str, ...] = ("fp32", "int8", "int4", "fp8", "fp4")
     default_quantize: str | None = None  # the target's default recipe
-    precision_fix: str = "use --quantize fp8, int8, int4 or none (the engine is typed fp16/bf16)"
+    precision_fix: str = (
+        "use --quantize fp8, fp4, int8, int4 or none (the engine is typed fp16/bf16)"
+    )
     methods: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     kv_dtype: str | None = None
     # an fp16 cache would make model.onnx part fp16, and the typed model is cast from fp32

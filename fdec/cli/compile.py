@@ -72,7 +72,8 @@ __all__ = ["compile_command", "parse_pass_options"]
     help="none (fp32), int4 (weight-only RTN), int4-awq (activation-aware), int8 (weight-only "
     "for cpu decoders and the ONNX Runtime CUDA model, dynamic for cpu encoders, SmoothQuant "
     "for TensorRT), int8-wo (weight-only 8-bit blocks), int8-dynamic, int8-smoothquant, fp8 "
-    "(static, GPUs with cc >= 8.9). Default: the "
+    "(static, GPUs with cc >= 8.9), fp4 (NVFP4 weights and activations for TensorRT, cc >= "
+    "10.0: b200, rtx5090), fp4-wo (NVFP4 weights only). Default: the "
     "target's recipe (fdec targets): cpu int4-awq (int8 for encoders), h100/l4/rtx40xx fp8, ...",
 )
 @click.option(

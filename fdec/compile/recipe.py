@@ -25,6 +25,9 @@ from fdec.calibrate import calibration_batches, load_calibration_texts
 from fdec.compile.defaults import (
     CPU_INT8_METHOD,
     DEFAULT_MAX_PPL_INCREASE,
+    FP4_WEIGHT_ONLY,
+    FP4_WEIGHT_ONLY_LAYERS,
+    FP4_WEIGHT_ROUNDING,
     FP8_WEIGHT_ONLY,
     FP8_WEIGHT_ONLY_LAYERS,
     FP8_WEIGHT_ROUNDING,
@@ -72,6 +75,7 @@ _QUANTIZE_METHODS = {
     "int4": ("rtn", "awq", "awq-mixed"),
     "int8": ("dynamic", "smoothquant", "wo"),
     "fp8": ("static",),
+    "fp4": ("w4a4", "wo"),
     "fp32": ("none",),
 }
 
@@ -221,6 +225,15 @@ def _quantize_passes(
             weight_rounding=FP8_WEIGHT_ROUNDING,
             weight_only=FP8_WEIGHT_ONLY,
             weight_only_layers=FP8_WEIGHT_ONLY_LAYERS,
+        )
+    elif precision.value == "fp4":
+        # NVFP4: W4A4 (TensorRT quantizes activations per block at run time), or weight-only.
+        weights = fdec_passes.make_pass(
+            "quantize-fp4",
+            activations="float" if method == "wo" else "fp4",
+            weight_rounding=FP4_WEIGHT_ROUNDING,
+            weight_only=FP4_WEIGHT_ONLY,
+            weight_only_layers=FP4_WEIGHT_ONLY_LAYERS,
         )
     # int8: weight-only (asked, or the backend's only int8), static SmoothQuant QDQ, dynamic.
     elif static_int8:

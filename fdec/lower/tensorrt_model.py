@@ -65,6 +65,7 @@ def graph_precisions(graph: ir.Graph) -> list[str]:
     found = [names[name] for name in ("FLOAT16", "BFLOAT16") if float_types(graph)[name]]
     quantized = {
         "FLOAT8E4M3FN": "fp8",
+        "FLOAT4E2M1": "fp4",
         "INT8": "int8",
         "UINT8": "int8",
         "INT4": "int4",
@@ -86,13 +87,13 @@ def _check_numerics(
     fp16/bf16 storage emulated (`emulate_low_precision`); slice by slice where one session
     would hold too much (fdec.runtime.sliced: an 8B fp8 model)."""
     from fdec.runtime import OrtModel, open_session
-    from fdec.runtime.check_forms import emulate_low_precision, lighter_check_forms
+    from fdec.runtime.check_forms import check_form
     from fdec.runtime.sliced import SlicedModel, too_large_for_one_session
 
     with tempfile.TemporaryDirectory(prefix="fdec-typed-") as scratch:
         model = ir.load(str(typed))
-        emulate_low_precision(model)
-        lighter_check_forms(model.graph)  # the vocabulary tables read by rows and columns
+        # fp16/bf16 rounding emulated, vocabulary tables read by rows and columns, FP4 form
+        check_form(model, emulate=True)
         path = pathlib.Path(scratch) / "emulated.onnx"
         ir.save(model, str(path), external_data="emulated.onnx.data")
         del model

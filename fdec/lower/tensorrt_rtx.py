@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import pathlib
 import threading
@@ -316,16 +317,17 @@ def _apply_precision(trt: Any, config: Any, network: Any) -> None:
 
 # The builder's VERBOSE message holding the engine inspector's one-line-per-layer listing.
 _LAYERS_HEADER = "Layers:"
-_DATATYPES = {"FP8": "fp8", "Int8": "int8", "Int4": "int4", "FP4": "fp4", "Half": "fp16",
-              "BFloat16": "bf16", "Float": "fp32"}  # fmt: skip
-_QUANTIZED = frozenset({"FP8", "Int8", "Int4", "FP4"})
+# FP4E2M1: what TensorRT-RTX 1.7.1's listing calls FP4 (an NVFP4 GEMM's inputs and weights).
+_DATATYPES = {"FP8": "fp8", "Int8": "int8", "Int4": "int4", "FP4": "fp4", "FP4E2M1": "fp4",
+              "Half": "fp16", "BFloat16": "bf16", "Float": "fp32"}  # fmt: skip
+_QUANTIZED = frozenset({"FP8", "Int8", "Int4", "FP4", "FP4E2M1"})
 
 
 def engine_precision(listing: str) -> dict[str, Any]:
     """What an engine's matrix products compute in, from the engine inspector's layer listing.
 
     A matrix product is a `gemm` layer, or a fused layer holding a quantized 2-D weight (int4
-    weight-only GEMMs are `runtime_fusion` layers). Returns {"gemms": {label: count},
+    weight-only GEMMs are `runtime_fusion` layers; its largest one is the weight). Returns {"gemms": {label: count},
     "precision": the most common label}; a label is the activations' type, with the weights'
     type when it differs ("fp16 (int4 weights)"). Both optimization profiles are counted.
     """
@@ -340,7 +342,17 @@ def engine_precision(listing: str) -> dict[str, Any]:
         if match is None:
             continue
         inputs = tensor.findall(match.group(2))
-        matrices = [dtype for dims, dtype in tensor.findall(match.group(3)) if dims.count(",") == 1]
+        # matrix constants ([K, N], or [1, K, N] in a batched product), largest first: the
+        # weight before its block scales (NVFP4's FP8 ones)
+        constants = [
+            ([abs(int(d)) for d in dims.split(",") if d], dtype)
+            for dims, dtype in tensor.findall(match.group(3))
+        ]
+        matrices = [
+            dtype
+            for dims, dtype in sorted(constants, key=lambda found: -math.prod(found[0]))
+            if sum(d > 1 for d in dims) == 2
+        ]
         quantized = any(dtype in _QUANTIZED for dtype in matrices)
         if not inputs or inputs[0][1] not in _DATATYPES:  # a Gather of int ids, not a product
             continue

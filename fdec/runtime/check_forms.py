@@ -34,7 +34,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from fdec.runtime.fp4_form import emulate_fp4
+
 __all__ = [
+    "check_form",
     "dequantize_in_column_blocks",
     "emulate_low_precision",
     "external_data_folder",
@@ -58,6 +61,16 @@ def lighter_check_forms(graph: ir.Graph, block_bytes: int = _COLUMN_BLOCK_BYTES)
     }
 
 
+def check_form(model: ir.Model, *, emulate: bool = False, edges: bool = False) -> int:
+    """`model` rewritten in place into the form a check runs it in on this CPU; how many
+    rewrites were made: an NVFP4 graph's FP4 form first (fdec.runtime.fp4_form: the CPU runs
+    no FP4), then with `emulate` its fp16/bf16 rounding (`emulate_low_precision`, `edges`),
+    then the lighter forms (`lighter_check_forms`), which read the emulated Casts."""
+    made = emulate_fp4(model.graph)
+    made += emulate_low_precision(model, edges=edges) if emulate else 0
+    return made + sum(lighter_check_forms(model.graph).values())
+
+
 def external_data_folder(path: str | pathlib.Path) -> dict[str, str]:
     """Session config entries that read a graph opened from bytes with the external data
     beside the saved model at `path`."""
@@ -71,12 +84,11 @@ def lighter_session_args(path: str | pathlib.Path, *, emulate: bool = False) -> 
     `emulate`: with its fp16/bf16 storage emulated too (`emulate_low_precision(edges=True)`,
     the build's I/O and data file kept), opened at optimization "disable" (in the args)."""
     model = ir.load(path)  # weights stay in the data file
-    emulated = emulate_low_precision(model, edges=True) if emulate else 0
-    if not any(lighter_check_forms(model.graph).values()) and not emulated:
+    if not check_form(model, emulate=emulate, edges=True):
         return {}
     serialized = ir.serde.serialize_model(model).SerializeToString()
     args = {"model_bytes": serialized, "config_entries": external_data_folder(path)}
-    if emulated:  # ORT would fold the stored weights' Casts into fp32 copies
+    if emulate:  # ORT would fold the stored weights' Casts into fp32 copies
         args["optimization"] = "disable"
     return args
 

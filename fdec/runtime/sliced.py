@@ -34,11 +34,7 @@ from typing import Any
 import numpy as np
 
 from fdec.ir.model import SHAPE_ONLY_OPS
-from fdec.runtime.check_forms import (
-    emulate_low_precision,
-    external_data_folder,
-    lighter_check_forms,
-)
+from fdec.runtime.check_forms import check_form, external_data_folder
 from fdec.runtime.session import KV_POLICY_METADATA, open_session, require_onnxruntime
 
 __all__ = [
@@ -360,9 +356,8 @@ class SlicedModel:
         graph.inputs.clear()
         graph.inputs.extend(new_inputs)
         graph.outputs.extend(outputs)
-        if self.emulate:
-            emulate_low_precision(model, edges=True)
-        lighter_check_forms(graph)  # the vocabulary tables' rows and columns, not all of them
+        # the vocabulary tables' rows and columns, not all of them (and the FP4 form)
+        check_form(model, emulate=self.emulate, edges=True)
         for name in [n for n, v in graph.initializers.items() if not v.uses()]:
             del graph.initializers[name]
         return ir.serde.serialize_model(model).SerializeToString()

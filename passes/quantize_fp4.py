@@ -1,0 +1,442 @@
+"""NVFP4 for Blackwell GPUs (QuantizeFp4Pass): FP4 E2M1 weights on blocks of 16 with FP8 block scales, and FP4 activations quantized on the fly by TensorRT.
+
+NVFP4 is the 4-bit float format of Blackwell's tensor cores (compute capability ≥ 10.0) and
+NVIDIA ModelOpt's NVFP4 recipe. Weights [K, N]: each block of 16 inputs of one output column
+gets a scale stored as FLOAT8E4M3FN, itself scaled by one fp32 scale per tensor (two levels:
+the block scales keep fp8's 3 mantissa bits over the tensor's whole range). The graph form is
+the one TensorRT's ONNX parser takes (standard ONNX, opset 23):
+
+    s_w (FLOAT8E4M3FN [K/16, N]) ─ DequantizeLinear(·, g_w) ─┐
+    W_q (FLOAT4E2M1 [K, N]) ──────── DequantizeLinear(axis 0, block 16) ─ MatMul
+
+With `activations="fp4"` (W4A4, the tensor-core path and ModelOpt's default) each activation is
+quantized at run time per block of 16 along its last axis by TensorRT's own op, with one
+static per-tensor scale g_a from calibration (absmax / (6 · 448)):
+
+    A ─ trt::TRT_FP4DynamicQuantize(A, g_a) ─ A_q, s_a ─ DequantizeLinear(s_a, g_a) ─
+        DequantizeLinear(A_q, ·, axis -1, block 16) ─ MatMul
+
+`activations="float"` keeps activations in float (W4A16: 4-bit weight storage, the GEMM in
+fp16/bf16). Layers listed in `weight_only` / `weight_only_layers` are W4A16 in either case.
+
+Neither ONNX Runtime's CPU nor its CUDA provider runs FLOAT4E2M1 or the TensorRT op: the
+build is checked on this CPU in the form `fdec.runtime.check_forms.emulate_fp4` rewrites it to
+(the same weights as int8 codes, exactly; the activation quantization in standard ops), and
+TensorRT-RTX builds the real engine here for compute capability 12.0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from fdec.errors import UsageError
+from fdec.ir import FdecModel
+from fdec.passes.gptq import gptq, hessians, inverse_factor
+from fdec.passes.smoothquant import (
+    ActivationGroup,
+    capture_rows,
+    divide_activation,
+    insert_after_producer,
+    smoothing_factors,
+)
+from fdec.passes.static_qdq import StaticQuantizePass, scalar_initializer
+from fdec.passes.weights import Weight, add_initializer, fresh_name, replace_site, retire_weight
+from fdec.pipeline import Tolerance
+from fdec.targets import Precision
+
+__all__ = [
+    "FP4_BLOCK",
+    "FP4_MAX",
+    "TRT_DOMAIN",
+    "QuantizeFp4Pass",
+    "dynamic_quantize_node",
+    "fake_fp4_activation",
+    "quantize_nvfp4",
+    "round_e2m1",
+]
+
+FP4_BLOCK = 16  # NVFP4's block along the reduction axis
+FP4_MAX = 6.0  # largest E2M1 value
+_FP8_MAX = 448.0  # largest FLOAT8E4M3FN: the block scales' range
+_FP4_OPSET = 23  # FLOAT4E2M1 in DequantizeLinear
+TRT_DOMAIN = "trt"  # TensorRT's ONNX parser's own ops
+_DYNAMIC_QUANTIZE = "TRT_FP4DynamicQuantize"
+_ACTIVATIONS = ("fp4", "float")
+_WEIGHT_ROUNDINGS = ("nearest", "gptq")
+
+
+def _to_fp8(x: np.ndarray) -> np.ndarray:
+    """`x` as FLOAT8E4M3FN, saturated at ±448 as ONNX's Cast and TensorRT saturate (a plain
+    numpy cast past fp8's range gives NaN)."""
+    return np.clip(x, -_FP8_MAX, _FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+
+
+def round_e2m1(x: np.ndarray) -> np.ndarray:
+    """`x` rounded to the nearest E2M1 value (ties to even mantissa), saturated at ±6, as
+    float: steps of 0.5 below 2, 1 below 4, 2 up to 6."""
+    return np.clip(x, -FP4_MAX, FP4_MAX).astype(ml_dtypes.float4_e2m1fn).astype(x.dtype)
+
+
+def quantize_nvfp4(
+    array: np.ndarray,
+    block: int = FP4_BLOCK,
+    *,
+    shrink: tuple[float, ...] = (),
+    importance: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """NVFP4 of a [K, N] weight (K a multiple of `block`): (FP4 codes [K, N], FP8 block scales
+    [K/block, N], fp32 tensor scale g). Block b of column n stands for
+    codes · float(scales[b, n]) · g; g = absmax / (6 · 448) puts the largest block's scale at
+    fp8's top, each block's scale is its absmax / 6 / g rounded to fp8 (ModelOpt's NVFP4).
+
+    `shrink`: factors (< 1) also tried on each block's absmax, the block keeping the scale
+    whose rounding error Σ importance_k · (w - ŵ)² is smallest (its largest weights clipped
+    to ±6 steps, the rest on finer steps); `importance` [K] weighs input channels (the
+    calibration activations' mean squares), uniform when None."""
+    k, n = array.shape
+    blocks = array.astype(np.float32).reshape(k // block, block, n)
+    amax = np.abs(blocks).max(axis=1)  # [K/block, N]
+    top = float(amax.max())
+    g = np.float32(top / (FP4_MAX * _FP8_MAX)) if top > 0 else np.float32(1.0)
+    weigh = (
+        np.ones((1, block, 1), np.float32)
+        if importance is None
+        else importance.astype(np.float32).reshape(k // block, block, 1)
+    )
+
+    def rounded(factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scales = _to_fp8(amax * factor / FP4_MAX / g)
+        steps = scales.astype(np.float32) * g
+        safe = np.where(steps == 0, np.float32(1.0), steps)
+        codes = round_e2m1(blocks / safe[:, None, :])
+        error = (weigh * np.square(blocks - codes * steps[:, None, :])).sum(axis=1)
+        return scales, codes, error
+
+    scales, codes, error = rounded(1.0)
+    for factor in shrink:
+        other_scales, other_codes, other_error = rounded(factor)
+        better = other_error < error
+        scales = np.where(better, other_scales, scales)
+        codes = np.where(better[:, None, :], other_codes, codes)
+        error = np.minimum(error, other_error)
+    return codes.reshape(k, n).astype(ml_dtypes.float4_e2m1fn), scales, g
+
+
+def fake_fp4_activation(x: np.ndarray, g: float) -> np.ndarray:
+    """What TensorRT's run-time FP4 quantization of `x` (blocks of 16 along its last axis,
+    tensor scale `g`) gives back after dequantization: each block's step fp8(absmax / 6 / g)·g,
+    its values rounded to E2M1 on it."""
+    blocks = x.reshape(*x.shape[:-1], -1, FP4_BLOCK).astype(np.float32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    steps = _to_fp8(amax / (FP4_MAX * g)).astype(np.float32) * g
+    safe = np.where(steps == 0, np.float32(1.0), steps)
+    return (round_e2m1(blocks / safe) * steps).reshape(x.shape)
+
+
+def _nvfp4_dequantized(array: np.ndarray, **options: Any) -> np.ndarray:
+    codes, scales, g = quantize_nvfp4(array, **options)
+    k, n = array.shape
+    steps = scales.astype(np.float32) * g
+    return (
+        codes.astype(np.float32).reshape(k // FP4_BLOCK, FP4_BLOCK, n) * steps[:, None]
+    ).reshape(k, n)
+
+
+def _gptq_nvfp4(
+    array: np.ndarray, hessian: np.ndarray, damping: float, **options: Any
+) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """GPTQ rounding (`gptq`) of a [K, N] weight to NVFP4 codes on `quantize_nvfp4`'s scales:
+    rows are rounded in order (in the weight's own units: the block scale changes every 16
+    rows) and each row's error is spread over the rows left. Nearest when H cannot be
+    factored."""
+    nearest = quantize_nvfp4(array, **options)
+    _, scales, g = nearest
+    steps = scales.astype(np.float64) * float(g)  # [K/16, N]
+    safe = np.where(steps == 0, 1.0, steps)
+    rounded = np.empty(array.shape, dtype=np.float32)
+
+    def round_row(i: int, row: np.ndarray) -> np.ndarray:
+        b = i // FP4_BLOCK
+        code = round_e2m1(row / safe[b])
+        rounded[i] = code
+        return code * steps[b]
+
+    if not gptq(array.astype(np.float64), inverse_factor(hessian, damping), round_row):
+        return nearest
+    return rounded.astype(ml_dtypes.float4_e2m1fn), scales, g
+
+
+def dynamic_quantize_node(
+    source: ir.Value, global_scale: ir.Value, name: str
+) -> tuple[ir.Node, ir.Value, ir.Value]:
+    """TensorRT's TRT_FP4DynamicQuantize of `source` per block of 16 along its last axis, with
+    the outputs typed (FP4 values in `source`'s shape, FP8 block scales): (node, values,
+    scales)."""
+    node = ir.node(
+        _DYNAMIC_QUANTIZE,
+        [source, global_scale],
+        {"axis": -1, "block_size": FP4_BLOCK, "scale_type": int(ir.DataType.FLOAT8E4M3FN)},
+        domain=TRT_DOMAIN,
+        num_outputs=2,
+        name=f"{source.name}_FP4DynamicQuantize",
+    )
+    values, scales = node.outputs
+    values.dtype = ir.DataType.FLOAT4E2M1
+    scales.dtype = ir.DataType.FLOAT8E4M3FN
+    if source.shape is not None:
+        dims = list(source.shape.dims)
+        values.shape = ir.Shape(dims)
+        last = dims[-1]
+        scales.shape = ir.Shape([*dims[:-1], last // FP4_BLOCK if isinstance(last, int) else None])
+    return node, values, scales
+
+
+@dataclasses.dataclass(eq=False)
+class QuantizeFp4Pass(StaticQuantizePass):
+    """NVFP4 (FP4 E2M1 on blocks of 16, FP8 block scales, an fp32 tensor scale) for GPUs with
+    FP4 tensor cores (compute capability ≥ 10.0), in TensorRT's graph form (module docstring).
+
+    `activations`: "fp4" (W4A4: run-time block quantization by TensorRT, a calibrated
+    per-tensor scale) or "float" (W4A16). `weight_rounding` "gptq" picks each weight's codes
+    on the same scales by GPTQ's error compensation against the calibration activations.
+    Weights whose input size is not a multiple of 16 stay float (listed in the stats). A tied
+    embedding must be untied first (ONNX Gather takes no FP4 table).
+    """
+
+    name = "quantize-fp4"
+    qdq_precision = "fp4"
+    options_after_masking = (("weight_rounding", "nearest"),)
+    fusable = False
+    family = "quantize"
+    summary = "NVFP4: FP4 weights (blocks of 16, FP8 scales), FP4 or float activations (sm >= 10.0)"
+    # FP4 keeps 1 mantissa bit: a 4-bit format, lossier than fp8 and int4 with blocks of 32 on
+    # activations. The bounds catch a broken rewrite; quality is gated on perplexity.
+    tolerance = Tolerance(max_abs_error=25.0, min_top1_agreement=0.3)
+
+    activations: str = dataclasses.field(default="fp4", kw_only=True)
+    # The activation's tensor scale covers the calibrated absmax × this.
+    activation_margin: float = dataclasses.field(default=1.0, kw_only=True)
+    weight_rounding: str = dataclasses.field(default="nearest", kw_only=True)
+    gptq_damping: float = dataclasses.field(default=0.01, kw_only=True)
+    # SmoothQuant before W4A4 (X·W = (X/s)·(s·W), s_j = max|X_j|^α / max|W_j|^(1-α)): per
+    # activation, the α of these (or none: s = 1) whose NVFP4 output error on calibration rows
+    # is smallest. Empty: no smoothing.
+    alpha_search: tuple[float, ...] = dataclasses.field(default=(), kw_only=True)
+    search_rows: int = dataclasses.field(default=512, kw_only=True)
+    # Block scales: each block's absmax × each of these is tried too, the one with the least
+    # rounding error (weighted by the calibration activations' mean squares where GPTQ has
+    # them) kept (`quantize_nvfp4`'s shrink). Empty: absmax / 6, ModelOpt's choice.
+    scale_search: tuple[float, ...] = dataclasses.field(default=(), kw_only=True)
+
+    precision_of = Precision.FP4
+    _cpu_fix = "use quantize-int4 (weight-only int4) for the CPU"
+    _opset = _FP4_OPSET
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.activations not in _ACTIVATIONS:
+            raise UsageError(
+                f"quantize-fp4 activations {self.activations!r} is unknown",
+                f"use one of {', '.join(_ACTIVATIONS)}",
+            )
+        if self.weight_rounding not in _WEIGHT_ROUNDINGS:
+            raise UsageError(
+                f"quantize-fp4 weight_rounding {self.weight_rounding!r} is unknown",
+                f"use one of {', '.join(_WEIGHT_ROUNDINGS)}",
+            )
+        if not (isinstance(self.activation_margin, (int, float)) and self.activation_margin >= 1):
+            raise UsageError(
+                f"quantize-fp4 activation_margin {self.activation_margin!r} is not a number ≥ 1",
+                "use 1 (the calibrated range) or more (headroom above it)",
+            )
+        self.alpha_search = tuple(float(a) for a in self.alpha_search)
+        self.scale_search = tuple(float(f) for f in self.scale_search)
+        if not all(0 < f < 1 for f in self.scale_search):
+            raise UsageError(
+                f"quantize-fp4 scale_search {self.scale_search!r} holds factors outside (0, 1)",
+                "give shrink factors such as [0.9, 0.8], or [] for absmax scales",
+            )
+        if not all(0 <= a <= 1 for a in self.alpha_search):
+            raise UsageError(
+                f"quantize-fp4 alpha_search {self.alpha_search!r} is not within [0, 1]",
+                "give migration strengths such as [0.25, 0.5, 0.75], or [] for none",
+            )
+        self._hessians: dict[str, np.ndarray] = {}
+        self._rows: dict[str, np.ndarray] = {}
+
+    def requires(self, model: FdecModel, target: Any = None) -> None:
+        super().requires(model, target)
+        if (self.weight_rounding == "gptq" or self.alpha_search) and self.batches is None:
+            raise UsageError(
+                "quantize-fp4 weight_rounding='gptq' and alpha_search need calibration batches",
+                "pass batches=fdec.calibrate.calibration_batches(...) (stats are not enough)",
+            )
+
+    def _extra_stats(self) -> dict[str, Any]:
+        return {
+            "activations": self.activations,
+            "weight_rounding": self.weight_rounding,
+            "block_size": FP4_BLOCK,
+            "float_activations": [],
+            "not_multiple_of_16": [],
+            "smoothed": {},  # activation → [α, output error, error without smoothing]
+        }
+
+    def _prepare(self, model, groups, stats) -> None:
+        self._hessians, self._rows = {}, {}
+        names = [group.activation.name for group in groups if self._fits(group)]
+        if not names:
+            return
+        if self.alpha_search and self.activations == "fp4":
+            assert self.batches is not None
+            searched = [
+                g.activation.name
+                for g in groups
+                if self._fits(g) and not self._weight_only(model, g)
+            ]
+            self._rows = capture_rows(model, self.batches, searched, max_rows=self.search_rows)
+        if self.weight_rounding == "gptq":
+            assert self.batches is not None
+            self._hessians = hessians(model, self.batches, names)
+            stats["gptq_tokens"] = int(sum(np.asarray(b).size for b in self.batches))
+
+    def _output_error(self, rows, weights, s, absmax) -> float:
+        """Relative output error of W4A4 NVFP4 on `rows` with smoothing `s` (None: none)."""
+        scale = np.ones(rows.shape[1], np.float32) if s is None else s
+        x = rows / scale
+        g = float(np.max(absmax / scale)) / (FP4_MAX * _FP8_MAX)
+        xq = fake_fp4_activation(x, g)
+        total = norm = 0.0
+        for w in weights:
+            reference = rows @ w
+            dequantized = _nvfp4_dequantized(w * scale[:, None], shrink=self.scale_search)
+            total += float(np.square(reference - xq @ dequantized).sum())
+            norm += float(np.square(reference).sum())
+        return total / (norm or 1.0)
+
+    def _smoothing(self, group, found, stats) -> np.ndarray | None:
+        """s for the group (`alpha_search`'s best, None when no smoothing is best)."""
+        rows = self._rows.pop(group.activation.name, None)
+        if rows is None:
+            return None
+        weights = [w.array for w in group.weights]
+        absmax = found.channel_absmax.astype(np.float32)
+        best = none = self._output_error(rows, weights, None, absmax)
+        chosen: tuple[float | None, np.ndarray | None] = (None, None)
+        for alpha in self.alpha_search:
+            s = smoothing_factors(alpha, weights, absmax)
+            error = self._output_error(rows, weights, s, absmax)
+            if error < best:
+                best, chosen = error, (alpha, s)
+        stats["smoothed"][group.activation.name] = [chosen[0], round(best, 6), round(none, 6)]
+        return chosen[1]
+
+    @staticmethod
+    def _fits(group: ActivationGroup) -> bool:
+        return group.weights[0].shape[0] % FP4_BLOCK == 0
+
+    def _rewrite(self, model, group, found, taken, stats) -> bool:
+        graph = model.graph
+        if not self._fits(group):
+            stats["not_multiple_of_16"].extend(w.value.name for w in group.weights)
+            return False
+        source = group.activation
+        quantized = self.activations == "fp4" and not self._weight_only(model, group)
+        s = self._smoothing(group, found, stats) if quantized else None
+        if quantized:
+            dtype = group.dtype
+            peak = float(found.absmax)
+            if s is not None:
+                source, _ = divide_activation(graph, group, s, taken)
+                peak = float(np.max(found.channel_absmax / s))
+            peak *= self.activation_margin
+            g = scalar_initializer(
+                graph, f"{source.name}_fp4_global_scale",
+                np.array(peak / (FP4_MAX * _FP8_MAX), dtype=dtype.numpy()), dtype, taken,
+            )  # fmt: skip
+            node, values, scales = dynamic_quantize_node(source, g, source.name)
+            model.model.opset_imports.setdefault(TRT_DOMAIN, 1)
+            block_scales = ir.node(
+                "DequantizeLinear", [scales, g], name=f"{source.name}_DQ_fp4_scales"
+            )
+            dequantize = ir.node(
+                "DequantizeLinear",
+                [values, block_scales.outputs[0]],
+                {"axis": -1, "block_size": FP4_BLOCK},
+                name=f"{source.name}_DQ_fp4",
+            )
+            insert_after_producer(graph, source, [node, block_scales, dequantize])
+            source = dequantize.outputs[0]
+        else:
+            stats["float_activations"].extend(w.value.name for w in group.weights)
+        hessian = self._hessians.pop(group.activation.name, None)
+        if hessian is not None and s is not None:  # of X / s
+            hessian = hessian / np.outer(s, s)
+        for weight in group.weights:
+            array = weight.array if s is None else weight.array * s[:, None]
+            options: dict[str, Any] = {"shrink": self.scale_search}
+            if hessian is None:
+                codes, scales, g_w = quantize_nvfp4(array, **options)
+            else:
+                options["importance"] = np.diag(hessian).copy()
+                codes, scales, g_w = _gptq_nvfp4(array, hessian, self.gptq_damping, **options)
+            stats["bytes_before"] += weight.value.const_value.nbytes
+            stats["matmuls_quantized"] += len(weight.sites)
+            stats["weights_quantized"] += 1
+            stats["bytes_after"] += self._fp4_weight(
+                model, weight, codes, scales, g_w, source, taken
+            )
+        return quantized
+
+    @staticmethod
+    def _fp4_weight(
+        model: FdecModel,
+        weight: Weight,
+        codes: np.ndarray,
+        scales: np.ndarray,
+        g: np.float32,
+        activation: ir.Value,
+        taken: set[str],
+    ) -> int:
+        """Replace each site of `weight` by the two-level DequantizeLinear → MatMul; retires the
+        float weight and points its roles at the codes. The bytes stored (codes at 4 bits)."""
+        graph = model.graph
+        old_name = weight.value.name
+        assert old_name is not None
+        b = add_initializer(
+            graph, fresh_name(graph, f"{old_name}_F4", taken),
+            ir.Tensor(codes, dtype=ir.DataType.FLOAT4E2M1),
+        )  # fmt: skip
+        block_scales = add_initializer(
+            graph, fresh_name(graph, f"{old_name}_block_scales", taken),
+            ir.Tensor(scales, dtype=ir.DataType.FLOAT8E4M3FN),
+        )  # fmt: skip
+        dtype = weight.dtype
+        tensor_scale = scalar_initializer(
+            graph, f"{old_name}_global_scale", np.array(g, dtype=dtype.numpy()), dtype, taken
+        )
+        for site in weight.sites:
+            prefix = site.node.name or old_name
+            steps = ir.node(
+                "DequantizeLinear", [block_scales, tensor_scale], name=f"{prefix}_DQ_F4_scales"
+            )
+            dequantize = ir.node(
+                "DequantizeLinear", [b, steps.outputs[0]], {"axis": 0, "block_size": FP4_BLOCK},
+                name=f"{prefix}_DQ_F4",
+            )  # fmt: skip
+            matmul = ir.node(
+                "MatMul", [activation, dequantize.outputs[0]], name=f"{prefix}_MatMul_F4"
+            )
+            nodes = [steps, dequantize, matmul]
+            if site.bias is not None:
+                nodes.append(ir.node("Add", [matmul.outputs[0], site.bias], name=f"{prefix}_bias"))
+            replace_site(graph, site, nodes)
+        retire_weight(graph, weight)
+        weight.release()
+        model.spec.rename_weight(old_name, b.name)
+        return int(codes.size // 2 + scales.nbytes + 4)
