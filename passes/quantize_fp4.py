@@ -67,6 +67,9 @@ _FP4_OPSET = 23  # FLOAT4E2M1 in DequantizeLinear
 TRT_DOMAIN = "trt"  # TensorRT's ONNX parser's own ops
 _DYNAMIC_QUANTIZE = "TRT_FP4DynamicQuantize"
 _ACTIVATIONS = ("fp4", "float")
+# The smoothing search's rows × K × N per trial: wide groups are tried on fewer rows.
+_SEARCH_MACS = 4e8
+_MIN_SEARCH_ROWS = 64
 _WEIGHT_ROUNDINGS = ("nearest", "gptq")
 
 
@@ -223,9 +226,10 @@ class QuantizeFp4Pass(StaticQuantizePass):
     activation_margin: float = dataclasses.field(default=1.0, kw_only=True)
     weight_rounding: str = dataclasses.field(default="nearest", kw_only=True)
     gptq_damping: float = dataclasses.field(default=0.01, kw_only=True)
-    # SmoothQuant before W4A4 (X·W = (X/s)·(s·W), s_j = max|X_j|^α / max|W_j|^(1-α)): per
-    # activation, the α of these (or none: s = 1) whose NVFP4 output error on calibration rows
-    # is smallest. Empty: no smoothing.
+    # Smoothing (X·W = (X/s)·(s·W), s_j = max|X_j|^α / max|W_j|^(1-α)): per activation, the α
+    # of these (or none: s = 1) whose NVFP4 output error on calibration rows is smallest —
+    # SmoothQuant for W4A4 groups, AWQ's activation-aware scaling for weight-only ones. Empty:
+    # no smoothing.
     alpha_search: tuple[float, ...] = dataclasses.field(default=(), kw_only=True)
     search_rows: int = dataclasses.field(default=512, kw_only=True)
     # Block scales: each block's absmax × each of these is tried too, the one with the least
@@ -292,25 +296,21 @@ class QuantizeFp4Pass(StaticQuantizePass):
         names = [group.activation.name for group in groups if self._fits(group)]
         if not names:
             return
-        if self.alpha_search and self.activations == "fp4":
+        if self.alpha_search:
             assert self.batches is not None
-            searched = [
-                g.activation.name
-                for g in groups
-                if self._fits(g) and not self._weight_only(model, g)
-            ]
-            self._rows = capture_rows(model, self.batches, searched, max_rows=self.search_rows)
+            self._rows = capture_rows(model, self.batches, names, max_rows=self.search_rows)
         if self.weight_rounding == "gptq":
             assert self.batches is not None
             self._hessians = hessians(model, self.batches, names)
             stats["gptq_tokens"] = int(sum(np.asarray(b).size for b in self.batches))
 
-    def _output_error(self, rows, weights, s, absmax) -> float:
-        """Relative output error of W4A4 NVFP4 on `rows` with smoothing `s` (None: none)."""
+    def _output_error(self, rows, weights, s, absmax, activations: bool) -> float:
+        """Relative output error of NVFP4 weights (and, with `activations`, run-time FP4
+        activations) on `rows` with smoothing `s` (None: none)."""
         scale = np.ones(rows.shape[1], np.float32) if s is None else s
         x = rows / scale
         g = float(np.max(absmax / scale)) / (FP4_MAX * _FP8_MAX)
-        xq = fake_fp4_activation(x, g)
+        xq = fake_fp4_activation(x, g) if activations else x
         total = norm = 0.0
         for w in weights:
             reference = rows @ w
@@ -319,18 +319,21 @@ class QuantizeFp4Pass(StaticQuantizePass):
             norm += float(np.square(reference).sum())
         return total / (norm or 1.0)
 
-    def _smoothing(self, group, found, stats) -> np.ndarray | None:
-        """s for the group (`alpha_search`'s best, None when no smoothing is best)."""
+    def _smoothing(self, group, found, stats, activations: bool) -> np.ndarray | None:
+        """s for the group (`alpha_search`'s best, None when no smoothing is best): SmoothQuant
+        for W4A4, AWQ's activation-aware scaling for weight-only groups."""
         rows = self._rows.pop(group.activation.name, None)
         if rows is None:
             return None
         weights = [w.array for w in group.weights]
+        width = sum(w.size for w in weights)  # wide groups (an lm_head) on fewer rows
+        rows = rows[: max(_MIN_SEARCH_ROWS, int(_SEARCH_MACS // width))]
         absmax = found.channel_absmax.astype(np.float32)
-        best = none = self._output_error(rows, weights, None, absmax)
+        best = none = self._output_error(rows, weights, None, absmax, activations)
         chosen: tuple[float | None, np.ndarray | None] = (None, None)
         for alpha in self.alpha_search:
             s = smoothing_factors(alpha, weights, absmax)
-            error = self._output_error(rows, weights, s, absmax)
+            error = self._output_error(rows, weights, s, absmax, activations)
             if error < best:
                 best, chosen = error, (alpha, s)
         stats["smoothed"][group.activation.name] = [chosen[0], round(best, 6), round(none, 6)]
@@ -347,13 +350,13 @@ class QuantizeFp4Pass(StaticQuantizePass):
             return False
         source = group.activation
         quantized = self.activations == "fp4" and not self._weight_only(model, group)
-        s = self._smoothing(group, found, stats) if quantized else None
+        s = self._smoothing(group, found, stats, quantized)
+        peak = float(found.absmax)
+        if s is not None:
+            source, _ = divide_activation(graph, group, s, taken)
+            peak = float(np.max(found.channel_absmax / s))
         if quantized:
             dtype = group.dtype
-            peak = float(found.absmax)
-            if s is not None:
-                source, _ = divide_activation(graph, group, s, taken)
-                peak = float(np.max(found.channel_absmax / s))
             peak *= self.activation_margin
             g = scalar_initializer(
                 graph, f"{source.name}_fp4_global_scale",

@@ -188,14 +188,19 @@ def test_fp4_is_refused_where_there_is_no_fp4_or_no_multiple_of_16(llama):
         QuantizeFp4Pass(activations="int8")
 
 
-def test_fp4_smoothing_search_keeps_the_best_output_error(llama):
-    """alpha_search: each W4A4 activation gets the α (or no smoothing) with the smallest NVFP4
-    output error on calibration rows; the weights read X / s and the build holds its bounds."""
+@pytest.mark.parametrize("activations", ["fp4", "float"])
+def test_fp4_smoothing_search_keeps_the_best_output_error(llama, activations):
+    """alpha_search: each activation gets the α (or no smoothing) with the smallest NVFP4
+    output error on calibration rows (SmoothQuant for W4A4, AWQ's scaling for weight-only);
+    the weights read X / s and the build holds its bounds."""
     tiny, batches = llama
-    pass_ = QuantizeFp4Pass(batches=batches, alpha_search=(0.25, 0.5, 0.75))
+    pass_ = QuantizeFp4Pass(
+        batches=batches, alpha_search=(0.25, 0.5, 0.75), activations=activations
+    )
     model, record = run_pass(pass_, tiny.cleaned())
     smoothed = record.stats["smoothed"]
-    assert len(smoothed) == record.stats["activations_quantized"] == 9
+    assert len(smoothed) == 9  # q/k/v, o, gate/up, down of 2 layers and the lm_head
+    assert record.stats["activations_quantized"] == (9 if activations == "fp4" else 0)
     for alpha, error, unsmoothed in smoothed.values():
         assert alpha in (None, 0.25, 0.5, 0.75)
         assert error <= unsmoothed and (alpha is None) == (error == unsmoothed)
