@@ -123,7 +123,19 @@ def _emulated_on_cpu(path: pathlib.Path, err: Exception, folder: pathlib.Path) -
     (a truncated weights file) is an InputError naming it."""
     from fdec.lower.cuda_kernels import cpu_unrunnable
     from fdec.runtime.check_forms import lighter_session_args, low_dtype
+    from fdec.runtime.fp4_form import has_fp4
 
+    if has_fp4(path):  # no ONNX Runtime provider takes FP4: the check's exact FP4 form
+        low = low_dtype(path)
+        forms = lighter_session_args(path, emulate=low is not None)
+        session = open_session(path, **{"optimization": "basic", **forms})
+        session.fdec_provider_fallback = (
+            "ONNX Runtime has no FP4 kernels: running this NVFP4 graph on the CPU in the form "
+            "its verification uses (FP4 written out in standard ops; slow; for checking, not "
+            "serving: the TensorRT engine serves it)"
+        )
+        logger.warning(session.fdec_provider_fallback)
+        return session
     if cpu_unrunnable(err) is None or low_dtype(path) != "bf16":
         first = " ".join(str(err).split())[:200] or type(err).__name__
         raise InputError(

@@ -237,6 +237,25 @@ def test_fp4_for_rtx5090_builds_an_nvfp4_engine_and_is_refused_without_fp4(
     gemms = engine["engine_precision"]["gemms"]
     assert gemms.get("fp4") == 12 * len(engine["profiles"]), gemms
 
+    # `fdec run` on this CPU: the build's FP4 form, said in one warning line
+    ran = cli_runner.invoke(
+        cli, ["run", str(out), "--prompt", "Hello", "--max-new-tokens", "3", "--json"]
+    )
+    assert ran.exit_code == 0, ran.stderr
+    outcome = json.loads(ran.stdout)
+    assert outcome["new_tokens"] == 3 and "no FP4 kernels" in outcome["provider_fallback"]
+
+    # b200 (TensorRT): the engine plan takes the same graph, TensorRT's own FP4 quantizer
+    # being no foreign op to its parser
+    b200 = tmp_path / "b200-fp4"
+    planned = cli_runner.invoke(cli, [
+        "compile", llama, "--target", "b200", "--quantize", "fp4", "--max-seq-len", "256",
+        "-o", str(b200), "-q",
+    ])  # fmt: skip
+    assert planned.exit_code == 0, planned.stderr
+    engines = json.loads((b200 / "report.json").read_text())["engines"]
+    assert engines[0]["backend"] == "tensorrt" and "fp4" in engines[0]["typed_model"]["precisions"]
+
     for target, backend, says in [
         ("rtx4090", [], r"FP4 needs compute capability ≥ 10\.0; rtx4090 is 8\.9"),
         ("b200", ["--backend", "onnxruntime"], "the onnxruntime-cuda backend runs .* not fp4"),

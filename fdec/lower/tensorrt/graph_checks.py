@@ -25,12 +25,15 @@ logger = logging.getLogger(__name__)
 
 # Model metadata where fdec.passes.sparsity records the 2:4 sparse weights (SPARSITY_METADATA).
 SPARSITY_METADATA = "fdec.sparsity"
-# Domains TensorRT's ONNX parser imports: the standard operator set only.
+# Domains TensorRT's ONNX parser imports: the standard operator set, and of its own "trt"
+# domain the op fdec writes (NVFP4's run-time activation quantizer, fdec.passes.quantize_fp4).
 _STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+_TENSORRT_OPS = frozenset({("trt", "TRT_FP4DynamicQuantize")})
 
 
 def check_standard_ops(onnx_path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Nodes TensorRT's ONNX parser will not take: those in non-standard domains (com.microsoft…).
+    """Nodes TensorRT's ONNX parser will not take: those in non-standard domains (com.microsoft…)
+    but TensorRT's own ops fdec writes.
 
     Looks inside subgraphs (If/Loop/Scan bodies) and model-local functions; a call of a local
     function is fine when the function's own nodes are. Each entry has name, op and domain.
@@ -49,7 +52,7 @@ def check_standard_ops(onnx_path: str | os.PathLike[str]) -> list[dict[str, str]
                 if key not in seen_functions:
                     seen_functions.add(key)
                     visit(functions[key].node, f"function {node.domain}.{node.op_type}/")
-            elif node.domain not in _STANDARD_DOMAINS:
+            elif node.domain not in _STANDARD_DOMAINS and key not in _TENSORRT_OPS:
                 found.append(
                     {
                         "name": where + (node.name or f"#{index}"),
