@@ -166,6 +166,16 @@ _CUDA_INT8_WO_MEASURED = (
     "--backend onnxruntime --recipes none,fp16,int8-wo, 2026-12-07; tests' tiny llama, qwen2 "
     "and gpt2 on held text"
 )
+# NVFP4 (TensorRT on b200/rtx5090, fdec.passes.quantize_fp4; its defaults in
+# fdec.compile.defaults): python benchmarks/quality.py --recipes none,fp4,fp4-wo,fp8 --splits
+# tune,eval --peers none --encoder none, 2026-12-07, evaluation split: fp4 (W4A4) +22.38 % top-1
+# 0.741 error 23.99 (its bf16 TensorRT model +22.64 %), fp4-wo +17.69 % 0.784 17.95 (+17.74 %),
+# fp8 +1.54 % in the same run; the tests' tiny llama, qwen2 and gpt2 built for rtx5090 on held
+# text: fp4 top-1 0.539–0.688, error ≤ 0.99; fp4-wo 0.734–0.766, ≤ 0.66.
+_FP4_MEASURED = (
+    "SmolLM2-135M, evaluation split (2,671 tokens), python benchmarks/quality.py --recipes "
+    "none,fp4,fp4-wo,fp8, 2026-12-07; tests' tiny llama, qwen2 and gpt2 on held text"
+)
 GATES: dict[str, Gate] = {
     gate.recipe: gate
     for gate in (
@@ -176,6 +186,8 @@ GATES: dict[str, Gate] = {
         Gate("fp8", 0.0154, 0.859, 8.24),
         Gate("int4-awq-mixed", 0.0902, 0.840, 16.70, _MIXED_MEASURED),
         Gate("int8-wo", 0.0071, 0.957, 2.22, _INT8_WO_MEASURED),
+        Gate("fp4", 0.2238, 0.539, 23.99, _FP4_MEASURED),
+        Gate("fp4-wo", 0.1769, 0.734, 17.95, _FP4_MEASURED),
         Gate("onnxruntime-cuda fp16", 0.0002, 0.998, 0.281, _CUDA_MEASURED),
         Gate("onnxruntime-cuda bf16", -0.0013, 0.984, 3.00, _CUDA_MEASURED),
         Gate("onnxruntime-cuda int4-rtn", 0.1736, 0.562, 19.06, _CUDA_MEASURED),

@@ -217,9 +217,12 @@ class QuantizeFp4Pass(StaticQuantizePass):
     fusable = False
     family = "quantize"
     summary = "NVFP4: FP4 weights (blocks of 16, FP8 scales), FP4 or float activations (sm >= 10.0)"
-    # FP4 keeps 1 mantissa bit: a 4-bit format, lossier than fp8 and int4 with blocks of 32 on
-    # activations. The bounds catch a broken rewrite; quality is gated on perplexity.
-    tolerance = Tolerance(max_abs_error=25.0, min_top1_agreement=0.3)
+    # FP4 keeps 1 mantissa bit. Measured against PyTorch with the recipe's options: tests'
+    # tiny llama/qwen2/gpt2 on held text: W4A4 max error ≤ 0.99, top-1 0.54–0.69; weight-only
+    # ≤ 0.66, 0.73–0.77; SmolLM2-135M, evaluation split: W4A4 23.99 / 0.741 (perplexity
+    # +22.4 %), weight-only 17.95 / 0.784 (+17.7 %). The bounds catch a broken rewrite;
+    # quality is gated on perplexity (fdec.gates).
+    tolerance = Tolerance(max_abs_error=40.0, min_top1_agreement=0.3)
 
     activations: str = dataclasses.field(default="fp4", kw_only=True)
     # The activation's tensor scale covers the calibrated absmax × this.
@@ -231,6 +234,10 @@ class QuantizeFp4Pass(StaticQuantizePass):
     # SmoothQuant for W4A4 groups, AWQ's activation-aware scaling for weight-only ones. Empty:
     # no smoothing.
     alpha_search: tuple[float, ...] = dataclasses.field(default=(), kw_only=True)
+    # The search for weight-only groups too (AWQ's activation-aware scaling). SmolLM2, tuning
+    # split, fp4-wo with GPTQ and block-scale search: perplexity +12.3 % → +14.9 % while the
+    # KL to the source fell 0.153 → 0.141 and top-1 rose 0.782 → 0.794; off by default.
+    smooth_weight_only: bool = dataclasses.field(default=False, kw_only=True)
     search_rows: int = dataclasses.field(default=512, kw_only=True)
     # Block scales: each block's absmax × each of these is tried too, the one with the least
     # rounding error (weighted by the calibration activations' mean squares where GPTQ has
@@ -296,9 +303,14 @@ class QuantizeFp4Pass(StaticQuantizePass):
         names = [group.activation.name for group in groups if self._fits(group)]
         if not names:
             return
-        if self.alpha_search:
+        searched = [
+            g.activation.name
+            for g in groups
+            if self._fits(g) and (self.smooth_weight_only or self._activations_quantized(model, g))
+        ]
+        if self.alpha_search and searched:
             assert self.batches is not None
-            self._rows = capture_rows(model, self.batches, names, max_rows=self.search_rows)
+            self._rows = capture_rows(model, self.batches, searched, max_rows=self.search_rows)
         if self.weight_rounding == "gptq":
             assert self.batches is not None
             self._hessians = hessians(model, self.batches, names)
@@ -339,6 +351,9 @@ class QuantizeFp4Pass(StaticQuantizePass):
         stats["smoothed"][group.activation.name] = [chosen[0], round(best, 6), round(none, 6)]
         return chosen[1]
 
+    def _activations_quantized(self, model: FdecModel, group: ActivationGroup) -> bool:
+        return self.activations == "fp4" and not self._weight_only(model, group)
+
     @staticmethod
     def _fits(group: ActivationGroup) -> bool:
         return group.weights[0].shape[0] % FP4_BLOCK == 0
@@ -349,7 +364,7 @@ class QuantizeFp4Pass(StaticQuantizePass):
             stats["not_multiple_of_16"].extend(w.value.name for w in group.weights)
             return False
         source = group.activation
-        quantized = self.activations == "fp4" and not self._weight_only(model, group)
+        quantized = self._activations_quantized(model, group)
         s = self._smoothing(group, found, stats, quantized)
         peak = float(found.absmax)
         if s is not None:

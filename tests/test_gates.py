@@ -132,6 +132,8 @@ def test_a_broken_quantizer_fails_the_default_gate_with_exit_3(tiny_models, tmp_
         ("int8", "h100", "onnxruntime", "int8-smoothquant"),
         ("int8-wo", "cpu", "onnxruntime", "int8-wo"),
         ("fp8", "h100", "onnxruntime", "fp8"),
+        ("fp4", "rtx5090", "tensorrt-rtx", "fp4"),  # NVFP4 W4A4
+        ("fp4-wo", "b200", "tensorrt", "fp4-wo"),
         # the ONNX Runtime CUDA model: fp16 (its default), bf16, int4 under fp16 activations
         (None, "h200", "onnxruntime-cuda", "onnxruntime-cuda fp16"),
         ("bf16", "h200", "onnxruntime-cuda", "onnxruntime-cuda bf16"),

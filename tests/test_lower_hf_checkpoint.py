@@ -403,3 +403,6 @@ def test_check_quantize_refuses_before_any_work():
     with pytest.raises(UsageError, match="int8") as error:
         check_quantize("int8")
     assert "int4" in error.value.fix
+    with pytest.raises(UsageError, match="nvfp4-pack-quantized") as error:
+        check_quantize("fp4-wo")
+    assert "drop --emit" in error.value.fix

@@ -305,6 +305,9 @@ def test_engine_precision_reads_the_inspector_listing():
             "FP4E2M1 }, { Name: xs, Dimensions: [-1,4], Datatype: FP8 }], Constants: [ { Name: s, "
             "Dimensions: [4,32], Datatype: FP8 }, { Name: w, Dimensions: [64,32], Datatype: "
             "FP4E2M1 }], Outputs: [ ]",
+            # a kgen moving FP8 activation scales against padded FP8 constants: no product
+            "Name: g, LayerType: kgen, Inputs: [ { Name: xs, Dimensions: [1,1,36], Datatype: "
+            "FP8 }], Constants: [ { Name: p, Dimensions: [1,127,36], Datatype: FP8 }], Outputs: [ ]",
         ]
     )
     from fdec.lower.tensorrt_rtx import engine_precision

@@ -25,6 +25,8 @@ from fdec.calibrate import calibration_batches, load_calibration_texts
 from fdec.compile.defaults import (
     CPU_INT8_METHOD,
     DEFAULT_MAX_PPL_INCREASE,
+    FP4_ALPHA_SEARCH,
+    FP4_SCALE_SEARCH,
     FP4_WEIGHT_ONLY,
     FP4_WEIGHT_ONLY_LAYERS,
     FP4_WEIGHT_ROUNDING,
@@ -234,6 +236,8 @@ def _quantize_passes(
             weight_rounding=FP4_WEIGHT_ROUNDING,
             weight_only=FP4_WEIGHT_ONLY,
             weight_only_layers=FP4_WEIGHT_ONLY_LAYERS,
+            alpha_search=FP4_ALPHA_SEARCH,
+            scale_search=FP4_SCALE_SEARCH,
         )
     # int8: weight-only (asked, or the backend's only int8), static SmoothQuant QDQ, dynamic.
     elif static_int8:

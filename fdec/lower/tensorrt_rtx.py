@@ -353,7 +353,9 @@ def engine_precision(listing: str) -> dict[str, Any]:
             for dims, dtype in sorted(constants, key=lambda found: -math.prod(found[0]))
             if sum(d > 1 for d in dims) == 2
         ]
-        quantized = any(dtype in _QUANTIZED for dtype in matrices)
+        # a fused layer counts by a quantized weight of exactly [K, N] (a kgen reshaping FP8
+        # block scales of [1, rows, K/16] is none)
+        quantized = any(dtype in _QUANTIZED and len(dims) == 2 for dims, dtype in constants)
         if not inputs or inputs[0][1] not in _DATATYPES:  # a Gather of int ids, not a product
             continue
         if not (match.group(1) == "gemm" or quantized):

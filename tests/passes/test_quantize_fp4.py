@@ -195,8 +195,9 @@ def test_fp4_smoothing_search_keeps_the_best_output_error(llama, activations):
     the weights read X / s and the build holds its bounds."""
     tiny, batches = llama
     pass_ = QuantizeFp4Pass(
-        batches=batches, alpha_search=(0.25, 0.5, 0.75), activations=activations
-    )
+        batches=batches, alpha_search=(0.25, 0.5, 0.75), activations=activations,
+        smooth_weight_only=activations == "float",
+    )  # fmt: skip
     model, record = run_pass(pass_, tiny.cleaned())
     smoothed = record.stats["smoothed"]
     assert len(smoothed) == 9  # q/k/v, o, gate/up, down of 2 layers and the lm_head
@@ -209,6 +210,10 @@ def test_fp4_smoothing_search_keeps_the_best_output_error(llama, activations):
     assert figures["top1_agreement"] >= pass_.tolerance.min_top1_agreement, figures
     with pytest.raises(UsageError, match="alpha_search"):
         QuantizeFp4Pass(alpha_search=(1.5,))
+    if activations == "float":  # without smooth_weight_only nothing is searched
+        unsmoothed = QuantizeFp4Pass(batches=batches, alpha_search=(0.5,), activations="float")
+        _, plain = run_pass(unsmoothed, tiny.cleaned())
+        assert plain.stats["smoothed"] == {}
 
 
 def test_fake_fp4_activation_is_the_fp4_form():
