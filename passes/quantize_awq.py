@@ -39,7 +39,7 @@ from fdec.calibrate import activations_per_batch, active_calibration_source, che
 from fdec.errors import UsageError
 from fdec.ir import FdecModel, release_freed_memory
 from fdec.passes.awq_search import awq_search, gptq_int4
-from fdec.passes.quantize_common import require_calibrated
+from fdec.passes.quantize_common import check_choice, require_calibrated
 from fdec.passes.quantize_int4 import QuantizeInt4Pass, kept_wider
 from fdec.passes.smoothquant import (
     ActivationGroup,
@@ -285,26 +285,14 @@ class QuantizeInt4AwqPass(QuantizeInt4Pass):
                     "use the default (grid=20, max_rows=512) or another whole number ≥ 1",
                 )
         self.batches = checked_batches(self.name, self.batches)
-        if self.source_grid_form not in _SOURCE_GRID_FORMS:
-            raise UsageError(
-                f"{self.name} source_grid_form {self.source_grid_form!r} is unknown",
-                f"use one of: {', '.join(_SOURCE_GRID_FORMS)}",
-            )
+        check_choice(self.name, "source_grid_form", self.source_grid_form, _SOURCE_GRID_FORMS)
         if self.source_grid_levels not in (1, 2) or isinstance(self.source_grid_levels, bool):
             raise UsageError(
                 f"{self.name} source_grid_levels {self.source_grid_levels!r} is not 1 or 2",
                 "use 1 (offsets rounded once) or 2 (their residual rounded again)",
             )
-        if self.rounding not in _ROUNDINGS:
-            raise UsageError(
-                f"{self.name} rounding {self.rounding!r} is unknown",
-                f"use one of: {', '.join(_ROUNDINGS)}",
-            )
-        if self.gptq_hessian not in _GPTQ_HESSIANS:
-            raise UsageError(
-                f"{self.name} gptq_hessian {self.gptq_hessian!r} is unknown",
-                f"use one of: {', '.join(_GPTQ_HESSIANS)}",
-            )
+        check_choice(self.name, "rounding", self.rounding, _ROUNDINGS)
+        check_choice(self.name, "gptq_hessian", self.gptq_hessian, _GPTQ_HESSIANS)
 
     @property
     def needs_calibration(self) -> bool:

@@ -8,7 +8,14 @@ from typing import Any
 from fdec.errors import CompileError, UsageError
 from fdec.ir import FdecModel
 
-__all__ = ["check_alpha", "empty_stats", "require_calibrated", "require_untied"]
+__all__ = [
+    "check_alpha",
+    "check_choice",
+    "check_margin",
+    "empty_stats",
+    "require_calibrated",
+    "require_untied",
+]
 
 
 def empty_stats() -> dict[str, Any]:
@@ -27,6 +34,23 @@ def require_untied(pass_name: str, model: FdecModel, include_lm_head: bool) -> N
         raise UsageError(
             f"{pass_name} cannot quantize the lm_head: it is tied to the token embedding",
             f"run untie-embeddings before {pass_name}, or set include_lm_head=False",
+        )
+
+
+def check_choice(pass_name: str, option: str, value: Any, choices: tuple[str, ...]) -> None:
+    """An option that takes one of `choices`: refused by name otherwise."""
+    if value not in choices:
+        raise UsageError(
+            f"{pass_name} {option} {value!r} is unknown", f"use one of: {', '.join(choices)}"
+        )
+
+
+def check_margin(pass_name: str, margin: Any) -> None:
+    """A static activation range's headroom factor: a number ≥ 1."""
+    if isinstance(margin, bool) or not (isinstance(margin, (int, float)) and margin >= 1):
+        raise UsageError(
+            f"{pass_name} activation_margin {margin!r} is not a number ≥ 1",
+            "use 1 (the calibrated range) or more (headroom above it)",
         )
 
 

@@ -37,6 +37,7 @@ import onnx_ir as ir
 from fdec.errors import UsageError
 from fdec.ir import FdecModel
 from fdec.passes.gptq import gptq, hessians, inverse_factor
+from fdec.passes.quantize_common import check_choice, check_margin
 from fdec.passes.smoothquant import (
     ActivationGroup,
     capture_rows,
@@ -250,21 +251,9 @@ class QuantizeFp4Pass(StaticQuantizePass):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.activations not in _ACTIVATIONS:
-            raise UsageError(
-                f"quantize-fp4 activations {self.activations!r} is unknown",
-                f"use one of {', '.join(_ACTIVATIONS)}",
-            )
-        if self.weight_rounding not in _WEIGHT_ROUNDINGS:
-            raise UsageError(
-                f"quantize-fp4 weight_rounding {self.weight_rounding!r} is unknown",
-                f"use one of {', '.join(_WEIGHT_ROUNDINGS)}",
-            )
-        if not (isinstance(self.activation_margin, (int, float)) and self.activation_margin >= 1):
-            raise UsageError(
-                f"quantize-fp4 activation_margin {self.activation_margin!r} is not a number ≥ 1",
-                "use 1 (the calibrated range) or more (headroom above it)",
-            )
+        check_choice(self.name, "activations", self.activations, _ACTIVATIONS)
+        check_choice(self.name, "weight_rounding", self.weight_rounding, _WEIGHT_ROUNDINGS)
+        check_margin(self.name, self.activation_margin)
         self.alpha_search = tuple(float(a) for a in self.alpha_search)
         self.scale_search = tuple(float(f) for f in self.scale_search)
         if not all(0 < f < 1 for f in self.scale_search):

@@ -12,6 +12,7 @@ import onnx_ir as ir
 from fdec.errors import UsageError
 from fdec.ir import FdecModel
 from fdec.passes.gptq import gptq, hessians, inverse_factor
+from fdec.passes.quantize_common import check_choice, check_margin
 from fdec.passes.smoothquant import (
     ActivationGroup,
     insert_after_producer,
@@ -129,21 +130,9 @@ class QuantizeFp8Pass(StaticQuantizePass):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.activation_range not in _ACTIVATION_RANGES:
-            raise UsageError(
-                f"quantize-fp8 activation_range {self.activation_range!r} is unknown",
-                f"use one of {', '.join(_ACTIVATION_RANGES)}",
-            )
-        if not (isinstance(self.activation_margin, (int, float)) and self.activation_margin >= 1):
-            raise UsageError(
-                f"quantize-fp8 activation_margin {self.activation_margin!r} is not a number ≥ 1",
-                "use 1 (the calibrated range) or more (headroom above it)",
-            )
-        if self.weight_rounding not in _WEIGHT_ROUNDINGS:
-            raise UsageError(
-                f"quantize-fp8 weight_rounding {self.weight_rounding!r} is unknown",
-                f"use one of {', '.join(_WEIGHT_ROUNDINGS)}",
-            )
+        check_choice(self.name, "activation_range", self.activation_range, _ACTIVATION_RANGES)
+        check_margin(self.name, self.activation_margin)
+        check_choice(self.name, "weight_rounding", self.weight_rounding, _WEIGHT_ROUNDINGS)
         self._hessians: dict[str, np.ndarray] = {}
 
     def requires(self, model: FdecModel, target: Any = None) -> None:

@@ -219,15 +219,19 @@ def test_fp4_for_rtx5090_builds_an_nvfp4_engine_and_is_refused_without_fp4(
     activation quantizers in model.onnx, verified here in its FP4 form, and a real TensorRT-RTX
     engine for sm 12.0 whose own listing has FP4 GEMMs. Where FP4 cannot run: one line."""
     llama = str(tiny_models("llama"))
+
+    def compile_fp4(target: str, out):
+        result = cli_runner.invoke(cli, [
+            "compile", llama, "--target", target, "--quantize", "fp4", "--max-seq-len", "256",
+            "-o", str(out), "-q",
+        ])  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        return json.loads((out / "report.json").read_text())
+
     out = tmp_path / "rtx5090"
-    result = cli_runner.invoke(cli, [
-        "compile", llama, "--target", "rtx5090", "--quantize", "fp4", "--max-seq-len", "256",
-        "-o", str(out), "--json",
-    ])  # fmt: skip
-    assert result.exit_code == 0, result.stderr
+    report = compile_fp4("rtx5090", out)
     ops = _ops(out / "model.onnx")
     assert ops.count(("trt", "TRT_FP4DynamicQuantize")) == 6  # 2 layers: q/k/v, o, gate/up
-    report = json.loads((out / "report.json").read_text())
     assert report["verification"]["ok"]
     (engine,) = report["engines"]
     assert engine["status"] == "built" and engine["compute_capability"] == "12.0"
@@ -247,13 +251,7 @@ def test_fp4_for_rtx5090_builds_an_nvfp4_engine_and_is_refused_without_fp4(
 
     # b200 (TensorRT): the engine plan takes the same graph, TensorRT's own FP4 quantizer
     # being no foreign op to its parser
-    b200 = tmp_path / "b200-fp4"
-    planned = cli_runner.invoke(cli, [
-        "compile", llama, "--target", "b200", "--quantize", "fp4", "--max-seq-len", "256",
-        "-o", str(b200), "-q",
-    ])  # fmt: skip
-    assert planned.exit_code == 0, planned.stderr
-    engines = json.loads((b200 / "report.json").read_text())["engines"]
+    engines = compile_fp4("b200", tmp_path / "b200-fp4")["engines"]
     assert engines[0]["backend"] == "tensorrt" and "fp4" in engines[0]["typed_model"]["precisions"]
 
     for target, backend, says in [
