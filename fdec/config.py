@@ -127,7 +127,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("trust_pickle", "bool", "trust_pickle", "Allow .bin (pickle) weights, loaded "
         "weights-only.", "false"),
     Key("recipe.quantize", "str", "quantize", "none, int4, int4-awq, int4-awq-mixed, int8, "
-        "int8-wo, int8-smoothquant, fp8 (default: the target's recipe).", '"int4-awq"'),
+        "int8-wo, int8-smoothquant, fp8, fp4, fp4-wo (default: the target's recipe).", '"int4-awq"'),
     Key("recipe.keep_fp", "int", "keep_fp", "Keep the N most sensitive layers in fp32 "
         "(int4 / int8-dynamic).", "2", minimum=0),
     Key("recipe.calibration", "path", "calibration", "Calibration text (.txt or .jsonl) for "
