@@ -55,6 +55,8 @@ from typing import Any
 import numpy as np
 
 _PEERS = ("ort-int8", "ort-int4", "genai-int4", "genai-int8")
+# Recipes only GPU targets build, and the target each is scored on unless --target says
+_GPU_RECIPE_TARGETS = {"fp8": "h100", "int8-smoothquant": "h100", "fp4": "b200"}
 # onnxruntime-genai's CUDA builds (`-e cuda`: fp16 activations, fused ops), asked for by name
 _GPU_PEERS = ("genai-cuda-fp16", "genai-cuda-int4")
 _DEFAULT_RECIPES = "none,int8-wo,int8-dynamic,int8-smoothquant,fp8,int4-rtn,int4-awq,int4-awq-mixed"
@@ -343,15 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         # read from the checkpoint (fdec.calibrate_layerwise, what a streamed compile does).
         name, _, how = name.partition("@")
         quantize = None if name == "none" else name
-        needs_gpu = name.startswith(("fp8", "fp4", "int8-smoothquant"))
+        gpu = next((t for p, t in _GPU_RECIPE_TARGETS.items() if name.startswith(p)), None)
+        needs_gpu = gpu is not None
         # none is the fp32 build every row is scored against, whatever --target says (on a GPU
         # target --backend onnxruntime is the CUDA EP's fp16 graph, tensorrt's is Q/DQ).
-        target = load_target(
-            "cpu"
-            if name == "none"
-            else args.target
-            or ("b200" if name.startswith("fp4") else "h100" if needs_gpu else "cpu")
-        )
+        target = load_target("cpu" if name == "none" else args.target or gpu or "cpu")
         asked = args.backend if name != "none" else "onnxruntime"
         # GPU recipes: the target's own backend (h100: tensorrt), the graph `fdec compile
         # --target h100` builds (--backend onnxruntime on a GPU is the CUDA EP's fp16 model)

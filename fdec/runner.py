@@ -122,11 +122,10 @@ def _emulated_on_cpu(path: pathlib.Path, err: Exception, folder: pathlib.Path) -
     form, fdec.runtime.check_forms), with one warning line. A model ONNX Runtime cannot load
     (a truncated weights file) is an InputError naming it."""
     from fdec.lower.cuda_kernels import cpu_unrunnable
-    from fdec.runtime.check_forms import lighter_session_args, low_dtype
-    from fdec.runtime.fp4_form import has_fp4
+    from fdec.runtime.check_forms import forms_needed, lighter_session_args
 
-    if has_fp4(path):  # no ONNX Runtime provider takes FP4: the check's exact FP4 form
-        low = low_dtype(path)
+    low, fp4 = forms_needed(path)
+    if fp4:  # no ONNX Runtime provider takes FP4: the check's exact FP4 form
         forms = lighter_session_args(path, emulate=low is not None)
         session = open_session(path, **{"optimization": "basic", **forms})
         session.fdec_provider_fallback = (
@@ -136,7 +135,7 @@ def _emulated_on_cpu(path: pathlib.Path, err: Exception, folder: pathlib.Path) -
         )
         logger.warning(session.fdec_provider_fallback)
         return session
-    if cpu_unrunnable(err) is None or low_dtype(path) != "bf16":
+    if cpu_unrunnable(err) is None or low != "bf16":
         first = " ".join(str(err).split())[:200] or type(err).__name__
         raise InputError(
             f"ONNX Runtime cannot load {path} ({first})",

@@ -20,7 +20,7 @@ static per-tensor scale g_a from calibration (absmax / (6 · 448)):
 fp16/bf16). Layers listed in `weight_only` / `weight_only_layers` are W4A16 in either case.
 
 Neither ONNX Runtime's CPU nor its CUDA provider runs FLOAT4E2M1 or the TensorRT op: the
-build is checked on this CPU in the form `fdec.runtime.check_forms.emulate_fp4` rewrites it to
+build is checked on this CPU in the form `fdec.runtime.fp4_form.emulate_fp4` rewrites it to
 (the same weights as int8 codes, exactly; the activation quantization in standard ops), and
 TensorRT-RTX builds the real engine here for compute capability 12.0.
 """
@@ -45,8 +45,13 @@ from fdec.passes.smoothquant import (
     insert_after_producer,
     smoothing_factors,
 )
-from fdec.passes.static_qdq import StaticQuantizePass, scalar_initializer
-from fdec.passes.weights import Weight, add_initializer, fresh_name, replace_site, retire_weight
+from fdec.passes.static_qdq import (
+    StaticQuantizePass,
+    read_dequantized,
+    retire_quantized,
+    scalar_initializer,
+)
+from fdec.passes.weights import Weight, add_initializer, fresh_name
 from fdec.pipeline import Tolerance
 from fdec.targets import Precision
 
@@ -86,6 +91,18 @@ def round_e2m1(x: np.ndarray) -> np.ndarray:
     return np.clip(x, -FP4_MAX, FP4_MAX).astype(ml_dtypes.float4_e2m1fn).astype(x.dtype)
 
 
+def _on_steps(
+    values: np.ndarray, amax: np.ndarray, g: np.float32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NVFP4's rounding of `values` on blocks whose absmax is `amax` (broadcast against them):
+    (FP8 block scales fp8(amax / 6 / g), their steps scale · g, E2M1 codes of values / step;
+    an all-zero block's codes 0)."""
+    scales = _to_fp8(amax / FP4_MAX / g)
+    steps = scales.astype(np.float32) * g
+    codes = round_e2m1(values / np.where(steps == 0, np.float32(1.0), steps))
+    return scales, steps, codes
+
+
 def quantize_nvfp4(
     array: np.ndarray,
     block: int = FP4_BLOCK,
@@ -114,10 +131,8 @@ def quantize_nvfp4(
     )
 
     def rounded(factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        scales = _to_fp8(amax * factor / FP4_MAX / g)
-        steps = scales.astype(np.float32) * g
-        safe = np.where(steps == 0, np.float32(1.0), steps)
-        codes = round_e2m1(blocks / safe[:, None, :])
+        scales, steps, codes = _on_steps(blocks, amax[:, None, :] * factor, g)
+        scales, steps = scales[:, 0, :], steps[:, 0, :]
         error = (weigh * np.square(blocks - codes * steps[:, None, :])).sum(axis=1)
         return scales, codes, error
 
@@ -136,10 +151,8 @@ def fake_fp4_activation(x: np.ndarray, g: float) -> np.ndarray:
     tensor scale `g`) gives back after dequantization: each block's step fp8(absmax / 6 / g)·g,
     its values rounded to E2M1 on it."""
     blocks = x.reshape(*x.shape[:-1], -1, FP4_BLOCK).astype(np.float32)
-    amax = np.abs(blocks).max(axis=-1, keepdims=True)
-    steps = _to_fp8(amax / (FP4_MAX * g)).astype(np.float32) * g
-    safe = np.where(steps == 0, np.float32(1.0), steps)
-    return (round_e2m1(blocks / safe) * steps).reshape(x.shape)
+    _, steps, codes = _on_steps(blocks, np.abs(blocks).max(axis=-1, keepdims=True), np.float32(g))
+    return (codes * steps).reshape(x.shape)
 
 
 def _nvfp4_dequantized(array: np.ndarray, **options: Any) -> np.ndarray:
@@ -305,16 +318,16 @@ class QuantizeFp4Pass(StaticQuantizePass):
             self._hessians = hessians(model, self.batches, names)
             stats["gptq_tokens"] = int(sum(np.asarray(b).size for b in self.batches))
 
-    def _output_error(self, rows, weights, s, absmax, activations: bool) -> float:
+    def _output_error(self, rows, weights, references, s, absmax, activations: bool) -> float:
         """Relative output error of NVFP4 weights (and, with `activations`, run-time FP4
-        activations) on `rows` with smoothing `s` (None: none)."""
+        activations) on `rows` against `references` (rows @ each weight), with smoothing `s`
+        (None: none)."""
         scale = np.ones(rows.shape[1], np.float32) if s is None else s
         x = rows / scale
         g = float(np.max(absmax / scale)) / (FP4_MAX * _FP8_MAX)
         xq = fake_fp4_activation(x, g) if activations else x
         total = norm = 0.0
-        for w in weights:
-            reference = rows @ w
+        for w, reference in zip(weights, references):
             dequantized = _nvfp4_dequantized(w * scale[:, None], shrink=self.scale_search)
             total += float(np.square(reference - xq @ dequantized).sum())
             norm += float(np.square(reference).sum())
@@ -330,11 +343,12 @@ class QuantizeFp4Pass(StaticQuantizePass):
         width = sum(w.size for w in weights)  # wide groups (an lm_head) on fewer rows
         rows = rows[: max(_MIN_SEARCH_ROWS, int(_SEARCH_MACS // width))]
         absmax = found.channel_absmax.astype(np.float32)
-        best = none = self._output_error(rows, weights, None, absmax, activations)
+        references = [rows @ w for w in weights]  # the same for every α
+        best = none = self._output_error(rows, weights, references, None, absmax, activations)
         chosen: tuple[float | None, np.ndarray | None] = (None, None)
         for alpha in self.alpha_search:
             s = smoothing_factors(alpha, weights, absmax)
-            error = self._output_error(rows, weights, s, absmax, activations)
+            error = self._output_error(rows, weights, references, s, absmax, activations)
             if error < best:
                 best, chosen = error, (alpha, s)
         stats["smoothed"][group.activation.name] = [chosen[0], round(best, 6), round(none, 6)]
@@ -427,8 +441,8 @@ class QuantizeFp4Pass(StaticQuantizePass):
         tensor_scale = scalar_initializer(
             graph, f"{old_name}_global_scale", np.array(g, dtype=dtype.numpy()), dtype, taken
         )
-        for site in weight.sites:
-            prefix = site.node.name or old_name
+
+        def two_level(prefix: str) -> list[ir.Node]:
             steps = ir.node(
                 "DequantizeLinear", [block_scales, tensor_scale], name=f"{prefix}_DQ_F4_scales"
             )
@@ -436,14 +450,8 @@ class QuantizeFp4Pass(StaticQuantizePass):
                 "DequantizeLinear", [b, steps.outputs[0]], {"axis": 0, "block_size": FP4_BLOCK},
                 name=f"{prefix}_DQ_F4",
             )  # fmt: skip
-            matmul = ir.node(
-                "MatMul", [activation, dequantize.outputs[0]], name=f"{prefix}_MatMul_F4"
-            )
-            nodes = [steps, dequantize, matmul]
-            if site.bias is not None:
-                nodes.append(ir.node("Add", [matmul.outputs[0], site.bias], name=f"{prefix}_bias"))
-            replace_site(graph, site, nodes)
-        retire_weight(graph, weight)
-        weight.release()
-        model.spec.rename_weight(old_name, b.name)
+            return [steps, dequantize]
+
+        read_dequantized(model, weight, activation, "F4", two_level)
+        retire_quantized(model, weight, b)
         return int(codes.size // 2 + scales.nbytes + 4)

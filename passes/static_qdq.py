@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,7 +41,13 @@ from fdec.passes.weights import (
 from fdec.pipeline import Pass, PassResult
 from fdec.targets import Precision
 
-__all__ = ["StaticQuantizePass", "scalar_initializer", "zero_point"]
+__all__ = [
+    "StaticQuantizePass",
+    "read_dequantized",
+    "retire_quantized",
+    "scalar_initializer",
+    "zero_point",
+]
 
 
 def scalar_initializer(
@@ -64,6 +70,35 @@ def zero_point(graph: ir.Graph, dtype: ir.DataType, taken: set[str]) -> ir.Value
         return existing
     zero = np.zeros((), dtype=dtype.numpy())
     return add_initializer(graph, fresh_name(graph, name, taken), ir.Tensor(zero, dtype=dtype))
+
+
+def read_dequantized(
+    model: FdecModel,
+    weight: Weight,
+    activation: ir.Value,
+    suffix: str,
+    dequantize: Callable[[str], list[ir.Node]],
+) -> None:
+    """Replace each site of `weight` by `dequantize(prefix)`'s nodes (the last one's output the
+    dequantized [K, N] weight) → MatMul(activation, ·) (→ Add bias, for a Gemm)."""
+    for site in weight.sites:
+        prefix = site.node.name or weight.value.name
+        nodes = dequantize(prefix)
+        matmul = ir.node(
+            "MatMul", [activation, nodes[-1].outputs[0]], name=f"{prefix}_MatMul_{suffix}"
+        )
+        nodes.append(matmul)
+        if site.bias is not None:
+            nodes.append(ir.node("Add", [matmul.outputs[0], site.bias], name=f"{prefix}_bias"))
+        replace_site(model.graph, site, nodes)
+
+
+def retire_quantized(model: FdecModel, weight: Weight, codes: ir.Value) -> None:
+    """Remove `weight`'s float initializer and point its ModelSpec roles at `codes`."""
+    old_name = weight.value.name
+    retire_weight(model.graph, weight)
+    weight.release()  # a weight read from the checkpoint: one float copy at a time
+    model.spec.rename_weight(old_name, codes.name)
 
 
 @dataclasses.dataclass(eq=False)
@@ -297,22 +332,14 @@ class StaticQuantizePass(Pass):
             fresh_name(graph, f"{old_name}_scales", taken),
             ir.tensor(scales.astype(weight.dtype.numpy())),
         )
-        for site in weight.sites:
-            prefix = site.node.name or old_name
-            dequantize = ir.node(
-                "DequantizeLinear", [b, w_scale], {"axis": 1}, name=f"{prefix}_DQ_{suffix}"
-            )
-            matmul = ir.node(
-                "MatMul", [activation, dequantize.outputs[0]], name=f"{prefix}_MatMul_{suffix}"
-            )
-            nodes = [dequantize, matmul]
-            if site.bias is not None:
-                nodes.append(ir.node("Add", [matmul.outputs[0], site.bias], name=f"{prefix}_bias"))
-            replace_site(graph, site, nodes)
+        read_dequantized(
+            model, weight, activation, suffix,
+            lambda prefix: [
+                ir.node("DequantizeLinear", [b, w_scale], {"axis": 1}, name=f"{prefix}_DQ_{suffix}")
+            ],
+        )  # fmt: skip
         added = int(b.const_value.nbytes + w_scale.const_value.nbytes)
         if weight.gathers:  # the tied embedding reads the same codes
             added += QuantizeInt8Pass.share_with_gathers(graph, weight, b, w_scale, False, taken)
-        retire_weight(graph, weight)
-        weight.release()  # a weight read from the checkpoint: one float copy at a time
-        model.spec.rename_weight(old_name, b.name)
+        retire_quantized(model, weight, b)
         return added

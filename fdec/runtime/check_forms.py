@@ -34,13 +34,14 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from fdec.runtime.fp4_form import emulate_fp4
+from fdec.runtime.fp4_form import emulate_fp4, has_fp4
 
 __all__ = [
     "check_form",
     "dequantize_in_column_blocks",
     "emulate_low_precision",
     "external_data_folder",
+    "forms_needed",
     "gather_rows_first",
     "lighter_check_forms",
     "lighter_session_args",
@@ -96,9 +97,21 @@ def lighter_session_args(path: str | pathlib.Path, *, emulate: bool = False) -> 
 def low_dtype(path: str | pathlib.Path) -> str | None:
     """'bf16' or 'fp16' when the saved model's inputs, initializers or typed values hold that
     type (bf16 first), else None."""
+    return forms_needed(path)[0]
+
+
+def forms_needed(path: str | pathlib.Path) -> tuple[str | None, bool]:
+    """What checking the saved model at `path` on this CPU takes, from one read of its graph:
+    (`low_dtype`'s 'bf16' / 'fp16' / None, whether it holds FP4: fdec.runtime.fp4_form)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
+    return _low_dtype_of(graph), has_fp4(graph)
+
+
+def _low_dtype_of(graph: Any) -> str | None:
+    import onnx
+
     types = {i.type.tensor_type.elem_type for i in [*graph.input, *graph.value_info]}
     types |= {t.data_type for t in graph.initializer}
     types |= {o.type.tensor_type.elem_type for o in graph.output}

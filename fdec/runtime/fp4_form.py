@@ -17,6 +17,8 @@ the same numbers:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx_ir as ir
 
@@ -27,11 +29,11 @@ _FP32 = ir.DataType.FLOAT
 _DYNAMIC_QUANTIZE = "TRT_FP4DynamicQuantize"
 
 
-def has_fp4(path) -> bool:
-    """Whether the saved model at `path` holds FP4 tensors or TensorRT's FP4 quantizer."""
+def has_fp4(graph: Any) -> bool:
+    """Whether an ONNX GraphProto holds FP4 tensors or TensorRT's FP4 quantizer
+    (fdec.runtime.check_forms.forms_needed reads it)."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
     if any(t.data_type == onnx.TensorProto.FLOAT4E2M1 for t in graph.initializer):
         return True
     return any(node.op_type == _DYNAMIC_QUANTIZE for node in graph.node)
@@ -41,9 +43,10 @@ def emulate_fp4(graph: ir.Graph) -> int:
     """Rewrite `graph`'s FP4 weights and TensorRT FP4 activation quantizers in place into the
     standard ops of the module docstring; how many were rewritten."""
     done = 0
+    constants = _Constants(graph)
     for node in list(graph):
         if node.op_type == _DYNAMIC_QUANTIZE:
-            done += _activation(graph, node)
+            done += _activation(graph, node, constants)
         elif (
             node.op_type == "DequantizeLinear"
             and node.domain == ""
@@ -51,17 +54,29 @@ def emulate_fp4(graph: ir.Graph) -> int:
             and node.inputs[0].const_value is not None
             and node.inputs[0].const_value.dtype == _FP4
         ):
-            done += _weight(graph, node)
+            done += _weight(graph, node, constants)
     return done
 
 
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    node = ir.node("Constant", [], {"value": ir.tensor(array)}, name=name)
-    node.outputs[0].name = name
-    node.outputs[0].dtype = ir.DataType.from_numpy(array.dtype)
-    node.outputs[0].shape = ir.Shape(array.shape)
-    graph.insert_before(next(iter(graph)), node)
-    return node.outputs[0]
+class _Constants:
+    """One Constant node per value (and dtype) the rewrites of a graph read, made at the top."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.made: dict[tuple[str, tuple[int, ...], bytes], ir.Value] = {}
+
+    def __call__(self, array: Any, dtype: Any = np.float32) -> ir.Value:
+        array = np.asarray(array, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self.made:
+            name = f"fdec_fp4_emul_const_{len(self.made)}"
+            node = ir.node("Constant", [], {"value": ir.tensor(array)}, name=name)
+            node.outputs[0].name = name
+            node.outputs[0].dtype = ir.DataType.from_numpy(array.dtype)
+            node.outputs[0].shape = ir.Shape(array.shape)
+            self.graph.insert_before(next(iter(self.graph)), node)
+            self.made[key] = node.outputs[0]
+        return self.made[key]
 
 
 def _float_type(value: ir.Value) -> ir.DataType:
@@ -73,7 +88,7 @@ def _float_type(value: ir.Value) -> ir.DataType:
     return value.dtype or _FP32
 
 
-def _weight(graph: ir.Graph, dq: ir.Node) -> int:
+def _weight(graph: ir.Graph, dq: ir.Node, const: _Constants) -> int:
     codes, steps = dq.inputs[0], dq.inputs[1]
     steps.dtype = _float_type(steps)
     doubled = (codes.const_value.numpy().astype(np.float32) * 2).astype(np.int8)
@@ -82,8 +97,7 @@ def _weight(graph: ir.Graph, dq: ir.Node) -> int:
     if value is None:
         value = ir.Value(name=name, const_value=ir.Tensor(doubled, name=name))
         graph.register_initializer(value)
-    half = _constant(graph, f"{dq.name}_emul_half", np.array(0.5, dtype=steps.dtype.numpy()))
-    halved = ir.node("Mul", [steps, half], name=f"{dq.name}_emul_steps")
+    halved = ir.node("Mul", [steps, const(0.5, steps.dtype.numpy())], name=f"{dq.name}_emul_steps")
     halved.outputs[0].dtype = steps.dtype
     graph.insert_before(dq, halved)
     dq.replace_input_with(0, value)
@@ -93,7 +107,7 @@ def _weight(graph: ir.Graph, dq: ir.Node) -> int:
     return 1
 
 
-def _activation(graph: ir.Graph, quantize: ir.Node) -> int:
+def _activation(graph: ir.Graph, quantize: ir.Node, const: _Constants) -> int:
     """Replace quantize → DQ(scales, g) → DQ(values, ·) by the written-out quantization."""
     x, g = quantize.inputs[0], quantize.inputs[1]
     values = quantize.outputs[0]
@@ -111,36 +125,33 @@ def _activation(graph: ir.Graph, quantize: ir.Node) -> int:
         nodes.append(node)
         return node.outputs[0]
 
-    def const(tag: str, array) -> ir.Value:
-        return _constant(graph, f"{prefix}_emul_{tag}", np.asarray(array))
-
     x32 = op("Cast", [x], {"to": _FP32}) if dtype != _FP32 else x
     g32 = op("Cast", [g], {"to": _FP32}) if g.dtype != _FP32 else g
     shape = op("Shape", [x])
     shape.dtype = ir.DataType.INT64
     leading = op("Shape", [x], {"end": -1})
     leading.dtype = ir.DataType.INT64
-    blocked_shape = op("Concat", [leading, const("blocks", np.array([-1, 16], np.int64))],
+    blocked_shape = op("Concat", [leading, const([-1, 16], np.int64)],
                        {"axis": 0})  # fmt: skip
     blocked_shape.dtype = ir.DataType.INT64
     blocks = op("Reshape", [x32, blocked_shape])
-    amax = op("ReduceMax", [op("Abs", [blocks]), const("last", np.array([-1], np.int64))],
+    amax = op("ReduceMax", [op("Abs", [blocks]), const([-1], np.int64)],
               {"keepdims": 1})  # fmt: skip
-    six = const("six", np.array(6.0, np.float32))
+    six = const(6.0)
     scale8 = op("Cast", [op("Div", [amax, op("Mul", [six, g32])])],
                 {"to": ir.DataType.FLOAT8E4M3FN})  # fmt: skip
     scale8.dtype = ir.DataType.FLOAT8E4M3FN
     step = op("Mul", [op("Cast", [scale8], {"to": _FP32}), g32])
-    zero, one = const("zero", np.array(0.0, np.float32)), const("one", np.array(1.0, np.float32))
+    zero, one = const(0.0), const(1.0)
     is_zero = op("Equal", [step, zero])
     is_zero.dtype = ir.DataType.BOOL
     safe = op("Where", [is_zero, one, step])
     scaled = op("Div", [blocks, safe])
     magnitude = op("Min", [op("Abs", [scaled]), six])
-    two, four = const("two", np.array(2.0, np.float32)), const("four", np.array(4.0, np.float32))
+    two, four = const(2.0), const(4.0)
     below2, below4 = op("Less", [magnitude, two]), op("Less", [magnitude, four])
     below2.dtype = below4.dtype = ir.DataType.BOOL
-    grid = op("Where", [below2, const("half", np.array(0.5, np.float32)),
+    grid = op("Where", [below2, const(0.5),
                         op("Where", [below4, one, two])])  # fmt: skip
     rounded = op("Mul", [op("Round", [op("Div", [magnitude, grid])]), grid])
     signed = op("Mul", [op("Sign", [scaled]), rounded])

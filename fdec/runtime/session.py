@@ -446,11 +446,10 @@ def check_session(path: str | pathlib.Path, *, optimization: str = "all") -> Ort
     """An ORT session on the saved model at `path` for checking its numbers here: a graph that
     holds fp16/bf16 runs with that rounding emulated (as `session_for_model`), an fp32 one as
     it is (not re-loaded and rewritten)."""
-    from fdec.runtime.check_forms import lighter_session_args, low_dtype
-    from fdec.runtime.fp4_form import has_fp4
+    from fdec.runtime.check_forms import forms_needed, lighter_session_args
 
     args: dict[str, Any] = {"optimization": optimization}
-    low = low_dtype(path)
-    if low or has_fp4(path):  # an NVFP4 graph runs here in its FP4 form only
+    low, fp4 = forms_needed(path)
+    if low or fp4:  # an NVFP4 graph runs here in its FP4 form only
         args.update(lighter_session_args(path, emulate=low is not None))
     return OrtModel(open_session(path, **args))
