@@ -3,12 +3,19 @@ agreement, KL and the largest logit difference of the second against the first.
 
     python benchmarks/compare_builds.py REFERENCE_BUILD BUILD                # tune split
     python benchmarks/compare_builds.py REFERENCE_BUILD BUILD --splits tune,eval,held
+    python benchmarks/compare_builds.py BUILD BUILD/hf-checkpoint --splits eval [--bf16]
 
 For choices between two builds of one model that differ in one option (e.g. the fp16 CUDA
 graph's lm_head: `--pass-options cast-float16.keep_logits=false`): choose on `tune`, quote
 `eval` (fdec.gates). Both builds run on the CPU provider at their own optimization level; a
 GPU graph runs there as fdec's verification runs it (nodes without a CPU fp16 kernel in fp32
-between casts). The documents and the scoring are benchmarks/quality.py's.
+between casts), an NVFP4 graph in its FP4 form. The documents and the scoring are
+benchmarks/quality.py's.
+
+The second folder may be a build's `--emit hf-checkpoint` folder: it is then run by
+transformers (+ compressed-tensors), the way a serving stack reads it, with its NVFP4 weights
+dequantized in fp32 (fdec.lower.hf_checkpoint.load), or with `--bf16` as transformers loads it
+by default (a bf16 model, weights dequantized in bf16).
 """
 
 from __future__ import annotations
@@ -24,16 +31,49 @@ import quality  # benchmarks/quality.py: _documents, _score
 
 
 def open_build(folder: pathlib.Path):
+    from fdec.runtime.check_forms import forms_needed, lighter_session_args
     from fdec.runtime.session import OrtModel, open_session
 
     config = json.loads((folder / "fdec-runtime.json").read_text())
     level = (config.get("session_options") or {}).get("graph_optimization_level", "all")
-    session = open_session(
-        folder / config.get("model", "model.onnx"),
-        providers=["CPUExecutionProvider"],
-        optimization=level,
-    )
+    path = folder / config.get("model", "model.onnx")
+    args = {"optimization": level}
+    if forms_needed(path)[1]:  # NVFP4: ONNX Runtime runs its FP4 form only
+        args.update(lighter_session_args(path))
+    session = open_session(path, providers=["CPUExecutionProvider"], **args)
     return OrtModel(session, kv_buffer=(config.get("kv_cache") or {}).get("buffer"))
+
+
+class _Transformers:
+    """A checkpoint run by transformers, scored as quality._score scores a build."""
+
+    def __init__(self, folder: pathlib.Path, bf16: bool) -> None:
+        import torch
+        import transformers
+
+        from fdec.lower.hf_checkpoint.load import load_fp32
+
+        self.torch = torch
+        if bf16:
+            auto = transformers.AutoModelForCausalLM
+            self.model = auto.from_pretrained(folder, dtype=torch.bfloat16).eval()
+        else:
+            self.model = load_fp32(folder)[0]
+
+    def empty_past(self, batch: int) -> None:
+        return None
+
+    def decode(self, ids, past, start):
+        with self.torch.no_grad():
+            logits = self.model(self.torch.from_numpy(ids)).logits
+        return logits.float().numpy(), None
+
+
+def open_folder(folder: pathlib.Path, bf16: bool = False):
+    """A build (fdec-runtime.json) or a written HF checkpoint (model.safetensors)."""
+    if (folder / "fdec-runtime.json").is_file():
+        return open_build(folder)
+    return _Transformers(folder, bf16)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("reference", type=pathlib.Path, help="the build scored against")
     parser.add_argument("build", type=pathlib.Path)
     parser.add_argument("--splits", default="tune", help="from tune, eval, held, held:N")
+    parser.add_argument("--bf16", action="store_true", help="an HF checkpoint as a bf16 model")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.reference)
-    reference, build = open_build(args.reference), open_build(args.build)
+    reference, build = open_build(args.reference), open_folder(args.build, args.bf16)
     vocab = int(reference.session.get_outputs()[0].shape[-1])
     for split in args.splits.split(","):
         documents = quality._documents(split, tokenizer, vocab)

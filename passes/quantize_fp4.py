@@ -42,6 +42,7 @@ from fdec.passes.smoothquant import (
     ActivationGroup,
     capture_rows,
     divide_activation,
+    foldable,
     insert_after_producer,
     smoothing_factors,
 )
@@ -252,6 +253,9 @@ class QuantizeFp4Pass(StaticQuantizePass):
     # split, fp4-wo with GPTQ and block-scale search: perplexity +12.3 % → +14.9 % while the
     # KL to the source fell 0.153 → 0.141 and top-1 rose 0.782 → 0.794; off by default.
     smooth_weight_only: bool = dataclasses.field(default=False, kw_only=True)
+    # Smoothing only where 1/s folds into a norm's weight (`foldable`), none where it would take
+    # a Mul: a serving checkpoint (--emit hf-checkpoint) holds parameters, not graph ops.
+    smoothing_folded_only: bool = dataclasses.field(default=False, kw_only=True)
     search_rows: int = dataclasses.field(default=512, kw_only=True)
     # Block scales: each block's absmax × each of these is tried too, the one with the least
     # rounding error (weighted by the calibration activations' mean squares where GPTQ has
@@ -298,6 +302,7 @@ class QuantizeFp4Pass(StaticQuantizePass):
             "float_activations": [],
             "not_multiple_of_16": [],
             "smoothed": {},  # activation → [α, output error, error without smoothing]
+            "smoothing_not_foldable": [],  # with smoothing_folded_only
         }
 
     def _prepare(self, model, groups, stats) -> None:
@@ -333,11 +338,14 @@ class QuantizeFp4Pass(StaticQuantizePass):
             norm += float(np.square(reference).sum())
         return total / (norm or 1.0)
 
-    def _smoothing(self, group, found, stats, activations: bool) -> np.ndarray | None:
+    def _smoothing(self, graph, group, found, stats, activations: bool) -> np.ndarray | None:
         """s for the group (`alpha_search`'s best, None when no smoothing is best): SmoothQuant
         for W4A4, AWQ's activation-aware scaling for weight-only groups."""
         rows = self._rows.pop(group.activation.name, None)
         if rows is None:
+            return None
+        if self.smoothing_folded_only and not foldable(graph, group):
+            stats["smoothing_not_foldable"].append(group.activation.name)
             return None
         weights = [w.array for w in group.weights]
         width = sum(w.size for w in weights)  # wide groups (an lm_head) on fewer rows
@@ -368,10 +376,11 @@ class QuantizeFp4Pass(StaticQuantizePass):
             return False
         source = group.activation
         quantized = self._activations_quantized(model, group)
-        s = self._smoothing(group, found, stats, quantized)
+        s = self._smoothing(graph, group, found, stats, quantized)
         peak = float(found.absmax)
         if s is not None:
-            source, _ = divide_activation(graph, group, s, taken)
+            source, folded = divide_activation(graph, group, s, taken)
+            assert folded or not self.smoothing_folded_only
             peak = float(np.max(found.channel_absmax / s))
         if quantized:
             dtype = group.dtype

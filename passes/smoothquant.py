@@ -26,11 +26,13 @@ from fdec.passes.weights import (
 )
 
 __all__ = [
+    "SMOOTHING_MUL",
     "ActivationGroup",
     "Searched",
     "capture_rows",
     "divide_activation",
     "dynamic_uint8",
+    "foldable",
     "group_by_activation",
     "insert_after_producer",
     "role_of",
@@ -321,10 +323,27 @@ def divide_activation(
         ir.tensor((1.0 / s).astype(group.dtype.numpy())),
     )
     mul = ir.node("Mul", [source, inverse], name=f"{source.name}_{label}")
+    mul.metadata_props[SMOOTHING_MUL] = label  # what a serving checkpoint cannot hold
     insert_after_producer(graph, source, [mul])
     divided = mul.outputs[0]
     divided.name = fresh_name(graph, f"{source.name}_smoothed", taken)
     return divided, False
+
+
+# Metadata key of the Muls `divide_activation` inserts (value: the method's label).
+SMOOTHING_MUL = "fdec.smoothing"
+
+
+def foldable(graph: ir.Graph, group: ActivationGroup) -> bool:
+    """Whether smoothing the group folds into constants the producing op alone reads (a norm's
+    weight): the graph then holds no Mul and no copy, only a changed parameter."""
+    found = _fold_target(graph, group, group.weights[0].shape[0])
+    if found is None:
+        return False
+    node, indices = found
+    return all(
+        len(node.inputs[i].uses()) == 1 and not node.inputs[i].is_graph_output() for i in indices
+    )
 
 
 def _fold(graph: ir.Graph, group: ActivationGroup, s: np.ndarray, taken: set[str]) -> bool:

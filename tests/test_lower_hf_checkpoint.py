@@ -28,6 +28,7 @@ from fdec.frontend.export import import_model
 from fdec.frontend.source import resolve_source
 from fdec.ir import FdecModel, ModelSpec
 from fdec.lower.hf_checkpoint import SAFETENSORS_FILE, check_quantize, write_hf_checkpoint
+from fdec.lower.hf_checkpoint.load import load_fp32
 from fdec.lower.hf_checkpoint.pack import pack_weight
 from fdec.lower.hf_checkpoint.read import Blocked
 from fdec.passes import DEFAULT_PIPELINE, make_pass, make_pipeline
@@ -56,13 +57,13 @@ class _Tiny:
         return model
 
 
-def _export(tiny_models, tmp_path_factory, family: str) -> _Tiny:
+def _export(tiny_models, tmp_path_factory, family: str, folder=None) -> _Tiny:
     cache = tmp_path_factory.mktemp(f"cache-{family}")
     with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse fixture is not up
         patch.setenv("FDEC_CACHE_DIR", str(cache / "fdec"))
         patch.setenv("XDG_CACHE_HOME", str(cache))
         patch.setenv("HF_HUB_OFFLINE", "1")
-        folder = tiny_models(family)
+        folder = folder or tiny_models(family)
         imported = import_model(resolve_source(str(folder)))
         model, _ = PassManager(make_pipeline(list(DEFAULT_PIPELINE))).run(imported.fdec_model)
     proto = ir.serde.serialize_model(model.model).SerializeToString()
@@ -89,6 +90,16 @@ def _load(out: pathlib.Path, kind: str, **kwargs: Any) -> Any:
     model, info = auto.from_pretrained(out, dtype=torch.float32, output_loading_info=True, **kwargs)
     assert {key: value for key, value in info.items() if value} == {}
     return model.eval()
+
+
+def _assert_ort_logits(loaded: Any, model: FdecModel, atol: float = 1e-4) -> np.ndarray:
+    """The loaded checkpoint's logits on _IDS equal ONNX Runtime's on the graph; returns them."""
+    session = session_for_model(model, optimization="basic")
+    ort_logits, _ = session.decode(_IDS.numpy(), session.empty_past(2), 0)
+    with torch.no_grad():
+        logits = loaded(_IDS).logits.numpy()
+    np.testing.assert_allclose(logits, ort_logits, rtol=0, atol=atol)
+    return logits
 
 
 def _hf_state_keys(model: Any) -> set[str]:
@@ -128,6 +139,40 @@ def test_fp32_decoder_checkpoint_loads_with_source_logits(tiny, tmp_path, family
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def test_bf16_source_weights_are_written_back_in_bf16(tiny_models, tmp_path_factory, tmp_path):
+    """A bf16 source (SmolLM2's dtype): the weights the build left as they were go back in bf16
+    (exact: the graph holds them in fp32), so the checkpoint is the source's size, not twice it;
+    a weight the build changed (a norm with smoothing folded in) stays in fp32."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file as load_torch
+
+    folder = tmp_path_factory.mktemp("bf16-llama")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_models("llama"))
+    hf.to(torch.bfloat16).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_models("llama") / name, folder / name)
+    source = _export(tiny_models, tmp_path_factory, "llama", folder)
+    model = source.cleaned()
+    changed = "model.layers.0.input_layernorm.weight"
+    norm = model.graph.initializers[changed]
+    norm.const_value = ir.tensor(norm.const_value.numpy() * np.float32(1.001), name=changed)
+    report = write_hf_checkpoint(model, folder, tmp_path)
+
+    tensors = load_torch(tmp_path / SAFETENSORS_FILE)
+    assert tensors[changed].dtype == torch.float32
+    assert sorted(report["in_source_dtype"]) == sorted(set(tensors) - {changed})
+    for name, parameter in hf.named_parameters():
+        if name in tensors and name != changed:
+            assert tensors[name].dtype == torch.bfloat16
+            torch.testing.assert_close(tensors[name], parameter, rtol=0, atol=0)
+    assert report["bytes"] < 1.1 * (folder / SAFETENSORS_FILE).stat().st_size
+
+    loaded = _load(tmp_path, "decoder")
+    _assert_ort_logits(loaded, model)
+
+
 def test_fp32_encoder_checkpoint_loads_with_source_outputs(tiny, tmp_path):
     source = tiny("bert")
     report = write_hf_checkpoint(source.cleaned(), source.folder, tmp_path)
@@ -144,10 +189,17 @@ def test_fp32_encoder_checkpoint_loads_with_source_outputs(tiny, tmp_path):
 
 
 def test_untied_lm_head_is_written_and_config_unties(tiny, tmp_path):
+    """An lm_head a pass changed gets its own tensor (config untied); one `untie-embeddings`
+    only copied (an NVFP4 build's float lm_head) is tied again: one table, as in the source."""
     source = tiny("llama")
     model, _ = PassManager([make_pass("untie-embeddings")]).run(source.cleaned())
-    report = write_hf_checkpoint(model, source.folder, tmp_path)
+    copied = write_hf_checkpoint(model, source.folder, tmp_path / "copied")
+    assert copied["tied_aliases"] == ["lm_head.weight"] and copied["config_changes"] == []
+    assert "lm_head.weight" not in load_file(tmp_path / "copied" / SAFETENSORS_FILE)
 
+    head = model.graph.initializers[model.spec.weights["lm_head"]]
+    head.const_value = ir.tensor(head.const_value.numpy() * np.float32(1.5), name=head.name)
+    report = write_hf_checkpoint(model, source.folder, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and report["tied_aliases"] == []
     assert report["config_changes"] == [
@@ -155,11 +207,9 @@ def test_untied_lm_head_is_written_and_config_unties(tiny, tmp_path):
     ]
     tensors = load_file(tmp_path / SAFETENSORS_FILE)
     embed = source.hf_model.model.embed_tokens.weight.detach().numpy()
-    np.testing.assert_array_equal(tensors["lm_head.weight"], embed)  # transposed back
+    np.testing.assert_array_equal(tensors["lm_head.weight"], embed * np.float32(1.5))  # [V, H]
     loaded = _load(tmp_path, "decoder")
-    with torch.no_grad():
-        want, got = source.hf_model(_IDS).logits, loaded(_IDS).logits
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    _assert_ort_logits(loaded, model, atol=1e-5)
 
 
 def test_missing_parameter_is_a_compile_error(tiny, tmp_path):
@@ -349,15 +399,127 @@ def test_int4_checkpoint_is_compressed_tensors_with_graph_numbers(tiny, tmp_path
     for name, want in weights.items():
         got = parameters[name].detach().numpy()
         np.testing.assert_allclose(got.T if name in conv1d else got, want, atol=1e-6)
-    session = session_for_model(model, optimization="basic")
-    ort_logits, _ = session.decode(_IDS.numpy(), session.empty_past(2), 0)
-    with torch.no_grad():
-        logits = loaded(_IDS).logits.numpy()
-    np.testing.assert_allclose(logits, ort_logits, rtol=0, atol=1e-3)
+    logits = _assert_ort_logits(loaded, model, atol=1e-3)
     if symmetric:  # the default (compressed) load path works for symmetric schemes
         with torch.no_grad():
             compressed = _load(tmp_path, "decoder")(_IDS).logits.numpy()
         np.testing.assert_allclose(compressed, logits, rtol=0, atol=1e-5)
+
+
+# --- NVFP4 ---------------------------------------------------------------------------------------
+
+
+def _fp4_build(
+    source: _Tiny, activations: str, tied: bool = False, **options: Any
+) -> tuple[FdecModel, Any]:
+    """The tiny model through quantize-fp4 with smoothing searched, down_proj and lm_head W4A16
+    (`tied`: the lm_head, untied, left in float: what --emit hf-checkpoint builds)."""
+    batches = [np.random.default_rng(i).integers(0, 320, (1, 64)) for i in range(4)]
+    fp4 = make_pass(
+        "quantize-fp4", batches=batches, activations=activations, weight_rounding="gptq",
+        alpha_search=(0.25, 0.5, 0.75), weight_only=("down", "lm_head"),
+        include_lm_head=not tied, **options,
+    )  # fmt: skip
+    model, records = PassManager([make_pass("untie-embeddings"), fp4]).run(source.cleaned())
+    return model, records[-1]
+
+
+@pytest.mark.parametrize("activations", ["fp4", "float"])
+def test_nvfp4_checkpoint_is_compressed_tensors_with_graph_numbers(tiny, tmp_path, activations):
+    """quantize-fp4 builds written as nvfp4-pack-quantized: the graph's FP4 codes and FP8 block
+    scales byte for byte, inverted tensor scales, W4A4 and W4A16 layers as two config groups;
+    transformers + compressed-tensors load it and (fp32 dequantization, its own run-time FP4
+    activations) give the logits ONNX Runtime computes for the build's FP4 form; smoothing is
+    folded into the norms, the o_proj activations (no norm) left unsmoothed."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file as load_torch
+
+    source = tiny("llama")
+    # W4A16: the lm_head left in float (what --emit hf-checkpoint builds), written tied again
+    tied = activations == "float"
+    model, record = _fp4_build(
+        source, activations, tied, smoothing_folded_only=True, smooth_weight_only=tied
+    )
+    smoothed = record.stats["smoothed"]
+    assert any(alpha is not None for alpha, _, _ in smoothed.values())  # folded into norms
+    w4a4 = activations == "fp4"
+    # unfolded: o_proj's inputs (no norm), and with weight-only smoothing down_proj's
+    assert len(record.stats["smoothing_not_foldable"]) == (2 if w4a4 else 4)
+    report = write_hf_checkpoint(model, source.folder, tmp_path)
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    quant = config["quantization_config"]
+    parsed = QuantizationConfig.model_validate(quant)
+    assert quant["format"] == report["quantization"]["format"] == "nvfp4-pack-quantized"
+    groups = {
+        "NVFP4" if g.input_activations is not None else "NVFP4A16": g
+        for g in parsed.config_groups.values()
+    }
+    attention = [f"model.layers.{i}.self_attn.{r}_proj" for i in range(2) for r in "qkvo"]
+    mlp = [f"model.layers.{i}.mlp.{r}_proj" for i in range(2) for r in ("gate", "up")]
+    down = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    if w4a4:
+        assert sorted(groups["NVFP4"].targets) == sorted(attention + mlp)
+        assert groups["NVFP4A16"].targets == down
+        assert groups["NVFP4"].input_activations.dynamic == "local"
+    else:
+        assert list(groups) == ["NVFP4A16"] and groups["NVFP4A16"].targets == ["Linear"]
+    for group in groups.values():
+        assert (group.weights.type, group.weights.strategy, group.weights.group_size) == (
+            "float", "tensor_group", 16,
+        )  # fmt: skip
+    assert quant["ignore"] == ["lm_head"]  # dequantized (W4A4), or tied and float (W4A16)
+    assert report["dequantized"] == ([] if tied else ["lm_head.weight"])
+    assert report["tied_aliases"] == (["lm_head.weight"] if tied else [])
+
+    # The tensors: the graph's codes and block scales unchanged, tensor scales inverted.
+    tensors = load_torch(tmp_path / SAFETENSORS_FILE)
+    hf_name = {f"layers.{i}.{r}": f"{m}" for m in attention + mlp + down
+               for i, r in [(int(m.split(".")[2]), m.split(".")[-1][:-5])]}  # fmt: skip
+    for role, name in model.spec.weights.items():
+        if role not in hf_name:
+            continue
+        module = hf_name[role]
+        dq = model.graph.initializers[name].uses()[0].node
+        codes = model.graph.initializers[name].const_value.numpy().view(np.uint8) & 15
+        steps = dq.inputs[1].producer()
+        packed = tensors[f"{module}.weight_packed"].numpy()
+        assert packed.dtype == np.uint8 and packed.shape == (codes.shape[1], codes.shape[0] // 2)
+        nibbles = np.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1)
+        np.testing.assert_array_equal(nibbles, codes.T)
+        scales = tensors[f"{module}.weight_scale"]
+        assert scales.dtype == torch.float8_e4m3fn
+        np.testing.assert_array_equal(
+            scales.view(torch.uint8).numpy(), steps.inputs[0].const_value.numpy().T.view(np.uint8)
+        )
+        g = steps.inputs[1].const_value.numpy().reshape(-1)[0]
+        np.testing.assert_allclose(tensors[f"{module}.weight_global_scale"].numpy(), [1 / g])
+        assert (f"{module}.input_global_scale" in tensors) == (w4a4 and module not in down)
+
+    # transformers + compressed-tensors load it (their loader dequantizes in bf16); with the
+    # weights in fp32 (load_fp32) its logits are ORT's on the build.
+    default = _load(tmp_path, "decoder")
+    default.hf_quantizer.compressor.decompress_model(default)
+    bf16 = {name: p.detach().float() for name, p in default.named_parameters()}
+    loaded, info = load_fp32(tmp_path)
+    assert {key: value for key, value in info.items() if value} == {}
+    for name, parameter in loaded.named_parameters():
+        if name.endswith(".weight") and name.rpartition(".")[0] in hf_name.values():
+            np.testing.assert_allclose(bf16[name], parameter.detach(), rtol=2**-8, atol=0)
+    _assert_ort_logits(loaded, model)
+
+
+def test_smoothing_mul_is_refused_not_dropped(tiny, tmp_path):
+    """A build whose activations are scaled by an inserted Mul (smoothing that did not fold into
+    a norm) cannot be written: its scaled weights would be read unscaled."""
+    source = tiny("llama")
+    model, record = _fp4_build(source, "fp4")
+    assert any(alpha is not None for alpha, _, _ in record.stats["smoothed"].values())
+    with pytest.raises(CompileError, match="scaled by an inserted Mul") as error:
+        write_hf_checkpoint(model, source.folder, tmp_path)
+    assert "smoothing_folded_only" in error.value.fix
+    assert not (tmp_path / SAFETENSORS_FILE).exists()
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -403,6 +565,5 @@ def test_check_quantize_refuses_before_any_work():
     with pytest.raises(UsageError, match="int8") as error:
         check_quantize("int8")
     assert "int4" in error.value.fix
-    with pytest.raises(UsageError, match="nvfp4-pack-quantized") as error:
-        check_quantize("fp4-wo")
-    assert "drop --emit" in error.value.fix
+    for ok in ("fp4", "fp4-w4a4", "fp4-wo"):
+        check_quantize(ok)

@@ -13,6 +13,7 @@ from fdec.cli import cli
 from fdec.compile import plan_pipeline
 from fdec.gates import GATES
 from fdec.lower.tensorrt_rtx import available as rtx_available
+from fdec.passes.smoothquant import SMOOTHING_MUL
 from fdec.pipeline import Tolerance
 from fdec.targets import load_target
 
@@ -220,10 +221,10 @@ def test_fp4_for_rtx5090_builds_an_nvfp4_engine_and_is_refused_without_fp4(
     engine for sm 12.0 whose own listing has FP4 GEMMs. Where FP4 cannot run: one line."""
     llama = str(tiny_models("llama"))
 
-    def compile_fp4(target: str, out):
+    def compile_fp4(target: str, out, *extra: str):
         result = cli_runner.invoke(cli, [
             "compile", llama, "--target", target, "--quantize", "fp4", "--max-seq-len", "256",
-            "-o", str(out), "-q",
+            "-o", str(out), "-q", *extra,
         ])  # fmt: skip
         assert result.exit_code == 0, result.stderr
         return json.loads((out / "report.json").read_text())
@@ -250,9 +251,17 @@ def test_fp4_for_rtx5090_builds_an_nvfp4_engine_and_is_refused_without_fp4(
     assert outcome["new_tokens"] == 3 and "no FP4 kernels" in outcome["provider_fallback"]
 
     # b200 (TensorRT): the engine plan takes the same graph, TensorRT's own FP4 quantizer
-    # being no foreign op to its parser
-    engines = compile_fp4("b200", tmp_path / "b200-fp4")["engines"]
+    # being no foreign op to its parser. With a serving checkpoint (vLLM's NVFP4 format) the
+    # smoothing is kept where it folds into a norm; none is applied by a graph Mul.
+    b200 = compile_fp4("b200", tmp_path / "b200-fp4", "--emit", "hf-checkpoint")
+    engines = b200["engines"]
     assert engines[0]["backend"] == "tensorrt" and "fp4" in engines[0]["typed_model"]["precisions"]
+    assert b200["checkpoint"]["format"] == "compressed-tensors nvfp4-pack-quantized"
+    assert b200["checkpoint"]["quantization"]["schemes"] == {"NVFP4": 12, "NVFP4A16": 2}
+    (fp4,) = [p for p in b200["passes"] if p["name"] == "quantize-fp4"]
+    assert len(fp4["stats"]["smoothing_not_foldable"]) == 2  # o_proj's inputs
+    graph = onnx.load(str(tmp_path / "b200-fp4" / "model.onnx"), load_external_data=False).graph
+    assert not [n.name for n in graph.node if any(p.key == SMOOTHING_MUL for p in n.metadata_props)]
 
     for target, backend, says in [
         ("rtx4090", [], r"FP4 needs compute capability ≥ 10\.0; rtx4090 is 8\.9"),

@@ -156,6 +156,10 @@ def _quantize_passes(
         and pass_backend == "onnxruntime"
         and embedding
     )
+    # A serving checkpoint of NVFP4 keeps the lm_head in float (llm-compressor's and ModelOpt's
+    # NVFP4 leave it out too; vLLM serves no NVFP4 lm_head): quantized, it would be written
+    # dequantized in fp32 (SmolLM2: 290 MB, 169 MB without; the checkpoint ties it again).
+    fp4_checkpoint = precision.value == "fp4" and not embedding
     untie = (
         []
         if share or "untie-embeddings" in earlier
@@ -238,6 +242,8 @@ def _quantize_passes(
             weight_only_layers=FP4_WEIGHT_ONLY_LAYERS,
             alpha_search=FP4_ALPHA_SEARCH,
             scale_search=FP4_SCALE_SEARCH,
+            smoothing_folded_only=fp4_checkpoint,  # a serving checkpoint holds no Mul
+            include_lm_head=not fp4_checkpoint,
         )
     # int8: weight-only (asked, or the backend's only int8), static SmoothQuant QDQ, dynamic.
     elif static_int8:

@@ -34,11 +34,18 @@ Transformers + compressed-tensors 0.20 cannot load *asymmetric* pack-quantized c
 with the default `from_pretrained` (it builds zero points unpacked on the meta device:
 llm-compressor issue #1618); `quantization_config=CompressedTensorsConfig(dequantize=True)`
 loads them, and vLLM reads the packed zero points.
+NVFP4 (`quantize-fp4`: fp4 = W4A4, fp4-wo) is written in compressed-tensors'
+"nvfp4-pack-quantized" format, which vLLM serves (FP4 GEMMs on Blackwell, Marlin W4A16
+elsewhere): the graph's E2M1 codes and FP8 block scales byte for byte, the tensor scales
+inverted, W4A4 and W4A16 layers as two config groups (`nvfp4`). A build whose activations are
+scaled by an inserted Mul (SmoothQuant / AWQ scales that did not fold into a norm) is refused:
+`--emit hf-checkpoint` makes quantize-fp4 smooth only where the scales fold.
 Dynamic int8 (`quantize-int8`) has no format serving engines load with the same numerics and
 is refused with a UsageError.
 
 Modules: supported (the --quantize values it takes), expected (what the HF class expects), read
-(weights back from the graph), pack (compressed-tensors' format), write (the checkpoint).
+(weights back from the graph), pack (compressed-tensors' int formats), nvfp4 (its NVFP4
+format), write (the checkpoint).
 """
 
 from __future__ import annotations

@@ -21,8 +21,11 @@ class Parameter:
     buffer: bool = False
 
 
-def expected_parameters(config: dict[str, Any], kind: str) -> tuple[list[Parameter], list[str]]:
-    """The state dict the HF class of `config` loads, tied aliases left out; and those aliases.
+def expected_parameters(
+    config: dict[str, Any], kind: str
+) -> tuple[list[Parameter], list[Parameter]]:
+    """The state dict the HF class of `config` loads, tied aliases left out; and those aliases
+    (a tied lm_head: written by its embedding's tensor, still a Linear a scheme must skip).
 
     The model is built on the meta device (no memory, no weights), from the config written.
     """
@@ -42,13 +45,9 @@ def expected_parameters(config: dict[str, Any], kind: str) -> tuple[list[Paramet
         ) from err
     modules = dict(hf_model.named_modules())
     parameters: list[Parameter] = []
-    aliases: list[str] = []
+    aliases: list[Parameter] = []
     seen: set[int] = set()
     for name, tensor in hf_model.named_parameters(remove_duplicate=False):
-        if id(tensor) in seen:
-            aliases.append(name)
-            continue
-        seen.add(id(tensor))
         owner = name.rpartition(".")[0]
         module = modules.get(owner)
         kind_of = (
@@ -58,9 +57,11 @@ def expected_parameters(config: dict[str, Any], kind: str) -> tuple[list[Paramet
             if isinstance(module, Conv1D)
             else "other"
         )
-        parameters.append(Parameter(name, tuple(tensor.shape), owner, kind_of))
+        parameter = Parameter(name, tuple(tensor.shape), owner, kind_of)
+        (aliases if id(tensor) in seen else parameters).append(parameter)
+        seen.add(id(tensor))
     state = hf_model.state_dict()
-    names = {p.name for p in parameters} | set(aliases)
+    names = {p.name for p in parameters + aliases}
     for name, tensor in state.items():
         if name not in names:  # a persistent buffer
             parameters.append(

@@ -1,24 +1,37 @@
 """Weights read back from the graph: float tensors in torch's layout, block-quantized int4 and
-8-bit weights (MatMulNBits, blocked DequantizeLinear)."""
+8-bit weights (MatMulNBits, blocked DequantizeLinear), NVFP4 weights (quantize-fp4's two-level
+DequantizeLinear, and the activation scale of a W4A4 layer's run-time quantizer)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from fdec.errors import CompileError, UsageError
 from fdec.lower.hf_checkpoint.expected import Parameter
-from fdec.lower.hf_checkpoint.supported import SUPPORTED_QUANTIZE
+from fdec.lower.hf_checkpoint.supported import SUPPORTED_FIX
 
-__all__ = ["FLOAT_TYPES", "Blocked", "blocked_of", "float_tensor", "input_order"]
+__all__ = [
+    "FLOAT_TYPES",
+    "FP4_BLOCK",
+    "Blocked",
+    "Nvfp4",
+    "blocked_of",
+    "float_tensor",
+    "input_order",
+]
 
 _MS_DOMAIN = "com.microsoft"
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 # blocked DequantizeLinear: bits of each stored type
 _BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
+FP4_BLOCK = 16  # NVFP4 (passes/quantize_fp4.py): E2M1 codes on blocks of 16 inputs
+_TRT_QUANTIZER = ("trt", "TRT_FP4DynamicQuantize")
+_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 
 
 def _direct_layout(node: ir.Node, index: int) -> str | None:
@@ -97,6 +110,10 @@ class Blocked:
         return self.codes.shape
 
     @property
+    def scheme(self) -> str:
+        return f"W{self.bits}A16"
+
+    @property
     def symmetric(self) -> bool:
         return bool(np.all(self.zero_points == 1 << (self.bits - 1)))
 
@@ -107,6 +124,90 @@ class Blocked:
         scales = np.repeat(self.scales, self.block_size, axis=1)[:, :k]
         zero = np.repeat(self.zero_points, self.block_size, axis=1)[:, :k]
         return (self.codes.astype(dtype) - zero.astype(dtype)) * scales
+
+
+@dataclasses.dataclass
+class Nvfp4:
+    """An NVFP4 weight in torch's layout: E2M1 codes uint8 [N, K] (sign in bit 3), FP8 E4M3
+    block scales [N, K/16], the fp32 tensor scale g (W = E2M1 · block scale · g), and the
+    activation's tensor scale g_a where the layer quantizes its input to FP4 (W4A4)."""
+
+    codes: np.ndarray
+    block_scales: np.ndarray  # ml_dtypes.float8_e4m3fn
+    global_scale: np.float32
+    input_scale: np.float32 | None
+    operator: str = "DequantizeLinear"
+    bits: int = 4
+    block_size: int = FP4_BLOCK
+
+    @property
+    def shape(self) -> tuple[int, int]:  # [N, K] = [out, in]
+        return self.codes.shape
+
+    @property
+    def scheme(self) -> str:
+        return "NVFP4" if self.input_scale is not None else "NVFP4A16"
+
+    def dequantized(self) -> np.ndarray:
+        """The float [N, K] weight, as the graph computes it: E2M1 · (s_w · g_w) in fp32."""
+        steps = self.block_scales.astype(np.float32) * self.global_scale
+        return _E2M1[self.codes] * np.repeat(steps, FP4_BLOCK, axis=1)
+
+
+def _input_scale(dequantized: ir.Value, name: str) -> np.float32 | None:
+    """g_a of the run-time FP4 quantizer feeding the MatMuls that read the weight, or None
+    (float activations); one for all of them."""
+    found: set[float | None] = set()
+    for use in dequantized.uses():
+        matmul = use.node
+        activation = matmul.inputs[0].producer() if matmul.inputs[0] is not None else None
+        values = activation.inputs[0] if activation is not None else None
+        quantizer = values.producer() if values is not None else None
+        if (
+            activation is None
+            or activation.op_type != "DequantizeLinear"
+            or quantizer is None
+            or (quantizer.domain, quantizer.op_type) != _TRT_QUANTIZER
+        ):
+            found.add(None)
+            continue
+        found.add(float(_const(quantizer.inputs[1], "activation scale", name).reshape(-1)[0]))
+    if len(found) != 1:
+        raise CompileError(
+            f"NVFP4 weight {name!r} is read with {len(found)} different activation precisions",
+            "report the model to the fdec developers",
+        )
+    scale = found.pop()
+    return None if scale is None else np.float32(scale)
+
+
+def nvfp4_of(node: ir.Node, value: ir.Value, name: str) -> Nvfp4:
+    """The NVFP4 weight `value` (FLOAT4E2M1 [K, N]) that DequantizeLinear `node` reads."""
+    axis = node.attributes.get("axis")
+    block = node.attributes.get("block_size")
+    steps = node.inputs[1].producer() if node.inputs[1] is not None else None
+    if (
+        axis is None
+        or axis.as_int() != 0
+        or block is None
+        or block.as_int() != FP4_BLOCK
+        or steps is None
+        or steps.op_type != "DequantizeLinear"
+    ):
+        raise CompileError(
+            f"FP4 weight {name!r} is not NVFP4 (blocks of {FP4_BLOCK} along its inputs, FP8 "
+            "block scales under a tensor scale)",
+            "quantize with fdec's quantize-fp4",
+        )
+    codes = _const(value, "codes", name).view(np.uint8) & 0x0F  # [K, N]
+    block_scales = _const(steps.inputs[0], "block scales", name)  # [K/16, N]
+    global_scale = np.float32(_const(steps.inputs[1], "tensor scale", name).reshape(-1)[0])
+    return Nvfp4(
+        codes=np.ascontiguousarray(codes.T),
+        block_scales=np.ascontiguousarray(block_scales.T).astype(ml_dtypes.float8_e4m3fn),
+        global_scale=global_scale,
+        input_scale=_input_scale(node.outputs[0], name),
+    )
 
 
 def _nibbles(packed: np.ndarray, count: int) -> np.ndarray:
@@ -197,8 +298,9 @@ def _from_dequantize(node: ir.Node, value: ir.Value, name: str) -> Blocked:
     )
 
 
-def blocked_of(value: ir.Value) -> Blocked | None:
-    """The block-quantized weight stored in `value` (MatMulNBits or blocked DequantizeLinear).
+def blocked_of(value: ir.Value) -> Blocked | Nvfp4:
+    """The block-quantized weight stored in `value` (MatMulNBits, blocked DequantizeLinear,
+    NVFP4's two-level DequantizeLinear).
 
     Raises UsageError for int8 (MatMulInteger) weights, CompileError for other encodings.
     """
@@ -208,6 +310,8 @@ def blocked_of(value: ir.Value) -> Blocked | None:
         if node.domain == _MS_DOMAIN and node.op_type == "MatMulNBits" and index == 1:
             return _from_matmulnbits(node, name)
         if node.domain == "" and node.op_type == "DequantizeLinear" and index == 0:
+            if value.const_value.dtype == ir.DataType.FLOAT4E2M1:
+                return nvfp4_of(node, value, name)
             # int8 also as per-channel Q/DQ (SmoothQuant), which the generic error refuses
             bits = _BITS.get(value.const_value.dtype)
             if bits == 4 or (bits == 8 and _int_attr(node, "block_size", 0)):
@@ -217,13 +321,12 @@ def blocked_of(value: ir.Value) -> Blocked | None:
                 f"--emit hf-checkpoint cannot write int8 weights ({name!r} is read by "
                 f"{node.op_type}): serving engines load no checkpoint format with dynamic int8's "
                 "per-tensor run-time activations",
-                f"use --quantize {' or '.join(SUPPORTED_QUANTIZE)} (compressed-tensors "
-                "pack-quantized), or --quantize none for a full-precision checkpoint",
+                SUPPORTED_FIX,
             )
     ops = ", ".join(sorted({node.op_type for node, _ in readers})) or "nothing"
     raise CompileError(
         f"weight {name!r} is {value.const_value.dtype} read by {ops}; the HF checkpoint writes "
-        "float and block-quantized (MatMulNBits, blocked DequantizeLinear) weights only",
+        "float, block-quantized (MatMulNBits, blocked DequantizeLinear) and NVFP4 weights only",
         "drop the pass that produced it, or emit the ONNX build only",
     )
 

@@ -11,6 +11,7 @@ import pathlib
 import shutil
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -19,10 +20,12 @@ from fdec.frontend.families import family_for_config
 from fdec.frontend.prequantized import SOURCE_KEY
 from fdec.ir import FdecModel
 from fdec.lower.hf_checkpoint.expected import Parameter, expected_parameters
+from fdec.lower.hf_checkpoint.nvfp4 import NVFP4_FORMAT, nvfp4_checkpoint
 from fdec.lower.hf_checkpoint.pack import PACK_FORMAT, pack_weight, quantization_config
 from fdec.lower.hf_checkpoint.read import (
     FLOAT_TYPES,
     Blocked,
+    Nvfp4,
     blocked_of,
     float_tensor,
     input_order,
@@ -68,11 +71,27 @@ def _output_config(source: dict[str, Any], model: FdecModel) -> tuple[dict[str, 
         None,
         spec.weights.get("embed"),
     )
+    if untied and _copied_table(model):  # untied by a pass, left as it was: tied again
+        untied = False
     if untied and config.get("tie_word_embeddings", True):
         config["tie_word_embeddings"] = False
         changes.append("tie_word_embeddings=false (the lm_head has its own weight)")
     changes += _pruned_sizes(config, spec)
     return config, changes
+
+
+def _copied_table(model: FdecModel) -> bool:
+    """Whether the lm_head weight holds the float embedding's values ([V, H] or [H, V]): a
+    copy `untie-embeddings` made that no pass changed (NVFP4 builds leave the lm_head out)."""
+    tables = [
+        model.graph.initializers.get(model.spec.weights.get(r) or "") for r in ("lm_head", "embed")
+    ]
+    if any(
+        t is None or t.const_value is None or t.const_value.dtype not in FLOAT_TYPES for t in tables
+    ):
+        return False
+    head, embed = (t.const_value.numpy() for t in tables)
+    return any(head.shape == e.shape and np.array_equal(head, e) for e in (embed, embed.T))
 
 
 # ModelSpec size → the config keys holding it (first one present wins; the first is written).
@@ -118,11 +137,11 @@ def _graph_value(model: FdecModel, parameter: Parameter, family: Any) -> ir.Valu
 
 @dataclasses.dataclass
 class _Collected:
-    """The checkpoint's tensors before packing: float ones, and int4 / int8 ones to pack per
-    module."""
+    """The checkpoint's tensors before packing: float ones, and int4 / int8 / NVFP4 ones to pack
+    per module."""
 
     floats: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    quantized: dict[str, Blocked] = dataclasses.field(default_factory=dict)  # module → weight
+    quantized: dict[str, Blocked | Nvfp4] = dataclasses.field(default_factory=dict)  # by module
     dequantized: list[str] = dataclasses.field(default_factory=list)
     buffers_skipped: list[str] = dataclasses.field(default_factory=list)
 
@@ -172,27 +191,33 @@ def _collect(
     return found
 
 
+def _format_of(weight: Blocked | Nvfp4) -> str:
+    """The packed format a weight is written in: W4A16 / W8A16 pack-quantized, or NVFP4
+    (whose W4A4 and W4A16 layers are two groups of one format)."""
+    return NVFP4_FORMAT if isinstance(weight, Nvfp4) else weight.scheme
+
+
 def _one_width(found: _Collected, parameters: list[Parameter], family: Any) -> None:
-    """The checkpoint has one scheme (W4A16 or W8A16): weights of the other width (an int4
+    """The checkpoint has one format (W4A16, W8A16 or NVFP4): weights of another (an int4
     recipe's 8-bit lm_head, quantize-mixed's 8-bit layers) are written in float."""
-    widths = collections.Counter(w.bits for w in found.quantized.values())
-    if len(widths) < 2:
+    formats = collections.Counter(_format_of(w) for w in found.quantized.values())
+    if len(formats) < 2:
         return
-    bits = min(widths, key=lambda b: (-widths[b], b))  # the most modules' width
+    kept = min(formats, key=lambda f: (-formats[f], f))  # the most modules' format
     by_module = {p.module: p for p in parameters if p.kind == "linear"}
     for module, weight in list(found.quantized.items()):
-        if weight.bits != bits:
+        if _format_of(weight) != kept:
             parameter = by_module[module]
             del found.quantized[module]
             is_lm_head = family.role_of(parameter.name) == "lm_head"
-            why = f"the checkpoint's one scheme is W{bits}A16"
+            why = f"the checkpoint's one format is {kept}"
             _write_float(found, parameter, weight, None, why, is_lm_head)
 
 
 def _write_float(
     found: _Collected,
     parameter: Parameter,
-    weight: Blocked,
+    weight: Blocked | Nvfp4,
     order: np.ndarray | None,
     why: str,
     is_lm_head: bool,
@@ -229,10 +254,16 @@ def _in_input_order(array: np.ndarray, order: np.ndarray | None, parameter: Para
 
 
 def _pack_all(
-    found: _Collected, parameters: list[Parameter]
+    found: _Collected, linear: list[Parameter]
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """Packed tensors of every quantized module, the config's quantization_config, the
-    report's."""
+    report's. `linear`: every nn.Linear weight (tied aliases too): those not packed are
+    ignored by the scheme."""
+    ignore = sorted({p.module for p in linear} - set(found.quantized))
+    # Quantized weights written in float belong to modules the scheme must skip too.
+    ignore += sorted({name.rpartition(".")[0] for name in found.dequantized} - set(ignore))
+    if any(isinstance(w, Nvfp4) for w in found.quantized.values()):  # one format (_one_width)
+        return nvfp4_checkpoint(found.quantized, ignore)
     weights = list(found.quantized.values())
     # One scheme for the whole checkpoint: a group size dividing every block and input size
     # (blocks past a layer's input size only pad it: K=64 in blocks of 128 is one group of 64).
@@ -242,10 +273,6 @@ def _pack_all(
     tensors: dict[str, np.ndarray] = {}
     for module, weight in found.quantized.items():
         tensors.update(pack_weight(module, weight, group_size, symmetric))
-    linear = {p.module for p in parameters if p.kind == "linear"}
-    ignore = sorted(linear - set(found.quantized))
-    # Quantized weights written in float belong to modules the scheme must skip too.
-    ignore += sorted({name.rpartition(".")[0] for name in found.dequantized} - set(ignore))
     report = {
         "method": "compressed-tensors",
         "format": PACK_FORMAT,
@@ -265,6 +292,63 @@ def _pack_all(
     return tensors, quantization_config(group_size, symmetric, ignore, bits), report
 
 
+# The source config's dtype names (config.json "dtype", "torch_dtype" before transformers 5).
+_SOURCE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def _in_source_dtype(
+    floats: dict[str, np.ndarray], source_config: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The float tensors, each in the source's narrower dtype where that is exact (an untouched
+    parameter of a bf16 source: half the bytes, same values), and the names so narrowed."""
+    narrow = _SOURCE_DTYPES.get(source_config.get("dtype") or source_config.get("torch_dtype"))
+    tensors, narrowed = dict(floats), []
+    if narrow is None:
+        return tensors, narrowed
+    for name, array in floats.items():
+        if array.dtype != np.float32:
+            continue
+        cast = array.astype(narrow)
+        if np.array_equal(cast.astype(np.float32), array):
+            tensors[name] = cast
+            narrowed.append(name)
+    return tensors, narrowed
+
+
+def _check_no_graph_scaling(model: FdecModel) -> None:
+    """Refuse a graph whose weights read activations scaled by an inserted Mul (SmoothQuant /
+    AWQ scales that did not fold into a norm): the checkpoint has parameters only, and its
+    weights, scaled by s, would be read unscaled."""
+    from fdec.passes.smoothquant import SMOOTHING_MUL
+
+    scaled = [node for node in model.graph if SMOOTHING_MUL in node.metadata_props]
+    if scaled:
+        raise CompileError(
+            f"{len(scaled)} activations of this build are scaled by an inserted Mul "
+            f"({scaled[0].metadata_props[SMOOTHING_MUL]}, e.g. {scaled[0].name!r}); the HF "
+            "checkpoint holds parameters only",
+            "smooth only where the scales fold into a norm (quantize-fp4 "
+            "smoothing_folded_only=true, what --emit hf-checkpoint sets), or emit the ONNX "
+            "build only",
+        )
+
+
+def _save(tensors: dict[str, np.ndarray], path: pathlib.Path) -> None:
+    """safetensors through torch, which has FP8 (NVFP4's block scales: F8_E4M3) and bf16."""
+    import torch
+    from safetensors.torch import save_file
+
+    def as_torch(array: np.ndarray) -> torch.Tensor:
+        if array.dtype == ml_dtypes.float8_e4m3fn:
+            return torch.from_numpy(array.view(np.uint8)).view(torch.float8_e4m3fn)
+        if array.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        array = np.ascontiguousarray(array)  # torch wants writable memory
+        return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+    save_file({k: as_torch(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
 def write_hf_checkpoint(
     model: FdecModel,
     source_folder: pathlib.Path,
@@ -274,32 +358,34 @@ def write_hf_checkpoint(
 ) -> dict[str, Any]:
     """Write `model` as a Hugging Face checkpoint into `out_dir`; returns a report.
 
-    Float weights are written in the graph's dtype under their HF names and layouts; block
+    Float weights are written under their HF names and layouts, in the source's dtype (bf16,
+    fp16) where that holds their values exactly (the source's own weights), else in the
+    graph's (smoothed norms, dequantized weights: the values the graph computes); block
     quantized (int4 / int8-wo) weights of `nn.Linear` modules in compressed-tensors
     pack-quantized format (the lm_head only with `pack_lm_head`; one width, the most modules'),
     others dequantized. Raises CompileError when a parameter the HF class expects is missing
     from the graph.
     """
-    from safetensors.numpy import save_file
-
     source_folder, out_dir = pathlib.Path(source_folder), pathlib.Path(out_dir)
     source_config = json.loads((source_folder / _CONFIG_FILE).read_text())
     family = family_for_config(source_config, str(source_folder / _CONFIG_FILE))
+    _check_no_graph_scaling(model)
     config, changes = _output_config(source_config, model)
     parameters, aliases = expected_parameters(config, model.spec.kind)
     found = _collect(model, parameters, family, pack_lm_head)
 
-    tensors: dict[str, np.ndarray] = dict(found.floats)
+    tensors, narrowed = _in_source_dtype(found.floats, source_config)
     quantization: dict[str, Any] | None = None
     if found.quantized:
-        packed, config["quantization_config"], quantization = _pack_all(found, parameters)
+        linear = [p for p in parameters + aliases if p.kind == "linear"]
+        packed, config["quantization_config"], quantization = _pack_all(found, linear)
         tensors.update(packed)
     elif found.dequantized:
         quantization = {"method": "quantized weights written dequantized", "format": "dense"}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / _CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(out_dir / SAFETENSORS_FILE), metadata={"format": "pt"})
+    _save(tensors, out_dir / SAFETENSORS_FILE)
     files = [_CONFIG_FILE, SAFETENSORS_FILE]
     for name in _SIDE_FILES:
         path = source_folder / name
@@ -307,7 +393,9 @@ def write_hf_checkpoint(
             shutil.copyfile(path, out_dir / name)
             files.append(name)
     return {
-        "format": f"compressed-tensors {PACK_FORMAT}" if found.quantized else "safetensors",
+        "format": (
+            f"compressed-tensors {quantization['format']}" if found.quantized else "safetensors"
+        ),
         "directory": str(out_dir),
         "files": files,
         "bytes": sum((out_dir / name).stat().st_size for name in files),
@@ -316,7 +404,8 @@ def write_hf_checkpoint(
         "packed": sorted(found.quantized),
         "dequantized": found.dequantized,
         "kept": len(found.floats) - len(found.dequantized),
-        "tied_aliases": aliases,
+        "in_source_dtype": narrowed,
+        "tied_aliases": [alias.name for alias in aliases],
         "buffers_skipped": found.buffers_skipped,
         "config_changes": changes,
     }
