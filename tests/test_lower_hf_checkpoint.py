@@ -510,15 +510,22 @@ def test_nvfp4_checkpoint_is_compressed_tensors_with_graph_numbers(tiny, tmp_pat
     _assert_ort_logits(loaded, model)
 
 
-def test_smoothing_mul_is_refused_not_dropped(tiny, tmp_path):
-    """A build whose activations are scaled by an inserted Mul (smoothing that did not fold into
-    a norm) cannot be written: its scaled weights would be read unscaled."""
+def test_nvfp4_builds_a_checkpoint_cannot_hold_are_refused(tiny, tmp_path):
+    """Refused, nothing written: activations scaled by an inserted Mul (smoothing that did not
+    fold into a norm: the scaled weights would be read unscaled), and W4A4 layers no packed
+    format loads (GPT-2's Conv1D: in float their FP4 activations would be lost)."""
     source = tiny("llama")
     model, record = _fp4_build(source, "fp4")
     assert any(alpha is not None for alpha, _, _ in record.stats["smoothed"].values())
     with pytest.raises(CompileError, match="scaled by an inserted Mul") as error:
         write_hf_checkpoint(model, source.folder, tmp_path)
     assert "smoothing_folded_only" in error.value.fix
+    gpt2 = tiny("gpt2")
+    model, _ = _fp4_build(gpt2, "fp4", smoothing_folded_only=True)
+    with pytest.raises(
+        CompileError, match=r"W4A4 weight 'transformer\.h\.0\.attn\.c_attn\.weight'"
+    ):
+        write_hf_checkpoint(model, gpt2.folder, tmp_path)
     assert not (tmp_path / SAFETENSORS_FILE).exists()
 
 

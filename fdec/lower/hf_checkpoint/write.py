@@ -222,7 +222,15 @@ def _write_float(
     why: str,
     is_lm_head: bool,
 ) -> None:
-    """A quantized weight written as float [out, in] (Conv1D: [in, out]), the graph's values."""
+    """A quantized weight written as float [out, in] (Conv1D: [in, out]), the graph's values.
+    A W4A4 layer cannot be: in float its activations would no longer be quantized."""
+    if isinstance(weight, Nvfp4) and weight.input_scale is not None:
+        raise CompileError(
+            f"the NVFP4 W4A4 weight {parameter.name!r} cannot be written packed ({why}), and in "
+            "float its run-time FP4 activations would be lost",
+            "use --quantize fp4-wo for this model's checkpoint (weight-only: written "
+            "dequantized, the same numbers), or emit the ONNX build only",
+        )
     array = _in_input_order(weight.dequantized(), order, parameter)  # [out, in]
     if parameter.kind == "conv1d":
         array = array.T
