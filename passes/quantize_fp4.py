@@ -59,6 +59,7 @@ from fdec.targets import Precision
 __all__ = [
     "FP4_BLOCK",
     "FP4_MAX",
+    "FP4_QUANTIZER",
     "TRT_DOMAIN",
     "QuantizeFp4Pass",
     "dynamic_quantize_node",
@@ -73,6 +74,7 @@ _FP8_MAX = 448.0  # largest FLOAT8E4M3FN: the block scales' range
 _FP4_OPSET = 23  # FLOAT4E2M1 in DequantizeLinear
 TRT_DOMAIN = "trt"  # TensorRT's ONNX parser's own ops
 _DYNAMIC_QUANTIZE = "TRT_FP4DynamicQuantize"
+FP4_QUANTIZER = (TRT_DOMAIN, _DYNAMIC_QUANTIZE)  # (domain, op) of the run-time quantizer
 _ACTIVATIONS = ("fp4", "float")
 # The smoothing search's rows × K × N per trial: wide groups are tried on fewer rows.
 _SEARCH_MACS = 4e8

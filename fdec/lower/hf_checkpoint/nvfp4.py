@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from fdec.lower.hf_checkpoint.read import FP4_BLOCK, Nvfp4
+from fdec.lower.hf_checkpoint.read import Nvfp4
+from fdec.passes.quantize_fp4 import FP4_BLOCK
 
 __all__ = ["NVFP4_FORMAT", "nvfp4_checkpoint"]
 

@@ -14,10 +14,10 @@ import onnx_ir as ir
 from fdec.errors import CompileError, UsageError
 from fdec.lower.hf_checkpoint.expected import Parameter
 from fdec.lower.hf_checkpoint.supported import SUPPORTED_FIX
+from fdec.passes.quantize_fp4 import FP4_BLOCK, FP4_QUANTIZER
 
 __all__ = [
     "FLOAT_TYPES",
-    "FP4_BLOCK",
     "Blocked",
     "Nvfp4",
     "blocked_of",
@@ -29,9 +29,6 @@ _MS_DOMAIN = "com.microsoft"
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 # blocked DequantizeLinear: bits of each stored type
 _BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
-FP4_BLOCK = 16  # NVFP4 (passes/quantize_fp4.py): E2M1 codes on blocks of 16 inputs
-_TRT_QUANTIZER = ("trt", "TRT_FP4DynamicQuantize")
-_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 
 
 def _direct_layout(node: ir.Node, index: int) -> str | None:
@@ -151,7 +148,8 @@ class Nvfp4:
     def dequantized(self) -> np.ndarray:
         """The float [N, K] weight, as the graph computes it: E2M1 · (s_w · g_w) in fp32."""
         steps = self.block_scales.astype(np.float32) * self.global_scale
-        return _E2M1[self.codes] * np.repeat(steps, FP4_BLOCK, axis=1)
+        values = self.codes.view(ml_dtypes.float4_e2m1fn).astype(np.float32)
+        return values * np.repeat(steps, FP4_BLOCK, axis=1)
 
 
 def _input_scale(dequantized: ir.Value, name: str) -> np.float32 | None:
@@ -167,7 +165,7 @@ def _input_scale(dequantized: ir.Value, name: str) -> np.float32 | None:
             activation is None
             or activation.op_type != "DequantizeLinear"
             or quantizer is None
-            or (quantizer.domain, quantizer.op_type) != _TRT_QUANTIZER
+            or (quantizer.domain, quantizer.op_type) != FP4_QUANTIZER
         ):
             found.add(None)
             continue
