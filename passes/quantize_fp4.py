@@ -167,15 +167,28 @@ def _nvfp4_dequantized(array: np.ndarray, **options: Any) -> np.ndarray:
     ).reshape(k, n)
 
 
+def _on_grid(array: np.ndarray, codes: np.ndarray, scales: np.ndarray, g: np.float32) -> bool:
+    """Whether [K, N] `array` is its NVFP4 codes' values (to float rounding: a checkpoint's
+    E2M1 · scale / global_scale computed in fp32)."""
+    k, n = array.shape
+    steps = scales.astype(np.float32) * g
+    values = codes.astype(np.float32).reshape(k // FP4_BLOCK, FP4_BLOCK, n) * steps[:, None]
+    return bool(np.allclose(values.reshape(k, n), array, rtol=1e-5, atol=0))
+
+
 def _gptq_nvfp4(
     array: np.ndarray, hessian: np.ndarray, damping: float, **options: Any
 ) -> tuple[np.ndarray, np.ndarray, np.float32]:
     """GPTQ rounding (`gptq`) of a [K, N] weight to NVFP4 codes on `quantize_nvfp4`'s scales:
     rows are rounded in order (in the weight's own units: the block scale changes every 16
     rows) and each row's error is spread over the rows left. Nearest when H cannot be
-    factored."""
+    factored, and for a weight nearest rounding gives back exactly (an NVFP4 checkpoint's, read
+    as float: fdec.frontend.prequantized), whose codes are kept."""
     nearest = quantize_nvfp4(array, **options)
-    _, scales, g = nearest
+    codes, scales, g = nearest
+    if _on_grid(array, codes, scales, g):
+        return nearest
+
     steps = scales.astype(np.float64) * float(g)  # [K/16, N]
     safe = np.where(steps == 0, 1.0, steps)
     rounded = np.empty(array.shape, dtype=np.float32)
@@ -305,6 +318,7 @@ class QuantizeFp4Pass(StaticQuantizePass):
             "not_multiple_of_16": [],
             "smoothed": {},  # activation → [α, output error, error without smoothing]
             "smoothing_not_foldable": [],  # with smoothing_folded_only
+            "source_grid_kept": 0,  # weights already on an NVFP4 grid, their codes kept
         }
 
     def _prepare(self, model, groups, stats) -> None:
@@ -417,6 +431,8 @@ class QuantizeFp4Pass(StaticQuantizePass):
             else:
                 options["importance"] = np.diag(hessian).copy()
                 codes, scales, g_w = _gptq_nvfp4(array, hessian, self.gptq_damping, **options)
+            # an NVFP4 checkpoint's weight (read as float) keeps its codes
+            stats["source_grid_kept"] += int(_on_grid(array, codes, scales, g_w))
             stats["bytes_before"] += weight.value.const_value.nbytes
             stats["matmuls_quantized"] += len(weight.sites)
             stats["weights_quantized"] += 1

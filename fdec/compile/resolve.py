@@ -23,8 +23,8 @@ from fdec.errors import InputError, UsageError
 from fdec.frontend.families import sliding_window
 from fdec.frontend.prequantized import (
     SOURCE_KEY,
-    SOURCE_QUANTIZE,
     source_quantization,
+    source_recipe,
     source_widths,
 )
 from fdec.frontend.source import default_cache_dir, resolve_source
@@ -47,25 +47,27 @@ __all__ = [
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
-def _source_recipe(config: Any) -> str | None:
-    """SOURCE_QUANTIZE's recipe for a config.json naming a checkpoint fdec reads as quantized
-    (fdec.frontend.prequantized), else None."""
+def _source_recipe(config: Any, target: Any, backend: Any) -> str | None:
+    """The recipe keeping the blocks of a checkpoint fdec reads as quantized
+    (fdec.frontend.prequantized.source_recipe), else None."""
     found = source_quantization(config) if isinstance(config, dict) else None
-    return SOURCE_QUANTIZE[found[1]] if found else None
+    return source_recipe(found, target, backend)
 
 
-def _folder_recipe(model: str) -> str | None:
+def _folder_recipe(model: str, target: Any, backend: Any) -> str | None:
     """`_source_recipe` of a local folder (hub ids are known once resolved, in `for_source`)."""
     try:
         config = json.loads((pathlib.Path(model).expanduser() / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    return _source_recipe(config)
+    return _source_recipe(config, target, backend)
 
 
 def _describe_source(config: dict) -> str:
     """What a GPTQ / AWQ / compressed-tensors source was (fdec.frontend.prequantized)."""
     found = config[SOURCE_KEY]
+    if found.get("method") == "nvfp4":
+        return "compressed-tensors NVFP4"
     group = found.get("group_size")
     widths = "+".join(map(str, source_widths(config) or (4,)))
     return f"{found.get('method')} int{widths}" + (
@@ -147,7 +149,11 @@ class Settings:
         # its blocks: int4-awq (int8-wo for 8 bits) keeps them exactly (keep_source_grid) and
         # quantizes what the checkpoint left in float (the lm_head) itself.
         # Layers it stores wider (GPTQModel's dynamic 8-bit ones) keep their blocks too.
-        kept = _source_recipe(source.config) if self.recipe_default else None
+        kept = (
+            _source_recipe(source.config, self.target, self.backend)
+            if self.recipe_default
+            else None
+        )
         quantize = kept or self.quantize
         fallback = f"{quantize}: the source is {_describe_source(source.config)}" if kept else None
         widths = source_widths(source.config)
@@ -198,7 +204,7 @@ def resolve_settings(options: CompileOptions) -> Settings:
         if recipe_default
         else (backend.default_quantize or "none")  # a backend's own float typing stays
     )
-    kept = _folder_recipe(options.model) if recipe_default else None
+    kept = _folder_recipe(options.model, target, backend) if recipe_default else None
     if kept:  # as for_source would: --pass-options for its passes are checked against this plan
         quantize = kept
     recipe = _plan(options, target, backend, quantize)

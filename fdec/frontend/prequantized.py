@@ -21,6 +21,16 @@ Formats (config.json `quantization_config`):
   [N, K·bits/32] holding code + 2^(bits−1), `weight_scale` [N, groups], `weight_zero_point` int32
   [N·bits/32, groups] (asymmetric only, offset the same way), `weight_shape`, and `weight_g_idx`
   where groups follow activation order.
+- compressed-tensors `nvfp4-pack-quantized` (NVFP4: llm-compressor, ModelOpt's models converted,
+  fdec's own `--emit hf-checkpoint`; method "nvfp4" here): `weight_packed` uint8 [N, K/2], two
+  E2M1 codes a byte (low nibble first), `weight_scale` float8_e4m3fn [N, K/16],
+  `weight_global_scale` [1]; the weight is E2M1 · weight_scale / weight_global_scale, as
+  compressed-tensors computes it. A W4A4 checkpoint's `input_global_scale` is not read: the
+  build calibrates its own activations. On a target and backend that run FP4 (Blackwell,
+  TensorRT) such a source builds `fp4-wo` by default: re-quantizing its float values gives
+  its codes back where each block holds a ±6 code (round-to-nearest checkpoints: ModelOpt's
+  and llm-compressor's NVFP4 without GPTQ), and quantize-fp4 keeps such weights' codes
+  instead of rounding them by GPTQ again; elsewhere the target's own recipe applies.
 
 Per-layer formats (GPTQModel's `dynamic`: regex → overrides, the first rule matching a layer's
 name from its start wins): "-:" rules leave their layers in float (the checkpoint holds their
@@ -61,13 +71,16 @@ __all__ = [
     "dequantize_folder",
     "quantized_checkpoint",
     "source_quantization",
+    "source_recipe",
     "source_widths",
 ]
 
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds output column 8c + order[i]
 _NAMES = {"gptq": "GPTQ", "awq": "AWQ"}  # methods whose config has bits / group_size
-METHODS = (*_NAMES, "compressed-tensors")  # quant_method values read here
-_BITS = {"gptq": (4, 8), "awq": (4,), "compressed-tensors": (4, 8)}  # the widths read
+METHODS = (*_NAMES, "compressed-tensors", "nvfp4")  # read here ("nvfp4": compressed-tensors')
+_BITS = {"gptq": (4, 8), "awq": (4,), "compressed-tensors": (4, 8), "nvfp4": (4,)}
+_NVFP4_FORMAT = "nvfp4-pack-quantized"
+_NVFP4_BLOCK = 16
 # The --quantize a source of each width builds without one: the recipe that keeps its blocks.
 SOURCE_QUANTIZE = {4: "int4-awq", 8: "int8-wo"}
 # config.json key recording, in the float folder, what the checkpoint was
@@ -83,7 +96,7 @@ _FLOAT_FIX = "give fdec the original float checkpoint; it quantizes it itself (-
 class QuantizedCheckpoint:
     """How a checkpoint's linear layers are stored (see the module's docstring)."""
 
-    method: str  # "gptq" | "awq" | "compressed-tensors"
+    method: str  # "gptq" | "awq" | "compressed-tensors" | "nvfp4"
     group_size: int  # -1: one group over all inputs
     symmetric: bool
     zeros_minus_one: bool = False  # GPTQ's v1 checkpoints
@@ -112,9 +125,11 @@ class QuantizedCheckpoint:
     @property
     def packed(self) -> str:
         """The name of a quantized layer's packed codes."""
-        return "weight_packed" if self.method == "compressed-tensors" else "qweight"
+        return "weight_packed" if self.method in ("compressed-tensors", "nvfp4") else "qweight"
 
     def describe(self) -> str:
+        if self.method == "nvfp4":
+            return "compressed-tensors NVFP4 (E2M1, FP8 scales per 16)"
         group = "per channel" if self.group_size == -1 else f"group {self.group_size}"
         kind = "symmetric" if self.symmetric else "asymmetric"
         rules = f", {len(self.dynamic)} dynamic rules" if self.dynamic else ""
@@ -135,8 +150,25 @@ def source_quantization(config: dict) -> tuple[str, int] | None:
     bits = quantization.get("bits")
     if method == "compressed-tensors" and "config_groups" in quantization:
         groups = [g for g in quantization["config_groups"].values() if isinstance(g, dict)]
-        bits = ((groups[0].get("weights") or {}) if groups else {}).get("num_bits")
+        weights = (groups[0].get("weights") or {}) if groups else {}
+        bits = weights.get("num_bits")
+        method = "nvfp4" if weights.get("type") == "float" else method
     return (method, bits) if bits in _BITS[method] else None
+
+
+def source_recipe(
+    found: tuple[str, int] | None, target: Any = None, backend: Any = None
+) -> str | None:
+    """The --quantize that keeps the blocks of a quantized source (`source_quantization`'s
+    (method, bits)): SOURCE_QUANTIZE by width; for an NVFP4 one fp4-wo (re-quantizing its
+    float values gives its codes back) where `target` and `backend` run FP4, else None (the
+    target's own recipe). None for a float source."""
+    if not found:
+        return None
+    if found[0] == "nvfp4":
+        runs = target is not None and target.supports("fp4")
+        return "fp4-wo" if runs and (backend is None or "fp4" in backend.precisions) else None
+    return SOURCE_QUANTIZE[found[1]]
 
 
 def source_widths(config: dict) -> tuple[int, ...]:
@@ -219,10 +251,21 @@ def _dynamic_rules(rules: Any, folder: pathlib.Path) -> tuple:
 def _compressed_tensors(quantization: dict, folder: pathlib.Path) -> QuantizedCheckpoint:
     groups = [g for g in (quantization.get("config_groups") or {}).values() if isinstance(g, dict)]
     formats = {g.get("format") or quantization.get("format") for g in groups}
+    if formats == {_NVFP4_FORMAT}:  # W4A4 and W4A16 groups alike: the weights are read
+        for group in groups:
+            weights = group.get("weights") or {}
+            if (weights.get("num_bits"), weights.get("type"), weights.get("group_size")) != (
+                4, "float", _NVFP4_BLOCK,
+            ):  # fmt: skip
+                raise _refuse(
+                    folder, "compressed-tensors NVFP4", "whose weights are not FP4 in groups of "
+                    f"{_NVFP4_BLOCK} (fdec reads NVFP4)",
+                )  # fmt: skip
+        return QuantizedCheckpoint("nvfp4", _NVFP4_BLOCK, symmetric=True, bits=4)
     if formats != {"pack-quantized"} or len(groups) != 1:
         raise _refuse(
             folder, "compressed-tensors", f"in format {sorted(map(str, formats))} "
-            "(fdec reads one pack-quantized group: llm-compressor's W4A16)",
+            "(fdec reads one pack-quantized group, llm-compressor's W4A16, or NVFP4)",
         )  # fmt: skip
     weights, scheme = groups[0].get("weights") or {}, groups[0]
     if scheme.get("input_activations") or scheme.get("output_activations"):
@@ -259,6 +302,8 @@ def _weight(
     """One quantized linear layer as its float32 weight [N, K] (torch's Linear layout), and the
     order of its inputs that makes its groups consecutive (None: they already are)."""
     bits, offset = fmt.bits, 1 << (fmt.bits - 1)
+    if fmt.method == "nvfp4":
+        return _nvfp4_weight(layer, name), None
     if fmt.method == "compressed-tensors":
         n, k = (int(d) for d in layer["weight_shape"])
         codes = _unpack(layer["weight_packed"], 1, bits)[:, :k] - offset  # [N, K]
@@ -281,6 +326,24 @@ def _weight(
     zeros = zeros[:, : codes.shape[1]]
     groups, order = _groups(k, fmt.group_size, scales.shape[0], layer.get("g_idx"), name)
     return ((codes - zeros[groups]) * scales[groups]).T.astype(np.float32), order
+
+
+def _nvfp4_weight(layer: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """An NVFP4 layer's float32 weight [N, K]: E2M1 · (weight_scale / weight_global_scale)."""
+    import ml_dtypes
+
+    packed = layer["weight_packed"]  # uint8 [N, K/2]
+    scales = layer["weight_scale"].astype(np.float32)  # [N, K/16], FP8 values
+    if packed.dtype != np.uint8 or scales.shape[1] * _NVFP4_BLOCK != 2 * packed.shape[1]:
+        raise InputError(
+            f"{name}: weight_packed {packed.dtype} {list(packed.shape)} and weight_scale "
+            f"{list(scales.shape)} are not NVFP4 (uint8 [N, K/2], [N, K/16])",
+            "the checkpoint does not match its quantization_config; re-download it",
+        )
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+    values = codes.view(ml_dtypes.float4_e2m1fn).astype(np.float32)
+    steps = scales / np.float32(layer["weight_global_scale"].reshape(-1)[0])
+    return values * np.repeat(steps, _NVFP4_BLOCK, axis=1)
 
 
 def _reorder(nibbles: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -366,11 +429,13 @@ _REQUIRED = {
     "gptq": ("qzeros", "scales"),
     "awq": ("qzeros", "scales"),
     "compressed-tensors": ("weight_scale", "weight_shape"),
+    "nvfp4": ("weight_scale", "weight_global_scale"),
 }
 _LAYER_TENSORS = {  # a quantized layer's tensors besides its packed codes (and bias)
     "gptq": ("qzeros", "scales", "g_idx"),
     "awq": ("qzeros", "scales"),
     "compressed-tensors": ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
+    "nvfp4": ("weight_scale", "weight_global_scale", "input_global_scale"),
 }
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.errors import CapacityError, InputError, UsageError
-from fdec.frontend.prequantized import SOURCE_QUANTIZE
+from fdec.frontend.prequantized import source_recipe
 from fdec.plan.shape import (
     INT8_WEIGHT_ONLY,
     KV_DTYPES,
@@ -173,8 +173,10 @@ def plan_capacity(
         raise UsageError(f"--context must be at least 1, got {context}", "pass --context 1 or more")
     recipe = target.default_recipe
     weight_from = "--quantize" if weights else f"{target.name} default_recipe.weights"
-    if not weights and shape.source_quantization:  # compiles on the checkpoint's own blocks
-        weights = SOURCE_QUANTIZE[shape.source_bits]
+    found = (shape.source_method, shape.source_bits) if shape.source_method else None
+    kept = source_recipe(found, target)
+    if not weights and kept:  # compiles on the checkpoint's own blocks
+        weights = kept
         weight_from = f"the source ({shape.source_quantization})"
     weight_name = precision_of(weights or recipe["weights"], "weight precision")
     if shape.kind == "encoder" and not weights and "encoder_weights" in recipe:

@@ -84,8 +84,10 @@ class ModelShape:
     type_vocab_size: int = 0
     notes: tuple[str, ...] = ()
     # "gptq int4" etc.: a checkpoint another tool quantized, which compiles to its own width
-    # (int4, or int8 weight-only) by default (fdec.frontend.prequantized)
+    # (int4, int8 weight-only; NVFP4 where the target runs it) by default
+    # (fdec.frontend.prequantized.source_recipe of (source_method, source_bits))
     source_quantization: str = ""
+    source_method: str = ""
     source_bits: int = 0
 
     @property
@@ -227,8 +229,10 @@ def shape_from_config(config: dict[str, Any], name: str, where: str = "config.js
         )
     default_inner = 4 * hidden if layout == "gpt2" else None
     method, bits = source_quantization(config) or ("", 0)
+    described = "nvfp4" if method == "nvfp4" else f"{method} int{bits}" if method else ""
     return ModelShape(
-        source_quantization=f"{method} int{bits}" if method else "",
+        source_quantization=described,
+        source_method=method,
         source_bits=bits,
         name=name,
         model_type=model_type,

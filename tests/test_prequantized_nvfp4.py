@@ -1,0 +1,172 @@
+"""NVFP4 checkpoints (compressed-tensors' nvfp4-pack-quantized) compile, keeping their FP4 codes.
+
+The checkpoints are written by the compressed-tensors library itself from a tiny random Qwen2
+(round to nearest, its own global and block scales: what llm-compressor's NVFP4 recipe without
+GPTQ writes). fdec reads them as the float weights compressed-tensors decompresses them to; on
+a target that runs FP4 the default recipe is fp4-wo, whose codes must be the checkpoint's, byte
+for byte; elsewhere the target's own recipe applies.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+from models import make_tiny_model
+from safetensors.torch import load_file
+
+from fdec.cli import cli
+from fdec.errors import InputError
+from fdec.frontend.prequantized import quantized_checkpoint
+
+pytest.importorskip("compressed_tensors")
+
+_PROMPT = "The quick brown fox jumps over the lazy dog while the lighthouse keeper"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen2") / "float"
+    return make_tiny_model(folder, "qwen2", hidden_size=128, intermediate_size=256)
+
+
+def _nvfp4_checkpoint(source, folder, preset: str):
+    """`source` quantized by compressed-tensors to `preset` ("NVFP4A16" or "NVFP4": W4A4 with a
+    stored activation scale), round to nearest on min/max scales, lm_head left in float."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    apply_quantization_config(
+        model, QuantizationConfig(config_groups={"g": scheme}, ignore=["lm_head"])
+    )
+    for module in model.modules():
+        if hasattr(module, "weight_global_scale"):
+            weight = module.weight.data
+            global_scale = generate_gparam(weight.min(), weight.max())
+            module.weight_global_scale.data = global_scale.reshape(1)
+            blocks = weight.reshape(weight.shape[0], -1, 16)
+            module.weight_scale.data, _ = calculate_qparams(
+                blocks.amin(-1), blocks.amax(-1), scheme.weights, global_scale=global_scale
+            )
+            if hasattr(module, "input_global_scale"):
+                module.input_global_scale.data = torch.tensor([6 * 448 / 4.0])
+    compressor = ModelCompressor.from_pretrained_model(
+        model, quantization_format="nvfp4-pack-quantized"
+    )
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(folder)
+    for path in source.glob("tokenizer*"):
+        shutil.copyfile(path, folder / path.name)
+    return folder
+
+
+def _compile(cli_runner, model, out, *args):
+    result = cli_runner.invoke(cli, ["compile", str(model), "-o", str(out), "--json", *args])
+    assert result.exit_code == 0, result.output + result.stderr
+    return json.loads(result.stdout), json.loads((out / "report.json").read_text())
+
+
+def _fp4_codes(build) -> dict[str, np.ndarray]:
+    """Each FP4 weight's E2M1 codes [N, K] in the build's model.onnx, by HF module name."""
+    graph = ir.load(str(build / "model.onnx")).graph
+    return {
+        name.removesuffix(".weight_F4"): (v.const_value.numpy().view(np.uint8) & 15).T
+        for name, v in graph.initializers.items()
+        if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT4E2M1
+    }
+
+
+def test_an_nvfp4_checkpoint_builds_fp4_on_blackwell_with_its_own_codes(
+    source, tmp_path, cli_runner
+):
+    checkpoint = _nvfp4_checkpoint(source, tmp_path / "nvfp4", "NVFP4A16")
+    summary, report = _compile(cli_runner, checkpoint, tmp_path / "rtx5090", "--target", "rtx5090")
+    assert report["recipe"]["quantize"] == "fp4-wo"
+    assert "the source is compressed-tensors NVFP4" in report["recipe"]["chosen_by"]
+    stats = next(p for p in report["passes"] if p["name"] == "quantize-fp4")["stats"]
+    assert stats["source_grid_kept"] == 14 and stats["weight_rounding"] == "gptq"
+    tensors = load_file(checkpoint / "model.safetensors")
+    codes = _fp4_codes(tmp_path / "rtx5090")
+    layers = [name for name in codes if name.startswith("model.layers.")]
+    assert len(layers) == 14
+    for module in layers:
+        packed = tensors[f"{module}.weight_packed"].numpy()
+        stored = np.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1)
+        np.testing.assert_array_equal(codes[module], stored, err_msg=module)
+    assert summary["verification"]["ok"] and report["engines"][0]["status"] == "built"
+
+    # What fdec reads is what compressed-tensors decompresses (in fp32): a float build runs the
+    # greedy tokens of transformers on the checkpoint
+    from transformers import AutoTokenizer
+
+    from fdec.lower.hf_checkpoint.load import load_fp32
+
+    _compile(cli_runner, checkpoint, tmp_path / "fp32", "--target", "cpu", "--quantize", "none")
+    ran = cli_runner.invoke(cli, ["run", str(tmp_path / "fp32"), "-p", _PROMPT, "-n", "24",
+                                  "--no-chat-template", "--json"])  # fmt: skip
+    assert ran.exit_code == 0, ran.output + ran.stderr
+    reference, _ = load_fp32(checkpoint)
+    ids = AutoTokenizer.from_pretrained(checkpoint)(_PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = reference.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)  # fmt: skip
+    assert json.loads(ran.stdout)["tokens"] == out[0, ids.shape[1] :].tolist()
+
+
+def test_a_w4a4_nvfp4_checkpoint_reads_its_weights_and_elsewhere_takes_the_targets_recipe(
+    source, tmp_path, cli_runner
+):
+    """An NVFP4 (W4A4) checkpoint's activation scales are not weights: the float folder holds
+    none of them. Where FP4 does not run (h100, b200's ONNX Runtime model) the target's own
+    recipe applies; `fdec plan` says the same."""
+    checkpoint = _nvfp4_checkpoint(source, tmp_path / "nvfp4", "NVFP4")
+    _, report = _compile(cli_runner, checkpoint, tmp_path / "b200", "--target", "b200")
+    assert report["recipe"]["quantize"] == "fp4-wo"
+    stats = next(p for p in report["passes"] if p["name"] == "quantize-fp4")["stats"]
+    assert stats["source_grid_kept"] == 14
+    for target, backend, want in [
+        ("h100", [], "fp8"),
+        ("b200", ["--backend", "onnxruntime"], None),
+    ]:
+        _, report = _compile(cli_runner, checkpoint, tmp_path / target, "--target", target,
+                             *backend)  # fmt: skip
+        assert "source" not in (report["recipe"]["chosen_by"] or "")
+        assert not report["recipe"]["quantize"].startswith("fp4")
+        if want:
+            assert report["recipe"]["quantize"] == want
+    planned = cli_runner.invoke(cli, ["plan", str(checkpoint), "--target", "rtx5090", "--json"])
+    assert planned.exit_code == 0, planned.output
+    assert "fp4" in planned.stdout and "nvfp4" in planned.stdout
+
+
+def test_an_nvfp4_checkpoint_of_other_groups_is_refused(tmp_path):
+    config = {
+        "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "format": "nvfp4-pack-quantized",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "format": "nvfp4-pack-quantized",
+                    "weights": {"num_bits": 4, "type": "float", "group_size": 32},
+                }
+            },
+        }
+    }
+    with pytest.raises(InputError, match="not FP4 in groups of 16"):
+        quantized_checkpoint(config, tmp_path)
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 16
+    assert quantized_checkpoint(config, tmp_path).method == "nvfp4"
