@@ -158,36 +158,35 @@ def fake_fp4_activation(x: np.ndarray, g: float) -> np.ndarray:
     return (codes * steps).reshape(x.shape)
 
 
+def _values(codes: np.ndarray, scales: np.ndarray, g: np.float32) -> np.ndarray:
+    """The [K, N] weight NVFP4 codes, block scales and tensor scale stand for (fp32)."""
+    k, n = codes.shape
+    steps = scales.astype(np.float32) * g
+    blocks = codes.astype(np.float32).reshape(k // FP4_BLOCK, FP4_BLOCK, n) * steps[:, None]
+    return blocks.reshape(k, n)
+
+
 def _nvfp4_dequantized(array: np.ndarray, **options: Any) -> np.ndarray:
-    codes, scales, g = quantize_nvfp4(array, **options)
-    k, n = array.shape
-    steps = scales.astype(np.float32) * g
-    return (
-        codes.astype(np.float32).reshape(k // FP4_BLOCK, FP4_BLOCK, n) * steps[:, None]
-    ).reshape(k, n)
+    return _values(*quantize_nvfp4(array, **options))
 
 
-def _on_grid(array: np.ndarray, codes: np.ndarray, scales: np.ndarray, g: np.float32) -> bool:
-    """Whether [K, N] `array` is its NVFP4 codes' values (to float rounding: a checkpoint's
-    E2M1 · scale / global_scale computed in fp32)."""
-    k, n = array.shape
-    steps = scales.astype(np.float32) * g
-    values = codes.astype(np.float32).reshape(k // FP4_BLOCK, FP4_BLOCK, n) * steps[:, None]
-    return bool(np.allclose(values.reshape(k, n), array, rtol=1e-5, atol=0))
+def _on_grid(array: np.ndarray, nearest: tuple[np.ndarray, np.ndarray, np.float32]) -> bool:
+    """Whether [K, N] `array` is the values of its nearest NVFP4 rounding (to float rounding: an
+    NVFP4 checkpoint's E2M1 · scale / global_scale, read as float in fp32)."""
+    return bool(np.allclose(_values(*nearest), array, rtol=1e-5, atol=0))
 
 
 def _gptq_nvfp4(
-    array: np.ndarray, hessian: np.ndarray, damping: float, **options: Any
+    array: np.ndarray,
+    hessian: np.ndarray,
+    damping: float,
+    nearest: tuple[np.ndarray, np.ndarray, np.float32],
 ) -> tuple[np.ndarray, np.ndarray, np.float32]:
-    """GPTQ rounding (`gptq`) of a [K, N] weight to NVFP4 codes on `quantize_nvfp4`'s scales:
-    rows are rounded in order (in the weight's own units: the block scale changes every 16
-    rows) and each row's error is spread over the rows left. Nearest when H cannot be
-    factored, and for a weight nearest rounding gives back exactly (an NVFP4 checkpoint's, read
-    as float: fdec.frontend.prequantized), whose codes are kept."""
-    nearest = quantize_nvfp4(array, **options)
-    codes, scales, g = nearest
-    if _on_grid(array, codes, scales, g):
-        return nearest
+    """GPTQ rounding (`gptq`) of a [K, N] weight to NVFP4 codes on the scales of its `nearest`
+    rounding (`quantize_nvfp4`): rows are rounded in order (in the weight's own units: the
+    block scale changes every 16 rows) and each row's error is spread over the rows left.
+    Nearest when H cannot be factored."""
+    _, scales, g = nearest
 
     steps = scales.astype(np.float64) * float(g)  # [K/16, N]
     safe = np.where(steps == 0, 1.0, steps)
@@ -425,14 +424,16 @@ class QuantizeFp4Pass(StaticQuantizePass):
             hessian = hessian / np.outer(s, s)
         for weight in group.weights:
             array = weight.array if s is None else weight.array * s[:, None]
-            options: dict[str, Any] = {"shrink": self.scale_search}
-            if hessian is None:
-                codes, scales, g_w = quantize_nvfp4(array, **options)
+            importance = None if hessian is None else np.diag(hessian).copy()
+            nearest = quantize_nvfp4(array, shrink=self.scale_search, importance=importance)
+            # A weight nearest rounding gives back exactly (an NVFP4 checkpoint's, read as
+            # float: fdec.frontend.prequantized) keeps those codes; GPTQ would move some.
+            kept = _on_grid(array, nearest)
+            stats["source_grid_kept"] += int(kept)
+            if hessian is None or kept:
+                codes, scales, g_w = nearest
             else:
-                options["importance"] = np.diag(hessian).copy()
-                codes, scales, g_w = _gptq_nvfp4(array, hessian, self.gptq_damping, **options)
-            # an NVFP4 checkpoint's weight (read as float) keeps its codes
-            stats["source_grid_kept"] += int(_on_grid(array, codes, scales, g_w))
+                codes, scales, g_w = _gptq_nvfp4(array, hessian, self.gptq_damping, nearest)
             stats["bytes_before"] += weight.value.const_value.nbytes
             stats["matmuls_quantized"] += len(weight.sites)
             stats["weights_quantized"] += 1
