@@ -27,7 +27,12 @@ from fdec.errors import CompileError, UsageError
 from fdec.frontend.export import import_model
 from fdec.frontend.source import resolve_source
 from fdec.ir import FdecModel, ModelSpec
-from fdec.lower.hf_checkpoint import SAFETENSORS_FILE, check_quantize, write_hf_checkpoint
+from fdec.lower.hf_checkpoint import (
+    SAFETENSORS_FILE,
+    check_quantize,
+    check_source,
+    write_hf_checkpoint,
+)
 from fdec.lower.hf_checkpoint.load import load_fp32
 from fdec.lower.hf_checkpoint.pack import pack_weight
 from fdec.lower.hf_checkpoint.read import Blocked
@@ -574,3 +579,13 @@ def test_check_quantize_refuses_before_any_work():
     assert "int4" in error.value.fix
     for ok in ("fp4", "fp4-w4a4", "fp4-wo"):
         check_quantize(ok)
+
+
+def test_w4a4_checkpoint_of_conv1d_layers_is_refused_before_loading(tiny_models):
+    """GPT-2's Conv1D layers: no NVFP4 format loads them (UsageError from config.json alone,
+    exit 2 before any work); fp4-wo and Linear models pass."""
+    gpt2 = json.loads((tiny_models("gpt2") / "config.json").read_text())
+    with pytest.raises(UsageError, match=r"Conv1D \(transformer\.h\.0\.attn\.c_attn"):
+        check_source("fp4", gpt2, "decoder")
+    check_source("fp4-wo", gpt2, "decoder")
+    check_source("fp4", json.loads((tiny_models("llama") / "config.json").read_text()), "decoder")

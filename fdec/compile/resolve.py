@@ -28,6 +28,7 @@ from fdec.frontend.prequantized import (
     source_widths,
 )
 from fdec.frontend.source import default_cache_dir, resolve_source
+from fdec.lower.hf_checkpoint import check_source
 from fdec.lower.profiles import ShapeLimits
 from fdec.passes import parse_pass_list, weight_quantizers
 from fdec.passes.kv_cache import ModelWindow
@@ -134,6 +135,8 @@ class Settings:
                 "drop --emit genai",
             )
         kind = source.family.kind
+        if "hf-checkpoint" in options.emit:
+            check_source(self.quantize, source.config, kind)
         if kind != "decoder":  # an encoder's own recipe (and, by default, quantization)
             quantize = (
                 default_quantize(self.target, kind, self.backend)

@@ -50,7 +50,7 @@ format), write (the checkpoint).
 
 from __future__ import annotations
 
-from fdec.lower.hf_checkpoint.supported import SUPPORTED_QUANTIZE, check_quantize
+from fdec.lower.hf_checkpoint.supported import SUPPORTED_QUANTIZE, check_quantize, check_source
 from fdec.lower.hf_checkpoint.write import CHECKPOINT_DIR, SAFETENSORS_FILE, write_hf_checkpoint
 
 __all__ = [
@@ -58,5 +58,6 @@ __all__ = [
     "SAFETENSORS_FILE",
     "SUPPORTED_QUANTIZE",
     "check_quantize",
+    "check_source",
     "write_hf_checkpoint",
 ]

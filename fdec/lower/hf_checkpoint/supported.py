@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fdec.errors import UsageError
 
-__all__ = ["SUPPORTED_FIX", "SUPPORTED_QUANTIZE", "check_quantize"]
+__all__ = ["SUPPORTED_FIX", "SUPPORTED_QUANTIZE", "check_quantize", "check_source"]
 
 # `--quantize` values whose builds this lowering writes (None: full precision).
 SUPPORTED_QUANTIZE = ("int4", "int4-rtn", "int8-wo", "fp4", "fp4-w4a4", "fp4-wo")
@@ -23,3 +23,21 @@ def check_quantize(asked: str | None) -> None:
         "no checkpoint format with its numerics",
         SUPPORTED_FIX,
     )
+
+
+def check_source(asked: str | None, config: dict, kind: str) -> None:
+    """Refuse, before loading, an NVFP4 W4A4 checkpoint of a model whose linear layers are not
+    nn.Linear (GPT-2's Conv1D): no packed format loads them, and written in float they would
+    lose their run-time FP4 activations (fp4-wo writes them dequantized, the same numbers)."""
+    if not asked or asked.lower() not in ("fp4", "fp4-w4a4"):
+        return
+    from fdec.lower.hf_checkpoint.expected import expected_parameters
+
+    conv1d = [p.name for p in expected_parameters(config, kind)[0] if p.kind == "conv1d"]
+    if conv1d:
+        raise UsageError(
+            f"--emit hf-checkpoint cannot write a --quantize {asked} build of this model: its "
+            f"linear layers are Conv1D ({conv1d[0]}, ...), which no NVFP4 format loads",
+            "use --quantize fp4-wo (written dequantized: the same numbers), or drop "
+            "--emit hf-checkpoint",
+        )
