@@ -340,7 +340,8 @@ def _nvfp4_weight(layer: dict[str, np.ndarray], name: str) -> np.ndarray:
             f"{list(scales.shape)} are not NVFP4 (uint8 [N, K/2], [N, K/16])",
             "the checkpoint does not match its quantization_config; re-download it",
         )
-    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+    # 8 codes a little-endian word, low nibble first (K/2 bytes are whole words: K = 16·groups)
+    codes = _unpack(np.ascontiguousarray(packed).view("<i4"), 1, 4).astype(np.uint8)
     values = codes.view(ml_dtypes.float4_e2m1fn).astype(np.float32)
     steps = scales / np.float32(layer["weight_global_scale"].reshape(-1)[0])
     return values * np.repeat(steps, _NVFP4_BLOCK, axis=1)

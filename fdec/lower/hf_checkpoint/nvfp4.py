@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from fdec.lower.hf_checkpoint.pack import pack_nibbles
 from fdec.lower.hf_checkpoint.read import Nvfp4
 from fdec.passes.quantize_fp4 import FP4_BLOCK
 
@@ -37,9 +38,8 @@ NVFP4_FORMAT = "nvfp4-pack-quantized"
 
 
 def _tensors(module: str, weight: Nvfp4) -> dict[str, np.ndarray]:
-    pairs = weight.codes.reshape(weight.shape[0], -1, 2)
     tensors = {
-        f"{module}.weight_packed": np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4)),
+        f"{module}.weight_packed": pack_nibbles(weight.codes),
         f"{module}.weight_scale": weight.block_scales,
         f"{module}.weight_global_scale": np.array([1 / weight.global_scale], np.float32),
     }

@@ -8,7 +8,7 @@ import numpy as np
 
 from fdec.lower.hf_checkpoint.read import Blocked
 
-__all__ = ["PACK_FORMAT", "pack_weight", "quantization_config"]
+__all__ = ["PACK_FORMAT", "pack_nibbles", "pack_weight", "quantization_config"]
 
 PACK_FORMAT = "pack-quantized"
 
@@ -24,6 +24,12 @@ def _pack_int32(unsigned: np.ndarray, bits: int) -> np.ndarray:
         pairs = padded.reshape(rows, -1, 2)
         padded = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
     return np.ascontiguousarray(padded).view("<i4").astype(np.int32)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """uint8 [rows, cols] of 0..15 (cols a multiple of 8) → uint8 [rows, cols / 2], two a byte,
+    the first in the low nibble: `_pack_int32`'s bytes (NVFP4's weight_packed)."""
+    return _pack_int32(codes, 4).view(np.uint8)
 
 
 def _regroup(blocks: np.ndarray, block_size: int, group_size: int, k: int) -> np.ndarray:
