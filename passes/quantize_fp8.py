@@ -38,6 +38,29 @@ def _quantize_fp8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return per_channel_quantize(array, _FP8_MAX, ml_dtypes.float8_e4m3fn, rint=False)
 
 
+def _fp8_grid(
+    array: np.ndarray, nearest: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The FP8 codes and per-channel scales whose values [K, N] `array` is (an FP8 checkpoint's
+    weights read as float: fdec.frontend.fp8_checkpoint), else None. Its `nearest` rounding
+    (each column's absmax / 448: a channel-scaled source's own scales) is tried, then one scale
+    for every column, the array's absmax / 448 (a tensor-scaled source's); a block-scaled
+    source's weights are on neither. Equal to float rounding: E4M3 · scale in fp32."""
+    for codes, scales in (nearest, _tensor_scaled(array)):
+        values = codes.astype(np.float32) * scales
+        if np.allclose(values, array, rtol=1e-6, atol=0):
+            return codes, scales
+    return None
+
+
+def _tensor_scaled(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FP8 codes of [K, N] `array` on one scale (its absmax / 448) repeated for every column."""
+    peak = np.float32(np.abs(array).max())
+    scale = peak / np.float32(_FP8_MAX) if peak > 0 else np.float32(1)
+    scales = np.full(array.shape[1], scale, dtype=np.float32)
+    return (array / scale).astype(ml_dtypes.float8_e4m3fn), scales
+
+
 def _fp8_factor(
     hessian: np.ndarray, damping: float, act_order: bool, overwrite: bool
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
@@ -52,15 +75,17 @@ def _fp8_factor(
 
 
 def _gptq_fp8_factored(
-    array: np.ndarray, factored: tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]
+    array: np.ndarray,
+    factored: tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None],
+    nearest: tuple[np.ndarray, np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ rounding (`gptq`) of a [K, N] weight to per-output-channel FP8 codes on
-    `_quantize_fp8`'s scales (absmax / 448): (float8 [K, N], scales [N]); nearest rounding
-    when H could not be factored."""
+    """GPTQ rounding (`gptq`) of a [K, N] weight to per-output-channel FP8 codes on the scales
+    of its `nearest` rounding (`_quantize_fp8`: absmax / 448): (float8 [K, N], scales [N]);
+    the nearest rounding itself when H could not be factored."""
     order, factor = factored
     if factor is None:
-        return _quantize_fp8(array)
-    _, scales = _quantize_fp8(array)
+        return nearest
+    scales = nearest[1]
     w = array[order].astype(np.float64) / scales  # in code units, in rounding order
     codes = np.empty(w.shape, dtype=ml_dtypes.float8_e4m3fn)
 
@@ -81,6 +106,10 @@ class QuantizeFp8Pass(StaticQuantizePass):
     calibration, `activation_range` / 448 with the range the calibrated absmax ("absmax") or
     the 99.9th percentile of |x| ("percentile": rarer outliers are clipped at ±448). The
     model's opset is raised to 19 (FP8 Q/DQ) when lower.
+
+    A weight whose values already are FP8 codes times a scale per channel or per tensor (an
+    FP8 checkpoint's, read as float: fdec.frontend.fp8_checkpoint) keeps them, in W8A16 layers
+    too (FP8 weights, not int8), instead of being rounded again (stats `source_grid_kept`).
 
     `weight_rounding="gptq"` picks each weight's FP8 code (on the same per-channel scales) by
     GPTQ's error compensation against the calibration activations. `share_tied_embedding`
@@ -149,6 +178,8 @@ class QuantizeFp8Pass(StaticQuantizePass):
             "activation_margin": self.activation_margin,
             "weight_rounding": self.weight_rounding,
             "int8_weight_only": [],
+            "fp8_weight_only": [],  # W8A16 layers keeping a source's FP8 codes
+            "source_grid_kept": 0,  # weights already on an FP8 grid, their codes kept
         }
 
     def _prepare(self, model, groups, stats) -> None:
@@ -156,11 +187,14 @@ class QuantizeFp8Pass(StaticQuantizePass):
         if self.weight_rounding != "gptq" or not groups:
             return
         assert self.batches is not None
-        # Only the FP8 groups: W8A16 layers (and a shared table) round to int8 without XᵀX.
+        # Only the FP8 groups: W8A16 layers (and a shared table) round to int8 without XᵀX,
+        # and weights on an FP8 grid keep their codes.
         names = [
             group.activation.name
             for group in groups
-            if not self._weight_only(model, group) and not any(w.gathers for w in group.weights)
+            if not self._weight_only(model, group)
+            and not any(w.gathers for w in group.weights)
+            and not all(_fp8_grid(w.array, _quantize_fp8(w.array)) for w in group.weights)
         ]
         if not names:
             return
@@ -174,6 +208,16 @@ class QuantizeFp8Pass(StaticQuantizePass):
         if hessian is None:
             return None
         return _fp8_factor(hessian, self.gptq_damping, self.gptq_act_order, overwrite=True)
+
+    def _weight_only_codes(self, weight, stats) -> tuple[ir.Tensor, np.ndarray, str]:
+        """A W8A16 weight on an FP8 grid keeps its FP8 codes (TensorRT: a bf16 GEMM reading
+        FP8 weights); others (and a shared table, which ONNX Gather reads as int8) are int8."""
+        grid = None if weight.gathers else _fp8_grid(weight.array, _quantize_fp8(weight.array))
+        if grid is None:
+            return super()._weight_only_codes(weight, stats)
+        stats["source_grid_kept"] += 1
+        stats["fp8_weight_only"].append(weight.value.name)
+        return ir.Tensor(grid[0], dtype=ir.DataType.FLOAT8E4M3FN), grid[1], "F8"
 
     def _rewrite(self, model, group, found, taken, stats) -> bool:
         graph = model.graph
@@ -194,10 +238,15 @@ class QuantizeFp8Pass(StaticQuantizePass):
         insert_after_producer(graph, group.activation, nodes)
         factored = self._factor(group)
         for weight in group.weights:
-            if factored is None:
-                codes, scales = _quantize_fp8(weight.array)
+            nearest = _quantize_fp8(weight.array)
+            grid = _fp8_grid(weight.array, nearest)
+            stats["source_grid_kept"] += grid is not None
+            if grid is not None:
+                codes, scales = grid
+            elif factored is None:
+                codes, scales = nearest
             else:
-                codes, scales = _gptq_fp8_factored(weight.array, factored)
+                codes, scales = _gptq_fp8_factored(weight.array, factored, nearest)
             tensor = ir.Tensor(codes, dtype=ir.DataType.FLOAT8E4M3FN)
             stats["bytes_before"] += weight.value.const_value.nbytes
             stats["matmuls_quantized"] += len(weight.sites)

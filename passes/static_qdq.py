@@ -273,15 +273,22 @@ class StaticQuantizePass(Pass):
         """W8A16: per-channel int8 weights, DequantizeLinear → MatMul with the float activation,
         each weight's name listed under stats[`listed_as`]. False: no activation was quantized."""
         for weight in group.weights:
-            codes, scales = quantize_int8(weight.array, 127)
+            codes, scales, suffix = self._weight_only_codes(weight, stats)
             stats["bytes_before"] += weight.value.const_value.nbytes
             stats["matmuls_quantized"] += len(weight.sites)
             stats["weights_quantized"] += 1
             stats[listed_as].append(weight.value.name)
             stats["bytes_after"] += self._quantized_weight(
-                model, weight, ir.tensor(codes), scales, group.activation, taken, "Q8"
+                model, weight, codes, scales, group.activation, taken, suffix
             )
         return False
+
+    def _weight_only_codes(
+        self, weight: Weight, stats: dict[str, Any]
+    ) -> tuple[ir.Tensor, np.ndarray, str]:
+        """A W8A16 weight's codes, per-channel scales and name suffix: int8 per output channel."""
+        codes, scales = quantize_int8(weight.array, 127)
+        return ir.tensor(codes), scales, "Q8"
 
     # --- shared rewriting ---------------------------------------------------------------------
 

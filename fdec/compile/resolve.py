@@ -21,6 +21,7 @@ from fdec.compile.options import CompileOptions
 from fdec.compile.recipe import Recipe, check_emit, default_quantize, plan_pipeline
 from fdec.errors import InputError, UsageError
 from fdec.frontend.families import sliding_window
+from fdec.frontend.fp8_checkpoint import Fp8Scheme
 from fdec.frontend.prequantized import (
     SOURCE_KEY,
     source_quantization,
@@ -65,10 +66,12 @@ def _folder_recipe(model: str, target: Any, backend: Any) -> str | None:
 
 
 def _describe_source(config: dict) -> str:
-    """What a GPTQ / AWQ / compressed-tensors source was (fdec.frontend.prequantized)."""
+    """What a GPTQ / AWQ / compressed-tensors / FP8 source was (fdec.frontend.prequantized)."""
     found = config[SOURCE_KEY]
     if found.get("method") == "nvfp4":
         return "compressed-tensors NVFP4"
+    if found.get("method") == "fp8":
+        return Fp8Scheme(**found["fp8"]).describe()
     group = found.get("group_size")
     widths = "+".join(map(str, source_widths(config) or (4,)))
     return f"{found.get('method')} int{widths}" + (

@@ -32,6 +32,11 @@ Formats (config.json `quantization_config`):
   and llm-compressor's NVFP4 without GPTQ), and quantize-fp4 keeps such weights' codes
   instead of rounding them by GPTQ again; elsewhere the target's own recipe applies.
 
+- FP8 (compressed-tensors `float-quantized`, transformers' `fp8`, `fbgemm_fp8`, ModelOpt's
+  FP8 algorithms; method "fp8" here): `weight` float8_e4m3fn [N, K] times a scale per tensor,
+  channel or block (fdec.frontend.fp8_checkpoint). On a target and backend that run FP8 such
+  a source builds `fp8`, whose quantizer keeps the codes of tensor- and channel-scaled weights.
+
 Per-layer formats (GPTQModel's `dynamic`: regex → overrides, the first rule matching a layer's
 name from its start wins): "-:" rules leave their layers in float (the checkpoint holds their
 `weight`), the others override `bits` (4 or 8), `group_size` and `sym` for their layers, which
@@ -61,6 +66,14 @@ from typing import Any
 import numpy as np
 
 from fdec.errors import InputError
+from fdec.frontend.fp8_checkpoint import (
+    FP8_DROPPED,
+    Fp8Scheme,
+    float_method,
+    fp8_scheme,
+    fp8_weight,
+    modelopt_quantization,
+)
 
 __all__ = [
     "INPUT_ORDER_FILE",
@@ -77,8 +90,16 @@ __all__ = [
 
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds output column 8c + order[i]
 _NAMES = {"gptq": "GPTQ", "awq": "AWQ"}  # methods whose config has bits / group_size
-METHODS = (*_NAMES, "compressed-tensors", "nvfp4")  # read here ("nvfp4": compressed-tensors')
-_BITS = {"gptq": (4, 8), "awq": (4,), "compressed-tensors": (4, 8), "nvfp4": (4,)}
+METHODS = (
+    *_NAMES,
+    "compressed-tensors",
+    "nvfp4",
+    "fp8",
+)  # read here ("nvfp4": compressed-tensors')
+_BITS = {"gptq": (4, 8), "awq": (4,), "compressed-tensors": (4, 8), "nvfp4": (4,), "fp8": (8,)}
+# Float formats: the --quantize keeping their codes where the target and backend run the
+# precision (fdec's fp4-wo quantizer keeps NVFP4 codes, fp8's the FP8 ones).
+_FLOAT_RECIPES = {"nvfp4": ("fp4", "fp4-wo"), "fp8": ("fp8", "fp8")}
 _NVFP4_FORMAT = "nvfp4-pack-quantized"
 _NVFP4_BLOCK = 16
 # The --quantize a source of each width builds without one: the recipe that keeps its blocks.
@@ -96,13 +117,14 @@ _FLOAT_FIX = "give fdec the original float checkpoint; it quantizes it itself (-
 class QuantizedCheckpoint:
     """How a checkpoint's linear layers are stored (see the module's docstring)."""
 
-    method: str  # "gptq" | "awq" | "compressed-tensors" | "nvfp4"
+    method: str  # "gptq" | "awq" | "compressed-tensors" | "nvfp4" | "fp8"
     group_size: int  # -1: one group over all inputs
     symmetric: bool
     zeros_minus_one: bool = False  # GPTQ's v1 checkpoints
     bits: int = 4
     # GPTQModel's `dynamic` rules, in order: (pattern with its "-:"/"+:" prefix, overrides)
     dynamic: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    fp8: Fp8Scheme | None = None  # an FP8 checkpoint's layout
 
     def for_layer(self, name: str) -> QuantizedCheckpoint | None:
         """The format of the layer `name` (its prefix, "model.layers.0.mlp.down_proj"): the
@@ -125,11 +147,20 @@ class QuantizedCheckpoint:
     @property
     def packed(self) -> str:
         """The name of a quantized layer's packed codes."""
+        if self.fp8:
+            return "weight"
         return "weight_packed" if self.method in ("compressed-tensors", "nvfp4") else "qweight"
+
+    @property
+    def marker(self) -> str:
+        """The tensor only a quantized layer holds (an FP8 layer's `weight` is a float's name)."""
+        return self.fp8.scale if self.fp8 else self.packed
 
     def describe(self) -> str:
         if self.method == "nvfp4":
             return "compressed-tensors NVFP4 (E2M1, FP8 scales per 16)"
+        if self.fp8:
+            return self.fp8.describe()
         group = "per channel" if self.group_size == -1 else f"group {self.group_size}"
         kind = "symmetric" if self.symmetric else "asymmetric"
         rules = f", {len(self.dynamic)} dynamic rules" if self.dynamic else ""
@@ -144,15 +175,12 @@ def source_quantization(config: dict) -> tuple[str, int] | None:
     quantization = config.get("quantization_config") or config.get(SOURCE_KEY)
     if not isinstance(quantization, dict):
         return None
-    method = quantization.get("quant_method", quantization.get("method"))
+    method, bits = float_method(quantization) or (
+        quantization.get("quant_method", quantization.get("method")),
+        quantization.get("bits"),
+    )
     if method not in METHODS:
         return None
-    bits = quantization.get("bits")
-    if method == "compressed-tensors" and "config_groups" in quantization:
-        groups = [g for g in quantization["config_groups"].values() if isinstance(g, dict)]
-        weights = (groups[0].get("weights") or {}) if groups else {}
-        bits = weights.get("num_bits")
-        method = "nvfp4" if weights.get("type") == "float" else method
     return (method, bits) if bits in _BITS[method] else None
 
 
@@ -160,14 +188,16 @@ def source_recipe(
     found: tuple[str, int] | None, target: Any = None, backend: Any = None
 ) -> str | None:
     """The --quantize that keeps the blocks of a quantized source (`source_quantization`'s
-    (method, bits)): SOURCE_QUANTIZE by width; for an NVFP4 one fp4-wo (re-quantizing its
-    float values gives its codes back) where `target` and `backend` run FP4, else None (the
-    target's own recipe). None for a float source."""
+    (method, bits)): SOURCE_QUANTIZE by width; for an NVFP4 one fp4-wo and for an FP8 one fp8
+    (their quantizers keep the codes they find in its float values) where `target` and
+    `backend` run that precision, else None (the target's own recipe). None for a float
+    source."""
     if not found:
         return None
-    if found[0] == "nvfp4":
-        runs = target is not None and target.supports("fp4")
-        return "fp4-wo" if runs and (backend is None or "fp4" in backend.precisions) else None
+    if found[0] in _FLOAT_RECIPES:
+        precision, recipe = _FLOAT_RECIPES[found[0]]
+        runs = target is not None and target.supports(precision)
+        return recipe if runs and (backend is None or precision in backend.precisions) else None
     return SOURCE_QUANTIZE[found[1]]
 
 
@@ -187,9 +217,12 @@ def _refuse(folder: pathlib.Path, what: str, why: str, fix: str = _FLOAT_FIX) ->
 def quantized_checkpoint(config: dict, folder: pathlib.Path) -> QuantizedCheckpoint | None:
     """The format of a checkpoint quantized by another tool that fdec reads, None for a float
     checkpoint; InputError (naming what is not supported) for any other quantized one."""
-    quantization = config.get("quantization_config")
+    quantization = config.get("quantization_config") or modelopt_quantization(folder)
     if not isinstance(quantization, dict) or not quantization:
         return None
+    if (float_method(quantization) or ("",))[0] == "fp8":
+        return QuantizedCheckpoint("fp8", -1, symmetric=True, bits=8,
+                                   fp8=fp8_scheme(quantization, folder))  # fmt: skip
     method = str(quantization.get("quant_method") or "unknown method")
     if method in _NAMES:
         bits, group = quantization.get("bits"), quantization.get("group_size", 128)
@@ -217,7 +250,7 @@ def quantized_checkpoint(config: dict, folder: pathlib.Path) -> QuantizedCheckpo
     what = f"{method}, {bits}-bit" if isinstance(bits, int) else method
     raise InputError(
         f"{folder} holds an already quantized checkpoint (config.json quantization_config: "
-        f"{what}); fdec reads GPTQ, AWQ and compressed-tensors int4 (and int8) ones",
+        f"{what}); fdec reads GPTQ, AWQ, compressed-tensors int4 (and int8), NVFP4 and FP8 ones",
         "give fdec the original float checkpoint it was made from; fdec quantizes it itself "
         "(--quantize int4-awq, int8, fp8, ...)",
     )
@@ -304,6 +337,8 @@ def _weight(
     bits, offset = fmt.bits, 1 << (fmt.bits - 1)
     if fmt.method == "nvfp4":
         return _nvfp4_weight(layer, name), None
+    if fmt.fp8:
+        return fp8_weight(layer["weight"], layer[fmt.fp8.scale], fmt.fp8, name), None
     if fmt.method == "compressed-tensors":
         n, k = (int(d) for d in layer["weight_shape"])
         codes = _unpack(layer["weight_packed"], 1, bits)[:, :k] - offset  # [N, K]
@@ -431,12 +466,14 @@ _REQUIRED = {
     "awq": ("qzeros", "scales"),
     "compressed-tensors": ("weight_scale", "weight_shape"),
     "nvfp4": ("weight_scale", "weight_global_scale"),
+    "fp8": (),  # the scale is the layer's marker
 }
 _LAYER_TENSORS = {  # a quantized layer's tensors besides its packed codes (and bias)
     "gptq": ("qzeros", "scales", "g_idx"),
     "awq": ("qzeros", "scales"),
     "compressed-tensors": ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
     "nvfp4": ("weight_scale", "weight_global_scale", "input_global_scale"),
+    "fp8": ("weight_scale", "weight_scale_inv"),
 }
 
 
@@ -461,14 +498,19 @@ def dequantize_folder(
         safe_open(str(path), framework="pt") for path in sorted(folder.glob("*.safetensors"))
     ]
     where = {name: handle for handle in handles for name in handle.keys()}
-    suffix = "." + fmt.packed
+    suffix = "." + fmt.marker
     quantized = [name[: -len(suffix)] for name in where if name.endswith(suffix)]
     if not quantized:
         raise InputError(
-            f"{folder}: config.json says {fmt.describe()}, but no layer holds {fmt.packed}",
+            f"{folder}: config.json says {fmt.describe()}, but no layer holds {fmt.marker}",
             "check the folder holds the quantized checkpoint's weights",
         )
-    parts = {f"{prefix}.{part}" for prefix in quantized for part in _LAYER_TENSORS[fmt.method]}
+    parts = {
+        f"{prefix}.{part}"
+        for prefix in quantized
+        for part in (fmt.packed, *_LAYER_TENSORS[fmt.method])
+    }
+    dropped = tuple("." + name for name in FP8_DROPPED) if fmt.fp8 else ()
     writer = _ShardWriter(staging, safetensors.torch.save_file)
     orders: dict[str, np.ndarray] = {}
     widths: set[int] = set()
@@ -480,6 +522,11 @@ def dequantize_folder(
             handle = where.get(f"{prefix}.{part}")
             if handle is not None:
                 tensor = handle.get_tensor(f"{prefix}.{part}")
+                if fmt.fp8 and part == fmt.packed and str(tensor.dtype) != "torch.float8_e4m3fn":
+                    raise InputError(
+                        f"{folder}: {prefix}.weight is {tensor.dtype}, not float8_e4m3fn",
+                        "fdec reads FP8 E4M3 weights; give it the model's float checkpoint",
+                    )
                 layer[part] = tensor.float().numpy() if tensor.is_floating_point() else (
                     tensor.numpy()
                 )  # fmt: skip
@@ -490,19 +537,22 @@ def dequantize_folder(
                 "the checkpoint is incomplete; re-download it",
             )
         own = fmt.for_layer(prefix) or fmt  # a "-:" rule's layer holding codes: as stored
-        widths.add(own.bits)
+        if not fmt.fp8:  # integer grids' widths (int4 builds keep 8-bit blocks at 8 bits)
+            widths.add(own.bits)
         weight, order = _weight(layer, own, prefix)
         writer.add(f"{prefix}.weight", np.ascontiguousarray(weight))
         if order is not None:
             orders[f"{prefix}.weight"] = order.astype(np.int64)
     for name, handle in where.items():
-        if not name.endswith(suffix) and name not in parts:
+        if name not in parts and not name.endswith(dropped):
             writer.add(name, handle.get_tensor(name))
     writer.close()
     layers = len(quantized)
     config = json.loads((folder / "config.json").read_text())
     config[SOURCE_KEY] = {"method": fmt.method, "bits": fmt.bits, "group_size": fmt.group_size,
                           "symmetric": fmt.symmetric, "widths": sorted(widths)}  # fmt: skip
+    if fmt.fp8:
+        config[SOURCE_KEY]["fp8"] = dataclasses.asdict(fmt.fp8)
     if orders:  # config.json carries the file's digest: what the build depends on
         data = safetensors.numpy.save(orders)
         (staging / INPUT_ORDER_FILE).write_bytes(data)
@@ -515,6 +565,7 @@ def dequantize_folder(
     for path in folder.iterdir():
         if path.is_file() and path.suffix != ".safetensors" and path.name not in (
             "config.json", "model.safetensors.index.json", "quantize_config.json",
+            "hf_quant_config.json",
         ):  # fmt: skip
             shutil.copyfile(path, staging / path.name)
     return layers

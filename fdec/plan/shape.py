@@ -84,7 +84,7 @@ class ModelShape:
     type_vocab_size: int = 0
     notes: tuple[str, ...] = ()
     # "gptq int4" etc.: a checkpoint another tool quantized, which compiles to its own width
-    # (int4, int8 weight-only; NVFP4 where the target runs it) by default
+    # (int4, int8 weight-only; NVFP4 and FP8 where the target runs them) by default
     # (fdec.frontend.prequantized.source_recipe of (source_method, source_bits))
     source_quantization: str = ""
     source_method: str = ""
@@ -229,7 +229,7 @@ def shape_from_config(config: dict[str, Any], name: str, where: str = "config.js
         )
     default_inner = 4 * hidden if layout == "gpt2" else None
     method, bits = source_quantization(config) or ("", 0)
-    described = "nvfp4" if method == "nvfp4" else f"{method} int{bits}" if method else ""
+    described = method if method in ("nvfp4", "fp8") else f"{method} int{bits}" if method else ""
     return ModelShape(
         source_quantization=described,
         source_method=method,
