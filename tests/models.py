@@ -182,3 +182,38 @@ def transformers_padded_greedy(model_dir, rows, steps):
             eos_token_id=None, pad_token_id=0,
         )  # fmt: skip
     return out[:, width:].tolist()
+
+
+def compressed_tensors_checkpoint(source, folder, preset, quantization_format, fill):
+    """`source` quantized by the compressed-tensors library itself to `preset` ("NVFP4",
+    "FP8_DYNAMIC", ...) and saved in `quantization_format` into `folder`, the lm_head left in
+    float: `fill(module, scheme)` sets each quantized module's scales first (round to nearest
+    on them: what llm-compressor writes without GPTQ)."""
+    import shutil
+
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    apply_quantization_config(
+        model, QuantizationConfig(config_groups={"g": scheme}, ignore=["lm_head"])
+    )
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            fill(module, scheme)
+    compressor = ModelCompressor.from_pretrained_model(
+        model, quantization_format=quantization_format
+    )
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(folder)
+    for path in source.glob("tokenizer*"):
+        shutil.copyfile(path, folder / path.name)
+    return folder

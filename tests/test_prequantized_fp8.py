@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from models import make_tiny_model
+from models import compressed_tensors_checkpoint, make_tiny_model
 from safetensors.torch import load_file, save_file
 
 from fdec.cli import cli
@@ -41,37 +41,19 @@ def _ct_fp8(source, folder, preset: str):
     """`source` quantized by compressed-tensors to `preset` ("FP8": one weight scale per tensor
     and a static activation scale; "FP8_DYNAMIC": one per output channel), min/max scales,
     round to nearest, lm_head left in float."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
-        QuantizationConfig,
-        apply_quantization_config,
-        preset_name_to_scheme,
-    )
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    scheme = preset_name_to_scheme(preset, ["Linear"])
-    apply_quantization_config(
-        model, QuantizationConfig(config_groups={"g": scheme}, ignore=["lm_head"])
-    )
-    for module in model.modules():
-        if hasattr(module, "weight_scale"):
-            weight = module.weight.data
-            dims = None if scheme.weights.strategy == "tensor" else 1
-            low = weight.amin(dims, keepdim=True) if dims else weight.min().reshape(1)
-            high = weight.amax(dims, keepdim=True) if dims else weight.max().reshape(1)
-            scale, _ = calculate_qparams(low, high, scheme.weights)
-            module.weight_scale.data = scale.reshape(module.weight_scale.shape)
-            if hasattr(module, "input_scale"):
-                module.input_scale.data = torch.tensor([0.01])
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="float-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(folder)
-    compressor.update_config(folder)
-    for path in source.glob("tokenizer*"):
-        shutil.copyfile(path, folder / path.name)
-    return folder
+    def fill(module, scheme):
+        weight = module.weight.data
+        dims = None if scheme.weights.strategy == "tensor" else 1
+        low = weight.amin(dims, keepdim=True) if dims else weight.min().reshape(1)
+        high = weight.amax(dims, keepdim=True) if dims else weight.max().reshape(1)
+        scale, _ = calculate_qparams(low, high, scheme.weights)
+        module.weight_scale.data = scale.reshape(module.weight_scale.shape)
+        if hasattr(module, "input_scale"):
+            module.input_scale.data = torch.tensor([0.01])
+
+    return compressed_tensors_checkpoint(source, folder, preset, "float-quantized", fill)
 
 
 def _hand_fp8(source, folder, layout: str, block: int = 32):
@@ -188,7 +170,7 @@ def test_a_block_scaled_fp8_checkpoint_reads_exactly_and_rounds_per_channel(
     checkpoint = _hand_fp8(source, tmp_path / "ckpt", "block")
     _, report = _compile(cli_runner, checkpoint, tmp_path / "h100", "--target", "h100")
     assert report["recipe"]["quantize"] == "fp8"
-    assert "fp8 FP8 E4M3 (32×32 blocks)" in report["recipe"]["chosen_by"]
+    assert "transformers FP8 E4M3 (32×32 blocks)" in report["recipe"]["chosen_by"]
     assert _stats(report)["source_grid_kept"] == 0
 
     _, report = _compile(cli_runner, checkpoint, tmp_path / "fp32", "--target", "cpu",

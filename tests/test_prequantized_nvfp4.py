@@ -10,13 +10,12 @@ for byte; elsewhere the target's own recipe applies.
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from models import make_tiny_model
+from models import compressed_tensors_checkpoint, make_tiny_model
 from safetensors.torch import load_file
 
 from fdec.cli import cli
@@ -37,40 +36,20 @@ def source(tmp_path_factory):
 def _nvfp4_checkpoint(source, folder, preset: str):
     """`source` quantized by compressed-tensors to `preset` ("NVFP4A16" or "NVFP4": W4A4 with a
     stored activation scale), round to nearest on min/max scales, lm_head left in float."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
-        QuantizationConfig,
-        apply_quantization_config,
-        preset_name_to_scheme,
-    )
     from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    scheme = preset_name_to_scheme(preset, ["Linear"])
-    apply_quantization_config(
-        model, QuantizationConfig(config_groups={"g": scheme}, ignore=["lm_head"])
-    )
-    for module in model.modules():
-        if hasattr(module, "weight_global_scale"):
-            weight = module.weight.data
-            global_scale = generate_gparam(weight.min(), weight.max())
-            module.weight_global_scale.data = global_scale.reshape(1)
-            blocks = weight.reshape(weight.shape[0], -1, 16)
-            module.weight_scale.data, _ = calculate_qparams(
-                blocks.amin(-1), blocks.amax(-1), scheme.weights, global_scale=global_scale
-            )
-            if hasattr(module, "input_global_scale"):
-                module.input_global_scale.data = torch.tensor([6 * 448 / 4.0])
-    compressor = ModelCompressor.from_pretrained_model(
-        model, quantization_format="nvfp4-pack-quantized"
-    )
-    compressor.compress_model(model)
-    model.save_pretrained(folder)
-    compressor.update_config(folder)
-    for path in source.glob("tokenizer*"):
-        shutil.copyfile(path, folder / path.name)
-    return folder
+    def fill(module, scheme):
+        weight = module.weight.data
+        global_scale = generate_gparam(weight.min(), weight.max())
+        module.weight_global_scale.data = global_scale.reshape(1)
+        blocks = weight.reshape(weight.shape[0], -1, 16)
+        module.weight_scale.data, _ = calculate_qparams(
+            blocks.amin(-1), blocks.amax(-1), scheme.weights, global_scale=global_scale
+        )
+        if hasattr(module, "input_global_scale"):
+            module.input_global_scale.data = torch.tensor([6 * 448 / 4.0])
+
+    return compressed_tensors_checkpoint(source, folder, preset, "nvfp4-pack-quantized", fill)
 
 
 def _compile(cli_runner, model, out, *args):

@@ -117,7 +117,7 @@ def fp8_scheme(quantization: dict, folder: pathlib.Path) -> Fp8Scheme:
     if method == "fp8":
         block = quantization.get("weight_block_size")
         block = tuple(int(b) for b in block) if block else ()
-        return Fp8Scheme("weight_scale_inv", "block" if block else "tensor", block, "fp8")
+        return Fp8Scheme("weight_scale_inv", "block" if block else "tensor", block, "transformers")
     if method == "fbgemm_fp8":
         return Fp8Scheme("weight_scale", "channel", (), "fbgemm")
     if method.lower().startswith("modelopt"):
