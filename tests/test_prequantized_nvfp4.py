@@ -10,13 +10,14 @@ for byte; elsewhere the target's own recipe applies.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
 from models import compressed_tensors_checkpoint, make_tiny_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fdec.cli import cli
 from fdec.errors import InputError
@@ -131,6 +132,66 @@ def test_a_w4a4_nvfp4_checkpoint_reads_its_weights_and_elsewhere_takes_the_targe
     assert "fp4" in planned.stdout and "nvfp4" in planned.stdout
 
 
+def _modelopt_layout(checkpoint, folder):
+    """A compressed-tensors NVFP4 checkpoint in ModelOpt's own names (the inverse of
+    compressed-tensors' ModelOptNvfp4Converter): `weight`, `weight_scale_2` = 1 /
+    weight_global_scale, `input_scale` = 1 / input_global_scale; named by hf_quant_config.json
+    alone, as ModelOpt exports it."""
+    shutil.copytree(checkpoint, folder)
+    tensors = {}
+    for name, tensor in load_file(checkpoint / "model.safetensors").items():
+        module, _, part = name.rpartition(".")
+        renamed = {"weight_packed": "weight", "weight_global_scale": "weight_scale_2",
+                   "input_global_scale": "input_scale"}.get(part)  # fmt: skip
+        if renamed is None:
+            tensors[name] = tensor
+        else:
+            tensors[f"{module}.{renamed}"] = tensor if part == "weight_packed" else 1 / tensor
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "hf_quant_config.json").write_text(json.dumps({
+        "producer": {"name": "modelopt", "version": "0.39.0"},
+        "quantization": {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]},
+    }))  # fmt: skip
+    return folder
+
+
+def test_a_modelopt_nvfp4_checkpoint_builds_on_its_own_codes(source, tmp_path, cli_runner):
+    """ModelOpt's own NVFP4 layout (no conversion to compressed-tensors first) builds fp4-wo on
+    Blackwell with every code the checkpoint's; compressed-tensors' own converter maps the
+    layout written here back to the checkpoint it came from."""
+    from compressed_tensors.entrypoints.convert import (
+        ModelOptNvfp4Converter,
+        convert_checkpoint,
+    )
+
+    checkpoint = _nvfp4_checkpoint(source, tmp_path / "nvfp4", "NVFP4")
+    modelopt = _modelopt_layout(checkpoint, tmp_path / "modelopt")
+    converter = ModelOptNvfp4Converter(ignore=["lm_head"], targets=["re:.*_proj$"])
+    convert_checkpoint(modelopt, tmp_path / "back", converter, device="cpu")
+    back, tensors = load_file(tmp_path / "back" / "model.safetensors"), load_file(
+        checkpoint / "model.safetensors"
+    )  # fmt: skip
+    assert back.keys() == tensors.keys()
+    for name, tensor in tensors.items():  # inverted twice: the global scales within an ulp
+        rtol = 1e-6 if tensor.dtype == torch.float32 else 0.0
+        torch.testing.assert_close(back[name].reshape(tensor.shape), tensor, rtol=rtol, atol=0.0)
+
+    _, report = _compile(cli_runner, modelopt, tmp_path / "b", "--target", "rtx5090")
+    assert report["recipe"]["quantize"] == "fp4-wo"
+    assert "the source is ModelOpt NVFP4" in report["recipe"]["chosen_by"]
+    stats = next(p for p in report["passes"] if p["name"] == "quantize-fp4")["stats"]
+    assert stats["source_grid_kept"] == 14
+    codes = _fp4_codes(tmp_path / "b")
+    for module in [name for name in codes if name.startswith("model.layers.")]:
+        packed = tensors[f"{module}.weight_packed"].numpy()
+        stored = np.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1)
+        np.testing.assert_array_equal(codes[module], stored, err_msg=module)
+    assert report["engines"][0]["status"] == "built"
+
+
 def test_an_nvfp4_checkpoint_of_other_groups_is_refused(tmp_path):
     config = {
         "quantization_config": {
@@ -149,3 +210,9 @@ def test_an_nvfp4_checkpoint_of_other_groups_is_refused(tmp_path):
         quantized_checkpoint(config, tmp_path)
     config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 16
     assert quantized_checkpoint(config, tmp_path).method == "nvfp4"
+    modelopt = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 32}
+    with pytest.raises(InputError, match="ModelOpt NVFP4 checkpoint in groups of 32"):
+        quantized_checkpoint({"quantization_config": modelopt}, tmp_path)
+    modelopt["quant_algo"] = "NVFP4_AWQ"  # AWQ's pre-scales are not read: refused by name
+    with pytest.raises(InputError, match="already quantized"):
+        quantized_checkpoint({"quantization_config": modelopt}, tmp_path)

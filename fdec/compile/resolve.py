@@ -69,7 +69,7 @@ def _describe_source(config: dict) -> str:
     """What a GPTQ / AWQ / compressed-tensors / FP8 source was (fdec.frontend.prequantized)."""
     found = config[SOURCE_KEY]
     if found.get("method") == "nvfp4":
-        return "compressed-tensors NVFP4"
+        return f"{found.get('tool', 'compressed-tensors')} NVFP4"
     if found.get("method") == "fp8":
         return Fp8Scheme(**found["fp8"]).describe()
     group = found.get("group_size")

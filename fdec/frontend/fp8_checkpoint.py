@@ -32,18 +32,21 @@ import numpy as np
 from fdec.errors import InputError
 
 __all__ = [
-    "FP8_DROPPED",
+    "DROPPED_SCALES",
     "Fp8Scheme",
     "float_method",
     "fp8_scheme",
     "fp8_weight",
+    "modelopt_nvfp4",
     "modelopt_quantization",
 ]
 
-# Tensors of an FP8 checkpoint the float folder drops: activation and KV-cache scales.
-FP8_DROPPED = ("input_scale", "activation_scale", "output_scale", "k_scale", "v_scale")
+# Tensors of an FP8 or ModelOpt checkpoint the float folder drops: activation and KV-cache
+# scales.
+DROPPED_SCALES = ("input_scale", "activation_scale", "output_scale", "k_scale", "v_scale")
 _CT_FORMATS = ("float-quantized", "naive-quantized")
 _MODELOPT_FP8 = {"FP8": "tensor", "FP8_PER_CHANNEL_PER_TOKEN": "channel", "FP8_PB_WO": "block"}
+_MODELOPT_NVFP4 = ("NVFP4", "W4A16_NVFP4")  # W4A4 and weight-only: the weights read alike
 _FIX = "the checkpoint does not match its quantization_config; re-download it"
 
 
@@ -94,6 +97,8 @@ def float_method(quantization: dict) -> tuple[str, int | None] | None:
         return "fp8", 8
     if method.lower().startswith("modelopt"):
         algo = _modelopt_algo(quantization)
+        if algo in _MODELOPT_NVFP4:
+            return "nvfp4", 4
         return ("fp8", 8) if algo in _MODELOPT_FP8 else ("modelopt", None)
     if method == "compressed-tensors" and "config_groups" in quantization:
         groups = [g for g in quantization["config_groups"].values() if isinstance(g, dict)]
@@ -150,6 +155,21 @@ def fp8_scheme(quantization: dict, folder: pathlib.Path) -> Fp8Scheme:
         )  # fmt: skip
     strategy, block = next(iter(strategies))
     return Fp8Scheme("weight_scale", strategy, block, "compressed-tensors")
+
+
+def modelopt_nvfp4(quantization: dict, folder: pathlib.Path) -> None:
+    """Refuse a ModelOpt NVFP4 checkpoint fdec cannot read as NVFP4 weights: another group
+    size (NVFP4 is 16). Its tensors: `weight` uint8 [N, K/2] (compressed-tensors' packing),
+    `weight_scale` FP8 [N, K/16], `weight_scale_2` = compressed-tensors' 1 / weight_global_scale,
+    and `input_scale`, which is not read (compressed-tensors' ModelOptNvfp4Converter maps them
+    so)."""
+    nested = quantization.get("quantization")
+    group = (nested if isinstance(nested, dict) else quantization).get("group_size") or 16
+    if int(group) != 16:
+        raise InputError(
+            f"{folder} holds a ModelOpt NVFP4 checkpoint in groups of {group}",
+            "NVFP4 blocks are 16 inputs; re-export it with ModelOpt's NVFP4 config",
+        )
 
 
 def _block_of(n: int, k: int, grid: tuple[int, int], given: tuple[int, ...]) -> tuple[int, int]:

@@ -67,11 +67,12 @@ import numpy as np
 
 from fdec.errors import InputError
 from fdec.frontend.fp8_checkpoint import (
-    FP8_DROPPED,
+    DROPPED_SCALES,
     Fp8Scheme,
     float_method,
     fp8_scheme,
     fp8_weight,
+    modelopt_nvfp4,
     modelopt_quantization,
 )
 
@@ -125,6 +126,7 @@ class QuantizedCheckpoint:
     # GPTQModel's `dynamic` rules, in order: (pattern with its "-:"/"+:" prefix, overrides)
     dynamic: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     fp8: Fp8Scheme | None = None  # an FP8 checkpoint's layout
+    modelopt: bool = False  # NVFP4 in ModelOpt's own names (`weight`, `weight_scale_2`)
 
     def for_layer(self, name: str) -> QuantizedCheckpoint | None:
         """The format of the layer `name` (its prefix, "model.layers.0.mlp.down_proj"): the
@@ -147,18 +149,25 @@ class QuantizedCheckpoint:
     @property
     def packed(self) -> str:
         """The name of a quantized layer's packed codes."""
-        if self.fp8:
+        if self.fp8 or self.modelopt:
             return "weight"
         return "weight_packed" if self.method in ("compressed-tensors", "nvfp4") else "qweight"
 
     @property
     def marker(self) -> str:
-        """The tensor only a quantized layer holds (an FP8 layer's `weight` is a float's name)."""
-        return self.fp8.scale if self.fp8 else self.packed
+        """The tensor only a quantized layer holds (an FP8 or ModelOpt layer's `weight` is a
+        float's name)."""
+        return self.fp8.scale if self.fp8 else "weight_scale_2" if self.modelopt else self.packed
+
+    @property
+    def tensors(self) -> str:
+        """The key of its layers' tensors in _REQUIRED and _LAYER_TENSORS."""
+        return "nvfp4-modelopt" if self.modelopt else self.method
 
     def describe(self) -> str:
         if self.method == "nvfp4":
-            return "compressed-tensors NVFP4 (E2M1, FP8 scales per 16)"
+            tool = "ModelOpt" if self.modelopt else "compressed-tensors"
+            return f"{tool} NVFP4 (E2M1, FP8 scales per 16)"
         if self.fp8:
             return self.fp8.describe()
         group = "per channel" if self.group_size == -1 else f"group {self.group_size}"
@@ -220,9 +229,13 @@ def quantized_checkpoint(config: dict, folder: pathlib.Path) -> QuantizedCheckpo
     quantization = config.get("quantization_config") or modelopt_quantization(folder)
     if not isinstance(quantization, dict) or not quantization:
         return None
-    if (float_method(quantization) or ("",))[0] == "fp8":
+    found = (float_method(quantization) or ("",))[0]
+    if found == "fp8":
         return QuantizedCheckpoint("fp8", -1, symmetric=True, bits=8,
                                    fp8=fp8_scheme(quantization, folder))  # fmt: skip
+    if found == "nvfp4" and str(quantization.get("quant_method")).startswith("modelopt"):
+        modelopt_nvfp4(quantization, folder)  # refuses other group sizes, AWQ's pre-scales
+        return QuantizedCheckpoint("nvfp4", _NVFP4_BLOCK, symmetric=True, bits=4, modelopt=True)
     method = str(quantization.get("quant_method") or "unknown method")
     if method in _NAMES:
         bits, group = quantization.get("bits"), quantization.get("group_size", 128)
@@ -336,7 +349,7 @@ def _weight(
     order of its inputs that makes its groups consecutive (None: they already are)."""
     bits, offset = fmt.bits, 1 << (fmt.bits - 1)
     if fmt.method == "nvfp4":
-        return _nvfp4_weight(layer, name), None
+        return _nvfp4_weight(layer, fmt, name), None
     if fmt.fp8:
         return fp8_weight(layer["weight"], layer[fmt.fp8.scale], fmt.fp8, name), None
     if fmt.method == "compressed-tensors":
@@ -363,22 +376,27 @@ def _weight(
     return ((codes - zeros[groups]) * scales[groups]).T.astype(np.float32), order
 
 
-def _nvfp4_weight(layer: dict[str, np.ndarray], name: str) -> np.ndarray:
-    """An NVFP4 layer's float32 weight [N, K]: E2M1 · (weight_scale / weight_global_scale)."""
+def _nvfp4_weight(layer: dict[str, np.ndarray], fmt: QuantizedCheckpoint, name: str) -> np.ndarray:
+    """An NVFP4 layer's float32 weight [N, K]: E2M1 · (weight_scale / weight_global_scale), as
+    compressed-tensors computes it; ModelOpt's, E2M1 · weight_scale · weight_scale_2 (its
+    tensor scale stored the other way up, multiplied as vLLM's ModelOpt kernels do)."""
     import ml_dtypes
 
-    packed = layer["weight_packed"]  # uint8 [N, K/2]
+    packed = layer[fmt.packed]  # uint8 [N, K/2]
     scales = layer["weight_scale"].astype(np.float32)  # [N, K/16], FP8 values
     if packed.dtype != np.uint8 or scales.shape[1] * _NVFP4_BLOCK != 2 * packed.shape[1]:
         raise InputError(
-            f"{name}: weight_packed {packed.dtype} {list(packed.shape)} and weight_scale "
+            f"{name}: {fmt.packed} {packed.dtype} {list(packed.shape)} and weight_scale "
             f"{list(scales.shape)} are not NVFP4 (uint8 [N, K/2], [N, K/16])",
             "the checkpoint does not match its quantization_config; re-download it",
         )
     # 8 codes a little-endian word, low nibble first (K/2 bytes are whole words: K = 16·groups)
     codes = _unpack(np.ascontiguousarray(packed).view("<i4"), 1, 4).astype(np.uint8)
     values = codes.view(ml_dtypes.float4_e2m1fn).astype(np.float32)
-    steps = scales / np.float32(layer["weight_global_scale"].reshape(-1)[0])
+    if fmt.modelopt:
+        steps = scales * np.float32(layer["weight_scale_2"].reshape(-1)[0])
+    else:
+        steps = scales / np.float32(layer["weight_global_scale"].reshape(-1)[0])
     return values * np.repeat(steps, _NVFP4_BLOCK, axis=1)
 
 
@@ -466,6 +484,7 @@ _REQUIRED = {
     "awq": ("qzeros", "scales"),
     "compressed-tensors": ("weight_scale", "weight_shape"),
     "nvfp4": ("weight_scale", "weight_global_scale"),
+    "nvfp4-modelopt": ("weight_scale",),  # and its marker, weight_scale_2
     "fp8": (),  # the scale is the layer's marker
 }
 _LAYER_TENSORS = {  # a quantized layer's tensors besides its packed codes (and bias)
@@ -473,6 +492,7 @@ _LAYER_TENSORS = {  # a quantized layer's tensors besides its packed codes (and 
     "awq": ("qzeros", "scales"),
     "compressed-tensors": ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
     "nvfp4": ("weight_scale", "weight_global_scale", "input_global_scale"),
+    "nvfp4-modelopt": ("weight_scale", "weight_scale_2", "input_scale"),
     "fp8": ("weight_scale", "weight_scale_inv"),
 }
 
@@ -508,9 +528,9 @@ def dequantize_folder(
     parts = {
         f"{prefix}.{part}"
         for prefix in quantized
-        for part in (fmt.packed, *_LAYER_TENSORS[fmt.method])
+        for part in (fmt.packed, *_LAYER_TENSORS[fmt.tensors])
     }
-    dropped = tuple("." + name for name in FP8_DROPPED) if fmt.fp8 else ()
+    dropped = tuple("." + name for name in DROPPED_SCALES) if fmt.fp8 or fmt.modelopt else ()
     writer = _ShardWriter(staging, safetensors.torch.save_file)
     orders: dict[str, np.ndarray] = {}
     widths: set[int] = set()
@@ -518,7 +538,7 @@ def dequantize_folder(
         if number == 1 or number % 50 == 0:
             progress(f"dequantizing {fmt.describe()} layers ({number}/{len(quantized)})")
         layer = {}
-        for part in (fmt.packed, *_LAYER_TENSORS[fmt.method]):
+        for part in (fmt.packed, *_LAYER_TENSORS[fmt.tensors]):
             handle = where.get(f"{prefix}.{part}")
             if handle is not None:
                 tensor = handle.get_tensor(f"{prefix}.{part}")
@@ -530,7 +550,7 @@ def dequantize_folder(
                 layer[part] = tensor.float().numpy() if tensor.is_floating_point() else (
                     tensor.numpy()
                 )  # fmt: skip
-        missing = [p for p in _REQUIRED[fmt.method] if p not in layer]
+        missing = [p for p in _REQUIRED[fmt.tensors] if p not in layer]
         if missing:
             raise InputError(
                 f"{folder}: {prefix} has {fmt.packed} but no {missing[0]}",
@@ -553,6 +573,8 @@ def dequantize_folder(
                           "symmetric": fmt.symmetric, "widths": sorted(widths)}  # fmt: skip
     if fmt.fp8:
         config[SOURCE_KEY]["fp8"] = dataclasses.asdict(fmt.fp8)
+    if fmt.modelopt:
+        config[SOURCE_KEY]["tool"] = "ModelOpt"
     if orders:  # config.json carries the file's digest: what the build depends on
         data = safetensors.numpy.save(orders)
         (staging / INPUT_ORDER_FILE).write_bytes(data)
