@@ -152,6 +152,10 @@ class QuantizeFp8Pass(StaticQuantizePass):
     weight_rounding: str = dataclasses.field(default="nearest", kw_only=True)
     gptq_damping: float = dataclasses.field(default=0.01, kw_only=True)
     gptq_act_order: bool = dataclasses.field(default=False, kw_only=True)
+    # W8A16 layers with FP8 weights (per channel, nearest) instead of int8: what a
+    # compressed-tensors FP8 checkpoint can hold (`--emit hf-checkpoint`). A source's FP8 codes
+    # are kept either way.
+    weight_only_fp8: bool = dataclasses.field(default=False, kw_only=True)
 
     precision_of = Precision.FP8_E4M3
     _cpu_fix = "use quantize-int8 (dynamic int8) or quantize-int4 for the CPU"
@@ -178,7 +182,8 @@ class QuantizeFp8Pass(StaticQuantizePass):
             "activation_margin": self.activation_margin,
             "weight_rounding": self.weight_rounding,
             "int8_weight_only": [],
-            "fp8_weight_only": [],  # W8A16 layers keeping a source's FP8 codes
+            "weight_only_fp8": self.weight_only_fp8,
+            "fp8_weight_only": [],  # W8A16 layers with FP8 weights (a source's, or asked)
             "source_grid_kept": 0,  # weights already on an FP8 grid, their codes kept
         }
 
@@ -211,13 +216,18 @@ class QuantizeFp8Pass(StaticQuantizePass):
 
     def _weight_only_codes(self, weight, stats) -> tuple[ir.Tensor, np.ndarray, str]:
         """A W8A16 weight on an FP8 grid keeps its FP8 codes (TensorRT: a bf16 GEMM reading
-        FP8 weights); others (and a shared table, which ONNX Gather reads as int8) are int8."""
-        grid = None if weight.gathers else _fp8_grid(weight.array, _quantize_fp8(weight.array))
-        if grid is None:
+        FP8 weights), and with `weight_only_fp8` every one is FP8; others (and a shared table,
+        which ONNX Gather reads as int8) are int8."""
+        if weight.gathers:
             return super()._weight_only_codes(weight, stats)
-        stats["source_grid_kept"] += 1
+        nearest = _quantize_fp8(weight.array)
+        grid = _fp8_grid(weight.array, nearest)
+        if grid is None and not self.weight_only_fp8:
+            return super()._weight_only_codes(weight, stats)
+        stats["source_grid_kept"] += grid is not None
         stats["fp8_weight_only"].append(weight.value.name)
-        return ir.Tensor(grid[0], dtype=ir.DataType.FLOAT8E4M3FN), grid[1], "F8"
+        codes, scales = grid or nearest
+        return ir.Tensor(codes, dtype=ir.DataType.FLOAT8E4M3FN), scales, "F8"
 
     def _rewrite(self, model, group, found, taken, stats) -> bool:
         graph = model.graph

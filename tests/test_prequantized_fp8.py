@@ -1,5 +1,5 @@
 """FP8 checkpoints compile: fdec reads their E4M3 weights and, where the target runs FP8, keeps
-their codes.
+their codes; and fdec's own fp8 builds are written as such checkpoints.
 
 Four layouts are checked on a tiny random Qwen2: compressed-tensors' `float-quantized` written
 by the compressed-tensors library itself (tensor scales with static activations, llm-compressor's
@@ -211,3 +211,60 @@ def test_fp8_checkpoints_fdec_does_not_read_are_refused_with_the_reason(source, 
     (tmp_path / "float").mkdir()
     with pytest.raises(InputError, match="float8_e5m2, not float8_e4m3fn"):
         dequantize_folder(checkpoint, fmt, tmp_path / "float")
+
+
+def test_an_fp8_build_is_written_as_an_fp8_checkpoint_and_read_back(source, tmp_path, cli_runner):
+    """`--quantize fp8 --emit hf-checkpoint`: compressed-tensors float-quantized, the W8A8 layers
+    (static activation scales) and the W8A16 ones (FP8 weights) two groups naming their
+    modules, the lm_head float; the graph's codes and scales byte for byte. transformers +
+    compressed-tensors compute ONNX Runtime's logits on the build, and fdec reads the
+    checkpoint back onto the same codes."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import AutoModelForCausalLM
+
+    from fdec.runtime.session import OrtModel, open_session
+
+    build = tmp_path / "b"
+    _, report = _compile(cli_runner, source, build, "--target", "rtx4090", "--quantize", "fp8",
+                         "--emit", "hf-checkpoint")  # fmt: skip
+    written = report["checkpoint"]
+    assert written["format"] == "compressed-tensors float-quantized"
+    assert written["quantization"]["schemes"] == {"FP8": 12, "FP8A16": 2}
+    checkpoint = build / "hf-checkpoint"
+    quantization = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    groups = QuantizationConfig.model_validate(quantization).config_groups.values()
+    down = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    for group in groups:
+        assert (group.weights.type, group.weights.strategy, group.weights.num_bits) == (
+            "float", "channel", 8,
+        )  # fmt: skip
+        activations = group.input_activations
+        assert (group.targets == down) is (activations is None)
+        assert activations is None or (activations.strategy, activations.dynamic) == (
+            "tensor", False,
+        )  # fmt: skip
+    assert "lm_head" in quantization["ignore"]
+    tensors = load_file(checkpoint / "model.safetensors")
+    built = _fp8_weights(build)
+    assert len(built) == _LAYERS
+    for module, (codes, scales) in built.items():
+        np.testing.assert_array_equal(tensors[f"{module}.weight"].view(torch.uint8), codes)
+        np.testing.assert_array_equal(tensors[f"{module}.weight_scale"].numpy().ravel(), scales)
+        assert (f"{module}.input_scale" in tensors) is (module not in down)
+
+    runtime = json.loads((build / "fdec-runtime.json").read_text())
+    session = open_session(build / "model.onnx", providers=["CPUExecutionProvider"],
+                           optimization="basic")  # fmt: skip
+    ort = OrtModel(session, kv_buffer=(runtime.get("kv_cache") or {}).get("buffer"))
+    ids = np.array([[1, 5, 9, 22, 100, 7, 3, 44, 12, 13, 200, 17]], dtype=np.int64)
+    want, _ = ort.decode(ids, ort.empty_past(1), 0)
+    loaded = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = loaded(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+    _, back = _compile(cli_runner, checkpoint, tmp_path / "back", "--target", "rtx4090")
+    assert _stats(back)["source_grid_kept"] == _LAYERS
+    for module, (codes, scales) in _fp8_weights(tmp_path / "back").items():
+        np.testing.assert_array_equal(codes, built[module][0], err_msg=module)
+        np.testing.assert_allclose(scales, built[module][1], rtol=1e-6)

@@ -160,6 +160,9 @@ def _quantize_passes(
     # NVFP4 leave it out too; vLLM serves no NVFP4 lm_head): quantized, it would be written
     # dequantized in fp32 (SmolLM2: 290.0 MB, 176.7 MB without; the checkpoint ties it again).
     fp4_checkpoint = precision.value == "fp4" and not embedding
+    # An FP8 serving checkpoint likewise (vLLM's FP8 checkpoints leave it out), and its W8A16
+    # layers hold FP8 weights: compressed-tensors' float-quantized format has no int8 ones.
+    fp8_checkpoint = precision.value == "fp8" and not embedding
     untie = (
         []
         if share or "untie-embeddings" in earlier
@@ -231,6 +234,8 @@ def _quantize_passes(
             weight_rounding=FP8_WEIGHT_ROUNDING,
             weight_only=FP8_WEIGHT_ONLY,
             weight_only_layers=FP8_WEIGHT_ONLY_LAYERS,
+            weight_only_fp8=fp8_checkpoint,
+            include_lm_head=not fp8_checkpoint,
         )
     elif precision.value == "fp4":
         # NVFP4: W4A4 (TensorRT quantizes activations per block at run time), or weight-only.

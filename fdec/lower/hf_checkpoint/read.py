@@ -1,6 +1,8 @@
 """Weights read back from the graph: float tensors in torch's layout, block-quantized int4 and
 8-bit weights (MatMulNBits, blocked DequantizeLinear), NVFP4 weights (quantize-fp4's two-level
-DequantizeLinear, and the activation scale of a W4A4 layer's run-time quantizer)."""
+DequantizeLinear, and the activation scale of a W4A4 layer's run-time quantizer), FP8 weights
+(quantize-fp8's per-channel DequantizeLinear, and the static scale of a W8A8 layer's
+activation QuantizeLinear)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from fdec.passes.quantize_fp4 import FP4_BLOCK, FP4_QUANTIZER
 __all__ = [
     "FLOAT_TYPES",
     "Blocked",
+    "Fp8",
     "Nvfp4",
     "blocked_of",
     "float_tensor",
@@ -152,9 +155,60 @@ class Nvfp4:
         return values * np.repeat(steps, FP4_BLOCK, axis=1)
 
 
-def _input_scale(dequantized: ir.Value, name: str) -> np.float32 | None:
-    """g_a of the run-time FP4 quantizer feeding the MatMuls that read the weight, or None
-    (float activations); one for all of them."""
+@dataclasses.dataclass
+class Fp8:
+    """An FP8 weight in torch's layout: E4M3 codes [N, K], one scale per output channel (W =
+    E4M3 · scale), and the static per-tensor scale of its activation where the layer quantizes
+    it to FP8 (W8A8; None: W8A16, a float activation)."""
+
+    codes: np.ndarray  # ml_dtypes.float8_e4m3fn
+    scales: np.ndarray  # [N], float32
+    input_scale: np.float32 | None
+    operator: str = "DequantizeLinear"
+    bits: int = 8
+
+    @property
+    def shape(self) -> tuple[int, int]:  # [N, K] = [out, in]
+        return self.codes.shape
+
+    @property
+    def block_size(self) -> int:  # one scale per output channel
+        return self.shape[1]
+
+    @property
+    def scheme(self) -> str:
+        return "FP8" if self.input_scale is not None else "FP8A16"
+
+    def dequantized(self) -> np.ndarray:
+        """The float [N, K] weight, as the graph computes it: E4M3 · scale in fp32."""
+        return self.codes.astype(np.float32) * self.scales[:, None]
+
+
+def fp8_of(node: ir.Node, value: ir.Value, name: str) -> Fp8:
+    """The FP8 weight `value` (FLOAT8E4M3FN [K, N]) that DequantizeLinear `node` reads per output
+    channel (axis 1), with its activation's static scale where that is FP8 Q/DQ."""
+    scales = _const(node.inputs[1], "scales", name).astype(np.float32).reshape(-1)
+    codes = _const(value, "codes", name)  # [K, N]
+    if _int_attr(node, "axis", 1) != 1 or node.attributes.get("block_size") or (
+        scales.size not in (1, codes.shape[1])
+    ):  # fmt: skip
+        raise CompileError(
+            f"FP8 weight {name!r} is not scaled per output channel",
+            "quantize with fdec's quantize-fp8",
+        )
+    return Fp8(
+        codes=np.ascontiguousarray(codes.T).astype(ml_dtypes.float8_e4m3fn),
+        scales=np.broadcast_to(scales, (codes.shape[1],)).copy(),
+        input_scale=_input_scale(node.outputs[0], name, ("", "QuantizeLinear")),
+    )
+
+
+def _input_scale(
+    dequantized: ir.Value, name: str, kind: tuple[str, str] = FP4_QUANTIZER
+) -> np.float32 | None:
+    """The scale of the activation quantizer (`kind`, its (domain, op): the run-time FP4 one's
+    g_a, FP8 QuantizeLinear's static scale) whose dequantized output the MatMuls reading the
+    weight take, or None (float activations); one for all of them."""
     found: set[float | None] = set()
     for use in dequantized.uses():
         matmul = use.node
@@ -165,7 +219,7 @@ def _input_scale(dequantized: ir.Value, name: str) -> np.float32 | None:
             activation is None
             or activation.op_type != "DequantizeLinear"
             or quantizer is None
-            or (quantizer.domain, quantizer.op_type) != FP4_QUANTIZER
+            or (quantizer.domain, quantizer.op_type) != kind
         ):
             found.add(None)
             continue
@@ -296,9 +350,9 @@ def _from_dequantize(node: ir.Node, value: ir.Value, name: str) -> Blocked:
     )
 
 
-def blocked_of(value: ir.Value) -> Blocked | Nvfp4:
-    """The block-quantized weight stored in `value` (MatMulNBits, blocked DequantizeLinear,
-    NVFP4's two-level DequantizeLinear).
+def blocked_of(value: ir.Value) -> Blocked | Nvfp4 | Fp8:
+    """The quantized weight stored in `value` (MatMulNBits, blocked DequantizeLinear, NVFP4's
+    two-level DequantizeLinear, FP8's per-channel one).
 
     Raises UsageError for int8 (MatMulInteger) weights, CompileError for other encodings.
     """
@@ -310,6 +364,8 @@ def blocked_of(value: ir.Value) -> Blocked | Nvfp4:
         if node.domain == "" and node.op_type == "DequantizeLinear" and index == 0:
             if value.const_value.dtype == ir.DataType.FLOAT4E2M1:
                 return nvfp4_of(node, value, name)
+            if value.const_value.dtype == ir.DataType.FLOAT8E4M3FN:
+                return fp8_of(node, value, name)
             # int8 also as per-channel Q/DQ (SmoothQuant), which the generic error refuses
             bits = _BITS.get(value.const_value.dtype)
             if bits == 4 or (bits == 8 and _int_attr(node, "block_size", 0)):

@@ -20,11 +20,13 @@ from fdec.frontend.families import family_for_config
 from fdec.frontend.prequantized import SOURCE_KEY
 from fdec.ir import FdecModel
 from fdec.lower.hf_checkpoint.expected import Parameter, expected_parameters
+from fdec.lower.hf_checkpoint.fp8 import FP8_FORMAT, fp8_checkpoint
 from fdec.lower.hf_checkpoint.nvfp4 import NVFP4_FORMAT, nvfp4_checkpoint
 from fdec.lower.hf_checkpoint.pack import PACK_FORMAT, pack_weight, quantization_config
 from fdec.lower.hf_checkpoint.read import (
     FLOAT_TYPES,
     Blocked,
+    Fp8,
     Nvfp4,
     blocked_of,
     float_tensor,
@@ -141,7 +143,9 @@ class _Collected:
     per module."""
 
     floats: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    quantized: dict[str, Blocked | Nvfp4] = dataclasses.field(default_factory=dict)  # by module
+    quantized: dict[str, Blocked | Nvfp4 | Fp8] = dataclasses.field(
+        default_factory=dict
+    )  # by module
     dequantized: list[str] = dataclasses.field(default_factory=list)
     buffers_skipped: list[str] = dataclasses.field(default_factory=list)
 
@@ -191,10 +195,12 @@ def _collect(
     return found
 
 
-def _format_of(weight: Blocked | Nvfp4) -> str:
-    """The packed format a weight is written in: W4A16 / W8A16 pack-quantized, or NVFP4
-    (whose W4A4 and W4A16 layers are two groups of one format)."""
-    return NVFP4_FORMAT if isinstance(weight, Nvfp4) else weight.scheme
+def _format_of(weight: Blocked | Nvfp4 | Fp8) -> str:
+    """The packed format a weight is written in: W4A16 / W8A16 pack-quantized, NVFP4 or FP8
+    (whose W4A4 / W8A8 and weight-only layers are two groups of one format)."""
+    if isinstance(weight, Nvfp4):
+        return NVFP4_FORMAT
+    return FP8_FORMAT if isinstance(weight, Fp8) else weight.scheme
 
 
 def _one_width(found: _Collected, parameters: list[Parameter], family: Any) -> None:
@@ -217,19 +223,25 @@ def _one_width(found: _Collected, parameters: list[Parameter], family: Any) -> N
 def _write_float(
     found: _Collected,
     parameter: Parameter,
-    weight: Blocked | Nvfp4,
+    weight: Blocked | Nvfp4 | Fp8,
     order: np.ndarray | None,
     why: str,
     is_lm_head: bool,
 ) -> None:
     """A quantized weight written as float [out, in] (Conv1D: [in, out]), the graph's values.
-    A W4A4 layer cannot be: in float its activations would no longer be quantized."""
-    if isinstance(weight, Nvfp4) and weight.input_scale is not None:
-        raise CompileError(
-            f"the NVFP4 W4A4 weight {parameter.name!r} cannot be written packed ({why}), and in "
-            "float its run-time FP4 activations would be lost",
+    A W4A4 / W8A8 layer cannot be: in float its activations would no longer be quantized."""
+    if isinstance(weight, (Nvfp4, Fp8)) and weight.input_scale is not None:
+        fix = (
             "use --quantize fp4-wo for this model's checkpoint (weight-only: written "
-            "dequantized, the same numbers), or emit the ONNX build only",
+            "dequantized, the same numbers), or emit the ONNX build only"
+            if isinstance(weight, Nvfp4)
+            else "emit the ONNX build only"
+        )
+        kind = "NVFP4 W4A4" if isinstance(weight, Nvfp4) else "FP8 W8A8"
+        raise CompileError(
+            f"the {kind} weight {parameter.name!r} cannot be written packed ({why}), and in "
+            "float its quantized activations would be lost",
+            fix,
         )
     array = _in_input_order(weight.dequantized(), order, parameter)  # [out, in]
     if parameter.kind == "conv1d":
@@ -270,8 +282,11 @@ def _pack_all(
     ignore = sorted({p.module for p in linear} - set(found.quantized))
     # Quantized weights written in float belong to modules the scheme must skip too.
     ignore += sorted({name.rpartition(".")[0] for name in found.dequantized} - set(ignore))
-    if any(isinstance(w, Nvfp4) for w in found.quantized.values()):  # one format (_one_width)
+    first = next(iter(found.quantized.values()))  # one format (_one_width)
+    if isinstance(first, Nvfp4):
         return nvfp4_checkpoint(found.quantized, ignore)
+    if isinstance(first, Fp8):
+        return fp8_checkpoint(found.quantized, ignore)
     weights = list(found.quantized.values())
     # One scheme for the whole checkpoint: a group size dividing every block and input size
     # (blocks past a layer's input size only pad it: K=64 in blocks of 128 is one group of 64).
