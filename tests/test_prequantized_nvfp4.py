@@ -179,6 +179,12 @@ def test_a_modelopt_nvfp4_checkpoint_builds_on_its_own_codes(source, tmp_path, c
         rtol = 1e-6 if tensor.dtype == torch.float32 else 0.0
         torch.testing.assert_close(back[name].reshape(tensor.shape), tensor, rtol=rtol, atol=0.0)
 
+    planned = cli_runner.invoke(cli, ["plan", str(modelopt), "--target", "rtx5090", "--json"])
+    assert planned.exit_code == 0, planned.output
+    plan = json.loads(planned.stdout)["plans"][0]
+    assert (plan["weight_precision"], plan["weight_precision_from"]) == (
+        "fp4", "the source (nvfp4)",
+    )  # fmt: skip
     _, report = _compile(cli_runner, modelopt, tmp_path / "b", "--target", "rtx5090")
     assert report["recipe"]["quantize"] == "fp4-wo"
     assert "the source is ModelOpt NVFP4" in report["recipe"]["chosen_by"]

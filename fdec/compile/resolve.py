@@ -21,7 +21,7 @@ from fdec.compile.options import CompileOptions
 from fdec.compile.recipe import Recipe, check_emit, default_quantize, plan_pipeline
 from fdec.errors import InputError, UsageError
 from fdec.frontend.families import sliding_window
-from fdec.frontend.fp8_checkpoint import Fp8Scheme
+from fdec.frontend.fp8_checkpoint import Fp8Scheme, with_modelopt
 from fdec.frontend.prequantized import (
     SOURCE_KEY,
     source_quantization,
@@ -58,8 +58,9 @@ def _source_recipe(config: Any, target: Any, backend: Any) -> str | None:
 
 def _folder_recipe(model: str, target: Any, backend: Any) -> str | None:
     """`_source_recipe` of a local folder (hub ids are known once resolved, in `for_source`)."""
+    folder = pathlib.Path(model).expanduser()
     try:
-        config = json.loads((pathlib.Path(model).expanduser() / "config.json").read_text())
+        config = with_modelopt(json.loads((folder / "config.json").read_text()), folder)
     except (OSError, ValueError):
         return None
     return _source_recipe(config, target, backend)

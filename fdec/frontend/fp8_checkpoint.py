@@ -39,6 +39,7 @@ __all__ = [
     "fp8_weight",
     "modelopt_nvfp4",
     "modelopt_quantization",
+    "with_modelopt",
 ]
 
 # Tensors of an FP8 or ModelOpt checkpoint the float folder drops: activation and KV-cache
@@ -81,6 +82,15 @@ def modelopt_quantization(folder: pathlib.Path) -> dict | None:
             f"{path} holds no `quantization` mapping", "re-export the checkpoint with ModelOpt"
         )
     return {"quant_method": "modelopt", **found}
+
+
+def with_modelopt(config: dict, folder: pathlib.Path) -> dict:
+    """`config` (a folder's config.json) with ModelOpt's hf_quant_config.json as its
+    quantization_config where it names none (`modelopt_quantization`)."""
+    if config.get("quantization_config"):
+        return config
+    found = modelopt_quantization(folder)
+    return {**config, "quantization_config": found} if found else config
 
 
 def _modelopt_algo(quantization: dict) -> str:

@@ -73,7 +73,7 @@ from fdec.frontend.fp8_checkpoint import (
     fp8_scheme,
     fp8_weight,
     modelopt_nvfp4,
-    modelopt_quantization,
+    with_modelopt,
 )
 
 __all__ = [
@@ -226,7 +226,7 @@ def _refuse(folder: pathlib.Path, what: str, why: str, fix: str = _FLOAT_FIX) ->
 def quantized_checkpoint(config: dict, folder: pathlib.Path) -> QuantizedCheckpoint | None:
     """The format of a checkpoint quantized by another tool that fdec reads, None for a float
     checkpoint; InputError (naming what is not supported) for any other quantized one."""
-    quantization = config.get("quantization_config") or modelopt_quantization(folder)
+    quantization = with_modelopt(config, folder).get("quantization_config")
     if not isinstance(quantization, dict) or not quantization:
         return None
     found = (float_method(quantization) or ("",))[0]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fdec.errors import InputError
+from fdec.frontend.fp8_checkpoint import with_modelopt
 from fdec.frontend.prequantized import source_quantization
 
 __all__ = [
@@ -312,7 +313,8 @@ def load_shape(
                 "give a model folder with its config.json (weights are not needed), a "
                 "config.json path or a bundled name such as smollm2-135m",
             )
-        return shape_from_config(_read_config(config_path), model, str(config_path))
+        config = with_modelopt(_read_config(config_path), path)  # hf_quant_config.json
+        return shape_from_config(config, model, str(config_path))
     if path.is_file() and path.suffix.lower() == ".json":
         return shape_from_config(_read_config(path), model, str(path))
     from fdec.frontend.source import default_cache_dir, resolve_source
