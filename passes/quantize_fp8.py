@@ -76,15 +76,16 @@ def _fp8_factor(
 
 def _gptq_fp8_factored(
     array: np.ndarray,
-    factored: tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None],
+    factored: tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None] | None,
     nearest: tuple[np.ndarray, np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ rounding (`gptq`) of a [K, N] weight to per-output-channel FP8 codes on the scales
     of its `nearest` rounding (`_quantize_fp8`: absmax / 448): (float8 [K, N], scales [N]);
-    the nearest rounding itself when H could not be factored."""
-    order, factor = factored
-    if factor is None:
+    the nearest rounding itself without H (`factored` None) or where it could not be
+    factored."""
+    if factored is None or factored[1] is None:
         return nearest
+    order, factor = factored
     scales = nearest[1]
     w = array[order].astype(np.float64) / scales  # in code units, in rounding order
     codes = np.empty(w.shape, dtype=ml_dtypes.float8_e4m3fn)
@@ -192,12 +193,12 @@ class QuantizeFp8Pass(StaticQuantizePass):
         if self.weight_rounding != "gptq" or not groups:
             return
         assert self.batches is not None
-        # Only the FP8 groups: W8A16 layers (and a shared table) round to int8 without XᵀX,
-        # and weights on an FP8 grid keep their codes.
+        # Only the FP8 groups (W8A16 ones too with `weight_only_fp8`): int8 rounds to nearest
+        # without XᵀX, a shared table is int8, and weights on an FP8 grid keep their codes.
         names = [
             group.activation.name
             for group in groups
-            if not self._weight_only(model, group)
+            if (self.weight_only_fp8 or not self._weight_only(model, group))
             and not any(w.gathers for w in group.weights)
             and not all(_fp8_grid(w.array, _quantize_fp8(w.array)) for w in group.weights)
         ]
@@ -214,20 +215,26 @@ class QuantizeFp8Pass(StaticQuantizePass):
             return None
         return _fp8_factor(hessian, self.gptq_damping, self.gptq_act_order, overwrite=True)
 
-    def _weight_only_codes(self, weight, stats) -> tuple[ir.Tensor, np.ndarray, str]:
+    def _weight_only_coder(self, group, stats):
         """A W8A16 weight on an FP8 grid keeps its FP8 codes (TensorRT: a bf16 GEMM reading
-        FP8 weights), and with `weight_only_fp8` every one is FP8; others (and a shared table,
-        which ONNX Gather reads as int8) are int8."""
-        if weight.gathers:
-            return super()._weight_only_codes(weight, stats)
-        nearest = _quantize_fp8(weight.array)
-        grid = _fp8_grid(weight.array, nearest)
-        if grid is None and not self.weight_only_fp8:
-            return super()._weight_only_codes(weight, stats)
-        stats["source_grid_kept"] += grid is not None
-        stats["fp8_weight_only"].append(weight.value.name)
-        codes, scales = grid or nearest
-        return ir.Tensor(codes, dtype=ir.DataType.FLOAT8E4M3FN), scales, "F8"
+        FP8 weights), and with `weight_only_fp8` every one is FP8 (GPTQ-rounded as the W8A8
+        ones); others (and a shared table, which ONNX Gather reads as int8) are int8."""
+        int8 = super()._weight_only_coder(group, stats)
+        factored = self._factor(group) if self.weight_only_fp8 else None
+
+        def code(weight):
+            if weight.gathers:
+                return int8(weight)
+            nearest = _quantize_fp8(weight.array)
+            grid = _fp8_grid(weight.array, nearest)
+            if grid is None and not self.weight_only_fp8:
+                return int8(weight)
+            stats["source_grid_kept"] += grid is not None
+            stats["fp8_weight_only"].append(weight.value.name)
+            codes, scales = grid or _gptq_fp8_factored(weight.array, factored, nearest)
+            return ir.Tensor(codes, dtype=ir.DataType.FLOAT8E4M3FN), scales, "F8"
+
+        return code
 
     def _rewrite(self, model, group, found, taken, stats) -> bool:
         graph = model.graph
@@ -251,12 +258,7 @@ class QuantizeFp8Pass(StaticQuantizePass):
             nearest = _quantize_fp8(weight.array)
             grid = _fp8_grid(weight.array, nearest)
             stats["source_grid_kept"] += grid is not None
-            if grid is not None:
-                codes, scales = grid
-            elif factored is None:
-                codes, scales = nearest
-            else:
-                codes, scales = _gptq_fp8_factored(weight.array, factored, nearest)
+            codes, scales = grid or _gptq_fp8_factored(weight.array, factored, nearest)
             tensor = ir.Tensor(codes, dtype=ir.DataType.FLOAT8E4M3FN)
             stats["bytes_before"] += weight.value.const_value.nbytes
             stats["matmuls_quantized"] += len(weight.sites)

@@ -272,8 +272,9 @@ class StaticQuantizePass(Pass):
     ) -> bool:
         """W8A16: per-channel int8 weights, DequantizeLinear → MatMul with the float activation,
         each weight's name listed under stats[`listed_as`]. False: no activation was quantized."""
+        codes_of = self._weight_only_coder(group, stats)
         for weight in group.weights:
-            codes, scales, suffix = self._weight_only_codes(weight, stats)
+            codes, scales, suffix = codes_of(weight)
             stats["bytes_before"] += weight.value.const_value.nbytes
             stats["matmuls_quantized"] += len(weight.sites)
             stats["weights_quantized"] += 1
@@ -283,12 +284,17 @@ class StaticQuantizePass(Pass):
             )
         return False
 
-    def _weight_only_codes(
-        self, weight: Weight, stats: dict[str, Any]
-    ) -> tuple[ir.Tensor, np.ndarray, str]:
-        """A W8A16 weight's codes, per-channel scales and name suffix: int8 per output channel."""
-        codes, scales = quantize_int8(weight.array, 127)
-        return ir.tensor(codes), scales, "Q8"
+    def _weight_only_coder(
+        self, group: ActivationGroup, stats: dict[str, Any]
+    ) -> Callable[[Weight], tuple[ir.Tensor, np.ndarray, str]]:
+        """How the W8A16 `group`'s weights are coded: each one's codes, per-channel scales and
+        name suffix; int8 per output channel."""
+
+        def int8(weight: Weight) -> tuple[ir.Tensor, np.ndarray, str]:
+            codes, scales = quantize_int8(weight.array, 127)
+            return ir.tensor(codes), scales, "Q8"
+
+        return int8
 
     # --- shared rewriting ---------------------------------------------------------------------
 

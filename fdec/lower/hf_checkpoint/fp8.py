@@ -12,7 +12,7 @@ scale s_a (FLOAT8E4M3FN, saturating). compressed-tensors stores, per module (tor
 in] = [N, K]): `weight` float8_e4m3fn [N, K] (the graph's codes, transposed), `weight_scale`
 float32 [N, 1] (s_w) and, W8A8 only, `input_scale` float32 [1] (s_a: x / s_a rounded to E4M3,
 as QuantizeLinear computes it). W8A8 and weight-only layers are two config groups naming their
-modules where both occur (as NVFP4's: vLLM matches fused layers by their parts' names).
+modules where both occur (`pack.schemes_checkpoint`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fdec.lower.hf_checkpoint.pack import schemes_checkpoint
 from fdec.lower.hf_checkpoint.read import Fp8
 
 __all__ = ["FP8_FORMAT", "fp8_checkpoint"]
@@ -43,42 +44,22 @@ def _arguments(strategy: str) -> dict[str, Any]:
     }
 
 
+def _tensors(module: str, weight: Fp8) -> dict[str, np.ndarray]:
+    tensors = {
+        f"{module}.weight": weight.codes,
+        f"{module}.weight_scale": weight.scales.reshape(-1, 1).astype(np.float32),
+    }
+    if weight.input_scale is not None:
+        tensors[f"{module}.input_scale"] = np.array([weight.input_scale], np.float32)
+    return tensors
+
+
 def fp8_checkpoint(
     quantized: dict[str, Fp8], ignore: list[str]
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """The tensors of every FP8 module, the config's quantization_config, the report's."""
-    tensors: dict[str, np.ndarray] = {}
-    by_scheme: dict[str, list[str]] = {}
-    for module, weight in quantized.items():
-        tensors[f"{module}.weight"] = weight.codes
-        tensors[f"{module}.weight_scale"] = weight.scales.reshape(-1, 1).astype(np.float32)
-        if weight.input_scale is not None:
-            tensors[f"{module}.input_scale"] = np.array([weight.input_scale], np.float32)
-        by_scheme.setdefault(weight.scheme, []).append(module)
-    groups = {}
-    for index, (scheme, modules) in enumerate(sorted(by_scheme.items())):
-        groups[f"group_{index}"] = {
-            "targets": ["Linear"] if len(by_scheme) == 1 else sorted(modules),
-            "weights": _arguments("channel"),
-            "input_activations": _arguments("tensor") if scheme == "FP8" else None,
-            "output_activations": None,
-            "format": FP8_FORMAT,
-        }
-    config = {
-        "quant_method": "compressed-tensors",
-        "format": FP8_FORMAT,
-        "quantization_status": "compressed",
-        "config_groups": groups,
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-    }
-    report = {
-        "method": "compressed-tensors",
-        "format": FP8_FORMAT,
-        "num_bits": 8,
-        "schemes": {scheme: len(modules) for scheme, modules in sorted(by_scheme.items())},
-        "graph_operators": ["DequantizeLinear"],
-        "ignore": ignore,
-    }
-    return tensors, config, report
+    return schemes_checkpoint(
+        quantized, FP8_FORMAT, _tensors, _arguments("channel"),
+        lambda scheme: _arguments("tensor") if scheme == "FP8" else None,
+        ignore, num_bits=8,
+    )  # fmt: skip

@@ -18,8 +18,7 @@ compressed-tensors stores, per module (torch layout [out, in] = [N, K]):
 
 So the codes and block scales are the graph's bytes; only the tensor scales are inverted.
 W4A4 and W4A16 layers of one build are two config groups of one format; where both occur each
-group names its modules (vLLM matches a fused qkv_proj / gate_up_proj by its parts' names; a
-"Linear" class target would match every fused layer to one group).
+group names its modules (`pack.schemes_checkpoint`).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fdec.lower.hf_checkpoint.pack import pack_nibbles
+from fdec.lower.hf_checkpoint.pack import pack_nibbles, schemes_checkpoint
 from fdec.lower.hf_checkpoint.read import Nvfp4
 from fdec.passes.quantize_fp4 import FP4_BLOCK
 
@@ -72,36 +71,8 @@ def nvfp4_checkpoint(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """The packed tensors of every NVFP4 module, the config's quantization_config, the
     report's."""
-    tensors: dict[str, np.ndarray] = {}
-    by_scheme: dict[str, list[str]] = {}
-    for module, weight in quantized.items():
-        tensors.update(_tensors(module, weight))
-        by_scheme.setdefault(weight.scheme, []).append(module)
-    groups = {}
-    for index, (scheme, modules) in enumerate(sorted(by_scheme.items())):
-        groups[f"group_{index}"] = {
-            "targets": ["Linear"] if len(by_scheme) == 1 else sorted(modules),
-            "weights": _arguments(False),
-            "input_activations": _arguments("local") if scheme == "NVFP4" else None,
-            "output_activations": None,
-            "format": NVFP4_FORMAT,
-        }
-    config = {
-        "quant_method": "compressed-tensors",
-        "format": NVFP4_FORMAT,
-        "quantization_status": "compressed",
-        "config_groups": groups,
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-    }
-    report = {
-        "method": "compressed-tensors",
-        "format": NVFP4_FORMAT,
-        "num_bits": 4,
-        "group_size": FP4_BLOCK,
-        "schemes": {scheme: len(modules) for scheme, modules in sorted(by_scheme.items())},
-        "graph_operators": ["DequantizeLinear"],
-        "ignore": ignore,
-    }
-    return tensors, config, report
+    return schemes_checkpoint(
+        quantized, NVFP4_FORMAT, _tensors, _arguments(False),
+        lambda scheme: _arguments("local") if scheme == "NVFP4" else None,
+        ignore, num_bits=4, group_size=FP4_BLOCK,
+    )  # fmt: skip
