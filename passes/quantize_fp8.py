@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -18,7 +19,7 @@ from fdec.passes.smoothquant import (
     insert_after_producer,
 )
 from fdec.passes.static_qdq import StaticQuantizePass, zero_point
-from fdec.passes.weights import per_channel_quantize
+from fdec.passes.weights import per_channel_quantize, row_chunks
 from fdec.pipeline import Tolerance
 from fdec.targets import Precision
 
@@ -45,20 +46,33 @@ def _fp8_grid(
     weights read as float: fdec.frontend.fp8_checkpoint), else None. Its `nearest` rounding
     (each column's absmax / 448: a channel-scaled source's own scales) is tried, then one scale
     for every column, the array's absmax / 448 (a tensor-scaled source's); a block-scaled
-    source's weights are on neither. Equal to float rounding: E4M3 · scale in fp32."""
-    for codes, scales in (nearest, _tensor_scaled(array)):
-        values = codes.astype(np.float32) * scales
-        if np.allclose(values, array, rtol=1e-6, atol=0):
-            return codes, scales
-    return None
+    source's weights are on neither. Equal to float rounding: E4M3 · scale in fp32. Checked a
+    chunk of rows at a time, stopping at the first that is off (a float weight: the first)."""
+    codes, scales = nearest
+    if _on_grid(array, lambda rows: codes[rows], scales):
+        return nearest
+    chunks = row_chunks(array)
+    peak = max((np.float32(np.abs(array[rows]).max()) for rows in chunks), default=0)
+    scale = np.float32(peak / np.float32(_FP8_MAX)) if peak > 0 else np.float32(1)
 
+    def tensor_codes(rows: slice) -> np.ndarray:
+        return (array[rows] / scale).astype(ml_dtypes.float8_e4m3fn)
 
-def _tensor_scaled(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """FP8 codes of [K, N] `array` on one scale (its absmax / 448) repeated for every column."""
-    peak = np.float32(np.abs(array).max())
-    scale = peak / np.float32(_FP8_MAX) if peak > 0 else np.float32(1)
     scales = np.full(array.shape[1], scale, dtype=np.float32)
-    return (array / scale).astype(ml_dtypes.float8_e4m3fn), scales
+    if not _on_grid(array, tensor_codes, scales):
+        return None
+    return np.concatenate([tensor_codes(rows) for rows in chunks]), scales
+
+
+def _on_grid(
+    array: np.ndarray, codes_of: Callable[[slice], np.ndarray], scales: np.ndarray
+) -> bool:
+    """Whether every chunk of rows of `array` is its `codes_of` times `scales` (to float
+    rounding), stopping at the first that is not."""
+    return all(
+        np.allclose(codes_of(rows).astype(np.float32) * scales, array[rows], rtol=1e-6, atol=0)
+        for rows in row_chunks(array)
+    )
 
 
 def _fp8_factor(

@@ -130,6 +130,13 @@ def _float32(tensor: Any, transposed: bool) -> np.ndarray:
 _CHUNK_BYTES = 64 << 20  # float32 rows quantized per step: bounds the temporaries of a 2 GB table
 
 
+def row_chunks(array: np.ndarray) -> list[slice]:
+    """Slices of ~64 MB of float32 rows of a 2-D array: what a whole-array computation over an
+    8B model's 2.1 GB vocabulary table does a chunk at a time, one chunk of temporaries."""
+    rows = max(1, _CHUNK_BYTES // max(1, 4 * int(array.shape[1])))
+    return [slice(start, start + rows) for start in range(0, array.shape[0], rows)]
+
+
 def per_channel_quantize(
     array: np.ndarray, qmax: float, code_dtype: Any, *, channel_axis: int = 1, rint: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -141,8 +148,7 @@ def per_channel_quantize(
     clipped to ±qmax. Rows are done ~64 MB at a time, so an 8B model's 2.1 GB vocabulary table
     costs its codes and one chunk, not four float copies; the result is the whole-array one.
     """
-    rows = max(1, _CHUNK_BYTES // max(1, 4 * int(array.shape[1])))
-    chunks = [slice(start, start + rows) for start in range(0, array.shape[0], rows)]
+    chunks = row_chunks(array)
     if channel_axis == 1:
         peak = np.abs(array[chunks[0]]).max(axis=0) if chunks else np.zeros(array.shape[1])
         for chunk in chunks[1:]:
