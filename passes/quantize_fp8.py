@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -19,7 +18,7 @@ from fdec.passes.smoothquant import (
     insert_after_producer,
 )
 from fdec.passes.static_qdq import StaticQuantizePass, zero_point
-from fdec.passes.weights import per_channel_quantize, row_chunks
+from fdec.passes.weights import channel_peaks, per_channel_quantize, row_chunks, scales_of
 from fdec.pipeline import Tolerance
 from fdec.targets import Precision
 
@@ -39,40 +38,29 @@ def _quantize_fp8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return per_channel_quantize(array, _FP8_MAX, ml_dtypes.float8_e4m3fn, rint=False)
 
 
-def _fp8_grid(
-    array: np.ndarray, nearest: tuple[np.ndarray, np.ndarray]
-) -> tuple[np.ndarray, np.ndarray] | None:
+def _fp8_grid(array: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """The FP8 codes and per-channel scales whose values [K, N] `array` is (an FP8 checkpoint's
-    weights read as float: fdec.frontend.fp8_checkpoint), else None. Its `nearest` rounding
-    (each column's absmax / 448: a channel-scaled source's own scales) is tried, then one scale
-    for every column, the array's absmax / 448 (a tensor-scaled source's); a block-scaled
-    source's weights are on neither. Equal to float rounding: E4M3 · scale in fp32. Checked a
-    chunk of rows at a time, stopping at the first that is off (a float weight: the first)."""
-    codes, scales = nearest
-    if _on_grid(array, lambda rows: codes[rows], scales):
-        return nearest
-    chunks = row_chunks(array)
-    peak = max((np.float32(np.abs(array[rows]).max()) for rows in chunks), default=0)
-    scale = np.float32(peak / np.float32(_FP8_MAX)) if peak > 0 else np.float32(1)
-
-    def tensor_codes(rows: slice) -> np.ndarray:
-        return (array[rows] / scale).astype(ml_dtypes.float8_e4m3fn)
-
-    scales = np.full(array.shape[1], scale, dtype=np.float32)
-    if not _on_grid(array, tensor_codes, scales):
-        return None
-    return np.concatenate([tensor_codes(rows) for rows in chunks]), scales
+    weights read as float: fdec.frontend.fp8_checkpoint), else None. Each column's absmax / 448
+    (`_quantize_fp8`'s scales: a channel-scaled source's own) is tried, then the largest of them
+    for every column (a tensor-scaled source's one scale); a block-scaled source's weights are
+    on neither. Equal to float rounding: E4M3 · scale in fp32. Checked a chunk of rows at a
+    time, stopping at the first that is off (a float weight's first), so a float weight costs
+    one pass for its scales and one chunk."""
+    peaks = channel_peaks(array)
+    tensor = scales_of(peaks.max(initial=0), _FP8_MAX)
+    for scales in (scales_of(peaks, _FP8_MAX), np.full(array.shape[1], tensor, np.float32)):
+        if all(
+            np.allclose(_codes(array[rows], scales).astype(np.float32) * scales, array[rows],
+                        rtol=1e-6, atol=0)
+            for rows in row_chunks(array)
+        ):  # fmt: skip
+            return _codes(array, scales), scales
+    return None
 
 
-def _on_grid(
-    array: np.ndarray, codes_of: Callable[[slice], np.ndarray], scales: np.ndarray
-) -> bool:
-    """Whether every chunk of rows of `array` is its `codes_of` times `scales` (to float
-    rounding), stopping at the first that is not."""
-    return all(
-        np.allclose(codes_of(rows).astype(np.float32) * scales, array[rows], rtol=1e-6, atol=0)
-        for rows in row_chunks(array)
-    )
+def _codes(array: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """E4M3 codes of `array` on per-column `scales`, rounded to nearest."""
+    return (array / scales).astype(ml_dtypes.float8_e4m3fn)
 
 
 def _fp8_factor(
@@ -91,16 +79,14 @@ def _fp8_factor(
 def _gptq_fp8_factored(
     array: np.ndarray,
     factored: tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None] | None,
-    nearest: tuple[np.ndarray, np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ rounding (`gptq`) of a [K, N] weight to per-output-channel FP8 codes on the scales
-    of its `nearest` rounding (`_quantize_fp8`: absmax / 448): (float8 [K, N], scales [N]);
-    the nearest rounding itself without H (`factored` None) or where it could not be
-    factored."""
+    """GPTQ rounding (`gptq`) of a [K, N] weight to per-output-channel FP8 codes on
+    `_quantize_fp8`'s scales (absmax / 448): (float8 [K, N], scales [N]); nearest rounding
+    without H (`factored` None) or where it could not be factored."""
     if factored is None or factored[1] is None:
-        return nearest
+        return _quantize_fp8(array)
     order, factor = factored
-    scales = nearest[1]
+    scales = scales_of(channel_peaks(array), _FP8_MAX)
     w = array[order].astype(np.float64) / scales  # in code units, in rounding order
     codes = np.empty(w.shape, dtype=ml_dtypes.float8_e4m3fn)
 
@@ -167,9 +153,9 @@ class QuantizeFp8Pass(StaticQuantizePass):
     weight_rounding: str = dataclasses.field(default="nearest", kw_only=True)
     gptq_damping: float = dataclasses.field(default=0.01, kw_only=True)
     gptq_act_order: bool = dataclasses.field(default=False, kw_only=True)
-    # W8A16 layers with FP8 weights (per channel, nearest) instead of int8: what a
-    # compressed-tensors FP8 checkpoint can hold (`--emit hf-checkpoint`). A source's FP8 codes
-    # are kept either way.
+    # W8A16 layers with FP8 weights (per channel, rounded as `weight_rounding` says) instead of
+    # int8: what a compressed-tensors FP8 checkpoint can hold (`--emit hf-checkpoint`). A
+    # source's FP8 codes are kept either way.
     weight_only_fp8: bool = dataclasses.field(default=False, kw_only=True)
 
     precision_of = Precision.FP8_E4M3
@@ -208,13 +194,13 @@ class QuantizeFp8Pass(StaticQuantizePass):
             return
         assert self.batches is not None
         # Only the FP8 groups (W8A16 ones too with `weight_only_fp8`): int8 rounds to nearest
-        # without XᵀX, a shared table is int8, and weights on an FP8 grid keep their codes.
+        # without XᵀX and a shared table is int8. (An FP8 source's weights keep their codes,
+        # found as each is rewritten: checking them here would read every weight once more.)
         names = [
             group.activation.name
             for group in groups
             if (self.weight_only_fp8 or not self._weight_only(model, group))
             and not any(w.gathers for w in group.weights)
-            and not all(_fp8_grid(w.array, _quantize_fp8(w.array)) for w in group.weights)
         ]
         if not names:
             return
@@ -237,15 +223,12 @@ class QuantizeFp8Pass(StaticQuantizePass):
         factored = self._factor(group) if self.weight_only_fp8 else None
 
         def code(weight):
-            if weight.gathers:
-                return int8(weight)
-            nearest = _quantize_fp8(weight.array)
-            grid = _fp8_grid(weight.array, nearest)
-            if grid is None and not self.weight_only_fp8:
+            grid = None if weight.gathers else _fp8_grid(weight.array)
+            if grid is None and (weight.gathers or not self.weight_only_fp8):
                 return int8(weight)
             stats["source_grid_kept"] += grid is not None
             stats["fp8_weight_only"].append(weight.value.name)
-            codes, scales = grid or _gptq_fp8_factored(weight.array, factored, nearest)
+            codes, scales = grid or _gptq_fp8_factored(weight.array, factored)
             return ir.Tensor(codes, dtype=ir.DataType.FLOAT8E4M3FN), scales, "F8"
 
         return code
@@ -269,10 +252,9 @@ class QuantizeFp8Pass(StaticQuantizePass):
         insert_after_producer(graph, group.activation, nodes)
         factored = self._factor(group)
         for weight in group.weights:
-            nearest = _quantize_fp8(weight.array)
-            grid = _fp8_grid(weight.array, nearest)
+            grid = _fp8_grid(weight.array)
             stats["source_grid_kept"] += grid is not None
-            codes, scales = grid or _gptq_fp8_factored(weight.array, factored, nearest)
+            codes, scales = grid or _gptq_fp8_factored(weight.array, factored)
             tensor = ir.Tensor(codes, dtype=ir.DataType.FLOAT8E4M3FN)
             stats["bytes_before"] += weight.value.const_value.nbytes
             stats["matmuls_quantized"] += len(weight.sites)

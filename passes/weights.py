@@ -137,6 +137,20 @@ def row_chunks(array: np.ndarray) -> list[slice]:
     return [slice(start, start + rows) for start in range(0, array.shape[0], rows)]
 
 
+def channel_peaks(array: np.ndarray) -> np.ndarray:
+    """Each column's largest |w| of a 2-D float32 [K, N] array, read a chunk of rows at a time."""
+    chunks = row_chunks(array)
+    peak = np.abs(array[chunks[0]]).max(axis=0) if chunks else np.zeros(array.shape[1])
+    for chunk in chunks[1:]:
+        np.maximum(peak, np.abs(array[chunk]).max(axis=0), out=peak)
+    return peak
+
+
+def scales_of(peak: np.ndarray, qmax: float) -> np.ndarray:
+    """Symmetric scales mapping each `peak` to `qmax` (a zero peak: 1), float32."""
+    return np.where(peak > 0, peak / qmax, 1.0).astype(np.float32)
+
+
 def per_channel_quantize(
     array: np.ndarray, qmax: float, code_dtype: Any, *, channel_axis: int = 1, rint: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -150,12 +164,10 @@ def per_channel_quantize(
     """
     chunks = row_chunks(array)
     if channel_axis == 1:
-        peak = np.abs(array[chunks[0]]).max(axis=0) if chunks else np.zeros(array.shape[1])
-        for chunk in chunks[1:]:
-            np.maximum(peak, np.abs(array[chunk]).max(axis=0), out=peak)
+        peak = channel_peaks(array)
     else:
         peak = np.concatenate([np.abs(array[chunk]).max(axis=1) for chunk in chunks])
-    scales = np.where(peak > 0, peak / qmax, 1.0).astype(np.float32)
+    scales = scales_of(peak, qmax)
     codes = np.empty(array.shape, dtype=code_dtype)
     for chunk in chunks:
         x = array[chunk] / (scales if channel_axis == 1 else scales[chunk, None])

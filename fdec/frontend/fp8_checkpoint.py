@@ -1,4 +1,5 @@
-"""FP8 checkpoints (E4M3 weights with float scales) read as the float weights they stand for.
+"""FP8 checkpoints (E4M3 weights with float scales) read as the float weights they stand for,
+and ModelOpt's quantization configs (its FP8 ones, and its NVFP4 ones: `modelopt_nvfp4`).
 
 The FP8 models people ship for Hopper and Ada GPUs come in four layouts; in each a quantized
 linear layer holds `weight` as float8_e4m3fn [N, K] and a scale that multiplies it:
@@ -93,10 +94,15 @@ def with_modelopt(config: dict, folder: pathlib.Path) -> dict:
     return {**config, "quantization_config": found} if found else config
 
 
-def _modelopt_algo(quantization: dict) -> str:
+def _modelopt_fields(quantization: dict) -> dict:
+    """A ModelOpt quantization_config's fields: nested under "quantization" (as in
+    hf_quant_config.json) or at the top (config.json's compressed-tensors-like form)."""
     nested = quantization.get("quantization")
-    found = nested if isinstance(nested, dict) else quantization
-    return str(found.get("quant_algo") or "").upper()
+    return nested if isinstance(nested, dict) else quantization
+
+
+def _modelopt_algo(quantization: dict) -> str:
+    return str(_modelopt_fields(quantization).get("quant_algo") or "").upper()
 
 
 def float_method(quantization: dict) -> tuple[str, int | None] | None:
@@ -173,8 +179,7 @@ def modelopt_nvfp4(quantization: dict, folder: pathlib.Path) -> None:
     `weight_scale` FP8 [N, K/16], `weight_scale_2` = compressed-tensors' 1 / weight_global_scale,
     and `input_scale`, which is not read (compressed-tensors' ModelOptNvfp4Converter maps them
     so)."""
-    nested = quantization.get("quantization")
-    group = (nested if isinstance(nested, dict) else quantization).get("group_size") or 16
+    group = _modelopt_fields(quantization).get("group_size") or 16
     if int(group) != 16:
         raise InputError(
             f"{folder} holds a ModelOpt NVFP4 checkpoint in groups of {group}",

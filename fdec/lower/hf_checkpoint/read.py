@@ -172,10 +172,6 @@ class Fp8:
         return self.codes.shape
 
     @property
-    def block_size(self) -> int:  # one scale per output channel
-        return self.shape[1]
-
-    @property
     def scheme(self) -> str:
         return "FP8" if self.input_scale is not None else "FP8A16"
 

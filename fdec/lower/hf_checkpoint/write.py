@@ -231,18 +231,14 @@ def _write_float(
     """A quantized weight written as float [out, in] (Conv1D: [in, out]), the graph's values.
     A W4A4 / W8A8 layer cannot be: in float its activations would no longer be quantized."""
     if isinstance(weight, (Nvfp4, Fp8)) and weight.input_scale is not None:
-        fix = (
-            "use --quantize fp4-wo for this model's checkpoint (weight-only: written "
-            "dequantized, the same numbers), or emit the ONNX build only"
-            if isinstance(weight, Nvfp4)
-            else "emit the ONNX build only"
-        )
-        kind = "NVFP4 W4A4" if isinstance(weight, Nvfp4) else "FP8 W8A8"
+        nvfp4 = isinstance(weight, Nvfp4)
         raise CompileError(
-            f"the {kind} weight {parameter.name!r} cannot be written packed ({why}), and in "
-            "float its quantized activations would be lost",
-            fix,
-        )
+            f"the {'NVFP4 W4A4' if nvfp4 else 'FP8 W8A8'} weight {parameter.name!r} cannot be "
+            f"written packed ({why}), and in float its quantized activations would be lost",
+            ("use --quantize fp4-wo for this model's checkpoint (weight-only: written "
+             "dequantized, the same numbers), or " if nvfp4 else "")
+            + "emit the ONNX build only",
+        )  # fmt: skip
     array = _in_input_order(weight.dequantized(), order, parameter)  # [out, in]
     if parameter.kind == "conv1d":
         array = array.T
