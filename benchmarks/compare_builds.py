@@ -4,13 +4,17 @@ agreement, KL and the largest logit difference of the second against the first.
     python benchmarks/compare_builds.py REFERENCE_BUILD BUILD                # tune split
     python benchmarks/compare_builds.py REFERENCE_BUILD BUILD --splits tune,eval,held
     python benchmarks/compare_builds.py BUILD BUILD/hf-checkpoint --splits eval [--bf16]
+    python benchmarks/compare_builds.py REFERENCE_BUILD BUILD --typed      # its TensorRT model
 
 For choices between two builds of one model that differ in one option (e.g. the fp16 CUDA
-graph's lm_head: `--pass-options cast-float16.keep_logits=false`): choose on `tune`, quote
+graph's lm_head: `--pass-options cast-float16.logits=fp32`): choose on `tune`, quote
 `eval` (fdec.gates). Both builds run on the CPU provider at their own optimization level; a
 GPU graph runs there as fdec's verification runs it (nodes without a CPU fp16 kernel in fp32
 between casts), an NVFP4 graph in its FP4 form. The documents and the scoring are
 benchmarks/quality.py's.
+
+`--typed` scores the second build's strongly typed TensorRT model (engines/tensorrt/model.onnx,
+what its engine is built from) with its fp16/bf16 rounding emulated, as `fdec compile` checks it.
 
 The second folder may be a build's `--emit hf-checkpoint` folder: it is then run by
 transformers (+ compressed-tensors), the way a serving stack reads it, with its NVFP4 weights
@@ -30,11 +34,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import quality  # benchmarks/quality.py: _documents, _score
 
 
-def open_build(folder: pathlib.Path):
+def open_build(folder: pathlib.Path, typed: bool = False):
+    from fdec.lower.tensorrt_model import TYPED_MODEL
     from fdec.runtime.check_forms import forms_needed, lighter_session_args
     from fdec.runtime.session import OrtModel, open_session
 
     config = json.loads((folder / "fdec-runtime.json").read_text())
+    if typed:
+        return quality._open(folder / TYPED_MODEL, "basic")[0]
     level = (config.get("session_options") or {}).get("graph_optimization_level", "all")
     path = folder / config.get("model", "model.onnx")
     args = {"optimization": level}
@@ -69,10 +76,11 @@ class _Transformers:
         return logits.float().numpy(), None
 
 
-def open_folder(folder: pathlib.Path, bf16: bool = False):
-    """A build (fdec-runtime.json) or a written HF checkpoint (model.safetensors)."""
+def open_folder(folder: pathlib.Path, bf16: bool = False, typed: bool = False):
+    """A build (fdec-runtime.json; its TensorRT model with `typed`) or a written HF checkpoint
+    (model.safetensors)."""
     if (folder / "fdec-runtime.json").is_file():
-        return open_build(folder)
+        return open_build(folder, typed)
     return _Transformers(folder, bf16)
 
 
@@ -82,11 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("build", type=pathlib.Path)
     parser.add_argument("--splits", default="tune", help="from tune, eval, held, held:N")
     parser.add_argument("--bf16", action="store_true", help="an HF checkpoint as a bf16 model")
+    parser.add_argument(
+        "--typed", action="store_true", help="score BUILD's TensorRT model, emulated"
+    )
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.reference)
-    reference, build = open_build(args.reference), open_folder(args.build, args.bf16)
+    reference, build = open_build(args.reference), open_folder(args.build, args.bf16, args.typed)
     vocab = int(reference.session.get_outputs()[0].shape[-1])
     for split in args.splits.split(","):
         documents = quality._documents(split, tokenizer, vocab)

@@ -236,9 +236,9 @@ def test_graph_precision_is_checked_against_the_target(exported, tmp_path):
     build = tmp_path / "build"
     shutil.copytree(folder, build)
     record = prepare_tensorrt_model(build, target=load_target("h100"), spec=spec)
-    assert record["dtype"] == "bf16" and record["precisions"] == ["bf16"]
+    assert record["dtype"] == "bf16" and record["precisions"] == ["bf16", "fp16"]  # fp16 logits
     plan = plan_engine(build, spec=spec, target=load_target("h100"), limits=_LIMITS)
-    assert plan.precisions == ["bf16"] and plan.notes == []
+    assert plan.precisions == ["bf16", "fp16"] and plan.notes == []
     with pytest.raises(InputError, match=r"BF16 needs compute capability ≥ 8\.0; t4 is 7\.5"):
         plan_engine(build, spec=spec, target=load_target("t4"), limits=_LIMITS)
     assert (build / "engines/tensorrt/plan.json").read_text().count('"bf16"') == 1  # h100's

@@ -60,9 +60,12 @@ def typed_tolerance(recipe: Tolerance, typing: Tolerance) -> Tolerance:
 
 
 def graph_precisions(graph: ir.Graph) -> list[str]:
-    """The precisions the graph's own types and Q/DQ put in it, e.g. ["fp16", "fp8"]."""
+    """The precisions the graph's own types and Q/DQ put in it, e.g. ["bf16", "fp16", "fp8"]:
+    its float types, most values first (a bf16 graph's fp16 logits after bf16), then the
+    quantized ones."""
     names = {"FLOAT16": "fp16", "BFLOAT16": "bf16"}
-    found = [names[name] for name in ("FLOAT16", "BFLOAT16") if float_types(graph)[name]]
+    counts = float_types(graph)
+    found = [names[name] for name in sorted(names, key=lambda n: -counts[n]) if counts[name]]
     quantized = {
         "FLOAT8E4M3FN": "fp8",
         "FLOAT4E2M1": "fp4",
@@ -138,9 +141,9 @@ def prepare_tensorrt_model(
         candidates.append("fp16")
     record: dict[str, Any] = {"model": TYPED_MODEL, "fallback": None}
     for candidate in candidates:
-        progress(f"typing the TensorRT model in {candidate} (norms, softmax, logits in fp32)")
+        progress(f"typing the TensorRT model in {candidate} (norms, softmax in fp32, logits fp16)")
         model = FdecModel(ir.load(str(source)), spec)
-        pass_ = CastFloat16Pass(dtype=candidate)
+        pass_ = CastFloat16Pass(dtype=candidate, logits="fp16")
         pass_.requires(model, target)
         result = pass_(model)
         missing = untyped_values(model.graph)

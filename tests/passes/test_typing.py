@@ -237,7 +237,7 @@ def test_an_initializer_read_low_and_in_fp32_gets_a_low_copy():
     model = FdecModel(ir_model(text, {"w": random_array(4, 3, seed=7)}), tiny_spec())
     feeds = {"x": random_array(3, 4, seed=8)}
     before = run_ort(model.model, feeds)
-    result = CastFloat16Pass(dtype="fp16", keep_logits=False)(model)
+    result = CastFloat16Pass(dtype="fp16", logits="fp16")(model)
     assert result.stats["duplicated"] == 1
     inits = model.graph.initializers
     assert inits["w"].dtype == ir.DataType.FLOAT and inits["w_float16"].dtype == ir.DataType.FLOAT16
@@ -271,7 +271,7 @@ def test_a_tied_table_kept_for_fp32_logits_is_stored_once():
     tied = FdecModel(ir_model(text.replace("HEAD", "w"), weights), tiny_spec())
     untied = FdecModel(ir_model(text.replace("HEAD", "w2"), {**weights, "w2": table}), tiny_spec())
     before = run_ort(tied.model, feeds)
-    result = CastFloat16Pass(dtype="bf16")(tied)  # keep_logits: the Gemm stays fp32
+    result = CastFloat16Pass(dtype="bf16")(tied)  # logits fp32: the Gemm too
     reference = CastFloat16Pass(dtype="bf16")(untied)
     assert result.stats["duplicated"] == 0
     assert list(tied.graph.initializers) == ["w", "gamma"]
@@ -292,6 +292,75 @@ def test_a_tied_table_kept_for_fp32_logits_is_stored_once():
         np.testing.assert_array_equal(got, expected)
     rows = table[[0, 3]].astype(ml_dtypes.bfloat16).astype(np.float32)  # what h squares
     np.testing.assert_array_equal(after[1], (rows * rows).astype(ml_dtypes.bfloat16))
+
+
+def test_a_bf16_graphs_logits_compute_in_fp16_on_one_tied_table():
+    """logits="fp16" in a bf16 graph: the lm_head and the embedding Gather of its tied table
+    compute in fp16 (one fp16 table, no bf16 copy), the rows rounded to bf16 for every other
+    reader; the logits are fp16's rounding of the fp32 product, far nearer fp32 than bf16's."""
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (int64[2] ids, float[2, 64] x) => (float[2, 32] logits, float[2, 64] h) {
+        rows = Gather (w, ids)
+        h = Mul (rows, rows)
+        logits = Gemm <transB = 1> (x, w)
+    }
+    """
+    table = random_array(32, 64, seed=7)
+    feeds = {"ids": np.array([0, 3], np.int64), "x": random_array(2, 64, seed=8) * 8}
+    results = {}
+    for logits in ("fp16", "bf16"):
+        model = FdecModel(ir_model(text, {"w": table}), tiny_spec())
+        result = CastFloat16Pass(dtype="bf16", logits=logits)(model)
+        stored = {name: value.dtype for name, value in model.graph.initializers.items()}
+        emulate_low_precision(model.model)
+        results[logits] = (stored, result.stats, run_ort(model.model, feeds))
+    stored, stats, (logits, h) = results["fp16"]
+    assert stats["duplicated"] == 0 and stats["logits"] == "fp16"
+    assert stats["nodes_in_logits_type"] == 2  # the Gemm and the Gather of its table
+    assert "logits" not in stats["kept_by_reason"]
+    assert stored == {"w": ir.DataType.FLOAT16}
+    rounded = table.astype(np.float16).astype(np.float32)
+    rows = rounded[[0, 3]].astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(h, (rows * rows).astype(ml_dtypes.bfloat16))
+    x16 = feeds["x"].astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(logits, (x16 @ rounded.T).astype(np.float16), rtol=1e-3)
+    exact = feeds["x"] @ table.T
+    error_bf16 = np.abs(results["bf16"][2][0] - exact).max()
+    assert np.abs(logits - exact).max() * 4 < error_bf16, (np.abs(logits - exact).max(), error_bf16)
+
+
+def test_a_quantized_lm_heads_dequantize_computes_in_the_logits_type():
+    """An int8 weight-only lm_head (DequantizeLinear → MatMul) in a bf16 graph with fp16
+    logits: the DequantizeLinear yields fp16 from an fp16 scale, so TensorRT fuses it into one
+    fp16 GEMM (an fp32 one ran a dequantization of the whole weight every decode step)."""
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[2, 8] x) => (float[2, 16] logits) {
+        h = Relu (x)
+        w = DequantizeLinear <axis = 1> (wq, scale)
+        logits = MatMul (h, w)
+    }
+    """
+    weights = {
+        "wq": np.random.default_rng(3).integers(-127, 128, (8, 16)).astype(np.int8),
+        "scale": np.abs(random_array(16, seed=4)) / 100 + 1e-3,
+    }
+    model = FdecModel(ir_model(text, weights), tiny_spec())
+    feeds = {"x": random_array(2, 8, seed=5)}
+    before = run_ort(model.model, feeds)[0]
+    result = CastFloat16Pass(dtype="bf16", logits="fp16")(model)
+    graph = model.graph
+    assert result.stats["nodes_in_logits_type"] == 2
+    dq = next(n for n in graph if n.op_type == "DequantizeLinear")
+    assert dq.inputs[1].dtype == ir.DataType.FLOAT16 == dq.outputs[0].dtype
+    relu = next(n for n in graph if n.op_type == "Relu")
+    assert relu.outputs[0].dtype == ir.DataType.BFLOAT16  # the graph's own type up to the head
+    assert graph.outputs[0].dtype == ir.DataType.FLOAT
+    emulate_low_precision(model.model)
+    np.testing.assert_allclose(run_ort(model.model, feeds)[0], before, rtol=2e-2, atol=2e-3)
+    with pytest.raises(UsageError, match="logits must be fp32, fp16"):
+        CastFloat16Pass(dtype="fp16", logits="bf16")
 
 
 def test_cuda_typing_of_the_fused_tiny_llama(llama):
@@ -327,9 +396,16 @@ def test_cuda_typing_of_the_fused_tiny_llama(llama):
     assert cast.op_type == "Cast" and head.outputs[0].dtype == ir.DataType.FLOAT16
     assert {v.dtype for v in head.inputs} == {ir.DataType.FLOAT16}
     assert record.stats["duplicated"] == 0
-    bf16 = CastFloat16Pass(**cuda_typing("bf16")).keep_logits  # 8 mantissa bits: logits fp32
-    assert bf16 is True and CastFloat16Pass(**cuda_typing("fp16")).keep_logits is False
     assert cpu_placed_nodes(model) == []
+    # A bf16 graph's lm_head computes fp16 too (bf16's 8 mantissa bits: logits 0.25 apart at
+    # 32), a type CUDA's MatMul takes.
+    bf16, bf16_record = run_pass(
+        CastFloat16Pass(**cuda_typing("bf16")), run_pass(FuseAttentionPass(), llama.cleaned())[0]
+    )
+    head = bf16.graph.outputs[0].producer().inputs[0].producer()
+    assert {v.dtype for v in (*head.inputs, *head.outputs)} == {ir.DataType.FLOAT16}
+    assert bf16_record.stats["logits"] == "fp16" and bf16_record.stats["nodes_in_logits_type"]
+    assert cpu_placed_nodes(bf16) == []
     from fdec.runtime import session_for_model
 
     figures = llama.reference.compare(session_for_model(model))
