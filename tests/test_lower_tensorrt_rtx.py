@@ -152,6 +152,8 @@ def test_llama_engine_is_built_with_both_profiles(llama_engines, llama, cc):
                                       "max": [2, kv, 0, dim]}  # fmt: skip
     assert generation["shapes"][key]["max"] == [2, kv, 255, dim]
     assert context["shapes"]["input_ids"]["max"] == [2, 256]
+    # Kernels each profile launches, from the same listing (the roofline's per-step floor)
+    assert list(result.kernels) == ["context", "generation"] and min(result.kernels.values()) > 0
     assert set(context["shapes"]) == set(spec.inputs)
     assert json.loads(json.dumps(result.to_dict())) == result.to_dict()
 
@@ -316,3 +318,22 @@ def test_engine_precision_reads_the_inspector_listing():
         "gemms": {"fp16": 1, "fp16 (int4 weights)": 1, "fp4": 1, "fp8": 2},
         "precision": "fp8",
     }
+
+
+def test_profile_kernels_split_the_listing_at_each_profiles_first_named_layer():
+    from fdec.lower.tensorrt_rtx import profile_kernels
+
+    def layer(name: str, kind: str) -> str:
+        return f"Name: {name}, LayerType: {kind}, Inputs: [], Constants: [], Outputs: [ ]"
+
+    listing = "\n".join([
+        "Layers:",
+        layer("[ShapeHostToDeviceCopy 0]", "ShapeHostToDevice"),
+        layer("__myl_a_myl1_0", "kgen"), layer("b_MatMul_myl1_1", "gemm"),
+        layer("entry^bb^signal^1_myl1_2", "signal"), layer("entry^bb^wait^2_myl1_3", "wait"),
+        layer("[ShapeHostToDeviceCopy 0] [profile 1]", "ShapeHostToDevice"),
+        layer("__myl_c_myl3_0", "runtime_fusion"), layer("__mye_0_myl3_1", "shape_call"),
+        "Bindings:", "Name: logits, IOMode: Output, DataType: Float",
+    ])  # fmt: skip
+    assert profile_kernels(listing, ["context", "generation"]) == {"context": 2, "generation": 1}
+    assert profile_kernels(listing, ["only"]) is None  # not the engine's profiles

@@ -209,7 +209,7 @@ def test_int8_weight_only_for_rtx_is_blocked_int8_dequantize_in_a_real_engine(
     report = json.loads((out / "report.json").read_text())
     (engine,) = report["engines"]
     assert engine["status"] == "built"
-    assert engine["typed_model"]["precisions"] == ["bf16", "int8"]
+    assert engine["typed_model"]["precisions"] == ["bf16", "fp16", "int8"]  # fp16 logits
 
 
 @pytest.mark.skipif(rtx_available() is not None, reason=str(rtx_available()))
@@ -241,6 +241,11 @@ def test_fp4_for_rtx5090_builds_an_nvfp4_engine_and_is_refused_without_fp4(
     # W4A4 GEMMs (q k v o gate up of both layers, each profile); down and lm_head are W4A16
     gemms = engine["engine_precision"]["gemms"]
     assert gemms.get("fp4") == 12 * len(engine["profiles"]), gemms
+    # The roofline counts the engine's own decode kernels and its FP4 math
+    floor = report["estimate"]["step_floor"]
+    assert floor["nodes"] == engine["kernels"]["generation"] > 0
+    assert floor["nodes_from"] == "tensorrt-rtx engine listing, decode profile kernels"
+    assert report["estimate"]["math_precision"] == "fp4"
 
     # `fdec run` on this CPU: the build's FP4 form, said in one warning line
     ran = cli_runner.invoke(

@@ -86,3 +86,22 @@ def test_report_says_launch_bound():
     guess = _smollm2("h200", 2)
     text = render_report({"estimate": guess})
     assert "launch-bound" in text and f"~{guess['decode_tokens_per_s']:,.0f} decode tok/s" in text
+
+
+def test_an_engines_own_kernels_and_precision_set_the_floor_and_the_peak():
+    """A built engine's listing says what runs: its decode profile's kernels (not the Q/DQ
+    graph's nodes) and its GEMMs' precision (not a guess from bytes per weight: NVFP4 weights
+    with their scales are ~0.56 bytes, which rounds to fp8)."""
+    target = load_target("rtx5090")
+    fp4 = dict(weight_bytes=int(0.56 * _PARAMETERS), parameters=_PARAMETERS)
+    guessed = estimate(_SMOLLM2, target, **fp4, nodes=2778)
+    listed = estimate(
+        _SMOLLM2, target, **fp4, nodes=428, nodes_from="tensorrt-rtx engine listing", math="fp4"
+    )
+    assert guessed["math_precision"] == "fp8" and listed["math_precision"] == "fp4"
+    assert listed["step_floor"]["nodes_from"] == "tensorrt-rtx engine listing"
+    assert listed["step_floor"]["nodes"] == 428
+    ratio = listed["decode_tokens_per_s"] / guessed["decode_tokens_per_s"]
+    assert ratio == pytest.approx(2778 / 428, rel=1e-3)  # both launch-bound
+    weight_only = estimate(_SMOLLM2, target, **fp4, math="bf16 (int4 weights)")
+    assert weight_only["math_precision"] == "bf16"

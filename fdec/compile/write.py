@@ -89,7 +89,7 @@ def write_build(
             weight_bytes=counts.bytes,
             parameters=counts.parameters,
             gathered_bytes=lowered.gathered_bytes,
-            nodes=counts.nodes,
+            **_launches(counts.nodes, engines),
             kv_bytes_per_value=_KV_ITEM_BYTES.get((kv_cache or {}).get("dtype"), 4),
         ),
         "wall_s": round(time.perf_counter() - started, 2),
@@ -134,6 +134,22 @@ def write_build(
 
 
 _KV_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8_e4m3fn": 1}
+
+
+def _launches(nodes: int, engines: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the roofline's per-step floor and math come from: a built engine's own listing
+    (its decode profile's kernels, its GEMMs' precision); with engines planned but not built
+    here, the fused graph's nodes per layer (the Q/DQ graph's nodes are not what runs); else
+    the ONNX Runtime graph's nodes."""
+    for engine in engines:
+        kernels = engine.get("kernels") if engine.get("status") == "built" else None
+        if kernels:
+            return {
+                "nodes": kernels.get("generation", list(kernels.values())[-1]),
+                "nodes_from": f"{engine.get('backend')} engine listing, decode profile kernels",
+                "math": (engine.get("engine_precision") or {}).get("precision"),
+            }
+    return {"nodes": None} if engines else {"nodes": nodes}
 
 
 def _typed_models(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:

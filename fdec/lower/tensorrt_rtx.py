@@ -50,6 +50,7 @@ __all__ = [
     "available",
     "build_engine",
     "engine_precision",
+    "profile_kernels",
     "unsupported_nodes",
 ]
 
@@ -99,6 +100,8 @@ class RtxBuildResult:
     sparse_weights: bool = False  # BuilderFlag.SPARSE_WEIGHTS set (2:4 weights, sm >= 8.0)
     # What the built engine computes in, from its inspector listing (`engine_precision`).
     engine_precision: dict[str, Any] | None = None
+    # Kernels each profile launches per run, from the same listing (`profile_kernels`).
+    kernels: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in _STATUSES:
@@ -277,6 +280,7 @@ def _build(
         return "failed", _first_error(messages) or "the builder returned no engine"
     listing = next((msg for _, msg in messages if msg.startswith(_LAYERS_HEADER)), None)
     result.engine_precision = engine_precision(listing) if listing else None
+    result.kernels = profile_kernels(listing, [p.name for p in profiles]) if listing else None
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / ENGINE_FILE
     partial = out_dir / f".{ENGINE_FILE}.{os.getpid()}.partial"
@@ -369,6 +373,28 @@ def engine_precision(listing: str) -> dict[str, Any]:
         counts[label] = counts.get(label, 0) + 1
     top = max(counts, key=lambda label: counts[label]) if counts else None
     return {"gemms": dict(sorted(counts.items())), "precision": top}
+
+
+# Listed layers that launch no kernel: stream events and shape bookkeeping.
+_NOT_KERNELS = frozenset({"signal", "wait", "shape_call", "ShapeHostToDevice"})
+
+
+def profile_kernels(listing: str, names: list[str]) -> dict[str, int] | None:
+    """Kernels each optimization profile launches per run, from the inspector listing: the
+    layers in order, a profile's after the first layer named "[profile k]" (TensorRT-RTX 1.7.1
+    names its non-fused layers so; observed, not documented), less stream events and shape
+    bookkeeping. None when the listing's profiles are not `names`' (the roofline then
+    estimates launches without it)."""
+    import re
+
+    counts: list[int] = [0]
+    for match in re.finditer(r"Name: (.*?), LayerType: (\w+),", listing):
+        name, kind = match.groups()
+        marked = re.search(r"\[profile (\d+)\]", name)
+        if marked and int(marked.group(1)) == len(counts):
+            counts.append(0)  # the next profile's first named layer
+        counts[-1] += kind not in _NOT_KERNELS
+    return dict(zip(names, counts, strict=True)) if len(counts) == len(names) else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,14 +22,20 @@ _COMPUTE_FOR_WEIGHTS = {4: "fp32", 2: "fp16", 1: "fp8"}  # bytes per weight -> m
 FUSED_NODES_PER_LAYER = 344 / 30
 
 
-def _peak_tflops(target: Any, bytes_per_weight: float) -> tuple[str | None, float | None]:
-    """Peak of the math the build's weights run in; fp32 builds use TF32 where the GPU has it."""
+def _peak_tflops(
+    target: Any, bytes_per_weight: float, math: str | None = None
+) -> tuple[str | None, float | None]:
+    """Peak of the math the build's products run in: `math` where known (an engine's own
+    listing: "fp8", "bf16 (int4 weights)" computes bf16), else guessed from the bytes per weight;
+    fp32 builds use TF32 where the GPU has it."""
     from fdec.targets import Precision
 
     peaks = target.peak_tflops
-    wanted = _COMPUTE_FOR_WEIGHTS.get(round(bytes_per_weight), "fp16")
-    order = {"fp32": ["tf32", "fp32"], "fp16": ["fp16", "bf16"], "fp8": ["fp8", "int8", "fp16"]}
-    for name in order[wanted]:
+    wanted = (math or "").split(" ")[0] or _COMPUTE_FOR_WEIGHTS.get(round(bytes_per_weight))
+    order = {"fp32": ["tf32", "fp32"], "fp16": ["fp16", "bf16"], "bf16": ["bf16", "fp16"],
+             "fp8": ["fp8", "int8", "fp16"], "int8": ["int8", "fp16"],
+             "fp4": ["fp4", "fp8", "fp16"]}  # fmt: skip
+    for name in order.get(wanted or "fp16", order["fp16"]):
         precision = Precision.parse(name)
         if precision in peaks and target.supports(precision):
             return name, float(peaks[precision])
@@ -47,12 +53,16 @@ def estimate(
     kv_bytes_per_value: int = 4,
     gathered_bytes: int = 0,
     nodes: int | None = None,
+    nodes_from: str = "graph",
+    math: str | None = None,
 ) -> dict[str, Any]:
     """Batch-1 estimates, labelled as such: decode is bound by reading every weight and the KV
     cache once per token, by 2 FLOPs per parameter, or by the per-step floor (`nodes` of the
     graph × the target's `node_launch_us`; without `nodes`, the fused graph's nodes per layer);
     prefill by FLOPs at the target's peak. `gathered_bytes` are weights read a row at a time
-    (an untied embedding table), not whole.
+    (an untied embedding table), not whole. `nodes_from` says what `nodes` counted (the graph's
+    nodes, or an engine's decode-profile kernels); `math` is the precision the products run in
+    where the caller knows it (an engine's listing).
     """
     bandwidth = target.memory_bandwidth_gbs * 1e9
     result: dict[str, Any] = {
@@ -72,7 +82,9 @@ def estimate(
     kv_read = kv_per_token * context
     memory_s = (weight_bytes - gathered_bytes + kv_read) / bandwidth
     bytes_per_weight = weight_bytes / max(parameters, 1)
-    math_name, peak = _peak_tflops(target, bytes_per_weight) if target.is_gpu else (None, None)
+    math_name, peak = (
+        _peak_tflops(target, bytes_per_weight, math) if target.is_gpu else (None, None)
+    )
     flops_per_token = 2 * parameters
     attention_flops = 4 * spec.num_layers * spec.num_heads * spec.head_dim * context
     compute_s = (flops_per_token + attention_flops) / (peak * 1e12) if peak else 0.0
@@ -93,7 +105,7 @@ def estimate(
     if launch_us:
         result["step_floor"] = {
             "nodes": launches,
-            "nodes_from": "graph" if nodes is not None else "fused graph, nodes per layer",
+            "nodes_from": nodes_from if nodes is not None else "fused graph, nodes per layer",
             "node_launch_us": launch_us,
             "ms": float(f"{floor_s * 1e3:.4g}"),
             "source": f"targets/data/{target.name}.toml node_launch_us",
