@@ -320,7 +320,7 @@ def test_engine_precision_reads_the_inspector_listing():
     }
 
 
-def test_profile_kernels_split_the_listing_at_each_profiles_first_named_layer():
+def test_profile_kernels_count_each_profiles_kernels_in_the_listing():
     from fdec.lower.tensorrt_rtx import profile_kernels
 
     def layer(name: str, kind: str) -> str:
@@ -337,3 +337,10 @@ def test_profile_kernels_split_the_listing_at_each_profiles_first_named_layer():
     ])  # fmt: skip
     assert profile_kernels(listing, ["context", "generation"]) == {"context": 2, "generation": 1}
     assert profile_kernels(listing, ["only"]) is None  # not the engine's profiles
+    # A static decode profile's fused graph may carry no mark at all: one graph per profile,
+    # in order (a tiny engine's listing: its weight's dequantization listed before the mark)
+    unmarked = "\n".join([
+        layer("__myl_CastMulCastFc_myl0_1", "runtime_fusion"),
+        layer("__myl_CastMulCast_myl1_0", "kgen"), layer("node_of_y [profile 1]_myl1_1", "gemm"),
+    ])  # fmt: skip
+    assert profile_kernels(unmarked, ["context", "generation"]) == {"context": 1, "generation": 2}

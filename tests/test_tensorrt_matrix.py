@@ -148,6 +148,35 @@ def test_fp8_with_a_whole_layer_w8a16_builds_an_fp8_engine(source, tmp_path, mon
     assert gemms.get("bf16 (int8 weights)", 0) > gemms["fp8"], gemms
 
 
+def test_a_batch_1_decode_profile_keeps_weight_only_gemms_fused(source, tmp_path):
+    """`--max-batch 1`: the decode profile takes batch 2 at most, so TensorRT-RTX fuses each
+    int8 weight-only GEMM's dequantization into it in both profiles (with every decode shape
+    static it dequantized each whole weight in a kernel of its own before a dense GEMM)."""
+    if available() is not None:
+        pytest.skip(f"TensorRT-RTX is not usable here: {available()}")
+    _, _, reference, _ = source
+    target = load_target("rtx4090")
+    build, model, plan, records = _built(source, tmp_path, target, "tensorrt-rtx", "fp8")
+    (fp8,) = [r for r in records if r.name == "quantize-fp8"]
+    weight_only = [name for name in fp8.stats["weight_only"] if "lm_head" not in name]
+    record = prepare_tensorrt_model(
+        build, target=target, spec=model.spec, reference=reference, tolerance=plan.tolerance
+    )
+    assert record["numerics"]["ok"], record["numerics"]["failure"]
+    limits = ShapeLimits(max_batch=1, max_seq_len=256)
+    result = build_engine(
+        build / TYPED_MODEL, tmp_path / "engine", spec=model.spec, limits=limits,
+        compute_capability=(8, 9),
+    )  # fmt: skip
+    assert result.status == "built", result.reason
+    context, generation = result.profiles
+    assert context["shapes"]["input_ids"]["max"] == [1, 256]
+    assert generation["shapes"]["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [2, 1]}
+    gemms = result.engine_precision["gemms"]
+    assert gemms.get("bf16 (int8 weights)") == 2 * len(weight_only), gemms
+    assert gemms.get("fp16 (int8 weights)") == 2, gemms  # the lm_head, fp16 logits
+
+
 def test_the_fp32_graph_would_build_an_fp32_engine(source, tmp_path):
     """Why the typed model exists: TensorRT-RTX builds the untyped graph's GEMMs in fp32."""
     if available() is not None:

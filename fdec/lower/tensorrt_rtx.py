@@ -300,14 +300,29 @@ def _build(
 
 
 def _engine_profiles(profiles: list[Profile]) -> list[Profile]:
-    """The profiles TensorRT-RTX is given: those of `profiles_for`, unchanged.
+    """The profiles TensorRT-RTX is given: those of `profiles_for`, a decode profile of batch
+    1 at most taking batch 2 at most.
 
     The "context" profile pins the past to length 0 (min = opt = max = 0 on the sequence axis
     of every past_key_values input). TensorRT-RTX 1.7.1 accepts that and builds (checked in the
     tests), so no dummy past slot is needed; if a later version rejects zero-length
     dimensions, adapt the profiles here (past 1 with a masked slot), not in profiles.py.
+
+    The "generation" profile of a `--max-batch 1` build has every GEMM's rows static (one
+    token, one sequence). There TensorRT-RTX 1.7.1 builds each int8 / FP8 weight-only GEMM as
+    a kernel with no inputs that writes the whole weight dequantized to bf16/fp16, then a dense
+    GEMM; with the batch dynamic it fuses the dequantization into the GEMM (`runtime_fusion`),
+    as in the prefill profile. SmolLM2's default rtx4090 engine: 282.0 → 215.6 MB, 428 → 398
+    decode kernels (docs/design-notes.md, session 30). Batch 1 still runs (opt stays 1).
     """
-    return profiles
+    return [_batch_up_to_two(p) if p.name == "generation" else p for p in profiles]
+
+
+def _batch_up_to_two(profile: Profile) -> Profile:
+    if any(high[0] != 1 for _, _, high in profile.shapes.values()):
+        return profile  # a batched decode profile is dynamic already
+    shapes = {name: (low, opt, (2, *high[1:])) for name, (low, opt, high) in profile.shapes.items()}
+    return Profile(profile.name, shapes)
 
 
 def _apply_precision(trt: Any, config: Any, network: Any) -> None:
@@ -357,9 +372,14 @@ def engine_precision(listing: str) -> dict[str, Any]:
             for dims, dtype in sorted(constants, key=lambda found: -math.prod(found[0]))
             if sum(d > 1 for d in dims) == 2
         ]
-        # a fused layer counts by a quantized weight of exactly [K, N] (a kgen reshaping FP8
-        # block scales of [1, rows, K/16] is none)
-        quantized = any(dtype in _QUANTIZED and len(dims) == 2 for dims, dtype in constants)
+        # a fused layer counts by a quantized weight of exactly [K, N], or [1, K, N] in a
+        # runtime fusion (a decoder's batched weight-only GEMM; a kgen reshaping FP8 block
+        # scales of [1, rows, K/16] is none)
+        fused = match.group(1) == "runtime_fusion"
+        quantized = any(
+            dtype in _QUANTIZED and (len(dims) == 2 or (fused and len(dims) == 3 and dims[0] == 1))
+            for dims, dtype in constants
+        )
         if not inputs or inputs[0][1] not in _DATATYPES:  # a Gather of int ids, not a product
             continue
         if not (match.group(1) == "gemm" or quantized):
@@ -380,21 +400,36 @@ _NOT_KERNELS = frozenset({"signal", "wait", "shape_call", "ShapeHostToDevice"})
 
 
 def profile_kernels(listing: str, names: list[str]) -> dict[str, int] | None:
-    """Kernels each optimization profile launches per run, from the inspector listing: the
-    layers in order, a profile's after the first layer named "[profile k]" (TensorRT-RTX 1.7.1
-    names its non-fused layers so; observed, not documented), less stream events and shape
-    bookkeeping. None when the listing's profiles are not `names`' (the roofline then
-    estimates launches without it)."""
+    """Kernels each optimization profile launches per run, from the inspector listing, less
+    stream events and shape bookkeeping. A layer of profile k > 0 is named "... [profile k]";
+    a fused (Myelin) layer's name ends in "_myl<graph>_<i>" and often carries no mark: a graph
+    serves one profile, so with one graph per profile the k-th graph listed is profile k's,
+    else a graph takes the mark of any of its layers, or the profile of the marked layer
+    before it (TensorRT-RTX 1.7.1's naming: observed, not documented). None when the
+    listing's profiles are not `names`' (the roofline then estimates launches without it)."""
     import re
 
-    counts: list[int] = [0]
-    for match in re.finditer(r"Name: (.*?), LayerType: (\w+),", listing):
-        name, kind = match.groups()
-        marked = re.search(r"\[profile (\d+)\]", name)
-        if marked and int(marked.group(1)) == len(counts):
-            counts.append(0)  # the next profile's first named layer
-        counts[-1] += kind not in _NOT_KERNELS
-    return dict(zip(names, counts, strict=True)) if len(counts) == len(names) else None
+    layers = re.findall(r"Name: (.*?), LayerType: (\w+),", listing)
+    graph_of = [re.search(r"_myl(\d+)_\d+$", name) for name, _ in layers]
+    marks = [re.search(r"\[profile (\d+)\]", name) for name, _ in layers]
+    graphs: dict[str, int] = {}
+    for graph, mark in zip(graph_of, marks, strict=True):
+        if graph and mark:
+            graphs[graph.group(1)] = max(graphs.get(graph.group(1), 0), int(mark.group(1)))
+    order = list(dict.fromkeys(graph.group(1) for graph in graph_of if graph))
+    if len(order) == len(names) and all(graphs.get(g, i) == i for i, g in enumerate(order)):
+        graphs = {graph: index for index, graph in enumerate(order)}
+    counts = [0] * len(names)
+    current = 0
+    for (_, kind), graph, mark in zip(layers, graph_of, marks, strict=True):
+        if mark:
+            current = int(mark.group(1))
+        elif graph:
+            current = graphs.setdefault(graph.group(1), current)
+        if current >= len(counts):
+            return None
+        counts[current] += kind not in _NOT_KERNELS
+    return dict(zip(names, counts, strict=True)) if all(counts) else None
 
 
 # ---------------------------------------------------------------------------------------------
