@@ -52,7 +52,7 @@ from fdec.passes.static_qdq import (
     retire_quantized,
     scalar_initializer,
 )
-from fdec.passes.weights import Weight, add_initializer, fresh_name
+from fdec.passes.weights import Weight, add_initializer, fresh_name, row_chunks
 from fdec.pipeline import Tolerance
 from fdec.targets import Precision
 
@@ -172,8 +172,20 @@ def _nvfp4_dequantized(array: np.ndarray, **options: Any) -> np.ndarray:
 
 def _on_grid(array: np.ndarray, nearest: tuple[np.ndarray, np.ndarray, np.float32]) -> bool:
     """Whether [K, N] `array` is the values of its nearest NVFP4 rounding (to float rounding: an
-    NVFP4 checkpoint's E2M1 · scale / global_scale, read as float in fp32)."""
-    return bool(np.allclose(_values(*nearest), array, rtol=1e-5, atol=0))
+    NVFP4 checkpoint's E2M1 · scale / global_scale, read as float in fp32). A chunk of whole
+    blocks of rows at a time (`row_chunks`), stopping at the first chunk off the grid, which for
+    a float weight is the first: an 8B model's 2.1 GB lm_head costs one chunk of temporaries,
+    not several of its own size."""
+    codes, scales, g = nearest
+    rows = max(FP4_BLOCK, row_chunks(array)[0].stop // FP4_BLOCK * FP4_BLOCK)
+    for start in range(0, array.shape[0], rows):
+        part, blocks = (
+            slice(start, start + rows),
+            slice(start // FP4_BLOCK, (start + rows) // FP4_BLOCK),
+        )
+        if not np.allclose(_values(codes[part], scales[blocks], g), array[part], rtol=1e-5, atol=0):
+            return False
+    return True
 
 
 def _gptq_nvfp4(

@@ -251,3 +251,33 @@ def test_quantize_nvfp4_scale_search_never_rounds_a_block_worse():
     assert searched[2] == quantize_nvfp4(w)[2]  # the tensor scale is absmax's
     with pytest.raises(UsageError, match="scale_search"):
         QuantizeFp4Pass(scale_search=(1.2,))
+
+
+def test_the_grid_check_goes_a_chunk_of_whole_blocks_at_a_time(monkeypatch):
+    """A weight on its nearest NVFP4 grid is found so chunk by chunk as whole; one value off
+    in the last chunk is found too."""
+    from fdec.passes import quantize_fp4, weights
+
+    array = quantize_fp4._values(
+        *quantize_nvfp4(np.random.default_rng(5).standard_normal((160, 24)).astype(np.float32))
+    )
+    nearest = quantize_nvfp4(array)
+    monkeypatch.setattr(weights, "_CHUNK_BYTES", 4 * 24 * 40)  # 40 rows: 32 a step, 5 steps
+    assert quantize_fp4._on_grid(array, nearest)
+    off = array.copy()
+    off[-1, 3] *= 1.01
+    assert not quantize_fp4._on_grid(off, nearest)
+    assert quantize_fp4._on_grid(off[:144], (nearest[0][:144], nearest[1][:9], nearest[2]))
+    # Memory: a 16 MB weight on its grid is checked in ~1 MB of temporaries, not its own size
+    import tracemalloc
+
+    big = quantize_fp4._values(
+        *quantize_nvfp4(np.random.default_rng(6).standard_normal((4096, 1024)).astype(np.float32))
+    )
+    nearest = quantize_nvfp4(big)
+    monkeypatch.setattr(weights, "_CHUNK_BYTES", 4 * 1024 * 64)  # 256 KB: 64 rows a step
+    tracemalloc.start()
+    assert quantize_fp4._on_grid(big, nearest)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < big.nbytes / 8, peak
