@@ -10,7 +10,7 @@ For choices between two builds of one model that differ in one option (e.g. the 
 graph's lm_head: `--pass-options cast-float16.logits=fp32`): choose on `tune`, quote
 `eval` (fdec.gates). Both builds run on the CPU provider at their own optimization level; a
 GPU graph runs there as fdec's verification runs it (nodes without a CPU fp16 kernel in fp32
-between casts), an NVFP4 graph in its FP4 form. The documents and the scoring are
+between casts; a bf16 graph with its rounding emulated), an NVFP4 graph in its FP4 form. The documents and the scoring are
 benchmarks/quality.py's.
 
 `--typed` scores the second build's strongly typed TensorRT model (engines/tensorrt/model.onnx,
@@ -44,6 +44,8 @@ def open_build(folder: pathlib.Path, typed: bool = False):
         return quality._open(folder / TYPED_MODEL, "basic")[0]
     level = (config.get("session_options") or {}).get("graph_optimization_level", "all")
     path = folder / config.get("model", "model.onnx")
+    if forms_needed(path)[0] == "bf16":  # no bf16 CPU kernels: its rounding emulated
+        return quality._open(path, level)[0]
     args = {"optimization": level}
     if forms_needed(path)[1]:  # NVFP4: ONNX Runtime runs its FP4 form only
         args.update(lighter_session_args(path))
