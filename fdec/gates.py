@@ -112,6 +112,15 @@ class Gate:
             f"logit error {self.max_abs_error:.3g} × {LOGIT_FACTOR:g} (fdec/gates.py)"
         )
 
+    def tolerance(self) -> GateTolerance:
+        return GateTolerance(
+            max_abs_error=self.max_logit_error,
+            min_top1_agreement=self.min_top1_agreement,
+            max_perplexity_increase=self.max_ppl_increase,
+            greedy_identical=False,
+            source=self.source(),
+        )
+
 
 # Measured figures (benchmarks/quality.py rows; the README's quality table): the perplexity
 # increase of the run quoted there (python benchmarks/quality.py --splits eval --recipes
@@ -176,6 +185,21 @@ _FP4_MEASURED = (
     "SmolLM2-135M, evaluation split (2,671 tokens), python benchmarks/quality.py --recipes "
     "none,fp4,fp4-wo,fp8, 2026-12-07; tests' tiny llama, qwen2 and gpt2 on held text"
 )
+# The strongly typed TensorRT model of a float build (fdec.lower.tensorrt_model: the fp32 graph
+# typed bf16 or fp16, norms and softmax fp32, logits fp16), scored with its rounding emulated
+# as its compile checks it: `fdec compile smollm2-135m --target rtx4090 --quantize none` (its
+# check skipped), then python benchmarks/compare_builds.py FP32 B --typed --splits tune,eval
+# (2026-12-07), evaluation split: bf16 -0.010 % top-1 0.980 error 2.89, fp16 +0.017 % 0.996
+# 0.251; the tests' tiny llama, qwen2 and gpt2 for rtx4090 on held text: bf16 top-1
+# 0.969-0.992, error ≤ 0.036; fp16 1.000, ≤ 0.005. Before, the typing was judged by limits
+# derived on tiny models (0.25 / 0.05) and SmolLM2's float build for rtx4090 failed both
+# (held text: bf16 0.976, fp16 0.088). A typed quantized model is judged by its recipe's gate
+# plus this one's logit error (`fdec.lower.tensorrt_model.typed_tolerance`).
+_TENSORRT_MEASURED = (
+    "SmolLM2-135M, evaluation split (2,671 tokens), the TensorRT model of the float build with "
+    "its bf16/fp16 rounding emulated on the CPU, python benchmarks/compare_builds.py --typed, "
+    "2026-12-07; tests' tiny llama, qwen2 and gpt2 on held text"
+)
 GATES: dict[str, Gate] = {
     gate.recipe: gate
     for gate in (
@@ -194,6 +218,8 @@ GATES: dict[str, Gate] = {
         Gate("onnxruntime-cuda int4-awq", 0.1068, 0.711, 19.88, _CUDA_MEASURED),
         Gate("onnxruntime-cuda int4-awq-mixed", 0.0875, 0.849, 17.20, _CUDA_MIXED_MEASURED),
         Gate("onnxruntime-cuda int8-wo", 0.0021, 0.969, 1.25, _CUDA_INT8_WO_MEASURED),
+        Gate("tensorrt bf16", -0.0001, 0.969, 2.89, _TENSORRT_MEASURED),
+        Gate("tensorrt fp16", 0.0002, 0.996, 0.251, _TENSORRT_MEASURED),
     )
 }
 

@@ -186,3 +186,29 @@ def test_unmeasured_combinations_keep_the_generic_gate():
     plan = plan_pipeline(target=h200, backend="tensorrt", quantize="int8-wo")
     assert [p.name for p in plan.pipeline if p.name == "quantize-int8-wo"]
     assert recipe_of(plan.pipeline) is None
+
+
+def test_a_typed_float_model_is_judged_by_the_measured_typing_gate():
+    """The TensorRT model of a float build: the recipe's exact gate plus the measured typing
+    gate ("tensorrt bf16" / "tensorrt fp16"), which SmolLM2's rtx4090 float build holds on its
+    held text (bf16 0.976, fp16 0.088: both failed the tiny-model limits 0.25 / 0.05)."""
+    from fdec.compile.recipe import FP32_TOLERANCE
+    from fdec.lower.tensorrt_model import typed_tolerance, typing_tolerance
+
+    for dtype, held in (("bf16", 0.976), ("fp16", 0.088)):
+        measured = GATES[f"tensorrt {dtype}"]
+        gate = typed_tolerance(FP32_TOLERANCE, typing_tolerance(dtype))
+        assert gate.max_abs_error == pytest.approx(1e-3 + measured.max_logit_error)
+        assert gate.min_top1_agreement == measured.min_top1_agreement
+        assert gate.max_perplexity_increase == measured.max_ppl_increase
+        assert f"tensorrt {dtype}" in gate.source
+        figures = {"max_abs_error": held, "top1_agreement": 0.98, "perplexity_source": 54.05,
+                   "perplexity_build": 54.10}  # fmt: skip
+        assert gate.judge(figures) is None
+    # A quantized recipe keeps its own perplexity bound, its error widened by the typing's.
+    fp8 = GATES["fp8"].tolerance()
+    typed = typed_tolerance(fp8, typing_tolerance("bf16"))
+    assert typed.max_perplexity_increase == fp8.max_perplexity_increase
+    assert typed.max_abs_error == pytest.approx(
+        fp8.max_abs_error + GATES["tensorrt bf16"].max_logit_error
+    )

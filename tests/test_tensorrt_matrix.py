@@ -224,7 +224,7 @@ def test_smollm2_rtx4090_ships_an_fp8_engine_built_from_the_typed_model(tmp_path
 def test_bf16_that_misses_its_gate_falls_back_to_fp16(source, tmp_path, monkeypatch):
     """bf16 is chosen for sm >= 8.0 only while it holds the gate; else the model is fp16, and
     the record says why. When neither holds, the compile fails naming the gate."""
-    import fdec.passes.typing as typing_module
+    import fdec.lower.tensorrt_model as tensorrt_model
     from fdec.errors import CompileError
     from fdec.passes import DEFAULT_PIPELINE, make_pipeline
     from fdec.pipeline import Tolerance
@@ -236,7 +236,11 @@ def test_bf16_that_misses_its_gate_falls_back_to_fp16(source, tmp_path, monkeypa
     model.save(build / "model.onnx")
     exact = Tolerance(max_abs_error=1e-3, min_top1_agreement=1.0, greedy_identical=False)
     # bf16's own allowance shrunk to nothing: its ~3e-2 logit error now fails.
-    monkeypatch.setattr(typing_module, "BF16_TOLERANCE", Tolerance(max_abs_error=0.0))
+    measured = tensorrt_model.typing_tolerance
+    shrunk = {"bf16": Tolerance(max_abs_error=0.0)}
+    monkeypatch.setattr(
+        tensorrt_model, "typing_tolerance", lambda dtype: shrunk.get(dtype) or measured(dtype)
+    )
     record = prepare_tensorrt_model(
         build, target=load_target("rtx4090"), spec=model.spec, reference=reference,
         tolerance=exact,
@@ -245,7 +249,7 @@ def test_bf16_that_misses_its_gate_falls_back_to_fp16(source, tmp_path, monkeypa
     assert record["fallback"].startswith("bf16: ") and "off by" in record["fallback"]
     assert record["numerics"]["ok"]
 
-    monkeypatch.setattr(typing_module, "FP16_TOLERANCE", Tolerance(max_abs_error=0.0))
+    shrunk["fp16"] = Tolerance(max_abs_error=0.0)
     with pytest.raises(CompileError, match="misses its tolerance: fp16: "):
         prepare_tensorrt_model(
             build, target=load_target("rtx4090"), spec=model.spec, reference=reference,

@@ -315,17 +315,20 @@ def _build_tolerance(pipeline: list[Any], max_ppl_increase: float | None) -> Tol
             return dataclasses.replace(FP32_TOLERANCE, max_perplexity_increase=max_ppl_increase)
         return FP32_TOLERANCE
     gate = default_gate(pipeline)  # a measured recipe's gate (fdec.gates), else the generic one
-    return GateTolerance(
-        max_abs_error=gate.max_logit_error if gate else max(t.max_abs_error for t in lossy),
-        min_top1_agreement=(
-            gate.min_top1_agreement if gate else min(t.min_top1_agreement for t in lossy)
-        ),
-        max_perplexity_increase=max_ppl_increase
-        if max_ppl_increase is not None
-        else (gate.max_ppl_increase if gate else DEFAULT_MAX_PPL_INCREASE),
-        greedy_identical=False,
-        source=gate.source() if gate else "generic gate (no measured recipe: fdec.gates)",
+    tolerance = (
+        gate.tolerance()
+        if gate
+        else GateTolerance(
+            max_abs_error=max(t.max_abs_error for t in lossy),
+            min_top1_agreement=min(t.min_top1_agreement for t in lossy),
+            max_perplexity_increase=DEFAULT_MAX_PPL_INCREASE,
+            greedy_identical=False,
+            source="generic gate (no measured recipe: fdec.gates)",
+        )
     )
+    if max_ppl_increase is None:
+        return tolerance
+    return dataclasses.replace(tolerance, max_perplexity_increase=max_ppl_increase)
 
 
 @dataclasses.dataclass

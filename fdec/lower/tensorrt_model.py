@@ -26,6 +26,7 @@ from typing import Any
 import onnx_ir as ir
 
 from fdec.errors import CompileError
+from fdec.gates import GATES, GateTolerance
 from fdec.ir import FdecModel, ModelSpec, release_freed_memory
 from fdec.passes.typing import CastFloat16Pass, choose_float_dtype, float_types, untyped_values
 from fdec.pipeline import Tolerance
@@ -36,6 +37,7 @@ __all__ = [
     "graph_precisions",
     "prepare_tensorrt_model",
     "typed_tolerance",
+    "typing_tolerance",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,17 +47,28 @@ TYPED_MODEL = f"{MODEL_DIR}/model.onnx"
 _DATA_FILE = "model.onnx.data"
 
 
-def typed_tolerance(recipe: Tolerance, typing: Tolerance) -> Tolerance:
-    """The gate of a typed graph against the source: the recipe's error plus the typing's."""
+def typing_tolerance(dtype: str) -> GateTolerance:
+    """What typing a float graph bf16 or fp16 for TensorRT may do: its measured gate
+    ("tensorrt bf16" / "tensorrt fp16" in fdec.gates, SmolLM2 and the tests' tiny models)."""
+    return GATES[f"tensorrt {dtype}"].tolerance()
+
+
+def typed_tolerance(recipe: Tolerance, typing: Tolerance) -> GateTolerance:
+    """The gate of a typed graph against the source: the recipe's error plus the typing's, the
+    lower top-1 bound, the recipe's perplexity bound (the typing's for a float recipe)."""
 
     def add(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else a + b
 
-    return Tolerance(
+    sources = [getattr(t, "source", "") for t in (recipe, typing)]
+    return GateTolerance(
         max_abs_error=add(recipe.max_abs_error, typing.max_abs_error),
         min_top1_agreement=min(recipe.min_top1_agreement, typing.min_top1_agreement),
-        max_perplexity_increase=recipe.max_perplexity_increase,
+        max_perplexity_increase=recipe.max_perplexity_increase
+        if recipe.max_perplexity_increase is not None
+        else typing.max_perplexity_increase,
         greedy_identical=False,
+        source=" + ".join(source for source in sources if source),
     )
 
 
@@ -160,7 +173,7 @@ def prepare_tensorrt_model(
         )
         if reference is None:
             return record
-        gate = typed_tolerance(tolerance or Tolerance(), pass_.tolerance)
+        gate = typed_tolerance(tolerance or Tolerance(), typing_tolerance(candidate))
         progress(f"checking the {candidate} TensorRT model against the source model")
         figures = _check_numerics(folder / "model.onnx", reference, gate, spec)
         record["numerics"] = figures
