@@ -44,10 +44,11 @@ def open_build(folder: pathlib.Path, typed: bool = False):
         return quality._open(folder / TYPED_MODEL, "basic")[0]
     level = (config.get("session_options") or {}).get("graph_optimization_level", "all")
     path = folder / config.get("model", "model.onnx")
-    if forms_needed(path)[0] == "bf16":  # no bf16 CPU kernels: its rounding emulated
+    low, fp4 = forms_needed(path)
+    if low == "bf16":  # no bf16 CPU kernels: its rounding emulated
         return quality._open(path, level)[0]
     args = {"optimization": level}
-    if forms_needed(path)[1]:  # NVFP4: ONNX Runtime runs its FP4 form only
+    if fp4:  # NVFP4: ONNX Runtime runs its FP4 form only
         args.update(lighter_session_args(path))
     session = open_session(path, providers=["CPUExecutionProvider"], **args)
     return OrtModel(session, kv_buffer=(config.get("kv_cache") or {}).get("buffer"))

@@ -104,24 +104,22 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"decode batch ≤ {batch}, {kind}: {result.bytes / 1e6:.2f} MB engine")
             layers = re.findall(
-                r"Name: (.*?), LayerType: (\w+), Inputs: \[(.*?)\], Constants: \[(.*?)\], Outputs",
+                r"Name: (.*?), LayerType: \w+, Inputs: \[(.*?)\], Constants: (.*?), Outputs",
                 listings[-1],
             )
-            order = list(
-                dict.fromkeys(
-                    m.group(1) for name, *_ in layers if (m := re.search(r"_myl(\d+)_\d+$", name))
-                )
-            )
-            for name, layer, inputs, constants in layers:
-                graph = re.search(r"_myl(\d+)_\d+$", name)
-                if layer in ("signal", "wait", "shape_call") or graph is None:
+            details = {name: (inputs, constants) for name, inputs, constants in layers}
+            for name, layer, profile in rtx.listed_layers(listings[-1], len(profiles)) or []:
+                if layer in ("signal", "wait", "shape_call", "ShapeHostToDevice"):
                     continue
+                inputs, constants = details.get(name, ("", ""))
                 types = re.findall(r"Datatype: (\w+)", constants)
                 what = "no inputs: writes the dequantized weight" if not inputs.strip() else ""
-                profile = (
-                    ("prefill", "decode")[order.index(graph.group(1))] if len(order) == 2 else "?"
+                stage = (
+                    profiles[profile]
+                    .name.replace("context", "prefill")
+                    .replace("generation", "decode")
                 )
-                print(f"  {profile:8s} {layer:15s} constants {'/'.join(types) or '-':28s} {what}")
+                print(f"  {stage:8s} {layer:15s} constants {'/'.join(types) or '-':28s} {what}")
     return 0
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "available",
     "build_engine",
     "engine_precision",
+    "listed_layers",
     "profile_kernels",
     "unsupported_nodes",
 ]
@@ -399,14 +400,13 @@ def engine_precision(listing: str) -> dict[str, Any]:
 _NOT_KERNELS = frozenset({"signal", "wait", "shape_call", "ShapeHostToDevice"})
 
 
-def profile_kernels(listing: str, names: list[str]) -> dict[str, int] | None:
-    """Kernels each optimization profile launches per run, from the inspector listing, less
-    stream events and shape bookkeeping. A layer of profile k > 0 is named "... [profile k]";
-    a fused (Myelin) layer's name ends in "_myl<graph>_<i>" and often carries no mark: a graph
-    serves one profile, so with one graph per profile the k-th graph listed is profile k's,
-    else a graph takes the mark of any of its layers, or the profile of the marked layer
-    before it (TensorRT-RTX 1.7.1's naming: observed, not documented). None when the
-    listing's profiles are not `names`' (the roofline then estimates launches without it)."""
+def listed_layers(listing: str, profiles: int) -> list[tuple[str, str, int]] | None:
+    """(name, layer type, profile index) of each layer of the inspector listing. A layer of
+    profile k > 0 is named "... [profile k]"; a fused (Myelin) layer's name ends in
+    "_myl<graph>_<i>" and often carries no mark: a graph serves one profile, so with one graph
+    per profile the k-th graph listed is profile k's, else a graph takes the mark of any of its
+    layers, or the profile of the marked layer before it (TensorRT-RTX 1.7.1's naming:
+    observed, not documented). None when the listing does not hold `profiles` profiles."""
     import re
 
     layers = re.findall(r"Name: (.*?), LayerType: (\w+),", listing)
@@ -417,18 +417,30 @@ def profile_kernels(listing: str, names: list[str]) -> dict[str, int] | None:
         if graph and mark:
             graphs[graph.group(1)] = max(graphs.get(graph.group(1), 0), int(mark.group(1)))
     order = list(dict.fromkeys(graph.group(1) for graph in graph_of if graph))
-    if len(order) == len(names) and all(graphs.get(g, i) == i for i, g in enumerate(order)):
+    if len(order) == profiles and all(graphs.get(g, i) == i for i, g in enumerate(order)):
         graphs = {graph: index for index, graph in enumerate(order)}
-    counts = [0] * len(names)
-    current = 0
-    for (_, kind), graph, mark in zip(layers, graph_of, marks, strict=True):
+    placed, current = [], 0
+    for (name, kind), graph, mark in zip(layers, graph_of, marks, strict=True):
         if mark:
             current = int(mark.group(1))
         elif graph:
             current = graphs.setdefault(graph.group(1), current)
-        if current >= len(counts):
+        if current >= profiles:
             return None
-        counts[current] += kind not in _NOT_KERNELS
+        placed.append((name, kind, current))
+    return placed if {index for *_, index in placed} == set(range(profiles)) else None
+
+
+def profile_kernels(listing: str, names: list[str]) -> dict[str, int] | None:
+    """Kernels each optimization profile launches per run (`listed_layers`), less stream
+    events and shape bookkeeping. None when the listing's profiles are not `names`' (the
+    roofline then estimates launches without it)."""
+    placed = listed_layers(listing, len(names))
+    if placed is None:
+        return None
+    counts = [0] * len(names)
+    for _, kind, index in placed:
+        counts[index] += kind not in _NOT_KERNELS
     return dict(zip(names, counts, strict=True)) if all(counts) else None
 
 
