@@ -29,6 +29,7 @@ from onnxscript.rewriter import RewriteRuleSet, _ir_utils
 from fdec.backends import backend_names, get_backend
 from fdec.errors import UsageError
 from fdec.ir import FdecModel, shared_kv_layers
+from fdec.passes.attention_rules import fdec_rules
 from fdec.passes.cleanup import FoldConstantsPass
 from fdec.passes.fusion_rules import (
     Conv1DAsMatMul,
@@ -37,7 +38,6 @@ from fdec.passes.fusion_rules import (
     RotaryAnglesAsMatMul,
     ShiftRangeOnHost,
     const_scalar,
-    fdec_rules,
     forget_matched_nodes,
     rotary_tables,
 )

@@ -1,24 +1,17 @@
-"""The onnxscript rewrite rules fuse-attention (fdec.passes.fusion) runs: fdec's own, and
-onnxscript's attention rules corrected where they drop what the traced attention says.
-
-fdec's own rules put graphs in the forms onnxscript's ort_fusions match (rotary angles as a
-MatMul, GPT-2's Conv1D as MatMul, no reshape of the attention output to its own shape) or
-back in standard ONNX (RMSNorm; ranges shifted on the host). `fdec_rules` runs
-onnxscript's `optimize_for_ort` with subclasses of its GroupQueryAttention and
-MultiHeadAttention rules that keep the attention's scale and refuse what ONNX Runtime's
-kernels or the rewrites cannot take (a partial or interleaved rotary; a rotary table width
-GroupQueryAttention rejects).
+"""fdec's own onnxscript rewrite rules for fuse-attention (fdec.passes.fusion): they put
+graphs in the forms onnxscript's ort_fusions match (rotary angles as a MatMul, GPT-2's Conv1D
+as MatMul, no reshape of the attention output to its own shape) or back in standard ONNX
+(RMSNorm; ranges shifted on the host). The attention fusions themselves, onnxscript's rules
+corrected where they drop what the traced attention says, are in fdec.passes.attention_rules.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import RewriteRuleSet, _ir_utils, pattern
-from onnxscript.rewriter.ort_fusions import gqa, gqa_packed_qkv, mha
+from onnxscript.rewriter import _ir_utils, pattern
 
 __all__ = [
     "Conv1DAsMatMul",
@@ -28,7 +21,6 @@ __all__ = [
     "ScaledRotaryCache",
     "ShiftRangeOnHost",
     "const_scalar",
-    "fdec_rules",
     "forget_matched_nodes",
     "rotary_tables",
 ]
@@ -386,167 +378,3 @@ def forget_matched_nodes() -> int:
                     setattr(obj, attribute, None)
                     dropped += 1
     return dropped
-
-
-def _consumer_scale(value: ir.Value, op_type: str) -> tuple[bool, float | None]:
-    """The `scale` attribute of the one `op_type` node reading `value`: (found, scale or None)."""
-    nodes = {use.node for use in value.uses() if use.node.op_type == op_type}
-    if len(nodes) != 1:
-        return False, None
-    attribute = next(iter(nodes)).attributes.get("scale")
-    return True, None if attribute is None else attribute.as_float()
-
-
-def _with_scale(outputs: Any, scale: float | None) -> Any:
-    if scale is not None:
-        outputs[0].producer().attributes["scale"] = ir.AttrFloat32("scale", scale)
-    return outputs
-
-
-class _NoRepeat:
-    """The pattern builder onnxscript's GroupQueryAttention pattern is given by
-    `_FdecGqaUnrepeated`: the key and value repeat across the heads of a group (Unsqueeze →
-    Expand → Reshape) becomes the value itself."""
-
-    def __init__(self, op: Any) -> None:
-        self._op = op
-        self._skipped: set[int] = set()
-
-    def __getattr__(self, name: str) -> Any:
-        build = getattr(self._op, name)
-        if name not in ("Unsqueeze", "Expand", "Reshape"):
-            return build
-
-        def step(x: Any, *args: Any, **kwargs: Any) -> Any:
-            if name == "Unsqueeze" or id(x) in self._skipped:
-                self._skipped.add(id(x))
-                return x
-            return build(x, *args, **kwargs)
-
-        return step
-
-
-class _FdecGqa(gqa.GroupQueryAttention):
-    """onnxscript's GroupQueryAttention fusion, keeping the attention's own scale, and only
-    where ONNX Runtime's kernel takes the rotary width.
-
-    onnxscript 0.7.2 reads a scale other than 1/√head_size into its intermediate SDPA node but
-    writes GroupQueryAttention without it, so ONNX Runtime applies 1/√head_size: Granite's
-    attention_multiplier 1/64 became 1/4 (fp32 logits 0.009 off, tests/test_compile.py). And
-    ONNX Runtime refuses a cos/sin table whose width (rotated dims / 2) is not a multiple of 8
-    or is over half the head when it runs (a StableLM rotating 4 of 16 dims): those keep
-    MultiHeadAttention + RotaryEmbedding.
-    """
-
-    def check(self, context, query_BHSDh_rope, cos, query_BSHDh, **bindings):
-        result = super().check(
-            context, query_BHSDh_rope=query_BHSDh_rope, cos=cos, query_BSHDh=query_BSHDh, **bindings
-        )
-        if result:
-            head = _ir_utils.get_dim(query_BSHDh, 3)
-            width = cos.shape[1] if cos.shape is not None and cos.shape.rank() == 2 else None
-            if not isinstance(width, int) or not isinstance(head, int):
-                return pattern.MatchResult().fail("rotary table width unknown", cos)
-            if width % 8 or width > head // 2:
-                return pattern.MatchResult().fail(f"rotary table width {width}", cos)
-            found, self._scale = _consumer_scale(query_BHSDh_rope, "SDPA")
-            if not found:
-                return pattern.MatchResult().fail(
-                    "no single SDPA reads the query", query_BHSDh_rope
-                )
-        return result
-
-    def rewrite(self, op, **bindings):
-        return _with_scale(super().rewrite(op, **bindings), self._scale)
-
-
-class _FdecGqaUnrepeated(_FdecGqa):
-    """`_FdecGqa` where no head shares its key and value (Llama-2, Phi-3-mini, SmolLM2-1.7B):
-    the traced graph repeats no key or value across heads, where onnxscript's pattern looks
-    for the repeat, so such models fused to MultiHeadAttention, which concatenates the past
-    each step where GroupQueryAttention writes one shared buffer in place."""
-
-    def pattern(self, op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value, position_ids, cos, sin, mask):  # fmt: skip
-        return super().pattern(
-            _NoRepeat(op), query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,
-            position_ids, cos, sin, mask,
-        )  # fmt: skip
-
-
-class _FdecPackedGqa(gqa_packed_qkv.PackedQKVForGQAFusion):
-    """onnxscript's packed-qkv GroupQueryAttention rule, keeping the matched node's scale."""
-
-    def check(self, op, query_sliced, **bindings):
-        result = super().check(op, query_sliced=query_sliced, **bindings)
-        if result:
-            found, self._scale = _consumer_scale(query_sliced, "GroupQueryAttention")
-            if not found:
-                return pattern.MatchResult().fail("no single GroupQueryAttention", query_sliced)
-        return result
-
-    def rewrite(self, op, **bindings):
-        return _with_scale(super().rewrite(op, **bindings), self._scale)
-
-
-class _FdecMha(mha.MultiHeadAttention):
-    """onnxscript's MultiHeadAttention fusion, refused where a RotaryEmbedding it rewrites
-    rotates part of each head or interleaved: its rewrite writes RotaryEmbedding without
-    `rotary_embedding_dim` and `interleaved` (onnxscript 0.7.2), rotating all of each head.
-    A StableLM rotating 4 of 16 dims was 1.9 off from position 1; refused, its SDPA becomes
-    MultiHeadAttention by onnxscript's later `sdpa_via_mha`, which keeps the graph's rotary."""
-
-    def check(self, context, **bindings):
-        result = super().check(context, **bindings)
-        for node in context.nodes if result else ():
-            attributes = node.attributes
-            partial = attributes.get_int("rotary_embedding_dim", 0)
-            if node.op_type == "RotaryEmbedding" and (
-                partial or attributes.get_int("interleaved", 0)
-            ):
-                return pattern.MatchResult().fail("a rotary its rewrite would widen", node)
-        return result
-
-
-def _mha_rules(past: bool) -> RewriteRuleSet:
-    """onnxscript's MultiHeadAttention rule set (`mha._make_rule_set`) with `_FdecMha`."""
-    return RewriteRuleSet(
-        [
-            _FdecMha.rule(
-                f"MHA{'_Rotary' * rotary}{'_Past' * past}{'_CrossAttention' * cross}",
-                is_rotary=rotary,
-                has_past_present=past,
-                is_cross_attention=cross,
-            )
-            for rotary in (False, True)
-            for cross in ((False,) if past else (False, True))
-        ]
-    )
-
-
-@contextlib.contextmanager
-def fdec_rules(rows: int = 0):
-    """Run `optimize_for_ort` with fdec's attention rules above in place of its own, and its
-    cos/sin-cache rules beside onnxscript's (`rows`: the model's positions, the tables')."""
-    from onnxscript.rewriter import _fusion_utils
-    from onnxscript.rewriter.ort_fusions import _core, cos_sin_cache
-
-    names = ("fuse_cos_sin_cache", "fuse_gqa", "fuse_qkv_gqa", "fuse_mha1", "fuse_mha2")
-    saved = {name: getattr(_core, name) for name in names}
-    scaled = [
-        ScaledRotaryCache.rule(rows=rows, scaled=flag, matmul=matmul)
-        for flag, matmul in ((True, False), (True, True), (False, False))
-    ]
-    rules = (
-        RewriteRuleSet([*cos_sin_cache.cos_sin_cache_rules.rules, *scaled]),
-        RewriteRuleSet([_FdecGqa.rule(), _FdecGqaUnrepeated.rule()]),
-        RewriteRuleSet([_FdecPackedGqa.rule()]),
-        _mha_rules(past=True),
-        _mha_rules(past=False),
-    )
-    for name, rule_set in zip(names, rules, strict=True):
-        setattr(_core, name, _fusion_utils.apply_fusion_rules(rule_set))
-    try:
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(_core, name, function)

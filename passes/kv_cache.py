@@ -467,7 +467,7 @@ def runtime_trim(pipeline: Sequence[Any]) -> str | None:
     """Why a build planned as `pipeline` gets a KV cache its runtime trims (None where it may
     not): a kv-policy with attention sinks always, and a window where no fuse-attention is
     planned before it (only GroupQueryAttention applies a window itself). A planned fusion
-    may still keep a graph's traced attention (GPT-2's MultiHeadAttention has no window);
+    may still keep a graph's traced attention (a head size GroupQueryAttention refuses);
     the written build's policy (`native_window`) then says so."""
     from fdec.passes.fusion import FuseAttentionPass
 

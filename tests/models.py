@@ -93,6 +93,38 @@ FAMILY_CONFIGS = {
         "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": False,
         "sliding_window": 48,
     },
+    # A sweep of transformers' model types on the Llama path (fdec.frontend.families): four
+    # layers, head size 16, two key/value heads, each model's own traits written out
+    **{
+        model_type: {
+            "model_type": model_type, "architectures": [architecture], "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "head_dim": 16, "num_key_value_heads": 2, "max_position_embeddings": 256, **traits,
+        }
+        for model_type, architecture, traits in (
+            # no rotary on every 4th layer; EXAONE 4: none on its global layers, a window on the
+            # other three, norms after attention and MLP
+            ("smollm3", "SmolLM3ForCausalLM", {"no_rope_layers": [1, 1, 1, 0]}),
+            ("exaone4", "Exaone4ForCausalLM", {"sliding_window": 8}),
+            ("olmo", "OlmoForCausalLM", {}),
+            ("olmo3", "Olmo3ForCausalLM", {"sliding_window": 8}),
+            ("ministral", "MinistralForCausalLM", {
+                "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2,
+            }),
+            ("seed_oss", "SeedOssForCausalLM", {}),
+            ("apertus", "ApertusForCausalLM", {}),  # up and down only, xIELU
+            ("arcee", "ArceeForCausalLM", {}),  # up and down only, ReLU²
+            ("helium", "HeliumForCausalLM", {}),  # interleaved rotary
+            ("ernie4_5", "Ernie4_5ForCausalLM", {}),
+            ("cohere", "CohereForCausalLM", {}),
+            ("glm", "GlmForCausalLM", {}),  # partial interleaved rotary, packed gate_up
+            ("glm4", "Glm4ForCausalLM", {}),
+            ("hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM", {}),  # q/k norms after rotary
+            ("nemotron", "NemotronForCausalLM", {}),  # partial rotary, LayerNorm + 1
+            ("vaultgemma", "VaultGemmaForCausalLM", {"sliding_window": 8}),
+            ("starcoder2", "Starcoder2ForCausalLM", {}),  # LayerNorm with bias, c_fc / c_proj
+        )
+    },
     "gpt2": {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2,
         "n_head": 4, "n_positions": 256,

@@ -104,7 +104,7 @@ _GQA = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
     "family, fused",
     [("qwen3", _GQA), ("gemma", _GQA), ("olmo2", _GQA), ("granite", _GQA),
      ("gemma2", _GQA), ("gemma3_text", _GQA),
-     ("stablelm", {"MultiHeadAttention", "RotaryEmbedding", "SkipLayerNormalization"})],
+     ("stablelm", {"GroupQueryAttention", "RotaryEmbedding", "SkipLayerNormalization"})],
 )  # fmt: skip
 def test_llama_like_model_types_compile_fused_and_match_transformers(
     family, fused, tiny_models, tmp_path, cli_runner
@@ -130,6 +130,66 @@ def test_llama_like_model_types_compile_fused_and_match_transformers(
             if node.op_type == "GroupQueryAttention"
         ]
         assert windows == [8, None, 8, None]
+    prompt = "The quick brown fox jumps over the lazy dog"
+    assert _run_tokens(cli_runner, out, prompt, 40) == transformers_greedy(model_dir, prompt, 40)
+
+
+# model type -> (do_rotary, local_window_size) of each layer's GroupQueryAttention, where the
+# sweep's models rotate outside it or not at all
+_ROTARY_OUTSIDE = [(0, None)] * 4
+_GQA_LAYERS = {
+    "smollm3": [(1, None), (1, None), (1, None), (0, None)],
+    "exaone4": [(1, 8), (1, 8), (1, 8), (0, None)],
+    **dict.fromkeys(
+        ("helium", "ernie4_5", "cohere", "glm", "glm4", "hunyuan_v1_dense", "nemotron"),
+        _ROTARY_OUTSIDE,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["smollm3", "exaone4", "olmo", "olmo3", "ministral", "seed_oss", "apertus", "arcee",
+     "helium", "ernie4_5", "cohere", "glm", "glm4", "hunyuan_v1_dense", "nemotron",
+     "vaultgemma", "starcoder2"],
+)  # fmt: skip
+def test_swept_model_types_compile_and_match_transformers(
+    family, tiny_models, tmp_path, cli_runner
+):
+    """The model types a sweep of transformers' architectures found working through the
+    Llama path compile, every linear layer has its role (GLM's packed gate_up, StarCoder2's
+    c_fc / c_proj: without one, recipes that keep a role's layers weight-only miss them), each
+    layer's attention is one GroupQueryAttention, and 40 greedy tokens of the fp32 build equal
+    transformers' (past the 8-position windows).
+    Layers with no rotary (SmolLM3's every 4th, EXAONE 4's global ones) fuse with do_rotary=0
+    (they were MultiHeadAttention over the traced past concatenation, and EXAONE 4 failed its
+    build: kv-policy found 3 GroupQueryAttention nodes for 4 layers), and so do layers whose
+    rotary GroupQueryAttention cannot do (interleaved: Helium, ERNIE 4.5, Cohere, GLM; partial:
+    Nemotron, GLM; a norm after it: Hunyuan), the rotary left before it."""
+    import onnx
+    from safetensors import safe_open
+
+    from fdec.frontend.families import family_for_config
+
+    model_dir = tiny_models(family)
+    config = json.loads((model_dir / "config.json").read_text())
+    with safe_open(model_dir / "model.safetensors", "np") as weights:
+        linear = [n for n in weights.keys() if n.startswith("model.layers.") and "proj" in n]
+    roles = family_for_config(config, "config.json")
+    assert linear and [n for n in linear if n.endswith("weight") and not roles.role_of(n)] == []
+    out = tmp_path / "build"
+    _compile(cli_runner, model_dir, out)
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    attention = _attention(graph)
+    assert [node.op_type for node in attention] == ["GroupQueryAttention"] * 4
+    layers = [
+        (
+            next(a.i for a in node.attribute if a.name == "do_rotary"),
+            next((a.i for a in node.attribute if a.name == "local_window_size"), None),
+        )
+        for node in attention
+    ]
+    assert layers == _GQA_LAYERS.get(family, layers)
     prompt = "The quick brown fox jumps over the lazy dog"
     assert _run_tokens(cli_runner, out, prompt, 40) == transformers_greedy(model_dir, prompt, 40)
 

@@ -185,11 +185,16 @@ def test_total_length_from_positions_would_copy_to_the_host(fused_builds):
     assert report["cuda_placement"]["memcpy_nodes"] == 1
 
 
-def test_gpt2_positions_shift_inside_the_range_so_nothing_crosses(tiny_models, tmp_path):
-    """GPT-2's traced causal mask adds the host-side past length to a Range's device output:
-    a MemcpyFromHost every step. fuse-attention shifts the Range itself instead."""
-    _cuda_build(tiny_models("gpt2"), tmp_path / "shipped")
-    _cuda_build(tiny_models("gpt2"), tmp_path / "unshifted", shift_range=True)
+def test_traced_positions_shift_inside_the_range_so_nothing_crosses(tmp_path):
+    """A traced causal mask (attention fuse-attention keeps: here a head size of 8, which
+    GroupQueryAttention refuses) adds the host-side past length to a Range's device output:
+    a MemcpyFromHost every step. fuse-attention shifts the Range itself instead. (GPT-2 was
+    the case until its attention fused to GroupQueryAttention, which reads no such mask.)"""
+    from models import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "head8", "llama", hidden_size=32, intermediate_size=64)
+    _cuda_build(folder, tmp_path / "shipped")
+    _cuda_build(folder, tmp_path / "unshifted", shift_range=True)
     before = predict_placement(tmp_path / "unshifted" / "model.onnx")
     assert [(c.direction, c.readers) for c in before.copies] == [
         ("MemcpyFromHost", (before.copies[0].readers[0],))
@@ -197,7 +202,20 @@ def test_gpt2_positions_shift_inside_the_range_so_nothing_crosses(tiny_models, t
     report = json.loads((tmp_path / "shipped" / "report.json").read_text())
     fusion = next(p for p in report["passes"] if p["name"] == "fuse-attention")
     assert fusion["stats"]["ranges_shifted_to_host"] == 1
-    assert fusion["stats"]["attention"] == "MultiHeadAttention"
+    assert fusion["stats"]["not_fused"].startswith("head size 8")
+    placement = predict_placement(tmp_path / "shipped" / "model.onnx")
+    assert placement.copies == [] and placement.no_kernel == []
+    assert report["cuda_placement"]["memcpy_nodes"] == 0 and report["verification"]["ok"]
+
+
+def test_gpt2_fuses_for_cuda_with_nothing_crossing(tiny_models, tmp_path):
+    """GPT-2's fp16 CUDA build: GroupQueryAttention with no rotary on every layer (one shared
+    cache buffer), and no Memcpy or CPU-placed node in the placement ONNX Runtime will make."""
+    _cuda_build(tiny_models("gpt2"), tmp_path / "shipped")
+    report = json.loads((tmp_path / "shipped" / "report.json").read_text())
+    fusion = next(p for p in report["passes"] if p["name"] == "fuse-attention")
+    assert fusion["stats"]["attention"] == "GroupQueryAttention"
+    assert fusion["stats"]["kv_shared_buffer_layers"] == 2
     placement = predict_placement(tmp_path / "shipped" / "model.onnx")
     assert placement.copies == [] and placement.no_kernel == []
     assert report["cuda_placement"]["memcpy_nodes"] == 0 and report["verification"]["ok"]

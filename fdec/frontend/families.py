@@ -60,13 +60,29 @@ _LLAMA = Family(
 # sits between a layer's output projection and the residual add, where layer pruning looks),
 # Gemma 2 (soft-capped attention logits: the attention stays traced) and Gemma 3 (a rotary
 # base per layer kind), both with norms after attention and MLP and a window on some layers
-# (fdec.passes.kv_cache.ModelWindow).
+# (fdec.passes.kv_cache.ModelWindow). Then the architectures a sweep of transformers' model
+# types found exporting and matching transformers' greedy tokens through this path
+# (tests/test_compile.py): SmolLM3 and EXAONE 4 (layers with no rotary: GroupQueryAttention
+# without one), OLMo 1 and 3, Ministral, Seed-OSS, Apertus and Arcee (an MLP of up and down
+# only), Helium, ERNIE 4.5, Cohere and GLM (interleaved rotary), Hunyuan (q/k norms after the
+# rotary), Nemotron (partial rotary, LayerNorm + 1), VaultGemma, StarCoder2 (a GELU MLP of
+# c_fc / c_proj, read as up / down) and GLM's packed gate_up.
 _LLAMA_NAMES = dataclasses.replace(
     _LLAMA,
     name="llama-names",
-    model_types=("olmo2", "stablelm", "granite", "gemma2", "gemma3_text"),
+    model_types=(
+        "olmo2", "stablelm", "granite", "gemma2", "gemma3_text", "smollm3", "exaone4", "olmo",
+        "olmo3", "ministral", "seed_oss", "apertus", "arcee", "helium", "ernie4_5", "cohere",
+        "glm", "glm4", "hunyuan_v1_dense", "nemotron", "vaultgemma", "starcoder2",
+    ),
+    weight_patterns=(
+        *_LLAMA.weight_patterns,
+        (r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight", "layers.{0}.gate_up"),
+        (r"model\.layers\.(\d+)\.mlp\.c_fc\.weight", "layers.{0}.up"),
+        (r"model\.layers\.(\d+)\.mlp\.c_proj\.weight", "layers.{0}.down"),
+    ),
     prunable=False,
-)
+)  # fmt: skip
 # Phi-3/3.5/4-mini: Llama's layout with q/k/v packed in one qkv_proj and gate/up in one
 # gate_up_proj (so the prune pass, which slices them apart, does not take it).
 _PHI3 = Family(

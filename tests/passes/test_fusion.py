@@ -86,16 +86,26 @@ def test_fused_greedy_tokens_match_unfused_for_64_steps(exports):
     assert tiny.reference.compare_greedy(fused)["identical"]
 
 
-def test_gpt2_attention_fuses_to_multi_head_attention(exports):
+def test_gpt2_attention_fuses_to_group_query_attention_without_rotary(exports):
+    """GPT-2 (learned positions, no rotary, every head its own key and value) fuses to
+    GroupQueryAttention with do_rotary=0 and kv_num_heads == num_heads, which writes one
+    shared cache buffer in place; it fused to MultiHeadAttention, which concatenates the past
+    every step (kv_shared_buffer_layers was 0)."""
     tiny = exports("gpt2")
     plain = tiny.cleaned()
     fused, record = run_pass(FuseAttentionPass(), tiny.cleaned())
     ops = op_counts(fused)
-    assert ops[(_MS, "MultiHeadAttention")] == tiny.spec.num_layers
-    assert ops[("", "Gemm")] == 0  # Conv1D Gemms became 3-D MatMuls the MHA rule cannot break
-    assert record.stats["attention"] == "MultiHeadAttention"
-    # MultiHeadAttention concatenates its cache: no shared buffer, and the stats say so.
-    assert record.stats["kv_shared_buffer_layers"] == 0
+    assert ops[(_MS, "GroupQueryAttention")] == tiny.spec.num_layers
+    assert ops[(_MS, "MultiHeadAttention")] == 0
+    assert ops[("", "Gemm")] == 0  # Conv1D Gemms became 3-D MatMuls the attention rules match
+    assert record.stats["attention"] == "GroupQueryAttention"
+    assert record.stats["kv_shared_buffer_layers"] == tiny.spec.num_layers
+    for node in fused.model.graph:
+        if node.op_type == "GroupQueryAttention":
+            attributes = node.attributes
+            assert attributes.get_int("do_rotary") == 0
+            assert attributes.get_int("kv_num_heads") == attributes.get_int("num_heads")
+            assert len(node.inputs) == 7  # no cos/sin caches
     assert _io(fused) == _io(plain)
     np.testing.assert_allclose(_logits(fused), _logits(plain), atol=1e-4, rtol=0)
 
