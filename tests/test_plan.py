@@ -154,6 +154,21 @@ def test_parameter_count_matches_the_real_model(tiny_models, family):
     assert load_shape(str(folder)).parameters() == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("family", ["arcee", "apertus", "nemotron", "starcoder2"])
+def test_an_mlp_without_a_gate_is_counted_without_one(tiny_models, family):
+    """Model types whose MLP is up and down only (and StarCoder2's biases on every linear
+    layer) are counted so: the gate they lack had been counted (+21 % of these tiny models'
+    parameters, a third of every real one's MLP); what is left is norms counted as RMSNorms."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_models(family)
+    actual = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
+    shape = load_shape(str(folder))
+    assert not shape.gated_mlp
+    assert shape.parameters() == pytest.approx(actual, rel=0.005)
+    assert any("up/down" in note for note in shape.notes)
+
+
 def test_gpt2_names_and_encoder_without_kv_cache(tiny_models):
     gpt2 = load_shape(str(tiny_models("gpt2")))  # n_layer 2, n_head 4, n_embd 64
     plan = plan_capacity(gpt2, load_target("cpu"), context=128)

@@ -56,6 +56,8 @@ KV_DTYPES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 
 _ENCODER_TYPES = frozenset(
     {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta", "deberta-v2"}
 )
+# Llama-layout types whose MLP is up and down only, with no gate (ReLU², xIELU, GELU)
+_UNGATED_MLP_TYPES = frozenset(("arcee", "apertus", "nemotron", "starcoder2"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +84,7 @@ class ModelShape:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    gated_mlp: bool = True  # gate, up and down (False: up and down)
     type_vocab_size: int = 0
     notes: tuple[str, ...] = ()
     # "gptq int4" etc.: a checkpoint another tool quantized, which compiles to its own width
@@ -117,7 +120,7 @@ class ModelShape:
         else:
             per_layer = [
                 (h, self.q_dim), (h, self.kv_dim), (h, self.kv_dim), (self.q_dim, h),
-                (h, i), (h, i), (i, h),
+                *[(h, i)] * (2 if self.gated_mlp else 1), (i, h),
             ]  # fmt: skip
         matrices = [(k, n, layers) for k, n in per_layer]
         if self.layout == "bert":
@@ -140,7 +143,7 @@ class ModelShape:
         if self.o_bias:
             per_layer += h
         if self.mlp_bias:
-            per_layer += 2 * i + h
+            per_layer += (2 if self.gated_mlp else 1) * i + h
         return layers * per_layer + h  # final norm
 
     def parameters(self) -> int:
@@ -210,9 +213,10 @@ def shape_from_config(config: dict[str, Any], name: str, where: str = "config.js
     else:
         layout, kind = "llama", "decoder"
         if model_type not in ("llama", "mistral", "qwen2"):
+            mlp = "gate/up/down" if model_type not in _UNGATED_MLP_TYPES else "up/down"
             notes.append(
                 f"model_type {model_type or 'unknown'!r}: parameters counted as a Llama-style "
-                "block (q/k/v/o, gate/up/down, RMSNorm)"
+                f"block (q/k/v/o, {mlp}; its norms as two RMSNorms)"
             )
     hidden = _int(config, where, "hidden_size", "n_embd", "d_model")
     heads = _int(config, where, "num_attention_heads", "n_head")
@@ -250,9 +254,12 @@ def shape_from_config(config: dict[str, Any], name: str, where: str = "config.js
         vocab_size=_int(config, where, "vocab_size"),
         max_positions=_int(config, where, "max_position_embeddings", "n_positions", default=0),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", layout == "gpt2")),
-        qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias")),
-        o_bias=bool(config.get("attention_bias")),
-        mlp_bias=bool(config.get("mlp_bias")),
+        # StarCoder2's use_bias: every linear layer
+        qkv_bias=model_type == "qwen2"
+        or bool(config.get("attention_bias") or config.get("use_bias")),
+        o_bias=bool(config.get("attention_bias") or config.get("use_bias")),
+        mlp_bias=bool(config.get("mlp_bias") or config.get("use_bias")),
+        gated_mlp=model_type not in _UNGATED_MLP_TYPES,
         type_vocab_size=_int(config, where, "type_vocab_size", default=2)
         if layout == "bert"
         else 0,
