@@ -17,7 +17,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import RewriteRuleSet, _ir_utils, pattern
 from onnxscript.rewriter.ort_fusions import gqa, gqa_packed_qkv, mha
 
-from fdec.passes.fusion_rules import ScaledRotaryCache
+from fdec.passes.fusion_rules import InterleavedRotary, ScaledRotaryCache
 
 __all__ = ["fdec_rules"]
 
@@ -271,15 +271,17 @@ def fdec_rules(rows: int = 0):
     """Run `optimize_for_ort` with fdec's attention rules above in place of its own, and its
     cos/sin-cache rules beside onnxscript's (`rows`: the model's positions, the tables')."""
     from onnxscript.rewriter import _fusion_utils
-    from onnxscript.rewriter.ort_fusions import _core, cos_sin_cache
+    from onnxscript.rewriter.ort_fusions import _core, cos_sin_cache, rotary_embedding
 
-    names = ("fuse_cos_sin_cache", "fuse_gqa", "fuse_qkv_gqa", "fuse_mha1", "fuse_mha2")
+    names = ("fuse_rotary_embedding", "fuse_cos_sin_cache", "fuse_gqa", "fuse_qkv_gqa",
+             "fuse_mha1", "fuse_mha2")  # fmt: skip
     saved = {name: getattr(_core, name) for name in names}
     scaled = [
         ScaledRotaryCache.rule(rows=rows, scaled=flag, matmul=matmul)
         for flag, matmul in ((True, False), (True, True), (False, False))
     ]
     rules = (
+        RewriteRuleSet([*rotary_embedding.rotary_embedding_rules.rules, InterleavedRotary.rule()]),
         RewriteRuleSet([*cos_sin_cache.cos_sin_cache_rules.rules, *scaled]),
         RewriteRuleSet(
             [

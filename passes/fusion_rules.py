@@ -17,6 +17,7 @@ __all__ = [
     "Conv1DAsMatMul",
     "DropSameShapeReshape",
     "ExpandOnnxDomainRmsNorm",
+    "InterleavedRotary",
     "RotaryAnglesAsMatMul",
     "ScaledRotaryCache",
     "ShiftRangeOnHost",
@@ -146,6 +147,70 @@ class ScaledRotaryCache(pattern.RewriteRuleClassBase):
     def _table(self, op, frequencies: np.ndarray, scale: float) -> tuple[ir.Value, ir.Value]:
         tables = rotary_tables(self._rows, frequencies, scale)
         return tuple(_typed(op.Constant(value=ir.tensor(t)), ir.tensor(t)) for t in tables)
+
+
+class InterleavedRotary(pattern.RewriteRuleClassBase):
+    """transformers' interleaved rotary (Helium, ERNIE 4.5, Cohere, GLM-4: pairs of adjacent
+    dims rotated, `x[..., ::2]` / `x[..., 1::2]` stacked back, cos and sin halves
+    `repeat_interleave`d) → the RotaryEmbedding onnxscript's rotary rule writes for the
+    rotate-half form, with `interleaved=1` and the full-width cos/sin the halves were sliced
+    from (ONNX Runtime's interleaved kernels read cos[i] for the pair 2i, 2i + 1, which is
+    the first half of that width). The cos/sin-cache rules then take it to constant tables,
+    and GroupQueryAttention takes its rotary with `rotary_interleaved=1`."""
+
+    def __init__(self) -> None:
+        super().__init__("InterleavedRotary", remove_nodes=False)
+
+    def pattern(self, op, x, even_start, odd_start, end, axes, step, cos_full, sin_full,
+                half_start, half_end, half_axes, half_step, stack_axis, pair_axis, pairs):  # fmt: skip
+        even = op.Slice(x, even_start, end, axes, step)
+        odd = op.Slice(x, odd_start, end, axes, step)
+        stacked = op.Concat(
+            op.Unsqueeze(op.Neg(odd), stack_axis), op.Unsqueeze(even, stack_axis), axis=-1
+        )
+        rotated = op.Reshape(stacked, pattern.ANY_VALUE)
+        cos, sin = (
+            op.Reshape(
+                op.Expand(
+                    op.Unsqueeze(op.Slice(full, half_start, half_end, half_axes, half_step), pair_axis),
+                    pairs,
+                ),
+                pattern.ANY_VALUE,
+            )
+            for full in (cos_full, sin_full)
+        )  # fmt: skip
+        return op.Add(op.Mul(x, cos), op.Mul(rotated, sin))
+
+    def check(self, context, x, even_start, odd_start, end, axes, step, half_start, half_end,
+              half_axes, half_step, stack_axis, pair_axis, pairs, **_) -> pattern.MatchResult:  # fmt: skip
+        result = pattern.MatchResult()
+        if x.shape is None or x.shape.rank() != 4:
+            return result.fail("not a 4-D query or key", x)
+        heads, head = x.shape[1], x.shape[3]
+        if not isinstance(heads, int) or not isinstance(head, int):
+            return result.fail("heads or head size unknown", x)
+
+        def one_of(value: ir.Value, *allowed: Any) -> bool:
+            return any(_ir_utils.is_singleton_value(value, a) for a in allowed)
+
+        if not (
+            one_of(even_start, 0) and one_of(odd_start, 1) and one_of(step, 2)
+            and one_of(end, lambda e: e >= head) and one_of(half_start, 0)
+            and one_of(half_end, head // 2) and one_of(half_step, 1)
+            and all(one_of(a, 3, -1) for a in (axes, half_axes))
+            and all(one_of(a, 4, -1) for a in (stack_axis, pair_axis))
+        ):  # fmt: skip
+            return result.fail("not every other dim, or not the cos/sin halves", x)
+        if list(_vector(pairs) if _vector(pairs) is not None else []) != [1, 1, 1, 1, 2]:
+            return result.fail("cos/sin halves not repeated in pairs", pairs)
+        self._heads = heads
+        return result
+
+    def rewrite(self, op, x, cos_full, sin_full, **_):
+        return op.RotaryEmbedding(
+            x, cos_full, sin_full, interleaved=1, num_heads=self._heads,
+            _domain="ai.onnxruntime._fusion",
+        )  # fmt: skip
 
 
 def rotary_tables(

@@ -134,16 +134,13 @@ def test_llama_like_model_types_compile_fused_and_match_transformers(
     assert _run_tokens(cli_runner, out, prompt, 40) == transformers_greedy(model_dir, prompt, 40)
 
 
-# model type -> (do_rotary, local_window_size) of each layer's GroupQueryAttention, where the
-# sweep's models rotate outside it or not at all
-_ROTARY_OUTSIDE = [(0, None)] * 4
+# model type -> (do_rotary, rotary_interleaved, local_window_size) of each layer's
+# GroupQueryAttention, where the sweep's models rotate interleaved, outside it or not at all
 _GQA_LAYERS = {
-    "smollm3": [(1, None), (1, None), (1, None), (0, None)],
-    "exaone4": [(1, 8), (1, 8), (1, 8), (0, None)],
-    **dict.fromkeys(
-        ("helium", "ernie4_5", "cohere", "glm", "glm4", "hunyuan_v1_dense", "nemotron"),
-        _ROTARY_OUTSIDE,
-    ),
+    "smollm3": [(1, 0, None)] * 3 + [(0, 0, None)],
+    "exaone4": [(1, 0, 8)] * 3 + [(0, 0, None)],
+    **dict.fromkeys(("helium", "ernie4_5"), [(1, 1, None)] * 4),
+    **dict.fromkeys(("cohere", "glm", "glm4", "hunyuan_v1_dense", "nemotron"), [(0, 0, None)] * 4),
 }
 
 
@@ -164,8 +161,9 @@ def test_swept_model_types_compile_and_match_transformers(
     Layers with no rotary (SmolLM3's every 4th, EXAONE 4's global ones) fuse with do_rotary=0
     (they were MultiHeadAttention over the traced past concatenation, and EXAONE 4 failed its
     build: kv-policy found 3 GroupQueryAttention nodes for 4 layers), and so do layers whose
-    rotary GroupQueryAttention cannot do (interleaved: Helium, ERNIE 4.5, Cohere, GLM; partial:
-    Nemotron, GLM; a norm after it: Hunyuan), the rotary left before it."""
+    rotary GroupQueryAttention does not take (Cohere's interleaved tables; partial: Nemotron,
+    GLM; a norm after it: Hunyuan), the rotary left before it. Helium's and ERNIE 4.5's
+    interleaved rotary goes into GroupQueryAttention itself (rotary_interleaved=1)."""
     import onnx
     from safetensors import safe_open
 
@@ -183,12 +181,13 @@ def test_swept_model_types_compile_and_match_transformers(
     attention = _attention(graph)
     assert [node.op_type for node in attention] == ["GroupQueryAttention"] * 4
     layers = [
-        (
-            next(a.i for a in node.attribute if a.name == "do_rotary"),
-            next((a.i for a in node.attribute if a.name == "local_window_size"), None),
+        tuple(
+            next((a.i for a in node.attribute if a.name == name), default)
+            for name, default in (("do_rotary", 0), ("rotary_interleaved", 0),
+                                  ("local_window_size", None))
         )
         for node in attention
-    ]
+    ]  # fmt: skip
     assert layers == _GQA_LAYERS.get(family, layers)
     prompt = "The quick brown fox jumps over the lazy dog"
     assert _run_tokens(cli_runner, out, prompt, 40) == transformers_greedy(model_dir, prompt, 40)
