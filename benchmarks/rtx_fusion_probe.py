@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             details = {name: (inputs, constants) for name, inputs, constants in layers}
             for name, layer, profile in rtx.listed_layers(listings[-1], len(profiles)) or []:
-                if layer in ("signal", "wait", "shape_call", "ShapeHostToDevice"):
+                if layer in rtx.NOT_KERNELS:
                     continue
                 inputs, constants = details.get(name, ("", ""))
                 types = re.findall(r"Datatype: (\w+)", constants)

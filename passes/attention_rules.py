@@ -163,9 +163,9 @@ class _FdecGqaNoRotaryUnrepeated(_FdecGqaNoRotary):
 
 class _FdecGqaRotated(_FdecGqaNoRotary):
     """GroupQueryAttention with `do_rotary=0` over a query and key rotated before it by what
-    its own rotary does not do, the rotary left in the graph: an interleaved one onnxscript's
-    rotary rules do not recognise (Helium, ERNIE 4.5, Cohere, GLM), part of each head (StableLM,
-    Nemotron, GLM), or a norm after it (Hunyuan). Such layers fused to MultiHeadAttention over
+    its own rotary does not do, the rotary left in the graph: an interleaved one no rotary rule
+    recognises (Cohere's), part of each head (StableLM, Nemotron, GLM), or a norm after it
+    (Hunyuan). Such layers fused to MultiHeadAttention over
     the traced past concatenation (with RotaryEmbedding for the partial ones); the query and
     key go back to [batch, sequence, heads · head size] with a Transpose and a Reshape each."""
 

@@ -47,7 +47,7 @@ class RotaryAnglesAsMatMul(pattern.RewriteRuleClassBase):
         result = pattern.MatchResult()
         if not _ir_utils.has_rank(position_ids, 2):
             return result.fail("position_ids is not 2-D", position_ids)
-        if not (_ir_utils.is_singleton_value(axes, 2) or _ir_utils.is_singleton_value(axes, -1)):
+        if not _one_of(axes, 2, -1):
             return result.fail("position_ids not unsqueezed on its last axis", axes)
         if _vector(inv_freq) is None:
             return result.fail("inv_freq is not a constant vector", inv_freq)
@@ -109,10 +109,9 @@ class ScaledRotaryCache(pattern.RewriteRuleClassBase):
         result = pattern.MatchResult()
         if self._rows <= 0 or not _ir_utils.has_rank(position_ids, 2):
             return result.fail("no positions, or position_ids not 2-D", position_ids)
-        wanted = (1,) if self._matmul else (2, -1)
-        if not any(_ir_utils.is_singleton_value(axes, axis) for axis in wanted):
+        if not _one_of(axes, *((1,) if self._matmul else (2, -1))):
             return result.fail("position_ids not unsqueezed where the angles want", axes)
-        if not all(_ir_utils.is_singleton_value(a, 1) for a in (cos_axes, sin_axes)):
+        if not all(_one_of(a, 1) for a in (cos_axes, sin_axes)):
             return result.fail("cos/sin not unsqueezed on the head axis", cos_axes)
         if self._scaled and (
             const_scalar(cos_scale) is None or const_scalar(cos_scale) != const_scalar(sin_scale)
@@ -150,13 +149,14 @@ class ScaledRotaryCache(pattern.RewriteRuleClassBase):
 
 
 class InterleavedRotary(pattern.RewriteRuleClassBase):
-    """transformers' interleaved rotary (Helium, ERNIE 4.5, Cohere, GLM-4: pairs of adjacent
+    """transformers' interleaved rotary over whole heads (Helium, ERNIE 4.5: pairs of adjacent
     dims rotated, `x[..., ::2]` / `x[..., 1::2]` stacked back, cos and sin halves
     `repeat_interleave`d) → the RotaryEmbedding onnxscript's rotary rule writes for the
     rotate-half form, with `interleaved=1` and the full-width cos/sin the halves were sliced
     from (ONNX Runtime's interleaved kernels read cos[i] for the pair 2i, 2i + 1, which is
     the first half of that width). The cos/sin-cache rules then take it to constant tables,
-    and GroupQueryAttention takes its rotary with `rotary_interleaved=1`."""
+    and GroupQueryAttention takes its rotary with `rotary_interleaved=1`. Cohere's tables
+    (interleaved themselves, not sliced halves) and GLM's partial rotary do not match."""
 
     def __init__(self) -> None:
         super().__init__("InterleavedRotary", remove_nodes=False)
@@ -189,19 +189,16 @@ class InterleavedRotary(pattern.RewriteRuleClassBase):
         heads, head = x.shape[1], x.shape[3]
         if not isinstance(heads, int) or not isinstance(head, int):
             return result.fail("heads or head size unknown", x)
-
-        def one_of(value: ir.Value, *allowed: Any) -> bool:
-            return any(_ir_utils.is_singleton_value(value, a) for a in allowed)
-
         if not (
-            one_of(even_start, 0) and one_of(odd_start, 1) and one_of(step, 2)
-            and one_of(end, lambda e: e >= head) and one_of(half_start, 0)
-            and one_of(half_end, head // 2) and one_of(half_step, 1)
-            and all(one_of(a, 3, -1) for a in (axes, half_axes))
-            and all(one_of(a, 4, -1) for a in (stack_axis, pair_axis))
+            _one_of(even_start, 0) and _one_of(odd_start, 1) and _one_of(step, 2)
+            and _one_of(end, lambda e: e >= head) and _one_of(half_start, 0)
+            and _one_of(half_end, head // 2) and _one_of(half_step, 1)
+            and all(_one_of(a, 3, -1) for a in (axes, half_axes))
+            and all(_one_of(a, 4, -1) for a in (stack_axis, pair_axis))
         ):  # fmt: skip
             return result.fail("not every other dim, or not the cos/sin halves", x)
-        if list(_vector(pairs) if _vector(pairs) is not None else []) != [1, 1, 1, 1, 2]:
+        repeats = _vector(pairs)
+        if repeats is None or repeats.tolist() != [1, 1, 1, 1, 2]:
             return result.fail("cos/sin halves not repeated in pairs", pairs)
         self._heads = heads
         return result
@@ -229,6 +226,12 @@ def _typed(value: ir.Value, like: Any) -> ir.Value:
     GroupQueryAttention rules after this one read the table's width from its shape."""
     value.dtype, value.shape = like.dtype, ir.Shape(like.shape)
     return value
+
+
+def _one_of(value: ir.Value, *allowed: Any) -> bool:
+    """Whether `value` is a one-element constant equal to one of `allowed` (or for which
+    an `allowed` predicate holds)."""
+    return any(_ir_utils.is_singleton_value(value, a) for a in allowed)
 
 
 def const_scalar(value: ir.Value | None) -> float | None:

@@ -45,6 +45,7 @@ from fdec.lower.profiles import Profile, ShapeLimits, profiles_for
 
 __all__ = [
     "ENGINE_FILE",
+    "NOT_KERNELS",
     "RTX_COMPUTE_CAPABILITIES",
     "RtxBuildResult",
     "available",
@@ -397,7 +398,8 @@ def engine_precision(listing: str) -> dict[str, Any]:
 
 
 # Listed layers that launch no kernel: stream events and shape bookkeeping.
-_NOT_KERNELS = frozenset({"signal", "wait", "shape_call", "ShapeHostToDevice"})
+# listing layer types that launch no kernel: stream events and shape bookkeeping
+NOT_KERNELS = frozenset({"signal", "wait", "shape_call", "ShapeHostToDevice"})
 
 
 def listed_layers(listing: str, profiles: int) -> list[tuple[str, str, int]] | None:
@@ -440,7 +442,7 @@ def profile_kernels(listing: str, names: list[str]) -> dict[str, int] | None:
         return None
     counts = [0] * len(names)
     for _, kind, index in placed:
-        counts[index] += kind not in _NOT_KERNELS
+        counts[index] += kind not in NOT_KERNELS
     return dict(zip(names, counts, strict=True)) if all(counts) else None
 
 

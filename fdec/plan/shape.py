@@ -233,6 +233,8 @@ def shape_from_config(config: dict[str, Any], name: str, where: str = "config.js
             "fix num_key_value_heads",
         )
     default_inner = 4 * hidden if layout == "gpt2" else None
+    every_bias = bool(config.get("use_bias"))  # StarCoder2: a bias on every linear layer
+    attention_bias = bool(config.get("attention_bias")) or every_bias
     method, bits = source_quantization(config) or ("", 0)
     described = method if method in ("nvfp4", "fp8") else f"{method} int{bits}" if method else ""
     return ModelShape(
@@ -254,11 +256,9 @@ def shape_from_config(config: dict[str, Any], name: str, where: str = "config.js
         vocab_size=_int(config, where, "vocab_size"),
         max_positions=_int(config, where, "max_position_embeddings", "n_positions", default=0),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", layout == "gpt2")),
-        # StarCoder2's use_bias: every linear layer
-        qkv_bias=model_type == "qwen2"
-        or bool(config.get("attention_bias") or config.get("use_bias")),
-        o_bias=bool(config.get("attention_bias") or config.get("use_bias")),
-        mlp_bias=bool(config.get("mlp_bias") or config.get("use_bias")),
+        qkv_bias=model_type == "qwen2" or attention_bias,
+        o_bias=attention_bias,
+        mlp_bias=bool(config.get("mlp_bias") or every_bias),
         gated_mlp=model_type not in _UNGATED_MLP_TYPES,
         type_vocab_size=_int(config, where, "type_vocab_size", default=2)
         if layout == "bert"
